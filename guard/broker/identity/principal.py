@@ -1,0 +1,46 @@
+"""Who is asking: the principal derived from verified OIDC claims.
+
+Pure: imports only the stdlib. The only constructor that should be used outside tests is
+`Principal.from_claims`, which takes `VerifiedClaims` (claims whose signature, issuer,
+audience and lifetime were checked by `identity.oidc`). Keeping the trust boundary in the
+types stops an unverified token body from ever becoming an identity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NewType
+
+VerifiedClaims = NewType("VerifiedClaims", Mapping[str, Any])
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated caller: issuer + subject identify it, groups drive policy."""
+
+    issuer: str
+    subject: str
+    groups: frozenset[str]
+    display_name: str | None = None
+
+    @classmethod
+    def from_claims(cls, claims: VerifiedClaims, *, groups_claim: str = "groups") -> Principal:
+        raw = claims.get(groups_claim, ())
+        if isinstance(raw, str):
+            # Some IdPs send a single group as a string; a space-separated list is not split
+            # on purpose: a group name containing a space must not become two groups.
+            raw = (raw,)
+        groups = frozenset(g for g in raw if isinstance(g, str) and g)
+        name = claims.get("preferred_username") or claims.get("email") or claims.get("name")
+        return cls(
+            issuer=str(claims["iss"]),
+            subject=str(claims["sub"]),
+            groups=groups,
+            display_name=str(name) if name else None,
+        )
+
+    @property
+    def label(self) -> str:
+        """Human label for messages and audit: display name, else subject."""
+        return self.display_name or self.subject

@@ -1,0 +1,88 @@
+"""Broker settings: read once at start-up from a YAML file (plus environment overrides).
+
+Imports pydantic and yaml only. Nothing here opens sockets or files other than the config
+file itself; `service.py` turns settings into running parts.
+
+Secrets never live in this file: the OpenBao token comes from `openbao.token_file` or the
+`GUARD_OPENBAO_TOKEN` environment variable, so a config file can be shared and reviewed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ListenSettings(_Strict):
+    host: str = "127.0.0.1"
+    port: int = 0
+    # Address given to clients in session responses (a load balancer's name in production).
+    advertise_host: str | None = None
+
+
+class OIDCSettings(_Strict):
+    issuer: str
+    audience: str = "guard-cli"
+    groups_claim: str = "groups"
+    algorithms: tuple[str, ...] = ("RS256", "ES256")
+    leeway_seconds: int = Field(default=30, ge=0, le=300)
+
+
+class OpenBaoSettings(_Strict):
+    addr: str
+    token_file: Path | None = None
+    mount: str = "database"
+    verify_tls: bool | str = True
+
+    def token(self) -> str:
+        env = os.environ.get("GUARD_OPENBAO_TOKEN")
+        if env:
+            return env
+        if self.token_file is None:
+            raise ValueError("openbao: set token_file or GUARD_OPENBAO_TOKEN")
+        return self.token_file.read_text().strip()
+
+
+class TargetSettings(_Strict):
+    """Where a policy target lives upstream, and which OpenBao role mints its credentials."""
+
+    host: str = "127.0.0.1"
+    port: int = 5432
+    database: str
+    openbao_role: str
+    # Admin DSN file (read by the broker for catalog look-ups such as protected-column
+    # OIDs); never handed to clients.
+    admin_dsn_file: Path | None = None
+
+
+class AuditSettings(_Strict):
+    path: Path
+
+
+class BrokerSettings(_Strict):
+    state_dir: Path
+    policy_file: Path
+    api: ListenSettings = ListenSettings(port=8400)
+    gateway: ListenSettings = ListenSettings(port=6433)
+    oidc: OIDCSettings
+    openbao: OpenBaoSettings
+    targets: dict[str, TargetSettings]
+    audit: AuditSettings
+    session_default_ttl_seconds: int = 3600
+
+    @property
+    def database_path(self) -> Path:
+        return self.state_dir / "broker.sqlite3"
+
+
+def load_settings(path: Path) -> BrokerSettings:
+    """Parse the broker's YAML config; raises pydantic.ValidationError with field paths."""
+    data = yaml.safe_load(path.read_text()) or {}
+    return BrokerSettings.model_validate(data)
