@@ -1,0 +1,77 @@
+"""What one audit record says: who ran which statement, under which verdict, with what result.
+
+Imports only the stdlib. A record has no field that could hold a result value or a
+statement literal: statements are stored as their fingerprint plus normalized text
+(constants replaced by `$n` by the analyzer), and results only as counts and column ids.
+That is what stops the audit log itself from becoming a copy of the protected data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+
+def utc_now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class StatementRecord:
+    """Written before a statement is forwarded (or instead of forwarding it, when refused)."""
+
+    session_id: str
+    connection_id: str
+    principal: str
+    issuer: str
+    groups: tuple[str, ...]
+    target: str
+    protocol: str  # "simple" | "extended" | "fast-path"
+    fingerprint: str
+    statement: str  # normalized text: literals replaced by placeholders
+    operations: tuple[str, ...]
+    tables: tuple[str, ...]
+    verdict: str  # allow | deny | require_approval
+    rule: str
+    masked_columns: tuple[str, ...] = ()
+    kind: str = "statement"
+    time: str = field(default_factory=utc_now_iso)
+
+    def to_body(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class ResultRecord:
+    """Written when upstream finished a forwarded statement: counts, never values."""
+
+    session_id: str
+    connection_id: str
+    statement_seq: int  # the `seq` of the StatementRecord this result belongs to
+    outcome: str  # "ok" | "error"
+    command_tag: str = ""
+    rows: int | None = None
+    masked_cells: int = 0
+    sqlstate: str | None = None
+    kind: str = "result"
+    time: str = field(default_factory=utc_now_iso)
+
+    def to_body(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEvent:
+    """Session lifecycle: opened, connection accepted, ended (and why)."""
+
+    session_id: str
+    event: str
+    principal: str
+    target: str
+    detail: str = ""
+    kind: str = "session"
+    time: str = field(default_factory=utc_now_iso)
+
+    def to_body(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,104 @@
+"""Where audit records go: an append-only JSONL file with a hash chain.
+
+Does file I/O (this is the audit adapter); imports `audit.chain` and the stdlib only.
+`append` returns only after the line is in the file (os.write on an O_APPEND descriptor), so
+the gate can forward a statement knowing its record exists; any failure raises
+`AuditUnavailable` and the gate refuses the statement (fail closed).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any, Protocol
+
+from guard.broker.audit.chain import GENESIS, last_hash_of, seal
+
+
+class AuditUnavailable(Exception):
+    """The record could not be written; the statement it describes must not run."""
+
+    sqlstate = "58030"  # io_error
+
+
+class Recordable(Protocol):
+    def to_body(self) -> dict[str, Any]: ...
+
+
+class AuditSink(Protocol):
+    def append(self, record: Recordable) -> int:
+        """Write the record; return its sequence number (1-based)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def _read_tail(path: Path) -> tuple[int, str]:
+    """Count lines and find the last hash, so a restarted broker continues the chain."""
+    count, last = 0, GENESIS
+    with path.open("rb") as fh:
+        for line in fh:
+            if line.strip():
+                count += 1
+                last_line = line
+        if count:
+            last = last_hash_of(last_line)
+    return count, last
+
+
+class JsonlAuditSink:
+    def __init__(self, path: Path, *, fsync: bool = False) -> None:
+        self.path = path
+        self._fsync = fsync
+        self._lock = threading.Lock()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._seq, self._prev = _read_tail(path) if path.exists() else (0, GENESIS)
+            # O_APPEND: every write lands at the end even if another process appends, and a
+            # partial earlier write can never be overwritten in place.
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        except (OSError, ValueError) as exc:
+            raise AuditUnavailable(f"cannot open audit log {path}: {exc}") from exc
+
+    def append(self, record: Recordable) -> int:
+        with self._lock:
+            body = record.to_body()
+            body["seq"] = self._seq + 1
+            line, digest = seal(self._prev, body)
+            try:
+                written = os.write(self._fd, line)
+                if written != len(line):
+                    raise OSError(f"short write ({written} of {len(line)} bytes)")
+                if self._fsync:
+                    os.fsync(self._fd)
+            except OSError as exc:
+                raise AuditUnavailable(f"cannot write audit log {self.path}: {exc}") from exc
+            self._seq += 1
+            self._prev = digest
+            return self._seq
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+
+class MemoryAuditSink:
+    """In-memory sink for unit tests of the gate (keeps bodies, chains nothing)."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.fail = False
+
+    def append(self, record: Recordable) -> int:
+        if self.fail:
+            raise AuditUnavailable("audit sink failing (test)")
+        body = record.to_body()
+        body["seq"] = len(self.records) + 1
+        self.records.append(body)
+        return body["seq"]
+
+    def close(self) -> None:
+        pass

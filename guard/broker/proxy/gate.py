@@ -1,0 +1,249 @@
+"""The one place that owns the security ordering: analyze → decide → record → forward.
+
+Pure decision logic, no asyncio and no sockets (imports `sql`, `policy`, `audit`, `pgwire`
+messages). `proxy.session` asks the gate about every statement before a byte of it is
+forwarded; the gate analyses it (cached), evaluates the policy, writes the audit record and
+only then answers "forward". Anything that goes wrong on that path — unparseable SQL, an
+unknown statement kind, a policy error, an audit log that cannot be written — is a refusal
+(fail closed), never a pass-through.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from guard.broker.audit.record import ResultRecord, StatementRecord
+from guard.broker.audit.sink import AuditSink, AuditUnavailable
+from guard.broker.identity.principal import Principal
+from guard.broker.pgwire.messages import ErrorResponse
+from guard.broker.policy.engine import CompiledPolicy, Effect, Verdict
+from guard.broker.sql.analyze import Analysis, StatementAnalysis, analyze
+
+# Decisions are cached per connection by exact statement text: the principal and policy are
+# fixed for a session, so the same text always gets the same verdict. Bounded so a client
+# sending endless distinct statements cannot grow the gateway's memory.
+_DECISION_CACHE_SIZE = 2048
+
+SQLSTATE_INSUFFICIENT_PRIVILEGE = "42501"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The gate's answer for one protocol-level statement text (one Query or one Parse)."""
+
+    analysis: Analysis
+    verdicts: tuple[Verdict, ...]
+    refusal: ErrorResponse | None  # None: forward
+
+    @property
+    def allowed(self) -> bool:
+        return self.refusal is None
+
+    @property
+    def masked_columns(self) -> tuple[str, ...]:
+        seen: dict[str, None] = {}
+        for v in self.verdicts:
+            for col in v.masked_columns:
+                seen[str(col)] = None
+        return tuple(seen)
+
+
+def refusal_for(verdict: Verdict) -> ErrorResponse:
+    hint = None
+    if verdict.effect is Effect.REQUIRE_APPROVAL:
+        hint = "ask a security lead to approve access (guard approve), then run it again"
+    return ErrorResponse.build(SQLSTATE_INSUFFICIENT_PRIVILEGE, verdict.message, hint=hint)
+
+
+class Gate:
+    """Per-connection gate: one principal, one target, one audit sink."""
+
+    def __init__(
+        self,
+        *,
+        policy: CompiledPolicy,
+        target: str,
+        principal: Principal,
+        audit: AuditSink,
+        session_id: str,
+        connection_id: str,
+    ) -> None:
+        self.policy = policy
+        self.target = target
+        self.principal = principal
+        self.audit = audit
+        self.session_id = session_id
+        self.connection_id = connection_id
+        self._groups = tuple(sorted(principal.groups))
+        self._cache: OrderedDict[str, tuple[Analysis, tuple[Verdict, ...]]] = OrderedDict()
+
+    # -- analyze + decide -------------------------------------------------------------
+    def _decide(self, sql: str) -> tuple[Analysis, tuple[Verdict, ...]]:
+        hit = self._cache.get(sql)
+        if hit is not None:
+            self._cache.move_to_end(sql)
+            return hit
+        analysis = analyze(sql)
+        verdicts = self.policy.evaluate_analysis(self.principal, self.target, analysis)
+        result = (analysis, tuple(verdicts))
+        self._cache[sql] = result
+        if len(self._cache) > _DECISION_CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return result
+
+    def decide(self, sql: str) -> Decision:
+        """Analyse and evaluate without recording (used at Parse: nothing runs yet)."""
+        try:
+            analysis, verdicts = self._decide(sql)
+        except Exception as exc:  # noqa: BLE001 - any analyser/policy bug must refuse
+            analysis = Analysis(statements=(), error=f"internal analysis error: {type(exc).__name__}")
+            denial = ErrorResponse.build(
+                SQLSTATE_INSUFFICIENT_PRIVILEGE,
+                "guard: statement refused: it could not be analysed safely",
+            )
+            return Decision(analysis, (), denial)
+        if not verdicts:
+            # An empty statement list (e.g. only a comment) runs nothing upstream.
+            return Decision(analysis, (), None)
+        for verdict in verdicts:
+            if verdict.effect is not Effect.ALLOW:
+                return Decision(analysis, verdicts, refusal_for(verdict))
+        return Decision(analysis, verdicts, None)
+
+    # -- record -----------------------------------------------------------------------
+    def record(self, decision: Decision, protocol: str) -> list[int] | ErrorResponse:
+        """Write one record per statement; on failure return the refusal to send instead."""
+        statements = decision.analysis.statements
+        seqs: list[int] = []
+        try:
+            if not statements:
+                verdict = decision.verdicts[0] if decision.verdicts else None
+                if verdict is not None or decision.refusal is not None:
+                    seqs.append(self.audit.append(self._record(None, verdict, protocol, decision)))
+                return seqs
+            for i, stmt in enumerate(statements):
+                verdict = decision.verdicts[i] if i < len(decision.verdicts) else None
+                seqs.append(self.audit.append(self._record(stmt, verdict, protocol, decision)))
+        except AuditUnavailable:
+            # Fail closed: a statement whose record does not exist must not run.
+            return ErrorResponse.build(
+                "58030",
+                "guard: the audit log cannot be written, so the statement was refused",
+                hint="ask the guard operator to check the broker's audit log storage",
+            )
+        return seqs
+
+    def _record(
+        self,
+        stmt: StatementAnalysis | None,
+        verdict: Verdict | None,
+        protocol: str,
+        decision: Decision,
+    ) -> StatementRecord:
+        if verdict is None:
+            effect, rule, masked = "deny", "guard:unanalysable", ()
+        else:
+            effect, rule = verdict.effect.value, verdict.rule_id
+            masked = tuple(str(c) for c in verdict.masked_columns)
+        if decision.refusal is not None and effect == "allow":
+            # Allowed on its own but refused with the rest of its multi-statement string.
+            effect, rule = "deny", "guard:refused-with-batch"
+        if stmt is None:
+            fingerprint, text, ops, tables = "", "", (), ()
+        else:
+            fingerprint = stmt.fingerprint
+            text = normalized_text(stmt)
+            ops = tuple(sorted(op.value for op in stmt.operations))
+            tables = tuple(
+                sorted(
+                    {_rel(r) for r in stmt.relations_read} | {_rel(r) for r in stmt.relations_written}
+                )
+            )
+        return StatementRecord(
+            session_id=self.session_id,
+            connection_id=self.connection_id,
+            principal=self.principal.subject,
+            issuer=self.principal.issuer,
+            groups=self._groups,
+            target=self.target,
+            protocol=protocol,
+            fingerprint=fingerprint,
+            statement=text,
+            operations=ops,
+            tables=tables,
+            verdict=effect,
+            rule=rule,
+            masked_columns=masked,
+        )
+
+    def refuse_fast_path(self) -> ErrorResponse:
+        """Record and refuse a fast-path FunctionCall (it names a function by OID only)."""
+        record = StatementRecord(
+            session_id=self.session_id,
+            connection_id=self.connection_id,
+            principal=self.principal.subject,
+            issuer=self.principal.issuer,
+            groups=self._groups,
+            target=self.target,
+            protocol="fast-path",
+            fingerprint="",
+            statement="<fast-path function call>",
+            operations=("function",),
+            tables=(),
+            verdict="deny",
+            rule="guardrail:fast-path",
+        )
+        try:
+            self.audit.append(record)
+        except AuditUnavailable:
+            pass  # refused either way
+        return ErrorResponse.build(
+            SQLSTATE_INSUFFICIENT_PRIVILEGE,
+            'guard: statement refused by rule "guardrail:fast-path": fast-path function calls '
+            "(large objects) are not allowed through guard",
+        )
+
+    def record_result(
+        self,
+        statement_seq: int,
+        *,
+        outcome: str,
+        command_tag: str = "",
+        rows: int | None = None,
+        masked_cells: int = 0,
+        sqlstate: str | None = None,
+    ) -> None:
+        try:
+            self.audit.append(
+                ResultRecord(
+                    session_id=self.session_id,
+                    connection_id=self.connection_id,
+                    statement_seq=statement_seq,
+                    outcome=outcome,
+                    command_tag=command_tag,
+                    rows=rows,
+                    masked_cells=masked_cells,
+                    sqlstate=sqlstate,
+                )
+            )
+        except AuditUnavailable:
+            # The statement already ran; its pre-execution record exists. A missing result
+            # record is visible in the chain (no result for that seq) and logged by the shell.
+            pass
+
+
+def _rel(ref: object) -> str:
+    schema = getattr(ref, "schema", None)
+    name = getattr(ref, "name", "")
+    return f"{schema}.{name}" if schema else str(name)
+
+
+def normalized_text(stmt: StatementAnalysis) -> str:
+    """Statement text with literals replaced, so the audit log never holds typed values."""
+    normalized = getattr(stmt, "normalized", None)
+    if isinstance(normalized, str):
+        return normalized
+    from guard.broker.sql.analyze import normalize  # analyzer owns pglast
+
+    return normalize(stmt.text)

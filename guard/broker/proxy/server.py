@@ -1,0 +1,309 @@
+"""The PG gateway listener: the asyncio shell that only moves bytes.
+
+Per client connection: the startup phase (SSLRequest/GSSENCRequest answered 'N' — TLS comes
+with the protocol work — CancelRequest routed by gateway-issued keys), SCRAM-SHA-256
+against the session's verifier, the upstream login with the issued credentials, then two
+pumps feeding `proxy.session.ProxyConnection` and executing the commands it returns, each
+write drained before the next read (a slow client throttles the upstream).
+
+Decides nothing about statements: that is `proxy.gate`'s job, reached via the session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from guard.broker.audit.sink import AuditSink
+from guard.broker.pgwire import messages as m
+from guard.broker.pgwire.encoder import encode
+from guard.broker.pgwire.errors import ProtocolError
+from guard.broker.pgwire.parser import NEED_DATA, FrontendParser
+from guard.broker.pgwire.scram import AuthenticationFailed, ScramServer
+from guard.broker.policy.engine import CompiledPolicy
+from guard.broker.proxy import upstream
+from guard.broker.proxy.commands import CloseConnection, SendToClient, SendToServer
+from guard.broker.proxy.gate import Gate
+from guard.broker.proxy.session import ProtectedMap, ProxyConnection
+from guard.broker.proxy.tasks import spawn
+from guard.broker.sessions import Session, SessionManager
+
+log = logging.getLogger("guard.gateway")
+
+READ_SIZE = 256 * 1024
+AUTH_TIMEOUT = 30.0
+
+
+class _Closed(Exception):
+    pass
+
+
+@dataclass
+class _CancelTarget:
+    host: str
+    port: int
+    key: m.BackendKeyData
+
+
+def _fatal(sqlstate: str, message: str) -> bytes:
+    return encode(m.ErrorResponse.build(sqlstate, message, severity="FATAL"))
+
+
+class Gateway:
+    def __init__(
+        self,
+        *,
+        sessions: SessionManager,
+        policy: CompiledPolicy,
+        audit: AuditSink,
+        protected_map: Callable[[Session, upstream.UpstreamConnection], "asyncio.Future[ProtectedMap] | object"],
+    ) -> None:
+        self.sessions = sessions
+        self.policy = policy
+        self.audit = audit
+        self._protected_map = protected_map
+        self._cancel_keys: dict[tuple[int, bytes], _CancelTarget] = {}
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        self._server = await asyncio.start_server(self._handle, host, port, limit=READ_SIZE)
+        sock = self._server.sockets[0].getsockname()
+        return sock[0], sock[1]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    # ------------------------------------------------------------------ per connection
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._serve(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, _Closed):
+            pass
+        except Exception:  # noqa: BLE001 - one connection's bug must not kill the gateway
+            log.exception("gateway connection failed")
+        finally:
+            writer.close()
+
+    async def _read_startup(self, reader, writer, parser: FrontendParser):
+        while True:
+            msg = parser.next_message()
+            if msg is NEED_DATA:
+                data = await reader.read(READ_SIZE)
+                if not data:
+                    raise _Closed
+                parser.feed(data)
+                continue
+            if isinstance(msg, m.SSLRequest | m.GSSENCRequest):
+                # Plain for now; the client falls back (sslmode=prefer) or stops (require).
+                writer.write(b"N")
+                await writer.drain()
+                continue
+            return msg
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        parser = FrontendParser()
+        try:
+            startup = await asyncio.wait_for(self._read_startup(reader, writer, parser), AUTH_TIMEOUT)
+        except ProtocolError as err:
+            writer.write(encode(err.to_error_response()))
+            await writer.drain()
+            return
+        if isinstance(startup, m.CancelRequest):
+            target = self._cancel_keys.get((startup.process_id, bytes(startup.secret_key)))
+            if target is not None:
+                await upstream.cancel(target.host, target.port, target.key)
+            return  # a key from another session (or none) cancels nothing
+        if not isinstance(startup, m.StartupMessage):
+            writer.write(_fatal("08P01", "guard: expected a startup message"))
+            return
+        params = dict(startup.params)
+        if params.get("replication") not in (None, "false", "0", "off", "no"):
+            writer.write(_fatal("42501", "guard: replication connections are not allowed"))
+            return
+        user = params.get("user", "")
+        session = self.sessions.by_user(user)
+        verifier_session = session
+        try:
+            await asyncio.wait_for(self._authenticate(reader, writer, parser, verifier_session, user),
+                                   AUTH_TIMEOUT)
+        except (AuthenticationFailed, ProtocolError, TimeoutError):
+            writer.write(_fatal("28P01", f'password authentication failed for user "{user}"'))
+            await writer.drain()
+            return
+        assert session is not None
+        database = params.get("database") or user
+        if database != session.upstream.database:
+            writer.write(_fatal("3D000", f'guard: this session is for database '
+                                         f'"{session.upstream.database}", not "{database}"'))
+            return
+        try:
+            up = await upstream.login(
+                host=session.upstream.host,
+                port=session.upstream.port,
+                user=session.credentials.username,
+                password=session.credentials.password,
+                database=session.upstream.database,
+                params=params,
+            )
+        except upstream.UpstreamError as exc:
+            log.warning("upstream login for session %s failed: %s", session.id, exc)
+            writer.write(_fatal("08006", "guard: cannot open the upstream database connection "
+                                         "for this session; ask the guard operator to check the broker log"))
+            await writer.drain()
+            return
+        try:
+            protected = await self._protected_map(session, up)  # type: ignore[misc]
+        except upstream.UpstreamError as exc:
+            log.error("protected-column lookup failed for session %s: %s", session.id, exc)
+            up.writer.close()
+            writer.write(_fatal("08006", "guard: cannot verify the masking configuration of this "
+                                         "target; refusing the connection"))
+            return
+        await self._relay(reader, writer, up, session, protected, parser)
+
+    async def _authenticate(self, reader, writer, parser: FrontendParser, session: Session | None,
+                            user: str) -> None:
+        # An unknown user still goes through a full SCRAM exchange against a throwaway
+        # verifier, so a client cannot probe which session users exist.
+        from guard.broker.pgwire.scram import make_verifier
+
+        verifier = session.verifier if session is not None else make_verifier(secrets.token_hex(16))
+        writer.write(encode(m.AuthenticationSASL(("SCRAM-SHA-256",))))
+        await writer.drain()
+        server = ScramServer(verifier)
+        parser.expect_password("sasl_initial")
+        first = await self._read_message(reader, parser)
+        if not isinstance(first, m.SASLInitialResponse) or first.mechanism != "SCRAM-SHA-256":
+            raise AuthenticationFailed("unsupported mechanism")
+        writer.write(encode(m.AuthenticationSASLContinue(server.handle_client_first(first.data or b""))))
+        await writer.drain()
+        parser.expect_password("sasl")
+        final = await self._read_message(reader, parser)
+        if not isinstance(final, m.SASLResponse):
+            raise AuthenticationFailed("expected SASLResponse")
+        server_final = server.handle_client_final(final.data)
+        if session is None or session.ended or session.expired:
+            raise AuthenticationFailed("no such session")
+        writer.write(encode(m.AuthenticationSASLFinal(server_final)))
+        await writer.drain()
+
+    async def _read_message(self, reader, parser: FrontendParser):
+        while True:
+            msg = parser.next_message()
+            if msg is not NEED_DATA:
+                return msg
+            data = await reader.read(READ_SIZE)
+            if not data:
+                raise _Closed
+            parser.feed(data)
+
+    async def _relay(self, creader, cwriter, up: upstream.UpstreamConnection, session: Session,
+                     protected: ProtectedMap, parser: FrontendParser) -> None:
+        connection_id = secrets.token_hex(4)
+        gate = Gate(policy=self.policy, target=session.target, principal=session.principal,
+                    audit=self.audit, session_id=session.id, connection_id=connection_id)
+        proxy = ProxyConnection(gate, protected=protected, client_user=session.user)
+        # Clients cancel with a gateway-issued key; only the gateway knows the upstream one.
+        client_key = m.BackendKeyData(secrets.randbelow(2**31 - 1) + 1, secrets.token_bytes(4))
+        key_id = (client_key.process_id, client_key.secret_key)
+        if up.backend_key is not None:
+            self._cancel_keys[key_id] = _CancelTarget(session.upstream.host, session.upstream.port,
+                                                      up.backend_key)
+        hello = [m.AuthenticationOk()]
+        for status in up.parameter_status:
+            if status.name == "session_authorization":
+                status = m.ParameterStatus(status.name, session.user)
+            hello.append(status)
+        hello += [client_key, m.ReadyForQuery(b"I")]
+        cwriter.write(b"".join(encode(x) for x in hello))
+        await cwriter.drain()
+
+        tasks: list[asyncio.Task[None]] = []
+        handle = _Handle(cwriter, up.writer, tasks)
+        session.connections.add(handle)
+        if session.ended:
+            handle.close("session ended")
+
+        async def run(cmds) -> None:
+            for cmd in cmds:
+                if isinstance(cmd, SendToServer):
+                    up.writer.write(cmd.data)
+                    await up.writer.drain()
+                elif isinstance(cmd, SendToClient):
+                    cwriter.write(cmd.data)
+                    await cwriter.drain()
+                elif isinstance(cmd, CloseConnection):
+                    raise _Closed(cmd.reason)
+
+        async def client_pump() -> None:
+            # Bytes the startup parser already buffered past the auth messages.
+            pending = parser.unconsumed() if hasattr(parser, "unconsumed") else b""
+            if pending:
+                await run(proxy.from_client(pending))
+            while True:
+                data = await creader.read(READ_SIZE)
+                if not data:
+                    return
+                await run(proxy.from_client(data))
+
+        async def server_pump() -> None:
+            if up.leftover:
+                await run(proxy.from_server(up.leftover))
+            while True:
+                data = await up.reader.read(READ_SIZE)
+                if not data:
+                    return
+                await run(proxy.from_server(data))
+
+        tasks += [spawn(client_pump(), name=f"gw-{session.id}-{connection_id}-client"),
+                  spawn(server_pump(), name=f"gw-{session.id}-{connection_id}-server")]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            session.connections.discard(handle)
+            self._cancel_keys.pop(key_id, None)
+            up.writer.close()
+
+
+class _Handle:
+    """What a session holds for each live connection, so ending the session ends it."""
+
+    def __init__(self, cwriter: asyncio.StreamWriter, uwriter: asyncio.StreamWriter,
+                 tasks: list[asyncio.Task[None]]) -> None:
+        self._cwriter = cwriter
+        self._uwriter = uwriter
+        self._tasks = tasks
+
+    def close(self, reason: str) -> None:
+        try:
+            self._cwriter.write(_fatal("57P01", f"guard: session ended ({reason})"))
+        except (ConnectionError, RuntimeError):
+            pass
+        for t in self._tasks:
+            t.cancel()
+        self._uwriter.close()
+
+
+def protected_lookup_sql(columns: Mapping[tuple[str, str, str], object]) -> str:
+    """Catalog query for (oid, attnum) of protected base columns, literals escaped."""
+
+    def lit(s: str) -> str:
+        return "'" + s.replace("'", "''") + "'"
+
+    values = ", ".join(f"({lit(s)}, {lit(t)}, {lit(c)})" for (s, t, c) in columns)
+    return (
+        "SELECT c.oid, a.attnum, n.nspname, c.relname, a.attname "
+        "FROM pg_catalog.pg_attribute a "
+        "JOIN pg_catalog.pg_class c ON c.oid = a.attrelid "
+        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE a.attnum > 0 AND NOT a.attisdropped "
+        f"AND (n.nspname, c.relname, a.attname) IN (VALUES {values})"
+    )

@@ -1,0 +1,462 @@
+"""One proxied connection after authentication: the sans-IO relay state machine.
+
+No asyncio, no sockets: `from_client(bytes)` and `from_server(bytes)` return the commands
+the shell must execute, in order. Every statement-bearing client message (Query, Parse,
+FunctionCall) goes through `proxy.gate` before anything is forwarded; every result row is
+checked against the protected-column map before it is sent to the client.
+
+How a refusal keeps PostgreSQL's exact semantics: instead of answering locally (which would
+leave the upstream transaction and a pipelined batch in a state the client does not expect),
+the refused message is replaced by a *poison* message whose only effect upstream is a syntax
+error (`guard_refused_<nonce>`). PostgreSQL then aborts the transaction / skips to Sync just
+as it would have for a real error, and the gateway swaps that one ErrorResponse for the
+refusal. The poison text is chosen by the gateway, never by the client.
+
+Responses are matched to requests with a FIFO of `_Pending` entries (PostgreSQL answers in
+order), which is also how result row counts reach the audit record of their statement.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from guard.broker.masking.strategies import Strategy
+from guard.broker.pgwire import messages as m
+from guard.broker.pgwire.encoder import encode
+from guard.broker.pgwire.errors import ProtocolError
+from guard.broker.pgwire.parser import NEED_DATA, BackendParser, FrontendParser, decode_backend, decode_frontend
+from guard.broker.proxy.commands import CloseConnection, Command, SendToClient, SendToServer
+from guard.broker.proxy.gate import Decision, Gate
+
+log = logging.getLogger("guard.proxy")
+
+_Q, _P, _B, _D, _E, _C, _S, _H, _X, _F = (ord(c) for c in "QPBDECSHXF")
+_COPY_DATA, _COPY_DONE, _COPY_FAIL = ord("d"), ord("c"), ord("f")
+_PASSWORD = ord("p")
+
+_ROW_DESCRIPTION, _DATA_ROW, _COMMAND_COMPLETE = ord("T"), ord("D"), ord("C")
+_READY, _ERROR, _EMPTY = ord("Z"), ord("E"), ord("I")
+_PARSE_COMPLETE, _BIND_COMPLETE, _CLOSE_COMPLETE = ord("1"), ord("2"), ord("3")
+_NO_DATA, _PARAM_DESC, _PORTAL_SUSPENDED = ord("n"), ord("t"), ord("s")
+_PARAMETER_STATUS, _COPY_BOTH = ord("S"), ord("W")
+
+# (table OID, attribute number) of a protected base column → its mask strategy.
+ProtectedMap = Mapping[tuple[int, int], Strategy]
+# Per protected result column: (column index, strategy, format code, type OID).
+MaskPlan = tuple[tuple[int, Strategy, int, int], ...]
+
+
+@dataclass(slots=True)
+class _Pending:
+    """One forwarded request still waiting for its response(s)."""
+
+    kind: str  # query | parse | bind | describe | execute | close | sync | fastpath
+    swallow: bool = False  # responses are the gateway's own (injected Describe): not sent on
+    substitute: m.ErrorResponse | None = None  # poison: replace the upstream error with this
+    statement: str | None = None  # parse/describe: statement name
+    portal: str | None = None  # describe of a portal / execute: portal name
+    seqs: list[int] = field(default_factory=list)  # audit seqs awaiting a result record
+    formats: tuple[int, ...] = ()  # execute: result formats from Bind
+    plan: MaskPlan | None = None  # execute: mask plan, worked out at its first row
+    planned: bool = False
+
+
+@dataclass(slots=True)
+class _Prepared:
+    decision: Decision
+    fields: tuple[m.FieldDescription, ...] | None = None  # from a Describe of the statement
+
+
+class ProxyConnection:
+    """Relay between one client and its own upstream backend, gated and masked."""
+
+    def __init__(
+        self,
+        gate: Gate,
+        *,
+        protected: ProtectedMap,
+        client_user: str,
+        max_message_size: int | None = None,
+    ) -> None:
+        self.gate = gate
+        self.protected = protected
+        self.client_user = client_user
+        kwargs = {"max_message_size": max_message_size} if max_message_size else {}
+        self._client = FrontendParser(expect_startup=False, **kwargs)
+        self._server = BackendParser(**kwargs)
+        self._pending: deque[_Pending] = deque()
+        self._prepared: dict[str, _Prepared] = {}
+        self._portals: dict[str, tuple[str, tuple[int, ...]]] = {}  # portal → (statement, formats)
+        self._portal_fields: dict[str, tuple[m.FieldDescription, ...]] = {}
+        self._plan: MaskPlan | None = None  # simple query: active row mask plan
+        self._masked_cells = 0
+        self._rows_seen = 0
+        self._in_copy_in = False
+        self.closed = False
+        self.transaction_status = b"I"
+
+    # ------------------------------------------------------------------ client → server
+    def from_client(self, data: bytes) -> list[Command]:
+        out: list[Command] = []
+        self._client.feed(data)
+        try:
+            while True:
+                frame = self._client.next_frame()
+                if frame is NEED_DATA:
+                    break
+                self._on_client_frame(frame, out)
+                if self.closed:
+                    break
+        except ProtocolError as err:
+            # A malformed message gets a FATAL ErrorResponse and the connection ends: a
+            # framing error means we can no longer tell statements apart, so nothing more
+            # may be forwarded.
+            out.append(SendToClient(encode(err.to_error_response())))
+            out.append(CloseConnection(f"client protocol error: {err}"))
+            self.closed = True
+        return _coalesce(out)
+
+    def _on_client_frame(self, frame, out: list[Command]) -> None:  # noqa: C901 - a dispatch
+        tag = frame.tag
+        if tag == _Q:
+            msg = decode_frontend(frame)
+            self._gate_statement(msg.sql, "simple", frame.raw, out, kind="query")
+        elif tag == _P:
+            msg = decode_frontend(frame)
+            self._on_parse(msg, frame.raw, out)
+        elif tag == _B:
+            msg = decode_frontend(frame)
+            self._portals[msg.portal] = (msg.statement, msg.result_formats)
+            self._portal_fields.pop(msg.portal, None)
+            out.append(SendToServer(frame.raw))
+            self._pending.append(_Pending("bind"))
+        elif tag == _E:
+            msg = decode_frontend(frame)
+            self._on_execute(msg, frame.raw, out)
+        elif tag == _D:
+            msg = decode_frontend(frame)
+            out.append(SendToServer(frame.raw))
+            if msg.kind == b"S":
+                self._pending.append(_Pending("describe", statement=msg.name))
+            else:
+                self._pending.append(_Pending("describe", portal=msg.name))
+        elif tag == _C:
+            msg = decode_frontend(frame)
+            if msg.kind == b"S":
+                self._prepared.pop(msg.name, None)
+            else:
+                self._portals.pop(msg.name, None)
+            out.append(SendToServer(frame.raw))
+            self._pending.append(_Pending("close"))
+        elif tag == _S:
+            out.append(SendToServer(frame.raw))
+            self._pending.append(_Pending("sync"))
+        elif tag in (_H, _COPY_DATA, _COPY_DONE, _COPY_FAIL):
+            # Flush and COPY FROM STDIN payload: the COPY statement itself was gated.
+            out.append(SendToServer(frame.raw))
+        elif tag == _F:
+            self._refuse_fast_path(out)
+        elif tag == _X:
+            out.append(SendToServer(frame.raw))
+            out.append(CloseConnection("client terminated"))
+            self.closed = True
+        else:
+            # 'p' after authentication, or anything else out of place.
+            raise _unexpected(tag)
+
+    def _gate_statement(self, sql: str, protocol: str, raw, out: list[Command], *, kind: str) -> None:
+        decision = self.gate.decide(sql)
+        recorded = self.gate.record(decision, protocol)
+        refusal = decision.refusal
+        if isinstance(recorded, m.ErrorResponse):
+            refusal, recorded = recorded, []
+        if refusal is None:
+            out.append(SendToServer(raw))
+            self._pending.append(_Pending(kind, seqs=recorded))
+        else:
+            self._send_poison_query(refusal, out)
+
+    def _send_poison_query(self, refusal: m.ErrorResponse, out: list[Command]) -> None:
+        out.append(SendToServer(encode(m.Query(_poison_sql()))))
+        self._pending.append(_Pending("query", substitute=refusal))
+
+    def _refuse_fast_path(self, out: list[Command]) -> None:
+        # The fast-path FunctionCall (libpq's large-object calls) names a function by OID and
+        # bypasses SQL analysis entirely, so it is refused; its response shape
+        # (ErrorResponse + ReadyForQuery) matches a failed simple Query.
+        refusal = self.gate.refuse_fast_path()
+        self._send_poison_query(refusal, out)
+
+    def _on_parse(self, msg: m.Parse, raw, out: list[Command]) -> None:
+        decision = self.gate.decide(msg.query)
+        if decision.refusal is not None:
+            recorded = self.gate.record(decision, "extended")
+            refusal = recorded if isinstance(recorded, m.ErrorResponse) else decision.refusal
+            self._prepared.pop(msg.name, None)
+            poison = m.Parse(msg.name, _poison_sql(), ())
+            out.append(SendToServer(encode(poison)))
+            self._pending.append(_Pending("parse", substitute=refusal))
+            return
+        # Allowed: nothing runs at Parse; the audit record is written at each Execute.
+        self._prepared[msg.name] = _Prepared(decision)
+        out.append(SendToServer(raw))
+        self._pending.append(_Pending("parse", statement=msg.name))
+        if self.protected and decision.masked_columns:
+            # Learn the result columns' table OIDs now, so rows of an Execute the client
+            # did not Describe are still checked against protected base columns.
+            out.append(SendToServer(encode(m.Describe(b"S", msg.name))))
+            self._pending.append(_Pending("describe", swallow=True, statement=msg.name))
+
+    def _on_execute(self, msg: m.Execute, raw, out: list[Command]) -> None:
+        statement, formats = self._portals.get(msg.portal, ("", ()))
+        prepared = self._prepared.get(statement)
+        if prepared is None:
+            # Unknown statement: upstream will answer "does not exist"; nothing can run.
+            out.append(SendToServer(raw))
+            self._pending.append(_Pending("execute"))
+            return
+        recorded = self.gate.record(prepared.decision, "extended")
+        if isinstance(recorded, m.ErrorResponse):
+            # Audit unavailable: refuse this Execute in-band. A syntax-error Parse of the
+            # unnamed statement puts upstream into error-until-Sync like a failed Execute.
+            out.append(SendToServer(encode(m.Parse("", _poison_sql(), ()))))
+            self._pending.append(_Pending("parse", substitute=recorded))
+            return
+        out.append(SendToServer(raw))
+        # The mask plan is worked out at the first row: the Describe responses that tell
+        # the result columns' origins arrive (in order) before it, not before this point.
+        self._pending.append(
+            _Pending("execute", statement=statement, portal=msg.portal, seqs=recorded, formats=formats)
+        )
+
+    # ------------------------------------------------------------------ server → client
+    def from_server(self, data: bytes) -> list[Command]:
+        out: list[Command] = []
+        self._server.feed(data)
+        try:
+            while True:
+                frame = self._server.next_frame()
+                if frame is NEED_DATA:
+                    break
+                self._on_server_frame(frame, out)
+        except ProtocolError as err:
+            out.append(SendToClient(encode(m.ErrorResponse.build(
+                "08P01", "guard: the database sent a malformed message; connection closed",
+                severity="FATAL"))))
+            out.append(CloseConnection(f"server protocol error: {err}"))
+            self.closed = True
+        return _coalesce(out)
+
+    def _on_server_frame(self, frame, out: list[Command]) -> None:  # noqa: C901 - a dispatch
+        tag = frame.tag
+        if tag == _DATA_ROW:
+            plan = self._plan
+            if plan is None and self.protected and self._pending:
+                plan = self._execute_plan(self._pending[0])
+            if plan:
+                out.append(SendToClient(self._mask_row(frame, plan)))
+            else:
+                out.append(SendToClient(frame.raw))
+            self._rows_seen += 1
+            return
+        head = self._pending[0] if self._pending else None
+        if tag == _ROW_DESCRIPTION:
+            self._on_row_description(frame, head, out)
+        elif tag == _COMMAND_COMPLETE or tag == _EMPTY or tag == _PORTAL_SUSPENDED:
+            self._plan = None
+            if head is not None:
+                if tag == _COMMAND_COMPLETE and head.seqs:
+                    tag_text = decode_backend(frame).tag
+                    self.gate.record_result(
+                        head.seqs.pop(0), outcome="ok", command_tag=tag_text.split(" ")[0],
+                        rows=_rows_from_tag(tag_text), masked_cells=self._masked_cells)
+                elif tag == _EMPTY and head.seqs:
+                    head.seqs.pop(0)
+                if head.kind == "execute":
+                    self._pending.popleft()
+            self._masked_cells = 0
+            out.append(SendToClient(frame.raw))
+        elif tag == _ERROR:
+            self._on_error(frame, head, out)
+        elif tag == _READY:
+            self._plan = None
+            # Everything up to and including the matching Query/Sync is answered.
+            while self._pending:
+                entry = self._pending.popleft()
+                if entry.kind in ("query", "sync"):
+                    break
+            self.transaction_status = bytes(frame.body[:1])
+            out.append(SendToClient(frame.raw))
+        elif tag in (_PARSE_COMPLETE, _BIND_COMPLETE, _CLOSE_COMPLETE):
+            if head is not None and head.kind in ("parse", "bind", "close"):
+                self._pending.popleft()
+                if head.swallow:
+                    return
+            out.append(SendToClient(frame.raw))
+        elif tag == _PARAM_DESC:
+            if head is not None and head.kind == "describe" and head.swallow:
+                return
+            out.append(SendToClient(frame.raw))
+        elif tag == _NO_DATA:
+            if head is not None and head.kind == "describe":
+                self._pending.popleft()
+                if head.swallow:
+                    return
+            out.append(SendToClient(frame.raw))
+        elif tag == _PARAMETER_STATUS:
+            out.append(SendToClient(self._parameter_status(frame)))
+        elif tag == _COPY_BOTH:
+            # CopyBoth only exists for replication, which sessions may not use.
+            out.append(SendToClient(encode(m.ErrorResponse.build(
+                "42501", "guard: replication streams are not allowed through guard",
+                severity="FATAL"))))
+            out.append(CloseConnection("CopyBothResponse refused"))
+            self.closed = True
+        else:
+            # CopyIn/OutResponse, CopyData/Done from COPY TO, notices, notifications,
+            # FunctionCallResponse, NegotiateProtocolVersion: forwarded as they are.
+            out.append(SendToClient(frame.raw))
+
+    def _on_row_description(self, frame, head: _Pending | None, out: list[Command]) -> None:
+        fields: tuple[m.FieldDescription, ...] | None = None
+        if self.protected:
+            fields = decode_backend(frame).fields
+        if head is not None and head.kind == "describe":
+            self._pending.popleft()
+            if fields is not None:
+                if head.portal is not None:
+                    self._portal_fields[head.portal] = fields
+                elif head.statement is not None:
+                    prepared = self._prepared.get(head.statement)
+                    if prepared is not None:
+                        prepared.fields = fields
+            if head.swallow:
+                return
+        elif fields is not None:
+            # Simple query (or Execute of a portal): rows that follow use these formats.
+            self._plan = _plan_for(fields, tuple(f.format_code for f in fields), self.protected)
+            if self._plan:
+                log.warning(
+                    "protected base column in a result stream (session %s): the database "
+                    "masking objects may have drifted; masking in the gateway",
+                    self.gate.session_id)
+        out.append(SendToClient(frame.raw))
+
+    def _on_error(self, frame, head: _Pending | None, out: list[Command]) -> None:
+        self._plan = None
+        error = decode_backend(frame)
+        if head is not None and head.seqs:
+            seq = head.seqs.pop(0)
+            self.gate.record_result(seq, outcome="error", sqlstate=error.sqlstate)
+        if head is not None and head.substitute is not None:
+            out.append(SendToClient(encode(head.substitute)))
+        else:
+            out.append(SendToClient(frame.raw))
+        if error.severity in ("FATAL", "PANIC"):
+            out.append(CloseConnection("upstream closed the session"))
+            self.closed = True
+            return
+        if head is None:
+            return
+        if head.kind in ("query", "fastpath"):
+            head.seqs.clear()  # the rest of a multi-statement string does not run
+            return
+        # Extended protocol: upstream discards everything until Sync; so do we.
+        while self._pending and self._pending[0].kind != "sync":
+            self._pending.popleft()
+
+    def _parameter_status(self, frame) -> bytes | memoryview:
+        msg = decode_backend(frame)
+        if msg.name == "session_authorization":
+            # The issued database role name stays on the broker side; the client sees the
+            # session user it logged in with.
+            return encode(m.ParameterStatus(msg.name, self.client_user))
+        return frame.raw
+
+    def _execute_plan(self, head: _Pending) -> MaskPlan | None:
+        if head.kind != "execute":
+            return None
+        if not head.planned:
+            head.planned = True
+            fields = self._portal_fields.get(head.portal or "")
+            if fields is not None:
+                # A portal's RowDescription carries the real result formats.
+                head.plan = _plan_for(fields, tuple(f.format_code for f in fields), self.protected)
+            else:
+                prepared = self._prepared.get(head.statement or "")
+                if prepared is not None and prepared.fields:
+                    head.plan = _plan_for(prepared.fields, head.formats, self.protected)
+        return head.plan
+
+    def _mask_row(self, frame, plan: MaskPlan) -> bytes:
+        values = list(decode_backend(frame).values)
+        for index, strategy, fmt, type_oid in plan:
+            raw = values[index] if index < len(values) else None
+            if raw is None:
+                continue
+            values[index] = strategy.mask_binary(type_oid, raw) if fmt == 1 else strategy.mask_text(raw)
+            self._masked_cells += 1
+        return encode(m.DataRow(tuple(values)))
+
+
+def _plan_for(fields, formats: tuple[int, ...], protected: ProtectedMap) -> MaskPlan | None:
+    """Which result columns are protected base columns, with their mask and format."""
+    if not protected or not fields:
+        return None
+    plan = []
+    for index, f in enumerate(fields):
+        strategy = protected.get((f.table_oid, f.column_attnum))
+        if strategy is None:
+            continue
+        if not formats:
+            fmt = 0
+        elif len(formats) == 1:
+            fmt = formats[0]
+        else:
+            fmt = formats[index] if index < len(formats) else 0
+        plan.append((index, strategy, fmt, f.type_oid))
+    return tuple(plan) or None
+
+
+def _rows_from_tag(tag: str) -> int | None:
+    last = tag.rsplit(" ", 1)[-1]
+    return int(last) if last.isdigit() else None
+
+
+def _poison_sql() -> str:
+    return f"guard_refused_{secrets.token_hex(4)}"
+
+
+def _unexpected(tag: int) -> ProtocolError:
+    from guard.broker.pgwire.errors import ClientProtocolError
+
+    return ClientProtocolError(f"unexpected message type {chr(tag)!r} after authentication")
+
+
+def _coalesce(commands: list[Command]) -> list[Command]:
+    """Join consecutive sends in the same direction into one write (one syscall)."""
+    if len(commands) < 2:
+        return commands
+    merged: list[Command] = []
+    buf: list[bytes | memoryview] = []
+    kind: type | None = None
+    for cmd in commands:
+        if isinstance(cmd, (SendToClient, SendToServer)) and (kind is None or type(cmd) is kind):
+            kind = type(cmd)
+            buf.append(cmd.data)
+            continue
+        if buf:
+            merged.append(kind(b"".join(buf)) if len(buf) > 1 else kind(buf[0]))  # type: ignore[misc]
+            buf, kind = [], None
+        if isinstance(cmd, (SendToClient, SendToServer)):
+            kind = type(cmd)
+            buf.append(cmd.data)
+        else:
+            merged.append(cmd)
+    if buf:
+        merged.append(kind(b"".join(buf)) if len(buf) > 1 else kind(buf[0]))  # type: ignore[misc]
+    return merged

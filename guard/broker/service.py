@@ -1,0 +1,162 @@
+"""Composition root: settings → running broker (API + PG gateway) in one event loop.
+
+The only module that picks real implementations (OpenBao issuer, OIDC discovery, JSONL
+audit sink, SQLite state). Run as `guard-broker --config broker.yaml`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from guard.broker.audit.sink import AuditUnavailable, JsonlAuditSink
+from guard.broker.masking.strategies import get_strategy
+from guard.broker.policy.compile import PolicyError, load_policy_file
+from guard.broker.policy.engine import CompiledPolicy
+from guard.broker.proxy import upstream
+from guard.broker.proxy.server import Gateway, protected_lookup_sql
+from guard.broker.proxy.session import ProtectedMap
+from guard.broker.proxy.tasks import spawn
+from guard.broker.sessions import Session, SessionManager
+from guard.broker.settings import BrokerSettings, load_settings
+from guard.broker.state import SqliteStateStore
+
+log = logging.getLogger("guard.broker")
+
+# Protected-column OIDs are re-read after this long, so a re-created table is noticed.
+PROTECTED_MAP_TTL = 60.0
+
+
+@dataclass
+class _Address:
+    host: str
+    port: int
+
+
+class ProtectedColumns:
+    """Per-target map of protected base columns by (table OID, attnum), cached briefly."""
+
+    def __init__(self, policy: CompiledPolicy) -> None:
+        self.policy = policy
+        self._cache: dict[str, tuple[float, ProtectedMap]] = {}
+
+    async def __call__(self, session: Session, conn: upstream.UpstreamConnection) -> ProtectedMap:
+        hit = self._cache.get(session.target)
+        if hit is not None and time.monotonic() - hit[0] < PROTECTED_MAP_TTL:
+            return hit[1]
+        target = self.policy.targets[session.target]
+        by_name = {(c.schema, c.table, c.column): get_strategy(s)
+                   for c, s in target.protected_columns.items()}
+        result: dict[tuple[int, int], object] = {}
+        if by_name:
+            rows = await upstream.simple_query_rows(conn, protected_lookup_sql(by_name))
+            for oid, attnum, schema, table, column in rows:
+                key = (schema.decode(), table.decode(), column.decode())  # type: ignore[union-attr]
+                result[(int(oid), int(attnum))] = by_name[key]  # type: ignore[arg-type]
+        self._cache[session.target] = (time.monotonic(), result)  # type: ignore[assignment]
+        return result  # type: ignore[return-value]
+
+
+def build_principal_resolver(settings: BrokerSettings):
+    import httpx
+
+    from guard.broker.identity.oidc import DiscoveryKeySource, OIDCVerifier, principal_from_token
+
+    http = httpx.Client(timeout=5.0)
+    keys = DiscoveryKeySource(settings.oidc.issuer, http)
+    verifier = OIDCVerifier(
+        issuer=settings.oidc.issuer,
+        audience=settings.oidc.audience,
+        algorithms=list(settings.oidc.algorithms),
+        groups_claim=settings.oidc.groups_claim,
+        leeway=settings.oidc.leeway_seconds,
+        key_source=keys,
+    )
+    return lambda token: principal_from_token(verifier, token)
+
+
+async def run(settings: BrokerSettings) -> None:
+    import uvicorn
+
+    from guard.broker.api.app import create_app
+    from guard.broker.credentials.openbao import OpenBaoIssuer
+
+    policy = load_policy_file(settings.policy_file)
+    audit = JsonlAuditSink(settings.audit.path)
+    state = SqliteStateStore(settings.database_path)
+    issuer = OpenBaoIssuer(
+        settings.openbao.addr, settings.openbao.token(), mount=settings.openbao.mount,
+        verify=settings.openbao.verify_tls,
+    )
+    sessions = SessionManager(
+        policy=policy, targets=dict(settings.targets), issuer=issuer, audit=audit, state=state
+    )
+    await sessions.revoke_orphans()
+    gateway = Gateway(sessions=sessions, policy=policy, audit=audit,
+                      protected_map=ProtectedColumns(policy))
+    host, port = await gateway.start(settings.gateway.host, settings.gateway.port)
+    address = _Address(settings.gateway.advertise_host or host, port)
+    log.info("PG gateway listening on %s:%s", host, port)
+
+    app = create_app(sessions=sessions, resolve_principal=build_principal_resolver(settings),
+                     gateway=address)
+    config = uvicorn.Config(app, host=settings.api.host, port=settings.api.port,
+                            log_level="warning", access_log=False, lifespan="off")
+    server = uvicorn.Server(config)
+
+    async def expiry_watchdog() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            await sessions.end_expired()
+
+    watchdog = spawn(expiry_watchdog(), name="session-expiry")
+    try:
+        await server.serve()
+    finally:
+        watchdog.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watchdog
+        await sessions.end_all("broker shutting down")
+        await gateway.close()
+        audit.close()
+        state.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="guard-broker", description="guard broker: API + PG gateway")
+    parser.add_argument("--config", required=True, type=Path, help="broker YAML config")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_settings(args.config)
+    except Exception as exc:  # noqa: BLE001 - pydantic/yaml/OS errors all mean "fix the config"
+        print(f"guard-broker: invalid config {args.config}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        try:
+            import uvloop
+        except ImportError:
+            asyncio.run(run(settings))
+        else:
+            uvloop.run(run(settings))
+    except PolicyError as exc:
+        print(f"guard-broker: invalid policy {settings.policy_file}:\n{exc}", file=sys.stderr)
+        return 2
+    except AuditUnavailable as exc:
+        print(f"guard-broker: {exc}; fix the audit path or its permissions", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
