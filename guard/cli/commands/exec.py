@@ -1,0 +1,49 @@
+"""`guard exec [--db TARGET] -- CMD…`: run a program with PG* and DATABASE_URL for a session.
+
+The child's exit status is returned unchanged. In CI, an identity token from
+`--id-token-file` or `GUARD_ID_TOKEN` replaces `guard login`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from guard.cli.auth import current_id_token
+from guard.cli.errors import EXIT_USAGE, CliError
+from guard.cli.profile import load_profile
+from guard.cli.runner import parse_duration, run_in_session
+
+
+def exec_command(
+    command: Annotated[list[str] | None, typer.Argument(help="Command and its arguments")] = None,
+    db: Annotated[str, typer.Option("--db", help="Policy target")] = "demo",
+    reason: Annotated[str, typer.Option(help="Why you need access (recorded)")] = "",
+    ttl: Annotated[str | None, typer.Option(help="Session lifetime, e.g. 30m, 1h")] = None,
+    id_token_file: Annotated[
+        Path | None, typer.Option(help="File holding an OIDC ID token (CI)")
+    ] = None,
+) -> int:
+    if not command:
+        raise CliError("no command given", hint="guard exec --db demo -- python job.py",
+                       exit_code=EXIT_USAGE)
+    profile = load_profile()
+    token = current_id_token(profile, id_token_file=id_token_file)
+    return run_in_session(
+        broker_url=profile.broker_url,
+        token=token,
+        target=db,
+        reason=reason,
+        ttl_seconds=parse_duration(ttl),
+        argv=command,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command(
+        "exec",
+        help="Run a command with PG* / DATABASE_URL pointing at TARGET through guard.",
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    )(exec_command)
