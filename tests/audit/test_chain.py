@@ -1,0 +1,91 @@
+"""The audit hash chain: records link to their predecessor; any edit is evident."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+from guard.broker.audit.chain import GENESIS, seal, verify_lines
+from guard.broker.audit.record import ResultRecord, StatementRecord
+from guard.broker.audit.sink import AuditUnavailable, JsonlAuditSink
+
+
+def _stmt(i: int) -> StatementRecord:
+    return StatementRecord(
+        session_id="s1", connection_id="c1", principal="alice", issuer="https://idp",
+        groups=("engineers",), target="demo", protocol="simple", fingerprint=f"fp{i}",
+        statement=f"SELECT $1 + {i}", operations=("read",), tables=("public.t",),
+        verdict="allow", rule="engineers-read",
+    )
+
+
+def test_seal_links_to_previous_hash():
+    line1, h1 = seal(GENESIS, {"a": 1})
+    line2, h2 = seal(h1, {"a": 2})
+    assert json.loads(line2)["prev"] == h1
+    assert h1 != h2
+    assert verify_lines([line1, line2]).ok
+
+
+def test_sink_writes_verifiable_chain_and_continues_after_reopen(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    sink = JsonlAuditSink(path)
+    assert sink.append(_stmt(1)) == 1
+    assert sink.append(ResultRecord("s1", "c1", 1, "ok", "SELECT", rows=3)) == 2
+    sink.close()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    sink = JsonlAuditSink(path)  # a restarted broker continues the same chain
+    assert sink.append(_stmt(2)) == 3
+    sink.close()
+    lines = path.read_bytes().splitlines()
+    report = verify_lines(lines)
+    assert report.ok and report.records == 3
+    assert [json.loads(x)["body"]["seq"] for x in lines] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("tamper", ["edit", "drop", "swap", "insert"])
+def test_tampering_is_detected(tmp_path, tamper):
+    path = tmp_path / "audit.jsonl"
+    sink = JsonlAuditSink(path)
+    for i in range(4):
+        sink.append(_stmt(i))
+    sink.close()
+    lines = path.read_bytes().splitlines()
+    if tamper == "edit":
+        lines[1] = lines[1].replace(b"engineers-read", b"deny-ddl")
+    elif tamper == "drop":
+        del lines[1]
+    elif tamper == "swap":
+        lines[1], lines[2] = lines[2], lines[1]
+    else:
+        forged, _ = seal(GENESIS, {"seq": 99})
+        lines.insert(2, forged.rstrip(b"\n"))
+    report = verify_lines(lines)
+    assert not report.ok
+    assert report.first_bad_line == 2 if tamper != "insert" else report.first_bad_line == 3
+
+
+def test_unwritable_log_fails_closed(tmp_path):
+    blocked = tmp_path / "dir"
+    blocked.mkdir()
+    (blocked / "audit.jsonl").mkdir()  # a directory where the file should be
+    with pytest.raises(AuditUnavailable):
+        JsonlAuditSink(blocked / "audit.jsonl")
+
+
+def test_write_failure_raises_audit_unavailable(tmp_path):
+    sink = JsonlAuditSink(tmp_path / "audit.jsonl")
+    os.close(sink._fd)  # simulate the descriptor going bad (disk gone, fd revoked)
+    with pytest.raises(AuditUnavailable):
+        sink.append(_stmt(1))
+    sink._fd = -1
+
+
+def test_records_have_no_field_for_values():
+    # The audit trail must never become a copy of protected data: no field may hold a
+    # result value or a raw statement literal.
+    fields = set(StatementRecord.__dataclass_fields__) | set(ResultRecord.__dataclass_fields__)
+    assert not fields & {"values", "rows_data", "result", "sql", "text", "params"}
