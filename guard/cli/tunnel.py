@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from guard.broker.proxy.tasks import spawn
-
 _CHUNK = 256 * 1024
 
 
@@ -48,10 +46,8 @@ class LoopbackRelay:
             cwriter.close()
             return
         self._conns.update((cwriter, gwriter))
-        up = spawn(_pipe(creader, gwriter), name="relay-up")
-        down = spawn(_pipe(greader, cwriter), name="relay-down")
         try:
-            await asyncio.gather(up, down)
+            await asyncio.gather(_pipe(creader, gwriter), _pipe(greader, cwriter))
         finally:
             for w in (cwriter, gwriter):
                 self._conns.discard(w)
