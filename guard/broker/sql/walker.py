@@ -1,0 +1,254 @@
+"""Queries: SELECT with its clauses, set operations, VALUES, WITH and FROM items.
+
+Imports only the stdlib and the `sql` package (pglast underneath).
+
+The target-list context is OUTPUT at the top level and in RETURNING, WRITE_SOURCE under
+INSERT ... SELECT / VALUES, UPDATE SET and CREATE TABLE AS, and, for a scalar subquery, the
+context the subquery itself sits in (see `expressions`).
+
+Subqueries, CTEs and VALUES in FROM are walked with OUTPUT for their own bare target columns;
+that is sound because every outer reference to them resolves through their `Shape` to the
+base columns behind it and is recorded again in the outer reference's own context. So
+`SELECT upper(x) FROM (SELECT ssn AS x FROM customers) s` records `ssn` both as OUTPUT
+(inside) and as DERIVED (outside), and the DERIVED use decides.
+
+ORDER BY 1 and ORDER BY <output alias> sort by an output column, so the expression behind
+it is recorded as PREDICATE too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import model as m
+from .expressions import ExpressionWalker, Unsupported
+from .lineage import OPAQUE, Entry, Out, Scope, Shape, Star
+from .lineage import union as _union
+from .model import ColumnContext as Ctx
+from .model import Operation as Op
+from .nodes import Body, Node, children, iter_list, name_list, string_value, unwrap
+
+Target = tuple[str | None, Node | None]
+_RECURSIVE_PASSES = 5
+
+
+def _figure_name(node: Node | None) -> str | None:
+    """The output column name PostgreSQL gives an unnamed target (FigureColname, simplified)."""
+    if node is None:
+        return None
+    kind, body = node
+    if kind == "ColumnRef":
+        last = name_list(body.get("fields"))[-1]
+        return None if last == "*" else last
+    if kind == "FuncCall":
+        return name_list(body.get("funcname"))[-1]
+    if kind == "TypeCast":
+        return _figure_name(unwrap(body.get("arg")))
+    if kind == "A_Indirection":
+        names = [string_value(unwrap(i)) for i in body.get("indirection") or ()]
+        named = [n for n in names if n is not None]
+        return named[-1] if named else _figure_name(unwrap(body.get("arg")))
+    return None
+
+
+class QueryWalker(ExpressionWalker):
+    """Walks SELECT statements and FROM clauses."""
+
+    def select(self, body: Body, outer: Scope, ctx: Ctx) -> Shape:
+        scope = Scope(parent=outer)
+        self.with_clause(body.get("withClause"), scope)
+        if body.get("op", "SETOP_NONE") != "SETOP_NONE":
+            left = self.select(body.get("larg") or {}, scope, ctx)
+            right = self.select(body.get("rarg") or {}, scope, ctx)
+            shape = Shape.set_operation(left, right)
+            self.ordering(body.get("sortClause"), scope, None, shape)
+            self.limits(body, scope)
+            return shape
+        if body.get("valuesLists"):
+            shape = self.values(body["valuesLists"], scope, ctx)
+            self.ordering(body.get("sortClause"), scope, None, shape)
+            self.limits(body, scope)
+            return shape
+        for item in iter_list(body.get("fromClause")):
+            scope.entries.extend(self.from_item(item, scope))
+        shape, targets = self.target_list(body.get("targetList"), scope, ctx)
+        self.expr(unwrap(body.get("whereClause")), scope, Ctx.PREDICATE)
+        self.expr(unwrap(body.get("havingClause")), scope, Ctx.PREDICATE)
+        self.ordering(body.get("groupClause"), scope, targets, None)
+        self.ordering(body.get("distinctClause"), scope, targets, None)  # plain DISTINCT: NIL
+        for _, window in iter_list(body.get("windowClause")):
+            self.window(window, scope)
+        self.ordering(body.get("sortClause"), scope, targets, None)
+        self.limits(body, scope)
+        return shape
+
+    def values(self, rows: list[Any], scope: Scope, ctx: Ctx) -> Shape:
+        columns: list[set[tuple[str, frozenset[m.RelationRef]]]] = []
+        for row in rows:
+            node = unwrap(row)
+            items = node[1].get("items", []) if node and node[0] == "List" else []
+            for index, item in enumerate(items):
+                if index == len(columns):
+                    columns.append(set())
+                columns[index] |= self.expr(unwrap(item), scope, ctx, bare=True)
+        outs = tuple(Out(f"column{i + 1}", frozenset(s)) for i, s in enumerate(columns))
+        return Shape(outs)
+
+    def target_list(self, targets: Any, scope: Scope, ctx: Ctx) -> tuple[Shape, list[Target]]:
+        items: list[Out | Star] = []
+        named: list[Target] = []
+        for _, target in iter_list(targets):
+            value = unwrap(target.get("val"))
+            name = target.get("name") or _figure_name(value)
+            star = self.star_entries(value, scope)
+            sources = self.expr(value, scope, ctx, bare=True)
+            items.append(Star(star) if star is not None else Out(name, sources))
+            named.append((name, value))
+        return Shape(tuple(items)), named
+
+    def with_clause(self, clause: Body | None, scope: Scope) -> None:
+        if not clause:
+            return
+        ctes = [body for _, body in iter_list(clause.get("ctes"))]
+        if clause.get("recursive"):
+            # In WITH RECURSIVE every CTE sees every other one and itself: iterate to a
+            # fixpoint so a reference through a later or self-referencing CTE still reaches
+            # the base columns (one pass would resolve it to nothing).
+            for cte in ctes:
+                scope.ctes[cte["ctename"]] = OPAQUE
+            for _ in range(_RECURSIVE_PASSES):
+                before = {name: shape.all_sources() for name, shape in scope.ctes.items()}
+                for cte in ctes:
+                    scope.ctes[cte["ctename"]] = self.cte_shape(cte, scope)
+                if all(scope.ctes[n].all_sources() == before[n] for n in before):
+                    break
+        else:
+            for cte in ctes:  # a later CTE sees the earlier ones, not itself
+                scope.ctes[cte["ctename"]] = self.cte_shape(cte, scope)
+        for cte in ctes:
+            shape = scope.ctes[cte["ctename"]]
+            # SEARCH ... SET col / CYCLE ... USING path output the listed columns' values.
+            for key, field in (
+                ("search_clause", "search_col_list"),
+                ("cycle_clause", "cycle_col_list"),
+            ):
+                for column in name_list((cte.get(key) or {}).get(field)):
+                    self.emit(shape.lookup(column), Ctx.DERIVED)
+
+    def cte_shape(self, cte: Body, scope: Scope) -> Shape:
+        shape = self.query(unwrap(cte.get("ctequery")), scope, Ctx.OUTPUT)
+        return shape.renamed(tuple(name_list(cte.get("aliascolnames"))))
+
+    def ordering(
+        self, items: Any, scope: Scope, targets: list[Target] | None, shape: Shape | None
+    ) -> None:
+        for kind, body in iter_list(items):
+            node = unwrap(body.get("node")) if kind == "SortBy" else (kind, body)
+            self.order_item(node, scope, targets, shape)
+
+    def order_item(
+        self, node: Node | None, scope: Scope, targets: list[Target] | None, shape: Shape | None
+    ) -> None:
+        if node is None:
+            return
+        kind, body = node
+        if kind == "GroupingSet":
+            for child in iter_list(body.get("content")):
+                self.order_item(child, scope, targets, shape)
+            return
+        if kind == "A_Const" and "ival" in body:
+            # ORDER BY 1 / GROUP BY 1 sort by an output column: an oracle on that column.
+            index = int(body["ival"].get("ival", 0)) - 1
+            if targets is not None:
+                # After a `*` positions are unknown without the catalog: take every target.
+                star = any(self.star_entries(v, scope) is not None for _, v in targets)
+                chosen = targets if star or index < 0 else targets[index : index + 1]
+                for _, value in chosen:
+                    self.expr(value, scope, Ctx.PREDICATE, bare=True)
+            if shape is not None:
+                self.emit(shape.positional(index), Ctx.PREDICATE)
+            return
+        if kind == "ColumnRef":
+            names = name_list(body.get("fields"))
+            if len(names) == 1:  # may name an output column (ORDER BY alias)
+                for name, value in targets or ():
+                    if name == names[0]:
+                        self.expr(value, scope, Ctx.PREDICATE)
+                if shape is not None:
+                    self.emit(shape.lookup(names[0]), Ctx.PREDICATE)
+        self.expr(node, scope, Ctx.PREDICATE)
+
+    def limits(self, body: Body, scope: Scope) -> None:
+        self.expr(unwrap(body.get("limitCount")), scope, Ctx.PREDICATE)
+        self.expr(unwrap(body.get("limitOffset")), scope, Ctx.PREDICATE)
+
+    # --- FROM ----------------------------------------------------------------------------
+
+    def from_item(self, node: Node, scope: Scope) -> list[Entry]:
+        kind, body = node
+        alias = body.get("alias") or {}
+        colnames = tuple(name_list(alias.get("colnames")))
+        if kind == "RangeVar":
+            return [self.range_var(body, scope)]
+        if kind == "RangeSubselect":
+            shape = self.query(unwrap(body.get("subquery")), scope, Ctx.OUTPUT)
+            return [Entry(alias.get("aliasname", ""), shape=shape.renamed(colnames))]
+        if kind == "JoinExpr":
+            return self.join(body, scope)
+        if kind == "RangeFunction":
+            for item in body.get("functions") or ():
+                pair = unwrap(item)
+                items = pair[1].get("items", []) if pair and pair[0] == "List" else []
+                if items:
+                    self.expr(unwrap(items[0]), scope, Ctx.DERIVED)
+            return [Entry(alias.get("aliasname", ""))]
+        if kind == "RangeTableSample":
+            entries = self.from_item(unwrap(body.get("relation")) or ("", {}), scope)
+            for item in iter_list(body.get("args")):
+                self.expr(item, scope, Ctx.DERIVED)
+            self.expr(unwrap(body.get("repeatable")), scope, Ctx.DERIVED)
+            return entries
+        if kind in ("RangeTableFunc", "JsonTable"):  # XMLTABLE / JSON_TABLE
+            for child in children(kind, body):
+                if child[0] != "Alias":
+                    self.expr(child, scope, Ctx.DERIVED)
+            return [Entry(alias.get("aliasname", ""))]
+        raise Unsupported(f"FROM item {kind or 'NIL'} is not modelled")
+
+    def range_var(self, body: Body, scope: Scope) -> Entry:
+        name = body["relname"]
+        schema = body.get("schemaname")
+        alias = body.get("alias") or {}
+        colnames = tuple(name_list(alias.get("colnames")))
+        visible = alias.get("aliasname", name)
+        if schema is None:
+            cte = scope.find_cte(name)
+            if cte is not None:
+                return Entry(visible, shape=cte.renamed(colnames))
+        relation = m.RelationRef(schema, name)
+        self.read.add(relation)
+        self.operations.add(Op.READ)
+        return Entry(visible, relation=relation, colnames=colnames)
+
+    def join(self, body: Body, scope: Scope) -> list[Entry]:
+        left = self.from_item(unwrap(body.get("larg")) or ("", {}), scope)
+        right = self.from_item(unwrap(body.get("rarg")) or ("", {}), Scope(scope, list(left)))
+        entries = left + right
+        inner = Scope(scope, list(entries))
+        using = name_list(body.get("usingClause"))
+        for column in using:
+            self.emit(_union(e.resolve(column) for e in entries), Ctx.PREDICATE)
+        if body.get("isNatural"):
+            # NATURAL joins on every common column name, which only the catalog knows.
+            self.emit(_union(e.whole_row() for e in entries), Ctx.PREDICATE)
+        self.expr(unwrap(body.get("quals")), inner, Ctx.PREDICATE)
+        out = list(entries)
+        alias = body.get("alias")
+        if alias:
+            shape = Shape((Star(tuple(entries)),)).renamed(tuple(name_list(alias.get("colnames"))))
+            out.append(Entry(alias.get("aliasname", ""), shape=shape))
+        using_alias = body.get("join_using_alias")
+        if using_alias:
+            outs = tuple(Out(c, _union(e.resolve(c) for e in entries)) for c in using)
+            out.append(Entry(using_alias.get("aliasname", ""), shape=Shape(outs)))
+        return out

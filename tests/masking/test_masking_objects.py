@@ -1,0 +1,330 @@
+"""masking.objects: the generated database backstop (pure SQL text; PG runs it in integration)."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from guard.broker.masking.objects import (
+    TableColumns,
+    approved_role_name,
+    backstop_sql,
+    creation_statements,
+    quote_ident,
+    quote_literal,
+    revocation_statements,
+)
+from guard.broker.policy.compile import load_policy, load_policy_file
+
+REPO_POLICY = Path(__file__).resolve().parents[2] / "policies.yaml"
+
+FACTS = {
+    ("public", "customers"): TableColumns(
+        "public",
+        "customers",
+        (
+            ("id", "integer"),
+            ("full_name", "text"),
+            ("ssn", "character varying(11)"),
+            ("email", "text"),
+            ("dob", "date"),
+            ("phone", "text"),
+        ),
+    ),
+    ("public", "accounts"): TableColumns(
+        "public",
+        "accounts",
+        (("id", "integer"), ("customer_id", "integer"), ("account_number", "character(12)")),
+    ),
+    ("public", "transactions"): TableColumns(
+        "public",
+        "transactions",
+        (("id", "bigint"), ("account_id", "integer"), ("amount", "numeric")),
+    ),
+    ("public", "products"): TableColumns(
+        "public", "products", (("id", "integer"), ("name", "text"), ("price", "numeric"))
+    ),
+}
+ALL = [
+    ("public", "accounts"),
+    ("public", "customers"),
+    ("public", "products"),
+    ("public", "transactions"),
+]
+
+
+@pytest.fixture(scope="module")
+def target():
+    return load_policy_file(REPO_POLICY).targets["demo"]
+
+
+@pytest.fixture(scope="module")
+def statements(target):
+    return backstop_sql(target, FACTS, all_tables=ALL)
+
+
+def find(statements: list[str], *needles: str) -> list[str]:
+    return [s for s in statements if all(n in s for n in needles)]
+
+
+def test_deterministic(target, statements):
+    assert backstop_sql(target, FACTS, all_tables=ALL) == statements
+
+
+def test_roles_created_idempotently_and_nologin(statements):
+    for role in ("guard_masked_owner", "guard_session"):
+        (create,) = find(statements, "CREATE ROLE", f'"{role}"')
+        assert create.startswith("DO $guard$")
+        assert f"rolname = '{role}'" in create and "IF NOT EXISTS" in create
+        assert f'ALTER ROLE "{role}" NOLOGIN NOSUPERUSER' in "\n".join(statements)
+    assert not [s for s in statements if s.startswith("CREATE ROLE")]
+
+
+def test_schema_owned_by_owner_and_closed_to_public(statements):
+    assert (
+        'CREATE SCHEMA IF NOT EXISTS "guard_masked" AUTHORIZATION "guard_masked_owner"'
+        in statements
+    )
+    assert 'ALTER SCHEMA "guard_masked" OWNER TO "guard_masked_owner"' in statements
+    assert 'REVOKE ALL ON SCHEMA "guard_masked" FROM PUBLIC' in statements
+    assert 'GRANT USAGE ON SCHEMA "guard_masked", "public" TO "guard_session"' in statements
+
+
+def test_owner_reads_protected_and_gated_base_tables(statements):
+    for table in ("customers", "accounts", "transactions"):
+        assert f'GRANT SELECT ON TABLE "public"."{table}" TO "guard_masked_owner"' in statements
+        assert f'REVOKE ALL ON TABLE "public"."{table}" FROM PUBLIC' in statements
+    assert not find(statements, '"public"."products"', "guard_masked_owner")
+
+
+def test_masked_view_same_columns_same_order(statements):
+    (view,) = find(statements, 'CREATE VIEW "guard_masked"."customers"')
+    assert "security_invoker" not in view and "security_barrier" not in view
+    assert "WHERE" not in view.split("FROM")[-1]
+    assert view.rstrip().endswith('FROM "public"."customers"')
+    columns = view.split("\nSELECT ", 1)[1].split("\nFROM ", 1)[0].split(",\n       ")
+    assert len(columns) == 6
+    assert columns[0] == '"id"' and columns[1] == '"full_name"' and columns[5] == '"phone"'
+    assert columns[2].endswith('AS "ssn"') and "'***-**-'" in columns[2]
+    assert columns[3].endswith('AS "email"') and "split_part" in columns[3]
+    assert columns[4].endswith('AS "dob"') and "make_date" in columns[4]
+    (accounts,) = find(statements, 'CREATE VIEW "guard_masked"."accounts"')
+    assert "repeat('*'" in accounts and accounts.count(" AS ") == 1
+
+
+def test_views_recreated_owned_and_granted(statements):
+    for table in ("customers", "accounts", "transactions"):
+        view = f'"guard_masked"."{table}"'
+        drop = statements.index(f"DROP VIEW IF EXISTS {view}")
+        (create,) = find(statements, f"CREATE VIEW {view}")
+        assert statements.index(create) == drop + 1
+        assert f'ALTER VIEW {view} OWNER TO "guard_masked_owner"' in statements
+        assert f'GRANT SELECT ON {view} TO "guard_session"' in statements
+
+
+def test_gate_view_and_function(statements):
+    (gate,) = find(statements, 'CREATE VIEW "guard_masked"."transactions"')
+    assert "WITH (security_barrier)" in gate
+    assert gate.rstrip().endswith(
+        """WHERE "guard_masked".require_approval('public.transactions')"""
+    )
+    (function,) = find(statements, "CREATE OR REPLACE FUNCTION")
+    assert "ERRCODE = '42501'" in function
+    assert "requires approval" in function
+    assert "pg_has_role(current_user, approved, 'MEMBER')" in function
+    assert "'guard_approved_'" in function
+    assert "SET search_path = pg_catalog, pg_temp" in function
+    fn = '"guard_masked".require_approval(text)'
+    assert f"REVOKE ALL ON FUNCTION {fn} FROM PUBLIC" in statements
+    assert f'GRANT EXECUTE ON FUNCTION {fn} TO "guard_session"' in statements
+    # the function exists before the view that calls it
+    assert statements.index(function) < statements.index(gate)
+
+
+def test_column_grants_exclude_protected_columns(statements):
+    (grant,) = find(statements, "GRANT SELECT (", '"public"."customers"')
+    assert grant == (
+        'GRANT SELECT ("id", "full_name", "phone") ON TABLE "public"."customers" TO "guard_session"'
+    )
+    # REVOKE ALL first: it also drops column grants an earlier policy left behind
+    revoke = 'REVOKE ALL ON TABLE "public"."customers" FROM "guard_session"'
+    assert statements.index(revoke) < statements.index(grant)
+    (grant,) = find(statements, "GRANT SELECT (", '"public"."accounts"')
+    assert '"account_number"' not in grant and '"customer_id"' in grant
+
+
+def test_gated_base_table_gets_nothing(statements):
+    assert 'REVOKE ALL ON TABLE "public"."transactions" FROM "guard_session"' in statements
+    granted = [s for s in statements if s.startswith("GRANT") and '"public"."transactions"' in s]
+    assert granted == ['GRANT SELECT ON TABLE "public"."transactions" TO "guard_masked_owner"']
+
+
+def test_other_tables_get_select_and_dml_and_sequences(statements):
+    assert (
+        'GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE "public"."products" TO "guard_session"'
+        in statements
+    )
+    (sequences,) = find(statements, "GRANT USAGE, SELECT ON SEQUENCE")
+    assert 'to_regclass(\'"public"."products"\')' in sequences
+    assert "customers" not in sequences
+
+
+def test_hardening(statements):
+    text = "\n".join(statements)
+    assert "REVOKE TEMPORARY ON DATABASE %I FROM PUBLIC" in text
+    assert 'REVOKE CREATE ON SCHEMA "public" FROM PUBLIC, "guard_session"' in statements
+    (functions,) = find(statements, "REVOKE EXECUTE ON FUNCTION")
+    for name in (
+        "lo\\_",
+        "loread",
+        "pg_read_file",
+        "pg_read_binary_file",
+        "pg_stat_file",
+        "pg_ls_dir",
+        "pg\\_ls\\_",
+        "dblink",
+    ):
+        assert name in functions
+
+
+def test_database_name_parameter(target):
+    statements = backstop_sql(target, FACTS, all_tables=ALL, database="Demo DB")
+    assert 'REVOKE TEMPORARY ON DATABASE "Demo DB" FROM PUBLIC' in statements
+
+
+def test_every_create_is_idempotent(statements):
+    for statement in statements:
+        head = statement.lstrip().split("\n", 1)[0]
+        if head.startswith("CREATE VIEW"):
+            continue  # preceded by DROP VIEW IF EXISTS (checked above)
+        if head.startswith("CREATE"):
+            assert "IF NOT EXISTS" in head or "OR REPLACE" in head, head
+
+
+def test_custom_role_and_schema_names(target):
+    statements = backstop_sql(
+        target,
+        FACTS,
+        all_tables=ALL,
+        schema_owner_role="Owner",
+        group_role="sess",
+        masked_schema="masked",
+    )
+    text = "\n".join(statements)
+    assert 'CREATE VIEW "masked"."customers"' in text
+    assert 'TO "sess"' in text and 'TO "Owner"' in text
+    assert "guard_session" not in text and "guard_masked_owner" not in text
+
+
+def test_odd_identifiers_are_quoted():
+    policy = load_policy(
+        textwrap.dedent(
+            """\
+            version: 1
+            targets:
+              t:
+                connect_groups: [g]
+                session_ttl: {default: 1h, max: 1h}
+                protected_columns:
+                  Sales.Client Data.Tax "Id": redact
+            """
+        )
+    )
+    facts = {
+        ("Sales", "Client Data"): TableColumns(
+            "Sales", "Client Data", (("Id", "int"), ('Tax "Id"', "text"))
+        )
+    }
+    statements = backstop_sql(policy.targets["t"], facts, all_tables=[("Sales", "Client Data")])
+    (view,) = find(statements, "CREATE VIEW")
+    assert 'CREATE VIEW "guard_masked"."Client Data" AS' in view
+    assert '("Tax ""Id""") IS NULL' in view and 'AS "Tax ""Id"""' in view
+    assert 'FROM "Sales"."Client Data"' in view
+    assert 'GRANT SELECT ("Id") ON TABLE "Sales"."Client Data" TO "guard_session"' in statements
+
+
+def test_missing_facts_and_columns_fail_loudly(target):
+    facts = dict(FACTS)
+    del facts[("public", "transactions")]
+    with pytest.raises(ValueError, match="public.transactions"):
+        backstop_sql(target, facts, all_tables=ALL)
+    facts = dict(FACTS)
+    facts[("public", "customers")] = TableColumns("public", "customers", (("id", "int"),))
+    with pytest.raises(ValueError, match="dob, email, ssn"):
+        backstop_sql(target, facts, all_tables=ALL)
+
+
+def test_same_table_name_in_two_schemas_is_refused():
+    policy = load_policy(
+        textwrap.dedent(
+            """\
+            version: 1
+            targets:
+              t:
+                connect_groups: [g]
+                session_ttl: {default: 1h, max: 1h}
+                protected_columns: {a.t.x: redact, b.t.x: redact}
+            """
+        )
+    )
+    facts = {(s, "t"): TableColumns(s, "t", (("x", "text"),)) for s in ("a", "b")}
+    with pytest.raises(ValueError, match="share a name"):
+        backstop_sql(policy.targets["t"], facts, all_tables=list(facts))
+
+
+def test_fully_protected_table_gets_no_column_grant():
+    policy = load_policy(
+        "version: 1\ntargets:\n  t:\n    connect_groups: [g]\n"
+        "    session_ttl: {default: 1h, max: 1h}\n    protected_columns: {s.t.x: null}\n"
+    )
+    facts = {("s", "t"): TableColumns("s", "t", (("x", "text"),))}
+    statements = backstop_sql(policy.targets["t"], facts, all_tables=[("s", "t")])
+    assert not find(statements, "GRANT SELECT (")
+    assert '(CASE WHEN false THEN ("x") END) AS "x"' in "\n".join(statements)
+
+
+# --- OpenBao role statements ----------------------------------------------------------------
+
+
+def test_creation_statements():
+    create, search_path = creation_statements()
+    for placeholder in ("{{name}}", "{{password}}", "{{expiration}}"):
+        assert placeholder in create
+    assert create.startswith("CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}'")
+    assert "VALID UNTIL '{{expiration}}'" in create
+    for attribute in ("NOSUPERUSER", "NOCREATEDB", "NOCREATEROLE", "NOREPLICATION", "NOBYPASSRLS"):
+        assert attribute in create
+    assert create.endswith('IN ROLE "guard_session"')
+    assert search_path == 'ALTER ROLE "{{name}}" SET search_path = "guard_masked", public'
+    assert creation_statements("g", "m")[1].endswith('"m", public')
+
+
+def test_revocation_statements_order():
+    statements = revocation_statements()
+    text = "\n".join(statements)
+    assert statements[-1] == 'DROP ROLE IF EXISTS "{{name}}"'
+    terminate = next(i for i, s in enumerate(statements) if "pg_terminate_backend" in s)
+    reassign = next(i for i, s in enumerate(statements) if "REASSIGN OWNED" in s)
+    revoke = next(i for i, s in enumerate(statements) if 'REVOKE "guard_session"' in s)
+    assert revoke < terminate < reassign < len(statements) - 1
+    assert "usename = '{{name}}'" in statements[terminate]
+    assert 'DROP OWNED BY "{{name}}"' in text
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def test_quoting():
+    assert quote_ident('a"b') == '"a""b"'
+    assert quote_literal("it's") == "'it''s'"
+    assert quote_literal("a\\b'") == "E'a\\\\b'''"
+
+
+def test_approved_role_name_truncated_like_postgres():
+    assert approved_role_name("transactions") == "guard_approved_transactions"
+    long = approved_role_name("x" * 100)
+    assert len(long.encode()) == 63
+    multibyte = approved_role_name("é" * 40)
+    assert len(multibyte.encode()) <= 63 and multibyte.startswith("guard_approved_é")
