@@ -328,3 +328,16 @@ def test_approved_role_name_truncated_like_postgres():
     assert len(long.encode()) == 63
     multibyte = approved_role_name("é" * 40)
     assert len(multibyte.encode()) <= 63 and multibyte.startswith("guard_approved_é")
+
+
+def test_partitions_and_children_of_special_tables_are_revoked(statements):
+    (block,) = find(statements, "pg_inherits")
+    assert "REVOKE ALL ON TABLE %s FROM PUBLIC, %I" in block
+    for table in ("customers", "accounts", "transactions"):
+        assert f'to_regclass(\'"public"."{table}"\')' in block
+    assert "products" not in block
+    # after the plain grants a caller's list of all tables may have given the children
+    plain = statements.index(
+        'GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE "public"."products" TO "guard_session"'
+    )
+    assert statements.index(block) > plain

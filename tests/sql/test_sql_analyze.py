@@ -529,3 +529,26 @@ def test_many_expression_forms_are_modelled():
         " AND CURRENT ROW) ORDER BY 1 DESC NULLS LAST LIMIT 5 OFFSET 1 FOR UPDATE SKIP LOCKED"
     )
     assert s.fail_closed is None
+
+
+def test_completeness_check_fails_closed_on_unvisited_references():
+    # column list subscripts of INSERT are not modelled: the ColumnRef `i` is never walked
+    s = analyze("INSERT INTO t (a[i]) VALUES (1)").statements[0]
+    assert s.fail_closed == "a ColumnRef in a InsertStmt was not analysed"
+
+
+def test_completeness_check_catches_fields_the_walker_does_not_know():
+    from guard.broker.sql.statements import analyze_statement
+
+    # COPY options are not walked; a column reference hidden in one must not pass unseen
+    body = {
+        "relation": {"relname": "customers"},
+        "options": [{"DefElem": {"defname": "x", "arg": {"ColumnRef": {"fields": []}}}}],
+    }
+    s = analyze_statement(("CopyStmt", body), "x", "")
+    assert s.fail_closed == "a ColumnRef in a CopyStmt was not analysed"
+
+
+def test_type_modifiers_are_not_column_references():
+    s = one("SELECT '1'::numeric(ssn), 'x'::mytype(email) FROM customers")
+    assert s.fail_closed is None and s.columns == ()

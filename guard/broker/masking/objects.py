@@ -17,6 +17,8 @@ What the statements set up, and the attack each part stops:
   `guard_masked.require_approval('<schema>.<table>')`: it raises SQLSTATE 42501 "reading ...
   requires approval" unless the current role is in `guard_approved_<table>`, so a spelling
   the gateway missed errors instead of reading ungated rows.
+* Partitions and inheritance children of protected/gated tables get no privileges at all,
+  so they cannot be read around the views.
 * Hardening: no TEMP (a temp table could hold copied raw values), no CREATE in the schemas,
   EXECUTE revoked from PUBLIC on large-object, server-file and dblink functions.
 
@@ -246,8 +248,33 @@ def backstop_sql(
         )
     if plain:
         out.append(_sequence_grants(plain, group_role))
+    if special:
+        out.append(_revoke_descendants(special, group_role))
     out += _hardening(schemas, database, group_role)
     return out
+
+
+def _revoke_descendants(tables: Sequence[tuple[str, str]], group_role: str) -> str:
+    """No direct access to partitions/inheritance children of protected or gated tables.
+
+    `SELECT * FROM customers_2024` (a partition) would otherwise read raw values, or rows of
+    a gated table, around the views; this runs after the plain grants, which a caller's
+    list of all tables may have given them.
+    """
+    regclasses = ", ".join(f"to_regclass({quote_literal(qualified(s, t))})" for s, t in tables)
+    return _do(
+        "  DECLARE child regclass;\n  BEGIN\n"
+        "    FOR child IN WITH RECURSIVE d(oid) AS (\n"
+        "        SELECT i.inhrelid FROM pg_catalog.pg_inherits i\n"
+        f"        WHERE i.inhparent = ANY (ARRAY[{regclasses}]::oid[])\n"
+        "        UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i\n"
+        "        JOIN d ON i.inhparent = d.oid)\n"
+        "      SELECT d.oid::regclass FROM d\n"
+        "    LOOP\n"
+        f"      EXECUTE format('REVOKE ALL ON TABLE %s FROM PUBLIC, %I', child,"
+        f" {quote_literal(group_role)});\n"
+        "    END LOOP;\n  END;"
+    )
 
 
 def _sequence_grants(tables: Sequence[tuple[str, str]], group_role: str) -> str:

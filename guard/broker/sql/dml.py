@@ -60,6 +60,7 @@ class DmlWalker(QueryWalker):
 
     def target_relation(self, body: Body) -> tuple[m.RelationRef, Entry]:
         rv = body.get("relation") or {}
+        self.seen.add(id(rv))
         relation = m.RelationRef(rv.get("schemaname"), rv.get("relname", ""))
         self.written.add(relation)
         visible = (rv.get("alias") or {}).get("aliasname", relation.name)

@@ -58,10 +58,15 @@ class ExpressionWalker:
         self.functions: set[str] = set()
         self.flags: set[str] = set()
         self.object_name: str | None = None
+        # id() of every ColumnRef/FuncCall/RangeVar body handled, for the completeness check
+        # in `statements`: a reference the walk never reached must not pass unseen.
+        self.seen: set[int] = set()
 
     # --- recording -----------------------------------------------------------------------
 
     def emit(self, sources: Sources, ctx: Ctx) -> None:
+        if not sources:
+            return
         by_column: dict[str, set[m.RelationRef]] = {}
         for column, candidates in sources:
             if candidates:
@@ -71,6 +76,7 @@ class ExpressionWalker:
 
     def note_function(self, body: Body) -> None:
         """Record a function call and the flags some built-in functions imply."""
+        self.seen.add(id(body))
         parts = name_list(body.get("funcname"))
         self.functions.add(".".join(parts).lower())
         base = parts[-1].lower()
@@ -211,6 +217,7 @@ class ExpressionWalker:
     ) -> Sources:
         """Resolve a ColumnRef; a bare name that is also a FROM alias is both a column and
         a whole-row reference (PostgreSQL prefers the column), so both are recorded."""
+        self.seen.add(id(body))
         names = name_list(body.get("fields"))
         row_ctx = whole_ctx or ctx
         if names[-1] == "*":
@@ -231,6 +238,7 @@ class ExpressionWalker:
 
     def field_select(self, body: Body, field: str, scope: Scope, ctx: Ctx) -> Sources:
         """`(c).ssn`, `(c.*).ssn` or `(compositecol).field`."""
+        self.seen.add(id(body))
         names = name_list(body.get("fields"))
         if names[-1] == "*":
             entries = self.star_entries(("ColumnRef", body), scope) or ()

@@ -58,10 +58,11 @@ _FIELDS = _field_table()
 
 def unwrap(value: Any) -> Node | None:
     """`{"Type": body}` -> ("Type", body); NIL (`{}` or None) -> None."""
-    if not value or not isinstance(value, dict):
+    if value.__class__ is not dict or not value:
         return None
-    ((kind, body),) = value.items()
-    return kind, body
+    for item in value.items():  # the single (type, body) pair; cheaper than unpacking
+        return item  # type: ignore[no-any-return]
+    return None
 
 
 def iter_list(value: Any) -> Iterator[Node]:
@@ -105,6 +106,46 @@ def children(kind: str, body: Body) -> Iterator[Node]:
                     yield node
 
 
+def first_unseen(kind: str, body: Body, tracked: frozenset[str], seen: set[int]) -> str | None:
+    """Kind of the first `tracked` node in the subtree whose body id is not in `seen`.
+
+    The same traversal as `children`, inlined because it runs over every analysed
+    statement; TypeName subtrees are skipped (identifiers there are type modifiers).
+    """
+    stack: list[Node] = [(kind, body)]
+    pop, push = stack.pop, stack.append
+    while stack:
+        node_kind, node_body = pop()
+        if node_kind in tracked and id(node_body) not in seen:
+            return node_kind
+        if node_kind == "TypeName":
+            continue
+        if node_kind == "List":
+            pending: list[Any] = [node_body.get("items") or ()]
+        else:
+            fields = _FIELDS.get(node_kind)
+            if not fields:
+                continue
+            pending = []
+            for field, value in node_body.items():
+                if not value or field not in fields:
+                    continue
+                typed = fields[field]
+                if typed is not None:
+                    push((typed, value))
+                elif value.__class__ is list:
+                    pending.append(value)
+                else:
+                    for item in value.items():
+                        push(item)
+        for items in pending:
+            for item in items:
+                if item:
+                    for pair in item.items():
+                        push(pair)
+    return None
+
+
 def walk(kind: str, body: Body) -> Iterator[Node]:
     """Pre-order walk of a subtree (iterative: DDL trees may be deep)."""
     stack: list[Node] = [(kind, body)]
@@ -129,15 +170,14 @@ def string_value(node: Node | None) -> str | None:
 
 
 def name_list(items: Any) -> list[str]:
-    """A qualified name (`List` of `String`) as its parts; A_Star becomes '*'."""
+    """A qualified name (flat list of `String`) as its parts; A_Star becomes '*'."""
     parts: list[str] = []
-    for kind, body in iter_list(items):
-        if kind == "String":
-            parts.append(str(body.get("sval", "")))
-        elif kind == "A_Star":
-            parts.append("*")
+    for item in items or ():
+        string = item.get("String")
+        if string is not None:
+            parts.append(str(string.get("sval", "")))
         else:
-            parts.append("?")
+            parts.append("*" if "A_Star" in item else "?")
     return parts
 
 

@@ -36,6 +36,7 @@ from .nodes import (
     TRANSACTION_NODES,
     Body,
     Node,
+    first_unseen,
     iter_list,
     name_list,
     string_value,
@@ -50,6 +51,11 @@ _FALSE_WORDS = frozenset({"f", "fa", "fal", "fals", "false", "n", "no", "of", "o
 
 def _relation(rv: Body) -> m.RelationRef:
     return m.RelationRef(rv.get("schemaname"), rv.get("relname", ""))
+
+
+# Node kinds whose every occurrence the walk must have handled (column uses, function calls,
+# relations). TypeName is not descended into: identifiers there are type modifiers.
+_TRACKED = frozenset({"ColumnRef", "FuncCall", "RangeVar"})
 
 
 def _find_into(body: Body) -> Body | None:
@@ -82,6 +88,11 @@ class StatementWalker(DmlWalker):
         else:
             raise Unsupported(f"statement type {kind} is not modelled")
 
+    def _target(self, rv: Body) -> m.RelationRef:
+        """A relation the statement creates or writes as a whole (not a FROM item)."""
+        self.seen.add(id(rv))
+        return _relation(rv)
+
     def nested(self, node: Node | None) -> None:
         if node is None:
             raise Unsupported("statement without a body")
@@ -95,7 +106,7 @@ class StatementWalker(DmlWalker):
         if into is not None:
             # SELECT ... INTO creates a table and copies the rows into it.
             self.operations.add(Op.DDL)
-            self.written.add(_relation(into.get("rel") or {}))
+            self.written.add(self._target(into.get("rel") or {}))
             self.select(body, Scope(), Ctx.WRITE_SOURCE)
         else:
             self.select(body, Scope(), Ctx.OUTPUT)
@@ -105,7 +116,7 @@ class StatementWalker(DmlWalker):
 
     def create_table_as(self, body: Body) -> None:
         self.operations.add(Op.DDL)
-        self.written.add(_relation((body.get("into") or {}).get("rel") or {}))
+        self.written.add(self._target((body.get("into") or {}).get("rel") or {}))
         inner = unwrap(body.get("query"))
         if inner is not None and inner[0] == "SelectStmt":
             self.operations.add(Op.READ)
@@ -115,7 +126,7 @@ class StatementWalker(DmlWalker):
 
     def view_stmt(self, body: Body) -> None:
         self.operations.add(Op.DDL)
-        self.written.add(_relation(body.get("view") or {}))
+        self.written.add(self._target(body.get("view") or {}))
         # A view definition copies column values to a new, unprotected name.
         self.query(unwrap(body.get("query")), Scope(), Ctx.WRITE_SOURCE)
 
@@ -132,7 +143,7 @@ class StatementWalker(DmlWalker):
         if query is not None:
             self.nested(query)  # COPY (query) TO: the query decides
             return
-        relation = _relation(body.get("relation") or {})
+        relation = self._target(body.get("relation") or {})
         columns = name_list(body.get("attlist")) or ["*"]
         if is_from:
             self.operations.add(Op.INSERT)
@@ -164,6 +175,7 @@ class StatementWalker(DmlWalker):
         self.columns.update(planned.columns)
         self.functions |= planned.functions
         self.flags |= planned.flags
+        self.seen |= planned.seen
         self.object_name = planned.object_name
 
     @staticmethod
@@ -252,11 +264,12 @@ class StatementWalker(DmlWalker):
         self.operations.add(Op.DDL)
         self.flags.add(m.FLAG_TRUNCATE)
         for _, rv in iter_list(body.get("relations")):
-            self.written.add(_relation(rv))
+            self.written.add(self._target(rv))
 
     def lock(self, body: Body) -> None:
         self.operations.add(Op.UTILITY)
         self.flags.add(m.FLAG_LOCK)
+        self.seen.update(id(rv) for _, rv in iter_list(body.get("relations")))
 
     # --- DDL / DCL -----------------------------------------------------------------------
 
@@ -333,6 +346,10 @@ def analyze_statement(
     failure: str | None = None
     try:
         walker.statement(kind, body)
+        if kind not in DDL_NODES and kind not in DCL_NODES or kind in _HANDLERS:
+            missed = first_unseen(kind, body, _TRACKED, walker.seen)
+            if missed is not None:
+                raise Unsupported(f"a {missed} in a {kind} was not analysed")
     except Unsupported as exc:
         failure = str(exc)
     except RecursionError:

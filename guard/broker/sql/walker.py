@@ -13,7 +13,8 @@ base columns behind it and is recorded again in the outer reference's own contex
 (inside) and as DERIVED (outside), and the DERIVED use decides.
 
 ORDER BY 1 and ORDER BY <output alias> sort by an output column, so the expression behind
-it is recorded as PREDICATE too.
+it is recorded as PREDICATE too, and so are the outputs of INTERSECT/EXCEPT (they filter by
+comparing values). UNION, like DISTINCT, stays OUTPUT: it only removes duplicate rows.
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ class QueryWalker(ExpressionWalker):
             left = self.select(body.get("larg") or {}, scope, ctx)
             right = self.select(body.get("rarg") or {}, scope, ctx)
             shape = Shape.set_operation(left, right)
+            if body["op"] != "SETOP_UNION":
+                # INTERSECT/EXCEPT keep or drop rows by comparing the values of both sides:
+                # `SELECT ssn FROM customers INTERSECT SELECT '123-45-6789'` is an oracle.
+                self.emit(shape.all_sources(), Ctx.PREDICATE)
             self.ordering(body.get("sortClause"), scope, None, shape)
             self.limits(body, scope)
             return shape
@@ -80,6 +85,8 @@ class QueryWalker(ExpressionWalker):
             self.window(window, scope)
         self.ordering(body.get("sortClause"), scope, targets, None)
         self.limits(body, scope)
+        for _, lock in iter_list(body.get("lockingClause")):  # FOR UPDATE OF <aliases>
+            self.seen.update(id(rv) for _, rv in iter_list(lock.get("lockedRels")))
         return shape
 
     def values(self, rows: list[Any], scope: Scope, ctx: Ctx) -> Shape:
@@ -216,6 +223,7 @@ class QueryWalker(ExpressionWalker):
         raise Unsupported(f"FROM item {kind or 'NIL'} is not modelled")
 
     def range_var(self, body: Body, scope: Scope) -> Entry:
+        self.seen.add(id(body))
         name = body["relname"]
         schema = body.get("schemaname")
         alias = body.get("alias") or {}
