@@ -46,6 +46,13 @@ def test_plain_read_of_protected_column_is_allowed_and_masked(demo):
     assert verdict.rule_id == "engineers-read"
 
 
+def test_group_by_bare_protected_column_is_a_masked_read(demo):
+    # Contract 2.1: GROUP BY on the column works; the masking view groups masked values.
+    verdict = decide(demo, "SELECT email, count(*) FROM customers GROUP BY email")
+    assert verdict.allowed
+    assert verdict.masked_columns == (ColumnId("public", "customers", "email"),)
+
+
 def test_drop_table_denied_by_deny_ddl(demo):
     verdict = decide(demo, "DROP TABLE customers")
     assert verdict.effect is Effect.DENY and verdict.rule_id == "deny-ddl"
@@ -227,7 +234,7 @@ GUARDRAILS = [
     ("SELECT md5(ssn) FROM customers", "guardrail:protected-column-derived"),
     ("SELECT 1 FROM customers WHERE ssn LIKE '1%'", "guardrail:protected-column-derived"),
     ("SELECT row_to_json(c) FROM customers c", "guardrail:protected-column-derived"),
-    ("SELECT count(*) FROM customers GROUP BY email", "guardrail:protected-column-derived"),
+    ("SELECT count(*) FROM customers GROUP BY lower(email)", "guardrail:protected-column-derived"),
     ("SELECT * FROM customers ORDER BY 3", "guardrail:protected-column-derived"),
     ("SELECT dob::text FROM customers", "guardrail:protected-column-derived"),
     ("SELECT right(account_number, 5) FROM accounts", "guardrail:protected-column-derived"),

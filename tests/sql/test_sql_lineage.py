@@ -36,6 +36,9 @@ C = frozenset({"customers"})
 # Plain reads: the protected value leaves only as itself -> only OUTPUT.
 PLAIN_READS = [
     "SELECT ssn FROM customers",
+    # Contract 2.1: GROUP BY a bare protected column groups by the masked value (view).
+    "SELECT ssn, count(*) FROM customers GROUP BY ssn",
+    "SELECT count(*) FROM customers GROUP BY ssn",
     "SELECT full_name, ssn FROM customers LIMIT 3",
     "SELECT c.ssn FROM customers c",
     "SELECT customers.ssn FROM customers",
@@ -160,7 +163,6 @@ PREDICATES = [
     "SELECT 1 FROM customers c JOIN accounts a ON a.ref = c.ssn",
     "SELECT 1 FROM accounts a JOIN customers c USING (ssn)",
     "SELECT 1 FROM customers NATURAL JOIN other",
-    "SELECT count(*) FROM customers GROUP BY ssn",
     "SELECT count(*) FROM customers GROUP BY left(ssn, 1)",
     "SELECT ssn, count(*) FROM customers GROUP BY 1",
     "SELECT count(*) FROM customers GROUP BY ROLLUP (ssn)",

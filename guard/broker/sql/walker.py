@@ -79,7 +79,7 @@ class QueryWalker(ExpressionWalker):
         shape, targets = self.target_list(body.get("targetList"), scope, ctx)
         self.expr(unwrap(body.get("whereClause")), scope, Ctx.PREDICATE)
         self.expr(unwrap(body.get("havingClause")), scope, Ctx.PREDICATE)
-        self.ordering(body.get("groupClause"), scope, targets, None)
+        self.grouping(body.get("groupClause"), scope, targets)
         self.ordering(body.get("distinctClause"), scope, targets, None)  # plain DISTINCT: NIL
         for _, window in iter_list(body.get("windowClause")):
             self.window(window, scope)
@@ -145,6 +145,19 @@ class QueryWalker(ExpressionWalker):
     def cte_shape(self, cte: Body, scope: Scope) -> Shape:
         shape = self.query(unwrap(cte.get("ctequery")), scope, Ctx.OUTPUT)
         return shape.renamed(tuple(name_list(cte.get("aliascolnames"))))
+
+    def grouping(self, items: Any, scope: Scope, targets: list[Target] | None) -> None:
+        """GROUP BY: a bare column groups by the very value the output shows.
+
+        The contract requires `GROUP BY ssn` to work with masked values: through the masking
+        view the grouping key *is* the masked value, so a bare column is an OUTPUT use.
+        Grouping by an expression, a position or a grouping set stays a PREDICATE (oracle).
+        """
+        for kind, body in iter_list(items):
+            if kind == "ColumnRef":
+                self.expr((kind, body), scope, Ctx.OUTPUT, bare=True)
+            else:
+                self.order_item((kind, body), scope, targets, None)
 
     def ordering(
         self, items: Any, scope: Scope, targets: list[Target] | None, shape: Shape | None
