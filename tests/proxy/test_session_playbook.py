@@ -1,0 +1,209 @@
+"""Playbook tests of the sans-IO proxy: bytes in, the exact command dialogue out.
+
+No sockets: the real codec, analyser, demo policy and an in-memory audit sink. Each test
+says what the client sends, what upstream answers, and what must (and must not) happen.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from guard.broker.audit.sink import MemoryAuditSink
+from guard.broker.identity.principal import Principal
+from guard.broker.masking.strategies import get_strategy
+from guard.broker.pgwire import messages as m
+from guard.broker.pgwire.encoder import encode
+from guard.broker.pgwire.parser import BackendParser, FrontendParser
+from guard.broker.policy.compile import load_policy_file
+from guard.broker.proxy.commands import CloseConnection, SendToClient, SendToServer
+from guard.broker.proxy.gate import Gate
+from guard.broker.proxy.session import ProxyConnection
+
+POLICY = load_policy_file(Path(__file__).resolve().parents[2] / "policies.yaml")
+ALICE = Principal(issuer="https://idp.test", subject="alice-sub", groups=frozenset({"engineers"}))
+CUSTOMERS_OID, SSN_ATTNUM, DOB_ATTNUM = 16400, 3, 5
+
+
+def make(audit: MemoryAuditSink | None = None, protected: bool = True) -> tuple[ProxyConnection, MemoryAuditSink]:
+    audit = audit or MemoryAuditSink()
+    gate = Gate(policy=POLICY, target="demo", principal=ALICE, audit=audit,
+                session_id="s1", connection_id="c1")
+    pmap = {(CUSTOMERS_OID, SSN_ATTNUM): get_strategy("ssn_last4"),
+            (CUSTOMERS_OID, DOB_ATTNUM): get_strategy("year_only")} if protected else {}
+    return ProxyConnection(gate, protected=pmap, client_user="guard_s1"), audit
+
+
+def to_server(cmds) -> list:
+    data = b"".join(bytes(c.data) for c in cmds if isinstance(c, SendToServer))
+    p = FrontendParser(expect_startup=False)
+    p.feed(data)
+    return list(p.messages())
+
+
+def to_client(cmds) -> list:
+    data = b"".join(bytes(c.data) for c in cmds if isinstance(c, SendToClient))
+    p = BackendParser()
+    p.feed(data)
+    return list(p.messages())
+
+
+def wire(*msgs) -> bytes:
+    return b"".join(encode(x) for x in msgs)
+
+
+def field(name: str, table: int = 0, attnum: int = 0, type_oid: int = 25, fmt: int = 0):
+    return m.FieldDescription(name, table, attnum, type_oid, -1, -1, fmt)
+
+
+def test_allowed_query_is_recorded_before_it_is_forwarded():
+    proxy, audit = make()
+    cmds = proxy.from_client(wire(m.Query("SELECT full_name FROM customers WHERE id = 1")))
+    assert to_server(cmds) == [m.Query("SELECT full_name FROM customers WHERE id = 1")]
+    assert to_client(cmds) == []
+    # The record exists at the moment the statement is handed on.
+    assert len(audit.records) == 1
+    rec = audit.records[0]
+    assert rec["verdict"] == "allow" and rec["principal"] == "alice-sub"
+    assert rec["statement"].endswith("id = $1")  # literal normalized away
+
+    back = proxy.from_server(wire(
+        m.RowDescription((field("full_name"),)), m.DataRow((b"Alice Anderson",)),
+        m.CommandComplete("SELECT 1"), m.ReadyForQuery(b"I")))
+    assert [type(x) for x in to_client(back)] == [m.RowDescription, m.DataRow,
+                                                   m.CommandComplete, m.ReadyForQuery]
+    result = audit.records[1]
+    assert result["kind"] == "result" and result["rows"] == 1 and result["statement_seq"] == 1
+
+
+def test_refused_query_is_replaced_by_poison_and_error_swapped():
+    proxy, audit = make()
+    cmds = proxy.from_client(wire(m.Query("DROP TABLE customers")))
+    sent = to_server(cmds)
+    assert len(sent) == 1 and isinstance(sent[0], m.Query)
+    assert sent[0].sql.startswith("guard_refused_")  # never the client's statement
+    assert audit.records[0]["verdict"] == "deny" and audit.records[0]["rule"] == "deny-ddl"
+    upstream_error = m.ErrorResponse.build("42601", f'syntax error at or near "{sent[0].sql}"')
+    back = to_client(proxy.from_server(wire(upstream_error, m.ReadyForQuery(b"I"))))
+    assert isinstance(back[0], m.ErrorResponse)
+    assert back[0].sqlstate == "42501" and "deny-ddl" in back[0].message
+    assert back[1] == m.ReadyForQuery(b"I")
+
+
+def test_gated_table_refusal_mentions_approval():
+    proxy, _ = make()
+    cmds = proxy.from_client(wire(m.Query("SELECT * FROM transactions")))
+    poison = to_server(cmds)[0]
+    back = to_client(proxy.from_server(wire(
+        m.ErrorResponse.build("42601", "syntax error"), m.ReadyForQuery(b"I"))))
+    assert poison.sql.startswith("guard_refused_")
+    assert "approval" in back[0].message
+
+
+def test_refused_parse_in_pipeline_keeps_order_and_discards_until_sync():
+    proxy, audit = make()
+    cmds = proxy.from_client(wire(
+        m.Parse("", "SELECT 1", ()), m.Bind("", "", (), (), ()), m.Execute("", 0),
+        m.Parse("s2", "DELETE FROM products", ()), m.Bind("", "s2", (), (), ()),
+        m.Execute("", 0), m.Sync()))
+    sent = to_server(cmds)
+    assert sent[3].name == "s2" and sent[3].query.startswith("guard_refused_")
+    assert isinstance(sent[-1], m.Sync)
+    back = to_client(proxy.from_server(wire(
+        m.ParseComplete(), m.BindComplete(), m.DataRow((b"1",)), m.CommandComplete("SELECT 1"),
+        m.ErrorResponse.build("42601", "syntax error"), m.ReadyForQuery(b"I"))))
+    assert [type(x) for x in back] == [m.ParseComplete, m.BindComplete, m.DataRow,
+                                       m.CommandComplete, m.ErrorResponse, m.ReadyForQuery]
+    assert "delete-without-where" in back[4].message
+    kinds = [(r["kind"], r.get("verdict")) for r in audit.records]
+    # The refusal is recorded at Parse; the allowed statement at its Execute.
+    assert ("statement", "deny") in kinds and ("statement", "allow") in kinds
+
+
+def test_protected_base_column_in_stream_is_masked_text():
+    proxy, audit = make()
+    proxy.from_client(wire(m.Query("SELECT full_name, ssn FROM customers")))
+    back = to_client(proxy.from_server(wire(
+        m.RowDescription((field("full_name", CUSTOMERS_OID, 2),
+                          field("ssn", CUSTOMERS_OID, SSN_ATTNUM))),
+        m.DataRow((b"Alice Anderson", b"123-45-6789")),
+        m.DataRow((b"Bob", None)),
+        m.CommandComplete("SELECT 2"), m.ReadyForQuery(b"I"))))
+    assert back[1].values == (b"Alice Anderson", b"***-**-6789")
+    assert back[2].values == (b"Bob", None)  # NULL stays NULL, row count unchanged
+    assert audit.records[-1]["masked_cells"] == 1
+
+
+def test_extended_execute_without_describe_is_masked_binary():
+    proxy, _ = make()
+    cmds = proxy.from_client(wire(
+        m.Parse("", "SELECT ssn, dob FROM customers WHERE id = $1", ()),
+        m.Bind("", "", (), (b"1",), (1,)), m.Execute("", 0), m.Sync()))
+    sent = to_server(cmds)
+    # The gateway asks for the statement's description itself...
+    assert m.Describe(b"S", "") in sent
+    dob_2001_07_04 = (366 + 31 + 28 + 31 + 30 + 31 + 30 + 3).to_bytes(4, "big", signed=True)
+    back = to_client(proxy.from_server(wire(
+        m.ParseComplete(), m.ParameterDescription((23,)),
+        m.RowDescription((field("ssn", CUSTOMERS_OID, SSN_ATTNUM),
+                          field("dob", CUSTOMERS_OID, DOB_ATTNUM, type_oid=1082))),
+        m.BindComplete(), m.DataRow((b"123-45-6789", dob_2001_07_04)),
+        m.CommandComplete("SELECT 1"), m.ReadyForQuery(b"I"))))
+    # ...and swallows the answer the client never asked for.
+    assert [type(x) for x in back] == [m.ParseComplete, m.BindComplete, m.DataRow,
+                                       m.CommandComplete, m.ReadyForQuery]
+    ssn, dob = back[2].values
+    assert ssn == b"***-**-6789"
+    assert dob == (366).to_bytes(4, "big", signed=True)  # 2001-01-01
+
+
+def test_unwritable_audit_refuses_the_statement():
+    audit = MemoryAuditSink()
+    audit.fail = True
+    proxy, _ = make(audit)
+    sent = to_server(proxy.from_client(wire(m.Query("SELECT 1"))))
+    assert sent[0].sql.startswith("guard_refused_")
+    back = to_client(proxy.from_server(wire(
+        m.ErrorResponse.build("42601", "syntax error"), m.ReadyForQuery(b"I"))))
+    assert back[0].sqlstate == "58030" and "audit" in back[0].message
+
+
+def test_fast_path_function_call_is_refused():
+    proxy, audit = make()
+    sent = to_server(proxy.from_client(wire(m.FunctionCall(764, (), (), 0))))
+    assert isinstance(sent[0], m.Query) and sent[0].sql.startswith("guard_refused_")
+    assert audit.records[0]["rule"] == "guardrail:fast-path"
+
+
+@pytest.mark.parametrize("garbage", [b"Q\x00\x00\x00\x02", b"?\x00\x00\x00\x04",
+                                     b"p\x00\x00\x00\x08abcd"])
+def test_malformed_client_message_is_fatal_and_forwards_nothing(garbage):
+    proxy, audit = make()
+    cmds = proxy.from_client(garbage)
+    assert not [c for c in cmds if isinstance(c, SendToServer)]
+    assert isinstance(cmds[-1], CloseConnection)
+    err = to_client(cmds)[0]
+    assert err.severity == "FATAL" and err.sqlstate == "08P01"
+    assert audit.records == []
+
+
+def test_session_authorization_shows_the_session_user():
+    proxy, _ = make()
+    back = to_client(proxy.from_server(wire(m.ParameterStatus("session_authorization", "v-token-xyz"))))
+    assert back == [m.ParameterStatus("session_authorization", "guard_s1")]
+
+
+def test_copy_both_is_refused():
+    proxy, _ = make()
+    cmds = proxy.from_server(wire(m.CopyBothResponse(0, ())))
+    assert isinstance(cmds[-1], CloseConnection)
+    assert to_client(cmds)[0].severity == "FATAL"
+
+
+def test_multi_statement_string_refused_whole_and_each_recorded():
+    proxy, audit = make()
+    sent = to_server(proxy.from_client(wire(m.Query("SELECT 1; DROP TABLE products"))))
+    assert sent[0].sql.startswith("guard_refused_")
+    assert [r["verdict"] for r in audit.records] == ["deny", "deny"]
+    assert [r["rule"] for r in audit.records] == ["guard:refused-with-batch", "deny-ddl"]
