@@ -1,0 +1,176 @@
+"""Benchmark: direct PostgreSQL vs pgbouncer vs guard, measured in the same run.
+
+    .venv/bin/python bench/run.py [--seconds 10] [--clients 8] [--scale 10]
+
+Starts the real demo stack (`guard dev up` in a throwaway GUARD_HOME, with analysis, policy
+and audit on), loads pgbench tables into the demo database, starts pgbouncer (Debian
+package; installed with apt-get when missing and running as root; run as `postgres`), then
+runs pgbench -S (simple, extended, prepared) and TPC-B-like with N clients against each
+path, plus a 1M-row COPY TO STDOUT and SELECT * of pgbench_accounts. Prints tps, the ratio
+to direct and to pgbouncer, and the gateway's CPU µs per transaction (the broker process's
+user+system CPU time over the run divided by the transactions it served).
+
+Numbers on a shared 2-core machine are noisy: compare ratios within one run, not across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+GUARD = [sys.executable, "-m", "guard.cli.main"]
+TPS = re.compile(r"tps = ([0-9.]+) \(without initial connection time\)")
+TXNS = re.compile(r"number of transactions actually processed: (\d+)")
+
+
+def sh(cmd, **kw) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, check=True, **kw)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def pgbench(env: dict[str, str], args: list[str], seconds: int, clients: int) -> tuple[float, int]:
+    out = subprocess.run(
+        ["pgbench", "-n", "-T", str(seconds), "-c", str(clients), "-j", "2", *args],
+        env=env, capture_output=True, text=True,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"pgbench {args} failed: {out.stderr[-2000:]}")
+    return float(TPS.search(out.stdout).group(1)), int(TXNS.search(out.stdout).group(1))
+
+
+def ensure_pgbouncer() -> str:
+    path = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    if not Path(path).exists():
+        if os.geteuid() != 0:
+            raise SystemExit("pgbouncer is not installed (apt-get install pgbouncer)")
+        subprocess.run(["apt-get", "install", "-y", "-qq", "pgbouncer"], check=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    return path
+
+
+def start_pgbouncer(host: str, port: int, user: str, password: str) -> tuple[subprocess.Popen, int, str]:
+    workdir = Path(tempfile.mkdtemp(prefix="guard-bench-pgb-"))
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        listen = s.getsockname()[1]
+    (workdir / "users.txt").write_text(f'"{user}" "{password}"\n')
+    (workdir / "pgbouncer.ini").write_text(
+        f"[databases]\ndemo = host={host} port={port} dbname=demo\n"
+        f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {listen}\n"
+        f"auth_type = scram-sha-256\nauth_file = {workdir}/users.txt\n"
+        "pool_mode = session\nmax_client_conn = 100\ndefault_pool_size = 20\n"
+        f"unix_socket_dir = {workdir}\nlogfile = {workdir}/pgbouncer.log\n"
+    )
+    cmd = [ensure_pgbouncer(), str(workdir / "pgbouncer.ini")]
+    if os.geteuid() == 0:
+        shutil.chown(workdir, "postgres")
+        for f in workdir.iterdir():
+            shutil.chown(f, "postgres")
+        cmd = ["runuser", "-u", "postgres", "--", *cmd]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)
+    return proc, listen, str(workdir)
+
+
+def copy_and_select(conninfo: str) -> tuple[float, float]:
+    with psycopg.connect(conninfo) as conn:
+        start = time.perf_counter()
+        n = 0
+        with conn.cursor().copy("COPY pgbench_accounts TO STDOUT") as copy:
+            for chunk in copy:
+                n += len(chunk)
+        copy_s = time.perf_counter() - start
+        start = time.perf_counter()
+        rows = 0
+        with conn.cursor(name="bench") as cur:
+            cur.itersize = 10000
+            cur.execute("SELECT * FROM pgbench_accounts")
+            for _ in cur:
+                rows += 1
+        select_s = time.perf_counter() - start
+    return copy_s, select_s
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--scale", type=int, default=10)
+    args = ap.parse_args()
+
+    home = tempfile.mkdtemp(prefix="guard-bench-")
+    env = {**os.environ, "GUARD_HOME": home, "GUARD_KEYRING": "file"}
+    sh([*GUARD, "dev", "up", "--detach", "--policy", str(ROOT / "bench/policies.yaml")], env=env)
+    pgb = None
+    try:
+        status = json.loads(sh([*GUARD, "dev", "status", "--json"], env=env).stdout)
+        admin = psycopg.conninfo.conninfo_to_dict(status["upstream_dsn"])
+        direct_env = {**os.environ, "PGHOST": admin["host"], "PGPORT": str(admin["port"]),
+                      "PGUSER": admin["user"], "PGPASSWORD": admin["password"],
+                      "PGDATABASE": "demo", "PGSSLMODE": "disable"}
+        sh(["pgbench", "-i", "-q", "-s", str(args.scale)], env=direct_env)
+        with psycopg.connect(status["upstream_dsn"], autocommit=True) as conn:
+            conn.execute("GRANT SELECT, INSERT, UPDATE, DELETE ON pgbench_accounts, "
+                         "pgbench_branches, pgbench_tellers, pgbench_history TO guard_session")
+        token = sh([*GUARD, "dev", "token", "alice"], env=env).stdout.strip()
+        session = httpx.post(f"{status['broker_url']}/v1/sessions", json={"target": "demo"},
+                             headers={"Authorization": f"Bearer {token}"}, timeout=30).json()
+        guard_env = {**os.environ, "PGHOST": session["gateway_host"],
+                     "PGPORT": str(session["gateway_port"]), "PGUSER": session["user"],
+                     "PGPASSWORD": session["password"], "PGDATABASE": "demo", "PGSSLMODE": "disable"}
+        pgb, pgb_port, _ = start_pgbouncer(admin["host"], int(admin["port"]), admin["user"],
+                                           admin["password"])
+        pgb_env = {**direct_env, "PGHOST": "127.0.0.1", "PGPORT": str(pgb_port)}
+        broker_pid = int(status["pids"]["broker"])
+
+        workloads = [("-S simple", ["-S", "-M", "simple"]), ("-S extended", ["-S", "-M", "extended"]),
+                     ("-S prepared", ["-S", "-M", "prepared"]), ("TPC-B simple", ["-M", "simple"])]
+        print(f"{'workload':<14} {'direct':>9} {'pgbouncer':>10} {'guard':>9} "
+              f"{'g/direct':>9} {'g/pgb':>7} {'gw µs/tx':>9}")
+        for label, wargs in workloads:
+            d, _ = pgbench(direct_env, wargs, args.seconds, args.clients)
+            b, _ = pgbench(pgb_env, wargs, args.seconds, args.clients)
+            before = cpu_seconds(broker_pid)
+            g, n = pgbench(guard_env, wargs, args.seconds, args.clients)
+            us = (cpu_seconds(broker_pid) - before) / max(n, 1) * 1e6
+            print(f"{label:<14} {d:9.0f} {b:10.0f} {g:9.0f} {g / d:9.2f} {g / b:7.2f} {us:9.1f}",
+                  flush=True)
+        def dsn(e: dict[str, str]) -> str:
+            return (f"host={e['PGHOST']} port={e['PGPORT']} user={e['PGUSER']} "
+                    f"password={e['PGPASSWORD']} dbname=demo sslmode=disable")
+
+        rows = args.scale * 100_000
+        results = {name: copy_and_select(dsn(e)) for name, e in
+                   (("direct", direct_env), ("pgbouncer", pgb_env), ("guard", guard_env))}
+        for i, what in enumerate(("COPY TO", "SELECT *")):
+            d, b, g = (results[k][i] for k in ("direct", "pgbouncer", "guard"))
+            print(f"{what + f' {rows // 1000}k':<14} {rows / d:9.0f} {rows / b:10.0f} {rows / g:9.0f} "
+                  f"{d / g:9.2f} {b / g:7.2f}   rows/s")
+    finally:
+        if pgb is not None:
+            pgb.terminate()
+        subprocess.run([*GUARD, "dev", "down"], env=env, capture_output=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
