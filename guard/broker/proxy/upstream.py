@@ -115,7 +115,7 @@ async def _handshake(reader, writer, *, user, password, database, params) -> Ups
         elif isinstance(msg, m.AuthenticationMD5Password):
             writer.write(encode(m.PasswordMessage(md5_password(user, password, msg.salt))))
         elif isinstance(msg, m.AuthenticationCleartextPassword):
-            writer.write(encode(m.PasswordMessage(password.encode() + b"\x00")))
+            writer.write(encode(m.PasswordMessage(password.encode())))
         elif isinstance(msg, m.ParameterStatus):
             statuses.append(msg)
             continue
