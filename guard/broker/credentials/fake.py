@@ -1,0 +1,28 @@
+"""In-memory credential issuer for unit tests only; warns when built."""
+
+from __future__ import annotations
+
+import secrets
+import warnings
+from datetime import UTC, datetime, timedelta
+
+from guard.broker.credentials.issuer import IssuedCredentials
+from guard.broker.fakes import FakeComponentWarning
+
+
+class FakeIssuer:
+    def __init__(self) -> None:
+        warnings.warn("FakeIssuer is for unit tests only", FakeComponentWarning, stacklevel=2)
+        self.active: dict[str, IssuedCredentials] = {}
+        self.revoked: list[str] = []
+
+    def issue(self, role: str, ttl_seconds: int) -> IssuedCredentials:
+        lease = f"database/creds/{role}/{secrets.token_hex(4)}"
+        creds = IssuedCredentials(f"v-{role}-{secrets.token_hex(3)}", secrets.token_hex(8), lease,
+                                  datetime.now(UTC) + timedelta(seconds=ttl_seconds))
+        self.active[lease] = creds
+        return creds
+
+    def revoke(self, lease_id: str) -> None:
+        self.active.pop(lease_id, None)
+        self.revoked.append(lease_id)

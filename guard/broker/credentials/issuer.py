@@ -1,0 +1,34 @@
+"""The credential issuer seam: short-lived database credentials per session.
+
+Imports only the stdlib. `credentials.openbao` is the real implementation (OpenBao or
+HashiCorp Vault database secrets engine), `credentials.fake` the unit-test one; only
+`service.py` picks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+from guard.broker.errors import DependencyUnavailable
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedCredentials:
+    username: str
+    password: str = field(repr=False)  # never printed, logged or sent to a client
+    lease_id: str
+    expires_at: datetime
+
+
+class CredentialIssuer(Protocol):
+    def issue(self, role: str, ttl_seconds: int) -> IssuedCredentials:
+        """Mint credentials whose lease lasts at most `ttl_seconds`."""
+        ...
+
+    def revoke(self, lease_id: str) -> None: ...
+
+
+class CredentialsUnavailable(DependencyUnavailable):
+    """The secrets engine could not issue or revoke: fail closed, say what to check."""
