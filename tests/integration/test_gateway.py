@@ -71,7 +71,10 @@ def test_pipeline_mode_with_refusal_keeps_postgres_semantics(session):
                 conn.execute("SELECT 1")
                 conn.execute("DROP TABLE products")
                 conn.execute("SELECT 2")
-        # After the pipeline's error the connection is usable again.
+        # As with PostgreSQL itself: the implicit transaction is aborted until rollback.
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            conn.execute("SELECT 3")
+        conn.rollback()
         assert conn.execute("SELECT 3").fetchone()[0] == 3
 
 
