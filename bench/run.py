@@ -48,7 +48,9 @@ def cpu_seconds(pid: int) -> float:
 def pgbench(env: dict[str, str], args: list[str], seconds: int, clients: int) -> tuple[float, int]:
     out = subprocess.run(
         ["pgbench", "-n", "-T", str(seconds), "-c", str(clients), "-j", "2", *args],
-        env=env, capture_output=True, text=True,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     if out.returncode != 0:
         raise RuntimeError(f"pgbench {args} failed: {out.stderr[-2000:]}")
@@ -60,12 +62,17 @@ def ensure_pgbouncer() -> str:
     if not Path(path).exists():
         if os.geteuid() != 0:
             raise SystemExit("pgbouncer is not installed (apt-get install pgbouncer)")
-        subprocess.run(["apt-get", "install", "-y", "-qq", "pgbouncer"], check=True,
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "pgbouncer"],
+            check=True,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        )
     return path
 
 
-def start_pgbouncer(host: str, port: int, user: str, password: str) -> tuple[subprocess.Popen, int, str]:
+def start_pgbouncer(
+    host: str, port: int, user: str, password: str
+) -> tuple[subprocess.Popen, int, str]:
     workdir = Path(tempfile.mkdtemp(prefix="guard-bench-pgb-"))
     import socket
 
@@ -124,47 +131,82 @@ def main() -> int:
     try:
         status = json.loads(sh([*GUARD, "dev", "status", "--json"], env=env).stdout)
         admin = psycopg.conninfo.conninfo_to_dict(status["upstream_dsn"])
-        direct_env = {**os.environ, "PGHOST": admin["host"], "PGPORT": str(admin["port"]),
-                      "PGUSER": admin["user"], "PGPASSWORD": admin["password"],
-                      "PGDATABASE": "demo", "PGSSLMODE": "disable"}
+        direct_env = {
+            **os.environ,
+            "PGHOST": admin["host"],
+            "PGPORT": str(admin["port"]),
+            "PGUSER": admin["user"],
+            "PGPASSWORD": admin["password"],
+            "PGDATABASE": "demo",
+            "PGSSLMODE": "disable",
+        }
         sh(["pgbench", "-i", "-q", "-s", str(args.scale)], env=direct_env)
         with psycopg.connect(status["upstream_dsn"], autocommit=True) as conn:
-            conn.execute("GRANT SELECT, INSERT, UPDATE, DELETE ON pgbench_accounts, "
-                         "pgbench_branches, pgbench_tellers, pgbench_history TO guard_session")
+            conn.execute(
+                "GRANT SELECT, INSERT, UPDATE, DELETE ON pgbench_accounts, "
+                "pgbench_branches, pgbench_tellers, pgbench_history TO guard_session"
+            )
         token = sh([*GUARD, "dev", "token", "alice"], env=env).stdout.strip()
-        session = httpx.post(f"{status['broker_url']}/v1/sessions", json={"target": "demo"},
-                             headers={"Authorization": f"Bearer {token}"}, timeout=30).json()
-        guard_env = {**os.environ, "PGHOST": session["gateway_host"],
-                     "PGPORT": str(session["gateway_port"]), "PGUSER": session["user"],
-                     "PGPASSWORD": session["password"], "PGDATABASE": "demo", "PGSSLMODE": "disable"}
-        pgb, pgb_port, _ = start_pgbouncer(admin["host"], int(admin["port"]), admin["user"],
-                                           admin["password"])
+        session = httpx.post(
+            f"{status['broker_url']}/v1/sessions",
+            json={"target": "demo"},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=30,
+        ).json()
+        guard_env = {
+            **os.environ,
+            "PGHOST": session["gateway_host"],
+            "PGPORT": str(session["gateway_port"]),
+            "PGUSER": session["user"],
+            "PGPASSWORD": session["password"],
+            "PGDATABASE": "demo",
+            "PGSSLMODE": "disable",
+        }
+        pgb, pgb_port, _ = start_pgbouncer(
+            admin["host"], int(admin["port"]), admin["user"], admin["password"]
+        )
         pgb_env = {**direct_env, "PGHOST": "127.0.0.1", "PGPORT": str(pgb_port)}
         broker_pid = int(status["pids"]["broker"])
 
-        workloads = [("-S simple", ["-S", "-M", "simple"]), ("-S extended", ["-S", "-M", "extended"]),
-                     ("-S prepared", ["-S", "-M", "prepared"]), ("TPC-B simple", ["-M", "simple"])]
-        print(f"{'workload':<14} {'direct':>9} {'pgbouncer':>10} {'guard':>9} "
-              f"{'g/direct':>9} {'g/pgb':>7} {'gw µs/tx':>9}")
+        workloads = [
+            ("-S simple", ["-S", "-M", "simple"]),
+            ("-S extended", ["-S", "-M", "extended"]),
+            ("-S prepared", ["-S", "-M", "prepared"]),
+            ("TPC-B simple", ["-M", "simple"]),
+        ]
+        print(
+            f"{'workload':<14} {'direct':>9} {'pgbouncer':>10} {'guard':>9} "
+            f"{'g/direct':>9} {'g/pgb':>7} {'gw µs/tx':>9}"
+        )
         for label, wargs in workloads:
             d, _ = pgbench(direct_env, wargs, args.seconds, args.clients)
             b, _ = pgbench(pgb_env, wargs, args.seconds, args.clients)
             before = cpu_seconds(broker_pid)
             g, n = pgbench(guard_env, wargs, args.seconds, args.clients)
             us = (cpu_seconds(broker_pid) - before) / max(n, 1) * 1e6
-            print(f"{label:<14} {d:9.0f} {b:10.0f} {g:9.0f} {g / d:9.2f} {g / b:7.2f} {us:9.1f}",
-                  flush=True)
+            print(
+                f"{label:<14} {d:9.0f} {b:10.0f} {g:9.0f} {g / d:9.2f} {g / b:7.2f} {us:9.1f}",
+                flush=True,
+            )
+
         def dsn(e: dict[str, str]) -> str:
-            return (f"host={e['PGHOST']} port={e['PGPORT']} user={e['PGUSER']} "
-                    f"password={e['PGPASSWORD']} dbname=demo sslmode=disable")
+            return (
+                f"host={e['PGHOST']} port={e['PGPORT']} user={e['PGUSER']} "
+                f"password={e['PGPASSWORD']} dbname=demo sslmode=disable"
+            )
 
         rows = args.scale * 100_000
-        results = {name: copy_and_select(dsn(e)) for name, e in
-                   (("direct", direct_env), ("pgbouncer", pgb_env), ("guard", guard_env))}
+        results = {
+            name: copy_and_select(dsn(e))
+            for name, e in (("direct", direct_env), ("pgbouncer", pgb_env), ("guard", guard_env))
+        }
         for i, what in enumerate(("COPY TO", "SELECT *")):
             d, b, g = (results[k][i] for k in ("direct", "pgbouncer", "guard"))
-            print(f"{what + f' {rows // 1000}k':<14} {rows / d:9.0f} {rows / b:10.0f} {rows / g:9.0f} "
-                  f"{d / g:9.2f} {b / g:7.2f}   rows/s")
+            print(
+                f"{what + f' {rows // 1000}k':<14} {rows / d:9.0f} {rows / b:10.0f} "
+                f"{rows / g:9.0f} "
+                f"{d / g:9.2f} {b / g:7.2f}   rows/s"
+            )
     finally:
         if pgb is not None:
             pgb.terminate()

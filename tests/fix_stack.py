@@ -36,11 +36,20 @@ class Stack:
     status: dict
     env: dict[str, str]
 
-    def guard(self, *args: str, input: str | None = None, timeout: float = 60,
-              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def guard(
+        self,
+        *args: str,
+        input: str | None = None,
+        timeout: float = 60,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [*GUARD, *args], env={**self.env, **(env or {})}, input=input,
-            capture_output=True, text=True, timeout=timeout,
+            [*GUARD, *args],
+            env={**self.env, **(env or {})},
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
 
     @property
@@ -48,7 +57,9 @@ class Stack:
         return Path(self.status["audit_log"])
 
     def audit_records(self) -> list[dict]:
-        return [json.loads(line)["body"] for line in self.audit_path.read_text().splitlines() if line]
+        return [
+            json.loads(line)["body"] for line in self.audit_path.read_text().splitlines() if line
+        ]
 
     @property
     def admin_dsn(self) -> str:
@@ -57,8 +68,11 @@ class Stack:
 
 @pytest.fixture(scope="session")
 def dev_stack(tmp_path_factory) -> Stack:
-    missing = [name for name, ok in (("PostgreSQL", _have_postgres()), ("OpenBao", _have_openbao()))
-               if not ok]
+    missing = [
+        name
+        for name, ok in (("PostgreSQL", _have_postgres()), ("OpenBao", _have_openbao()))
+        if not ok
+    ]
     if missing:
         message = f"{' and '.join(missing)} not available"
         if os.environ.get("CI", "").lower() == "true":
@@ -67,13 +81,17 @@ def dev_stack(tmp_path_factory) -> Stack:
     home = tmp_path_factory.mktemp("guard-home")
     env = {**os.environ, "GUARD_HOME": str(home), "GUARD_KEYRING": "file"}
     env.pop("GUARD_ID_TOKEN", None)
-    up = subprocess.run([*GUARD, "dev", "up", "--detach"], env=env, capture_output=True,
-                        text=True, timeout=120)
+    up = subprocess.run(
+        [*GUARD, "dev", "up", "--detach"], env=env, capture_output=True, text=True, timeout=120
+    )
     if up.returncode != 0:
         subprocess.run([*GUARD, "dev", "down"], env=env, capture_output=True, timeout=60)
         pytest.fail(f"guard dev up failed ({up.returncode}):\n{up.stdout}\n{up.stderr}")
-    status = json.loads(subprocess.run([*GUARD, "dev", "status", "--json"], env=env,
-                                       capture_output=True, text=True, check=True).stdout)
+    status = json.loads(
+        subprocess.run(
+            [*GUARD, "dev", "status", "--json"], env=env, capture_output=True, text=True, check=True
+        ).stdout
+    )
     stack = Stack(home=home, status=status, env=env)
     yield stack
     subprocess.run([*GUARD, "dev", "down"], env=env, capture_output=True, timeout=60)

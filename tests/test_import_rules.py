@@ -29,18 +29,32 @@ def modules(package: str) -> list[Path]:
 
 def allowed(name: str, prefixes: tuple[str, ...]) -> bool:
     top = name.split(".")[0]
-    return top in STDLIB or top == "__future__" or any(
-        name == p or name.startswith(p + ".") for p in prefixes
+    return (
+        top in STDLIB
+        or top == "__future__"
+        or any(name == p or name.startswith(p + ".") for p in prefixes)
     )
 
 
 RULES = {
     "broker/pgwire": (),
     "broker/sql": ("pglast",),
-    "broker/policy": ("pglast", "pydantic", "yaml", "guard.broker.sql", "guard.broker.pgwire.messages",
-                      "guard.broker.identity.principal", "guard.broker.policy", "guard.broker.masking.strategies"),
-    "broker/masking": ("guard.broker.sql", "guard.broker.pgwire.messages", "guard.broker.policy",
-                       "guard.broker.masking"),
+    "broker/policy": (
+        "pglast",
+        "pydantic",
+        "yaml",
+        "guard.broker.sql",
+        "guard.broker.pgwire.messages",
+        "guard.broker.identity.principal",
+        "guard.broker.policy",
+        "guard.broker.masking.strategies",
+    ),
+    "broker/masking": (
+        "guard.broker.sql",
+        "guard.broker.pgwire.messages",
+        "guard.broker.policy",
+        "guard.broker.masking",
+    ),
 }
 
 

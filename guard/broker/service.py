@@ -51,8 +51,10 @@ class ProtectedColumns:
         if hit is not None and time.monotonic() - hit[0] < PROTECTED_MAP_TTL:
             return hit[1]
         target = self.policy.targets[session.target]
-        by_name = {(c.schema, c.table, c.column): get_strategy(s)
-                   for c, s in target.protected_columns.items()}
+        by_name = {
+            (c.schema, c.table, c.column): get_strategy(s)
+            for c, s in target.protected_columns.items()
+        }
         result: dict[tuple[int, int], object] = {}
         if by_name:
             rows = await upstream.simple_query_rows(conn, protected_lookup_sql(by_name))
@@ -91,23 +93,33 @@ async def run(settings: BrokerSettings) -> None:
     audit = JsonlAuditSink(settings.audit.path)
     state = SqliteStateStore(settings.database_path)
     issuer = OpenBaoIssuer(
-        settings.openbao.addr, settings.openbao.token(), mount=settings.openbao.mount,
+        settings.openbao.addr,
+        settings.openbao.token(),
+        mount=settings.openbao.mount,
         verify=settings.openbao.verify_tls,
     )
     sessions = SessionManager(
         policy=policy, targets=dict(settings.targets), issuer=issuer, audit=audit, state=state
     )
     await sessions.revoke_orphans()
-    gateway = Gateway(sessions=sessions, policy=policy, audit=audit,
-                      protected_map=ProtectedColumns(policy))
+    gateway = Gateway(
+        sessions=sessions, policy=policy, audit=audit, protected_map=ProtectedColumns(policy)
+    )
     host, port = await gateway.start(settings.gateway.host, settings.gateway.port)
     address = _Address(settings.gateway.advertise_host or host, port)
     log.info("PG gateway listening on %s:%s", host, port)
 
-    app = create_app(sessions=sessions, resolve_principal=build_principal_resolver(settings),
-                     gateway=address)
-    config = uvicorn.Config(app, host=settings.api.host, port=settings.api.port,
-                            log_level="warning", access_log=False, lifespan="off")
+    app = create_app(
+        sessions=sessions, resolve_principal=build_principal_resolver(settings), gateway=address
+    )
+    config = uvicorn.Config(
+        app,
+        host=settings.api.host,
+        port=settings.api.port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+    )
     server = uvicorn.Server(config)
 
     async def expiry_watchdog() -> None:
@@ -129,12 +141,15 @@ async def run(settings: BrokerSettings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="guard-broker", description="guard broker: API + PG gateway")
+    parser = argparse.ArgumentParser(
+        prog="guard-broker", description="guard broker: API + PG gateway"
+    )
     parser.add_argument("--config", required=True, type=Path, help="broker YAML config")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         settings = load_settings(args.config)
     except Exception as exc:  # noqa: BLE001 - pydantic/yaml/OS errors all mean "fix the config"

@@ -147,8 +147,15 @@ class SessionManager:
                 lease_id=creds.lease_id,
                 expires_at=expires_at,
             )
-            self._audit(SessionEvent(session_id, "opened", principal.subject, target,
-                                     f"expires {expires_at.isoformat()}"))
+            self._audit(
+                SessionEvent(
+                    session_id,
+                    "opened",
+                    principal.subject,
+                    target,
+                    f"expires {expires_at.isoformat()}",
+                )
+            )
         except Exception:
             await asyncio.to_thread(self._revoke_quietly, creds.lease_id)
             raise
@@ -170,8 +177,9 @@ class SessionManager:
         await asyncio.to_thread(self._revoke_quietly, session.credentials.lease_id)
         self.state.session_ended(session_id, reason)
         try:
-            self._audit(SessionEvent(session_id, "ended", session.principal.subject,
-                                     session.target, reason))
+            self._audit(
+                SessionEvent(session_id, "ended", session.principal.subject, session.target, reason)
+            )
         except AuditUnavailable:
             log.error("could not record the end of session %s", session_id)
         log.info("session %s ended: %s", session_id, reason)

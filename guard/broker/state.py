@@ -53,15 +53,23 @@ class SqliteStateStore:
                 "INSERT INTO sessions (id, issuer, subject, groups, target, reason, lease_id,"
                 " created_at, expires_at) VALUES (?,?,?,?,?,?,?,?,?)",
                 (
-                    session_id, issuer, subject, ",".join(groups), target, reason, lease_id,
-                    datetime.now(UTC).isoformat(), expires_at.isoformat(),
+                    session_id,
+                    issuer,
+                    subject,
+                    ",".join(groups),
+                    target,
+                    reason,
+                    lease_id,
+                    datetime.now(UTC).isoformat(),
+                    expires_at.isoformat(),
                 ),
             )
 
     def session_ended(self, session_id: str, reason: str) -> None:
         with self._lock:
             self._db.execute(
-                "UPDATE sessions SET ended_at = ?, end_reason = ? WHERE id = ? AND ended_at IS NULL",
+                "UPDATE sessions SET ended_at = ?, end_reason = ?"
+                " WHERE id = ? AND ended_at IS NULL",
                 (datetime.now(UTC).isoformat(), reason, session_id),
             )
 

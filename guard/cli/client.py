@@ -39,7 +39,9 @@ class BrokerClient:
             raise _error_from(response)
         return response
 
-    def create_session(self, target: str, *, reason: str = "", ttl_seconds: int | None = None) -> SessionCreated:
+    def create_session(
+        self, target: str, *, reason: str = "", ttl_seconds: int | None = None
+    ) -> SessionCreated:
         body = SessionCreate(target=target, reason=reason, ttl_seconds=ttl_seconds)
         response = self._request("POST", "/v1/sessions", json=body.model_dump(exclude_none=True))
         return SessionCreated.model_validate(response.json())

@@ -23,7 +23,8 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from guard.cli.commands import connect, dev, exec as exec_cmd, login, policy
+    from guard.cli.commands import connect, dev, login, policy
+    from guard.cli.commands import exec as exec_cmd
 
     login.register(app)
     connect.register(app)

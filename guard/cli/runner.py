@@ -23,8 +23,15 @@ from guard.cli.tunnel import LoopbackRelay
 
 # Variables removed from the child's environment: the identity token could open further
 # sessions, and libpq service/options variables could point the client somewhere else.
-SCRUBBED_ENV = ("GUARD_ID_TOKEN", "PGSERVICE", "PGSERVICEFILE", "PGHOSTADDR", "PGOPTIONS",
-                "PGPASSFILE", "PGREQUIRESSL")
+SCRUBBED_ENV = (
+    "GUARD_ID_TOKEN",
+    "PGSERVICE",
+    "PGSERVICEFILE",
+    "PGHOSTADDR",
+    "PGOPTIONS",
+    "PGPASSFILE",
+    "PGREQUIRESSL",
+)
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
 

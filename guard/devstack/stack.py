@@ -85,14 +85,21 @@ def default_policy() -> Path:
 def _spawn(name: str, argv: list[str], state_dir: Path) -> subprocess.Popen[bytes]:
     log = open(state_dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
     try:
-        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True, cwd=state_dir)
+        return subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=state_dir,
+        )
     finally:
         log.close()
 
 
-def _wait_http(url: str, proc: subprocess.Popen[bytes], name: str, state_dir: Path,
-               timeout: float = 30.0) -> None:
+def _wait_http(
+    url: str, proc: subprocess.Popen[bytes], name: str, state_dir: Path, timeout: float = 30.0
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -104,15 +111,18 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], name: str, state_dir: Pa
             pass
         time.sleep(0.1)
     tail = (state_dir / "logs" / f"{name}.log").read_text(errors="replace")[-3000:]
-    raise StackError(f"the {name} did not become ready at {url}:\n{tail}",
-                     hint=f"see {state_dir / 'logs' / (name + '.log')}")
+    raise StackError(
+        f"the {name} did not become ready at {url}:\n{tail}",
+        hint=f"see {state_dir / 'logs' / (name + '.log')}",
+    )
 
 
 def up(state_dir: Path, policy_file: Path | None, progress: Callable[[str], None]) -> dict:
     existing = read_status(state_dir)
     if existing and any(alive(p) for p in existing.get("pids", {}).values()):
-        raise StackError(f"a dev stack is already running in {state_dir}",
-                         hint="run `guard dev down` first")
+        raise StackError(
+            f"a dev stack is already running in {state_dir}", hint="run `guard dev down` first"
+        )
     if existing:
         down(state_dir)
     policy_path = (policy_file or default_policy()).resolve()
@@ -140,9 +150,15 @@ def up(state_dir: Path, policy_file: Path | None, progress: Callable[[str], None
         bao.start(state_dir, detach=True)
         started["openbao"] = bao.pid or 0
         configure_database_target(
-            bao.client(), connection_name=TARGET, role_name=OPENBAO_ROLE, host=pg.host,
-            port=pg.port, database=TARGET, admin_user=pg.admin_user,
-            admin_password=pg.admin_password, creation_statements=creation_statements(),
+            bao.client(),
+            connection_name=TARGET,
+            role_name=OPENBAO_ROLE,
+            host=pg.host,
+            port=pg.port,
+            database=TARGET,
+            admin_user=pg.admin_user,
+            admin_password=pg.admin_password,
+            creation_statements=creation_statements(),
             revocation_statements=revocation_statements(),
         )
         status["openbao_addr"] = bao.addr
@@ -150,9 +166,23 @@ def up(state_dir: Path, policy_file: Path | None, progress: Callable[[str], None
         progress("dev identity provider")
         idp_port = free_port()
         issuer = f"http://127.0.0.1:{idp_port}"
-        idp = _spawn("idp", [sys.executable, "-m", "guard.devstack.idp", "--host", "127.0.0.1",
-                             "--port", str(idp_port), "--state-dir", str(state_dir),
-                             "--client-id", CLIENT_ID], state_dir)
+        idp = _spawn(
+            "idp",
+            [
+                sys.executable,
+                "-m",
+                "guard.devstack.idp",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(idp_port),
+                "--state-dir",
+                str(state_dir),
+                "--client-id",
+                CLIENT_ID,
+            ],
+            state_dir,
+        )
         started["idp"] = idp.pid
         _wait_http(f"{issuer}/.well-known/openid-configuration", idp, "idp", state_dir)
         status["issuer"] = issuer
@@ -168,19 +198,33 @@ def up(state_dir: Path, policy_file: Path | None, progress: Callable[[str], None
             "gateway": {"host": "127.0.0.1", "port": gw_port},
             "oidc": {"issuer": issuer, "audience": CLIENT_ID},
             "openbao": {"addr": bao.addr, "token_file": str(state_dir / "openbao-token")},
-            "targets": {TARGET: {"host": pg.host, "port": pg.port, "database": TARGET,
-                                 "openbao_role": OPENBAO_ROLE, "admin_dsn_file": str(dsn_file)}},
+            "targets": {
+                TARGET: {
+                    "host": pg.host,
+                    "port": pg.port,
+                    "database": TARGET,
+                    "openbao_role": OPENBAO_ROLE,
+                    "admin_dsn_file": str(dsn_file),
+                }
+            },
             "audit": {"path": str(state_dir / "audit.jsonl")},
         }
         config_path = state_dir / "broker.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        broker = _spawn("broker", [sys.executable, "-m", "guard.broker.service", "--config",
-                                   str(config_path)], state_dir)
+        broker = _spawn(
+            "broker",
+            [sys.executable, "-m", "guard.broker.service", "--config", str(config_path)],
+            state_dir,
+        )
         started["broker"] = broker.pid
         broker_url = f"http://127.0.0.1:{api_port}"
         _wait_http(f"{broker_url}/v1/health", broker, "broker", state_dir)
-        status.update(broker_url=broker_url, gateway=f"127.0.0.1:{gw_port}",
-                      audit_log=config["audit"]["path"], broker_config=str(config_path))
+        status.update(
+            broker_url=broker_url,
+            gateway=f"127.0.0.1:{gw_port}",
+            audit_log=config["audit"]["path"],
+            broker_config=str(config_path),
+        )
     except BaseException:
         _write_private(state_dir / "stack.json", json.dumps(status, indent=2))
         down(state_dir)

@@ -15,10 +15,19 @@ from guard.broker.audit.sink import AuditUnavailable, JsonlAuditSink
 
 def _stmt(i: int) -> StatementRecord:
     return StatementRecord(
-        session_id="s1", connection_id="c1", principal="alice", issuer="https://idp",
-        groups=("engineers",), target="demo", protocol="simple", fingerprint=f"fp{i}",
-        statement=f"SELECT $1 + {i}", operations=("read",), tables=("public.t",),
-        verdict="allow", rule="engineers-read",
+        session_id="s1",
+        connection_id="c1",
+        principal="alice",
+        issuer="https://idp",
+        groups=("engineers",),
+        target="demo",
+        protocol="simple",
+        fingerprint=f"fp{i}",
+        statement=f"SELECT $1 + {i}",
+        operations=("read",),
+        tables=("public.t",),
+        verdict="allow",
+        rule="engineers-read",
     )
 
 

@@ -24,17 +24,29 @@ POLICY = Path(__file__).resolve().parents[2] / "policies.yaml"
 def issuer(pg_cluster, openbao):
     apply_backstop(pg_cluster.admin_dsn("demo"), load_policy_file(POLICY).targets["demo"])
     configure_database_target(
-        openbao.client(), connection_name="demo-test", role_name="guard-test",
-        host=pg_cluster.host, port=pg_cluster.port, database="demo",
-        admin_user=pg_cluster.admin_user, admin_password=pg_cluster.admin_password,
-        creation_statements=creation_statements(), revocation_statements=revocation_statements(),
+        openbao.client(),
+        connection_name="demo-test",
+        role_name="guard-test",
+        host=pg_cluster.host,
+        port=pg_cluster.port,
+        database="demo",
+        admin_user=pg_cluster.admin_user,
+        admin_password=pg_cluster.admin_password,
+        creation_statements=creation_statements(),
+        revocation_statements=revocation_statements(),
     )
     return OpenBaoIssuer(openbao.addr, openbao.token)
 
 
 def login(pg, creds):
-    return psycopg.connect(host=pg.host, port=pg.port, dbname="demo", user=creds.username,
-                           password=creds.password, connect_timeout=5)
+    return psycopg.connect(
+        host=pg.host,
+        port=pg.port,
+        dbname="demo",
+        user=creds.username,
+        password=creds.password,
+        connect_timeout=5,
+    )
 
 
 def test_issued_role_reads_masked_and_lease_is_cut(issuer, pg_cluster, openbao):
@@ -60,8 +72,10 @@ def test_revoke_terminates_backends_and_drops_role(issuer, pg_cluster):
     with pytest.raises(psycopg.OperationalError):
         login(pg_cluster, creds)
     with psycopg.connect(pg_cluster.admin_dsn("demo")) as admin:
-        assert admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s",
-                             (creds.username,)).fetchone() is None
+        assert (
+            admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (creds.username,)).fetchone()
+            is None
+        )
 
 
 def test_unreachable_openbao_is_a_clear_error_without_the_token():

@@ -22,4 +22,9 @@ def test_demo_database_loaded(pg_cluster):
         assert conn.execute("SELECT count(*) FROM accounts").fetchone()[0] == 1500
         assert conn.execute("SELECT count(*) FROM transactions").fetchone()[0] == 5000
         assert conn.execute("SELECT ssn FROM customers WHERE id = 1").fetchone()[0] == "123-45-6789"
-        assert conn.execute("SELECT count(DISTINCT length(account_number)) FROM accounts").fetchone()[0] == 1
+        assert (
+            conn.execute("SELECT count(DISTINCT length(account_number)) FROM accounts").fetchone()[
+                0
+            ]
+            == 1
+        )

@@ -63,18 +63,34 @@ def test_exec_masks_and_passes_exit_code(alice: Stack, tmp_path):
     upstream = psycopg.conninfo.conninfo_to_dict(alice.admin_dsn)
     for user in (env["PGUSER"], out["role"]):
         with pytest.raises(psycopg.OperationalError):
-            psycopg.connect(host=upstream["host"], port=upstream["port"], dbname="demo",
-                            user=user, password=env["PGPASSWORD"], connect_timeout=5)
+            psycopg.connect(
+                host=upstream["host"],
+                port=upstream["port"],
+                dbname="demo",
+                user=user,
+                password=env["PGPASSWORD"],
+                connect_timeout=5,
+            )
     # The session ended with the child: the issued role was revoked (dropped).
     with psycopg.connect(alice.admin_dsn) as admin:
-        assert admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s",
-                             (out["role"],)).fetchone() is None
+        assert (
+            admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (out["role"],)).fetchone()
+            is None
+        )
     assert RAW_SSN not in result.stdout + result.stderr
 
 
 def test_connect_psql_masks_and_refuses_ddl(alice: Stack):
-    result = alice.guard("connect", "demo", "--", "-X", "-A", "-t", "-c",
-                         "SELECT full_name, ssn FROM customers ORDER BY id LIMIT 3")
+    result = alice.guard(
+        "connect",
+        "demo",
+        "--",
+        "-X",
+        "-A",
+        "-t",
+        "-c",
+        "SELECT full_name, ssn FROM customers ORDER BY id LIMIT 3",
+    )
     assert result.returncode == 0, result.stderr
     rows = [line.split("|") for line in result.stdout.strip().splitlines()]
     assert len(rows) == 3
@@ -106,8 +122,14 @@ def test_audit_has_one_record_per_statement_before_results(alice: Stack):
     assert [r["verdict"] for r in statements][-1] == "deny"
     assert statements[-1]["rule"] == "deny-ddl"
     # Audit text is normalized: a literal typed by the client is not stored.
-    probe = alice.guard("connect", "demo", "--", "-X", "-c",
-                        f"SELECT full_name FROM customers WHERE phone = '{RAW_SSN}'")
+    probe = alice.guard(
+        "connect",
+        "demo",
+        "--",
+        "-X",
+        "-c",
+        f"SELECT full_name FROM customers WHERE phone = '{RAW_SSN}'",
+    )
     assert probe.returncode == 0, probe.stderr
     assert RAW_SSN not in alice.audit_path.read_text()
 
@@ -126,13 +148,16 @@ def test_dev_token_for_ci(alice: Stack, tmp_path):
     id_token = token.stdout.strip()
     assert id_token.count(".") == 2
     job = tmp_path / "ci.py"
-    job.write_text("import psycopg, os\n"
-                   "print(psycopg.connect(os.environ['DATABASE_URL']).execute("
-                   "'select count(*) from products').fetchone()[0])\n")
+    job.write_text(
+        "import psycopg, os\n"
+        "print(psycopg.connect(os.environ['DATABASE_URL']).execute("
+        "'select count(*) from products').fetchone()[0])\n"
+    )
     tokfile = tmp_path / "tok"
     tokfile.write_text(id_token)
-    result = alice.guard("exec", "--db", "demo", "--id-token-file", str(tokfile), "--",
-                         sys.executable, str(job))
+    result = alice.guard(
+        "exec", "--db", "demo", "--id-token-file", str(tokfile), "--", sys.executable, str(job)
+    )
     assert result.returncode == 0, result.stderr
     assert int(result.stdout.strip()) > 0
 

@@ -26,8 +26,12 @@ def session(dev_stack: Stack):
     assert token.returncode == 0, token.stderr
     headers = {"Authorization": f"Bearer {token.stdout.strip()}"}
     broker = dev_stack.status["broker_url"]
-    created = httpx.post(f"{broker}/v1/sessions", json={"target": "demo", "reason": "tests"},
-                         headers=headers, timeout=30)
+    created = httpx.post(
+        f"{broker}/v1/sessions",
+        json={"target": "demo", "reason": "tests"},
+        headers=headers,
+        timeout=30,
+    )
     assert created.status_code == 201, created.text
     body = created.json()
     yield body
@@ -36,9 +40,14 @@ def session(dev_stack: Stack):
 
 def connect(session: dict, **kwargs) -> psycopg.Connection:
     return psycopg.connect(
-        host=session["gateway_host"], port=session["gateway_port"], user=session["user"],
-        password=session["password"], dbname=session["database"], sslmode="disable",
-        connect_timeout=10, **kwargs,
+        host=session["gateway_host"],
+        port=session["gateway_port"],
+        user=session["user"],
+        password=session["password"],
+        dbname=session["database"],
+        sslmode="disable",
+        connect_timeout=10,
+        **kwargs,
     )
 
 
@@ -54,13 +63,20 @@ def test_wrong_database_is_refused(session):
 
 def test_extended_protocol_text_and_binary_masked(session):
     with connect(session) as conn:
-        assert conn.execute("SELECT ssn FROM customers WHERE id = %s", (1,)).fetchone()[0] == MASKED_SSN
+        assert (
+            conn.execute("SELECT ssn FROM customers WHERE id = %s", (1,)).fetchone()[0]
+            == MASKED_SSN
+        )
         cur = conn.cursor(binary=True)
         assert cur.execute("SELECT ssn, email FROM customers WHERE id = %s", (1,)).fetchone() == (
-            MASKED_SSN, "a***@example.com")
+            MASKED_SSN,
+            "a***@example.com",
+        )
         # Named prepared statement executed several times (psycopg prepares after 5 uses).
         for _ in range(7):
-            row = conn.execute("SELECT ssn FROM customers WHERE id = %s", (1,), prepare=True).fetchone()
+            row = conn.execute(
+                "SELECT ssn FROM customers WHERE id = %s", (1,), prepare=True
+            ).fetchone()
             assert row[0] == MASKED_SSN
 
 
@@ -95,8 +111,9 @@ def test_multi_statement_string_refused_as_a_whole(session):
     with connect(session, autocommit=True) as conn:
         before = conn.execute("SELECT count(*) FROM products").fetchone()[0]
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            conn.execute("INSERT INTO products (name, kind, rate) VALUES ('x', 'y', 1); "
-                         "DROP TABLE products")
+            conn.execute(
+                "INSERT INTO products (name, kind, rate) VALUES ('x', 'y', 1); DROP TABLE products"
+            )
         assert conn.execute("SELECT count(*) FROM products").fetchone()[0] == before
 
 
@@ -149,12 +166,17 @@ def test_session_end_closes_live_connections(dev_stack: Stack):
     token = dev_stack.guard("dev", "token", "alice").stdout.strip()
     headers = {"Authorization": f"Bearer {token}"}
     broker = dev_stack.status["broker_url"]
-    body = httpx.post(f"{broker}/v1/sessions", json={"target": "demo"}, headers=headers,
-                      timeout=30).json()
+    body = httpx.post(
+        f"{broker}/v1/sessions", json={"target": "demo"}, headers=headers, timeout=30
+    ).json()
     conn = connect(body)
     assert conn.execute("SELECT 1").fetchone()[0] == 1
-    assert httpx.delete(f"{broker}/v1/sessions/{body['session_id']}", headers=headers,
-                        timeout=30).status_code == 204
+    assert (
+        httpx.delete(
+            f"{broker}/v1/sessions/{body['session_id']}", headers=headers, timeout=30
+        ).status_code
+        == 204
+    )
     with pytest.raises(psycopg.OperationalError):
         conn.execute("SELECT 1")
     conn.close()
@@ -164,15 +186,21 @@ def test_session_end_closes_live_connections(dev_stack: Stack):
 
 def test_session_refused_for_user_without_group(dev_stack: Stack):
     token = dev_stack.guard("dev", "token", "mallory").stdout.strip()
-    response = httpx.post(f"{dev_stack.status['broker_url']}/v1/sessions",
-                          json={"target": "demo"},
-                          headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    response = httpx.post(
+        f"{dev_stack.status['broker_url']}/v1/sessions",
+        json={"target": "demo"},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+    )
     assert response.status_code == 403
     assert "demo" in response.json()["message"]
 
 
 def test_bad_token_is_401(dev_stack: Stack):
-    response = httpx.post(f"{dev_stack.status['broker_url']}/v1/sessions",
-                          json={"target": "demo"},
-                          headers={"Authorization": "Bearer not.a.token"}, timeout=30)
+    response = httpx.post(
+        f"{dev_stack.status['broker_url']}/v1/sessions",
+        json={"target": "demo"},
+        headers={"Authorization": "Bearer not.a.token"},
+        timeout=30,
+    )
     assert response.status_code == 401

@@ -26,12 +26,26 @@ ALICE = Principal(issuer="https://idp.test", subject="alice-sub", groups=frozens
 CUSTOMERS_OID, SSN_ATTNUM, DOB_ATTNUM = 16400, 3, 5
 
 
-def make(audit: MemoryAuditSink | None = None, protected: bool = True) -> tuple[ProxyConnection, MemoryAuditSink]:
+def make(
+    audit: MemoryAuditSink | None = None, protected: bool = True
+) -> tuple[ProxyConnection, MemoryAuditSink]:
     audit = audit or MemoryAuditSink()
-    gate = Gate(policy=POLICY, target="demo", principal=ALICE, audit=audit,
-                session_id="s1", connection_id="c1")
-    pmap = {(CUSTOMERS_OID, SSN_ATTNUM): get_strategy("ssn_last4"),
-            (CUSTOMERS_OID, DOB_ATTNUM): get_strategy("year_only")} if protected else {}
+    gate = Gate(
+        policy=POLICY,
+        target="demo",
+        principal=ALICE,
+        audit=audit,
+        session_id="s1",
+        connection_id="c1",
+    )
+    pmap = (
+        {
+            (CUSTOMERS_OID, SSN_ATTNUM): get_strategy("ssn_last4"),
+            (CUSTOMERS_OID, DOB_ATTNUM): get_strategy("year_only"),
+        }
+        if protected
+        else {}
+    )
     return ProxyConnection(gate, protected=pmap, client_user="guard_s1"), audit
 
 
@@ -68,11 +82,20 @@ def test_allowed_query_is_recorded_before_it_is_forwarded():
     assert rec["verdict"] == "allow" and rec["principal"] == "alice-sub"
     assert rec["statement"].endswith("id = $1")  # literal normalized away
 
-    back = proxy.from_server(wire(
-        m.RowDescription((field("full_name"),)), m.DataRow((b"Alice Anderson",)),
-        m.CommandComplete("SELECT 1"), m.ReadyForQuery(b"I")))
-    assert [type(x) for x in to_client(back)] == [m.RowDescription, m.DataRow,
-                                                   m.CommandComplete, m.ReadyForQuery]
+    back = proxy.from_server(
+        wire(
+            m.RowDescription((field("full_name"),)),
+            m.DataRow((b"Alice Anderson",)),
+            m.CommandComplete("SELECT 1"),
+            m.ReadyForQuery(b"I"),
+        )
+    )
+    assert [type(x) for x in to_client(back)] == [
+        m.RowDescription,
+        m.DataRow,
+        m.CommandComplete,
+        m.ReadyForQuery,
+    ]
     result = audit.records[1]
     assert result["kind"] == "result" and result["rows"] == 1 and result["statement_seq"] == 1
 
@@ -95,26 +118,51 @@ def test_gated_table_refusal_mentions_approval():
     proxy, _ = make()
     cmds = proxy.from_client(wire(m.Query("SELECT * FROM transactions")))
     poison = to_server(cmds)[0]
-    back = to_client(proxy.from_server(wire(
-        m.ErrorResponse.build("42601", "syntax error"), m.ReadyForQuery(b"I"))))
+    back = to_client(
+        proxy.from_server(
+            wire(m.ErrorResponse.build("42601", "syntax error"), m.ReadyForQuery(b"I"))
+        )
+    )
     assert poison.sql.startswith("guard_refused_")
     assert "approval" in back[0].message
 
 
 def test_refused_parse_in_pipeline_keeps_order_and_discards_until_sync():
     proxy, audit = make()
-    cmds = proxy.from_client(wire(
-        m.Parse("", "SELECT 1", ()), m.Bind("", "", (), (), ()), m.Execute("", 0),
-        m.Parse("s2", "DELETE FROM products", ()), m.Bind("", "s2", (), (), ()),
-        m.Execute("", 0), m.Sync()))
+    cmds = proxy.from_client(
+        wire(
+            m.Parse("", "SELECT 1", ()),
+            m.Bind("", "", (), (), ()),
+            m.Execute("", 0),
+            m.Parse("s2", "DELETE FROM products", ()),
+            m.Bind("", "s2", (), (), ()),
+            m.Execute("", 0),
+            m.Sync(),
+        )
+    )
     sent = to_server(cmds)
     assert sent[3].name == "s2" and sent[3].query.startswith("guard_refused_")
     assert isinstance(sent[-1], m.Sync)
-    back = to_client(proxy.from_server(wire(
-        m.ParseComplete(), m.BindComplete(), m.DataRow((b"1",)), m.CommandComplete("SELECT 1"),
-        m.ErrorResponse.build("42601", "syntax error"), m.ReadyForQuery(b"I"))))
-    assert [type(x) for x in back] == [m.ParseComplete, m.BindComplete, m.DataRow,
-                                       m.CommandComplete, m.ErrorResponse, m.ReadyForQuery]
+    back = to_client(
+        proxy.from_server(
+            wire(
+                m.ParseComplete(),
+                m.BindComplete(),
+                m.DataRow((b"1",)),
+                m.CommandComplete("SELECT 1"),
+                m.ErrorResponse.build("42601", "syntax error"),
+                m.ReadyForQuery(b"I"),
+            )
+        )
+    )
+    assert [type(x) for x in back] == [
+        m.ParseComplete,
+        m.BindComplete,
+        m.DataRow,
+        m.CommandComplete,
+        m.ErrorResponse,
+        m.ReadyForQuery,
+    ]
     assert "delete-without-where" in back[4].message
     kinds = [(r["kind"], r.get("verdict")) for r in audit.records]
     # The refusal is recorded at Parse; the allowed statement at its Execute.
@@ -124,12 +172,19 @@ def test_refused_parse_in_pipeline_keeps_order_and_discards_until_sync():
 def test_protected_base_column_in_stream_is_masked_text():
     proxy, audit = make()
     proxy.from_client(wire(m.Query("SELECT full_name, ssn FROM customers")))
-    back = to_client(proxy.from_server(wire(
-        m.RowDescription((field("full_name", CUSTOMERS_OID, 2),
-                          field("ssn", CUSTOMERS_OID, SSN_ATTNUM))),
-        m.DataRow((b"Alice Anderson", b"123-45-6789")),
-        m.DataRow((b"Bob", None)),
-        m.CommandComplete("SELECT 2"), m.ReadyForQuery(b"I"))))
+    back = to_client(
+        proxy.from_server(
+            wire(
+                m.RowDescription(
+                    (field("full_name", CUSTOMERS_OID, 2), field("ssn", CUSTOMERS_OID, SSN_ATTNUM))
+                ),
+                m.DataRow((b"Alice Anderson", b"123-45-6789")),
+                m.DataRow((b"Bob", None)),
+                m.CommandComplete("SELECT 2"),
+                m.ReadyForQuery(b"I"),
+            )
+        )
+    )
     assert back[1].values == (b"Alice Anderson", b"***-**-6789")
     assert back[2].values == (b"Bob", None)  # NULL stays NULL, row count unchanged
     assert audit.records[-1]["masked_cells"] == 1
@@ -137,22 +192,44 @@ def test_protected_base_column_in_stream_is_masked_text():
 
 def test_extended_execute_without_describe_is_masked_binary():
     proxy, _ = make()
-    cmds = proxy.from_client(wire(
-        m.Parse("", "SELECT ssn, dob FROM customers WHERE id = $1", ()),
-        m.Bind("", "", (), (b"1",), (1,)), m.Execute("", 0), m.Sync()))
+    cmds = proxy.from_client(
+        wire(
+            m.Parse("", "SELECT ssn, dob FROM customers WHERE id = $1", ()),
+            m.Bind("", "", (), (b"1",), (1,)),
+            m.Execute("", 0),
+            m.Sync(),
+        )
+    )
     sent = to_server(cmds)
     # The gateway asks for the statement's description itself...
     assert m.Describe(b"S", "") in sent
     dob_2001_07_04 = (366 + 31 + 28 + 31 + 30 + 31 + 30 + 3).to_bytes(4, "big", signed=True)
-    back = to_client(proxy.from_server(wire(
-        m.ParseComplete(), m.ParameterDescription((23,)),
-        m.RowDescription((field("ssn", CUSTOMERS_OID, SSN_ATTNUM),
-                          field("dob", CUSTOMERS_OID, DOB_ATTNUM, type_oid=1082))),
-        m.BindComplete(), m.DataRow((b"123-45-6789", dob_2001_07_04)),
-        m.CommandComplete("SELECT 1"), m.ReadyForQuery(b"I"))))
+    back = to_client(
+        proxy.from_server(
+            wire(
+                m.ParseComplete(),
+                m.ParameterDescription((23,)),
+                m.RowDescription(
+                    (
+                        field("ssn", CUSTOMERS_OID, SSN_ATTNUM),
+                        field("dob", CUSTOMERS_OID, DOB_ATTNUM, type_oid=1082),
+                    )
+                ),
+                m.BindComplete(),
+                m.DataRow((b"123-45-6789", dob_2001_07_04)),
+                m.CommandComplete("SELECT 1"),
+                m.ReadyForQuery(b"I"),
+            )
+        )
+    )
     # ...and swallows the answer the client never asked for.
-    assert [type(x) for x in back] == [m.ParseComplete, m.BindComplete, m.DataRow,
-                                       m.CommandComplete, m.ReadyForQuery]
+    assert [type(x) for x in back] == [
+        m.ParseComplete,
+        m.BindComplete,
+        m.DataRow,
+        m.CommandComplete,
+        m.ReadyForQuery,
+    ]
     ssn, dob = back[2].values
     assert ssn == b"***-**-6789"
     assert dob == (366).to_bytes(4, "big", signed=True)  # 2001-01-01
@@ -164,8 +241,11 @@ def test_unwritable_audit_refuses_the_statement():
     proxy, _ = make(audit)
     sent = to_server(proxy.from_client(wire(m.Query("SELECT 1"))))
     assert sent[0].sql.startswith("guard_refused_")
-    back = to_client(proxy.from_server(wire(
-        m.ErrorResponse.build("42601", "syntax error"), m.ReadyForQuery(b"I"))))
+    back = to_client(
+        proxy.from_server(
+            wire(m.ErrorResponse.build("42601", "syntax error"), m.ReadyForQuery(b"I"))
+        )
+    )
     assert back[0].sqlstate == "58030" and "audit" in back[0].message
 
 
@@ -176,8 +256,9 @@ def test_fast_path_function_call_is_refused():
     assert audit.records[0]["rule"] == "guardrail:fast-path"
 
 
-@pytest.mark.parametrize("garbage", [b"Q\x00\x00\x00\x02", b"?\x00\x00\x00\x04",
-                                     b"p\x00\x00\x00\x08abcd"])
+@pytest.mark.parametrize(
+    "garbage", [b"Q\x00\x00\x00\x02", b"?\x00\x00\x00\x04", b"p\x00\x00\x00\x08abcd"]
+)
 def test_malformed_client_message_is_fatal_and_forwards_nothing(garbage):
     proxy, audit = make()
     cmds = proxy.from_client(garbage)
@@ -190,7 +271,9 @@ def test_malformed_client_message_is_fatal_and_forwards_nothing(garbage):
 
 def test_session_authorization_shows_the_session_user():
     proxy, _ = make()
-    back = to_client(proxy.from_server(wire(m.ParameterStatus("session_authorization", "v-token-xyz"))))
+    back = to_client(
+        proxy.from_server(wire(m.ParameterStatus("session_authorization", "v-token-xyz")))
+    )
     assert back == [m.ParameterStatus("session_authorization", "guard_s1")]
 
 

@@ -81,8 +81,12 @@ def create_app(
     async def get_session(session_id: str, caller: Caller) -> SessionInfo:
         s = _owned(session_id, caller)
         return SessionInfo(
-            session_id=s.id, target=s.target, principal=s.principal.label,
-            expires_at=s.expires_at, status="active", connections=len(s.connections),
+            session_id=s.id,
+            target=s.target,
+            principal=s.principal.label,
+            expires_at=s.expires_at,
+            status="active",
+            connections=len(s.connections),
         )
 
     @app.delete("/v1/sessions/{session_id}", status_code=204)

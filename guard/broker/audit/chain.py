@@ -40,7 +40,15 @@ def seal(prev: str, body: Mapping[str, Any]) -> tuple[bytes, str]:
     body_bytes = canonical(body)
     digest = link_hash(prev, body_bytes)
     # Built by hand so the body inside the line is byte-identical to what was hashed.
-    line = b'{"body":' + body_bytes + b',"hash":"' + digest.encode() + b'","prev":"' + prev.encode() + b'"}\n'
+    line = (
+        b'{"body":'
+        + body_bytes
+        + b',"hash":"'
+        + digest.encode()
+        + b'","prev":"'
+        + prev.encode()
+        + b'"}\n'
+    )
     return line, digest
 
 

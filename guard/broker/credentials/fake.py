@@ -18,8 +18,12 @@ class FakeIssuer:
 
     def issue(self, role: str, ttl_seconds: int) -> IssuedCredentials:
         lease = f"database/creds/{role}/{secrets.token_hex(4)}"
-        creds = IssuedCredentials(f"v-{role}-{secrets.token_hex(3)}", secrets.token_hex(8), lease,
-                                  datetime.now(UTC) + timedelta(seconds=ttl_seconds))
+        creds = IssuedCredentials(
+            f"v-{role}-{secrets.token_hex(3)}",
+            secrets.token_hex(8),
+            lease,
+            datetime.now(UTC) + timedelta(seconds=ttl_seconds),
+        )
         self.active[lease] = creds
         return creds
 

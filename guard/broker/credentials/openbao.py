@@ -20,8 +20,15 @@ from guard.broker.credentials.issuer import CredentialsUnavailable, IssuedCreden
 
 
 class OpenBaoIssuer:
-    def __init__(self, addr: str, token: str, *, mount: str = "database",
-                 verify: bool | str = True, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        addr: str,
+        token: str,
+        *,
+        mount: str = "database",
+        verify: bool | str = True,
+        timeout: float = 5.0,
+    ) -> None:
         self.addr = addr
         self.mount = mount
         self._client = hvac.Client(url=addr, token=token, verify=verify, timeout=timeout)
@@ -49,7 +56,8 @@ class OpenBaoIssuer:
     def issue(self, role: str, ttl_seconds: int) -> IssuedCredentials:
         with self._map_exceptions(f"issue credentials for role {role!r}"):
             response = self._client.secrets.database.generate_credentials(
-                name=role, mount_point=self.mount)
+                name=role, mount_point=self.mount
+            )
         lease_id = response["lease_id"]
         duration = int(response.get("lease_duration") or 0)
         data = response["data"]
@@ -70,7 +78,9 @@ class OpenBaoIssuer:
                     hint="lower the role's default_ttl to at most the session TTL",
                 )
         return IssuedCredentials(
-            username=data["username"], password=data["password"], lease_id=lease_id,
+            username=data["username"],
+            password=data["password"],
+            lease_id=lease_id,
             expires_at=datetime.now(UTC) + timedelta(seconds=duration or ttl_seconds),
         )
 

@@ -97,7 +97,9 @@ class Gate:
         try:
             analysis, verdicts = self._decide(sql)
         except Exception as exc:  # noqa: BLE001 - any analyser/policy bug must refuse
-            analysis = Analysis(statements=(), error=f"internal analysis error: {type(exc).__name__}")
+            analysis = Analysis(
+                statements=(), error=f"internal analysis error: {type(exc).__name__}"
+            )
             denial = ErrorResponse.build(
                 SQLSTATE_INSUFFICIENT_PRIVILEGE,
                 "guard: statement refused: it could not be analysed safely",
@@ -157,7 +159,8 @@ class Gate:
             ops = tuple(sorted(op.value for op in stmt.operations))
             tables = tuple(
                 sorted(
-                    {_rel(r) for r in stmt.relations_read} | {_rel(r) for r in stmt.relations_written}
+                    {_rel(r) for r in stmt.relations_read}
+                    | {_rel(r) for r in stmt.relations_written}
                 )
             )
         return StatementRecord(

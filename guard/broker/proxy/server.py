@@ -59,7 +59,9 @@ class Gateway:
         sessions: SessionManager,
         policy: CompiledPolicy,
         audit: AuditSink,
-        protected_map: Callable[[Session, upstream.UpstreamConnection], "asyncio.Future[ProtectedMap] | object"],
+        protected_map: Callable[
+            [Session, upstream.UpstreamConnection], asyncio.Future[ProtectedMap] | object
+        ],
     ) -> None:
         self.sessions = sessions
         self.policy = policy
@@ -108,7 +110,9 @@ class Gateway:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         parser = FrontendParser()
         try:
-            startup = await asyncio.wait_for(self._read_startup(reader, writer, parser), AUTH_TIMEOUT)
+            startup = await asyncio.wait_for(
+                self._read_startup(reader, writer, parser), AUTH_TIMEOUT
+            )
         except ProtocolError as err:
             writer.write(encode(err.to_error_response()))
             await writer.drain()
@@ -129,8 +133,9 @@ class Gateway:
         session = self.sessions.by_user(user)
         verifier_session = session
         try:
-            await asyncio.wait_for(self._authenticate(reader, writer, parser, verifier_session, user),
-                                   AUTH_TIMEOUT)
+            await asyncio.wait_for(
+                self._authenticate(reader, writer, parser, verifier_session, user), AUTH_TIMEOUT
+            )
         except (AuthenticationFailed, ProtocolError, TimeoutError):
             writer.write(_fatal("28P01", f'password authentication failed for user "{user}"'))
             await writer.drain()
@@ -138,8 +143,13 @@ class Gateway:
         assert session is not None
         database = params.get("database") or user
         if database != session.upstream.database:
-            writer.write(_fatal("3D000", f'guard: this session is for database '
-                                         f'"{session.upstream.database}", not "{database}"'))
+            writer.write(
+                _fatal(
+                    "3D000",
+                    f"guard: this session is for database "
+                    f'"{session.upstream.database}", not "{database}"',
+                )
+            )
             return
         try:
             up = await upstream.login(
@@ -152,8 +162,13 @@ class Gateway:
             )
         except upstream.UpstreamError as exc:
             log.warning("upstream login for session %s failed: %s", session.id, exc)
-            writer.write(_fatal("08006", "guard: cannot open the upstream database connection "
-                                         "for this session; ask the guard operator to check the broker log"))
+            writer.write(
+                _fatal(
+                    "08006",
+                    "guard: cannot open the upstream database connection "
+                    "for this session; ask the guard operator to check the broker log",
+                )
+            )
             await writer.drain()
             return
         try:
@@ -161,13 +176,19 @@ class Gateway:
         except upstream.UpstreamError as exc:
             log.error("protected-column lookup failed for session %s: %s", session.id, exc)
             up.writer.close()
-            writer.write(_fatal("08006", "guard: cannot verify the masking configuration of this "
-                                         "target; refusing the connection"))
+            writer.write(
+                _fatal(
+                    "08006",
+                    "guard: cannot verify the masking configuration of this "
+                    "target; refusing the connection",
+                )
+            )
             return
         await self._relay(reader, writer, up, session, protected, parser)
 
-    async def _authenticate(self, reader, writer, parser: FrontendParser, session: Session | None,
-                            user: str) -> None:
+    async def _authenticate(
+        self, reader, writer, parser: FrontendParser, session: Session | None, user: str
+    ) -> None:
         # An unknown user still goes through a full SCRAM exchange against a throwaway
         # verifier, so a client cannot probe which session users exist.
         from guard.broker.pgwire.scram import make_verifier
@@ -180,7 +201,9 @@ class Gateway:
         first = await self._read_message(reader, parser)
         if not isinstance(first, m.SASLInitialResponse) or first.mechanism != "SCRAM-SHA-256":
             raise AuthenticationFailed("unsupported mechanism")
-        writer.write(encode(m.AuthenticationSASLContinue(server.handle_client_first(first.data or b""))))
+        writer.write(
+            encode(m.AuthenticationSASLContinue(server.handle_client_first(first.data or b"")))
+        )
         await writer.drain()
         parser.expect_password("sasl")
         final = await self._read_message(reader, parser)
@@ -202,18 +225,32 @@ class Gateway:
                 raise _Closed
             parser.feed(data)
 
-    async def _relay(self, creader, cwriter, up: upstream.UpstreamConnection, session: Session,
-                     protected: ProtectedMap, parser: FrontendParser) -> None:
+    async def _relay(
+        self,
+        creader,
+        cwriter,
+        up: upstream.UpstreamConnection,
+        session: Session,
+        protected: ProtectedMap,
+        parser: FrontendParser,
+    ) -> None:
         connection_id = secrets.token_hex(4)
-        gate = Gate(policy=self.policy, target=session.target, principal=session.principal,
-                    audit=self.audit, session_id=session.id, connection_id=connection_id)
+        gate = Gate(
+            policy=self.policy,
+            target=session.target,
+            principal=session.principal,
+            audit=self.audit,
+            session_id=session.id,
+            connection_id=connection_id,
+        )
         proxy = ProxyConnection(gate, protected=protected, client_user=session.user)
         # Clients cancel with a gateway-issued key; only the gateway knows the upstream one.
         client_key = m.BackendKeyData(secrets.randbelow(2**31 - 1) + 1, secrets.token_bytes(4))
         key_id = (client_key.process_id, client_key.secret_key)
         if up.backend_key is not None:
-            self._cancel_keys[key_id] = _CancelTarget(session.upstream.host, session.upstream.port,
-                                                      up.backend_key)
+            self._cancel_keys[key_id] = _CancelTarget(
+                session.upstream.host, session.upstream.port, up.backend_key
+            )
         hello = [m.AuthenticationOk()]
         for status in up.parameter_status:
             if status.name == "session_authorization":
@@ -260,8 +297,10 @@ class Gateway:
                     return
                 await run(proxy.from_server(data))
 
-        tasks += [spawn(client_pump(), name=f"gw-{session.id}-{connection_id}-client"),
-                  spawn(server_pump(), name=f"gw-{session.id}-{connection_id}-server")]
+        tasks += [
+            spawn(client_pump(), name=f"gw-{session.id}-{connection_id}-client"),
+            spawn(server_pump(), name=f"gw-{session.id}-{connection_id}-server"),
+        ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -276,8 +315,12 @@ class Gateway:
 class _Handle:
     """What a session holds for each live connection, so ending the session ends it."""
 
-    def __init__(self, cwriter: asyncio.StreamWriter, uwriter: asyncio.StreamWriter,
-                 tasks: list[asyncio.Task[None]]) -> None:
+    def __init__(
+        self,
+        cwriter: asyncio.StreamWriter,
+        uwriter: asyncio.StreamWriter,
+        tasks: list[asyncio.Task[None]],
+    ) -> None:
         self._cwriter = cwriter
         self._uwriter = uwriter
         self._tasks = tasks

@@ -28,7 +28,13 @@ from guard.broker.masking.strategies import Strategy
 from guard.broker.pgwire import messages as m
 from guard.broker.pgwire.encoder import encode
 from guard.broker.pgwire.errors import ProtocolError
-from guard.broker.pgwire.parser import NEED_DATA, BackendParser, FrontendParser, decode_backend, decode_frontend
+from guard.broker.pgwire.parser import (
+    NEED_DATA,
+    BackendParser,
+    FrontendParser,
+    decode_backend,
+    decode_frontend,
+)
 from guard.broker.proxy.commands import CloseConnection, Command, SendToClient, SendToServer
 from guard.broker.proxy.gate import Decision, Gate
 
@@ -168,7 +174,9 @@ class ProxyConnection:
             # 'p' after authentication, or anything else out of place.
             raise _unexpected(tag)
 
-    def _gate_statement(self, sql: str, protocol: str, raw, out: list[Command], *, kind: str) -> None:
+    def _gate_statement(
+        self, sql: str, protocol: str, raw, out: list[Command], *, kind: str
+    ) -> None:
         decision = self.gate.decide(sql)
         recorded = self.gate.record(decision, protocol)
         refusal = decision.refusal
@@ -230,7 +238,9 @@ class ProxyConnection:
         # The mask plan is worked out at the first row: the Describe responses that tell
         # the result columns' origins arrive (in order) before it, not before this point.
         self._pending.append(
-            _Pending("execute", statement=statement, portal=msg.portal, seqs=recorded, formats=formats)
+            _Pending(
+                "execute", statement=statement, portal=msg.portal, seqs=recorded, formats=formats
+            )
         )
 
     # ------------------------------------------------------------------ server → client
@@ -244,9 +254,17 @@ class ProxyConnection:
                     break
                 self._on_server_frame(frame, out)
         except ProtocolError as err:
-            out.append(SendToClient(encode(m.ErrorResponse.build(
-                "08P01", "guard: the database sent a malformed message; connection closed",
-                severity="FATAL"))))
+            out.append(
+                SendToClient(
+                    encode(
+                        m.ErrorResponse.build(
+                            "08P01",
+                            "guard: the database sent a malformed message; connection closed",
+                            severity="FATAL",
+                        )
+                    )
+                )
+            )
             out.append(CloseConnection(f"server protocol error: {err}"))
             self.closed = True
         return _coalesce(out)
@@ -272,8 +290,12 @@ class ProxyConnection:
                 if tag == _COMMAND_COMPLETE and head.seqs:
                     tag_text = decode_backend(frame).tag
                     self.gate.record_result(
-                        head.seqs.pop(0), outcome="ok", command_tag=tag_text.split(" ")[0],
-                        rows=_rows_from_tag(tag_text), masked_cells=self._masked_cells)
+                        head.seqs.pop(0),
+                        outcome="ok",
+                        command_tag=tag_text.split(" ")[0],
+                        rows=_rows_from_tag(tag_text),
+                        masked_cells=self._masked_cells,
+                    )
                 elif tag == _EMPTY and head.seqs:
                     head.seqs.pop(0)
                 if head.kind == "execute":
@@ -311,9 +333,17 @@ class ProxyConnection:
             out.append(SendToClient(self._parameter_status(frame)))
         elif tag == _COPY_BOTH:
             # CopyBoth only exists for replication, which sessions may not use.
-            out.append(SendToClient(encode(m.ErrorResponse.build(
-                "42501", "guard: replication streams are not allowed through guard",
-                severity="FATAL"))))
+            out.append(
+                SendToClient(
+                    encode(
+                        m.ErrorResponse.build(
+                            "42501",
+                            "guard: replication streams are not allowed through guard",
+                            severity="FATAL",
+                        )
+                    )
+                )
+            )
             out.append(CloseConnection("CopyBothResponse refused"))
             self.closed = True
         else:
@@ -343,7 +373,8 @@ class ProxyConnection:
                 log.warning(
                     "protected base column in a result stream (session %s): the database "
                     "masking objects may have drifted; masking in the gateway",
-                    self.gate.session_id)
+                    self.gate.session_id,
+                )
         out.append(SendToClient(frame.raw))
 
     def _on_error(self, frame, head: _Pending | None, out: list[Command]) -> None:
@@ -398,7 +429,9 @@ class ProxyConnection:
             raw = values[index] if index < len(values) else None
             if raw is None:
                 continue
-            values[index] = strategy.mask_binary(type_oid, raw) if fmt == 1 else strategy.mask_text(raw)
+            values[index] = (
+                strategy.mask_binary(type_oid, raw) if fmt == 1 else strategy.mask_text(raw)
+            )
             self._masked_cells += 1
         return encode(m.DataRow(tuple(values)))
 

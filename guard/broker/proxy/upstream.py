@@ -19,9 +19,23 @@ from guard.broker.pgwire.scram import ScramClient, md5_password
 # can carry `-c role=…` or `-c search_path=…`, and `replication`) is dropped: those would
 # let a client step around the session role's masking defaults.
 PASSTHROUGH_PARAMS = frozenset(
-    {"application_name", "client_encoding", "DateStyle", "datestyle", "TimeZone", "timezone",
-     "IntervalStyle", "intervalstyle", "extra_float_digits", "lc_monetary", "lc_numeric",
-     "lc_time", "statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout"}
+    {
+        "application_name",
+        "client_encoding",
+        "DateStyle",
+        "datestyle",
+        "TimeZone",
+        "timezone",
+        "IntervalStyle",
+        "intervalstyle",
+        "extra_float_digits",
+        "lc_monetary",
+        "lc_numeric",
+        "lc_time",
+        "statement_timeout",
+        "lock_timeout",
+        "idle_in_transaction_session_timeout",
+    }
 )
 
 CONNECT_TIMEOUT = 10.0
@@ -72,8 +86,9 @@ async def login(
         raise UpstreamError(f"cannot reach the database at {host}:{port}: {exc}") from exc
     try:
         return await asyncio.wait_for(
-            _handshake(reader, writer, user=user, password=password, database=database,
-                       params=params),
+            _handshake(
+                reader, writer, user=user, password=password, database=database, params=params
+            ),
             timeout=CONNECT_TIMEOUT,
         )
     except BaseException:

@@ -32,7 +32,9 @@ def connect(
     if not print_env:
         psql = shutil.which("psql")
         if psql is None:
-            raise CliError("psql is not installed", hint="install the PostgreSQL client, or use --print-env")
+            raise CliError(
+                "psql is not installed", hint="install the PostgreSQL client, or use --print-env"
+            )
         argv = [psql, *(psql_args or [])]
 
     def ready(env: dict[str, str]) -> None:

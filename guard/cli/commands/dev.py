@@ -18,7 +18,15 @@ from guard.cli.profile import Profile, dev_state_dir, save_profile
 _out = Console()
 _err = Console(stderr=True)
 
-SHOWN = ("broker_url", "gateway", "issuer", "openbao_addr", "upstream_dsn", "state_dir", "audit_log")
+SHOWN = (
+    "broker_url",
+    "gateway",
+    "issuer",
+    "openbao_addr",
+    "upstream_dsn",
+    "state_dir",
+    "audit_log",
+)
 
 
 def _print_status(status: dict) -> None:
@@ -32,7 +40,9 @@ def _print_status(status: dict) -> None:
 
 def up(
     detach: Annotated[bool, typer.Option("--detach", help="Return once the stack is up")] = False,
-    policy: Annotated[Path | None, typer.Option(help="Policy file (default: ./policies.yaml)")] = None,
+    policy: Annotated[
+        Path | None, typer.Option(help="Policy file (default: ./policies.yaml)")
+    ] = None,
 ) -> int:
     from guard.devstack.stack import StackError
     from guard.devstack.stack import down as stack_down
@@ -44,8 +54,10 @@ def up(
     except StackError as exc:
         raise CliError(str(exc), hint=exc.hint) from exc
     except Exception as exc:
-        raise CliError(f"guard dev up failed: {exc}",
-                       hint=f"see the logs in {state / 'logs'}; `guard dev down` cleans up") from exc
+        raise CliError(
+            f"guard dev up failed: {exc}",
+            hint=f"see the logs in {state / 'logs'}; `guard dev down` cleans up",
+        ) from exc
     save_profile(Profile(broker_url=status["broker_url"], issuer=status["issuer"]))
     _print_status(status)
     _err.print("next: [bold]guard dev login alice[/bold], then [bold]guard connect demo[/bold]")
@@ -70,7 +82,9 @@ def down() -> int:
     return 0
 
 
-def status(json_output: Annotated[bool, typer.Option("--json", help="Machine-readable")] = False) -> int:
+def status(
+    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable")] = False,
+) -> int:
     from guard.devstack.stack import read_status
 
     data = read_status(dev_state_dir())
@@ -86,8 +100,9 @@ def status(json_output: Annotated[bool, typer.Option("--json", help="Machine-rea
 def register(app: typer.Typer) -> None:
     from guard.cli.commands import dev_login
 
-    dev_app = typer.Typer(help="Local demo stack (PostgreSQL, OpenBao, dev IdP, broker).",
-                          no_args_is_help=True)
+    dev_app = typer.Typer(
+        help="Local demo stack (PostgreSQL, OpenBao, dev IdP, broker).", no_args_is_help=True
+    )
     dev_app.command("up", help="Start the demo stack on 127.0.0.1.")(up)
     dev_app.command("down", help="Stop everything `guard dev up` started.")(down)
     dev_app.command("status", help="Where the demo stack runs.")(status)

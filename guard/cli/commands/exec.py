@@ -27,8 +27,9 @@ def exec_command(
     ] = None,
 ) -> int:
     if not command:
-        raise CliError("no command given", hint="guard exec --db demo -- python job.py",
-                       exit_code=EXIT_USAGE)
+        raise CliError(
+            "no command given", hint="guard exec --db demo -- python job.py", exit_code=EXIT_USAGE
+        )
     profile = load_profile()
     token = current_id_token(profile, id_token_file=id_token_file)
     return run_in_session(

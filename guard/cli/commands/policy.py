@@ -28,9 +28,13 @@ def check(
         policy = load_policy_file(file)
     except PolicyError as err:
         for problem in err.errors:
-            _out.print(f"[red]{file}[/red]: [bold]{problem.path}[/bold]: {problem.message}",
-                       highlight=False)
-        raise CliError(f"{file}: {len(err.errors)} problem(s)", hint="fix them and run again") from err
+            _out.print(
+                f"[red]{file}[/red]: [bold]{problem.path}[/bold]: {problem.message}",
+                highlight=False,
+            )
+        raise CliError(
+            f"{file}: {len(err.errors)} problem(s)", hint="fix them and run again"
+        ) from err
     _out.print(
         f"[green]ok[/green] {file}: version {policy.version}, {len(policy.targets)} target(s), "
         f"{len(policy.rules)} rule(s)",
