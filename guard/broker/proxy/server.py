@@ -129,6 +129,11 @@ class Gateway:
         if params.get("replication") not in (None, "false", "0", "off", "no"):
             writer.write(_fatal("42501", "guard: replication connections are not allowed"))
             return
+        unrecognized = tuple(k for k in params if k.startswith("_pq_."))
+        if startup.minor > 0 or unrecognized:
+            # A 3.2 client (or one asking for protocol extensions) is told we speak 3.0, as
+            # PostgreSQL itself does; the client then continues with 3.0 semantics.
+            writer.write(encode(m.NegotiateProtocolVersion(0, unrecognized)))
         user = params.get("user", "")
         session = self.sessions.by_user(user)
         verifier_session = session
