@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import ssl
 import sys
 import time
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ PROTECTED_MAP_TTL = 60.0
 class _Address:
     host: str
     port: int
+    tls: bool
 
 
 class ProtectedColumns:
@@ -102,11 +104,20 @@ async def run(settings: BrokerSettings) -> None:
         policy=policy, targets=dict(settings.targets), issuer=issuer, audit=audit, state=state
     )
     await sessions.revoke_orphans()
+    tls = None
+    if settings.gateway_tls is not None:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.minimum_version = ssl.TLSVersion.TLSv1_2
+        tls.load_cert_chain(settings.gateway_tls.cert_file, settings.gateway_tls.key_file)
     gateway = Gateway(
-        sessions=sessions, policy=policy, audit=audit, protected_map=ProtectedColumns(policy)
+        sessions=sessions,
+        policy=policy,
+        audit=audit,
+        protected_map=ProtectedColumns(policy),
+        tls=tls,
     )
     host, port = await gateway.start(settings.gateway.host, settings.gateway.port)
-    address = _Address(settings.gateway.advertise_host or host, port)
+    address = _Address(settings.gateway.advertise_host or host, port, tls is not None)
     log.info("PG gateway listening on %s:%s", host, port)
 
     app = create_app(

@@ -27,6 +27,13 @@ class ListenSettings(_Strict):
     advertise_host: str | None = None
 
 
+class TLSSettings(_Strict):
+    """Server certificate of the PG gateway (clients use sslmode=verify-full against it)."""
+
+    cert_file: Path
+    key_file: Path
+
+
 class OIDCSettings(_Strict):
     issuer: str
     audience: str = "guard-cli"
@@ -71,6 +78,7 @@ class BrokerSettings(_Strict):
     policy_file: Path
     api: ListenSettings = ListenSettings(port=8400)
     gateway: ListenSettings = ListenSettings(port=6433)
+    gateway_tls: TLSSettings | None = None
     oidc: OIDCSettings
     openbao: OpenBaoSettings
     targets: dict[str, TargetSettings]

@@ -30,6 +30,8 @@ class Profile:
     client_id: str = "guard-cli"
     # Audience the broker expects in ID tokens; the CLI only passes tokens through.
     audience: str = "guard-cli"
+    # CA that signs the gateway's certificate (None: the system trust store).
+    gateway_ca_file: str | None = None
 
     @property
     def path(self) -> Path:

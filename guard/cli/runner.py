@@ -19,7 +19,7 @@ from urllib.parse import quote
 from guard.broker.api.schemas import SessionCreated
 from guard.cli.client import BrokerClient
 from guard.cli.errors import CliError
-from guard.cli.tunnel import LoopbackRelay
+from guard.cli.tunnel import LoopbackRelay, client_tls_context
 
 # Variables removed from the child's environment: the identity token could open further
 # sessions, and libpq service/options variables could point the client somewhere else.
@@ -110,8 +110,10 @@ async def _in_session(
     created: SessionCreated,
     argv: Sequence[str] | None,
     on_ready: Callable[[dict[str, str]], None] | None,
+    gateway_ca_file: str | None,
 ) -> int:
-    relay = LoopbackRelay(created.gateway_host, created.gateway_port)
+    tls = client_tls_context(gateway_ca_file) if created.gateway_tls else None
+    relay = LoopbackRelay(created.gateway_host, created.gateway_port, tls)
     try:
         port = await relay.start()
         env = session_env(created, port)
@@ -140,12 +142,13 @@ def run_in_session(
     ttl_seconds: int | None,
     argv: Sequence[str] | None,
     on_ready: Callable[[dict[str, str]], None] | None = None,
+    gateway_ca_file: str | None = None,
 ) -> int:
     client = BrokerClient(broker_url, token)
     try:
         created = client.create_session(target, reason=reason, ttl_seconds=ttl_seconds)
         try:
-            return asyncio.run(_in_session(client, created, argv, on_ready))
+            return asyncio.run(_in_session(client, created, argv, on_ready, gateway_ca_file))
         except KeyboardInterrupt:
             client.end_session(created.session_id)
             return 130

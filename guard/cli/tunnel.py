@@ -1,16 +1,25 @@
 """The CLI's loopback relay: a local PostgreSQL endpoint that lives as long as the session.
 
 asyncio only; moves bytes and decides nothing (policy, masking and audit happen in the
-broker's gateway). Listens on 127.0.0.1 with an ephemeral port, so only local processes can
-reach it, and each accepted connection gets its own connection to the gateway.
+broker's gateway). Listens on 127.0.0.1 with an ephemeral port, so only local processes
+can reach it. Loopback stays plain: the relay answers a client's SSLRequest/GSSENCRequest
+with 'N' itself; towards the gateway it speaks TLS (verified against the configured CA and
+the gateway's host name) when the gateway offers it, and never downgrades to plaintext.
+CancelRequest packets travel the same way, so psql's Ctrl-C reaches the gateway.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
+import struct
 
 _CHUNK = 256 * 1024
+_SSL_REQUEST = 80877103
+_GSSENC_REQUEST = 80877104
+_MAX_STARTUP = 10_000  # as PostgreSQL's MAX_STARTUP_PACKET_LENGTH
+_HEADER = struct.Struct("!ii")
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -18,7 +27,7 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         while data := await reader.read(_CHUNK):
             writer.write(data)
             await writer.drain()  # backpressure: a slow reader slows the sender
-    except (ConnectionError, asyncio.CancelledError):
+    except (ConnectionError, asyncio.CancelledError, ssl.SSLError):
         pass
     finally:
         with contextlib.suppress(Exception):
@@ -26,10 +35,27 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
                 writer.write_eof()
 
 
+async def read_startup_packet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    """Answer encryption requests with 'N'; return the client's startup/cancel packet."""
+    while True:
+        header = await reader.readexactly(8)
+        length, code = _HEADER.unpack(header)
+        if length == 8 and code in (_SSL_REQUEST, _GSSENC_REQUEST):
+            writer.write(b"N")
+            await writer.drain()
+            continue
+        if not 8 <= length <= _MAX_STARTUP:
+            raise ConnectionError("invalid startup packet length")
+        return header + await reader.readexactly(length - 8)
+
+
 class LoopbackRelay:
-    def __init__(self, gateway_host: str, gateway_port: int) -> None:
+    def __init__(
+        self, gateway_host: str, gateway_port: int, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.gateway_host = gateway_host
         self.gateway_port = gateway_port
+        self.tls = tls
         self.port = 0
         self._server: asyncio.base_events.Server | None = None
         self._conns: set[asyncio.StreamWriter] = set()
@@ -39,14 +65,28 @@ class LoopbackRelay:
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
+    async def _open_gateway(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection(self.gateway_host, self.gateway_port)
+        if self.tls is None:
+            return reader, writer
+        writer.write(_HEADER.pack(8, _SSL_REQUEST))
+        await writer.drain()
+        if await reader.readexactly(1) != b"S":
+            writer.close()
+            raise ConnectionError("the gateway refused TLS; not falling back to plaintext")
+        await writer.start_tls(self.tls, server_hostname=self.gateway_host)
+        return reader, writer
+
     async def _handle(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
         try:
-            greader, gwriter = await asyncio.open_connection(self.gateway_host, self.gateway_port)
-        except OSError:
+            startup = await asyncio.wait_for(read_startup_packet(creader, cwriter), 30)
+            greader, gwriter = await self._open_gateway()
+        except (OSError, ConnectionError, TimeoutError, asyncio.IncompleteReadError, ssl.SSLError):
             cwriter.close()
             return
         self._conns.update((cwriter, gwriter))
         try:
+            gwriter.write(startup)
             await asyncio.gather(_pipe(creader, gwriter), _pipe(greader, cwriter))
         finally:
             for w in (cwriter, gwriter):
@@ -61,3 +101,10 @@ class LoopbackRelay:
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
+
+
+def client_tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """Verify the gateway's certificate and host name (system CAs unless a CA file is set)."""
+    ctx = ssl.create_default_context(cafile=ca_file)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx

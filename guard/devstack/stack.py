@@ -27,6 +27,7 @@ from guard.devstack.backstop import apply_backstop
 from guard.devstack.demo_data import create_demo_database
 from guard.devstack.openbao import OpenBaoDevServer, configure_database_target
 from guard.devstack.postgres import PostgresCluster, free_port, stop_cluster
+from guard.devstack.tls import make_dev_ca
 
 TARGET = "demo"
 OPENBAO_ROLE = "guard-demo"
@@ -188,6 +189,8 @@ def up(state_dir: Path, policy_file: Path | None, progress: Callable[[str], None
         status["issuer"] = issuer
 
         progress("broker")
+        ca_file, cert_file, key_file = make_dev_ca(state_dir / "tls")
+        status["gateway_ca"] = str(ca_file)
         api_port, gw_port = free_port(), free_port()
         dsn_file = state_dir / "upstream-admin-dsn"
         _write_private(dsn_file, upstream_dsn)
@@ -196,6 +199,7 @@ def up(state_dir: Path, policy_file: Path | None, progress: Callable[[str], None
             "policy_file": str(policy_path),
             "api": {"host": "127.0.0.1", "port": api_port},
             "gateway": {"host": "127.0.0.1", "port": gw_port},
+            "gateway_tls": {"cert_file": str(cert_file), "key_file": str(key_file)},
             "oidc": {"issuer": issuer, "audience": CLIENT_ID},
             "openbao": {"addr": bao.addr, "token_file": str(state_dir / "openbao-token")},
             "targets": {

@@ -204,3 +204,18 @@ def test_bad_token_is_401(dev_stack: Stack):
         timeout=30,
     )
     assert response.status_code == 401
+
+
+def test_tls_verify_full_against_the_dev_ca(dev_stack: Stack, session):
+    conn = psycopg.connect(
+        host=session["gateway_host"], port=session["gateway_port"], user=session["user"],
+        password=session["password"], dbname=session["database"], sslmode="verify-full",
+        sslrootcert=dev_stack.status["gateway_ca"], connect_timeout=10,
+    )
+    with conn:
+        assert conn.info.pgconn.ssl_in_use
+        assert conn.execute("SELECT ssn FROM customers WHERE id = 1").fetchone()[0] == MASKED_SSN
+
+
+def test_session_response_announces_tls(session):
+    assert session["gateway_tls"] is True

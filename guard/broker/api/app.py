@@ -26,6 +26,7 @@ class PrincipalResolver(Protocol):
 class GatewayAddress(Protocol):
     host: str
     port: int
+    tls: bool
 
 
 def create_app(
@@ -63,6 +64,7 @@ def create_app(
             session_id=s.id,
             gateway_host=gateway.host,
             gateway_port=gateway.port,
+            gateway_tls=gateway.tls,
             database=s.upstream.database,
             user=s.user,
             password=opened.secret,

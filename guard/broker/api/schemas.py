@@ -27,6 +27,7 @@ class SessionCreated(_Model):
     session_id: str
     gateway_host: str
     gateway_port: int
+    gateway_tls: bool = False
     database: str
     user: str
     password: str

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -62,7 +63,9 @@ class Gateway:
         protected_map: Callable[
             [Session, upstream.UpstreamConnection], asyncio.Future[ProtectedMap] | object
         ],
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        self.tls = tls
         self.sessions = sessions
         self.policy = policy
         self.audit = audit
@@ -100,8 +103,17 @@ class Gateway:
                     raise _Closed
                 parser.feed(data)
                 continue
+            if isinstance(msg, m.SSLRequest) and self.tls is not None:
+                if parser.buffered:
+                    # Bytes sent after SSLRequest but before the handshake would be read as if
+                    # they had come over TLS (CVE-2021-23214-style injection): refuse.
+                    raise ProtocolError("unencrypted data after SSLRequest")
+                writer.write(b"S")
+                await writer.drain()
+                await writer.start_tls(self.tls)
+                continue
             if isinstance(msg, m.SSLRequest | m.GSSENCRequest):
-                # Plain for now; the client falls back (sslmode=prefer) or stops (require).
+                # No TLS configured / no GSSAPI: the client falls back or stops, as it chooses.
                 writer.write(b"N")
                 await writer.drain()
                 continue

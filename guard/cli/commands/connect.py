@@ -53,6 +53,7 @@ def connect(
         ttl_seconds=parse_duration(ttl),
         argv=argv,
         on_ready=ready,
+        gateway_ca_file=profile.gateway_ca_file,
     )
 
 

@@ -58,7 +58,13 @@ def up(
             f"guard dev up failed: {exc}",
             hint=f"see the logs in {state / 'logs'}; `guard dev down` cleans up",
         ) from exc
-    save_profile(Profile(broker_url=status["broker_url"], issuer=status["issuer"]))
+    save_profile(
+        Profile(
+            broker_url=status["broker_url"],
+            issuer=status["issuer"],
+            gateway_ca_file=status["gateway_ca"],
+        )
+    )
     _print_status(status)
     _err.print("next: [bold]guard dev login alice[/bold], then [bold]guard connect demo[/bold]")
     if detach:

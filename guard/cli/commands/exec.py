@@ -39,6 +39,7 @@ def exec_command(
         reason=reason,
         ttl_seconds=parse_duration(ttl),
         argv=command,
+        gateway_ca_file=profile.gateway_ca_file,
     )
 
 
