@@ -1,0 +1,98 @@
+"""Bypass regressions: every attempt here must be refused before a byte reaches upstream.
+
+This file only grows. Each entry is a statement the security contract (§3, §4) says must
+not take effect, sent over both the simple and the extended protocol through the real
+relay state machine, demo policy and analyser. Add the spelling of every new bypass found.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from guard.broker.pgwire import messages as m
+from tests.proxy.test_session_playbook import make, to_server, wire
+
+ATTEMPTS = [
+    # DDL / DCL in many spellings
+    "DROP TABLE customers",
+    "drop /* hidden */ table customers",
+    'DROP TABLE "customers"',
+    "CREATE TEMP TABLE t AS SELECT * FROM customers",
+    "SELECT * INTO newtab FROM products",
+    "CREATE VIEW v AS SELECT ssn FROM customers",
+    "GRANT SELECT ON customers TO PUBLIC",
+    "ALTER SYSTEM SET log_statement = 'none'",
+    "COMMENT ON TABLE products IS 'x'",
+    "TRUNCATE products",
+    "EXPLAIN ANALYZE DROP TABLE products",
+    "BEGIN; DROP TABLE products; COMMIT",
+    "SAVEPOINT a; DROP TABLE products",
+    "PREPARE p AS DELETE FROM products",
+    # role switching
+    "SET ROLE postgres",
+    "SET LOCAL ROLE postgres",
+    'SET "role" = postgres',
+    "RESET ROLE",
+    "SET SESSION AUTHORIZATION postgres",
+    "SELECT set_config('role', 'postgres', false)",
+    "SELECT set_config('session_authorization', 'postgres', false)",
+    "ALTER ROLE CURRENT_USER SUPERUSER",
+    # server files, programs, large objects, dblink
+    "COPY products TO PROGRAM 'id'",
+    "COPY products FROM '/etc/passwd'",
+    "SELECT pg_read_file('/etc/passwd')",
+    "SELECT pg_ls_dir('.')",
+    "SELECT lo_import('/etc/passwd')",
+    "SELECT lo_from_bytea(0, 'x')",
+    "SELECT dblink('dbname=demo', 'select 1')",
+    # dynamic SQL
+    "DO $$ BEGIN EXECUTE 'DROP TABLE products'; END $$",
+    "SELECT query_to_xml('select ssn from customers', true, true, '')",
+    # unrestricted writes
+    "UPDATE products SET rate = 0",
+    "DELETE FROM products",
+    "DELETE FROM products -- WHERE id = 1",
+    "UPDATE products SET name = 'WHERE id = 1'",
+    "WITH d AS (DELETE FROM products RETURNING *) SELECT * FROM d",
+    "MERGE INTO products p USING products s ON p.id = s.id WHEN MATCHED THEN DELETE",
+    # gated table
+    "SELECT * FROM transactions",
+    "SELECT * FROM public.transactions",
+    'SELECT * FROM "transactions"',
+    "TABLE transactions",
+    "WITH t AS (SELECT * FROM transactions) SELECT count(*) FROM t",
+    "SELECT a.id FROM accounts a JOIN transactions t ON t.account_id = a.id",
+    "COPY transactions TO STDOUT",
+    "DECLARE c CURSOR FOR SELECT * FROM transactions",
+    # derived / oracle uses of protected columns
+    "SELECT upper(ssn) FROM customers",
+    "SELECT ssn::bytea FROM customers",
+    "SELECT md5(ssn) FROM customers",
+    "SELECT id FROM customers WHERE ssn = '123-45-6789'",
+    "SELECT id FROM customers ORDER BY ssn LIMIT 1",
+    "SELECT string_agg(ssn, ',') FROM customers",
+    "INSERT INTO products (name, kind, rate) SELECT ssn, 'x', 1 FROM customers",
+    "SELECT public.customer_ssn(1)",
+    # unparseable input never passes
+    "SELEC 1",
+]
+
+
+@pytest.mark.parametrize("sql", ATTEMPTS)
+def test_simple_protocol_refuses(sql):
+    proxy, audit = make()
+    sent = to_server(proxy.from_client(wire(m.Query(sql))))
+    assert len(sent) == 1 and sent[0].sql.startswith("guard_refused_"), sent
+    assert any(r["verdict"] != "allow" for r in audit.records)
+
+
+@pytest.mark.parametrize("sql", ATTEMPTS)
+def test_extended_protocol_refuses(sql):
+    proxy, _ = make()
+    sent = to_server(
+        proxy.from_client(
+            wire(m.Parse("s", sql, ()), m.Bind("", "s", (), (), ()), m.Execute("", 0), m.Sync())
+        )
+    )
+    assert sent[0].query.startswith("guard_refused_"), sent
+    assert sql not in repr(sent)
