@@ -134,9 +134,17 @@ async def run(settings: BrokerSettings) -> None:
     server = uvicorn.Server(config)
 
     async def expiry_watchdog() -> None:
+        ticks = 0
         while True:
-            await asyncio.sleep(1.0)
-            await sessions.end_expired()
+            await asyncio.sleep(0.2)
+            # Result records are chained at once but written in batches: flush them.
+            try:
+                audit.flush()
+            except AuditUnavailable:
+                log.error("audit log unwritable: statements will be refused until it is fixed")
+            ticks += 1
+            if ticks % 5 == 0:
+                await sessions.end_expired()
 
     watchdog = spawn(expiry_watchdog(), name="session-expiry")
     try:

@@ -3,9 +3,11 @@
 Imports only the stdlib (hashlib, hmac, json). No file or socket I/O: `audit.sink` writes
 what `seal` returns, and `verify_lines` checks what an examiner reads back.
 
-Line format (one JSON object per line, keys sorted, no spaces):
-    {"body": {...}, "prev": "<hex sha256 of previous line's hash or GENESIS>", "hash": "<hex>"}
-where hash = sha256(prev || "\\n" || canonical(body)). Editing, dropping, reordering or
+Line format (one JSON object per line):
+    {"body":<body JSON>,"hash":"<64 hex>","prev":"<64 hex: previous line's hash or GENESIS>"}
+where hash = sha256(prev || "\\n" || <body JSON bytes exactly as they stand in the line>).
+Hashing the stored bytes (not a re-serialization) lets the writer use any JSON encoder and
+makes the verifier independent of encoder quirks; the fixed-size tail locates the body. Editing, dropping, reordering or
 inserting a line breaks every later hash, so tampering is evident from the first broken
 line on. (Signed checkpoints, which stop truncation of the tail and a wholesale rewrite by
 someone holding the file, come with the audit-depth work.)
@@ -35,21 +37,38 @@ def link_hash(prev: str, body_bytes: bytes) -> str:
     return h.hexdigest()
 
 
-def seal(prev: str, body: Mapping[str, Any]) -> tuple[bytes, str]:
-    """Return the JSONL line (with trailing newline) for `body` and its hash."""
-    body_bytes = canonical(body)
+_HEAD = b'{"body":'
+_TAIL_LEN = len(b',"hash":"') + 64 + len(b'","prev":"') + 64 + len(b'"}')
+
+
+def seal_bytes(prev: str, body_bytes: bytes) -> tuple[bytes, str]:
+    """Return the JSONL line (with newline) for already-serialized body JSON, and its hash."""
     digest = link_hash(prev, body_bytes)
-    # Built by hand so the body inside the line is byte-identical to what was hashed.
-    line = (
-        b'{"body":'
-        + body_bytes
-        + b',"hash":"'
-        + digest.encode()
-        + b'","prev":"'
-        + prev.encode()
-        + b'"}\n'
+    line = b"".join(
+        (_HEAD, body_bytes, b',"hash":"', digest.encode(), b'","prev":"', prev.encode(), b'"}\n')
     )
     return line, digest
+
+
+def seal(prev: str, body: Mapping[str, Any]) -> tuple[bytes, str]:
+    """Return the JSONL line (with trailing newline) for `body` and its hash."""
+    return seal_bytes(prev, canonical(body))
+
+
+def split_line(line: bytes) -> tuple[bytes, str, str]:
+    """(body bytes, hash, prev) of a stored line; ValueError when it is not one."""
+    line = line.rstrip(b"\r\n")
+    if not line.startswith(_HEAD) or len(line) < len(_HEAD) + _TAIL_LEN + 2:
+        raise ValueError("not a chained audit record")
+    tail = line[-_TAIL_LEN:]
+    if not (
+        tail.startswith(b',"hash":"') and tail[73:83] == b'","prev":"' and tail.endswith(b'"}')
+    ):
+        raise ValueError("not a chained audit record")
+    body = line[len(_HEAD) : -_TAIL_LEN]
+    if not isinstance(json.loads(body), dict):
+        raise ValueError("audit record body is not a JSON object")
+    return body, tail[9:73].decode("ascii"), tail[83:147].decode("ascii")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,17 +85,16 @@ def verify_lines(lines: Iterable[bytes | str]) -> ChainReport:
     prev = GENESIS
     count = 0
     for number, raw in enumerate(lines, start=1):
-        text = raw.decode() if isinstance(raw, bytes) else raw
-        if not text.strip():
+        data = raw.encode() if isinstance(raw, str) else raw
+        if not data.strip():
             continue
         try:
-            obj = json.loads(text)
-            body, claimed, claimed_prev = obj["body"], obj["hash"], obj["prev"]
-        except (ValueError, KeyError, TypeError):
+            body, claimed, claimed_prev = split_line(data)
+        except (ValueError, UnicodeDecodeError):
             return ChainReport(False, count, prev, number, "not a chained audit record")
-        if not hmac.compare_digest(str(claimed_prev), prev):
+        if not hmac.compare_digest(claimed_prev, prev):
             return ChainReport(False, count, prev, number, "prev does not match the previous hash")
-        if not hmac.compare_digest(str(claimed), link_hash(prev, canonical(body))):
+        if not hmac.compare_digest(claimed, link_hash(prev, body)):
             return ChainReport(False, count, prev, number, "hash does not match the record")
         prev = claimed
         count += 1
@@ -85,8 +103,4 @@ def verify_lines(lines: Iterable[bytes | str]) -> ChainReport:
 
 def last_hash_of(line: bytes) -> str:
     """The hash a new record must chain to, read from the log's last line."""
-    obj = json.loads(line)
-    value = obj["hash"]
-    if not isinstance(value, str) or len(value) != 64:
-        raise ValueError("last audit line has no valid hash")
-    return value
+    return split_line(line)[1]

@@ -4,16 +4,29 @@ Does file I/O (this is the audit adapter); imports `audit.chain` and the stdlib 
 `append` returns only after the line is in the file (os.write on an O_APPEND descriptor), so
 the gate can forward a statement knowing its record exists; any failure raises
 `AuditUnavailable` and the gate refuses the statement (fail closed).
+
+`append_deferred` is for records that describe what already happened (result row counts):
+they take their place in the chain at once but reach the file with the next `append` or
+`flush` (the broker flushes every 200 ms), saving a write per statement on the hot path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from pathlib import Path
 from typing import Any, Protocol
 
-from guard.broker.audit.chain import GENESIS, last_hash_of, seal
+from guard.broker.audit.chain import GENESIS, canonical, last_hash_of, seal_bytes
+
+try:  # ~20x faster than json.dumps; the chain hashes the stored bytes, so either is valid
+    import orjson
+
+    def _serialize(body: dict[str, Any]) -> bytes:
+        return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+except ImportError:  # pragma: no cover - orjson is a declared dependency
+    _serialize = canonical
 
 
 class AuditUnavailable(Exception):
@@ -30,6 +43,12 @@ class AuditSink(Protocol):
     def append(self, record: Recordable) -> int:
         """Write the record; return its sequence number (1-based)."""
         ...
+
+    def append_deferred(self, record: Recordable) -> int:
+        """Chain now, write with the next append/flush (for after-the-fact records)."""
+        ...
+
+    def flush(self) -> None: ...
 
     def close(self) -> None: ...
 
@@ -52,6 +71,7 @@ class JsonlAuditSink:
         self.path = path
         self._fsync = fsync
         self._lock = threading.Lock()
+        self._pending: list[bytes] = []
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._seq, self._prev = _read_tail(path) if path.exists() else (0, GENESIS)
@@ -61,26 +81,55 @@ class JsonlAuditSink:
         except (OSError, ValueError) as exc:
             raise AuditUnavailable(f"cannot open audit log {path}: {exc}") from exc
 
+    def _seal(self, record: Recordable) -> tuple[bytes, str, int]:
+        body = record.to_body()
+        seq = self._seq + 1
+        body["seq"] = seq
+        line, digest = seal_bytes(self._prev, _serialize(body))
+        return line, digest, seq
+
     def append(self, record: Recordable) -> int:
         with self._lock:
-            body = record.to_body()
-            body["seq"] = self._seq + 1
-            line, digest = seal(self._prev, body)
-            try:
-                written = os.write(self._fd, line)
-                if written != len(line):
-                    raise OSError(f"short write ({written} of {len(line)} bytes)")
-                if self._fsync:
-                    os.fsync(self._fd)
-            except OSError as exc:
-                raise AuditUnavailable(f"cannot write audit log {self.path}: {exc}") from exc
-            self._seq += 1
-            self._prev = digest
-            return self._seq
+            line, digest, seq = self._seal(record)
+            self._write(b"".join((*self._pending, line)) if self._pending else line)
+            self._pending.clear()
+            self._seq, self._prev = seq, digest
+            return seq
+
+    def append_deferred(self, record: Recordable) -> int:
+        with self._lock:
+            line, digest, seq = self._seal(record)
+            self._pending.append(line)
+            self._seq, self._prev = seq, digest
+            if len(self._pending) >= 256:
+                self._flush_locked()
+            return seq
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        try:
+            written = os.write(self._fd, data)
+            if written != len(data):
+                raise OSError(f"short write ({written} of {len(data)} bytes)")
+            if self._fsync:
+                os.fsync(self._fd)
+        except OSError as exc:
+            raise AuditUnavailable(f"cannot write audit log {self.path}: {exc}") from exc
 
     def close(self) -> None:
         with self._lock:
             if self._fd >= 0:
+                with contextlib.suppress(AuditUnavailable):
+                    self._flush_locked()
                 os.close(self._fd)
                 self._fd = -1
 
@@ -99,6 +148,12 @@ class MemoryAuditSink:
         body["seq"] = len(self.records) + 1
         self.records.append(body)
         return body["seq"]
+
+    def append_deferred(self, record: Recordable) -> int:
+        return self.append(record)
+
+    def flush(self) -> None:
+        pass
 
     def close(self) -> None:
         pass

@@ -218,7 +218,7 @@ class Gate:
         sqlstate: str | None = None,
     ) -> None:
         try:
-            self.audit.append(
+            self.audit.append_deferred(
                 ResultRecord(
                     session_id=self.session_id,
                     connection_id=self.connection_id,
