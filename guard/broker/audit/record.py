@@ -8,8 +8,8 @@ That is what stops the audit log itself from becoming a copy of the protected da
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
 import time
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
