@@ -9,8 +9,8 @@ where hash = sha256(prev || "\\n" || <body JSON bytes exactly as they stand in t
 Hashing the stored bytes (not a re-serialization) lets the writer use any JSON encoder and
 makes the verifier independent of encoder quirks; the fixed-size tail locates the body.
 Editing, dropping, reordering or inserting a line breaks every later hash, so tampering is
-evident from the first broken line on. (Signed checkpoints, which stop truncation of the tail and a wholesale rewrite by
-someone holding the file, come with the audit-depth work.)
+evident from the first broken line on. (Signed checkpoints, which stop truncation of the
+tail and a wholesale rewrite by someone holding the file, come with the audit-depth work.)
 """
 
 from __future__ import annotations
