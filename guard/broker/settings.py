@@ -10,7 +10,9 @@ Secrets never live in this file: the OpenBao token comes from `openbao.token_fil
 from __future__ import annotations
 
 import os
+import ssl
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -64,6 +66,21 @@ class TargetSettings(_Strict):
     port: int = 5432
     database: str
     openbao_role: str
+    # TLS to the database: "disable", "require" (encrypted, unverified) or "verify-full"
+    # (certificate chain from `sslrootcert` or the system store, and the host name).
+    sslmode: Literal["disable", "require", "verify-full"] = "disable"
+    sslrootcert: Path | None = None
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        if self.sslmode == "disable":
+            return None
+        ctx = ssl.create_default_context(cafile=str(self.sslrootcert) if self.sslrootcert else None)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.sslmode == "require":
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
     # Admin DSN file (read by the broker for catalog look-ups such as protected-column
     # OIDs); never handed to clients.
     admin_dsn_file: Path | None = None

@@ -77,7 +77,13 @@ class PostgresCluster:
             f"password={self.admin_password} dbname={dbname} sslmode=disable"
         )
 
-    def start(self, base_dir: Path | None = None, port: int | None = None) -> PostgresCluster:
+    def start(
+        self,
+        base_dir: Path | None = None,
+        port: int | None = None,
+        tls: tuple[Path, Path] | None = None,
+    ) -> PostgresCluster:
+        """Start the cluster; `tls=(cert, key)` turns on ssl with that server certificate."""
         self.bindir = find_pg_bindir()
         if self.bindir is None:
             raise PostgresUnavailable(
@@ -130,6 +136,8 @@ class PostgresCluster:
                 "password_encryption": "'scram-sha-256'",
                 "logging_collector": "off",
             }
+            if tls is not None:
+                conf.update(self._install_tls(*tls))
             with open(self.data_dir / "postgresql.auto.conf", "a") as fh:
                 fh.writelines(f"{k} = {v}\n" for k, v in conf.items())
             self._run(
@@ -149,6 +157,24 @@ class PostgresCluster:
             self.stop()
             raise
         return self
+
+    def _install_tls(self, cert: Path, key: Path) -> dict[str, str]:
+        assert self.base_dir is not None
+        # The server insists on a key file owned by it with no group/other access.
+        targets = {"server.crt": cert.read_bytes(), "server.key": key.read_bytes()}
+        for name, data in targets.items():
+            path = self.base_dir / name
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            if os.geteuid() == 0:
+                pg = pwd.getpwnam("postgres")
+                os.chown(path, pg.pw_uid, pg.pw_gid)
+        return {
+            "ssl": "on",
+            "ssl_cert_file": f"'{self.base_dir / 'server.crt'}'",
+            "ssl_key_file": f"'{self.base_dir / 'server.key'}'",
+        }
 
     def _run(self, cmd: list[str]) -> None:
         out = subprocess.run(

@@ -138,7 +138,10 @@ def up(state_dir: Path, policy_file: Path | None, progress: Callable[[str], None
     bao = OpenBaoDevServer()
     try:
         progress("PostgreSQL")
-        pg.start()
+        tls_dir = state_dir / "tls"
+        ca_file, cert_file, key_file = make_dev_ca(tls_dir)
+        status["gateway_ca"] = str(ca_file)
+        pg.start(tls=(tls_dir / "postgres.pem", tls_dir / "postgres-key.pem"))
         pg._owns_base = False  # it outlives this process; `down` removes it
         status["pg_base_dir"] = str(pg.base_dir)
         started["postgres"] = pg.pid or 0
@@ -189,8 +192,6 @@ def up(state_dir: Path, policy_file: Path | None, progress: Callable[[str], None
         status["issuer"] = issuer
 
         progress("broker")
-        ca_file, cert_file, key_file = make_dev_ca(state_dir / "tls")
-        status["gateway_ca"] = str(ca_file)
         api_port, gw_port = free_port(), free_port()
         dsn_file = state_dir / "upstream-admin-dsn"
         _write_private(dsn_file, upstream_dsn)
@@ -209,6 +210,9 @@ def up(state_dir: Path, policy_file: Path | None, progress: Callable[[str], None
                     "database": TARGET,
                     "openbao_role": OPENBAO_ROLE,
                     "admin_dsn_file": str(dsn_file),
+                    # Verified TLS with channel binding (SCRAM-SHA-256-PLUS) to the database.
+                    "sslmode": "verify-full",
+                    "sslrootcert": str(ca_file),
                 }
             },
             "audit": {"path": str(state_dir / "audit.jsonl")},

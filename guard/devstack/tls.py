@@ -1,7 +1,8 @@
 """A local certificate authority for the demo stack, so `sslmode=verify-full` works.
 
-Uses `cryptography` only. Creates a CA (10 days, demo only) and a gateway server
-certificate for 127.0.0.1/localhost signed by it; private keys are written 0600.
+Uses `cryptography` only. Creates a CA (10 days, demo only) and server certificates for
+127.0.0.1/localhost signed by it — the gateway's and the demo PostgreSQL's, so both hops
+use verified TLS; private keys are written 0600.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
 
 
 def make_dev_ca(directory: Path) -> tuple[Path, Path, Path]:
-    """Return (ca.pem, gateway.pem, gateway-key.pem) under `directory`."""
+    """Return (ca.pem, gateway.pem, gateway-key.pem); also writes postgres.pem/-key.pem."""
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.now(UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -57,11 +58,26 @@ def make_dev_ca(directory: Path) -> tuple[Path, Path, Path]:
         )
         .sign(ca_key, hashes.SHA256())
     )
+    ca_path = directory / "ca.pem"
+    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    gateway = _server_cert(directory, "gateway", ca, ca_key, now)
+    _server_cert(directory, "postgres", ca, ca_key, now)
+    return ca_path, *gateway
+
+
+def _server_cert(
+    directory: Path,
+    name: str,
+    ca: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    now: datetime,
+) -> tuple[Path, Path]:
+    """A 127.0.0.1/localhost server certificate `<name>.pem` + `<name>-key.pem`."""
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "guard gateway")]))
-        .issuer_name(ca_name)
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"guard {name}")]))
+        .issuer_name(ca.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - timedelta(minutes=5))
@@ -75,12 +91,7 @@ def make_dev_ca(directory: Path) -> tuple[Path, Path, Path]:
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    ca_path, cert_path, key_path = (
-        directory / "ca.pem",
-        directory / "gateway.pem",
-        directory / "gateway-key.pem",
-    )
-    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}-key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     _write_key(key_path, key)
-    return ca_path, cert_path, key_path
+    return cert_path, key_path

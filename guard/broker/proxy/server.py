@@ -66,6 +66,7 @@ class Gateway:
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self.tls = tls
+        self._upstream_tls_cache: dict[str, ssl.SSLContext | None] = {}
         self.sessions = sessions
         self.policy = policy
         self.audit = audit
@@ -77,6 +78,13 @@ class Gateway:
         self._server = await asyncio.start_server(self._handle, host, port, limit=READ_SIZE)
         sock = self._server.sockets[0].getsockname()
         return sock[0], sock[1]
+
+    def _upstream_tls(self, session: Session) -> ssl.SSLContext | None:
+        # One context per target, built once: loading CA files per connection is slow.
+        key = session.target
+        if key not in self._upstream_tls_cache:
+            self._upstream_tls_cache[key] = session.upstream.tls_context()
+        return self._upstream_tls_cache[key]
 
     async def close(self) -> None:
         if self._server is not None:
@@ -176,6 +184,7 @@ class Gateway:
                 password=session.credentials.password,
                 database=session.upstream.database,
                 params=params,
+                tls=self._upstream_tls(session),
             )
         except upstream.UpstreamError as exc:
             log.warning("upstream login for session %s failed: %s", session.id, exc)

@@ -1,14 +1,21 @@
 """Logging in to the upstream PostgreSQL with the session's issued credentials.
 
-asyncio streams + the sans-IO codec. Supports the authentication methods a server may ask
-for: SCRAM-SHA-256, md5 and cleartext (TLS and SCRAM-PLUS arrive with the protocol work).
-The issued password never leaves this module except inside the SCRAM/md5 exchange.
+asyncio streams + the sans-IO codec. Supports TLS (SSLRequest, then a verified handshake
+when the target's settings ask for it; no silent fallback to plaintext) and the methods a
+server may ask for: SCRAM-SHA-256-PLUS (channel binding to the TLS certificate, which stops
+a man in the middle that terminates TLS), SCRAM-SHA-256, md5 and cleartext. The issued
+password never leaves this module except inside those exchanges.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import ssl
 from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from guard.broker.pgwire import messages as m
 from guard.broker.pgwire.encoder import encode
@@ -77,6 +84,7 @@ async def login(
     password: str,
     database: str,
     params: dict[str, str],
+    tls: ssl.SSLContext | None = None,
 ) -> UpstreamConnection:
     try:
         reader, writer = await asyncio.wait_for(
@@ -85,6 +93,8 @@ async def login(
     except (OSError, TimeoutError) as exc:
         raise UpstreamError(f"cannot reach the database at {host}:{port}: {exc}") from exc
     try:
+        if tls is not None:
+            await _start_tls(reader, writer, tls, host)
         return await asyncio.wait_for(
             _handshake(
                 reader, writer, user=user, password=password, database=database, params=params
@@ -94,6 +104,30 @@ async def login(
     except BaseException:
         writer.close()
         raise
+
+
+async def _start_tls(reader, writer, tls: ssl.SSLContext, host: str) -> None:
+    writer.write(encode(m.SSLRequest()))
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.readexactly(1), CONNECT_TIMEOUT)
+    if answer != b"S":
+        raise UpstreamError("the database refused TLS, which this target requires")
+    try:
+        await asyncio.wait_for(writer.start_tls(tls, server_hostname=host), CONNECT_TIMEOUT)
+    except ssl.SSLError as exc:
+        raise UpstreamError(f"TLS to the database failed: {exc.reason or exc}") from exc
+
+
+def tls_server_end_point(writer: asyncio.StreamWriter) -> bytes | None:
+    """RFC 5929 channel-binding data: the server certificate's hash (SHA-256 for MD5/SHA-1)."""
+    ssl_object = writer.get_extra_info("ssl_object")
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if not der:
+        return None
+    algorithm = x509.load_der_x509_certificate(der).signature_hash_algorithm
+    if algorithm is None or isinstance(algorithm, hashes.MD5 | hashes.SHA1):
+        return hashlib.sha256(der).digest()
+    return hashlib.new(algorithm.name, der).digest()
 
 
 async def _handshake(reader, writer, *, user, password, database, params) -> UpstreamConnection:
@@ -112,9 +146,13 @@ async def _handshake(reader, writer, *, user, password, database, params) -> Ups
         if isinstance(msg, m.AuthenticationOk):
             continue
         if isinstance(msg, m.AuthenticationSASL):
-            if "SCRAM-SHA-256" not in msg.mechanisms:
+            binding = tls_server_end_point(writer)
+            if binding is not None and "SCRAM-SHA-256-PLUS" in msg.mechanisms:
+                scram = ScramClient(password, channel_binding=("tls-server-end-point", binding))
+            elif "SCRAM-SHA-256" in msg.mechanisms:
+                scram = ScramClient(password)
+            else:
                 raise UpstreamError(f"unsupported SASL mechanisms {msg.mechanisms}")
-            scram = ScramClient(password)
             writer.write(encode(m.SASLInitialResponse(scram.mechanism, scram.client_first())))
         elif isinstance(msg, m.AuthenticationSASLContinue):
             if scram is None:
