@@ -247,9 +247,20 @@ class ProxyConnection:
     def from_server(self, data: bytes) -> list[Command]:
         out: list[Command] = []
         self._server.feed(data)
+        server = self._server
         try:
             while True:
-                frame = self._server.next_frame()
+                if self._plan is None and (
+                    not self.protected
+                    or not self._pending
+                    or self._execute_plan(self._pending[0]) is None
+                ):
+                    # Bulk path: rows that need no masking go out as one slice, undecoded.
+                    run = server.take_run(_DATA_ROW)
+                    if run is not None:
+                        out.append(SendToClient(run))
+                        continue
+                frame = server.next_frame()
                 if frame is NEED_DATA:
                     break
                 self._on_server_frame(frame, out)
