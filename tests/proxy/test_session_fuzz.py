@@ -68,3 +68,19 @@ def test_garbage_and_reordered_input_never_skips_the_gate(chunks, split):
         if text is None or text.startswith("guard_refused_"):
             continue
         assert proxy.gate.decide(text).allowed, f"forwarded a refused statement: {text!r}"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200), st.integers(min_value=1, max_value=32))
+def test_garbage_from_server_never_crashes_the_relay(data, split):
+    from guard.broker.proxy.commands import CloseConnection, SendToClient
+
+    proxy, _ = make()
+    proxy.from_client(encode(m.Query("SELECT 1")))
+    for i in range(0, len(data), split):
+        cmds = proxy.from_server(data[i : i + split])
+        if any(isinstance(c, CloseConnection) for c in cmds):
+            # A framing error ends the connection with a FATAL error, nothing half-sent.
+            assert isinstance(cmds[-1], CloseConnection)
+            assert all(isinstance(c, SendToClient | CloseConnection) for c in cmds)
+            break
