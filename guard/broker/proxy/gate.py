@@ -18,7 +18,7 @@ from guard.broker.audit.sink import AuditSink, AuditUnavailable
 from guard.broker.identity.principal import Principal
 from guard.broker.pgwire.messages import ErrorResponse
 from guard.broker.policy.engine import CompiledPolicy, Effect, Verdict
-from guard.broker.sql.analyze import Analysis, StatementAnalysis, analyze
+from guard.broker.sql.analyze import Analysis, StatementAnalysis, analyze, fast_path_analysis
 
 # Decisions are cached per connection by exact statement text: the principal and policy are
 # fixed for a session, so the same text always gets the same verdict. Bounded so a client
@@ -180,32 +180,27 @@ class Gate:
             masked_columns=masked,
         )
 
-    def refuse_fast_path(self) -> ErrorResponse:
-        """Record and refuse a fast-path FunctionCall (it names a function by OID only)."""
-        record = StatementRecord(
-            session_id=self.session_id,
-            connection_id=self.connection_id,
-            principal=self.principal.subject,
-            issuer=self.principal.issuer,
-            groups=self._groups,
-            target=self.target,
-            protocol="fast-path",
-            fingerprint="",
-            statement="<fast-path function call>",
-            operations=("function",),
-            tables=(),
-            verdict="deny",
-            rule="guardrail:fast-path",
+    def refuse_fast_path(self, function_oid: int) -> ErrorResponse:
+        """Decide and record a fast-path FunctionCall through the same path as SQL.
+
+        It names a function by OID only and bypasses SQL analysis entirely, so the policy's
+        built-in `guardrail:fast-path` refuses it; this method exists so the relay need not
+        build an Analysis itself.
+        """
+        stmt = fast_path_analysis(function_oid)
+        analysis = Analysis(statements=(stmt,), error=None)
+        verdicts = tuple(self.policy.evaluate_analysis(self.principal, self.target, analysis))
+        verdict = verdicts[0] if verdicts else None
+        refusal = (
+            refusal_for(verdict)
+            if verdict is not None and verdict.effect is not Effect.ALLOW
+            else ErrorResponse.build(
+                SQLSTATE_INSUFFICIENT_PRIVILEGE,
+                "guard: fast-path function calls are not allowed through guard",
+            )
         )
-        try:
-            self.audit.append(record)
-        except AuditUnavailable:
-            pass  # refused either way
-        return ErrorResponse.build(
-            SQLSTATE_INSUFFICIENT_PRIVILEGE,
-            'guard: statement refused by rule "guardrail:fast-path": fast-path function calls '
-            "(large objects) are not allowed through guard",
-        )
+        recorded = self.record(Decision(analysis, verdicts, refusal), "fast-path")
+        return recorded if isinstance(recorded, ErrorResponse) else refusal
 
     def record_result(
         self,

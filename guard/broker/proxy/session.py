@@ -100,7 +100,6 @@ class ProxyConnection:
         self._portal_fields: dict[str, tuple[m.FieldDescription, ...]] = {}
         self._plan: MaskPlan | None = None  # simple query: active row mask plan
         self._masked_cells = 0
-        self._rows_seen = 0
         self._in_copy_in = False
         self.closed = False
         self.transaction_status = b"I"
@@ -165,7 +164,7 @@ class ProxyConnection:
             # Flush and COPY FROM STDIN payload: the COPY statement itself was gated.
             out.append(SendToServer(frame.raw))
         elif tag == _F:
-            self._refuse_fast_path(out)
+            self._refuse_fast_path(decode_frontend(frame).function_oid, out)
         elif tag == _X:
             out.append(SendToServer(frame.raw))
             out.append(CloseConnection("client terminated"))
@@ -192,11 +191,11 @@ class ProxyConnection:
         out.append(SendToServer(encode(m.Query(_poison_sql()))))
         self._pending.append(_Pending("query", substitute=refusal))
 
-    def _refuse_fast_path(self, out: list[Command]) -> None:
+    def _refuse_fast_path(self, function_oid: int, out: list[Command]) -> None:
         # The fast-path FunctionCall (libpq's large-object calls) names a function by OID and
         # bypasses SQL analysis entirely, so it is refused; its response shape
         # (ErrorResponse + ReadyForQuery) matches a failed simple Query.
-        refusal = self.gate.refuse_fast_path()
+        refusal = self.gate.refuse_fast_path(function_oid)
         self._send_poison_query(refusal, out)
 
     def _on_parse(self, msg: m.Parse, raw, out: list[Command]) -> None:
@@ -290,7 +289,6 @@ class ProxyConnection:
                 out.append(SendToClient(self._mask_row(frame, plan)))
             else:
                 out.append(SendToClient(frame.raw))
-            self._rows_seen += 1
             return
         head = self._pending[0] if self._pending else None
         if tag == _ROW_DESCRIPTION:
