@@ -5,8 +5,6 @@ own. Every route that does something authenticates the bearer ID token first; do
 errors become JSON `ErrorBody` responses with their HTTP status in one handler.
 """
 
-from __future__ import annotations
-
 import asyncio
 from typing import Annotated, Protocol
 
