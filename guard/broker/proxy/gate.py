@@ -19,6 +19,7 @@ from guard.broker.identity.principal import Principal
 from guard.broker.pgwire.messages import ErrorResponse
 from guard.broker.policy.engine import CompiledPolicy, Effect, Verdict
 from guard.broker.sql.analyze import Analysis, StatementAnalysis, analyze, fast_path_analysis
+from guard.broker.sql.fingerprint import UNNORMALIZABLE, normalize
 
 # Decisions are cached per connection by exact statement text: the principal and policy are
 # fixed for a session, so the same text always gets the same verdict. Bounded so a client
@@ -80,17 +81,41 @@ class Gate:
 
     # -- analyze + decide -------------------------------------------------------------
     def _decide(self, sql: str) -> tuple[Analysis, tuple[Verdict, ...]]:
+        hit = self._cached(sql)
+        if hit is not None:
+            return hit
+        # Clients that inline literals (pgbench -M simple, ORMs without binds) send a new
+        # text every time. Decide on the text with its constants replaced by parameters
+        # first (one cheap parse), and reuse that decision — but only when it *allows*:
+        # the analyser treats an unknown value as the worst case (`set_config($1, ...)` is
+        # a role switch, a `$1` SET value or DO body does not parse), so a constant can
+        # only make a statement safer than its parameter, never riskier. Anything short of
+        # an allow is decided again on the exact text.
+        normalized = normalize(sql)
+        if normalized != sql and normalized != UNNORMALIZABLE:
+            result = self._cached(normalized) or self._compute(normalized)
+            if result[1] and all(v.effect is Effect.ALLOW for v in result[1]):
+                self._store(sql, result)
+                return result
+        return self._compute(sql)
+
+    def _cached(self, sql: str) -> tuple[Analysis, tuple[Verdict, ...]] | None:
         hit = self._cache.get(sql)
         if hit is not None:
             self._cache.move_to_end(sql)
-            return hit
+        return hit
+
+    def _compute(self, sql: str) -> tuple[Analysis, tuple[Verdict, ...]]:
         analysis = analyze(sql)
         verdicts = self.policy.evaluate_analysis(self.principal, self.target, analysis)
         result = (analysis, tuple(verdicts))
+        self._store(sql, result)
+        return result
+
+    def _store(self, sql: str, result: tuple[Analysis, tuple[Verdict, ...]]) -> None:
         self._cache[sql] = result
         if len(self._cache) > _DECISION_CACHE_SIZE:
             self._cache.popitem(last=False)
-        return result
 
     def decide(self, sql: str) -> Decision:
         """Analyse and evaluate without recording (used at Parse: nothing runs yet)."""

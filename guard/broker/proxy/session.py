@@ -259,6 +259,13 @@ class ProxyConnection:
                     if run is not None:
                         out.append(SendToClient(run))
                         continue
+                # COPY TO STDOUT data: the COPY statement was gated, and its rows cannot be
+                # tied to table OIDs (protected tables are COPY-able only as masking views,
+                # which PostgreSQL refuses to COPY directly): forward as one slice.
+                run = server.take_run(_COPY_DATA)
+                if run is not None:
+                    out.append(SendToClient(run))
+                    continue
                 frame = server.next_frame()
                 if frame is NEED_DATA:
                     break
