@@ -96,3 +96,30 @@ def test_extended_protocol_refuses(sql):
     )
     assert sent[0].query.startswith("guard_refused_"), sent
     assert sql not in repr(sent)
+
+
+def test_literal_sensitive_statements_are_decided_on_their_exact_text():
+    # The gate reuses decisions of a statement's normalized form only when they allow; a
+    # harmless spelling must not open the door for a dangerous one of the same shape.
+    proxy, _ = make()
+    harmless = "SELECT set_config('application_name', 'report', false)"
+    sent = to_server(proxy.from_client(wire(m.Query(harmless))))
+    assert sent == [m.Query(harmless)]
+    proxy.from_server(wire(m.CommandComplete("SELECT 1"), m.ReadyForQuery(b"I")))
+    for sql in (
+        "SELECT set_config('role', 'postgres', false)",
+        "SELECT set_config('session_authorization', 'postgres', false)",
+    ):
+        sent = to_server(proxy.from_client(wire(m.Query(sql))))
+        assert sent[0].sql.startswith("guard_refused_"), sql
+        proxy.from_server(wire(m.ErrorResponse.build("42601", "x"), m.ReadyForQuery(b"I")))
+
+
+def test_inlined_literals_share_one_allow_decision():
+    proxy, audit = make()
+    for i in range(3):
+        sql = f"SELECT full_name FROM customers WHERE id = {i}"
+        assert to_server(proxy.from_client(wire(m.Query(sql)))) == [m.Query(sql)]
+        proxy.from_server(wire(m.CommandComplete("SELECT 1"), m.ReadyForQuery(b"I")))
+    statements = [r["statement"] for r in audit.records if r["kind"] == "statement"]
+    assert statements == ["SELECT full_name FROM customers WHERE id = $1"] * 3
