@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import textwrap
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -165,3 +166,20 @@ def test_dev_token_for_ci(alice: Stack, tmp_path):
 def test_exec_command_not_found_returns_127(alice: Stack):
     result = alice.guard("exec", "--db", "demo", "--", "/nonexistent/program")
     assert result.returncode == 127
+
+
+def test_exec_child_killed_by_signal_returns_128_plus_n(alice: Stack):
+    code = "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"
+    result = alice.guard("exec", "--db", "demo", "--", sys.executable, "-c", code)
+    assert result.returncode == 128 + 15
+
+
+def test_policy_check_reports_yaml_paths(alice: Stack, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\ntargets: {}\nrules:\n  - id: x\n    effect: maybe\n")
+    result = alice.guard("policy", "check", str(bad))
+    assert result.returncode == 1
+    assert "rules[0].effect" in result.stdout
+    repo_policy = Path(__file__).resolve().parents[2] / "policies.yaml"
+    ok = alice.guard("policy", "check", str(repo_policy))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
