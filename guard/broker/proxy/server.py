@@ -15,7 +15,7 @@ import asyncio
 import logging
 import secrets
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from guard.broker.audit.sink import AuditSink
@@ -60,9 +60,7 @@ class Gateway:
         sessions: SessionManager,
         policy: CompiledPolicy,
         audit: AuditSink,
-        protected_map: Callable[
-            [Session, upstream.UpstreamConnection], asyncio.Future[ProtectedMap] | object
-        ],
+        protected_map: Callable[[Session, upstream.UpstreamConnection], Awaitable[ProtectedMap]],
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self.tls = tls
@@ -156,10 +154,9 @@ class Gateway:
             writer.write(encode(m.NegotiateProtocolVersion(0, unrecognized)))
         user = params.get("user", "")
         session = self.sessions.by_user(user)
-        verifier_session = session
         try:
             await asyncio.wait_for(
-                self._authenticate(reader, writer, parser, verifier_session, user), AUTH_TIMEOUT
+                self._authenticate(reader, writer, parser, session, user), AUTH_TIMEOUT
             )
         except (AuthenticationFailed, ProtocolError, TimeoutError):
             writer.write(_fatal("28P01", f'password authentication failed for user "{user}"'))
@@ -198,7 +195,7 @@ class Gateway:
             await writer.drain()
             return
         try:
-            protected = await self._protected_map(session, up)  # type: ignore[misc]
+            protected = await self._protected_map(session, up)
         except upstream.UpstreamError as exc:
             log.error("protected-column lookup failed for session %s: %s", session.id, exc)
             up.writer.close()
