@@ -1,3 +1,3 @@
-"""Shared fixtures: real PostgreSQL/OpenBao (fix_pg) and the whole demo stack (fix_stack)."""
+"""Shared fixtures, as plugins: real PostgreSQL, OpenBao, and the whole demo stack."""
 
-pytest_plugins = ["tests.fix_pg", "tests.fix_stack"]
+pytest_plugins = ["tests.fix_pg", "tests.fix_openbao", "tests.fix_stack"]

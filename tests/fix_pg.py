@@ -1,46 +1,34 @@
-"""Session fixtures: a throwaway PostgreSQL cluster with the demo database, and OpenBao.
+"""Session fixture `pg_cluster`: a throwaway PostgreSQL cluster with the demo database.
 
-Skip with a reason when the server binaries are missing, except under CI=true, where a
-missing PostgreSQL or OpenBao is a failure.
+Skips with a reason when the server binaries are missing, except under CI=true, where a
+missing PostgreSQL is a failure. `require` is shared with the other real-service fixtures.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 
-from guard.devstack.openbao import OpenBaoDevServer, find_bao
-from guard.devstack.postgres import PostgresCluster, find_pg_bindir
+from guard.devstack.postgres import MISSING_HINT, PostgresCluster, find_pg_bindir
 
 
-def require(name: str, present: bool) -> None:
+def require(name: str, present: bool, hint: str) -> None:
+    """Skip (or, with CI=true, fail) when a real service needed by a test is missing."""
     if present:
         return
+    message = f"{name} is not available: {hint}"
     if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{name} is not available (CI=true: a failure, not a skip)")
-    pytest.skip(f"{name} is not available")
+        pytest.fail(f"{message} (CI=true: a failure, not a skip)", pytrace=False)
+    pytest.skip(message)
 
 
 @pytest.fixture(scope="session")
-def pg_cluster():
-    require("PostgreSQL", find_pg_bindir() is not None)
+def pg_cluster() -> Iterator[PostgresCluster]:
+    require("PostgreSQL", find_pg_bindir() is not None, MISSING_HINT)
     from guard.devstack.demo_data import create_demo_database
 
-    cluster = PostgresCluster().start()
-    try:
-        create_demo_database(cluster.admin_dsn())
+    with PostgresCluster().start() as cluster:
+        create_demo_database(cluster.admin_dsn("postgres"), "demo")
         yield cluster
-    finally:
-        cluster.stop()
-
-
-@pytest.fixture(scope="session")
-def openbao(tmp_path_factory):
-    require("OpenBao", find_bao() is not None)
-    server = OpenBaoDevServer().start(Path(tmp_path_factory.mktemp("openbao")))
-    try:
-        yield server
-    finally:
-        server.stop()

@@ -1,9 +1,10 @@
 """The deterministic demo bank database `demo`: same rows on every run.
 
 Generated with `random.Random(42)` from small embedded name lists and loaded with COPY.
-Customer 1 is a fixed, known row (Alice Anderson, SSN 123-45-6789) that tests rely on.
-Also creates the objects the security contract names: the owner-rights view
-`v_customer_contacts` and the server function `customer_ssn(int)`.
+Customer 1 is a fixed, known row (`CUSTOMER_1`: Alice Anderson, SSN 123-45-6789) that
+tests rely on, and owns account 1. Also creates the objects the security contract names:
+the owner-rights view `v_customer_contacts` (reads the protected `email` column with its
+owner's rights) and the SECURITY DEFINER server function `customer_ssn(int)`.
 """
 
 from __future__ import annotations
@@ -114,20 +115,21 @@ CREATE FUNCTION customer_ssn(customer int) RETURNS text LANGUAGE sql STABLE SECU
 
 N_CUSTOMERS, N_ACCOUNTS, N_TRANSACTIONS = 1000, 1500, 5000
 
+# (id, full_name, ssn, email, dob, phone): the stable row tests and the tour rely on.
+CUSTOMER_1 = (
+    1,
+    "Alice Anderson",
+    "123-45-6789",
+    "alice.anderson@example.com",
+    date(1985, 4, 12),
+    "555-0100",
+)
 
-def rows(seed: int = 42):
+
+def rows(seed: int = 42) -> dict[str, list[tuple]]:
+    """All demo rows by table, in COPY column order; the same on every call."""
     rnd = random.Random(seed)
-    customers, seen_ssn = [], {"123-45-6789"}
-    customers.append(
-        (
-            1,
-            "Alice Anderson",
-            "123-45-6789",
-            "alice.anderson@example.com",
-            date(1985, 4, 12),
-            "555-0100",
-        )
-    )
+    customers, seen_ssn = [CUSTOMER_1], {CUSTOMER_1[2]}
     for i in range(2, N_CUSTOMERS + 1):
         first, last = rnd.choice(FIRST), rnd.choice(LAST)
         while True:
@@ -168,9 +170,14 @@ def rows(seed: int = 42):
 
 
 def create_demo_database(admin_dsn: str, dbname: str = "demo") -> None:
-    """Create `dbname` (dropping an old one) and load the demo schema and rows."""
+    """Create `dbname` (dropping an old one) and load the demo schema and rows.
+
+    `admin_dsn` is a superuser DSN for any existing database (usually `postgres`).
+    """
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(dbname)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))
+        )
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
     db_dsn = psycopg.conninfo.make_conninfo(admin_dsn, dbname=dbname)
     with psycopg.connect(db_dsn) as conn:

@@ -1,29 +1,37 @@
-"""`guard dev up/down/status`: the whole demo stack on loopback under one state dir.
+"""`guard dev up/down/status`: the whole demo stack on 127.0.0.1 under one state dir.
 
-Starts, in order: a throwaway PostgreSQL cluster with the demo bank database and the
-policy's database backstop; an OpenBao dev server with the database secrets engine for
-target `demo`; the dev OIDC provider; the broker (API + PG gateway) with SQLite state and
-the policy file. Every process is recorded by pid in `stack.json` (mode 0600: it holds the
-throwaway demo admin DSN) so `down` stops exactly what `up` started.
+`up` starts, with random free loopback ports: a throwaway PostgreSQL cluster with the demo
+bank database and the policy's database backstop; an OpenBao dev server whose database
+secrets engine mints session roles for target `demo`; the dev OIDC provider; the broker
+(API + PG gateway, SQLite state) with the policy file. OpenBao and the IdP boot while
+PostgreSQL is initialised. Every process is recorded in `stack.json` (mode 0600: it holds
+the throwaway demo admin DSN) by pid and kernel start time, so `down` stops exactly what
+`up` started and never a process that merely inherited a recycled pid.
+
+Children run in their own sessions (Ctrl-C in a terminal does not reach them) and log to
+`<state>/logs/<name>.log`; PostgreSQL logs inside its cluster directory (the `postgres`
+user cannot write under root's HOME) and `logs/postgres.log` links there.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import yaml
 
-from guard.broker.masking.objects import creation_statements, revocation_statements
-from guard.broker.policy.compile import load_policy_file
-from guard.devstack.backstop import apply_backstop
+from guard.cli.profile import Profile, save_profile
 from guard.devstack.demo_data import create_demo_database
 from guard.devstack.openbao import OpenBaoDevServer, configure_database_target
 from guard.devstack.postgres import PostgresCluster, free_port, stop_cluster
@@ -33,21 +41,33 @@ TARGET = "demo"
 OPENBAO_ROLE = "guard-demo"
 CLIENT_ID = "guard-cli"
 REPO_POLICY = Path(__file__).resolve().parents[2] / "policies.yaml"
+PACKAGED_POLICY = Path(__file__).resolve().parent / "policies.yaml"
+# Stop order: the broker first, so it can revoke its leases while OpenBao still runs.
+STOP_ORDER = ("broker", "idp", "openbao", "postgres")
 
 
 class StackError(RuntimeError):
+    """`up` failed or was refused; `hint` says what to do. Printed by the CLI as is."""
+
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
         self.hint = hint
 
 
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
+# --- processes -------------------------------------------------------------------------
 
 
-def alive(pid: int | None) -> bool:
+def _proc_start_time(pid: int) -> int | None:
+    """Kernel start time of `pid` (clock ticks since boot), None if unknown/gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def alive(pid: int | None, start_time: int | None = None) -> bool:
+    """True if `pid` runs (not a zombie) and, when known, is the process we started."""
     if not pid:
         return False
     try:
@@ -55,37 +75,38 @@ def alive(pid: int | None) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    # A zombie child of ours counts as gone.
+        pass
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state != "Z"
-    except OSError:
-        return True
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): trust kill(0)
+    if state in ("Z", "X"):
+        return False
+    return start_time is None or _proc_start_time(pid) == start_time
 
 
-def read_status(state_dir: Path) -> dict | None:
-    path = state_dir / "stack.json"
-    if not path.exists():
-        return None
-    data = json.loads(path.read_text())
-    pids = data.get("pids", {})
-    data["running"] = bool(pids) and all(alive(p) for p in pids.values())
-    return data
-
-
-def default_policy() -> Path:
-    local = Path.cwd() / "policies.yaml"
-    if local.exists():
-        return local
-    if REPO_POLICY.exists():
-        return REPO_POLICY
-    raise StackError("no policies.yaml found", hint="pass --policy FILE")
+def _stop_pid(
+    pid: int, start_time: int | None, *, first: signal.Signals, timeout: float = 5.0
+) -> None:
+    """Send `first`, wait up to `timeout`, then SIGKILL."""
+    if not alive(pid, start_time):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, first)
+    deadline = time.monotonic() + timeout
+    while alive(pid, start_time) and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):  # reap our own child (foreground `up`)
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.05)
+    if alive(pid, start_time):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
 
 
 def _spawn(name: str, argv: list[str], state_dir: Path) -> subprocess.Popen[bytes]:
-    log = open(state_dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
-    try:
+    with open(state_dir / "logs" / f"{name}.log", "wb") as log:
         return subprocess.Popen(
             argv,
             stdout=log,
@@ -94,65 +115,231 @@ def _spawn(name: str, argv: list[str], state_dir: Path) -> subprocess.Popen[byte
             start_new_session=True,
             cwd=state_dir,
         )
-    finally:
-        log.close()
 
 
-def _wait_http(
-    url: str, proc: subprocess.Popen[bytes], name: str, state_dir: Path, timeout: float = 30.0
-) -> None:
+def _tail(path: Path, limit: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-limit:].strip()
+    except OSError:
+        return "(no log)"
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], name: str, log: Path, timeout: float):
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            break
-        try:
-            if httpx.get(url, timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    tail = (state_dir / "logs" / f"{name}.log").read_text(errors="replace")[-3000:]
+    with httpx.Client(timeout=1.0) as http:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if http.get(url).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+    why = f"exited with status {proc.returncode}" if proc.poll() is not None else "timed out"
     raise StackError(
-        f"the {name} did not become ready at {url}:\n{tail}",
-        hint=f"see {state_dir / 'logs' / (name + '.log')}",
+        f"the {name} did not become ready at {url} ({why}); last lines of {log}:\n{_tail(log)}",
+        hint=f"fix what {log} reports, then run `guard dev up` again",
     )
 
 
-def up(state_dir: Path, policy_file: Path | None, progress: Callable[[str], None]) -> dict:
-    existing = read_status(state_dir)
-    if existing and any(alive(p) for p in existing.get("pids", {}).values()):
-        raise StackError(
-            f"a dev stack is already running in {state_dir}", hint="run `guard dev down` first"
-        )
-    if existing:
-        down(state_dir)
-    policy_path = (policy_file or default_policy()).resolve()
-    policy = load_policy_file(policy_path)
-    if TARGET not in policy.targets:
-        raise StackError(f"{policy_path} has no target {TARGET!r}", hint="the demo needs it")
-    (state_dir / "logs").mkdir(parents=True, exist_ok=True)
-    os.chmod(state_dir, 0o700)
-    started: dict[str, int] = {}
-    status: dict = {"state_dir": str(state_dir), "pids": started, "policy_file": str(policy_path)}
-    pg = PostgresCluster()
-    bao = OpenBaoDevServer()
-    try:
-        progress("PostgreSQL")
-        tls_dir = state_dir / "tls"
-        ca_file, cert_file, key_file = make_dev_ca(tls_dir)
-        status["gateway_ca"] = str(ca_file)
-        pg.start(tls=(tls_dir / "postgres.pem", tls_dir / "postgres-key.pem"))
-        pg._owns_base = False  # it outlives this process; `down` removes it
-        status["pg_base_dir"] = str(pg.base_dir)
-        started["postgres"] = pg.pid or 0
-        create_demo_database(pg.admin_dsn())
-        apply_backstop(pg.admin_dsn(TARGET), policy.targets[TARGET])
-        upstream_dsn = pg.admin_dsn(TARGET)
-        status["upstream_dsn"] = upstream_dsn
+# --- state -----------------------------------------------------------------------------
 
-        progress("OpenBao")
-        bao.start(state_dir, detach=True)
-        started["openbao"] = bao.pid or 0
+
+def _write_private(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _save(state_dir: Path, status: dict[str, Any]) -> None:
+    data = {k: v for k, v in status.items() if k != "running"}
+    _write_private(state_dir / "stack.json", json.dumps(data, indent=2) + "\n")
+
+
+def read_status(state_dir: Path) -> dict[str, Any] | None:
+    """The recorded stack plus `running` (every recorded process alive), or None."""
+    path = state_dir / "stack.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise StackError(
+            f"cannot read {path}: {exc}", hint="run `guard dev down`, or delete the file"
+        ) from exc
+    pids, starts = data.get("pids", {}), data.get("pid_starts", {})
+    data["running"] = bool(pids) and all(alive(p, starts.get(n)) for n, p in pids.items())
+    return data
+
+
+@contextlib.contextmanager
+def _lock(state_dir: Path) -> Iterator[None]:
+    with open(state_dir / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StackError(
+                f"another `guard dev up`/`down` is working in {state_dir}",
+                hint="wait for it to finish",
+            ) from None
+        yield
+
+
+def default_policy() -> Path:
+    """./policies.yaml, else the source checkout's, else the copy shipped in the package."""
+    for candidate in (Path.cwd() / "policies.yaml", REPO_POLICY, PACKAGED_POLICY):
+        if candidate.is_file():
+            return candidate
+    raise StackError("no policies.yaml found", hint="pass --policy FILE")
+
+
+# --- up / down -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _step(name: str, log: Path | None) -> Iterator[None]:
+    """Turn a failure of one step into a StackError naming the step and its log."""
+    try:
+        yield
+    except StackError:
+        raise
+    except Exception as exc:
+        text = str(exc) or type(exc).__name__
+        if log is not None and log.exists() and str(log) not in text:
+            text += f"\nlast lines of {log}:\n{_tail(log)}"
+        raise StackError(
+            f"{name} failed: {text}",
+            hint=f"fix the cause above and run `guard dev up` again (logs: {log or 'above'})",
+        ) from exc
+
+
+def up(
+    state_dir: Path,
+    policy_file: Path | None = None,
+    progress: Callable[[str], None] = lambda step: None,
+) -> dict[str, Any]:
+    """Start the stack (refusing if one runs here), save stack.json and the CLI profile."""
+    t0 = time.monotonic()
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(state_dir, 0o700)
+    with _lock(state_dir):
+        existing = read_status(state_dir)
+        if existing:
+            starts = existing.get("pid_starts", {})
+            running = [n for n, p in existing.get("pids", {}).items() if alive(p, starts.get(n))]
+            if running:
+                raise StackError(
+                    f"a dev stack is already running in {state_dir} ({', '.join(running)})",
+                    hint="run `guard dev down` first",
+                )
+            _down(state_dir)  # stale: a crash or reboot left a record behind
+        policy_path, policy = _load_policy(policy_file)
+        # A fresh OpenBao knows none of the old leases: start the broker's state afresh.
+        shutil.rmtree(state_dir / "broker", ignore_errors=True)
+        logs = state_dir / "logs"
+        logs.mkdir(exist_ok=True)
+        status: dict[str, Any] = {
+            "state_dir": str(state_dir),
+            "policy_file": str(policy_path),
+            "pids": {},
+            "pid_starts": {},
+            "logs": {},
+        }
+        try:
+            _start(state_dir, policy, status, progress)
+        except BaseException:
+            _save(state_dir, status)
+            _down(state_dir)
+            raise
+        status["up_seconds"] = round(time.monotonic() - t0, 2)
+        _save(state_dir, status)
+    save_profile(
+        Profile(
+            broker_url=status["broker_url"],
+            issuer=status["issuer"],
+            client_id=CLIENT_ID,
+            audience=CLIENT_ID,
+            gateway_ca_file=status["gateway_ca"],
+        )
+    )
+    status["running"] = True
+    return status
+
+
+def _load_policy(policy_file: Path | None):
+    from guard.broker.policy.compile import load_policy_file
+
+    policy_path = (policy_file or default_policy()).resolve()
+    with _step(f"reading the policy {policy_path}", None):
+        policy = load_policy_file(policy_path)
+    if TARGET not in policy.targets:
+        raise StackError(
+            f"{policy_path} has no target {TARGET!r}",
+            hint=f"the demo stack serves target {TARGET!r}: add it, or use the default policy",
+        )
+    return policy_path, policy
+
+
+def _record(status: dict[str, Any], name: str, pid: int | None, log: Path) -> None:
+    if pid:
+        status["pids"][name] = pid
+        status["pid_starts"][name] = _proc_start_time(pid)
+    status["logs"][name] = str(log)
+
+
+def _start(
+    state_dir: Path, policy: Any, status: dict[str, Any], progress: Callable[[str], None]
+) -> None:
+    from guard.broker.masking.objects import creation_statements, revocation_statements
+    from guard.devstack.backstop import apply_backstop
+
+    logs = state_dir / "logs"
+    tls_dir = state_dir / "tls"
+    ca_file, cert_file, key_file = make_dev_ca(tls_dir)
+    status["gateway_ca"] = str(ca_file)
+
+    # OpenBao and the IdP boot while PostgreSQL is initialised.
+    progress("OpenBao")
+    bao = OpenBaoDevServer()
+    bao_log = logs / "openbao.log"
+    with _step("starting OpenBao", bao_log):
+        bao.start(state_dir, log_file=bao_log, detach=True, wait=False)
+    _record(status, "openbao", bao.pid, bao_log)
+    status["openbao_addr"] = bao.addr
+    status["openbao_token_file"] = str(bao.token_file)
+
+    progress("dev identity provider")
+    idp_port = free_port()
+    issuer = f"http://127.0.0.1:{idp_port}"
+    idp_argv = [sys.executable, "-m", "guard.devstack.idp", "--host", "127.0.0.1"]
+    idp_argv += ["--port", str(idp_port), "--state-dir", str(state_dir), "--client-id", CLIENT_ID]
+    idp = _spawn("idp", idp_argv, state_dir)
+    _record(status, "idp", idp.pid, logs / "idp.log")
+    status["issuer"] = issuer
+
+    progress("PostgreSQL and the demo database")
+    pg = PostgresCluster()
+    pg_log = logs / "postgres.log"
+    with _step("starting PostgreSQL", None):
+        pg.start(tls=(tls_dir / "postgres.pem", tls_dir / "postgres-key.pem"))
+    pg.owns_base_dir = False  # it outlives this process: `down` removes it
+    status["pg_base_dir"] = str(pg.base_dir)
+    with contextlib.suppress(OSError):
+        pg_log.unlink(missing_ok=True)
+        pg_log.symlink_to(pg.log_file)
+    _record(status, "postgres", pg.pid, pg_log)
+    upstream_dsn = pg.admin_dsn(TARGET)
+    status["upstream_dsn"] = upstream_dsn
+    with _step("loading the demo database", pg_log):
+        create_demo_database(pg.admin_dsn("postgres"), TARGET)
+    with _step("applying the policy's database backstop", pg_log):
+        apply_backstop(upstream_dsn, policy.targets[TARGET])
+    dsn_file = state_dir / "upstream-admin-dsn"
+    _write_private(dsn_file, upstream_dsn)
+
+    with _step("configuring OpenBao's database secrets engine", bao_log):
+        bao.wait_healthy()
         configure_database_target(
             bao.client(),
             connection_name=TARGET,
@@ -165,114 +352,75 @@ def up(state_dir: Path, policy_file: Path | None, progress: Callable[[str], None
             creation_statements=creation_statements(),
             revocation_statements=revocation_statements(),
         )
-        status["openbao_addr"] = bao.addr
+    _wait_http(f"{issuer}/.well-known/openid-configuration", idp, "dev IdP", logs / "idp.log", 30)
 
-        progress("dev identity provider")
-        idp_port = free_port()
-        issuer = f"http://127.0.0.1:{idp_port}"
-        idp = _spawn(
-            "idp",
-            [
-                sys.executable,
-                "-m",
-                "guard.devstack.idp",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(idp_port),
-                "--state-dir",
-                str(state_dir),
-                "--client-id",
-                CLIENT_ID,
-            ],
-            state_dir,
-        )
-        started["idp"] = idp.pid
-        _wait_http(f"{issuer}/.well-known/openid-configuration", idp, "idp", state_dir)
-        status["issuer"] = issuer
-
-        progress("broker")
-        api_port, gw_port = free_port(), free_port()
-        dsn_file = state_dir / "upstream-admin-dsn"
-        _write_private(dsn_file, upstream_dsn)
-        config = {
-            "state_dir": str(state_dir / "broker"),
-            "policy_file": str(policy_path),
-            "api": {"host": "127.0.0.1", "port": api_port},
-            "gateway": {"host": "127.0.0.1", "port": gw_port},
-            "gateway_tls": {"cert_file": str(cert_file), "key_file": str(key_file)},
-            "oidc": {"issuer": issuer, "audience": CLIENT_ID},
-            "openbao": {"addr": bao.addr, "token_file": str(state_dir / "openbao-token")},
-            "targets": {
-                TARGET: {
-                    "host": pg.host,
-                    "port": pg.port,
-                    "database": TARGET,
-                    "openbao_role": OPENBAO_ROLE,
-                    "admin_dsn_file": str(dsn_file),
-                    # Verified TLS with channel binding (SCRAM-SHA-256-PLUS) to the database.
-                    "sslmode": "verify-full",
-                    "sslrootcert": str(ca_file),
-                }
-            },
-            "audit": {"path": str(state_dir / "audit.jsonl")},
-        }
-        config_path = state_dir / "broker.yaml"
-        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        broker = _spawn(
-            "broker",
-            [sys.executable, "-m", "guard.broker.service", "--config", str(config_path)],
-            state_dir,
-        )
-        started["broker"] = broker.pid
-        broker_url = f"http://127.0.0.1:{api_port}"
-        _wait_http(f"{broker_url}/v1/health", broker, "broker", state_dir)
-        status.update(
-            broker_url=broker_url,
-            gateway=f"127.0.0.1:{gw_port}",
-            audit_log=config["audit"]["path"],
-            broker_config=str(config_path),
-        )
-    except BaseException:
-        _write_private(state_dir / "stack.json", json.dumps(status, indent=2))
-        down(state_dir)
-        raise
-    _write_private(state_dir / "stack.json", json.dumps(status, indent=2))
-    status["running"] = True
-    return status
-
-
-def _stop_pid(pid: int, timeout: float = 5.0) -> None:
-    if not alive(pid):
-        return
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while alive(pid) and time.monotonic() < deadline:
-        try:  # reap it if it is our own child (foreground `guard dev up`)
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        time.sleep(0.05)
-    if alive(pid):
-        os.kill(pid, signal.SIGKILL)
+    progress("broker")
+    api_port, gw_port = free_port(), free_port()
+    config = {
+        "state_dir": str(state_dir / "broker"),
+        "policy_file": status["policy_file"],
+        "api": {"host": "127.0.0.1", "port": api_port},
+        "gateway": {"host": "127.0.0.1", "port": gw_port},
+        "gateway_tls": {"cert_file": str(cert_file), "key_file": str(key_file)},
+        "oidc": {"issuer": issuer, "audience": CLIENT_ID},
+        "openbao": {"addr": bao.addr, "token_file": str(bao.token_file)},
+        "targets": {
+            TARGET: {
+                "host": pg.host,
+                "port": pg.port,
+                "database": TARGET,
+                "openbao_role": OPENBAO_ROLE,
+                "admin_dsn_file": str(dsn_file),
+                # Verified TLS with channel binding (SCRAM-SHA-256-PLUS) to the database.
+                "sslmode": "verify-full",
+                "sslrootcert": str(ca_file),
+            }
+        },
+        "audit": {"path": str(state_dir / "audit.jsonl")},
+    }
+    config_path = state_dir / "broker.yaml"
+    _write_private(config_path, yaml.safe_dump(config, sort_keys=False))
+    broker_argv = [sys.executable, "-m", "guard.broker.service", "--config", str(config_path)]
+    broker = _spawn("broker", broker_argv, state_dir)
+    _record(status, "broker", broker.pid, logs / "broker.log")
+    broker_url = f"http://127.0.0.1:{api_port}"
+    _wait_http(f"{broker_url}/v1/health", broker, "broker", logs / "broker.log", 30)
+    status.update(
+        broker_url=broker_url,
+        gateway=f"127.0.0.1:{gw_port}",
+        audit_log=config["audit"]["path"],
+        broker_config=str(config_path),
+    )
 
 
 def down(state_dir: Path) -> bool:
-    """Stop every recorded process (broker first, so it can revoke its leases)."""
-    path = state_dir / "stack.json"
-    if not path.exists():
+    """Stop every recorded process and remove the cluster; False if nothing was recorded."""
+    if not (state_dir / "stack.json").exists():
         return False
-    data = json.loads(path.read_text())
-    pids = data.get("pids", {})
-    for name in ("broker", "idp", "openbao"):
-        if pids.get(name):
-            _stop_pid(int(pids[name]), timeout=10.0 if name == "broker" else 5.0)
-    if data.get("pg_base_dir"):
-        stop_cluster(Path(data["pg_base_dir"]))
-    data["pids"] = {}
+    with _lock(state_dir):
+        return _down(state_dir)
+
+
+def _down(state_dir: Path) -> bool:
+    try:
+        data = read_status(state_dir)
+    except StackError:  # unreadable record: nothing to stop by pid, start afresh
+        (state_dir / "stack.json").unlink(missing_ok=True)
+        return True
+    if data is None:
+        return False
+    pids, starts = data.get("pids", {}), data.get("pid_starts", {})
+    for name in STOP_ORDER:
+        pid = pids.get(name)
+        if name == "postgres":
+            if data.get("pg_base_dir"):
+                stop_cluster(Path(data["pg_base_dir"]))  # pg_ctl stop -m fast, as postgres
+            if pid:  # pg_ctl could not (cluster dir gone?): SIGINT is a fast shutdown
+                _stop_pid(int(pid), starts.get(name), first=signal.SIGINT)
+        elif pid:
+            timeout = 10.0 if name == "broker" else 5.0
+            _stop_pid(int(pid), starts.get(name), first=signal.SIGTERM, timeout=timeout)
+    data["pids"], data["pid_starts"] = {}, {}
     data["stopped"] = True
-    _write_private(path, json.dumps(data, indent=2))
+    _save(state_dir, data)
     return True

@@ -1,4 +1,8 @@
-"""In-memory credential issuer for unit tests only; warns when built."""
+"""In-memory credential issuer for unit tests only; warns `FakeComponentWarning` when built.
+
+`FakeComponentWarning` is the one marker class for every fake component (it lives in
+`guard.broker.fakes`, shared with the OIDC `StaticKeySource`) and is re-exported here.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,12 @@ from datetime import UTC, datetime, timedelta
 from guard.broker.credentials.issuer import IssuedCredentials
 from guard.broker.fakes import FakeComponentWarning
 
+__all__ = ["FakeComponentWarning", "FakeIssuer"]
+
 
 class FakeIssuer:
+    """Issues made-up credentials and records revocations; nothing reaches a database."""
+
     def __init__(self) -> None:
         warnings.warn("FakeIssuer is for unit tests only", FakeComponentWarning, stacklevel=2)
         self.active: dict[str, IssuedCredentials] = {}
@@ -19,10 +27,10 @@ class FakeIssuer:
     def issue(self, role: str, ttl_seconds: int) -> IssuedCredentials:
         lease = f"database/creds/{role}/{secrets.token_hex(4)}"
         creds = IssuedCredentials(
-            f"v-{role}-{secrets.token_hex(3)}",
-            secrets.token_hex(8),
-            lease,
-            datetime.now(UTC) + timedelta(seconds=ttl_seconds),
+            username=f"v-{role}-{secrets.token_hex(3)}",
+            password=secrets.token_hex(8),
+            lease_id=lease,
+            expires_at=datetime.now(UTC) + timedelta(seconds=ttl_seconds),
         )
         self.active[lease] = creds
         return creds

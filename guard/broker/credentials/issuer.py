@@ -1,8 +1,8 @@
 """The credential issuer seam: short-lived database credentials per session.
 
-Imports only the stdlib. `credentials.openbao` is the real implementation (OpenBao or
-HashiCorp Vault database secrets engine), `credentials.fake` the unit-test one; only
-`service.py` picks.
+Imports only the stdlib (and the broker's domain errors). `credentials.openbao` is the real
+implementation (OpenBao or HashiCorp Vault database secrets engine), `credentials.fake` the
+unit-test one; only `service.py` picks.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ class IssuedCredentials:
     username: str
     password: str = field(repr=False)  # never printed, logged or sent to a client
     lease_id: str
-    expires_at: datetime
+    expires_at: datetime  # UTC
 
 
 class CredentialIssuer(Protocol):
@@ -27,8 +27,16 @@ class CredentialIssuer(Protocol):
         """Mint credentials whose lease lasts at most `ttl_seconds`."""
         ...
 
-    def revoke(self, lease_id: str) -> None: ...
+    def revoke(self, lease_id: str) -> None:
+        """End the lease now; the secrets engine drops the role."""
+        ...
 
 
 class CredentialsUnavailable(DependencyUnavailable):
-    """The secrets engine could not issue or revoke: fail closed, say what to check."""
+    """The secrets engine could not issue or revoke: fail closed, say what to check.
+
+    HTTP 503 and SQLSTATE 08006 (from `DependencyUnavailable`); `message` says what
+    failed, `hint` what to do; neither ever holds a token or a password.
+    """
+
+    code = "credentials_unavailable"

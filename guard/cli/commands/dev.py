@@ -1,19 +1,24 @@
-"""`guard dev up|down|status|login|token`: the local demo stack (see `guard.devstack.stack`)."""
+"""`guard dev up|down|status|login|token`: the local demo stack (see `guard.devstack.stack`).
+
+`login`/`token` live in `cli.commands.dev_login` and register on the same sub-command.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import threading
+import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from guard.cli.errors import CliError
-from guard.cli.profile import Profile, dev_state_dir, save_profile
+from guard.cli.profile import dev_state_dir
 
 _out = Console()
 _err = Console(stderr=True)
@@ -26,74 +31,130 @@ SHOWN = (
     "upstream_dsn",
     "state_dir",
     "audit_log",
+    "policy_file",
 )
 
 
-def _print_status(status: dict) -> None:
+def _hide_password(dsn: str) -> str:
+    return re.sub(r"password=\S+", "password=***", dsn)
+
+
+def _print_status(status: dict[str, Any]) -> None:
     table = Table(title="guard dev stack", show_header=False)
     table.add_row("running", "[green]yes[/green]" if status.get("running") else "[red]no[/red]")
     for key in SHOWN:
         if key in status:
-            table.add_row(key, str(status[key]))
+            value = str(status[key])
+            if key == "upstream_dsn":
+                value = _hide_password(value) + "  [dim](full: guard dev status --json)[/dim]"
+            table.add_row(key, value)
+    pids = status.get("pids") or {}
+    if pids:
+        table.add_row("pids", ", ".join(f"{name} {pid}" for name, pid in pids.items()))
+    if "up_seconds" in status and status.get("running"):
+        table.add_row("started in", f"{status['up_seconds']} s")
     _out.print(table)
 
 
+def _as_cli_error(exc: Exception, state: Path) -> CliError:
+    from guard.devstack.stack import StackError
+
+    if isinstance(exc, StackError):
+        return CliError(str(exc), hint=exc.hint)
+    return CliError(
+        f"guard dev up failed: {exc}",
+        hint=f"see the logs in {state / 'logs'}; `guard dev down` cleans up",
+    )
+
+
+def _raise_interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def up(
-    detach: Annotated[bool, typer.Option("--detach", help="Return once the stack is up")] = False,
+    detach: Annotated[
+        bool, typer.Option("--detach", help="Return once the stack is up; stop it with `down`.")
+    ] = False,
     policy: Annotated[
-        Path | None, typer.Option(help="Policy file (default: ./policies.yaml)")
+        Path | None,
+        typer.Option(help="Policy file (default: ./policies.yaml, else the bundled demo policy)."),
     ] = None,
 ) -> int:
-    from guard.devstack.stack import StackError
-    from guard.devstack.stack import down as stack_down
-    from guard.devstack.stack import up as stack_up
+    from guard.devstack import stack
 
     state = dev_state_dir()
+    # SIGTERM while starting tears down what was started, like Ctrl-C.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        status = stack_up(state, policy, lambda step: _err.print(f"[dim]starting {step}…[/dim]"))
-    except StackError as exc:
-        raise CliError(str(exc), hint=exc.hint) from exc
+        status = stack.up(state, policy, lambda step: _err.print(f"[dim]starting {step}…[/dim]"))
     except Exception as exc:
-        raise CliError(
-            f"guard dev up failed: {exc}",
-            hint=f"see the logs in {state / 'logs'}; `guard dev down` cleans up",
-        ) from exc
-    save_profile(
-        Profile(
-            broker_url=status["broker_url"],
-            issuer=status["issuer"],
-            gateway_ca_file=status["gateway_ca"],
-        )
-    )
+        raise _as_cli_error(exc, state) from exc
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     _print_status(status)
     _err.print("next: [bold]guard dev login alice[/bold], then [bold]guard connect demo[/bold]")
     if detach:
         return 0
+    return _serve_until_stopped(state)
+
+
+def _serve_until_stopped(state: Path) -> int:
+    """Foreground mode: wait for Ctrl-C/SIGTERM (or a dead process), then tear down."""
+    from guard.devstack import stack
+
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    previous = {
+        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     _err.print("[dim]press Ctrl-C to stop the stack[/dim]")
-    stop.wait()
-    stack_down(state)
-    return 0
+    code = 0
+    try:
+        while not stop.wait(1.0):
+            current = stack.read_status(state)
+            if current is None or current.get("stopped"):
+                _err.print("the dev stack was stopped elsewhere (`guard dev down`)")
+                return 0
+            if not current.get("running"):
+                dead = [
+                    name
+                    for name, pid in current.get("pids", {}).items()
+                    if not stack.alive(pid, current.get("pid_starts", {}).get(name))
+                ]
+                _err.print(
+                    f"[red]{', '.join(dead)} exited[/red]; see {state / 'logs'}; stopping the rest"
+                )
+                code = 1
+                break
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    _err.print("[dim]stopping…[/dim]")
+    started = time.monotonic()
+    stack.down(state)
+    _err.print(f"dev stack stopped ({time.monotonic() - started:.1f} s)")
+    return code
 
 
 def down() -> int:
-    from guard.devstack.stack import down as stack_down
+    from guard.devstack import stack
 
-    if stack_down(dev_state_dir()):
-        _err.print("dev stack stopped")
-    else:
-        _err.print("no dev stack recorded")
+    try:
+        stopped = stack.down(dev_state_dir())
+    except stack.StackError as exc:
+        raise CliError(str(exc), hint=exc.hint) from exc
+    _err.print("dev stack stopped" if stopped else "no dev stack recorded")
     return 0
 
 
 def status(
-    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> int:
-    from guard.devstack.stack import read_status
+    from guard.devstack import stack
 
-    data = read_status(dev_state_dir())
+    try:
+        data = stack.read_status(dev_state_dir())
+    except stack.StackError as exc:
+        raise CliError(str(exc), hint=exc.hint) from exc
     if data is None:
         raise CliError("no dev stack has been started", hint="run `guard dev up`")
     if json_output:
@@ -107,10 +168,13 @@ def register(app: typer.Typer) -> None:
     from guard.cli.commands import dev_login
 
     dev_app = typer.Typer(
-        help="Local demo stack (PostgreSQL, OpenBao, dev IdP, broker).", no_args_is_help=True
+        help="Local demo stack (PostgreSQL, OpenBao, dev IdP, broker) on 127.0.0.1.",
+        no_args_is_help=True,
     )
     dev_app.command("up", help="Start the demo stack on 127.0.0.1.")(up)
     dev_app.command("down", help="Stop everything `guard dev up` started.")(down)
-    dev_app.command("status", help="Where the demo stack runs.")(status)
+    dev_app.command("status", help="Where the demo stack runs (exit 1 if it is not running).")(
+        status
+    )
     dev_login.register(dev_app)
     app.add_typer(dev_app, name="dev")
