@@ -26,10 +26,9 @@ from guard.broker.pgwire.parser import NEED_DATA, FrontendParser
 from guard.broker.pgwire.scram import AuthenticationFailed, ScramServer
 from guard.broker.policy.engine import CompiledPolicy
 from guard.broker.proxy import upstream
-from guard.broker.proxy.commands import CloseConnection, SendToClient, SendToServer
 from guard.broker.proxy.gate import Gate
+from guard.broker.proxy.pump import Pump
 from guard.broker.proxy.session import ProtectedMap, ProxyConnection
-from guard.broker.proxy.tasks import spawn
 from guard.broker.sessions import Session, SessionManager
 
 log = logging.getLogger("guard.gateway")
@@ -283,79 +282,40 @@ class Gateway:
         cwriter.write(b"".join(encode(x) for x in hello))
         await cwriter.drain()
 
-        tasks: list[asyncio.Task[None]] = []
-        handle = _Handle(cwriter, up.writer, tasks)
+        pump = Pump(proxy, cwriter.transport, up.writer.transport)  # type: ignore[arg-type]
+        handle = _Handle(pump)
         session.connections.add(handle)
-        if session.ended:
-            handle.close("session ended")
-
-        async def run(cmds) -> None:
-            for cmd in cmds:
-                if isinstance(cmd, SendToServer):
-                    up.writer.write(cmd.data)
-                    await up.writer.drain()
-                elif isinstance(cmd, SendToClient):
-                    cwriter.write(cmd.data)
-                    await cwriter.drain()
-                elif isinstance(cmd, CloseConnection):
-                    raise _Closed(cmd.reason)
-
-        async def client_pump() -> None:
-            # Bytes the startup parser already buffered past the auth messages.
-            pending = parser.unconsumed() if hasattr(parser, "unconsumed") else b""
-            if pending:
-                await run(proxy.from_client(pending))
-            while True:
-                data = await creader.read(READ_SIZE)
-                if not data:
-                    return
-                await run(proxy.from_client(data))
-
-        async def server_pump() -> None:
-            if up.leftover:
-                await run(proxy.from_server(up.leftover))
-            while True:
-                data = await up.reader.read(READ_SIZE)
-                if not data:
-                    return
-                await run(proxy.from_server(data))
-
-        tasks += [
-            spawn(client_pump(), name=f"gw-{session.id}-{connection_id}-client"),
-            spawn(server_pump(), name=f"gw-{session.id}-{connection_id}-server"),
-        ]
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            pump.start(
+                _drain_reader(creader) + parser.unconsumed(), _drain_reader(up.reader) + up.leftover
+            )
+            if session.ended:
+                handle.close("session ended")
+            await pump.done
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             session.connections.discard(handle)
             self._cancel_keys.pop(key_id, None)
-            up.writer.close()
+            pump.close()
+
+
+def _drain_reader(reader: asyncio.StreamReader) -> bytes:
+    """Bytes a StreamReader holds but nobody read yet (handed over to the pump)."""
+    buffer = reader._buffer  # noqa: SLF001 - no public API to take over a stream's buffer
+    data = bytes(buffer)
+    buffer.clear()
+    return data
 
 
 class _Handle:
     """What a session holds for each live connection, so ending the session ends it."""
 
-    def __init__(
-        self,
-        cwriter: asyncio.StreamWriter,
-        uwriter: asyncio.StreamWriter,
-        tasks: list[asyncio.Task[None]],
-    ) -> None:
-        self._cwriter = cwriter
-        self._uwriter = uwriter
-        self._tasks = tasks
+    def __init__(self, pump: Pump) -> None:
+        self._pump = pump
 
     def close(self, reason: str) -> None:
-        try:
-            self._cwriter.write(_fatal("57P01", f"guard: session ended ({reason})"))
-        except (ConnectionError, RuntimeError):
-            pass
-        for t in self._tasks:
-            t.cancel()
-        self._uwriter.close()
+        if not self._pump.client.is_closing():
+            self._pump.client.write(_fatal("57P01", f"guard: session ended ({reason})"))
+        self._pump.close()
 
 
 def protected_lookup_sql(columns: Mapping[tuple[str, str, str], object]) -> str:

@@ -1,0 +1,93 @@
+"""Byte pump for an authenticated connection: asyncio Protocols, no per-message tasks.
+
+After the handshake the gateway hands both transports to a `Pump`: bytes from either side
+go straight into the sans-IO `ProxyConnection`, and the commands it returns are written at
+once. Backpressure is the transports' own: when one side's write buffer passes its high-water
+mark, reading from the other side pauses until it drains, so a slow client throttles the
+upstream and memory per connection stays bounded. Decides nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from guard.broker.proxy.commands import CloseConnection, Command, SendToClient, SendToServer
+from guard.broker.proxy.session import ProxyConnection
+
+# Per-direction write buffer bounds (bytes) before the opposite side stops being read.
+HIGH_WATER = 1 << 20
+LOW_WATER = 1 << 18
+
+
+class _Side(asyncio.Protocol):
+    def __init__(self, pump: Pump, feed: Callable[[bytes], list[Command]]) -> None:
+        self.pump = pump
+        self.feed = feed
+        self.other: asyncio.Transport | None = None
+
+    def data_received(self, data: bytes) -> None:
+        self.pump.run(self.feed(data))
+
+    def eof_received(self) -> bool:
+        self.pump.close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pump.close()
+
+    def pause_writing(self) -> None:
+        # This side cannot take more: stop reading the side that produces for it.
+        if self.other is not None:
+            self.other.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.other is not None and not self.other.is_closing():
+            self.other.resume_reading()
+
+
+class Pump:
+    def __init__(
+        self,
+        proxy: ProxyConnection,
+        client: asyncio.Transport,
+        server: asyncio.Transport,
+    ) -> None:
+        self.proxy = proxy
+        self.client = client
+        self.server = server
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._client_side = _Side(self, proxy.from_client)
+        self._server_side = _Side(self, proxy.from_server)
+        self._client_side.other = server  # client can't keep up → stop reading server
+        self._server_side.other = client
+
+    def start(self, client_pending: bytes, server_pending: bytes) -> None:
+        for transport, side in ((self.client, self._client_side), (self.server, self._server_side)):
+            transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
+            transport.set_protocol(side)
+        # Bytes the handshake readers had already buffered come first, in order.
+        if client_pending:
+            self.run(self.proxy.from_client(client_pending))
+        if server_pending:
+            self.run(self.proxy.from_server(server_pending))
+        for transport in (self.client, self.server):
+            if not transport.is_closing() and not transport.is_reading():
+                transport.resume_reading()
+
+    def run(self, commands: list[Command]) -> None:
+        for cmd in commands:
+            if isinstance(cmd, SendToServer):
+                self.server.write(cmd.data)
+            elif isinstance(cmd, SendToClient):
+                self.client.write(cmd.data)
+            elif isinstance(cmd, CloseConnection):
+                self.close()
+                return
+
+    def close(self) -> None:
+        for transport in (self.client, self.server):
+            if not transport.is_closing():
+                transport.close()
+        if not self.done.done():
+            self.done.set_result(None)
