@@ -6,9 +6,11 @@ Starts the real demo stack (`guard dev up` in a throwaway GUARD_HOME, with analy
 and audit on), loads pgbench tables into the demo database, starts pgbouncer (Debian
 package; installed with apt-get when missing and running as root; run as `postgres`), then
 runs pgbench -S (simple, extended, prepared) and TPC-B-like with N clients against each
-path, plus a 1M-row COPY TO STDOUT and SELECT * of pgbench_accounts. Prints tps, the ratio
-to direct and to pgbouncer, and the gateway's CPU µs per transaction (the broker process's
-user+system CPU time over the run divided by the transactions it served).
+path (every path reaches PostgreSQL over verified TLS, as guard does; clients reach
+pgbouncer and guard over plain loopback), plus a 1M-row COPY TO STDOUT and SELECT * of
+pgbench_accounts. Prints tps, the ratio to direct and to pgbouncer, and the gateway's CPU
+µs per transaction (the broker process's user+system CPU time over the run divided by the
+transactions it served).
 
 Numbers on a shared 2-core machine are noisy: compare ratios within one run, not across runs.
 """
@@ -71,7 +73,7 @@ def ensure_pgbouncer() -> str:
 
 
 def start_pgbouncer(
-    host: str, port: int, user: str, password: str
+    host: str, port: int, user: str, password: str, ca_file: str
 ) -> tuple[subprocess.Popen, int, str]:
     workdir = Path(tempfile.mkdtemp(prefix="guard-bench-pgb-"))
     import socket
@@ -80,11 +82,14 @@ def start_pgbouncer(
         s.bind(("127.0.0.1", 0))
         listen = s.getsockname()[1]
     (workdir / "users.txt").write_text(f'"{user}" "{password}"\n')
+    shutil.copy(ca_file, workdir / "ca.pem")
     (workdir / "pgbouncer.ini").write_text(
         f"[databases]\ndemo = host={host} port={port} dbname=demo\n"
         f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {listen}\n"
         f"auth_type = scram-sha-256\nauth_file = {workdir}/users.txt\n"
         "pool_mode = session\nmax_client_conn = 100\ndefault_pool_size = 20\n"
+        # Same upstream hop as guard's: verified TLS to PostgreSQL.
+        f"server_tls_sslmode = verify-full\nserver_tls_ca_file = {workdir}/ca.pem\n"
         f"unix_socket_dir = {workdir}\nlogfile = {workdir}/pgbouncer.log\n"
     )
     cmd = [ensure_pgbouncer(), str(workdir / "pgbouncer.ini")]
@@ -138,7 +143,9 @@ def main() -> int:
             "PGUSER": admin["user"],
             "PGPASSWORD": admin["password"],
             "PGDATABASE": "demo",
-            "PGSSLMODE": "disable",
+            # Direct clients get the same hop guard and pgbouncer use: verified TLS.
+            "PGSSLMODE": "verify-full",
+            "PGSSLROOTCERT": status["gateway_ca"],
         }
         sh(["pgbench", "-i", "-q", "-s", str(args.scale)], env=direct_env)
         with psycopg.connect(status["upstream_dsn"], autocommit=True) as conn:
@@ -163,10 +170,21 @@ def main() -> int:
             "PGSSLMODE": "disable",
         }
         pgb, pgb_port, _ = start_pgbouncer(
-            admin["host"], int(admin["port"]), admin["user"], admin["password"]
+            admin["host"],
+            int(admin["port"]),
+            admin["user"],
+            admin["password"],
+            status["gateway_ca"],
         )
-        pgb_env = {**direct_env, "PGHOST": "127.0.0.1", "PGPORT": str(pgb_port)}
-        broker_pid = int(status["pids"]["broker"])
+        # Clients reach pgbouncer and guard over plain loopback; both use TLS upstream.
+        pgb_env = {
+            **direct_env,
+            "PGHOST": "127.0.0.1",
+            "PGPORT": str(pgb_port),
+            "PGSSLMODE": "disable",
+        }
+        broker = status["pids"]["broker"]
+        broker_pid = int(broker["pid"] if isinstance(broker, dict) else broker)
 
         workloads = [
             ("-S simple", ["-S", "-M", "simple"]),
@@ -192,7 +210,8 @@ def main() -> int:
         def dsn(e: dict[str, str]) -> str:
             return (
                 f"host={e['PGHOST']} port={e['PGPORT']} user={e['PGUSER']} "
-                f"password={e['PGPASSWORD']} dbname=demo sslmode=disable"
+                f"password={e['PGPASSWORD']} dbname=demo sslmode={e['PGSSLMODE']} "
+                f"sslrootcert={e.get('PGSSLROOTCERT', '')}"
             )
 
         rows = args.scale * 100_000

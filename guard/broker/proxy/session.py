@@ -100,7 +100,6 @@ class ProxyConnection:
         self._portal_fields: dict[str, tuple[m.FieldDescription, ...]] = {}
         self._plan: MaskPlan | None = None  # simple query: active row mask plan
         self._masked_cells = 0
-        self._in_copy_in = False
         self.closed = False
         self.transaction_status = b"I"
 
