@@ -65,3 +65,17 @@ def test_dev_login_refuses_a_non_dev_issuer(home, tmp_path, capsys):
     (tmp_path / "dev" / "stack.json").write_text(json.dumps({"issuer": "http://other:1"}))
     assert main(["dev", "login", "alice"]) == 1
     assert "only against the local dev IdP" in capsys.readouterr().err
+
+
+def test_broker_outage_is_a_clear_cli_error(home, monkeypatch, capsys):
+    monkeypatch.setenv("GUARD_ID_TOKEN", token(600))
+    assert main(["exec", "--db", "demo", "--", "true"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot reach the guard broker at http://127.0.0.1:9" in err
+    assert "hint:" in err
+    assert os.environ["GUARD_ID_TOKEN"] not in err  # never echo the token
+
+
+def test_exec_without_command_is_a_usage_error(home, capsys):
+    assert main(["exec", "--db", "demo"]) == 2
+    assert "no command given" in capsys.readouterr().err
