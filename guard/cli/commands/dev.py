@@ -26,6 +26,7 @@ _err = Console(stderr=True)
 SHOWN = (
     "broker_url",
     "gateway",
+    "gateway_ca",
     "issuer",
     "openbao_addr",
     "upstream_dsn",
