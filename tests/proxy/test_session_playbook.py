@@ -290,3 +290,11 @@ def test_multi_statement_string_refused_whole_and_each_recorded():
     assert sent[0].sql.startswith("guard_refused_")
     assert [r["verdict"] for r in audit.records] == ["deny", "deny"]
     assert [r["rule"] for r in audit.records] == ["guard:refused-with-batch", "deny-ddl"]
+
+
+def test_bind_with_bad_names_is_a_protocol_error_not_a_crash():
+    proxy, _ = make()
+    bad = b"B" + (4 + 4).to_bytes(4, "big") + b"\xff\x00s\x00"
+    cmds = proxy.from_client(bad)
+    assert isinstance(cmds[-1], CloseConnection)
+    assert to_client(cmds)[0].sqlstate == "08P01"

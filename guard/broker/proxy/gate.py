@@ -78,6 +78,7 @@ class Gate:
         self.connection_id = connection_id
         self._groups = tuple(sorted(principal.groups))
         self._cache: OrderedDict[str, tuple[Analysis, tuple[Verdict, ...]]] = OrderedDict()
+        self._templates: dict[tuple[int, int, str, bool], tuple[object, object, dict]] = {}
 
     # -- analyze + decide -------------------------------------------------------------
     def _decide(self, sql: str) -> tuple[Analysis, tuple[Verdict, ...]]:
@@ -168,6 +169,25 @@ class Gate:
         protocol: str,
         decision: Decision,
     ) -> StatementRecord:
+        # Everything but the timestamp is fixed for a (statement, verdict, protocol): a
+        # prepared statement executed many times reuses one template (hot path). The
+        # template keeps `stmt` and `verdict` alive, so their ids cannot be reused.
+        key = (id(stmt), id(verdict), protocol, decision.refusal is None)
+        template = self._templates.get(key)
+        if template is None:
+            template = (stmt, verdict, self._record_fields(stmt, verdict, protocol, decision))
+            if len(self._templates) >= _DECISION_CACHE_SIZE:
+                self._templates.clear()
+            self._templates[key] = template
+        return StatementRecord(**template[2])
+
+    def _record_fields(
+        self,
+        stmt: StatementAnalysis | None,
+        verdict: Verdict | None,
+        protocol: str,
+        decision: Decision,
+    ) -> dict[str, object]:
         if verdict is None:
             effect, rule, masked = "deny", "guard:unanalysable", ()
         else:
@@ -188,22 +208,22 @@ class Gate:
                     | {_rel(r) for r in stmt.relations_written}
                 )
             )
-        return StatementRecord(
-            session_id=self.session_id,
-            connection_id=self.connection_id,
-            principal=self.principal.subject,
-            issuer=self.principal.issuer,
-            groups=self._groups,
-            target=self.target,
-            protocol=protocol,
-            fingerprint=fingerprint,
-            statement=text,
-            operations=ops,
-            tables=tables,
-            verdict=effect,
-            rule=rule,
-            masked_columns=masked,
-        )
+        return {
+            "session_id": self.session_id,
+            "connection_id": self.connection_id,
+            "principal": self.principal.subject,
+            "issuer": self.principal.issuer,
+            "groups": self._groups,
+            "target": self.target,
+            "protocol": protocol,
+            "fingerprint": fingerprint,
+            "statement": text,
+            "operations": ops,
+            "tables": tables,
+            "verdict": effect,
+            "rule": rule,
+            "masked_columns": masked,
+        }
 
     def refuse_fast_path(self, function_oid: int) -> ErrorResponse:
         """Decide and record a fast-path FunctionCall through the same path as SQL.

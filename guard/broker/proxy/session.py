@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from guard.broker.masking.strategies import Strategy
 from guard.broker.pgwire import messages as m
 from guard.broker.pgwire.encoder import encode
-from guard.broker.pgwire.errors import ProtocolError
+from guard.broker.pgwire.errors import ClientProtocolError, ProtocolError
 from guard.broker.pgwire.parser import (
     NEED_DATA,
     BackendParser,
@@ -133,9 +133,14 @@ class ProxyConnection:
             msg = decode_frontend(frame)
             self._on_parse(msg, frame.raw, out)
         elif tag == _B:
-            msg = decode_frontend(frame)
-            self._portals[msg.portal] = (msg.statement, msg.result_formats)
-            self._portal_fields.pop(msg.portal, None)
+            portal, statement = _bind_names(frame.body)
+            prepared = self._prepared.get(statement)
+            formats: tuple[int, ...] = ()
+            if self.protected and prepared is not None and prepared.decision.masked_columns:
+                # Result formats matter only where rows may need masking: decode fully.
+                formats = decode_frontend(frame).result_formats
+            self._portals[portal] = (statement, formats)
+            self._portal_fields.pop(portal, None)
             out.append(SendToServer(frame.raw))
             self._pending.append(_Pending("bind"))
         elif tag == _E:
@@ -468,6 +473,26 @@ def _plan_for(fields, formats: tuple[int, ...], protected: ProtectedMap) -> Mask
             fmt = formats[index] if index < len(formats) else 0
         plan.append((index, strategy, fmt, f.type_oid))
     return tuple(plan) or None
+
+
+def _bind_names(body: memoryview) -> tuple[str, str]:
+    """Portal and statement names of a Bind, without decoding its parameters.
+
+    The rest of the message is framed (length-checked) but passed on undecoded; PostgreSQL
+    validates the parameters itself. Bad names are a protocol error, as in the codec.
+    """
+    # Names sit at the front: look at a small window first, the whole body only if needed.
+    for raw in (bytes(body[:1024]), bytes(body)):
+        end1 = raw.find(b"\0")
+        end2 = raw.find(b"\0", end1 + 1) if end1 >= 0 else -1
+        if end2 >= 0:
+            try:
+                return raw[:end1].decode("utf-8"), raw[end1 + 1 : end2].decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ClientProtocolError("malformed Bind: names are not UTF-8") from exc
+        if len(raw) == len(body):
+            break
+    raise ClientProtocolError("malformed Bind: missing name terminator")
 
 
 def _rows_from_tag(tag: str) -> int | None:
