@@ -208,9 +208,14 @@ def test_bad_token_is_401(dev_stack: Stack):
 
 def test_tls_verify_full_against_the_dev_ca(dev_stack: Stack, session):
     conn = psycopg.connect(
-        host=session["gateway_host"], port=session["gateway_port"], user=session["user"],
-        password=session["password"], dbname=session["database"], sslmode="verify-full",
-        sslrootcert=dev_stack.status["gateway_ca"], connect_timeout=10,
+        host=session["gateway_host"],
+        port=session["gateway_port"],
+        user=session["user"],
+        password=session["password"],
+        dbname=session["database"],
+        sslmode="verify-full",
+        sslrootcert=dev_stack.status["gateway_ca"],
+        connect_timeout=10,
     )
     with conn:
         assert conn.info.pgconn.ssl_in_use

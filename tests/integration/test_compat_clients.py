@@ -1,0 +1,155 @@
+"""Compatibility through the real gateway: asyncpg, SQLAlchemy and psql meta-commands,
+each compared with the same statements sent directly to PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+import subprocess
+
+import psycopg
+import pytest
+
+from tests.fix_stack import Stack
+from tests.integration.test_gateway import session  # noqa: F401 - module-scoped fixture
+
+pytestmark = pytest.mark.integration
+MASKED_SSN = "***-**-6789"
+
+
+def direct_rows(stack: Stack, sql: str) -> list[tuple]:
+    with psycopg.connect(stack.admin_dsn) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def test_asyncpg_prepared_binary_copy_and_refusal(dev_stack: Stack, session):  # noqa: F811
+    import asyncpg
+
+    ctx = ssl.create_default_context(cafile=dev_stack.status["gateway_ca"])
+
+    async def scenario():
+        conn = await asyncpg.connect(
+            host=session["gateway_host"],
+            port=session["gateway_port"],
+            user=session["user"],
+            password=session["password"],
+            database=session["database"],
+            ssl=ctx,
+        )
+        try:
+            stmt = await conn.prepare(
+                "SELECT id, name, rate FROM products WHERE id <= $1 ORDER BY id"
+            )
+            for _ in range(5):
+                rows = [tuple(r) for r in await stmt.fetch(5)]
+            assert await conn.fetchval("SELECT ssn FROM customers WHERE id = $1", 1) == MASKED_SSN
+            balances = await conn.fetch("SELECT id, balance FROM accounts ORDER BY id LIMIT 20")
+            out = bytearray()
+
+            async def sink(chunk: bytes) -> None:
+                out.extend(chunk)
+
+            await conn.copy_from_query("SELECT id, name FROM products ORDER BY id", output=sink)
+            with pytest.raises(asyncpg.exceptions.InsufficientPrivilegeError, match="deny-ddl"):
+                async with conn.transaction():
+                    await conn.execute("DROP TABLE products")
+            assert await conn.fetchval("SELECT 1") == 1
+            try:
+                await asyncio.wait_for(conn.fetch("SELECT pg_sleep(10)"), 0.5)
+            except TimeoutError:
+                pass
+            assert await conn.fetchval("SELECT 2") == 2
+            return rows, [tuple(r) for r in balances], bytes(out)
+        finally:
+            await conn.close()
+
+    rows, balances, copied = asyncio.run(scenario())
+    assert rows == direct_rows(
+        dev_stack, "SELECT id, name, rate FROM products WHERE id <= 5 ORDER BY id"
+    )
+    assert balances == direct_rows(
+        dev_stack, "SELECT id, balance FROM accounts ORDER BY id LIMIT 20"
+    )
+    expected = "".join(
+        f"{i}\t{n}\n"
+        for i, n in direct_rows(dev_stack, "SELECT id, name FROM products ORDER BY id")
+    )
+    assert copied.decode() == expected
+
+
+def test_sqlalchemy_core_and_reflection(dev_stack: Stack, session):  # noqa: F811
+    import sqlalchemy as sa
+
+    url = sa.URL.create(
+        "postgresql+psycopg",
+        username=session["user"],
+        password=session["password"],
+        host=session["gateway_host"],
+        port=session["gateway_port"],
+        database=session["database"],
+        query={"sslmode": "disable"},
+    )
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.text("SELECT id, name FROM products WHERE id <= :n ORDER BY id"), {"n": 3}
+            ).all()
+            assert [tuple(r) for r in rows] == direct_rows(
+                dev_stack, "SELECT id, name FROM products WHERE id <= 3 ORDER BY id"
+            )
+            ssn = conn.execute(sa.text("SELECT ssn FROM customers WHERE id = 1")).scalar_one()
+            assert ssn == MASKED_SSN
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE products SET rate = rate WHERE id = :i"), {"i": 1})
+        meta = sa.MetaData()
+        meta.reflect(engine, only=["products"])
+        assert [c.name for c in meta.tables["products"].columns] == ["id", "name", "kind", "rate"]
+    finally:
+        engine.dispose()
+
+
+def test_psql_copy_gset_gexec_expanded(dev_stack: Stack, session):  # noqa: F811
+    env = {
+        **os.environ,
+        "PGHOST": session["gateway_host"],
+        "PGPORT": str(session["gateway_port"]),
+        "PGUSER": session["user"],
+        "PGPASSWORD": session["password"],
+        "PGDATABASE": session["database"],
+        "PGSSLMODE": "verify-full",
+        "PGSSLROOTCERT": dev_stack.status["gateway_ca"],
+    }
+    script = "\n".join(
+        [
+            r"\copy (SELECT id, name FROM products ORDER BY id) to stdout",
+            r"SELECT count(*) AS n FROM products \gset",
+            r"\echo products=:n",
+            r"SELECT 'SELECT count(*) FROM accounts' \gexec",
+            r"\x on",
+            r"SELECT full_name, ssn FROM customers WHERE id = 1;",
+            r"\d products",
+        ]
+    )
+    out = subprocess.run(
+        ["psql", "-X", "-v", "ON_ERROR_STOP=1", "-f", "-"],
+        input=script,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    expected_copy = "".join(
+        f"{i}\t{n}\n"
+        for i, n in direct_rows(dev_stack, "SELECT id, name FROM products ORDER BY id")
+    )
+    assert out.stdout.startswith(expected_copy)
+    (products,) = direct_rows(dev_stack, "SELECT count(*) FROM products")[0]
+    assert f"products={products}" in out.stdout
+    (accounts,) = direct_rows(dev_stack, "SELECT count(*) FROM accounts")[0]
+    assert f" {accounts}\n" in out.stdout
+    assert f"ssn       | {MASKED_SSN}" in out.stdout
+    assert "123-45-6789" not in out.stdout
+    assert 'Table "public.products"' in out.stdout
