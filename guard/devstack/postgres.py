@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from guard.devstack.files import write_private
+
 ADMIN_USER = "guard_admin"
 MISSING_HINT = "install postgresql (Debian: apt-get install postgresql) or put pg_ctl on PATH"
 
@@ -151,9 +153,7 @@ class PostgresCluster:
         try:
             self.socket_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             pwfile = base_dir / "pwfile"
-            fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(self.admin_password + "\n")
+            write_private(pwfile, self.admin_password + "\n")
             if owner is not None:
                 for path in (base_dir, self.socket_dir, pwfile):
                     os.chown(path, *owner)
@@ -212,9 +212,7 @@ class PostgresCluster:
         # The server insists on a key file owned by it with no group/other access.
         for name, data in {"server.crt": cert.read_bytes(), "server.key": key.read_bytes()}.items():
             path = self.base_dir / name
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
+            write_private(path, data)
             if os.geteuid() == 0:
                 os.chown(path, *_postgres_ids())
         return {

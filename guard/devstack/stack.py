@@ -33,6 +33,7 @@ import yaml
 
 from guard.cli.profile import Profile, save_profile
 from guard.devstack.demo_data import create_demo_database
+from guard.devstack.files import write_private
 from guard.devstack.openbao import OpenBaoDevServer, configure_database_target
 from guard.devstack.postgres import PostgresCluster, free_port, stop_cluster
 from guard.devstack.tls import make_dev_ca
@@ -144,17 +145,9 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], name: str, log: Path, ti
 # --- state -----------------------------------------------------------------------------
 
 
-def _write_private(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def _save(state_dir: Path, status: dict[str, Any]) -> None:
     data = {k: v for k, v in status.items() if k != "running"}
-    _write_private(state_dir / "stack.json", json.dumps(data, indent=2) + "\n")
+    write_private(state_dir / "stack.json", json.dumps(data, indent=2) + "\n")
 
 
 def read_status(state_dir: Path) -> dict[str, Any] | None:
@@ -336,7 +329,7 @@ def _start(
     with _step("applying the policy's database backstop", pg_log):
         apply_backstop(upstream_dsn, policy.targets[TARGET])
     dsn_file = state_dir / "upstream-admin-dsn"
-    _write_private(dsn_file, upstream_dsn)
+    write_private(dsn_file, upstream_dsn)
 
     with _step("configuring OpenBao's database secrets engine", bao_log):
         bao.wait_healthy()
@@ -379,7 +372,7 @@ def _start(
         "audit": {"path": str(state_dir / "audit.jsonl")},
     }
     config_path = state_dir / "broker.yaml"
-    _write_private(config_path, yaml.safe_dump(config, sort_keys=False))
+    write_private(config_path, yaml.safe_dump(config, sort_keys=False))
     broker_argv = [sys.executable, "-m", "guard.broker.service", "--config", str(config_path)]
     broker = _spawn("broker", broker_argv, state_dir)
     _record(status, "broker", broker.pid, logs / "broker.log")
