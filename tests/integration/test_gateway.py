@@ -224,3 +224,17 @@ def test_tls_verify_full_against_the_dev_ca(dev_stack: Stack, session):
 
 def test_session_response_announces_tls(session):
     assert session["gateway_tls"] is True
+
+
+def test_with_hold_scroll_cursor_and_default_deny_of_listen(session):
+    with connect(session, autocommit=True) as conn:
+        conn.execute(
+            "DECLARE h SCROLL CURSOR WITH HOLD FOR SELECT id, ssn FROM customers ORDER BY id"
+        )
+        assert conn.execute("FETCH ABSOLUTE 1 FROM h").fetchone() == (1, MASKED_SSN)
+        assert conn.execute("FETCH PRIOR FROM h").fetchone() is None
+        conn.execute("CLOSE h")
+        # The demo policy allows no LISTEN/NOTIFY (a channel that can carry values out):
+        # anything no rule allows is refused, naming the default rule.
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="default-deny"):
+            conn.execute("LISTEN guard_test")
