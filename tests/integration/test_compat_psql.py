@@ -1,0 +1,215 @@
+"""psql 15 through the real gateway (sslmode=verify-full with the dev CA), each
+meta-command's output compared with the same script run directly (admin DSN)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import psycopg
+import pytest
+
+from tests.fix_stack import Stack
+from tests.integration.test_gateway import session  # noqa: F401 - module-scoped fixture
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(shutil.which("psql") is None, reason="psql not on PATH"),
+]
+MASKED_SSN = "***-**-6789"
+
+
+def direct(stack: Stack, sql: str) -> list[tuple]:
+    with psycopg.connect(stack.admin_dsn) as conn:
+        return conn.execute(sql).fetchall()
+
+
+@pytest.fixture(scope="module")
+def gw_env(dev_stack: Stack, session):  # noqa: F811
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    return {
+        **env,
+        "PGHOST": session["gateway_host"],
+        "PGPORT": str(session["gateway_port"]),
+        "PGUSER": session["user"],
+        "PGPASSWORD": session["password"],
+        "PGDATABASE": session["database"],
+        "PGSSLMODE": "verify-full",
+        "PGSSLROOTCERT": dev_stack.status["gateway_ca"],
+        "PGCONNECT_TIMEOUT": "10",
+    }
+
+
+def psql(env: dict, *args: str, script: str | None = None, dsn: str | None = None, timeout=60):
+    cmd = ["psql", "-X", "-q", *([dsn] if dsn else []), *args]
+    if script is not None:
+        cmd += ["-f", "-"]
+    return subprocess.run(
+        cmd, input=script, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def both(dev_stack: Stack, gw_env: dict, *args: str, script: str | None = None):
+    gw = psql(gw_env, *args, script=script)
+    dr = psql(
+        {k: v for k, v in os.environ.items() if not k.startswith("PG")},
+        *args,
+        script=script,
+        dsn=dev_stack.admin_dsn,
+    )
+    return gw, dr
+
+
+def test_copy_to_stdout_equals_direct(dev_stack: Stack, gw_env):
+    gw, dr = both(
+        dev_stack,
+        gw_env,
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-c",
+        r"\copy products to stdout",
+        "-c",
+        r"\copy (SELECT id, balance FROM accounts ORDER BY id) to stdout with (format csv)",
+    )
+    assert gw.returncode == 0, gw.stderr
+    assert dr.returncode == 0, dr.stderr
+    assert gw.stdout == dr.stdout
+    assert (
+        gw.stdout.count("\n")
+        == direct(dev_stack, "SELECT count(*) FROM products")[0][0]
+        + direct(dev_stack, "SELECT count(*) FROM accounts")[0][0]
+    )
+
+
+def test_gexec_and_gset_echo(dev_stack: Stack, gw_env):
+    script = "\n".join(
+        [
+            r"SELECT 'SELECT count(*) FROM products' \gexec",
+            r"SELECT format('SELECT max(rate) FROM products WHERE kind = %L', kind)"
+            r" FROM products GROUP BY kind ORDER BY kind \gexec",
+            r"SELECT count(*) AS n, max(id) AS top FROM accounts \gset",
+            r"\echo accounts=:n top=:top",
+            r"SELECT ssn AS masked FROM customers WHERE id = 1 \gset",
+            r"\echo ssn=:masked",
+        ]
+    )
+    gw = psql(gw_env, "-v", "ON_ERROR_STOP=1", "-A", "-t", script=script)
+    assert gw.returncode == 0, gw.stderr
+    n, top = direct(dev_stack, "SELECT count(*), max(id) FROM accounts")[0]
+    per_kind = [
+        str(r[0])
+        for r in direct(dev_stack, "SELECT max(rate) FROM products GROUP BY kind ORDER BY kind")
+    ]
+    (count,) = direct(dev_stack, "SELECT count(*) FROM products")[0]
+    assert gw.stdout.splitlines() == [
+        str(count),
+        *per_kind,
+        f"accounts={n} top={top}",
+        f"ssn={MASKED_SSN}",
+    ]
+
+
+def test_expanded_output_of_masked_row(dev_stack: Stack, gw_env):
+    script = "\\x on\nSELECT id, full_name, ssn, email, phone FROM customers WHERE id = 1;\n"
+    gw = psql(gw_env, "-v", "ON_ERROR_STOP=1", script=script)
+    assert gw.returncode == 0, gw.stderr
+    full_name, email, phone = direct(
+        dev_stack, "SELECT full_name, email, phone FROM customers WHERE id = 1"
+    )[0]
+    fields = {
+        k.strip(): v.strip()
+        for k, _, v in (line.partition("|") for line in gw.stdout.splitlines() if "|" in line)
+    }
+    assert fields == {
+        "id": "1",
+        "full_name": full_name,
+        "ssn": MASKED_SSN,
+        "email": email[0] + "***@" + email.split("@")[1],
+        "phone": phone,
+    }
+    assert "-[ RECORD 1 ]" in gw.stdout
+    assert "123-45-6789" not in gw.stdout
+
+
+def test_watch_repeats(dev_stack: Stack, gw_env):
+    # psql 15's \watch has no iteration count: run it under `timeout` and count outputs.
+    env = dict(gw_env)
+    cmd = [
+        "timeout",
+        "-s",
+        "INT",
+        "3.5",
+        "psql",
+        "-X",
+        "-A",
+        "-t",
+        "-f",
+        "-",
+    ]
+    out = subprocess.run(
+        cmd,
+        input="SELECT count(*) FROM products \\watch 1\n",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    (count,) = direct(dev_stack, "SELECT count(*) FROM products")[0]
+    values = [line for line in out.stdout.splitlines() if line.strip() == str(count)]
+    assert len(values) >= 2, (out.stdout, out.stderr)
+    assert "ERROR" not in out.stderr
+
+
+def test_describe_products_equals_direct(dev_stack: Stack, gw_env):
+    gw, dr = both(dev_stack, gw_env, "-v", "ON_ERROR_STOP=1", "-c", r"\d products")
+    assert gw.returncode == 0, gw.stderr
+    assert gw.stdout == dr.stdout
+    assert 'Table "public.products"' in gw.stdout
+    gw, dr = both(dev_stack, gw_env, "-v", "ON_ERROR_STOP=1", "-c", r"\dt")
+    assert gw.returncode == 0, gw.stderr
+    assert "products" in gw.stdout
+
+
+def test_multi_statement_with_refusal(dev_stack: Stack, gw_env):
+    (before,) = direct(dev_stack, "SELECT count(*) FROM products")[0]
+    # One -c string = one simple Query message: refused as a whole, nothing runs.
+    whole = psql(
+        gw_env,
+        "-v",
+        "VERBOSITY=verbose",
+        "-A",
+        "-t",
+        "-c",
+        "SELECT count(*) FROM products; DROP TABLE products; SELECT 2",
+    )
+    assert whole.returncode != 0
+    assert "42501" in whole.stderr and "deny-ddl" in whole.stderr
+    assert whole.stdout.strip() == ""
+    # Separate -c options: psql carries on after the refused one (no ON_ERROR_STOP).
+    sep = psql(
+        gw_env,
+        "-A",
+        "-t",
+        "-c",
+        "SELECT count(*) FROM products",
+        "-c",
+        "DROP TABLE products",
+        "-c",
+        "SELECT ssn FROM customers WHERE id = 1",
+    )
+    assert "deny-ddl" in sep.stderr
+    assert sep.stdout.splitlines() == [str(before), MASKED_SSN]
+    assert direct(dev_stack, "SELECT count(*) FROM products")[0][0] == before
+    # With ON_ERROR_STOP psql stops at the refusal and exits 3, as against PostgreSQL.
+    stop = psql(
+        gw_env,
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-A",
+        "-t",
+        script="SELECT 1;\nSELECT * FROM transactions LIMIT 1;\nSELECT 2;\n",
+    )
+    assert stop.returncode == 3
+    assert "approval" in stop.stderr
+    assert stop.stdout.splitlines() == ["1"]
