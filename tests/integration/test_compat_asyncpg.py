@@ -286,3 +286,59 @@ def test_cancelled_query_leaves_connection_usable(dev_stack: Stack, session):  #
     assert elapsed < 5
     assert after == [1, 2, 3]
     assert count == direct_rows(dev_stack, "SELECT count(*) FROM products")[0][0]
+
+
+def test_pool_reset_query_parts_other_than_unlisten_pass(dev_stack: Stack, session):  # noqa: F811
+    async def scenario():
+        conn = await gw(dev_stack, session)
+        try:
+            await conn.execute("SELECT pg_advisory_unlock_all(); CLOSE ALL; RESET ALL;")
+            return await conn.fetchval("SELECT 1")
+        finally:
+            await conn.close()
+
+    assert run(scenario()) == 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "gateway bug: asyncpg.Pool releases a connection with its reset query "
+        "'SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;' and the "
+        "gateway classifies UNLISTEN (which only stops deliveries and cannot carry data) "
+        "as a 'listen' operation, so under the demo policy it is refused with 42501 "
+        "'statement refused by rule \"default-deny\": no policy rule allows listen'; "
+        "every pool.fetch*/execute then raises InsufficientPrivilegeError on release. "
+        "The same pool against PostgreSQL directly works."
+    ),
+)
+def test_pool_acquire_release_like_direct(dev_stack: Stack, session):  # noqa: F811
+    async def use_pool(**connect_kwargs):
+        pool = await asyncpg.create_pool(min_size=1, max_size=1, **connect_kwargs)
+        try:
+            return [await pool.fetchval("SELECT count(*) + $1 FROM products", i) for i in range(3)]
+        finally:
+            await pool.close()
+
+    kw = psycopg.conninfo.conninfo_to_dict(dev_stack.admin_dsn)
+    direct_result = run(
+        use_pool(
+            host=kw["host"],
+            port=int(kw["port"]),
+            user=kw["user"],
+            password=kw["password"],
+            database=kw["dbname"],
+            ssl=False,
+        )
+    )
+    gateway_result = run(
+        use_pool(
+            host=session["gateway_host"],
+            port=session["gateway_port"],
+            user=session["user"],
+            password=session["password"],
+            database=session["database"],
+            ssl=False,
+        )
+    )
+    assert gateway_result == direct_result
