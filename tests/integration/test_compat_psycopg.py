@@ -298,3 +298,36 @@ def test_non_utf8_client_encoding_like_direct(dev_stack: Stack, session):  # noq
     with connect(session, autocommit=True) as conn:
         assert _latin1_roundtrip(conn) == expected
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_binary_copy_from_and_prepared_pipeline(dev_stack: Stack, gconn):
+    tag = f"compat-psycopg-bin-{uuid.uuid4().hex[:8]}"
+    try:
+        with gconn.cursor().copy(
+            "COPY products (name, kind, rate) FROM STDIN (FORMAT binary)"
+        ) as cp:
+            cp.set_types(["text", "text", "numeric"])
+            for i in range(3):
+                cp.write_row((f"{tag}-{i}", "test", Decimal(f"{i}.75")))
+        assert direct(
+            dev_stack,
+            "SELECT name, rate FROM products WHERE name LIKE %s ORDER BY name",
+            (tag + "%",),
+        ) == [(f"{tag}-{i}", Decimal(f"{i}.75")) for i in range(3)]
+        expected = dict(direct(dev_stack, "SELECT id, name FROM products"))
+        for _ in range(2):  # second round runs the server-prepared statements
+            with gconn.pipeline():
+                curs = [
+                    (
+                        i % 10 + 1,
+                        gconn.execute(
+                            "SELECT name FROM products WHERE id = %s", (i % 10 + 1,), prepare=True
+                        ),
+                    )
+                    for i in range(20)
+                ]
+            assert [c.fetchone()[0] for _, c in curs] == [expected[pid] for pid, _ in curs]
+        assert gconn.execute("DELETE FROM products WHERE name LIKE %s", (tag + "%",)).rowcount == 3
+    finally:
+        with psycopg.connect(dev_stack.admin_dsn) as admin:
+            admin.execute("DELETE FROM products WHERE name LIKE %s", (tag + "%",))
