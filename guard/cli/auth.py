@@ -2,8 +2,9 @@
 
 Imports httpx, keyring, PyJWT (only to read `exp` without verification: the broker is the
 one that verifies) and the CLI's own modules. Tokens go to the OS keychain through
-`keyring`; where no keychain exists (servers, CI) to `$GUARD_HOME/credentials.json` with
-mode 0600. Tokens are never printed or logged.
+`keyring` (service "guard", user "<issuer> <client_id>"); where no keychain exists
+(servers, CI) or `GUARD_KEYRING=file`, to `$GUARD_HOME/credentials.json` with mode 0600.
+Tokens are never printed or logged.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import jwt
@@ -23,87 +25,140 @@ from guard.cli.errors import CliError
 from guard.cli.profile import Profile, guard_home
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
-MIN_VALIDITY = 60  # seconds an ID token must still be valid to be used
-_SERVICE = "guard"
+DEFAULT_SCOPE = "openid profile email groups offline_access"
+MIN_VALIDITY = 60  # seconds an ID token must still be valid to be sent
+SLOW_DOWN_STEP = 5  # RFC 8628 §3.5
+KEYRING_SERVICE = "guard"
+_KEPT = ("id_token", "refresh_token", "access_token")
+_KEYRING_HINT = "set GUARD_KEYRING=file to keep tokens in $GUARD_HOME/credentials.json (0600)"
 
 
-def _usable_keyring() -> Any | None:
-    if os.environ.get("GUARD_KEYRING") == "file":
+class KeyringBackend(Protocol):
+    def get_password(self, service: str, username: str) -> str | None: ...
+    def set_password(self, service: str, username: str, password: str) -> None: ...
+    def delete_password(self, service: str, username: str) -> None: ...
+
+
+def system_keyring() -> KeyringBackend | None:
+    """The OS keychain, or None when there is none (keyring's fail/null/empty chainer)."""
+    if os.environ.get("GUARD_KEYRING", "").lower() == "file":
         return None
     try:
         import keyring
         from keyring.backends import fail
 
         backend = keyring.get_keyring()
-        if isinstance(backend, fail.Keyring) or getattr(backend, "priority", 0) < 1:
-            return None
-        return keyring
-    except Exception:  # noqa: BLE001 - any keyring import/backend problem means "no keychain"
+    except Exception:  # noqa: BLE001 - any import/backend discovery problem: no keychain
         return None
+    if isinstance(backend, fail.Keyring) or getattr(backend, "priority", 0) < 1:
+        return None
+    return backend
 
 
 class TokenStore:
-    """Tokens per (issuer, client): OS keychain, else a 0600 JSON file."""
+    """Tokens per (issuer, client): the OS keychain, else a 0600 JSON file."""
 
-    _warned = False
+    _warned = False  # the "no keychain" note is printed once per process
 
-    def __init__(self, profile: Profile) -> None:
+    def __init__(self, profile: Profile, *, backend: KeyringBackend | None = None) -> None:
+        """`backend` replaces the OS keychain (tests); by default it is discovered."""
         self.key = f"{profile.issuer} {profile.client_id}"
-        self._keyring = _usable_keyring()
         self.path = guard_home() / "credentials.json"
+        self._keyring = backend if backend is not None else system_keyring()
+
+    @property
+    def uses_keyring(self) -> bool:
+        return self._keyring is not None
+
+    def _keyring_call(self, what: str, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001 - keyring backends raise anything (DBus…)
+            raise CliError(
+                f"cannot {what} the OS keychain: {type(exc).__name__}", hint=_KEYRING_HINT
+            ) from exc
 
     def _read_file(self) -> dict[str, Any]:
         try:
-            return json.loads(self.path.read_text())
+            data = json.loads(self.path.read_text())
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as exc:
             raise CliError(
-                f"cannot read {self.path}: {exc}", hint="delete it and log in again"
+                f"cannot read {self.path}: {type(exc).__name__}", hint="delete it and log in again"
             ) from exc
+        return data if isinstance(data, dict) else {}
 
     def _write_file(self, data: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh)
-        os.chmod(self.path, 0o600)  # an older file may have been created looser
-        if not TokenStore._warned and os.environ.get("GUARD_KEYRING") != "file":
+        tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
+        # 0600 from the first byte, then an atomic replace: never readable by others, never
+        # half-written.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a leftover tmp file
+            with os.fdopen(fd, "w") as fh:
+                json.dump(data, fh)
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.chmod(self.path, 0o600)
+        if not TokenStore._warned and os.environ.get("GUARD_KEYRING", "").lower() != "file":
             TokenStore._warned = True
             print(
-                f"guard: no OS keychain found; tokens stored in {self.path} (mode 0600)",
+                f"guard: no OS keychain found; tokens are kept in {self.path} (mode 0600)",
                 file=sys.stderr,
             )
 
     def load(self) -> dict[str, Any] | None:
         if self._keyring is not None:
-            raw = self._keyring.get_password(_SERVICE, self.key)
-            return json.loads(raw) if raw else None
-        return self._read_file().get(self.key)
+            keyring = self._keyring
+            raw = self._keyring_call(
+                "read from", lambda: keyring.get_password(KEYRING_SERVICE, self.key)
+            )
+            try:
+                data = json.loads(raw) if raw else None
+            except ValueError:
+                return None
+        else:
+            data = self._read_file().get(self.key)
+        return data if isinstance(data, dict) else None
 
     def save(self, tokens: dict[str, Any]) -> None:
-        kept = {k: tokens[k] for k in ("id_token", "refresh_token", "access_token") if k in tokens}
+        kept = {k: tokens[k] for k in _KEPT if tokens.get(k)}
         if self._keyring is not None:
-            self._keyring.set_password(_SERVICE, self.key, json.dumps(kept))
+            keyring = self._keyring
+            self._keyring_call(
+                "write to",
+                lambda: keyring.set_password(KEYRING_SERVICE, self.key, json.dumps(kept)),
+            )
             return
         data = self._read_file()
         data[self.key] = kept
         self._write_file(data)
 
-    def clear(self) -> None:
+    def clear(self) -> bool:
+        """Forget this (issuer, client)'s tokens; True if there were any."""
         if self._keyring is not None:
-            try:
-                self._keyring.delete_password(_SERVICE, self.key)
-            except Exception:  # noqa: BLE001 - nothing stored is fine
-                pass
-            return
+            had = self.load() is not None
+            if had:
+                keyring = self._keyring
+                self._keyring_call(
+                    "delete from", lambda: keyring.delete_password(KEYRING_SERVICE, self.key)
+                )
+            return had
         data = self._read_file()
-        if data.pop(self.key, None) is not None:
-            self._write_file(data)
+        if data.pop(self.key, None) is None:
+            return False
+        self._write_file(data)
+        return True
 
 
-@dataclass
+@dataclass(frozen=True)
 class DeviceAuthorization:
+    """The IdP's answer to a device authorization request (RFC 8628 §3.2)."""
+
     device_code: str
     user_code: str
     verification_uri: str
@@ -112,61 +167,130 @@ class DeviceAuthorization:
     interval: int
 
 
+def _oauth_error(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return f"HTTP {response.status_code}"
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        return body["error"]
+    return f"HTTP {response.status_code}"
+
+
 class DeviceFlow:
-    def __init__(self, issuer: str, client_id: str, *, http: httpx.Client | None = None) -> None:
+    """An OAuth client of one issuer: discovery, device authorization, polling, refresh."""
+
+    def __init__(
+        self,
+        issuer: str,
+        client_id: str,
+        *,
+        http: httpx.Client | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.issuer = issuer.rstrip("/")
         self.client_id = client_id
+        self._owns_http = http is None
         self.http = http or httpx.Client(timeout=10.0)
+        self._sleep = sleep
+        self._clock = clock
         self._config: dict[str, Any] | None = None
+
+    def close(self) -> None:
+        if self._owns_http:
+            self.http.close()
+
+    def __enter__(self) -> DeviceFlow:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _unreachable(self, exc: Exception) -> CliError:
         return CliError(
             f"cannot reach the identity provider at {self.issuer}: {type(exc).__name__}",
-            hint="check the issuer URL and your network (`guard dev status` for the demo)",
+            hint="check the issuer URL and your network (for the demo: `guard dev status`)",
         )
 
     def config(self) -> dict[str, Any]:
+        """The issuer's discovery document (fetched once)."""
         if self._config is None:
+            url = f"{self.issuer}/.well-known/openid-configuration"
             try:
-                response = self.http.get(f"{self.issuer}/.well-known/openid-configuration")
-                response.raise_for_status()
-                self._config = response.json()
-            except (httpx.HTTPError, ValueError) as exc:
+                response = self.http.get(url)
+            except httpx.HTTPError as exc:
                 raise self._unreachable(exc) from exc
+            try:
+                response.raise_for_status()
+                config = response.json()
+            except (httpx.HTTPError, ValueError) as exc:
+                raise CliError(
+                    f"{self.issuer} is not an OpenID Connect issuer (no discovery document)",
+                    hint="check the issuer URL in your profile (or --issuer)",
+                ) from exc
+            if not isinstance(config, dict) or str(config.get("issuer", "")).rstrip("/") != (
+                self.issuer
+            ):
+                raise CliError(
+                    f"{url} describes another issuer ({config.get('issuer')!r})",
+                    hint="use the issuer URL exactly as the identity provider names it",
+                )
+            self._config = config
         return self._config
 
-    def _post(self, url: str, data: dict[str, str]) -> httpx.Response:
+    def post_form(self, url: str, data: dict[str, str]) -> httpx.Response:
         try:
             return self.http.post(url, data=data)
         except httpx.HTTPError as exc:
             raise self._unreachable(exc) from exc
 
-    def start(
-        self, scope: str = "openid profile email groups offline_access"
-    ) -> DeviceAuthorization:
-        endpoint = self.config().get("device_authorization_endpoint")
-        if not endpoint:
-            raise CliError(f"{self.issuer} does not support the device flow (RFC 8628)")
-        response = self._post(endpoint, {"client_id": self.client_id, "scope": scope})
-        if response.status_code != 200:
-            raise CliError(f"device authorization failed: {_oauth_error(response)}")
-        body = response.json()
-        return DeviceAuthorization(
-            body["device_code"],
-            body["user_code"],
-            body["verification_uri"],
-            body.get("verification_uri_complete"),
-            int(body.get("expires_in", 600)),
-            int(body.get("interval", 5)),
-        )
+    def _endpoint(self, name: str) -> str:
+        url = self.config().get(name)
+        if not isinstance(url, str) or not url:
+            raise CliError(f"{self.issuer} has no {name} (device flow, RFC 8628, unsupported)")
+        return url
 
-    def poll(self, auth: DeviceAuthorization, *, sleep=time.sleep) -> dict[str, Any]:
+    def start(self, scope: str = DEFAULT_SCOPE) -> DeviceAuthorization:
+        """Ask for a device code and the user code to show (RFC 8628 §3.1)."""
+        response = self.post_form(
+            self._endpoint("device_authorization_endpoint"),
+            {"client_id": self.client_id, "scope": scope},
+        )
+        if response.status_code != 200:
+            raise CliError(
+                f"the identity provider refused the sign-in request: {_oauth_error(response)}",
+                hint=f"check that client id {self.client_id!r} is registered at {self.issuer}",
+            )
+        try:
+            body = response.json()
+            return DeviceAuthorization(
+                device_code=body["device_code"],
+                user_code=body["user_code"],
+                verification_uri=body["verification_uri"],
+                verification_uri_complete=body.get("verification_uri_complete"),
+                expires_in=int(body.get("expires_in", 600)),
+                interval=int(body.get("interval", 5)),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CliError(f"{self.issuer} sent a malformed device authorization") from exc
+
+    def poll(self, auth: DeviceAuthorization, *, immediate: bool = False) -> dict[str, Any]:
+        """Poll the token endpoint until approval (RFC 8628 §3.4/3.5); the token response.
+
+        Waits `interval` seconds before each request (+5 s after every `slow_down`) and
+        gives up when the code expires. `immediate=True` sends the first request at once
+        (the code is known to be approved already).
+        """
         interval = max(auth.interval, 1)
-        deadline = time.monotonic() + auth.expires_in
-        token_endpoint = self.config()["token_endpoint"]
-        while time.monotonic() < deadline:
-            sleep(interval)
-            response = self._post(
+        deadline = self._clock() + auth.expires_in
+        token_endpoint = self._endpoint("token_endpoint")
+        wait = 0 if immediate else interval
+        while self._clock() + wait < deadline:
+            if wait:
+                self._sleep(wait)
+            wait = interval
+            response = self.post_form(
                 token_endpoint,
                 {
                     "grant_type": DEVICE_GRANT,
@@ -175,69 +299,101 @@ class DeviceFlow:
                 },
             )
             if response.status_code == 200:
-                return response.json()
+                return _token_body(response, self.issuer)
             error = _oauth_error(response)
             if error == "authorization_pending":
                 continue
             if error == "slow_down":
-                interval += 5  # RFC 8628 §3.5
+                interval += SLOW_DOWN_STEP
+                wait = interval
                 continue
             if error == "access_denied":
                 raise CliError("the sign-in was denied", hint="run `guard login` again")
             if error == "expired_token":
                 break
-            raise CliError(f"sign-in failed: {error}")
+            raise CliError(f"sign-in failed at {self.issuer}: {error}")
         raise CliError(
             "the sign-in code expired before it was approved", hint="run `guard login` again"
         )
 
     def refresh(self, refresh_token: str) -> dict[str, Any] | None:
-        response = self._post(
-            self.config()["token_endpoint"],
+        """New tokens for a refresh token; None if the IdP no longer accepts it."""
+        response = self.post_form(
+            self._endpoint("token_endpoint"),
             {
                 "grant_type": "refresh_token",
                 "refresh_token": refresh_token,
                 "client_id": self.client_id,
             },
         )
-        return response.json() if response.status_code == 200 else None
+        if response.status_code == 200:
+            return _token_body(response, self.issuer)
+        if response.status_code in (400, 401):
+            return None  # invalid_grant and friends: the login is over
+        raise CliError(
+            f"the identity provider at {self.issuer} failed to refresh the login: "
+            f"{_oauth_error(response)}",
+            hint="try again later, or run `guard login`",
+        )
 
 
-def _oauth_error(response: httpx.Response) -> str:
+def _token_body(response: httpx.Response, issuer: str) -> dict[str, Any]:
     try:
-        return str(response.json().get("error", response.status_code))
+        body = response.json()
     except ValueError:
-        return f"HTTP {response.status_code}"
+        body = None
+    if not isinstance(body, dict) or not isinstance(body.get("id_token"), str):
+        raise CliError(f"the identity provider at {issuer} sent no ID token")
+    return body
 
 
 def seconds_left(id_token: str) -> float:
-    # Read `exp` only, WITHOUT verifying: the broker verifies every token it receives; the
-    # CLI just avoids sending one that is about to expire.
+    """Seconds until `exp`, read WITHOUT verifying the token.
+
+    The broker verifies every token it receives; the CLI only avoids sending one that is
+    about to expire. Unreadable tokens count as expired.
+    """
     try:
         claims = jwt.decode(id_token, options={"verify_signature": False})
         return float(claims.get("exp", 0)) - time.time()
-    except jwt.PyJWTError:
+    except (jwt.PyJWTError, TypeError, ValueError):
         return -1.0
 
 
-def current_id_token(profile: Profile, *, id_token_file: Path | None = None) -> str:
-    """An ID token for the broker: from a file or GUARD_ID_TOKEN (CI), else the login."""
+def current_id_token(
+    profile: Profile, *, id_token_file: Path | None = None, http: httpx.Client | None = None
+) -> str:
+    """An ID token to send to the broker.
+
+    In order: `--id-token-file` (the caller passes it), `GUARD_ID_TOKEN` (CI), the stored
+    login if it is valid for more than a minute, a silent refresh (rotated tokens are
+    stored), else `CliError("not logged in")`.
+    """
     if id_token_file is not None:
         try:
-            return id_token_file.read_text().strip()
+            token = id_token_file.read_text().strip()
         except OSError as exc:
             raise CliError(f"cannot read the ID token file {id_token_file}: {exc}") from exc
-    if os.environ.get("GUARD_ID_TOKEN"):
+        if not token:
+            raise CliError(f"the ID token file {id_token_file} is empty")
+        return token
+    if os.environ.get("GUARD_ID_TOKEN", "").strip():
         return os.environ["GUARD_ID_TOKEN"].strip()
     store = TokenStore(profile)
-    tokens = store.load()
-    if tokens and seconds_left(tokens.get("id_token", "")) > MIN_VALIDITY:
+    tokens = store.load() or {}
+    if seconds_left(tokens.get("id_token", "")) > MIN_VALIDITY:
         return tokens["id_token"]
-    if tokens and tokens.get("refresh_token"):
-        fresh = DeviceFlow(profile.issuer, profile.client_id).refresh(tokens["refresh_token"])
-        if fresh and fresh.get("id_token"):
-            store.save(fresh)
+    if tokens.get("refresh_token"):
+        with DeviceFlow(profile.issuer, profile.client_id, http=http) as flow:
+            fresh = flow.refresh(tokens["refresh_token"])
+        if fresh is not None:
+            # An IdP that does not rotate keeps the old refresh token valid: keep it.
+            store.save({"refresh_token": tokens["refresh_token"], **fresh})
             return fresh["id_token"]
+        # Another guard process may have rotated the refresh token a moment ago.
+        again = store.load() or {}
+        if seconds_left(again.get("id_token", "")) > MIN_VALIDITY:
+            return again["id_token"]
     raise CliError(
         "not logged in (or the login expired)",
         hint="run `guard login` (or `guard dev login USER` for the demo)",

@@ -4,18 +4,30 @@ Imports PyJWT, httpx and the broker's error types. Checks, in one place: signatu
 key from the issuer's JWKS (found by `kid`; an unknown `kid` refetches the JWKS at most once
 per cooldown, so a flood of bogus kids cannot hammer the IdP), an explicit algorithm list
 (never taken from the token: that is what stops `alg=none` and the HS256-with-public-key
-confusion attack), `iss`, `aud`, `exp`, `nbf`, `iat` with a small leeway. Only then does a
-token become `VerifiedClaims`, the one way to a `Principal`.
+confusion attack), `iss`, `aud`, `exp`, `nbf`, `iat` with a small leeway, and optionally
+`jti` replay. Only then does a token become `VerifiedClaims`, the one way to a `Principal`.
+
+Foreign exceptions (PyJWT, httpx) become `AuthenticationError` (401) or
+`IdentityProviderUnavailable` (503) in one place, `_map_exceptions`. Messages never contain
+the token.
+
+Audience: a token whose `aud` is a string must equal ours exactly (PyJWT `strict_aud`).
+OIDC Core §3.1.3.7 allows a list; PyJWT's strict mode rejects every list, so a list is
+handled deliberately: it must contain our audience, and when it names more than one
+audience the authorized party `azp` must be us (a token issued to another client that
+merely lists us is refused).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
-from typing import Any, Protocol
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 import jwt
@@ -24,158 +36,337 @@ from guard.broker.errors import DependencyUnavailable, Unauthenticated
 from guard.broker.fakes import FakeComponentWarning
 from guard.broker.identity.principal import Principal, VerifiedClaims
 
-JWKS_REFRESH_COOLDOWN = 30.0
-_SYMMETRIC = frozenset({"HS256", "HS384", "HS512", "none"})
+if TYPE_CHECKING:
+    from guard.broker.settings import OIDCSettings
+
+JWKS_REFETCH_COOLDOWN = 30.0  # at most one JWKS fetch per this many seconds for unknown kids
+FAILED_FETCH_BACKOFF = 5.0  # after a failed fetch, answer 503 without retrying for this long
+# Only asymmetric algorithms: the broker never shares a secret with an IdP, so an HS* or
+# `none` entry could only ever be an attack (or a misconfiguration that enables one).
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+REQUIRED_CLAIMS = ("exp", "iat", "iss", "sub", "aud")
+REPLAY_CACHE_SIZE = 100_000
+_SHOWN = 120  # characters of a token-supplied value quoted in an error message
 
 
 class AuthenticationError(Unauthenticated):
-    def __init__(self, message: str, *, reason: str = "invalid_token", hint: str | None = None):
+    """The token is not acceptable (HTTP 401). `reason` is a short machine-readable tag."""
+
+    def __init__(
+        self, message: str, reason: str = "invalid_token", *, hint: str | None = None
+    ) -> None:
         super().__init__(message, hint=hint)
         self.reason = reason
 
 
 class IdentityProviderUnavailable(DependencyUnavailable):
-    pass
+    """The IdP's discovery document or JWKS could not be fetched (HTTP 503): fail closed."""
 
 
 class KeySource(Protocol):
-    def get_signing_key(self, kid: str | None) -> jwt.PyJWK: ...
+    def get_signing_key(self, kid: str | None) -> jwt.PyJWK:
+        """The verification key for `kid` (None: only if exactly one key exists)."""
+        ...
 
 
-def _pick(keys: dict[str, jwt.PyJWK], kid: str | None) -> jwt.PyJWK | None:
+def _quote(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _SHOWN else text[:_SHOWN] + "…"
+
+
+def _unverified_claims(token: str) -> dict[str, Any]:
+    # Read WITHOUT verification, only to choose a check or to word an error message; never
+    # to accept anything.
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return {}
+    return claims if isinstance(claims, dict) else {}
+
+
+@contextlib.contextmanager
+def _map_exceptions(
+    issuer: str, audience: str | None = None, token: str | None = None
+) -> Iterator[None]:
+    """The one translation of PyJWT / httpx exceptions into the broker's domain errors."""
+    try:
+        yield
+    except httpx.HTTPStatusError as exc:
+        raise IdentityProviderUnavailable(
+            f"cannot reach the identity provider at {issuer}: HTTP "
+            f"{exc.response.status_code} from {exc.request.url}",
+            hint="check the broker's oidc.issuer and that the IdP is healthy",
+        ) from exc
+    except httpx.HTTPError as exc:
+        raise IdentityProviderUnavailable(
+            f"cannot reach the identity provider at {issuer}: {type(exc).__name__}",
+            hint="check that the IdP is up and reachable from the broker",
+        ) from exc
+    except json.JSONDecodeError as exc:
+        raise IdentityProviderUnavailable(
+            f"the identity provider at {issuer} answered with something that is not JSON",
+            hint="check the broker's oidc.issuer",
+        ) from exc
+    except jwt.ExpiredSignatureError as exc:
+        raise AuthenticationError("token expired: run `guard login` again", "expired") from exc
+    except jwt.InvalidAudienceError as exc:
+        got = _unverified_claims(token).get("aud") if token else None
+        raise AuthenticationError(
+            f"token is for audience {_quote(got)}, expected {audience!r}", "audience"
+        ) from exc
+    except jwt.InvalidIssuerError as exc:
+        got = _unverified_claims(token).get("iss") if token else None
+        raise AuthenticationError(
+            f"token was issued by {_quote(got)}, expected {issuer!r}", "issuer"
+        ) from exc
+    except jwt.ImmatureSignatureError as exc:
+        raise AuthenticationError(
+            "token is not valid yet (is this machine's clock right?)", "not_yet_valid"
+        ) from exc
+    except jwt.MissingRequiredClaimError as exc:
+        raise AuthenticationError(f"token lacks the {exc.claim!r} claim", "missing_claim") from exc
+    except jwt.InvalidAlgorithmError as exc:
+        raise AuthenticationError(
+            "token is signed with an algorithm that is not allowed", "algorithm"
+        ) from exc
+    except jwt.InvalidSignatureError as exc:
+        raise AuthenticationError("token signature does not verify", "signature") from exc
+    except jwt.InvalidKeyError as exc:
+        raise AuthenticationError(f"token key is not acceptable: {exc}", "key") from exc
+    except jwt.DecodeError as exc:
+        raise AuthenticationError("token is malformed (not a signed JWT)", "malformed") from exc
+    except jwt.PyJWTError as exc:
+        raise AuthenticationError(f"invalid token: {exc}", "invalid_token") from exc
+
+
+def _pick(keys: Mapping[str, jwt.PyJWK], kid: str | None) -> jwt.PyJWK | None:
     if kid is None:
         # Without a kid only an unambiguous key set is acceptable.
         return next(iter(keys.values())) if len(keys) == 1 else None
     return keys.get(kid)
 
 
-class DiscoveryKeySource:
-    """JWKS of an issuer found through OIDC discovery, cached, refetched on unknown kid."""
+def _unknown_key(kid: str | None, count: int) -> AuthenticationError:
+    if kid is None and count > 1:
+        return AuthenticationError(
+            "token has no `kid` header but the issuer publishes several keys", "unknown_key"
+        )
+    return AuthenticationError(
+        f"token signed with an unknown key (kid {_quote(kid)})", "unknown_key"
+    )
 
-    def __init__(self, issuer: str, http: httpx.Client) -> None:
-        self.issuer = issuer.rstrip("/")
+
+class DiscoveryKeySource:
+    """JWKS of an issuer found through OIDC discovery, cached, refetched on unknown kid.
+
+    Thread-safe (the API verifies in worker threads). A known kid never waits for the
+    network; an unknown kid refetches the JWKS at most once per `cooldown` seconds; after
+    a failed fetch, requests get `IdentityProviderUnavailable` for `backoff` seconds
+    without touching the IdP again.
+    """
+
+    def __init__(
+        self,
+        issuer: str,
+        http: httpx.Client,
+        *,
+        cooldown: float = JWKS_REFETCH_COOLDOWN,
+        backoff: float = FAILED_FETCH_BACKOFF,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.issuer = issuer
         self._http = http
+        self._cooldown = cooldown
+        self._backoff = backoff
+        self._clock = clock
         self._keys: dict[str, jwt.PyJWK] = {}
         self._jwks_uri: str | None = None
-        self._fetched_at = float("-inf")
+        self._next_fetch = float("-inf")
+        self._failure: IdentityProviderUnavailable | None = None
         self._lock = threading.Lock()
+        self.fetch_count = 0  # JWKS fetches attempted (observable for tests and metrics)
 
     def _get_json(self, url: str) -> Any:
-        try:
-            response = self._http.get(url)
-            response.raise_for_status()
-            return response.json()
-        except (httpx.HTTPError, ValueError) as exc:
-            raise IdentityProviderUnavailable(
-                f"cannot reach the identity provider at {self.issuer}: {type(exc).__name__}",
-                hint="check that the IdP is up and reachable from the broker",
-            ) from exc
+        response = self._http.get(url, headers={"Accept": "application/json"})
+        response.raise_for_status()
+        return response.json()
 
-    def _refresh(self) -> None:
+    def _discover(self) -> str:
+        url = self.issuer.rstrip("/") + "/.well-known/openid-configuration"
+        config = self._get_json(url)
+        if not isinstance(config, dict):
+            raise IdentityProviderUnavailable(f"{url} is not an OIDC discovery document")
+        if config.get("issuer") != self.issuer:
+            # OIDC Discovery §4.3: must match exactly, or another issuer's keys could get in.
+            raise IdentityProviderUnavailable(
+                f"discovery at {url} names issuer {_quote(config.get('issuer'))}, "
+                f"expected exactly {self.issuer!r}",
+                hint="set the broker's oidc.issuer to the IdP's issuer string",
+            )
+        jwks_uri = config.get("jwks_uri")
+        secure = isinstance(jwks_uri, str) and (
+            jwks_uri.startswith("https://") or self.issuer.startswith("http://")
+        )
+        if not secure:
+            raise IdentityProviderUnavailable(
+                f"discovery at {url} has no usable jwks_uri ({_quote(jwks_uri)})"
+            )
+        return jwks_uri
+
+    def _fetch(self) -> None:
+        self.fetch_count += 1
         if self._jwks_uri is None:
-            config = self._get_json(f"{self.issuer}/.well-known/openid-configuration")
-            if config.get("issuer", "").rstrip("/") != self.issuer:
-                # A discovery document for another issuer would let that issuer's keys in.
-                raise IdentityProviderUnavailable(
-                    f"discovery at {self.issuer} names issuer {config.get('issuer')!r}"
-                )
-            self._jwks_uri = config["jwks_uri"]
+            self._jwks_uri = self._discover()
         jwks = self._get_json(self._jwks_uri)
+        entries = jwks.get("keys") if isinstance(jwks, dict) else None
+        if not isinstance(entries, list):
+            raise IdentityProviderUnavailable(f"{self._jwks_uri} is not a JWK set")
         keys: dict[str, jwt.PyJWK] = {}
-        for index, data in enumerate(jwks.get("keys", [])):
-            if data.get("use", "sig") != "sig":
+        for index, data in enumerate(entries):
+            if not isinstance(data, dict) or data.get("use", "sig") != "sig":
                 continue
             try:
-                keys[data.get("kid") or f"#{index}"] = jwt.PyJWK(data)
+                keys[str(data.get("kid") or f"#{index}")] = jwt.PyJWK(data)
             except jwt.PyJWTError:
                 continue  # an unsupported key type must not break the others
         self._keys = keys
-        self._fetched_at = time.monotonic()
 
     def get_signing_key(self, kid: str | None) -> jwt.PyJWK:
+        key = _pick(self._keys, kid)  # fast path: the dict is replaced, never mutated
+        if key is not None:
+            return key
         with self._lock:
             key = _pick(self._keys, kid)
-            if key is None and time.monotonic() - self._fetched_at >= JWKS_REFRESH_COOLDOWN:
-                self._refresh()
+            now = self._clock()
+            if key is None and now >= self._next_fetch:
+                try:
+                    with _map_exceptions(self.issuer):
+                        self._fetch()
+                except IdentityProviderUnavailable as exc:
+                    self._jwks_uri = None  # rediscover next time: the jwks_uri may have moved
+                    self._failure, self._next_fetch = exc, now + self._backoff
+                    raise
+                self._failure, self._next_fetch = None, now + self._cooldown
                 key = _pick(self._keys, kid)
+            elif key is None and self._failure is not None:
+                raise self._failure
         if key is None:
-            raise AuthenticationError(
-                f"token signed with an unknown key (kid {kid!r})", reason="unknown_key"
-            )
+            raise _unknown_key(kid, len(self._keys))
         return key
 
 
 class StaticKeySource:
-    """A fixed key set, for unit tests only."""
+    """A fixed key set, for unit tests only (warns `FakeComponentWarning`)."""
 
-    def __init__(self, keys: dict[str, jwt.PyJWK]) -> None:
+    def __init__(self, keys: Mapping[str, jwt.PyJWK]) -> None:
         warnings.warn("StaticKeySource is for unit tests only", FakeComponentWarning, stacklevel=2)
-        self._keys = keys
+        self._keys = dict(keys)
 
     def get_signing_key(self, kid: str | None) -> jwt.PyJWK:
         key = _pick(self._keys, kid)
         if key is None:
-            raise AuthenticationError(f"token signed with an unknown key (kid {kid!r})")
+            raise _unknown_key(kid, len(self._keys))
         return key
 
 
+class JtiReplayCache:
+    """`jti` values seen within their token's lifetime: bounded, thread-safe, in memory.
+
+    Per process: with several broker replicas a replayed token can still reach another
+    replica. When full of unexpired entries it refuses new tokens (fail closed) rather than
+    forget one that could then be replayed.
+    """
+
+    def __init__(
+        self, max_entries: int = REPLAY_CACHE_SIZE, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._seen: OrderedDict[str, float] = OrderedDict()  # jti → exp, insertion order
+        self._max = max_entries
+        self._clock = clock
+        self._lock = threading.Lock()
+
+    def check_and_remember(self, jti: str, expires_at: float) -> None:
+        with self._lock:
+            now = self._clock()
+            seen = self._seen.get(jti)
+            if seen is not None and seen >= now:
+                raise AuthenticationError(
+                    "token was already used (replayed jti)",
+                    "replayed",
+                    hint="get a fresh ID token for every call",
+                )
+            if len(self._seen) >= self._max:
+                for old in [k for k, exp in self._seen.items() if exp < now]:
+                    del self._seen[old]
+            if len(self._seen) >= self._max:
+                raise AuthenticationError("too many live tokens to track replays", "replay_cache")
+            self._seen[jti] = expires_at
+
+
 class OIDCVerifier:
+    """Verifies ID tokens of one issuer for one audience.
+
+    `check_jti_replay` is off by default: `guard` sends the same ID token with every API
+    call until it nears expiry (the CLI caches it), so a second use is normal, not an
+    attack. Turn it on where each token is meant to be used once (for example CI tokens
+    minted per job step).
+    """
+
     def __init__(
         self,
         *,
         issuer: str,
         audience: str,
         algorithms: Sequence[str],
+        key_source: KeySource,
         groups_claim: str = "groups",
         leeway: int = 30,
-        key_source: KeySource,
+        check_jti_replay: bool = False,
+        replay_cache: JtiReplayCache | None = None,
     ) -> None:
-        bad = set(algorithms) & _SYMMETRIC
-        if bad or not algorithms:
-            raise ValueError(f"refusing symmetric or empty algorithm list: {sorted(bad)}")
+        if not algorithms or not set(algorithms) <= ASYMMETRIC_ALGORITHMS:
+            bad = sorted(set(algorithms) - ASYMMETRIC_ALGORITHMS) or ["(empty list)"]
+            raise ValueError(f"refusing OIDC algorithms {bad}: only asymmetric ones are allowed")
         self.issuer = issuer
         self.audience = audience
         self.algorithms = list(algorithms)
         self.groups_claim = groups_claim
         self.leeway = leeway
         self.key_source = key_source
+        self.replay_cache = replay_cache or (JtiReplayCache() if check_jti_replay else None)
 
-    @contextlib.contextmanager
-    def _map_exceptions(self) -> Iterator[None]:
-        try:
-            yield
-        except jwt.ExpiredSignatureError as exc:
-            raise AuthenticationError(
-                "token expired", reason="expired", hint="run `guard login` again"
-            ) from exc
-        except jwt.InvalidAudienceError as exc:
-            raise AuthenticationError(
-                f"token is not for this broker (expected audience {self.audience!r})",
-                reason="audience",
-            ) from exc
-        except jwt.InvalidIssuerError as exc:
-            raise AuthenticationError(
-                f"token was not issued by {self.issuer}", reason="issuer"
-            ) from exc
-        except jwt.ImmatureSignatureError as exc:
-            raise AuthenticationError("token is not valid yet", reason="nbf") from exc
-        except jwt.MissingRequiredClaimError as exc:
-            raise AuthenticationError(
-                f"token lacks the {exc.claim!r} claim", reason="claims"
-            ) from exc
-        except jwt.InvalidAlgorithmError as exc:
-            raise AuthenticationError(
-                "token uses a signing algorithm that is not allowed", reason="algorithm"
-            ) from exc
-        except jwt.PyJWTError as exc:
-            raise AuthenticationError(f"invalid token: {type(exc).__name__}") from exc
+    @classmethod
+    def from_settings(
+        cls, settings: OIDCSettings, key_source: KeySource, *, check_jti_replay: bool = False
+    ) -> OIDCVerifier:
+        return cls(
+            issuer=settings.issuer,
+            audience=settings.audience,
+            algorithms=list(settings.algorithms),
+            key_source=key_source,
+            groups_claim=settings.groups_claim,
+            leeway=settings.leeway_seconds,
+            check_jti_replay=check_jti_replay,
+        )
 
     def verify(self, token: str) -> VerifiedClaims:
-        with self._map_exceptions():
+        with _map_exceptions(self.issuer, self.audience, token):
             header = jwt.get_unverified_header(token)
-            if header.get("alg") not in self.algorithms:
+            if header.get("alg") not in self.algorithms:  # before any key is looked up
                 raise jwt.InvalidAlgorithmError(str(header.get("alg")))
-            key = self.key_source.get_signing_key(header.get("kid"))
+            kid = header.get("kid")
+            if kid is not None and not isinstance(kid, str):
+                raise jwt.InvalidTokenError("the kid header must be a string")
+            # Read unverified only to refuse early and to pick the audience check below.
+            peek = jwt.decode(token, options={"verify_signature": False})
+            if "iss" not in peek:
+                raise jwt.MissingRequiredClaimError("iss")
+            if peek["iss"] != self.issuer:
+                # Cheap early refusal of foreign tokens: no JWKS refetch for their kids.
+                raise jwt.InvalidIssuerError("issuer mismatch")
+            key = self.key_source.get_signing_key(kid)
             claims = jwt.decode(
                 token,
                 key=key,
@@ -184,17 +375,33 @@ class OIDCVerifier:
                 issuer=self.issuer,
                 leeway=self.leeway,
                 options={
-                    "require": ["exp", "iat", "iss", "sub", "aud"],
+                    "require": list(REQUIRED_CLAIMS),
                     "verify_signature": True,
                     "verify_exp": True,
                     "verify_nbf": True,
                     "verify_iat": True,
                     "verify_aud": True,
                     "verify_iss": True,
+                    # A string aud must match exactly; a list is checked below (docstring).
+                    "strict_aud": isinstance(peek.get("aud"), str),
+                    "enforce_minimum_key_length": True,
                 },
             )
+        aud = claims["aud"]
+        if isinstance(aud, list) and len(aud) > 1 and claims.get("azp") != self.audience:
+            raise AuthenticationError(
+                f"token names several audiences but its authorized party (azp) is "
+                f"{_quote(claims.get('azp'))}, not {self.audience!r}",
+                "audience",
+            )
+        if self.replay_cache is not None:
+            jti = claims.get("jti")
+            if not isinstance(jti, str) or not jti:
+                raise AuthenticationError("token lacks the 'jti' claim", "missing_claim")
+            self.replay_cache.check_and_remember(jti, float(claims["exp"]) + self.leeway)
         return VerifiedClaims(claims)
 
 
 def principal_from_token(verifier: OIDCVerifier, token: str) -> Principal:
+    """Verify `token` and turn its claims into a `Principal` (groups from `groups_claim`)."""
     return Principal.from_claims(verifier.verify(token), groups_claim=verifier.groups_claim)

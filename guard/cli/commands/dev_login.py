@@ -1,10 +1,14 @@
 """`guard dev login USER` / `guard dev token USER`: the real device flow against the local
-dev IdP, approved on its `/device` form instead of in a browser. Refuses any other issuer."""
+dev IdP, approved on its `/device` form instead of in a browser.
+
+Refuses any issuer but the one `guard dev up` recorded in `dev_state_dir()/stack.json`:
+approving a sign-in without a person is only acceptable for the throwaway demo IdP.
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -15,50 +19,58 @@ from guard.cli.errors import CliError
 from guard.cli.profile import Profile, dev_state_dir, load_profile
 
 _err = Console(stderr=True)
+ONLY_DEV = "guard dev login works only against the local dev IdP started by `guard dev up`"
 
 
-def _dev_profile() -> Profile:
+def dev_profile() -> Profile:
+    """The profile, if its issuer is the running dev stack's IdP; CliError otherwise."""
     profile = load_profile()
     stack = dev_state_dir() / "stack.json"
     try:
         dev_issuer = json.loads(stack.read_text()).get("issuer")
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         dev_issuer = None
-    if not dev_issuer or dev_issuer.rstrip("/") != profile.issuer.rstrip("/"):
+    if not isinstance(dev_issuer, str) or dev_issuer.rstrip("/") != profile.issuer.rstrip("/"):
         raise CliError(
-            "guard dev login works only against the local dev IdP started by `guard dev up`",
-            hint="use `guard login` for a real identity provider",
+            ONLY_DEV,
+            hint=f"the profile's issuer is {profile.issuer}; use `guard login` for it"
+            if dev_issuer
+            else "no dev stack is running here: run `guard dev up`",
         )
     return profile
 
 
-def _device_login(profile: Profile, user: str) -> dict:
-    flow = DeviceFlow(profile.issuer, profile.client_id)
-    auth = flow.start()
-    response = flow.http.post(
-        f"{flow.issuer}/device",
-        data={"user_code": auth.user_code, "username": user, "action": "approve"},
-    )
-    if response.status_code != 200:
-        raise CliError(
-            f"the dev IdP has no user {user!r}",
-            hint="see guard/devstack/users.yaml (alice, bob, carol, ci, mallory)",
+def dev_device_login(profile: Profile, user: str) -> dict[str, Any]:
+    """Run the device flow and approve it as `user` on the dev IdP's form."""
+    with DeviceFlow(profile.issuer, profile.client_id) as flow:
+        auth = flow.start()
+        response = flow.post_form(
+            f"{flow.issuer}/device",
+            {"user_code": auth.user_code, "username": user, "action": "approve"},
         )
-    # Approved already, so the first poll succeeds; no need to wait a full interval.
-    return flow.poll(auth, sleep=lambda _s: None)
+        if response.status_code != 200:
+            if "unknown user" in response.text:
+                raise CliError(
+                    f"the dev IdP has no user {user!r}",
+                    hint="users: alice, bob, carol, ci, mallory (guard/devstack/users.yaml)",
+                )
+            raise CliError(f"the dev IdP refused the approval (HTTP {response.status_code})")
+        # Approved already: the first poll returns the tokens.
+        return flow.poll(auth, immediate=True)
 
 
 def dev_login(user: Annotated[str, typer.Argument(help="Dev IdP user, e.g. alice")]) -> int:
-    profile = _dev_profile()
-    tokens = _device_login(profile, user)
+    profile = dev_profile()
+    tokens = dev_device_login(profile, user)
     TokenStore(profile).save(tokens)
     _err.print(describe_login(tokens))
     return 0
 
 
 def dev_token(user: Annotated[str, typer.Argument(help="Dev IdP user, e.g. ci")]) -> int:
-    tokens = _device_login(_dev_profile(), user)
-    print(tokens["id_token"])  # the one deliberate token output (for CI examples)
+    tokens = dev_device_login(dev_profile(), user)
+    # The one deliberate token output (for CI-style examples): stdout only, nothing stored.
+    typer.echo(tokens["id_token"])
     return 0
 
 

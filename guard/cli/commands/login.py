@@ -1,9 +1,15 @@
-"""`guard login` (OIDC device flow, RFC 8628) and `guard logout`."""
+"""`guard login` (OIDC device flow, RFC 8628) and `guard logout`.
+
+The user code and link go to stderr (stdout stays clean for scripts); tokens go to the
+keychain through `cli.auth.TokenStore` and are never shown.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import webbrowser
-from typing import Annotated
+from typing import Annotated, Any
 
 import jwt
 import typer
@@ -11,56 +17,77 @@ from rich.console import Console
 from rich.panel import Panel
 
 from guard.cli.auth import DeviceFlow, TokenStore
-from guard.cli.profile import Profile, load_profile
+from guard.cli.profile import Profile, load_profile, save_profile
 
 _err = Console(stderr=True)
 
 
-def describe_login(tokens: dict) -> str:
-    # Display only (unverified): the broker verifies the token on every use.
+def describe_login(tokens: dict[str, Any]) -> str:
+    """`logged in as alice (engineers)`, read from the ID token for display only.
+
+    Decoded WITHOUT verification: this is a greeting, not a decision; the broker verifies
+    the token on every use.
+    """
     claims = jwt.decode(tokens["id_token"], options={"verify_signature": False})
     name = claims.get("preferred_username") or claims.get("email") or claims.get("sub")
-    groups = ", ".join(claims.get("groups", [])) or "no groups"
-    return f"logged in as {name} ({groups})"
+    groups = claims.get("groups") or []
+    shown = ", ".join(str(g) for g in groups) if isinstance(groups, list) else str(groups)
+    return f"logged in as {name} ({shown or 'no groups'})"
+
+
+def _login_profile(issuer: str | None, client_id: str | None) -> Profile:
+    profile = load_profile()
+    wanted = dataclasses.replace(
+        profile, issuer=issuer or profile.issuer, client_id=client_id or profile.client_id
+    )
+    if wanted == profile:
+        return profile
+    if os.environ.get("GUARD_ISSUER") or os.environ.get("GUARD_BROKER_URL"):
+        # Saving now would write the environment's overrides into the profile file.
+        _err.print(
+            "note: the profile was not changed (GUARD_ISSUER / GUARD_BROKER_URL are set); "
+            "set GUARD_ISSUER to this issuer for other commands to use this login"
+        )
+    else:
+        save_profile(wanted)
+        _err.print(f"profile updated: issuer {wanted.issuer}, client id {wanted.client_id}")
+    return wanted
 
 
 def login(
-    issuer: Annotated[str | None, typer.Option(help="OIDC issuer URL")] = None,
+    issuer: Annotated[
+        str | None, typer.Option(help="OIDC issuer URL (saved in the profile)")
+    ] = None,
     client_id: Annotated[str | None, typer.Option(help="OIDC client id")] = None,
-    no_browser: Annotated[bool, typer.Option("--no-browser", help="Do not open a browser")] = False,
+    no_browser: Annotated[
+        bool, typer.Option("--no-browser", help="Only print the link; do not open a browser")
+    ] = False,
 ) -> int:
-    profile = load_profile()
-    if issuer or client_id:
-        profile = Profile(
-            **{
-                **profile.__dict__,
-                "issuer": issuer or profile.issuer,
-                "client_id": client_id or profile.client_id,
-            }
+    profile = _login_profile(issuer, client_id)
+    with DeviceFlow(profile.issuer, profile.client_id) as flow:
+        auth = flow.start()
+        _err.print(
+            Panel.fit(
+                f"Open [bold]{auth.verification_uri}[/bold]\n"
+                f"and enter the code [bold cyan]{auth.user_code}[/bold cyan]",
+                title="guard login",
+            )
         )
-    flow = DeviceFlow(profile.issuer, profile.client_id)
-    auth = flow.start()
-    _err.print(
-        Panel.fit(
-            f"Open [bold]{auth.verification_uri}[/bold]\nand enter the code "
-            f"[bold cyan]{auth.user_code}[/bold cyan]",
-            title="guard login",
-        )
-    )
-    if not no_browser:
-        try:
-            webbrowser.open(auth.verification_uri_complete or auth.verification_uri)
-        except Exception:  # noqa: BLE001 - no browser is fine
-            pass
-    tokens = flow.poll(auth)
+        if not no_browser:
+            try:
+                webbrowser.open(auth.verification_uri_complete or auth.verification_uri)
+            except Exception:  # noqa: BLE001 - no browser here: the printed link is enough
+                pass
+        with _err.status("waiting for approval…"):
+            tokens = flow.poll(auth)
     TokenStore(profile).save(tokens)
     _err.print(describe_login(tokens))
     return 0
 
 
 def logout() -> int:
-    TokenStore(load_profile()).clear()
-    _err.print("logged out")
+    had = TokenStore(load_profile()).clear()
+    _err.print("logged out" if had else "not logged in")
     return 0
 
 
