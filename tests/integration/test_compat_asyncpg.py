@@ -300,18 +300,6 @@ def test_pool_reset_query_parts_other_than_unlisten_pass(dev_stack: Stack, sessi
     assert run(scenario()) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "gateway bug: asyncpg.Pool releases a connection with its reset query "
-        "'SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;' and the "
-        "gateway classifies UNLISTEN (which only stops deliveries and cannot carry data) "
-        "as a 'listen' operation, so under the demo policy it is refused with 42501 "
-        "'statement refused by rule \"default-deny\": no policy rule allows listen'; "
-        "every pool.fetch*/execute then raises InsufficientPrivilegeError on release. "
-        "The same pool against PostgreSQL directly works."
-    ),
-)
 def test_pool_acquire_release_like_direct(dev_stack: Stack, session):  # noqa: F811
     async def use_pool(**connect_kwargs):
         pool = await asyncpg.create_pool(min_size=1, max_size=1, **connect_kwargs)

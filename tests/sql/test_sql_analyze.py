@@ -121,7 +121,7 @@ OPERATIONS = [
     ("CLOSE c", {Op.UTILITY}),
     ("CLOSE ALL", {Op.UTILITY}),
     ("LISTEN chan", {Op.LISTEN}),
-    ("UNLISTEN *", {Op.LISTEN}),
+    ("UNLISTEN *", {Op.SESSION}),
     ("NOTIFY chan, 'hi'", {Op.NOTIFY}),
     ("LOCK TABLE products IN SHARE MODE", {Op.UTILITY}),
     ("CHECKPOINT", {Op.DDL}),
@@ -552,3 +552,12 @@ def test_completeness_check_catches_fields_the_walker_does_not_know():
 def test_type_modifiers_are_not_column_references():
     s = one("SELECT '1'::numeric(ssn), 'x'::mytype(email) FROM customers")
     assert s.fail_closed is None and s.columns == ()
+
+
+def test_unlisten_is_a_session_reset_not_a_listen():
+    from guard.broker.sql.analyze import Operation, analyze
+
+    (stmt,) = analyze("UNLISTEN *").statements
+    assert stmt.operations == frozenset({Operation.SESSION})
+    (listen,) = analyze("LISTEN ch").statements
+    assert Operation.LISTEN in listen.operations

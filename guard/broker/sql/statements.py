@@ -328,7 +328,9 @@ _HANDLERS: dict[str, Callable[[StatementWalker, Body], None]] = {
     "TransactionStmt": _simple(Op.TRANSACTION),
     "ConstraintsSetStmt": _simple(Op.TRANSACTION),
     "ListenStmt": _simple(Op.LISTEN),
-    "UnlistenStmt": _simple(Op.LISTEN),
+    # UNLISTEN only stops deliveries: no data can leave through it (connection poolers
+    # such as asyncpg run `UNLISTEN *` on every release), so it is a session reset.
+    "UnlistenStmt": _simple(Op.SESSION),
     "NotifyStmt": _simple(Op.NOTIFY),
     "LockStmt": StatementWalker.lock,
     "AlterSystemStmt": StatementWalker.alter_system,
