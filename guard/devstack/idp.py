@@ -144,6 +144,8 @@ def _digest(token: str) -> str:
 
 
 def _error(code: str, description: str, status: int = 400) -> JSONResponse:
+    # Always 400, `invalid_client` too: RFC 6749 §5.2 requires 401 only when the client
+    # authenticated with an Authorization header, and this public client never does.
     return JSONResponse(
         {"error": code, "error_description": description}, status_code=status, headers=NO_STORE
     )
@@ -245,7 +247,7 @@ def create_app(config: IdPConfig) -> FastAPI:
     async def device_authorization(request: Request) -> JSONResponse:
         form = await _form(request)
         if form.get("client_id") != config.client_id:
-            return _error("invalid_client", "unknown client_id", 401)
+            return _error("invalid_client", "unknown client_id")
         now = clock()
         purge(now)
         device_code = secrets.token_urlsafe(32)  # 256 bits
@@ -351,7 +353,7 @@ def create_app(config: IdPConfig) -> FastAPI:
     async def token(request: Request) -> JSONResponse:
         form = await _form(request)
         if form.get("client_id") != config.client_id:
-            return _error("invalid_client", "unknown client_id", 401)
+            return _error("invalid_client", "unknown client_id")
         grant = form.get("grant_type")
         if grant == "refresh_token":
             return refresh_grant(form)

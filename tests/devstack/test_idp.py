@@ -69,13 +69,13 @@ def test_device_authorization_response(dev_idp):  # noqa: F811
 
 def test_unknown_client_is_invalid_client(dev_idp):  # noqa: F811
     response = httpx.post(f"{dev_idp.issuer}/device_authorization", data={"client_id": "evil"})
-    assert response.status_code == 401 and response.json()["error"] == "invalid_client"
+    assert response.status_code == 400 and response.json()["error"] == "invalid_client"
     start = dev_idp.start_device()
     response = httpx.post(
         f"{dev_idp.issuer}/token",
         data={"grant_type": DEVICE_GRANT, "device_code": start["device_code"], "client_id": "x"},
     )
-    assert response.status_code == 401 and response.json()["error"] == "invalid_client"
+    assert response.status_code == 400 and response.json()["error"] == "invalid_client"
 
 
 def test_device_flow_pending_slow_down_approve_tokens(dev_idp):  # noqa: F811

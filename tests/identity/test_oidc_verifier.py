@@ -323,7 +323,7 @@ def test_jti_replay_is_off_by_default_and_on_by_flag():
     default = local_verifier()
     default.verify(token)
     default.verify(token)  # the CLI reuses one ID token until it nears expiry
-    strict = local_verifier(check_jti_replay=True)
+    strict = local_verifier(replay_check=True)
     strict.verify(token)
     assert reason_of(strict, token).reason == "replayed"
     assert reason_of(strict, mint(jti=None)).reason == "missing_claim"

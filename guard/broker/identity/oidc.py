@@ -308,7 +308,7 @@ class JtiReplayCache:
 class OIDCVerifier:
     """Verifies ID tokens of one issuer for one audience.
 
-    `check_jti_replay` is off by default: `guard` sends the same ID token with every API
+    `replay_check` is off by default: `guard` sends the same ID token with every API
     call until it nears expiry (the CLI caches it), so a second use is normal, not an
     attack. Turn it on where each token is meant to be used once (for example CI tokens
     minted per job step).
@@ -323,7 +323,7 @@ class OIDCVerifier:
         key_source: KeySource,
         groups_claim: str = "groups",
         leeway: int = 30,
-        check_jti_replay: bool = False,
+        replay_check: bool = False,
         replay_cache: JtiReplayCache | None = None,
     ) -> None:
         if not algorithms or not set(algorithms) <= ASYMMETRIC_ALGORITHMS:
@@ -335,11 +335,11 @@ class OIDCVerifier:
         self.groups_claim = groups_claim
         self.leeway = leeway
         self.key_source = key_source
-        self.replay_cache = replay_cache or (JtiReplayCache() if check_jti_replay else None)
+        self.replay_cache = replay_cache or (JtiReplayCache() if replay_check else None)
 
     @classmethod
     def from_settings(
-        cls, settings: OIDCSettings, key_source: KeySource, *, check_jti_replay: bool = False
+        cls, settings: OIDCSettings, key_source: KeySource, *, replay_check: bool = False
     ) -> OIDCVerifier:
         return cls(
             issuer=settings.issuer,
@@ -348,7 +348,7 @@ class OIDCVerifier:
             key_source=key_source,
             groups_claim=settings.groups_claim,
             leeway=settings.leeway_seconds,
-            check_jti_replay=check_jti_replay,
+            replay_check=replay_check,
         )
 
     def verify(self, token: str) -> VerifiedClaims:
