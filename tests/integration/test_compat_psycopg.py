@@ -281,17 +281,6 @@ def test_ascii_queries_after_set_client_encoding(dev_stack: Stack, session):  # 
     assert got == direct(dev_stack, "SELECT id, name FROM products ORDER BY id")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "gateway bug: after an allowed 'SET client_encoding TO LATIN1' (ParameterStatus "
-        "client_encoding=LATIN1 is passed to the client) the gateway still decodes the "
-        "client's Query message as UTF-8; a non-ASCII byte (0xE9 for 'é') makes it answer "
-        "\"malformed Query message: 'utf-8' codec can't decode byte 0xe9 ...\" "
-        "(SQLSTATE 08P01, ProtocolViolation) and close the connection. PostgreSQL "
-        "itself converts from the client encoding and returns 'café'."
-    ),
-)
 def test_non_utf8_client_encoding_like_direct(dev_stack: Stack, session):  # noqa: F811
     with psycopg.connect(dev_stack.admin_dsn, autocommit=True) as admin:
         expected = _latin1_roundtrip(admin)

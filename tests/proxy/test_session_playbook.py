@@ -298,3 +298,22 @@ def test_bind_with_bad_names_is_a_protocol_error_not_a_crash():
     cmds = proxy.from_client(bad)
     assert isinstance(cmds[-1], CloseConnection)
     assert to_client(cmds)[0].sqlstate == "08P01"
+
+
+def test_statement_text_is_decoded_in_the_client_encoding():
+    proxy, audit = make()
+    proxy.from_server(wire(m.ParameterStatus("client_encoding", "LATIN1")))
+    text = "SELECT 'café' FROM products\0".encode("latin-1")
+    raw = b"Q" + (4 + len(text)).to_bytes(4, "big") + text
+    sent = proxy.from_client(raw)
+    data = b"".join(bytes(c.data) for c in sent if isinstance(c, SendToServer))
+    assert data == raw  # forwarded byte for byte; PostgreSQL converts it
+    assert audit.records[-1]["verdict"] == "allow"
+
+
+def test_multibyte_client_only_encodings_are_refused():
+    proxy, _ = make()
+    cmds = proxy.from_server(wire(m.ParameterStatus("client_encoding", "SJIS")))
+    assert isinstance(cmds[-1], CloseConnection)
+    err = to_client(cmds)[0]
+    assert err.severity == "FATAL" and "SJIS" in err.message

@@ -26,6 +26,7 @@ from guard.broker.pgwire.parser import NEED_DATA, FrontendParser
 from guard.broker.pgwire.scram import AuthenticationFailed, ScramServer
 from guard.broker.policy.engine import CompiledPolicy
 from guard.broker.proxy import upstream
+from guard.broker.proxy.encoding import codec_for
 from guard.broker.proxy.gate import Gate
 from guard.broker.proxy.pump import Pump
 from guard.broker.proxy.session import ProtectedMap, ProxyConnection
@@ -265,7 +266,18 @@ class Gateway:
             session_id=session.id,
             connection_id=connection_id,
         )
-        proxy = ProxyConnection(gate, protected=protected, client_user=session.user)
+        encoding = next(
+            (p.value for p in up.parameter_status if p.name == "client_encoding"), "UTF8"
+        )
+        if codec_for(encoding) is None:
+            cwriter.write(
+                _fatal("0A000", f"guard: client_encoding {encoding} is not supported; use UTF8")
+            )
+            up.writer.close()
+            return
+        proxy = ProxyConnection(
+            gate, protected=protected, client_user=session.user, client_encoding=encoding
+        )
         # Clients cancel with a gateway-issued key; only the gateway knows the upstream one.
         client_key = m.BackendKeyData(secrets.randbelow(2**31 - 1) + 1, secrets.token_bytes(4))
         key_id = (client_key.process_id, client_key.secret_key)

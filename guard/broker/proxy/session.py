@@ -36,6 +36,7 @@ from guard.broker.pgwire.parser import (
     decode_frontend,
 )
 from guard.broker.proxy.commands import CloseConnection, Command, SendToClient, SendToServer
+from guard.broker.proxy.encoding import codec_for, decode_parse, decode_query
 from guard.broker.proxy.gate import Decision, Gate
 
 log = logging.getLogger("guard.proxy")
@@ -87,8 +88,11 @@ class ProxyConnection:
         protected: ProtectedMap,
         client_user: str,
         max_message_size: int | None = None,
+        client_encoding: str = "UTF8",
     ) -> None:
         self.gate = gate
+        # Statement text is decoded as PostgreSQL will read it (see proxy.encoding).
+        self.codec = codec_for(client_encoding) or "utf-8"
         self.protected = protected
         self.client_user = client_user
         kwargs = {"max_message_size": max_message_size} if max_message_size else {}
@@ -127,10 +131,18 @@ class ProxyConnection:
     def _on_client_frame(self, frame, out: list[Command]) -> None:  # noqa: C901 - a dispatch
         tag = frame.tag
         if tag == _Q:
-            msg = decode_frontend(frame)
-            self._gate_statement(msg.sql, "simple", frame.raw, out, kind="query")
+            if self.codec == "utf-8":
+                sql = decode_frontend(frame).sql
+            else:
+                sql = self._decode(decode_query, frame, "Query")
+            self._gate_statement(sql, "simple", frame.raw, out, kind="query")
         elif tag == _P:
-            msg = decode_frontend(frame)
+            if self.codec == "utf-8":
+                msg = decode_frontend(frame)
+            else:
+                # Only name and text matter to the gate; PostgreSQL validates the rest.
+                name, query = self._decode(decode_parse, frame, "Parse")
+                msg = m.Parse(name, query, ())
             self._on_parse(msg, frame.raw, out)
         elif tag == _B:
             portal, statement = _bind_names(frame.body)
@@ -176,6 +188,12 @@ class ProxyConnection:
         else:
             # 'p' after authentication, or anything else out of place.
             raise _unexpected(tag)
+
+    def _decode(self, decoder, frame, what: str):
+        try:
+            return decoder(bytes(frame.body), self.codec)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ClientProtocolError(f"malformed {what} message: {exc}") from exc
 
     def _gate_statement(
         self, sql: str, protocol: str, raw, out: list[Command], *, kind: str
@@ -350,6 +368,27 @@ class ProxyConnection:
                     return
             out.append(SendToClient(frame.raw))
         elif tag == _PARAMETER_STATUS:
+            msg = decode_backend(frame)
+            if msg.name == "client_encoding":
+                codec = codec_for(msg.value)
+                if codec is None:
+                    # Refused before any statement is read in it (see proxy.encoding).
+                    out.append(
+                        SendToClient(
+                            encode(
+                                m.ErrorResponse.build(
+                                    "0A000",
+                                    f"guard: client_encoding {msg.value} is not supported; "
+                                    "use UTF8 (or a single-byte encoding)",
+                                    severity="FATAL",
+                                )
+                            )
+                        )
+                    )
+                    out.append(CloseConnection(f"unsupported client_encoding {msg.value}"))
+                    self.closed = True
+                    return
+                self.codec = codec
             out.append(SendToClient(self._parameter_status(frame)))
         elif tag == _COPY_BOTH:
             # CopyBoth only exists for replication, which sessions may not use.
