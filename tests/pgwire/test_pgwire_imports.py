@@ -15,8 +15,14 @@ ALLOWED = set(sys.stdlib_module_names) | {"__future__"}
 
 def test_the_package_has_its_modules() -> None:
     names = {p.name for p in MODULES}
-    assert {"__init__.py", "messages.py", "parser.py", "encoder.py", "scram.py",
-            "errors.py"} <= names
+    assert {
+        "__init__.py",
+        "messages.py",
+        "parser.py",
+        "encoder.py",
+        "scram.py",
+        "errors.py",
+    } <= names
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: p.name)

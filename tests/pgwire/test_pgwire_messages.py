@@ -13,7 +13,8 @@ from guard.broker.pgwire.errors import ClientProtocolError, ProtocolError, Serve
 from guard.broker.pgwire.parser import NEED_DATA, BackendParser
 
 MESSAGE_CLASSES = [
-    obj for obj in vars(m).values()
+    obj
+    for obj in vars(m).values()
     if isinstance(obj, type) and dataclasses.is_dataclass(obj) and obj.__module__ == m.__name__
 ]
 
@@ -52,11 +53,19 @@ def test_startup_message_helpers() -> None:
 def test_error_response_build_and_properties() -> None:
     err = m.ErrorResponse.build("42501", "guard: denied", detail="why", hint="ask")
     assert err.fields == (
-        ("S", "ERROR"), ("V", "ERROR"), ("C", "42501"), ("M", "guard: denied"),
-        ("D", "why"), ("H", "ask"),
+        ("S", "ERROR"),
+        ("V", "ERROR"),
+        ("C", "42501"),
+        ("M", "guard: denied"),
+        ("D", "why"),
+        ("H", "ask"),
     )
     assert (err.severity, err.sqlstate, err.message, err.detail, err.hint) == (
-        "ERROR", "42501", "guard: denied", "why", "ask",
+        "ERROR",
+        "42501",
+        "guard: denied",
+        "why",
+        "ask",
     )
     bare = m.ErrorResponse.build("08P01", "x", severity="FATAL")
     assert bare.detail is None and bare.hint is None and bare.severity == "FATAL"
@@ -73,7 +82,10 @@ def test_severity_prefers_the_nonlocalized_field() -> None:
 def test_notice_response_has_the_same_accessors() -> None:
     notice = m.NoticeResponse.build("01000", "careful", hint="h")
     assert (notice.severity, notice.sqlstate, notice.message, notice.hint) == (
-        "NOTICE", "01000", "careful", "h",
+        "NOTICE",
+        "01000",
+        "careful",
+        "h",
     )
 
 
@@ -85,7 +97,9 @@ def test_protocol_errors_become_fatal_error_responses(cls: type[ProtocolError]) 
     assert err.message == str(err) == "invalid message length 2"
     response = err.to_error_response()
     assert (response.severity, response.sqlstate, response.message) == (
-        "FATAL", "08P01", "invalid message length 2",
+        "FATAL",
+        "08P01",
+        "invalid message length 2",
     )
     parser = BackendParser()
     parser.feed(encode(response))
@@ -99,17 +113,31 @@ def test_tag_constants_are_the_documented_bytes() -> None:
     assert m.TAG_PASSWORD_MESSAGE == m.TAG_SASL_RESPONSE == ord("p")
     assert m.PROTOCOL_3_0 == 196608 and m.PROTOCOL_3_2 == 196610
     assert (m.SSL_REQUEST_CODE, m.GSSENC_REQUEST_CODE, m.CANCEL_REQUEST_CODE) == (
-        80877103, 80877104, 80877102,
+        80877103,
+        80877104,
+        80877102,
     )
     assert m.TAG_COPY_DATA in m.FRONTEND_TAGS and m.TAG_COPY_DATA in m.BACKEND_TAGS
 
 
 def test_public_names_are_listed_and_reexported() -> None:
-    public = {n for n in vars(m) if not n.startswith("_")} - {"annotations", "dataclass",
-                                                               "TypeAlias"}
+    public = {n for n in vars(m) if not n.startswith("_")} - {
+        "annotations",
+        "dataclass",
+        "TypeAlias",
+    }
     assert public == set(m.__all__)
-    for name in [*m.__all__, "FrontendParser", "BackendParser", "encode", "NEED_DATA",
-                 "ScramServer", "ScramClient", "ProtocolError", "decode_frontend"]:
+    for name in [
+        *m.__all__,
+        "FrontendParser",
+        "BackendParser",
+        "encode",
+        "NEED_DATA",
+        "ScramServer",
+        "ScramClient",
+        "ProtocolError",
+        "decode_frontend",
+    ]:
         assert hasattr(pgwire, name), name
     assert set(pgwire.__all__) <= set(dir(pgwire))
 

@@ -202,7 +202,7 @@ def test_the_default_limit_is_named() -> None:
         BackendParser(max_message_size=3)
 
 
-@pytest.mark.parametrize("length", [-2**31, -1, 0, 3])
+@pytest.mark.parametrize("length", [-(2**31), -1, 0, 3])
 def test_lengths_below_four_are_refused(length: int) -> None:
     for parser in (FrontendParser(expect_startup=False), BackendParser()):
         parser.feed(b"d" + struct.pack("!i", length))
@@ -377,13 +377,15 @@ def test_garbage_to_the_backend_parser(chunks: list[bytes]) -> None:
         _drain(parser)
 
 
-VALID_CLIENT_STREAM = encode(STARTUP) + encode_many([
-    m.Parse("s", "select $1::int", (23,)),
-    m.Bind("", "s", (0,), (b"1",), (0,)),
-    m.Describe(b"P", ""),
-    m.Execute("", 0),
-    m.Sync(),
-])
+VALID_CLIENT_STREAM = encode(STARTUP) + encode_many(
+    [
+        m.Parse("s", "select $1::int", (23,)),
+        m.Bind("", "s", (0,), (b"1",), (0,)),
+        m.Describe(b"P", ""),
+        m.Execute("", 0),
+        m.Sync(),
+    ]
+)
 
 
 @settings(max_examples=400, deadline=None)

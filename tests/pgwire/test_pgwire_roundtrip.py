@@ -85,9 +85,7 @@ BACKEND: dict[type, st.SearchStrategy[m.Message]] = {
     m.AuthenticationGSS: st.just(m.AuthenticationGSS()),
     m.AuthenticationGSSContinue: st.builds(m.AuthenticationGSSContinue, blob),
     m.AuthenticationSSPI: st.just(m.AuthenticationSSPI()),
-    m.AuthenticationSASL: st.builds(
-        m.AuthenticationSASL, st.lists(name, max_size=3).map(tuple)
-    ),
+    m.AuthenticationSASL: st.builds(m.AuthenticationSASL, st.lists(name, max_size=3).map(tuple)),
     m.AuthenticationSASLContinue: st.builds(m.AuthenticationSASLContinue, blob),
     m.AuthenticationSASLFinal: st.builds(m.AuthenticationSASLFinal, blob),
     m.BackendKeyData: st.builds(m.BackendKeyData, i32, cancel_key),
@@ -120,7 +118,8 @@ BACKEND: dict[type, st.SearchStrategy[m.Message]] = {
 }
 
 ALL_MESSAGE_CLASSES = {
-    obj for obj in vars(m).values()
+    obj
+    for obj in vars(m).values()
     if isinstance(obj, type) and dataclasses.is_dataclass(obj) and obj is not m.FieldDescription
 }
 
@@ -260,8 +259,10 @@ def test_frontend_bodies_decode_canonically_or_are_refused(
 
 
 @settings(max_examples=300, deadline=None)
-@given(code=st.sampled_from([196608, 196610, 80877102, 80877103, 80877104]),
-       rest=st.binary(max_size=40))
+@given(
+    code=st.sampled_from([196608, 196610, 80877102, 80877103, 80877104]),
+    rest=st.binary(max_size=40),
+)
 def test_startup_bodies_decode_canonically_or_are_refused(code: int, rest: bytes) -> None:
     parser = FrontendParser()
     parser.feed(struct.pack("!ii", 8 + len(rest), code) + rest)

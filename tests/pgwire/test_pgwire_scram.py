@@ -174,8 +174,8 @@ def test_client_final_must_echo_the_gs2_header() -> None:
     server = ScramServer(VERIFIER)
     server_first = server.handle_client_first(b"y,,n=,r=abc")  # "y": fine without binding
     nonce = server_first.split(b",")[0][2:]
-    final = b"c=" + base64.b64encode(b"n,,") + b",r=" + nonce + b",p=" + base64.b64encode(
-        b"\x00" * 32
+    final = (
+        b"c=" + base64.b64encode(b"n,,") + b",r=" + nonce + b",p=" + base64.b64encode(b"\x00" * 32)
     )
     with pytest.raises(AuthenticationFailed, match="channel binding"):
         server.handle_client_final(final)

@@ -113,11 +113,17 @@ BACKEND_CASES = [
         b"E\x00\x00\x00\x63SFATAL\x00VFATAL\x00C28P01\x00"
         b'Mpassword authentication failed for user "bob"\x00'
         b"Fauth.c\x00L323\x00Rauth_failed\x00\x00",
-        m.ErrorResponse((
-            ("S", "FATAL"), ("V", "FATAL"), ("C", "28P01"),
-            ("M", 'password authentication failed for user "bob"'),
-            ("F", "auth.c"), ("L", "323"), ("R", "auth_failed"),
-        )),
+        m.ErrorResponse(
+            (
+                ("S", "FATAL"),
+                ("V", "FATAL"),
+                ("C", "28P01"),
+                ("M", 'password authentication failed for user "bob"'),
+                ("F", "auth.c"),
+                ("L", "323"),
+                ("R", "auth_failed"),
+            )
+        ),
     ),
     (
         b"N\x00\x00\x00\x21SNOTICE\x00C00000\x00Mhello there\x00\x00",
@@ -165,7 +171,11 @@ def test_a_whole_simple_query_exchange() -> None:
     parser = BackendParser()
     parser.feed(server)
     assert [type(x).__name__ for x in parser.messages()] == [
-        "RowDescription", "DataRow", "DataRow", "CommandComplete", "ReadyForQuery",
+        "RowDescription",
+        "DataRow",
+        "DataRow",
+        "CommandComplete",
+        "ReadyForQuery",
     ]
 
 
