@@ -61,6 +61,21 @@ class Stack:
             json.loads(line)["body"] for line in self.audit_path.read_text().splitlines() if line
         ]
 
+    def libpq_env(self, session: dict) -> dict[str, str]:
+        """Environment for libpq tools (psql, pgbench) reaching the gateway for `session`:
+        verified TLS against the dev CA, and no stray PG* variables from the caller."""
+        return {
+            **{k: v for k, v in os.environ.items() if not k.startswith("PG")},
+            "PGHOST": session["gateway_host"],
+            "PGPORT": str(session["gateway_port"]),
+            "PGUSER": session["user"],
+            "PGPASSWORD": session["password"],
+            "PGDATABASE": session["database"],
+            "PGSSLMODE": "verify-full",
+            "PGSSLROOTCERT": self.status["gateway_ca"],
+            "PGCONNECT_TIMEOUT": "10",
+        }
+
     @property
     def admin_dsn(self) -> str:
         return self.status["upstream_dsn"]

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from guard.devstack.files import write_private
+from guard.devstack.processes import alive
 
 ADMIN_USER = "guard_admin"
 MISSING_HINT = "install postgresql (Debian: apt-get install postgresql) or put pg_ctl on PATH"
@@ -278,25 +279,12 @@ def stop_cluster(base_dir: Path, *, remove: bool | None = None, bindir: Path | N
             pass
         # pg_ctl returns once postmaster.pid is gone; the process exits just after.
         deadline = time.monotonic() + 5
-        while _running(pid) and time.monotonic() < deadline:
+        while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.02)
     if remove is None:
         remove = base_dir.name.startswith("guard-pg-")
     if remove:
         shutil.rmtree(base_dir, ignore_errors=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
-    except (OSError, IndexError):
-        return True
 
 
 def wait_ready(dsn: str, timeout: float = 20.0) -> None:

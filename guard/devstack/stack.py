@@ -36,6 +36,7 @@ from guard.devstack.demo_data import create_demo_database
 from guard.devstack.files import write_private
 from guard.devstack.openbao import OpenBaoDevServer, configure_database_target
 from guard.devstack.postgres import PostgresCluster, free_port, stop_cluster
+from guard.devstack.processes import alive, proc_start_time
 from guard.devstack.tls import make_dev_ca
 
 TARGET = "demo"
@@ -56,34 +57,6 @@ class StackError(RuntimeError):
 
 
 # --- processes -------------------------------------------------------------------------
-
-
-def _proc_start_time(pid: int) -> int | None:
-    """Kernel start time of `pid` (clock ticks since boot), None if unknown/gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def alive(pid: int | None, start_time: int | None = None) -> bool:
-    """True if `pid` runs (not a zombie) and, when known, is the process we started."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True  # no /proc (not Linux): trust kill(0)
-    if state in ("Z", "X"):
-        return False
-    return start_time is None or _proc_start_time(pid) == start_time
 
 
 def _stop_pid(
@@ -277,7 +250,7 @@ def _load_policy(policy_file: Path | None):
 def _record(status: dict[str, Any], name: str, pid: int | None, log: Path) -> None:
     if pid:
         status["pids"][name] = pid
-        status["pid_starts"][name] = _proc_start_time(pid)
+        status["pid_starts"][name] = proc_start_time(pid)
     status["logs"][name] = str(log)
 
 
