@@ -4,7 +4,6 @@ each compared with the same statements sent directly to PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
-import os
 import ssl
 import subprocess
 
@@ -111,16 +110,7 @@ def test_sqlalchemy_core_and_reflection(dev_stack: Stack, session):  # noqa: F81
 
 
 def test_psql_copy_gset_gexec_expanded(dev_stack: Stack, session):  # noqa: F811
-    env = {
-        **os.environ,
-        "PGHOST": session["gateway_host"],
-        "PGPORT": str(session["gateway_port"]),
-        "PGUSER": session["user"],
-        "PGPASSWORD": session["password"],
-        "PGDATABASE": session["database"],
-        "PGSSLMODE": "verify-full",
-        "PGSSLROOTCERT": dev_stack.status["gateway_ca"],
-    }
+    env = dev_stack.libpq_env(session)
     script = "\n".join(
         [
             r"\copy (SELECT id, name FROM products ORDER BY id) to stdout",

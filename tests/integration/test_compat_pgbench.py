@@ -55,17 +55,7 @@ def pgbench_tables(dev_stack: Stack):
 
 @pytest.fixture(scope="module")
 def gw_env(dev_stack: Stack, session, pgbench_tables):  # noqa: F811
-    return {
-        **clean_env(),
-        "PGHOST": session["gateway_host"],
-        "PGPORT": str(session["gateway_port"]),
-        "PGUSER": session["user"],
-        "PGPASSWORD": session["password"],
-        "PGDATABASE": session["database"],
-        "PGSSLMODE": "verify-full",
-        "PGSSLROOTCERT": dev_stack.status["gateway_ca"],
-        "PGCONNECT_TIMEOUT": "10",
-    }
+    return dev_stack.libpq_env(session)
 
 
 def pgbench(env: dict, *args: str) -> subprocess.CompletedProcess[str]:

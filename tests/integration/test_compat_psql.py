@@ -27,18 +27,7 @@ def direct(stack: Stack, sql: str) -> list[tuple]:
 
 @pytest.fixture(scope="module")
 def gw_env(dev_stack: Stack, session):  # noqa: F811
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    return {
-        **env,
-        "PGHOST": session["gateway_host"],
-        "PGPORT": str(session["gateway_port"]),
-        "PGUSER": session["user"],
-        "PGPASSWORD": session["password"],
-        "PGDATABASE": session["database"],
-        "PGSSLMODE": "verify-full",
-        "PGSSLROOTCERT": dev_stack.status["gateway_ca"],
-        "PGCONNECT_TIMEOUT": "10",
-    }
+    return dev_stack.libpq_env(session)
 
 
 def psql(env: dict, *args: str, script: str | None = None, dsn: str | None = None, timeout=60):

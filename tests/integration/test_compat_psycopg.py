@@ -12,23 +12,13 @@ import psycopg
 import pytest
 
 from tests.fix_stack import Stack
-from tests.integration.test_gateway import session  # noqa: F401 - module-scoped fixture
+from tests.integration.test_gateway import (
+    connect,
+    session,  # noqa: F401 - module-scoped fixture
+)
 
 pytestmark = pytest.mark.integration
 MASKED_SSN = "***-**-6789"
-
-
-def connect(sess: dict, **kwargs) -> psycopg.Connection:
-    return psycopg.connect(
-        host=sess["gateway_host"],
-        port=sess["gateway_port"],
-        user=sess["user"],
-        password=sess["password"],
-        dbname=sess["database"],
-        sslmode="disable",
-        connect_timeout=10,
-        **kwargs,
-    )
 
 
 def direct(stack: Stack, sql: str, params: tuple = ()) -> list[tuple]:
