@@ -98,3 +98,53 @@ def test_records_have_no_field_for_values():
     # result value or a raw statement literal.
     fields = set(StatementRecord.__dataclass_fields__) | set(ResultRecord.__dataclass_fields__)
     assert not fields & {"values", "rows_data", "result", "sql", "text", "params"}
+
+
+def _gate(sink):
+    from pathlib import Path
+
+    from guard.broker.identity.principal import Principal
+    from guard.broker.policy.compile import load_policy_file
+    from guard.broker.proxy.gate import Gate
+
+    policy = load_policy_file(Path(__file__).resolve().parents[2] / "policies.yaml")
+    principal = Principal("https://idp.test", "alice-sub", frozenset({"engineers"}))
+    return Gate(
+        policy=policy,
+        target="demo",
+        principal=principal,
+        audit=sink,
+        session_id="s1",
+        connection_id="c1",
+    )
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        {"outcome": "ok", "command_tag": "SELECT", "rows": 3, "masked_cells": 2},
+        {"outcome": "error", "sqlstate": "42P01"},
+        # Server-supplied words are encoded, never pasted: a quote cannot break the record.
+        {"outcome": "ok", "command_tag": 'SEL"ECT\\\n', "rows": None},
+    ],
+)
+def test_gate_records_are_exactly_the_record_types(tmp_path, result):
+    # The gate serializes records on the hot path without building the dataclasses; what
+    # lands in the chain must still be exactly what the record types define.
+    sink = JsonlAuditSink(tmp_path / "audit.jsonl")
+    gate = _gate(sink)
+    decision = gate.decide("SELECT name FROM customers WHERE id = 1")
+    (seq,) = gate.record(decision, "simple")
+    gate.record_result(seq, **result)
+    sink.close()
+    lines = (tmp_path / "audit.jsonl").read_bytes().splitlines()
+    assert verify_lines(lines).ok
+    statement, stored = (json.loads(line)["body"] for line in lines)
+    expected = ResultRecord(session_id="s1", connection_id="c1", statement_seq=seq, **result)
+    body = expected.to_body()
+    assert {k: v for k, v in stored.items() if k not in ("seq", "time")} == {
+        k: v for k, v in body.items() if k != "time"
+    }
+    assert stored["seq"] == seq + 1 and stored["time"].endswith("Z")
+    assert set(statement) == set(StatementRecord.__dataclass_fields__) | {"seq"}
+    assert statement["statement"] == "SELECT name FROM customers WHERE id = $1"

@@ -10,11 +10,12 @@ unknown statement kind, a policy error, an audit log that cannot be written — 
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from guard.broker.audit.record import ResultRecord, StatementRecord
-from guard.broker.audit.sink import AuditSink, AuditUnavailable
+from guard.broker.audit.sink import AuditSink, AuditUnavailable, fixed_fields
 from guard.broker.identity.principal import Principal
 from guard.broker.pgwire.messages import ErrorResponse
 from guard.broker.policy.engine import CompiledPolicy, Effect, Verdict
@@ -78,7 +79,12 @@ class Gate:
         self.connection_id = connection_id
         self._groups = tuple(sorted(principal.groups))
         self._cache: OrderedDict[str, tuple[Analysis, tuple[Verdict, ...]]] = OrderedDict()
-        self._templates: dict[tuple[int, int, str, bool], tuple[object, object, dict]] = {}
+        self._templates: dict[tuple[int, int, str, bool], tuple[object, object, bytes]] = {}
+        # Result records differ only in their outcome fields: serialize the rest once.
+        self._result_head = fixed_fields(
+            ResultRecord(session_id, connection_id, statement_seq=0, outcome=""),
+            only=("connection_id", "kind", "session_id"),
+        )
 
     # -- analyze + decide -------------------------------------------------------------
     def _decide(self, sql: str) -> tuple[Analysis, tuple[Verdict, ...]]:
@@ -148,11 +154,15 @@ class Gate:
             if not statements:
                 verdict = decision.verdicts[0] if decision.verdicts else None
                 if verdict is not None or decision.refusal is not None:
-                    seqs.append(self.audit.append(self._record(None, verdict, protocol, decision)))
+                    seqs.append(
+                        self.audit.append_fixed(self._record(None, verdict, protocol, decision))
+                    )
                 return seqs
             for i, stmt in enumerate(statements):
                 verdict = decision.verdicts[i] if i < len(decision.verdicts) else None
-                seqs.append(self.audit.append(self._record(stmt, verdict, protocol, decision)))
+                seqs.append(
+                    self.audit.append_fixed(self._record(stmt, verdict, protocol, decision))
+                )
         except AuditUnavailable:
             # Fail closed: a statement whose record does not exist must not run.
             return ErrorResponse.build(
@@ -168,18 +178,19 @@ class Gate:
         verdict: Verdict | None,
         protocol: str,
         decision: Decision,
-    ) -> StatementRecord:
-        # Everything but the timestamp is fixed for a (statement, verdict, protocol): a
-        # prepared statement executed many times reuses one template (hot path). The
-        # template keeps `stmt` and `verdict` alive, so their ids cannot be reused.
+    ) -> bytes:
+        # Everything but seq and time is fixed for a (statement, verdict, protocol): a
+        # statement run many times reuses its serialized fields (hot path). The template
+        # keeps `stmt` and `verdict` alive, so their ids cannot be reused.
         key = (id(stmt), id(verdict), protocol, decision.refusal is None)
         template = self._templates.get(key)
         if template is None:
-            template = (stmt, verdict, self._record_fields(stmt, verdict, protocol, decision))
+            fields = self._record_fields(stmt, verdict, protocol, decision)
+            template = (stmt, verdict, fixed_fields(StatementRecord(**fields)))
             if len(self._templates) >= _DECISION_CACHE_SIZE:
                 self._templates.clear()
             self._templates[key] = template
-        return StatementRecord(**template[2])
+        return template[2]
 
     def _record_fields(
         self,
@@ -257,23 +268,39 @@ class Gate:
         masked_cells: int = 0,
         sqlstate: str | None = None,
     ) -> None:
-        try:
-            self.audit.append_deferred(
-                ResultRecord(
-                    session_id=self.session_id,
-                    connection_id=self.connection_id,
-                    statement_seq=statement_seq,
-                    outcome=outcome,
-                    command_tag=command_tag,
-                    rows=rows,
-                    masked_cells=masked_cells,
-                    sqlstate=sqlstate,
-                )
+        # The ResultRecord fields, in its order after the fixed ones (session, connection,
+        # kind); values are JSON-encoded here because they come from the server.
+        fixed = (
+            b'%b,"statement_seq":%d,"outcome":%b,"command_tag":%b,"rows":%b,'
+            b'"masked_cells":%d,"sqlstate":%b'
+            % (
+                self._result_head,
+                statement_seq,
+                _json(outcome),
+                _json(command_tag),
+                b"null" if rows is None else b"%d" % rows,
+                masked_cells,
+                _json(sqlstate),
             )
+        )
+        try:
+            self.audit.append_fixed(fixed, deferred=True)
         except AuditUnavailable:
             # The statement already ran; its pre-execution record exists. A missing result
             # record is visible in the chain (no result for that seq) and logged by the shell.
             pass
+
+
+_JSON_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_ ")
+
+
+def _json(value: str | None) -> bytes:
+    """A JSON string (or null) for a short server-supplied word such as a command tag."""
+    if value is None:
+        return b"null"
+    if _JSON_SAFE.issuperset(value):
+        return b'"%b"' % value.encode()
+    return json.dumps(value).encode()
 
 
 def _rel(ref: object) -> str:
