@@ -198,7 +198,7 @@ class Gateway:
             protected = await self._protected_map(session, up)
         except upstream.UpstreamError as exc:
             log.error("protected-column lookup failed for session %s: %s", session.id, exc)
-            up.writer.close()
+            up.wire.close()
             writer.write(
                 _fatal(
                     "08006",
@@ -273,7 +273,7 @@ class Gateway:
             cwriter.write(
                 _fatal("0A000", f"guard: client_encoding {encoding} is not supported; use UTF8")
             )
-            up.writer.close()
+            up.wire.close()
             return
         proxy = ProxyConnection(
             gate, protected=protected, client_user=session.user, client_encoding=encoding
@@ -294,13 +294,16 @@ class Gateway:
         cwriter.write(b"".join(encode(x) for x in hello))
         await cwriter.drain()
 
-        pump = Pump(proxy, cwriter.transport, up.writer.transport)  # type: ignore[arg-type]
+        pump = Pump(proxy, cwriter.transport, up.wire.transport, tls=up.wire.tls)  # type: ignore[arg-type]
         handle = _Handle(pump)
         session.connections.add(handle)
         try:
-            pump.start(
-                _drain_reader(creader) + parser.unconsumed(), _drain_reader(up.reader) + up.leftover
-            )
+            try:
+                server_pending = up.leftover + up.wire.take_buffered()
+            except upstream.UpstreamError as exc:
+                log.warning("upstream connection for session %s failed: %s", session.id, exc)
+                return
+            pump.start(_drain_reader(creader) + parser.unconsumed(), server_pending)
             if session.ended:
                 handle.close("session ended")
             await pump.done

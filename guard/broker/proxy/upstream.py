@@ -1,7 +1,8 @@
 """Logging in to the upstream PostgreSQL with the session's issued credentials.
 
 asyncio streams + the sans-IO codec. Supports TLS (SSLRequest, then a verified handshake
-when the target's settings ask for it; no silent fallback to plaintext) and the methods a
+when the target's settings ask for it; no silent fallback to plaintext; the record layer is
+`proxy.tlslayer` over the plain stream, which the pump keeps using) and the methods a
 server may ask for: SCRAM-SHA-256-PLUS (channel binding to the TLS certificate, which stops
 a man in the middle that terminates TLS), SCRAM-SHA-256, md5 and cleartext. The issued
 password never leaves this module except inside those exchanges.
@@ -21,6 +22,7 @@ from guard.broker.pgwire import messages as m
 from guard.broker.pgwire.encoder import encode
 from guard.broker.pgwire.parser import NEED_DATA, BackendParser
 from guard.broker.pgwire.scram import ScramClient, md5_password
+from guard.broker.proxy.tlslayer import TLSClient, TLSClosed
 
 # Startup parameters a client may pass through. Everything else (notably `options`, which
 # can carry `-c role=…` or `-c search_path=…`, and `replication`) is dropped: those would
@@ -56,21 +58,75 @@ class UpstreamError(Exception):
         self.error = error
 
 
+class Wire:
+    """The upstream byte stream: a plain asyncio stream, with TLS on top once started."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.tls: TLSClient | None = None
+
+    @property
+    def transport(self) -> asyncio.Transport:
+        return self.writer.transport  # type: ignore[return-value]
+
+    def write(self, data: bytes) -> None:
+        self.writer.write(self.tls.encrypt(data) if self.tls is not None else data)
+
+    async def drain(self) -> None:
+        await self.writer.drain()
+
+    async def read(self) -> bytes:
+        """Next plaintext bytes; b"" at end of stream."""
+        while True:
+            try:
+                if self.tls is not None:
+                    plain = self.tls.decrypt()  # records already buffered come first
+                    if plain:
+                        return plain
+                data = await self.reader.read(65536)
+                if not data or self.tls is None:
+                    return data
+                plain = self.tls.decrypt(data)
+            except TLSClosed:
+                return b""
+            except ssl.SSLError as exc:
+                raise UpstreamError(f"TLS to the database failed: {exc.reason or exc}") from exc
+            if plain:
+                return plain
+
+    def take_buffered(self) -> bytes:
+        """Plaintext of everything received but not yet read (handed over to the pump)."""
+        buffer = self.reader._buffer  # noqa: SLF001 - no public API to take over the buffer
+        data = bytes(buffer)
+        buffer.clear()
+        if self.tls is None:
+            return data
+        try:
+            return self.tls.decrypt(data)
+        except TLSClosed:
+            return b""
+        except ssl.SSLError as exc:
+            raise UpstreamError(f"TLS to the database failed: {exc.reason or exc}") from exc
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 @dataclass
 class UpstreamConnection:
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
+    wire: Wire
     parameter_status: list[m.ParameterStatus]
     backend_key: m.BackendKeyData | None
-    leftover: bytes  # bytes received after ReadyForQuery (none in practice)
+    leftover: bytes  # plaintext received after ReadyForQuery (none in practice)
 
 
-async def _next(reader: asyncio.StreamReader, parser: BackendParser):
+async def _next(wire: Wire, parser: BackendParser):
     while True:
         msg = parser.next_message()
         if msg is not NEED_DATA:
             return msg
-        data = await reader.read(65536)
+        data = await wire.read()
         if not data:
             raise UpstreamError("the database closed the connection during login")
         parser.feed(data)
@@ -92,13 +148,12 @@ async def login(
         )
     except (OSError, TimeoutError) as exc:
         raise UpstreamError(f"cannot reach the database at {host}:{port}: {exc}") from exc
+    wire = Wire(reader, writer)
     try:
         if tls is not None:
-            await _start_tls(reader, writer, tls, host)
+            await asyncio.wait_for(_start_tls(wire, tls, host), CONNECT_TIMEOUT)
         return await asyncio.wait_for(
-            _handshake(
-                reader, writer, user=user, password=password, database=database, params=params
-            ),
+            _handshake(wire, user=user, password=password, database=database, params=params),
             timeout=CONNECT_TIMEOUT,
         )
     except BaseException:
@@ -106,21 +161,34 @@ async def login(
         raise
 
 
-async def _start_tls(reader, writer, tls: ssl.SSLContext, host: str) -> None:
-    writer.write(encode(m.SSLRequest()))
-    await writer.drain()
-    answer = await asyncio.wait_for(reader.readexactly(1), CONNECT_TIMEOUT)
+async def _start_tls(wire: Wire, context: ssl.SSLContext, host: str) -> None:
+    wire.write(encode(m.SSLRequest()))
+    await wire.drain()
+    # Exactly one byte: anything the server sent after 'S' and before our handshake would
+    # be an injection attempt (CVE-2021-23222), which the handshake then rejects.
+    answer = await wire.reader.readexactly(1)
     if answer != b"S":
         raise UpstreamError("the database refused TLS, which this target requires")
+    tls = TLSClient(context, host)
     try:
-        await asyncio.wait_for(writer.start_tls(tls, server_hostname=host), CONNECT_TIMEOUT)
+        wire.writer.write(tls.handshake())
+        while not tls.handshake_done:
+            await wire.drain()
+            data = await wire.reader.read(65536)
+            if not data:
+                raise UpstreamError("the database closed the connection during the TLS handshake")
+            out = tls.handshake(data)
+            if out:
+                wire.writer.write(out)
     except ssl.SSLError as exc:
         raise UpstreamError(f"TLS to the database failed: {exc.reason or exc}") from exc
+    await wire.drain()
+    wire.tls = tls
 
 
-def tls_server_end_point(writer: asyncio.StreamWriter) -> bytes | None:
+def tls_server_end_point(wire: Wire) -> bytes | None:
     """RFC 5929 channel-binding data: the server certificate's hash (SHA-256 for MD5/SHA-1)."""
-    ssl_object = writer.get_extra_info("ssl_object")
+    ssl_object = wire.tls.ssl_object if wire.tls is not None else None
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
     if not der:
         return None
@@ -130,34 +198,34 @@ def tls_server_end_point(writer: asyncio.StreamWriter) -> bytes | None:
     return hashlib.new(algorithm.name, der).digest()
 
 
-async def _handshake(reader, writer, *, user, password, database, params) -> UpstreamConnection:
+async def _handshake(wire: Wire, *, user, password, database, params) -> UpstreamConnection:
     startup = {k: v for k, v in params.items() if k in PASSTHROUGH_PARAMS}
     startup.update({"user": user, "database": database})
-    writer.write(encode(m.StartupMessage(196608, tuple(startup.items()))))
-    await writer.drain()
+    wire.write(encode(m.StartupMessage(196608, tuple(startup.items()))))
+    await wire.drain()
     parser = BackendParser()
     scram: ScramClient | None = None
     statuses: list[m.ParameterStatus] = []
     key: m.BackendKeyData | None = None
     while True:
-        msg = await _next(reader, parser)
+        msg = await _next(wire, parser)
         if isinstance(msg, m.ErrorResponse):
             raise UpstreamError(f"database login failed: {msg.message}", msg)
         if isinstance(msg, m.AuthenticationOk):
             continue
         if isinstance(msg, m.AuthenticationSASL):
-            binding = tls_server_end_point(writer)
+            binding = tls_server_end_point(wire)
             if binding is not None and "SCRAM-SHA-256-PLUS" in msg.mechanisms:
                 scram = ScramClient(password, channel_binding=("tls-server-end-point", binding))
             elif "SCRAM-SHA-256" in msg.mechanisms:
                 scram = ScramClient(password)
             else:
                 raise UpstreamError(f"unsupported SASL mechanisms {msg.mechanisms}")
-            writer.write(encode(m.SASLInitialResponse(scram.mechanism, scram.client_first())))
+            wire.write(encode(m.SASLInitialResponse(scram.mechanism, scram.client_first())))
         elif isinstance(msg, m.AuthenticationSASLContinue):
             if scram is None:
                 raise UpstreamError("SASLContinue before SASL start")
-            writer.write(encode(m.SASLResponse(scram.handle_server_first(msg.data))))
+            wire.write(encode(m.SASLResponse(scram.handle_server_first(msg.data))))
         elif isinstance(msg, m.AuthenticationSASLFinal):
             if scram is None:
                 raise UpstreamError("SASLFinal before SASL start")
@@ -166,9 +234,9 @@ async def _handshake(reader, writer, *, user, password, database, params) -> Ups
             scram.verify_server_final(msg.data)
             continue
         elif isinstance(msg, m.AuthenticationMD5Password):
-            writer.write(encode(m.PasswordMessage(md5_password(user, password, msg.salt))))
+            wire.write(encode(m.PasswordMessage(md5_password(user, password, msg.salt))))
         elif isinstance(msg, m.AuthenticationCleartextPassword):
-            writer.write(encode(m.PasswordMessage(password.encode())))
+            wire.write(encode(m.PasswordMessage(password.encode())))
         elif isinstance(msg, m.ParameterStatus):
             statuses.append(msg)
             continue
@@ -179,21 +247,21 @@ async def _handshake(reader, writer, *, user, password, database, params) -> Ups
             continue
         elif isinstance(msg, m.ReadyForQuery):
             leftover = parser.unconsumed() if hasattr(parser, "unconsumed") else b""
-            return UpstreamConnection(reader, writer, statuses, key, leftover)
+            return UpstreamConnection(wire, statuses, key, leftover)
         else:
             raise UpstreamError(f"unexpected message during login: {type(msg).__name__}")
-        await writer.drain()
+        await wire.drain()
 
 
 async def simple_query_rows(conn: UpstreamConnection, sql: str) -> list[tuple[bytes | None, ...]]:
     """Run one internal catalog query on a fresh connection (before the client uses it)."""
-    conn.writer.write(encode(m.Query(sql)))
-    await conn.writer.drain()
+    conn.wire.write(encode(m.Query(sql)))
+    await conn.wire.drain()
     parser = BackendParser()
     rows: list[tuple[bytes | None, ...]] = []
     error: m.ErrorResponse | None = None
     while True:
-        msg = await _next(conn.reader, parser)
+        msg = await _next(conn.wire, parser)
         if isinstance(msg, m.DataRow):
             rows.append(msg.values)
         elif isinstance(msg, m.ErrorResponse):
