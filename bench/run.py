@@ -127,6 +127,14 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--scale", type=int, default=10)
+    ap.add_argument("--only", action="append", help="run only workloads whose label starts so")
+    ap.add_argument("--no-bulk", action="store_true", help="skip the COPY / SELECT * runs")
+    ap.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="profile the gateway during its pgbench runs: py-spy (.svg flamegraph, .txt "
+        "collapsed stacks) or perf (.perf)",
+    )
     args = ap.parse_args()
 
     home = tempfile.mkdtemp(prefix="guard-bench-")
@@ -196,9 +204,24 @@ def main() -> int:
             f"{'workload':<14} {'direct':>9} {'pgbouncer':>10} {'guard':>9} "
             f"{'g/direct':>9} {'g/pgb':>7} {'gw µs/tx':>9}"
         )
+        if args.only:
+            workloads = [w for w in workloads if any(w[0].startswith(o) for o in args.only)]
         for label, wargs in workloads:
             d, _ = pgbench(direct_env, wargs, args.seconds, args.clients)
             b, _ = pgbench(pgb_env, wargs, args.seconds, args.clients)
+            spy = None
+            if args.profile:
+                out = Path(args.profile)
+                out = out.with_name(f"{out.stem}-{label.replace(' ', '_')}{out.suffix}")
+                if out.suffix == ".perf":  # native profile: interpreter vs uvloop vs kernel
+                    cmd = ["perf", "record", "-F", "2000", "-g", "-p", str(broker_pid)]
+                    cmd += ["-o", str(out)]
+                else:
+                    fmt = "raw" if out.suffix == ".txt" else "flamegraph"
+                    exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+                    cmd = [exe, "record", "-p", str(broker_pid), "-o", str(out), "-f", fmt]
+                    cmd += ["-r", "250"]
+                spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             before = cpu_seconds(broker_pid)
             g, n = pgbench(guard_env, wargs, args.seconds, args.clients)
             us = (cpu_seconds(broker_pid) - before) / max(n, 1) * 1e6
@@ -206,6 +229,12 @@ def main() -> int:
                 f"{label:<14} {d:9.0f} {b:10.0f} {g:9.0f} {g / d:9.2f} {g / b:7.2f} {us:9.1f}",
                 flush=True,
             )
+            if spy is not None:
+                spy.send_signal(2)
+                spy.wait()
+
+        if args.no_bulk:
+            return 0
 
         def dsn(e: dict[str, str]) -> str:
             return (
