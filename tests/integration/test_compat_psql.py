@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
+import time
 
 import psycopg
+import psycopg.sql
 import pytest
 
 from tests.fix_stack import Stack
@@ -202,3 +205,49 @@ def test_multi_statement_with_refusal(dev_stack: Stack, gw_env):
     assert stop.returncode == 3
     assert "approval" in stop.stderr
     assert stop.stdout.splitlines() == ["1"]
+
+
+def _running(stack: Stack, query: str) -> bool:
+    return bool(
+        direct(
+            stack,
+            "SELECT 1 FROM pg_stat_activity WHERE state = 'active' AND query = "
+            + psycopg.sql.quote(query),
+        )
+    )
+
+
+def test_ctrl_c_cancels_the_running_query(dev_stack: Stack, gw_env):
+    # psql's SIGINT handler sends a CancelRequest (libpq PQcancel, on a new plain
+    # connection) with the gateway-issued key; the gateway must route it upstream.
+    query = "SELECT pg_sleep(30)"
+    proc = subprocess.Popen(
+        ["psql", "-X", "-v", "VERBOSITY=verbose", "-c", query],
+        env=gw_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        start = time.monotonic()
+        while not _running(dev_stack, query):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() - start < 15, "pg_sleep never started upstream"
+            time.sleep(0.1)
+        time.sleep(1)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=15)
+        elapsed = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert "57014" in err and "canceling statement due to user request" in err, (out, err)
+    assert proc.returncode == 1, (proc.returncode, out, err)
+    assert elapsed < 10
+    assert not _running(dev_stack, query)
+    # The same libpq setup connects and runs statements again afterwards.
+    again = psql(gw_env, "-A", "-t", "-c", "SELECT 41 + 1")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == "42"
