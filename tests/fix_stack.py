@@ -57,8 +57,15 @@ class Stack:
         return Path(self.status["audit_log"])
 
     def audit_records(self) -> list[dict]:
+        """Every record, result batches expanded (result records reach the file within
+        the broker's flush interval, 200 ms)."""
+        from guard.broker.audit.record import expand
+
         return [
-            json.loads(line)["body"] for line in self.audit_path.read_text().splitlines() if line
+            record
+            for line in self.audit_path.read_text().splitlines()
+            if line
+            for record in expand(json.loads(line)["body"])
         ]
 
     def libpq_env(self, session: dict) -> dict[str, str]:

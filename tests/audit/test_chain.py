@@ -9,7 +9,7 @@ import stat
 import pytest
 
 from guard.broker.audit.chain import GENESIS, seal, verify_lines
-from guard.broker.audit.record import ResultRecord, StatementRecord
+from guard.broker.audit.record import ResultRecord, StatementRecord, expand
 from guard.broker.audit.sink import AuditUnavailable, JsonlAuditSink
 
 
@@ -139,12 +139,34 @@ def test_gate_records_are_exactly_the_record_types(tmp_path, result):
     sink.close()
     lines = (tmp_path / "audit.jsonl").read_bytes().splitlines()
     assert verify_lines(lines).ok
-    statement, stored = (json.loads(line)["body"] for line in lines)
+    statement, batch = (json.loads(line)["body"] for line in lines)
+    assert batch["kind"] == "results" and batch["seq"] == seq + 1
+    (stored,) = expand(batch)
     expected = ResultRecord(session_id="s1", connection_id="c1", statement_seq=seq, **result)
     body = expected.to_body()
-    assert {k: v for k, v in stored.items() if k not in ("seq", "time")} == {
+    assert {k: v for k, v in stored.items() if k != "time"} == {
         k: v for k, v in body.items() if k != "time"
     }
-    assert stored["seq"] == seq + 1 and stored["time"].endswith("Z")
+    assert stored["time"].endswith("Z") and stored["time"] <= batch["time"]
     assert set(statement) == set(StatementRecord.__dataclass_fields__) | {"seq"}
     assert statement["statement"] == "SELECT name FROM customers WHERE id = $1"
+
+
+def test_results_are_chained_in_batches_and_kept_when_the_write_fails(tmp_path):
+    sink = JsonlAuditSink(tmp_path / "audit.jsonl")
+    for i in range(3):
+        sink.append_deferred(ResultRecord("s1", "c1", i + 1, "ok", "SELECT", rows=i))
+    assert (tmp_path / "audit.jsonl").read_bytes() == b""  # queued, not yet written
+    fd = sink._fd
+    sink._fd = os.open(os.devnull, os.O_RDONLY)  # writes now fail
+    with pytest.raises(AuditUnavailable):
+        sink.flush()
+    os.close(sink._fd)
+    sink._fd = fd
+    sink.append_deferred(ResultRecord("s1", "c1", 4, "error", sqlstate="57014"))
+    sink.close()
+    lines = (tmp_path / "audit.jsonl").read_bytes().splitlines()
+    assert len(lines) == 1 and verify_lines(lines).ok
+    results = expand(json.loads(lines[0])["body"])
+    assert [r["statement_seq"] for r in results] == [1, 2, 3, 4]  # nothing lost, in order
+    assert results[3]["sqlstate"] == "57014" and results[2]["rows"] == 2

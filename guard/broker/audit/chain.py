@@ -37,17 +37,21 @@ def link_hash(prev: str, body_bytes: bytes) -> str:
     return h.hexdigest()
 
 
+_sha256 = hashlib.sha256
 _HEAD = b'{"body":'
 _TAIL_LEN = len(b',"hash":"') + 64 + len(b'","prev":"') + 64 + len(b'"}')
 
 
 def seal_bytes(prev: str, body_bytes: bytes) -> tuple[bytes, str]:
     """Return the JSONL line (with newline) for already-serialized body JSON, and its hash."""
-    digest = link_hash(prev, body_bytes)
-    line = b"".join(
-        (_HEAD, body_bytes, b',"hash":"', digest.encode(), b'","prev":"', prev.encode(), b'"}\n')
-    )
-    return line, digest
+    line, digest = seal_line(prev.encode("ascii"), body_bytes)
+    return line, digest.decode("ascii")
+
+
+def seal_line(prev: bytes, body_bytes: bytes) -> tuple[bytes, bytes]:
+    """`seal_bytes` with the hashes as ASCII bytes (the writer's hot path)."""
+    digest = _sha256(b"%b\n%b" % (prev, body_bytes)).hexdigest().encode("ascii")
+    return b'{"body":%b,"hash":"%b","prev":"%b"}\n' % (body_bytes, digest, prev), digest
 
 
 def seal(prev: str, body: Mapping[str, Any]) -> tuple[bytes, str]:

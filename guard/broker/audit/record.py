@@ -28,13 +28,27 @@ _FIELDS: dict[type, tuple[str, ...]] = {}
 _second: list[object] = [None, ""]
 
 
-def utc_now_iso() -> str:
+def iso_from_ns(ns: int) -> str:
     """RFC 3339 UTC time with microseconds; the formatted second is cached (hot path)."""
-    now = time.time()
-    sec = int(now)
+    sec, micros = divmod(ns // 1000, 1_000_000)
     if _second[0] != sec:
         _second[0], _second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-    return f"{_second[1]}.{int((now - sec) * 1_000_000):06d}Z"
+    return f"{_second[1]}.{micros:06d}Z"
+
+
+def utc_now_iso() -> str:
+    return iso_from_ns(time.time_ns())
+
+
+def expand(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The records one stored body stands for.
+
+    Result records are stored in batches (`kind: results`, see audit.sink), one entry per
+    statement result; readers see them as the individual `result` records they are.
+    """
+    if body.get("kind") == "results":
+        return list(body.get("results", ()))
+    return [body]
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,8 +6,11 @@ the gate can forward a statement knowing its record exists; any failure raises
 `AuditUnavailable` and the gate refuses the statement (fail closed).
 
 `append_deferred` is for records that describe what already happened (result row counts):
-they take their place in the chain at once but reach the file with the next `append` or
-`flush` (the broker flushes every 200 ms), saving a write per statement on the hot path.
+they are queued with their time and sealed together, as one `results` batch record, at the
+next `flush` (the broker flushes every 200 ms, and at 256 queued). One hash and one write
+per batch instead of per statement keeps them off the hot path; `record.expand` turns a
+batch back into its `result` records for readers. A crash loses at most the queued results,
+never a statement record: those are written before their statement is forwarded.
 
 Every stored body ends with its `seq` and `time`, after the record's own fields. That lets
 a caller that writes the same record many times (a prepared statement's executions) keep
@@ -21,11 +24,12 @@ import contextlib
 import json
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from guard.broker.audit.chain import GENESIS, canonical, last_hash_of, seal_bytes
-from guard.broker.audit.record import utc_now_iso
+from guard.broker.audit.chain import GENESIS, canonical, last_hash_of, seal_line
+from guard.broker.audit.record import iso_from_ns, utc_now_iso
 
 try:  # ~20x faster than json.dumps; the chain hashes the stored bytes, so either is valid
     import orjson
@@ -50,7 +54,7 @@ def fixed_fields(record: Recordable, *, only: tuple[str, ...] | None = None) -> 
 
 
 def _complete(fixed: bytes, seq: int) -> bytes:
-    return b'%b,"seq":%d,"time":"%b"}' % (fixed, seq, utc_now_iso().encode())
+    return b'%b,"seq":%d,"time":"%b"}' % (fixed, seq, utc_now_iso().encode("ascii"))
 
 
 class AuditUnavailable(Exception):
@@ -68,11 +72,11 @@ class AuditSink(Protocol):
         """Write the record; return its sequence number (1-based)."""
         ...
 
-    def append_deferred(self, record: Recordable) -> int:
-        """Chain now, write with the next append/flush (for after-the-fact records)."""
+    def append_deferred(self, record: Recordable) -> None:
+        """Queue an after-the-fact record; it is chained and written at the next flush."""
         ...
 
-    def append_fixed(self, fixed: bytes, *, deferred: bool = False) -> int:
+    def append_fixed(self, fixed: bytes, *, deferred: bool = False) -> int | None:
         """`append` (or `append_deferred`) of a record serialized by `fixed_fields`."""
         ...
 
@@ -95,14 +99,18 @@ def _read_tail(path: Path) -> tuple[int, str]:
 
 
 class JsonlAuditSink:
+    # Queued after-the-fact records that force a flush from the hot path.
+    MAX_DEFERRED = 256
+
     def __init__(self, path: Path, *, fsync: bool = False) -> None:
         self.path = path
         self._fsync = fsync
         self._lock = threading.Lock()
-        self._pending: list[bytes] = []
+        self._deferred: list[tuple[bytes, int]] = []  # (fixed fields, time in ns)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._seq, self._prev = _read_tail(path) if path.exists() else (0, GENESIS)
+            self._seq, prev = _read_tail(path) if path.exists() else (0, GENESIS)
+            self._prev = prev.encode("ascii")
             # O_APPEND: every write lands at the end even if another process appends, and a
             # partial earlier write can never be overwritten in place.
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -110,37 +118,46 @@ class JsonlAuditSink:
             raise AuditUnavailable(f"cannot open audit log {path}: {exc}") from exc
 
     def append(self, record: Recordable) -> int:
-        return self.append_fixed(fixed_fields(record))
+        return self._append(fixed_fields(record))
 
-    def append_deferred(self, record: Recordable) -> int:
-        return self.append_fixed(fixed_fields(record), deferred=True)
+    def append_deferred(self, record: Recordable) -> None:
+        self.append_fixed(fixed_fields(record), deferred=True)
 
-    def append_fixed(self, fixed: bytes, *, deferred: bool = False) -> int:
+    def append_fixed(self, fixed: bytes, *, deferred: bool = False) -> int | None:
+        if not deferred:
+            return self._append(fixed)
+        with self._lock:
+            self._deferred.append((fixed, time.time_ns()))
+            full = len(self._deferred) >= self.MAX_DEFERRED
+        if full:
+            self.flush()
+        return None
+
+    def _append(self, fixed: bytes) -> int:
         with self._lock:
             seq = self._seq + 1
-            line, digest = seal_bytes(self._prev, _complete(fixed, seq))
-            if deferred:
-                self._pending.append(line)
-                if len(self._pending) >= 256:
-                    self._flush_locked()
-            else:
-                # Earlier deferred records go first, in chain order, in the same write.
-                self._write(b"".join((*self._pending, line)) if self._pending else line)
-                self._pending.clear()
-            # Only a written (or queued) line advances the chain: after a failed write
-            # the next record links to the last one that exists.
+            line, digest = seal_line(self._prev, _complete(fixed, seq))
+            self._write(line)
+            # Only a written line advances the chain: after a failed write the next record
+            # links to the last one that exists.
             self._seq, self._prev = seq, digest
             return seq
 
     def flush(self) -> None:
+        """Chain and write the queued after-the-fact records, as one batch record."""
         with self._lock:
-            self._flush_locked()
-
-    def _flush_locked(self) -> None:
-        if self._pending:
-            data = b"".join(self._pending)
-            self._pending.clear()
-            self._write(data)
+            if not self._deferred:
+                return
+            batch, self._deferred = self._deferred, []
+        entries = b",".join(
+            b'%b,"time":"%b"}' % (fixed, iso_from_ns(ns).encode()) for fixed, ns in batch
+        )
+        try:
+            self._append(b'{"kind":"results","results":[%b]' % entries)
+        except AuditUnavailable:
+            with self._lock:  # keep them for the next flush, in order
+                self._deferred[:0] = batch
+            raise
 
     def _write(self, data: bytes) -> None:
         try:
@@ -153,10 +170,10 @@ class JsonlAuditSink:
             raise AuditUnavailable(f"cannot write audit log {self.path}: {exc}") from exc
 
     def close(self) -> None:
+        with contextlib.suppress(AuditUnavailable):
+            self.flush()
         with self._lock:
             if self._fd >= 0:
-                with contextlib.suppress(AuditUnavailable):
-                    self._flush_locked()
                 os.close(self._fd)
                 self._fd = -1
 
@@ -171,10 +188,11 @@ class MemoryAuditSink:
     def append(self, record: Recordable) -> int:
         return self.append_fixed(fixed_fields(record))
 
-    def append_deferred(self, record: Recordable) -> int:
-        return self.append(record)
+    def append_deferred(self, record: Recordable) -> None:
+        self.append(record)
 
-    def append_fixed(self, fixed: bytes, *, deferred: bool = False) -> int:
+    def append_fixed(self, fixed: bytes, *, deferred: bool = False) -> int | None:
+        # Deferred records are kept one by one at once: tests read them without a flush.
         if self.fail:
             raise AuditUnavailable("audit sink failing (test)")
         body = json.loads(_complete(fixed, len(self.records) + 1))
