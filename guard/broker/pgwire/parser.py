@@ -148,15 +148,18 @@ class _Framer:
     def next_frame(self) -> Frame | NeedData:
         return self._next_tagged()
 
-    def take_run(self, tag: int) -> memoryview | None:
+    def take_run(self, tag: int, back: int = 0) -> memoryview | None:
         """Consume consecutive complete messages of type `tag`; return them as one slice.
 
         The bulk path of a relay: a result set's DataRows that need no inspection are
         framed (every length word checked against the limit) but not split into Frames,
-        so a million rows cost one header read each and a single write.
+        so a million rows cost one header read each and a single write. `back` is the
+        length of the frame next_frame() just returned: the slice then starts with it
+        (and is returned even when no message follows it).
         """
         buf = self._buf
-        start = pos = self._pos
+        pos = self._pos
+        start = pos - back
         size = len(buf)
         limit = self._max
         while size - pos >= 5 and buf[pos] == tag:
@@ -371,6 +374,24 @@ def decode_backend(frame: Frame) -> m.BackendMessage:
         return decoder(bytes(frame.body))
     except (ValueError, IndexError, struct.error) as exc:
         raise ServerProtocolError(f"malformed {name} message: {exc}") from exc
+
+
+def cstring_body(frame: Frame, what: str) -> str:
+    """The one NUL-terminated UTF-8 string a message consists of (Query, CommandComplete).
+
+    The relay's fast accessor: the decoders' checks (terminated, nothing after it, valid
+    UTF-8) without building a message object.
+    """
+    raw = frame.raw
+    end = len(raw) - 1
+    text = bytes(raw[5:end])
+    error = ClientProtocolError if frame.tag == m.TAG_QUERY else ServerProtocolError
+    if end < 5 or raw[end] != 0 or b"\x00" in text:
+        raise error(f"malformed {what} message: not one NUL-terminated string")
+    try:
+        return text.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"malformed {what} message: {exc}") from exc
 
 
 # ---- field readers: each takes (body, pos) and returns (value, new pos)

@@ -9,12 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass's __init__ goes through object.__setattr__, and one or
+# two of these are built per relayed message. Nothing holds on to a command.
+@dataclass(slots=True)
 class SendToServer:
     data: bytes | memoryview
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SendToClient:
     data: bytes | memoryview
 

@@ -11,8 +11,6 @@ unknown statement kind, a policy error, an audit log that cannot be written — 
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
-from dataclasses import dataclass
 
 from guard.broker.audit.record import ResultRecord, StatementRecord
 from guard.broker.audit.sink import AuditSink, AuditUnavailable, fixed_fields
@@ -30,25 +28,35 @@ _DECISION_CACHE_SIZE = 2048
 SQLSTATE_INSUFFICIENT_PRIVILEGE = "42501"
 
 
-@dataclass(frozen=True, slots=True)
 class Decision:
-    """The gate's answer for one protocol-level statement text (one Query or one Parse)."""
+    """The gate's answer for one protocol-level statement text (one Query or one Parse).
 
-    analysis: Analysis
-    verdicts: tuple[Verdict, ...]
-    refusal: ErrorResponse | None  # None: forward
+    Immutable in meaning; a decision is cached per connection and reused for every run of
+    its text, so it also carries its audit records, serialized once per protocol.
+    """
+
+    __slots__ = ("analysis", "verdicts", "refusal", "masked_columns", "records")
+
+    def __init__(
+        self,
+        analysis: Analysis,
+        verdicts: tuple[Verdict, ...],
+        refusal: ErrorResponse | None,  # None: forward
+    ) -> None:
+        self.analysis = analysis
+        self.verdicts = verdicts
+        self.refusal = refusal
+        seen: dict[str, None] = {}
+        for v in verdicts:
+            for col in v.masked_columns:
+                seen[str(col)] = None
+        self.masked_columns: tuple[str, ...] = tuple(seen)
+        # protocol → the fixed fields of one audit record per statement (see Gate.record)
+        self.records: dict[str, tuple[bytes, ...]] = {}
 
     @property
     def allowed(self) -> bool:
         return self.refusal is None
-
-    @property
-    def masked_columns(self) -> tuple[str, ...]:
-        seen: dict[str, None] = {}
-        for v in self.verdicts:
-            for col in v.masked_columns:
-                seen[str(col)] = None
-        return tuple(seen)
 
 
 def refusal_for(verdict: Verdict) -> ErrorResponse:
@@ -78,8 +86,7 @@ class Gate:
         self.session_id = session_id
         self.connection_id = connection_id
         self._groups = tuple(sorted(principal.groups))
-        self._cache: OrderedDict[str, tuple[Analysis, tuple[Verdict, ...]]] = OrderedDict()
-        self._templates: dict[tuple[int, int, str, bool], tuple[object, object, bytes]] = {}
+        self._cache: dict[str, Decision] = {}
         # Result records differ only in their outcome fields: serialize the rest once.
         self._result_head = fixed_fields(
             ResultRecord(session_id, connection_id, statement_seq=0, outcome=""),
@@ -87,47 +94,43 @@ class Gate:
         )
 
     # -- analyze + decide -------------------------------------------------------------
-    def _decide(self, sql: str) -> tuple[Analysis, tuple[Verdict, ...]]:
-        hit = self._cached(sql)
-        if hit is not None:
-            return hit
+    def decide(self, sql: str) -> Decision:
+        """Analyse and evaluate without recording (used at Parse: nothing runs yet)."""
+        decision = self._cache.get(sql)
+        if decision is not None:
+            return decision
         # Clients that inline literals (pgbench -M simple, ORMs without binds) send a new
         # text every time. Decide on the text with its constants replaced by parameters
         # first (one cheap parse), and reuse that decision — but only when it *allows*:
         # the analyser treats an unknown value as the worst case (`set_config($1, ...)` is
         # a role switch, a `$1` SET value or DO body does not parse), so a constant can
         # only make a statement safer than its parameter, never riskier. Anything short of
-        # an allow is decided again on the exact text.
+        # an allow is decided again on the exact text. (libpg_query leaves ORDER BY and
+        # GROUP BY positions as they are: `ORDER BY 2` never shares `ORDER BY 1`'s answer.)
         normalized = normalize(sql)
         if normalized != sql and normalized != UNNORMALIZABLE:
-            result = self._cached(normalized) or self._compute(normalized)
-            if result[1] and all(v.effect is Effect.ALLOW for v in result[1]):
-                self._store(sql, result)
-                return result
+            decision = self._cache.get(normalized) or self._compute(normalized)
+            if decision.refusal is None and decision.verdicts:
+                self._store(sql, decision)
+                return decision
         return self._compute(sql)
 
-    def _cached(self, sql: str) -> tuple[Analysis, tuple[Verdict, ...]] | None:
-        hit = self._cache.get(sql)
-        if hit is not None:
-            self._cache.move_to_end(sql)
-        return hit
+    def _compute(self, sql: str) -> Decision:
+        decision = self._evaluate(sql)
+        self._store(sql, decision)
+        return decision
 
-    def _compute(self, sql: str) -> tuple[Analysis, tuple[Verdict, ...]]:
-        analysis = analyze(sql)
-        verdicts = self.policy.evaluate_analysis(self.principal, self.target, analysis)
-        result = (analysis, tuple(verdicts))
-        self._store(sql, result)
-        return result
+    def _store(self, sql: str, decision: Decision) -> None:
+        if len(self._cache) >= _DECISION_CACHE_SIZE:
+            # Bounded so a client sending endless distinct statements cannot grow the
+            # gateway's memory; starting over is cheaper than keeping LRU order per hit.
+            self._cache.clear()
+        self._cache[sql] = decision
 
-    def _store(self, sql: str, result: tuple[Analysis, tuple[Verdict, ...]]) -> None:
-        self._cache[sql] = result
-        if len(self._cache) > _DECISION_CACHE_SIZE:
-            self._cache.popitem(last=False)
-
-    def decide(self, sql: str) -> Decision:
-        """Analyse and evaluate without recording (used at Parse: nothing runs yet)."""
+    def _evaluate(self, sql: str) -> Decision:
         try:
-            analysis, verdicts = self._decide(sql)
+            analysis = analyze(sql)
+            verdicts = tuple(self.policy.evaluate_analysis(self.principal, self.target, analysis))
         except Exception as exc:  # noqa: BLE001 - any analyser/policy bug must refuse
             analysis = Analysis(
                 statements=(), error=f"internal analysis error: {type(exc).__name__}"
@@ -148,21 +151,11 @@ class Gate:
     # -- record -----------------------------------------------------------------------
     def record(self, decision: Decision, protocol: str) -> list[int] | ErrorResponse:
         """Write one record per statement; on failure return the refusal to send instead."""
-        statements = decision.analysis.statements
-        seqs: list[int] = []
+        records = decision.records.get(protocol)
+        if records is None:
+            records = decision.records[protocol] = self._records_for(decision, protocol)
         try:
-            if not statements:
-                verdict = decision.verdicts[0] if decision.verdicts else None
-                if verdict is not None or decision.refusal is not None:
-                    seqs.append(
-                        self.audit.append_fixed(self._record(None, verdict, protocol, decision))
-                    )
-                return seqs
-            for i, stmt in enumerate(statements):
-                verdict = decision.verdicts[i] if i < len(decision.verdicts) else None
-                seqs.append(
-                    self.audit.append_fixed(self._record(stmt, verdict, protocol, decision))
-                )
+            return [self.audit.append_fixed(fixed) for fixed in records]  # type: ignore[misc]
         except AuditUnavailable:
             # Fail closed: a statement whose record does not exist must not run.
             return ErrorResponse.build(
@@ -170,27 +163,32 @@ class Gate:
                 "guard: the audit log cannot be written, so the statement was refused",
                 hint="ask the guard operator to check the broker's audit log storage",
             )
-        return seqs
 
-    def _record(
+    def _records_for(self, decision: Decision, protocol: str) -> tuple[bytes, ...]:
+        # Everything but seq and time is fixed for a (decision, protocol): a statement run
+        # many times reuses its serialized fields (hot path).
+        statements = decision.analysis.statements
+        verdicts = decision.verdicts
+        if not statements:
+            verdict = verdicts[0] if verdicts else None
+            if verdict is None and decision.refusal is None:
+                return ()  # nothing to run, nothing to record
+            return (self._fixed(None, verdict, protocol, decision),)
+        return tuple(
+            self._fixed(stmt, verdicts[i] if i < len(verdicts) else None, protocol, decision)
+            for i, stmt in enumerate(statements)
+        )
+
+    def _fixed(
         self,
         stmt: StatementAnalysis | None,
         verdict: Verdict | None,
         protocol: str,
         decision: Decision,
     ) -> bytes:
-        # Everything but seq and time is fixed for a (statement, verdict, protocol): a
-        # statement run many times reuses its serialized fields (hot path). The template
-        # keeps `stmt` and `verdict` alive, so their ids cannot be reused.
-        key = (id(stmt), id(verdict), protocol, decision.refusal is None)
-        template = self._templates.get(key)
-        if template is None:
-            fields = self._record_fields(stmt, verdict, protocol, decision)
-            template = (stmt, verdict, fixed_fields(StatementRecord(**fields)))
-            if len(self._templates) >= _DECISION_CACHE_SIZE:
-                self._templates.clear()
-            self._templates[key] = template
-        return template[2]
+        return fixed_fields(
+            StatementRecord(**self._record_fields(stmt, verdict, protocol, decision))
+        )
 
     def _record_fields(
         self,

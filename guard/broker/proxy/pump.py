@@ -107,11 +107,12 @@ class Pump:
 
     def run(self, commands: list[Command]) -> None:
         for cmd in commands:
-            if isinstance(cmd, SendToServer):
-                self._to_server(cmd.data)
-            elif isinstance(cmd, SendToClient):
-                self.client.write(cmd.data)
-            elif isinstance(cmd, CloseConnection):
+            kind = cmd.__class__
+            if kind is SendToServer:
+                self._to_server(cmd.data)  # type: ignore[union-attr]
+            elif kind is SendToClient:
+                self.client.write(cmd.data)  # type: ignore[union-attr]
+            elif kind is CloseConnection:
                 self.close()
                 return
 

@@ -22,7 +22,7 @@ import logging
 import secrets
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from guard.broker.masking.strategies import Strategy
 from guard.broker.pgwire import messages as m
@@ -32,6 +32,7 @@ from guard.broker.pgwire.parser import (
     NEED_DATA,
     BackendParser,
     FrontendParser,
+    cstring_body,
     decode_backend,
     decode_frontend,
 )
@@ -51,25 +52,53 @@ _PARSE_COMPLETE, _BIND_COMPLETE, _CLOSE_COMPLETE = ord("1"), ord("2"), ord("3")
 _NO_DATA, _PARAM_DESC, _PORTAL_SUSPENDED = ord("n"), ord("t"), ord("s")
 _PARAMETER_STATUS, _COPY_BOTH = ord("S"), ord("W")
 
+# Below this many bytes one call's output is joined into one write; above it (bulk rows)
+# the slices are written as they are rather than copied.
+_JOIN_LIMIT = 1 << 16
+_PLAN_CACHE_SIZE = 256
+
 # (table OID, attribute number) of a protected base column → its mask strategy.
 ProtectedMap = Mapping[tuple[int, int], Strategy]
 # Per protected result column: (column index, strategy, format code, type OID).
 MaskPlan = tuple[tuple[int, Strategy, int, int], ...]
 
 
-@dataclass(slots=True)
 class _Pending:
     """One forwarded request still waiting for its response(s)."""
 
-    kind: str  # query | parse | bind | describe | execute | close | sync | fastpath
-    swallow: bool = False  # responses are the gateway's own (injected Describe): not sent on
-    substitute: m.ErrorResponse | None = None  # poison: replace the upstream error with this
-    statement: str | None = None  # parse/describe: statement name
-    portal: str | None = None  # describe of a portal / execute: portal name
-    seqs: list[int] = field(default_factory=list)  # audit seqs awaiting a result record
-    formats: tuple[int, ...] = ()  # execute: result formats from Bind
-    plan: MaskPlan | None = None  # execute: mask plan, worked out at its first row
-    planned: bool = False
+    # A plain slotted class: one is built per forwarded message (hot path).
+    __slots__ = (
+        "kind",
+        "swallow",
+        "substitute",
+        "statement",
+        "portal",
+        "seqs",
+        "formats",
+        "plan",
+        "planned",
+    )
+
+    def __init__(
+        self,
+        kind: str,  # query | parse | bind | describe | execute | close | sync
+        *,
+        swallow: bool = False,  # responses are the gateway's own (injected Describe)
+        substitute: m.ErrorResponse | None = None,  # poison: replace the upstream error
+        statement: str | None = None,  # parse/describe: statement name
+        portal: str | None = None,  # describe of a portal / execute: portal name
+        seqs: list[int] | None = None,  # audit seqs awaiting a result record
+        formats: tuple[int, ...] = (),  # execute: result formats from Bind
+    ) -> None:
+        self.kind = kind
+        self.swallow = swallow
+        self.substitute = substitute
+        self.statement = statement
+        self.portal = portal
+        self.seqs = seqs
+        self.formats = formats
+        self.plan: MaskPlan | None = None  # execute: mask plan, worked out at its first row
+        self.planned = False
 
 
 @dataclass(slots=True)
@@ -103,39 +132,65 @@ class ProxyConnection:
         self._portals: dict[str, tuple[str, tuple[int, ...]]] = {}  # portal → (statement, formats)
         self._portal_fields: dict[str, tuple[m.FieldDescription, ...]] = {}
         self._plan: MaskPlan | None = None  # simple query: active row mask plan
+        # RowDescription bytes → mask plan: a statement run again describes its result
+        # with the same bytes, so the plan is worked out once (bounded, like the gate).
+        self._plans: dict[bytes, MaskPlan | None] = {}
         self._masked_cells = 0
         self.closed = False
         self.transaction_status = b"I"
+        # What one from_client/from_server call produces, joined into few writes.
+        self._to_server: list[bytes | memoryview] = []
+        self._to_client: list[bytes | memoryview] = []
+        self._close: str | None = None
 
     # ------------------------------------------------------------------ client → server
     def from_client(self, data: bytes) -> list[Command]:
-        out: list[Command] = []
         self._client.feed(data)
         try:
-            while True:
+            while not self.closed:
                 frame = self._client.next_frame()
                 if frame is NEED_DATA:
                     break
-                self._on_client_frame(frame, out)
-                if self.closed:
-                    break
+                self._on_client_frame(frame)
         except ProtocolError as err:
             # A malformed message gets a FATAL ErrorResponse and the connection ends: a
             # framing error means we can no longer tell statements apart, so nothing more
             # may be forwarded.
-            out.append(SendToClient(encode(err.to_error_response())))
-            out.append(CloseConnection(f"client protocol error: {err}"))
-            self.closed = True
-        return _coalesce(out)
+            self._to_client.append(encode(err.to_error_response()))
+            self._end(f"client protocol error: {err}")
+        return self._commands()
 
-    def _on_client_frame(self, frame, out: list[Command]) -> None:  # noqa: C901 - a dispatch
+    def _end(self, reason: str) -> None:
+        self._close = reason
+        self.closed = True
+
+    def _commands(self) -> list[Command]:
+        """This call's output: at most one write per direction (bulk rows excepted)."""
+        out: list[Command] = []
+        if self._to_server:
+            chunks, self._to_server = self._to_server, []
+            out.append(SendToServer(chunks[0] if len(chunks) == 1 else b"".join(chunks)))
+        if self._to_client:
+            chunks, self._to_client = self._to_client, []
+            if len(chunks) == 1:
+                out.append(SendToClient(chunks[0]))
+            elif sum(map(len, chunks)) <= _JOIN_LIMIT:
+                out.append(SendToClient(b"".join(chunks)))
+            else:  # large row runs are written as they are, not copied into one buffer
+                out.extend(SendToClient(chunk) for chunk in chunks)
+        if self._close is not None:
+            out.append(CloseConnection(self._close))
+            self._close = None
+        return out
+
+    def _on_client_frame(self, frame) -> None:  # noqa: C901 - a dispatch
         tag = frame.tag
         if tag == _Q:
             if self.codec == "utf-8":
-                sql = decode_frontend(frame).sql
+                sql = cstring_body(frame, "Query")
             else:
                 sql = self._decode(decode_query, frame, "Query")
-            self._gate_statement(sql, "simple", frame.raw, out, kind="query")
+            self._gate_statement(sql, frame.raw)
         elif tag == _P:
             if self.codec == "utf-8":
                 msg = decode_frontend(frame)
@@ -143,7 +198,7 @@ class ProxyConnection:
                 # Only name and text matter to the gate; PostgreSQL validates the rest.
                 name, query = self._decode(decode_parse, frame, "Parse")
                 msg = m.Parse(name, query, ())
-            self._on_parse(msg, frame.raw, out)
+            self._on_parse(msg, frame.raw)
         elif tag == _B:
             portal, statement = _bind_names(frame.body)
             prepared = self._prepared.get(statement)
@@ -153,14 +208,14 @@ class ProxyConnection:
                 formats = decode_frontend(frame).result_formats
             self._portals[portal] = (statement, formats)
             self._portal_fields.pop(portal, None)
-            out.append(SendToServer(frame.raw))
+            self._to_server.append(frame.raw)
             self._pending.append(_Pending("bind"))
         elif tag == _E:
             msg = decode_frontend(frame)
-            self._on_execute(msg, frame.raw, out)
+            self._on_execute(msg, frame.raw)
         elif tag == _D:
             msg = decode_frontend(frame)
-            out.append(SendToServer(frame.raw))
+            self._to_server.append(frame.raw)
             if msg.kind == b"S":
                 self._pending.append(_Pending("describe", statement=msg.name))
             else:
@@ -171,20 +226,19 @@ class ProxyConnection:
                 self._prepared.pop(msg.name, None)
             else:
                 self._portals.pop(msg.name, None)
-            out.append(SendToServer(frame.raw))
+            self._to_server.append(frame.raw)
             self._pending.append(_Pending("close"))
         elif tag == _S:
-            out.append(SendToServer(frame.raw))
+            self._to_server.append(frame.raw)
             self._pending.append(_Pending("sync"))
         elif tag in (_H, _COPY_DATA, _COPY_DONE, _COPY_FAIL):
             # Flush and COPY FROM STDIN payload: the COPY statement itself was gated.
-            out.append(SendToServer(frame.raw))
+            self._to_server.append(frame.raw)
         elif tag == _F:
-            self._refuse_fast_path(decode_frontend(frame).function_oid, out)
+            self._refuse_fast_path(decode_frontend(frame).function_oid)
         elif tag == _X:
-            out.append(SendToServer(frame.raw))
-            out.append(CloseConnection("client terminated"))
-            self.closed = True
+            self._to_server.append(frame.raw)
+            self._end("client terminated")
         else:
             # 'p' after authentication, or anything else out of place.
             raise _unexpected(tag)
@@ -195,67 +249,64 @@ class ProxyConnection:
         except (ValueError, UnicodeDecodeError) as exc:
             raise ClientProtocolError(f"malformed {what} message: {exc}") from exc
 
-    def _gate_statement(
-        self, sql: str, protocol: str, raw, out: list[Command], *, kind: str
-    ) -> None:
+    def _gate_statement(self, sql: str, raw) -> None:
         decision = self.gate.decide(sql)
-        recorded = self.gate.record(decision, protocol)
+        recorded = self.gate.record(decision, "simple")
         refusal = decision.refusal
-        if isinstance(recorded, m.ErrorResponse):
-            refusal, recorded = recorded, []
+        if recorded.__class__ is m.ErrorResponse:
+            refusal, recorded = recorded, None
         if refusal is None:
-            out.append(SendToServer(raw))
-            self._pending.append(_Pending(kind, seqs=recorded))
+            self._to_server.append(raw)
+            self._pending.append(_Pending("query", seqs=recorded))  # type: ignore[arg-type]
         else:
-            self._send_poison_query(refusal, out)
+            self._send_poison_query(refusal)
 
-    def _send_poison_query(self, refusal: m.ErrorResponse, out: list[Command]) -> None:
-        out.append(SendToServer(encode(m.Query(_poison_sql()))))
+    def _send_poison_query(self, refusal: m.ErrorResponse) -> None:
+        self._to_server.append(encode(m.Query(_poison_sql())))
         self._pending.append(_Pending("query", substitute=refusal))
 
-    def _refuse_fast_path(self, function_oid: int, out: list[Command]) -> None:
+    def _refuse_fast_path(self, function_oid: int) -> None:
         # The fast-path FunctionCall (libpq's large-object calls) names a function by OID and
         # bypasses SQL analysis entirely, so it is refused; its response shape
         # (ErrorResponse + ReadyForQuery) matches a failed simple Query.
-        refusal = self.gate.refuse_fast_path(function_oid)
-        self._send_poison_query(refusal, out)
+        self._send_poison_query(self.gate.refuse_fast_path(function_oid))
 
-    def _on_parse(self, msg: m.Parse, raw, out: list[Command]) -> None:
+    def _on_parse(self, msg: m.Parse, raw) -> None:
         decision = self.gate.decide(msg.query)
         if decision.refusal is not None:
             recorded = self.gate.record(decision, "extended")
             refusal = recorded if isinstance(recorded, m.ErrorResponse) else decision.refusal
             self._prepared.pop(msg.name, None)
             poison = m.Parse(msg.name, _poison_sql(), ())
-            out.append(SendToServer(encode(poison)))
+            self._to_server.append(encode(poison))
             self._pending.append(_Pending("parse", substitute=refusal))
             return
         # Allowed: nothing runs at Parse; the audit record is written at each Execute.
         self._prepared[msg.name] = _Prepared(decision)
-        out.append(SendToServer(raw))
+        self._to_server.append(raw)
         self._pending.append(_Pending("parse", statement=msg.name))
         if self.protected and decision.masked_columns:
             # Learn the result columns' table OIDs now, so rows of an Execute the client
             # did not Describe are still checked against protected base columns.
-            out.append(SendToServer(encode(m.Describe(b"S", msg.name))))
+            self._to_server.append(encode(m.Describe(b"S", msg.name)))
             self._pending.append(_Pending("describe", swallow=True, statement=msg.name))
 
-    def _on_execute(self, msg: m.Execute, raw, out: list[Command]) -> None:
+    def _on_execute(self, msg: m.Execute, raw) -> None:
         statement, formats = self._portals.get(msg.portal, ("", ()))
         prepared = self._prepared.get(statement)
         if prepared is None:
             # Unknown statement: upstream will answer "does not exist"; nothing can run.
-            out.append(SendToServer(raw))
+            self._to_server.append(raw)
             self._pending.append(_Pending("execute"))
             return
         recorded = self.gate.record(prepared.decision, "extended")
         if isinstance(recorded, m.ErrorResponse):
             # Audit unavailable: refuse this Execute in-band. A syntax-error Parse of the
             # unnamed statement puts upstream into error-until-Sync like a failed Execute.
-            out.append(SendToServer(encode(m.Parse("", _poison_sql(), ()))))
+            self._to_server.append(encode(m.Parse("", _poison_sql(), ())))
             self._pending.append(_Pending("parse", substitute=recorded))
             return
-        out.append(SendToServer(raw))
+        self._to_server.append(raw)
         # The mask plan is worked out at the first row: the Describe responses that tell
         # the result columns' origins arrive (in order) before it, not before this point.
         self._pending.append(
@@ -266,157 +317,147 @@ class ProxyConnection:
 
     # ------------------------------------------------------------------ server → client
     def from_server(self, data: bytes) -> list[Command]:
-        out: list[Command] = []
-        self._server.feed(data)
         server = self._server
+        server.feed(data)
+        to_client = self._to_client
         try:
-            while True:
-                if self._plan is None and (
-                    not self.protected
-                    or not self._pending
-                    or self._execute_plan(self._pending[0]) is None
-                ):
-                    # Bulk path: rows that need no masking go out as one slice, undecoded.
-                    run = server.take_run(_DATA_ROW)
-                    if run is not None:
-                        out.append(SendToClient(run))
-                        continue
-                # COPY TO STDOUT data: the COPY statement was gated, and its rows cannot be
-                # tied to table OIDs (protected tables are COPY-able only as masking views,
-                # which PostgreSQL refuses to COPY directly): forward as one slice.
-                run = server.take_run(_COPY_DATA)
-                if run is not None:
-                    out.append(SendToClient(run))
-                    continue
+            while not self.closed:
                 frame = server.next_frame()
                 if frame is NEED_DATA:
                     break
-                self._on_server_frame(frame, out)
+                tag = frame.tag
+                if tag == _DATA_ROW:
+                    plan = self._plan
+                    if plan is None and self.protected and self._pending:
+                        plan = self._execute_plan(self._pending[0])
+                    if plan:
+                        to_client.append(self._mask_row(frame, plan))
+                    else:
+                        # Bulk path: rows that need no masking go out as one slice, undecoded.
+                        to_client.append(server.take_run(_DATA_ROW, len(frame.raw)))
+                elif tag == _COPY_DATA:
+                    # COPY TO STDOUT data: the COPY statement was gated, and its rows cannot
+                    # be tied to table OIDs (protected tables are COPY-able only as masking
+                    # views, which PostgreSQL refuses to COPY directly): one slice.
+                    to_client.append(server.take_run(_COPY_DATA, len(frame.raw)))
+                else:
+                    self._on_server_frame(frame)
         except ProtocolError as err:
-            out.append(
-                SendToClient(
-                    encode(
-                        m.ErrorResponse.build(
-                            "08P01",
-                            "guard: the database sent a malformed message; connection closed",
-                            severity="FATAL",
-                        )
+            to_client.append(
+                encode(
+                    m.ErrorResponse.build(
+                        "08P01",
+                        "guard: the database sent a malformed message; connection closed",
+                        severity="FATAL",
                     )
                 )
             )
-            out.append(CloseConnection(f"server protocol error: {err}"))
-            self.closed = True
-        return _coalesce(out)
+            self._end(f"server protocol error: {err}")
+        return self._commands()
 
-    def _on_server_frame(self, frame, out: list[Command]) -> None:  # noqa: C901 - a dispatch
+    def _on_server_frame(self, frame) -> None:  # noqa: C901 - a dispatch
         tag = frame.tag
-        if tag == _DATA_ROW:
-            plan = self._plan
-            if plan is None and self.protected and self._pending:
-                plan = self._execute_plan(self._pending[0])
-            if plan:
-                out.append(SendToClient(self._mask_row(frame, plan)))
-            else:
-                out.append(SendToClient(frame.raw))
-            return
-        head = self._pending[0] if self._pending else None
-        if tag == _ROW_DESCRIPTION:
-            self._on_row_description(frame, head, out)
-        elif tag == _COMMAND_COMPLETE or tag == _EMPTY or tag == _PORTAL_SUSPENDED:
+        pending = self._pending
+        head = pending[0] if pending else None
+        if tag == _COMMAND_COMPLETE or tag == _EMPTY or tag == _PORTAL_SUSPENDED:
             self._plan = None
             if head is not None:
-                if tag == _COMMAND_COMPLETE and head.seqs:
-                    tag_text = decode_backend(frame).tag
-                    self.gate.record_result(
-                        head.seqs.pop(0),
-                        outcome="ok",
-                        command_tag=tag_text.split(" ")[0],
-                        rows=_rows_from_tag(tag_text),
-                        masked_cells=self._masked_cells,
-                    )
-                elif tag == _EMPTY and head.seqs:
-                    head.seqs.pop(0)
+                seqs = head.seqs
+                if seqs:
+                    if tag == _COMMAND_COMPLETE:
+                        tag_text = cstring_body(frame, "CommandComplete")
+                        self.gate.record_result(
+                            seqs.pop(0),
+                            outcome="ok",
+                            command_tag=tag_text.split(" ", 1)[0],
+                            rows=_rows_from_tag(tag_text),
+                            masked_cells=self._masked_cells,
+                        )
+                    elif tag == _EMPTY:
+                        seqs.pop(0)
                 if head.kind == "execute":
-                    self._pending.popleft()
+                    pending.popleft()
             self._masked_cells = 0
-            out.append(SendToClient(frame.raw))
-        elif tag == _ERROR:
-            self._on_error(frame, head, out)
+            self._to_client.append(frame.raw)
         elif tag == _READY:
             self._plan = None
             # Everything up to and including the matching Query/Sync is answered.
-            while self._pending:
-                entry = self._pending.popleft()
-                if entry.kind in ("query", "sync"):
+            while pending:
+                kind = pending.popleft().kind
+                if kind == "query" or kind == "sync":
                     break
-            self.transaction_status = bytes(frame.body[:1])
-            out.append(SendToClient(frame.raw))
-        elif tag in (_PARSE_COMPLETE, _BIND_COMPLETE, _CLOSE_COMPLETE):
+            self.transaction_status = bytes(frame.raw[5:6])
+            self._to_client.append(frame.raw)
+        elif tag == _ROW_DESCRIPTION:
+            self._on_row_description(frame, head)
+        elif tag == _ERROR:
+            self._on_error(frame, head)
+        elif tag == _PARSE_COMPLETE or tag == _BIND_COMPLETE or tag == _CLOSE_COMPLETE:
             if head is not None and head.kind in ("parse", "bind", "close"):
-                self._pending.popleft()
+                pending.popleft()
                 if head.swallow:
                     return
-            out.append(SendToClient(frame.raw))
+            self._to_client.append(frame.raw)
         elif tag == _PARAM_DESC:
             if head is not None and head.kind == "describe" and head.swallow:
                 return
-            out.append(SendToClient(frame.raw))
+            self._to_client.append(frame.raw)
         elif tag == _NO_DATA:
             if head is not None and head.kind == "describe":
-                self._pending.popleft()
+                pending.popleft()
                 if head.swallow:
                     return
-            out.append(SendToClient(frame.raw))
+            self._to_client.append(frame.raw)
         elif tag == _PARAMETER_STATUS:
-            msg = decode_backend(frame)
-            if msg.name == "client_encoding":
-                codec = codec_for(msg.value)
-                if codec is None:
-                    # Refused before any statement is read in it (see proxy.encoding).
-                    out.append(
-                        SendToClient(
-                            encode(
-                                m.ErrorResponse.build(
-                                    "0A000",
-                                    f"guard: client_encoding {msg.value} is not supported; "
-                                    "use UTF8 (or a single-byte encoding)",
-                                    severity="FATAL",
-                                )
-                            )
-                        )
-                    )
-                    out.append(CloseConnection(f"unsupported client_encoding {msg.value}"))
-                    self.closed = True
-                    return
-                self.codec = codec
-            out.append(SendToClient(self._parameter_status(frame)))
+            self._on_parameter_status(frame)
         elif tag == _COPY_BOTH:
             # CopyBoth only exists for replication, which sessions may not use.
-            out.append(
-                SendToClient(
+            self._to_client.append(
+                encode(
+                    m.ErrorResponse.build(
+                        "42501",
+                        "guard: replication streams are not allowed through guard",
+                        severity="FATAL",
+                    )
+                )
+            )
+            self._end("CopyBothResponse refused")
+        else:
+            # CopyIn/OutResponse, CopyDone, notices, notifications, FunctionCallResponse,
+            # NegotiateProtocolVersion: forwarded as they are.
+            self._to_client.append(frame.raw)
+
+    def _on_parameter_status(self, frame) -> None:
+        msg = decode_backend(frame)
+        if msg.name == "client_encoding":
+            codec = codec_for(msg.value)
+            if codec is None:
+                # Refused before any statement is read in it (see proxy.encoding).
+                self._to_client.append(
                     encode(
                         m.ErrorResponse.build(
-                            "42501",
-                            "guard: replication streams are not allowed through guard",
+                            "0A000",
+                            f"guard: client_encoding {msg.value} is not supported; "
+                            "use UTF8 (or a single-byte encoding)",
                             severity="FATAL",
                         )
                     )
                 )
-            )
-            out.append(CloseConnection("CopyBothResponse refused"))
-            self.closed = True
+                self._end(f"unsupported client_encoding {msg.value}")
+                return
+            self.codec = codec
+        if msg.name == "session_authorization":
+            # The issued database role name stays on the broker side; the client sees the
+            # session user it logged in with.
+            self._to_client.append(encode(m.ParameterStatus(msg.name, self.client_user)))
         else:
-            # CopyIn/OutResponse, CopyData/Done from COPY TO, notices, notifications,
-            # FunctionCallResponse, NegotiateProtocolVersion: forwarded as they are.
-            out.append(SendToClient(frame.raw))
+            self._to_client.append(frame.raw)
 
-    def _on_row_description(self, frame, head: _Pending | None, out: list[Command]) -> None:
-        fields: tuple[m.FieldDescription, ...] | None = None
-        if self.protected:
-            fields = decode_backend(frame).fields
+    def _on_row_description(self, frame, head: _Pending | None) -> None:
         if head is not None and head.kind == "describe":
             self._pending.popleft()
-            if fields is not None:
+            if self.protected:
+                fields = decode_backend(frame).fields
                 if head.portal is not None:
                     self._portal_fields[head.portal] = fields
                 elif head.statement is not None:
@@ -425,47 +466,47 @@ class ProxyConnection:
                         prepared.fields = fields
             if head.swallow:
                 return
-        elif fields is not None:
+        elif self.protected:
             # Simple query (or Execute of a portal): rows that follow use these formats.
-            self._plan = _plan_for(fields, tuple(f.format_code for f in fields), self.protected)
+            key = bytes(frame.raw)
+            if key in self._plans:
+                self._plan = self._plans[key]
+            else:
+                fields = decode_backend(frame).fields
+                self._plan = _plan_for(fields, tuple(f.format_code for f in fields), self.protected)
+                if len(self._plans) >= _PLAN_CACHE_SIZE:
+                    self._plans.clear()
+                self._plans[key] = self._plan
             if self._plan:
                 log.warning(
                     "protected base column in a result stream (session %s): the database "
                     "masking objects may have drifted; masking in the gateway",
                     self.gate.session_id,
                 )
-        out.append(SendToClient(frame.raw))
+        self._to_client.append(frame.raw)
 
-    def _on_error(self, frame, head: _Pending | None, out: list[Command]) -> None:
+    def _on_error(self, frame, head: _Pending | None) -> None:
         self._plan = None
         error = decode_backend(frame)
         if head is not None and head.seqs:
             seq = head.seqs.pop(0)
             self.gate.record_result(seq, outcome="error", sqlstate=error.sqlstate)
         if head is not None and head.substitute is not None:
-            out.append(SendToClient(encode(head.substitute)))
+            self._to_client.append(encode(head.substitute))
         else:
-            out.append(SendToClient(frame.raw))
+            self._to_client.append(frame.raw)
         if error.severity in ("FATAL", "PANIC"):
-            out.append(CloseConnection("upstream closed the session"))
-            self.closed = True
+            self._end("upstream closed the session")
             return
         if head is None:
             return
         if head.kind in ("query", "fastpath"):
-            head.seqs.clear()  # the rest of a multi-statement string does not run
+            if head.seqs:
+                head.seqs.clear()  # the rest of a multi-statement string does not run
             return
         # Extended protocol: upstream discards everything until Sync; so do we.
         while self._pending and self._pending[0].kind != "sync":
             self._pending.popleft()
-
-    def _parameter_status(self, frame) -> bytes | memoryview:
-        msg = decode_backend(frame)
-        if msg.name == "session_authorization":
-            # The issued database role name stays on the broker side; the client sees the
-            # session user it logged in with.
-            return encode(m.ParameterStatus(msg.name, self.client_user))
-        return frame.raw
 
     def _execute_plan(self, head: _Pending) -> MaskPlan | None:
         if head.kind != "execute":
@@ -547,28 +588,3 @@ def _unexpected(tag: int) -> ProtocolError:
     from guard.broker.pgwire.errors import ClientProtocolError
 
     return ClientProtocolError(f"unexpected message type {chr(tag)!r} after authentication")
-
-
-def _coalesce(commands: list[Command]) -> list[Command]:
-    """Join consecutive sends in the same direction into one write (one syscall)."""
-    if len(commands) < 2:
-        return commands
-    merged: list[Command] = []
-    buf: list[bytes | memoryview] = []
-    kind: type | None = None
-    for cmd in commands:
-        if isinstance(cmd, (SendToClient, SendToServer)) and (kind is None or type(cmd) is kind):
-            kind = type(cmd)
-            buf.append(cmd.data)
-            continue
-        if buf:
-            merged.append(kind(b"".join(buf)) if len(buf) > 1 else kind(buf[0]))  # type: ignore[misc]
-            buf, kind = [], None
-        if isinstance(cmd, (SendToClient, SendToServer)):
-            kind = type(cmd)
-            buf.append(cmd.data)
-        else:
-            merged.append(cmd)
-    if buf:
-        merged.append(kind(b"".join(buf)) if len(buf) > 1 else kind(buf[0]))  # type: ignore[misc]
-    return merged
