@@ -10,7 +10,7 @@ path (every path reaches PostgreSQL over verified TLS, as guard does; clients re
 pgbouncer and guard over plain loopback), plus a 1M-row COPY TO STDOUT and SELECT * of
 pgbench_accounts. Prints tps, the ratio to direct and to pgbouncer, and the gateway's CPU
 µs per transaction (the broker process's user+system CPU time over the run divided by the
-transactions it served).
+transactions it served), and pgbouncer's, measured the same way.
 
 Numbers on a shared 2-core machine are noisy: compare ratios within one run, not across runs.
 """
@@ -133,7 +133,7 @@ def main() -> int:
         "--profile",
         metavar="FILE",
         help="profile the gateway during its pgbench runs: py-spy (.svg flamegraph, .txt "
-        "collapsed stacks) or perf (.perf)",
+        "collapsed stacks), perf (.perf) or strace -c (.strace)",
     )
     args = ap.parse_args()
 
@@ -177,7 +177,7 @@ def main() -> int:
             "PGDATABASE": "demo",
             "PGSSLMODE": "disable",
         }
-        pgb, pgb_port, _ = start_pgbouncer(
+        pgb, pgb_port, pgb_dir = start_pgbouncer(
             admin["host"],
             int(admin["port"]),
             admin["user"],
@@ -191,6 +191,12 @@ def main() -> int:
             "PGPORT": str(pgb_port),
             "PGSSLMODE": "disable",
         }
+        # pgbouncer runs under runuser: its own pid is the one holding its config file.
+        pgb_pid = int(
+            subprocess.run(
+                ["pgrep", "-n", "-f", f"pgbouncer {pgb_dir}"], capture_output=True, text=True
+            ).stdout.split()[0]
+        )
         broker = status["pids"]["broker"]
         broker_pid = int(broker["pid"] if isinstance(broker, dict) else broker)
 
@@ -202,18 +208,22 @@ def main() -> int:
         ]
         print(
             f"{'workload':<14} {'direct':>9} {'pgbouncer':>10} {'guard':>9} "
-            f"{'g/direct':>9} {'g/pgb':>7} {'gw µs/tx':>9}"
+            f"{'g/direct':>9} {'g/pgb':>7} {'gw µs/tx':>9} {'pgb µs/tx':>9}"
         )
         if args.only:
             workloads = [w for w in workloads if any(w[0].startswith(o) for o in args.only)]
         for label, wargs in workloads:
             d, _ = pgbench(direct_env, wargs, args.seconds, args.clients)
-            b, _ = pgbench(pgb_env, wargs, args.seconds, args.clients)
+            pgb_before = cpu_seconds(pgb_pid)
+            b, bn = pgbench(pgb_env, wargs, args.seconds, args.clients)
+            pgb_us = (cpu_seconds(pgb_pid) - pgb_before) / max(bn, 1) * 1e6
             spy = None
             if args.profile:
                 out = Path(args.profile)
                 out = out.with_name(f"{out.stem}-{label.replace(' ', '_')}{out.suffix}")
-                if out.suffix == ".perf":  # native profile: interpreter vs uvloop vs kernel
+                if out.suffix == ".strace":  # system calls per transaction
+                    cmd = ["strace", "-c", "-f", "-p", str(broker_pid), "-o", str(out)]
+                elif out.suffix == ".perf":  # native profile: interpreter vs uvloop vs kernel
                     cmd = ["perf", "record", "-F", "2000", "-g", "-p", str(broker_pid)]
                     cmd += ["-o", str(out)]
                 else:
@@ -226,7 +236,8 @@ def main() -> int:
             g, n = pgbench(guard_env, wargs, args.seconds, args.clients)
             us = (cpu_seconds(broker_pid) - before) / max(n, 1) * 1e6
             print(
-                f"{label:<14} {d:9.0f} {b:10.0f} {g:9.0f} {g / d:9.2f} {g / b:7.2f} {us:9.1f}",
+                f"{label:<14} {d:9.0f} {b:10.0f} {g:9.0f} {g / d:9.2f} {g / b:7.2f} {us:9.1f} "
+                f"{pgb_us:9.1f}",
                 flush=True,
             )
             if spy is not None:
