@@ -73,6 +73,11 @@ ATTEMPTS = [
     "SELECT string_agg(ssn, ',') FROM customers",
     "INSERT INTO products (name, kind, rate) SELECT ssn, 'x', 1 FROM customers",
     "SELECT public.customer_ssn(1)",
+    # NOTIFY in function form: values leave to any listener outside guard
+    "NOTIFY leak, 'x'",
+    "SELECT pg_notify('leak', 'hello')",
+    "SELECT pg_catalog.pg_notify('leak', full_name) FROM customers WHERE id = 1",
+    "SELECT id FROM products WHERE pg_notify('leak', name) IS NULL",
     # unparseable input never passes
     "SELEC 1",
 ]
@@ -123,3 +128,20 @@ def test_inlined_literals_share_one_allow_decision():
         proxy.from_server(wire(m.CommandComplete("SELECT 1"), m.ReadyForQuery(b"I")))
     statements = [r["statement"] for r in audit.records if r["kind"] == "statement"]
     assert statements == ["SELECT full_name FROM customers WHERE id = $1"] * 3
+
+
+def test_positional_sort_does_not_share_an_allowed_decision():
+    # ORDER BY 1 (an unprotected column) is allowed; ORDER BY 2 sorts by ssn, an oracle.
+    # Inlined constants share a decision through the normalized text, which must keep
+    # sort and group positions as they are.
+    proxy, _ = make()
+    allowed = "SELECT id, ssn FROM customers ORDER BY 1"
+    assert to_server(proxy.from_client(wire(m.Query(allowed)))) == [m.Query(allowed)]
+    proxy.from_server(wire(m.CommandComplete("SELECT 1"), m.ReadyForQuery(b"I")))
+    for sql in (
+        "SELECT id, ssn FROM customers ORDER BY 2",
+        "SELECT ssn, id FROM customers GROUP BY 1, 2 ORDER BY 1",
+    ):
+        sent = to_server(proxy.from_client(wire(m.Query(sql))))
+        assert sent[0].sql.startswith("guard_refused_"), sql
+        proxy.from_server(wire(m.ErrorResponse.build("42601", "x"), m.ReadyForQuery(b"I")))

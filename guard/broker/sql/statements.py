@@ -357,6 +357,10 @@ def analyze_statement(
     except RecursionError:
         failure = "statement is nested too deeply to analyse"
     operations = frozenset(walker.operations) or frozenset({Op.UNKNOWN})
+    if any(f.rpartition(".")[2] == "pg_notify" for f in walker.functions):
+        # pg_notify() is NOTIFY in function form: a channel that carries values to any
+        # listener outside guard, so the policy must allow `notify` for it too.
+        operations |= {Op.NOTIFY}
     if failure is not None:
         operations |= {Op.UNKNOWN}
     return m.StatementAnalysis(
