@@ -53,7 +53,8 @@ _UNPACK_I: Final = struct.Struct("!i").unpack_from  # Int32 (signed)
 _UNPACK_U32: Final = struct.Struct("!I").unpack_from  # OIDs are unsigned
 _UNPACK_U16: Final = struct.Struct("!H").unpack_from  # counts, read unsigned as the server does
 _UNPACK_H: Final = struct.Struct("!h").unpack_from  # Int16 (signed): format codes
-_UNPACK_II: Final = struct.Struct("!ii").unpack_from  # startup header: length, code
+_UNPACK_II: Final = struct.Struct("!ii").unpack_from
+_UNPACK_BI: Final = struct.Struct("!Bi").unpack_from  # tag and length word  # startup header: length, code
 _FIELD: Final = struct.Struct("!IhIhih")  # RowDescription field after its name
 _UNPACK_FIELD: Final = _FIELD.unpack_from
 
@@ -162,14 +163,16 @@ class _Framer:
         start = pos - back
         size = len(buf)
         limit = self._max
-        while size - pos >= 5 and buf[pos] == tag:
-            (length,) = _UNPACK_I(buf, pos + 1)
-            if length < 4 or length > limit:
-                break  # let next_frame() raise the precise error
-            end = pos + 1 + length
-            if end > size:
-                break
-            pos = end
+        unpack = _UNPACK_BI
+        try:
+            while True:  # one unpack per message: this loop runs once per result row
+                kind, length = unpack(buf, pos)
+                end = pos + 1 + length
+                if kind != tag or length < 4 or length > limit or end > size:
+                    break  # another message, a bad length (next_frame() says which), or short
+                pos = end
+        except struct.error:
+            pass  # fewer than 5 bytes left
         if pos == start:
             return None
         self._pos = pos
