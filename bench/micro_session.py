@@ -84,9 +84,32 @@ def main() -> None:
         proxy.from_client(ext)
         proxy.from_server(reply_ext)
     extended = (time.process_time() - start) / n * 1e6
+    # prepared: Parse once, then Bind/Execute/Sync of the named statement (-M prepared).
+    proxy.from_client(
+        encode(m.Parse("P0_1", "SELECT abalance FROM pgbench_accounts WHERE aid = $1", ()))
+        + encode(m.Sync())
+    )
+    proxy.from_server(encode(m.ParseComplete()) + encode(m.ReadyForQuery(b"I")))
+    prep = b"".join(
+        encode(x) for x in (m.Bind("", "P0_1", (), (b"1",), ()), m.Execute("", 0), m.Sync())
+    )
+    reply_prep = b"".join(
+        encode(x)
+        for x in (
+            m.BindComplete(),
+            m.DataRow((b"0",)),
+            m.CommandComplete("SELECT 1"),
+            m.ReadyForQuery(b"I"),
+        )
+    )
+    start = time.process_time()
+    for _ in range(n):
+        proxy.from_client(prep)
+        proxy.from_server(reply_prep)
+    prepared = (time.process_time() - start) / n * 1e6
     print(
         f"sans-IO relay CPU per pgbench -S transaction: simple {simple:.1f} µs "
-        f"(distinct literals), extended {extended:.1f} µs"
+        f"(distinct literals), extended {extended:.1f} µs, prepared {prepared:.1f} µs"
     )
 
 

@@ -170,3 +170,12 @@ def test_results_are_chained_in_batches_and_kept_when_the_write_fails(tmp_path):
     results = expand(json.loads(lines[0])["body"])
     assert [r["statement_seq"] for r in results] == [1, 2, 3, 4]  # nothing lost, in order
     assert results[3]["sqlstate"] == "57014" and results[2]["rows"] == 2
+
+
+def test_result_fields_are_the_result_records_own():
+    # The hot path queues bare values in RESULT_FIELDS order; they must be exactly the
+    # ResultRecord's fields (but kind and time, which the sink adds).
+    from guard.broker.audit.record import RESULT_FIELDS
+
+    fields = tuple(ResultRecord.__dataclass_fields__)
+    assert RESULT_FIELDS == tuple(f for f in fields if f not in ("kind", "time"))

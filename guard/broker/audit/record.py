@@ -40,6 +40,28 @@ def utc_now_iso() -> str:
     return iso_from_ns(time.time_ns())
 
 
+# A ResultRecord's own fields, in order: the hot path queues just these values (a tuple)
+# and the sink builds the record body when it writes the batch (`result_body`).
+RESULT_FIELDS = (
+    "session_id",
+    "connection_id",
+    "statement_seq",
+    "outcome",
+    "command_tag",
+    "rows",
+    "masked_cells",
+    "sqlstate",
+)
+
+
+def result_body(values: tuple[Any, ...], time: str) -> dict[str, Any]:
+    """The body of the ResultRecord with these RESULT_FIELDS values, written at `time`."""
+    body = dict(zip(RESULT_FIELDS, values, strict=True))
+    body["kind"] = "result"
+    body["time"] = time
+    return body
+
+
 def expand(body: dict[str, Any]) -> list[dict[str, Any]]:
     """The records one stored body stands for.
 

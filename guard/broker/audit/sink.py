@@ -29,15 +29,20 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from guard.broker.audit.chain import GENESIS, canonical, last_hash_of, seal_line
-from guard.broker.audit.record import iso_from_ns, utc_now_iso
+from guard.broker.audit.record import iso_from_ns, result_body, utc_now_iso
 
 try:  # ~20x faster than json.dumps; the chain hashes the stored bytes, so either is valid
     import orjson
 
     def _serialize(body: dict[str, Any]) -> bytes:
         return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+
+    _dumps = orjson.dumps
 except ImportError:  # pragma: no cover - orjson is a declared dependency
     _serialize = canonical
+
+    def _dumps(body: Any) -> bytes:
+        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def fixed_fields(record: Recordable, *, only: tuple[str, ...] | None = None) -> bytes:
@@ -76,8 +81,12 @@ class AuditSink(Protocol):
         """Queue an after-the-fact record; it is chained and written at the next flush."""
         ...
 
-    def append_fixed(self, fixed: bytes, *, deferred: bool = False) -> int | None:
-        """`append` (or `append_deferred`) of a record serialized by `fixed_fields`."""
+    def append_result(self, values: tuple[Any, ...]) -> None:
+        """`append_deferred` of the ResultRecord with these `record.RESULT_FIELDS` values."""
+        ...
+
+    def append_fixed(self, fixed: bytes) -> int:
+        """`append` of a record already serialized by `fixed_fields`."""
         ...
 
     def flush(self) -> None: ...
@@ -106,7 +115,8 @@ class JsonlAuditSink:
         self.path = path
         self._fsync = fsync
         self._lock = threading.Lock()
-        self._deferred: list[tuple[bytes, int]] = []  # (fixed fields, time in ns)
+        # (result values or a record body, time in ns), in the order they happened
+        self._deferred: list[tuple[tuple[Any, ...] | dict[str, Any], int]] = []
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._seq, prev = _read_tail(path) if path.exists() else (0, GENESIS)
@@ -120,18 +130,21 @@ class JsonlAuditSink:
     def append(self, record: Recordable) -> int:
         return self._append(fixed_fields(record))
 
-    def append_deferred(self, record: Recordable) -> None:
-        self.append_fixed(fixed_fields(record), deferred=True)
+    def append_fixed(self, fixed: bytes) -> int:
+        return self._append(fixed)
 
-    def append_fixed(self, fixed: bytes, *, deferred: bool = False) -> int | None:
-        if not deferred:
-            return self._append(fixed)
+    def append_deferred(self, record: Recordable) -> None:
+        self._defer(record.to_body())
+
+    def append_result(self, values: tuple[Any, ...]) -> None:
+        self._defer(values)
+
+    def _defer(self, entry: tuple[Any, ...] | dict[str, Any]) -> None:
         with self._lock:
-            self._deferred.append((fixed, time.time_ns()))
+            self._deferred.append((entry, time.time_ns()))
             full = len(self._deferred) >= self.MAX_DEFERRED
         if full:
             self.flush()
-        return None
 
     def _append(self, fixed: bytes) -> int:
         with self._lock:
@@ -149,11 +162,12 @@ class JsonlAuditSink:
             if not self._deferred:
                 return
             batch, self._deferred = self._deferred, []
-        entries = b",".join(
-            b'%b,"time":"%b"}' % (fixed, iso_from_ns(ns).encode()) for fixed, ns in batch
-        )
+        entries = [
+            result_body(entry, iso_from_ns(ns)) if entry.__class__ is tuple else entry
+            for entry, ns in batch
+        ]
         try:
-            self._append(b'{"kind":"results","results":[%b]' % entries)
+            self._append(_dumps({"kind": "results", "results": entries})[:-1])
         except AuditUnavailable:
             with self._lock:  # keep them for the next flush, in order
                 self._deferred[:0] = batch
@@ -189,10 +203,15 @@ class MemoryAuditSink:
         return self.append_fixed(fixed_fields(record))
 
     def append_deferred(self, record: Recordable) -> None:
+        # Deferred records are kept one by one at once: tests read them without a flush.
         self.append(record)
 
-    def append_fixed(self, fixed: bytes, *, deferred: bool = False) -> int | None:
-        # Deferred records are kept one by one at once: tests read them without a flush.
+    def append_result(self, values: tuple[Any, ...]) -> None:
+        if self.fail:
+            raise AuditUnavailable("audit sink failing (test)")
+        self.records.append({**result_body(values, utc_now_iso()), "seq": len(self.records) + 1})
+
+    def append_fixed(self, fixed: bytes) -> int:
         if self.fail:
             raise AuditUnavailable("audit sink failing (test)")
         body = json.loads(_complete(fixed, len(self.records) + 1))

@@ -53,8 +53,8 @@ _UNPACK_I: Final = struct.Struct("!i").unpack_from  # Int32 (signed)
 _UNPACK_U32: Final = struct.Struct("!I").unpack_from  # OIDs are unsigned
 _UNPACK_U16: Final = struct.Struct("!H").unpack_from  # counts, read unsigned as the server does
 _UNPACK_H: Final = struct.Struct("!h").unpack_from  # Int16 (signed): format codes
-_UNPACK_II: Final = struct.Struct("!ii").unpack_from
-_UNPACK_BI: Final = struct.Struct("!Bi").unpack_from  # tag and length word  # startup header: length, code
+_UNPACK_II: Final = struct.Struct("!ii").unpack_from  # startup header: length, code
+_UNPACK_BI: Final = struct.Struct("!Bi").unpack_from  # tag and length word
 _FIELD: Final = struct.Struct("!IhIhih")  # RowDescription field after its name
 _UNPACK_FIELD: Final = _FIELD.unpack_from
 

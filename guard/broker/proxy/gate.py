@@ -10,9 +10,7 @@ unknown statement kind, a policy error, an audit log that cannot be written — 
 
 from __future__ import annotations
 
-import json
-
-from guard.broker.audit.record import ResultRecord, StatementRecord
+from guard.broker.audit.record import StatementRecord
 from guard.broker.audit.sink import AuditSink, AuditUnavailable, fixed_fields
 from guard.broker.identity.principal import Principal
 from guard.broker.pgwire.messages import ErrorResponse
@@ -87,11 +85,6 @@ class Gate:
         self.connection_id = connection_id
         self._groups = tuple(sorted(principal.groups))
         self._cache: dict[str, Decision] = {}
-        # Result records differ only in their outcome fields: serialize the rest once.
-        self._result_head = fixed_fields(
-            ResultRecord(session_id, connection_id, statement_seq=0, outcome=""),
-            only=("connection_id", "kind", "session_id"),
-        )
 
     # -- analyze + decide -------------------------------------------------------------
     def decide(self, sql: str) -> Decision:
@@ -266,39 +259,23 @@ class Gate:
         masked_cells: int = 0,
         sqlstate: str | None = None,
     ) -> None:
-        # The ResultRecord fields, in its order after the fixed ones (session, connection,
-        # kind); values are JSON-encoded here because they come from the server.
-        fixed = (
-            b'%b,"statement_seq":%d,"outcome":%b,"command_tag":%b,"rows":%b,'
-            b'"masked_cells":%d,"sqlstate":%b'
-            % (
-                self._result_head,
-                statement_seq,
-                _json(outcome),
-                _json(command_tag),
-                b"null" if rows is None else b"%d" % rows,
-                masked_cells,
-                _json(sqlstate),
-            )
-        )
         try:
-            self.audit.append_fixed(fixed, deferred=True)
+            self.audit.append_result(
+                (
+                    self.session_id,
+                    self.connection_id,
+                    statement_seq,
+                    outcome,
+                    command_tag,
+                    rows,
+                    masked_cells,
+                    sqlstate,
+                )
+            )
         except AuditUnavailable:
             # The statement already ran; its pre-execution record exists. A missing result
             # record is visible in the chain (no result for that seq) and logged by the shell.
             pass
-
-
-_JSON_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_ ")
-
-
-def _json(value: str | None) -> bytes:
-    """A JSON string (or null) for a short server-supplied word such as a command tag."""
-    if value is None:
-        return b"null"
-    if _JSON_SAFE.issuperset(value):
-        return b'"%b"' % value.encode()
-    return json.dumps(value).encode()
 
 
 def _rel(ref: object) -> str:
