@@ -1,0 +1,123 @@
+"""The floor: what a do-nothing uvloop byte relay costs per pgbench transaction.
+
+    .venv/bin/python bench/floor_relay.py [--seconds 6] [--clients 8]
+
+Starts the demo stack's PostgreSQL (`guard dev up`), a relay that copies bytes between
+each client and its own upstream connection (plain TCP both sides, no parsing, no TLS, no
+audit), and runs pgbench -S through it; prints tps and the relay's CPU µs per
+transaction. Anything guard's gateway spends above this number is its own work (upstream
+TLS, framing, decisions, audit), so this is the floor a Python gateway can reach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import GUARD, cpu_seconds, pgbench, sh  # noqa: E402
+
+
+def relay(upstream_host: str, upstream_port: int, listen_port: int) -> None:
+    import uvloop
+
+    class Side(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.transport: asyncio.Transport | None = None
+            self.peer: Side | None = None
+            self.early = b""
+
+        def connection_made(self, transport) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            if self.peer is None or self.peer.transport is None:
+                self.early += data
+            else:
+                self.peer.transport.write(data)
+
+        def connection_lost(self, exc) -> None:
+            if self.peer is not None and self.peer.transport is not None:
+                self.peer.transport.close()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        class Client(Side):
+            def connection_made(self, transport) -> None:
+                super().connection_made(transport)
+                loop.create_task(self.connect())
+
+            async def connect(self) -> None:
+                upstream = Side()
+                upstream.peer, self.peer = self, upstream
+                await loop.create_connection(lambda: upstream, upstream_host, upstream_port)
+                if self.early:
+                    upstream.transport.write(self.early)
+
+        await loop.create_server(Client, "127.0.0.1", listen_port)
+        await asyncio.Event().wait()
+
+    uvloop.run(main())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=int, default=6)
+    ap.add_argument("--clients", type=int, default=8)
+    args = ap.parse_args()
+    home = tempfile.mkdtemp(prefix="guard-floor-")
+    env = {**os.environ, "GUARD_HOME": home, "GUARD_KEYRING": "file"}
+    sh([*GUARD, "dev", "up", "--detach"], env=env)
+    proc = None
+    try:
+        status = json.loads(sh([*GUARD, "dev", "status", "--json"], env=env).stdout)
+        import psycopg
+
+        admin = psycopg.conninfo.conninfo_to_dict(status["upstream_dsn"])
+        pg_env = {
+            **os.environ,
+            "PGHOST": admin["host"],
+            "PGPORT": str(admin["port"]),
+            "PGUSER": admin["user"],
+            "PGPASSWORD": admin["password"],
+            "PGDATABASE": "demo",
+            "PGSSLMODE": "disable",
+        }
+        sh(["pgbench", "-i", "-q", "-s", "10"], env=pg_env)
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--relay", admin["host"], str(admin["port"]), str(port)]
+        )
+        import time
+
+        time.sleep(1.0)
+        relay_env = {**pg_env, "PGHOST": "127.0.0.1", "PGPORT": str(port)}
+        before = cpu_seconds(proc.pid)
+        tps, n = pgbench(relay_env, ["-S", "-M", "simple"], args.seconds, args.clients)
+        us = (cpu_seconds(proc.pid) - before) / max(n, 1) * 1e6
+        direct, _ = pgbench(pg_env, ["-S", "-M", "simple"], args.seconds, args.clients)
+        print(f"-S simple: direct {direct:.0f} tps, relay {tps:.0f} tps, relay {us:.1f} µs/tx")
+    finally:
+        if proc is not None:
+            proc.kill()
+        subprocess.run([*GUARD, "dev", "down"], env=env, capture_output=True)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--relay":
+        relay(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    else:
+        sys.exit(main())
