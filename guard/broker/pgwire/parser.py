@@ -397,6 +397,32 @@ def cstring_body(frame: Frame, what: str) -> str:
         raise error(f"malformed {what} message: {exc}") from exc
 
 
+def execute_portal(frame: Frame) -> str:
+    """The portal an Execute runs (fast accessor, the decoder's checks)."""
+    raw = frame.raw
+    name = bytes(raw[5:-5])
+    if len(raw) < 10 or raw[-5] != 0 or b"\x00" in name:
+        raise ClientProtocolError("malformed Execute message: bad portal name or row limit")
+    return _utf8(name, "Execute")
+
+
+def describe_target(frame: Frame, what: str) -> tuple[bytes, str]:
+    """(b"S" or b"P", name) of a Describe or Close (fast accessor, the decoder's checks)."""
+    raw = frame.raw
+    kind = bytes(raw[5:6])
+    name = bytes(raw[6:-1])
+    if len(raw) < 7 or raw[-1] != 0 or kind not in (b"S", b"P") or b"\x00" in name:
+        raise ClientProtocolError(f"malformed {what} message: bad kind or name")
+    return kind, _utf8(name, what)
+
+
+def _utf8(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ClientProtocolError(f"malformed {what} message: {exc}") from exc
+
+
 # ---- field readers: each takes (body, pos) and returns (value, new pos)
 def _cstr(body: bytes, pos: int) -> tuple[str, int]:
     end = body.find(b"\x00", pos)
