@@ -35,6 +35,8 @@ from guard.broker.pgwire.parser import (
     cstring_body,
     decode_backend,
     decode_frontend,
+    describe_target,
+    execute_portal,
 )
 from guard.broker.proxy.commands import CloseConnection, Command, SendToClient, SendToServer
 from guard.broker.proxy.encoding import codec_for, decode_parse, decode_query
@@ -101,6 +103,10 @@ class _Pending:
         self.planned = False
 
 
+# Entries with no state of their own: one shared instance each (one per message otherwise).
+_BIND, _CLOSE, _SYNC = _Pending("bind"), _Pending("close"), _Pending("sync")
+
+
 @dataclass(slots=True)
 class _Prepared:
     decision: Decision
@@ -132,9 +138,10 @@ class ProxyConnection:
         self._portals: dict[str, tuple[str, tuple[int, ...]]] = {}  # portal → (statement, formats)
         self._portal_fields: dict[str, tuple[m.FieldDescription, ...]] = {}
         self._plan: MaskPlan | None = None  # simple query: active row mask plan
-        # RowDescription bytes → mask plan: a statement run again describes its result
-        # with the same bytes, so the plan is worked out once (bounded, like the gate).
-        self._plans: dict[bytes, MaskPlan | None] = {}
+        # A statement run again describes its result with the same RowDescription bytes:
+        # decode each once, and work out each (fields, formats) mask plan once (bounded).
+        self._described: dict[bytes, tuple[m.FieldDescription, ...]] = {}
+        self._plans: dict[tuple[int, tuple[int, ...] | None], MaskPlan | None] = {}
         self._masked_cells = 0
         self.closed = False
         self.transaction_status = b"I"
@@ -209,28 +216,27 @@ class ProxyConnection:
             self._portals[portal] = (statement, formats)
             self._portal_fields.pop(portal, None)
             self._to_server.append(frame.raw)
-            self._pending.append(_Pending("bind"))
+            self._pending.append(_BIND)
         elif tag == _E:
-            msg = decode_frontend(frame)
-            self._on_execute(msg, frame.raw)
+            self._on_execute(execute_portal(frame), frame.raw)
         elif tag == _D:
-            msg = decode_frontend(frame)
+            kind, name = describe_target(frame, "Describe")
             self._to_server.append(frame.raw)
-            if msg.kind == b"S":
-                self._pending.append(_Pending("describe", statement=msg.name))
+            if kind == b"S":
+                self._pending.append(_Pending("describe", statement=name))
             else:
-                self._pending.append(_Pending("describe", portal=msg.name))
+                self._pending.append(_Pending("describe", portal=name))
         elif tag == _C:
-            msg = decode_frontend(frame)
-            if msg.kind == b"S":
-                self._prepared.pop(msg.name, None)
+            kind, name = describe_target(frame, "Close")
+            if kind == b"S":
+                self._prepared.pop(name, None)
             else:
-                self._portals.pop(msg.name, None)
+                self._portals.pop(name, None)
             self._to_server.append(frame.raw)
-            self._pending.append(_Pending("close"))
+            self._pending.append(_CLOSE)
         elif tag == _S:
             self._to_server.append(frame.raw)
-            self._pending.append(_Pending("sync"))
+            self._pending.append(_SYNC)
         elif tag in (_H, _COPY_DATA, _COPY_DONE, _COPY_FAIL):
             # Flush and COPY FROM STDIN payload: the COPY statement itself was gated.
             self._to_server.append(frame.raw)
@@ -291,8 +297,8 @@ class ProxyConnection:
             self._to_server.append(encode(m.Describe(b"S", msg.name)))
             self._pending.append(_Pending("describe", swallow=True, statement=msg.name))
 
-    def _on_execute(self, msg: m.Execute, raw) -> None:
-        statement, formats = self._portals.get(msg.portal, ("", ()))
+    def _on_execute(self, portal: str, raw) -> None:
+        statement, formats = self._portals.get(portal, ("", ()))
         prepared = self._prepared.get(statement)
         if prepared is None:
             # Unknown statement: upstream will answer "does not exist"; nothing can run.
@@ -310,9 +316,7 @@ class ProxyConnection:
         # The mask plan is worked out at the first row: the Describe responses that tell
         # the result columns' origins arrive (in order) before it, not before this point.
         self._pending.append(
-            _Pending(
-                "execute", statement=statement, portal=msg.portal, seqs=recorded, formats=formats
-            )
+            _Pending("execute", statement=statement, portal=portal, seqs=recorded, formats=formats)
         )
 
     # ------------------------------------------------------------------ server → client
@@ -457,7 +461,7 @@ class ProxyConnection:
         if head is not None and head.kind == "describe":
             self._pending.popleft()
             if self.protected:
-                fields = decode_backend(frame).fields
+                fields = self._fields(frame)
                 if head.portal is not None:
                     self._portal_fields[head.portal] = fields
                 elif head.statement is not None:
@@ -468,15 +472,7 @@ class ProxyConnection:
                 return
         elif self.protected:
             # Simple query (or Execute of a portal): rows that follow use these formats.
-            key = bytes(frame.raw)
-            if key in self._plans:
-                self._plan = self._plans[key]
-            else:
-                fields = decode_backend(frame).fields
-                self._plan = _plan_for(fields, tuple(f.format_code for f in fields), self.protected)
-                if len(self._plans) >= _PLAN_CACHE_SIZE:
-                    self._plans.clear()
-                self._plans[key] = self._plan
+            self._plan = self._plan_of(self._fields(frame))
             if self._plan:
                 log.warning(
                     "protected base column in a result stream (session %s): the database "
@@ -516,12 +512,37 @@ class ProxyConnection:
             fields = self._portal_fields.get(head.portal or "")
             if fields is not None:
                 # A portal's RowDescription carries the real result formats.
-                head.plan = _plan_for(fields, tuple(f.format_code for f in fields), self.protected)
+                head.plan = self._plan_of(fields)
             else:
                 prepared = self._prepared.get(head.statement or "")
                 if prepared is not None and prepared.fields:
-                    head.plan = _plan_for(prepared.fields, head.formats, self.protected)
+                    head.plan = self._plan_of(prepared.fields, head.formats)
         return head.plan
+
+    def _fields(self, frame) -> tuple[m.FieldDescription, ...]:
+        key = bytes(frame.raw)
+        fields = self._described.get(key)
+        if fields is None:
+            fields = decode_backend(frame).fields
+            if len(self._described) >= _PLAN_CACHE_SIZE:
+                # Plans are keyed by the identity of fields kept alive here: drop both.
+                self._described.clear()
+                self._plans.clear()
+            self._described[key] = fields
+        return fields
+
+    def _plan_of(
+        self, fields: tuple[m.FieldDescription, ...], formats: tuple[int, ...] | None = None
+    ) -> MaskPlan | None:
+        """Mask plan for these fields; `formats` None: the RowDescription's own formats."""
+        key = (id(fields), formats)
+        if key in self._plans:
+            return self._plans[key]
+        codes = tuple(f.format_code for f in fields) if formats is None else formats
+        if len(self._plans) >= _PLAN_CACHE_SIZE:
+            self._plans.clear()  # result formats come from the client: keep this bounded too
+        plan = self._plans[key] = _plan_for(fields, codes, self.protected)
+        return plan
 
     def _mask_row(self, frame, plan: MaskPlan) -> bytes:
         values = list(decode_backend(frame).values)
