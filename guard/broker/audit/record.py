@@ -62,6 +62,32 @@ def result_body(values: tuple[Any, ...], time: str) -> dict[str, Any]:
     return body
 
 
+def result_bodies(queued: list[tuple[tuple[Any, ...], int]]) -> list[dict[str, Any]]:
+    """`result_body` of each (values, time in ns): the batch writer's loop, kept tight."""
+    bodies = []
+    second, prefix = -1, ""
+    for (session, connection, seq, outcome, tag, rows, masked, sqlstate), ns in queued:
+        micros = ns // 1000
+        if micros // 1_000_000 != second:
+            second = micros // 1_000_000
+            prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        bodies.append(
+            {
+                "session_id": session,
+                "connection_id": connection,
+                "statement_seq": seq,
+                "outcome": outcome,
+                "command_tag": tag,
+                "rows": rows,
+                "masked_cells": masked,
+                "sqlstate": sqlstate,
+                "kind": "result",
+                "time": f"{prefix}.{micros % 1_000_000:06d}Z",
+            }
+        )
+    return bodies
+
+
 def expand(body: dict[str, Any]) -> list[dict[str, Any]]:
     """The records one stored body stands for.
 

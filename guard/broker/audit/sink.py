@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from guard.broker.audit.chain import GENESIS, canonical, last_hash_of, seal_line
-from guard.broker.audit.record import iso_from_ns, result_body, utc_now_iso
+from guard.broker.audit.record import result_bodies, result_body, utc_now_iso
 
 try:  # ~20x faster than json.dumps; the chain hashes the stored bytes, so either is valid
     import orjson
@@ -115,8 +115,8 @@ class JsonlAuditSink:
         self.path = path
         self._fsync = fsync
         self._lock = threading.Lock()
-        # (result values or a record body, time in ns), in the order they happened
-        self._deferred: list[tuple[tuple[Any, ...] | dict[str, Any], int]] = []
+        # (result values, time in ns) and after-the-fact record bodies, in order
+        self._deferred: list[tuple[tuple[Any, ...], int] | dict[str, Any]] = []
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._seq, prev = _read_tail(path) if path.exists() else (0, GENESIS)
@@ -137,11 +137,11 @@ class JsonlAuditSink:
         self._defer(record.to_body())
 
     def append_result(self, values: tuple[Any, ...]) -> None:
-        self._defer(values)
+        self._defer((values, time.time_ns()))
 
-    def _defer(self, entry: tuple[Any, ...] | dict[str, Any]) -> None:
+    def _defer(self, entry: tuple[tuple[Any, ...], int] | dict[str, Any]) -> None:
         with self._lock:
-            self._deferred.append((entry, time.time_ns()))
+            self._deferred.append(entry)
             full = len(self._deferred) >= self.MAX_DEFERRED
         if full:
             self.flush()
@@ -162,10 +162,16 @@ class JsonlAuditSink:
             if not self._deferred:
                 return
             batch, self._deferred = self._deferred, []
-        entries = [
-            result_body(entry, iso_from_ns(ns)) if entry.__class__ is tuple else entry
-            for entry, ns in batch
-        ]
+        entries: list[dict[str, Any]] = []
+        run: list[tuple[tuple[Any, ...], int]] = []
+        for entry in batch:
+            if entry.__class__ is tuple:
+                run.append(entry)  # type: ignore[arg-type]
+                continue
+            entries += result_bodies(run)
+            run = []
+            entries.append(entry)  # type: ignore[arg-type]
+        entries += result_bodies(run)
         try:
             self._append(_dumps({"kind": "results", "results": entries})[:-1])
         except AuditUnavailable:
