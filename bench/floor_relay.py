@@ -15,14 +15,18 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import GUARD, cpu_seconds, pgbench, sh  # noqa: E402
+from run import GUARD, admin_env, cpu_seconds, pgbench, sh  # noqa: E402
 
 
 def relay(upstream_host: str, upstream_port: int, listen_port: int) -> None:
@@ -79,29 +83,15 @@ def main() -> int:
     proc = None
     try:
         status = json.loads(sh([*GUARD, "dev", "status", "--json"], env=env).stdout)
-        import psycopg
-
         admin = psycopg.conninfo.conninfo_to_dict(status["upstream_dsn"])
-        pg_env = {
-            **os.environ,
-            "PGHOST": admin["host"],
-            "PGPORT": str(admin["port"]),
-            "PGUSER": admin["user"],
-            "PGPASSWORD": admin["password"],
-            "PGDATABASE": "demo",
-            "PGSSLMODE": "disable",
-        }
+        pg_env = admin_env(status, sslmode="disable")
         sh(["pgbench", "-i", "-q", "-s", "10"], env=pg_env)
-        import socket
-
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         proc = subprocess.Popen(
             [sys.executable, __file__, "--relay", admin["host"], str(admin["port"]), str(port)]
         )
-        import time
-
         time.sleep(1.0)
         relay_env = {**pg_env, "PGHOST": "127.0.0.1", "PGPORT": str(port)}
         before = cpu_seconds(proc.pid)

@@ -25,6 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = {};"
 
 
+def wire(*messages) -> bytes:
+    return b"".join(encode(x) for x in messages)
+
+
 def main() -> None:
     policy = load_policy_file(ROOT / "bench/policies.yaml")
     audit = JsonlAuditSink(Path(tempfile.mkdtemp()) / "audit.jsonl")
@@ -39,74 +43,42 @@ def main() -> None:
     )
     proxy = ProxyConnection(gate, protected={}, client_user="u")
     field = m.FieldDescription("abalance", 16500, 3, 23, 4, -1, 0)
-    reply_simple = b"".join(
-        encode(x)
-        for x in (
-            m.RowDescription((field,)),
-            m.DataRow((b"0",)),
-            m.CommandComplete("SELECT 1"),
-            m.ReadyForQuery(b"I"),
-        )
-    )
+    row = (m.DataRow((b"0",)), m.CommandComplete("SELECT 1"), m.ReadyForQuery(b"I"))
+    text = "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
     n = 20000
+
+    def per_tx(requests: list[bytes], *reply: m.BackendMessage) -> float:
+        """CPU µs per request/reply pair through the relay."""
+        answer = wire(*reply)
+        start = time.process_time()
+        for request in requests:
+            proxy.from_client(request)
+            proxy.from_server(answer)
+        return (time.process_time() - start) / len(requests) * 1e6
+
     # simple: a different literal each time, like pgbench -M simple (analysis cache misses
     # on text, so this measures parse + policy + audit per statement).
-    queries = [encode(m.Query(SQL.format(i % 100000))) for i in range(n)]
-    start = time.process_time()
-    for q in queries:
-        proxy.from_client(q)
-        proxy.from_server(reply_simple)
-    simple = (time.process_time() - start) / n * 1e6
+    simple = per_tx(
+        [wire(m.Query(SQL.format(i % 100000))) for i in range(n)],
+        m.RowDescription((field,)),
+        *row,
+    )
     # extended: unnamed Parse of the same text with a parameter (pgbench -M extended).
-    ext = b"".join(
-        encode(x)
-        for x in (
-            m.Parse("", "SELECT abalance FROM pgbench_accounts WHERE aid = $1", ()),
-            m.Bind("", "", (), (b"1",), ()),
-            m.Describe(b"P", ""),
-            m.Execute("", 0),
-            m.Sync(),
-        )
+    ext = wire(
+        m.Parse("", text, ()),
+        m.Bind("", "", (), (b"1",), ()),
+        m.Describe(b"P", ""),
+        m.Execute("", 0),
+        m.Sync(),
     )
-    reply_ext = b"".join(
-        encode(x)
-        for x in (
-            m.ParseComplete(),
-            m.BindComplete(),
-            m.RowDescription((field,)),
-            m.DataRow((b"0",)),
-            m.CommandComplete("SELECT 1"),
-            m.ReadyForQuery(b"I"),
-        )
+    extended = per_tx(
+        [ext] * n, m.ParseComplete(), m.BindComplete(), m.RowDescription((field,)), *row
     )
-    start = time.process_time()
-    for _ in range(n):
-        proxy.from_client(ext)
-        proxy.from_server(reply_ext)
-    extended = (time.process_time() - start) / n * 1e6
     # prepared: Parse once, then Bind/Execute/Sync of the named statement (-M prepared).
-    proxy.from_client(
-        encode(m.Parse("P0_1", "SELECT abalance FROM pgbench_accounts WHERE aid = $1", ()))
-        + encode(m.Sync())
-    )
-    proxy.from_server(encode(m.ParseComplete()) + encode(m.ReadyForQuery(b"I")))
-    prep = b"".join(
-        encode(x) for x in (m.Bind("", "P0_1", (), (b"1",), ()), m.Execute("", 0), m.Sync())
-    )
-    reply_prep = b"".join(
-        encode(x)
-        for x in (
-            m.BindComplete(),
-            m.DataRow((b"0",)),
-            m.CommandComplete("SELECT 1"),
-            m.ReadyForQuery(b"I"),
-        )
-    )
-    start = time.process_time()
-    for _ in range(n):
-        proxy.from_client(prep)
-        proxy.from_server(reply_prep)
-    prepared = (time.process_time() - start) / n * 1e6
+    proxy.from_client(wire(m.Parse("P0_1", text, ()), m.Sync()))
+    proxy.from_server(wire(m.ParseComplete(), m.ReadyForQuery(b"I")))
+    prep = wire(m.Bind("", "P0_1", (), (b"1",), ()), m.Execute("", 0), m.Sync())
+    prepared = per_tx([prep] * n, m.BindComplete(), *row)
     print(
         f"sans-IO relay CPU per pgbench -S transaction: simple {simple:.1f} µs "
         f"(distinct literals), extended {extended:.1f} µs, prepared {prepared:.1f} µs"

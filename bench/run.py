@@ -59,6 +59,23 @@ def pgbench(env: dict[str, str], args: list[str], seconds: int, clients: int) ->
     return float(TPS.search(out.stdout).group(1)), int(TXNS.search(out.stdout).group(1))
 
 
+def admin_env(status: dict, *, sslmode: str) -> dict[str, str]:
+    """libpq environment for the demo database as its admin (from `guard dev status`)."""
+    admin = psycopg.conninfo.conninfo_to_dict(status["upstream_dsn"])
+    env = {
+        **os.environ,
+        "PGHOST": admin["host"],
+        "PGPORT": str(admin["port"]),
+        "PGUSER": admin["user"],
+        "PGPASSWORD": admin["password"],
+        "PGDATABASE": "demo",
+        "PGSSLMODE": sslmode,
+    }
+    if sslmode.startswith("verify"):
+        env["PGSSLROOTCERT"] = status["gateway_ca"]
+    return env
+
+
 def ensure_pgbouncer() -> str:
     path = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
     if not Path(path).exists():
@@ -144,17 +161,8 @@ def main() -> int:
     try:
         status = json.loads(sh([*GUARD, "dev", "status", "--json"], env=env).stdout)
         admin = psycopg.conninfo.conninfo_to_dict(status["upstream_dsn"])
-        direct_env = {
-            **os.environ,
-            "PGHOST": admin["host"],
-            "PGPORT": str(admin["port"]),
-            "PGUSER": admin["user"],
-            "PGPASSWORD": admin["password"],
-            "PGDATABASE": "demo",
-            # Direct clients get the same hop guard and pgbouncer use: verified TLS.
-            "PGSSLMODE": "verify-full",
-            "PGSSLROOTCERT": status["gateway_ca"],
-        }
+        # Direct clients get the same hop guard and pgbouncer use: verified TLS.
+        direct_env = admin_env(status, sslmode="verify-full")
         sh(["pgbench", "-i", "-q", "-s", str(args.scale)], env=direct_env)
         with psycopg.connect(status["upstream_dsn"], autocommit=True) as conn:
             conn.execute(

@@ -52,6 +52,22 @@ class Stack:
             timeout=timeout,
         )
 
+    def open_session(self, user: str = "alice") -> tuple[dict, dict[str, str]]:
+        """POST /v1/sessions as `user` (dev IdP token); (created body, auth headers)."""
+        import httpx
+
+        token = self.guard("dev", "token", user)
+        assert token.returncode == 0, token.stderr
+        headers = {"Authorization": f"Bearer {token.stdout.strip()}"}
+        created = httpx.post(
+            f"{self.status['broker_url']}/v1/sessions",
+            json={"target": "demo", "reason": "tests"},
+            headers=headers,
+            timeout=30,
+        )
+        assert created.status_code == 201, created.text
+        return created.json(), headers
+
     @property
     def audit_path(self) -> Path:
         return Path(self.status["audit_log"])

@@ -22,18 +22,8 @@ MASKED_SSN = "***-**-6789"
 
 @pytest.fixture(scope="module")
 def session(dev_stack: Stack):
-    token = dev_stack.guard("dev", "token", "alice")
-    assert token.returncode == 0, token.stderr
-    headers = {"Authorization": f"Bearer {token.stdout.strip()}"}
+    body, headers = dev_stack.open_session()
     broker = dev_stack.status["broker_url"]
-    created = httpx.post(
-        f"{broker}/v1/sessions",
-        json={"target": "demo", "reason": "tests"},
-        headers=headers,
-        timeout=30,
-    )
-    assert created.status_code == 201, created.text
-    body = created.json()
     yield body
     httpx.delete(f"{broker}/v1/sessions/{body['session_id']}", headers=headers, timeout=30)
 
@@ -163,12 +153,8 @@ def test_cancel_request_reaches_upstream(session):
 
 
 def test_session_end_closes_live_connections(dev_stack: Stack):
-    token = dev_stack.guard("dev", "token", "alice").stdout.strip()
-    headers = {"Authorization": f"Bearer {token}"}
+    body, headers = dev_stack.open_session()
     broker = dev_stack.status["broker_url"]
-    body = httpx.post(
-        f"{broker}/v1/sessions", json={"target": "demo"}, headers=headers, timeout=30
-    ).json()
     conn = connect(body)
     assert conn.execute("SELECT 1").fetchone()[0] == 1
     assert (

@@ -30,20 +30,6 @@ LISTEN_RULE = """
 """
 
 
-def open_session(stack: Stack) -> tuple[dict, dict]:
-    token = stack.guard("dev", "token", "alice")
-    assert token.returncode == 0, token.stderr
-    headers = {"Authorization": f"Bearer {token.stdout.strip()}"}
-    created = httpx.post(
-        f"{stack.status['broker_url']}/v1/sessions",
-        json={"target": "demo", "reason": "tests"},
-        headers=headers,
-        timeout=30,
-    )
-    assert created.status_code == 201, created.text
-    return created.json(), headers
-
-
 @pytest.fixture(scope="module")
 def listen_stack(dev_stack: Stack, tmp_path_factory):
     """A second demo stack (own GUARD_HOME, ports, cluster) whose policy allows LISTEN.
@@ -78,7 +64,7 @@ def listen_stack(dev_stack: Stack, tmp_path_factory):
 
 
 def test_notification_reaches_the_listening_client(listen_stack: Stack):
-    body, headers = open_session(listen_stack)
+    body, headers = listen_stack.open_session()
     try:
         with (
             connect(body, autocommit=True) as conn,
