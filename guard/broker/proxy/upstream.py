@@ -180,6 +180,11 @@ async def _start_tls(wire: Wire, context: ssl.SSLContext, host: str) -> None:
             out = tls.handshake(data)
             if out:
                 wire.writer.write(out)
+    except ssl.SSLCertVerificationError as exc:
+        # Say which check failed (unknown CA, hostname, expiry): that is what to fix.
+        raise UpstreamError(
+            f"TLS to the database failed: certificate verification: {exc.verify_message}"
+        ) from exc
     except ssl.SSLError as exc:
         raise UpstreamError(f"TLS to the database failed: {exc.reason or exc}") from exc
     await wire.drain()

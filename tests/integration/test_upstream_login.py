@@ -1,0 +1,148 @@
+"""The gateway's upstream login against a real PostgreSQL, for every method a server may ask.
+
+A throwaway cluster serving TLS with a dev-CA certificate, and pg_hba rules that make the
+server ask for SCRAM-SHA-256 (-PLUS over TLS), md5 or a cleartext password, per user.
+Verification failures, a server without TLS and a wrong password must each end the login
+with an UpstreamError that says what went wrong, never a connection that works anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from guard.broker.proxy import upstream
+from guard.devstack.postgres import PostgresCluster, find_pg_bindir
+from guard.devstack.tls import make_dev_ca
+from tests.fix_pg import require
+
+pytestmark = pytest.mark.integration
+
+PASSWORD = "upstream-test-pw"
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(tmp_path_factory):
+    require("PostgreSQL", find_pg_bindir() is not None, "install PostgreSQL 15")
+    certs = tmp_path_factory.mktemp("ca")
+    ca, _, _ = make_dev_ca(certs)
+    with PostgresCluster().start(tls=(certs / "postgres.pem", certs / "postgres-key.pem")) as pg:
+        with psycopg.connect(pg.admin_dsn(), autocommit=True) as conn:
+            conn.execute(f"CREATE ROLE u_scram LOGIN PASSWORD '{PASSWORD}'")
+            conn.execute(f"CREATE ROLE u_clear LOGIN PASSWORD '{PASSWORD}'")
+            conn.execute("SET password_encryption = 'md5'")
+            conn.execute(f"CREATE ROLE u_md5 LOGIN PASSWORD '{PASSWORD}'")
+            hba = Path(conn.execute("SHOW hba_file").fetchone()[0])
+            rules = (
+                "host all u_md5 127.0.0.1/32 md5\n"
+                "host all u_clear 127.0.0.1/32 password\n"
+                "hostnossl all u_scram 127.0.0.1/32 scram-sha-256\n"
+            )
+            hba.write_text(rules + hba.read_text())
+            conn.execute("SELECT pg_reload_conf()")
+        yield pg, ca
+
+
+def _context(ca: Path) -> ssl.SSLContext:
+    """What a target with sslmode=verify-full and sslrootcert=ca builds."""
+    context = ssl.create_default_context(cafile=str(ca))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def _login(pg: PostgresCluster, user: str, *, tls=None, host=None, password=PASSWORD):
+    async def run():
+        conn = await upstream.login(
+            host=host or pg.host,
+            port=pg.port,
+            user=user,
+            password=password,
+            database="postgres",
+            params={"application_name": "upstream-test"},
+            tls=tls,
+        )
+        try:
+            rows = await upstream.simple_query_rows(
+                conn, "SELECT current_user, ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+            )
+            return conn, rows
+        finally:
+            conn.wire.close()
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("user", ["u_scram", "u_md5", "u_clear"])
+def test_every_method_over_verified_tls(tls_cluster, user, monkeypatch):
+    pg, ca = tls_cluster
+    bindings = []
+    real = upstream.ScramClient
+
+    def spy(password, **kwargs):
+        bindings.append(kwargs.get("channel_binding"))
+        return real(password, **kwargs)
+
+    monkeypatch.setattr(upstream, "ScramClient", spy)
+    conn, rows = _login(pg, user, tls=_context(ca))
+    assert rows == [(user.encode(), b"t")]  # logged in as that user, over TLS
+    assert conn.wire.tls is not None and conn.backend_key is not None
+    if user == "u_scram":
+        # SCRAM over TLS binds to the server certificate (-PLUS), which stops a man in the
+        # middle that terminates TLS with a certificate of its own.
+        assert len(bindings) == 1 and bindings[0][0] == "tls-server-end-point"
+    else:
+        assert bindings == []
+
+
+@pytest.mark.parametrize("user", ["u_md5", "u_clear"])
+def test_plain_connection_when_tls_is_not_configured(tls_cluster, user):
+    pg, _ = tls_cluster
+    conn, rows = _login(pg, user)
+    assert rows == [(user.encode(), b"f")] and conn.wire.tls is None
+
+
+def test_hostname_mismatch_is_refused(tls_cluster, monkeypatch):
+    # The certificate names localhost and 127.0.0.1; the target says db.example.com (which
+    # this test routes to the same server): the name the target gives is the one checked.
+    pg, ca = tls_cluster
+    real = asyncio.open_connection
+    monkeypatch.setattr(
+        upstream.asyncio, "open_connection", lambda host, port: real("127.0.0.1", port)
+    )
+    with pytest.raises(upstream.UpstreamError, match="Hostname mismatch"):
+        _login(pg, "u_scram", tls=_context(ca), host="db.example.com")
+
+
+def test_unknown_ca_is_refused(tls_cluster, tmp_path):
+    pg, _ = tls_cluster
+    other_ca, _, _ = make_dev_ca(tmp_path / "other")
+    with pytest.raises(upstream.UpstreamError, match="certificate verification: "):
+        _login(pg, "u_scram", tls=_context(other_ca))
+
+
+def test_wrong_password_is_the_servers_error(tls_cluster):
+    pg, ca = tls_cluster
+    with pytest.raises(upstream.UpstreamError) as err:
+        _login(pg, "u_md5", tls=_context(ca), password="not-it")
+    assert err.value.error is not None and err.value.error.sqlstate == "28P01"
+
+
+def test_server_without_tls_is_refused_not_downgraded(pg_cluster, tmp_path):
+    ca, _, _ = make_dev_ca(tmp_path / "ca")
+    user = psycopg.conninfo.conninfo_to_dict(pg_cluster.admin_dsn())
+    with pytest.raises(upstream.UpstreamError, match="refused TLS"):
+        asyncio.run(
+            upstream.login(
+                host=pg_cluster.host,
+                port=pg_cluster.port,
+                user=user["user"],
+                password=user["password"],
+                database="postgres",
+                params={},
+                tls=_context(ca),
+            )
+        )
