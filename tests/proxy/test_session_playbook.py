@@ -317,3 +317,34 @@ def test_multibyte_client_only_encodings_are_refused():
     assert isinstance(cmds[-1], CloseConnection)
     err = to_client(cmds)[0]
     assert err.severity == "FATAL" and "SJIS" in err.message
+
+
+def test_each_execute_of_a_suspended_portal_has_its_result():
+    # Execute with a row limit: PortalSuspended ends this Execute (outcome "suspended");
+    # the next Execute of the same portal is recorded and answered on its own.
+    proxy, audit = make()
+    sql = "SELECT full_name FROM customers"
+    proxy.from_client(
+        wire(m.Parse("s", sql, ()), m.Bind("p", "s", (), (), ()), m.Execute("p", 1), m.Sync())
+    )
+    back = proxy.from_server(
+        wire(
+            m.ParseComplete(),
+            m.BindComplete(),
+            m.DataRow((b"Alice Anderson",)),
+            m.PortalSuspended(),
+            m.ReadyForQuery(b"T"),
+        )
+    )
+    assert [type(x) for x in to_client(back)][-2:] == [m.PortalSuspended, m.ReadyForQuery]
+    proxy.from_client(wire(m.Execute("p", 0), m.Sync()))
+    proxy.from_server(
+        wire(m.DataRow((b"Bob Brown",)), m.CommandComplete("SELECT 1"), m.ReadyForQuery(b"T"))
+    )
+    statements = [r for r in audit.records if r["kind"] == "statement"]
+    results = [r for r in audit.records if r["kind"] == "result"]
+    assert len(statements) == 2
+    assert [(r["statement_seq"], r["outcome"], r["rows"]) for r in results] == [
+        (statements[0]["seq"], "suspended", None),
+        (statements[1]["seq"], "ok", 1),
+    ]

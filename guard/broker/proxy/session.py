@@ -377,7 +377,13 @@ class ProxyConnection:
                             rows=_rows_from_tag(tag_text),
                             masked_cells=self._masked_cells,
                         )
-                    elif tag == _EMPTY:
+                    elif tag == _PORTAL_SUSPENDED:
+                        # The row limit was reached; a later Execute of the portal gets a
+                        # record of its own.
+                        self.gate.record_result(
+                            seqs.pop(0), outcome="suspended", masked_cells=self._masked_cells
+                        )
+                    else:  # EmptyQueryResponse: nothing ran
                         seqs.pop(0)
                 if head.kind == "execute":
                     pending.popleft()
