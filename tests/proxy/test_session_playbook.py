@@ -348,3 +348,66 @@ def test_each_execute_of_a_suspended_portal_has_its_result():
         (statements[0]["seq"], "suspended", None),
         (statements[1]["seq"], "ok", 1),
     ]
+
+
+def test_mask_plan_cache_is_not_fooled_by_a_reused_object_id():
+    # Mask plans are cached per fields tuple. A statement described (with unprotected
+    # columns) before the description cache was cleared keeps its fields; once it is
+    # closed they are freed, and CPython hands their address to the next fields tuple of
+    # the same size. A plan cached by id() alone would then be the old "nothing to mask".
+    proxy, _ = make()
+    sql = "SELECT full_name, ssn, dob FROM customers"
+    proxy.from_client(wire(m.Parse("s1", sql, ()), m.Describe(b"S", "s1"), m.Sync()))
+    unprotected = tuple(field(name, 777, i + 2) for i, name in enumerate(("a", "b", "c")))
+    proxy.from_server(
+        wire(
+            m.ParseComplete(),
+            m.ParameterDescription(()),
+            m.RowDescription(unprotected),
+            m.ReadyForQuery(b"I"),
+        )
+    )
+    del unprotected
+    for i in range(300):  # enough distinct descriptions to clear the description cache
+        proxy.from_client(wire(m.Query("SELECT full_name FROM customers")))
+        proxy.from_server(
+            wire(
+                m.RowDescription((field(f"c{i}", 1000 + i, 1),)),
+                m.CommandComplete("SELECT 0"),
+                m.ReadyForQuery(b"I"),
+            )
+        )
+    proxy.from_client(wire(m.Bind("", "s1", (), (), ()), m.Execute("", 0), m.Sync()))
+    proxy.from_server(
+        wire(
+            m.BindComplete(),
+            m.DataRow((b"a", b"b", b"c")),
+            m.CommandComplete("SELECT 1"),
+            m.ReadyForQuery(b"I"),
+        )
+    )
+    protected_fields = (
+        field("full_name", CUSTOMERS_OID, 2),
+        field("ssn", CUSTOMERS_OID, SSN_ATTNUM),
+        field("x", 777, 4),
+    )
+    described = wire(
+        m.ParseComplete(),
+        m.ParameterDescription(()),
+        m.RowDescription(protected_fields),
+        m.ReadyForQuery(b"I"),
+    )
+    row = wire(
+        m.BindComplete(),
+        m.DataRow((b"Alice", b"123-45-6789", b"c")),
+        m.CommandComplete("SELECT 1"),
+        m.ReadyForQuery(b"I"),
+    )
+    del protected_fields
+    proxy.from_client(wire(m.Close(b"S", "s1"), m.Sync()))  # frees s1's fields
+    proxy.from_server(wire(m.CloseComplete(), m.ReadyForQuery(b"I")))
+    proxy.from_client(wire(m.Parse("s2", sql, ()), m.Describe(b"S", "s2"), m.Sync()))
+    proxy.from_server(described)
+    proxy.from_client(wire(m.Bind("", "s2", (), (), ()), m.Execute("", 0), m.Sync()))
+    back = to_client(proxy.from_server(row))
+    assert back[1].values == (b"Alice", b"***-**-6789", b"c")

@@ -141,7 +141,10 @@ class ProxyConnection:
         # A statement run again describes its result with the same RowDescription bytes:
         # decode each once, and work out each (fields, formats) mask plan once (bounded).
         self._described: dict[bytes, tuple[m.FieldDescription, ...]] = {}
-        self._plans: dict[tuple[int, tuple[int, ...] | None], MaskPlan | None] = {}
+        self._plans: dict[
+            tuple[int, tuple[int, ...] | None],
+            tuple[tuple[m.FieldDescription, ...], MaskPlan | None],
+        ] = {}
         self._masked_cells = 0
         self.closed = False
         self.transaction_status = b"I"
@@ -531,7 +534,7 @@ class ProxyConnection:
         if fields is None:
             fields = decode_backend(frame).fields
             if len(self._described) >= _PLAN_CACHE_SIZE:
-                # Plans are keyed by the identity of fields kept alive here: drop both.
+                # Bounded; plans hold their own fields, so they may go too.
                 self._described.clear()
                 self._plans.clear()
             self._described[key] = fields
@@ -542,12 +545,16 @@ class ProxyConnection:
     ) -> MaskPlan | None:
         """Mask plan for these fields; `formats` None: the RowDescription's own formats."""
         key = (id(fields), formats)
-        if key in self._plans:
-            return self._plans[key]
+        cached = self._plans.get(key)
+        # The entry holds its fields: an id is only unique while its object lives, and
+        # fields kept by a statement or portal can outlive the description cache.
+        if cached is not None and cached[0] is fields:
+            return cached[1]
         codes = tuple(f.format_code for f in fields) if formats is None else formats
         if len(self._plans) >= _PLAN_CACHE_SIZE:
             self._plans.clear()  # result formats come from the client: keep this bounded too
-        plan = self._plans[key] = _plan_for(fields, codes, self.protected)
+        plan = _plan_for(fields, codes, self.protected)
+        self._plans[key] = (fields, plan)
         return plan
 
     def _mask_row(self, frame, plan: MaskPlan) -> bytes:
