@@ -145,3 +145,58 @@ def test_positional_sort_does_not_share_an_allowed_decision():
         sent = to_server(proxy.from_client(wire(m.Query(sql))))
         assert sent[0].sql.startswith("guard_refused_"), sql
         proxy.from_server(wire(m.ErrorResponse.build("42601", "x"), m.ReadyForQuery(b"I")))
+
+
+def _statements(audit) -> list[dict]:
+    return [r for r in audit.records if r["kind"] == "statement"]
+
+
+def test_execute_of_a_sql_prepared_statement_is_not_forwarded_unrecorded():
+    # PREPARE (allowed) creates a statement in the namespace protocol Bind uses. guard never
+    # saw it Parsed, so an Execute of it would run with no decision and no audit record
+    # (and around the guardrail that refuses SQL-level EXECUTE).
+    proxy, audit = make()
+    proxy.from_client(wire(m.Query("PREPARE x AS SELECT full_name FROM customers")))
+    proxy.from_server(
+        wire(m.CommandComplete("PREPARE"), m.ReadyForQuery(b"I")),
+    )
+    before = len(_statements(audit))
+    cmds = proxy.from_client(wire(m.Bind("", "x", (), (), ()), m.Execute("", 0), m.Sync()))
+    assert not any(isinstance(x, m.Execute) for x in to_server(cmds))
+    assert len(_statements(audit)) == before
+
+
+def test_execute_after_a_refused_reparse_does_not_run_the_old_statement_unrecorded():
+    # A refused Parse of an existing name fails upstream, which keeps the old statement;
+    # guard forgot it. Executing the name must not run it without a record.
+    proxy, audit = make()
+    proxy.from_client(
+        wire(m.Parse("s", "SELECT full_name FROM customers", ()), m.Sync()),
+    )
+    proxy.from_server(wire(m.ParseComplete(), m.ReadyForQuery(b"I")))
+    cmds = proxy.from_client(wire(m.Parse("s", "DROP TABLE customers", ()), m.Sync()))
+    poison = to_server(cmds)[0]
+    proxy.from_server(
+        wire(m.ErrorResponse.build("42601", f"syntax error: {poison.query}"), m.ReadyForQuery(b"I"))
+    )
+    before = len(_statements(audit))
+    cmds = proxy.from_client(wire(m.Bind("", "s", (), (), ()), m.Execute("", 0), m.Sync()))
+    sent = to_server(cmds)
+    executes = [x for x in sent if isinstance(x, m.Execute)]
+    assert not executes or len(_statements(audit)) > before
+
+
+def test_execute_of_a_portal_keeps_the_statement_it_was_bound_to():
+    # Closing a statement leaves its portals working upstream; the portal's Execute is
+    # still recorded, as the statement it was bound from.
+    proxy, audit = make()
+    sql = "SELECT full_name FROM customers"
+    proxy.from_client(
+        wire(m.Parse("s", sql, ()), m.Bind("p", "s", (), (), ()), m.Close(b"S", "s"), m.Sync())
+    )
+    proxy.from_server(
+        wire(m.ParseComplete(), m.BindComplete(), m.CloseComplete(), m.ReadyForQuery(b"T"))
+    )
+    cmds = proxy.from_client(wire(m.Execute("p", 0), m.Sync()))
+    assert m.Execute("p", 0) in to_server(cmds)
+    assert _statements(audit)[-1]["statement"] == sql

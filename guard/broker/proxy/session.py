@@ -79,6 +79,7 @@ class _Pending:
         "formats",
         "plan",
         "planned",
+        "prepared",
     )
 
     def __init__(
@@ -91,6 +92,7 @@ class _Pending:
         portal: str | None = None,  # describe of a portal / execute: portal name
         seqs: list[int] | None = None,  # audit seqs awaiting a result record
         formats: tuple[int, ...] = (),  # execute: result formats from Bind
+        prepared: _Prepared | None = None,  # execute: the statement its portal was bound from
     ) -> None:
         self.kind = kind
         self.swallow = swallow
@@ -99,6 +101,7 @@ class _Pending:
         self.portal = portal
         self.seqs = seqs
         self.formats = formats
+        self.prepared = prepared
         self.plan: MaskPlan | None = None  # execute: mask plan, worked out at its first row
         self.planned = False
 
@@ -135,7 +138,10 @@ class ProxyConnection:
         self._server = BackendParser(**kwargs)
         self._pending: deque[_Pending] = deque()
         self._prepared: dict[str, _Prepared] = {}
-        self._portals: dict[str, tuple[str, tuple[int, ...]]] = {}  # portal → (statement, formats)
+        # portal → (the statement it was bound from, or None if guard never saw it parsed;
+        # result formats). Upstream keeps a portal's statement even if the name is closed
+        # or parsed again, so the Execute is decided and recorded as what it runs.
+        self._portals: dict[str, tuple[_Prepared | None, tuple[int, ...]]] = {}
         self._portal_fields: dict[str, tuple[m.FieldDescription, ...]] = {}
         self._plan: MaskPlan | None = None  # simple query: active row mask plan
         # A statement run again describes its result with the same RowDescription bytes:
@@ -216,7 +222,7 @@ class ProxyConnection:
             if self.protected and prepared is not None and prepared.decision.masked_columns:
                 # Result formats matter only where rows may need masking: decode fully.
                 formats = decode_frontend(frame).result_formats
-            self._portals[portal] = (statement, formats)
+            self._portals[portal] = (prepared, formats)
             self._portal_fields.pop(portal, None)
             self._to_server.append(frame.raw)
             self._pending.append(_BIND)
@@ -301,12 +307,19 @@ class ProxyConnection:
             self._pending.append(_Pending("describe", swallow=True, statement=msg.name))
 
     def _on_execute(self, portal: str, raw) -> None:
-        statement, formats = self._portals.get(portal, ("", ()))
-        prepared = self._prepared.get(statement)
+        prepared, formats = self._portals.get(portal, (None, ()))
         if prepared is None:
-            # Unknown statement: upstream will answer "does not exist"; nothing can run.
-            self._to_server.append(raw)
-            self._pending.append(_Pending("execute"))
+            # A portal guard did not see bound, or bound from a statement it did not see
+            # parsed: one made by SQL PREPARE or DECLARE, or one upstream kept when a Parse
+            # of its name failed. What it would run has no decision and no record here, so
+            # it does not run (a poison Parse under a fresh name fails without side effects).
+            self._to_server.append(encode(m.Parse(_poison_sql(), _poison_sql(), ())))
+            refusal = m.ErrorResponse.build(
+                "26000",
+                f"guard: portal {portal!r} was not bound from a statement prepared through "
+                "guard, so it cannot be executed",
+            )
+            self._pending.append(_Pending("parse", substitute=refusal))
             return
         recorded = self.gate.record(prepared.decision, "extended")
         if isinstance(recorded, m.ErrorResponse):
@@ -319,7 +332,7 @@ class ProxyConnection:
         # The mask plan is worked out at the first row: the Describe responses that tell
         # the result columns' origins arrive (in order) before it, not before this point.
         self._pending.append(
-            _Pending("execute", statement=statement, portal=portal, seqs=recorded, formats=formats)
+            _Pending("execute", portal=portal, seqs=recorded, formats=formats, prepared=prepared)
         )
 
     # ------------------------------------------------------------------ server → client
@@ -523,7 +536,7 @@ class ProxyConnection:
                 # A portal's RowDescription carries the real result formats.
                 head.plan = self._plan_of(fields)
             else:
-                prepared = self._prepared.get(head.statement or "")
+                prepared = head.prepared
                 if prepared is not None and prepared.fields:
                     head.plan = self._plan_of(prepared.fields, head.formats)
         return head.plan
