@@ -411,3 +411,34 @@ def test_mask_plan_cache_is_not_fooled_by_a_reused_object_id():
     proxy.from_client(wire(m.Bind("", "s2", (), (), ()), m.Execute("", 0), m.Sync()))
     back = to_client(proxy.from_server(row))
     assert back[1].values == (b"Alice", b"***-**-6789", b"c")
+
+
+def test_description_reaches_the_statement_it_describes_when_the_name_is_reparsed():
+    # The unnamed statement is parsed again while a portal bound from the first one is
+    # still to run: the first statement's description (from the gateway's own Describe)
+    # belongs to it, so that portal's rows are masked.
+    proxy, _ = make()
+    proxy.from_client(
+        wire(
+            m.Parse("", "SELECT ssn FROM customers", ()),
+            m.Bind("p", "", (), (), ()),
+            m.Parse("", "SELECT 1", ()),
+            m.Execute("p", 0),
+            m.Sync(),
+        )
+    )
+    back = to_client(
+        proxy.from_server(
+            wire(
+                m.ParseComplete(),
+                m.ParameterDescription(()),
+                m.RowDescription((field("ssn", CUSTOMERS_OID, SSN_ATTNUM),)),
+                m.BindComplete(),
+                m.ParseComplete(),
+                m.DataRow((b"123-45-6789",)),
+                m.CommandComplete("SELECT 1"),
+                m.ReadyForQuery(b"I"),
+            )
+        )
+    )
+    assert back[3].values == (b"***-**-6789",)

@@ -92,7 +92,7 @@ class _Pending:
         portal: str | None = None,  # describe of a portal / execute: portal name
         seqs: list[int] | None = None,  # audit seqs awaiting a result record
         formats: tuple[int, ...] = (),  # execute: result formats from Bind
-        prepared: _Prepared | None = None,  # execute: the statement its portal was bound from
+        prepared: _Prepared | None = None,  # describe/execute: the statement it concerns
     ) -> None:
         self.kind = kind
         self.swallow = swallow
@@ -232,7 +232,9 @@ class ProxyConnection:
             kind, name = describe_target(frame, "Describe")
             self._to_server.append(frame.raw)
             if kind == b"S":
-                self._pending.append(_Pending("describe", statement=name))
+                self._pending.append(
+                    _Pending("describe", statement=name, prepared=self._prepared.get(name))
+                )
             else:
                 self._pending.append(_Pending("describe", portal=name))
         elif tag == _C:
@@ -297,14 +299,16 @@ class ProxyConnection:
             self._pending.append(_Pending("parse", substitute=refusal))
             return
         # Allowed: nothing runs at Parse; the audit record is written at each Execute.
-        self._prepared[msg.name] = _Prepared(decision)
+        prepared = self._prepared[msg.name] = _Prepared(decision)
         self._to_server.append(raw)
         self._pending.append(_Pending("parse", statement=msg.name))
         if self.protected and decision.masked_columns:
             # Learn the result columns' table OIDs now, so rows of an Execute the client
             # did not Describe are still checked against protected base columns.
             self._to_server.append(encode(m.Describe(b"S", msg.name)))
-            self._pending.append(_Pending("describe", swallow=True, statement=msg.name))
+            self._pending.append(
+                _Pending("describe", swallow=True, statement=msg.name, prepared=prepared)
+            )
 
     def _on_execute(self, portal: str, raw) -> None:
         prepared, formats = self._portals.get(portal, (None, ()))
@@ -486,10 +490,10 @@ class ProxyConnection:
                 fields = self._fields(frame)
                 if head.portal is not None:
                     self._portal_fields[head.portal] = fields
-                elif head.statement is not None:
-                    prepared = self._prepared.get(head.statement)
-                    if prepared is not None:
-                        prepared.fields = fields
+                elif head.prepared is not None:
+                    # The statement the name meant when the Describe was sent: the name may
+                    # have been parsed again since (the unnamed one, freely).
+                    head.prepared.fields = fields
             if head.swallow:
                 return
         elif self.protected:
