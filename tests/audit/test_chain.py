@@ -101,22 +101,9 @@ def test_records_have_no_field_for_values():
 
 
 def _gate(sink):
-    from pathlib import Path
+    from tests.proxy.test_session_playbook import make
 
-    from guard.broker.identity.principal import Principal
-    from guard.broker.policy.compile import load_policy_file
-    from guard.broker.proxy.gate import Gate
-
-    policy = load_policy_file(Path(__file__).resolve().parents[2] / "policies.yaml")
-    principal = Principal("https://idp.test", "alice-sub", frozenset({"engineers"}))
-    return Gate(
-        policy=policy,
-        target="demo",
-        principal=principal,
-        audit=sink,
-        session_id="s1",
-        connection_id="c1",
-    )
+    return make(sink)[0].gate  # the playbook's gate: demo policy, alice, s1/c1
 
 
 @pytest.mark.parametrize(
