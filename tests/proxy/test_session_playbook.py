@@ -442,3 +442,11 @@ def test_description_reaches_the_statement_it_describes_when_the_name_is_reparse
         )
     )
     assert back[3].values == (b"***-**-6789",)
+
+
+def test_an_odd_command_tag_from_the_server_is_recorded_without_a_row_count():
+    proxy, audit = make()
+    proxy.from_client(wire(m.Query("SELECT full_name FROM customers WHERE id = 1")))
+    back = proxy.from_server(wire(m.CommandComplete("SELECT ²"), m.ReadyForQuery(b"I")))
+    assert [type(x) for x in to_client(back)] == [m.CommandComplete, m.ReadyForQuery]
+    assert audit.records[-1]["kind"] == "result" and audit.records[-1]["rows"] is None

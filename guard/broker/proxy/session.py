@@ -522,7 +522,7 @@ class ProxyConnection:
             return
         if head is None:
             return
-        if head.kind in ("query", "fastpath"):
+        if head.kind == "query":  # a refused fast-path call is answered as a query
             if head.seqs:
                 head.seqs.clear()  # the rest of a multi-statement string does not run
             return
@@ -628,7 +628,8 @@ def _bind_names(body: memoryview) -> tuple[str, str]:
 
 def _rows_from_tag(tag: str) -> int | None:
     last = tag.rsplit(" ", 1)[-1]
-    return int(last) if last.isdigit() else None
+    # isdigit() alone admits "²", which int() refuses: a server's odd tag must not crash.
+    return int(last) if last.isascii() and last.isdigit() else None
 
 
 def _poison_sql() -> str:
