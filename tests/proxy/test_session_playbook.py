@@ -450,3 +450,21 @@ def test_an_odd_command_tag_from_the_server_is_recorded_without_a_row_count():
     back = proxy.from_server(wire(m.CommandComplete("SELECT ²"), m.ReadyForQuery(b"I")))
     assert [type(x) for x in to_client(back)] == [m.CommandComplete, m.ReadyForQuery]
     assert audit.records[-1]["kind"] == "result" and audit.records[-1]["rows"] is None
+
+
+def test_portal_names_from_the_client_are_bounded_and_a_forgotten_one_does_not_run(
+    monkeypatch,
+):
+    from guard.broker.proxy import session
+
+    monkeypatch.setattr(session, "_MAX_PORTALS", 3)
+    proxy, audit = make()
+    sql = "SELECT full_name FROM customers WHERE id = $1"
+    binds = [m.Bind(f"p{i}", "s", (), (b"1",), ()) for i in range(5)]
+    proxy.from_client(wire(m.Parse("s", sql, ()), *binds))
+    assert list(proxy._portals) == ["p2", "p3", "p4"]  # the oldest went first
+    sent = to_server(proxy.from_client(wire(m.Execute("p0", 0), m.Sync())))
+    assert isinstance(sent[0], m.Parse) and sent[0].query.startswith("guard_refused_")
+    assert not [r for r in audit.records if r["kind"] == "statement"]  # nothing ran
+    sent = to_server(proxy.from_client(wire(m.Execute("p4", 0), m.Sync())))
+    assert sent == [m.Execute("p4", 0), m.Sync()]

@@ -58,6 +58,7 @@ _PARAMETER_STATUS, _COPY_BOTH = ord("S"), ord("W")
 # the slices are written as they are rather than copied.
 _JOIN_LIMIT = 1 << 16
 _PLAN_CACHE_SIZE = 256
+_MAX_PORTALS = 4096
 
 # (table OID, attribute number) of a protected base column → its mask strategy.
 ProtectedMap = Mapping[tuple[int, int], Strategy]
@@ -222,8 +223,16 @@ class ProxyConnection:
             if self.protected and prepared is not None and prepared.decision.masked_columns:
                 # Result formats matter only where rows may need masking: decode fully.
                 formats = decode_frontend(frame).result_formats
+            self._portals.pop(portal, None)  # re-bound: now the newest
             self._portals[portal] = (prepared, formats)
             self._portal_fields.pop(portal, None)
+            if len(self._portals) > _MAX_PORTALS:
+                # Portal names come from the client and upstream drops them only at
+                # transaction end, which pipelining hides from this side: forget the
+                # oldest. Executing a forgotten portal is refused (26000), never unrecorded.
+                oldest = next(iter(self._portals))
+                del self._portals[oldest]
+                self._portal_fields.pop(oldest, None)
             self._to_server.append(frame.raw)
             self._pending.append(_BIND)
         elif tag == _E:
