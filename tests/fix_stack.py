@@ -68,6 +68,14 @@ class Stack:
         assert created.status_code == 201, created.text
         return created.json(), headers
 
+    def direct(self, sql: str, params: tuple = ()) -> list[tuple]:
+        """Rows of `sql` run straight on PostgreSQL as the admin: what the gateway's
+        answers are compared with."""
+        import psycopg
+
+        with psycopg.connect(self.admin_dsn) as conn:
+            return conn.execute(sql, params).fetchall()
+
     @property
     def audit_path(self) -> Path:
         return Path(self.status["audit_log"])

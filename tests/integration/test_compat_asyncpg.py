@@ -21,11 +21,6 @@ pytestmark = pytest.mark.integration
 MASKED_SSN = "***-**-6789"
 
 
-def direct_rows(stack: Stack, sql: str, params: tuple = ()) -> list[tuple]:
-    with psycopg.connect(stack.admin_dsn) as conn:
-        return conn.execute(sql, params).fetchall()
-
-
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 60))
 
@@ -64,7 +59,7 @@ def test_connect_plain_and_tls(dev_stack: Stack, session, tls):  # noqa: F811
 
     used_ssl, count, ssn = run(scenario())
     assert used_ssl is tls
-    assert count == direct_rows(dev_stack, "SELECT count(*) FROM products")[0][0]
+    assert count == dev_stack.direct("SELECT count(*) FROM products")[0][0]
     assert ssn == MASKED_SSN
 
 
@@ -88,9 +83,9 @@ def test_prepared_statements_many_times(dev_stack: Stack, session):  # noqa: F81
 
     results, row, val, ssns = run(scenario())
     for n, rows in results:
-        assert rows == direct_rows(dev_stack, sql.replace("$1", "%s"), (n,))
-    assert row == direct_rows(dev_stack, sql.replace("$1", "%s"), (3,))[0]
-    assert val == direct_rows(dev_stack, "SELECT name FROM products WHERE id = 2")[0][0]
+        assert rows == dev_stack.direct(sql.replace("$1", "%s"), (n,))
+    assert row == dev_stack.direct(sql.replace("$1", "%s"), (3,))[0]
+    assert val == dev_stack.direct("SELECT name FROM products WHERE id = 2")[0][0]
     assert ssns == [MASKED_SSN] * 8
 
 
@@ -128,15 +123,15 @@ def test_binary_codecs_equal_direct(dev_stack: Stack, session):  # noqa: F811
 
     out, rt, masked, acct = run(scenario())
     for q, rows in zip(queries, out, strict=True):
-        direct = direct_rows(dev_stack, q)
+        direct = dev_stack.direct(q)
         # psycopg returns lists for arrays, like asyncpg.
         assert rows == direct, q
     assert rt == args
-    raw = direct_rows(dev_stack, "SELECT ssn, email, dob FROM customers WHERE id = 1")[0]
+    raw = dev_stack.direct("SELECT ssn, email, dob FROM customers WHERE id = 1")[0]
     assert masked[0] == MASKED_SSN and masked[0][-4:] == raw[0][-4:]
     assert masked[1] == raw[1][0] + "***@" + raw[1].split("@")[1]
     assert masked[2] == dt.date(raw[2].year, 1, 1)
-    raw_acct = direct_rows(dev_stack, "SELECT account_number FROM accounts WHERE id = 1")[0][0]
+    raw_acct = dev_stack.direct("SELECT account_number FROM accounts WHERE id = 1")[0][0]
     assert acct != raw_acct and acct.endswith(raw_acct[-4:]) and set(acct[:-4]) == {"*"}
 
 
@@ -163,8 +158,8 @@ def test_executemany_update_with_where(dev_stack: Stack, session):  # noqa: F811
 
     try:
         ids = run(scenario())
-        rows = direct_rows(
-            dev_stack, "SELECT id, rate FROM products WHERE name LIKE %s ORDER BY id", (tag + "%",)
+        rows = dev_stack.direct(
+            "SELECT id, rate FROM products WHERE name LIKE %s ORDER BY id", (tag + "%",)
         )
         assert rows == [(pid, Decimal(f"{i + 2}.25")) for i, pid in enumerate(ids)]
     finally:
@@ -234,7 +229,7 @@ def test_transaction_refusal_then_rollback(dev_stack: Stack, session):  # noqa: 
         finally:
             await conn.close()
 
-    assert run(scenario()) == direct_rows(dev_stack, "SELECT count(*) FROM products")[0][0]
+    assert run(scenario()) == dev_stack.direct("SELECT count(*) FROM products")[0][0]
 
 
 def test_cursor_iteration_in_transaction(dev_stack: Stack, session):  # noqa: F811
@@ -259,9 +254,7 @@ def test_cursor_iteration_in_transaction(dev_stack: Stack, session):  # noqa: F8
             await conn.close()
 
     got, first, ten = run(scenario())
-    assert got == direct_rows(
-        dev_stack, "SELECT id, balance FROM accounts WHERE id <= 120 ORDER BY id"
-    )
+    assert got == dev_stack.direct("SELECT id, balance FROM accounts WHERE id <= 120 ORDER BY id")
     assert first == (1, MASKED_SSN)
     assert [r[0] for r in ten] == [11, 12, 13]
     assert all(r[1].startswith("***-**-") for r in ten)
@@ -285,7 +278,7 @@ def test_cancelled_query_leaves_connection_usable(dev_stack: Stack, session):  #
     elapsed, after, count = run(scenario())
     assert elapsed < 5
     assert after == [1, 2, 3]
-    assert count == direct_rows(dev_stack, "SELECT count(*) FROM products")[0][0]
+    assert count == dev_stack.direct("SELECT count(*) FROM products")[0][0]
 
 
 def test_pool_reset_query_parts_other_than_unlisten_pass(dev_stack: Stack, session):  # noqa: F811

@@ -7,7 +7,6 @@ import asyncio
 import ssl
 import subprocess
 
-import psycopg
 import pytest
 
 from tests.fix_stack import Stack
@@ -15,11 +14,6 @@ from tests.integration.test_gateway import session  # noqa: F401 - module-scoped
 
 pytestmark = pytest.mark.integration
 MASKED_SSN = "***-**-6789"
-
-
-def direct_rows(stack: Stack, sql: str) -> list[tuple]:
-    with psycopg.connect(stack.admin_dsn) as conn:
-        return conn.execute(sql).fetchall()
 
 
 def test_asyncpg_prepared_binary_copy_and_refusal(dev_stack: Stack, session):  # noqa: F811
@@ -64,15 +58,10 @@ def test_asyncpg_prepared_binary_copy_and_refusal(dev_stack: Stack, session):  #
             await conn.close()
 
     rows, balances, copied = asyncio.run(scenario())
-    assert rows == direct_rows(
-        dev_stack, "SELECT id, name, rate FROM products WHERE id <= 5 ORDER BY id"
-    )
-    assert balances == direct_rows(
-        dev_stack, "SELECT id, balance FROM accounts ORDER BY id LIMIT 20"
-    )
+    assert rows == dev_stack.direct("SELECT id, name, rate FROM products WHERE id <= 5 ORDER BY id")
+    assert balances == dev_stack.direct("SELECT id, balance FROM accounts ORDER BY id LIMIT 20")
     expected = "".join(
-        f"{i}\t{n}\n"
-        for i, n in direct_rows(dev_stack, "SELECT id, name FROM products ORDER BY id")
+        f"{i}\t{n}\n" for i, n in dev_stack.direct("SELECT id, name FROM products ORDER BY id")
     )
     assert copied.decode() == expected
 
@@ -95,8 +84,8 @@ def test_sqlalchemy_core_and_reflection(dev_stack: Stack, session):  # noqa: F81
             rows = conn.execute(
                 sa.text("SELECT id, name FROM products WHERE id <= :n ORDER BY id"), {"n": 3}
             ).all()
-            assert [tuple(r) for r in rows] == direct_rows(
-                dev_stack, "SELECT id, name FROM products WHERE id <= 3 ORDER BY id"
+            assert [tuple(r) for r in rows] == dev_stack.direct(
+                "SELECT id, name FROM products WHERE id <= 3 ORDER BY id"
             )
             ssn = conn.execute(sa.text("SELECT ssn FROM customers WHERE id = 1")).scalar_one()
             assert ssn == MASKED_SSN
@@ -132,13 +121,12 @@ def test_psql_copy_gset_gexec_expanded(dev_stack: Stack, session):  # noqa: F811
     )
     assert out.returncode == 0, out.stderr
     expected_copy = "".join(
-        f"{i}\t{n}\n"
-        for i, n in direct_rows(dev_stack, "SELECT id, name FROM products ORDER BY id")
+        f"{i}\t{n}\n" for i, n in dev_stack.direct("SELECT id, name FROM products ORDER BY id")
     )
     assert out.stdout.startswith(expected_copy)
-    (products,) = direct_rows(dev_stack, "SELECT count(*) FROM products")[0]
+    (products,) = dev_stack.direct("SELECT count(*) FROM products")[0]
     assert f"products={products}" in out.stdout
-    (accounts,) = direct_rows(dev_stack, "SELECT count(*) FROM accounts")[0]
+    (accounts,) = dev_stack.direct("SELECT count(*) FROM accounts")[0]
     assert f" {accounts}\n" in out.stdout
     assert f"ssn       | {MASKED_SSN}" in out.stdout
     assert "123-45-6789" not in out.stdout

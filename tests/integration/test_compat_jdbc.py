@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from tests.fix_stack import Stack
-from tests.integration.test_compat_clients import direct_rows
 from tests.integration.test_gateway import session  # noqa: F401 - module-scoped fixture
 
 pytestmark = pytest.mark.integration
@@ -52,9 +51,7 @@ def test_pgjdbc_prepared_binary_and_refusal(dev_stack: Stack, session, tmp_path)
     assert out.returncode == 0, out.stderr
     lines = dict(line.split("=", 1) for line in out.stdout.split() if "=" in line)
     assert lines["ssn"] == "***-**-6789"
-    count, total = direct_rows(dev_stack, "SELECT count(*), sum(rate) FROM products WHERE id <= 5")[
-        0
-    ]
+    count, total = dev_stack.direct("SELECT count(*), sum(rate) FROM products WHERE id <= 5")[0]
     assert int(lines["products"]) == count and lines["rate"] == str(total)
     assert lines["refused"] == "42501"
     assert lines["after"] == "42"

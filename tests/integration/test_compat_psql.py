@@ -23,11 +23,6 @@ pytestmark = [
 MASKED_SSN = "***-**-6789"
 
 
-def direct(stack: Stack, sql: str) -> list[tuple]:
-    with psycopg.connect(stack.admin_dsn) as conn:
-        return conn.execute(sql).fetchall()
-
-
 @pytest.fixture(scope="module")
 def gw_env(dev_stack: Stack, session):  # noqa: F811
     return dev_stack.libpq_env(session)
@@ -69,8 +64,8 @@ def test_copy_to_stdout_equals_direct(dev_stack: Stack, gw_env):
     assert gw.stdout == dr.stdout
     assert (
         gw.stdout.count("\n")
-        == direct(dev_stack, "SELECT count(*) FROM products")[0][0]
-        + direct(dev_stack, "SELECT count(*) FROM accounts")[0][0]
+        == dev_stack.direct("SELECT count(*) FROM products")[0][0]
+        + dev_stack.direct("SELECT count(*) FROM accounts")[0][0]
     )
 
 
@@ -88,12 +83,12 @@ def test_gexec_and_gset_echo(dev_stack: Stack, gw_env):
     )
     gw = psql(gw_env, "-v", "ON_ERROR_STOP=1", "-A", "-t", script=script)
     assert gw.returncode == 0, gw.stderr
-    n, top = direct(dev_stack, "SELECT count(*), max(id) FROM accounts")[0]
+    n, top = dev_stack.direct("SELECT count(*), max(id) FROM accounts")[0]
     per_kind = [
         str(r[0])
-        for r in direct(dev_stack, "SELECT max(rate) FROM products GROUP BY kind ORDER BY kind")
+        for r in dev_stack.direct("SELECT max(rate) FROM products GROUP BY kind ORDER BY kind")
     ]
-    (count,) = direct(dev_stack, "SELECT count(*) FROM products")[0]
+    (count,) = dev_stack.direct("SELECT count(*) FROM products")[0]
     assert gw.stdout.splitlines() == [
         str(count),
         *per_kind,
@@ -106,8 +101,8 @@ def test_expanded_output_of_masked_row(dev_stack: Stack, gw_env):
     script = "\\x on\nSELECT id, full_name, ssn, email, phone FROM customers WHERE id = 1;\n"
     gw = psql(gw_env, "-v", "ON_ERROR_STOP=1", script=script)
     assert gw.returncode == 0, gw.stderr
-    full_name, email, phone = direct(
-        dev_stack, "SELECT full_name, email, phone FROM customers WHERE id = 1"
+    full_name, email, phone = dev_stack.direct(
+        "SELECT full_name, email, phone FROM customers WHERE id = 1"
     )[0]
     fields = {
         k.strip(): v.strip()
@@ -147,7 +142,7 @@ def test_watch_repeats(dev_stack: Stack, gw_env):
         text=True,
         timeout=30,
     )
-    (count,) = direct(dev_stack, "SELECT count(*) FROM products")[0]
+    (count,) = dev_stack.direct("SELECT count(*) FROM products")[0]
     values = [line for line in out.stdout.splitlines() if line.strip() == str(count)]
     assert len(values) >= 2, (out.stdout, out.stderr)
     assert "ERROR" not in out.stderr
@@ -164,7 +159,7 @@ def test_describe_products_equals_direct(dev_stack: Stack, gw_env):
 
 
 def test_multi_statement_with_refusal(dev_stack: Stack, gw_env):
-    (before,) = direct(dev_stack, "SELECT count(*) FROM products")[0]
+    (before,) = dev_stack.direct("SELECT count(*) FROM products")[0]
     # One -c string = one simple Query message: refused as a whole, nothing runs.
     whole = psql(
         gw_env,
@@ -192,7 +187,7 @@ def test_multi_statement_with_refusal(dev_stack: Stack, gw_env):
     )
     assert "deny-ddl" in sep.stderr
     assert sep.stdout.splitlines() == [str(before), MASKED_SSN]
-    assert direct(dev_stack, "SELECT count(*) FROM products")[0][0] == before
+    assert dev_stack.direct("SELECT count(*) FROM products")[0][0] == before
     # With ON_ERROR_STOP psql stops at the refusal and exits 3, as against PostgreSQL.
     stop = psql(
         gw_env,
@@ -209,8 +204,7 @@ def test_multi_statement_with_refusal(dev_stack: Stack, gw_env):
 
 def _running(stack: Stack, query: str) -> bool:
     return bool(
-        direct(
-            stack,
+        stack.direct(
             "SELECT 1 FROM pg_stat_activity WHERE state = 'active' AND query = "
             + psycopg.sql.quote(query),
         )

@@ -21,11 +21,6 @@ pytestmark = pytest.mark.integration
 MASKED_SSN = "***-**-6789"
 
 
-def direct(stack: Stack, sql: str, params: tuple = ()) -> list[tuple]:
-    with psycopg.connect(stack.admin_dsn) as conn:
-        return conn.execute(sql, params).fetchall()
-
-
 @pytest.fixture(scope="module")
 def gconn(session):  # noqa: F811
     with connect(session, autocommit=True) as conn:
@@ -44,7 +39,7 @@ QUERIES = [
 def test_text_and_binary_cursors_equal_direct(dev_stack: Stack, gconn, binary):
     cur = gconn.cursor(binary=binary)
     for sql, params in QUERIES:
-        assert cur.execute(sql, params).fetchall() == direct(dev_stack, sql, params), sql
+        assert cur.execute(sql, params).fetchall() == dev_stack.direct(sql, params), sql
     assert cur.execute("SELECT ssn, email FROM customers WHERE id = %s", (1,)).fetchone() == (
         MASKED_SSN,
         "a***@example.com",
@@ -61,7 +56,7 @@ def test_pipeline_many_statements(dev_stack: Stack, gconn):
         ssn_cur = gconn.cursor()
         ssn_cur.execute("SELECT ssn FROM customers WHERE id = %s", (1,))
     expected = {
-        r[0]: r for r in direct(dev_stack, "SELECT id, name, rate FROM products ORDER BY id")
+        r[0]: r for r in dev_stack.direct("SELECT id, name, rate FROM products ORDER BY id")
     }
     for pid, cur in curs:
         assert cur.fetchone() == expected[pid]
@@ -70,7 +65,7 @@ def test_pipeline_many_statements(dev_stack: Stack, gconn):
 
 def test_server_side_cursors(dev_stack: Stack, session):  # noqa: F811
     sql = "SELECT id, balance FROM accounts ORDER BY id"
-    expected = direct(dev_stack, sql)
+    expected = dev_stack.direct(sql)
     with connect(session) as conn:
         with conn.cursor(name="ss_plain") as cur:
             cur.itersize = 100
@@ -120,8 +115,7 @@ def test_copy_to_and_copy_from_stdin(dev_stack: Stack, session):  # noqa: F811
             ).fetchall()
             assert got == rows
             assert (
-                direct(
-                    dev_stack,
+                dev_stack.direct(
                     "SELECT name, kind, rate FROM products WHERE name LIKE %s ORDER BY name",
                     (tag + "%",),
                 )
@@ -132,7 +126,7 @@ def test_copy_to_and_copy_from_stdin(dev_stack: Stack, session):  # noqa: F811
     finally:
         with psycopg.connect(dev_stack.admin_dsn) as admin:
             admin.execute("DELETE FROM products WHERE name LIKE %s", (tag + "%",))
-    assert direct(dev_stack, "SELECT count(*) FROM products WHERE name LIKE %s", (tag + "%",)) == [
+    assert dev_stack.direct("SELECT count(*) FROM products WHERE name LIKE %s", (tag + "%",)) == [
         (0,)
     ]
 
@@ -188,8 +182,7 @@ def test_executemany(dev_stack: Stack, session):  # noqa: F811
         assert returned == [Decimal("0.5"), Decimal("1.5"), Decimal("2.5")]
         assert [
             r[0]
-            for r in direct(
-                dev_stack,
+            for r in dev_stack.direct(
                 "SELECT rate FROM products WHERE name LIKE %s ORDER BY name",
                 (tag + "%",),
             )
@@ -228,8 +221,8 @@ def test_nested_savepoints_with_refusal(dev_stack: Stack, session):  # noqa: F81
                     "SELECT name FROM products WHERE name LIKE %s ORDER BY name", (tag + "%",)
                 ).fetchall()
                 assert names == [(tag + "-a",), (tag + "-b",)]
-        assert direct(
-            dev_stack, "SELECT name FROM products WHERE name LIKE %s ORDER BY name", (tag + "%",)
+        assert dev_stack.direct(
+            "SELECT name FROM products WHERE name LIKE %s ORDER BY name", (tag + "%",)
         ) == [(tag + "-a",), (tag + "-b",)]
     finally:
         with psycopg.connect(dev_stack.admin_dsn) as admin:
@@ -268,7 +261,7 @@ def test_ascii_queries_after_set_client_encoding(dev_stack: Stack, session):  # 
         conn.execute("SET client_encoding TO 'LATIN1'")
         got = conn.execute("SELECT id, name FROM products ORDER BY id").fetchall()
         conn.execute("RESET client_encoding")
-    assert got == direct(dev_stack, "SELECT id, name FROM products ORDER BY id")
+    assert got == dev_stack.direct("SELECT id, name FROM products ORDER BY id")
 
 
 def test_non_utf8_client_encoding_like_direct(dev_stack: Stack, session):  # noqa: F811
@@ -288,12 +281,11 @@ def test_binary_copy_from_and_prepared_pipeline(dev_stack: Stack, gconn):
             cp.set_types(["text", "text", "numeric"])
             for i in range(3):
                 cp.write_row((f"{tag}-{i}", "test", Decimal(f"{i}.75")))
-        assert direct(
-            dev_stack,
+        assert dev_stack.direct(
             "SELECT name, rate FROM products WHERE name LIKE %s ORDER BY name",
             (tag + "%",),
         ) == [(f"{tag}-{i}", Decimal(f"{i}.75")) for i in range(3)]
-        expected = dict(direct(dev_stack, "SELECT id, name FROM products"))
+        expected = dict(dev_stack.direct("SELECT id, name FROM products"))
         for _ in range(2):  # second round runs the server-prepared statements
             with gconn.pipeline():
                 curs = [

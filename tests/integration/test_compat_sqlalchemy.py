@@ -31,11 +31,6 @@ class Product(Base):
     rate: orm.Mapped[Decimal] = orm.mapped_column(sa.Numeric(5, 2))
 
 
-def direct(stack: Stack, sql: str, params: tuple = ()) -> list[tuple]:
-    with psycopg.connect(stack.admin_dsn) as conn:
-        return conn.execute(sql, params).fetchall()
-
-
 @pytest.fixture(scope="module")
 def engine(dev_stack: Stack, session):  # noqa: F811
     url = sa.URL.create(
@@ -53,7 +48,7 @@ def engine(dev_stack: Stack, session):  # noqa: F811
 
 
 def test_orm_and_core_select_equal_direct(dev_stack: Stack, engine):
-    expected = direct(dev_stack, "SELECT id, name, kind, rate FROM products ORDER BY id")
+    expected = dev_stack.direct("SELECT id, name, kind, rate FROM products ORDER BY id")
     with orm.Session(engine) as s:
         got = [
             (p.id, p.name, p.kind, p.rate)
@@ -66,11 +61,11 @@ def test_orm_and_core_select_equal_direct(dev_stack: Stack, engine):
         rows = conn.execute(
             sa.select(t.c.id, t.c.rate).where(t.c.rate > 1).order_by(t.c.rate.desc(), t.c.id)
         ).all()
-        assert [tuple(r) for r in rows] == direct(
-            dev_stack, "SELECT id, rate FROM products WHERE rate > 1 ORDER BY rate DESC, id"
+        assert [tuple(r) for r in rows] == dev_stack.direct(
+            "SELECT id, rate FROM products WHERE rate > 1 ORDER BY rate DESC, id"
         )
         agg = conn.execute(sa.select(sa.func.count(), sa.func.sum(t.c.rate))).one()
-        assert tuple(agg) == direct(dev_stack, "SELECT count(*), sum(rate) FROM products")[0]
+        assert tuple(agg) == dev_stack.direct("SELECT count(*), sum(rate) FROM products")[0]
 
 
 def test_text_with_bound_params(dev_stack: Stack, engine):
@@ -82,8 +77,7 @@ def test_text_with_bound_params(dev_stack: Stack, engine):
             ),
             {"lo": 10, "hi": 30},
         ).all()
-        assert [tuple(r) for r in rows] == direct(
-            dev_stack,
+        assert [tuple(r) for r in rows] == dev_stack.direct(
             "SELECT a.id, a.balance, c.full_name FROM accounts a JOIN customers c "
             "ON c.id = a.customer_id WHERE a.id BETWEEN 10 AND 30 ORDER BY a.id",
         )
@@ -97,7 +91,7 @@ def test_text_with_bound_params(dev_stack: Stack, engine):
         names = conn.execute(expanding, {"ids": [1, 4, 7]}).scalars().all()
         assert names == [
             r[0]
-            for r in direct(dev_stack, "SELECT name FROM products WHERE id IN (1,4,7) ORDER BY id")
+            for r in dev_stack.direct("SELECT name FROM products WHERE id IN (1,4,7) ORDER BY id")
         ]
 
 
@@ -114,8 +108,7 @@ def test_insert_update_delete_in_transaction(dev_stack: Stack, engine):
                 sa.update(Product).where(Product.name == f"{tag}-1").values(rate=Decimal("9.99"))
             )
             s.execute(sa.delete(Product).where(Product.name == f"{tag}-2"))
-        assert direct(
-            dev_stack,
+        assert dev_stack.direct(
             "SELECT id, name, rate FROM products WHERE name LIKE %s ORDER BY id",
             (tag + "%",),
         ) == [(ids[0], f"{tag}-0", Decimal(0)), (ids[1], f"{tag}-1", Decimal("9.99"))]
@@ -124,9 +117,7 @@ def test_insert_update_delete_in_transaction(dev_stack: Stack, engine):
             with engine.begin() as conn:
                 conn.execute(sa.delete(Product.__table__).where(Product.name == f"{tag}-0"))
                 conn.execute(sa.text("DROP TABLE products"))
-        assert (
-            len(direct(dev_stack, "SELECT 1 FROM products WHERE name LIKE %s", (tag + "%",))) == 2
-        )
+        assert len(dev_stack.direct("SELECT 1 FROM products WHERE name LIKE %s", (tag + "%",))) == 2
         with engine.begin() as conn:
             res = conn.execute(sa.delete(Product.__table__).where(Product.name.like(tag + "%")))
             assert res.rowcount == 2
