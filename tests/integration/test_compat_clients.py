@@ -4,7 +4,6 @@ each compared with the same statements sent directly to PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
-import ssl
 import subprocess
 
 import pytest
@@ -19,17 +18,10 @@ MASKED_SSN = "***-**-6789"
 def test_asyncpg_prepared_binary_copy_and_refusal(dev_stack: Stack, session):  # noqa: F811
     import asyncpg
 
-    ctx = ssl.create_default_context(cafile=dev_stack.status["gateway_ca"])
+    from tests.integration.test_compat_asyncpg import gw
 
     async def scenario():
-        conn = await asyncpg.connect(
-            host=session["gateway_host"],
-            port=session["gateway_port"],
-            user=session["user"],
-            password=session["password"],
-            database=session["database"],
-            ssl=ctx,
-        )
+        conn = await gw(dev_stack, session, tls=True)
         try:
             stmt = await conn.prepare(
                 "SELECT id, name, rate FROM products WHERE id <= $1 ORDER BY id"
@@ -69,15 +61,9 @@ def test_asyncpg_prepared_binary_copy_and_refusal(dev_stack: Stack, session):  #
 def test_sqlalchemy_core_and_reflection(dev_stack: Stack, session):  # noqa: F811
     import sqlalchemy as sa
 
-    url = sa.URL.create(
-        "postgresql+psycopg",
-        username=session["user"],
-        password=session["password"],
-        host=session["gateway_host"],
-        port=session["gateway_port"],
-        database=session["database"],
-        query={"sslmode": "disable"},
-    )
+    from tests.integration.test_compat_sqlalchemy import gateway_url
+
+    url = gateway_url(session, sslmode="disable")
     engine = sa.create_engine(url)
     try:
         with engine.connect() as conn:

@@ -31,17 +31,22 @@ class Product(Base):
     rate: orm.Mapped[Decimal] = orm.mapped_column(sa.Numeric(5, 2))
 
 
+def gateway_url(sess: dict, **query: str) -> sa.URL:
+    """SQLAlchemy URL of the gateway for session `sess` (psycopg 3 driver)."""
+    return sa.URL.create(
+        "postgresql+psycopg",
+        username=sess["user"],
+        password=sess["password"],
+        host=sess["gateway_host"],
+        port=sess["gateway_port"],
+        database=sess["database"],
+        query=query,
+    )
+
+
 @pytest.fixture(scope="module")
 def engine(dev_stack: Stack, session):  # noqa: F811
-    url = sa.URL.create(
-        "postgresql+psycopg",
-        username=session["user"],
-        password=session["password"],
-        host=session["gateway_host"],
-        port=session["gateway_port"],
-        database=session["database"],
-        query={"sslmode": "verify-full", "sslrootcert": dev_stack.status["gateway_ca"]},
-    )
+    url = gateway_url(session, sslmode="verify-full", sslrootcert=dev_stack.status["gateway_ca"])
     eng = sa.create_engine(url, pool_size=2)
     yield eng
     eng.dispose()
