@@ -103,21 +103,25 @@ def test_extended_protocol_refuses(sql):
     assert sql not in repr(sent)
 
 
-def test_literal_sensitive_statements_are_decided_on_their_exact_text():
-    # The gate reuses decisions of a statement's normalized form only when they allow; a
-    # harmless spelling must not open the door for a dangerous one of the same shape.
+def _allowed_then_refused(allowed: str, *refused: str) -> None:
+    """`allowed` is forwarded as it is; each of `refused`, sent after it, is not."""
     proxy, _ = make()
-    harmless = "SELECT set_config('application_name', 'report', false)"
-    sent = to_server(proxy.from_client(wire(m.Query(harmless))))
-    assert sent == [m.Query(harmless)]
+    assert to_server(proxy.from_client(wire(m.Query(allowed)))) == [m.Query(allowed)]
     proxy.from_server(wire(m.CommandComplete("SELECT 1"), m.ReadyForQuery(b"I")))
-    for sql in (
-        "SELECT set_config('role', 'postgres', false)",
-        "SELECT set_config('session_authorization', 'postgres', false)",
-    ):
+    for sql in refused:
         sent = to_server(proxy.from_client(wire(m.Query(sql))))
         assert sent[0].sql.startswith("guard_refused_"), sql
         proxy.from_server(wire(m.ErrorResponse.build("42601", "x"), m.ReadyForQuery(b"I")))
+
+
+def test_literal_sensitive_statements_are_decided_on_their_exact_text():
+    # The gate reuses decisions of a statement's normalized form only when they allow; a
+    # harmless spelling must not open the door for a dangerous one of the same shape.
+    _allowed_then_refused(
+        "SELECT set_config('application_name', 'report', false)",
+        "SELECT set_config('role', 'postgres', false)",
+        "SELECT set_config('session_authorization', 'postgres', false)",
+    )
 
 
 def test_inlined_literals_share_one_allow_decision():
@@ -134,17 +138,11 @@ def test_positional_sort_does_not_share_an_allowed_decision():
     # ORDER BY 1 (an unprotected column) is allowed; ORDER BY 2 sorts by ssn, an oracle.
     # Inlined constants share a decision through the normalized text, which must keep
     # sort and group positions as they are.
-    proxy, _ = make()
-    allowed = "SELECT id, ssn FROM customers ORDER BY 1"
-    assert to_server(proxy.from_client(wire(m.Query(allowed)))) == [m.Query(allowed)]
-    proxy.from_server(wire(m.CommandComplete("SELECT 1"), m.ReadyForQuery(b"I")))
-    for sql in (
+    _allowed_then_refused(
+        "SELECT id, ssn FROM customers ORDER BY 1",
         "SELECT id, ssn FROM customers ORDER BY 2",
         "SELECT ssn, id FROM customers GROUP BY 1, 2 ORDER BY 1",
-    ):
-        sent = to_server(proxy.from_client(wire(m.Query(sql))))
-        assert sent[0].sql.startswith("guard_refused_"), sql
-        proxy.from_server(wire(m.ErrorResponse.build("42601", "x"), m.ReadyForQuery(b"I")))
+    )
 
 
 def _statements(audit) -> list[dict]:
