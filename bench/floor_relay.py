@@ -13,12 +13,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +22,9 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import GUARD, admin_env, cpu_seconds, pgbench, sh  # noqa: E402
+from run import admin_env, cpu_seconds, demo_stack, pgbench, sh  # noqa: E402
+
+from guard.devstack.postgres import free_port  # noqa: E402
 
 
 def relay(upstream_host: str, upstream_port: int, listen_port: int) -> None:
@@ -77,32 +75,23 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=6)
     ap.add_argument("--clients", type=int, default=8)
     args = ap.parse_args()
-    home = tempfile.mkdtemp(prefix="guard-floor-")
-    env = {**os.environ, "GUARD_HOME": home, "GUARD_KEYRING": "file"}
-    sh([*GUARD, "dev", "up", "--detach"], env=env)
-    proc = None
-    try:
-        status = json.loads(sh([*GUARD, "dev", "status", "--json"], env=env).stdout)
+    with demo_stack() as (_env, status):
         admin = psycopg.conninfo.conninfo_to_dict(status["upstream_dsn"])
         pg_env = admin_env(status, sslmode="disable")
         sh(["pgbench", "-i", "-q", "-s", "10"], env=pg_env)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        proc = subprocess.Popen(
-            [sys.executable, __file__, "--relay", admin["host"], str(admin["port"]), str(port)]
-        )
-        time.sleep(1.0)
-        relay_env = {**pg_env, "PGHOST": "127.0.0.1", "PGPORT": str(port)}
-        before = cpu_seconds(proc.pid)
-        tps, n = pgbench(relay_env, ["-S", "-M", "simple"], args.seconds, args.clients)
-        us = (cpu_seconds(proc.pid) - before) / max(n, 1) * 1e6
-        direct, _ = pgbench(pg_env, ["-S", "-M", "simple"], args.seconds, args.clients)
-        print(f"-S simple: direct {direct:.0f} tps, relay {tps:.0f} tps, relay {us:.1f} µs/tx")
-    finally:
-        if proc is not None:
+        port = free_port()
+        relay_argv = ["--relay", admin["host"], str(admin["port"]), str(port)]
+        proc = subprocess.Popen([sys.executable, __file__, *relay_argv])
+        try:
+            time.sleep(1.0)
+            relay_env = {**pg_env, "PGHOST": "127.0.0.1", "PGPORT": str(port)}
+            before = cpu_seconds(proc.pid)
+            tps, n = pgbench(relay_env, ["-S", "-M", "simple"], args.seconds, args.clients)
+            us = (cpu_seconds(proc.pid) - before) / max(n, 1) * 1e6
+            direct, _ = pgbench(pg_env, ["-S", "-M", "simple"], args.seconds, args.clients)
+        finally:
             proc.kill()
-        subprocess.run([*GUARD, "dev", "down"], env=env, capture_output=True)
+        print(f"-S simple: direct {direct:.0f} tps, relay {tps:.0f} tps, relay {us:.1f} µs/tx")
     return 0
 
 

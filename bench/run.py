@@ -18,6 +18,7 @@ Numbers on a shared 2-core machine are noisy: compare ratios within one run, not
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -26,10 +27,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import psycopg
+
+from guard.devstack.postgres import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 GUARD = [sys.executable, "-m", "guard.cli.main"]
@@ -59,21 +63,46 @@ def pgbench(env: dict[str, str], args: list[str], seconds: int, clients: int) ->
     return float(TPS.search(out.stdout).group(1)), int(TXNS.search(out.stdout).group(1))
 
 
-def admin_env(status: dict, *, sslmode: str) -> dict[str, str]:
-    """libpq environment for the demo database as its admin (from `guard dev status`)."""
-    admin = psycopg.conninfo.conninfo_to_dict(status["upstream_dsn"])
+def libpq_env(host, port, user: str, password: str, *, sslmode: str, rootcert: str = ""):
+    """pgbench's environment for the demo database at host:port."""
     env = {
         **os.environ,
-        "PGHOST": admin["host"],
-        "PGPORT": str(admin["port"]),
-        "PGUSER": admin["user"],
-        "PGPASSWORD": admin["password"],
+        "PGHOST": str(host),
+        "PGPORT": str(port),
+        "PGUSER": user,
+        "PGPASSWORD": password,
         "PGDATABASE": "demo",
         "PGSSLMODE": sslmode,
     }
-    if sslmode.startswith("verify"):
-        env["PGSSLROOTCERT"] = status["gateway_ca"]
+    if rootcert:
+        env["PGSSLROOTCERT"] = rootcert
     return env
+
+
+def admin_env(status: dict, *, sslmode: str) -> dict[str, str]:
+    """libpq environment for the demo database as its admin (from `guard dev status`)."""
+    admin = psycopg.conninfo.conninfo_to_dict(status["upstream_dsn"])
+    rootcert = status["gateway_ca"] if sslmode.startswith("verify") else ""
+    return libpq_env(
+        admin["host"],
+        admin["port"],
+        admin["user"],
+        admin["password"],
+        sslmode=sslmode,
+        rootcert=rootcert,
+    )
+
+
+@contextlib.contextmanager
+def demo_stack(*up_args: str) -> Iterator[tuple[dict[str, str], dict]]:
+    """`guard dev up` in a throwaway GUARD_HOME: (its env, its status); `dev down` after."""
+    home = tempfile.mkdtemp(prefix="guard-bench-")
+    env = {**os.environ, "GUARD_HOME": home, "GUARD_KEYRING": "file"}
+    sh([*GUARD, "dev", "up", "--detach", *up_args], env=env)
+    try:
+        yield env, json.loads(sh([*GUARD, "dev", "status", "--json"], env=env).stdout)
+    finally:
+        subprocess.run([*GUARD, "dev", "down"], env=env, capture_output=True)
 
 
 def ensure_pgbouncer() -> str:
@@ -93,11 +122,7 @@ def start_pgbouncer(
     host: str, port: int, user: str, password: str, ca_file: str
 ) -> tuple[subprocess.Popen, int, str]:
     workdir = Path(tempfile.mkdtemp(prefix="guard-bench-pgb-"))
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        listen = s.getsockname()[1]
+    listen = free_port()
     (workdir / "users.txt").write_text(f'"{user}" "{password}"\n')
     shutil.copy(ca_file, workdir / "ca.pem")
     (workdir / "pgbouncer.ini").write_text(
@@ -154,12 +179,13 @@ def main() -> int:
     )
     args = ap.parse_args()
 
-    home = tempfile.mkdtemp(prefix="guard-bench-")
-    env = {**os.environ, "GUARD_HOME": home, "GUARD_KEYRING": "file"}
-    sh([*GUARD, "dev", "up", "--detach", "--policy", str(ROOT / "bench/policies.yaml")], env=env)
+    with demo_stack("--policy", str(ROOT / "bench/policies.yaml")) as (env, status):
+        return _compare(args, env, status)
+
+
+def _compare(args: argparse.Namespace, env: dict[str, str], status: dict) -> int:
     pgb = None
     try:
-        status = json.loads(sh([*GUARD, "dev", "status", "--json"], env=env).stdout)
         admin = psycopg.conninfo.conninfo_to_dict(status["upstream_dsn"])
         # Direct clients get the same hop guard and pgbouncer use: verified TLS.
         direct_env = admin_env(status, sslmode="verify-full")
@@ -176,15 +202,13 @@ def main() -> int:
             headers={"Authorization": f"Bearer {token}"},
             timeout=30,
         ).json()
-        guard_env = {
-            **os.environ,
-            "PGHOST": session["gateway_host"],
-            "PGPORT": str(session["gateway_port"]),
-            "PGUSER": session["user"],
-            "PGPASSWORD": session["password"],
-            "PGDATABASE": "demo",
-            "PGSSLMODE": "disable",
-        }
+        guard_env = libpq_env(
+            session["gateway_host"],
+            session["gateway_port"],
+            session["user"],
+            session["password"],
+            sslmode="disable",
+        )
         pgb, pgb_port, pgb_dir = start_pgbouncer(
             admin["host"],
             int(admin["port"]),
@@ -277,7 +301,6 @@ def main() -> int:
     finally:
         if pgb is not None:
             pgb.terminate()
-        subprocess.run([*GUARD, "dev", "down"], env=env, capture_output=True)
     return 0
 
 
