@@ -41,7 +41,8 @@ def utc_now_iso() -> str:
 
 
 # A ResultRecord's own fields, in order: the hot path queues just these values (a tuple)
-# and the sink builds the record body when it writes the batch (`result_body`).
+# and the sink builds the record body when it writes the batch (`result_body`; a test
+# holds both to the ResultRecord dataclass).
 RESULT_FIELDS = (
     "session_id",
     "connection_id",
@@ -56,36 +57,24 @@ RESULT_FIELDS = (
 
 def result_body(values: tuple[Any, ...], time: str) -> dict[str, Any]:
     """The body of the ResultRecord with these RESULT_FIELDS values, written at `time`."""
-    body = dict(zip(RESULT_FIELDS, values, strict=True))
-    body["kind"] = "result"
-    body["time"] = time
-    return body
+    session, connection, seq, outcome, tag, rows, masked, sqlstate = values
+    return {
+        "session_id": session,
+        "connection_id": connection,
+        "statement_seq": seq,
+        "outcome": outcome,
+        "command_tag": tag,
+        "rows": rows,
+        "masked_cells": masked,
+        "sqlstate": sqlstate,
+        "kind": "result",
+        "time": time,
+    }
 
 
 def result_bodies(queued: list[tuple[tuple[Any, ...], int]]) -> list[dict[str, Any]]:
-    """`result_body` of each (values, time in ns): the batch writer's loop, kept tight."""
-    bodies = []
-    second, prefix = -1, ""
-    for (session, connection, seq, outcome, tag, rows, masked, sqlstate), ns in queued:
-        micros = ns // 1000
-        if micros // 1_000_000 != second:
-            second = micros // 1_000_000
-            prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        bodies.append(
-            {
-                "session_id": session,
-                "connection_id": connection,
-                "statement_seq": seq,
-                "outcome": outcome,
-                "command_tag": tag,
-                "rows": rows,
-                "masked_cells": masked,
-                "sqlstate": sqlstate,
-                "kind": "result",
-                "time": f"{prefix}.{micros % 1_000_000:06d}Z",
-            }
-        )
-    return bodies
+    """`result_body` of each (values, time in ns), as the batch writer needs them."""
+    return [result_body(values, iso_from_ns(ns)) for values, ns in queued]
 
 
 def expand(body: dict[str, Any]) -> list[dict[str, Any]]:
