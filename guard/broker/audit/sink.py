@@ -45,14 +45,12 @@ except ImportError:  # pragma: no cover - orjson is a declared dependency
         return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def fixed_fields(record: Recordable, *, only: tuple[str, ...] | None = None) -> bytes:
-    """The record's fields (or `only` these) but `seq` and `time`, serialized, unclosed.
+def fixed_fields(record: Recordable) -> bytes:
+    """The record's fields but `seq` and `time`, serialized, without the closing brace.
 
     `append_fixed` completes it with `,"seq":N,"time":"..."}`; the result is a JSON object.
     """
     body = record.to_body()
-    if only is not None:
-        body = {name: body[name] for name in only}
     body.pop("time", None)
     body.pop("seq", None)
     return _serialize(body)[:-1]
