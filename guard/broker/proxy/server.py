@@ -303,7 +303,7 @@ class Gateway:
             except upstream.UpstreamError as exc:
                 log.warning("upstream connection for session %s failed: %s", session.id, exc)
                 return
-            pump.start(_drain_reader(creader) + parser.unconsumed(), server_pending)
+            pump.start(upstream.take_stream_buffer(creader) + parser.unconsumed(), server_pending)
             if session.ended:
                 handle.close("session ended")
             await pump.done
@@ -311,14 +311,6 @@ class Gateway:
             session.connections.discard(handle)
             self._cancel_keys.pop(key_id, None)
             pump.close()
-
-
-def _drain_reader(reader: asyncio.StreamReader) -> bytes:
-    """Bytes a StreamReader holds but nobody read yet (handed over to the pump)."""
-    buffer = reader._buffer  # noqa: SLF001 - no public API to take over a stream's buffer
-    data = bytes(buffer)
-    buffer.clear()
-    return data
 
 
 class _Handle:

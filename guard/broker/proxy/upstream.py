@@ -78,39 +78,44 @@ class Wire:
 
     async def read(self) -> bytes:
         """Next plaintext bytes; b"" at end of stream."""
+        if self.tls is None:
+            return await self.reader.read(65536)
+        data = b""  # records already buffered come first
         while True:
-            try:
-                if self.tls is not None:
-                    plain = self.tls.decrypt()  # records already buffered come first
-                    if plain:
-                        return plain
-                data = await self.reader.read(65536)
-                if not data or self.tls is None:
-                    return data
-                plain = self.tls.decrypt(data)
-            except TLSClosed:
-                return b""
-            except ssl.SSLError as exc:
-                raise UpstreamError(f"TLS to the database failed: {exc.reason or exc}") from exc
+            plain = self._decrypt(data)
+            if plain is None:
+                return b""  # the server ended TLS
             if plain:
                 return plain
+            data = await self.reader.read(65536)
+            if not data:
+                return b""
 
     def take_buffered(self) -> bytes:
         """Plaintext of everything received but not yet read (handed over to the pump)."""
-        buffer = self.reader._buffer  # noqa: SLF001 - no public API to take over the buffer
-        data = bytes(buffer)
-        buffer.clear()
-        if self.tls is None:
-            return data
+        data = take_stream_buffer(self.reader)
+        return data if self.tls is None else self._decrypt(data) or b""
+
+    def _decrypt(self, data: bytes) -> bytes | None:
+        """Plaintext of the complete records so far; None once the server ended TLS."""
+        assert self.tls is not None
         try:
             return self.tls.decrypt(data)
         except TLSClosed:
-            return b""
+            return None
         except ssl.SSLError as exc:
             raise UpstreamError(f"TLS to the database failed: {exc.reason or exc}") from exc
 
     def close(self) -> None:
         self.writer.close()
+
+
+def take_stream_buffer(reader: asyncio.StreamReader) -> bytes:
+    """Bytes a StreamReader holds but nobody read yet (handed over to the pump)."""
+    buffer = reader._buffer  # noqa: SLF001 - no public API to take over a stream's buffer
+    data = bytes(buffer)
+    buffer.clear()
+    return data
 
 
 @dataclass
