@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -145,7 +146,8 @@ def start_pgbouncer(
     return proc, listen, str(workdir)
 
 
-def copy_and_select(conninfo: str) -> tuple[float, float]:
+def copy_and_select(conninfo: str, broker_pid: int) -> tuple[float, float, float]:
+    """Seconds for COPY TO and for SELECT *, and the broker's CPU seconds between them."""
     with psycopg.connect(conninfo) as conn:
         start = time.perf_counter()
         n = 0
@@ -153,6 +155,7 @@ def copy_and_select(conninfo: str) -> tuple[float, float]:
             for chunk in copy:
                 n += len(chunk)
         copy_s = time.perf_counter() - start
+        between = cpu_seconds(broker_pid)
         start = time.perf_counter()
         rows = 0
         with conn.cursor(name="bench") as cur:
@@ -161,7 +164,7 @@ def copy_and_select(conninfo: str) -> tuple[float, float]:
             for _ in cur:
                 rows += 1
         select_s = time.perf_counter() - start
-    return copy_s, select_s
+    return copy_s, select_s, between
 
 
 def main() -> int:
@@ -171,6 +174,7 @@ def main() -> int:
     ap.add_argument("--scale", type=int, default=10)
     ap.add_argument("--only", action="append", help="run only workloads whose label starts so")
     ap.add_argument("--no-bulk", action="store_true", help="skip the COPY / SELECT * runs")
+    ap.add_argument("--bulk-runs", type=int, default=3, help="runs per path (median kept)")
     ap.add_argument(
         "--profile",
         metavar="FILE",
@@ -287,16 +291,25 @@ def _compare(args: argparse.Namespace, env: dict[str, str], status: dict) -> int
             )
 
         rows = args.scale * 100_000
-        results = {
-            name: copy_and_select(dsn(e))
-            for name, e in (("direct", direct_env), ("pgbouncer", pgb_env), ("guard", guard_env))
-        }
+        # One-shot bulk runs vary by ±5% on a shared machine: interleave the paths and keep
+        # each path's median time, and the gateway's CPU time per row of its median run.
+        times: dict[str, list[tuple[float, float]]] = {"direct": [], "pgbouncer": [], "guard": []}
+        cpu: list[tuple[float, float]] = []
+        for _ in range(args.bulk_runs):
+            for name, e in (("direct", direct_env), ("pgbouncer", pgb_env), ("guard", guard_env)):
+                before = cpu_seconds(broker_pid)
+                copy_s, select_s, cpu_split = copy_and_select(dsn(e), broker_pid)
+                times[name].append((copy_s, select_s))
+                if name == "guard":
+                    cpu.append((cpu_split - before, cpu_seconds(broker_pid) - cpu_split))
         for i, what in enumerate(("COPY TO", "SELECT *")):
-            d, b, g = (results[k][i] for k in ("direct", "pgbouncer", "guard"))
+            d, b, g = (statistics.median(t[i] for t in times[k]) for k in times)
+            gw_ns = statistics.median(c[i] for c in cpu) / rows * 1e9
             print(
                 f"{what + f' {rows // 1000}k':<14} {rows / d:9.0f} {rows / b:10.0f} "
                 f"{rows / g:9.0f} "
-                f"{d / g:9.2f} {b / g:7.2f}   rows/s"
+                f"{d / g:9.2f} {b / g:7.2f} {gw_ns:6.0f} ns/row (rows/s, median of "
+                f"{args.bulk_runs})"
             )
     finally:
         if pgb is not None:
