@@ -48,7 +48,7 @@ def _agree(fast, slow) -> None:
 @given(BODIES)
 def test_execute_portal(body):
     frame = _frame(b"E", body)
-    _agree(lambda: execute_portal(frame), lambda: decode_frontend(frame).portal)
+    _agree(lambda: execute_portal(frame.raw), lambda: decode_frontend(frame).portal)
 
 
 @given(BODIES, st.sampled_from([b"D", b"C"]))
@@ -56,7 +56,7 @@ def test_describe_and_close_target(body, tag):
     frame = _frame(tag, body)
     what = "Describe" if tag == b"D" else "Close"
     _agree(
-        lambda: describe_target(frame, what),
+        lambda: describe_target(frame.raw, what),
         lambda: (lambda msg: (msg.kind, msg.name))(decode_frontend(frame)),
     )
 
@@ -64,10 +64,10 @@ def test_describe_and_close_target(body, tag):
 @given(BODIES)
 def test_query_text(body):
     frame = _frame(b"Q", body)
-    _agree(lambda: cstring_body(frame, "Query"), lambda: decode_frontend(frame).sql)
+    _agree(lambda: cstring_body(frame.raw, "Query"), lambda: decode_frontend(frame).sql)
 
 
 @given(BODIES)
 def test_command_complete_tag(body):
     frame = _frame(b"C", body, backend=True)
-    _agree(lambda: cstring_body(frame, "CommandComplete"), lambda: decode_backend(frame).tag)
+    _agree(lambda: cstring_body(frame.raw, "CommandComplete"), lambda: decode_backend(frame).tag)

@@ -400,3 +400,112 @@ def test_mutated_and_truncated_client_streams(position: int, byte: int, cut: int
     parser = FrontendParser()
     parser.feed(bytes(data[:cut]))
     _drain(parser)
+
+
+# ------------------------------------------------------- drain(): the relay's framing
+def _split(parser: FrontendParser | BackendParser, chunks: list[bytes]):
+    """Feed chunk by chunk; (every framed message's bytes, the error that ended it or None)."""
+    out: list[bytes] = []
+    for chunk in chunks:
+        parser.feed(chunk)
+        try:
+            while (frame := parser.next_frame()) is not NEED_DATA:
+                out.append(bytes(frame.raw))
+        except ProtocolError as err:
+            return out, str(err)
+    return out, None
+
+
+def _drained(parser: FrontendParser | BackendParser, chunks: list[bytes], run_tags: bytes):
+    """The same through drain(), with its runs split back into messages."""
+    out: list[bytes] = []
+    for chunk in chunks:
+        parser.feed(chunk)
+        views, error = parser.drain()
+        for view in views:
+            raw = bytes(view)
+            pos = 0
+            while pos < len(raw):
+                (length,) = struct.unpack_from("!i", raw, pos + 1)
+                out.append(raw[pos : pos + 1 + length])
+                # Only run types are joined, and only same-type messages into one run.
+                assert pos == 0 or raw[pos] == raw[0] and chr(raw[0]) in run_tags.decode()
+                pos += 1 + length
+        if error is not None:
+            # The same error comes again: a caller cannot skip over the bad message.
+            assert str(parser.drain()[1]) == str(error)
+            return out, str(error)
+    return out, None
+
+
+_LIMIT = 256
+
+# Streams built from whole messages (runs of rows and COPY data among them) and a byte or
+# two of damage, cut into arbitrary chunks, so that framing, joining queued chunks, runs and
+# every error path come up.
+_BACKEND_PIECES = [
+    _tagged(b"D", b"\x00\x01\x00\x00\x00\x01x"),
+    _tagged(b"D", b"\x00\x00"),
+    _tagged(b"d", b"a,b\n"),
+    _tagged(b"C", b"SELECT 2\x00"),
+    _tagged(b"Z", b"I"),
+    _tagged(b"D", b"\x00" * 200),
+    _tagged(b"D", b"\x00" * 300),  # over the test's limit, and whole in the buffer
+    b"D\x00\x00\x00\x02",  # length below four
+    b"?\x00\x00\x00\x04",  # unknown type
+    b"D\x7f\x00\x00\x00",  # over the limit
+]
+_FRONTEND_PIECES = [
+    _tagged(b"Q", b"select 1\x00"),
+    _tagged(b"D", b"Ps\x00"),
+    _tagged(b"d", b"1\t2\n"),
+    _tagged(b"d", b"x" * 200),
+    _tagged(b"d", b"x" * 300),  # over the limit
+    _tagged(b"S", b""),
+    b"D\x00\x00\x00\x01",
+    b"\x00\x00\x00\x00\x08",
+]
+
+
+def _cut(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({min(c, len(data)) for c in cuts})
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    pieces=st.lists(st.integers(0, len(_BACKEND_PIECES) - 1), max_size=12),
+    cuts=st.lists(st.integers(0, 4000), max_size=6),
+)
+def test_backend_drain_frames_exactly_what_next_frame_does(pieces, cuts) -> None:
+    chunks = _cut(b"".join(_BACKEND_PIECES[i] for i in pieces), cuts)
+    assert _drained(BackendParser(max_message_size=_LIMIT), chunks, b"Dd") == _split(
+        BackendParser(max_message_size=_LIMIT), chunks
+    )
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    pieces=st.lists(st.integers(0, len(_FRONTEND_PIECES) - 1), max_size=12),
+    cuts=st.lists(st.integers(0, 4000), max_size=6),
+)
+def test_frontend_drain_frames_exactly_what_next_frame_does(pieces, cuts) -> None:
+    chunks = _cut(b"".join(_FRONTEND_PIECES[i] for i in pieces), cuts)
+    assert _drained(
+        FrontendParser(expect_startup=False, max_message_size=_LIMIT), chunks, b"d"
+    ) == _split(FrontendParser(expect_startup=False, max_message_size=_LIMIT), chunks)
+
+
+def test_drain_joins_a_run_of_rows_into_one_view() -> None:
+    rows = [_tagged(b"D", b"\x00\x01\x00\x00\x00\x01" + bytes([48 + i])) for i in range(5)]
+    parser = BackendParser()
+    parser.feed(b"".join(rows) + _tagged(b"C", b"SELECT 5\x00") + rows[0][:3])
+    views, error = parser.drain()
+    assert error is None
+    assert [bytes(v) for v in views] == [b"".join(rows), _tagged(b"C", b"SELECT 5\x00")]
+    assert parser.buffered == 3  # the incomplete message waits for more
+
+
+def test_drain_is_for_the_tagged_phase() -> None:
+    with pytest.raises(RuntimeError, match="startup"):
+        FrontendParser().drain()

@@ -80,11 +80,22 @@ _set_tag = Frame.__dict__["tag"].__set__
 _set_raw = Frame.__dict__["raw"].__set__
 
 
+def frame_of(raw: memoryview) -> Frame:
+    """The Frame of one tagged message's raw view (as drain() returns it)."""
+    return _frame(raw[0], raw)
+
+
 def _frame(tag: int, raw: memoryview) -> Frame:
     frame: Frame = _new_object(Frame)
     _set_tag(frame, tag)
     _set_raw(frame, raw)
     return frame
+
+
+# Message types drain() joins into runs: result rows and COPY data, which need no per-message
+# decision. ('D' from a client is Describe, which does.)
+_BACKEND_RUNS: Final = frozenset({m.TAG_DATA_ROW, m.TAG_COPY_DATA})
+_FRONTEND_RUNS: Final = frozenset({m.TAG_COPY_DATA})
 
 
 def _tag_table(tags: frozenset[int]) -> bytes:
@@ -105,11 +116,13 @@ class _Framer:
     message in many small chunks is copied a bounded number of times, not once per chunk.
     """
 
-    __slots__ = ("_buf", "_pos", "_view", "_chunks", "_chunked", "_max", "_valid")
+    __slots__ = ("_buf", "_pos", "_view", "_chunks", "_chunked", "_max", "_valid", "_runs")
     _error: type[ProtocolError] = ProtocolError
     _side: str = ""
 
-    def __init__(self, max_message_size: int, valid_tags: frozenset[int]) -> None:
+    def __init__(
+        self, max_message_size: int, valid_tags: frozenset[int], run_tags: frozenset[int]
+    ) -> None:
         if max_message_size < 4:
             raise ValueError("max_message_size must be at least 4 (the length word)")
         self._buf = b""
@@ -119,6 +132,7 @@ class _Framer:
         self._chunked = 0
         self._max = max_message_size
         self._valid = _tag_table(valid_tags)
+        self._runs = _tag_table(run_tags)
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
@@ -149,34 +163,73 @@ class _Framer:
     def next_frame(self) -> Frame | NeedData:
         return self._next_tagged()
 
-    def take_run(self, tag: int, back: int = 0) -> memoryview | None:
-        """Consume consecutive complete messages of type `tag`; return them as one slice.
+    def drain(self) -> tuple[list[memoryview], ProtocolError | None]:
+        """Every complete tagged message buffered: the relay's hot path.
 
-        The bulk path of a relay: a result set's DataRows that need no inspection are
-        framed (every length word checked against the limit) but not split into Frames,
-        so a million rows cost one header read each and a single write. `back` is the
-        length of the frame next_frame() just returned: the slice then starts with it
-        (and is returned even when no message follows it).
+        Returns views of the raw messages (type byte and length word included) in order,
+        with consecutive messages of a *run* type (DataRow and CopyData from a server,
+        CopyData from a client) joined into one view: a million result rows are framed
+        (every length word checked against the limit) but cost one header read each and
+        are forwarded as a few slices. Views point into immutable buffers, valid forever.
+
+        A malformed message ends the list: its error is returned, not raised, so that the
+        caller can act on the well-formed messages before it (as it would have, had they
+        arrived in an earlier read) and then fail. The next drain() finds the same error.
         """
-        buf = self._buf
-        pos = self._pos
-        start = pos - back
+        out: list[memoryview] = []
+        append = out.append
+        buf, pos, view = self._buf, self._pos, self._view
         size = len(buf)
-        limit = self._max
+        valid, runs, limit = self._valid, self._runs, self._max
         unpack = _UNPACK_BI
-        try:
-            while True:  # one unpack per message: this loop runs once per result row
-                kind, length = unpack(buf, pos)
-                end = pos + 1 + length
-                if kind != tag or length < 4 or length > limit or end > size:
-                    break  # another message, a bad length (next_frame() says which), or short
-                pos = end
-        except struct.error:
-            pass  # fewer than 5 bytes left
-        if pos == start:
-            return None
+        while True:
+            if size - pos < 5:
+                if not self._join(pos, 5):
+                    break
+                buf, pos, view = self._buf, 0, self._view
+                size = len(buf)
+            kind, length = unpack(buf, pos)
+            if not valid[kind] or length < 4 or length > limit:
+                self._pos = pos
+                try:
+                    self._next_tagged()  # raises, with its message for this fault
+                except ProtocolError as err:
+                    return out, err
+                raise AssertionError("a malformed message framed")  # pragma: no cover
+            end = pos + 1 + length
+            if end > size:
+                if not self._join(pos, 1 + length):
+                    break
+                buf, pos, view = self._buf, 0, self._view
+                size = len(buf)
+                end = 1 + length
+            if runs[kind]:
+                try:
+                    while True:  # one unpack per message: this loop runs once per result row
+                        tag, length = unpack(buf, end)
+                        after = end + 1 + length
+                        if tag != kind or length < 4 or length > limit or after > size:
+                            break  # another message, a bad length (framed next), or short
+                        end = after
+                except struct.error:
+                    pass  # fewer than 5 bytes left
+            append(view[pos:end])
+            pos = end
         self._pos = pos
-        return self._view[start:pos]
+        return out, None
+
+    def _join(self, pos: int, need: int) -> bool:
+        """Join queued chunks behind the unread bytes from `pos` if they hold `need` bytes."""
+        if self._chunks and len(self._buf) - pos + self._chunked >= need:
+            self._chunks.insert(0, self._buf[pos:])
+            self._buf = b"".join(self._chunks)
+            self._chunks.clear()
+            self._chunked = 0
+            self._pos = 0
+            self._view = memoryview(self._buf)
+            return True
+        self._pos = pos
+        return False
 
     def frames(self) -> Iterator[Frame]:
         """Yield every complete frame buffered so far."""
@@ -189,13 +242,7 @@ class _Framer:
     def _short(self, need: int) -> Frame | NeedData:
         # The current buffer holds fewer than `need` bytes; join queued chunks if they
         # complete it, otherwise wait.
-        if self._chunks and len(self._buf) - self._pos + self._chunked >= need:
-            self._chunks.insert(0, self._buf[self._pos :])
-            self._buf = b"".join(self._chunks)
-            self._chunks.clear()
-            self._chunked = 0
-            self._pos = 0
-            self._view = memoryview(self._buf)
+        if self._join(self._pos, need):
             return self.next_frame()
         return NEED_DATA
 
@@ -243,7 +290,7 @@ class FrontendParser(_Framer):
     def __init__(
         self, *, max_message_size: int = MAX_MESSAGE_SIZE, expect_startup: bool = True
     ) -> None:
-        super().__init__(max_message_size, m.FRONTEND_TAGS)
+        super().__init__(max_message_size, m.FRONTEND_TAGS, _FRONTEND_RUNS)
         self._state = _STARTUP if expect_startup else _TAGGED
         self._negotiated: set[int] = set()
         # 'p' is ambiguous on the wire; the authentication exchange says what comes next.
@@ -268,6 +315,11 @@ class FrontendParser(_Framer):
         if self.buffered:
             raise ClientProtocolError("unexpected data after CancelRequest")
         return NEED_DATA
+
+    def drain(self) -> tuple[list[memoryview], ProtocolError | None]:
+        if self._state != _TAGGED:
+            raise RuntimeError("drain() frames tagged messages; the startup phase is not over")
+        return _Framer.drain(self)
 
     def next_message(self) -> m.FrontendMessage | NeedData:
         frame = self.next_frame()
@@ -326,7 +378,7 @@ class BackendParser(_Framer):
     _side = "backend"
 
     def __init__(self, *, max_message_size: int = MAX_MESSAGE_SIZE) -> None:
-        super().__init__(max_message_size, m.BACKEND_TAGS)
+        super().__init__(max_message_size, m.BACKEND_TAGS, _BACKEND_RUNS)
 
     def next_message(self) -> m.BackendMessage | NeedData:
         frame = self._next_tagged()
@@ -379,16 +431,16 @@ def decode_backend(frame: Frame) -> m.BackendMessage:
         raise ServerProtocolError(f"malformed {name} message: {exc}") from exc
 
 
-def cstring_body(frame: Frame, what: str) -> str:
+def cstring_body(raw: memoryview, what: str) -> str:
     """The one NUL-terminated UTF-8 string a message consists of (Query, CommandComplete).
 
-    The relay's fast accessor: the decoders' checks (terminated, nothing after it, valid
-    UTF-8) without building a message object.
+    The relay's fast accessors take a framed message's raw view (as drain() returns it,
+    or `Frame.raw`) and make the decoders' checks (here: terminated, nothing after it,
+    valid UTF-8) without building a message object.
     """
-    raw = frame.raw
     end = len(raw) - 1
     text = bytes(raw[5:end])
-    error = ClientProtocolError if frame.tag == m.TAG_QUERY else ServerProtocolError
+    error = ClientProtocolError if raw[0] == m.TAG_QUERY else ServerProtocolError
     if end < 5 or raw[end] != 0 or b"\x00" in text:
         raise error(f"malformed {what} message: not one NUL-terminated string")
     try:
@@ -397,18 +449,16 @@ def cstring_body(frame: Frame, what: str) -> str:
         raise error(f"malformed {what} message: {exc}") from exc
 
 
-def execute_portal(frame: Frame) -> str:
+def execute_portal(raw: memoryview) -> str:
     """The portal an Execute runs (fast accessor, the decoder's checks)."""
-    raw = frame.raw
     name = bytes(raw[5:-5])
     if len(raw) < 10 or raw[-5] != 0 or b"\x00" in name:
         raise ClientProtocolError("malformed Execute message: bad portal name or row limit")
     return _utf8(name, "Execute")
 
 
-def describe_target(frame: Frame, what: str) -> tuple[bytes, str]:
+def describe_target(raw: memoryview, what: str) -> tuple[bytes, str]:
     """(b"S" or b"P", name) of a Describe or Close (fast accessor, the decoder's checks)."""
-    raw = frame.raw
     kind = bytes(raw[5:6])
     name = bytes(raw[6:-1])
     if len(raw) < 7 or raw[-1] != 0 or kind not in (b"S", b"P") or b"\x00" in name:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import struct
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,7 +30,6 @@ from guard.broker.pgwire import messages as m
 from guard.broker.pgwire.encoder import encode
 from guard.broker.pgwire.errors import ClientProtocolError, ProtocolError
 from guard.broker.pgwire.parser import (
-    NEED_DATA,
     BackendParser,
     FrontendParser,
     cstring_body,
@@ -37,12 +37,14 @@ from guard.broker.pgwire.parser import (
     decode_frontend,
     describe_target,
     execute_portal,
+    frame_of,
 )
 from guard.broker.proxy.commands import CloseConnection, Command, SendToClient, SendToServer
 from guard.broker.proxy.encoding import codec_for, decode_parse, decode_query
 from guard.broker.proxy.gate import Decision, Gate
 
 log = logging.getLogger("guard.proxy")
+_UNPACK_LENGTH = struct.Struct("!i").unpack_from
 
 _Q, _P, _B, _D, _E, _C, _S, _H, _X, _F = (ord(c) for c in "QPBDECSHXF")
 _COPY_DATA, _COPY_DONE, _COPY_FAIL = ord("d"), ord("c"), ord("f")
@@ -162,13 +164,16 @@ class ProxyConnection:
 
     # ------------------------------------------------------------------ client → server
     def from_client(self, data: bytes) -> list[Command]:
-        self._client.feed(data)
+        client = self._client
+        client.feed(data)
         try:
-            while not self.closed:
-                frame = self._client.next_frame()
-                if frame is NEED_DATA:
+            messages, error = client.drain()
+            for raw in messages:
+                if self.closed:
                     break
-                self._on_client_frame(frame)
+                self._on_client_message(raw[0], raw)
+            if error is not None and not self.closed:
+                raise error
         except ProtocolError as err:
             # A malformed message gets a FATAL ErrorResponse and the connection ends: a
             # framing error means we can no longer tell statements apart, so nothing more
@@ -200,29 +205,28 @@ class ProxyConnection:
             self._close = None
         return out
 
-    def _on_client_frame(self, frame) -> None:  # noqa: C901 - a dispatch
-        tag = frame.tag
+    def _on_client_message(self, tag: int, raw: memoryview) -> None:  # noqa: C901 - a dispatch
         if tag == _Q:
             if self.codec == "utf-8":
-                sql = cstring_body(frame, "Query")
+                sql = cstring_body(raw, "Query")
             else:
-                sql = self._decode(decode_query, frame, "Query")
-            self._gate_statement(sql, frame.raw)
+                sql = self._decode(decode_query, raw, "Query")
+            self._gate_statement(sql, raw)
         elif tag == _P:
             if self.codec == "utf-8":
-                msg = decode_frontend(frame)
+                msg = decode_frontend(frame_of(raw))
             else:
                 # Only name and text matter to the gate; PostgreSQL validates the rest.
-                name, query = self._decode(decode_parse, frame, "Parse")
+                name, query = self._decode(decode_parse, raw, "Parse")
                 msg = m.Parse(name, query, ())
-            self._on_parse(msg, frame.raw)
+            self._on_parse(msg, raw)
         elif tag == _B:
-            portal, statement = _bind_names(frame.body)
+            portal, statement = _bind_names(raw[5:])
             prepared = self._prepared.get(statement)
             formats: tuple[int, ...] = ()
             if self.protected and prepared is not None and prepared.decision.masked_columns:
                 # Result formats matter only where rows may need masking: decode fully.
-                formats = decode_frontend(frame).result_formats
+                formats = decode_frontend(frame_of(raw)).result_formats
             self._portals.pop(portal, None)  # re-bound: now the newest
             self._portals[portal] = (prepared, formats)
             self._portal_fields.pop(portal, None)
@@ -233,13 +237,13 @@ class ProxyConnection:
                 oldest = next(iter(self._portals))
                 del self._portals[oldest]
                 self._portal_fields.pop(oldest, None)
-            self._to_server.append(frame.raw)
+            self._to_server.append(raw)
             self._pending.append(_BIND)
         elif tag == _E:
-            self._on_execute(execute_portal(frame), frame.raw)
+            self._on_execute(execute_portal(raw), raw)
         elif tag == _D:
-            kind, name = describe_target(frame, "Describe")
-            self._to_server.append(frame.raw)
+            kind, name = describe_target(raw, "Describe")
+            self._to_server.append(raw)
             if kind == b"S":
                 self._pending.append(
                     _Pending("describe", statement=name, prepared=self._prepared.get(name))
@@ -247,31 +251,31 @@ class ProxyConnection:
             else:
                 self._pending.append(_Pending("describe", portal=name))
         elif tag == _C:
-            kind, name = describe_target(frame, "Close")
+            kind, name = describe_target(raw, "Close")
             if kind == b"S":
                 self._prepared.pop(name, None)
             else:
                 self._portals.pop(name, None)
-            self._to_server.append(frame.raw)
+            self._to_server.append(raw)
             self._pending.append(_CLOSE)
         elif tag == _S:
-            self._to_server.append(frame.raw)
+            self._to_server.append(raw)
             self._pending.append(_SYNC)
         elif tag in (_H, _COPY_DATA, _COPY_DONE, _COPY_FAIL):
             # Flush and COPY FROM STDIN payload: the COPY statement itself was gated.
-            self._to_server.append(frame.raw)
+            self._to_server.append(raw)
         elif tag == _F:
-            self._refuse_fast_path(decode_frontend(frame).function_oid)
+            self._refuse_fast_path(decode_frontend(frame_of(raw)).function_oid)
         elif tag == _X:
-            self._to_server.append(frame.raw)
+            self._to_server.append(raw)
             self._end("client terminated")
         else:
             # 'p' after authentication, or anything else out of place.
             raise _unexpected(tag)
 
-    def _decode(self, decoder, frame, what: str):
+    def _decode(self, decoder, raw: memoryview, what: str):
         try:
-            return decoder(bytes(frame.body), self.codec)
+            return decoder(bytes(raw[5:]), self.codec)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ClientProtocolError(f"malformed {what} message: {exc}") from exc
 
@@ -354,27 +358,29 @@ class ProxyConnection:
         server.feed(data)
         to_client = self._to_client
         try:
-            while not self.closed:
-                frame = server.next_frame()
-                if frame is NEED_DATA:
+            messages, error = server.drain()
+            for raw in messages:
+                if self.closed:
                     break
-                tag = frame.tag
-                if tag == _DATA_ROW:
+                tag = raw[0]
+                if tag == _DATA_ROW:  # a run of rows
                     plan = self._plan
                     if plan is None and self.protected and self._pending:
                         plan = self._execute_plan(self._pending[0])
                     if plan:
-                        to_client.append(self._mask_row(frame, plan))
+                        self._mask_rows(raw, plan)
                     else:
                         # Bulk path: rows that need no masking go out as one slice, undecoded.
-                        to_client.append(server.take_run(_DATA_ROW, len(frame.raw)))
+                        to_client.append(raw)
                 elif tag == _COPY_DATA:
-                    # COPY TO STDOUT data: the COPY statement was gated, and its rows cannot
-                    # be tied to table OIDs (protected tables are COPY-able only as masking
-                    # views, which PostgreSQL refuses to COPY directly): one slice.
-                    to_client.append(server.take_run(_COPY_DATA, len(frame.raw)))
+                    # COPY TO STDOUT data (a run of it): the COPY statement was gated, and
+                    # its rows cannot be tied to table OIDs (protected tables are COPY-able
+                    # only as masking views, which PostgreSQL refuses to COPY directly).
+                    to_client.append(raw)
                 else:
-                    self._on_server_frame(frame)
+                    self._on_server_message(tag, raw)
+            if error is not None and not self.closed:
+                raise error
         except ProtocolError as err:
             to_client.append(
                 encode(
@@ -388,8 +394,7 @@ class ProxyConnection:
             self._end(f"server protocol error: {err}")
         return self._commands()
 
-    def _on_server_frame(self, frame) -> None:  # noqa: C901 - a dispatch
-        tag = frame.tag
+    def _on_server_message(self, tag: int, raw: memoryview) -> None:  # noqa: C901 - a dispatch
         pending = self._pending
         head = pending[0] if pending else None
         if tag == _COMMAND_COMPLETE or tag == _EMPTY or tag == _PORTAL_SUSPENDED:
@@ -398,7 +403,7 @@ class ProxyConnection:
                 seqs = head.seqs
                 if seqs:
                     if tag == _COMMAND_COMPLETE:
-                        tag_text = cstring_body(frame, "CommandComplete")
+                        tag_text = cstring_body(raw, "CommandComplete")
                         self.gate.record_result(
                             seqs.pop(0),
                             outcome="ok",
@@ -417,7 +422,7 @@ class ProxyConnection:
                 if head.kind == "execute":
                     pending.popleft()
             self._masked_cells = 0
-            self._to_client.append(frame.raw)
+            self._to_client.append(raw)
         elif tag == _READY:
             self._plan = None
             # Everything up to and including the matching Query/Sync is answered.
@@ -425,30 +430,30 @@ class ProxyConnection:
                 kind = pending.popleft().kind
                 if kind == "query" or kind == "sync":
                     break
-            self.transaction_status = bytes(frame.raw[5:6])
-            self._to_client.append(frame.raw)
+            self.transaction_status = bytes(raw[5:6])
+            self._to_client.append(raw)
         elif tag == _ROW_DESCRIPTION:
-            self._on_row_description(frame, head)
+            self._on_row_description(raw, head)
         elif tag == _ERROR:
-            self._on_error(frame, head)
+            self._on_error(raw, head)
         elif tag == _PARSE_COMPLETE or tag == _BIND_COMPLETE or tag == _CLOSE_COMPLETE:
             if head is not None and head.kind in ("parse", "bind", "close"):
                 pending.popleft()
                 if head.swallow:
                     return
-            self._to_client.append(frame.raw)
+            self._to_client.append(raw)
         elif tag == _PARAM_DESC:
             if head is not None and head.kind == "describe" and head.swallow:
                 return
-            self._to_client.append(frame.raw)
+            self._to_client.append(raw)
         elif tag == _NO_DATA:
             if head is not None and head.kind == "describe":
                 pending.popleft()
                 if head.swallow:
                     return
-            self._to_client.append(frame.raw)
+            self._to_client.append(raw)
         elif tag == _PARAMETER_STATUS:
-            self._on_parameter_status(frame)
+            self._on_parameter_status(raw)
         elif tag == _COPY_BOTH:
             # CopyBoth only exists for replication, which sessions may not use.
             self._to_client.append(
@@ -464,10 +469,10 @@ class ProxyConnection:
         else:
             # CopyIn/OutResponse, CopyDone, notices, notifications, FunctionCallResponse,
             # NegotiateProtocolVersion: forwarded as they are.
-            self._to_client.append(frame.raw)
+            self._to_client.append(raw)
 
-    def _on_parameter_status(self, frame) -> None:
-        msg = decode_backend(frame)
+    def _on_parameter_status(self, raw: memoryview) -> None:
+        msg = decode_backend(frame_of(raw))
         if msg.name == "client_encoding":
             codec = codec_for(msg.value)
             if codec is None:
@@ -490,13 +495,13 @@ class ProxyConnection:
             # session user it logged in with.
             self._to_client.append(encode(m.ParameterStatus(msg.name, self.client_user)))
         else:
-            self._to_client.append(frame.raw)
+            self._to_client.append(raw)
 
-    def _on_row_description(self, frame, head: _Pending | None) -> None:
+    def _on_row_description(self, raw: memoryview, head: _Pending | None) -> None:
         if head is not None and head.kind == "describe":
             self._pending.popleft()
             if self.protected:
-                fields = self._fields(frame)
+                fields = self._fields(raw)
                 if head.portal is not None:
                     self._portal_fields[head.portal] = fields
                 elif head.prepared is not None:
@@ -507,25 +512,25 @@ class ProxyConnection:
                 return
         elif self.protected:
             # Simple query (or Execute of a portal): rows that follow use these formats.
-            self._plan = self._plan_of(self._fields(frame))
+            self._plan = self._plan_of(self._fields(raw))
             if self._plan:
                 log.warning(
                     "protected base column in a result stream (session %s): the database "
                     "masking objects may have drifted; masking in the gateway",
                     self.gate.session_id,
                 )
-        self._to_client.append(frame.raw)
+        self._to_client.append(raw)
 
-    def _on_error(self, frame, head: _Pending | None) -> None:
+    def _on_error(self, raw: memoryview, head: _Pending | None) -> None:
         self._plan = None
-        error = decode_backend(frame)
+        error = decode_backend(frame_of(raw))
         if head is not None and head.seqs:
             seq = head.seqs.pop(0)
             self.gate.record_result(seq, outcome="error", sqlstate=error.sqlstate)
         if head is not None and head.substitute is not None:
             self._to_client.append(encode(head.substitute))
         else:
-            self._to_client.append(frame.raw)
+            self._to_client.append(raw)
         if error.severity in ("FATAL", "PANIC"):
             self._end("upstream closed the session")
             return
@@ -554,11 +559,11 @@ class ProxyConnection:
                     head.plan = self._plan_of(prepared.fields, head.formats)
         return head.plan
 
-    def _fields(self, frame) -> tuple[m.FieldDescription, ...]:
-        key = bytes(frame.raw)
+    def _fields(self, raw: memoryview) -> tuple[m.FieldDescription, ...]:
+        key = bytes(raw)
         fields = self._described.get(key)
         if fields is None:
-            fields = decode_backend(frame).fields
+            fields = decode_backend(frame_of(raw)).fields
             if len(self._described) >= _PLAN_CACHE_SIZE:
                 # Bounded; plans hold their own fields, so they may go too.
                 self._described.clear()
@@ -583,17 +588,24 @@ class ProxyConnection:
         self._plans[key] = (fields, plan)
         return plan
 
-    def _mask_row(self, frame, plan: MaskPlan) -> bytes:
-        values = list(decode_backend(frame).values)
-        for index, strategy, fmt, type_oid in plan:
-            raw = values[index] if index < len(values) else None
-            if raw is None:
-                continue
-            values[index] = (
-                strategy.mask_binary(type_oid, raw) if fmt == 1 else strategy.mask_text(raw)
-            )
-            self._masked_cells += 1
-        return encode(m.DataRow(tuple(values)))
+    def _mask_rows(self, run: memoryview, plan: MaskPlan) -> None:
+        """Mask a run of DataRows (drain() framed each; split them again here)."""
+        to_client = self._to_client
+        pos, end = 0, len(run)
+        while pos < end:
+            (length,) = _UNPACK_LENGTH(run, pos + 1)
+            row = run[pos : pos + 1 + length]
+            pos += 1 + length
+            values = list(decode_backend(frame_of(row)).values)
+            for index, strategy, fmt, type_oid in plan:
+                value = values[index] if index < len(values) else None
+                if value is None:
+                    continue
+                values[index] = (
+                    strategy.mask_binary(type_oid, value) if fmt == 1 else strategy.mask_text(value)
+                )
+                self._masked_cells += 1
+            to_client.append(encode(m.DataRow(tuple(values))))
 
 
 def _plan_for(fields, formats: tuple[int, ...], protected: ProtectedMap) -> MaskPlan | None:
