@@ -46,10 +46,15 @@ def sh(cmd, **kw) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, check=True, **kw)
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
+    return int(fields[11]) / ticks, int(fields[12]) / ticks
+
+
+def cpu_seconds(pid: int) -> float:
+    return sum(cpu_times(pid))
 
 
 def pgbench(env: dict[str, str], args: list[str], seconds: int, clients: int) -> tuple[float, int]:
@@ -167,6 +172,11 @@ def copy_and_select(conninfo: str, broker_pid: int) -> tuple[float, float, float
     return copy_s, select_s, between
 
 
+def _per_tx(before: tuple[float, float], after: tuple[float, float], n: int):
+    """(user, system) CPU µs per transaction between two cpu_times() readings."""
+    return tuple((a - b) / max(n, 1) * 1e6 for a, b in zip(after, before, strict=True))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=10)
@@ -244,15 +254,16 @@ def _compare(args: argparse.Namespace, env: dict[str, str], status: dict) -> int
         ]
         print(
             f"{'workload':<14} {'direct':>9} {'pgbouncer':>10} {'guard':>9} "
-            f"{'g/direct':>9} {'g/pgb':>7} {'gw µs/tx':>9} {'pgb µs/tx':>9}"
+            f"{'g/direct':>9} {'g/pgb':>7} {'gw µs/tx':>9} {'(sys)':>6} {'pgb µs/tx':>9} "
+            f"{'(sys)':>6}"
         )
         if args.only:
             workloads = [w for w in workloads if any(w[0].startswith(o) for o in args.only)]
         for label, wargs in workloads:
             d, _ = pgbench(direct_env, wargs, args.seconds, args.clients)
-            pgb_before = cpu_seconds(pgb_pid)
+            pgb_before = cpu_times(pgb_pid)
             b, bn = pgbench(pgb_env, wargs, args.seconds, args.clients)
-            pgb_us = (cpu_seconds(pgb_pid) - pgb_before) / max(bn, 1) * 1e6
+            pgb_us = _per_tx(pgb_before, cpu_times(pgb_pid), bn)
             spy = None
             if args.profile:
                 out = Path(args.profile)
@@ -268,12 +279,12 @@ def _compare(args: argparse.Namespace, env: dict[str, str], status: dict) -> int
                     cmd = [exe, "record", "-p", str(broker_pid), "-o", str(out), "-f", fmt]
                     cmd += ["-r", "250"]
                 spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            before = cpu_seconds(broker_pid)
+            before = cpu_times(broker_pid)
             g, n = pgbench(guard_env, wargs, args.seconds, args.clients)
-            us = (cpu_seconds(broker_pid) - before) / max(n, 1) * 1e6
+            us = _per_tx(before, cpu_times(broker_pid), n)
             print(
-                f"{label:<14} {d:9.0f} {b:10.0f} {g:9.0f} {g / d:9.2f} {g / b:7.2f} {us:9.1f} "
-                f"{pgb_us:9.1f}",
+                f"{label:<14} {d:9.0f} {b:10.0f} {g:9.0f} {g / d:9.2f} {g / b:7.2f} "
+                f"{sum(us):9.1f} {us[1]:6.1f} {sum(pgb_us):9.1f} {pgb_us[1]:6.1f}",
                 flush=True,
             )
             if spy is not None:
