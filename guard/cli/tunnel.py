@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 import struct
 
@@ -20,6 +21,8 @@ _SSL_REQUEST = 80877103
 _GSSENC_REQUEST = 80877104
 _MAX_STARTUP = 10_000  # as PostgreSQL's MAX_STARTUP_PACKET_LENGTH
 _HEADER = struct.Struct("!ii")
+_STARTUP_TIMEOUT = 30.0  # seconds for the client's startup packet
+_GATEWAY_TIMEOUT = 30.0  # seconds to connect to the gateway and finish the TLS handshake
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -49,6 +52,27 @@ async def read_startup_packet(reader: asyncio.StreamReader, writer: asyncio.Stre
         return header + await reader.readexactly(length - 8)
 
 
+async def _connect(host: str, port: int) -> socket.socket:
+    """A connected non-blocking socket to host:port (each resolved address in turn)."""
+    loop = asyncio.get_running_loop()
+    error: OSError | None = None
+    for family, kind, proto, _, address in await loop.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM
+    ):
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, address)
+            return sock
+        except OSError as e:
+            sock.close()
+            error = e
+        except BaseException:
+            sock.close()
+            raise
+    raise error or OSError(f"could not resolve {host}")
+
+
 class LoopbackRelay:
     def __init__(
         self, gateway_host: str, gateway_port: int, tls: ssl.SSLContext | None = None
@@ -66,21 +90,31 @@ class LoopbackRelay:
         return self.port
 
     async def _open_gateway(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        reader, writer = await asyncio.open_connection(self.gateway_host, self.gateway_port)
         if self.tls is None:
-            return reader, writer
-        writer.write(_HEADER.pack(8, _SSL_REQUEST))
-        await writer.drain()
-        if await reader.readexactly(1) != b"S":
-            writer.close()
-            raise ConnectionError("the gateway refused TLS; not falling back to plaintext")
-        await writer.start_tls(self.tls, server_hostname=self.gateway_host)
-        return reader, writer
+            return await asyncio.open_connection(self.gateway_host, self.gateway_port)
+        loop = asyncio.get_running_loop()
+        sock = await _connect(self.gateway_host, self.gateway_port)
+        try:
+            await loop.sock_sendall(sock, _HEADER.pack(8, _SSL_REQUEST))
+            # Exactly one byte off the socket: anything sent after the 'S' in the clear
+            # stays in the socket and breaks the TLS handshake, instead of sitting in a
+            # stream buffer and being relayed as if the verified gateway had sent it
+            # (the CVE-2021-23222 pattern).
+            if await loop.sock_recv(sock, 1) != b"S":
+                raise ConnectionError("the gateway refused TLS; not falling back to plaintext")
+            return await asyncio.open_connection(
+                sock=sock, ssl=self.tls, server_hostname=self.gateway_host
+            )
+        except BaseException:
+            sock.close()
+            raise
 
     async def _handle(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
         try:
-            startup = await asyncio.wait_for(read_startup_packet(creader, cwriter), 30)
-            greader, gwriter = await self._open_gateway()
+            startup = await asyncio.wait_for(
+                read_startup_packet(creader, cwriter), _STARTUP_TIMEOUT
+            )
+            greader, gwriter = await asyncio.wait_for(self._open_gateway(), _GATEWAY_TIMEOUT)
         except (OSError, ConnectionError, TimeoutError, asyncio.IncompleteReadError, ssl.SSLError):
             cwriter.close()
             return
