@@ -1,7 +1,8 @@
 """The PG gateway listener: the asyncio shell that only moves bytes.
 
-Per client connection: the startup phase (SSLRequest/GSSENCRequest answered 'N' — TLS comes
-with the protocol work — CancelRequest routed by gateway-issued keys), SCRAM-SHA-256
+Per client connection: the startup phase (SSLRequest answered 'S' and TLS started when the
+gateway has a certificate, else 'N'; GSSENCRequest always 'N'; bytes pipelined after an
+SSLRequest refused; CancelRequest routed by gateway-issued keys), SCRAM-SHA-256
 against the session's verifier, the upstream login with the issued credentials, then two
 pumps feeding `proxy.session.ProxyConnection` and executing the commands it returns, each
 write drained before the next read (a slow client throttles the upstream).
@@ -150,8 +151,10 @@ class Gateway:
         unrecognized = tuple(k for k in params if k.startswith("_pq_."))
         if startup.minor > 0 or unrecognized:
             # A 3.2 client (or one asking for protocol extensions) is told we speak 3.0, as
-            # PostgreSQL itself does; the client then continues with 3.0 semantics.
-            writer.write(encode(m.NegotiateProtocolVersion(0, unrecognized)))
+            # PostgreSQL itself does; the client then continues with 3.0 semantics. The
+            # version is the full number (196608), as PostgreSQL sends it and libpq reads
+            # it: a bare minor 0 reads as "pre-3.0" and libpq 18 drops the connection.
+            writer.write(encode(m.NegotiateProtocolVersion(3 << 16, unrecognized)))
         user = params.get("user", "")
         session = self.sessions.by_user(user)
         try:
