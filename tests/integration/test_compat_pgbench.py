@@ -4,19 +4,28 @@ The pgbench tables are initialised directly (admin DSN) and granted to `guard_se
 the demo policy lets engineers read anything unprotected but write only `products`, so the
 select-only script (-S) must pass in every query mode and TPC-B must be refused, naming a
 rule. The tables are dropped again (as admin) when the module finishes.
+
+Under a second stack whose policy also lets engineers write the pgbench tables, TPC-B must
+run in every query mode with no failed transaction, leave the TPC-B balance invariants
+intact (checked directly on PostgreSQL, and compared with the same run sent directly), and
+leave one audit result record per forwarded statement.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
+import time
+from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 
-from tests.fix_stack import Stack
+from tests.fix_stack import GUARD, Stack
 from tests.integration.test_gateway import session  # noqa: F401 - module-scoped fixture
 
 pytestmark = [
@@ -90,3 +99,150 @@ def test_tpcb_is_refused_naming_a_rule(dev_stack: Stack, gw_env, mode):
             "SELECT sum(abalance), (SELECT count(*) FROM pgbench_history) FROM pgbench_accounts"
         ).fetchone()
     assert after == before
+
+
+# ---------------------------------------------------------------- TPC-B under a write policy
+DEMO_POLICY = Path(__file__).resolve().parents[2] / "guard" / "devstack" / "policies.yaml"
+# The demo policy plus one rule: engineers may write the four pgbench tables (only those).
+PGBENCH_RULE = """
+  - id: engineers-write-pgbench
+    description: Engineers may run TPC-B against the pgbench tables (test policy)
+    effect: allow
+    groups: [engineers]
+    when:
+      operations: [insert, update, delete]
+      writes: [public.pgbench_accounts, public.pgbench_branches,
+               public.pgbench_tellers, public.pgbench_history]
+"""
+CLIENTS, TXNS = 3, 10  # per client; -t is per client
+# The default TPC-B-like script: BEGIN, 3 UPDATEs, a SELECT, an INSERT, END.
+STATEMENTS_PER_TXN = 7
+INVARIANTS = """
+SELECT (SELECT coalesce(sum(abalance), 0) FROM pgbench_accounts),
+       (SELECT coalesce(sum(bbalance), 0) FROM pgbench_branches),
+       (SELECT coalesce(sum(tbalance), 0) FROM pgbench_tellers),
+       (SELECT coalesce(sum(delta), 0) FROM pgbench_history),
+       (SELECT count(*) FROM pgbench_history)
+"""
+
+
+@pytest.fixture(scope="module")
+def pgbench_stack(dev_stack: Stack, tmp_path_factory):
+    """A second demo stack (own GUARD_HOME, ports, cluster) whose policy lets engineers
+    write the pgbench tables, initialised (scale 1) and granted to `guard_session`.
+    Depends on `dev_stack` only for its skip/fail rules."""
+    home = tmp_path_factory.mktemp("guard-home-pgbench")
+    policy = home / "policies.yaml"
+    policy.write_text(DEMO_POLICY.read_text() + PGBENCH_RULE)
+    env = {**dev_stack.env, "GUARD_HOME": str(home)}
+    up = subprocess.run(
+        [*GUARD, "dev", "up", "--detach", "--policy", str(policy)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    try:
+        assert up.returncode == 0, f"guard dev up --policy failed:\n{up.stdout}\n{up.stderr}"
+        status = json.loads(
+            subprocess.run(
+                [*GUARD, "dev", "status", "--json"],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+        assert status["policy_file"] == str(policy.resolve())
+        stack = Stack(home=home, status=status, env=env)
+        init = pgbench(clean_env(), "-i", "-s", "1", "-q", stack.admin_dsn)
+        assert init.returncode == 0, init.stderr
+        with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
+            conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {TABLES} TO guard_session")
+        yield stack
+    finally:
+        subprocess.run([*GUARD, "dev", "down"], env=env, capture_output=True, timeout=60)
+
+
+def tpcb_state(stack: Stack) -> tuple[int, int, int, int, int]:
+    """(sum abalance, sum bbalance, sum tbalance, sum delta, history rows), read directly."""
+    with psycopg.connect(stack.admin_dsn) as conn:
+        return conn.execute(INVARIANTS).fetchone()
+
+
+def assert_tpcb_run(out: subprocess.CompletedProcess[str], stack: Stack, before, mode: str):
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"query mode: {mode}" in out.stdout, out.stdout
+    total = CLIENTS * TXNS
+    assert f"number of transactions actually processed: {total}/{total}" in out.stdout, out.stdout
+    assert "number of failed transactions: 0 " in out.stdout, out.stdout
+    after = tpcb_state(stack)
+    accounts, branches, tellers, deltas, history = after
+    # TPC-B: every transaction adds the same delta to one account, teller and branch and
+    # records it in history, so the four sums stay equal, whatever the deltas were.
+    assert accounts == branches == tellers == deltas, after
+    assert history - before[4] == total, (before, after)
+    return after
+
+
+@pytest.mark.parametrize("mode", ["simple", "extended", "prepared"])
+def test_tpcb_runs_like_direct_in_every_query_mode(pgbench_stack: Stack, mode):
+    stack = pgbench_stack
+    args = ("-n", "-M", mode, "-t", str(TXNS), "-c", str(CLIENTS))
+    body, headers = stack.open_session()
+    try:
+        before = tpcb_state(stack)
+        assert before[0] == before[1] == before[2] == before[3], before
+        out = pgbench(stack.libpq_env(body), *args)
+        after = assert_tpcb_run(out, stack, before, mode)
+        # The same run sent directly, on the same tables.
+        direct = pgbench(clean_env(), *args, stack.admin_dsn)
+        assert_tpcb_run(direct, stack, after, mode)
+        assert_one_result_per_statement(stack, body["session_id"])
+    finally:
+        httpx.delete(
+            f"{stack.status['broker_url']}/v1/sessions/{body['session_id']}",
+            headers=headers,
+            timeout=30,
+        )
+
+
+def assert_one_result_per_statement(stack: Stack, session_id: str) -> None:
+    """Every statement the gateway let through for this session has exactly one result
+    record (outcome ok), and every TPC-B statement of every transaction was recorded."""
+    deadline = time.monotonic() + 5  # result records are flushed every 200 ms
+    while True:
+        records = [r for r in stack.audit_records() if r.get("session_id") == session_id]
+        allowed = {
+            r["seq"]: r for r in records if r["kind"] == "statement" and r["verdict"] == "allow"
+        }
+        results = [r for r in records if r["kind"] == "result"]
+        if len(results) >= len(allowed) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    tpcb = [r for r in allowed.values() if "pgbench_" in r["statement"]]
+    # Per transaction: 3 UPDATEs, 1 SELECT and 1 INSERT name a pgbench table.
+    assert len(tpcb) >= CLIENTS * TXNS * 5, len(tpcb)
+    assert len(allowed) >= CLIENTS * TXNS * STATEMENTS_PER_TXN, len(allowed)
+    assert not [r for r in records if r["kind"] == "statement" and r["verdict"] != "allow"]
+    by_statement: dict[int, list[dict]] = {}
+    for r in results:
+        by_statement.setdefault(r["statement_seq"], []).append(r)
+    assert sorted(by_statement) == sorted(allowed), "a statement without exactly one result"
+    assert all(len(v) == 1 for v in by_statement.values())
+    assert {r["outcome"] for r in results} == {"ok"}
+    total = CLIENTS * TXNS
+    for verb, table in (
+        ("UPDATE", "pgbench_accounts"),
+        ("UPDATE", "pgbench_tellers"),
+        ("UPDATE", "pgbench_branches"),
+        ("INSERT", "pgbench_history"),
+    ):
+        ran = [
+            r
+            for r in tpcb
+            if r["statement"].lstrip().upper().startswith(verb) and table in r["statement"]
+        ]
+        assert len(ran) == total, (verb, table, len(ran))
+        # Each changed exactly one row, as the command tag said.
+        assert {by_statement[r["seq"]][0]["rows"] for r in ran} == {1}, (verb, table)
