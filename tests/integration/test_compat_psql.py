@@ -245,3 +245,34 @@ def test_ctrl_c_cancels_the_running_query(dev_stack: Stack, gw_env):
     again = psql(gw_env, "-A", "-t", "-c", "SELECT 41 + 1")
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip() == "42"
+
+
+def test_lo_import_fast_path_is_refused_and_named_in_the_audit(dev_stack: Stack, gw_env, tmp_path):
+    # psql's \lo_import reads the file client-side and writes it with libpq's fast-path
+    # FunctionCalls (lo_creat/lo_open/lowrite): large objects sit outside every table and
+    # its masks, so the security contract refuses them whatever the policy.
+    source = tmp_path / "payload.txt"
+    source.write_text("123-45-6789\n")
+    (before,) = dev_stack.direct("SELECT count(*) FROM pg_largeobject_metadata")[0]
+    out = psql(gw_env, "-v", "VERBOSITY=verbose", "-c", f"\\lo_import {source}")
+    assert out.returncode != 0
+    assert "42501" in out.stderr and "fast-path" in out.stderr
+    assert dev_stack.direct("SELECT count(*) FROM pg_largeobject_metadata")[0][0] == before
+    refused = [
+        r
+        for r in dev_stack.audit_records()
+        if r.get("protocol") == "fast-path" and r.get("rule") == "guardrail:fast-path"
+    ]
+    assert refused and refused[-1]["statement"].startswith("<fast-path function call oid=")
+    # The OIDs guard names are the catalog's own (pinned built-ins).
+    from guard.broker.sql.analyze import FAST_PATH_FUNCTIONS
+
+    catalog = dict(
+        dev_stack.direct(
+            "SELECT oid::int, 'pg_catalog.' || proname FROM pg_proc WHERE oid = ANY(%s)",
+            (list(FAST_PATH_FUNCTIONS),),
+        )
+    )
+    assert catalog == FAST_PATH_FUNCTIONS
+    named = {r["statement"].split()[-1].rstrip(">") for r in refused}
+    assert named <= set(FAST_PATH_FUNCTIONS.values())

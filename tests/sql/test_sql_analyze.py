@@ -503,6 +503,12 @@ def test_fast_path_analysis():
     assert s.operations == {Op.FUNCTION}
     assert FLAG_FAST_PATH in s.flags
     assert s.object_name == "764"
+    # libpq's large-object OIDs are named for the audit record; others stay numbers.
+    assert s.functions == {"pg_catalog.lo_import"}
+    assert "lo_import" in s.text
+    assert fast_path_analysis(955).functions == {"pg_catalog.lowrite"}
+    unknown = fast_path_analysis(99999)
+    assert unknown.functions == frozenset() and unknown.text.endswith("oid=99999>")
 
 
 def test_json_and_xml_expressions_are_modelled():

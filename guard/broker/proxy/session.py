@@ -296,9 +296,11 @@ class ProxyConnection:
         self._pending.append(_Pending("query", substitute=refusal))
 
     def _refuse_fast_path(self, function_oid: int) -> None:
-        # The fast-path FunctionCall (libpq's large-object calls) names a function by OID and
-        # bypasses SQL analysis entirely, so it is refused; its response shape
-        # (ErrorResponse + ReadyForQuery) matches a failed simple Query.
+        # The fast-path FunctionCall names a function by OID and bypasses SQL analysis; its
+        # callers are libpq's large-object functions, which the security contract refuses
+        # whatever the policy, so no policy can allow it (the call is still decided and
+        # recorded). Its response shape (ErrorResponse + ReadyForQuery) matches a failed
+        # simple Query.
         self._send_poison_query(self.gate.refuse_fast_path(function_oid))
 
     def _on_parse(self, msg: m.Parse, raw) -> None:

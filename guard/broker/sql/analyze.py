@@ -103,23 +103,51 @@ def cache_clear() -> None:
     _cached.cache_clear()
 
 
+# The built-in functions libpq calls through the fast path (its large-object API), by their
+# pinned OIDs, which are the same in every PostgreSQL release that has them. Naming them lets
+# the audit record say which call was refused; any other OID stays a bare number.
+FAST_PATH_FUNCTIONS: dict[int, str] = {
+    715: "pg_catalog.lo_create",
+    764: "pg_catalog.lo_import",
+    765: "pg_catalog.lo_export",
+    767: "pg_catalog.lo_import",
+    952: "pg_catalog.lo_open",
+    953: "pg_catalog.lo_close",
+    954: "pg_catalog.loread",
+    955: "pg_catalog.lowrite",
+    956: "pg_catalog.lo_lseek",
+    957: "pg_catalog.lo_creat",
+    958: "pg_catalog.lo_tell",
+    964: "pg_catalog.lo_unlink",
+    1004: "pg_catalog.lo_truncate",
+    3170: "pg_catalog.lo_lseek64",
+    3171: "pg_catalog.lo_tell64",
+    3172: "pg_catalog.lo_truncate64",
+}
+
+
 def fast_path_analysis(function_oid: int) -> StatementAnalysis:
     """The analysis of a protocol-level FunctionCall (fast path), e.g. psql's \\lo_import.
 
-    There is no SQL text: only a function OID, which guard cannot map to a name without the
-    catalog, so the policy engine refuses it outright.
+    There is no SQL text, only a function OID. libpq's fast-path callers are its
+    large-object functions, which the security contract refuses whatever the policy, and any
+    other OID cannot be mapped to a function without the catalog: the policy engine's
+    `guardrail:fast-path` refuses every call. Known OIDs are named for the audit record.
     """
+    name = FAST_PATH_FUNCTIONS.get(function_oid)
+    # No literal in it: the audit record's (normalized) statement says which call it was.
+    text = f"<fast-path function call oid={function_oid}{f' {name}' if name else ''}>"
     return StatementAnalysis(
-        text=f"<fast-path function call oid={function_oid}>",
+        text=text,
         command="FunctionCall",
         operations=frozenset({Operation.FUNCTION}),
         relations_read=frozenset(),
         relations_written=frozenset(),
         columns=(),
-        functions=frozenset(),
+        functions=frozenset({name}) if name else frozenset(),
         flags=frozenset({FLAG_FAST_PATH}),
         fail_closed=None,
         fingerprint="",
         object_name=str(function_oid),
-        normalized="<fast-path function call>",
+        normalized=text,
     )
