@@ -1,0 +1,125 @@
+"""The relay's hot-path promises, asserted on the sans-IO relay: statement analysis runs once
+per statement text (and per normalized shape for inlined literals) and never per Execute of a
+prepared statement; result rows that need no masking pass byte-identical and undecoded, as
+one slice per run; rows that do need masking are decoded, and only they."""
+
+from __future__ import annotations
+
+import pytest
+
+from guard.broker.pgwire import messages as m
+from guard.broker.proxy import gate as gate_module
+from guard.broker.proxy import session as session_module
+from guard.broker.proxy.commands import SendToClient, SendToServer
+from tests.proxy.test_session_playbook import (
+    CUSTOMERS_OID,
+    SSN_ATTNUM,
+    field,
+    make,
+    to_client,
+    wire,
+)
+
+SELECT = "SELECT id, name FROM products WHERE id = $1"
+
+
+@pytest.fixture
+def analyses(monkeypatch) -> list[str]:
+    """Every statement text the gate analyses (the real analyser still answers)."""
+    seen: list[str] = []
+    real = gate_module.analyze
+
+    def counting(sql: str):
+        seen.append(sql)
+        return real(sql)
+
+    monkeypatch.setattr(gate_module, "analyze", counting)
+    return seen
+
+
+@pytest.fixture
+def row_decodes(monkeypatch) -> list[int]:
+    """Tags of the server messages the relay decodes."""
+    seen: list[int] = []
+    real = session_module.decode_backend
+
+    def counting(frame):
+        seen.append(frame.tag)
+        return real(frame)
+
+    monkeypatch.setattr(session_module, "decode_backend", counting)
+    return seen
+
+
+def _rows(n: int) -> list[m.DataRow]:
+    return [m.DataRow((str(i).encode(), f"product é {i}".encode(), None)) for i in range(n)]
+
+
+def test_prepared_statement_is_analysed_at_parse_only(analyses):
+    proxy, audit = make()
+    proxy.from_client(wire(m.Parse("s1", SELECT, ()), m.Sync()))
+    proxy.from_server(wire(m.ParseComplete(), m.ReadyForQuery(b"I")))
+    for i in range(50):
+        proxy.from_client(
+            wire(m.Bind("", "s1", (), (str(i).encode(),), ()), m.Execute("", 0), m.Sync())
+        )
+        proxy.from_server(
+            wire(
+                m.BindComplete(),
+                m.DataRow((b"1", b"x")),
+                m.CommandComplete("SELECT 1"),
+                m.ReadyForQuery(b"I"),
+            )
+        )
+    assert analyses == [SELECT]
+    # ...while every Execute still has its own statement record and result.
+    executes = [r for r in audit.records if r.get("kind") == "statement"]
+    assert len(executes) == 50
+
+
+def test_repeated_text_is_analysed_once_and_inlined_literals_once_per_shape(analyses):
+    proxy, _ = make()
+    for i in range(30):
+        proxy.from_client(wire(m.Query(f"SELECT name FROM products WHERE id = {i}")))
+        proxy.from_server(wire(m.CommandComplete("SELECT 0"), m.ReadyForQuery(b"I")))
+        proxy.from_client(wire(m.Parse("", SELECT, ()), m.Sync()))
+        proxy.from_server(wire(m.ParseComplete(), m.ReadyForQuery(b"I")))
+    assert analyses.count(SELECT) == 1
+    # The thirty literal texts share the analysis of their normalized shape.
+    assert analyses.count("SELECT name FROM products WHERE id = $1") == 1
+    assert len(analyses) == 2
+
+
+def test_unmasked_rows_pass_byte_identical_and_undecoded(row_decodes):
+    proxy, _ = make()
+    proxy.from_client(wire(m.Query("SELECT id, name, sku FROM products")))
+    description = m.RowDescription((field("id"), field("name"), field("sku")))
+    rows = wire(*_rows(2000))
+    reply = wire(description) + rows + wire(m.CommandComplete("SELECT 2000"), m.ReadyForQuery(b"I"))
+    sent: list[bytes] = []
+    # Arbitrary read boundaries, as TCP delivers them: rows split across reads.
+    for start in range(0, len(reply), 7001):
+        sent += [
+            bytes(c.data)
+            for c in proxy.from_server(reply[start : start + 7001])
+            if isinstance(c, SendToClient)
+        ]
+    assert b"".join(sent) == reply
+    assert m.TAG_DATA_ROW not in row_decodes
+    # Rows leave as runs, not one write per row.
+    assert len(sent) < 2000 // 50
+
+
+def test_only_rows_with_a_protected_column_are_decoded(row_decodes):
+    proxy, _ = make()
+    proxy.from_client(wire(m.Query("SELECT id, ssn FROM customers")))
+    description = m.RowDescription((field("id"), field("ssn", CUSTOMERS_OID, SSN_ATTNUM)))
+    rows = [m.DataRow((str(i).encode(), b"123-45-6789")) for i in range(20)]
+    cmds = proxy.from_server(
+        wire(description, *rows, m.CommandComplete("SELECT 20"), m.ReadyForQuery(b"I"))
+    )
+    got = [x for x in to_client(cmds) if isinstance(x, m.DataRow)]
+    assert [r.values[1] for r in got] == [b"***-**-6789"] * 20
+    assert [r.values[0] for r in got] == [str(i).encode() for i in range(20)]
+    assert row_decodes.count(m.TAG_DATA_ROW) == 20
+    assert not [c for c in cmds if isinstance(c, SendToServer)]
