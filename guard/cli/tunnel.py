@@ -19,10 +19,20 @@ import struct
 _CHUNK = 256 * 1024
 _SSL_REQUEST = 80877103
 _GSSENC_REQUEST = 80877104
+_CANCEL_REQUEST = 80877102
 _MAX_STARTUP = 10_000  # as PostgreSQL's MAX_STARTUP_PACKET_LENGTH
 _HEADER = struct.Struct("!ii")
 _STARTUP_TIMEOUT = 30.0  # seconds for the client's startup packet
 _GATEWAY_TIMEOUT = 30.0  # seconds to connect to the gateway and finish the TLS handshake
+
+
+def _fatal(sqlstate: str, message: str) -> bytes:
+    """A FATAL ErrorResponse (the CLI does not import the broker's codec: a few fields)."""
+    fields = b"".join(
+        code + value.encode("utf-8", "replace").replace(b"\0", b"") + b"\0"
+        for code, value in ((b"S", "FATAL"), (b"V", "FATAL"), (b"C", sqlstate), (b"M", message))
+    )
+    return b"E" + struct.pack("!i", len(fields) + 5) + fields + b"\0"
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -114,8 +124,19 @@ class LoopbackRelay:
             startup = await asyncio.wait_for(
                 read_startup_packet(creader, cwriter), _STARTUP_TIMEOUT
             )
+        except (OSError, ConnectionError, TimeoutError, asyncio.IncompleteReadError):
+            cwriter.close()
+            return
+        try:
             greader, gwriter = await asyncio.wait_for(self._open_gateway(), _GATEWAY_TIMEOUT)
-        except (OSError, ConnectionError, TimeoutError, asyncio.IncompleteReadError, ssl.SSLError):
+        except (OSError, ConnectionError, TimeoutError, ssl.SSLError) as exc:
+            # Tell psql why (its own "server closed the connection unexpectedly" says
+            # nothing), as PostgreSQL would, before the client has sent any credential.
+            # A cancel connection gets no answer from PostgreSQL either.
+            if _HEADER.unpack_from(startup)[1] != _CANCEL_REQUEST:
+                cwriter.write(_fatal("08001", self._unreachable(exc)))
+                with contextlib.suppress(ConnectionError):
+                    await cwriter.drain()
             cwriter.close()
             return
         self._conns.update((cwriter, gwriter))
@@ -126,6 +147,19 @@ class LoopbackRelay:
             for w in (cwriter, gwriter):
                 self._conns.discard(w)
                 w.close()
+
+    def _unreachable(self, exc: BaseException) -> str:
+        where = f"{self.gateway_host}:{self.gateway_port}"
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            why = f"its TLS certificate did not verify ({exc.verify_message})"
+        elif isinstance(exc, TimeoutError):
+            why = f"no answer within {_GATEWAY_TIMEOUT:g} s"
+        else:
+            why = str(exc.strerror if isinstance(exc, OSError) and exc.strerror else exc)
+        return (
+            f"guard: cannot reach the gateway at {where}: {why}. Check that the broker is "
+            "up and the session is live (guard connect again), and the gateway CA setting"
+        )
 
     async def close(self) -> None:
         if self._server is not None:

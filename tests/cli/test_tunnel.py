@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from guard.broker.pgwire import messages as m
+from guard.broker.pgwire.parser import BackendParser
 from guard.cli import tunnel
 from guard.cli.tunnel import LoopbackRelay, client_tls_context
 from guard.devstack.tls import make_dev_ca
@@ -166,6 +168,18 @@ async def read_until_closed(reader: asyncio.StreamReader) -> bytes:
     return bytes(out)
 
 
+def fatal(data: bytes) -> m.ErrorResponse:
+    """The one FATAL ErrorResponse the relay sent before closing (08001: no gateway)."""
+    parser = BackendParser()
+    parser.feed(data)
+    messages = list(parser.messages())
+    assert len(messages) == 1 and isinstance(messages[0], m.ErrorResponse), data
+    error = messages[0]
+    assert error.severity == "FATAL" and error.sqlstate == "08001"
+    assert "guard: cannot reach the gateway" in error.message
+    return error
+
+
 async def client(port: int):
     return await asyncio.open_connection("127.0.0.1", port)
 
@@ -225,8 +239,9 @@ def test_unverifiable_gateway_is_refused_and_nothing_leaks(pki, case):
             writer.write(SSL_REQUEST + STARTUP)
             await writer.drain()
             assert await asyncio.wait_for(reader.readexactly(1), T) == b"N"
-            # The relay closes the client's connection (no gateway bytes reach it).
-            assert await read_until_closed(reader) == b""
+            # The relay says why and closes the client's connection (no gateway bytes).
+            error = fatal(await read_until_closed(reader))
+            assert "certificate did not verify" in error.message
             writer.close()
             assert gateway.connections == 1 and gateway.decrypted == []
             assert MARKER not in recorder.raw
@@ -241,7 +256,7 @@ def test_gateway_refusing_tls_is_not_downgraded(pki):
             reader, writer = await client(port)
             writer.write(STARTUP)
             await writer.drain()
-            assert await read_until_closed(reader) == b""
+            assert "refused TLS" in fatal(await read_until_closed(reader)).message
             writer.close()
             assert gateway.pre_tls == [SSL_REQUEST]
             # Nothing after the SSLRequest: no plaintext startup, no second attempt.
@@ -263,17 +278,12 @@ def test_plaintext_injected_after_the_gateways_s_is_not_relayed(pki):
             reader, writer = await client(port)
             writer.write(STARTUP)
             await writer.drain()
-            received = bytearray()
-            while len(received) < len(GATEWAY_REPLY):
-                data = await asyncio.wait_for(reader.read(65536), T)
-                if not data:
-                    break
-                received += data
+            received = await read_until_closed(reader)
             writer.close()
             assert forged not in received
             # The injected bytes land in the TLS handshake, which fails: the relay
-            # refuses the gateway and closes the client without relaying anything.
-            assert bytes(received) == b""
+            # refuses the gateway and closes the client, relaying nothing of the gateway.
+            fatal(received)
             assert MARKER not in recorder.raw
 
     run(scenario())
@@ -403,6 +413,15 @@ def test_gateway_unreachable_closes_the_client(pki):
             reader, writer = await client(port)
             writer.write(STARTUP)
             await writer.drain()
+            assert (
+                "cannot reach the gateway at 127.0.0.1"
+                in fatal(await read_until_closed(reader)).message
+            )
+            writer.close()
+            # A cancel has no answer to give (PostgreSQL sends none either): just closed.
+            reader, writer = await client(port)
+            writer.write(CANCEL)
+            await writer.drain()
             assert await read_until_closed(reader) == b""
             writer.close()
         finally:
@@ -429,7 +448,7 @@ def test_silent_gateway_is_given_up_on(pki, monkeypatch):
             reader, writer = await client(port)
             writer.write(STARTUP)
             await writer.drain()
-            assert await read_until_closed(reader) == b""
+            assert "no answer within 0.5 s" in fatal(await read_until_closed(reader)).message
             writer.close()
             assert len(accepted) == 1
         finally:
