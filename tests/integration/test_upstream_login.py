@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import struct
 from pathlib import Path
 
 import psycopg
 import pytest
 
+from guard.broker.pgwire import messages as m
+from guard.broker.pgwire.encoder import encode
 from guard.broker.proxy import upstream
 from guard.devstack.postgres import PostgresCluster, find_pg_bindir
 from guard.devstack.tls import make_dev_ca
@@ -146,3 +149,63 @@ def test_server_without_tls_is_refused_not_downgraded(pg_cluster, tmp_path):
                 tls=_context(ca),
             )
         )
+
+
+@pytest.mark.parametrize("over_tls", [True, False])
+def test_cancel_goes_the_way_the_session_connection_does(tls_cluster, over_tls):
+    # The cancel key stops that backend's queries: when the session reaches the database
+    # over TLS, so does its CancelRequest (as libpq 17 sends it). A recording hop in front
+    # of the server shows what crosses the network.
+    pg, ca = tls_cluster
+    tls = _context(ca) if over_tls else None
+
+    async def run():
+        wire_bytes = bytearray()
+
+        async def hop(creader, cwriter):
+            sreader, swriter = await asyncio.open_connection(pg.host, pg.port)
+
+            async def pipe(reader, writer, record):
+                while data := await reader.read(65536):
+                    if record:
+                        wire_bytes.extend(data)
+                    writer.write(data)
+                    await writer.drain()
+                writer.close()
+
+            await asyncio.gather(pipe(creader, swriter, True), pipe(sreader, cwriter, False))
+
+        relay = await asyncio.start_server(hop, "127.0.0.1", 0)
+        conn = await upstream.login(
+            host=pg.host,
+            port=pg.port,
+            user="u_clear",
+            password=PASSWORD,
+            database="postgres",
+            params={},
+            tls=tls,
+        )
+        try:
+            conn.wire.write(encode(m.Query("SELECT pg_sleep(30)")))
+            await conn.wire.drain()
+            await asyncio.sleep(0.5)
+            key = conn.backend_key
+            await upstream.cancel("127.0.0.1", relay.sockets[0].getsockname()[1], key, tls)
+            parser = upstream.BackendParser()
+            while True:
+                msg = await asyncio.wait_for(upstream._next(conn.wire, parser), 10)
+                if isinstance(msg, m.ErrorResponse):
+                    return msg, bytes(wire_bytes), key
+        finally:
+            conn.wire.close()
+            relay.close()
+
+    error, sent, key = asyncio.run(run())
+    assert error.sqlstate == "57014"  # the cancel reached its backend
+    secret = struct.pack("!i", key.process_id) + key.secret_key
+    plain_cancel = encode(m.CancelRequest(key.process_id, key.secret_key))
+    if over_tls:
+        assert sent[:8] == encode(m.SSLRequest()) and sent[8] == 0x16  # then a TLS record
+        assert secret not in sent
+    else:
+        assert sent == plain_cancel

@@ -48,6 +48,7 @@ class _CancelTarget:
     host: str
     port: int
     key: m.BackendKeyData
+    tls: ssl.SSLContext | None  # the session connection's: the cancel goes the same way
 
 
 def _fatal(sqlstate: str, message: str) -> bytes:
@@ -139,7 +140,7 @@ class Gateway:
         if isinstance(startup, m.CancelRequest):
             target = self._cancel_keys.get((startup.process_id, bytes(startup.secret_key)))
             if target is not None:
-                await upstream.cancel(target.host, target.port, target.key)
+                await upstream.cancel(target.host, target.port, target.key, target.tls)
             return  # a key from another session (or none) cancels nothing
         if not isinstance(startup, m.StartupMessage):
             writer.write(_fatal("08P01", "guard: expected a startup message"))
@@ -286,7 +287,10 @@ class Gateway:
         key_id = (client_key.process_id, client_key.secret_key)
         if up.backend_key is not None:
             self._cancel_keys[key_id] = _CancelTarget(
-                session.upstream.host, session.upstream.port, up.backend_key
+                session.upstream.host,
+                session.upstream.port,
+                up.backend_key,
+                self._upstream_tls(session),
             )
         hello = [m.AuthenticationOk()]
         for status in up.parameter_status:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import ssl
 from dataclasses import dataclass
 
@@ -23,6 +24,8 @@ from guard.broker.pgwire.encoder import encode
 from guard.broker.pgwire.parser import NEED_DATA, BackendParser
 from guard.broker.pgwire.scram import ScramClient, md5_password
 from guard.broker.proxy.tlslayer import TLSClient, TLSClosed
+
+log = logging.getLogger("guard.proxy")
 
 # Startup parameters a client may pass through. Everything else (notably `options`, which
 # can carry `-c role=…` or `-c search_path=…`, and `replication`) is dropped: those would
@@ -283,12 +286,27 @@ async def simple_query_rows(conn: UpstreamConnection, sql: str) -> list[tuple[by
     return rows
 
 
-async def cancel(host: str, port: int, key: m.BackendKeyData) -> None:
-    """Send a CancelRequest for an upstream backend (its own short connection)."""
+async def cancel(
+    host: str, port: int, key: m.BackendKeyData, tls: ssl.SSLContext | None = None
+) -> None:
+    """Send a CancelRequest for an upstream backend (its own short connection).
+
+    Over verified TLS when the session's connection uses it, as libpq 17 does: the key
+    cancels that backend's queries, so it does not cross the network in the clear.
+    Best effort, like PostgreSQL's own cancel: failures are logged, never raised.
+    """
     try:
-        _reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5.0)
-    except (OSError, TimeoutError):
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5.0)
+    except (OSError, TimeoutError) as exc:
+        log.warning("cancel request not sent: cannot reach the database: %s", exc)
         return
-    writer.write(encode(m.CancelRequest(key.process_id, key.secret_key)))
-    await writer.drain()
-    writer.close()
+    wire = Wire(reader, writer)
+    try:
+        if tls is not None:
+            await asyncio.wait_for(_start_tls(wire, tls, host), 5.0)
+        wire.write(encode(m.CancelRequest(key.process_id, key.secret_key)))
+        await wire.drain()
+    except (OSError, TimeoutError, UpstreamError) as exc:
+        log.warning("cancel request not sent: %s", exc)
+    finally:
+        wire.close()
