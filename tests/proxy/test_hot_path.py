@@ -123,3 +123,15 @@ def test_only_rows_with_a_protected_column_are_decoded(row_decodes):
     assert [r.values[0] for r in got] == [str(i).encode() for i in range(20)]
     assert row_decodes.count(m.TAG_DATA_ROW) == 20
     assert not [c for c in cmds if isinstance(c, SendToServer)]
+
+
+def test_the_row_description_cache_is_bounded_in_bytes():
+    # A client can make the server describe ever new, wide results: the decoded
+    # descriptions kept per connection stay within a byte budget, not only a count.
+    proxy, _ = make()
+    for i in range(40):
+        wide = m.RowDescription(tuple(field(f"c{i}_{n}_" + "x" * 60) for n in range(1600)))
+        proxy.from_client(wire(m.Query("SELECT 1")))
+        proxy.from_server(wire(wide, m.CommandComplete("SELECT 0"), m.ReadyForQuery(b"I")))
+        assert sum(map(len, proxy._described)) <= session_module._DESCRIBED_CACHE_BYTES
+    assert proxy._described  # still caching

@@ -60,6 +60,7 @@ _PARAMETER_STATUS, _COPY_BOTH = ord("S"), ord("W")
 # the slices are written as they are rather than copied.
 _JOIN_LIMIT = 1 << 16
 _PLAN_CACHE_SIZE = 256
+_DESCRIBED_CACHE_BYTES = 1 << 20
 _MAX_PORTALS = 4096
 
 # (table OID, attribute number) of a protected base column → its mask strategy.
@@ -150,6 +151,7 @@ class ProxyConnection:
         # A statement run again describes its result with the same RowDescription bytes:
         # decode each once, and work out each (fields, formats) mask plan once (bounded).
         self._described: dict[bytes, tuple[m.FieldDescription, ...]] = {}
+        self._described_bytes = 0
         self._plans: dict[
             tuple[int, tuple[int, ...] | None],
             tuple[tuple[m.FieldDescription, ...], MaskPlan | None],
@@ -566,9 +568,15 @@ class ProxyConnection:
         fields = self._described.get(key)
         if fields is None:
             fields = decode_backend(frame_of(raw)).fields
-            if len(self._described) >= _PLAN_CACHE_SIZE:
-                # Bounded; plans hold their own fields, so they may go too.
+            self._described_bytes += len(key)
+            if (
+                len(self._described) >= _PLAN_CACHE_SIZE
+                or self._described_bytes > _DESCRIBED_CACHE_BYTES
+            ):
+                # Bounded in entries and in bytes (a RowDescription of 1,600 long column
+                # names is ~100 KB); plans hold their own fields, so they may go too.
                 self._described.clear()
+                self._described_bytes = len(key)
                 self._plans.clear()
             self._described[key] = fields
         return fields
