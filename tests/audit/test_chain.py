@@ -177,3 +177,22 @@ def test_batch_writer_builds_the_same_bodies_as_result_body():
         result_body(values, iso_from_ns(ns)),
         result_body(values, iso_from_ns(ns + 10**9)),
     ]
+
+
+def test_a_short_write_leaves_no_torn_line(tmp_path, monkeypatch):
+    # A full disk accepts part of a line: the statement must not run (AuditUnavailable),
+    # and the log must stay a verifiable chain that later records extend.
+    path = tmp_path / "audit.jsonl"
+    sink = JsonlAuditSink(path)
+    sink.append(_stmt(1))
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, data[: len(data) // 2]))
+    with pytest.raises(AuditUnavailable, match="short write"):
+        sink.append(_stmt(2))
+    monkeypatch.setattr(os, "write", real_write)
+    assert sink.append(_stmt(3)) == 2
+    sink.close()
+    lines = path.read_bytes().splitlines()
+    report = verify_lines(lines)
+    assert report.ok and report.records == 2
+    assert [json.loads(x)["body"]["fingerprint"] for x in lines] == ["fp1", "fp3"]

@@ -181,6 +181,10 @@ class JsonlAuditSink:
         try:
             written = os.write(self._fd, data)
             if written != len(data):
+                # Disk full mid-line: take the torn line back, or every verifier would stop
+                # at it and the records after it (once there is room) could not be checked.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, os.fstat(self._fd).st_size - written)
                 raise OSError(f"short write ({written} of {len(data)} bytes)")
             if self._fsync:
                 os.fsync(self._fd)
