@@ -468,3 +468,29 @@ def test_portal_names_from_the_client_are_bounded_and_a_forgotten_one_does_not_r
     assert not [r for r in audit.records if r["kind"] == "statement"]  # nothing ran
     sent = to_server(proxy.from_client(wire(m.Execute("p4", 0), m.Sync())))
     assert sent == [m.Execute("p4", 0), m.Sync()]
+
+
+@pytest.mark.parametrize("name", ["s1", ""])
+def test_a_parse_upstream_refuses_leaves_the_name_as_it_was(name):
+    # Parse of a name that already exists fails upstream (42P05) and the old statement
+    # stays: executing the name runs the old text, and that is what the audit must say.
+    # An unnamed statement is dropped before parsing: after a failed Parse there is none,
+    # and executing it is refused (26000), never recorded as the text that failed.
+    proxy, audit = make()
+    old, new = "SELECT name FROM products", "SELECT id FROM products"
+    proxy.from_client(wire(m.Parse(name, old, ()), m.Sync()))
+    proxy.from_server(wire(m.ParseComplete(), m.ReadyForQuery(b"I")))
+    proxy.from_client(wire(m.Parse(name, new, ()), m.Sync()))
+    if name:
+        refused = m.ErrorResponse.build("42P05", f'prepared statement "{name}" already exists')
+    else:  # the unnamed statement is replaced, so only a failing text makes the Parse fail
+        refused = m.ErrorResponse.build("42703", 'column "id" does not exist')
+    proxy.from_server(wire(refused, m.ReadyForQuery(b"I")))
+    cmds = proxy.from_client(wire(m.Bind("", name, (), (), ()), m.Execute("", 0), m.Sync()))
+    executed = [r for r in audit.records if r.get("kind") == "statement"]
+    if name:
+        assert [type(x) for x in to_server(cmds)] == [m.Bind, m.Execute, m.Sync]
+        assert executed[-1]["statement"] == old
+    else:
+        assert m.Execute not in [type(x) for x in to_server(cmds)]
+        assert executed == []

@@ -84,6 +84,7 @@ class _Pending:
         "plan",
         "planned",
         "prepared",
+        "previous",
     )
 
     def __init__(
@@ -97,6 +98,7 @@ class _Pending:
         seqs: list[int] | None = None,  # audit seqs awaiting a result record
         formats: tuple[int, ...] = (),  # execute: result formats from Bind
         prepared: _Prepared | None = None,  # describe/execute: the statement it concerns
+        previous: _Prepared | None = None,  # parse: what the name meant before it
     ) -> None:
         self.kind = kind
         self.swallow = swallow
@@ -106,6 +108,7 @@ class _Pending:
         self.seqs = seqs
         self.formats = formats
         self.prepared = prepared
+        self.previous = previous
         self.plan: MaskPlan | None = None  # execute: mask plan, worked out at its first row
         self.planned = False
 
@@ -316,9 +319,12 @@ class ProxyConnection:
             self._pending.append(_Pending("parse", substitute=refusal))
             return
         # Allowed: nothing runs at Parse; the audit record is written at each Execute.
+        previous = self._prepared.get(msg.name)
         prepared = self._prepared[msg.name] = _Prepared(decision)
         self._to_server.append(raw)
-        self._pending.append(_Pending("parse", statement=msg.name))
+        self._pending.append(
+            _Pending("parse", statement=msg.name, prepared=prepared, previous=previous)
+        )
         if self.protected and decision.masked_columns:
             # Learn the result columns' table OIDs now, so rows of an Execute the client
             # did not Describe are still checked against protected base columns.
@@ -544,9 +550,26 @@ class ProxyConnection:
             if head.seqs:
                 head.seqs.clear()  # the rest of a multi-statement string does not run
             return
+        if head.kind == "parse" and head.prepared is not None:
+            self._parse_failed(head)
         # Extended protocol: upstream discards everything until Sync; so do we.
         while self._pending and self._pending[0].kind != "sync":
             self._pending.popleft()
+
+    def _parse_failed(self, head: _Pending) -> None:
+        """Upstream refused an allowed Parse: the name means what it meant before.
+
+        A named statement that already exists (42P05), or a Parse PostgreSQL rejects,
+        leaves the old statement in place upstream; executing it must be recorded as the
+        old text, not the one that failed. An unnamed statement is dropped before parsing.
+        """
+        name = head.statement or ""
+        if self._prepared.get(name) is not head.prepared:
+            return  # parsed again since, in the same pipeline
+        if name and head.previous is not None:
+            self._prepared[name] = head.previous
+        else:
+            self._prepared.pop(name, None)
 
     def _execute_plan(self, head: _Pending) -> MaskPlan | None:
         if head.kind != "execute":
