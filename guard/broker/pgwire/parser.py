@@ -128,7 +128,8 @@ class _Framer:
         self._buf = b""
         self._pos = 0
         self._view = memoryview(self._buf)
-        self._chunks: list[bytes] = []
+        # Reads not yet in the buffer: bytes, or a view of what remains of one.
+        self._chunks: list[bytes | memoryview] = []
         self._chunked = 0
         self._max = max_message_size
         self._valid = _tag_table(valid_tags)
@@ -158,7 +159,7 @@ class _Framer:
         For handing a connection over to another parser, and for refusing plaintext that a
         client pipelined behind an SSLRequest (CVE-2021-23214).
         """
-        return self._buf[self._pos :] + b"".join(self._chunks)
+        return b"".join([self._buf[self._pos :], *self._chunks])
 
     def next_frame(self) -> Frame | NeedData:
         return self._next_tagged()
@@ -219,17 +220,41 @@ class _Framer:
         return out, None
 
     def _join(self, pos: int, need: int) -> bool:
-        """Join queued chunks behind the unread bytes from `pos` if they hold `need` bytes."""
-        if self._chunks and len(self._buf) - pos + self._chunked >= need:
-            self._chunks.insert(0, self._buf[pos:])
-            self._buf = b"".join(self._chunks)
-            self._chunks.clear()
-            self._chunked = 0
-            self._pos = 0
-            self._view = memoryview(self._buf)
-            return True
-        self._pos = pos
-        return False
+        """Make the buffer hold `need` unread bytes from `pos`, if the queued reads have them.
+
+        Only a message split across reads is copied: the unread tail and just the bytes of
+        the next reads that complete it. The rest of a read stays queued as a view and
+        later becomes the buffer as it is, so a bulk result split mid-row at every read
+        boundary is not copied a second time.
+        """
+        chunks = self._chunks
+        tail = len(self._buf) - pos
+        if not chunks or tail + self._chunked < need:
+            self._pos = pos
+            return False
+        if tail == 0 and len(chunks[0]) >= need:
+            buf = chunks.pop(0)
+            self._chunked -= len(buf)
+        else:
+            parts = [self._buf[pos:]]
+            missing = need - tail
+            while missing > 0:
+                chunk = chunks[0]
+                if len(chunk) <= missing:
+                    parts.append(chunks.pop(0))
+                    missing -= len(chunk)
+                    self._chunked -= len(chunk)
+                else:
+                    view = memoryview(chunk)
+                    parts.append(view[:missing])
+                    chunks[0] = view[missing:]
+                    self._chunked -= missing
+                    missing = 0
+            buf = b"".join(parts)
+        self._buf = buf
+        self._pos = 0
+        self._view = memoryview(buf)
+        return True
 
     def frames(self) -> Iterator[Frame]:
         """Yield every complete frame buffered so far."""
