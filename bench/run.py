@@ -8,9 +8,11 @@ package; installed with apt-get when missing and running as root; run as `postgr
 runs pgbench -S (simple, extended, prepared) and TPC-B-like with N clients against each
 path (every path reaches PostgreSQL over verified TLS, as guard does; clients reach
 pgbouncer and guard over plain loopback), plus a 1M-row COPY TO STDOUT and SELECT * of
-pgbench_accounts. Prints tps, the ratio to direct and to pgbouncer, and the gateway's CPU
-µs per transaction (the broker process's user+system CPU time over the run divided by the
-transactions it served), and pgbouncer's, measured the same way.
+pgbench_accounts (each path --bulk-runs times, interleaved; the median is kept). Prints tps,
+the ratio to direct and to pgbouncer, and the gateway's CPU µs per transaction (the broker
+process's user+system CPU time over the run divided by the transactions it served; system
+time alone after it), and pgbouncer's, measured the same way; for bulk rows, the gateway's
+CPU ns per row.
 
 Numbers on a shared 2-core machine are noisy: compare ratios within one run, not across runs.
 """
