@@ -7,17 +7,20 @@ except with CI=true, where that fails the run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 GUARD = [sys.executable, "-m", "guard.cli.main"]
+DEMO_POLICY = Path(__file__).resolve().parents[1] / "guard" / "devstack" / "policies.yaml"
 
 
 def _have_postgres() -> bool:
@@ -141,3 +144,35 @@ def dev_stack(tmp_path_factory) -> Stack:
     stack = Stack(home=home, status=status, env=env)
     yield stack
     subprocess.run([*GUARD, "dev", "down"], env=env, capture_output=True, timeout=60)
+
+
+@contextlib.contextmanager
+def stack_with_rules(base: Stack, home: Path, rules: str) -> Iterator[Stack]:
+    """A second demo stack (own GUARD_HOME, ports, cluster) whose policy is the demo policy
+    plus `rules` (YAML rule entries). `base` is the `dev_stack` fixture: its environment,
+    and its skip/fail rules when PostgreSQL or OpenBao is missing."""
+    policy = home / "policies.yaml"
+    policy.write_text(DEMO_POLICY.read_text() + rules)
+    env = {**base.env, "GUARD_HOME": str(home)}
+    up = subprocess.run(
+        [*GUARD, "dev", "up", "--detach", "--policy", str(policy)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    try:
+        assert up.returncode == 0, f"guard dev up --policy failed:\n{up.stdout}\n{up.stderr}"
+        status = json.loads(
+            subprocess.run(
+                [*GUARD, "dev", "status", "--json"],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+        assert status["policy_file"] == str(policy.resolve())
+        yield Stack(home=home, status=status, env=env)
+    finally:
+        subprocess.run([*GUARD, "dev", "down"], env=env, capture_output=True, timeout=60)

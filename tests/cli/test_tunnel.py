@@ -180,6 +180,21 @@ def fatal(data: bytes) -> m.ErrorResponse:
     return error
 
 
+async def answer_without_the_gateway(pki, data: bytes, *, eof: bool = False) -> bytes:
+    """Send `data` (then EOF) to the relay: all it answers before closing, which it must do
+    promptly and without ever connecting to the gateway."""
+    async with stack(pki) as (port, gateway, _recorder):
+        reader, writer = await client(port)
+        writer.write(data)
+        await writer.drain()
+        if eof:
+            writer.write_eof()
+        answer = await read_until_closed(reader)
+        writer.close()
+        assert gateway.connections == 0
+        return answer
+
+
 async def client(port: int):
     return await asyncio.open_connection("127.0.0.1", port)
 
@@ -342,16 +357,7 @@ def test_tls_client_hello_pipelined_after_ssl_request_is_refused(pki):
     # the gateway.
     hello = bytes.fromhex("160301020001") + b"\x00" * 64
 
-    async def scenario():
-        async with stack(pki) as (port, gateway, recorder):
-            reader, writer = await client(port)
-            writer.write(SSL_REQUEST + hello)
-            await writer.drain()
-            assert await read_until_closed(reader) == b"N"
-            writer.close()
-            assert gateway.connections == 0
-
-    run(scenario())
+    assert run(answer_without_the_gateway(pki, SSL_REQUEST + hello)) == b"N"
 
 
 # 6. malformed startup packets ---------------------------------------------------------
@@ -368,16 +374,7 @@ def test_tls_client_hello_pipelined_after_ssl_request_is_refused(pki):
     ],
 )
 def test_malformed_startup_is_closed_promptly_without_calling_the_gateway(pki, packet):
-    async def scenario():
-        async with stack(pki) as (port, gateway, recorder):
-            reader, writer = await client(port)
-            writer.write(packet)
-            await writer.drain()
-            assert await read_until_closed(reader) == b""
-            writer.close()
-            assert gateway.connections == 0
-
-    run(scenario())
+    assert run(answer_without_the_gateway(pki, packet)) == b""
 
 
 @pytest.mark.parametrize(
@@ -389,17 +386,7 @@ def test_malformed_startup_is_closed_promptly_without_calling_the_gateway(pki, p
     ],
 )
 def test_truncated_startup_then_eof_is_closed_promptly(pki, packet):
-    async def scenario():
-        async with stack(pki) as (port, gateway, recorder):
-            reader, writer = await client(port)
-            writer.write(packet)
-            await writer.drain()
-            writer.write_eof()
-            assert await read_until_closed(reader) == b""
-            writer.close()
-            assert gateway.connections == 0
-
-    run(scenario())
+    assert run(answer_without_the_gateway(pki, packet, eof=True)) == b""
 
 
 def test_gateway_unreachable_closes_the_client(pki):

@@ -13,19 +13,17 @@ leave one audit result record per forwarded statement.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import httpx
 import psycopg
 import pytest
 
-from tests.fix_stack import GUARD, Stack
+from tests.fix_stack import Stack, stack_with_rules
 from tests.integration.test_gateway import session  # noqa: F401 - module-scoped fixture
 
 pytestmark = [
@@ -102,7 +100,6 @@ def test_tpcb_is_refused_naming_a_rule(dev_stack: Stack, gw_env, mode):
 
 
 # ---------------------------------------------------------------- TPC-B under a write policy
-DEMO_POLICY = Path(__file__).resolve().parents[2] / "guard" / "devstack" / "policies.yaml"
 # The demo policy plus one rule: engineers may write the four pgbench tables (only those).
 PGBENCH_RULE = """
   - id: engineers-write-pgbench
@@ -132,36 +129,12 @@ def pgbench_stack(dev_stack: Stack, tmp_path_factory):
     write the pgbench tables, initialised (scale 1) and granted to `guard_session`.
     Depends on `dev_stack` only for its skip/fail rules."""
     home = tmp_path_factory.mktemp("guard-home-pgbench")
-    policy = home / "policies.yaml"
-    policy.write_text(DEMO_POLICY.read_text() + PGBENCH_RULE)
-    env = {**dev_stack.env, "GUARD_HOME": str(home)}
-    up = subprocess.run(
-        [*GUARD, "dev", "up", "--detach", "--policy", str(policy)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    try:
-        assert up.returncode == 0, f"guard dev up --policy failed:\n{up.stdout}\n{up.stderr}"
-        status = json.loads(
-            subprocess.run(
-                [*GUARD, "dev", "status", "--json"],
-                env=env,
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-        )
-        assert status["policy_file"] == str(policy.resolve())
-        stack = Stack(home=home, status=status, env=env)
+    with stack_with_rules(dev_stack, home, PGBENCH_RULE) as stack:
         init = pgbench(clean_env(), "-i", "-s", "1", "-q", stack.admin_dsn)
         assert init.returncode == 0, init.stderr
         with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
             conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {TABLES} TO guard_session")
         yield stack
-    finally:
-        subprocess.run([*GUARD, "dev", "down"], env=env, capture_output=True, timeout=60)
 
 
 def tpcb_state(stack: Stack) -> tuple[int, int, int, int, int]:

@@ -211,6 +211,30 @@ def _running(stack: Stack, query: str) -> bool:
     )
 
 
+def interrupt_once_running(proc: subprocess.Popen, stack: Stack, query: str) -> None:
+    """SIGINT `proc` (psql, or what runs it) once `query` runs upstream: it must end with
+    57014 within 10 s, exit 1 as psql does, and leave nothing running."""
+    try:
+        start = time.monotonic()
+        while not _running(stack, query):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() - start < 20, "the query never started upstream"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=15)
+        elapsed = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert "57014" in err and "canceling statement due to user request" in err, (out, err)
+    assert proc.returncode == 1, (proc.returncode, out, err)  # psql's exit status
+    assert elapsed < 10
+    assert not _running(stack, query)
+
+
 def test_ctrl_c_cancels_the_running_query(dev_stack: Stack, gw_env):
     # psql's SIGINT handler sends a CancelRequest (libpq PQcancel, on a new plain
     # connection) with the gateway-issued key; the gateway must route it upstream.
@@ -222,25 +246,7 @@ def test_ctrl_c_cancels_the_running_query(dev_stack: Stack, gw_env):
         stderr=subprocess.PIPE,
         text=True,
     )
-    try:
-        start = time.monotonic()
-        while not _running(dev_stack, query):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() - start < 15, "pg_sleep never started upstream"
-            time.sleep(0.1)
-        time.sleep(1)
-        sent = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=15)
-        elapsed = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert "57014" in err and "canceling statement due to user request" in err, (out, err)
-    assert proc.returncode == 1, (proc.returncode, out, err)
-    assert elapsed < 10
-    assert not _running(dev_stack, query)
+    interrupt_once_running(proc, dev_stack, query)
     # The same libpq setup connects and runs statements again afterwards.
     again = psql(gw_env, "-A", "-t", "-c", "SELECT 41 + 1")
     assert again.returncode == 0, again.stderr

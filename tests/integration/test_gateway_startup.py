@@ -24,23 +24,15 @@ from guard.broker.pgwire.encoder import encode
 from guard.broker.pgwire.parser import NEED_DATA, BackendParser
 from guard.broker.pgwire.scram import ScramClient
 from tests.fix_stack import Stack
+from tests.integration import test_gateway
+from tests.integration.test_gateway import connect
 
 pytestmark = pytest.mark.integration
+session = test_gateway.session  # the module-scoped session fixture, shared
 
 READ_TIMEOUT = 5.0
 PROTOCOL_3_0 = 3 << 16
 PROTOCOL_3_2 = (3 << 16) | 2
-
-
-@pytest.fixture(scope="module")
-def session(dev_stack: Stack):
-    body, headers = dev_stack.open_session()
-    yield body
-    httpx.delete(
-        f"{dev_stack.status['broker_url']}/v1/sessions/{body['session_id']}",
-        headers=headers,
-        timeout=30,
-    )
 
 
 class Wire:
@@ -208,17 +200,7 @@ def test_libpq_asking_for_protocol_3_2_falls_back_to_3_0(session):
     a full version number: a bare minor (0) made it refuse the connection."""
     if psycopg.pq.version() < 180000:
         pytest.skip("libpq < 18 cannot ask for protocol 3.2")
-    conn = psycopg.connect(
-        host=session["gateway_host"],
-        port=session["gateway_port"],
-        user=session["user"],
-        password=session["password"],
-        dbname=session["database"],
-        sslmode="disable",
-        connect_timeout=10,
-        max_protocol_version="3.2",
-    )
-    with conn:
+    with connect(session, max_protocol_version="3.2") as conn:
         assert conn.info.pgconn.protocol_version == 3
         assert conn.execute("SELECT 1").fetchone() == (1,)
 

@@ -4,8 +4,6 @@ reading, which must throttle the upstream instead of piling up in the broker's m
 
 from __future__ import annotations
 
-import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -14,12 +12,11 @@ import psycopg
 import pytest
 from psycopg import pq
 
-from tests.fix_stack import GUARD, Stack
+from tests.fix_stack import Stack, stack_with_rules
 from tests.integration.test_gateway import connect, session  # noqa: F401 - module fixture
 
 pytestmark = pytest.mark.integration
 
-DEMO_POLICY = Path(__file__).resolve().parents[2] / "guard" / "devstack" / "policies.yaml"
 # The demo policy plus one rule: engineers may LISTEN (NOTIFY stays refused).
 LISTEN_RULE = """
   - id: engineers-listen
@@ -36,31 +33,8 @@ def listen_stack(dev_stack: Stack, tmp_path_factory):
     Depends on `dev_stack` only for its skip/fail rules when PostgreSQL or OpenBao is
     missing."""
     home = tmp_path_factory.mktemp("guard-home-listen")
-    policy = home / "policies.yaml"
-    policy.write_text(DEMO_POLICY.read_text() + LISTEN_RULE)
-    env = {**dev_stack.env, "GUARD_HOME": str(home)}
-    up = subprocess.run(
-        [*GUARD, "dev", "up", "--detach", "--policy", str(policy)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    try:
-        assert up.returncode == 0, f"guard dev up --policy failed:\n{up.stdout}\n{up.stderr}"
-        status = json.loads(
-            subprocess.run(
-                [*GUARD, "dev", "status", "--json"],
-                env=env,
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-        )
-        assert status["policy_file"] == str(policy.resolve())
-        yield Stack(home=home, status=status, env=env)
-    finally:
-        subprocess.run([*GUARD, "dev", "down"], env=env, capture_output=True, timeout=60)
+    with stack_with_rules(dev_stack, home, LISTEN_RULE) as stack:
+        yield stack
 
 
 def test_notification_reaches_the_listening_client(listen_stack: Stack):

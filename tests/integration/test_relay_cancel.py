@@ -6,27 +6,16 @@ which must carry it to the gateway (over verified TLS) so the running query is c
 
 from __future__ import annotations
 
-import signal
 import subprocess
-import time
 
-import psycopg
 import pytest
 
 from tests.fix_stack import GUARD, Stack
+from tests.integration.test_compat_psql import interrupt_once_running
 
 pytestmark = pytest.mark.integration
 
 QUERY = "SELECT pg_sleep(30)"
-
-
-def _running(stack: Stack) -> bool:
-    return bool(
-        stack.direct(
-            "SELECT 1 FROM pg_stat_activity WHERE state = 'active' AND query = "
-            + psycopg.sql.quote(QUERY)
-        )
-    )
 
 
 def test_sigint_cancels_the_running_query_through_the_relay(dev_stack: Stack):
@@ -42,22 +31,4 @@ def test_sigint_cancels_the_running_query_through_the_relay(dev_stack: Stack):
         stderr=subprocess.PIPE,
         text=True,
     )
-    try:
-        start = time.monotonic()
-        while not _running(dev_stack):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() - start < 20, "pg_sleep never started upstream"
-            time.sleep(0.1)
-        time.sleep(0.5)
-        sent = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=15)
-        elapsed = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert "57014" in err and "canceling statement due to user request" in err, (out, err)
-    assert proc.returncode == 1, (proc.returncode, out, err)  # psql's exit status
-    assert elapsed < 10
-    assert not _running(dev_stack)
+    interrupt_once_running(proc, dev_stack, QUERY)

@@ -472,28 +472,28 @@ def _cut(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
 
 
-@settings(max_examples=400, deadline=None)
-@given(
-    pieces=st.lists(st.integers(0, len(_BACKEND_PIECES) - 1), max_size=12),
-    cuts=st.lists(st.integers(0, 4000), max_size=6),
-)
-def test_backend_drain_frames_exactly_what_next_frame_does(pieces, cuts) -> None:
-    chunks = _cut(b"".join(_BACKEND_PIECES[i] for i in pieces), cuts)
-    assert _drained(BackendParser(max_message_size=_LIMIT), chunks, b"Dd") == _split(
-        BackendParser(max_message_size=_LIMIT), chunks
-    )
+# (parser, message pieces its streams are built from, the types it joins into runs)
+_SIDES = {
+    "backend": (lambda: BackendParser(max_message_size=_LIMIT), _BACKEND_PIECES, b"Dd"),
+    "frontend": (
+        lambda: FrontendParser(expect_startup=False, max_message_size=_LIMIT),
+        _FRONTEND_PIECES,
+        b"d",
+    ),
+}
 
 
 @settings(max_examples=400, deadline=None)
 @given(
-    pieces=st.lists(st.integers(0, len(_FRONTEND_PIECES) - 1), max_size=12),
+    side=st.sampled_from(sorted(_SIDES)),
+    pieces=st.lists(st.integers(0, 100), max_size=12),
     cuts=st.lists(st.integers(0, 4000), max_size=6),
 )
-def test_frontend_drain_frames_exactly_what_next_frame_does(pieces, cuts) -> None:
-    chunks = _cut(b"".join(_FRONTEND_PIECES[i] for i in pieces), cuts)
-    assert _drained(
-        FrontendParser(expect_startup=False, max_message_size=_LIMIT), chunks, b"d"
-    ) == _split(FrontendParser(expect_startup=False, max_message_size=_LIMIT), chunks)
+def test_drain_frames_exactly_what_next_frame_does(side, pieces, cuts) -> None:
+    parser, stream_pieces, runs = _SIDES[side]
+    data = b"".join(stream_pieces[i % len(stream_pieces)] for i in pieces)
+    chunks = _cut(data, cuts)
+    assert _drained(parser(), chunks, runs) == _split(parser(), chunks)
 
 
 def test_drain_joins_a_run_of_rows_into_one_view() -> None:
