@@ -184,15 +184,21 @@ async def answer_without_the_gateway(pki, data: bytes, *, eof: bool = False) -> 
     """Send `data` (then EOF) to the relay: all it answers before closing, which it must do
     promptly and without ever connecting to the gateway."""
     async with stack(pki) as (port, gateway, _recorder):
-        reader, writer = await client(port)
-        writer.write(data)
-        await writer.drain()
-        if eof:
-            writer.write_eof()
-        answer = await read_until_closed(reader)
-        writer.close()
+        answer = await exchange(port, data, eof=eof)
         assert gateway.connections == 0
         return answer
+
+
+async def exchange(port: int, data: bytes, *, eof: bool = False) -> bytes:
+    """Connect to the relay, send `data` (then EOF): all it answers before it closes."""
+    reader, writer = await client(port)
+    writer.write(data)
+    await writer.drain()
+    if eof:
+        writer.write_eof()
+    answer = await read_until_closed(reader)
+    writer.close()
+    return answer
 
 
 async def client(port: int):
@@ -397,20 +403,10 @@ def test_gateway_unreachable_closes_the_client(pki):
         relay = LoopbackRelay("127.0.0.1", dead_port, client_tls_context(str(pki["ca"])))
         port = await relay.start()
         try:
-            reader, writer = await client(port)
-            writer.write(STARTUP)
-            await writer.drain()
-            assert (
-                "cannot reach the gateway at 127.0.0.1"
-                in fatal(await read_until_closed(reader)).message
-            )
-            writer.close()
+            answer = await exchange(port, STARTUP)
+            assert "cannot reach the gateway at 127.0.0.1" in fatal(answer).message
             # A cancel has no answer to give (PostgreSQL sends none either): just closed.
-            reader, writer = await client(port)
-            writer.write(CANCEL)
-            await writer.drain()
-            assert await read_until_closed(reader) == b""
-            writer.close()
+            assert await exchange(port, CANCEL) == b""
         finally:
             await relay.close()
 
@@ -432,11 +428,8 @@ def test_silent_gateway_is_given_up_on(pki, monkeypatch):
         relay = LoopbackRelay("127.0.0.1", gw_port, client_tls_context(str(pki["ca"])))
         port = await relay.start()
         try:
-            reader, writer = await client(port)
-            writer.write(STARTUP)
-            await writer.drain()
-            assert "no answer within 0.5 s" in fatal(await read_until_closed(reader)).message
-            writer.close()
+            answer = await exchange(port, STARTUP)
+            assert "no answer within 0.5 s" in fatal(answer).message
             assert len(accepted) == 1
         finally:
             await relay.close()
