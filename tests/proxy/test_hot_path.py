@@ -6,8 +6,12 @@ one slice per run; rows that do need masking are decoded, and only they."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from guard.broker.pgwire import messages as m
+from guard.broker.pgwire.encoder import encode
+from guard.broker.pgwire.errors import ProtocolError
 from guard.broker.proxy import gate as gate_module
 from guard.broker.proxy import session as session_module
 from guard.broker.proxy.commands import SendToClient, SendToServer
@@ -135,3 +139,23 @@ def test_the_row_description_cache_is_bounded_in_bytes():
         proxy.from_server(wire(wide, m.CommandComplete("SELECT 0"), m.ReadyForQuery(b"I")))
         assert sum(map(len, proxy._described)) <= session_module._DESCRIBED_CACHE_BYTES
     assert proxy._described  # still caching
+
+
+NAMES = st.text(st.characters(blacklist_characters="\x00"), max_size=700)
+
+
+@given(NAMES, NAMES, st.lists(st.binary(max_size=3000), max_size=3))
+def test_bind_names_read_from_the_front_agree_with_the_encoder(portal, statement, params):
+    # The relay reads a Bind's two names from a window at its front, or the whole body
+    # when they are longer (non-ASCII names of 700 characters cross it).
+    raw = encode(m.Bind(portal, statement, (), tuple(params), ()))
+    assert session_module._bind_names(memoryview(raw)[5:]) == (portal, statement)
+
+
+@pytest.mark.parametrize(
+    "names",
+    [b"portal-only", b"p\x00no-terminator", b"\xff\x00s\x00", b"p\x00\xc3\x00", b"x" * 2000],
+)
+def test_malformed_bind_names_are_a_protocol_error(names):
+    with pytest.raises(ProtocolError):
+        session_module._bind_names(memoryview(names))

@@ -62,6 +62,7 @@ _JOIN_LIMIT = 1 << 16
 _PLAN_CACHE_SIZE = 256
 _DESCRIBED_CACHE_BYTES = 1 << 20
 _MAX_PORTALS = 4096
+_BIND_WINDOW = 1024
 
 # (table OID, attribute number) of a protected base column → its mask strategy.
 ProtectedMap = Mapping[tuple[int, int], Strategy]
@@ -666,18 +667,21 @@ def _bind_names(body: memoryview) -> tuple[str, str]:
     The rest of the message is framed (length-checked) but passed on undecoded; PostgreSQL
     validates the parameters itself. Bad names are a protocol error, as in the codec.
     """
-    # Names sit at the front: look at a small window first, the whole body only if needed.
-    for raw in (bytes(body[:1024]), bytes(body)):
+    # Names sit at the front: copy a small window, and the whole body only if they are
+    # longer (a Bind carrying megabytes of parameters is not copied to read two names).
+    raw = bytes(body[:_BIND_WINDOW])
+    end1 = raw.find(b"\0")
+    end2 = raw.find(b"\0", end1 + 1) if end1 >= 0 else -1
+    if end2 < 0 and len(body) > _BIND_WINDOW:
+        raw = bytes(body)
         end1 = raw.find(b"\0")
         end2 = raw.find(b"\0", end1 + 1) if end1 >= 0 else -1
-        if end2 >= 0:
-            try:
-                return raw[:end1].decode("utf-8"), raw[end1 + 1 : end2].decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise ClientProtocolError("malformed Bind: names are not UTF-8") from exc
-        if len(raw) == len(body):
-            break
-    raise ClientProtocolError("malformed Bind: missing name terminator")
+    if end2 < 0:
+        raise ClientProtocolError("malformed Bind: missing name terminator")
+    try:
+        return raw[:end1].decode("utf-8"), raw[end1 + 1 : end2].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ClientProtocolError("malformed Bind: names are not UTF-8") from exc
 
 
 def _rows_from_tag(tag: str) -> int | None:
