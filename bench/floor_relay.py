@@ -22,7 +22,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import admin_env, cpu_seconds, demo_stack, pgbench, sh  # noqa: E402
+from run import _per_tx, admin_env, cpu_times, demo_stack, pgbench, sh  # noqa: E402
 
 from guard.devstack.postgres import free_port  # noqa: E402
 
@@ -85,13 +85,16 @@ def main() -> int:
         try:
             time.sleep(1.0)
             relay_env = {**pg_env, "PGHOST": "127.0.0.1", "PGPORT": str(port)}
-            before = cpu_seconds(proc.pid)
+            before = cpu_times(proc.pid)
             tps, n = pgbench(relay_env, ["-S", "-M", "simple"], args.seconds, args.clients)
-            us = (cpu_seconds(proc.pid) - before) / max(n, 1) * 1e6
+            user, system = _per_tx(before, cpu_times(proc.pid), n)
             direct, _ = pgbench(pg_env, ["-S", "-M", "simple"], args.seconds, args.clients)
         finally:
             proc.kill()
-        print(f"-S simple: direct {direct:.0f} tps, relay {tps:.0f} tps, relay {us:.1f} µs/tx")
+        print(
+            f"-S simple: direct {direct:.0f} tps, relay {tps:.0f} tps, relay "
+            f"{user + system:.1f} µs/tx ({system:.1f} system)"
+        )
     return 0
 
 
