@@ -17,9 +17,10 @@ from psycopg import pq
 
 from guard.broker.pgwire import messages as m
 from guard.broker.pgwire.encoder import encode, encode_many
+from guard.broker.sql.fingerprint import normalize
 from tests.fix_stack import Stack
 from tests.integration.test_gateway import connect, session  # noqa: F401 - module fixture
-from tests.integration.test_gateway_startup import Wire, upstream_address
+from tests.integration.test_gateway_startup import Wire, gateway, upstream_address
 
 pytestmark = pytest.mark.integration
 
@@ -411,3 +412,40 @@ def test_large_unmasked_result_byte_identical(dev_stack: Stack, session, binary)
         g_loaded = gw.cursor(binary=binary).execute(BIG_SQL).fetchall()
         d_loaded = dr.cursor(binary=binary).execute(BIG_SQL).fetchall()
         assert g_loaded == d_loaded
+
+
+# ------------------------------------------------- 6. a failed pipeline's skipped names
+def test_a_reparse_skipped_after_an_error_leaves_the_statement_as_it_was(
+    dev_stack: Stack,
+    session,  # noqa: F811
+):
+    # PostgreSQL skips every message after an error until Sync, re-Parse and Close
+    # included: s1 stays the SSN query. guard must mask and record its next Execute as
+    # that (here without a Describe, so only guard's knowledge of s1 says what it returns).
+    ssn_sql = "SELECT ssn FROM customers WHERE id = 1 / $1::int"
+    with gateway(session) as wire:
+        wire.login(session)
+        wire.send(encode_many([m.Parse("s1", ssn_sql, ()), m.Sync()]))
+        assert [type(x) for x in wire.until_ready()] == [m.ParseComplete]
+        wire.send(
+            encode_many(
+                [
+                    m.Bind("", "s1", (), (b"0",), ()),  # division by zero (planned at Bind)
+                    m.Execute("", 0),
+                    m.Parse("s1", "SELECT name FROM products WHERE id = $1::int", ()),
+                    m.Close(b"S", "s1"),
+                    m.Sync(),
+                ]
+            )
+        )
+        # One error, then nothing: the re-Parse and the Close were skipped.
+        assert norm(wire.until_ready()) == [("ErrorResponse", "ERROR", "22012")]
+        wire.send(encode_many([m.Bind("", "s1", (), (b"1",), ()), m.Execute("", 0), m.Sync()]))
+        rows = [x for x in wire.until_ready() if isinstance(x, m.DataRow)]
+    assert rows == [m.DataRow((b"***-**-6789",))]
+    executed = [
+        r
+        for r in dev_stack.audit_records()
+        if r.get("session_id") == session["session_id"] and r.get("kind") == "statement"
+    ]
+    assert executed[-1]["statement"] == normalize(ssn_sql)  # the SSN query, not products

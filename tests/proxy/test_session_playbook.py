@@ -494,3 +494,56 @@ def test_a_parse_upstream_refuses_leaves_the_name_as_it_was(name):
     else:
         assert m.Execute not in [type(x) for x in to_server(cmds)]
         assert executed == []
+
+
+def test_names_changed_by_messages_a_failed_pipeline_skipped_keep_their_old_meaning():
+    # PostgreSQL skips everything after an error up to Sync: a re-Parse of s1 there never
+    # happens, so s1 is still the masked SSN query. An Execute of it without Describe must
+    # be masked by the gateway and recorded as that text, not as the skipped one.
+    proxy, audit = make()
+    ssn_text = "SELECT ssn FROM customers WHERE id = $1"
+    proxy.from_client(wire(m.Parse("s1", ssn_text, ()), m.Sync()))
+    ssn_field = m.RowDescription((field("ssn", CUSTOMERS_OID, SSN_ATTNUM),))
+    proxy.from_server(
+        wire(
+            m.ParseComplete(),
+            m.ParameterDescription((23,)),
+            ssn_field,  # the gateway's own Describe of s1, swallowed
+            m.ReadyForQuery(b"I"),
+        )
+    )
+    failing = proxy.from_client(
+        wire(
+            m.Bind("", "s1", (), (b"1",), ()),
+            m.Execute("", 0),
+            m.Parse("s1", "SELECT name FROM products", ()),
+            m.Bind("p1", "s1", (), (), ()),
+            m.Close(b"S", "s1"),
+            m.Sync(),
+        )
+    )
+    assert m.Parse("s1", "SELECT name FROM products", ()) in to_server(failing)
+    cancelled = m.ErrorResponse.build("57014", "canceling statement due to user request")
+    proxy.from_server(wire(m.BindComplete(), cancelled, m.ReadyForQuery(b"I")))
+
+    cmds = proxy.from_client(
+        wire(m.Bind("", "s1", (), (b"1",), ()), m.Execute("", 0), m.Execute("p1", 0), m.Sync())
+    )
+    statements = [r for r in audit.records if r.get("kind") == "statement"]
+    assert statements[-1]["statement"] == ssn_text  # s1 was neither re-parsed nor closed
+    # p1 was never bound upstream: its Execute is refused, not run as something else.
+    assert [type(x) for x in to_server(cmds)] == [m.Bind, m.Execute, m.Parse, m.Sync]
+    back = to_client(
+        proxy.from_server(
+            wire(
+                m.BindComplete(),
+                m.DataRow((b"123-45-6789",)),
+                m.CommandComplete("SELECT 1"),
+                m.ErrorResponse.build("42601", "syntax error"),
+                m.ReadyForQuery(b"I"),
+            )
+        )
+    )
+    rows = [x for x in back if isinstance(x, m.DataRow)]
+    assert rows == [m.DataRow((b"***-**-6789",))]
+    assert [x.sqlstate for x in back if isinstance(x, m.ErrorResponse)] == ["26000"]

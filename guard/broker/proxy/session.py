@@ -85,7 +85,6 @@ class _Pending:
         "plan",
         "planned",
         "prepared",
-        "previous",
     )
 
     def __init__(
@@ -98,8 +97,7 @@ class _Pending:
         portal: str | None = None,  # describe of a portal / execute: portal name
         seqs: list[int] | None = None,  # audit seqs awaiting a result record
         formats: tuple[int, ...] = (),  # execute: result formats from Bind
-        prepared: _Prepared | None = None,  # describe/execute: the statement it concerns
-        previous: _Prepared | None = None,  # parse: what the name meant before it
+        prepared: _Prepared | None = None,  # parse/describe/execute: the statement concerned
     ) -> None:
         self.kind = kind
         self.swallow = swallow
@@ -109,7 +107,6 @@ class _Pending:
         self.seqs = seqs
         self.formats = formats
         self.prepared = prepared
-        self.previous = previous
         self.plan: MaskPlan | None = None  # execute: mask plan, worked out at its first row
         self.planned = False
 
@@ -151,6 +148,12 @@ class ProxyConnection:
         # or parsed again, so the Execute is decided and recorded as what it runs.
         self._portals: dict[str, tuple[_Prepared | None, tuple[int, ...]]] = {}
         self._portal_fields: dict[str, tuple[m.FieldDescription, ...]] = {}
+        # What each forwarded Parse, Bind and Close changed in the name tables above, oldest
+        # first, until PostgreSQL answers it: (table, name, value before) per change. When
+        # a pipeline fails, PostgreSQL skips everything up to Sync, so the names those
+        # messages would have changed keep their old meaning; undoing the entries keeps
+        # every later Execute decided, masked and recorded as what actually runs.
+        self._journal: deque[tuple[tuple[dict, str, object], ...]] = deque()
         self._plan: MaskPlan | None = None  # simple query: active row mask plan
         # A statement run again describes its result with the same RowDescription bytes:
         # decode each once, and work out each (fields, formats) mask plan once (bounded).
@@ -233,9 +236,14 @@ class ProxyConnection:
             if self.protected and prepared is not None and prepared.decision.masked_columns:
                 # Result formats matter only where rows may need masking: decode fully.
                 formats = decode_frontend(frame_of(raw)).result_formats
-            self._portals.pop(portal, None)  # re-bound: now the newest
-            self._portals[portal] = (prepared, formats)
-            self._portal_fields.pop(portal, None)
+            portals, portal_fields = self._portals, self._portal_fields
+            self._journal.append(
+                (
+                    (portals, portal, portals.pop(portal, _GONE)),  # re-bound: now the newest
+                    (portal_fields, portal, portal_fields.pop(portal, _GONE)),
+                )
+            )
+            portals[portal] = (prepared, formats)
             if len(self._portals) > _MAX_PORTALS:
                 # Portal names come from the client and upstream drops them only at
                 # transaction end, which pipelining hides from this side: forget the
@@ -258,10 +266,8 @@ class ProxyConnection:
                 self._pending.append(_Pending("describe", portal=name))
         elif tag == _C:
             kind, name = describe_target(raw, "Close")
-            if kind == b"S":
-                self._prepared.pop(name, None)
-            else:
-                self._portals.pop(name, None)
+            table = self._prepared if kind == b"S" else self._portals
+            self._journal.append(((table, name, table.pop(name, _GONE)),))
             self._to_server.append(raw)
             self._pending.append(_CLOSE)
         elif tag == _S:
@@ -320,12 +326,10 @@ class ProxyConnection:
             self._pending.append(_Pending("parse", substitute=refusal))
             return
         # Allowed: nothing runs at Parse; the audit record is written at each Execute.
-        previous = self._prepared.get(msg.name)
+        self._journal.append(((self._prepared, msg.name, self._prepared.get(msg.name, _GONE)),))
         prepared = self._prepared[msg.name] = _Prepared(decision)
         self._to_server.append(raw)
-        self._pending.append(
-            _Pending("parse", statement=msg.name, prepared=prepared, previous=previous)
-        )
+        self._pending.append(_Pending("parse", statement=msg.name, prepared=prepared))
         if self.protected and decision.masked_columns:
             # Learn the result columns' table OIDs now, so rows of an Execute the client
             # did not Describe are still checked against protected base columns.
@@ -438,7 +442,10 @@ class ProxyConnection:
             self._plan = None
             # Everything up to and including the matching Query/Sync is answered.
             while pending:
-                kind = pending.popleft().kind
+                entry = pending.popleft()
+                if _journaled(entry) and self._journal:
+                    self._journal.popleft()  # never answered (a server out of step): it stands
+                kind = entry.kind
                 if kind == "query" or kind == "sync":
                     break
             self.transaction_status = bytes(raw[5:6])
@@ -450,6 +457,8 @@ class ProxyConnection:
         elif tag == _PARSE_COMPLETE or tag == _BIND_COMPLETE or tag == _CLOSE_COMPLETE:
             if head is not None and head.kind in ("parse", "bind", "close"):
                 pending.popleft()
+                if _journaled(head) and self._journal:
+                    self._journal.popleft()  # done upstream: the change stands
                 if head.swallow:
                     return
             self._to_client.append(raw)
@@ -551,26 +560,27 @@ class ProxyConnection:
             if head.seqs:
                 head.seqs.clear()  # the rest of a multi-statement string does not run
             return
-        if head.kind == "parse" and head.prepared is not None:
-            self._parse_failed(head)
-        # Extended protocol: upstream discards everything until Sync; so do we.
-        while self._pending and self._pending[0].kind != "sync":
-            self._pending.popleft()
-
-    def _parse_failed(self, head: _Pending) -> None:
-        """Upstream refused an allowed Parse: the name means what it meant before.
-
-        A named statement that already exists (42P05), or a Parse PostgreSQL rejects,
-        leaves the old statement in place upstream; executing it must be recorded as the
-        old text, not the one that failed. An unnamed statement is dropped before parsing.
-        """
-        name = head.statement or ""
-        if self._prepared.get(name) is not head.prepared:
-            return  # parsed again since, in the same pipeline
-        if name and head.previous is not None:
-            self._prepared[name] = head.previous
-        else:
-            self._prepared.pop(name, None)
+        # Extended protocol: upstream discards everything until Sync; so do we, and the
+        # name changes of the failed message and of those skipped do not take effect.
+        undo = []
+        pending = self._pending
+        while pending and pending[0].kind != "sync":
+            if _journaled(pending.popleft()) and self._journal:
+                undo.append(self._journal.popleft())
+        for changes in reversed(undo):
+            for table, name, before in changes:
+                if before is _GONE:
+                    table.pop(name, None)
+                else:
+                    table[name] = before
+        if undo and _journaled(head) and head.kind != "close":
+            # The failed message itself: a Parse or Bind of the unnamed statement or portal
+            # drops the old one upstream before it parses or binds, so there is none now
+            # (after a failed Bind PostgreSQL may or may not have dropped it: none is the
+            # answer that fails closed).
+            for table, name, _before in undo[0]:
+                if name == "":
+                    table.pop("", None)
 
     def _execute_plan(self, head: _Pending) -> MaskPlan | None:
         if head.kind != "execute":
@@ -640,6 +650,15 @@ class ProxyConnection:
                 )
                 self._masked_cells += 1
             to_client.append(encode(m.DataRow(tuple(values))))
+
+
+_GONE = object()  # a journal's "the name had no entry"
+
+
+def _journaled(pending: _Pending) -> bool:
+    """Whether this forwarded message changed the name tables (see `_journal`)."""
+    kind = pending.kind
+    return kind == "bind" or kind == "close" or (kind == "parse" and pending.prepared is not None)
 
 
 def _plan_for(fields, formats: tuple[int, ...], protected: ProtectedMap) -> MaskPlan | None:
