@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import struct
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from guard.broker.pgwire.errors import ProtocolError
@@ -17,6 +17,7 @@ from guard.broker.pgwire.parser import (
     decode_frontend,
     describe_target,
     execute_portal,
+    parse_statement,
 )
 
 # Bodies built from the bytes that matter (NUL, kind letters, UTF-8 lead bytes) so that
@@ -71,3 +72,15 @@ def test_query_text(body):
 def test_command_complete_tag(body):
     frame = _frame(b"C", body, backend=True)
     _agree(lambda: cstring_body(frame.raw, "CommandComplete"), lambda: decode_backend(frame).tag)
+
+
+@given(BODIES)
+@example(b"s\x00select $1\x00\x00\x01\x00\x00\x00\x17")  # one parameter type, well-formed
+@example(b"s\x00select $1\x00\x00\x01\x00\x00\x00\x17\x00")  # one byte too many
+@example(b"\x00\x00\x00\x00")  # unnamed, empty text, no types
+def test_parse_name_and_text(body):
+    frame = _frame(b"P", body)
+    _agree(
+        lambda: parse_statement(frame.raw),
+        lambda: (lambda msg: (msg.name, msg.query))(decode_frontend(frame)),
+    )

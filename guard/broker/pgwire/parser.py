@@ -482,6 +482,23 @@ def execute_portal(raw: memoryview) -> str:
     return _utf8(name, "Execute")
 
 
+def parse_statement(raw: memoryview) -> tuple[str, str]:
+    """(name, query text) of a Parse (fast accessor, the decoder's checks: the parameter
+    type OIDs are not read, but must fill the rest of the message exactly)."""
+    body = bytes(raw[5:])
+    end1 = body.find(b"\x00")
+    end2 = body.find(b"\x00", end1 + 1) if end1 >= 0 else -1
+    if end2 < 0 or len(body) < end2 + 3:
+        raise ClientProtocolError("malformed Parse message: bad name or query text")
+    (count,) = _UNPACK_U16(body, end2 + 1)
+    if len(body) != end2 + 3 + 4 * count:
+        raise ClientProtocolError("malformed Parse message: parameter types do not fit it")
+    try:
+        return body[:end1].decode("utf-8"), body[end1 + 1 : end2].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ClientProtocolError(f"malformed Parse message: {exc}") from exc
+
+
 def describe_target(raw: memoryview, what: str) -> tuple[bytes, str]:
     """(b"S" or b"P", name) of a Describe or Close (fast accessor, the decoder's checks)."""
     kind = bytes(raw[5:6])

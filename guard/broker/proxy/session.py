@@ -38,6 +38,7 @@ from guard.broker.pgwire.parser import (
     describe_target,
     execute_portal,
     frame_of,
+    parse_statement,
 )
 from guard.broker.proxy.commands import CloseConnection, Command, SendToClient, SendToServer
 from guard.broker.proxy.encoding import codec_for, decode_parse, decode_query
@@ -223,12 +224,11 @@ class ProxyConnection:
             self._gate_statement(sql, raw)
         elif tag == _P:
             if self.codec == "utf-8":
-                msg = decode_frontend(frame_of(raw))
+                name, query = parse_statement(raw)
             else:
                 # Only name and text matter to the gate; PostgreSQL validates the rest.
                 name, query = self._decode(decode_parse, raw, "Parse")
-                msg = m.Parse(name, query, ())
-            self._on_parse(msg, raw)
+            self._on_parse(name, query, raw)
         elif tag == _B:
             portal, statement = _bind_names(raw[5:])
             prepared = self._prepared.get(statement)
@@ -315,27 +315,27 @@ class ProxyConnection:
         # simple Query.
         self._send_poison_query(self.gate.refuse_fast_path(function_oid))
 
-    def _on_parse(self, msg: m.Parse, raw) -> None:
-        decision = self.gate.decide(msg.query)
+    def _on_parse(self, name: str, query: str, raw) -> None:
+        decision = self.gate.decide(query)
         if decision.refusal is not None:
             recorded = self.gate.record(decision, "extended")
             refusal = recorded if isinstance(recorded, m.ErrorResponse) else decision.refusal
-            self._prepared.pop(msg.name, None)
-            poison = m.Parse(msg.name, _poison_sql(), ())
+            self._prepared.pop(name, None)
+            poison = m.Parse(name, _poison_sql(), ())
             self._to_server.append(encode(poison))
             self._pending.append(_Pending("parse", substitute=refusal))
             return
         # Allowed: nothing runs at Parse; the audit record is written at each Execute.
-        self._journal.append(((self._prepared, msg.name, self._prepared.get(msg.name, _GONE)),))
-        prepared = self._prepared[msg.name] = _Prepared(decision)
+        self._journal.append(((self._prepared, name, self._prepared.get(name, _GONE)),))
+        prepared = self._prepared[name] = _Prepared(decision)
         self._to_server.append(raw)
-        self._pending.append(_Pending("parse", statement=msg.name, prepared=prepared))
+        self._pending.append(_Pending("parse", statement=name, prepared=prepared))
         if self.protected and decision.masked_columns:
             # Learn the result columns' table OIDs now, so rows of an Execute the client
             # did not Describe are still checked against protected base columns.
-            self._to_server.append(encode(m.Describe(b"S", msg.name)))
+            self._to_server.append(encode(m.Describe(b"S", name)))
             self._pending.append(
-                _Pending("describe", swallow=True, statement=msg.name, prepared=prepared)
+                _Pending("describe", swallow=True, statement=name, prepared=prepared)
             )
 
     def _on_execute(self, portal: str, raw) -> None:
