@@ -5,13 +5,16 @@ one slice per run; rows that do need masking are decoded, and only they."""
 
 from __future__ import annotations
 
+import struct
+
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from guard.broker.pgwire import messages as m
 from guard.broker.pgwire.encoder import encode
 from guard.broker.pgwire.errors import ProtocolError
+from guard.broker.pgwire.parser import bind_names
 from guard.broker.proxy import gate as gate_module
 from guard.broker.proxy import session as session_module
 from guard.broker.proxy.commands import SendToClient, SendToServer
@@ -147,11 +150,12 @@ NAMES = st.text(
 
 
 @given(NAMES, NAMES, st.lists(st.binary(max_size=3000), max_size=3))
+@example("p" * 600, "é" * 400, [b"x" * 2000])  # the second name ends past the window
 def test_bind_names_read_from_the_front_agree_with_the_encoder(portal, statement, params):
     # The relay reads a Bind's two names from a window at its front, or the whole body
     # when they are longer (non-ASCII names of 700 characters cross it).
     raw = encode(m.Bind(portal, statement, (), tuple(params), ()))
-    assert session_module._bind_names(memoryview(raw)[5:]) == (portal, statement)
+    assert bind_names(memoryview(raw)) == (portal, statement)
 
 
 @pytest.mark.parametrize(
@@ -160,4 +164,4 @@ def test_bind_names_read_from_the_front_agree_with_the_encoder(portal, statement
 )
 def test_malformed_bind_names_are_a_protocol_error(names):
     with pytest.raises(ProtocolError):
-        session_module._bind_names(memoryview(names))
+        bind_names(memoryview(b"B" + struct.pack("!i", len(names) + 4) + names))

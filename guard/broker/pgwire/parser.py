@@ -486,17 +486,48 @@ def parse_statement(raw: memoryview) -> tuple[str, str]:
     """(name, query text) of a Parse (fast accessor, the decoder's checks: the parameter
     type OIDs are not read, but must fill the rest of the message exactly)."""
     body = bytes(raw[5:])
-    end1 = body.find(b"\x00")
-    end2 = body.find(b"\x00", end1 + 1) if end1 >= 0 else -1
-    if end2 < 0 or len(body) < end2 + 3:
+    found = _two_cstrings(body)
+    if found is None or len(body) < found[2] + 3:
         raise ClientProtocolError("malformed Parse message: bad name or query text")
-    (count,) = _UNPACK_U16(body, end2 + 1)
-    if len(body) != end2 + 3 + 4 * count:
+    name, query, end = found
+    (count,) = _UNPACK_U16(body, end + 1)
+    if len(body) != end + 3 + 4 * count:
         raise ClientProtocolError("malformed Parse message: parameter types do not fit it")
+    return _utf8(name, "Parse"), _utf8(query, "Parse")
+
+
+# A Bind's names sit at its front: bind_names() copies this much of the message first.
+_BIND_WINDOW: Final = 1024
+
+
+def bind_names(raw: memoryview) -> tuple[str, str]:
+    """(portal, statement) of a Bind, without decoding its parameters (fast accessor).
+
+    The rest of the message is framed (length-checked) but passed on undecoded; PostgreSQL
+    validates the parameters itself. Bad names are a protocol error, as in the decoder. A
+    small window is copied, and the whole body only when the names are longer: a Bind
+    carrying megabytes of parameters is not copied to read two names.
+    """
+    body = raw[5:]
+    found = _two_cstrings(bytes(body[:_BIND_WINDOW]))
+    if found is None and len(body) > _BIND_WINDOW:
+        found = _two_cstrings(bytes(body))
+    if found is None:
+        raise ClientProtocolError("malformed Bind: missing name terminator")
     try:
-        return body[:end1].decode("utf-8"), body[end1 + 1 : end2].decode("utf-8")
+        return found[0].decode("utf-8"), found[1].decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ClientProtocolError(f"malformed Parse message: {exc}") from exc
+        raise ClientProtocolError("malformed Bind: names are not UTF-8") from exc
+
+
+def _two_cstrings(data: bytes) -> tuple[bytes, bytes, int] | None:
+    """The two NUL-terminated strings at the front of `data` and the second's NUL position;
+    None when there are not two."""
+    end1 = data.find(b"\x00")
+    end2 = data.find(b"\x00", end1 + 1) if end1 >= 0 else -1
+    if end2 < 0:
+        return None
+    return data[:end1], data[end1 + 1 : end2], end2
 
 
 def describe_target(raw: memoryview, what: str) -> tuple[bytes, str]:

@@ -32,6 +32,7 @@ from guard.broker.pgwire.errors import ClientProtocolError, ProtocolError
 from guard.broker.pgwire.parser import (
     BackendParser,
     FrontendParser,
+    bind_names,
     cstring_body,
     decode_backend,
     decode_frontend,
@@ -63,7 +64,6 @@ _JOIN_LIMIT = 1 << 16
 _PLAN_CACHE_SIZE = 256
 _DESCRIBED_CACHE_BYTES = 1 << 20
 _MAX_PORTALS = 4096
-_BIND_WINDOW = 1024
 
 # (table OID, attribute number) of a protected base column → its mask strategy.
 ProtectedMap = Mapping[tuple[int, int], Strategy]
@@ -230,7 +230,7 @@ class ProxyConnection:
                 name, query = self._decode(decode_parse, raw, "Parse")
             self._on_parse(name, query, raw)
         elif tag == _B:
-            portal, statement = _bind_names(raw[5:])
+            portal, statement = bind_names(raw)
             prepared = self._prepared.get(statement)
             formats: tuple[int, ...] = ()
             if self.protected and prepared is not None and prepared.decision.masked_columns:
@@ -678,29 +678,6 @@ def _plan_for(fields, formats: tuple[int, ...], protected: ProtectedMap) -> Mask
             fmt = formats[index] if index < len(formats) else 0
         plan.append((index, strategy, fmt, f.type_oid))
     return tuple(plan) or None
-
-
-def _bind_names(body: memoryview) -> tuple[str, str]:
-    """Portal and statement names of a Bind, without decoding its parameters.
-
-    The rest of the message is framed (length-checked) but passed on undecoded; PostgreSQL
-    validates the parameters itself. Bad names are a protocol error, as in the codec.
-    """
-    # Names sit at the front: copy a small window, and the whole body only if they are
-    # longer (a Bind carrying megabytes of parameters is not copied to read two names).
-    raw = bytes(body[:_BIND_WINDOW])
-    end1 = raw.find(b"\0")
-    end2 = raw.find(b"\0", end1 + 1) if end1 >= 0 else -1
-    if end2 < 0 and len(body) > _BIND_WINDOW:
-        raw = bytes(body)
-        end1 = raw.find(b"\0")
-        end2 = raw.find(b"\0", end1 + 1) if end1 >= 0 else -1
-    if end2 < 0:
-        raise ClientProtocolError("malformed Bind: missing name terminator")
-    try:
-        return raw[:end1].decode("utf-8"), raw[end1 + 1 : end2].decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ClientProtocolError("malformed Bind: names are not UTF-8") from exc
 
 
 def _rows_from_tag(tag: str) -> int | None:
