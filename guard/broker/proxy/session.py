@@ -691,6 +691,4 @@ def _poison_sql() -> str:
 
 
 def _unexpected(tag: int) -> ProtocolError:
-    from guard.broker.pgwire.errors import ClientProtocolError
-
     return ClientProtocolError(f"unexpected message type {chr(tag)!r} after authentication")
