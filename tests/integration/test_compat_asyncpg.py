@@ -32,15 +32,18 @@ async def gw(stack: Stack, sess: dict, tls: bool = False):
         ssl_arg: object = ctx
     else:
         ssl_arg = False
-    return await asyncpg.connect(
-        host=sess["gateway_host"],
-        port=sess["gateway_port"],
-        user=sess["user"],
-        password=sess["password"],
-        database=sess["database"],
-        ssl=ssl_arg,
-        timeout=10,
-    )
+    return await asyncpg.connect(**gw_params(sess), ssl=ssl_arg, timeout=10)
+
+
+def gw_params(sess: dict) -> dict:
+    """asyncpg's connection arguments for the gateway of session `sess`."""
+    return {
+        "host": sess["gateway_host"],
+        "port": sess["gateway_port"],
+        "user": sess["user"],
+        "password": sess["password"],
+        "database": sess["database"],
+    }
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls-dev-ca"])
@@ -312,14 +315,5 @@ def test_pool_acquire_release_like_direct(dev_stack: Stack, session):  # noqa: F
             ssl=False,
         )
     )
-    gateway_result = run(
-        use_pool(
-            host=session["gateway_host"],
-            port=session["gateway_port"],
-            user=session["user"],
-            password=session["password"],
-            database=session["database"],
-            ssl=False,
-        )
-    )
+    gateway_result = run(use_pool(**gw_params(session), ssl=False))
     assert gateway_result == direct_result
