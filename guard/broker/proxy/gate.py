@@ -52,10 +52,6 @@ class Decision:
         # protocol → the fixed fields of one audit record per statement (see Gate.record)
         self.records: dict[str, tuple[bytes, ...]] = {}
 
-    @property
-    def allowed(self) -> bool:
-        return self.refusal is None
-
 
 def refusal_for(verdict: Verdict) -> ErrorResponse:
     hint = None
