@@ -125,7 +125,8 @@ class _Framer:
     ) -> None:
         if max_message_size < 4:
             raise ValueError("max_message_size must be at least 4 (the length word)")
-        self._buf = b""
+        # A read that is queued as a view of what remains of it becomes the buffer as it is.
+        self._buf: bytes | memoryview = b""
         self._pos = 0
         self._view = memoryview(self._buf)
         # Reads not yet in the buffer: bytes, or a view of what remains of one.
@@ -236,7 +237,7 @@ class _Framer:
             buf = chunks.pop(0)
             self._chunked -= len(buf)
         else:
-            parts = [self._buf[pos:]]
+            parts: list[bytes | memoryview] = [self._buf[pos:]]
             missing = need - tail
             while missing > 0:
                 chunk = chunks[0]

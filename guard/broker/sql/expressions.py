@@ -71,8 +71,8 @@ class ExpressionWalker:
         for column, candidates in sources:
             if candidates:
                 by_column.setdefault(column, set()).update(candidates)
-        for column, candidates in by_column.items():
-            self.columns[m.ColumnUse(column, frozenset(candidates), ctx)] = None
+        for column, merged in by_column.items():
+            self.columns[m.ColumnUse(column, frozenset(merged), ctx)] = None
 
     def note_function(self, body: Body) -> None:
         """Record a function call and the flags some built-in functions imply."""
@@ -231,8 +231,8 @@ class ExpressionWalker:
             rows = _union(e.whole_row() for e in scope.find_alias(names[0]))
             self.emit(rows, row_ctx)
             return sources | rows
-        entries = scope.find_qualified(names[:-1]) or scope.all_entries()
-        sources = _union(e.resolve(names[-1]) for e in entries)
+        qualified = scope.find_qualified(names[:-1]) or scope.all_entries()
+        sources = _union(e.resolve(names[-1]) for e in qualified)
         self.emit(sources, ctx)
         return sources
 

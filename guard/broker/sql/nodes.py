@@ -60,8 +60,9 @@ def unwrap(value: Any) -> Node | None:
     """`{"Type": body}` -> ("Type", body); NIL (`{}` or None) -> None."""
     if value.__class__ is not dict or not value:
         return None
+    item: Node  # an annotation only: no check at run time
     for item in value.items():  # the single (type, body) pair; cheaper than unpacking
-        return item  # type: ignore[no-any-return]
+        return item
     return None
 
 

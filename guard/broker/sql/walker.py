@@ -237,7 +237,7 @@ class QueryWalker(ExpressionWalker):
 
     def range_var(self, body: Body, scope: Scope) -> Entry:
         self.seen.add(id(body))
-        name = body["relname"]
+        name: str = body["relname"]
         schema = body.get("schemaname")
         alias = body.get("alias") or {}
         colnames = tuple(name_list(alias.get("colnames")))
