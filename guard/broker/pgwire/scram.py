@@ -107,20 +107,7 @@ class ScramServer:
         authzid, sep2, bare = rest.partition(",")
         if not sep or not sep2:
             raise AuthenticationFailed("malformed SCRAM gs2 header")
-        if flag == "n":
-            pass
-        elif flag == "y":
-            if self._channel_binding is not None:
-                raise AuthenticationFailed(
-                    "client supports channel binding but thinks the server does not"
-                )
-        elif flag.startswith("p="):
-            if self._channel_binding is None:
-                raise AuthenticationFailed("client requires channel binding, not available")
-            if flag[2:] != self._channel_binding[0]:
-                raise AuthenticationFailed(f"unsupported channel binding type {flag[2:]!r}")
-        else:
-            raise AuthenticationFailed(f"malformed SCRAM channel binding flag {flag[:10]!r}")
+        self._check_binding_flag(flag)
         if authzid:
             raise AuthenticationFailed("authorization identities are not supported")
         attrs = bare.split(",")
@@ -140,6 +127,23 @@ class ScramServer:
         self._server_first = f"r={self._nonce},s={_b64(v.salt)},i={v.iterations}"
         self._state = "final"
         return self._server_first.encode("ascii")
+
+    def _check_binding_flag(self, flag: str) -> None:
+        """The gs2 channel-binding flag must agree with what this server offers."""
+        if flag == "n":
+            return
+        if flag == "y":
+            if self._channel_binding is not None:
+                raise AuthenticationFailed(
+                    "client supports channel binding but thinks the server does not"
+                )
+        elif flag.startswith("p="):
+            if self._channel_binding is None:
+                raise AuthenticationFailed("client requires channel binding, not available")
+            if flag[2:] != self._channel_binding[0]:
+                raise AuthenticationFailed(f"unsupported channel binding type {flag[2:]!r}")
+        else:
+            raise AuthenticationFailed(f"malformed SCRAM channel binding flag {flag[:10]!r}")
 
     def handle_client_final(self, data: bytes) -> bytes:
         """Take client-final-message, return server-final-message ("v=…")."""
