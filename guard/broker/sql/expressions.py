@@ -121,7 +121,9 @@ class ExpressionWalker:
 
     # --- expressions ---------------------------------------------------------------------
 
-    def expr(self, node: Node | None, scope: Scope, ctx: Ctx, bare: bool = False) -> Sources:
+    def expr(  # noqa: C901 - flat dispatch on the node kind, run for every expression node
+        self, node: Node | None, scope: Scope, ctx: Ctx, bare: bool = False
+    ) -> Sources:
         """Walk an expression in `ctx`; returns the base sources its value derives from."""
         if node is None:
             return NO_SOURCES

@@ -118,17 +118,7 @@ class QueryWalker(ExpressionWalker):
             return
         ctes = [body for _, body in iter_list(clause.get("ctes"))]
         if clause.get("recursive"):
-            # In WITH RECURSIVE every CTE sees every other one and itself: iterate to a
-            # fixpoint so a reference through a later or self-referencing CTE still reaches
-            # the base columns (one pass would resolve it to nothing).
-            for cte in ctes:
-                scope.ctes[cte["ctename"]] = OPAQUE
-            for _ in range(_RECURSIVE_PASSES):
-                before = {name: shape.all_sources() for name, shape in scope.ctes.items()}
-                for cte in ctes:
-                    scope.ctes[cte["ctename"]] = self.cte_shape(cte, scope)
-                if all(scope.ctes[n].all_sources() == before[n] for n in before):
-                    break
+            self.recursive_ctes(ctes, scope)
         else:
             for cte in ctes:  # a later CTE sees the earlier ones, not itself
                 scope.ctes[cte["ctename"]] = self.cte_shape(cte, scope)
@@ -141,6 +131,21 @@ class QueryWalker(ExpressionWalker):
             ):
                 for column in name_list((cte.get(key) or {}).get(field)):
                     self.emit(shape.lookup(column), Ctx.DERIVED)
+
+    def recursive_ctes(self, ctes: list[Body], scope: Scope) -> None:
+        """WITH RECURSIVE, where every CTE sees every other one and itself.
+
+        Iterates to a fixpoint so that a reference through a later or self-referencing CTE
+        still reaches the base columns (one pass would resolve it to nothing).
+        """
+        for cte in ctes:
+            scope.ctes[cte["ctename"]] = OPAQUE
+        for _ in range(_RECURSIVE_PASSES):
+            before = {name: shape.all_sources() for name, shape in scope.ctes.items()}
+            for cte in ctes:
+                scope.ctes[cte["ctename"]] = self.cte_shape(cte, scope)
+            if all(scope.ctes[n].all_sources() == before[n] for n in before):
+                break
 
     def cte_shape(self, cte: Body, scope: Scope) -> Shape:
         shape = self.query(unwrap(cte.get("ctequery")), scope, Ctx.OUTPUT)
@@ -177,16 +182,7 @@ class QueryWalker(ExpressionWalker):
                 self.order_item(child, scope, targets, shape)
             return
         if kind == "A_Const" and "ival" in body:
-            # ORDER BY 1 / GROUP BY 1 sort by an output column: an oracle on that column.
-            index = int(body["ival"].get("ival", 0)) - 1
-            if targets is not None:
-                # After a `*` positions are unknown without the catalog: take every target.
-                star = any(self.star_entries(v, scope) is not None for _, v in targets)
-                chosen = targets if star or index < 0 else targets[index : index + 1]
-                for _, value in chosen:
-                    self.expr(value, scope, Ctx.PREDICATE, bare=True)
-            if shape is not None:
-                self.emit(shape.positional(index), Ctx.PREDICATE)
+            self.order_position(int(body["ival"].get("ival", 0)) - 1, scope, targets, shape)
             return
         if kind == "ColumnRef":
             names = name_list(body.get("fields"))
@@ -197,6 +193,19 @@ class QueryWalker(ExpressionWalker):
                 if shape is not None:
                     self.emit(shape.lookup(names[0]), Ctx.PREDICATE)
         self.expr(node, scope, Ctx.PREDICATE)
+
+    def order_position(
+        self, index: int, scope: Scope, targets: list[Target] | None, shape: Shape | None
+    ) -> None:
+        """ORDER BY 1 / GROUP BY 1 sort by an output column: an oracle on that column."""
+        if targets is not None:
+            # After a `*` positions are unknown without the catalog: take every target.
+            star = any(self.star_entries(v, scope) is not None for _, v in targets)
+            chosen = targets if star or index < 0 else targets[index : index + 1]
+            for _, value in chosen:
+                self.expr(value, scope, Ctx.PREDICATE, bare=True)
+        if shape is not None:
+            self.emit(shape.positional(index), Ctx.PREDICATE)
 
     def limits(self, body: Body, scope: Scope) -> None:
         self.expr(unwrap(body.get("limitCount")), scope, Ctx.PREDICATE)
@@ -216,11 +225,7 @@ class QueryWalker(ExpressionWalker):
         if kind == "JoinExpr":
             return self.join(body, scope)
         if kind == "RangeFunction":
-            for item in body.get("functions") or ():
-                pair = unwrap(item)
-                items = pair[1].get("items", []) if pair and pair[0] == "List" else []
-                if items:
-                    self.expr(unwrap(items[0]), scope, Ctx.DERIVED)
+            self.range_function(body, scope)
             return [Entry(alias.get("aliasname", ""))]
         if kind == "RangeTableSample":
             entries = self.from_item(unwrap(body.get("relation")) or ("", {}), scope)
@@ -234,6 +239,14 @@ class QueryWalker(ExpressionWalker):
                     self.expr(child, scope, Ctx.DERIVED)
             return [Entry(alias.get("aliasname", ""))]
         raise Unsupported(f"FROM item {kind or 'NIL'} is not modelled")
+
+    def range_function(self, body: Body, scope: Scope) -> None:
+        """`FROM f(x)` / `ROWS FROM (f(x), g(y))`: each function call is a DERIVED use."""
+        for item in body.get("functions") or ():
+            pair = unwrap(item)
+            items = pair[1].get("items", []) if pair and pair[0] == "List" else []
+            if items:
+                self.expr(unwrap(items[0]), scope, Ctx.DERIVED)
 
     def range_var(self, body: Body, scope: Scope) -> Entry:
         self.seen.add(id(body))
