@@ -87,6 +87,23 @@ def _covers(rule: Rule, operation: Operation, statement: StatementAnalysis) -> b
     return True
 
 
+def _coverage(allows: list[Rule], statement: StatementAnalysis) -> tuple[list[str], list[str]]:
+    """(ids of the covering allow rules, names of the operations none covers).
+
+    Operations are taken in order; each one's first covering rule is listed, once.
+    """
+    covering: list[str] = []
+    uncovered: list[str] = []
+    for operation in sorted(statement.operations):
+        rule_ids = [r.id for r in allows if _covers(r, operation, statement)]
+        if rule_ids:
+            if rule_ids[0] not in covering:
+                covering.append(rule_ids[0])
+        else:
+            uncovered.append(operation.value)
+    return covering, uncovered
+
+
 def masked_columns(statement: StatementAnalysis, target: Target) -> tuple[ColumnId, ...]:
     """Protected columns the statement returns as output (to be masked)."""
     found: set[ColumnId] = set()
@@ -154,15 +171,7 @@ class CompiledPolicy:
             if rule.applies_to(target_name, groups) and _triggers(rule, statement):
                 return self._approval(rule, statement, target)
         allows = [r for r in rules[Effect.ALLOW] if r.applies_to(target_name, groups)]
-        covering: list[str] = []
-        uncovered: list[str] = []
-        for operation in sorted(statement.operations):
-            rule_ids = [r.id for r in allows if _covers(r, operation, statement)]
-            if rule_ids:
-                if rule_ids[0] not in covering:
-                    covering.append(rule_ids[0])
-            else:
-                uncovered.append(operation.value)
+        covering, uncovered = _coverage(allows, statement)
         if uncovered or not statement.operations:
             what = ", ".join(uncovered) or "this statement"
             return guardrails.refusal(

@@ -75,7 +75,9 @@ def derived_protected_uses(
                     yield table.columns[use.column], use.context
 
 
-def check(statement: StatementAnalysis, target: Target) -> Verdict | None:
+def check(  # noqa: C901 - an ordered flat table of guardrails; the first one tripped wins
+    statement: StatementAnalysis, target: Target
+) -> Verdict | None:
     """The first guardrail the statement trips, or None."""
     flags = statement.flags
     if statement.fail_closed is not None:
