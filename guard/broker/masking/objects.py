@@ -167,22 +167,13 @@ def _view(
     ]
 
 
-def backstop_sql(
-    target: Target,
-    tables: Mapping[tuple[str, str], TableColumns],
-    *,
-    all_tables: Sequence[tuple[str, str]],
-    database: str | None = None,
-    schema_owner_role: str = OWNER_ROLE,
-    group_role: str = GROUP_ROLE,
-    masked_schema: str = MASKED_SCHEMA,
-) -> list[str]:
-    """Statements (run by an admin, in order) that build the target's database backstop.
+def _special_tables(
+    target: Target, tables: Mapping[tuple[str, str], TableColumns], masked_schema: str
+) -> tuple[dict[tuple[str, str], dict[str, str]], list[tuple[str, str]]]:
+    """The masks per table (column -> strategy) and the protected or gated tables, sorted.
 
-    `tables` must describe every protected and gated table; `all_tables` lists the target's
-    base tables (relkind r/p). `database` defaults to current_database() at run time.
-    Raises ValueError when the policy names a table or column the catalog facts lack: a
-    typo must not leave the real column unprotected.
+    Raises ValueError when the catalog facts lack a table or column the policy names, or
+    when two of the tables would get views of the same name in the masked schema.
     """
     masks: dict[tuple[str, str], dict[str, str]] = {}
     for column_id, strategy in target.protected_columns.items():
@@ -200,7 +191,27 @@ def backstop_sql(
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
         raise ValueError(f"two protected/gated tables share a name in {masked_schema}: {clashes}")
+    return masks, special
 
+
+def backstop_sql(
+    target: Target,
+    tables: Mapping[tuple[str, str], TableColumns],
+    *,
+    all_tables: Sequence[tuple[str, str]],
+    database: str | None = None,
+    schema_owner_role: str = OWNER_ROLE,
+    group_role: str = GROUP_ROLE,
+    masked_schema: str = MASKED_SCHEMA,
+) -> list[str]:
+    """Statements (run by an admin, in order) that build the target's database backstop.
+
+    `tables` must describe every protected and gated table; `all_tables` lists the target's
+    base tables (relkind r/p). `database` defaults to current_database() at run time.
+    Raises ValueError when the policy names a table or column the catalog facts lack: a
+    typo must not leave the real column unprotected.
+    """
+    masks, special = _special_tables(target, tables, masked_schema)
     owner, group = quote_ident(schema_owner_role), quote_ident(group_role)
     out: list[str] = [*_ensure_role(schema_owner_role), *_ensure_role(group_role)]
     # The masked schema: owned by the owner role, invisible to everyone but the group.
