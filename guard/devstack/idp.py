@@ -157,31 +157,39 @@ async def _form(request: Request) -> dict[str, str]:
     return {k: v[-1] for k, v in data.items()}
 
 
-def create_app(config: IdPConfig) -> FastAPI:
-    key = signing_key(config.state_dir)
-    public_jwk: dict[str, Any] = jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
-    kid = jwk_thumbprint(public_jwk)
-    public_jwk.update(kid=kid, alg="RS256", use="sig")
-    state = _State()
-    issuer, clock = config.issuer, config.clock
-    app = FastAPI(title="guard dev IdP", docs_url=None, redoc_url=None, openapi_url=None)
+class _Provider:
+    """The IdP's endpoints as plain methods over its key and in-memory state."""
 
-    def subject(user: str) -> str:
+    def __init__(self, config: IdPConfig) -> None:
+        self.config = config
+        self.key = signing_key(config.state_dir)
+        public_jwk: dict[str, Any] = jwt.algorithms.RSAAlgorithm.to_jwk(
+            self.key.public_key(), as_dict=True
+        )
+        self.kid = jwk_thumbprint(public_jwk)
+        public_jwk.update(kid=self.kid, alg="RS256", use="sig")
+        self.public_jwk = public_jwk
+        self.state = _State()
+        self.issuer, self.clock = config.issuer, config.clock
+
+    def subject(self, user: str) -> str:
         # Stable per (issuer, user), opaque like a real IdP's `sub`.
-        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{issuer}/users/{user}"))
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{self.issuer}/users/{user}"))
 
-    def purge(now: float) -> None:
+    def purge(self, now: float) -> None:
+        state = self.state
         for code in [c for c, d in state.devices.items() if d.expires_at < now - 60]:
             del state.devices[code]
         for digest in [d for d, g in state.refresh.items() if g.expires_at < now]:
             del state.refresh[digest]
 
-    def issue(user: str, auth_time: int, family: str, scope: str = "openid") -> JSONResponse:
-        now = int(clock())
+    def issue(self, user: str, auth_time: int, family: str, scope: str = "openid") -> JSONResponse:
+        config = self.config
+        now = int(self.clock())
         info = config.users[user]
         claims = {
-            "iss": issuer,
-            "sub": subject(user),
+            "iss": self.issuer,
+            "sub": self.subject(user),
             "aud": config.client_id,
             "iat": now,
             "nbf": now,
@@ -193,9 +201,9 @@ def create_app(config: IdPConfig) -> FastAPI:
             "email": info.get("email", f"{user}@example.com"),
             "groups": list(info.get("groups", [])),
         }
-        id_token = jwt.encode(claims, key, algorithm="RS256", headers={"kid": kid})
+        id_token = jwt.encode(claims, self.key, algorithm="RS256", headers={"kid": self.kid})
         refresh = secrets.token_urlsafe(32)
-        state.refresh[_digest(refresh)] = _Refresh(
+        self.state.refresh[_digest(refresh)] = _Refresh(
             user, auth_time, family, now + REFRESH_TOKEN_LIFETIME
         )
         body = {
@@ -210,8 +218,8 @@ def create_app(config: IdPConfig) -> FastAPI:
         }
         return JSONResponse(body, headers=NO_STORE)
 
-    @app.get("/.well-known/openid-configuration")
-    async def discovery() -> dict[str, Any]:
+    def discovery(self) -> dict[str, Any]:
+        issuer = self.issuer
         return {
             "issuer": issuer,
             "jwks_uri": f"{issuer}/jwks",
@@ -239,22 +247,17 @@ def create_app(config: IdPConfig) -> FastAPI:
             "token_endpoint_auth_methods_supported": ["none"],
         }
 
-    @app.get("/jwks")
-    async def jwks() -> dict[str, Any]:
-        return {"keys": [public_jwk]}
-
-    @app.post("/device_authorization")
-    async def device_authorization(request: Request) -> JSONResponse:
-        form = await _form(request)
+    def device_authorization(self, form: dict[str, str]) -> JSONResponse:
+        config, issuer = self.config, self.issuer
         if form.get("client_id") != config.client_id:
             return _error("invalid_client", "unknown client_id")
-        now = clock()
-        purge(now)
+        now = self.clock()
+        self.purge(now)
         device_code = secrets.token_urlsafe(32)  # 256 bits
         raw = "".join(secrets.choice(USER_CODE_ALPHABET) for _ in range(USER_CODE_LENGTH))
         user_code = normalize_user_code(raw)
         scope = form.get("scope") or "openid"
-        state.devices[device_code] = _Device(
+        self.state.devices[device_code] = _Device(
             user_code, scope, now + DEVICE_CODE_LIFETIME, config.interval
         )
         return JSONResponse(
@@ -269,12 +272,11 @@ def create_app(config: IdPConfig) -> FastAPI:
             headers=NO_STORE,
         )
 
-    @app.get("/device", response_class=HTMLResponse)
-    async def device_page(user_code: str = "") -> str:
+    def device_page(self, user_code: str) -> str:
         options = "".join(
             f'<option value="{html.escape(u)}">{html.escape(u)} — '
             f"{html.escape(', '.join(info.get('groups', [])) or 'no groups')}</option>"
-            for u, info in config.users.items()
+            for u, info in self.config.users.items()
         )
         return (
             "<!doctype html><meta charset=utf-8><title>guard dev IdP</title>"
@@ -286,13 +288,11 @@ def create_app(config: IdPConfig) -> FastAPI:
             '<button name="action" value="deny">Deny</button></form>'
         )
 
-    @app.post("/device", response_class=HTMLResponse)
-    async def device_decide(request: Request) -> HTMLResponse:
-        form = await _form(request)
+    def device_decide(self, form: dict[str, str]) -> HTMLResponse:
         code = normalize_user_code(form.get("user_code", ""))
-        now = clock()
+        now = self.clock()
         device = next(
-            (d for d in state.devices.values() if d.user_code == code and d.expires_at >= now),
+            (d for d in self.state.devices.values() if d.user_code == code and d.expires_at >= now),
             None,
         )
         if device is None:
@@ -306,12 +306,23 @@ def create_app(config: IdPConfig) -> FastAPI:
         if action != "approve":
             return HTMLResponse("<p>action must be approve or deny</p>", status_code=400)
         user = form.get("username", "")
-        if user not in config.users:
+        if user not in self.config.users:
             return HTMLResponse("<p>unknown user</p>", status_code=400)
         device.user, device.auth_time = user, int(now)
         return HTMLResponse(f"<p>signed in as {html.escape(user)}; return to your terminal</p>")
 
-    def refresh_grant(form: dict[str, str]) -> JSONResponse:
+    def token(self, form: dict[str, str]) -> JSONResponse:
+        if form.get("client_id") != self.config.client_id:
+            return _error("invalid_client", "unknown client_id")
+        grant = form.get("grant_type")
+        if grant == "refresh_token":
+            return self.refresh_grant(form)
+        if grant == DEVICE_GRANT:
+            return self.device_grant(form)
+        return _error("unsupported_grant_type", f"unsupported grant_type {grant!r}")
+
+    def refresh_grant(self, form: dict[str, str]) -> JSONResponse:
+        state = self.state
         digest = _digest(form.get("refresh_token", ""))
         grant = state.refresh.pop(digest, None)  # rotation: one use only
         if grant is None:
@@ -323,25 +334,25 @@ def create_app(config: IdPConfig) -> FastAPI:
                     del state.refresh[d]
             return _error("invalid_grant", "unknown, expired or already used refresh token")
         state.used_refresh[digest] = grant.family
-        if grant.expires_at < clock():
+        if grant.expires_at < self.clock():
             return _error("invalid_grant", "the refresh token expired")
-        return issue(grant.user, grant.auth_time, grant.family)
+        return self.issue(grant.user, grant.auth_time, grant.family)
 
-    def device_grant(form: dict[str, str]) -> JSONResponse:
+    def device_grant(self, form: dict[str, str]) -> JSONResponse:
         device_code = form.get("device_code", "")
-        device = state.devices.get(device_code)
+        device = self.state.devices.get(device_code)
         if device is None:
             return _error("invalid_grant", "unknown or already used device code")
-        now = clock()
+        now = self.clock()
         if device.expires_at < now:
-            del state.devices[device_code]
+            del self.state.devices[device_code]
             return _error("expired_token", "the device code expired")
         if device.denied:
-            del state.devices[device_code]
+            del self.state.devices[device_code]
             return _error("access_denied", "the user denied the request")
         if device.user is not None:
-            del state.devices[device_code]  # one use only
-            return issue(device.user, device.auth_time, secrets.token_hex(8), device.scope)
+            del self.state.devices[device_code]  # one use only
+            return self.issue(device.user, device.auth_time, secrets.token_hex(8), device.scope)
         too_fast = device.last_poll is not None and now - device.last_poll < device.interval
         device.last_poll = now
         if too_fast:
@@ -349,17 +360,34 @@ def create_app(config: IdPConfig) -> FastAPI:
             return _error("slow_down", f"poll at most every {device.interval} s")
         return _error("authorization_pending", "waiting for the user")
 
+
+def create_app(config: IdPConfig) -> FastAPI:
+    provider = _Provider(config)
+    app = FastAPI(title="guard dev IdP", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.get("/.well-known/openid-configuration")
+    async def discovery() -> dict[str, Any]:
+        return provider.discovery()
+
+    @app.get("/jwks")
+    async def jwks() -> dict[str, Any]:
+        return {"keys": [provider.public_jwk]}
+
+    @app.post("/device_authorization")
+    async def device_authorization(request: Request) -> JSONResponse:
+        return provider.device_authorization(await _form(request))
+
+    @app.get("/device", response_class=HTMLResponse)
+    async def device_page(user_code: str = "") -> str:
+        return provider.device_page(user_code)
+
+    @app.post("/device", response_class=HTMLResponse)
+    async def device_decide(request: Request) -> HTMLResponse:
+        return provider.device_decide(await _form(request))
+
     @app.post("/token")
     async def token(request: Request) -> JSONResponse:
-        form = await _form(request)
-        if form.get("client_id") != config.client_id:
-            return _error("invalid_client", "unknown client_id")
-        grant = form.get("grant_type")
-        if grant == "refresh_token":
-            return refresh_grant(form)
-        if grant == DEVICE_GRANT:
-            return device_grant(form)
-        return _error("unsupported_grant_type", f"unsupported grant_type {grant!r}")
+        return provider.token(await _form(request))
 
     return app
 
