@@ -87,7 +87,7 @@ def _unverified_claims(token: str) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _map_exceptions(
+def _map_exceptions(  # noqa: C901 - one flat table of exception translations (DESIGN §5.5)
     issuer: str, audience: str | None = None, token: str | None = None
 ) -> Iterator[None]:
     """The one translation of PyJWT / httpx exceptions into the broker's domain errors."""
