@@ -27,27 +27,30 @@ from run import _per_tx, admin_env, cpu_times, demo_stack, pgbench, sh  # noqa: 
 from guard.devstack.postgres import free_port  # noqa: E402
 
 
+class Side(asyncio.Protocol):
+    """One end of a relayed connection: copies what it receives to its peer's transport."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.peer: Side | None = None
+        self.early = b""
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.peer is None or self.peer.transport is None:
+            self.early += data
+        else:
+            self.peer.transport.write(data)
+
+    def connection_lost(self, exc) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.close()
+
+
 def relay(upstream_host: str, upstream_port: int, listen_port: int) -> None:
     import uvloop
-
-    class Side(asyncio.Protocol):
-        def __init__(self) -> None:
-            self.transport: asyncio.Transport | None = None
-            self.peer: Side | None = None
-            self.early = b""
-
-        def connection_made(self, transport) -> None:
-            self.transport = transport
-
-        def data_received(self, data: bytes) -> None:
-            if self.peer is None or self.peer.transport is None:
-                self.early += data
-            else:
-                self.peer.transport.write(data)
-
-        def connection_lost(self, exc) -> None:
-            if self.peer is not None and self.peer.transport is not None:
-                self.peer.transport.close()
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

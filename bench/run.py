@@ -266,21 +266,7 @@ def _compare(args: argparse.Namespace, env: dict[str, str], status: dict) -> int
             pgb_before = cpu_times(pgb_pid)
             b, bn = pgbench(pgb_env, wargs, args.seconds, args.clients)
             pgb_us = _per_tx(pgb_before, cpu_times(pgb_pid), bn)
-            spy = None
-            if args.profile:
-                out = Path(args.profile)
-                out = out.with_name(f"{out.stem}-{label.replace(' ', '_')}{out.suffix}")
-                if out.suffix == ".strace":  # system calls per transaction
-                    cmd = ["strace", "-c", "-f", "-p", str(broker_pid), "-o", str(out)]
-                elif out.suffix == ".perf":  # native profile: interpreter vs uvloop vs kernel
-                    cmd = ["perf", "record", "-F", "2000", "-g", "-p", str(broker_pid)]
-                    cmd += ["-o", str(out)]
-                else:
-                    fmt = "raw" if out.suffix == ".txt" else "flamegraph"
-                    exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-                    cmd = [exe, "record", "-p", str(broker_pid), "-o", str(out), "-f", fmt]
-                    cmd += ["-r", "250"]
-                spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            spy = _start_profiler(args.profile, label, broker_pid) if args.profile else None
             before = cpu_times(broker_pid)
             g, n = pgbench(guard_env, wargs, args.seconds, args.clients)
             us = _per_tx(before, cpu_times(broker_pid), n)
@@ -295,39 +281,67 @@ def _compare(args: argparse.Namespace, env: dict[str, str], status: dict) -> int
 
         if args.no_bulk:
             return 0
-
-        def dsn(e: dict[str, str]) -> str:
-            return (
-                f"host={e['PGHOST']} port={e['PGPORT']} user={e['PGUSER']} "
-                f"password={e['PGPASSWORD']} dbname=demo sslmode={e['PGSSLMODE']} "
-                f"sslrootcert={e.get('PGSSLROOTCERT', '')}"
-            )
-
-        rows = args.scale * 100_000
-        # One-shot bulk runs vary by ±5% on a shared machine: interleave the paths and keep
-        # each path's median time, and the gateway's CPU time per row of its median run.
-        times: dict[str, list[tuple[float, float]]] = {"direct": [], "pgbouncer": [], "guard": []}
-        cpu: list[tuple[float, float]] = []
-        for _ in range(args.bulk_runs):
-            for name, e in (("direct", direct_env), ("pgbouncer", pgb_env), ("guard", guard_env)):
-                before = cpu_seconds(broker_pid)
-                copy_s, select_s, cpu_split = copy_and_select(dsn(e), broker_pid)
-                times[name].append((copy_s, select_s))
-                if name == "guard":
-                    cpu.append((cpu_split - before, cpu_seconds(broker_pid) - cpu_split))
-        for i, what in enumerate(("COPY TO", "SELECT *")):
-            d, b, g = (statistics.median(t[i] for t in times[k]) for k in times)
-            gw_ns = statistics.median(c[i] for c in cpu) / rows * 1e9
-            print(
-                f"{what + f' {rows // 1000}k':<14} {rows / d:9.0f} {rows / b:10.0f} "
-                f"{rows / g:9.0f} "
-                f"{d / g:9.2f} {b / g:7.2f} {gw_ns:6.0f} ns/row (rows/s, median of "
-                f"{args.bulk_runs})"
-            )
+        paths = {"direct": direct_env, "pgbouncer": pgb_env, "guard": guard_env}
+        _compare_bulk(args, paths, broker_pid)
     finally:
         if pgb is not None:
             pgb.terminate()
     return 0
+
+
+def _start_profiler(profile: str, label: str, broker_pid: int) -> subprocess.Popen[bytes]:
+    """Profile the gateway during one workload's pgbench run, into `profile` + the label."""
+    out = Path(profile)
+    out = out.with_name(f"{out.stem}-{label.replace(' ', '_')}{out.suffix}")
+    if out.suffix == ".strace":  # system calls per transaction
+        cmd = ["strace", "-c", "-f", "-p", str(broker_pid), "-o", str(out)]
+    elif out.suffix == ".perf":  # native profile: interpreter vs uvloop vs kernel
+        cmd = ["perf", "record", "-F", "2000", "-g", "-p", str(broker_pid)]
+        cmd += ["-o", str(out)]
+    else:
+        fmt = "raw" if out.suffix == ".txt" else "flamegraph"
+        exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        cmd = [exe, "record", "-p", str(broker_pid), "-o", str(out), "-f", fmt]
+        cmd += ["-r", "250"]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _dsn(e: dict[str, str]) -> str:
+    return (
+        f"host={e['PGHOST']} port={e['PGPORT']} user={e['PGUSER']} "
+        f"password={e['PGPASSWORD']} dbname=demo sslmode={e['PGSSLMODE']} "
+        f"sslrootcert={e.get('PGSSLROOTCERT', '')}"
+    )
+
+
+def _compare_bulk(
+    args: argparse.Namespace, paths: dict[str, dict[str, str]], broker_pid: int
+) -> None:
+    """COPY TO and SELECT * of every pgbench_accounts row, through each path in turn.
+
+    `paths` names the environments of direct, pgbouncer and guard, in the columns' order.
+    """
+    rows = args.scale * 100_000
+    # One-shot bulk runs vary by ±5% on a shared machine: interleave the paths and keep
+    # each path's median time, and the gateway's CPU time per row of its median run.
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
+    cpu: list[tuple[float, float]] = []
+    for _ in range(args.bulk_runs):
+        for name, e in paths.items():
+            before = cpu_seconds(broker_pid)
+            copy_s, select_s, cpu_split = copy_and_select(_dsn(e), broker_pid)
+            times[name].append((copy_s, select_s))
+            if name == "guard":
+                cpu.append((cpu_split - before, cpu_seconds(broker_pid) - cpu_split))
+    for i, what in enumerate(("COPY TO", "SELECT *")):
+        d, b, g = (statistics.median(t[i] for t in times[k]) for k in times)
+        gw_ns = statistics.median(c[i] for c in cpu) / rows * 1e9
+        print(
+            f"{what + f' {rows // 1000}k':<14} {rows / d:9.0f} {rows / b:10.0f} "
+            f"{rows / g:9.0f} "
+            f"{d / g:9.2f} {b / g:7.2f} {gw_ns:6.0f} ns/row (rows/s, median of "
+            f"{args.bulk_runs})"
+        )
 
 
 if __name__ == "__main__":
