@@ -223,6 +223,12 @@ def _compile_rules(document: PolicyDocument, problems: list[PolicyProblem]) -> l
     return compiled
 
 
+def _schema_table(name: str) -> tuple[str, str]:
+    # The policy schema admits only `schema.table` (one dot) here.
+    schema, table = name.split(".", 1)
+    return schema, table
+
+
 def _compile_rule(spec: RuleSpec, path: str, problems: list[PolicyProblem]) -> Rule:
     effect = Effect(spec.effect)
     approval = None
@@ -248,7 +254,7 @@ def _compile_rule(spec: RuleSpec, path: str, problems: list[PolicyProblem]) -> R
     def tables(names: list[str] | None) -> TableSet | None:
         if names is None:
             return None
-        return TableSet.of(tuple(n.split(".", 1)) for n in names)  # type: ignore[misc]
+        return TableSet.of(_schema_table(n) for n in names)
 
     return Rule(
         id=spec.id,

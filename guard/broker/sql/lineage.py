@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import cast
 
 from .model import RelationRef
 
@@ -114,9 +115,11 @@ class Shape:
             and len(left.items) == len(right.items)
             and all(isinstance(i, Out) for i in left.items + right.items)
         ):
+            # Every item is an Out (tested just above); cast says so to the type checker.
+            lefts = cast("tuple[Out, ...]", left.items)
+            rights = cast("tuple[Out, ...]", right.items)
             merged = tuple(
-                Out(lo.name, lo.sources | ro.sources)  # type: ignore[union-attr]
-                for lo, ro in zip(left.items, right.items, strict=True)
+                Out(lo.name, lo.sources | ro.sources) for lo, ro in zip(lefts, rights, strict=True)
             )
             return Shape(merged, exact=True)
         return Shape((Out(None, left.all_sources() | right.all_sources()),), exact=False)

@@ -60,8 +60,9 @@ _TRACKED = frozenset({"ColumnRef", "FuncCall", "RangeVar"})
 
 def _find_into(body: Body) -> Body | None:
     """The INTO clause of SELECT ... INTO, wherever the grammar attached it."""
-    if body.get("intoClause"):
-        return body["intoClause"]  # type: ignore[no-any-return]
+    into: Body | None = body.get("intoClause")
+    if into:
+        return into
     for key in ("larg", "rarg"):
         if body.get(key):
             found = _find_into(body[key])
