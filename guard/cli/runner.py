@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -18,7 +17,6 @@ from urllib.parse import quote
 
 from guard.broker.api.schemas import SessionCreated
 from guard.cli.client import BrokerClient
-from guard.cli.errors import CliError
 from guard.cli.tunnel import LoopbackRelay, client_tls_context
 
 # Variables removed from the child's environment: the identity token could open further
@@ -32,19 +30,6 @@ SCRUBBED_ENV = (
     "PGPASSFILE",
     "PGREQUIRESSL",
 )
-
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
-
-
-def parse_duration(text: str | None) -> int | None:
-    """'90s', '15m', '1h', '2d' or plain seconds → seconds."""
-    if text is None:
-        return None
-    match = _DURATION.match(text)
-    if not match:
-        raise CliError(f"invalid duration {text!r}", hint="use e.g. 30m, 1h, 8h or seconds")
-    value, unit = int(match.group(1)), match.group(2) or "s"
-    return value * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
 
 
 def session_env(created: SessionCreated, port: int) -> dict[str, str]:

@@ -1,4 +1,8 @@
-"""`guard connect TARGET [-- PSQL-ARGS]`: psql through guard for the session's lifetime."""
+"""`guard connect TARGET [-- PSQL-ARGS]`: psql through guard for the session's lifetime.
+
+Imported when `guard` starts: what a session needs (httpx, rich, asyncio) is imported when
+the command runs.
+"""
 
 from __future__ import annotations
 
@@ -7,25 +11,32 @@ import shutil
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from guard.cli.auth import current_id_token
+from guard.cli import console
 from guard.cli.errors import CliError
+from guard.cli.options import duration
 from guard.cli.profile import load_profile
-from guard.cli.runner import parse_duration, run_in_session
-
-_err = Console(stderr=True)
+from guard.cli.usage import GuardCommand
 
 
 def connect(
     target: Annotated[str, typer.Argument(help="Policy target, e.g. demo")],
-    psql_args: Annotated[list[str] | None, typer.Argument(help="Arguments passed to psql")] = None,
+    psql_args: Annotated[
+        list[str] | None,
+        typer.Argument(help="Arguments passed to psql, after `--`", metavar="-- PSQL_ARGS"),
+    ] = None,
     reason: Annotated[str, typer.Option(help="Why you need access (recorded)")] = "",
-    ttl: Annotated[str | None, typer.Option(help="Session lifetime, e.g. 30m, 1h")] = None,
+    ttl: Annotated[
+        int | None,
+        typer.Option(parser=duration, metavar="DURATION", help="Session lifetime, e.g. 30m, 1h"),
+    ] = None,
     print_env: Annotated[
         bool, typer.Option("--print-env", help="Print PG* variables for another client and wait")
     ] = False,
 ) -> int:
+    from guard.cli.auth import current_id_token
+    from guard.cli.runner import run_in_session
+
     profile = load_profile()
     token = current_id_token(profile)
     argv: list[str] | None = None
@@ -41,16 +52,18 @@ def connect(
         if print_env:
             for key in ("PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE", "PGSSLMODE"):
                 print(f"export {key}={shlex.quote(env[key])}", flush=True)
-            _err.print("[dim]session open; press Ctrl-C to end it[/dim]")
+            console.stderr().print("[dim]session open; press Ctrl-C to end it[/dim]")
         else:
-            _err.print(f"[dim]guard: connected to {target} through 127.0.0.1:{env['PGPORT']}[/dim]")
+            console.stderr().print(
+                f"[dim]guard: connected to {target} through 127.0.0.1:{env['PGPORT']}[/dim]"
+            )
 
     return run_in_session(
         broker_url=profile.broker_url,
         token=token,
         target=target,
         reason=reason,
-        ttl_seconds=parse_duration(ttl),
+        ttl_seconds=ttl,
         argv=argv,
         on_ready=ready,
         gateway_ca_file=profile.gateway_ca_file,
@@ -58,8 +71,10 @@ def connect(
 
 
 def register(app: typer.Typer) -> None:
+    # psql's own options go after `--`; an unknown option before it is a usage error, not
+    # something to hand to psql (a mistyped `--reason` must not become a psql argument).
     app.command(
         "connect",
+        cls=GuardCommand,
         help="Open psql to TARGET through guard (ends the session when psql exits).",
-        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
     )(connect)

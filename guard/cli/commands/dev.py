@@ -1,6 +1,7 @@
 """`guard dev up|down|status|login|token`: the local demo stack (see `guard.devstack.stack`).
 
 `login`/`token` live in `cli.commands.dev_login` and register on the same sub-command.
+The stack and rich are imported when a command runs, not when `guard` starts.
 """
 
 from __future__ import annotations
@@ -14,14 +15,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
+from guard.cli import console
 from guard.cli.errors import CliError
 from guard.cli.profile import dev_state_dir
-
-_out = Console()
-_err = Console(stderr=True)
+from guard.cli.usage import GuardCommand, GuardGroup
 
 SHOWN = (
     "broker_url",
@@ -41,6 +39,8 @@ def _hide_password(dsn: str) -> str:
 
 
 def _print_status(status: dict[str, Any]) -> None:
+    from rich.table import Table
+
     table = Table(title="guard dev stack", show_header=False)
     table.add_row("running", "[green]yes[/green]" if status.get("running") else "[red]no[/red]")
     for key in SHOWN:
@@ -54,7 +54,7 @@ def _print_status(status: dict[str, Any]) -> None:
         table.add_row("pids", ", ".join(f"{name} {pid}" for name, pid in pids.items()))
     if "up_seconds" in status and status.get("running"):
         table.add_row("started in", f"{status['up_seconds']} s")
-    _out.print(table)
+    console.stdout().print(table)
 
 
 def _as_cli_error(exc: Exception, state: Path) -> CliError:
@@ -87,13 +87,17 @@ def up(
     # SIGTERM while starting tears down what was started, like Ctrl-C.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        status = stack.up(state, policy, lambda step: _err.print(f"[dim]starting {step}…[/dim]"))
+        status = stack.up(
+            state, policy, lambda step: console.stderr().print(f"[dim]starting {step}…[/dim]")
+        )
     except Exception as exc:
         raise _as_cli_error(exc, state) from exc
     finally:
         signal.signal(signal.SIGTERM, previous)
     _print_status(status)
-    _err.print("next: [bold]guard dev login alice[/bold], then [bold]guard connect demo[/bold]")
+    console.stderr().print(
+        "next: [bold]guard dev login alice[/bold], then [bold]guard connect demo[/bold]"
+    )
     if detach:
         return 0
     return _serve_until_stopped(state)
@@ -107,13 +111,13 @@ def _serve_until_stopped(state: Path) -> int:
     previous = {
         sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
     }
-    _err.print("[dim]press Ctrl-C to stop the stack[/dim]")
+    console.stderr().print("[dim]press Ctrl-C to stop the stack[/dim]")
     code = 0
     try:
         while not stop.wait(1.0):
             current = stack.read_status(state)
             if current is None or current.get("stopped"):
-                _err.print("the dev stack was stopped elsewhere (`guard dev down`)")
+                console.stderr().print("the dev stack was stopped elsewhere (`guard dev down`)")
                 return 0
             if not current.get("running"):
                 dead = [
@@ -121,7 +125,7 @@ def _serve_until_stopped(state: Path) -> int:
                     for name, pid in current.get("pids", {}).items()
                     if not stack.alive(pid, current.get("pid_starts", {}).get(name))
                 ]
-                _err.print(
+                console.stderr().print(
                     f"[red]{', '.join(dead)} exited[/red]; see {state / 'logs'}; stopping the rest"
                 )
                 code = 1
@@ -129,10 +133,10 @@ def _serve_until_stopped(state: Path) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    _err.print("[dim]stopping…[/dim]")
+    console.stderr().print("[dim]stopping…[/dim]")
     started = time.monotonic()
     stack.down(state)
-    _err.print(f"dev stack stopped ({time.monotonic() - started:.1f} s)")
+    console.stderr().print(f"dev stack stopped ({time.monotonic() - started:.1f} s)")
     return code
 
 
@@ -143,7 +147,7 @@ def down() -> int:
         stopped = stack.down(dev_state_dir())
     except stack.StackError as exc:
         raise CliError(str(exc), hint=exc.hint) from exc
-    _err.print("dev stack stopped" if stopped else "no dev stack recorded")
+    console.stderr().print("dev stack stopped" if stopped else "no dev stack recorded")
     return 0
 
 
@@ -169,13 +173,14 @@ def register(app: typer.Typer) -> None:
     from guard.cli.commands import dev_login
 
     dev_app = typer.Typer(
+        cls=GuardGroup,
         help="Local demo stack (PostgreSQL, OpenBao, dev IdP, broker) on 127.0.0.1.",
         no_args_is_help=True,
     )
-    dev_app.command("up", help="Start the demo stack on 127.0.0.1.")(up)
-    dev_app.command("down", help="Stop everything `guard dev up` started.")(down)
-    dev_app.command("status", help="Where the demo stack runs (exit 1 if it is not running).")(
-        status
-    )
+    dev_app.command("up", cls=GuardCommand, help="Start the demo stack on 127.0.0.1.")(up)
+    dev_app.command("down", cls=GuardCommand, help="Stop everything `guard dev up` started.")(down)
+    dev_app.command(
+        "status", cls=GuardCommand, help="Where the demo stack runs (exit 1 if it is not running)."
+    )(status)
     dev_login.register(dev_app)
     app.add_typer(dev_app, name="dev")

@@ -3,6 +3,7 @@ dev IdP, approved on its `/device` form instead of in a browser.
 
 Refuses any issuer but the one `guard dev up` recorded in `dev_state_dir()/stack.json`:
 approving a sign-in without a person is only acceptable for the throwaway demo IdP.
+The device flow's modules are imported when a command runs, not when `guard` starts.
 """
 
 from __future__ import annotations
@@ -11,14 +12,13 @@ import json
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
-from guard.cli.auth import DeviceFlow, TokenStore
+from guard.cli import console
 from guard.cli.commands.login import describe_login
 from guard.cli.errors import CliError
 from guard.cli.profile import Profile, dev_state_dir, load_profile
+from guard.cli.usage import GuardCommand
 
-_err = Console(stderr=True)
 ONLY_DEV = "guard dev login works only against the local dev IdP started by `guard dev up`"
 
 
@@ -42,6 +42,8 @@ def dev_profile() -> Profile:
 
 def dev_device_login(profile: Profile, user: str) -> dict[str, Any]:
     """Run the device flow and approve it as `user` on the dev IdP's form."""
+    from guard.cli.auth import DeviceFlow
+
     with DeviceFlow(profile.issuer, profile.client_id) as flow:
         auth = flow.start()
         response = flow.post_form(
@@ -60,10 +62,12 @@ def dev_device_login(profile: Profile, user: str) -> dict[str, Any]:
 
 
 def dev_login(user: Annotated[str, typer.Argument(help="Dev IdP user, e.g. alice")]) -> int:
+    from guard.cli.auth import TokenStore
+
     profile = dev_profile()
     tokens = dev_device_login(profile, user)
     TokenStore(profile).save(tokens)
-    _err.print(describe_login(tokens))
+    console.stderr().print(describe_login(tokens))
     return 0
 
 
@@ -75,5 +79,7 @@ def dev_token(user: Annotated[str, typer.Argument(help="Dev IdP user, e.g. ci")]
 
 
 def register(dev_app: typer.Typer) -> None:
-    dev_app.command("login", help="Log in as a dev IdP user without a browser.")(dev_login)
-    dev_app.command("token", help="Print a fresh ID token of a dev IdP user.")(dev_token)
+    login_help = "Log in as a dev IdP user without a browser."
+    dev_app.command("login", cls=GuardCommand, help=login_help)(dev_login)
+    token_help = "Print a fresh ID token of a dev IdP user."
+    dev_app.command("token", cls=GuardCommand, help=token_help)(dev_token)

@@ -1,7 +1,8 @@
 """`guard exec [--db TARGET] -- CMD…`: run a program with PG* and DATABASE_URL for a session.
 
 The child's exit status is returned unchanged. In CI, an identity token from
-`--id-token-file` or `GUARD_ID_TOKEN` replaces `guard login`.
+`--id-token-file` or `GUARD_ID_TOKEN` replaces `guard login`. Imported when `guard`
+starts: what a session needs is imported when the command runs.
 """
 
 from __future__ import annotations
@@ -11,25 +12,34 @@ from typing import Annotated
 
 import typer
 
-from guard.cli.auth import current_id_token
 from guard.cli.errors import EXIT_USAGE, CliError
+from guard.cli.options import duration
 from guard.cli.profile import load_profile
-from guard.cli.runner import parse_duration, run_in_session
+from guard.cli.usage import GuardCommand
 
 
 def exec_command(
-    command: Annotated[list[str] | None, typer.Argument(help="Command and its arguments")] = None,
+    command: Annotated[
+        list[str] | None, typer.Argument(help="Command and its arguments", metavar="CMD")
+    ] = None,
     db: Annotated[str, typer.Option("--db", help="Policy target")] = "demo",
     reason: Annotated[str, typer.Option(help="Why you need access (recorded)")] = "",
-    ttl: Annotated[str | None, typer.Option(help="Session lifetime, e.g. 30m, 1h")] = None,
+    ttl: Annotated[
+        int | None,
+        typer.Option(parser=duration, metavar="DURATION", help="Session lifetime, e.g. 30m, 1h"),
+    ] = None,
     id_token_file: Annotated[
-        Path | None, typer.Option(help="File holding an OIDC ID token (CI)")
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="File holding an OIDC ID token (CI)"),
     ] = None,
 ) -> int:
     if not command:
         raise CliError(
             "no command given", hint="guard exec --db demo -- python job.py", exit_code=EXIT_USAGE
         )
+    from guard.cli.auth import current_id_token
+    from guard.cli.runner import run_in_session
+
     profile = load_profile()
     token = current_id_token(profile, id_token_file=id_token_file)
     return run_in_session(
@@ -37,15 +47,18 @@ def exec_command(
         token=token,
         target=db,
         reason=reason,
-        ttl_seconds=parse_duration(ttl),
+        ttl_seconds=ttl,
         argv=command,
         gateway_ca_file=profile.gateway_ca_file,
     )
 
 
 def register(app: typer.Typer) -> None:
+    # Everything from the program's name on is the program's (`guard exec ./job.sh -v`), as
+    # with env(1); an unknown option before it is a usage error, not a program to run.
     app.command(
         "exec",
+        cls=GuardCommand,
         help="Run a command with PG* / DATABASE_URL pointing at TARGET through guard.",
-        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+        context_settings={"allow_interspersed_args": False},
     )(exec_command)

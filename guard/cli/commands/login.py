@@ -1,25 +1,22 @@
 """`guard login` (OIDC device flow, RFC 8628) and `guard logout`.
 
 The user code and link go to stderr (stdout stays clean for scripts); tokens go to the
-keychain through `cli.auth.TokenStore` and are never shown.
+keychain through `cli.auth.TokenStore` and are never shown. Imported when `guard` starts:
+the device flow's modules (httpx, keyring, PyJWT, rich) are imported when a command runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import webbrowser
 from typing import Annotated, Any
 
-import jwt
 import typer
-from rich.console import Console
-from rich.panel import Panel
 
-from guard.cli.auth import DeviceFlow, TokenStore
+from guard.cli import console
+from guard.cli.options import http_url
 from guard.cli.profile import Profile, load_profile, save_profile
-
-_err = Console(stderr=True)
+from guard.cli.usage import GuardCommand
 
 
 def describe_login(tokens: dict[str, Any]) -> str:
@@ -28,6 +25,8 @@ def describe_login(tokens: dict[str, Any]) -> str:
     Decoded WITHOUT verification: this is a greeting, not a decision; the broker verifies
     the token on every use.
     """
+    import jwt
+
     claims = jwt.decode(tokens["id_token"], options={"verify_signature": False})
     name = claims.get("preferred_username") or claims.get("email") or claims.get("sub")
     groups = claims.get("groups") or []
@@ -44,29 +43,38 @@ def _login_profile(issuer: str | None, client_id: str | None) -> Profile:
         return profile
     if os.environ.get("GUARD_ISSUER") or os.environ.get("GUARD_BROKER_URL"):
         # Saving now would write the environment's overrides into the profile file.
-        _err.print(
+        console.stderr().print(
             "note: the profile was not changed (GUARD_ISSUER / GUARD_BROKER_URL are set); "
             "set GUARD_ISSUER to this issuer for other commands to use this login"
         )
     else:
         save_profile(wanted)
-        _err.print(f"profile updated: issuer {wanted.issuer}, client id {wanted.client_id}")
+        console.stderr().print(
+            f"profile updated: issuer {wanted.issuer}, client id {wanted.client_id}"
+        )
     return wanted
 
 
 def login(
     issuer: Annotated[
-        str | None, typer.Option(help="OIDC issuer URL (saved in the profile)")
+        str | None, typer.Option(parser=http_url, help="OIDC issuer URL (saved in the profile)")
     ] = None,
     client_id: Annotated[str | None, typer.Option(help="OIDC client id")] = None,
     no_browser: Annotated[
         bool, typer.Option("--no-browser", help="Only print the link; do not open a browser")
     ] = False,
 ) -> int:
+    import webbrowser
+
+    from rich.panel import Panel
+
+    from guard.cli.auth import DeviceFlow, TokenStore
+
+    err = console.stderr()
     profile = _login_profile(issuer, client_id)
     with DeviceFlow(profile.issuer, profile.client_id) as flow:
         auth = flow.start()
-        _err.print(
+        err.print(
             Panel.fit(
                 f"Open [bold]{auth.verification_uri}[/bold]\n"
                 f"and enter the code [bold cyan]{auth.user_code}[/bold cyan]",
@@ -78,19 +86,23 @@ def login(
                 webbrowser.open(auth.verification_uri_complete or auth.verification_uri)
             except Exception:  # noqa: BLE001 - no browser here: the printed link is enough
                 pass
-        with _err.status("waiting for approval…"):
+        with err.status("waiting for approval…"):
             tokens = flow.poll(auth)
     TokenStore(profile).save(tokens)
-    _err.print(describe_login(tokens))
+    err.print(describe_login(tokens))
     return 0
 
 
 def logout() -> int:
+    from guard.cli.auth import TokenStore
+
     had = TokenStore(load_profile()).clear()
-    _err.print("logged out" if had else "not logged in")
+    console.stderr().print("logged out" if had else "not logged in")
     return 0
 
 
 def register(app: typer.Typer) -> None:
-    app.command("login", help="Sign in with your identity provider (device flow).")(login)
-    app.command("logout", help="Forget the stored tokens.")(logout)
+    app.command(
+        "login", cls=GuardCommand, help="Sign in with your identity provider (device flow)."
+    )(login)
+    app.command("logout", cls=GuardCommand, help="Forget the stored tokens.")(logout)
