@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from guard.cli.auth import TokenStore, current_id_token
 from guard.cli.errors import CliError
-from guard.cli.main import main
 from guard.cli.profile import Profile, save_profile
+from tests.cli.invoke import guard  # noqa: F401
 
 KEY = ec.generate_private_key(ec.SECP256R1())
 
@@ -60,22 +60,33 @@ def test_expiring_token_without_refresh_asks_to_log_in(home):
         current_id_token(home)
 
 
-def test_dev_login_refuses_a_non_dev_issuer(home, tmp_path, capsys):
+def test_dev_login_refuses_a_non_dev_issuer(home, tmp_path, guard):  # noqa: F811
     (tmp_path / "dev").mkdir()
     (tmp_path / "dev" / "stack.json").write_text(json.dumps({"issuer": "http://other:1"}))
-    assert main(["dev", "login", "alice"]) == 1
-    assert "only against the local dev IdP" in capsys.readouterr().err
+    outcome = guard("dev", "login", "alice")
+    assert outcome.code == 1
+    assert outcome.err.startswith("error: guard dev login works only against the local dev IdP")
 
 
-def test_broker_outage_is_a_clear_cli_error(home, monkeypatch, capsys):
+def test_broker_outage_is_a_clear_cli_error(home, monkeypatch, guard):  # noqa: F811
     monkeypatch.setenv("GUARD_ID_TOKEN", token(600))
-    assert main(["exec", "--db", "demo", "--", "true"]) == 1
-    err = capsys.readouterr().err
-    assert "cannot reach the guard broker at http://127.0.0.1:9" in err
-    assert "hint:" in err
-    assert os.environ["GUARD_ID_TOKEN"] not in err  # never echo the token
+    outcome = guard("exec", "--db", "demo", "--", "true")
+    assert outcome.code == 1
+    assert outcome.err.startswith("error: cannot reach the guard broker at http://127.0.0.1:9")
+    assert "\nhint: " in outcome.err
+    assert os.environ["GUARD_ID_TOKEN"] not in outcome.out + outcome.err  # never echo the token
 
 
-def test_exec_without_command_is_a_usage_error(home, capsys):
-    assert main(["exec", "--db", "demo"]) == 2
-    assert "no command given" in capsys.readouterr().err
+def test_exec_without_command_is_a_usage_error(home, guard):  # noqa: F811
+    outcome = guard("exec", "--db", "demo")
+    assert outcome.code == 2
+    assert outcome.err == "error: no command given\nhint: guard exec --db demo -- python job.py\n"
+
+
+def test_exec_passes_everything_after_the_program_to_it(home, monkeypatch, guard):  # noqa: F811
+    # Options after the program's name are the program's, not guard's: the broker is
+    # reached (and is down) instead of `-v`/`--db` being parsed as guard options.
+    monkeypatch.setenv("GUARD_ID_TOKEN", token(600))
+    outcome = guard("exec", "--db", "demo", "./job.sh", "-v", "--db", "x")
+    assert outcome.code == 1
+    assert "cannot reach the guard broker" in outcome.err

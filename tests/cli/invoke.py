@@ -1,0 +1,52 @@
+"""Running `guard` in tests: through `typer.testing.CliRunner(app)` and through `main()`.
+
+`guard` (the fixture) runs a command line both ways: CliRunner exercises the app as
+registered at import (standalone mode, SystemExit), `main()` the path the installed
+script takes (an int exit code). Exceptions are not caught: a bug fails the test with its
+traceback instead of becoming exit code 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+from typer.testing import CliRunner
+
+from guard.cli.main import app, main
+
+
+@dataclass(frozen=True)
+class Outcome:
+    code: int
+    out: str
+    err: str
+
+
+Guard = Callable[..., Outcome]
+
+
+def via_runner(*args: str) -> Outcome:
+    result = CliRunner().invoke(app, list(args), catch_exceptions=False)
+    return Outcome(result.exit_code, result.stdout, result.stderr)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """An empty GUARD_HOME: nothing a test runs can touch the real ~/.guard."""
+    monkeypatch.setenv("GUARD_HOME", str(tmp_path))
+    monkeypatch.setenv("GUARD_KEYRING", "file")
+    for var in ("GUARD_ID_TOKEN", "GUARD_ISSUER", "GUARD_BROKER_URL"):
+        monkeypatch.delenv(var, raising=False)
+    return tmp_path
+
+
+@pytest.fixture(params=["CliRunner", "main"])
+def guard(request, capsys) -> Guard:
+    def via_main(*args: str) -> Outcome:
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return Outcome(code, out, err)
+
+    return via_runner if request.param == "CliRunner" else via_main

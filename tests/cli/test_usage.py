@@ -1,0 +1,225 @@
+"""Usage errors: every command line a user can get wrong ends in one `error:` line, one
+`hint:` line and exit 2 — never a traceback — through CliRunner and `main()` alike."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib.metadata import version
+
+import click
+import pytest
+import typer
+from typer.main import get_command
+
+from guard.cli.errors import CliError
+from guard.cli.main import app
+from guard.cli.options import duration, http_url
+from guard.cli.usage import GuardCommand, GuardGroup, exit_code
+from tests.cli.invoke import Outcome, guard, home  # noqa: F401
+
+# Per command: (missing, unknown, malformed) argument. `None` for "missing" only where the
+# command has nothing that can be missing (checked below).
+CASES: dict[str, tuple[list[str] | None, list[str], list[str]]] = {
+    "login": (["login", "--issuer"], ["login", "--bogus"], ["login", "--issuer", "idp.example"]),
+    "logout": (None, ["logout", "--bogus"], ["logout", "--help=yes"]),
+    "connect": (["connect"], ["connect", "demo", "-X"], ["connect", "demo", "--ttl", "soon"]),
+    "exec": (
+        ["exec", "--db"],
+        ["exec", "--bogus", "--", "true"],
+        ["exec", "--ttl", "5x", "--", "true"],
+    ),
+    "policy check": (None, ["policy", "check", "--bogus"], ["policy", "check", "/"]),
+    "dev up": (["dev", "up", "--policy"], ["dev", "up", "--bogus"], ["dev", "up", "--detach=1"]),
+    "dev down": (None, ["dev", "down", "extra"], ["dev", "down", "--help=yes"]),
+    "dev status": (None, ["dev", "status", "--bogus"], ["dev", "status", "--json=yes"]),
+    "dev login": (
+        ["dev", "login"],
+        ["dev", "login", "al", "--bogus"],
+        ["dev", "login", "--help=1"],
+    ),
+    "dev token": (
+        ["dev", "token"],
+        ["dev", "token", "ci", "--bogus"],
+        ["dev", "token", "--help=1"],
+    ),
+}
+
+GROUP_CASES = [
+    pytest.param([], id="no-command"),
+    pytest.param(["dev"], id="dev-no-command"),
+    pytest.param(["policy"], id="policy-no-command"),
+    pytest.param(["conect", "demo"], id="unknown-command"),
+    pytest.param(["dev", "stauts"], id="unknown-dev-command"),
+    pytest.param(["--bogus"], id="unknown-option"),
+    pytest.param(["--version=1"], id="malformed-option"),
+]
+
+
+def leaves(command=None, path: str = "") -> dict[str, object]:
+    """Every runnable command of the app, by its path ("dev status")."""
+    command = command or get_command(app)
+    subcommands = getattr(command, "commands", None)
+    if subcommands is None:
+        return {path: command}
+    found: dict[str, object] = {}
+    for name, sub in subcommands.items():
+        found.update(leaves(sub, f"{path} {name}".strip()))
+    return found
+
+
+def usage_cases():
+    for path, (missing, unknown, malformed) in CASES.items():
+        for kind, argv in (("missing", missing), ("unknown", unknown), ("malformed", malformed)):
+            if argv is not None:
+                yield pytest.param(argv, id=f"{path.replace(' ', '-')}-{kind}")
+
+
+def assert_usage_error(outcome) -> None:
+    assert "Traceback" not in outcome.out + outcome.err
+    assert outcome.code == 2, outcome
+    assert outcome.out == ""
+    lines = outcome.err.splitlines()
+    assert len(lines) == 2, outcome.err
+    assert lines[0].startswith("error: ") and lines[1].startswith("hint: ")
+
+
+def test_every_command_is_registered_at_import_and_has_usage_cases():
+    commands = leaves()
+    assert set(commands) == set(CASES)
+    for path, command in commands.items():
+        assert isinstance(command, GuardCommand), path  # so its usage errors name it
+        if CASES[path][0] is None:  # nothing can be missing: no argument, no valued option
+            valued = [
+                p
+                for p in command.params
+                if p.required or (p.param_type_name == "option" and not p.is_flag)
+            ]
+            assert not valued, path
+    assert isinstance(get_command(app), GuardGroup)
+
+
+def test_help_lists_every_command(guard):  # noqa: F811
+    outcome = guard("--help")
+    assert outcome.code == 0
+    for name in ("login", "logout", "connect", "exec", "policy", "dev"):
+        assert name in outcome.out
+
+
+@pytest.mark.parametrize("argv", [*usage_cases(), *GROUP_CASES])
+def test_usage_errors_are_one_line_with_a_hint_and_exit_2(home, guard, argv):  # noqa: F811
+    assert_usage_error(guard(*argv))
+
+
+@pytest.mark.parametrize(
+    ("argv", "error", "hint"),
+    [
+        ([], "error: missing command", "`guard` takes one of: login, logout, connect, exec"),
+        (["conect", "demo"], "unknown command 'conect' for `guard`", "`guard connect`?"),
+        (["status"], "unknown command 'status'", "did you mean `guard dev status`?"),
+        (["check"], "unknown command 'check'", "did you mean `guard policy check`?"),
+        (["frobnicate"], "unknown command", "`guard` takes one of: login,"),
+        (["connect"], "error: missing argument 'target'", "usage: guard connect [OPTIONS]"),
+        (["exec", "--db"], "option '--db' requires an argument", "usage: guard exec [OPTIONS]"),
+        (["dev", "up", "--policy"], "'--policy' requires an argument", "usage: guard dev up"),
+        (["connect", "demo", "--ttl", "soon"], "'soon' is not a duration", "guard connect"),
+        (["login", "--issuer", "idp.example"], "'idp.example' is not an http(s) URL", "login"),
+        (["connect", "demo", "-X"], "no such option: -X", "[-- PSQL_ARGS]"),
+    ],
+)
+def test_usage_errors_say_what_is_wrong_and_what_to_type(home, guard, argv, error, hint):  # noqa: F811
+    outcome = guard(*argv)
+    assert_usage_error(outcome)
+    first, second = outcome.err.splitlines()
+    assert error in first
+    assert hint in second
+
+
+def test_command_usage_error_from_the_command_itself(home, guard):  # noqa: F811
+    outcome = guard("exec", "--db", "demo")
+    assert_usage_error(outcome)
+    assert "no command given" in outcome.err
+
+
+def test_version_prints_the_installed_version(guard):  # noqa: F811
+    outcome = guard("--version")
+    assert outcome.code == 0
+    assert outcome.out == f"guard {version('guard')}\n"
+    assert outcome.err == ""
+
+
+def test_the_program_itself_prints_no_traceback(home):  # noqa: F811
+    for argv in ([], ["conect", "demo"], ["exec", "--db"], ["status"]):
+        run = subprocess.run(
+            [sys.executable, "-m", "guard.cli.main", *argv], capture_output=True, text=True
+        )
+        assert_usage_error(Outcome(run.returncode, run.stdout, run.stderr))
+
+
+def test_importing_the_cli_loads_no_heavy_module():
+    # Commands register at import; what they need is imported when they run.
+    code = (
+        "import sys, guard.cli.main; "
+        "print(sorted(m for m in ('httpx', 'rich', 'keyring', 'jwt', 'pydantic', 'asyncio',"
+        " 'webbrowser', 'guard.cli.auth', 'guard.cli.runner') if m in sys.modules))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]"
+
+
+# Both click flavours, through the one mapping -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (typer.Exit(3), 3),
+        (click.exceptions.Exit(4), 4),
+        (typer.Abort(), 130),
+        (click.exceptions.Abort(), 130),
+        (KeyboardInterrupt(), 130),
+        (click.UsageError("Bad thing."), 2),
+        (typer.BadParameter("bad value"), 2),
+        (click.ClickException("Went wrong."), 1),
+        (CliError("no luck", hint="try again"), 1),
+    ],
+)
+def test_exit_code_handles_both_click_flavours(exc, code, capsys):
+    assert exit_code(exc) == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if code in (1, 2):
+        assert err.startswith("error: ") and err.count("\n") in (1, 2)
+
+
+def test_standalone_click_usage_error_is_one_line(capsys):
+    assert exit_code(click.UsageError("No such thing.\nmore detail")) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: no such thing",
+        "hint: see `guard --help`",
+    ]
+
+
+def test_a_bug_keeps_its_traceback():
+    with pytest.raises(RuntimeError, match="bug"):
+        exit_code(RuntimeError("bug"))
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90s", 90), ("15m", 900), ("1h", 3600), ("2d", 172800), (" 42 ", 42)]
+)
+def test_durations(text, seconds):
+    assert duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["soon", "1w", "-5m", "", "1h30m"])
+def test_bad_durations_are_bad_parameters(text):
+    with pytest.raises(typer.BadParameter):
+        duration(text)
+
+
+@pytest.mark.parametrize("text", ["idp.example", "ftp://idp.example", "https://", "http:/x"])
+def test_issuer_must_be_an_http_url(text):
+    assert http_url("https://idp.example/realms/x") == "https://idp.example/realms/x"
+    with pytest.raises(typer.BadParameter):
+        http_url(text)
