@@ -3,8 +3,9 @@
     .venv/bin/python bench/micro_session.py
 
 Feeds the bytes of one `pgbench -S` transaction (simple and extended protocol) and its
-responses through ProxyConnection with the demo policy and a real JSONL audit sink, and
-prints µs per transaction. The full-stack numbers come from bench/run.py.
+responses through GatewayConnection with the demo policy, executing its audit commands
+against a real JSONL audit sink as the shell does (`proxy.pump.Pump.run`), and prints µs per
+transaction. The full-stack numbers come from bench/run.py.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from guard.broker.identity.principal import Principal
 from guard.broker.pgwire import messages as m
 from guard.broker.pgwire.encoder import encode
 from guard.broker.policy.compile import load_policy_file
+from guard.broker.proxy.commands import RecordResults, WriteAudit
+from guard.broker.proxy.connection import GatewayConnection
 from guard.broker.proxy.gate import Gate
-from guard.broker.proxy.session import ProxyConnection
 
 ROOT = Path(__file__).resolve().parent.parent
 SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = {};"
@@ -37,11 +39,22 @@ def main() -> None:
         policy=policy,
         target="demo",
         principal=principal,
-        audit=audit,
         session_id="s",
         connection_id="c",
     )
-    proxy = ProxyConnection(gate, protected={}, client_user="u")
+    proxy = GatewayConnection(gate, protected={}, client_user="u")
+
+    def shell(commands: list) -> None:
+        """The shell's audit duties (transport writes left out)."""
+        while commands:
+            cmd = commands[-1]
+            for other in commands:
+                if other.__class__ is RecordResults:
+                    audit.append_results(other.results)
+            if cmd.__class__ is not WriteAudit:
+                return
+            commands = proxy.audit_written(audit.append_statements(cmd.records))
+
     field = m.FieldDescription("abalance", 16500, 3, 23, 4, -1, 0)
     row = (m.DataRow((b"0",)), m.CommandComplete("SELECT 1"), m.ReadyForQuery(b"I"))
     text = "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
@@ -52,8 +65,8 @@ def main() -> None:
         answer = wire(*reply)
         start = time.process_time()
         for request in requests:
-            proxy.from_client(request)
-            proxy.from_server(answer)
+            shell(proxy.from_client(request))
+            shell(proxy.from_server(answer))
         return (time.process_time() - start) / len(requests) * 1e6
 
     # simple: a different literal each time, like pgbench -M simple (analysis cache misses
@@ -75,12 +88,12 @@ def main() -> None:
         [ext] * n, m.ParseComplete(), m.BindComplete(), m.RowDescription((field,)), *row
     )
     # prepared: Parse once, then Bind/Execute/Sync of the named statement (-M prepared).
-    proxy.from_client(wire(m.Parse("P0_1", text, ()), m.Sync()))
-    proxy.from_server(wire(m.ParseComplete(), m.ReadyForQuery(b"I")))
+    shell(proxy.from_client(wire(m.Parse("P0_1", text, ()), m.Sync())))
+    shell(proxy.from_server(wire(m.ParseComplete(), m.ReadyForQuery(b"I"))))
     prep = wire(m.Bind("", "P0_1", (), (b"1",), ()), m.Execute("", 0), m.Sync())
     prepared = per_tx([prep] * n, m.BindComplete(), *row)
     print(
-        f"sans-IO relay CPU per pgbench -S transaction: simple {simple:.1f} µs "
+        f"sans-IO core CPU per pgbench -S transaction: simple {simple:.1f} µs "
         f"(distinct literals), extended {extended:.1f} µs, prepared {prepared:.1f} µs"
     )
 

@@ -12,26 +12,19 @@ import contextlib
 import logging
 import ssl
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from guard.broker.audit.sink import AuditUnavailable, JsonlAuditSink
-from guard.broker.masking.strategies import get_strategy
 from guard.broker.policy.compile import PolicyError, load_policy_file
-from guard.broker.policy.engine import CompiledPolicy
-from guard.broker.proxy import upstream
-from guard.broker.proxy.server import Gateway, protected_lookup_sql
-from guard.broker.proxy.session import ProtectedMap
+from guard.broker.proxy.listener import Gateway
+from guard.broker.proxy.protected import ProtectedColumns
 from guard.broker.proxy.tasks import spawn
-from guard.broker.sessions import Session, SessionManager
+from guard.broker.sessions import SessionManager
 from guard.broker.settings import BrokerSettings, load_settings
 from guard.broker.state import SqliteStateStore
 
 log = logging.getLogger("guard.broker")
-
-# Protected-column OIDs are re-read after this long, so a re-created table is noticed.
-PROTECTED_MAP_TTL = 60.0
 
 
 @dataclass
@@ -39,32 +32,6 @@ class _Address:
     host: str
     port: int
     tls: bool
-
-
-class ProtectedColumns:
-    """Per-target map of protected base columns by (table OID, attnum), cached briefly."""
-
-    def __init__(self, policy: CompiledPolicy) -> None:
-        self.policy = policy
-        self._cache: dict[str, tuple[float, ProtectedMap]] = {}
-
-    async def __call__(self, session: Session, conn: upstream.UpstreamConnection) -> ProtectedMap:
-        hit = self._cache.get(session.target)
-        if hit is not None and time.monotonic() - hit[0] < PROTECTED_MAP_TTL:
-            return hit[1]
-        target = self.policy.targets[session.target]
-        by_name = {
-            (c.schema, c.table, c.column): get_strategy(s)
-            for c, s in target.protected_columns.items()
-        }
-        result: dict[tuple[int, int], object] = {}
-        if by_name:
-            rows = await upstream.simple_query_rows(conn, protected_lookup_sql(by_name))
-            for oid, attnum, schema, table, column in rows:
-                key = (schema.decode(), table.decode(), column.decode())  # type: ignore[union-attr]
-                result[(int(oid), int(attnum))] = by_name[key]  # type: ignore[arg-type]
-        self._cache[session.target] = (time.monotonic(), result)  # type: ignore[assignment]
-        return result  # type: ignore[return-value]
 
 
 def build_principal_resolver(settings: BrokerSettings):
@@ -115,6 +82,7 @@ async def run(settings: BrokerSettings) -> None:
         audit=audit,
         protected_map=ProtectedColumns(policy),
         tls=tls,
+        idle_timeout=settings.gateway.idle_timeout_seconds or None,
     )
     host, port = await gateway.start(settings.gateway.host, settings.gateway.port)
     address = _Address(settings.gateway.advertise_host or host, port, tls is not None)

@@ -51,9 +51,9 @@ class Session:
     connections: set[ConnectionHandle] = field(default_factory=set)
     ended: bool = False
 
-    @property
-    def expired(self) -> bool:
-        return datetime.now(UTC) >= self.expires_at
+    def expired_at(self, now: datetime) -> bool:
+        """Whether the session's time is up at `now` (the manager's clock, never the wall's)."""
+        return now >= self.expires_at
 
 
 @dataclass(frozen=True)
@@ -85,9 +85,13 @@ class SessionManager:
     # -- lookup ------------------------------------------------------------------------
     def by_user(self, user: str) -> Session | None:
         session = self._by_user.get(user)
-        if session is None or session.ended or session.expired:
+        if session is None or not self.is_live(session):
             return None
         return session
+
+    def is_live(self, session: Session) -> bool:
+        """Neither ended nor past its expiry by this manager's clock."""
+        return not session.ended and not session.expired_at(self.clock())
 
     def get(self, session_id: str) -> Session:
         session = self._by_id.get(session_id)
@@ -185,8 +189,9 @@ class SessionManager:
         log.info("session %s ended: %s", session_id, reason)
 
     async def end_expired(self) -> None:
+        now = self.clock()
         for session in self.active():
-            if session.expired:
+            if session.expired_at(now):
                 await self.end(session.id, "ttl expired")
 
     async def end_all(self, reason: str) -> None:

@@ -29,6 +29,14 @@ class ListenSettings(_Strict):
     advertise_host: str | None = None
 
 
+class GatewaySettings(ListenSettings):
+    port: int = 6433
+    # A connection with nothing in flight and no byte either way for this long is ended
+    # (FATAL 57P05, like PostgreSQL's idle_session_timeout); 0 turns the watchdog off.
+    # Statements running or held for approval are never "idle".
+    idle_timeout_seconds: float = Field(default=900.0, ge=0)
+
+
 class TLSSettings(_Strict):
     """Server certificate of the PG gateway (clients use sslmode=verify-full against it)."""
 
@@ -94,7 +102,7 @@ class BrokerSettings(_Strict):
     state_dir: Path
     policy_file: Path
     api: ListenSettings = ListenSettings(port=8400)
-    gateway: ListenSettings = ListenSettings(port=6433)
+    gateway: GatewaySettings = GatewaySettings()
     gateway_tls: TLSSettings | None = None
     oidc: OIDCSettings
     openbao: OpenBaoSettings

@@ -9,7 +9,7 @@ import stat
 import pytest
 
 from guard.broker.audit.chain import GENESIS, seal, verify_lines
-from guard.broker.audit.record import ResultRecord, StatementRecord, expand
+from guard.broker.audit.record import RESULT_FIELDS, ResultRecord, StatementRecord, expand
 from guard.broker.audit.sink import AuditUnavailable, JsonlAuditSink
 
 
@@ -100,10 +100,10 @@ def test_records_have_no_field_for_values():
     assert not fields & {"values", "rows_data", "result", "sql", "text", "params"}
 
 
-def _gate(sink):
-    from tests.proxy.test_session_playbook import make
+def _gate():
+    from tests.playbook import connection
 
-    return make(sink)[0].gate  # the playbook's gate: demo policy, alice, s1/c1
+    return connection().gate  # the playbook's gate: demo policy, alice, s1/c1
 
 
 @pytest.mark.parametrize(
@@ -119,17 +119,18 @@ def test_gate_records_are_exactly_the_record_types(tmp_path, result):
     # The gate serializes records on the hot path without building the dataclasses; what
     # lands in the chain must still be exactly what the record types define.
     sink = JsonlAuditSink(tmp_path / "audit.jsonl")
-    gate = _gate(sink)
+    gate = _gate()
     decision = gate.decide("SELECT name FROM customers WHERE id = 1")
-    (seq,) = gate.record(decision, "simple")
-    gate.record_result(seq, **result)
+    (seq,) = sink.append_statements(gate.statement_records(decision, "simple"))
+    expected = ResultRecord(session_id="s1", connection_id="c1", statement_seq=seq, **result)
+    # What the connection queues: the ResultRecord's values in RESULT_FIELDS order.
+    sink.append_results([tuple(getattr(expected, name) for name in RESULT_FIELDS)])
     sink.close()
     lines = (tmp_path / "audit.jsonl").read_bytes().splitlines()
     assert verify_lines(lines).ok
     statement, batch = (json.loads(line)["body"] for line in lines)
     assert batch["kind"] == "results" and batch["seq"] == seq + 1
     (stored,) = expand(batch)
-    expected = ResultRecord(session_id="s1", connection_id="c1", statement_seq=seq, **result)
     body = expected.to_body()
     assert {k: v for k, v in stored.items() if k != "time"} == {
         k: v for k, v in body.items() if k != "time"
@@ -162,8 +163,6 @@ def test_results_are_chained_in_batches_and_kept_when_the_write_fails(tmp_path):
 def test_result_fields_are_the_result_records_own():
     # The hot path queues bare values in RESULT_FIELDS order; they must be exactly the
     # ResultRecord's fields (but kind and time, which the sink adds).
-    from guard.broker.audit.record import RESULT_FIELDS
-
     fields = tuple(ResultRecord.__dataclass_fields__)
     assert RESULT_FIELDS == tuple(f for f in fields if f not in ("kind", "time"))
 

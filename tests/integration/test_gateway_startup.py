@@ -376,3 +376,32 @@ def test_cancel_keys_are_isolated_per_connection(dev_stack: Stack, session):
             headers=headers_b,
             timeout=30,
         )
+
+
+# ---------------------------------------------------------------- 8. ending a connection
+def test_client_half_close_gets_its_answers_and_the_ending_is_recorded(dev_stack: Stack, session):
+    # The client sends a statement and shuts down its side at once (`shutdown(SHUT_WR)`):
+    # the statement still runs and its rows arrive, PostgreSQL is told the client left,
+    # and the audit trail has the connection's start and end with the reason.
+    with gateway(session) as wire:
+        wire.login(session)
+        wire.send(encode(m.Query("SELECT pg_backend_pid(), 42 AS answer")))
+        wire.sock.shutdown(socket.SHUT_WR)
+        answer = wire.until_ready()
+        pid = int(answer[1].values[0])
+        assert answer[1].values[1] == b"42"
+        wire.assert_closed()
+    deadline = time.monotonic() + 5
+    while dev_stack.direct("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)):
+        assert time.monotonic() < deadline, "the backend outlived its client"
+        time.sleep(0.05)
+    events = [
+        (r["event"], r["detail"])
+        for r in dev_stack.audit_records()
+        if r.get("kind") == "session"
+        and r["session_id"] == session["session_id"]
+        and r["event"].startswith("connection_")
+    ]
+    opened = [detail for event, detail in events if event == "connection_opened"]
+    ended = [detail for event, detail in events if event == "connection_ended"]
+    assert opened and any(d.endswith("the client closed its side") for d in ended), events

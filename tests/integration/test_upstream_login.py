@@ -57,7 +57,9 @@ def _context(ca: Path) -> ssl.SSLContext:
     return context
 
 
-def _login(pg: PostgresCluster, user: str, *, tls=None, host=None, password=PASSWORD):
+def _logged_in(pg: PostgresCluster, user: str, work, *, tls=None, host=None, password=PASSWORD):
+    """(the upstream connection, what `work(connection)` returned), the connection closed."""
+
     async def run():
         conn = await upstream.login(
             host=host or pg.host,
@@ -69,14 +71,16 @@ def _login(pg: PostgresCluster, user: str, *, tls=None, host=None, password=PASS
             tls=tls,
         )
         try:
-            rows = await upstream.simple_query_rows(
-                conn, "SELECT current_user, ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
-            )
-            return conn, rows
+            return conn, await work(conn)
         finally:
             conn.wire.close()
 
     return asyncio.run(run())
+
+
+def _login(pg: PostgresCluster, user: str, **kwargs):
+    sql = "SELECT current_user, ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+    return _logged_in(pg, user, lambda conn: upstream.query_rows(conn, sql), **kwargs)
 
 
 @pytest.mark.parametrize("user", ["u_scram", "u_md5", "u_clear"])
@@ -209,3 +213,38 @@ def test_cancel_goes_the_way_the_session_connection_does(tls_cluster, over_tls):
         assert secret not in sent
     else:
         assert sent == plain_cancel
+
+
+def test_protected_columns_are_looked_up_by_parameters_not_spliced_sql(tls_cluster):
+    # A policy may name any identifier, quotes included: the names travel as parameters,
+    # so `o'brien` is a column name to find, never SQL that runs.
+    from guard.broker.policy.compile import load_policy
+    from guard.broker.proxy.protected import ProtectedColumns
+
+    pg, ca = tls_cluster
+    with psycopg.connect(pg.admin_dsn(), autocommit=True) as conn:
+        conn.execute("""CREATE TABLE IF NOT EXISTS "we'ird" (id int, "o'brien" text, ok text)""")
+        conn.execute('GRANT SELECT ON "we\'ird" TO u_scram')
+        oid, attnum = conn.execute(
+            "SELECT attrelid::int, attnum FROM pg_attribute "
+            """WHERE attrelid = '"we''ird"'::regclass AND attname = 'o''brien'"""
+        ).fetchone()
+    policy = load_policy(
+        """
+version: 1
+targets:
+  t:
+    connect_groups: [engineers]
+    session_ttl: {default: 1h, max: 1h}
+    protected_columns:
+      "public.we'ird.o'brien": ssn_last4
+rules:
+  - {id: read, effect: allow, groups: [engineers], when: {operations: [read]}}
+""",
+        source="inline",
+    )
+
+    lookup = ProtectedColumns(policy)
+    _, found = _logged_in(pg, "u_scram", lambda conn: lookup("t", conn), tls=_context(ca))
+    assert set(found) == {(oid, attnum)}
+    assert found[(oid, attnum)].name == "ssn_last4"

@@ -15,10 +15,10 @@ from guard.broker.pgwire import messages as m
 from guard.broker.pgwire.encoder import encode
 from guard.broker.pgwire.errors import ProtocolError
 from guard.broker.pgwire.parser import bind_names
+from guard.broker.proxy import connection as connection_module
 from guard.broker.proxy import gate as gate_module
-from guard.broker.proxy import session as session_module
 from guard.broker.proxy.commands import SendToClient, SendToServer
-from tests.proxy.test_session_playbook import (
+from tests.playbook import (
     CUSTOMERS_OID,
     SSN_ATTNUM,
     field,
@@ -48,13 +48,13 @@ def analyses(monkeypatch) -> list[str]:
 def row_decodes(monkeypatch) -> list[int]:
     """Tags of the server messages the relay decodes."""
     seen: list[int] = []
-    real = session_module.decode_backend
+    real = connection_module.decode_backend
 
     def counting(frame):
         seen.append(frame.tag)
         return real(frame)
 
-    monkeypatch.setattr(session_module, "decode_backend", counting)
+    monkeypatch.setattr(connection_module, "decode_backend", counting)
     return seen
 
 
@@ -140,8 +140,9 @@ def test_the_row_description_cache_is_bounded_in_bytes():
         wide = m.RowDescription(tuple(field(f"c{i}_{n}_" + "x" * 60) for n in range(1600)))
         proxy.from_client(wire(m.Query("SELECT 1")))
         proxy.from_server(wire(wide, m.CommandComplete("SELECT 0"), m.ReadyForQuery(b"I")))
-        assert sum(map(len, proxy._described)) <= session_module._DESCRIBED_CACHE_BYTES
-    assert proxy._described  # still caching
+        described = proxy.connection._described
+        assert sum(map(len, described)) <= connection_module._DESCRIBED_CACHE_BYTES
+    assert described  # still caching
 
 
 NAMES = st.text(

@@ -25,7 +25,7 @@ from guard.broker.pgwire import messages as m
 from guard.broker.pgwire.encoder import encode
 from guard.broker.pgwire.parser import BackendParser, FrontendParser
 from guard.broker.proxy.commands import CloseConnection, SendToClient, SendToServer
-from tests.proxy.test_session_playbook import CUSTOMERS_OID, DOB_ATTNUM, SSN_ATTNUM, make
+from tests.playbook import CUSTOMERS_OID, DOB_ATTNUM, SSN_ATTNUM, make
 
 STATEMENTS = [
     "SELECT 1",

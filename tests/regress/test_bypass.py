@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from guard.broker.pgwire import messages as m
-from tests.proxy.test_session_playbook import make, to_server, wire
+from tests.playbook import make, to_server, wire
 
 ATTEMPTS = [
     # DDL / DCL in many spellings

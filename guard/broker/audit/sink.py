@@ -1,21 +1,22 @@
 """Where audit records go: an append-only JSONL file with a hash chain.
 
-Does file I/O (this is the audit adapter); imports `audit.chain` and the stdlib only.
-`append` returns only after the line is in the file (os.write on an O_APPEND descriptor), so
-the gate can forward a statement knowing its record exists; any failure raises
-`AuditUnavailable` and the gate refuses the statement (fail closed).
+Does file I/O (this is the audit adapter; only the asyncio shell and the broker's service
+code call it, never the sans-IO core). Imports `audit.chain`, `audit.record`,
+`audit.serialize` and the stdlib.
 
-`append_deferred` is for records that describe what already happened (result row counts):
-they are queued with their time and sealed together, as one `results` batch record, at the
-next `flush` (the broker flushes every 200 ms, and at 256 queued). One hash and one write
-per batch instead of per statement keeps them off the hot path; `record.expand` turns a
-batch back into its `result` records for readers. A crash loses at most the queued results,
-never a statement record: those are written before their statement is forwarded.
+`append_statements` returns only after the lines are in the file (one os.write on an
+O_APPEND descriptor for all records of one call: a multi-statement string, or, later, the
+records of several connections committed as a group), so the shell can forward a statement
+knowing its record exists; any failure raises `AuditUnavailable` and the statement is
+refused instead (fail closed).
 
-Every stored body ends with its `seq` and `time`, after the record's own fields. That lets
-a caller that writes the same record many times (a prepared statement's executions) keep
-the serialized fields (`fixed_fields`) and pay only for the sequence number and the clock
-per record (`append_fixed`): the hot path serializes nothing.
+`append_deferred` and `append_results` are for records that describe what already happened
+(result row counts): they are queued with their time and sealed together, as one `results`
+batch record, at the next `flush` (the broker flushes every 200 ms, and at 256 queued). One
+hash and one write per batch instead of per statement keeps them off the hot path;
+`record.expand` turns a batch back into its `result` records for readers. A crash loses at
+most the queued results, never a statement record: those are written before their
+statement is forwarded.
 """
 
 from __future__ import annotations
@@ -25,39 +26,14 @@ import json
 import os
 import threading
 import time
+from collections.abc import Iterable, Sequence
+from itertools import repeat
 from pathlib import Path
 from typing import Any, Protocol
 
-from guard.broker.audit.chain import GENESIS, canonical, last_hash_of, seal_line
+from guard.broker.audit.chain import GENESIS, last_hash_of, seal_line
 from guard.broker.audit.record import result_bodies, result_body, utc_now_iso
-
-try:  # ~20x faster than json.dumps; the chain hashes the stored bytes, so either is valid
-    import orjson
-
-    def _serialize(body: dict[str, Any]) -> bytes:
-        return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
-
-    _dumps = orjson.dumps
-except ImportError:  # pragma: no cover - orjson is a declared dependency
-    _serialize = canonical
-
-    def _dumps(body: Any) -> bytes:
-        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def fixed_fields(record: Recordable) -> bytes:
-    """The record's fields but `seq` and `time`, serialized, without the closing brace.
-
-    `append_fixed` completes it with `,"seq":N,"time":"..."}`; the result is a JSON object.
-    """
-    body = record.to_body()
-    body.pop("time", None)
-    body.pop("seq", None)
-    return _serialize(body)[:-1]
-
-
-def _complete(fixed: bytes, seq: int) -> bytes:
-    return b'%b,"seq":%d,"time":"%b"}' % (fixed, seq, utc_now_iso().encode("ascii"))
+from guard.broker.audit.serialize import Recordable, complete, dumps, fixed_fields
 
 
 class AuditUnavailable(Exception):
@@ -66,25 +42,21 @@ class AuditUnavailable(Exception):
     sqlstate = "58030"  # io_error
 
 
-class Recordable(Protocol):
-    def to_body(self) -> dict[str, Any]: ...
-
-
 class AuditSink(Protocol):
     def append(self, record: Recordable) -> int:
         """Write the record; return its sequence number (1-based)."""
+        ...
+
+    def append_statements(self, records: Sequence[bytes]) -> list[int]:
+        """Write records serialized by `fixed_fields`, in order, in one write; their seqs."""
         ...
 
     def append_deferred(self, record: Recordable) -> None:
         """Queue an after-the-fact record; it is chained and written at the next flush."""
         ...
 
-    def append_result(self, values: tuple[Any, ...]) -> None:
-        """`append_deferred` of the ResultRecord with these `record.RESULT_FIELDS` values."""
-        ...
-
-    def append_fixed(self, fixed: bytes) -> int:
-        """`append` of a record already serialized by `fixed_fields`."""
+    def append_results(self, results: Iterable[tuple[Any, ...]]) -> None:
+        """`append_deferred` of the ResultRecords with these `record.RESULT_FIELDS` values."""
         ...
 
     def flush(self) -> None: ...
@@ -126,33 +98,42 @@ class JsonlAuditSink:
             raise AuditUnavailable(f"cannot open audit log {path}: {exc}") from exc
 
     def append(self, record: Recordable) -> int:
-        return self._append(fixed_fields(record))
+        (seq,) = self.append_statements((fixed_fields(record),))
+        return seq
 
-    def append_fixed(self, fixed: bytes) -> int:
-        return self._append(fixed)
+    def append_statements(self, records: Sequence[bytes]) -> list[int]:
+        with self._lock:
+            seq, prev = self._seq, self._prev
+            if len(records) == 1:  # the common case (hot path): no list to join
+                seq += 1
+                data, prev = seal_line(prev, complete(records[0], seq))
+            else:
+                lines = []
+                for fixed in records:
+                    seq += 1
+                    line, prev = seal_line(prev, complete(fixed, seq))
+                    lines.append(line)
+                if not lines:
+                    return []
+                data = b"".join(lines)
+            self._write(data)
+            # Only written lines advance the chain: after a failed write the next record
+            # links to the last one that exists.
+            first, self._seq, self._prev = self._seq + 1, seq, prev
+            return [seq] if first == seq else list(range(first, seq + 1))
 
     def append_deferred(self, record: Recordable) -> None:
-        self._defer(record.to_body())
+        self._defer([record.to_body()])
 
-    def append_result(self, values: tuple[Any, ...]) -> None:
-        self._defer((values, time.time_ns()))
+    def append_results(self, results: Iterable[tuple[Any, ...]]) -> None:
+        self._defer(list(zip(results, repeat(time.time_ns()))))
 
-    def _defer(self, entry: tuple[tuple[Any, ...], int] | dict[str, Any]) -> None:
+    def _defer(self, entries: list[tuple[tuple[Any, ...], int] | dict[str, Any]]) -> None:
         with self._lock:
-            self._deferred.append(entry)
+            self._deferred += entries
             full = len(self._deferred) >= self.MAX_DEFERRED
         if full:
             self.flush()
-
-    def _append(self, fixed: bytes) -> int:
-        with self._lock:
-            seq = self._seq + 1
-            line, digest = seal_line(self._prev, _complete(fixed, seq))
-            self._write(line)
-            # Only a written line advances the chain: after a failed write the next record
-            # links to the last one that exists.
-            self._seq, self._prev = seq, digest
-            return seq
 
     def flush(self) -> None:
         """Chain and write the queued after-the-fact records, as one batch record."""
@@ -171,7 +152,7 @@ class JsonlAuditSink:
             entries.append(entry)  # type: ignore[arg-type]
         entries += result_bodies(run)
         try:
-            self._append(_dumps({"kind": "results", "results": entries})[:-1])
+            self.append_statements((dumps({"kind": "results", "results": entries})[:-1],))
         except AuditUnavailable:
             with self._lock:  # keep them for the next flush, in order
                 self._deferred[:0] = batch
@@ -208,23 +189,29 @@ class MemoryAuditSink:
         self.fail = False
 
     def append(self, record: Recordable) -> int:
-        return self.append_fixed(fixed_fields(record))
+        (seq,) = self.append_statements((fixed_fields(record),))
+        return seq
+
+    def append_statements(self, records: Sequence[bytes]) -> list[int]:
+        if self.fail:
+            raise AuditUnavailable("audit sink failing (test)")
+        seqs = []
+        for fixed in records:
+            body = json.loads(complete(fixed, len(self.records) + 1))
+            self.records.append(body)
+            seqs.append(body["seq"])
+        return seqs
 
     def append_deferred(self, record: Recordable) -> None:
         # Deferred records are kept one by one at once: tests read them without a flush.
         self.append(record)
 
-    def append_result(self, values: tuple[Any, ...]) -> None:
+    def append_results(self, results: Iterable[tuple[Any, ...]]) -> None:
         if self.fail:
             raise AuditUnavailable("audit sink failing (test)")
-        self.records.append({**result_body(values, utc_now_iso()), "seq": len(self.records) + 1})
-
-    def append_fixed(self, fixed: bytes) -> int:
-        if self.fail:
-            raise AuditUnavailable("audit sink failing (test)")
-        body = json.loads(_complete(fixed, len(self.records) + 1))
-        self.records.append(body)
-        return body["seq"]
+        for values in results:
+            body = {**result_body(values, utc_now_iso()), "seq": len(self.records) + 1}
+            self.records.append(body)
 
     def flush(self) -> None:
         pass

@@ -1,17 +1,19 @@
 """The one place that owns the security ordering: analyze → decide → record → forward.
 
-Pure decision logic, no asyncio and no sockets (imports `sql`, `policy`, `audit`, `pgwire`
-messages). `proxy.session` asks the gate about every statement before a byte of it is
-forwarded; the gate analyses it (cached), evaluates the policy, writes the audit record and
-only then answers "forward". Anything that goes wrong on that path — unparseable SQL, an
-unknown statement kind, a policy error, an audit log that cannot be written — is a refusal
-(fail closed), never a pass-through.
+Pure decision logic: no asyncio, no sockets, no files (imports `sql`, `policy`, `audit`
+records and `pgwire` messages). `proxy.connection` asks the gate about every statement
+before a byte of it is forwarded; the gate analyses it (cached), evaluates the policy and
+serializes the audit records the statement needs. The connection hands those records to the
+shell as a blocking `WriteAudit` command and forwards the statement only once the shell says
+they are written. Anything that goes wrong on that path — unparseable SQL, an unknown
+statement kind, a policy error, an audit log that cannot be written — is a refusal (fail
+closed), never a pass-through.
 """
 
 from __future__ import annotations
 
 from guard.broker.audit.record import StatementRecord
-from guard.broker.audit.sink import AuditSink, AuditUnavailable, fixed_fields
+from guard.broker.audit.serialize import fixed_fields
 from guard.broker.identity.principal import Principal
 from guard.broker.pgwire.messages import ErrorResponse
 from guard.broker.policy.engine import CompiledPolicy, Effect, Verdict
@@ -24,6 +26,13 @@ from guard.broker.sql.fingerprint import UNNORMALIZABLE, normalize
 _DECISION_CACHE_SIZE = 2048
 
 SQLSTATE_INSUFFICIENT_PRIVILEGE = "42501"
+
+# What a statement gets instead of running when its audit record could not be written.
+AUDIT_UNAVAILABLE = ErrorResponse.build(
+    "58030",
+    "guard: the audit log cannot be written, so the statement was refused",
+    hint="ask the guard operator to check the broker's audit log storage",
+)
 
 
 class Decision:
@@ -61,7 +70,7 @@ def refusal_for(verdict: Verdict) -> ErrorResponse:
 
 
 class Gate:
-    """Per-connection gate: one principal, one target, one audit sink."""
+    """Per-connection gate: one principal, one target; decisions cached by statement text."""
 
     def __init__(
         self,
@@ -69,14 +78,12 @@ class Gate:
         policy: CompiledPolicy,
         target: str,
         principal: Principal,
-        audit: AuditSink,
         session_id: str,
         connection_id: str,
     ) -> None:
         self.policy = policy
         self.target = target
         self.principal = principal
-        self.audit = audit
         self.session_id = session_id
         self.connection_id = connection_id
         self._groups = tuple(sorted(principal.groups))
@@ -138,20 +145,16 @@ class Gate:
         return Decision(analysis, verdicts, None)
 
     # -- record -----------------------------------------------------------------------
-    def record(self, decision: Decision, protocol: str) -> list[int] | ErrorResponse:
-        """Write one record per statement; on failure return the refusal to send instead."""
+    def statement_records(self, decision: Decision, protocol: str) -> tuple[bytes, ...]:
+        """The audit records (fixed fields, see `audit.serialize.fixed_fields`) of one run.
+
+        One per statement of the decision's text; empty when nothing runs (a comment). The
+        caller has them written, in order, before it forwards the statement or its refusal.
+        """
         records = decision.records.get(protocol)
         if records is None:
             records = decision.records[protocol] = self._records_for(decision, protocol)
-        try:
-            return [self.audit.append_fixed(fixed) for fixed in records]  # type: ignore[misc]
-        except AuditUnavailable:
-            # Fail closed: a statement whose record does not exist must not run.
-            return ErrorResponse.build(
-                "58030",
-                "guard: the audit log cannot be written, so the statement was refused",
-                hint="ask the guard operator to check the broker's audit log storage",
-            )
+        return records
 
     def _records_for(self, decision: Decision, protocol: str) -> tuple[bytes, ...]:
         # Everything but seq and time is fixed for a (decision, protocol): a statement run
@@ -175,30 +178,30 @@ class Gate:
         protocol: str,
         decision: Decision,
     ) -> bytes:
-        return fixed_fields(
-            StatementRecord(**self._record_fields(stmt, verdict, protocol, decision))
-        )
+        return fixed_fields(self._statement_record(stmt, verdict, protocol, decision))
 
-    def _record_fields(
+    def _statement_record(
         self,
         stmt: StatementAnalysis | None,
         verdict: Verdict | None,
         protocol: str,
         decision: Decision,
-    ) -> dict[str, object]:
+    ) -> StatementRecord:
+        masked: tuple[str, ...] = ()
         if verdict is None:
-            effect, rule, masked = "deny", "guard:unanalysable", ()
+            effect, rule = "deny", "guard:unanalysable"
         else:
             effect, rule = verdict.effect.value, verdict.rule_id
             masked = tuple(str(c) for c in verdict.masked_columns)
         if decision.refusal is not None and effect == "allow":
             # Allowed on its own but refused with the rest of its multi-statement string.
             effect, rule = "deny", "guard:refused-with-batch"
-        if stmt is None:
-            fingerprint, text, ops, tables = "", "", (), ()
-        else:
+        fingerprint, text = "", ""
+        ops: tuple[str, ...] = ()
+        tables: tuple[str, ...] = ()
+        if stmt is not None:
             fingerprint = stmt.fingerprint
-            text = normalized_text(stmt)
+            text = stmt.normalized  # literals replaced: no typed value reaches the log
             ops = tuple(sorted(op.value for op in stmt.operations))
             tables = tuple(
                 sorted(
@@ -206,29 +209,29 @@ class Gate:
                     | {_rel(r) for r in stmt.relations_written}
                 )
             )
-        return {
-            "session_id": self.session_id,
-            "connection_id": self.connection_id,
-            "principal": self.principal.subject,
-            "issuer": self.principal.issuer,
-            "groups": self._groups,
-            "target": self.target,
-            "protocol": protocol,
-            "fingerprint": fingerprint,
-            "statement": text,
-            "operations": ops,
-            "tables": tables,
-            "verdict": effect,
-            "rule": rule,
-            "masked_columns": masked,
-        }
+        return StatementRecord(
+            session_id=self.session_id,
+            connection_id=self.connection_id,
+            principal=self.principal.subject,
+            issuer=self.principal.issuer,
+            groups=self._groups,
+            target=self.target,
+            protocol=protocol,
+            fingerprint=fingerprint,
+            statement=text,
+            operations=ops,
+            tables=tables,
+            verdict=effect,
+            rule=rule,
+            masked_columns=masked,
+        )
 
-    def refuse_fast_path(self, function_oid: int) -> ErrorResponse:
-        """Decide and record a fast-path FunctionCall through the same path as SQL.
+    def fast_path(self, function_oid: int) -> Decision:
+        """Decide a fast-path FunctionCall through the same policy path as SQL: refused.
 
         It names a function by OID only and bypasses SQL analysis entirely, so the policy's
-        built-in `guardrail:fast-path` refuses it; this method exists so the relay need not
-        build an Analysis itself.
+        built-in `guardrail:fast-path` refuses it; the decision still carries the records
+        of the attempt. This method exists so the connection need not build an Analysis.
         """
         stmt = fast_path_analysis(function_oid)
         analysis = Analysis(statements=(stmt,), error=None)
@@ -242,49 +245,10 @@ class Gate:
                 "guard: fast-path function calls are not allowed through guard",
             )
         )
-        recorded = self.record(Decision(analysis, verdicts, refusal), "fast-path")
-        return recorded if isinstance(recorded, ErrorResponse) else refusal
-
-    def record_result(
-        self,
-        statement_seq: int,
-        *,
-        outcome: str,
-        command_tag: str = "",
-        rows: int | None = None,
-        masked_cells: int = 0,
-        sqlstate: str | None = None,
-    ) -> None:
-        try:
-            self.audit.append_result(
-                (
-                    self.session_id,
-                    self.connection_id,
-                    statement_seq,
-                    outcome,
-                    command_tag,
-                    rows,
-                    masked_cells,
-                    sqlstate,
-                )
-            )
-        except AuditUnavailable:
-            # The statement already ran; its pre-execution record exists. A missing result
-            # record is visible in the chain (no result for that seq) and logged by the shell.
-            pass
+        return Decision(analysis, verdicts, refusal)
 
 
 def _rel(ref: object) -> str:
     schema = getattr(ref, "schema", None)
     name = getattr(ref, "name", "")
     return f"{schema}.{name}" if schema else str(name)
-
-
-def normalized_text(stmt: StatementAnalysis) -> str:
-    """Statement text with literals replaced, so the audit log never holds typed values."""
-    normalized = getattr(stmt, "normalized", None)
-    if isinstance(normalized, str):
-        return normalized
-    from guard.broker.sql.analyze import normalize  # analyzer owns pglast
-
-    return normalize(stmt.text)

@@ -1,13 +1,13 @@
-"""The PG gateway listener: the asyncio shell that only moves bytes.
+"""The PG gateway listener: accepts connections and takes each one to its relay.
 
 Per client connection: the startup phase (SSLRequest answered 'S' and TLS started when the
 gateway has a certificate, else 'N'; GSSENCRequest always 'N'; bytes pipelined after an
-SSLRequest refused; CancelRequest routed by gateway-issued keys), SCRAM-SHA-256
-against the session's verifier, the upstream login with the issued credentials, then two
-pumps feeding `proxy.session.ProxyConnection` and executing the commands it returns, each
-write drained before the next read (a slow client throttles the upstream).
+SSLRequest refused; CancelRequest routed by gateway-issued keys), SCRAM-SHA-256 against
+the session's verifier, the upstream login with the issued credentials, the protected-column
+map, then a `proxy.pump.Pump` running the sans-IO `proxy.connection.GatewayConnection`.
+The connection's start and end (with its reason) are audit records.
 
-Decides nothing about statements: that is `proxy.gate`'s job, reached via the session.
+Decides nothing about statements: that is `proxy.gate`'s job, reached via the connection.
 """
 
 from __future__ import annotations
@@ -16,21 +16,22 @@ import asyncio
 import logging
 import secrets
 import ssl
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from guard.broker.audit.sink import AuditSink
+from guard.broker.audit.record import SessionEvent
+from guard.broker.audit.sink import AuditSink, AuditUnavailable
 from guard.broker.pgwire import messages as m
 from guard.broker.pgwire.encoder import encode
 from guard.broker.pgwire.errors import ProtocolError
 from guard.broker.pgwire.parser import NEED_DATA, FrontendParser
-from guard.broker.pgwire.scram import AuthenticationFailed, ScramServer
+from guard.broker.pgwire.scram import AuthenticationFailed, ScramServer, make_verifier
 from guard.broker.policy.engine import CompiledPolicy
 from guard.broker.proxy import upstream
+from guard.broker.proxy.connection import GatewayConnection, ProtectedMap
 from guard.broker.proxy.encoding import codec_for
 from guard.broker.proxy.gate import Gate
 from guard.broker.proxy.pump import Pump
-from guard.broker.proxy.session import ProtectedMap, ProxyConnection
 from guard.broker.sessions import Session, SessionManager
 
 log = logging.getLogger("guard.gateway")
@@ -62,21 +63,23 @@ class Gateway:
         sessions: SessionManager,
         policy: CompiledPolicy,
         audit: AuditSink,
-        protected_map: Callable[[Session, upstream.UpstreamConnection], Awaitable[ProtectedMap]],
+        protected_map: Callable[[str, upstream.UpstreamConnection], Awaitable[ProtectedMap]],
         tls: ssl.SSLContext | None = None,
+        idle_timeout: float | None = None,
     ) -> None:
         self.tls = tls
+        self.idle_timeout = idle_timeout
         self._upstream_tls_cache: dict[str, ssl.SSLContext | None] = {}
         self.sessions = sessions
         self.policy = policy
         self.audit = audit
         self._protected_map = protected_map
         self._cancel_keys: dict[tuple[int, bytes], _CancelTarget] = {}
-        self._server: asyncio.base_events.Server | None = None
+        self._listener: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
-        self._server = await asyncio.start_server(self._handle, host, port, limit=READ_SIZE)
-        sock = self._server.sockets[0].getsockname()
+        self._listener = await asyncio.start_server(self._handle, host, port, limit=READ_SIZE)
+        sock = self._listener.sockets[0].getsockname()
         return sock[0], sock[1]
 
     def _upstream_tls(self, session: Session) -> ssl.SSLContext | None:
@@ -87,9 +90,9 @@ class Gateway:
         return self._upstream_tls_cache[key]
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        if self._listener is not None:
+            self._listener.close()
+            await self._listener.wait_closed()
 
     # ------------------------------------------------------------------ per connection
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -142,20 +145,9 @@ class Gateway:
             if target is not None:
                 await upstream.cancel(target.host, target.port, target.key, target.tls)
             return  # a key from another session (or none) cancels nothing
-        if not isinstance(startup, m.StartupMessage):
-            writer.write(_fatal("08P01", "guard: expected a startup message"))
+        params = _startup_params(startup, writer)
+        if params is None:
             return
-        params = dict(startup.params)
-        if params.get("replication") not in (None, "false", "0", "off", "no"):
-            writer.write(_fatal("42501", "guard: replication connections are not allowed"))
-            return
-        unrecognized = tuple(k for k in params if k.startswith("_pq_."))
-        if startup.minor > 0 or unrecognized:
-            # A 3.2 client (or one asking for protocol extensions) is told we speak 3.0, as
-            # PostgreSQL itself does; the client then continues with 3.0 semantics. The
-            # version is the full number (196608), as PostgreSQL sends it and libpq reads
-            # it: a bare minor 0 reads as "pre-3.0" and libpq 18 drops the connection.
-            writer.write(encode(m.NegotiateProtocolVersion(3 << 16, unrecognized)))
         user = params.get("user", "")
         session = self.sessions.by_user(user)
         try:
@@ -199,7 +191,7 @@ class Gateway:
             await writer.drain()
             return
         try:
-            protected = await self._protected_map(session, up)
+            protected = await self._protected_map(session.target, up)
         except upstream.UpstreamError as exc:
             log.error("protected-column lookup failed for session %s: %s", session.id, exc)
             up.wire.close()
@@ -218,8 +210,6 @@ class Gateway:
     ) -> None:
         # An unknown user still goes through a full SCRAM exchange against a throwaway
         # verifier, so a client cannot probe which session users exist.
-        from guard.broker.pgwire.scram import make_verifier
-
         verifier = session.verifier if session is not None else make_verifier(secrets.token_hex(16))
         writer.write(encode(m.AuthenticationSASL(("SCRAM-SHA-256",))))
         await writer.drain()
@@ -237,7 +227,7 @@ class Gateway:
         if not isinstance(final, m.SASLResponse):
             raise AuthenticationFailed("expected SASLResponse")
         server_final = server.handle_client_final(final.data)
-        if session is None or session.ended or session.expired:
+        if session is None or not self.sessions.is_live(session):
             raise AuthenticationFailed("no such session")
         writer.write(encode(m.AuthenticationSASLFinal(server_final)))
         await writer.drain()
@@ -266,7 +256,6 @@ class Gateway:
             policy=self.policy,
             target=session.target,
             principal=session.principal,
-            audit=self.audit,
             session_id=session.id,
             connection_id=connection_id,
         )
@@ -279,7 +268,7 @@ class Gateway:
             )
             up.wire.close()
             return
-        proxy = ProxyConnection(
+        connection = GatewayConnection(
             gate, protected=protected, client_user=session.user, client_encoding=encoding
         )
         # Clients cancel with a gateway-issued key; only the gateway knows the upstream one.
@@ -301,14 +290,23 @@ class Gateway:
         cwriter.write(b"".join(encode(x) for x in hello))
         await cwriter.drain()
 
-        pump = Pump(proxy, cwriter.transport, up.wire.transport, tls=up.wire.tls)  # type: ignore[arg-type]
+        pump = Pump(
+            connection,
+            cwriter.transport,
+            up.wire.transport,
+            audit=self.audit,
+            tls=up.wire.tls,
+            idle_timeout=self.idle_timeout,
+        )
         handle = _Handle(pump)
         session.connections.add(handle)
+        self._record(session, "connection_opened", connection_id)
         try:
             try:
                 server_pending = up.leftover + up.wire.take_buffered()
             except upstream.UpstreamError as exc:
                 log.warning("upstream connection for session %s failed: %s", session.id, exc)
+                pump.close(f"upstream failed: {exc}")
                 return
             pump.start(upstream.take_stream_buffer(creader) + parser.unconsumed(), server_pending)
             if session.ended:
@@ -317,7 +315,35 @@ class Gateway:
         finally:
             session.connections.discard(handle)
             self._cancel_keys.pop(key_id, None)
-            pump.close()
+            pump.close("gateway closing")
+            self._record(session, "connection_ended", f"{connection_id}: {pump.end_reason}")
+
+    def _record(self, session: Session, event: str, detail: str) -> None:
+        try:
+            self.audit.append(
+                SessionEvent(session.id, event, session.principal.subject, session.target, detail)
+            )
+        except AuditUnavailable as exc:
+            log.error("could not record %s of session %s: %s", event, session.id, exc)
+
+
+def _startup_params(startup: object, writer: asyncio.StreamWriter) -> dict[str, str] | None:
+    """The startup parameters of a login guard accepts; None (the client told why) else."""
+    if not isinstance(startup, m.StartupMessage):
+        writer.write(_fatal("08P01", "guard: expected a startup message"))
+        return None
+    params = dict(startup.params)
+    if params.get("replication") not in (None, "false", "0", "off", "no"):
+        writer.write(_fatal("42501", "guard: replication connections are not allowed"))
+        return None
+    unrecognized = tuple(k for k in params if k.startswith("_pq_."))
+    if startup.minor > 0 or unrecognized:
+        # A 3.2 client (or one asking for protocol extensions) is told we speak 3.0, as
+        # PostgreSQL itself does; the client then continues with 3.0 semantics. The
+        # version is the full number (196608), as PostgreSQL sends it and libpq reads it:
+        # a bare minor 0 reads as "pre-3.0" and libpq 18 drops the connection.
+        writer.write(encode(m.NegotiateProtocolVersion(3 << 16, unrecognized)))
+    return params
 
 
 class _Handle:
@@ -327,23 +353,6 @@ class _Handle:
         self._pump = pump
 
     def close(self, reason: str) -> None:
-        if not self._pump.client.is_closing():
-            self._pump.client.write(_fatal("57P01", f"guard: session ended ({reason})"))
-        self._pump.close()
-
-
-def protected_lookup_sql(columns: Mapping[tuple[str, str, str], object]) -> str:
-    """Catalog query for (oid, attnum) of protected base columns, literals escaped."""
-
-    def lit(s: str) -> str:
-        return "'" + s.replace("'", "''") + "'"
-
-    values = ", ".join(f"({lit(s)}, {lit(t)}, {lit(c)})" for (s, t, c) in columns)
-    return (
-        "SELECT c.oid, a.attnum, n.nspname, c.relname, a.attname "
-        "FROM pg_catalog.pg_attribute a "
-        "JOIN pg_catalog.pg_class c ON c.oid = a.attrelid "
-        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE a.attnum > 0 AND NOT a.attisdropped "
-        f"AND (n.nspname, c.relname, a.attname) IN (VALUES {values})"
-    )
+        if not self._pump.client_transport.is_closing():
+            self._pump.client_transport.write(_fatal("57P01", f"guard: session ended ({reason})"))
+        self._pump.close(f"session ended ({reason})")

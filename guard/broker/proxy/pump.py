@@ -1,12 +1,25 @@
-"""Byte pump for an authenticated connection: asyncio Protocols, no per-message tasks.
+"""The asyncio shell of one authenticated connection: moves bytes, executes commands.
 
-After the handshake the gateway hands both transports to a `Pump`: bytes from either side
-go straight into the sans-IO `ProxyConnection`, and the commands it returns are written at
-once. Backpressure is the transports' own: when one side's write buffer passes its high-water
-mark, reading from the other side pauses until it drains, so a slow client throttles the
-upstream and memory per connection stays bounded. Upstream TLS, when on, is the sans-IO
-`proxy.tlslayer` over the plain transport (a third of the cost of an SSL transport).
-Decides nothing.
+Bytes from either side go straight into the sans-IO `GatewayConnection`, and the commands
+it returns are executed at once, in order, by `Pump.run` — the only place those commands
+meet the outside world: transport writes, the audit log (statement records written before
+the commands that forward their statements; result records queued) and the operator log.
+The pump
+decides nothing about statements. What it owns:
+
+- Backpressure: the transports' own. When one side's write buffer passes its high-water
+  mark, reading from the other side pauses until it drains, so a slow client throttles the
+  upstream and memory per connection stays bounded.
+- Half-close: a client's EOF is an event for the core (its last requests still run, then
+  PostgreSQL is told the client terminated); a plain client transport stays open for the
+  responses. The database's EOF ends the connection once what it sent is relayed.
+- The idle watchdog: when nothing crossed either side for `idle_timeout` seconds the core is
+  asked (`idle_for`); it ends only connections that wait for nothing.
+- Crashes: an exception in the shell itself (an unknown command, a transport bug) is logged
+  with the connection id and ends the connection; the core handles its own (FAILED state).
+
+Upstream TLS, when on, is the sans-IO `proxy.tlslayer` over the plain transport (a third of
+the cost of an SSL transport).
 """
 
 from __future__ import annotations
@@ -16,8 +29,17 @@ import logging
 import ssl
 from collections.abc import Callable
 
-from guard.broker.proxy.commands import CloseConnection, Command, SendToClient, SendToServer
-from guard.broker.proxy.session import ProxyConnection
+from guard.broker.audit.sink import AuditSink, AuditUnavailable
+from guard.broker.proxy.commands import (
+    CloseConnection,
+    Command,
+    Log,
+    RecordResults,
+    SendToClient,
+    SendToServer,
+    WriteAudit,
+)
+from guard.broker.proxy.connection import GatewayConnection
 from guard.broker.proxy.tlslayer import TLSClient, TLSClosed
 
 log = logging.getLogger("guard.proxy")
@@ -27,21 +49,45 @@ HIGH_WATER = 1 << 20
 LOW_WATER = 1 << 18
 
 
+class UnknownCommand(TypeError):
+    """The core returned something the shell cannot execute: a bug, never ignored."""
+
+
 class _Side(asyncio.Protocol):
-    def __init__(self, pump: Pump, feed: Callable[[bytes], list[Command]]) -> None:
+    """One transport's protocol: hands its bytes and its EOF to the pump."""
+
+    def __init__(
+        self,
+        pump: Pump,
+        feed: Callable[[bytes], list[Command]],
+        eof: Callable[[], list[Command]],
+        name: str,
+    ) -> None:
         self.pump = pump
         self.feed = feed
+        self.eof = eof
+        self.name = name
         self.other: asyncio.Transport | None = None
+        self.keep_open_on_eof = False
 
     def data_received(self, data: bytes) -> None:
-        self.pump.run(self.feed(data))
+        pump = self.pump
+        pump.last_activity = pump.loop.time()
+        try:
+            pump.run(self.feed(data))
+        except Exception:  # noqa: BLE001 - a shell bug ends this connection, not the gateway
+            pump.crashed(f"{self.name} data")
 
     def eof_received(self) -> bool:
-        self.pump.close()
-        return False
+        try:
+            self.pump.run(self.eof())
+        except Exception:  # noqa: BLE001 - as in data_received
+            self.pump.crashed(f"{self.name} EOF")
+        # A plain transport may stay open for writing (half-close); an SSL one cannot.
+        return self.keep_open_on_eof and not self.pump.done.done()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.pump.close()
+        self.pump.close(f"{self.name} connection lost" + (f": {exc}" if exc else ""))
 
     def pause_writing(self) -> None:
         # This side cannot take more: stop reading the side that produces for it.
@@ -54,71 +100,161 @@ class _Side(asyncio.Protocol):
 
 
 class Pump:
+    """Executes one connection's commands against its two transports and the audit log."""
+
     def __init__(
         self,
-        proxy: ProxyConnection,
-        client: asyncio.Transport,
-        server: asyncio.Transport,
+        connection: GatewayConnection,
+        client_transport: asyncio.Transport,
+        upstream_transport: asyncio.Transport,
         *,
+        audit: AuditSink,
         tls: TLSClient | None = None,
+        idle_timeout: float | None = None,
     ) -> None:
-        self.proxy = proxy
-        self.client = client
-        self.server = server
+        self.connection = connection
+        self.client_transport = client_transport
+        self.upstream_transport = upstream_transport
+        self.audit = audit
         self.tls = tls
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._client_side = _Side(self, proxy.from_client)
-        self._server_side = _Side(self, proxy.from_server if tls is None else self._from_tls)
-        self._to_server = server.write if tls is None else self._to_tls
-        self._client_side.other = server  # client can't keep up → stop reading server
-        self._server_side.other = client
+        self.idle_timeout = idle_timeout
+        self.loop = asyncio.get_running_loop()
+        self.last_activity = self.loop.time()
+        self.end_reason = ""
+        self.done: asyncio.Future[None] = self.loop.create_future()
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._client_side = _Side(self, connection.from_client, connection.client_eof, "client")
+        self._client_side.keep_open_on_eof = client_transport.get_extra_info("sslcontext") is None
+        self._upstream_side = _Side(
+            self,
+            connection.from_server if tls is None else self._from_tls,
+            connection.server_eof,
+            "upstream",
+        )
+        self._to_server = upstream_transport.write if tls is None else self._to_tls
+        self._client_side.other = upstream_transport  # client can't keep up → stop upstream
+        self._upstream_side.other = client_transport
 
     def start(self, client_pending: bytes, server_pending: bytes) -> None:
-        for transport, side in ((self.client, self._client_side), (self.server, self._server_side)):
+        for transport, side in (
+            (self.client_transport, self._client_side),
+            (self.upstream_transport, self._upstream_side),
+        ):
             transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
             transport.set_protocol(side)
         # Bytes the handshake readers had already buffered come first, in order.
         if client_pending:
-            self.run(self.proxy.from_client(client_pending))
+            self.run(self.connection.from_client(client_pending))
         if server_pending:
-            self.run(self.proxy.from_server(server_pending))
-        for transport in (self.client, self.server):
+            self.run(self.connection.from_server(server_pending))
+        for transport in (self.client_transport, self.upstream_transport):
             if not transport.is_closing() and not transport.is_reading():
                 transport.resume_reading()
+        if self.idle_timeout and not self.done.done():
+            self._watchdog = self.loop.call_later(self.idle_timeout, self._check_idle)
 
+    # ------------------------------------------------------------------ commands
+    def run(self, commands: list[Command]) -> None:
+        """Execute commands in order. A WriteAudit is answered at once, and the commands
+        the answer yields run next (in a loop, not by recursion: a pipeline of thousands of
+        statements pauses once per statement)."""
+        i, n = 0, len(commands)
+        while i < n:
+            cmd = commands[i]
+            i += 1
+            kind = cmd.__class__
+            if kind is SendToServer:
+                self._to_server(cmd.data)  # type: ignore[union-attr]
+            elif kind is SendToClient:
+                self.client_transport.write(cmd.data)  # type: ignore[union-attr]
+            elif kind is WriteAudit:
+                if i != n:
+                    raise UnknownCommand("WriteAudit must be the last command of its list")
+                commands = self._write_audit(cmd)  # type: ignore[arg-type]
+                i, n = 0, len(commands)
+            elif kind is RecordResults:
+                self._record_results(cmd)  # type: ignore[arg-type]
+            elif kind is Log:
+                level = logging.ERROR if cmd.level == "error" else logging.WARNING  # type: ignore[union-attr]
+                log.log(level, cmd.message, exc_info=cmd.exc)  # type: ignore[union-attr]
+            elif kind is CloseConnection:
+                self.close(cmd.reason)  # type: ignore[union-attr]
+                return
+            else:
+                raise UnknownCommand(f"the shell cannot execute {cmd!r}")
+
+    def _write_audit(self, cmd: WriteAudit) -> list[Command]:
+        try:
+            seqs = self.audit.append_statements(cmd.records)
+        except AuditUnavailable as exc:
+            log.error(
+                "audit log unwritable, statement refused (connection %s): %s",
+                self.connection.gate.connection_id,
+                exc,
+            )
+            return self.connection.audit_failed()
+        return self.connection.audit_written(seqs)
+
+    def _record_results(self, cmd: RecordResults) -> None:
+        try:
+            self.audit.append_results(cmd.results)
+        except AuditUnavailable as exc:
+            # The statements already ran; their pre-execution records exist. A missing
+            # result record is visible in the chain (no result for that seq).
+            log.error("audit log unwritable, result records lost: %s", exc)
+
+    # ------------------------------------------------------------------ upstream TLS
     def _from_tls(self, data: bytes) -> list[Command]:
         assert self.tls is not None
         try:
             plain = self.tls.decrypt(data)
         except TLSClosed:
-            return [CloseConnection("the database ended TLS")]
+            return self.connection.server_eof()
         except ssl.SSLError as exc:
             # A record that does not decrypt may be tampering: nothing of it is relayed.
             log.warning("upstream TLS error, closing the connection: %s", exc.reason or exc)
             return [CloseConnection("upstream TLS error")]
         reply = self.tls.pending_output()
         if reply:
-            self.server.write(reply)
-        return self.proxy.from_server(plain) if plain else []
+            self.upstream_transport.write(reply)
+        return self.connection.from_server(plain) if plain else []
 
     def _to_tls(self, data: bytes | memoryview) -> None:
         assert self.tls is not None
-        self.server.write(self.tls.encrypt(data))
+        self.upstream_transport.write(self.tls.encrypt(data))
 
-    def run(self, commands: list[Command]) -> None:
-        for cmd in commands:
-            kind = cmd.__class__
-            if kind is SendToServer:
-                self._to_server(cmd.data)  # type: ignore[union-attr]
-            elif kind is SendToClient:
-                self.client.write(cmd.data)  # type: ignore[union-attr]
-            elif kind is CloseConnection:
-                self.close()
+    # ------------------------------------------------------------------ watchdog, ending
+    def _check_idle(self) -> None:
+        self._watchdog = None
+        if self.done.done() or not self.idle_timeout:
+            return
+        quiet = self.loop.time() - self.last_activity
+        if quiet >= self.idle_timeout:
+            try:
+                self.run(self.connection.idle_for(quiet))
+            except Exception:  # noqa: BLE001 - as in data_received
+                self.crashed("idle check")
+            if self.done.done():
                 return
+            quiet = 0.0  # busy (a long query, a paused statement): look again later
+        self._watchdog = self.loop.call_later(self.idle_timeout - quiet, self._check_idle)
 
-    def close(self) -> None:
-        for transport in (self.client, self.server):
+    def crashed(self, where: str) -> None:
+        log.exception(
+            "gateway shell crashed on %s (connection %s); connection closed",
+            where,
+            self.connection.gate.connection_id,
+        )
+        self.close(f"internal error in the gateway shell ({where})")
+
+    def close(self, reason: str) -> None:
+        """End both sides (buffered writes are flushed first); the first reason stands."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        for transport in (self.client_transport, self.upstream_transport):
             if not transport.is_closing():
                 transport.close()
         if not self.done.done():
+            self.end_reason = reason
             self.done.set_result(None)

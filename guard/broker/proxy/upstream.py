@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import logging
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -211,7 +212,9 @@ def tls_server_end_point(wire: Wire) -> bytes | None:
     return hashlib.new(algorithm.name, der).digest()
 
 
-async def _handshake(wire: Wire, *, user, password, database, params) -> UpstreamConnection:
+async def _handshake(  # noqa: C901 - one branch per message of the login exchange, in order
+    wire: Wire, *, user: str, password: str, database: str, params: dict[str, str]
+) -> UpstreamConnection:
     startup = {k: v for k, v in params.items() if k in PASSTHROUGH_PARAMS}
     startup.update({"user": user, "database": database})
     wire.write(encode(m.StartupMessage(196608, tuple(startup.items()))))
@@ -259,16 +262,33 @@ async def _handshake(wire: Wire, *, user, password, database, params) -> Upstrea
         elif isinstance(msg, m.NoticeResponse | m.NegotiateProtocolVersion):
             continue
         elif isinstance(msg, m.ReadyForQuery):
-            leftover = parser.unconsumed() if hasattr(parser, "unconsumed") else b""
+            leftover = parser.unconsumed()
             return UpstreamConnection(wire, statuses, key, leftover)
         else:
             raise UpstreamError(f"unexpected message during login: {type(msg).__name__}")
         await wire.drain()
 
 
-async def simple_query_rows(conn: UpstreamConnection, sql: str) -> list[tuple[bytes | None, ...]]:
-    """Run one internal catalog query on a fresh connection (before the client uses it)."""
-    conn.wire.write(encode(m.Query(sql)))
+async def query_rows(
+    conn: UpstreamConnection, sql: str, params: Sequence[str] = ()
+) -> list[tuple[bytes | None, ...]]:
+    """Run one internal query on a fresh connection (before the client uses it).
+
+    Extended protocol with `params` as text parameters typed `text` ($1, $2, ...): values
+    are never spliced into the SQL. Rows come back in text format.
+    """
+    text_oid = 25
+    conn.wire.write(
+        b"".join(
+            encode(msg)
+            for msg in (
+                m.Parse("", sql, (text_oid,) * len(params)),
+                m.Bind("", "", (), tuple(p.encode() for p in params), ()),
+                m.Execute("", 0),
+                m.Sync(),
+            )
+        )
+    )
     await conn.wire.drain()
     parser = BackendParser()
     rows: list[tuple[bytes | None, ...]] = []

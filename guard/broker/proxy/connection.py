@@ -1,0 +1,990 @@
+"""One client connection through the gateway, after authentication: the sans-IO core.
+
+No asyncio, no sockets, no files. Events go in as method calls (`from_client`,
+`from_server`, `audit_written`, `audit_failed`, `client_eof`, `server_eof`, `idle_for`);
+each returns the commands (`proxy.commands`) the shell must execute, in order. Every
+statement-bearing client message (Query, Parse, Execute, FunctionCall) goes through
+`proxy.gate` first: its audit records leave as a blocking `WriteAudit` command and the
+statement is forwarded only in the commands that answer `audit_written` — so "recorded
+before forwarded" is visible in the command order, and the shell may batch the writes.
+Every result row is checked against the protected-column map before it is sent on.
+
+The connection is a state machine (`State`):
+
+    RELAYING ──WriteAudit──▶ PAUSED ──audit_written / audit_failed──▶ RELAYING
+    RELAYING ──client_eof──▶ HALF_CLOSED (responses still relayed until the database closes)
+    any ──Terminate, protocol error, upstream FATAL, server_eof──▶ CLOSED
+    any ──an exception inside the core──▶ FAILED (client gets FATAL XX000, upstream closed)
+
+While PAUSED, client messages queue behind the statement that paused (they are decided and
+forwarded in order once it resumes) and server messages are relayed as usual; a statement
+held for approval will live in the same state.
+
+How a refusal keeps PostgreSQL's exact semantics: instead of answering locally (which would
+leave the upstream transaction and a pipelined batch in a state the client does not expect),
+the refused message is replaced by a *poison* message whose only effect upstream is a syntax
+error (`guard_refused_<nonce>`). PostgreSQL then aborts the transaction / skips to Sync just
+as it would have for a real error, and the connection swaps that one ErrorResponse for the
+refusal. The poison text is chosen by the gateway, never by the client.
+
+Responses are matched to requests with a FIFO of `Pending` entries (PostgreSQL answers in
+order), which is also how result row counts reach the audit record of their statement.
+"""
+
+from __future__ import annotations
+
+import secrets
+import struct
+from collections import deque
+from collections.abc import Callable, Mapping
+from enum import IntEnum
+from typing import Any, cast
+
+from guard.broker.masking.strategies import MaskStrategy
+from guard.broker.pgwire import messages as m
+from guard.broker.pgwire.encoder import encode
+from guard.broker.pgwire.errors import ClientProtocolError, ProtocolError
+from guard.broker.pgwire.messages import (  # the tags, compared as plain globals
+    TAG_BIND,
+    TAG_BIND_COMPLETE,
+    TAG_CLOSE,
+    TAG_CLOSE_COMPLETE,
+    TAG_COMMAND_COMPLETE,
+    TAG_COPY_BOTH_RESPONSE,
+    TAG_COPY_DATA,
+    TAG_COPY_DONE,
+    TAG_COPY_FAIL,
+    TAG_DATA_ROW,
+    TAG_DESCRIBE,
+    TAG_EMPTY_QUERY_RESPONSE,
+    TAG_ERROR_RESPONSE,
+    TAG_EXECUTE,
+    TAG_FLUSH,
+    TAG_FUNCTION_CALL,
+    TAG_NO_DATA,
+    TAG_PARAMETER_DESCRIPTION,
+    TAG_PARAMETER_STATUS,
+    TAG_PARSE,
+    TAG_PARSE_COMPLETE,
+    TAG_PORTAL_SUSPENDED,
+    TAG_QUERY,
+    TAG_READY_FOR_QUERY,
+    TAG_ROW_DESCRIPTION,
+    TAG_SYNC,
+    TAG_TERMINATE,
+)
+from guard.broker.pgwire.parser import (
+    BackendParser,
+    FrontendParser,
+    bind_names,
+    cstring_body,
+    decode_backend,
+    decode_frontend,
+    describe_target,
+    execute_portal,
+    frame_of,
+    parse_statement,
+)
+from guard.broker.proxy.commands import (
+    CloseConnection,
+    Command,
+    Log,
+    RecordResults,
+    SendToClient,
+    SendToServer,
+    WriteAudit,
+)
+from guard.broker.proxy.encoding import codec_for, decode_parse, decode_query
+from guard.broker.proxy.gate import AUDIT_UNAVAILABLE, Gate
+from guard.broker.proxy.names import Description, NameTables, Portal, Prepared, Undo
+
+_UNPACK_LENGTH = struct.Struct("!i").unpack_from
+
+# Below this many bytes one call's output is joined into one write; above it (bulk rows)
+# the slices are written as they are rather than copied.
+_JOIN_LIMIT = 1 << 16
+_DESCRIBED_CACHE_SIZE = 256
+_DESCRIBED_CACHE_BYTES = 1 << 20
+_PLANS_PER_DESCRIPTION = 8  # result-format lists seen per description (client-chosen)
+_TERMINATE = encode(m.Terminate())
+
+# (table OID, attribute number) of a protected base column → its mask strategy.
+ProtectedMap = Mapping[tuple[int, int], MaskStrategy]
+# Per protected result column: (column index, strategy, format code, type OID).
+MaskPlan = tuple[tuple[int, MaskStrategy, int, int], ...]
+
+
+class State(IntEnum):
+    RELAYING = 0  # statements decided and forwarded, responses relayed
+    PAUSED = 1  # a blocking command is out (an audit write): client messages queue behind it
+    HALF_CLOSED = 2  # the client sent EOF: a Terminate follows its last request upstream
+    CLOSED = 3  # ended on purpose (Terminate, protocol error, upstream FATAL or EOF)
+    FAILED = 4  # an internal error ended it: the client got FATAL XX000
+
+
+# Module constants: an enum member read through its class costs a descriptor call per use.
+_RELAYING, _PAUSED, _HALF_CLOSED, _CLOSED, _FAILED = State
+
+
+class PendingKind(IntEnum):
+    """What a forwarded request waits for PostgreSQL to answer."""
+
+    QUERY = 0  # a simple Query (or a refused FunctionCall, answered like one)
+    PARSE = 1
+    BIND = 2
+    DESCRIBE = 3
+    EXECUTE = 4
+    CLOSE = 5
+    SYNC = 6
+
+
+_QUERY, _PARSE, _BIND, _DESCRIBE, _EXECUTE, _CLOSE, _SYNC = PendingKind
+_NAME_CHANGES = frozenset((_PARSE, _BIND, _CLOSE))  # requests answered by 1, 2 or 3
+# Server messages that end one statement, and those that answer a name change.
+_STATEMENT_DONE = frozenset((TAG_COMMAND_COMPLETE, TAG_EMPTY_QUERY_RESPONSE, TAG_PORTAL_SUSPENDED))
+_NAME_CHANGED = frozenset((TAG_PARSE_COMPLETE, TAG_BIND_COMPLETE, TAG_CLOSE_COMPLETE))
+_TAG_CACHE_SIZE = 64
+# Client messages forwarded as they are: Flush, and COPY FROM STDIN's data and end.
+_PASSED_ON = frozenset((TAG_FLUSH, TAG_COPY_DATA, TAG_COPY_DONE, TAG_COPY_FAIL))
+
+
+class Pending:
+    """One forwarded request still waiting for its response(s)."""
+
+    # A plain slotted class, one per forwarded message (hot path).
+    __slots__ = (
+        "kind",
+        "swallow",
+        "substitute",
+        "prepared",
+        "portal",
+        "seqs",
+        "undo",
+        "plan",
+        "planned",
+    )
+
+    # The hot paths (Query, Bind, Execute) pass the first fields by position: a keyword
+    # argument costs more than the rest of the call.
+    def __init__(
+        self,
+        kind: PendingKind,
+        seqs: list[int] | None = None,  # audit seqs awaiting a result record
+        portal: Portal | None = None,  # describe of a portal / execute: the portal
+        undo: Undo | None = None,  # parse/bind/close: its name-table changes
+        prepared: Prepared | None = None,  # parse/describe of a statement: the statement
+        substitute: m.ErrorResponse | None = None,  # poison: replaces the upstream error
+        swallow: bool = False,  # the responses are the gateway's own (an injected Describe)
+    ) -> None:
+        self.kind = kind
+        self.swallow = swallow
+        self.substitute = substitute
+        self.prepared = prepared
+        self.portal = portal
+        self.seqs = seqs
+        self.undo = undo
+        self.plan: MaskPlan | None = None  # execute: mask plan, worked out at its first row
+        self.planned = False
+
+
+class _Stateless(Pending):
+    """A request with no state of its own (Sync): one instance serves every connection.
+    It cannot be changed, so sharing it cannot carry anything from one to another."""
+
+    __slots__ = ()
+
+    def __init__(self, kind: PendingKind) -> None:
+        template = Pending(kind)
+        for name in Pending.__slots__:
+            object.__setattr__(self, name, getattr(template, name))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"a shared {self.kind.name} entry cannot change")
+
+
+_SYNC_ENTRY = _Stateless(_SYNC)
+
+
+# What to do once the audit records of a paused statement are written (seqs) or could not
+# be (None): one of the connection's `_after_*` methods and its arguments.
+_Continuation = tuple[Callable[[list[int] | None, Any, Any], None], Any, Any]
+
+
+class GatewayConnection:
+    """Relay between one client and its own upstream backend, gated and masked."""
+
+    def __init__(
+        self,
+        gate: Gate,
+        *,
+        protected: ProtectedMap,
+        client_user: str,
+        max_message_size: int | None = None,
+        client_encoding: str = "UTF8",
+    ) -> None:
+        self.gate = gate
+        # Statement text is decoded as PostgreSQL will read it (see proxy.encoding).
+        self.codec = codec_for(client_encoding) or "utf-8"
+        self.protected = protected
+        self.client_user = client_user
+        self.state = State.RELAYING
+        kwargs = {"max_message_size": max_message_size} if max_message_size else {}
+        self._frontend = FrontendParser(expect_startup=False, **kwargs)
+        self._backend = BackendParser(**kwargs)
+        self._pending: deque[Pending] = deque()
+        self.names = NameTables()
+        # Client messages framed but not yet handled (the connection paused before them).
+        self._backlog: list[memoryview] = []
+        self._backlog_pos = 0
+        self._backlog_error: ProtocolError | None = None
+        self._continuation: _Continuation | None = None
+        self._blocking: WriteAudit | None = None  # emitted at the end of this call
+        self._fed_while_paused = False  # bytes queued in the parser behind the pause
+        self._eof_after_pause = False
+        self._plan: MaskPlan | None = None  # simple query: active row mask plan
+        # A statement run again describes its result with the same RowDescription bytes:
+        # decode each once (bounded); each Description caches its own mask plans.
+        self._described: dict[bytes, Description] = {}
+        self._described_bytes = 0
+        self._masked_cells = 0
+        self._tags: dict[bytes, tuple[str, int | None]] = {}  # CommandComplete → (tag, rows)
+        # What one call produces, joined into few writes.
+        self._to_server: list[bytes | memoryview] = []
+        self._to_client: list[bytes | memoryview] = []
+        self._results: list[tuple[Any, ...]] = []
+        self._logs: list[Log] = []
+        self._close: str | None = None
+
+    @property
+    def closed(self) -> bool:
+        """Nothing more will be relayed (CLOSED or FAILED)."""
+        return self.state >= _CLOSED
+
+    @property
+    def idle(self) -> bool:
+        """No request outstanding and nothing paused: the client is thinking, not waiting."""
+        return self.state is _RELAYING and not self._pending
+
+    # ============================================================== events from the shell
+    def from_client(self, data: bytes) -> list[Command]:
+        """Bytes the client sent, in order: the commands that relay them.
+
+        While PAUSED the bytes only queue (the result is empty); after the connection
+        ended they are dropped. Never raises.
+        """
+        state = self.state
+        if state is not _RELAYING:
+            if state is _PAUSED:
+                self._frontend.feed(data)
+                self._fed_while_paused = True
+            return []
+        self._frontend.feed(data)
+        try:
+            self._relay_client(True)
+        except Exception as exc:  # noqa: BLE001 - see _failed: nothing escapes the core
+            self._failed(exc)
+        blocking = self._blocking
+        if blocking is not None and not (self._to_client or self._results or self._logs):
+            self._blocking = None
+            return [blocking]  # a statement paused for its record (the common pause)
+        return self._flush()
+
+    def from_server(self, data: bytes) -> list[Command]:  # noqa: C901 - the dispatch on the message type, inline: it runs per message
+        """Bytes PostgreSQL sent, in order: the commands that relay them (masked). Never
+        raises."""
+        if self.state >= _CLOSED:
+            return []
+        backend = self._backend
+        backend.feed(data)
+        try:
+            messages, error = backend.drain()
+            to_client = self._to_client
+            pending = self._pending
+            for raw in messages:
+                tag = raw[0]
+                if tag == TAG_DATA_ROW:  # a run of rows
+                    plan = self._plan
+                    if plan is None and self.protected and pending:
+                        plan = self._execute_plan(pending[0])
+                    if plan:
+                        self._mask_rows(raw, plan)
+                    else:
+                        # Bulk path: rows that need no masking go out as one slice, undecoded.
+                        to_client.append(raw)
+                elif tag == TAG_COPY_DATA:
+                    # COPY TO STDOUT data (a run of it): the COPY statement was gated, and
+                    # its rows cannot be tied to table OIDs (protected tables are COPY-able
+                    # only as masking views, which PostgreSQL refuses to COPY directly).
+                    to_client.append(raw)
+                elif tag in _STATEMENT_DONE:
+                    self._on_complete(tag, raw)
+                elif tag == TAG_READY_FOR_QUERY:
+                    self._plan = None
+                    # Everything up to and including the matching Query/Sync is answered;
+                    # a name change never answered (a server out of step) stands.
+                    while pending:
+                        kind = pending.popleft().kind
+                        if kind is _QUERY or kind is _SYNC:
+                            break
+                    to_client.append(raw)
+                elif tag in _NAME_CHANGED:
+                    # ParseComplete, BindComplete, CloseComplete: the name change stands.
+                    if pending and pending[0].kind in _NAME_CHANGES:
+                        if pending.popleft().swallow:
+                            continue  # the answer to the gateway's own Describe
+                    to_client.append(raw)
+                else:
+                    self._on_server_message(tag, raw)
+                    if self.state >= _CLOSED:
+                        break
+            else:
+                if error is not None:
+                    raise error
+        except Exception as exc:  # noqa: BLE001 - see _failed: nothing escapes the core
+            self._failed(exc)
+        return self._flush()
+
+    def audit_written(self, seqs: list[int] | None) -> list[Command]:
+        """The records of the last `WriteAudit` are in the log, with these sequence numbers:
+        the statement goes on, and the client messages queued behind it after it. (None
+        is `audit_failed`.)"""
+        continuation = self._continuation
+        if continuation is None or self.state is not _PAUSED:
+            return []  # ended while the write was out
+        self._continuation = None
+        self.state = _RELAYING
+        then, a, b = continuation
+        try:
+            then(seqs, a, b)
+            fed = self._fed_while_paused
+            if fed or self._backlog_pos < len(self._backlog) or self._backlog_error:
+                self._fed_while_paused = False
+                self._relay_client(fed)
+            if self._eof_after_pause and self.state is _RELAYING:
+                self._half_close()
+        except Exception as exc:  # noqa: BLE001 - see _failed: nothing escapes the core
+            self._failed(exc)
+        return self._flush()
+
+    def audit_failed(self) -> list[Command]:
+        """The records of the last `WriteAudit` could not be written: the statement is
+        refused (58030) instead of run; the connection goes on."""
+        return self.audit_written(None)
+
+    def client_eof(self) -> list[Command]:
+        """The client will send nothing more (half-close, or gone).
+
+        Its complete requests still run (a partial one is dropped) and PostgreSQL is told
+        the client terminated, after them; responses are relayed until the database closes.
+        """
+        if self.state is _PAUSED:
+            self._eof_after_pause = True
+            return []
+        if self.state is not _RELAYING:
+            return []
+        return self._run(self._half_close)
+
+    def server_eof(self) -> list[Command]:
+        """PostgreSQL closed its side: what it sent is relayed, then the connection ends."""
+        if self.state >= _CLOSED:
+            return []
+        if self.state is _HALF_CLOSED:  # after the Terminate the half-close sent
+            return self._run(self._end, "the client closed its side")
+        return self._run(self._end, "the database closed the connection")
+
+    def idle_for(self, seconds: float) -> list[Command]:
+        """The shell's watchdog: nothing crossed either side for `seconds`. An idle
+        connection is ended (FATAL 57P05, like PostgreSQL's idle_session_timeout); one
+        that is waiting for a response, or paused, is left alone."""
+        if not self.idle:
+            return []
+        fatal = m.ErrorResponse.build(
+            "57P05",
+            f"guard: terminating the connection after {seconds:.0f} s idle",
+            severity="FATAL",
+            hint="reconnect; the gateway ends connections idle longer than its idle timeout",
+        )
+        self._to_client.append(encode(fatal))
+        return self._run(self._end, f"idle for {seconds:.0f} s")
+
+    # ============================================================== running and failing
+    def _run(self, step: Callable[..., None], *args: Any) -> list[Command]:
+        """Run one event's work and collect its commands (the hot events inline this)."""
+        try:
+            step(*args)
+        except Exception as exc:  # noqa: BLE001 - see _failed: nothing escapes the core
+            self._failed(exc)
+        return self._flush()
+
+    def _failed(self, exc: Exception) -> None:
+        """Any exception ends the connection: a protocol error as the protocol says, any
+        other (a bug) in the FAILED state."""
+        if isinstance(exc, ProtocolError):
+            self._protocol_error(exc)
+        else:
+            self._fail(exc)
+
+    def _protocol_error(self, err: ProtocolError) -> None:
+        if isinstance(err, ClientProtocolError):
+            # A malformed message gets a FATAL ErrorResponse and the connection ends: a
+            # framing error means we can no longer tell statements apart, so nothing more
+            # may be forwarded.
+            self._to_client.append(encode(err.to_error_response()))
+            self._end(f"client protocol error: {err}")
+        else:
+            self._to_client.append(
+                encode(
+                    m.ErrorResponse.build(
+                        "08P01",
+                        "guard: the database sent a malformed message; connection closed",
+                        severity="FATAL",
+                    )
+                )
+            )
+            self._end(f"server protocol error: {err}")
+
+    def _fail(self, exc: Exception) -> None:
+        """An internal error: nothing of this call leaves, the client gets FATAL, both end.
+
+        Like h11's ERROR state: after an unexpected exception the connection's own state
+        cannot be trusted, so it forwards nothing more in either direction.
+        """
+        self._to_server.clear()
+        self._to_client.clear()
+        self._blocking = None
+        self._to_client.append(
+            encode(
+                m.ErrorResponse.build(
+                    "XX000",
+                    "guard: internal error in the gateway; the connection was closed",
+                    severity="FATAL",
+                    hint=f"report connection {self.gate.connection_id} to the guard operator",
+                )
+            )
+        )
+        self._close = f"internal error ({type(exc).__name__})"
+        self._logs.append(
+            Log(
+                "error",
+                f"internal error in connection {self.gate.connection_id} of session "
+                f"{self.gate.session_id}; connection closed",
+                exc,
+            )
+        )
+        self.state = _FAILED
+
+    def _end(self, reason: str) -> None:
+        self._close = reason
+        self._blocking = None
+        self.state = _CLOSED
+
+    def _half_close(self) -> None:
+        self._to_server.append(_TERMINATE)
+        self.state = _HALF_CLOSED
+
+    def _flush(self) -> list[Command]:
+        """This call's output: log lines, results to record, then at most one write per
+        direction (bulk rows excepted), then the blocking command or the close."""
+        blocking = self._blocking
+        if blocking is not None and not (self._to_client or self._results or self._logs):
+            self._blocking = None
+            return [blocking]  # a statement paused for its record (the common pause)
+        out: list[Command] = []
+        if self._logs:
+            out += self._logs
+            self._logs = []
+        if self._results:
+            out.append(RecordResults(self._results))
+            self._results = []
+        # While an audit write is out the bytes for upstream wait for it: they join the
+        # statement's own bytes in one write (they may go first, but need not).
+        if self._to_server and self.state is not _PAUSED:
+            chunks, self._to_server = self._to_server, []
+            out.append(SendToServer(chunks[0] if len(chunks) == 1 else b"".join(chunks)))
+        if self._to_client:
+            chunks, self._to_client = self._to_client, []
+            if len(chunks) == 1:
+                out.append(SendToClient(chunks[0]))
+            elif sum(map(len, chunks)) <= _JOIN_LIMIT:
+                out.append(SendToClient(b"".join(chunks)))
+            else:  # large row runs are written as they are, not copied into one buffer
+                out.extend(SendToClient(chunk) for chunk in chunks)
+        if blocking is not None:
+            out.append(blocking)  # always last: the shell answers it before more
+            self._blocking = None
+        elif self._close is not None:
+            out.append(CloseConnection(self._close))
+            self._close = None
+        return out
+
+    # ============================================================== pausing for the audit
+    def _record(
+        self,
+        records: tuple[bytes, ...],
+        then: Callable[[list[int] | None, Any, Any], None],
+        a: Any,
+        b: Any,
+    ) -> None:
+        """Have `records` written, then `then(seqs, a, b)`; seqs None: they could not be."""
+        if not records:
+            then([], a, b)
+            return
+        self._blocking = WriteAudit(records)
+        self._continuation = (then, a, b)
+        self.state = _PAUSED
+
+    # ============================================================== client → server
+    def _relay_client(self, fed: bool) -> None:  # noqa: C901 - the dispatch on the message type, inline: it runs per message
+        """Handle the client messages framed and queued, then (if `fed`, there are new
+        bytes) those the parser frames now, until the connection pauses or ends."""
+        backlog, pos, error = self._backlog, self._backlog_pos, self._backlog_error
+        drained = not fed
+        while True:
+            count = len(backlog)
+            while pos < count:
+                raw = backlog[pos]
+                pos += 1
+                tag = raw[0]
+                if tag == TAG_BIND:
+                    self._on_bind(raw)
+                elif tag == TAG_EXECUTE:
+                    self._on_execute(execute_portal(raw), raw)
+                elif tag == TAG_SYNC:
+                    self._to_server.append(raw)
+                    self._pending.append(_SYNC_ENTRY)
+                elif tag == TAG_QUERY:
+                    self._on_query(raw)
+                elif tag == TAG_PARSE:
+                    self._on_parse(raw)
+                elif tag == TAG_DESCRIBE:
+                    self._on_describe(raw)
+                elif tag == TAG_CLOSE:
+                    kind, name = describe_target(raw, "Close")
+                    undo = self.names.close(kind, name)
+                    self._to_server.append(raw)
+                    self._pending.append(Pending(_CLOSE, undo=undo))
+                elif tag in _PASSED_ON:
+                    # Flush and COPY FROM STDIN payload: the COPY statement itself was gated.
+                    self._to_server.append(raw)
+                elif tag == TAG_FUNCTION_CALL:
+                    self._on_function_call(raw)
+                elif tag == TAG_TERMINATE:
+                    self._to_server.append(raw)
+                    self._end("client terminated")
+                else:
+                    # 'p' after authentication, or anything else out of place.
+                    raise ClientProtocolError(
+                        f"unexpected message type {chr(tag)!r} after authentication"
+                    )
+                if self.state is not _RELAYING:
+                    self._backlog, self._backlog_pos, self._backlog_error = backlog, pos, error
+                    if not drained:  # paused before new bytes were framed: they wait
+                        self._fed_while_paused = True
+                    return
+            if error is not None:
+                # Messages before a malformed one are acted on, as if they had come in an
+                # earlier read; then the connection fails.
+                raise error
+            if drained:
+                break
+            backlog, error = self._frontend.drain()
+            pos, drained = 0, True
+        self._backlog, self._backlog_pos, self._backlog_error = backlog, pos, error
+
+    def _on_query(self, raw: memoryview) -> None:
+        if self.codec == "utf-8":
+            sql = cstring_body(raw, "Query")
+        else:
+            sql = self._decode(decode_query, raw, "Query")
+        decision = self.gate.decide(sql)
+        records = decision.records.get("simple") or self.gate.statement_records(decision, "simple")
+        self._record(records, self._after_query_record, raw, decision.refusal)
+
+    def _on_bind(self, raw: memoryview) -> None:
+        portal_name, statement = bind_names(raw)
+        prepared = self.names.statements.get(statement)
+        formats: tuple[int, ...] = ()
+        if self.protected and prepared is not None and prepared.decision.masked_columns:
+            # Result formats matter only where rows may need masking: decode fully.
+            formats = cast(m.Bind, decode_frontend(frame_of(raw))).result_formats
+        undo = self.names.bind(portal_name, Portal(prepared, formats))
+        self._to_server.append(raw)
+        self._pending.append(Pending(_BIND, None, None, undo))
+
+    def _on_describe(self, raw: memoryview) -> None:
+        kind, name = describe_target(raw, "Describe")
+        self._to_server.append(raw)
+        if kind == b"S":
+            prepared = self.names.statements.get(name)
+            self._pending.append(Pending(_DESCRIBE, prepared=prepared))
+        else:
+            # A portal nobody bound describes nothing: a placeholder keeps the FIFO.
+            portal = self.names.portals.get(name) or Portal(None, ())
+            self._pending.append(Pending(_DESCRIBE, portal=portal))
+
+    def _on_function_call(self, raw: memoryview) -> None:
+        # The fast-path FunctionCall names a function by OID and bypasses SQL analysis; its
+        # callers are libpq's large-object functions, which the security contract refuses
+        # whatever the policy (the call is still decided and recorded). Its response shape
+        # (ErrorResponse + ReadyForQuery) matches a failed simple Query.
+        call = cast(m.FunctionCall, decode_frontend(frame_of(raw)))
+        decision = self.gate.fast_path(call.function_oid)
+        records = self.gate.statement_records(decision, "fast-path")
+        self._record(records, self._after_query_record, raw, decision.refusal)
+
+    def _decode(self, decoder: Callable[[bytes, str], Any], raw: memoryview, what: str) -> Any:
+        try:
+            return decoder(bytes(raw[5:]), self.codec)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ClientProtocolError(f"malformed {what} message: {exc}") from exc
+
+    def _after_query_record(
+        self, seqs: list[int] | None, raw: memoryview, refusal: m.ErrorResponse | None
+    ) -> None:
+        if seqs is None:
+            refusal = AUDIT_UNAVAILABLE  # a statement whose record does not exist must not run
+        if refusal is None:
+            self._to_server.append(raw)
+            self._pending.append(Pending(_QUERY, seqs))
+        else:
+            self._to_server.append(encode(m.Query(_poison_sql())))
+            self._pending.append(Pending(_QUERY, substitute=refusal))
+
+    def _on_parse(self, raw: memoryview) -> None:
+        if self.codec == "utf-8":
+            name, query = parse_statement(raw)
+        else:
+            # Only name and text matter to the gate; PostgreSQL validates the rest.
+            name, query = self._decode(decode_parse, raw, "Parse")
+        decision = self.gate.decide(query)
+        if decision.refusal is not None:
+            records = self.gate.statement_records(decision, "extended")
+            self._record(records, self._after_parse_refusal_record, name, decision.refusal)
+            return
+        # Allowed: nothing runs at Parse; the audit record is written at each Execute.
+        prepared = Prepared(decision, self.gate.statement_records(decision, "extended"))
+        undo = self.names.parse(name, prepared)
+        self._to_server.append(raw)
+        self._pending.append(Pending(_PARSE, prepared=prepared, undo=undo))
+        if self.protected and decision.masked_columns:
+            # Learn the result columns' table OIDs now, so rows of an Execute the client
+            # did not Describe are still checked against protected base columns.
+            self._to_server.append(encode(m.Describe(b"S", name)))
+            self._pending.append(Pending(_DESCRIBE, swallow=True, prepared=prepared))
+
+    def _after_parse_refusal_record(
+        self, seqs: list[int] | None, name: str, refusal: m.ErrorResponse
+    ) -> None:
+        # The name means nothing now: a later Bind of it is refused, never run unrecorded
+        # (upstream may keep an older statement of that name; see NameTables).
+        self.names.statements.pop(name, None)
+        self._to_server.append(encode(m.Parse(name, _poison_sql(), ())))
+        substitute = AUDIT_UNAVAILABLE if seqs is None else refusal
+        self._pending.append(Pending(_PARSE, substitute=substitute))
+
+    def _on_execute(self, portal_name: str, raw: memoryview) -> None:
+        portal = self.names.portals.get(portal_name)
+        if portal is None or portal.prepared is None:
+            # A portal guard did not see bound, or bound from a statement it did not see
+            # parsed: one made by SQL PREPARE or DECLARE, or one upstream kept when a Parse
+            # of its name failed. What it would run has no decision and no record here, so
+            # it does not run (a poison Parse under a fresh name fails without side effects).
+            self._to_server.append(encode(m.Parse(_poison_sql(), _poison_sql(), ())))
+            refusal = m.ErrorResponse.build(
+                "26000",
+                f"guard: portal {portal_name!r} was not bound from a statement prepared "
+                "through guard, so it cannot be executed",
+            )
+            self._pending.append(Pending(_PARSE, substitute=refusal))
+            return
+        self._record(portal.prepared.records, self._after_execute_record, raw, portal)
+
+    def _after_execute_record(
+        self, seqs: list[int] | None, raw: memoryview, portal: Portal
+    ) -> None:
+        if seqs is None:
+            # Audit unavailable: refuse this Execute in-band. A syntax-error Parse of the
+            # unnamed statement puts upstream into error-until-Sync like a failed Execute.
+            self._to_server.append(encode(m.Parse("", _poison_sql(), ())))
+            self._pending.append(Pending(_PARSE, substitute=AUDIT_UNAVAILABLE))
+            return
+        self._to_server.append(raw)
+        # The mask plan is worked out at the first row: the Describe responses that tell
+        # the result columns' origins arrive (in order) before it, not before this point.
+        self._pending.append(Pending(_EXECUTE, seqs, portal))
+
+    # ============================================================== server → client
+    def _on_server_message(self, tag: int, raw: memoryview) -> None:
+        """The server messages `from_server` does not handle inline."""
+        pending = self._pending
+        head = pending[0] if pending else None
+        if tag == TAG_ROW_DESCRIPTION:
+            self._on_row_description(raw, head)
+        elif tag == TAG_ERROR_RESPONSE:
+            self._on_error(raw, head)
+        elif tag == TAG_PARAMETER_DESCRIPTION:
+            if head is None or head.kind is not _DESCRIBE or not head.swallow:
+                self._to_client.append(raw)
+        elif tag == TAG_NO_DATA:
+            if head is not None and head.kind is _DESCRIBE:
+                pending.popleft()
+                if head.swallow:
+                    return
+            self._to_client.append(raw)
+        elif tag == TAG_PARAMETER_STATUS:
+            self._on_parameter_status(raw)
+        elif tag == TAG_COPY_BOTH_RESPONSE:
+            # CopyBoth only exists for replication, which sessions may not use.
+            self._to_client.append(
+                encode(
+                    m.ErrorResponse.build(
+                        "42501",
+                        "guard: replication streams are not allowed through guard",
+                        severity="FATAL",
+                    )
+                )
+            )
+            self._end("CopyBothResponse refused")
+        else:
+            # CopyIn/OutResponse, CopyDone, notices, notifications, FunctionCallResponse,
+            # NegotiateProtocolVersion: forwarded as they are.
+            self._to_client.append(raw)
+
+    def _on_complete(self, tag: int, raw: memoryview) -> None:
+        """CommandComplete, EmptyQueryResponse or PortalSuspended: one statement is done."""
+        self._plan = None
+        pending = self._pending
+        if pending:
+            head = pending[0]
+            seqs = head.seqs
+            if seqs:
+                seq = seqs.pop(0)
+                if tag == TAG_COMMAND_COMPLETE:
+                    # A statement run again completes with the same tag: read each once.
+                    key = bytes(raw)
+                    done = self._tags.get(key)
+                    if done is None:
+                        if len(self._tags) >= _TAG_CACHE_SIZE:
+                            self._tags.clear()  # row counts vary: keep it bounded
+                        text = cstring_body(raw, "CommandComplete")
+                        done = self._tags[key] = (text.split(" ", 1)[0], _rows_from_tag(text))
+                    self._result(seq, "ok", done[0], done[1], None)
+                elif tag == TAG_PORTAL_SUSPENDED:
+                    # The row limit was reached; a later Execute of the portal gets a
+                    # record of its own.
+                    self._result(seq, "suspended", "", None, None)
+                # EmptyQueryResponse: nothing ran, nothing to count.
+            if head.kind is _EXECUTE:
+                pending.popleft()
+        self._masked_cells = 0
+        self._to_client.append(raw)
+
+    def _result(
+        self, seq: int, outcome: str, command_tag: str, rows: int | None, sqlstate: str | None
+    ) -> None:
+        """Queue a result record (values in `audit.record.RESULT_FIELDS` order)."""
+        gate = self.gate
+        self._results.append(
+            (
+                gate.session_id,
+                gate.connection_id,
+                seq,
+                outcome,
+                command_tag,
+                rows,
+                self._masked_cells,
+                sqlstate,
+            )
+        )
+
+    def _on_parameter_status(self, raw: memoryview) -> None:
+        msg = decode_backend(frame_of(raw))
+        assert isinstance(msg, m.ParameterStatus)
+        if msg.name == "client_encoding":
+            codec = codec_for(msg.value)
+            if codec is None:
+                # Refused before any statement is read in it (see proxy.encoding).
+                self._to_client.append(
+                    encode(
+                        m.ErrorResponse.build(
+                            "0A000",
+                            f"guard: client_encoding {msg.value} is not supported; "
+                            "use UTF8 (or a single-byte encoding)",
+                            severity="FATAL",
+                        )
+                    )
+                )
+                self._end(f"unsupported client_encoding {msg.value}")
+                return
+            self.codec = codec
+        if msg.name == "session_authorization":
+            # The issued database role name stays on the broker side; the client sees the
+            # session user it logged in with.
+            self._to_client.append(encode(m.ParameterStatus(msg.name, self.client_user)))
+        else:
+            self._to_client.append(raw)
+
+    def _on_row_description(self, raw: memoryview, head: Pending | None) -> None:
+        if head is not None and head.kind is _DESCRIBE:
+            self._pending.popleft()
+            if self.protected:
+                # The statement or portal the name meant when the Describe was sent: the
+                # name may have been parsed or bound again since (the unnamed one, freely).
+                description = self._describe(raw)
+                if head.portal is not None:
+                    head.portal.description = description
+                elif head.prepared is not None:
+                    head.prepared.description = description
+            if head.swallow:
+                return
+        elif self.protected:
+            # Simple query (or Execute of a portal): rows that follow use these formats.
+            self._plan = self._plan_of(self._describe(raw), None)
+            if self._plan:
+                self._logs.append(
+                    Log(
+                        "warning",
+                        f"protected base column in a result stream (session "
+                        f"{self.gate.session_id}): the database masking objects may have "
+                        "drifted; masking in the gateway",
+                    )
+                )
+        self._to_client.append(raw)
+
+    def _on_error(self, raw: memoryview, head: Pending | None) -> None:
+        self._plan = None
+        error = decode_backend(frame_of(raw))
+        assert isinstance(error, m.ErrorResponse)
+        if head is not None and head.seqs:
+            self._result(head.seqs.pop(0), "error", "", None, error.sqlstate)
+        if head is not None and head.substitute is not None:
+            self._to_client.append(encode(head.substitute))
+        else:
+            self._to_client.append(raw)
+        if error.severity in ("FATAL", "PANIC"):
+            self._end("upstream closed the session")
+            return
+        if head is None:
+            return
+        if head.kind is _QUERY:  # a refused fast-path call is answered as a query
+            if head.seqs:
+                head.seqs.clear()  # the rest of a multi-statement string does not run
+            return
+        self._skip_to_sync(head)
+
+    def _skip_to_sync(self, failed: Pending) -> None:
+        """Extended protocol: upstream discards everything until Sync; so do we, and the
+        name changes of the failed message and of those skipped do not take effect."""
+        pending = self._pending
+        skipped = []
+        while pending and pending[0].kind is not _SYNC:
+            skipped.append(pending.popleft())
+        for entry in reversed(skipped):
+            if entry.undo is not None:
+                self.names.rollback(entry.undo)
+        if failed.undo is not None and failed.kind is not _CLOSE:
+            # The failed message itself: a Parse or Bind of the unnamed statement or portal
+            # drops the old one upstream before it parses or binds, so there is none now
+            # (after a failed Bind PostgreSQL may or may not have dropped it: none is the
+            # answer that fails closed).
+            self.names.forget_unnamed(failed.undo)
+
+    # ============================================================== masking
+    def _execute_plan(self, head: Pending) -> MaskPlan | None:
+        if head.kind is not _EXECUTE:
+            return None
+        if not head.planned:
+            head.planned = True
+            portal = head.portal
+            assert portal is not None
+            if portal.description is not None:
+                # A portal's RowDescription carries the real result formats.
+                head.plan = self._plan_of(portal.description, None)
+            elif portal.prepared is not None and portal.prepared.description is not None:
+                head.plan = self._plan_of(portal.prepared.description, portal.formats)
+        return head.plan
+
+    def _describe(self, raw: memoryview) -> Description:
+        key = bytes(raw)
+        description = self._described.get(key)
+        if description is None:
+            decoded = decode_backend(frame_of(raw))
+            assert isinstance(decoded, m.RowDescription)
+            description = Description(decoded.fields)
+            self._described_bytes += len(key)
+            if (
+                len(self._described) >= _DESCRIBED_CACHE_SIZE
+                or self._described_bytes > _DESCRIBED_CACHE_BYTES
+            ):
+                # Bounded in entries and in bytes (a RowDescription of 1,600 long column
+                # names is ~100 KB); statements and portals keep their own.
+                self._described.clear()
+                self._described_bytes = len(key)
+            self._described[key] = description
+        return description
+
+    def _plan_of(
+        self, description: Description, formats: tuple[int, ...] | None
+    ) -> MaskPlan | None:
+        """Mask plan for a RowDescription; `formats` None: the description's own formats."""
+        plans = description.plans
+        if formats in plans:
+            return plans[formats]
+        fields = description.fields
+        codes = tuple(f.format_code for f in fields) if formats is None else formats
+        if len(plans) >= _PLANS_PER_DESCRIPTION:
+            plans.clear()  # result formats come from the client: keep this bounded too
+        plan = plans[formats] = _plan_for(fields, codes, self.protected)
+        return plan
+
+    def _mask_rows(self, run: memoryview, plan: MaskPlan) -> None:
+        """Mask a run of DataRows (drain() framed each; split them again here)."""
+        to_client = self._to_client
+        pos, end = 0, len(run)
+        while pos < end:
+            (length,) = _UNPACK_LENGTH(run, pos + 1)
+            row = run[pos : pos + 1 + length]
+            pos += 1 + length
+            decoded = decode_backend(frame_of(row))
+            assert isinstance(decoded, m.DataRow)
+            values = list(decoded.values)
+            for index, strategy, fmt, type_oid in plan:
+                value = values[index] if index < len(values) else None
+                if value is None:
+                    continue
+                values[index] = (
+                    strategy.mask_binary(type_oid, value) if fmt == 1 else strategy.mask_text(value)
+                )
+                self._masked_cells += 1
+            to_client.append(encode(m.DataRow(tuple(values))))
+
+
+def _plan_for(
+    fields: tuple[m.FieldDescription, ...], formats: tuple[int, ...], protected: ProtectedMap
+) -> MaskPlan | None:
+    """Which result columns are protected base columns, with their mask and format."""
+    if not protected or not fields:
+        return None
+    plan = []
+    for index, f in enumerate(fields):
+        strategy = protected.get((f.table_oid, f.column_attnum))
+        if strategy is None:
+            continue
+        if not formats:
+            fmt = 0
+        elif len(formats) == 1:
+            fmt = formats[0]
+        else:
+            fmt = formats[index] if index < len(formats) else 0
+        plan.append((index, strategy, fmt, f.type_oid))
+    return tuple(plan) or None
+
+
+def _rows_from_tag(tag: str) -> int | None:
+    last = tag.rsplit(" ", 1)[-1]
+    # isdigit() alone admits "²", which int() refuses: a server's odd tag must not crash.
+    return int(last) if last.isascii() and last.isdigit() else None
+
+
+def _poison_sql() -> str:
+    return f"guard_refused_{secrets.token_hex(4)}"

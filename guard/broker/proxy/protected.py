@@ -1,0 +1,69 @@
+"""Which base columns of a target are protected, by (table OID, attribute number).
+
+The gateway masks result columns by where they come from (RowDescription's table OID and
+attribute number, never a column name, which any alias can change). The policy names
+protected columns as schema.table.column; this module turns those names into OIDs with one
+catalog query per target, run on the session's fresh upstream connection before the client
+uses it, and caches the answer briefly so a re-created table is noticed.
+
+The names travel as query parameters (extended protocol, text parameters typed `text`),
+never spliced into SQL: a policy naming a column `o'brien` is a name, not an injection.
+Does upstream I/O through `proxy.upstream`; no other I/O.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from guard.broker.masking.strategies import MaskStrategy, get_strategy
+from guard.broker.policy.engine import CompiledPolicy
+from guard.broker.proxy import upstream
+from guard.broker.proxy.connection import ProtectedMap
+
+# Protected-column OIDs are re-read after this long, so a re-created table is noticed.
+PROTECTED_MAP_TTL = 60.0
+
+_COLUMNS = (
+    "SELECT c.oid, a.attnum, n.nspname, c.relname, a.attname "
+    "FROM pg_catalog.pg_attribute a "
+    "JOIN pg_catalog.pg_class c ON c.oid = a.attrelid "
+    "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE a.attnum > 0 AND NOT a.attisdropped "
+    "AND (n.nspname, c.relname, a.attname) IN (VALUES {rows})"
+)
+
+
+def lookup_query(count: int) -> str:
+    """The catalog query for `count` (schema, table, column) triples, as $1..$3n."""
+    rows = ", ".join(f"(${3 * i + 1}, ${3 * i + 2}, ${3 * i + 3})" for i in range(count))
+    return _COLUMNS.format(rows=rows)
+
+
+class ProtectedColumns:
+    """Per-target map of protected base columns by (table OID, attnum), cached briefly."""
+
+    def __init__(self, policy: CompiledPolicy, clock: Callable[[], float] = time.monotonic) -> None:
+        self.policy = policy
+        self.clock = clock
+        self._cache: dict[str, tuple[float, ProtectedMap]] = {}
+
+    async def __call__(self, target: str, conn: upstream.UpstreamConnection) -> ProtectedMap:
+        hit = self._cache.get(target)
+        if hit is not None and self.clock() - hit[0] < PROTECTED_MAP_TTL:
+            return hit[1]
+        by_name: dict[tuple[str, str, str], MaskStrategy] = {
+            (c.schema, c.table, c.column): get_strategy(strategy)
+            for c, strategy in self.policy.targets[target].protected_columns.items()
+        }
+        result: dict[tuple[int, int], MaskStrategy] = {}
+        if by_name:
+            params = [name for triple in by_name for name in triple]
+            rows = await upstream.query_rows(conn, lookup_query(len(by_name)), params)
+            for oid, attnum, schema, table, column in rows:
+                if None in (oid, attnum, schema, table, column):
+                    raise upstream.UpstreamError("catalog query returned a NULL column")
+                key = (schema.decode(), table.decode(), column.decode())  # type: ignore[union-attr]
+                result[(int(oid), int(attnum))] = by_name[key]  # type: ignore[arg-type]
+        self._cache[target] = (self.clock(), result)
+        return result

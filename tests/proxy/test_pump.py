@@ -1,0 +1,195 @@
+"""The asyncio shell (`proxy.pump`): executes the core's commands in order, and nothing else.
+
+In-memory transports stand in for sockets; the core is the real one (`tests.playbook`).
+What is checked: statement records are in the audit log before the bytes of their statement
+are written upstream, a failed write refuses the statement, an unknown command is a crash
+that ends the connection (never ignored), half-close, the idle watchdog, and that the end
+of a connection says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from guard.broker.audit.sink import MemoryAuditSink
+from guard.broker.pgwire import messages as m
+from guard.broker.pgwire.parser import BackendParser, FrontendParser
+from guard.broker.proxy.commands import SendToServer
+from guard.broker.proxy.pump import Pump, UnknownCommand
+from tests.playbook import connection, wire
+
+
+class FakeTransport(asyncio.Transport):
+    """Records writes; `events` is shared so the order across transports and the audit
+    log can be asserted."""
+
+    def __init__(self, name: str, events: list, *, ssl: bool = False) -> None:
+        super().__init__()
+        self.name, self.events, self.ssl = name, events, ssl
+        self.closed = self.eof_written = False
+        self.reading = True
+        self.protocol: asyncio.Protocol | None = None
+
+    def write(self, data) -> None:
+        self.events.append((self.name, bytes(data)))
+
+    def write_eof(self) -> None:
+        self.eof_written = True
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name, default=None):
+        return object() if name == "sslcontext" and self.ssl else default
+
+    def set_protocol(self, protocol) -> None:
+        self.protocol = protocol
+
+    def set_write_buffer_limits(self, high=None, low=None) -> None:
+        pass
+
+    def is_reading(self) -> bool:
+        return self.reading
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+
+class RecordingSink(MemoryAuditSink):
+    def __init__(self, events: list) -> None:
+        super().__init__()
+        self.events = events
+
+    def append_statements(self, records):
+        seqs = super().append_statements(records)
+        self.events.append(("audit", seqs))
+        return seqs
+
+
+def messages(events, name, parser) -> list:
+    parser.feed(b"".join(data for who, data in events if who == name))
+    return list(parser.messages())
+
+
+def pump_for(*, idle_timeout=None, client_ssl=False, conn=None):
+    events: list = []
+    client = FakeTransport("client", events, ssl=client_ssl)
+    upstream = FakeTransport("upstream", events)
+    audit = RecordingSink(events)
+    pump = Pump(conn or connection(), client, upstream, audit=audit, idle_timeout=idle_timeout)
+    pump.start(b"", b"")
+    return pump, client, upstream, audit, events
+
+
+def test_records_are_written_before_their_statement_goes_upstream():
+    async def main():
+        pump, client, upstream, audit, events = pump_for()
+        client.protocol.data_received(wire(m.Query("SELECT 1"), m.Query("SELECT 2")))
+        return events, audit
+
+    events, audit = asyncio.run(main())
+    assert events[:2] == [("audit", [1]), ("audit", [2])]
+    assert events[2][0] == "upstream"
+    sent = messages(events, "upstream", FrontendParser(expect_startup=False))
+    assert sent == [m.Query("SELECT 1"), m.Query("SELECT 2")]
+    assert [r["verdict"] for r in audit.records] == ["allow", "allow"]
+
+
+def test_an_unwritable_audit_log_refuses_the_statement():
+    async def main():
+        pump, client, upstream, audit, events = pump_for()
+        audit.fail = True
+        client.protocol.data_received(wire(m.Query("SELECT 1")))
+        return events
+
+    events = asyncio.run(main())
+    (sent,) = messages(events, "upstream", FrontendParser(expect_startup=False))
+    assert sent.sql.startswith("guard_refused_")  # the statement itself never went
+
+
+def test_an_unknown_command_is_a_crash_that_ends_the_connection(caplog):
+    class Odd:
+        pass
+
+    async def main():
+        pump, client, upstream, audit, events = pump_for()
+        with pytest.raises(UnknownCommand):
+            pump.run([Odd()])  # type: ignore[list-item]
+        pump.connection.from_client = lambda data: [SendToServer(data), Odd()]  # type: ignore[method-assign]
+        pump._client_side.feed = pump.connection.from_client
+        client.protocol.data_received(b"x")
+        return pump, client, upstream
+
+    with caplog.at_level(logging.ERROR, logger="guard.proxy"):
+        pump, client, upstream = asyncio.run(main())
+    assert pump.done.done() and client.closed and upstream.closed
+    assert pump.end_reason.startswith("internal error in the gateway shell")
+    assert "connection c1" in caplog.text and "UnknownCommand" in caplog.text
+
+
+def test_the_core_logs_through_the_shell(caplog):
+    from tests.playbook import CUSTOMERS_OID, SSN_ATTNUM, field
+
+    async def main():
+        pump, client, upstream, audit, events = pump_for()
+        client.protocol.data_received(wire(m.Query("SELECT ssn FROM customers")))
+        upstream.protocol.data_received(
+            wire(m.RowDescription((field("ssn", CUSTOMERS_OID, SSN_ATTNUM),)))
+        )
+
+    with caplog.at_level(logging.WARNING, logger="guard.proxy"):
+        asyncio.run(main())
+    assert "masking objects may have drifted" in caplog.text
+
+
+def test_half_close_keeps_a_plain_client_open_for_the_answers():
+    async def main():
+        pump, client, upstream, audit, events = pump_for()
+        client.protocol.data_received(wire(m.Query("SELECT 1")))
+        keep_open = client.protocol.eof_received()
+        answer = wire(m.CommandComplete("SELECT 1"), m.ReadyForQuery(b"I"))
+        upstream.protocol.data_received(answer)
+        delivered = messages(events, "client", BackendParser())
+        upstream.protocol.eof_received()
+        return pump, keep_open, delivered, events
+
+    pump, keep_open, delivered, events = asyncio.run(main())
+    assert keep_open is True
+    sent = messages(events, "upstream", FrontendParser(expect_startup=False))
+    assert sent == [m.Query("SELECT 1"), m.Terminate()]  # PostgreSQL is told, after it
+    assert delivered == [m.CommandComplete("SELECT 1"), m.ReadyForQuery(b"I")]
+    assert pump.end_reason == "the client closed its side"
+
+
+def test_an_ssl_client_cannot_half_close():
+    async def main():
+        pump, client, upstream, audit, events = pump_for(client_ssl=True)
+        return client.protocol.eof_received()
+
+    assert asyncio.run(main()) is False
+
+
+def test_the_idle_watchdog_ends_an_idle_connection_only():
+    async def main():
+        pump, client, upstream, audit, events = pump_for(idle_timeout=0.05)
+        client.protocol.data_received(wire(m.Query("SELECT pg_sleep(1)")))
+        await asyncio.sleep(0.2)
+        busy = pump.done.done()  # the statement is still running: not idle
+        upstream.protocol.data_received(wire(m.CommandComplete("SELECT 1"), m.ReadyForQuery(b"I")))
+        await asyncio.wait_for(pump.done, 5)
+        return busy, pump, events
+
+    busy, pump, events = asyncio.run(main())
+    assert busy is False
+    last = messages(events, "client", BackendParser())[-1]
+    assert last.sqlstate == "57P05" and last.severity == "FATAL"
+    assert pump.end_reason.startswith("idle for")
