@@ -18,7 +18,7 @@ from guard.broker.masking.strategies import (
     TIMESTAMP_OID,
     TIMESTAMPTZ_OID,
     VARCHAR_OID,
-    Strategy,
+    MaskStrategy,
     get_strategy,
 )
 
@@ -186,8 +186,8 @@ def test_null_keeps_column_type():
     assert get_strategy("null").sql_expression("c") == "(CASE WHEN false THEN (c) END)"
 
 
-def test_strategy_alias_and_unknown_name():
-    assert isinstance(get_strategy("redact"), Strategy)
+def test_strategy_by_name_and_unknown_name():
+    assert isinstance(get_strategy("redact"), MaskStrategy)
     with pytest.raises(KeyError):
         get_strategy("sha256")
     assert set(STRATEGIES) == {

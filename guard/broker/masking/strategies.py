@@ -236,8 +236,6 @@ def _jan1_days(days: int) -> int | None:
     return _date2j(year, 1, 1) - _POSTGRES_EPOCH_JDATE
 
 
-Strategy = MaskStrategy  # the name the proxy uses
-
 STRATEGIES: Mapping[str, MaskStrategy] = MappingProxyType(
     {s.name: s for s in (SsnLast4(), Last4(), EmailFirstChar(), YearOnly(), Redact(), Null())}
 )
