@@ -41,13 +41,16 @@ from guard.broker.policy.compile import load_policy_file
 from guard.broker.proxy.commands import (
     CloseConnection,
     Command,
+    EndApproval,
     Log,
     RecordResults,
+    RequestApproval,
     SendToClient,
     SendToServer,
     WriteAudit,
 )
 from guard.broker.proxy.connection import GatewayConnection
+from guard.broker.proxy.events import ApprovalDecided
 from guard.broker.proxy.gate import Gate
 
 POLICY = load_policy_file(Path(__file__).resolve().parents[1] / "policies.yaml")
@@ -79,8 +82,11 @@ def to_client(cmds: Iterable[Command]) -> list:
     return list(p.messages())
 
 
-def connection(*, protected: bool = True, gate: Gate | None = None) -> GatewayConnection:
-    """A connection of alice's session s1 (connection c1) on the demo target."""
+def connection(
+    *, protected: bool = True, gate: Gate | None = None, holds: bool = False
+) -> GatewayConnection:
+    """A connection of alice's session s1 (connection c1) on the demo target; `holds`:
+    statements that need approval are held for a decision, not refused."""
     gate = gate or Gate(
         policy=POLICY, target="demo", principal=ALICE, session_id="s1", connection_id="c1"
     )
@@ -92,7 +98,7 @@ def connection(*, protected: bool = True, gate: Gate | None = None) -> GatewayCo
         if protected
         else {}
     )
-    return GatewayConnection(gate, protected=pmap, client_user="guard_s1")
+    return GatewayConnection(gate, protected=pmap, client_user="guard_s1", holds=holds)
 
 
 # ---------------------------------------------------------------------------- the driver
@@ -265,6 +271,39 @@ class ServerEOF(Event):
         return ">> server EOF"
 
 
+class Decided(Event):
+    """The held statement's request is settled (the id is the one the gateway chose)."""
+
+    def __init__(
+        self,
+        request: Placeholder,
+        approved: bool,
+        error: m.ErrorResponse | None = None,
+        per_statement: bool = True,
+    ) -> None:
+        self.request, self.approved, self.error = request, approved, error
+        self.per_statement = per_statement
+
+    def play(self, pb: Playbook) -> list[Command]:
+        event = ApprovalDecided(self.request.value, self.approved, self.error, self.per_statement)
+        return pb.connection.approval_decided(event)
+
+    def __repr__(self) -> str:
+        verdict = "approved" if self.approved else "not approved"
+        return f">> request {self.request!r} {verdict}"
+
+
+class GrantEnded(Event):
+    def __init__(self, request: Placeholder) -> None:
+        self.request = request
+
+    def play(self, pb: Playbook) -> list[Command]:
+        return pb.connection.approval_ended(self.request.value)
+
+    def __repr__(self) -> str:
+        return f">> grant of {self.request!r} taken back"
+
+
 class IdleFor(Event):
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
@@ -363,6 +402,52 @@ class Close(Expect):
         return f"<< close ({' '.join(self.words)})"
 
 
+class Held(Expect):
+    """A RequestApproval for the held statement (its id bound to `request`)."""
+
+    def __init__(self, request: Placeholder, rule: str, protocol: str = "simple") -> None:
+        self.request, self.rule, self.protocol = request, rule, protocol
+
+    def matches(self, cmd: Command, pb: Playbook) -> bool:
+        return (
+            isinstance(cmd, RequestApproval)
+            and self.request == cmd.request_id
+            and cmd.decision.hold is not None
+            and cmd.decision.hold.rule_id == self.rule
+            and cmd.protocol == self.protocol
+        )
+
+    def __repr__(self) -> str:
+        return f"<< hold for approval {self.request!r} ({self.rule}, {self.protocol})"
+
+
+class GrantEnds(Expect):
+    def __init__(self, request: Placeholder) -> None:
+        self.request = request
+
+    def matches(self, cmd: Command, pb: Playbook) -> bool:
+        return isinstance(cmd, EndApproval) and self.request == cmd.request_id
+
+    def __repr__(self) -> str:
+        return f"<< end the grant of {self.request!r}"
+
+
+class Notice:
+    """Matches a NoticeResponse whose message and hint have these words."""
+
+    def __init__(self, *words: str) -> None:
+        self.words = words
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, m.NoticeResponse):
+            return False
+        text = f"{other.message} {other.hint or ''}"
+        return all((w.value if isinstance(w, Placeholder) else w) in text for w in self.words)
+
+    def __repr__(self) -> str:
+        return f"Notice({' '.join(map(str, self.words))!r})"
+
+
 class Logged(Expect):
     """A Log command of this level whose message has these words."""
 
@@ -398,6 +483,11 @@ def _describe(cmd: Command) -> str:
     if isinstance(cmd, RecordResults):
         results = [dict(zip(RESULT_FIELDS, v, strict=True)) for v in cmd.results]
         return f"<< record results: {results}"
+    if isinstance(cmd, RequestApproval):
+        rule = cmd.decision.hold.rule_id if cmd.decision.hold else None
+        return f"<< hold for approval {cmd.request_id} ({rule}, {cmd.protocol})"
+    if isinstance(cmd, EndApproval):
+        return f"<< end the grant of {cmd.request_id}"
     return f"<< {cmd!r}"
 
 

@@ -78,6 +78,8 @@ CORE = [
     "broker/proxy/names.py",
     "broker/proxy/commands.py",
     "broker/proxy/encoding.py",
+    "broker/proxy/events.py",
+    "broker/approvals/model.py",
     "broker/audit/serialize.py",
     "broker/audit/record.py",
     "broker/audit/chain.py",

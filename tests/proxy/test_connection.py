@@ -26,9 +26,15 @@ from tests.playbook import (
     ClientEOF,
     ClientSends,
     Close,
+    Decided,
     Error,
+    GrantEnded,
+    GrantEnds,
+    Held,
     IdleFor,
     Logged,
+    Notice,
+    Placeholder,
     Playbook,
     Results,
     ServerEOF,
@@ -536,4 +542,140 @@ def test_a_protected_column_in_a_stream_is_logged_as_drift():
         >> ServerSends(m.RowDescription((SSN,)))
         << Logged("warning", "may have drifted", "session s1")
         << ToClient(m.RowDescription((SSN,)))
+    )
+
+
+# ------------------------------------------------------------------ held for approval
+TX_SQL = "SELECT id, amount FROM transactions WHERE account_id = 1"
+TX_COLUMNS = m.RowDescription((field("id"), field("amount")))
+TX_ROW = m.DataRow((b"7", b"12.50"))
+RULE = "transactions-need-approval"
+
+
+def _held_playbook():
+    return Playbook(connection(holds=True))
+
+
+def test_a_statement_that_needs_approval_is_held_then_runs_once_approved():
+    # The client is told the request id and who can approve; nothing of the statement is
+    # forwarded; a statement sent behind it waits; once approved the statement runs, its
+    # grant ends with it, and only then does the queued statement run.
+    request = Placeholder(r"[0-9a-f]{8}")
+    playbook = _held_playbook()
+    assert (
+        playbook
+        >> ClientSends(m.Query(TX_SQL))
+        << Audit({"verdict": "require_approval", "rule": RULE})
+        >> AuditWritten()
+        << ToClient(Notice("requires approval", "security-leads", "guard approve"))
+        << Held(request, RULE)
+        >> ClientSends(m.Query("SELECT 1"))
+        >> IdleFor(900)  # waiting for people is not idle
+    )
+    assert playbook.connection.state is State.PAUSED
+    assert playbook.connection.held_request == request.value
+    rows = (TX_COLUMNS, TX_ROW, m.CommandComplete("SELECT 1"), READY)
+    assert (
+        playbook
+        >> Decided(request, approved=True)
+        << ToServer(m.Query(TX_SQL))
+        >> ServerSends(*rows)
+        << Results({"statement_seq": 1, "outcome": "ok", "rows": 1})
+        << ToClient(*rows)
+        << GrantEnds(request)
+        >> GrantEnded(request)
+        << Audit({"verdict": "allow", "statement": "SELECT $1"})
+        >> AuditWritten()
+        << ToServer(m.Query("SELECT 1"))
+    )
+    assert playbook.connection.held_request is None
+
+
+def test_a_denied_statement_gets_the_denial_and_the_session_goes_on():
+    request = Placeholder(r"[0-9a-f]{8}")
+    denial = m.ErrorResponse.build("42501", "guard: request denied by bob: not during the audit")
+    assert (
+        _held_playbook()
+        >> ClientSends(m.Query(TX_SQL))
+        << Audit({"verdict": "require_approval"})
+        >> AuditWritten()
+        << ToClient(Notice("guard approve"))
+        << Held(request, RULE)
+        >> Decided(request, approved=False, error=denial)
+        << ToServer(m.Query(poison()))
+        >> ServerSends(m.ErrorResponse.build("42601", "syntax error"), READY)
+        << ToClient(Error("42501", "denied by bob", "not during the audit"), READY)
+        >> ClientSends(m.Query("SELECT 2"))
+        << Audit({"verdict": "allow"})
+        >> AuditWritten()
+        << ToServer(m.Query("SELECT 2"))
+    )
+
+
+def test_a_held_execute_runs_with_a_flush_and_its_sync_waits_for_the_grants_end():
+    request = Placeholder(r"[0-9a-f]{8}")
+    parsed = (m.Parse("s", TX_SQL, ()), m.Bind("", "s", (), (), ()))
+    done = (TX_ROW, m.CommandComplete("SELECT 1"))
+    assert (
+        _held_playbook()
+        >> ClientSends(*parsed, m.Execute("", 0), m.Sync())
+        << Audit({"verdict": "require_approval", "protocol": "extended"})
+        >> AuditWritten()
+        << ToServer(*parsed)  # what came before the held statement goes now
+        << ToClient(Notice("guard approve"))
+        << Held(request, RULE, protocol="extended")
+        >> ServerSends(m.ParseComplete(), m.BindComplete())
+        << ToClient(m.ParseComplete(), m.BindComplete())
+        >> Decided(request, approved=True)
+        << ToServer(m.Execute("", 0), m.Flush())
+        >> ServerSends(*done)
+        << Results({"outcome": "ok", "rows": 1})
+        << ToClient(*done)
+        << GrantEnds(request)
+        >> GrantEnded(request)
+        << ToServer(m.Sync())
+        >> ServerSends(READY)
+        << ToClient(READY)
+    )
+
+
+def test_a_window_approval_lets_the_queue_go_on_at_once():
+    request = Placeholder(r"[0-9a-f]{8}")
+    assert (
+        _held_playbook()
+        >> ClientSends(m.Query(TX_SQL), m.Query("SELECT 1"))
+        << Audit({"verdict": "require_approval"})
+        >> AuditWritten()
+        << ToClient(Notice("guard approve"))
+        << Held(request, RULE)
+        >> Decided(request, approved=True, per_statement=False)
+        << Audit({"verdict": "allow"})
+        >> AuditWritten()
+        << ToServer(m.Query(TX_SQL), m.Query("SELECT 1"))
+    )
+
+
+def test_a_decision_for_another_request_changes_nothing():
+    request, other = Placeholder(r"[0-9a-f]{8}"), Placeholder()
+    playbook = _held_playbook()
+    assert (
+        playbook
+        >> ClientSends(m.Query(TX_SQL))
+        << Audit({"verdict": "require_approval"})
+        >> AuditWritten()
+        << ToClient(Notice("guard approve"))
+        << Held(request, RULE)
+    )
+    other.value, other.bound = "not-it", True
+    assert playbook >> Decided(other, approved=True) >> GrantEnded(request)
+    assert playbook.connection.state is State.PAUSED
+
+
+def test_without_holds_a_statement_that_needs_approval_is_refused_at_parse():
+    assert (
+        Playbook()
+        >> ClientSends(m.Parse("s", TX_SQL, ()), m.Sync())
+        << Audit({"verdict": "require_approval"})
+        >> AuditWritten()
+        << ToServer(m.Parse("s", poison(), ()), m.Sync())
     )

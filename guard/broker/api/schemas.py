@@ -48,3 +48,49 @@ class ErrorBody(_Model):
     error: str
     message: str
     hint: str | None = None
+
+
+# ---------------------------------------------------------------- approvals
+class ApprovalVote(_Model):
+    """One person's decision on a request."""
+
+    approver: str  # label (display name, else subject)
+    approver_groups: list[str]
+    approve: bool
+    comment: str = ""
+    at: datetime
+
+
+class ApprovalInfo(_Model):
+    """An approval request as reviewers and requesters see it.
+
+    `statement` is the normalized text (literals replaced by $n): no typed value, so no
+    value that touches a protected column, reaches a reviewer's screen.
+    """
+
+    id: str
+    state: str  # pending | approved | denied | expired | withdrawn
+    state_reason: str = ""
+    target: str
+    session_id: str
+    requester: str
+    requester_groups: list[str]
+    session_reason: str = ""
+    statement: str
+    tables: list[str]
+    rule: str
+    approver_groups: list[str]
+    approvals_required: int
+    window_seconds: int | None = None
+    votes: list[ApprovalVote] = []
+    created_at: datetime
+    expires_at: datetime
+    # For the caller: whether they may decide it now, and if not, why.
+    can_decide: bool = False
+    why_not: str | None = None
+
+
+class ApprovalDecide(_Model):
+    """Body of POST /v1/approvals/{id}/approve (comment) or /deny (reason, required)."""
+
+    comment: str = Field(default="", max_length=1000)

@@ -211,8 +211,7 @@ class CompiledPolicy:
         return Verdict(
             Effect.REQUIRE_APPROVAL,
             rule.id,
-            f'guard: {what} requires approval (rule "{rule.id}"); approval requests are not'
-            f" available yet, ask a member of {approvers}",
+            f'guard: {what} requires approval (rule "{rule.id}") by a member of {approvers}',
             masked_columns=masked_columns(statement, target),
             approval=rule.approval,
         )

@@ -8,7 +8,10 @@ command the shell does not know is a bug, and the shell raises on it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from guard.broker.proxy.gate import Decision
 
 
 # Not frozen: a frozen dataclass's __init__ goes through object.__setattr__, and one or
@@ -37,6 +40,30 @@ class WriteAudit:
 
 
 @dataclass(slots=True)
+class RequestApproval:
+    """Ask for a decision on a held statement, then answer `approval_decided`.
+
+    Blocking, and always the last command of its list: the statement's audit records are
+    written (`seqs`), the client has been told the request id, and nothing of the statement
+    has been forwarded. The answer comes when people decide, the request expires, or it is
+    withdrawn (`withdraw` below, the client's cancel, its disconnect).
+    """
+
+    request_id: str
+    decision: Decision
+    protocol: str  # simple | extended
+    seqs: list[int]
+
+
+@dataclass(slots=True)
+class EndApproval:
+    """The approved statement is done: take its database grant back, then answer
+    `approval_ended`. Blocking: nothing the client sent after it runs with the grant."""
+
+    request_id: str
+
+
+@dataclass(slots=True)
 class RecordResults:
     """Queue result records (values in `audit.record.RESULT_FIELDS` order): what already
     happened upstream, chained at the audit log's next flush. Not blocking."""
@@ -62,4 +89,13 @@ class CloseConnection:
     reason: str
 
 
-Command = SendToServer | SendToClient | WriteAudit | RecordResults | Log | CloseConnection
+Command = (
+    SendToServer
+    | SendToClient
+    | WriteAudit
+    | RequestApproval
+    | EndApproval
+    | RecordResults
+    | Log
+    | CloseConnection
+)

@@ -88,14 +88,17 @@ from guard.broker.pgwire.parser import (
 from guard.broker.proxy.commands import (
     CloseConnection,
     Command,
+    EndApproval,
     Log,
     RecordResults,
+    RequestApproval,
     SendToClient,
     SendToServer,
     WriteAudit,
 )
 from guard.broker.proxy.encoding import codec_for, decode_parse, decode_query
-from guard.broker.proxy.gate import AUDIT_UNAVAILABLE, Gate
+from guard.broker.proxy.events import ApprovalDecided
+from guard.broker.proxy.gate import AUDIT_UNAVAILABLE, Decision, Gate
 from guard.broker.proxy.names import Description, NameTables, Portal, Prepared, Undo
 
 _UNPACK_LENGTH = struct.Struct("!i").unpack_from
@@ -107,6 +110,7 @@ _DESCRIBED_CACHE_SIZE = 256
 _DESCRIBED_CACHE_BYTES = 1 << 20
 _PLANS_PER_DESCRIPTION = 8  # result-format lists seen per description (client-chosen)
 _TERMINATE = encode(m.Terminate())
+_FLUSH = encode(m.Flush())
 
 # (table OID, attribute number) of a protected base column → its mask strategy.
 ProtectedMap = Mapping[tuple[int, int], MaskStrategy]
@@ -162,6 +166,7 @@ class Pending:
         "undo",
         "plan",
         "planned",
+        "approval",
     )
 
     # The hot paths (Query, Bind, Execute) pass the first fields by position: a keyword
@@ -185,6 +190,7 @@ class Pending:
         self.undo = undo
         self.plan: MaskPlan | None = None  # execute: mask plan, worked out at its first row
         self.planned = False
+        self.approval: str | None = None  # an approved held statement: its request id
 
 
 class _Stateless(Pending):
@@ -205,6 +211,21 @@ class _Stateless(Pending):
 _SYNC_ENTRY = _Stateless(_SYNC)
 
 
+class _Held:
+    """A statement held for approval: what to forward once approved."""
+
+    __slots__ = ("request_id", "raw", "portal", "seqs", "running")
+
+    def __init__(
+        self, request_id: str, raw: memoryview, portal: Portal | None, seqs: list[int]
+    ) -> None:
+        self.request_id = request_id
+        self.raw = raw  # the Query, or the Execute of `portal`
+        self.portal = portal
+        self.seqs = seqs
+        self.running = False  # approved with a per-statement grant, not completed yet
+
+
 # What to do once the audit records of a paused statement are written (seqs) or could not
 # be (None): one of the connection's `_after_*` methods and its arguments.
 _Continuation = tuple[Callable[[list[int] | None, Any, Any], None], Any, Any]
@@ -221,8 +242,12 @@ class GatewayConnection:
         client_user: str,
         max_message_size: int | None = None,
         client_encoding: str = "UTF8",
+        holds: bool = False,
     ) -> None:
         self.gate = gate
+        # Whether a statement that needs approval is held for a decision (the shell can
+        # answer RequestApproval) or refused at once.
+        self.holds = holds
         # Statement text is decoded as PostgreSQL will read it (see proxy.encoding).
         self.codec = codec_for(client_encoding) or "utf-8"
         self.protected = protected
@@ -238,7 +263,9 @@ class GatewayConnection:
         self._backlog_pos = 0
         self._backlog_error: ProtocolError | None = None
         self._continuation: _Continuation | None = None
-        self._blocking: WriteAudit | None = None  # emitted at the end of this call
+        # The blocking command of this call (always emitted last), and the held statement.
+        self._blocking: WriteAudit | RequestApproval | EndApproval | None = None
+        self._held: _Held | None = None
         self._fed_while_paused = False  # bytes queued in the parser behind the pause
         self._eof_after_pause = False
         self._plan: MaskPlan | None = None  # simple query: active row mask plan
@@ -259,6 +286,12 @@ class GatewayConnection:
     def closed(self) -> bool:
         """Nothing more will be relayed (CLOSED or FAILED)."""
         return self.state >= _CLOSED
+
+    @property
+    def held_request(self) -> str | None:
+        """The request id of the statement held for approval (waiting, or running under its
+        grant), if any: what a client's cancel or disconnect withdraws."""
+        return self._held.request_id if self._held is not None else None
 
     @property
     def idle(self) -> bool:
@@ -323,7 +356,10 @@ class GatewayConnection:
                     # Everything up to and including the matching Query/Sync is answered;
                     # a name change never answered (a server out of step) stands.
                     while pending:
-                        kind = pending.popleft().kind
+                        entry = pending.popleft()
+                        if entry.approval is not None:
+                            self._approval_done(entry)
+                        kind = entry.kind
                         if kind is _QUERY or kind is _SYNC:
                             break
                     to_client.append(raw)
@@ -355,13 +391,9 @@ class GatewayConnection:
         self.state = _RELAYING
         then, a, b = continuation
         try:
-            then(seqs, a, b)
-            fed = self._fed_while_paused
-            if fed or self._backlog_pos < len(self._backlog) or self._backlog_error:
-                self._fed_while_paused = False
-                self._relay_client(fed)
-            if self._eof_after_pause and self.state is _RELAYING:
-                self._half_close()
+            then(seqs, a, b)  # may pause again: a statement held for approval
+            if self.state is _RELAYING:
+                self._queued()
         except Exception as exc:  # noqa: BLE001 - see _failed: nothing escapes the core
             self._failed(exc)
         return self._flush()
@@ -370,6 +402,33 @@ class GatewayConnection:
         """The records of the last `WriteAudit` could not be written: the statement is
         refused (58030) instead of run; the connection goes on."""
         return self.audit_written(None)
+
+    def approval_decided(self, event: ApprovalDecided) -> list[Command]:
+        """The held statement's request is settled (see `events.ApprovalDecided`).
+
+        Approved: the statement is forwarded now; with a per-statement grant the connection
+        stays PAUSED until it completed and `EndApproval` is answered, so nothing queued
+        behind it runs under the grant. Not approved: the client gets `event.error` in the
+        statement's place (the transaction and a pipeline react as to any error), and the
+        queued messages go on.
+        """
+        held = self._held
+        if held is None or held.request_id != event.request_id or held.running:
+            return []  # not (or no longer) waiting for this request
+        if self.state is not _PAUSED:
+            return []
+        return self._run(self._settle, held, event)
+
+    def approval_ended(self, request_id: str) -> list[Command]:
+        """The grant of the approved statement is taken back: the queue goes on."""
+        held = self._held
+        if held is None or held.request_id != request_id or not held.running:
+            return []
+        if self.state is not _PAUSED:
+            return []
+        self._held = None
+        self.state = _RELAYING
+        return self._run(self._queued)
 
     def client_eof(self) -> list[Command]:
         """The client will send nothing more (half-close, or gone).
@@ -478,6 +537,15 @@ class GatewayConnection:
         self._blocking = None
         self.state = _CLOSED
 
+    def _queued(self) -> None:
+        """RELAYING again: the client messages queued behind the pause, then a pending EOF."""
+        fed = self._fed_while_paused
+        if fed or self._backlog_pos < len(self._backlog) or self._backlog_error:
+            self._fed_while_paused = False
+            self._relay_client(fed)
+        if self._eof_after_pause and self.state is _RELAYING:
+            self._half_close()
+
     def _half_close(self) -> None:
         self._to_server.append(_TERMINATE)
         self.state = _HALF_CLOSED
@@ -497,8 +565,9 @@ class GatewayConnection:
             out.append(RecordResults(self._results))
             self._results = []
         # While an audit write is out the bytes for upstream wait for it: they join the
-        # statement's own bytes in one write (they may go first, but need not).
-        if self._to_server and self.state is not _PAUSED:
+        # statement's own bytes in one write (they may go first, but need not). A held
+        # statement may wait for minutes: what came before it goes now.
+        if self._to_server and (self.state is not _PAUSED or self._held is not None):
             chunks, self._to_server = self._to_server, []
             out.append(SendToServer(chunks[0] if len(chunks) == 1 else b"".join(chunks)))
         if self._to_client:
@@ -598,7 +667,10 @@ class GatewayConnection:
             sql = self._decode(decode_query, raw, "Query")
         decision = self.gate.decide(sql)
         records = decision.records.get("simple") or self.gate.statement_records(decision, "simple")
-        self._record(records, self._after_query_record, raw, decision.refusal)
+        if decision.hold is not None and self.holds:
+            self._record(records, self._after_held_record, raw, (decision, None))
+        else:
+            self._record(records, self._after_query_record, raw, decision.refusal)
 
     def _on_bind(self, raw: memoryview) -> None:
         portal_name, statement = bind_names(raw)
@@ -657,7 +729,7 @@ class GatewayConnection:
             # Only name and text matter to the gate; PostgreSQL validates the rest.
             name, query = self._decode(decode_parse, raw, "Parse")
         decision = self.gate.decide(query)
-        if decision.refusal is not None:
+        if decision.refusal is not None and (decision.hold is None or not self.holds):
             records = self.gate.statement_records(decision, "extended")
             self._record(records, self._after_parse_refusal_record, name, decision.refusal)
             return
@@ -697,7 +769,11 @@ class GatewayConnection:
             )
             self._pending.append(Pending(_PARSE, substitute=refusal))
             return
-        self._record(portal.prepared.records, self._after_execute_record, raw, portal)
+        decision = portal.prepared.decision
+        if decision.hold is not None:  # only parsed if this connection holds (see _on_parse)
+            self._record(portal.prepared.records, self._after_held_record, raw, (decision, portal))
+        else:
+            self._record(portal.prepared.records, self._after_execute_record, raw, portal)
 
     def _after_execute_record(
         self, seqs: list[int] | None, raw: memoryview, portal: Portal
@@ -714,6 +790,75 @@ class GatewayConnection:
         self._pending.append(Pending(_EXECUTE, seqs, portal))
 
     # ============================================================== server → client
+    # ============================================================== holding for approval
+    def _after_held_record(
+        self, seqs: list[int] | None, raw: memoryview, held: tuple[Decision, Portal | None]
+    ) -> None:
+        """The record of a statement that needs approval is written: hold it."""
+        decision, portal = held
+        if seqs is None:  # no record, no request: refused like any unrecorded statement
+            if portal is None:
+                self._after_query_record(None, raw, None)
+            else:
+                self._after_execute_record(None, raw, portal)
+            return
+        verdict = decision.hold
+        assert verdict is not None and verdict.approval is not None
+        request_id = secrets.token_hex(4)
+        groups = ", ".join(sorted(verdict.approval.approver_groups))
+        self._to_client.append(
+            encode(
+                m.NoticeResponse.build(
+                    "01000",
+                    f"guard: {verdict.message.removeprefix('guard: ')}; request {request_id} "
+                    "is waiting for a decision",
+                    hint=f"a member of {groups} approves it with: guard approve {request_id}",
+                )
+            )
+        )
+        self._held = _Held(request_id, raw, portal, seqs)
+        protocol = "simple" if portal is None else "extended"
+        self._blocking = RequestApproval(request_id, decision, protocol, seqs)
+        self.state = _PAUSED
+
+    def _settle(self, held: _Held, event: ApprovalDecided) -> None:
+        if not event.approved:
+            self._held = None
+            error = event.error or m.ErrorResponse.build(
+                "42501", f"guard: request {held.request_id} was not approved"
+            )
+            if held.portal is None:
+                self._to_server.append(encode(m.Query(_poison_sql())))
+                self._pending.append(Pending(_QUERY, substitute=error))
+            else:  # the unnamed statement's poison puts upstream into error-until-Sync
+                self._to_server.append(encode(m.Parse("", _poison_sql(), ())))
+                self._pending.append(Pending(_PARSE, substitute=error))
+            self.state = _RELAYING
+            self._queued()
+            return
+        if held.portal is None:
+            entry = Pending(_QUERY, held.seqs)
+            self._to_server.append(held.raw)
+        else:
+            entry = Pending(_EXECUTE, held.seqs, held.portal)
+            # The client's Sync is still queued behind the Execute: a Flush makes
+            # PostgreSQL send the result now, so the statement's end can be seen.
+            self._to_server.append(held.raw)
+            self._to_server.append(_FLUSH)
+        self._pending.append(entry)
+        if event.per_statement:
+            entry.approval = held.request_id
+            held.running = True  # still PAUSED: the queue waits for the grant's end
+        else:
+            self._held = None
+            self.state = _RELAYING
+            self._queued()
+
+    def _approval_done(self, entry: Pending) -> None:
+        """The approved statement completed: its grant must go before anything else runs."""
+        assert entry.approval is not None
+        self._blocking = EndApproval(entry.approval)
+
     def _on_server_message(self, tag: int, raw: memoryview) -> None:
         """The server messages `from_server` does not handle inline."""
         pending = self._pending
@@ -776,6 +921,8 @@ class GatewayConnection:
                 # EmptyQueryResponse: nothing ran, nothing to count.
             if head.kind is _EXECUTE:
                 pending.popleft()
+                if head.approval is not None:
+                    self._approval_done(head)
         self._masked_cells = 0
         self._to_client.append(raw)
 
@@ -878,7 +1025,10 @@ class GatewayConnection:
         pending = self._pending
         skipped = []
         while pending and pending[0].kind is not _SYNC:
-            skipped.append(pending.popleft())
+            entry = pending.popleft()
+            if entry.approval is not None:
+                self._approval_done(entry)
+            skipped.append(entry)
         for entry in reversed(skipped):
             if entry.undo is not None:
                 self.names.rollback(entry.undo)

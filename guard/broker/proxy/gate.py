@@ -42,7 +42,7 @@ class Decision:
     its text, so it also carries its audit records, serialized once per protocol.
     """
 
-    __slots__ = ("analysis", "verdicts", "refusal", "masked_columns", "records")
+    __slots__ = ("analysis", "verdicts", "refusal", "hold", "masked_columns", "records")
 
     def __init__(
         self,
@@ -53,6 +53,13 @@ class Decision:
         self.analysis = analysis
         self.verdicts = verdicts
         self.refusal = refusal
+        # A statement that only needs approval (no verdict denies it) can be held for a
+        # decision instead of refused: the verdict that asks for it.
+        self.hold: Verdict | None = None
+        if refusal is not None and verdicts:
+            effects = {v.effect for v in verdicts}
+            if Effect.REQUIRE_APPROVAL in effects and Effect.DENY not in effects:
+                self.hold = next(v for v in verdicts if v.effect is Effect.REQUIRE_APPROVAL)
         seen: dict[str, None] = {}
         for v in verdicts:
             for col in v.masked_columns:
@@ -65,7 +72,7 @@ class Decision:
 def refusal_for(verdict: Verdict) -> ErrorResponse:
     hint = None
     if verdict.effect is Effect.REQUIRE_APPROVAL:
-        hint = "ask a security lead to approve access (guard approve), then run it again"
+        hint = "this gateway cannot hold statements for approval here: ask the guard operator"
     return ErrorResponse.build(SQLSTATE_INSUFFICIENT_PRIVILEGE, verdict.message, hint=hint)
 
 
