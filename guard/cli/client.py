@@ -6,22 +6,43 @@ the CLI's own error type. Never logs or prints the bearer token or session secre
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from urllib.parse import quote
+
 import httpx
 
-from guard.broker.api.schemas import ErrorBody, SessionCreate, SessionCreated
+from guard.broker.api.schemas import (
+    ApprovalDecide,
+    ApprovalInfo,
+    ErrorBody,
+    SessionCreate,
+    SessionCreated,
+)
 from guard.cli.errors import CliError
 
 TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 
 
+@dataclass
+class BrokerError(CliError):
+    """A failed broker call: `status` is the HTTP status (None: the broker was not reached),
+    so a command can say more about a 403/404/409 than the generic message does."""
+
+    status: int | None = None
+
+
 class BrokerClient:
+    # The transport of clients made without one: None is httpx's network transport; tests
+    # put an `httpx.MockTransport` here to stand in for the broker.
+    transport: httpx.BaseTransport | None = None
+
     def __init__(self, base_url: str, token: str, *, transport: httpx.BaseTransport | None = None):
         self.base_url = base_url.rstrip("/")
         self._http = httpx.Client(
             base_url=self.base_url,
             headers={"Authorization": f"Bearer {token}"},
             timeout=TIMEOUT,
-            transport=transport,
+            transport=transport if transport is not None else type(self).transport,
         )
 
     def close(self) -> None:
@@ -31,7 +52,7 @@ class BrokerClient:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise CliError(
+            raise BrokerError(
                 f"cannot reach the guard broker at {self.base_url}: {type(exc).__name__}",
                 hint="check that the broker is running (`guard dev status` for the local demo)",
             ) from exc
@@ -53,8 +74,58 @@ class BrokerClient:
             if "no active session" not in err.message:
                 raise
 
+    # ------------------------------------------------------------ approvals
+    def pending_approvals(self) -> list[ApprovalInfo]:
+        """Pending requests the caller may decide."""
+        return _approvals(self._request("GET", "/v1/approvals"))
 
-def _error_from(response: httpx.Response) -> CliError:
+    def approval(self, request_id: str) -> ApprovalInfo:
+        return _approval(self._request("GET", f"/v1/approvals/{_segment(request_id)}"))
+
+    def decide(self, request_id: str, *, approve: bool, comment: str = "") -> ApprovalInfo:
+        """Approve (`comment`) or deny (`comment` is the reason) a request; its new state."""
+        verb = "approve" if approve else "deny"
+        body = ApprovalDecide(comment=comment).model_dump()
+        path = f"/v1/approvals/{_segment(request_id)}/{verb}"
+        return _approval(self._request("POST", path, json=body))
+
+    def my_requests(self) -> list[ApprovalInfo]:
+        """The caller's own requests, newest first."""
+        return _approvals(self._request("GET", "/v1/requests"))
+
+
+def _segment(text: str) -> str:
+    """`text` as one URL path segment (an ID typed as `../x` stays one segment)."""
+    return quote(text, safe="")
+
+
+def _approval(response: httpx.Response) -> ApprovalInfo:
+    try:
+        return ApprovalInfo.model_validate(response.json())
+    except ValueError as exc:  # not JSON, or not an ApprovalInfo (pydantic's error)
+        raise _unexpected(response, "an approval request") from exc
+
+
+def _approvals(response: httpx.Response) -> list[ApprovalInfo]:
+    try:
+        data = response.json()
+        if not isinstance(data, list):
+            raise ValueError("not a list")
+        return [ApprovalInfo.model_validate(item) for item in data]
+    except ValueError as exc:
+        raise _unexpected(response, "a list of approval requests") from exc
+
+
+def _unexpected(response: httpx.Response, wanted: str) -> BrokerError:
+    return BrokerError(
+        f"the broker's answer to {response.request.method} {response.request.url.path} "
+        f"is not {wanted}",
+        hint="the broker and this guard may be different versions (`guard --version`)",
+        status=response.status_code,
+    )
+
+
+def _error_from(response: httpx.Response) -> BrokerError:
     try:
         body = ErrorBody.model_validate(response.json())
         message, hint = body.message, body.hint
@@ -62,4 +133,4 @@ def _error_from(response: httpx.Response) -> CliError:
         message, hint = f"broker answered HTTP {response.status_code}", None
     if response.status_code == 401 and hint is None:
         hint = "run `guard login` (or `guard dev login USER` for the demo)"
-    return CliError(message, hint=hint)
+    return BrokerError(message, hint=hint, status=response.status_code)

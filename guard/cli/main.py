@@ -17,8 +17,9 @@ from typing import Annotated
 
 import typer
 
-from guard.cli.commands import connect, dev, login, policy
+from guard.cli.commands import approve, connect, deny, dev, login, policy
 from guard.cli.commands import exec as exec_cmd
+from guard.cli.commands import requests as requests_cmd
 from guard.cli.usage import GuardGroup, exit_code
 
 app = typer.Typer(
@@ -61,6 +62,9 @@ def _options(
 login.register(app)
 connect.register(app)
 exec_cmd.register(app)
+approve.register(app)
+deny.register(app)
+requests_cmd.register(app)
 policy.register(app)
 dev.register(app)
 

@@ -29,6 +29,17 @@ CASES: dict[str, tuple[list[str] | None, list[str], list[str]]] = {
         ["exec", "--bogus", "--", "true"],
         ["exec", "--ttl", "5x", "--", "true"],
     ),
+    "approve": (
+        ["approve", "--comment"],
+        ["approve", "--bogus"],
+        ["approve", "--watch=yes"],
+    ),
+    "deny": (
+        ["deny", "apr-1"],
+        ["deny", "apr-1", "--reason", "no", "--bogus"],
+        ["deny", "apr-1", "--reason", "no", "--json=1"],
+    ),
+    "requests": (None, ["requests", "--bogus"], ["requests", "--json=yes"]),
     "policy check": (None, ["policy", "check", "--bogus"], ["policy", "check", "/"]),
     "dev up": (["dev", "up", "--policy"], ["dev", "up", "--bogus"], ["dev", "up", "--detach=1"]),
     "dev down": (None, ["dev", "down", "extra"], ["dev", "down", "--help=yes"]),
@@ -102,7 +113,7 @@ def test_every_command_is_registered_at_import_and_has_usage_cases():
 def test_help_lists_every_command(guard):  # noqa: F811
     outcome = guard("--help")
     assert outcome.code == 0
-    for name in ("login", "logout", "connect", "exec", "policy", "dev"):
+    for name in "login logout connect exec approve deny requests policy dev".split():
         assert name in outcome.out
 
 
@@ -125,6 +136,9 @@ def test_usage_errors_are_one_line_with_a_hint_and_exit_2(home, guard, argv):  #
         (["connect", "demo", "--ttl", "soon"], "'soon' is not a duration", "guard connect"),
         (["login", "--issuer", "idp.example"], "'idp.example' is not an http(s) URL", "login"),
         (["connect", "demo", "-X"], "no such option: -X", "[-- PSQL_ARGS]"),
+        (["deny", "apr-1"], "missing option '--reason'", "usage: guard deny [OPTIONS] {ID}"),
+        (["aprove"], "unknown command 'aprove'", "did you mean `guard approve`?"),
+        (["request"], "unknown command 'request'", "did you mean `guard requests`?"),
     ],
 )
 def test_usage_errors_say_what_is_wrong_and_what_to_type(home, guard, argv, error, hint):  # noqa: F811

@@ -1,0 +1,44 @@
+"""`guard deny ID --reason TEXT`: deny a request; the requester sees who denied it and why.
+
+The reason is required (a denial without one is a usage error). Imported when `guard`
+starts: httpx, rich and pydantic are imported when it runs.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from guard.cli import console
+from guard.cli.errors import EXIT_USAGE, CliError
+from guard.cli.usage import GuardCommand
+
+
+def deny(
+    request_id: Annotated[str, typer.Argument(metavar="ID", help="Request to deny")],
+    reason: Annotated[str, typer.Option("--reason", help="Why (the requester sees it; recorded)")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the request as JSON")] = False,
+) -> int:
+    if not reason.strip():
+        raise CliError(
+            "the reason is empty",
+            hint=f'guard deny {request_id} --reason "why the statement must not run"',
+            exit_code=EXIT_USAGE,
+        )
+    from guard.cli import approvals
+
+    with approvals.broker() as client:
+        decided = approvals.call(
+            lambda: client.decide(request_id, approve=False, comment=reason),
+            request_id=request_id,
+        )
+    if as_json:
+        approvals.print_json(decided.model_dump(mode="json"))
+    else:
+        console.stdout().print(approvals.outcome(decided))
+    return 0
+
+
+def register(app: typer.Typer) -> None:
+    app.command("deny", cls=GuardCommand, help="Deny request ID, saying why.")(deny)

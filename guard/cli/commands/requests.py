@@ -1,0 +1,35 @@
+"""`guard requests`: the caller's own approval requests, newest first, and their state.
+
+Imported when `guard` starts: httpx, rich and pydantic are imported when it runs.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from guard.cli import console
+from guard.cli.usage import GuardCommand
+
+
+def requests(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> int:
+    from guard.cli import approvals
+
+    with approvals.broker() as client:
+        infos = approvals.call(client.my_requests)
+    if as_json:
+        approvals.print_json(approvals.as_json(infos))
+    elif not infos:
+        console.stderr().print("you have no approval requests")
+    else:
+        console.stdout().print(approvals.own_table(infos, approvals.now()))
+    return 0
+
+
+def register(app: typer.Typer) -> None:
+    app.command("requests", cls=GuardCommand, help="Your approval requests and their state.")(
+        requests
+    )
