@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from guard.broker.masking.objects import (
     TableColumns,
     approved_role_name,
+    approved_roles,
     backstop_sql,
     creation_statements,
     quote_ident,
@@ -80,6 +82,74 @@ def test_roles_created_idempotently_and_nologin(statements):
         assert f"rolname = '{role}'" in create and "IF NOT EXISTS" in create
         assert f'ALTER ROLE "{role}" NOLOGIN NOSUPERUSER' in "\n".join(statements)
     assert not [s for s in statements if s.startswith("CREATE ROLE")]
+
+
+def test_approval_role_per_gated_table(statements):
+    (create,) = find(statements, "CREATE ROLE", '"guard_approved_transactions"')
+    assert create.startswith("DO $guard$") and "IF NOT EXISTS" in create
+    assert "rolname = 'guard_approved_transactions'" in create
+    assert (
+        'ALTER ROLE "guard_approved_transactions" NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE'
+        " NOREPLICATION NOBYPASSRLS" in statements
+    )
+    # only gated tables get one, and it exists before the gate function and views
+    assert len(find(statements, "CREATE ROLE", "guard_approved_")) == 1
+    (function,) = find(statements, "CREATE OR REPLACE FUNCTION")
+    assert statements.index(create) < statements.index(function)
+    # it is granted nothing: membership alone passes the gate
+    assert not find(statements, "GRANT", 'TO "guard_approved_')
+
+
+def test_no_gated_table_no_approval_objects(target):
+    policy = load_policy(
+        "version: 1\ntargets:\n  t:\n    connect_groups: [g]\n"
+        "    session_ttl: {default: 1h, max: 1h}\n    protected_columns: {s.t.x: redact}\n"
+    )
+    facts = {("s", "t"): TableColumns("s", "t", (("x", "text"),))}
+    statements = backstop_sql(policy.targets["t"], facts, all_tables=[("s", "t")])
+    assert not find(statements, "guard_approved_")
+    assert not find(statements, "require_approval")
+
+
+def _gated_policy(*tables: str):
+    reads = ", ".join(repr(t) for t in tables)
+    return load_policy(
+        "version: 1\ntargets:\n  t:\n    connect_groups: [g]\n"
+        "    session_ttl: {default: 1h, max: 1h}\n"
+        "rules:\n  - id: gate\n    effect: require_approval\n"
+        f"    when: {{reads: [{reads}]}}\n"
+        "    approval: {approver_groups: [leads], window: 10m}\n"
+    ).targets["t"]
+
+
+def test_approval_roles_sorted_and_odd_names_quoted():
+    target = _gated_policy("s.b", 'Odd-S.Tx"log', "s.a")
+    assert approved_roles(target) == [
+        'guard_approved_Tx"log',
+        "guard_approved_a",
+        "guard_approved_b",
+    ]
+    facts = {k: TableColumns(*k, (("x", "text"),)) for k in target.gated_tables}
+    statements = backstop_sql(target, facts, all_tables=sorted(facts))
+    (create,) = find(statements, "CREATE ROLE", "Tx")
+    assert 'CREATE ROLE "guard_approved_Tx""log" NOLOGIN' in create
+    assert "rolname = 'guard_approved_Tx\"log'" in create
+
+
+def test_gated_tables_sharing_a_cut_role_name_are_refused():
+    long = "x" * 60
+    target = _gated_policy(f"s.{long}a", f"s.{long}b")
+    facts = {k: TableColumns(*k, (("x", "text"),)) for k in target.gated_tables}
+    with pytest.raises(ValueError, match="share the role guard_approved_x"):
+        backstop_sql(target, facts, all_tables=sorted(facts))
+
+
+def test_a_dotted_schema_of_a_gated_table_is_refused():
+    # the policy schema forbids dots; a Target built otherwise must not reach the gate,
+    # whose function takes what follows the first dot as the table
+    target = dataclasses.replace(_gated_policy("s.t"), gated_tables=frozenset({("a.b", "t")}))
+    with pytest.raises(ValueError, match="dot"):
+        approved_roles(target)
 
 
 def test_schema_owned_by_owner_and_closed_to_public(statements):

@@ -16,7 +16,9 @@ What the statements set up, and the attack each part stops:
 * A gated table gets a `security_barrier` gate view whose WHERE calls
   `guard_masked.require_approval('<schema>.<table>')`: it raises SQLSTATE 42501 "reading ...
   requires approval" unless the current role is in `guard_approved_<table>`, so a spelling
-  the gateway missed errors instead of reading ungated rows.
+  the gateway missed errors instead of reading ungated rows. That role is created here
+  (NOLOGIN, no attributes, no privileges); the broker grants it to a session role for
+  exactly an approval's scope (`approvals.grants`) and revokes it afterwards.
 * Partitions and inheritance children of protected/gated tables get no privileges at all,
   so they cannot be read around the views.
 * Hardening: no TEMP (a temp table could hold copied raw values), no CREATE in the schemas,
@@ -106,6 +108,43 @@ def _ensure_role(role: str) -> list[str]:
         f"ALTER ROLE {quote_ident(role)} NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE"
         " NOREPLICATION NOBYPASSRLS",
     ]
+
+
+def _gate_objects(target: Target, schema: str, owner: str, group: str) -> list[str]:
+    """The approval roles (one per gated table) and the gate function; none if nothing is gated.
+
+    `guard_approved_<table>` is NOLOGIN with no attributes and no privileges: it only marks
+    who may read through the gate view. The broker GRANTs it to a session role for the
+    approved scope and REVOKEs it afterwards; re-applying the backstop keeps memberships.
+    """
+    if not target.gated_tables:
+        return []
+    out: list[str] = []
+    for role in approved_roles(target):
+        out += _ensure_role(role)
+    return out + _approval_function(schema, owner, group)
+
+
+def approved_roles(target: Target) -> list[str]:
+    """`guard_approved_<table>` of every gated table, sorted.
+
+    Raises ValueError when the gate function could not name a table's role as the broker
+    does (a dot in the schema name: it takes what follows the first dot as the table), or
+    when two gated tables would share a role (names cut to 63 bytes), since an approval
+    for one would then open the other.
+    """
+    roles: dict[str, tuple[str, str]] = {}
+    for schema, table in sorted(target.gated_tables):
+        if "." in schema:
+            raise ValueError(
+                f"gated table {schema}.{table}: a schema name with a dot is not supported"
+            )
+        role = approved_role_name(table)
+        if role in roles:
+            other = ".".join(roles[role])
+            raise ValueError(f"gated tables {other} and {schema}.{table} share the role {role}")
+        roles[role] = (schema, table)
+    return sorted(roles)
 
 
 def _approval_function(schema: str, owner: str, group: str) -> list[str]:
@@ -224,8 +263,7 @@ def backstop_sql(
         # A PUBLIC grant on a protected/gated table would reach every session role.
         out.append(f"REVOKE ALL ON TABLE {qualified(schema, table)} FROM PUBLIC")
         out.append(f"GRANT SELECT ON TABLE {qualified(schema, table)} TO {owner}")
-    if target.gated_tables:
-        out += _approval_function(masked_schema, schema_owner_role, group_role)
+    out += _gate_objects(target, masked_schema, schema_owner_role, group_role)
     for key in special:
         out += _view(
             tables[key],
