@@ -92,6 +92,10 @@ class TargetSettings(_Strict):
     # Admin DSN file (read by the broker for catalog look-ups such as protected-column
     # OIDs); never handed to clients.
     admin_dsn_file: Path | None = None
+    # DSN file of a role that may GRANT the guard_approved_* roles (approvals are enforced
+    # by the database): a superuser/CREATEROLE admin, or better a role holding them WITH
+    # ADMIN OPTION; defaults to admin_dsn_file.
+    grants_dsn_file: Path | None = None
 
 
 class AuditSettings(_Strict):
