@@ -19,10 +19,12 @@ from guard.cli.profile import Profile, save_profile
 from tests.cli.invoke import guard  # noqa: F401
 
 TOKEN = "header.bob-id-token.signature"
-NOW = datetime.now(UTC)
 
 
 def request_info(id: str = "apr-7f3k", **changes) -> dict:
+    # Times relative to when the request is built, so ages read the same however long
+    # after collection the test runs.
+    now = datetime.now(UTC)
     info = {
         "id": id,
         "state": "pending",
@@ -42,11 +44,11 @@ def request_info(id: str = "apr-7f3k", **changes) -> dict:
                 "approver_groups": ["security-leads"],
                 "approve": True,
                 "comment": "fine by me",
-                "at": (NOW - timedelta(minutes=1)).isoformat(),
+                "at": (now - timedelta(minutes=1)).isoformat(),
             }
         ],
-        "created_at": (NOW - timedelta(minutes=5)).isoformat(),
-        "expires_at": (NOW + timedelta(minutes=10)).isoformat(),
+        "created_at": (now - timedelta(minutes=5)).isoformat(),
+        "expires_at": (now + timedelta(minutes=10)).isoformat(),
         "can_decide": True,
         "why_not": None,
     }
@@ -92,7 +94,7 @@ class FakeBroker:
             "approver_groups": ["security-leads"],
             "approve": parts[4] == "approve",
             "comment": body["comment"],
-            "at": NOW.isoformat(),
+            "at": datetime.now(UTC).isoformat(),
         }
         state = "approved" if parts[4] == "approve" else "denied"
         reason = "" if state == "approved" else f"denied by bob: {body['comment']}"
@@ -250,7 +252,7 @@ def test_approve_says_when_more_approvals_are_needed(broker, guard):  # noqa: F8
                     "approver": "bob",
                     "approver_groups": ["security-leads"],
                     "approve": True,
-                    "at": NOW.isoformat(),
+                    "at": datetime.now(UTC).isoformat(),
                 }
             ]
         ),
