@@ -176,3 +176,35 @@ def stack_with_rules(base: Stack, home: Path, rules: str) -> Iterator[Stack]:
         yield Stack(home=home, status=status, env=env)
     finally:
         subprocess.run([*GUARD, "dev", "down"], env=env, capture_output=True, timeout=60)
+
+
+@contextlib.contextmanager
+def denying_approvals(
+    stack: Stack, *, reviewer: str = "carol", reason: str = "approval withheld by the test"
+) -> Iterator[None]:
+    """While inside, every approval request the reviewer may decide is denied at once: for
+    tests that send a gated statement to see the session go on after it is refused."""
+    import threading
+
+    import httpx
+
+    token = stack.guard("dev", "token", reviewer)
+    assert token.returncode == 0, token.stderr
+    headers = {"Authorization": f"Bearer {token.stdout.strip()}"}
+    url = f"{stack.status['broker_url']}/v1/approvals"
+    stop = threading.Event()
+
+    def deny_all() -> None:
+        with httpx.Client(headers=headers, timeout=10) as http:
+            while not stop.is_set():
+                for request in http.get(url).json():
+                    http.post(f"{url}/{request['id']}/deny", json={"comment": reason})
+                stop.wait(0.05)
+
+    thread = threading.Thread(target=deny_all, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(10)

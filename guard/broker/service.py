@@ -15,6 +15,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from guard.broker.approvals.grants import DatabaseGrants
+from guard.broker.approvals.service import ApprovalService
+from guard.broker.approvals.store import SqliteApprovalStore
 from guard.broker.audit.sink import AuditUnavailable, JsonlAuditSink
 from guard.broker.policy.compile import PolicyError, load_policy_file
 from guard.broker.proxy.listener import Gateway
@@ -71,6 +74,24 @@ async def run(settings: BrokerSettings) -> None:
         policy=policy, targets=dict(settings.targets), issuer=issuer, audit=audit, state=state
     )
     await sessions.revoke_orphans()
+    grants = DatabaseGrants(settings.targets)
+    approval_store = SqliteApprovalStore(settings.database_path)
+    approvals = ApprovalService(
+        store=approval_store,
+        audit=audit,
+        policy=policy,
+        grants=grants,
+        end_session=sessions.end,
+        # Statements are held only where the broker can enforce an approval in the
+        # database (it can grant guard_approved_<table>); elsewhere they are refused.
+        holding_targets=frozenset(
+            name
+            for name, target in settings.targets.items()
+            if target.grants_dsn_file is not None or target.admin_dsn_file is not None
+        ),
+    )
+    approvals.expire_left_over()
+    sessions.on_end.append(approvals.session_ended)
     tls = None
     if settings.gateway_tls is not None:
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -83,13 +104,17 @@ async def run(settings: BrokerSettings) -> None:
         protected_map=ProtectedColumns(policy),
         tls=tls,
         idle_timeout=settings.gateway.idle_timeout_seconds or None,
+        approvals=approvals,
     )
     host, port = await gateway.start(settings.gateway.host, settings.gateway.port)
     address = _Address(settings.gateway.advertise_host or host, port, tls is not None)
     log.info("PG gateway listening on %s:%s", host, port)
 
     app = create_app(
-        sessions=sessions, resolve_principal=build_principal_resolver(settings), gateway=address
+        sessions=sessions,
+        resolve_principal=build_principal_resolver(settings),
+        gateway=address,
+        approvals=approvals,
     )
     config = uvicorn.Config(
         app,
@@ -123,6 +148,8 @@ async def run(settings: BrokerSettings) -> None:
             await watchdog
         await sessions.end_all("broker shutting down")
         await gateway.close()
+        await grants.close()
+        approval_store.close()
         audit.close()
         state.close()
 

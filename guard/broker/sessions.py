@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -81,6 +81,8 @@ class SessionManager:
         self.clock = clock
         self._by_id: dict[str, Session] = {}
         self._by_user: dict[str, Session] = {}
+        # Called with the session id when a session ends (its approvals are withdrawn).
+        self.on_end: list[Callable[[str], Awaitable[None]]] = []
 
     # -- lookup ------------------------------------------------------------------------
     def by_user(self, user: str) -> Session | None:
@@ -178,6 +180,11 @@ class SessionManager:
             conn.close(reason)
         session.connections.clear()
         self._by_user.pop(session.user, None)
+        for hook in self.on_end:
+            try:
+                await hook(session_id)
+            except Exception as exc:  # noqa: BLE001 - logged; the session still ends
+                log.error("ending session %s: %s failed: %s", session_id, hook, exc)
         await asyncio.to_thread(self._revoke_quietly, session.credentials.lease_id)
         self.state.session_ended(session_id, reason)
         try:

@@ -12,7 +12,7 @@ from decimal import Decimal
 import psycopg
 import pytest
 
-from tests.fix_stack import Stack
+from tests.fix_stack import Stack, denying_approvals
 from tests.integration.test_gateway import session  # noqa: F401 - module-scoped fixture
 
 asyncpg = pytest.importorskip("asyncpg")
@@ -226,8 +226,10 @@ def test_transaction_refusal_then_rollback(dev_stack: Stack, session):  # noqa: 
             await tr.rollback()
             assert not conn.is_in_transaction()
             # Refused outside an explicit transaction too, and the connection stays usable.
-            with pytest.raises(asyncpg.exceptions.InsufficientPrivilegeError, match="approval"):
-                await conn.fetch("SELECT * FROM transactions LIMIT 1")
+            # Held for approval, then denied (by the test's reviewer): an error in its place.
+            with denying_approvals(dev_stack):
+                with pytest.raises(asyncpg.exceptions.InsufficientPrivilegeError, match="approval"):
+                    await conn.fetch("SELECT * FROM transactions LIMIT 1")
             return await conn.fetchval("SELECT count(*) FROM products")
         finally:
             await conn.close()

@@ -13,7 +13,7 @@ import psycopg
 import psycopg.sql
 import pytest
 
-from tests.fix_stack import Stack
+from tests.fix_stack import Stack, denying_approvals
 from tests.integration.test_gateway import session  # noqa: F401 - module-scoped fixture
 
 pytestmark = [
@@ -189,14 +189,15 @@ def test_multi_statement_with_refusal(dev_stack: Stack, gw_env):
     assert sep.stdout.splitlines() == [str(before), MASKED_SSN]
     assert dev_stack.direct("SELECT count(*) FROM products")[0][0] == before
     # With ON_ERROR_STOP psql stops at the refusal and exits 3, as against PostgreSQL.
-    stop = psql(
-        gw_env,
-        "-v",
-        "ON_ERROR_STOP=1",
-        "-A",
-        "-t",
-        script="SELECT 1;\nSELECT * FROM transactions LIMIT 1;\nSELECT 2;\n",
-    )
+    with denying_approvals(dev_stack):  # held for approval, then denied
+        stop = psql(
+            gw_env,
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-A",
+            "-t",
+            script="SELECT 1;\nSELECT * FROM transactions LIMIT 1;\nSELECT 2;\n",
+        )
     assert stop.returncode == 3
     assert "approval" in stop.stderr
     assert stop.stdout.splitlines() == ["1"]

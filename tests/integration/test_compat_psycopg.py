@@ -11,7 +11,7 @@ from decimal import Decimal
 import psycopg
 import pytest
 
-from tests.fix_stack import Stack
+from tests.fix_stack import Stack, denying_approvals
 from tests.integration.test_gateway import (
     connect,
     session,  # noqa: F401 - module-scoped fixture
@@ -214,9 +214,12 @@ def test_nested_savepoints_with_refusal(dev_stack: Stack, session):  # noqa: F81
                             conn.execute("DROP TABLE products")
                     # Rolled back to the inner savepoint: the transaction is usable again.
                     assert conn.execute("SELECT 1").fetchone() == (1,)
-                    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="approval"):
-                        with conn.transaction():
-                            conn.execute("SELECT count(*) FROM transactions")
+                    # Held for approval inside the transaction, then denied: the error
+                    # rolls back to the savepoint like any other.
+                    with denying_approvals(dev_stack):
+                        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="approval"):
+                            with conn.transaction():
+                                conn.execute("SELECT count(*) FROM transactions")
                 names = conn.execute(
                     "SELECT name FROM products WHERE name LIKE %s ORDER BY name", (tag + "%",)
                 ).fetchall()

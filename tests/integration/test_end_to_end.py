@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.fix_stack import Stack
+from tests.fix_stack import Stack, denying_approvals
 
 pytestmark = pytest.mark.integration
 
@@ -104,7 +104,10 @@ def test_connect_psql_masks_and_refuses_ddl(alice: Stack):
     with psycopg.connect(alice.admin_dsn) as admin:
         assert admin.execute("SELECT to_regclass('public.customers')").fetchone()[0] is not None
 
-    gated = alice.guard("connect", "demo", "--", "-X", "-c", "SELECT * FROM transactions LIMIT 1")
+    with denying_approvals(alice):  # held for approval, then denied
+        gated = alice.guard(
+            "connect", "demo", "--", "-X", "-c", "SELECT * FROM transactions LIMIT 1"
+        )
     assert gated.returncode != 0
     assert "approval" in gated.stderr
 

@@ -1,4 +1,4 @@
-"""The broker's HTTP API (FastAPI): sessions for verified principals.
+"""The broker's HTTP API (FastAPI): sessions and approval requests for verified principals.
 
 Imports FastAPI, the API schemas and the broker's domain types; it holds no state of its
 own. Every route that does something authenticates the bearer ID token first; domain
@@ -11,7 +11,9 @@ from typing import Annotated, Protocol
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response
 
+from guard.broker.api.approvals import approval_routes
 from guard.broker.api.schemas import ErrorBody, SessionCreate, SessionCreated, SessionInfo
+from guard.broker.approvals.service import ApprovalService
 from guard.broker.errors import GuardError, NotFound, Unauthenticated
 from guard.broker.identity.principal import Principal
 from guard.broker.sessions import SessionManager
@@ -28,7 +30,11 @@ class GatewayAddress(Protocol):
 
 
 def create_app(
-    *, sessions: SessionManager, resolve_principal: PrincipalResolver, gateway: GatewayAddress
+    *,
+    sessions: SessionManager,
+    resolve_principal: PrincipalResolver,
+    gateway: GatewayAddress,
+    approvals: ApprovalService | None = None,
 ) -> FastAPI:
     app = FastAPI(title="guard broker", version="1", docs_url=None, redoc_url=None)
 
@@ -94,5 +100,7 @@ def create_app(
         _owned(session_id, caller)
         await sessions.end(session_id, "ended by client")
         return Response(status_code=204)
+
+    app.include_router(approval_routes(approvals, Caller))
 
     return app

@@ -51,8 +51,11 @@ class ErrorBody(_Model):
 
 
 # ---------------------------------------------------------------- approvals
-class ApprovalVote(_Model):
+class ApprovalVote(BaseModel):
     """One person's decision on a request."""
+
+    # What the broker sends may grow: an older CLI ignores fields it does not know.
+    model_config = ConfigDict(extra="ignore")
 
     approver: str  # label (display name, else subject)
     approver_groups: list[str]
@@ -61,12 +64,14 @@ class ApprovalVote(_Model):
     at: datetime
 
 
-class ApprovalInfo(_Model):
+class ApprovalInfo(BaseModel):
     """An approval request as reviewers and requesters see it.
 
     `statement` is the normalized text (literals replaced by $n): no typed value, so no
     value that touches a protected column, reaches a reviewer's screen.
     """
+
+    model_config = ConfigDict(extra="ignore")
 
     id: str
     state: str  # pending | approved | denied | expired | withdrawn

@@ -146,3 +146,25 @@ class SessionEvent:
 
     def to_body(self) -> dict[str, Any]:
         return _body(self)
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalEvent:
+    """An approval request's life: requested, each vote, approved/denied/expired/withdrawn,
+    the database grant given and taken back. `actor` is who acted (the requester, an
+    approver with the groups their own token carried then, or "guard")."""
+
+    request_id: str
+    session_id: str
+    event: str
+    actor: str
+    actor_issuer: str
+    actor_groups: tuple[str, ...]
+    target: str
+    rule: str
+    detail: str = ""
+    kind: str = "approval"
+    time: str = field(default_factory=utc_now_iso)
+
+    def to_body(self) -> dict[str, Any]:
+        return _body(self)

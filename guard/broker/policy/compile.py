@@ -241,7 +241,9 @@ def _compile_rule(spec: RuleSpec, path: str, problems: list[PolicyProblem]) -> R
             approval = ApprovalRequirement(
                 approver_groups=frozenset(spec.approval.approver_groups),
                 approvals_required=spec.approval.approvals_required,
-                window_seconds=duration_seconds(spec.approval.window),
+                window_seconds=(
+                    duration_seconds(spec.approval.window) if spec.approval.window else None
+                ),
             )
     elif spec.approval is not None:
         problems.append(

@@ -45,7 +45,7 @@ class ColumnId:
 class ApprovalRequirement:
     approver_groups: frozenset[str]
     approvals_required: int
-    window_seconds: int
+    window_seconds: int | None  # None: the approval covers one statement
 
 
 @dataclass(frozen=True, slots=True)

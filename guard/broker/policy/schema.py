@@ -124,7 +124,9 @@ class TargetSpec(_Model):
 class ApprovalSpec(_Model):
     approver_groups: list[GroupName] = Field(min_length=1)
     approvals_required: int = Field(default=1, ge=1, le=10)
-    window: Duration
+    # With a window, an approval covers the rule's statements in that session for that
+    # long; without one, exactly the one statement that was held.
+    window: Duration | None = None
 
 
 class WhenSpec(_Model):

@@ -294,6 +294,12 @@ class GatewayConnection:
         return self._held.request_id if self._held is not None else None
 
     @property
+    def awaiting_approval(self) -> str | None:
+        """The request id while a held statement waits for its decision (not once it runs)."""
+        held = self._held
+        return held.request_id if held is not None and not held.running else None
+
+    @property
     def idle(self) -> bool:
         """No request outstanding and nothing paused: the client is thinking, not waiting."""
         return self.state is _RELAYING and not self._pending

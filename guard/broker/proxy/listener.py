@@ -19,6 +19,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from guard.broker.approvals.service import ApprovalService, Requester
 from guard.broker.audit.record import SessionEvent
 from guard.broker.audit.sink import AuditSink, AuditUnavailable
 from guard.broker.pgwire import messages as m
@@ -28,8 +29,10 @@ from guard.broker.pgwire.parser import NEED_DATA, FrontendParser
 from guard.broker.pgwire.scram import AuthenticationFailed, ScramServer, make_verifier
 from guard.broker.policy.engine import CompiledPolicy
 from guard.broker.proxy import upstream
+from guard.broker.proxy.commands import RequestApproval
 from guard.broker.proxy.connection import GatewayConnection, ProtectedMap
 from guard.broker.proxy.encoding import codec_for
+from guard.broker.proxy.events import ApprovalDecided
 from guard.broker.proxy.gate import Gate
 from guard.broker.proxy.pump import Pump
 from guard.broker.sessions import Session, SessionManager
@@ -50,6 +53,7 @@ class _CancelTarget:
     port: int
     key: m.BackendKeyData
     tls: ssl.SSLContext | None  # the session connection's: the cancel goes the same way
+    pump: Pump | None = None  # a held statement is withdrawn, not cancelled upstream
 
 
 def _fatal(sqlstate: str, message: str) -> bytes:
@@ -66,8 +70,10 @@ class Gateway:
         protected_map: Callable[[str, upstream.UpstreamConnection], Awaitable[ProtectedMap]],
         tls: ssl.SSLContext | None = None,
         idle_timeout: float | None = None,
+        approvals: ApprovalService | None = None,
     ) -> None:
         self.tls = tls
+        self.approvals = approvals
         self.idle_timeout = idle_timeout
         self._upstream_tls_cache: dict[str, ssl.SSLContext | None] = {}
         self.sessions = sessions
@@ -142,6 +148,8 @@ class Gateway:
             return
         if isinstance(startup, m.CancelRequest):
             target = self._cancel_keys.get((startup.process_id, bytes(startup.secret_key)))
+            if target is not None and target.pump is not None and target.pump.cancel_held():
+                return  # the statement was waiting for approval: its request is withdrawn
             if target is not None:
                 await upstream.cancel(target.host, target.port, target.key, target.tls)
             return  # a key from another session (or none) cancels nothing
@@ -268,8 +276,25 @@ class Gateway:
             )
             up.wire.close()
             return
+        desk = None
+        if self.approvals is not None and self.approvals.holds_for(session.target):
+            desk = _Desk(
+                self.approvals,
+                Requester(
+                    session_id=session.id,
+                    target=session.target,
+                    principal=session.principal,
+                    reason=session.reason,
+                    role=session.credentials.username,
+                    expires_at=session.expires_at,
+                ),
+            )
         connection = GatewayConnection(
-            gate, protected=protected, client_user=session.user, client_encoding=encoding
+            gate,
+            protected=protected,
+            client_user=session.user,
+            client_encoding=encoding,
+            holds=desk is not None,
         )
         # Clients cancel with a gateway-issued key; only the gateway knows the upstream one.
         client_key = m.BackendKeyData(secrets.randbelow(2**31 - 1) + 1, secrets.token_bytes(4))
@@ -297,7 +322,10 @@ class Gateway:
             audit=self.audit,
             tls=up.wire.tls,
             idle_timeout=self.idle_timeout,
+            approvals=desk,
         )
+        if key_id in self._cancel_keys:
+            self._cancel_keys[key_id].pump = pump
         handle = _Handle(pump)
         session.connections.add(handle)
         self._record(session, "connection_opened", connection_id)
@@ -344,6 +372,23 @@ def _startup_params(startup: object, writer: asyncio.StreamWriter) -> dict[str, 
         # a bare minor 0 reads as "pre-3.0" and libpq 18 drops the connection.
         writer.write(encode(m.NegotiateProtocolVersion(3 << 16, unrecognized)))
     return params
+
+
+class _Desk:
+    """The approval service, bound to one connection's session (`pump.ApprovalDesk`)."""
+
+    def __init__(self, service: ApprovalService, requester: Requester) -> None:
+        self.service = service
+        self.requester = requester
+
+    async def hold(self, command: RequestApproval) -> ApprovalDecided:
+        return await self.service.hold(command.request_id, self.requester, command.decision)
+
+    async def end(self, request_id: str) -> None:
+        await self.service.end_statement(request_id)
+
+    def withdraw(self, request_id: str, reason: str) -> None:
+        self.service.withdraw(request_id, reason)
 
 
 class _Handle:

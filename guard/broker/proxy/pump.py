@@ -27,19 +27,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
 
 from guard.broker.audit.sink import AuditSink, AuditUnavailable
 from guard.broker.proxy.commands import (
     CloseConnection,
     Command,
+    EndApproval,
     Log,
     RecordResults,
+    RequestApproval,
     SendToClient,
     SendToServer,
     WriteAudit,
 )
 from guard.broker.proxy.connection import GatewayConnection
+from guard.broker.proxy.events import ApprovalDecided
+from guard.broker.proxy.tasks import spawn
 from guard.broker.proxy.tlslayer import TLSClient, TLSClosed
 
 log = logging.getLogger("guard.proxy")
@@ -47,6 +52,23 @@ log = logging.getLogger("guard.proxy")
 # Per-direction write buffer bounds (bytes) before the opposite side stops being read.
 HIGH_WATER = 1 << 20
 LOW_WATER = 1 << 18
+
+
+class ApprovalDesk(Protocol):
+    """Where a connection's held statements are decided (the approval service, bound to
+    the connection's session)."""
+
+    async def hold(self, command: RequestApproval) -> ApprovalDecided:
+        """Make the request and wait for its outcome (the grant given when approved)."""
+        ...
+
+    async def end(self, request_id: str) -> None:
+        """Take back the per-statement grant of an approved statement that completed."""
+        ...
+
+    def withdraw(self, request_id: str, reason: str) -> None:
+        """The request of a statement still waiting is withdrawn (cancel, disconnect)."""
+        ...
 
 
 class UnknownCommand(TypeError):
@@ -111,8 +133,11 @@ class Pump:
         audit: AuditSink,
         tls: TLSClient | None = None,
         idle_timeout: float | None = None,
+        approvals: ApprovalDesk | None = None,
     ) -> None:
         self.connection = connection
+        self.approvals = approvals
+        self._tasks: set[asyncio.Task[None]] = set()  # referenced until done (asyncio keeps none)
         self.client_transport = client_transport
         self.upstream_transport = upstream_transport
         self.audit = audit
@@ -154,7 +179,7 @@ class Pump:
             self._watchdog = self.loop.call_later(self.idle_timeout, self._check_idle)
 
     # ------------------------------------------------------------------ commands
-    def run(self, commands: list[Command]) -> None:
+    def run(self, commands: list[Command]) -> None:  # noqa: C901 - one branch per command, the shell's hot loop
         """Execute commands in order. A WriteAudit is answered at once, and the commands
         the answer yields run next (in a loop, not by recursion: a pipeline of thousands of
         statements pauses once per statement)."""
@@ -174,6 +199,10 @@ class Pump:
                 i, n = 0, len(commands)
             elif kind is RecordResults:
                 self._record_results(cmd)  # type: ignore[arg-type]
+            elif kind is RequestApproval or kind is EndApproval:
+                if i != n:
+                    raise UnknownCommand(f"{kind.__name__} must be the last command of its list")
+                self._start_approval_step(cmd)  # type: ignore[arg-type]
             elif kind is Log:
                 level = logging.ERROR if cmd.level == "error" else logging.WARNING  # type: ignore[union-attr]
                 log.log(level, cmd.message, exc_info=cmd.exc)  # type: ignore[union-attr]
@@ -194,6 +223,42 @@ class Pump:
             )
             return self.connection.audit_failed()
         return self.connection.audit_written(seqs)
+
+    # ------------------------------------------------------------------ approvals
+    def _start_approval_step(self, cmd: RequestApproval | EndApproval) -> None:
+        """A held statement waits for people (or its grant's end for the database): off
+        the event loop's path, in a task; the connection stays paused meanwhile."""
+        if self.approvals is None:
+            raise UnknownCommand(f"{type(cmd).__name__} on a connection without approvals")
+        name = f"approval {cmd.request_id} ({self.connection.gate.connection_id})"
+        self._spawn(self._approval_step(self.approvals, cmd), name)
+
+    async def _approval_step(self, desk: ApprovalDesk, cmd: RequestApproval | EndApproval) -> None:
+        try:
+            if isinstance(cmd, RequestApproval):
+                event = await desk.hold(cmd)
+                commands = self.connection.approval_decided(event)
+            else:
+                await desk.end(cmd.request_id)
+                commands = self.connection.approval_ended(cmd.request_id)
+            if not self.done.done():
+                self.run(commands)
+        except Exception:  # noqa: BLE001 - as in data_received: this connection ends
+            self.crashed(f"approval {cmd.request_id}")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = spawn(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def cancel_held(self) -> bool:
+        """The client's CancelRequest: withdraw a statement waiting for approval (True), or
+        nothing here (False: the cancel goes to the database as usual)."""
+        request_id = self.connection.awaiting_approval
+        if request_id is None or self.approvals is None:
+            return False
+        self.approvals.withdraw(request_id, "cancelled by the client")
+        return True
 
     def _record_results(self, cmd: RecordResults) -> None:
         try:
@@ -248,7 +313,14 @@ class Pump:
         self.close(f"internal error in the gateway shell ({where})")
 
     def close(self, reason: str) -> None:
-        """End both sides (buffered writes are flushed first); the first reason stands."""
+        """End both sides (buffered writes are flushed first); the first reason stands.
+        A held statement's request is withdrawn, and a running one's grant taken back."""
+        held = self.connection.held_request
+        if held is not None and self.approvals is not None and not self.done.done():
+            if self.connection.awaiting_approval is not None:
+                self.approvals.withdraw(held, f"the connection ended ({reason})")
+            else:
+                self._spawn(self.approvals.end(held), f"approval {held}: grant ends")
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None

@@ -1,0 +1,233 @@
+"""The approval service end to end in memory: a held statement's request, people deciding it
+through the service (segregation of duties applied), the grant given before the statement
+runs and taken back after it, windows, expiry, withdrawal, and the audit trail of it all.
+
+The real gate decides the demo policy's `SELECT ... FROM transactions`; grants, store and
+audit sink are the in-memory implementations; the clock is a list the test moves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from guard.broker.approvals.grants import MemoryGrants
+from guard.broker.approvals.model import RequestState
+from guard.broker.approvals.service import ApprovalService, Conflict, NotAllowed, Requester
+from guard.broker.approvals.store import MemoryApprovalStore
+from guard.broker.audit.sink import MemoryAuditSink
+from guard.broker.identity.principal import Principal
+from guard.broker.policy.compile import load_policy
+from guard.broker.proxy.gate import Gate
+from tests.playbook import POLICY
+
+_DEMO = Path(__file__).resolve().parents[2] / "policies.yaml"
+# The demo rule approves for a 30-minute window; most tests want one statement per approval.
+ONE_STATEMENT = load_policy(_DEMO.read_text().replace(", window: 30m", ""))
+TWO_PEOPLE = load_policy(
+    _DEMO.read_text()
+    .replace(", window: 30m", "")
+    .replace("approvals_required: 1", "approvals_required: 2")
+)
+
+T0 = datetime(2026, 12, 3, 10, 0, tzinfo=UTC)
+ALICE = Principal("https://idp.test", "alice-sub", frozenset({"engineers"}), "alice")
+BOB = Principal("https://idp.test", "bob-sub", frozenset({"security-leads"}), "bob")
+CAROL = Principal("https://idp.test", "carol-sub", frozenset({"security-leads"}), "carol")
+SQL = "SELECT * FROM transactions WHERE account_id = 1"
+
+
+class Harness:
+    def __init__(self, *, policy=ONE_STATEMENT) -> None:
+        self.now = [T0]
+        self.grants = MemoryGrants()
+        self.audit = MemoryAuditSink()
+        self.store = MemoryApprovalStore()
+        self.ended: list[tuple[str, str]] = []
+
+        async def end_session(session_id: str, reason: str) -> None:
+            self.ended.append((session_id, reason))
+
+        self.service = ApprovalService(
+            store=self.store,
+            audit=self.audit,
+            policy=policy,
+            grants=self.grants,
+            end_session=end_session,
+            holding_targets=frozenset({"demo"}),
+            clock=lambda: self.now[0],
+        )
+        gate = Gate(
+            policy=policy, target="demo", principal=ALICE, session_id="s1", connection_id="c1"
+        )
+        self.decision = gate.decide(SQL)
+        self.requester = Requester(
+            session_id="s1",
+            target="demo",
+            principal=ALICE,
+            reason="INC-123",
+            role="v-token-alice",
+            expires_at=T0 + timedelta(hours=1),
+        )
+
+    def events(self) -> list[tuple[str, str]]:
+        return [(r["event"], r["actor"]) for r in self.audit.records if r["kind"] == "approval"]
+
+
+async def _held(h: Harness, request_id: str = "r1") -> asyncio.Task:
+    task = asyncio.ensure_future(h.service.hold(request_id, h.requester, h.decision))
+    await asyncio.sleep(0)  # the request exists once hold() is waiting
+    return task
+
+
+def test_an_approval_grants_then_the_statement_ends_and_the_grant_goes():
+    async def main():
+        h = Harness()
+        task = await _held(h)
+        (pending,) = h.service.decidable_by(BOB)
+        assert pending.statement.endswith("account_id = $1")  # no literal reaches reviewers
+        assert pending.session_reason == "INC-123" and pending.tables == ("public.transactions",)
+        h.service.decide("r1", BOB, approve=True, comment="INC-123 checked")
+        outcome = await task
+        assert outcome.approved and outcome.per_statement
+        held = set(h.grants.held)
+        await h.service.end_statement("r1")
+        return h, held
+
+    h, held_while_running = asyncio.run(main())
+    assert held_while_running == {("demo", "v-token-alice", "guard_approved_transactions")}
+    assert h.grants.held == set()
+    assert [c[0] for c in h.grants.calls] == ["grant", "revoke"]
+    assert h.events() == [
+        ("requested", "alice-sub"),
+        ("vote-approve", "bob-sub"),
+        ("approved", "bob-sub"),
+        ("granted", "guard"),
+        ("revoked", "guard"),
+    ]
+    bob_vote = next(r for r in h.audit.records if r.get("event") == "vote-approve")
+    assert bob_vote["actor_groups"] == ["security-leads"]  # from bob's own token
+
+
+def test_the_requester_cannot_approve_under_any_issuer():
+    async def main():
+        h = Harness()
+        task = await _held(h)
+        alice_elsewhere = Principal(
+            "https://other-idp.test", "alice-sub", frozenset({"security-leads"})
+        )
+        with pytest.raises(NotAllowed, match="segregation of duties"):
+            h.service.decide("r1", alice_elsewhere, approve=True, comment="")
+        assert h.service.decidable_by(alice_elsewhere) == []
+        h.service.withdraw("r1", "test over")
+        return await task
+
+    assert not asyncio.run(main()).approved
+
+
+def test_two_approvers_are_two_people():
+    async def main():
+        h = Harness(policy=TWO_PEOPLE)
+        task = await _held(h)
+        h.service.decide("r1", BOB, approve=True, comment="ok")
+        with pytest.raises(NotAllowed, match="already decided"):
+            h.service.decide("r1", BOB, approve=True, comment="again")
+        assert not task.done()
+        h.service.decide("r1", CAROL, approve=True, comment="ok too")
+        return await task, h
+
+    outcome, h = asyncio.run(main())
+    assert outcome.approved
+    assert h.store.get("r1").state is RequestState.APPROVED
+
+
+def test_a_denial_reaches_the_client_with_who_and_why():
+    async def main():
+        h = Harness()
+        task = await _held(h)
+        h.service.decide("r1", CAROL, approve=False, comment="not during the audit")
+        with pytest.raises(Conflict, match="already denied"):
+            h.service.decide("r1", BOB, approve=True, comment="")
+        return await task, h
+
+    outcome, h = asyncio.run(main())
+    assert not outcome.approved and outcome.error.sqlstate == "42501"
+    assert "denied by carol: not during the audit" in outcome.error.message
+    assert h.grants.calls == []
+
+
+def test_a_request_expires_unanswered():
+    async def main():
+        h = Harness()
+        h.service.request_seconds = 0  # expires at once (no window keeps it longer)
+        task = await _held(h)
+        h.now[0] = T0 + timedelta(hours=2)
+        h.service._expire("r1")
+        return await task, h
+
+    outcome, h = asyncio.run(main())
+    assert not outcome.approved and "expired" in outcome.error.message
+    assert ("expired", "guard") in h.events()
+
+
+def test_a_cancel_withdraws_with_the_cancel_error():
+    async def main():
+        h = Harness()
+        task = await _held(h)
+        h.service.withdraw("r1", "cancelled by the client")
+        return await task, h
+
+    outcome, h = asyncio.run(main())
+    assert outcome.error.sqlstate == "57014"
+    assert h.store.get("r1").state is RequestState.WITHDRAWN
+
+
+def test_a_window_approval_covers_the_rule_in_the_session_until_it_ends():
+    async def main():
+        h = Harness(policy=POLICY)  # the demo rule: window 30m
+        task = await _held(h)
+        h.service.decide("r1", BOB, approve=True, comment="")
+        first = await task
+        second = await h.service.hold("r2", h.requester, h.decision)  # no new request
+        return first, second, h
+
+    first, second, h = asyncio.run(main())
+    assert first.approved and not first.per_statement  # the demo rule has window: 30m
+    assert second.approved and h.store.get("r2") is None
+    assert [c[0] for c in h.grants.calls] == ["grant"]
+
+
+def test_a_grant_that_cannot_be_taken_back_ends_the_session():
+    from guard.broker.errors import DependencyUnavailable
+
+    async def main():
+        h = Harness()
+        task = await _held(h)
+        h.service.decide("r1", BOB, approve=True, comment="")
+        assert (await task).per_statement
+        h.grants.error = DependencyUnavailable("database down")
+        await h.service.end_statement("r1")
+        return h
+
+    h = asyncio.run(main())
+    assert h.ended == [("s1", "an approval grant could not be revoked")]
+
+
+def test_others_cannot_see_a_request():
+    async def main():
+        h = Harness()
+        task = await _held(h)
+        mallory = Principal("https://idp.test", "mallory", frozenset({"engineers"}))
+        from guard.broker.errors import NotFound
+
+        with pytest.raises(NotFound):
+            h.service.get("r1", mallory)
+        assert h.service.get("r1", ALICE).id == "r1"
+        assert [r.id for r in h.service.requested_by(ALICE)] == ["r1"]
+        h.service.withdraw("r1", "over")
+        await task
+
+    asyncio.run(main())
