@@ -13,9 +13,10 @@ import os
 import ssl
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Strict(BaseModel):
@@ -102,6 +103,28 @@ class AuditSettings(_Strict):
     path: Path
 
 
+class ApprovalSettings(_Strict):
+    # Slack-compatible incoming webhooks (Slack, Mattermost, Teams…) told of new approval
+    # requests and decisions. The URLs are secrets: logs show their host only, and the
+    # settings' repr leaves them out.
+    webhooks: list[str] = Field(default=[], repr=False)
+
+    @field_validator("webhooks")
+    @classmethod
+    def _http_urls(cls, urls: list[str]) -> list[str]:
+        for i, url in enumerate(urls):
+            try:
+                parts = urlsplit(url)
+                ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+                parts.port  # noqa: B018 - raises ValueError on a bad port
+            except ValueError:
+                ok = False
+            if not ok:
+                # The URL itself is not repeated: it may carry a secret.
+                raise ValueError(f"webhooks[{i}] is not an http(s) URL with a host")
+        return urls
+
+
 class BrokerSettings(_Strict):
     state_dir: Path
     policy_file: Path
@@ -112,6 +135,7 @@ class BrokerSettings(_Strict):
     openbao: OpenBaoSettings
     targets: dict[str, TargetSettings]
     audit: AuditSettings
+    approvals: ApprovalSettings = ApprovalSettings()
     session_default_ttl_seconds: int = 3600
 
     @property
