@@ -200,6 +200,29 @@ def test_a_window_approval_covers_the_rule_in_the_session_until_it_ends():
     assert [c[0] for c in h.grants.calls] == ["grant"]
 
 
+def test_a_window_ends_on_time_its_grant_goes_and_the_next_read_asks_again():
+    async def main():
+        h = Harness(policy=POLICY)  # window: 30m
+        task = await _held(h)
+        h.service.decide("r1", BOB, approve=True, comment="")
+        await task
+        (window,) = h.service._windows.values()
+        assert window.until == T0 + timedelta(minutes=30)  # the policy's window
+        # The window's timer fires (called here as the event loop would at its end):
+        h.service.close_window("s1", "transactions-need-approval")
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        again = await _held(h, "r2")
+        assert h.store.get("r2").state is RequestState.PENDING  # a new request, not covered
+        h.service.withdraw("r2", "test over")
+        await again
+        return h
+
+    h = asyncio.run(main())
+    assert [c[0] for c in h.grants.calls] == ["grant", "revoke"]
+    assert h.grants.held == set()
+
+
 def test_a_grant_that_cannot_be_taken_back_ends_the_session():
     from guard.broker.errors import DependencyUnavailable
 

@@ -74,7 +74,7 @@ class Requester:
 class _Window:
     request_id: str
     until: datetime
-    role: str
+    requester: Requester
     tables: tuple[str, ...]
     timer: asyncio.TimerHandle | None = None
 
@@ -284,22 +284,27 @@ class ApprovalService:
     def _open_window(self, request: ApprovalRequest, requester: Requester) -> None:
         assert request.window_seconds is not None
         until = self.clock() + timedelta(seconds=request.window_seconds)
-        window = _Window(request.id, until, requester.role, request.tables)
-        key = (requester.session_id, request.rule_id)
-        self._windows[key] = window
-
-        def close_window() -> None:
-            if self._windows.get(key) is window:
-                del self._windows[key]
-                task = spawn(
-                    self._revoke(request.id, requester, request.tables),
-                    name=f"window {request.id} ends",
-                )
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-
+        window = _Window(request.id, until, requester, request.tables)
+        self._windows[(requester.session_id, request.rule_id)] = window
         delay = (until - self.clock()).total_seconds()
-        window.timer = asyncio.get_running_loop().call_later(delay, close_window)
+        window.timer = asyncio.get_running_loop().call_later(
+            delay, self.close_window, requester.session_id, request.rule_id
+        )
+
+    def close_window(self, session_id: str, rule_id: str) -> None:
+        """A window ends (its timer): the rule's statements need approval again, and the
+        grant is taken back."""
+        window = self._windows.pop((session_id, rule_id), None)
+        if window is None:
+            return
+        if window.timer is not None:
+            window.timer.cancel()
+        task = spawn(
+            self._revoke(window.request_id, window.requester, window.tables),
+            name=f"window {window.request_id} ends",
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _revoke(self, request_id: str, requester: Requester, tables: Sequence[str]) -> None:
         try:
