@@ -41,6 +41,11 @@ CASES: dict[str, tuple[list[str] | None, list[str], list[str]]] = {
     ),
     "requests": (None, ["requests", "--bogus"], ["requests", "--json=yes"]),
     "policy check": (None, ["policy", "check", "--bogus"], ["policy", "check", "/"]),
+    "policy explain": (
+        ["policy", "explain", "--as", "alice", "SELECT 1"],
+        ["policy", "explain", "--as", "alice", "--db", "demo", "SELECT 1", "--bogus"],
+        ["policy", "explain", "--policy", "/", "--as", "alice", "--db", "demo", "SELECT 1"],
+    ),
     "dev up": (["dev", "up", "--policy"], ["dev", "up", "--bogus"], ["dev", "up", "--detach=1"]),
     "dev down": (None, ["dev", "down", "extra"], ["dev", "down", "--help=yes"]),
     "dev status": (None, ["dev", "status", "--bogus"], ["dev", "status", "--json=yes"]),
@@ -139,6 +144,8 @@ def test_usage_errors_are_one_line_with_a_hint_and_exit_2(home, guard, argv):  #
         (["deny", "apr-1"], "missing option '--reason'", "usage: guard deny [OPTIONS] {ID}"),
         (["aprove"], "unknown command 'aprove'", "did you mean `guard approve`?"),
         (["request"], "unknown command 'request'", "did you mean `guard requests`?"),
+        (["policy", "explain", "SELECT 1"], "missing option '--db'", "guard policy explain"),
+        (["explain"], "unknown command 'explain'", "did you mean `guard policy explain`?"),
     ],
 )
 def test_usage_errors_say_what_is_wrong_and_what_to_type(home, guard, argv, error, hint):  # noqa: F811
