@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from guard.broker.approvals.grants import DatabaseGrants
+from guard.broker.approvals.notify import NullNotifier, WebhookNotifier
 from guard.broker.approvals.service import ApprovalService
 from guard.broker.approvals.store import SqliteApprovalStore
 from guard.broker.audit.sink import AuditUnavailable, JsonlAuditSink
@@ -76,7 +77,14 @@ async def run(settings: BrokerSettings) -> None:
     await sessions.revoke_orphans()
     grants = DatabaseGrants(settings.targets)
     approval_store = SqliteApprovalStore(settings.database_path)
+    notifier = (
+        WebhookNotifier(settings.approvals.webhooks)
+        if settings.approvals.webhooks
+        else NullNotifier()
+    )
+    await notifier.start()
     approvals = ApprovalService(
+        notifier=notifier,
         store=approval_store,
         audit=audit,
         policy=policy,
@@ -149,6 +157,7 @@ async def run(settings: BrokerSettings) -> None:
         await sessions.end_all("broker shutting down")
         await gateway.close()
         await grants.close()
+        await notifier.close(grace=2.0)
         approval_store.close()
         audit.close()
         state.close()

@@ -254,3 +254,24 @@ def test_others_cannot_see_a_request():
         await task
 
     asyncio.run(main())
+
+
+def test_every_event_is_told_to_the_notifier_after_its_record():
+    class Recording:
+        def __init__(self) -> None:
+            self.told: list[tuple[str, str]] = []
+
+        def notify(self, event, request, actor) -> None:
+            self.told.append((event, actor.subject))
+
+    async def main():
+        h = Harness()
+        h.service.notifier = notifier = Recording()
+        task = await _held(h)
+        h.service.decide("r1", BOB, approve=True, comment="")
+        await task
+        await h.service.end_statement("r1")
+        return h, notifier
+
+    h, notifier = asyncio.run(main())
+    assert notifier.told == h.events()  # the same events, in the audit's order

@@ -27,6 +27,7 @@ from datetime import UTC, datetime, timedelta
 from guard.broker.approvals import model
 from guard.broker.approvals.grants import Grants
 from guard.broker.approvals.model import ApprovalRequest, Person, RequestState
+from guard.broker.approvals.notify import Notifier, NullNotifier
 from guard.broker.approvals.store import ApprovalStore
 from guard.broker.audit.record import ApprovalEvent
 from guard.broker.audit.sink import AuditSink, AuditUnavailable
@@ -89,12 +90,15 @@ class ApprovalService:
         grants: Grants,
         end_session: Callable[[str, str], Awaitable[None]],
         holding_targets: frozenset[str],
+        notifier: Notifier | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         request_seconds: int = DEFAULT_REQUEST_SECONDS,
     ) -> None:
         # Targets whose database grants the broker can give (a grants DSN is configured):
         # elsewhere an approval could not be enforced, so statements are refused, not held.
         self.holding_targets = holding_targets
+        # Told of every event after its audit record (webhooks); never blocks, never raises.
+        self.notifier = notifier or NullNotifier()
         self.store = store
         self.audit = audit
         self.policy = policy
@@ -353,6 +357,7 @@ class ApprovalService:
             )
         except AuditUnavailable as exc:
             log.error("could not record %s of approval request %s: %s", event, request.id, exc)
+        self.notifier.notify(event, request, actor)
 
 
 _GUARD = Person("guard", "guard", "guard", frozenset())
