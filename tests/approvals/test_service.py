@@ -275,3 +275,24 @@ def test_every_event_is_told_to_the_notifier_after_its_record():
 
     h, notifier = asyncio.run(main())
     assert notifier.told == h.events()  # the same events, in the audit's order
+
+
+def test_requests_outlive_a_broker_restart_and_pending_ones_expire(tmp_path):
+    from guard.broker.approvals.store import SqliteApprovalStore
+
+    async def first_run():
+        h = Harness()
+        h.service.store = h.store = SqliteApprovalStore(tmp_path / "state.db")
+        task = await _held(h)  # the broker stops while the request waits
+        task.cancel()
+        h.store.close()
+
+    asyncio.run(first_run())
+    h = Harness()
+    h.service.store = h.store = SqliteApprovalStore(tmp_path / "state.db")
+    h.service.expire_left_over()
+    request = h.store.get("r1")
+    assert request is not None and request.state is RequestState.EXPIRED
+    assert request.state_reason == "the broker restarted"
+    assert h.events() == [("expired", "guard")]
+    h.store.close()

@@ -173,14 +173,18 @@ def test_a_cancel_withdraws_the_request(dev_stack: Stack):
 
 
 @contextlib.contextmanager
-def _stack_without_window(base: Stack, home: Path) -> Iterator[Stack]:
-    """A second demo stack whose approval rule covers one statement (no window)."""
+def _stack_with_rule(base: Stack, home: Path, approval: str) -> Iterator[Stack]:
+    """A second demo stack whose approval rule's terms are `approval` (YAML flow mapping
+    body), e.g. one statement instead of the demo's 30-minute window."""
     import json
     import subprocess
 
     home.mkdir(parents=True, exist_ok=True)
     policy = home / "policies.yaml"
-    policy.write_text(DEMO_POLICY.read_text().replace(", window: 30m", ""))
+    demo = "approver_groups: [security-leads], approvals_required: 1, window: 30m"
+    text = DEMO_POLICY.read_text()
+    assert demo in text
+    policy.write_text(text.replace(demo, approval))
     env = {**base.env, "GUARD_HOME": str(home)}
     up = subprocess.run(
         [*GUARD, "dev", "up", "--detach", "--policy", str(policy)],
@@ -202,7 +206,8 @@ def _stack_without_window(base: Stack, home: Path) -> Iterator[Stack]:
 
 
 def test_one_statement_approval_grant_is_gone_after_the_statement(dev_stack: Stack, tmp_path):
-    with _stack_without_window(dev_stack, tmp_path / "home") as stack:
+    one_statement = "approver_groups: [security-leads], approvals_required: 1"
+    with _stack_with_rule(dev_stack, tmp_path / "home", one_statement) as stack:
         ca = stack.status["gateway_ca"]
         session = _session(stack, reason="one statement")
         held = Client(session, ca).start()
@@ -224,3 +229,31 @@ def test_one_statement_approval_grant_is_gone_after_the_statement(dev_stack: Sta
         _api(stack, "POST", f"/v1/approvals/{second}/deny", "bob", json={"comment": "no"})
         assert isinstance(held.result()[1], psycopg.errors.InsufficientPrivilege)
         held.conn.close()
+
+
+def test_two_approvers_are_two_people_and_a_held_statement_runs_in_its_transaction(
+    dev_stack: Stack, tmp_path
+):
+    two = "approver_groups: [security-leads], approvals_required: 2"
+    with _stack_with_rule(dev_stack, tmp_path / "home", two) as stack:
+        ca = stack.status["gateway_ca"]
+        session = _session(stack, reason="two people")
+        client = Client(session, ca)
+        client.conn.execute("BEGIN")
+        client.conn.execute("INSERT INTO products (name, kind, rate) VALUES ('held', 'test', 1)")
+        client.start()
+        request_id = client.request_id()
+        approve = f"/v1/approvals/{request_id}/approve"
+        assert _api(stack, "POST", approve, "bob", json={}).json()["state"] == "pending"
+        again = _api(stack, "POST", approve, "bob", json={})
+        assert again.status_code == 403 and "already decided" in again.json()["message"]
+        assert client.thread.is_alive()  # one person, however many times, is not two
+        assert _api(stack, "POST", approve, "carol", json={}).json()["state"] == "approved"
+        rows, error = client.result()
+        assert error is None and rows[0][0] > 0
+        # The transaction was open all along: its earlier insert is still there to commit.
+        held_insert = "SELECT count(*) FROM products WHERE name = 'held'"
+        assert client.conn.execute(held_insert).fetchone() == (1,)
+        client.conn.execute("ROLLBACK")
+        client.conn.close()
+        assert stack.direct("SELECT count(*) FROM products WHERE name = 'held'") == [(0,)]

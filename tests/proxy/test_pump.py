@@ -193,3 +193,80 @@ def test_the_idle_watchdog_ends_an_idle_connection_only():
     last = messages(events, "client", BackendParser())[-1]
     assert last.sqlstate == "57P05" and last.severity == "FATAL"
     assert pump.end_reason.startswith("idle for")
+
+
+class FakeDesk:
+    """An approval desk that records what the pump asks of it and answers when told."""
+
+    def __init__(self) -> None:
+        self.withdrawn: list[tuple[str, str]] = []
+        self.ended: list[str] = []
+        self.answer: asyncio.Future | None = None
+        self.held: list[str] = []
+
+    async def hold(self, command):
+        self.held.append(command.request_id)
+        self.answer = asyncio.get_running_loop().create_future()
+        return await self.answer
+
+    async def end(self, request_id: str) -> None:
+        self.ended.append(request_id)
+
+    def withdraw(self, request_id: str, reason: str) -> None:
+        self.withdrawn.append((request_id, reason))
+
+
+def _holding_pump(desk: FakeDesk):
+    events: list = []
+    client, upstream = FakeTransport("client", events), FakeTransport("upstream", events)
+    pump = Pump(
+        connection(holds=True),
+        client,
+        upstream,
+        audit=RecordingSink(events),
+        approvals=desk,
+    )
+    pump.start(b"", b"")
+    return pump, client, upstream, events
+
+
+def test_a_disconnect_withdraws_the_held_statements_request():
+    async def main():
+        desk = FakeDesk()
+        pump, client, upstream, events = _holding_pump(desk)
+        client.protocol.data_received(wire(m.Query("SELECT * FROM transactions")))
+        await asyncio.sleep(0)
+        assert desk.held and pump.connection.awaiting_approval == desk.held[0]
+        assert not messages(events, "upstream", FrontendParser(expect_startup=False))
+        client.protocol.connection_lost(None)
+        return desk
+
+    desk = asyncio.run(main())
+    (request_id, reason) = desk.withdrawn[0]
+    assert request_id == desk.held[0] and "connection ended" in reason
+
+
+def test_an_approved_statement_runs_and_its_grant_ends_before_the_next():
+    from guard.broker.proxy.events import ApprovalDecided
+
+    async def main():
+        desk = FakeDesk()
+        pump, client, upstream, events = _holding_pump(desk)
+        client.protocol.data_received(
+            wire(m.Query("SELECT * FROM transactions"), m.Query("SELECT 1"))
+        )
+        await asyncio.sleep(0)
+        desk.answer.set_result(ApprovalDecided(desk.held[0], approved=True))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        sent_while_running = messages(events, "upstream", FrontendParser(expect_startup=False))
+        upstream.protocol.data_received(wire(m.CommandComplete("SELECT 0"), m.ReadyForQuery(b"I")))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return desk, sent_while_running, events
+
+    desk, sent_while_running, events = asyncio.run(main())
+    assert sent_while_running == [m.Query("SELECT * FROM transactions")]  # SELECT 1 waits
+    assert desk.ended == desk.held
+    sent = messages(events, "upstream", FrontendParser(expect_startup=False))
+    assert sent == [m.Query("SELECT * FROM transactions"), m.Query("SELECT 1")]
