@@ -148,11 +148,20 @@ def dev_stack(tmp_path_factory) -> Stack:
 
 @contextlib.contextmanager
 def stack_with_rules(base: Stack, home: Path, rules: str) -> Iterator[Stack]:
-    """A second demo stack (own GUARD_HOME, ports, cluster) whose policy is the demo policy
-    plus `rules` (YAML rule entries). `base` is the `dev_stack` fixture: its environment,
-    and its skip/fail rules when PostgreSQL or OpenBao is missing."""
+    """A second demo stack whose policy is the demo policy plus `rules` (YAML rule
+    entries); see `stack_with_policy`."""
+    with stack_with_policy(base, home, DEMO_POLICY.read_text() + rules) as stack:
+        yield stack
+
+
+@contextlib.contextmanager
+def stack_with_policy(base: Stack, home: Path, text: str) -> Iterator[Stack]:
+    """A second demo stack (own GUARD_HOME, ports, cluster) whose policy is `text`. `base`
+    is the `dev_stack` fixture: its environment, and its skip/fail rules when PostgreSQL
+    or OpenBao is missing."""
+    home.mkdir(parents=True, exist_ok=True)
     policy = home / "policies.yaml"
-    policy.write_text(DEMO_POLICY.read_text() + rules)
+    policy.write_text(text)
     env = {**base.env, "GUARD_HOME": str(home)}
     up = subprocess.run(
         [*GUARD, "dev", "up", "--detach", "--policy", str(policy)],

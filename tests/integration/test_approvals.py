@@ -18,7 +18,7 @@ import httpx
 import psycopg
 import pytest
 
-from tests.fix_stack import DEMO_POLICY, GUARD, Stack
+from tests.fix_stack import DEMO_POLICY, Stack, stack_with_policy
 
 pytestmark = pytest.mark.integration
 
@@ -176,33 +176,11 @@ def test_a_cancel_withdraws_the_request(dev_stack: Stack):
 def _stack_with_rule(base: Stack, home: Path, approval: str) -> Iterator[Stack]:
     """A second demo stack whose approval rule's terms are `approval` (YAML flow mapping
     body), e.g. one statement instead of the demo's 30-minute window."""
-    import json
-    import subprocess
-
-    home.mkdir(parents=True, exist_ok=True)
-    policy = home / "policies.yaml"
     demo = "approver_groups: [security-leads], approvals_required: 1, window: 30m"
     text = DEMO_POLICY.read_text()
     assert demo in text
-    policy.write_text(text.replace(demo, approval))
-    env = {**base.env, "GUARD_HOME": str(home)}
-    up = subprocess.run(
-        [*GUARD, "dev", "up", "--detach", "--policy", str(policy)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    try:
-        assert up.returncode == 0, up.stderr
-        status = json.loads(
-            subprocess.run(
-                [*GUARD, "dev", "status", "--json"], env=env, capture_output=True, text=True
-            ).stdout
-        )
-        yield Stack(home=home, status=status, env=env)
-    finally:
-        subprocess.run([*GUARD, "dev", "down"], env=env, capture_output=True, timeout=60)
+    with stack_with_policy(base, home, text.replace(demo, approval)) as stack:
+        yield stack
 
 
 def test_one_statement_approval_grant_is_gone_after_the_statement(dev_stack: Stack, tmp_path):
