@@ -296,3 +296,17 @@ def test_requests_outlive_a_broker_restart_and_pending_ones_expire(tmp_path):
     assert request.state_reason == "the broker restarted"
     assert h.events() == [("expired", "guard")]
     h.store.close()
+
+
+def test_a_request_id_already_taken_is_never_overwritten():
+    async def main():
+        h = Harness()
+        first = await _held(h)
+        second = await h.service.hold("r1", h.requester, h.decision)  # the same id again
+        h.service.withdraw("r1", "test over")
+        await first
+        return h, second
+
+    h, second = asyncio.run(main())
+    assert not second.approved and "could not be made" in second.error.message
+    assert h.store.get("r1").state is RequestState.WITHDRAWN  # the first request, intact

@@ -560,7 +560,7 @@ def test_a_statement_that_needs_approval_is_held_then_runs_once_approved():
     # The client is told the request id and who can approve; nothing of the statement is
     # forwarded; a statement sent behind it waits; once approved the statement runs, its
     # grant ends with it, and only then does the queued statement run.
-    request = Placeholder(r"[0-9a-f]{8}")
+    request = Placeholder(r"[0-9a-f]{12}")
     playbook = _held_playbook()
     assert (
         playbook
@@ -592,7 +592,7 @@ def test_a_statement_that_needs_approval_is_held_then_runs_once_approved():
 
 
 def test_a_denied_statement_gets_the_denial_and_the_session_goes_on():
-    request = Placeholder(r"[0-9a-f]{8}")
+    request = Placeholder(r"[0-9a-f]{12}")
     denial = m.ErrorResponse.build("42501", "guard: request denied by bob: not during the audit")
     assert (
         _held_playbook()
@@ -613,7 +613,7 @@ def test_a_denied_statement_gets_the_denial_and_the_session_goes_on():
 
 
 def test_a_held_execute_runs_with_a_flush_and_its_sync_waits_for_the_grants_end():
-    request = Placeholder(r"[0-9a-f]{8}")
+    request = Placeholder(r"[0-9a-f]{12}")
     parsed = (m.Parse("s", TX_SQL, ()), m.Bind("", "s", (), (), ()))
     done = (TX_ROW, m.CommandComplete("SELECT 1"))
     assert (
@@ -640,7 +640,7 @@ def test_a_held_execute_runs_with_a_flush_and_its_sync_waits_for_the_grants_end(
 
 
 def test_a_window_approval_lets_the_queue_go_on_at_once():
-    request = Placeholder(r"[0-9a-f]{8}")
+    request = Placeholder(r"[0-9a-f]{12}")
     assert (
         _held_playbook()
         >> ClientSends(m.Query(TX_SQL), m.Query("SELECT 1"))
@@ -656,7 +656,7 @@ def test_a_window_approval_lets_the_queue_go_on_at_once():
 
 
 def test_a_decision_for_another_request_changes_nothing():
-    request, other = Placeholder(r"[0-9a-f]{8}"), Placeholder()
+    request, other = Placeholder(r"[0-9a-f]{12}"), Placeholder()
     playbook = _held_playbook()
     assert (
         playbook

@@ -151,6 +151,14 @@ class ApprovalService:
             created_at=now,
             expires_at=min(now + timedelta(seconds=lifetime), requester.expires_at),
         )
+        if self.store.get(request_id) is not None:  # never overwrite another request
+            return ApprovalDecided(
+                request_id,
+                approved=False,
+                error=ErrorResponse.build(
+                    "42501", "guard: the approval request could not be made; run it again"
+                ),
+            )
         self.store.save(request)
         self._record(request, "requested", request.requester)
         loop = asyncio.get_running_loop()

@@ -810,7 +810,7 @@ class GatewayConnection:
             return
         verdict = decision.hold
         assert verdict is not None and verdict.approval is not None
-        request_id = secrets.token_hex(4)
+        request_id = secrets.token_hex(6)  # also the key of the request in the store
         groups = ", ".join(sorted(verdict.approval.approver_groups))
         self._to_client.append(
             encode(
