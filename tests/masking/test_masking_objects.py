@@ -371,6 +371,19 @@ def test_creation_statements():
     assert creation_statements("g", "m")[1].endswith('"m", public')
 
 
+def test_creation_statements_limit_the_roles_connections():
+    # The policy's default max_connections_per_session, unless the caller passes the
+    # target's value: one session cannot use up max_connections, gateway or not.
+    assert "CONNECTION LIMIT 20 " in creation_statements()[0]
+    assert "CONNECTION LIMIT 3 " in creation_statements(connection_limit=3)[0]
+
+
+@pytest.mark.parametrize("limit", [0, -1, "5", 2.5, True, None])
+def test_creation_statements_refuse_a_bad_connection_limit(limit):
+    with pytest.raises((TypeError, ValueError)):
+        creation_statements(connection_limit=limit)
+
+
 def test_revocation_statements_order():
     statements = revocation_statements()
     text = "\n".join(statements)

@@ -276,6 +276,27 @@ def test_compiled_objects_are_immutable():
         target.name = "other"  # type: ignore[misc]
 
 
+def test_max_connections_per_session_defaults_to_20():
+    assert load_policy(BASE).targets["demo"].max_connections_per_session == 20
+
+
+def test_max_connections_per_session_is_read_per_target():
+    text = BASE.replace(
+        "    session_ttl: {default: 1h, max: 8h}\n",
+        "    session_ttl: {default: 1h, max: 8h}\n    max_connections_per_session: 3\n",
+    )
+    assert load_policy(text).targets["demo"].max_connections_per_session == 3
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "'5'", "2.5", "true", "10001"])
+def test_max_connections_per_session_must_be_a_positive_integer(value):
+    text = BASE.replace(
+        "    session_ttl: {default: 1h, max: 8h}\n",
+        f"    session_ttl: {{default: 1h, max: 8h}}\n    max_connections_per_session: {value}\n",
+    )
+    assert paths(text) == ["targets.demo.max_connections_per_session"]
+
+
 def test_session_ttl_is_clamped():
     target = load_policy(BASE).targets["demo"]
     assert target.session_ttl() == 3600

@@ -46,6 +46,9 @@ if TYPE_CHECKING:
 MASKED_SCHEMA = "guard_masked"
 OWNER_ROLE = "guard_masked_owner"
 GROUP_ROLE = "guard_session"
+# A session role's CONNECTION LIMIT when none is given: the policy's default
+# `max_connections_per_session`.
+DEFAULT_CONNECTION_LIMIT = 20
 APPROVED_ROLE_PREFIX = "guard_approved_"
 _DOLLAR = "$guard$"
 _NAMEDATALEN = 64
@@ -373,18 +376,28 @@ def _hardening(schemas: Sequence[str], database: str | None, group_role: str) ->
 
 
 def creation_statements(
-    group_role: str = GROUP_ROLE, masked_schema: str = MASKED_SCHEMA
+    group_role: str = GROUP_ROLE,
+    masked_schema: str = MASKED_SCHEMA,
+    *,
+    connection_limit: int = DEFAULT_CONNECTION_LIMIT,
 ) -> list[str]:
     """OpenBao database role `creation_statements` for a session role.
 
     The role can log in until the lease expires, has no attributes of its own and inherits
     only the group role; its default search_path puts the masked views first, so an
-    unqualified `customers` is the masked view (the gateway keeps it first).
+    unqualified `customers` is the masked view (the gateway keeps it first). It may hold
+    at most `connection_limit` connections (the target's `max_connections_per_session`),
+    so one session cannot use up the server's max_connections even past the gateway.
     """
+    if isinstance(connection_limit, bool) or not isinstance(connection_limit, int):
+        raise TypeError("connection_limit must be an int")
+    if connection_limit < 1:
+        raise ValueError("connection_limit must be at least 1")
     return [
         "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}'"
         " VALID UNTIL '{{expiration}}' NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION"
-        f" NOBYPASSRLS INHERIT IN ROLE {quote_ident(group_role)}",
+        f" NOBYPASSRLS INHERIT CONNECTION LIMIT {connection_limit}"
+        f" IN ROLE {quote_ident(group_role)}",
         f'ALTER ROLE "{{{{name}}}}" SET search_path = {quote_ident(masked_schema)}, public',
     ]
 

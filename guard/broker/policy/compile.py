@@ -198,6 +198,7 @@ def _compile_target(
         max_ttl_seconds=max_ttl,
         protected_columns=MappingProxyType(protected),
         gated_tables=gated,
+        max_connections_per_session=spec.max_connections_per_session,
         _protected_by_name=MappingProxyType({k: tuple(v) for k, v in by_name.items()}),
     )
 

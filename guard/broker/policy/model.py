@@ -121,6 +121,9 @@ class Target:
     max_ttl_seconds: int
     protected_columns: Mapping[ColumnId, str]  # column -> mask strategy name
     gated_tables: frozenset[tuple[str, str]]
+    # At most this many database connections per session: the issued role's CONNECTION
+    # LIMIT, and the gateway's own count of a session's connections.
+    max_connections_per_session: int = 20
     _protected_by_name: Mapping[str, tuple[ProtectedTable, ...]] = field(
         repr=False, compare=False, default_factory=dict
     )

@@ -14,6 +14,7 @@ Example (see the repository's policies.yaml):
       demo:
         connect_groups: [engineers]
         session_ttl: {default: 1h, max: 8h}
+        max_connections_per_session: 20   # the default; the issued role's CONNECTION LIMIT
         protected_columns: {public.customers.ssn: ssn_last4}
     rules:
       - id: deny-ddl
@@ -32,6 +33,7 @@ from guard.broker.masking.strategies import STRATEGIES
 from guard.broker.sql.model import Operation
 
 SUPPORTED_VERSION = 1
+DEFAULT_MAX_CONNECTIONS_PER_SESSION = 20
 
 MASK_STRATEGIES = frozenset(STRATEGIES)
 
@@ -119,6 +121,11 @@ class TargetSpec(_Model):
     connect_groups: list[GroupName] = Field(min_length=1)
     session_ttl: SessionTTL
     protected_columns: dict[str, StrategyName] = Field(default_factory=dict)
+    # Database connections one session may hold at once: the issued role's CONNECTION
+    # LIMIT, so one session cannot use up the server's max_connections.
+    max_connections_per_session: int = Field(
+        default=DEFAULT_MAX_CONNECTIONS_PER_SESSION, ge=1, le=10_000
+    )
 
 
 class ApprovalSpec(_Model):
