@@ -131,6 +131,9 @@ async def run(settings: BrokerSettings) -> None:
         log_level="warning",
         access_log=False,
         lifespan="off",
+        # HTTPS when api_tls is set (main() refuses plain HTTP off loopback without it).
+        ssl_certfile=str(settings.api_tls.cert_file) if settings.api_tls else None,
+        ssl_keyfile=str(settings.api_tls.key_file) if settings.api_tls else None,
     )
     server = uvicorn.Server(config)
 
@@ -163,6 +166,24 @@ async def run(settings: BrokerSettings) -> None:
         state.close()
 
 
+def api_tls_refusal(settings: BrokerSettings) -> str | None:
+    """One line saying why the API must not start (plain HTTP off loopback, or an api_tls
+    certificate that does not load), else None."""
+    refusal = settings.api_plaintext_refusal()
+    if refusal is not None or settings.api_tls is None:
+        return refusal
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            settings.api_tls.cert_file, settings.api_tls.key_file
+        )
+    except (OSError, ssl.SSLError) as exc:
+        return (
+            f"cannot load the API certificate {settings.api_tls.cert_file} / key"
+            f" {settings.api_tls.key_file}: {exc}"
+        )
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="guard-broker", description="guard broker: API + PG gateway"
@@ -177,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.config)
     except Exception as exc:  # noqa: BLE001 - pydantic/yaml/OS errors all mean "fix the config"
         print(f"guard-broker: invalid config {args.config}: {exc}", file=sys.stderr)
+        return 2
+    refusal = api_tls_refusal(settings)
+    if refusal is not None:
+        print(f"guard-broker: {refusal}", file=sys.stderr)
         return 2
     try:
         try:

@@ -9,6 +9,7 @@ Secrets never live in this file: the OpenBao token comes from `openbao.token_fil
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import ssl
 from pathlib import Path
@@ -38,8 +39,16 @@ class GatewaySettings(ListenSettings):
     idle_timeout_seconds: float = Field(default=900.0, ge=0)
 
 
+class ApiSettings(ListenSettings):
+    # Plain HTTP on a non-loopback address carries bearer tokens and session secrets in
+    # clear, so the broker refuses to start that way without `api_tls` unless this says
+    # so explicitly (e.g. behind a TLS-terminating proxy on the same host).
+    allow_plaintext: bool = False
+
+
 class TLSSettings(_Strict):
-    """Server certificate of the PG gateway (clients use sslmode=verify-full against it)."""
+    """A server certificate: the PG gateway's (clients use sslmode=verify-full against it)
+    or the API's (HTTPS; the CLI verifies it)."""
 
     cert_file: Path
     key_file: Path
@@ -128,7 +137,10 @@ class ApprovalSettings(_Strict):
 class BrokerSettings(_Strict):
     state_dir: Path
     policy_file: Path
-    api: ListenSettings = ListenSettings(port=8400)
+    api: ApiSettings = ApiSettings(port=8400)
+    # The API serves HTTPS with this certificate; without it, plain HTTP (loopback only,
+    # unless api.allow_plaintext).
+    api_tls: TLSSettings | None = None
     gateway: GatewaySettings = GatewaySettings()
     gateway_tls: TLSSettings | None = None
     oidc: OIDCSettings
@@ -141,6 +153,29 @@ class BrokerSettings(_Strict):
     @property
     def database_path(self) -> Path:
         return self.state_dir / "broker.sqlite3"
+
+    def api_plaintext_refusal(self) -> str | None:
+        """Why the API must not start as configured (plain HTTP off loopback), else None."""
+        if self.api_tls is not None or self.api.allow_plaintext:
+            return None
+        if is_loopback(self.api.host):
+            return None
+        return (
+            f"the API would listen on {self.api.host or '*'} without TLS (bearer tokens and"
+            " session secrets in clear): set api_tls {cert_file, key_file}, listen on"
+            " 127.0.0.1, or set api.allow_plaintext: true explicitly"
+        )
+
+
+def is_loopback(host: str) -> bool:
+    """True for `localhost` and loopback addresses (127.0.0.0/8, ::1); False for the
+    wildcard (`0.0.0.0`, `::`, empty) and for any other name, which may resolve anywhere."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def load_settings(path: Path) -> BrokerSettings:
