@@ -304,6 +304,17 @@ class GrantEnded(Event):
         return f">> grant of {self.request!r} taken back"
 
 
+class IncompleteFor(Event):
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def play(self, pb: Playbook) -> list[Command]:
+        return pb.connection.incomplete_for(self.seconds)
+
+    def __repr__(self) -> str:
+        return f">> a message incomplete for {self.seconds} s"
+
+
 class IdleFor(Event):
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds

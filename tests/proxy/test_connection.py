@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from guard.broker.pgwire import messages as m
+from guard.broker.pgwire.encoder import encode
 from guard.broker.proxy.connection import State
 from guard.broker.proxy.gate import Gate
 from tests.playbook import (
@@ -32,6 +33,7 @@ from tests.playbook import (
     GrantEnds,
     Held,
     IdleFor,
+    IncompleteFor,
     Logged,
     Notice,
     Placeholder,
@@ -477,6 +479,28 @@ def test_idle_connection_is_ended_and_a_busy_one_is_not():
         >> IdleFor(900)
         << ToClient(Error("57P05", "900 s idle", severity="FATAL"))
         << Close("idle")
+    )
+
+
+def test_a_message_left_incomplete_ends_the_connection_and_a_whole_one_does_not():
+    whole = m.Query("SELECT 1")
+    raw = encode(m.Query("SELECT 2"))
+    playbook = Playbook()
+    assert (
+        playbook
+        >> ClientSends(whole)
+        << Audit({"verdict": "allow"})
+        >> AuditWritten()
+        << ToServer(whole)
+        >> IncompleteFor(60)  # nothing partial: nothing happens
+        >> ClientSends(raw[:7])  # the start of a message, its end never comes
+    )
+    assert playbook.connection.partial_message
+    assert (
+        playbook
+        >> IncompleteFor(60)
+        << ToClient(Error("08P01", "incomplete for 60 s", severity="FATAL"))
+        << Close("incomplete")
     )
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from guard.broker.audit.sink import MemoryAuditSink
 from guard.broker.pgwire import messages as m
+from guard.broker.pgwire.encoder import encode
 from guard.broker.pgwire.parser import BackendParser, FrontendParser
 from guard.broker.proxy.commands import SendToServer
 from guard.broker.proxy.pump import Pump, UnknownCommand
@@ -270,3 +271,45 @@ def test_an_approved_statement_runs_and_its_grant_ends_before_the_next():
     assert desk.ended == desk.held
     sent = messages(events, "upstream", FrontendParser(expect_startup=False))
     assert sent == [m.Query("SELECT * FROM transactions"), m.Query("SELECT 1")]
+
+
+def test_a_message_left_incomplete_is_cut_off_after_the_message_timeout():
+    async def main():
+        events: list = []
+        client, upstream = FakeTransport("client", events), FakeTransport("upstream", events)
+        pump = Pump(
+            connection(), client, upstream, audit=RecordingSink(events), message_timeout=0.05
+        )
+        pump.start(b"", b"")
+        client.protocol.data_received(encode(m.Query("SELECT 1"))[:6])  # never finished
+        await asyncio.wait_for(pump.done, 5)
+        return pump, events
+
+    pump, events = asyncio.run(main())
+    fatal = messages(events, "client", BackendParser())[-1]
+    assert fatal.sqlstate == "08P01" and fatal.severity == "FATAL"
+    assert pump.end_reason.startswith("message incomplete")
+    assert not messages(events, "upstream", FrontendParser(expect_startup=False))
+
+
+def test_a_client_is_not_read_while_its_queue_behind_a_held_statement_is_full():
+    from guard.broker.proxy.events import ApprovalDecided
+    from guard.broker.proxy.pump import QUEUE_LIMIT
+
+    async def main():
+        desk = FakeDesk()
+        pump, client, upstream, events = _holding_pump(desk)
+        client.protocol.data_received(wire(m.Query("SELECT * FROM transactions")))
+        await asyncio.sleep(0)
+        chunk = wire(m.Query("SELECT 1")) * 4096
+        while client.reading:
+            client.protocol.data_received(chunk)  # what a client sends while held
+        queued = pump.connection.queued_client_bytes
+        desk.answer.set_result(ApprovalDecided(desk.held[0], approved=False))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return client, queued
+
+    client, queued = asyncio.run(main())
+    assert QUEUE_LIMIT < queued < QUEUE_LIMIT + 2 * len(wire(m.Query("SELECT 1"))) * 4096
+    assert client.reading  # read again once the held statement was settled

@@ -300,6 +300,16 @@ class GatewayConnection:
         return held.request_id if held is not None and not held.running else None
 
     @property
+    def partial_message(self) -> bool:
+        """Bytes of a client message are in, its end is not (while relaying)."""
+        return self.state is _RELAYING and self._frontend.buffered > 0
+
+    @property
+    def queued_client_bytes(self) -> int:
+        """Client bytes received but not yet handled (queued behind a pause, or partial)."""
+        return self._frontend.buffered
+
+    @property
     def idle(self) -> bool:
         """No request outstanding and nothing paused: the client is thinking, not waiting."""
         return self.state is _RELAYING and not self._pending
@@ -471,6 +481,20 @@ class GatewayConnection:
         )
         self._to_client.append(encode(fatal))
         return self._run(self._end, f"idle for {seconds:.0f} s")
+
+    def incomplete_for(self, seconds: float) -> list[Command]:
+        """The shell's watchdog: a client message has stayed incomplete for `seconds`.
+        Its bytes are dropped and the connection ends (FATAL 08P01): a client that starts
+        a huge message and never finishes it holds nothing for long."""
+        if not self.partial_message:
+            return []
+        fatal = m.ErrorResponse.build(
+            "08P01",
+            f"guard: a message stayed incomplete for {seconds:.0f} s; connection closed",
+            severity="FATAL",
+        )
+        self._to_client.append(encode(fatal))
+        return self._run(self._end, f"message incomplete for {seconds:.0f} s")
 
     # ============================================================== running and failing
     def _run(self, step: Callable[..., None], *args: Any) -> list[Command]:

@@ -40,7 +40,16 @@ from guard.broker.sessions import Session, SessionManager
 log = logging.getLogger("guard.gateway")
 
 READ_SIZE = 256 * 1024
-AUTH_TIMEOUT = 30.0
+# The whole login (startup packet, TLS, SCRAM, the upstream login) must finish within this
+# (PostgreSQL's authentication_timeout is 60 s): a client that stops half-way holds nothing.
+LOGIN_TIMEOUT = 30.0
+# Connections still logging in (no session proven yet), at most: beyond it a new one gets
+# FATAL 53300 at once, so unauthenticated clients cannot take the gateway's memory.
+MAX_LOGGING_IN = 128
+# Before authentication a message may be this large at most (PostgreSQL's limit for a
+# SASL message is 64 KiB; SCRAM's are a few hundred bytes): nothing big is buffered for
+# someone who has not proven a session.
+AUTH_MESSAGE_LIMIT = 16 * 1024
 
 
 class _Closed(Exception):
@@ -71,8 +80,13 @@ class Gateway:
         tls: ssl.SSLContext | None = None,
         idle_timeout: float | None = None,
         approvals: ApprovalService | None = None,
+        login_timeout: float = LOGIN_TIMEOUT,
+        max_logging_in: int = MAX_LOGGING_IN,
     ) -> None:
         self.tls = tls
+        self.login_timeout = login_timeout
+        self.max_logging_in = max_logging_in
+        self._logging_in = 0
         self.approvals = approvals
         self.idle_timeout = idle_timeout
         self._upstream_tls_cache: dict[str, ssl.SSLContext | None] = {}
@@ -102,6 +116,11 @@ class Gateway:
 
     # ------------------------------------------------------------------ per connection
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._logging_in >= self.max_logging_in:
+            # PostgreSQL's own answer to a full server; nothing of the client is read.
+            writer.write(_fatal("53300", "guard: too many connections are logging in"))
+            writer.close()
+            return
         try:
             await self._serve(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError, _Closed):
@@ -137,35 +156,50 @@ class Gateway:
             return msg
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        parser = FrontendParser()
+        self._logging_in += 1
         try:
-            startup = await asyncio.wait_for(
-                self._read_startup(reader, writer, parser), AUTH_TIMEOUT
+            async with asyncio.timeout(self.login_timeout):
+                login = await self._login(reader, writer)
+        except TimeoutError:
+            writer.write(
+                _fatal("08P01", f"guard: the login did not finish within {self.login_timeout:g} s")
             )
+            return
+        finally:
+            self._logging_in -= 1
+        if login is not None:
+            await self._relay(reader, writer, *login)
+
+    async def _login(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> tuple[upstream.UpstreamConnection, Session, ProtectedMap, FrontendParser] | None:
+        """Startup, TLS, SCRAM and the upstream login; None when the client was refused (it
+        was told why). Runs under one deadline (`_serve`)."""
+        parser = FrontendParser(max_message_size=AUTH_MESSAGE_LIMIT)
+        try:
+            startup = await self._read_startup(reader, writer, parser)
         except ProtocolError as err:
             writer.write(encode(err.to_error_response()))
             await writer.drain()
-            return
+            return None
         if isinstance(startup, m.CancelRequest):
             target = self._cancel_keys.get((startup.process_id, bytes(startup.secret_key)))
             if target is not None and target.pump is not None and target.pump.cancel_held():
-                return  # the statement was waiting for approval: its request is withdrawn
+                return None  # the statement was waiting for approval: its request is withdrawn
             if target is not None:
                 await upstream.cancel(target.host, target.port, target.key, target.tls)
-            return  # a key from another session (or none) cancels nothing
+            return None  # a key from another session (or none) cancels nothing
         params = _startup_params(startup, writer)
         if params is None:
-            return
+            return None
         user = params.get("user", "")
         session = self.sessions.by_user(user)
         try:
-            await asyncio.wait_for(
-                self._authenticate(reader, writer, parser, session, user), AUTH_TIMEOUT
-            )
-        except (AuthenticationFailed, ProtocolError, TimeoutError):
+            await self._authenticate(reader, writer, parser, session, user)
+        except (AuthenticationFailed, ProtocolError):
             writer.write(_fatal("28P01", f'password authentication failed for user "{user}"'))
             await writer.drain()
-            return
+            return None
         assert session is not None
         database = params.get("database") or user
         if database != session.upstream.database:
@@ -176,7 +210,17 @@ class Gateway:
                     f'"{session.upstream.database}", not "{database}"',
                 )
             )
-            return
+            return None
+        opened = await self._open_upstream(session, params, writer)
+        if opened is None:
+            return None
+        return opened[0], session, opened[1], parser
+
+    async def _open_upstream(
+        self, session: Session, params: dict[str, str], writer: asyncio.StreamWriter
+    ) -> tuple[upstream.UpstreamConnection, ProtectedMap] | None:
+        """The session's upstream connection and the target's protected columns; None when
+        either failed (the client was told)."""
         try:
             up = await upstream.login(
                 host=session.upstream.host,
@@ -197,9 +241,12 @@ class Gateway:
                 )
             )
             await writer.drain()
-            return
+            return None
         try:
             protected = await self._protected_map(session.target, up)
+        except asyncio.CancelledError:  # the login deadline: the upstream goes too
+            up.wire.close()
+            raise
         except upstream.UpstreamError as exc:
             log.error("protected-column lookup failed for session %s: %s", session.id, exc)
             up.wire.close()
@@ -210,8 +257,8 @@ class Gateway:
                     "target; refusing the connection",
                 )
             )
-            return
-        await self._relay(reader, writer, up, session, protected, parser)
+            return None
+        return up, protected
 
     async def _authenticate(
         self, reader, writer, parser: FrontendParser, session: Session | None, user: str

@@ -42,7 +42,7 @@ from guard.broker.proxy.commands import (
     SendToServer,
     WriteAudit,
 )
-from guard.broker.proxy.connection import GatewayConnection
+from guard.broker.proxy.connection import GatewayConnection, State
 from guard.broker.proxy.events import ApprovalDecided
 from guard.broker.proxy.tasks import spawn
 from guard.broker.proxy.tlslayer import TLSClient, TLSClosed
@@ -52,6 +52,11 @@ log = logging.getLogger("guard.proxy")
 # Per-direction write buffer bounds (bytes) before the opposite side stops being read.
 HIGH_WATER = 1 << 20
 LOW_WATER = 1 << 18
+# Client bytes queued behind a paused statement (one held for approval may wait minutes)
+# before the client stops being read: what a client sends meanwhile stays bounded.
+QUEUE_LIMIT = 1 << 20
+# A client message whose start arrived must be complete within this long (seconds).
+MESSAGE_TIMEOUT = 60.0
 
 
 class ApprovalDesk(Protocol):
@@ -97,6 +102,8 @@ class _Side(asyncio.Protocol):
         pump.last_activity = pump.loop.time()
         try:
             pump.run(self.feed(data))
+            if self.other is pump.upstream_transport:  # the client side
+                pump.client_read()
         except Exception:  # noqa: BLE001 - a shell bug ends this connection, not the gateway
             pump.crashed(f"{self.name} data")
 
@@ -134,8 +141,12 @@ class Pump:
         tls: TLSClient | None = None,
         idle_timeout: float | None = None,
         approvals: ApprovalDesk | None = None,
+        message_timeout: float = MESSAGE_TIMEOUT,
     ) -> None:
         self.connection = connection
+        self.message_timeout = message_timeout
+        self._message_timer: asyncio.TimerHandle | None = None
+        self._queue_full = False  # the client is not read: its queue behind a pause is full
         self.approvals = approvals
         self._tasks: set[asyncio.Task[None]] = set()  # referenced until done (asyncio keeps none)
         self.client_transport = client_transport
@@ -211,6 +222,10 @@ class Pump:
                 return
             else:
                 raise UnknownCommand(f"the shell cannot execute {cmd!r}")
+        if self._queue_full and self.connection.state is not State.PAUSED:
+            self._queue_full = False  # the pause is over: read the client again
+            if not self.client_transport.is_closing():
+                self.client_transport.resume_reading()
 
     def _write_audit(self, cmd: WriteAudit) -> list[Command]:
         try:
@@ -289,6 +304,31 @@ class Pump:
         self.upstream_transport.write(self.tls.encrypt(data))
 
     # ------------------------------------------------------------------ watchdog, ending
+    def client_read(self) -> None:
+        """After client bytes were handled: time a message left incomplete, and stop
+        reading a client whose queue behind a paused statement is full."""
+        connection = self.connection
+        if connection.partial_message:
+            if self._message_timer is None:
+                self._message_timer = self.loop.call_later(
+                    self.message_timeout, self._message_overdue
+                )
+        elif self._message_timer is not None:
+            self._message_timer.cancel()
+            self._message_timer = None
+        if connection.state is State.PAUSED and connection.queued_client_bytes > QUEUE_LIMIT:
+            self._queue_full = True
+            self.client_transport.pause_reading()
+
+    def _message_overdue(self) -> None:
+        self._message_timer = None
+        if self.done.done():
+            return
+        try:
+            self.run(self.connection.incomplete_for(self.message_timeout))
+        except Exception:  # noqa: BLE001 - as in data_received
+            self.crashed("incomplete message check")
+
     def _check_idle(self) -> None:
         self._watchdog = None
         if self.done.done() or not self.idle_timeout:
@@ -324,6 +364,9 @@ class Pump:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+        if self._message_timer is not None:
+            self._message_timer.cancel()
+            self._message_timer = None
         for transport in (self.client_transport, self.upstream_transport):
             if not transport.is_closing():
                 transport.close()
