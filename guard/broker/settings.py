@@ -17,7 +17,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -134,6 +134,35 @@ class ApprovalSettings(_Strict):
         return urls
 
 
+class SessionSettings(_Strict):
+    """Session liveness, limits and lease clean-up."""
+
+    # A client that asks for heartbeats (the CLI does) is told to send one every
+    # `heartbeat_interval_seconds`; the broker ends its session when none came for
+    # `heartbeat_grace_seconds` (a killed CLI or a lost laptop loses access that quickly).
+    heartbeat_interval_seconds: float = Field(default=10.0, gt=0)
+    heartbeat_grace_seconds: float = Field(default=45.0, gt=0)
+    # Open sessions one principal (issuer + subject) may hold at once; one more is 429.
+    max_sessions_per_principal: int = Field(default=10, ge=1)
+    # A failed lease revocation is retried after this, doubling up to the maximum, until
+    # OpenBao/Vault accepts it (pending revocations survive a broker restart).
+    revoke_retry_initial_seconds: float = Field(default=1.0, gt=0)
+    revoke_retry_max_seconds: float = Field(default=60.0, gt=0)
+    # How often the broker compares the leases its state holds open with live sessions
+    # and revokes those no session owns.
+    reconcile_interval_seconds: float = Field(default=60.0, gt=0)
+    # How often expired and heartbeat-lost sessions are looked for.
+    expiry_check_seconds: float = Field(default=1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _grace_after_interval(self) -> SessionSettings:
+        if self.heartbeat_grace_seconds <= self.heartbeat_interval_seconds:
+            raise ValueError(
+                "heartbeat_grace_seconds must be longer than heartbeat_interval_seconds"
+            )
+        return self
+
+
 class BrokerSettings(_Strict):
     state_dir: Path
     policy_file: Path
@@ -149,6 +178,7 @@ class BrokerSettings(_Strict):
     audit: AuditSettings
     approvals: ApprovalSettings = ApprovalSettings()
     session_default_ttl_seconds: int = 3600
+    sessions: SessionSettings = SessionSettings()
 
     @property
     def database_path(self) -> Path:
