@@ -6,6 +6,7 @@ fails the test instead of hanging it. Messages are built and read with guard's o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import secrets
@@ -13,6 +14,7 @@ import socket
 import ssl
 import struct
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -405,3 +407,40 @@ def test_client_half_close_gets_its_answers_and_the_ending_is_recorded(dev_stack
     opened = [detail for event, detail in events if event == "connection_opened"]
     ended = [detail for event, detail in events if event == "connection_ended"]
     assert opened and any(d.endswith("the client closed its side") for d in ended), events
+
+
+# ---------------------------------------------------------------- 9. unauthenticated memory
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_strangers_announcing_huge_messages_hold_no_memory(dev_stack: Stack, session):
+    # Finding 1 of the hardening issue: 8 sockets each sending one 64 MiB SASL message took
+    # the broker from 125 MB to 608 MB. Now a message before authentication is refused at
+    # its header (16 KiB limit), so their bodies are never buffered.
+    broker = dev_stack.status["pids"]["broker"]
+    before = _rss_kib(broker)
+    body = b"x" * (1 << 20)
+    wires = []
+    for _ in range(16):
+        wire = gateway(session)
+        wire.start_tls(dev_stack.status["gateway_ca"])
+        wire.send(
+            encode(m.StartupMessage(PROTOCOL_3_0, (("user", "guard_x"), ("database", "demo"))))
+        )
+        while not isinstance(wire.message(), m.AuthenticationSASL):
+            pass
+        wire.send(b"p" + struct.pack("!i", 64 * 1024 * 1024 - 1) + b"SCRAM-SHA-256\0")
+        with contextlib.suppress(OSError):
+            for _ in range(8):  # what it manages to push before the gateway closes it
+                wire.sock.sendall(body)
+        wires.append(wire)
+    for wire in wires:
+        with contextlib.suppress(OSError, EOFError):
+            assert wire.fatal().sqlstate == "28P01"
+        wire.sock.close()
+    grown_mib = (_rss_kib(broker) - before) / 1024
+    assert grown_mib < 64, f"the broker grew {grown_mib:.0f} MiB"
