@@ -65,8 +65,8 @@ class _CancelTarget:
     pump: Pump | None = None  # a held statement is withdrawn, not cancelled upstream
 
 
-def _fatal(sqlstate: str, message: str) -> bytes:
-    return encode(m.ErrorResponse.build(sqlstate, message, severity="FATAL"))
+def _fatal(sqlstate: str, message: str, hint: str | None = None) -> bytes:
+    return encode(m.ErrorResponse.build(sqlstate, message, severity="FATAL", hint=hint))
 
 
 class Gateway:
@@ -87,6 +87,10 @@ class Gateway:
         self.login_timeout = login_timeout
         self.max_logging_in = max_logging_in
         self._logging_in = 0
+        # Connections per session (logging in or relaying): one session cannot take the
+        # database's max_connections from everyone else (the target's limit in the policy;
+        # the issued role's CONNECTION LIMIT is the database's own backstop).
+        self._per_session: dict[str, int] = {}
         self.approvals = approvals
         self.idle_timeout = idle_timeout
         self._upstream_tls_cache: dict[str, ssl.SSLContext | None] = {}
@@ -157,21 +161,30 @@ class Gateway:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._logging_in += 1
+        counted: list[str] = []  # the session this connection counts against, once known
         try:
-            async with asyncio.timeout(self.login_timeout):
-                login = await self._login(reader, writer)
-        except TimeoutError:
-            writer.write(
-                _fatal("08P01", f"guard: the login did not finish within {self.login_timeout:g} s")
-            )
-            return
+            try:
+                async with asyncio.timeout(self.login_timeout):
+                    login = await self._login(reader, writer, counted)
+            except TimeoutError:
+                writer.write(
+                    _fatal(
+                        "08P01", f"guard: the login did not finish within {self.login_timeout:g} s"
+                    )
+                )
+                return
+            finally:
+                self._logging_in -= 1
+            if login is not None:
+                await self._relay(reader, writer, *login)
         finally:
-            self._logging_in -= 1
-        if login is not None:
-            await self._relay(reader, writer, *login)
+            for session_id in counted:
+                left = self._per_session.pop(session_id, 1) - 1
+                if left > 0:
+                    self._per_session[session_id] = left
 
     async def _login(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, counted: list[str]
     ) -> tuple[upstream.UpstreamConnection, Session, ProtectedMap, FrontendParser] | None:
         """Startup, TLS, SCRAM and the upstream login; None when the client was refused (it
         was told why). Runs under one deadline (`_serve`)."""
@@ -201,6 +214,18 @@ class Gateway:
             await writer.drain()
             return None
         assert session is not None
+        limit = self.policy.targets[session.target].max_connections_per_session
+        if self._per_session.get(session.id, 0) >= limit:
+            writer.write(
+                _fatal(
+                    "53300",
+                    f"guard: this session already has {limit} connections, its limit",
+                    hint="close some, or ask for the target's max_connections_per_session",
+                )
+            )
+            return None
+        self._per_session[session.id] = self._per_session.get(session.id, 0) + 1
+        counted.append(session.id)
         database = params.get("database") or user
         if database != session.upstream.database:
             writer.write(
