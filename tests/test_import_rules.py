@@ -71,6 +71,14 @@ def test_audit_chain_is_stdlib_only():
     assert not bad
 
 
+@pytest.mark.parametrize("module", ["broker/audit/checkpoint.py", "broker/audit/verify.py"])
+def test_audit_verifier_needs_no_broker(module):
+    # What the CLI may import for offline verification: stdlib, cryptography, each other.
+    permitted = ("cryptography", "guard.broker.audit.chain", "guard.broker.audit.checkpoint")
+    bad = {n for n in imports_of(ROOT / module) if not allowed(n, permitted)}
+    assert not bad, f"{module} imports {sorted(bad)}"
+
+
 # The sans-IO gateway core: it returns commands, the shell (proxy.pump) executes them.
 CORE = [
     "broker/proxy/connection.py",
@@ -83,6 +91,8 @@ CORE = [
     "broker/audit/serialize.py",
     "broker/audit/record.py",
     "broker/audit/chain.py",
+    "broker/audit/checkpoint.py",
+    "broker/audit/verify.py",
 ]
 PURE = [str(p.relative_to(ROOT)) for pkg in RULES for p in modules(pkg)] + CORE
 
@@ -149,8 +159,16 @@ def test_the_io_check_sees_io():
 
 
 def test_cli_imports_only_api_schemas_from_broker():
-    # `guard policy check` may use the pure policy compiler (offline validation).
-    permitted = ("guard.broker.api.schemas", "guard.broker.policy")
+    # `guard policy check` may use the pure policy compiler (offline validation), and
+    # `guard audit verify|pubkey` the audit verifier: an examiner checks a copied log with the
+    # public key alone, so verification must not need the broker (or its dependencies).
+    permitted = (
+        "guard.broker.api.schemas",
+        "guard.broker.policy",
+        "guard.broker.audit.verify",
+        "guard.broker.audit.chain",
+        "guard.broker.audit.checkpoint",
+    )
     for path in ROOT.joinpath("cli").rglob("*.py"):
         broker = {n for n in imports_of(path) if n.startswith("guard.broker")}
         bad = {n for n in broker if not any(n == p or n.startswith(p + ".") for p in permitted)}

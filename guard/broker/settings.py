@@ -110,6 +110,15 @@ class TargetSettings(_Strict):
 
 class AuditSettings(_Strict):
     path: Path
+    # Ed25519 key (PEM, PKCS#8) that signs the log's checkpoints; created 0600 when missing,
+    # its public key written beside it (`.pub`; `guard audit pubkey` prints it). Default:
+    # beside the log, `<path>.key`.
+    signing_key_file: Path | None = None
+    # A signed checkpoint after this many records, and after this many seconds when records
+    # were written since the last: only records after the last checkpoint can be cut or
+    # re-chained without a trace (`guard audit verify`).
+    checkpoint_every: int = Field(default=1000, ge=1)
+    checkpoint_seconds: float = Field(default=60.0, gt=0)
 
 
 class ApprovalSettings(_Strict):

@@ -7,7 +7,7 @@ what a command needs (httpx, rich, keyring, …) is imported when it runs, keepi
 `--help` and usage errors fast. Failures reach the user through one path
 (`cli.usage.exit_code`: `CliError.diagnostics()`, click's usage errors, and the exit code).
 From `guard.broker` the CLI imports only `guard.broker.api.schemas` (and the policy
-compiler for `guard policy check`).
+compiler for `guard policy check`, the audit verifier for `guard audit verify`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from guard.cli.commands import approve, connect, deny, dev, login, policy
+from guard.cli.commands import approve, audit, connect, deny, dev, login, policy
 from guard.cli.commands import exec as exec_cmd
 from guard.cli.commands import requests as requests_cmd
 from guard.cli.usage import GuardGroup, exit_code
@@ -66,6 +66,7 @@ approve.register(app)
 deny.register(app)
 requests_cmd.register(app)
 policy.register(app)
+audit.register(app)
 dev.register(app)
 
 

@@ -31,6 +31,11 @@ def _stmt(i: int) -> StatementRecord:
     )
 
 
+def records(path) -> list[bytes]:
+    """The log's lines but its checkpoints (which `close` adds: tests/audit/test_checkpoints)."""
+    return [line for line in path.read_bytes().splitlines() if b'"kind":"checkpoint"' not in line]
+
+
 def test_seal_links_to_previous_hash():
     line1, h1 = seal(GENESIS, {"a": 1})
     line2, h2 = seal(h1, {"a": 2})
@@ -47,12 +52,19 @@ def test_sink_writes_verifiable_chain_and_continues_after_reopen(tmp_path):
     sink.close()
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     sink = JsonlAuditSink(path)  # a restarted broker continues the same chain
-    assert sink.append(_stmt(2)) == 3
+    assert sink.append(_stmt(2)) == 4  # seq 3: the checkpoint `close` wrote
     sink.close()
     lines = path.read_bytes().splitlines()
     report = verify_lines(lines)
-    assert report.ok and report.records == 3
-    assert [json.loads(x)["body"]["seq"] for x in lines] == [1, 2, 3]
+    assert report.ok and report.records == 5
+    assert [json.loads(x)["body"]["seq"] for x in lines] == [1, 2, 3, 4, 5]
+    assert [json.loads(x)["body"]["kind"] for x in lines] == [
+        "statement",
+        "result",
+        "checkpoint",
+        "statement",
+        "checkpoint",
+    ]
 
 
 @pytest.mark.parametrize("tamper", ["edit", "drop", "swap", "insert"])
@@ -126,9 +138,8 @@ def test_gate_records_are_exactly_the_record_types(tmp_path, result):
     # What the connection queues: the ResultRecord's values in RESULT_FIELDS order.
     sink.append_results([tuple(getattr(expected, name) for name in RESULT_FIELDS)])
     sink.close()
-    lines = (tmp_path / "audit.jsonl").read_bytes().splitlines()
-    assert verify_lines(lines).ok
-    statement, batch = (json.loads(line)["body"] for line in lines)
+    assert verify_lines((tmp_path / "audit.jsonl").read_bytes().splitlines()).ok
+    statement, batch = (json.loads(line)["body"] for line in records(tmp_path / "audit.jsonl"))
     assert batch["kind"] == "results" and batch["seq"] == seq + 1
     (stored,) = expand(batch)
     body = expected.to_body()
@@ -153,8 +164,9 @@ def test_results_are_chained_in_batches_and_kept_when_the_write_fails(tmp_path):
     sink._fd = fd
     sink.append_deferred(ResultRecord("s1", "c1", 4, "error", sqlstate="57014"))
     sink.close()
-    lines = (tmp_path / "audit.jsonl").read_bytes().splitlines()
-    assert len(lines) == 1 and verify_lines(lines).ok
+    assert verify_lines((tmp_path / "audit.jsonl").read_bytes().splitlines()).ok
+    lines = records(tmp_path / "audit.jsonl")
+    assert len(lines) == 1
     results = expand(json.loads(lines[0])["body"])
     assert [r["statement_seq"] for r in results] == [1, 2, 3, 4]  # nothing lost, in order
     assert results[3]["sqlstate"] == "57014" and results[2]["rows"] == 2
@@ -191,7 +203,6 @@ def test_a_short_write_leaves_no_torn_line(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "write", real_write)
     assert sink.append(_stmt(3)) == 2
     sink.close()
-    lines = path.read_bytes().splitlines()
-    report = verify_lines(lines)
-    assert report.ok and report.records == 2
-    assert [json.loads(x)["body"]["fingerprint"] for x in lines] == ["fp1", "fp3"]
+    report = verify_lines(path.read_bytes().splitlines())
+    assert report.ok and report.records == 3  # and the checkpoint `close` wrote
+    assert [json.loads(x)["body"]["fingerprint"] for x in records(path)] == ["fp1", "fp3"]

@@ -9,8 +9,9 @@ where hash = sha256(prev || "\\n" || <body JSON bytes exactly as they stand in t
 Hashing the stored bytes (not a re-serialization) lets the writer use any JSON encoder and
 makes the verifier independent of encoder quirks; the fixed-size tail locates the body.
 Editing, dropping, reordering or inserting a line breaks every later hash, so tampering is
-evident from the first broken line on. (Signed checkpoints, which stop truncation of the
-tail and a wholesale rewrite by someone holding the file, come with the audit-depth work.)
+evident from the first broken line on. Someone holding the file can still recompute every
+hash after an edit, or cut the tail: signed checkpoints (`audit.checkpoint`, records in this
+same chain) make that evident too, and `audit.verify` checks both.
 """
 
 from __future__ import annotations
@@ -61,6 +62,12 @@ def seal(prev: str, body: Mapping[str, Any]) -> tuple[bytes, str]:
 
 def split_line(line: bytes) -> tuple[bytes, str, str]:
     """(body bytes, hash, prev) of a stored line; ValueError when it is not one."""
+    body, digest, prev, _ = split_record(line)
+    return body, digest, prev
+
+
+def split_record(line: bytes) -> tuple[bytes, str, str, dict[str, Any]]:
+    """`split_line` and the body parsed; ValueError when the line is not a record."""
     line = line.rstrip(b"\r\n")
     if not line.startswith(_HEAD) or len(line) < len(_HEAD) + _TAIL_LEN + 2:
         raise ValueError("not a chained audit record")
@@ -70,9 +77,15 @@ def split_line(line: bytes) -> tuple[bytes, str, str]:
     ):
         raise ValueError("not a chained audit record")
     body = line[len(_HEAD) : -_TAIL_LEN]
-    if not isinstance(json.loads(body), dict):
+    parsed = json.loads(body)
+    if not isinstance(parsed, dict):
         raise ValueError("audit record body is not a JSON object")
-    return body, tail[9:73].decode("ascii"), tail[83:147].decode("ascii")
+    return body, tail[9:73].decode("ascii"), tail[83:147].decode("ascii"), parsed
+
+
+def is_record_prefix(data: bytes) -> bool:
+    """Whether `data` can be the start of a record line (what a write cut short leaves)."""
+    return data[: len(_HEAD)] == _HEAD[: len(data)]
 
 
 @dataclass(frozen=True, slots=True)

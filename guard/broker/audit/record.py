@@ -168,3 +168,21 @@ class ApprovalEvent:
 
     def to_body(self) -> dict[str, Any]:
         return _body(self)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """The audit log's own events, written by the sink when it opens the log: a torn last
+    line cut away (`torn-line-cut`: how many bytes, never what they said) and records found
+    without a checkpoint after them (`unsigned-tail`: the broker stopped without closing the
+    log, so they were never signed)."""
+
+    event: str
+    detail: str = ""
+    bytes_cut: int = 0
+    records: int = 0
+    kind: str = "audit"
+    time: str = field(default_factory=utc_now_iso)
+
+    def to_body(self) -> dict[str, Any]:
+        return _body(self)

@@ -1,8 +1,8 @@
 """Where audit records go: an append-only JSONL file with a hash chain.
 
 Does file I/O (this is the audit adapter; only the asyncio shell and the broker's service
-code call it, never the sans-IO core). Imports `audit.chain`, `audit.record`,
-`audit.serialize` and the stdlib.
+code call it, never the sans-IO core). Imports `audit.chain`, `audit.checkpoint`,
+`audit.record`, `audit.serialize`, `cryptography` and the stdlib.
 
 `append_statements` returns only after the lines are in the file (one os.write on an
 O_APPEND descriptor for all records of one call: a multi-statement string, or, later, the
@@ -17,23 +17,53 @@ hash and one write per batch instead of per statement keeps them off the hot pat
 `record.expand` turns a batch back into its `result` records for readers. A crash loses at
 most the queued results, never a statement record: those are written before their
 statement is forwarded.
+
+Opening the log (the constructor, so the broker needs no extra call): a torn last line (a
+crash mid-write leaves a record without its newline) is cut away, and the first new record
+says so (`AuditEvent` "torn-line-cut": the byte count, never the bytes); a file that is not a
+guard audit log at all is refused with a message saying so. Records left without a
+checkpoint by a broker that stopped without closing the log are named (`unsigned-tail`) and
+signed at once.
+
+Signed checkpoints (`audit.checkpoint`): after every `checkpoint_every` records (in the same
+write as the record that completes the count), when records were written and
+`checkpoint_seconds` have passed since the last one (checked with the file check below and
+at every `flush`), and at `close`. The Ed25519 key lives in `signing_key_file` (default
+`<log>.key`), created 0600 when missing; its public half is written beside it (`.pub`).
+
+The file check: a log deleted, renamed or replaced under the broker would take records
+nobody can see. Before a write, at most every `check_interval` seconds (10 ms; a stat costs
+~3 µs, a third of an append, so not per record), the sink compares the path's st_dev/st_ino
+with its descriptor's; when they differ it logs one error naming the path and raises
+`AuditUnavailable` on every append (statements are refused, 58030) until the file is back
+or the broker restarts: it never recreates the file. Records written within the interval
+before the change went to the old file (the log line says how many).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
 from typing import Any, Protocol
 
-from guard.broker.audit.chain import GENESIS, last_hash_of, seal_line
-from guard.broker.audit.record import result_bodies, result_body, utc_now_iso
-from guard.broker.audit.serialize import Recordable, complete, dumps, fixed_fields
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from guard.broker.audit import checkpoint
+from guard.broker.audit.chain import GENESIS, is_record_prefix, last_hash_of, seal_line, split_line
+from guard.broker.audit.record import AuditEvent, result_bodies, result_body, utc_now_iso
+from guard.broker.audit.serialize import Recordable, complete, dumps, fixed_fields, serialize
+
+log = logging.getLogger("guard.broker.audit")
+_monotonic_ns = time.monotonic_ns
+_CHECKPOINT_MARK = b'"kind":"checkpoint"'  # cannot occur inside a JSON string (quotes escaped)
 
 
 class AuditUnavailable(Exception):
@@ -64,63 +94,356 @@ class AuditSink(Protocol):
     def close(self) -> None: ...
 
 
-def _read_tail(path: Path) -> tuple[int, str]:
-    """Count lines and find the last hash, so a restarted broker continues the chain."""
-    count, last = 0, GENESIS
+def default_key_file(log_path: Path) -> Path:
+    """Where the signing key lives unless configured: beside the log, `<log>.key`."""
+    return log_path.with_name(log_path.name + ".key")
+
+
+def public_key_file(key_file: Path) -> Path:
+    """The exported public key beside a signing key file: `<key without .key>.pub`."""
+    return (
+        key_file.with_suffix(".pub")
+        if key_file.suffix == ".key"
+        else key_file.with_name(key_file.name + ".pub")
+    )
+
+
+def load_or_create_signing_key(key_file: Path) -> Ed25519PrivateKey:
+    """The Ed25519 key in `key_file`, made (mode 0600, exclusively) when there is none; its
+    public key is (re)written beside it. AuditUnavailable on any problem; messages name the
+    file and the problem, never key material."""
+    try:
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        try:
+            mode = os.stat(key_file).st_mode
+            if mode & 0o077:
+                raise AuditUnavailable(
+                    f"audit signing key {key_file} is accessible to other users "
+                    f"(mode {mode & 0o777:o}); make it 0600 (chmod 600)"
+                )
+            key = checkpoint.load_private_pem(key_file.read_bytes())
+        except OSError as exc:
+            raise AuditUnavailable(
+                f"cannot read audit signing key {key_file}: {exc.strerror}"
+            ) from None
+        except ValueError as exc:
+            raise AuditUnavailable(f"audit signing key {key_file}: {exc}") from None
+    except OSError as exc:
+        raise AuditUnavailable(
+            f"cannot create audit signing key {key_file}: {exc.strerror}"
+        ) from None
+    else:
+        key = Ed25519PrivateKey.generate()
+        try:
+            os.write(fd, checkpoint.private_pem(key))
+            os.fsync(fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(key_file)
+            raise AuditUnavailable(
+                f"cannot write audit signing key {key_file}: {exc.strerror}"
+            ) from None
+        finally:
+            os.close(fd)
+        log.info("audit: created the checkpoint signing key %s", key_file)
+    _export_public_key(key, public_key_file(key_file))
+    return key
+
+
+def _export_public_key(key: Ed25519PrivateKey, path: Path) -> None:
+    pem = checkpoint.public_pem(key.public_key())
+    try:
+        if path.exists() and path.read_bytes() == pem:
+            return
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(pem)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as exc:  # the key still signs; `guard audit pubkey` can derive it
+        log.warning("audit: cannot write the public key %s: %s", path, exc.strerror)
+
+
+@dataclass
+class _Scan:
+    records: int = 0
+    last_hash: str = GENESIS
+    last_checkpoint: int = 0  # seq (line count) of the last checkpoint, 0: none
+    good_size: int = 0  # bytes up to the end of the last complete line
+    torn: int = 0  # bytes after it (a write cut short)
+
+
+def _scan(path: Path) -> _Scan:
+    """Count records, find the last hash and the last checkpoint, and any torn tail, so a
+    restarted broker continues the chain. ValueError with an accurate message when the file
+    is not a guard audit log or its last complete line is not a record."""
+    scan = _Scan()
+    first: bytes | None = None
+    last: bytes | None = None
     with path.open("rb") as fh:
         for line in fh:
-            if line.strip():
-                count += 1
-                last_line = line
-        if count:
-            last = last_hash_of(last_line)
-    return count, last
+            if not line.endswith(b"\n"):
+                scan.torn = len(line)
+                if not is_record_prefix(line):
+                    raise ValueError(
+                        f"{path} is not a guard audit log: line 1 is not an audit record"
+                        if first is None
+                        else f"audit log {path} is damaged: its last line ({scan.records + 1}) "
+                        "is not an audit record"
+                    )
+                break
+            scan.good_size += len(line)
+            if not line.strip():
+                continue
+            scan.records += 1
+            if first is None:
+                first = line
+                try:
+                    split_line(line)
+                except ValueError:
+                    raise ValueError(
+                        f"{path} is not a guard audit log: line 1 is not an audit record"
+                    ) from None
+            last = line
+            if _CHECKPOINT_MARK in line:
+                scan.last_checkpoint = scan.records
+    if last is not None:
+        try:
+            scan.last_hash = last_hash_of(last)
+        except ValueError:
+            raise ValueError(
+                f"audit log {path} is damaged: line {scan.records} (the last complete one) "
+                "is not an audit record"
+            ) from None
+    return scan
+
+
+class _AuditSettings(Protocol):
+    @property
+    def path(self) -> Path: ...
+    @property
+    def signing_key_file(self) -> Path | None: ...
+    @property
+    def checkpoint_every(self) -> int: ...
+    @property
+    def checkpoint_seconds(self) -> float: ...
 
 
 class JsonlAuditSink:
     # Queued after-the-fact records that force a flush from the hot path.
     MAX_DEFERRED = 256
 
-    def __init__(self, path: Path, *, fsync: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        fsync: bool = False,
+        signing_key_file: Path | None = None,
+        checkpoint_every: int = checkpoint.EVERY,
+        checkpoint_seconds: float = checkpoint.SECONDS,
+        check_interval: float = 0.01,
+    ) -> None:
         self.path = path
         self._fsync = fsync
         self._lock = threading.Lock()
         # (result values, time in ns) and after-the-fact record bodies, in order
         self._deferred: list[tuple[tuple[Any, ...], int] | dict[str, Any]] = []
+        self._every = max(1, int(checkpoint_every))
+        self._seconds = float(checkpoint_seconds)
+        self._seconds_ns = int(self._seconds * 1e9)
+        self._interval_ns = int(check_interval * 1e9)
+        self._next_check = 0  # monotonic ns of the next file check
+        self._gone: str | None = None  # why the path no longer holds our file
+        self._fd = -1
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._seq, prev = _read_tail(path) if path.exists() else (0, GENESIS)
-            self._prev = prev.encode("ascii")
+            self._key = load_or_create_signing_key(signing_key_file or default_key_file(path))
+            self._key_id = checkpoint.key_id(self._key.public_key())
             # O_APPEND: every write lands at the end even if another process appends, and a
             # partial earlier write can never be overwritten in place.
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        except (OSError, ValueError) as exc:
+            st = os.fstat(self._fd)
+            self._identity = (st.st_dev, st.st_ino)
+            scan = _scan(path)
+            if scan.torn:
+                # A crash mid-write: the record never finished, so its statement never ran.
+                os.ftruncate(self._fd, scan.good_size)
+        except OSError as exc:
+            self._close_fd()
             raise AuditUnavailable(f"cannot open audit log {path}: {exc}") from exc
+        except ValueError as exc:
+            self._close_fd()
+            raise AuditUnavailable(f"{exc}; move it aside or set audit.path") from exc
+        except AuditUnavailable:
+            self._close_fd()
+            raise
+        self._seq, self._prev = scan.records, scan.last_hash.encode("ascii")
+        self._cp_seq = scan.last_checkpoint
+        self._cp_due = self._cp_seq + self._every
+        self._cp_time = _monotonic_ns()
+        self._checked_seq = self._seq  # records known to be in the file at `path`
+        try:
+            self._open_records(scan)
+        except AuditUnavailable:
+            self._close_fd()
+            raise
+
+    @classmethod
+    def from_settings(cls, settings: _AuditSettings, **kwargs: Any) -> JsonlAuditSink:
+        """The sink `AuditSettings` describe (path, signing key, checkpoint schedule)."""
+        return cls(
+            settings.path,
+            signing_key_file=settings.signing_key_file,
+            checkpoint_every=settings.checkpoint_every,
+            checkpoint_seconds=settings.checkpoint_seconds,
+            **kwargs,
+        )
+
+    @property
+    def key_id(self) -> str:
+        return self._key_id
+
+    def _open_records(self, scan: _Scan) -> None:
+        """What opening the log has to say, chained to its last good line, then signed."""
+        with self._lock:
+            unsigned = scan.records - scan.last_checkpoint
+            if scan.torn:
+                log.warning(
+                    "audit log %s ended in a torn line (%d bytes, a write cut short by a "
+                    "crash): cut away, and recorded",
+                    self.path,
+                    scan.torn,
+                )
+                self._append_locked(
+                    AuditEvent(
+                        "torn-line-cut",
+                        detail="the last line was cut off mid-record (a write interrupted by "
+                        "a crash); it was removed when the log was opened",
+                        bytes_cut=scan.torn,
+                    )
+                )
+            if unsigned:
+                since = f"seq {scan.last_checkpoint}" if scan.last_checkpoint else "the start"
+                self._append_locked(
+                    AuditEvent(
+                        "unsigned-tail",
+                        detail=f"{unsigned} record(s) after the last checkpoint ({since}) "
+                        "were not signed: the broker stopped without closing the log",
+                        records=unsigned,
+                    )
+                )
+            if self._seq > self._cp_seq:
+                self._write_checkpoint()
 
     def append(self, record: Recordable) -> int:
         (seq,) = self.append_statements((fixed_fields(record),))
         return seq
 
+    def _append_locked(self, record: Recordable) -> None:
+        seq = self._seq + 1
+        data, prev = seal_line(self._prev, complete(fixed_fields(record), seq))
+        self._write(data)
+        self._seq, self._prev = seq, prev
+
     def append_statements(self, records: Sequence[bytes]) -> list[int]:
         with self._lock:
-            seq, prev = self._seq, self._prev
+            if _monotonic_ns() >= self._next_check:
+                self._check()
+            seq, prev, due = self._seq, self._prev, self._cp_due
+            signed = 0  # seq of a checkpoint written with these records
             if len(records) == 1:  # the common case (hot path): no list to join
                 seq += 1
                 data, prev = seal_line(prev, complete(records[0], seq))
+                seqs = [seq]
+                if seq >= due:
+                    line, prev = self._checkpoint_line(seq, prev)
+                    data += line
+                    seq = signed = seq + 1
             else:
                 lines = []
+                seqs = []
                 for fixed in records:
                     seq += 1
                     line, prev = seal_line(prev, complete(fixed, seq))
                     lines.append(line)
+                    seqs.append(seq)
+                    if seq >= due:  # exactly every N records, even inside one write
+                        line, prev = self._checkpoint_line(seq, prev)
+                        lines.append(line)
+                        seq = signed = seq + 1
+                        due = seq + self._every
                 if not lines:
                     return []
                 data = b"".join(lines)
             self._write(data)
             # Only written lines advance the chain: after a failed write the next record
             # links to the last one that exists.
-            first, self._seq, self._prev = self._seq + 1, seq, prev
-            return [seq] if first == seq else list(range(first, seq + 1))
+            self._seq, self._prev = seq, prev
+            if signed:
+                self._signed(signed)
+            return seqs
+
+    def _checkpoint_line(self, head_seq: int, head: bytes) -> tuple[bytes, bytes]:
+        body = checkpoint.body(
+            self._key,
+            self._key_id,
+            head=head.decode("ascii"),
+            head_seq=head_seq,
+            time=utc_now_iso(),
+            every=self._every,
+            seconds=self._seconds,
+        )
+        return seal_line(head, serialize(body))
+
+    def _signed(self, checkpoint_seq: int) -> None:
+        """The checkpoint with this seq is written: the schedule starts again from it."""
+        self._cp_seq = checkpoint_seq
+        self._cp_due = checkpoint_seq + self._every
+        self._cp_time = _monotonic_ns()
+
+    def _write_checkpoint(self) -> None:
+        """Sign the chain head now (the lock is held)."""
+        line, prev = self._checkpoint_line(self._seq, self._prev)
+        self._write(line)
+        self._seq, self._prev = self._seq + 1, prev
+        self._signed(self._seq)
+
+    def _check(self) -> None:
+        """The periodic duties before a write (the lock is held): is the path still our file,
+        and is a checkpoint due by time? AuditUnavailable when the file is gone."""
+        now = _monotonic_ns()
+        self._next_check = now + self._interval_ns
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            reason = "was deleted or renamed"
+        except OSError as exc:
+            reason = f"cannot be checked ({exc.strerror})"
+        else:
+            if (st.st_dev, st.st_ino) == self._identity:
+                self._checked_seq = self._seq
+                if self._gone is not None:
+                    log.warning("audit log %s is back: writing resumes", self.path)
+                    self._gone = None
+                if self._seq > self._cp_seq and now - self._cp_time >= self._seconds_ns:
+                    self._write_checkpoint()
+                return
+            reason = "was replaced by another file"
+        if self._gone is None:
+            unchecked = self._seq - self._checked_seq
+            log.error(
+                "audit log %s %s: statements are refused (58030) until it is restored or "
+                "the broker restarts; nothing is written elsewhere%s",
+                self.path,
+                reason,
+                f" ({unchecked} record(s) written in the last "
+                f"{self._interval_ns // 1_000_000} ms may be in the old file)"
+                if unchecked
+                else "",
+            )
+        self._gone = reason
+        self._next_check = 0  # check again before every write until it is back
+        raise AuditUnavailable(f"audit log {self.path} {reason}; not writing elsewhere")
 
     def append_deferred(self, record: Recordable) -> None:
         self._defer([record.to_body()])
@@ -136,16 +459,21 @@ class JsonlAuditSink:
             self.flush()
 
     def flush(self) -> None:
-        """Chain and write the queued after-the-fact records, as one batch record."""
+        """Chain and write the queued after-the-fact records, as one batch record; write a
+        checkpoint when one is due by time (the broker calls this every 200 ms)."""
         with self._lock:
             if not self._deferred:
+                if _monotonic_ns() >= self._next_check:
+                    # Idle: notice a removed file (logged once), sign records due by time.
+                    with contextlib.suppress(AuditUnavailable):
+                        self._check()
                 return
             batch, self._deferred = self._deferred, []
         entries: list[dict[str, Any]] = []
         run: list[tuple[tuple[Any, ...], int]] = []
         for entry in batch:
             if entry.__class__ is tuple:
-                run.append(entry)  # type: ignore[arg-type]
+                run.append(entry)
                 continue
             entries += result_bodies(run)
             run = []
@@ -172,13 +500,22 @@ class JsonlAuditSink:
         except OSError as exc:
             raise AuditUnavailable(f"cannot write audit log {self.path}: {exc}") from exc
 
+    def _close_fd(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
     def close(self) -> None:
         with contextlib.suppress(AuditUnavailable):
             self.flush()
         with self._lock:
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
+            if self._fd >= 0 and self._gone is None and self._seq > self._cp_seq:
+                # A cleanly closed log ends with a checkpoint: nothing in it is unsigned.
+                with contextlib.suppress(AuditUnavailable):
+                    self._check()
+                    if self._gone is None and self._seq > self._cp_seq:
+                        self._write_checkpoint()
+            self._close_fd()
 
 
 class MemoryAuditSink:
