@@ -20,6 +20,7 @@ p95 over the runs:
 from __future__ import annotations
 
 import argparse
+import ssl
 import statistics
 import sys
 import tempfile
@@ -70,9 +71,14 @@ def main() -> int:
     policy.write_text((ROOT / "policies.yaml").read_text().replace(", window: 30m", ""))
     with demo_stack("--policy", str(policy)) as (env, status):
         broker = status["broker_url"]
+        # The broker API is HTTPS, verified against the dev stack's CA.
+        verify = ssl.create_default_context(cafile=status["broker_ca"])
         alice, bob = _token(env, "alice"), _token(env, "bob")
         created = httpx.post(
-            f"{broker}/v1/sessions", json={"target": "demo", "reason": "bench"}, headers=alice
+            f"{broker}/v1/sessions",
+            json={"target": "demo", "reason": "bench"},
+            headers=alice,
+            verify=verify,
         ).json()
         notices: list[str] = []
         conn = psycopg.connect(
@@ -88,7 +94,7 @@ def main() -> int:
         conn.add_notice_handler(lambda n: notices.append(n.message_primary or ""))
         decided_to_forwarded: list[float] = []
         call_to_rows: list[float] = []
-        with httpx.Client(headers=bob, timeout=30) as http:
+        with httpx.Client(headers=bob, timeout=30, verify=verify) as http:
             for _ in range(args.approvals):
                 notices.clear()
                 rows: list[tuple[object, ...]] = []

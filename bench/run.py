@@ -6,8 +6,10 @@ Starts the real demo stack (`guard dev up` in a throwaway GUARD_HOME, with analy
 and audit on), loads pgbench tables into the demo database, starts pgbouncer (Debian
 package; installed with apt-get when missing and running as root; run as `postgres`), then
 runs pgbench -S (simple, extended, prepared) and TPC-B-like with N clients against each
-path (every path reaches PostgreSQL over verified TLS, as guard does; clients reach
-pgbouncer and guard over plain loopback), plus a 1M-row COPY TO STDOUT and SELECT * of
+path (every hop is verified TLS: every path reaches PostgreSQL over it, as guard does, and
+clients reach pgbouncer and guard over it too — the gateway refuses plaintext logins, so
+pgbouncer serves client TLS with the dev stack's gateway certificate to stay comparable),
+plus a 1M-row COPY TO STDOUT and SELECT * of
 pgbench_accounts (each path --bulk-runs times, interleaved; the median is kept). Prints tps,
 the ratio to direct and to pgbouncer, and the gateway's CPU µs per transaction (the broker
 process's user+system CPU time over the run divided by the transactions it served; system
@@ -25,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import ssl
 import statistics
 import subprocess
 import sys
@@ -133,6 +136,11 @@ def start_pgbouncer(
     listen = free_port()
     (workdir / "users.txt").write_text(f'"{user}" "{password}"\n')
     shutil.copy(ca_file, workdir / "ca.pem")
+    # Clients reach pgbouncer over verified TLS, as they reach guard's gateway: the dev
+    # CA's 127.0.0.1 server certificate (the gateway's, next to the CA file).
+    tls_dir = Path(ca_file).parent
+    shutil.copy(tls_dir / "gateway.pem", workdir / "client-tls.pem")
+    shutil.copy(tls_dir / "gateway-key.pem", workdir / "client-tls-key.pem")
     (workdir / "pgbouncer.ini").write_text(
         f"[databases]\ndemo = host={host} port={port} dbname=demo\n"
         f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {listen}\n"
@@ -140,6 +148,8 @@ def start_pgbouncer(
         "pool_mode = session\nmax_client_conn = 100\ndefault_pool_size = 20\n"
         # Same upstream hop as guard's: verified TLS to PostgreSQL.
         f"server_tls_sslmode = verify-full\nserver_tls_ca_file = {workdir}/ca.pem\n"
+        f"client_tls_sslmode = require\nclient_tls_cert_file = {workdir}/client-tls.pem\n"
+        f"client_tls_key_file = {workdir}/client-tls-key.pem\n"
         f"unix_socket_dir = {workdir}\nlogfile = {workdir}/pgbouncer.log\n"
     )
     cmd = [ensure_pgbouncer(), str(workdir / "pgbouncer.ini")]
@@ -217,13 +227,17 @@ def _compare(args: argparse.Namespace, env: dict[str, str], status: dict) -> int
             json={"target": "demo"},
             headers={"Authorization": f"Bearer {token}"},
             timeout=30,
+            # The broker API is HTTPS, verified against the dev stack's CA.
+            verify=ssl.create_default_context(cafile=status["broker_ca"]),
         ).json()
+        # The gateway refuses plaintext logins: verified TLS, as every guard client uses.
         guard_env = libpq_env(
             session["gateway_host"],
             session["gateway_port"],
             session["user"],
             session["password"],
-            sslmode="disable",
+            sslmode="verify-full",
+            rootcert=status["gateway_ca"],
         )
         pgb, pgb_port, pgb_dir = start_pgbouncer(
             admin["host"],
@@ -232,13 +246,8 @@ def _compare(args: argparse.Namespace, env: dict[str, str], status: dict) -> int
             admin["password"],
             status["gateway_ca"],
         )
-        # Clients reach pgbouncer and guard over plain loopback; both use TLS upstream.
-        pgb_env = {
-            **direct_env,
-            "PGHOST": "127.0.0.1",
-            "PGPORT": str(pgb_port),
-            "PGSSLMODE": "disable",
-        }
+        # Clients reach pgbouncer and guard over verified TLS; both use TLS upstream.
+        pgb_env = {**direct_env, "PGHOST": "127.0.0.1", "PGPORT": str(pgb_port)}
         # pgbouncer runs under runuser: its own pid is the one holding its config file.
         pgb_pid = int(
             subprocess.run(

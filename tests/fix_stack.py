@@ -11,13 +11,18 @@ import contextlib
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    import httpx
 
 GUARD = [sys.executable, "-m", "guard.cli.main"]
 DEMO_POLICY = Path(__file__).resolve().parents[1] / "guard" / "devstack" / "policies.yaml"
@@ -55,21 +60,38 @@ class Stack:
             timeout=timeout,
         )
 
-    def open_session(self, user: str = "alice") -> tuple[dict, dict[str, str]]:
-        """POST /v1/sessions as `user` (dev IdP token); (created body, auth headers)."""
+    def broker_tls(self) -> ssl.SSLContext:
+        """Verifies the broker API's HTTPS certificate against the stack's CA."""
+        return ssl.create_default_context(cafile=self.status["broker_ca"])
+
+    def http(self, **kwargs) -> httpx.Client:
+        """An httpx client of this stack's broker API over verified HTTPS (the dev CA):
+        `with stack.http(headers=...) as http: http.post("/v1/sessions", ...)`."""
         import httpx
 
+        kwargs.setdefault("timeout", 30)
+        return httpx.Client(base_url=self.status["broker_url"], verify=self.broker_tls(), **kwargs)
+
+    def api(self, method: str, path: str, **kwargs) -> httpx.Response:
+        """One broker API call (`path` like /v1/sessions) over verified HTTPS."""
+        with self.http() as http:
+            return http.request(method, path, **kwargs)
+
+    def end_session(self, session_id: str, headers: dict[str, str]) -> httpx.Response:
+        return self.api("DELETE", f"/v1/sessions/{session_id}", headers=headers)
+
+    def open_session(self, user: str = "alice") -> tuple[dict, dict[str, str]]:
+        """POST /v1/sessions as `user` (dev IdP token); (created body, auth headers). The
+        body also carries `gateway_ca` (this stack's CA file, not part of the API's answer)
+        so helpers given only the body can reach the gateway over verified TLS."""
         token = self.guard("dev", "token", user)
         assert token.returncode == 0, token.stderr
         headers = {"Authorization": f"Bearer {token.stdout.strip()}"}
-        created = httpx.post(
-            f"{self.status['broker_url']}/v1/sessions",
-            json={"target": "demo", "reason": "tests"},
-            headers=headers,
-            timeout=30,
+        created = self.api(
+            "POST", "/v1/sessions", json={"target": "demo", "reason": "tests"}, headers=headers
         )
         assert created.status_code == 201, created.text
-        return created.json(), headers
+        return {**created.json(), "gateway_ca": self.status["gateway_ca"]}, headers
 
     def direct(self, sql: str, params: tuple = ()) -> list[tuple]:
         """Rows of `sql` run straight on PostgreSQL as the admin: what the gateway's
@@ -195,8 +217,6 @@ def denying_approvals(
     tests that send a gated statement to see the session go on after it is refused."""
     import threading
 
-    import httpx
-
     token = stack.guard("dev", "token", reviewer)
     assert token.returncode == 0, token.stderr
     headers = {"Authorization": f"Bearer {token.stdout.strip()}"}
@@ -204,7 +224,7 @@ def denying_approvals(
     stop = threading.Event()
 
     def deny_all() -> None:
-        with httpx.Client(headers=headers, timeout=10) as http:
+        with stack.http(headers=headers, timeout=10) as http:
             while not stop.is_set():
                 for request in http.get(url).json():
                     http.post(f"{url}/{request['id']}/deny", json={"comment": reason})

@@ -1,11 +1,13 @@
 """HTTP client of the broker API (httpx), with broker errors turned into `CliError`s.
 
-Imports httpx, `guard.broker.api.schemas` (the only broker module the CLI may import) and
-the CLI's own error type. Never logs or prints the bearer token or session secrets.
+Imports httpx, `guard.broker.api.schemas` (the only broker module the CLI may import), the
+CLI's own error type and profile (the broker's CA). Never logs or prints the bearer token
+or session secrets.
 """
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -19,6 +21,7 @@ from guard.broker.api.schemas import (
     SessionCreated,
 )
 from guard.cli.errors import CliError
+from guard.cli.profile import broker_ca_file, broker_tls_context
 
 TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 
@@ -36,13 +39,24 @@ class BrokerClient:
     # put an `httpx.MockTransport` here to stand in for the broker.
     transport: httpx.BaseTransport | None = None
 
-    def __init__(self, base_url: str, token: str, *, transport: httpx.BaseTransport | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        ca_file: str | None = None,
+    ):
         self.base_url = base_url.rstrip("/")
+        transport = transport if transport is not None else type(self).transport
         self._http = httpx.Client(
             base_url=self.base_url,
             headers={"Authorization": f"Bearer {token}"},
             timeout=TIMEOUT,
-            transport=transport if transport is not None else type(self).transport,
+            transport=transport,
+            # HTTPS is always verified: against `ca_file`, else GUARD_BROKER_CA or the
+            # profile's broker_ca_file (the dev stack's CA), else the system trust store.
+            verify=_verify(self.base_url, ca_file) if transport is None else True,
         )
 
     def close(self) -> None:
@@ -92,6 +106,14 @@ class BrokerClient:
     def my_requests(self) -> list[ApprovalInfo]:
         """The caller's own requests, newest first."""
         return _approvals(self._request("GET", "/v1/requests"))
+
+
+def _verify(base_url: str, ca_file: str | None) -> ssl.SSLContext | bool:
+    """The verification of an https:// broker (a context with its CA); plain http://
+    (a loopback broker without api_tls) has nothing to verify."""
+    if not base_url.lower().startswith("https://"):
+        return True
+    return broker_tls_context(ca_file if ca_file is not None else broker_ca_file())
 
 
 def _segment(text: str) -> str:

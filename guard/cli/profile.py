@@ -1,14 +1,19 @@
 """The CLI profile: where the broker and the IdP are, so commands need no flags.
 
 Imports only the stdlib. The profile lives at `$GUARD_HOME/profile.json` (default
-`~/.guard`). It holds addresses only, never tokens or credentials (those go to the keyring,
-see `cli.auth`). `guard dev up` writes it; `GUARD_BROKER_URL` / `GUARD_ISSUER` override it.
+`~/.guard`). It holds addresses and CA files only, never tokens or credentials (those go to
+the keyring, see `cli.auth`). `guard dev up` writes it; `GUARD_BROKER_URL` /
+`GUARD_ISSUER` / `GUARD_BROKER_CA` override it.
+
+The broker API is HTTPS, always verified: against `broker_ca_file` when set (the dev
+stack's CA), else the system trust store. There is no switch to turn verification off.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import ssl
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,6 +37,8 @@ class Profile:
     audience: str = "guard-cli"
     # CA that signs the gateway's certificate (None: the system trust store).
     gateway_ca_file: str | None = None
+    # CA that signs the broker API's HTTPS certificate (None: the system trust store).
+    broker_ca_file: str | None = None
 
     @property
     def path(self) -> Path:
@@ -66,6 +73,8 @@ def load_profile() -> Profile:
         data["broker_url"] = os.environ["GUARD_BROKER_URL"]
     if os.environ.get("GUARD_ISSUER"):
         data["issuer"] = os.environ["GUARD_ISSUER"]
+    if os.environ.get("GUARD_BROKER_CA"):
+        data["broker_ca_file"] = os.environ["GUARD_BROKER_CA"]
     if not data.get("broker_url") or not data.get("issuer"):
         raise CliError(
             "guard is not configured: no broker URL / issuer",
@@ -73,3 +82,31 @@ def load_profile() -> Profile:
         )
     known = {k: v for k, v in data.items() if k in Profile.__dataclass_fields__}
     return Profile(**known)
+
+
+def broker_ca_file() -> str | None:
+    """The CA file that verifies the broker: `GUARD_BROKER_CA`, else the profile's
+    `broker_ca_file`, else None (the system trust store). Never raises: a missing or
+    unreadable profile means no CA of its own."""
+    if os.environ.get("GUARD_BROKER_CA"):
+        return os.environ["GUARD_BROKER_CA"]
+    try:
+        value = json.loads(profile_path().read_text()).get("broker_ca_file")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) and value else None
+
+
+def broker_tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """A client context that verifies the broker's certificate and host name against
+    `ca_file` (None: the system trust store); TLS 1.2 or newer."""
+    try:
+        ctx = ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise CliError(
+            f"cannot read the broker CA file {ca_file}: {exc}",
+            hint="run `guard dev up` again for the demo, or fix broker_ca_file in the"
+            " profile (or GUARD_BROKER_CA)",
+        ) from exc
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -31,13 +32,13 @@ from typing import Any
 import httpx
 import yaml
 
-from guard.cli.profile import Profile, save_profile
+from guard.cli.profile import Profile, broker_tls_context, save_profile
 from guard.devstack.demo_data import create_demo_database
 from guard.devstack.files import write_private
 from guard.devstack.openbao import OpenBaoDevServer, configure_database_target
 from guard.devstack.postgres import PostgresCluster, free_port, stop_cluster
 from guard.devstack.processes import alive, proc_start_time
-from guard.devstack.tls import make_dev_ca
+from guard.devstack.tls import broker_cert, make_dev_ca
 
 TARGET = "demo"
 OPENBAO_ROLE = "guard-demo"
@@ -98,9 +99,16 @@ def _tail(path: Path, limit: int = 3000) -> str:
         return "(no log)"
 
 
-def _wait_http(url: str, proc: subprocess.Popen[bytes], name: str, log: Path, timeout: float):
+def _wait_http(
+    url: str,
+    proc: subprocess.Popen[bytes],
+    name: str,
+    log: Path,
+    timeout: float,
+    verify: ssl.SSLContext | bool = True,
+):
     deadline = time.monotonic() + timeout
-    with httpx.Client(timeout=1.0) as http:
+    with httpx.Client(timeout=1.0, verify=verify) as http:
         while time.monotonic() < deadline and proc.poll() is None:
             try:
                 if http.get(url).status_code == 200:
@@ -227,6 +235,7 @@ def up(
             client_id=CLIENT_ID,
             audience=CLIENT_ID,
             gateway_ca_file=status["gateway_ca"],
+            broker_ca_file=status["broker_ca"],
         )
     )
     status["running"] = True
@@ -263,7 +272,10 @@ def _start(
     logs = state_dir / "logs"
     tls_dir = state_dir / "tls"
     ca_file, cert_file, key_file = make_dev_ca(tls_dir)
+    api_cert_file, api_key_file = broker_cert(tls_dir)
     status["gateway_ca"] = str(ca_file)
+    # The same CA signs the broker API's HTTPS certificate; the CLI's profile names it.
+    status["broker_ca"] = str(ca_file)
 
     # OpenBao and the IdP boot while PostgreSQL is initialised.
     progress("OpenBao")
@@ -315,7 +327,10 @@ def _start(
             database=TARGET,
             admin_user=pg.admin_user,
             admin_password=pg.admin_password,
-            creation_statements=creation_statements(),
+            # The issued role's CONNECTION LIMIT is the policy's per-session limit.
+            creation_statements=creation_statements(
+                connection_limit=policy.targets[TARGET].max_connections_per_session
+            ),
             revocation_statements=revocation_statements(),
         )
     _wait_http(f"{issuer}/.well-known/openid-configuration", idp, "dev IdP", logs / "idp.log", 30)
@@ -326,6 +341,7 @@ def _start(
         "state_dir": str(state_dir / "broker"),
         "policy_file": status["policy_file"],
         "api": {"host": "127.0.0.1", "port": api_port},
+        "api_tls": {"cert_file": str(api_cert_file), "key_file": str(api_key_file)},
         "gateway": {"host": "127.0.0.1", "port": gw_port},
         "gateway_tls": {"cert_file": str(cert_file), "key_file": str(key_file)},
         "oidc": {"issuer": issuer, "audience": CLIENT_ID},
@@ -349,8 +365,15 @@ def _start(
     broker_argv = [sys.executable, "-m", "guard.broker.service", "--config", str(config_path)]
     broker = _spawn("broker", broker_argv, state_dir)
     _record(status, "broker", broker.pid, logs / "broker.log")
-    broker_url = f"http://127.0.0.1:{api_port}"
-    _wait_http(f"{broker_url}/v1/health", broker, "broker", logs / "broker.log", 30)
+    broker_url = f"https://127.0.0.1:{api_port}"
+    _wait_http(
+        f"{broker_url}/v1/health",
+        broker,
+        "broker",
+        logs / "broker.log",
+        30,
+        verify=broker_tls_context(str(ca_file)),
+    )
     status.update(
         broker_url=broker_url,
         gateway=f"127.0.0.1:{gw_port}",

@@ -1,8 +1,8 @@
 """A local certificate authority for the demo stack, so `sslmode=verify-full` works.
 
 Uses `cryptography` only. Creates a CA (10 days, demo only) and server certificates for
-127.0.0.1/localhost signed by it — the gateway's and the demo PostgreSQL's, so both hops
-use verified TLS; private keys are written 0600.
+127.0.0.1/localhost signed by it — the gateway's, the broker API's (HTTPS) and the demo
+PostgreSQL's, so every hop uses verified TLS; private keys are written 0600.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
 
 
 def make_dev_ca(directory: Path) -> tuple[Path, Path, Path]:
-    """Return (ca.pem, gateway.pem, gateway-key.pem); also writes postgres.pem/-key.pem."""
+    """Return (ca.pem, gateway.pem, gateway-key.pem); also writes broker.pem/-key.pem (the
+    API's HTTPS certificate, see `broker_cert`) and postgres.pem/-key.pem."""
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.now(UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -60,8 +61,15 @@ def make_dev_ca(directory: Path) -> tuple[Path, Path, Path]:
     ca_path = directory / "ca.pem"
     ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     gateway = _server_cert(directory, "gateway", ca, ca_key, now)
+    _server_cert(directory, "broker", ca, ca_key, now)
     _server_cert(directory, "postgres", ca, ca_key, now)
     return ca_path, *gateway
+
+
+def broker_cert(directory: Path) -> tuple[Path, Path]:
+    """(broker.pem, broker-key.pem) that `make_dev_ca(directory)` wrote: the API's HTTPS
+    certificate for 127.0.0.1/localhost, signed by the same CA as the gateway's."""
+    return directory / "broker.pem", directory / "broker-key.pem"
 
 
 def _server_cert(

@@ -33,7 +33,9 @@ def _token(stack: Stack, user: str) -> dict[str, str]:
 
 def _api(stack: Stack, method: str, path: str, user: str, **kwargs) -> httpx.Response:
     url = f"{stack.status['broker_url']}{path}"
-    return httpx.request(method, url, headers=_token(stack, user), timeout=30, **kwargs)
+    return httpx.request(
+        method, url, headers=_token(stack, user), timeout=30, verify=stack.broker_tls(), **kwargs
+    )
 
 
 def _connect(session: dict, **kwargs) -> psycopg.Connection:

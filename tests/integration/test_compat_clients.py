@@ -63,7 +63,7 @@ def test_sqlalchemy_core_and_reflection(dev_stack: Stack, session):  # noqa: F81
 
     from tests.integration.test_compat_sqlalchemy import gateway_url
 
-    url = gateway_url(session, sslmode="disable")
+    url = gateway_url(session, sslmode="verify-full", sslrootcert=dev_stack.status["gateway_ca"])
     engine = sa.create_engine(url)
     try:
         with engine.connect() as conn:

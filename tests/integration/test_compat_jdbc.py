@@ -6,6 +6,7 @@ import glob
 import shutil
 import subprocess
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -32,7 +33,8 @@ def test_pgjdbc_prepared_binary_and_refusal(dev_stack: Stack, session, tmp_path)
     subprocess.run(["javac", "-d", str(tmp_path), str(SOURCE)], check=True, timeout=120)
     url = (
         f"jdbc:postgresql://{session['gateway_host']}:{session['gateway_port']}/"
-        f"{session['database']}?sslmode=disable&prepareThreshold=3"
+        f"{session['database']}?sslmode=verify-full&sslrootcert={quote(dev_stack.status['gateway_ca'])}"
+        "&prepareThreshold=3"
     )
     out = subprocess.run(
         [

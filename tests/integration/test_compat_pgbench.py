@@ -19,7 +19,6 @@ import shutil
 import subprocess
 import time
 
-import httpx
 import psycopg
 import pytest
 
@@ -173,11 +172,7 @@ def test_tpcb_runs_like_direct_in_every_query_mode(pgbench_stack: Stack, mode):
         assert_tpcb_run(direct, stack, after, mode)
         assert_one_result_per_statement(stack, body["session_id"])
     finally:
-        httpx.delete(
-            f"{stack.status['broker_url']}/v1/sessions/{body['session_id']}",
-            headers=headers,
-            timeout=30,
-        )
+        stack.end_session(body["session_id"], headers)
 
 
 def assert_one_result_per_statement(stack: Stack, session_id: str) -> None:

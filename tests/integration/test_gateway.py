@@ -9,7 +9,6 @@ from __future__ import annotations
 import threading
 import time
 
-import httpx
 import psycopg
 import pytest
 
@@ -23,19 +22,20 @@ MASKED_SSN = "***-**-6789"
 @pytest.fixture(scope="module")
 def session(dev_stack: Stack):
     body, headers = dev_stack.open_session()
-    broker = dev_stack.status["broker_url"]
     yield body
-    httpx.delete(f"{broker}/v1/sessions/{body['session_id']}", headers=headers, timeout=30)
+    dev_stack.end_session(body["session_id"], headers)
 
 
 def connect(session: dict, **kwargs) -> psycopg.Connection:
+    """psycopg through the gateway over verified TLS (the session's stack's dev CA)."""
     return psycopg.connect(
         host=session["gateway_host"],
         port=session["gateway_port"],
         user=session["user"],
         password=session["password"],
         dbname=session["database"],
-        sslmode="disable",
+        sslmode="verify-full",
+        sslrootcert=session["gateway_ca"],
         connect_timeout=10,
         **kwargs,
     )
@@ -154,15 +154,9 @@ def test_cancel_request_reaches_upstream(session):
 
 def test_session_end_closes_live_connections(dev_stack: Stack):
     body, headers = dev_stack.open_session()
-    broker = dev_stack.status["broker_url"]
     conn = connect(body)
     assert conn.execute("SELECT 1").fetchone()[0] == 1
-    assert (
-        httpx.delete(
-            f"{broker}/v1/sessions/{body['session_id']}", headers=headers, timeout=30
-        ).status_code
-        == 204
-    )
+    assert dev_stack.end_session(body["session_id"], headers).status_code == 204
     with pytest.raises(psycopg.OperationalError):
         conn.execute("SELECT 1")
     conn.close()
@@ -172,22 +166,22 @@ def test_session_end_closes_live_connections(dev_stack: Stack):
 
 def test_session_refused_for_user_without_group(dev_stack: Stack):
     token = dev_stack.guard("dev", "token", "mallory").stdout.strip()
-    response = httpx.post(
-        f"{dev_stack.status['broker_url']}/v1/sessions",
+    response = dev_stack.api(
+        "POST",
+        "/v1/sessions",
         json={"target": "demo"},
         headers={"Authorization": f"Bearer {token}"},
-        timeout=30,
     )
     assert response.status_code == 403
     assert "demo" in response.json()["message"]
 
 
 def test_bad_token_is_401(dev_stack: Stack):
-    response = httpx.post(
-        f"{dev_stack.status['broker_url']}/v1/sessions",
+    response = dev_stack.api(
+        "POST",
+        "/v1/sessions",
         json={"target": "demo"},
         headers={"Authorization": "Bearer not.a.token"},
-        timeout=30,
     )
     assert response.status_code == 401
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import httpx
 import psycopg
 import pytest
 from psycopg import pq
@@ -81,11 +80,7 @@ def test_notification_reaches_the_listening_client(listen_stack: Stack):
             admin.execute("NOTIFY guard_chan, 'after unlisten'")
             assert list(conn.notifies(timeout=1)) == []
     finally:
-        httpx.delete(
-            f"{listen_stack.status['broker_url']}/v1/sessions/{body['session_id']}",
-            headers=headers,
-            timeout=30,
-        )
+        listen_stack.end_session(body["session_id"], headers)
 
 
 def test_demo_policy_refuses_listen_with_42501(session):  # noqa: F811

@@ -274,7 +274,7 @@ def flush_dialogue(wire: Wire) -> list:
 
 
 def test_flush_without_sync_answers_like_direct(dev_stack: Stack, session):  # noqa: F811
-    with Wire(session["gateway_host"], session["gateway_port"]) as gw:
+    with gateway(session) as gw:  # verified TLS
         gw.login(session)
         through_gateway = flush_dialogue(gw)
     host, port = upstream_address(dev_stack)
@@ -288,7 +288,7 @@ def test_flush_without_sync_answers_like_direct(dev_stack: Stack, session):  # n
 def test_refusal_before_sync_is_flushed(session):  # noqa: F811
     """A statement the policy refuses, followed by Flush: the refusal arrives without a
     Sync, as PostgreSQL's own errors do, and later messages are skipped until Sync."""
-    with Wire(session["gateway_host"], session["gateway_port"]) as gw:
+    with gateway(session) as gw:  # verified TLS
         gw.login(session)
         gw.send(encode_many([m.Parse("", "DROP TABLE products", ()), m.Flush()]))
         (err,) = until(gw, m.ErrorResponse)
