@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import inspect
 import logging
+import signal
 import ssl
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +23,12 @@ from guard.broker.approvals.notify import NullNotifier, WebhookNotifier
 from guard.broker.approvals.service import ApprovalService
 from guard.broker.approvals.store import SqliteApprovalStore
 from guard.broker.audit.sink import AuditUnavailable, JsonlAuditSink
+from guard.broker.health import BrokerHealth, WatchedAuditSink
 from guard.broker.policy.compile import PolicyError, load_policy_file
 from guard.broker.proxy.listener import Gateway
 from guard.broker.proxy.protected import ProtectedColumns
 from guard.broker.proxy.tasks import spawn
+from guard.broker.revocation import RevocationQueue
 from guard.broker.sessions import SessionManager
 from guard.broker.settings import BrokerSettings, load_settings
 from guard.broker.state import SqliteStateStore
@@ -57,13 +62,62 @@ def build_principal_resolver(settings: BrokerSettings):
 
 
 async def run(settings: BrokerSettings) -> None:
+    stop = _StopSignals()
+    stop.install(asyncio.get_running_loop())
+    try:
+        await _run(settings, stop)
+    finally:
+        stop.uninstall()
+
+
+class _StopSignals:
+    """SIGTERM and SIGINT ask the broker to stop (uvicorn's `should_exit`), so the cleanup
+    after `serve()` runs: sessions ended, leases revoked, 'broker shutting down' records.
+    (uvicorn's own handlers re-raise the signal after `serve()`, killing the process before
+    any cleanup: `_Server` turns them off.) A second signal stops waiting for open
+    requests."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.server: object | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        for sig in self.SIGNALS:
+            loop.add_signal_handler(sig, self._handle, sig)
+
+    def uninstall(self) -> None:
+        if self._loop is not None:
+            for sig in self.SIGNALS:
+                self._loop.remove_signal_handler(sig)
+
+    def _handle(self, sig: int) -> None:
+        log.info("%s received: stopping", signal.Signals(sig).name)
+        if self.requested and self.server is not None:
+            self.server.force_exit = True  # type: ignore[attr-defined]
+        self.requested = True
+        if self.server is not None:
+            self.server.should_exit = True  # type: ignore[attr-defined]
+
+
+async def _run(settings: BrokerSettings, stop: _StopSignals) -> None:  # noqa: C901 - composition
     import uvicorn
 
     from guard.broker.api.app import create_app
     from guard.broker.credentials.openbao import OpenBaoIssuer
 
+    class _Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):  # type: ignore[no-untyped-def]
+            # Our loop handlers (`_StopSignals`) ask the server to exit; nothing is re-raised.
+            yield
+
     policy = load_policy_file(settings.policy_file)
-    audit = JsonlAuditSink(settings.audit.path)
+    # Every audit write goes through the watch: /v1/health knows the sink's last failure.
+    audit = WatchedAuditSink(JsonlAuditSink(settings.audit.path))
     state = SqliteStateStore(settings.database_path)
     issuer = OpenBaoIssuer(
         settings.openbao.addr,
@@ -71,9 +125,23 @@ async def run(settings: BrokerSettings) -> None:
         mount=settings.openbao.mount,
         verify=settings.openbao.verify_tls,
     )
-    sessions = SessionManager(
-        policy=policy, targets=dict(settings.targets), issuer=issuer, audit=audit, state=state
+    limits = settings.sessions
+    revocations = RevocationQueue(
+        issuer,
+        state,
+        initial_backoff=limits.revoke_retry_initial_seconds,
+        max_backoff=limits.revoke_retry_max_seconds,
     )
+    sessions = SessionManager(
+        policy=policy,
+        targets=dict(settings.targets),
+        issuer=issuer,
+        audit=audit,
+        state=state,
+        settings=limits,
+        revocations=revocations,
+    )
+    # Leases a previous run left open, and revocations it still owed.
     await sessions.revoke_orphans()
     grants = DatabaseGrants(settings.targets)
     approval_store = SqliteApprovalStore(settings.database_path)
@@ -123,6 +191,7 @@ async def run(settings: BrokerSettings) -> None:
         resolve_principal=build_principal_resolver(settings),
         gateway=address,
         approvals=approvals,
+        health=BrokerHealth(audit, revocations).reasons,
     )
     config = uvicorn.Config(
         app,
@@ -135,10 +204,12 @@ async def run(settings: BrokerSettings) -> None:
         ssl_certfile=str(settings.api_tls.cert_file) if settings.api_tls else None,
         ssl_keyfile=str(settings.api_tls.key_file) if settings.api_tls else None,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config)
+    stop.server = server
+    if stop.requested:  # a signal came while the broker was starting
+        server.should_exit = True
 
-    async def expiry_watchdog() -> None:
-        ticks = 0
+    async def audit_flusher() -> None:
         while True:
             await asyncio.sleep(0.2)
             # Result records are chained at once but written in batches: flush them.
@@ -146,24 +217,61 @@ async def run(settings: BrokerSettings) -> None:
                 audit.flush()
             except AuditUnavailable:
                 log.error("audit log unwritable: statements will be refused until it is fixed")
-            ticks += 1
-            if ticks % 5 == 0:
-                await sessions.end_expired()
 
-    watchdog = spawn(expiry_watchdog(), name="session-expiry")
+    async def session_watchdog() -> None:
+        loop = asyncio.get_running_loop()
+        next_reconcile = loop.time() + limits.reconcile_interval_seconds
+        while True:
+            await asyncio.sleep(limits.expiry_check_seconds)
+            try:
+                # TTLs and lost heartbeats; then owed revocations whose time has come.
+                await sessions.end_expired()
+                if loop.time() >= next_reconcile:
+                    next_reconcile = loop.time() + limits.reconcile_interval_seconds
+                    await sessions.reconcile()
+                else:
+                    await revocations.retry_due()
+            except Exception:  # noqa: BLE001 - the watchdog must outlive one bad round
+                log.exception("session watchdog round failed")
+
+    loops = [
+        spawn(audit_flusher(), name="audit-flush"),
+        spawn(session_watchdog(), name="session-watchdog"),
+    ]
     try:
-        await server.serve()
+        if not server.should_exit:
+            await server.serve()
     finally:
-        watchdog.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watchdog
-        await sessions.end_all("broker shutting down")
-        await gateway.close()
-        await grants.close()
-        await notifier.close(grace=2.0)
-        approval_store.close()
-        audit.close()
-        state.close()
+        for task in loops:
+            task.cancel()
+        for task in loops:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        # Each step runs even if one before it failed: sessions first (their leases).
+        async def drain_notifier() -> None:
+            if isinstance(notifier, WebhookNotifier):
+                await notifier.close(grace=2.0)
+            else:
+                await notifier.close()
+
+        steps: list[tuple[str, Callable[[], Awaitable[None] | None]]] = [
+            ("ending sessions", lambda: sessions.end_all("broker shutting down")),
+            ("closing the gateway", gateway.close),
+            ("closing the approval grants", grants.close),
+            ("draining the notifier", drain_notifier),
+            ("closing the approval store", approval_store.close),
+            ("closing the audit log", audit.close),
+            ("closing the state", state.close),
+        ]
+        for what, step in steps:
+            try:
+                result = step()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:  # noqa: BLE001 - the remaining steps still run
+                log.exception("shutdown: %s failed", what)
+        log.info("broker stopped")
 
 
 def api_tls_refusal(settings: BrokerSettings) -> str | None:

@@ -4,8 +4,17 @@ A session is opened by the API for a verified principal whose groups the policy 
 connect, with a credential lease cut to the session TTL. The gateway looks sessions up by
 their gateway user name and authenticates clients against the session's SCRAM verifier
 (the broker keeps the verifier, never the secret it handed out). Ending a session — by the
-client, by TTL, or at broker shutdown — closes every gateway connection of the session and
-revokes the lease (whose revocation statements terminate the role's backends).
+client, by TTL, when its client's heartbeats stop, or at broker shutdown — closes every
+gateway connection of the session and revokes the lease (whose revocation statements
+terminate the role's backends). A revocation that fails is retried by the
+`RevocationQueue` until it succeeds, and `reconcile` revokes leases the state holds open
+that no live session owns.
+
+The client that opened a session gets a session credential (a random bearer secret; the
+broker keeps only its SHA-256) for heartbeats and the end, so ending a session never needs
+the ID token to be still valid. A session opened with `heartbeat=True` (the CLI does) is
+ended when no heartbeat came for the grace period; one opened without it (raw API use)
+is bound by its TTL only, until its first heartbeat turns the check on.
 
 Imports the credential issuer protocol, policy, audit and state; no sockets of its own.
 """
@@ -13,8 +22,11 @@ Imports the credential issuer protocol, policy, audit and state; no sockets of i
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import secrets
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -23,14 +35,34 @@ from typing import Protocol
 from guard.broker.audit.record import SessionEvent
 from guard.broker.audit.sink import AuditSink, AuditUnavailable
 from guard.broker.credentials.issuer import CredentialIssuer, IssuedCredentials
-from guard.broker.errors import DependencyUnavailable, Forbidden, NotFound
+from guard.broker.errors import DependencyUnavailable, Forbidden, GuardError, NotFound
 from guard.broker.identity.principal import Principal
 from guard.broker.pgwire.scram import ScramVerifier, make_verifier
 from guard.broker.policy.engine import CompiledPolicy
-from guard.broker.settings import TargetSettings
+from guard.broker.revocation import RevocationQueue
+from guard.broker.settings import SessionSettings, TargetSettings
 from guard.broker.state import SqliteStateStore
 
 log = logging.getLogger("guard.sessions")
+
+# Session credentials carry this prefix, so the API tells them from ID tokens (JWTs).
+CREDENTIAL_PREFIX = "gsc_"
+
+
+class TooManySessions(GuardError):
+    http_status = 429
+    sqlstate = "53300"
+    code = "session_limit"
+
+
+class AuditDown(DependencyUnavailable):
+    """The audit log cannot be written: no session is opened without its records."""
+
+    code = "audit_unavailable"
+
+
+def credential_hash(credential: str) -> bytes:
+    return hashlib.sha256(credential.encode()).digest()
 
 
 class ConnectionHandle(Protocol):
@@ -48,6 +80,9 @@ class Session:
     credentials: IssuedCredentials = field(repr=False)
     expires_at: datetime
     reason: str
+    credential_hash: bytes = field(default=b"", repr=False)
+    # None: no heartbeat expected (yet); else ended when the clock passes it.
+    heartbeat_deadline: datetime | None = None
     connections: set[ConnectionHandle] = field(default_factory=set)
     ended: bool = False
 
@@ -60,6 +95,8 @@ class Session:
 class OpenedSession:
     session: Session
     secret: str = field(repr=False)
+    # Bearer secret for this session's heartbeat and end (CREDENTIAL_PREFIX…).
+    credential: str = field(default="", repr=False)
 
 
 class SessionManager:
@@ -72,6 +109,8 @@ class SessionManager:
         audit: AuditSink,
         state: SqliteStateStore,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        settings: SessionSettings | None = None,
+        revocations: RevocationQueue | None = None,
     ) -> None:
         self.policy = policy
         self.targets = targets
@@ -79,8 +118,19 @@ class SessionManager:
         self.audit = audit
         self.state = state
         self.clock = clock
+        self.settings = settings or SessionSettings()
+        self.revocations = revocations or RevocationQueue(
+            issuer,
+            state,
+            initial_backoff=self.settings.revoke_retry_initial_seconds,
+            max_backoff=self.settings.revoke_retry_max_seconds,
+            clock=clock,
+        )
         self._by_id: dict[str, Session] = {}
         self._by_user: dict[str, Session] = {}
+        # Opens in progress (credentials being issued): per principal, and their ids.
+        self._opening: Counter[tuple[str, str]] = Counter()
+        self._opening_ids: set[str] = set()
         # Called with the session id when a session ends (its approvals are withdrawn).
         self.on_end: list[Callable[[str], Awaitable[None]]] = []
 
@@ -104,13 +154,86 @@ class SessionManager:
     def active(self) -> list[Session]:
         return [s for s in self._by_id.values() if not s.ended]
 
+    def by_credential(self, session_id: str, credential: str) -> Session:
+        """The session `credential` was issued for; NotFound otherwise (the same answer as
+        for a session that does not exist)."""
+        session = self.get(session_id)
+        if not session.credential_hash or not hmac.compare_digest(
+            credential_hash(credential), session.credential_hash
+        ):
+            raise NotFound(f"no active session {session_id!r}")
+        return session
+
+    def heartbeat(self, session_id: str) -> Session:
+        """The client is alive: push the session's heartbeat deadline out by the grace
+        (the first heartbeat of a session opened without `heartbeat` turns the check on)."""
+        session = self.get(session_id)
+        if not self.is_live(session):
+            raise NotFound(f"no active session {session_id!r}")
+        session.heartbeat_deadline = self.clock() + timedelta(
+            seconds=self.settings.heartbeat_grace_seconds
+        )
+        return session
+
     # -- open --------------------------------------------------------------------------
     async def open(
-        self, principal: Principal, target: str, *, reason: str, ttl_seconds: int | None
+        self,
+        principal: Principal,
+        target: str,
+        *,
+        reason: str,
+        ttl_seconds: int | None,
+        heartbeat: bool = False,
     ) -> OpenedSession:
         verdict = self.policy.can_connect(principal, target)
         if not verdict.allowed:
             raise Forbidden(verdict.message)
+        key = (principal.issuer, principal.subject)
+        self._check_limit(principal, target)
+        self._opening[key] += 1
+        try:
+            return await self._open(principal, target, reason, ttl_seconds, heartbeat)
+        finally:
+            self._opening[key] -= 1
+            if self._opening[key] <= 0:
+                del self._opening[key]
+
+    def _check_limit(self, principal: Principal, target: str) -> None:
+        key = (principal.issuer, principal.subject)
+        limit = self.settings.max_sessions_per_principal
+        count = self._opening[key] + sum(
+            1
+            for s in self.active()
+            if (s.principal.issuer, s.principal.subject) == key and self.is_live(s)
+        )
+        if count < limit:
+            return
+        try:
+            self._audit(
+                SessionEvent(
+                    "",
+                    "limit-reached",
+                    principal.subject,
+                    target,
+                    f"{count} open sessions; the limit per principal is {limit}",
+                )
+            )
+        except AuditUnavailable as exc:
+            log.error("could not record a session limit refusal: %s", exc)
+        log.warning("session limit reached for %s (%d open)", principal.label, count)
+        raise TooManySessions(
+            f"{principal.label} already has {count} open sessions; the limit is {limit}",
+            hint="end one (quit its psql or guard exec) or wait until one expires, then retry",
+        )
+
+    async def _open(
+        self,
+        principal: Principal,
+        target: str,
+        reason: str,
+        ttl_seconds: int | None,
+        heartbeat: bool,
+    ) -> OpenedSession:
         spec = self.policy.targets[target]
         upstream = self.targets.get(target)
         if upstream is None:
@@ -121,7 +244,9 @@ class SessionManager:
         ttl = min(ttl_seconds or spec.default_ttl_seconds, spec.max_ttl_seconds)
         session_id = secrets.token_hex(8)
         # Opening the session is itself recorded before any credential exists.
-        self._audit(SessionEvent(session_id, "requested", principal.subject, target, reason[:200]))
+        self._audit_or_refuse(
+            SessionEvent(session_id, "requested", principal.subject, target, reason[:200])
+        )
         try:
             creds = await asyncio.to_thread(self.issuer.issue, upstream.openbao_role, ttl)
         except Exception as exc:
@@ -129,8 +254,11 @@ class SessionManager:
                 f"could not issue database credentials for {target!r}: {exc}",
                 hint="check that OpenBao/Vault is running and the broker's token is valid",
             ) from exc
-        expires_at = min(self.clock() + timedelta(seconds=ttl), creds.expires_at)
+        now = self.clock()
+        expires_at = min(now + timedelta(seconds=ttl), creds.expires_at)
         secret = secrets.token_urlsafe(32)
+        credential = CREDENTIAL_PREFIX + secrets.token_urlsafe(32)
+        grace = timedelta(seconds=self.settings.heartbeat_grace_seconds)
         session = Session(
             id=session_id,
             principal=principal,
@@ -141,34 +269,66 @@ class SessionManager:
             credentials=creds,
             expires_at=expires_at,
             reason=reason,
+            credential_hash=credential_hash(credential),
+            heartbeat_deadline=now + grace if heartbeat else None,
         )
+        self._opening_ids.add(session_id)
         try:
-            self.state.session_opened(
-                session_id=session_id,
-                issuer=principal.issuer,
-                subject=principal.subject,
-                groups=sorted(principal.groups),
-                target=target,
-                reason=reason,
-                lease_id=creds.lease_id,
-                expires_at=expires_at,
-            )
-            self._audit(
-                SessionEvent(
-                    session_id,
-                    "opened",
-                    principal.subject,
-                    target,
-                    f"expires {expires_at.isoformat()}",
-                )
-            )
-        except Exception:
-            await asyncio.to_thread(self._revoke_quietly, creds.lease_id)
-            raise
+            await self._record_open(session, expires_at)
+        finally:
+            self._opening_ids.discard(session_id)
         self._by_id[session_id] = session
         self._by_user[session.user] = session
         log.info("session %s opened for %s on %s", session_id, principal.label, target)
-        return OpenedSession(session, secret)
+        return OpenedSession(session, secret, credential)
+
+    async def _record_open(self, session: Session, expires_at: datetime) -> None:
+        """The state row and the `opened` record; if either fails, the session is marked
+        ended in the state and its lease revoked (retried until done): nothing half-open."""
+        principal = session.principal
+        try:
+            self.state.session_opened(
+                session_id=session.id,
+                issuer=principal.issuer,
+                subject=principal.subject,
+                groups=sorted(principal.groups),
+                target=session.target,
+                reason=session.reason,
+                lease_id=session.credentials.lease_id,
+                expires_at=expires_at,
+            )
+            self._audit_or_refuse(
+                SessionEvent(
+                    session.id,
+                    "opened",
+                    principal.subject,
+                    session.target,
+                    f"expires {expires_at.isoformat()}",
+                )
+            )
+        except BaseException:
+            await self._release_lease(session.id, session.credentials.lease_id, "open failed")
+            raise
+
+    def _audit_or_refuse(self, event: SessionEvent) -> None:
+        try:
+            self._audit(event)
+        except AuditUnavailable as exc:
+            log.error("session %s refused: %s", event.session_id, exc)
+            raise AuditDown(
+                "the broker cannot write its audit log, so no session can be opened now",
+                hint="the broker's operators must fix the audit log's disk or permissions; "
+                "retry when GET /v1/health answers ok",
+            ) from exc
+
+    async def _release_lease(self, session_id: str, lease_id: str, reason: str) -> None:
+        """Mark the session ended and owe its lease's revocation (persisted first), then
+        try the revocation; a failure is retried by the queue."""
+        try:
+            self.state.session_ended(session_id, reason, revoke_lease=lease_id)
+        except Exception as exc:  # noqa: BLE001 - the revocation is still attempted
+            log.error("session %s: could not record its end in the state: %s", session_id, exc)
+        await self.revocations.attempt(lease_id)
 
     # -- end ---------------------------------------------------------------------------
     async def end(self, session_id: str, reason: str) -> None:
@@ -185,8 +345,9 @@ class SessionManager:
                 await hook(session_id)
             except Exception as exc:  # noqa: BLE001 - logged; the session still ends
                 log.error("ending session %s: %s failed: %s", session_id, hook, exc)
-        await asyncio.to_thread(self._revoke_quietly, session.credentials.lease_id)
-        self.state.session_ended(session_id, reason)
+        await self._release_lease(session_id, session.credentials.lease_id, reason)
+        # Only now may `reconcile` see the state row as another's: it is ended there.
+        self._by_id.pop(session_id, None)
         try:
             self._audit(
                 SessionEvent(session_id, "ended", session.principal.subject, session.target, reason)
@@ -196,28 +357,40 @@ class SessionManager:
         log.info("session %s ended: %s", session_id, reason)
 
     async def end_expired(self) -> None:
+        """End sessions past their TTL, and those whose client stopped heartbeating."""
         now = self.clock()
         for session in self.active():
             if session.expired_at(now):
                 await self.end(session.id, "ttl expired")
+            elif session.heartbeat_deadline is not None and now >= session.heartbeat_deadline:
+                grace = self.settings.heartbeat_grace_seconds
+                await self.end(session.id, f"heartbeat lost (none for {grace:g} s)")
 
     async def end_all(self, reason: str) -> None:
         for session in self.active():
             await self.end(session.id, reason)
 
     async def revoke_orphans(self) -> None:
-        """Revoke leases of sessions a previous broker run never ended."""
-        for session_id, lease_id in self.state.open_leases():
-            if session_id in self._by_id:
-                continue
-            await asyncio.to_thread(self._revoke_quietly, lease_id)
-            self.state.session_ended(session_id, "broker restarted")
+        """At start: revoke leases of sessions a previous broker run never ended, and go on
+        with the revocations it still owed."""
+        await self.reconcile("broker restarted", force=True)
 
-    def _revoke_quietly(self, lease_id: str) -> None:
-        try:
-            self.issuer.revoke(lease_id)
-        except Exception as exc:  # noqa: BLE001 - logged; the lease still expires by TTL
-            log.error("lease revocation failed (it will still expire at its TTL): %s", exc)
+    async def reconcile(self, reason: str = "no live session holds its lease", *, force=False):
+        """Compare the leases the state holds open with the live sessions: a lease no live
+        session owns is marked ended and revoked. Then retry the revocations that are due
+        (all of them with `force`)."""
+        orphans = [
+            (session_id, lease_id)
+            for session_id, lease_id in self.state.open_leases()
+            if session_id not in self._by_id and session_id not in self._opening_ids
+        ]
+        for session_id, lease_id in orphans:
+            log.warning("session %s: revoking its lease (%s)", session_id, reason)
+            try:
+                self.state.session_ended(session_id, reason, revoke_lease=lease_id)
+            except Exception as exc:  # noqa: BLE001 - tried again at the next reconcile
+                log.error("session %s: could not record its end: %s", session_id, exc)
+        await self.revocations.retry_due(force=force or bool(orphans))
 
     def _audit(self, event: SessionEvent) -> None:
         self.audit.append(event)

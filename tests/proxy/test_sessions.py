@@ -1,21 +1,23 @@
-"""Session lifecycle without sockets: policy check, lease per session, teardown, outages."""
+"""Session lifecycle without sockets: policy check, lease per session, teardown, outages,
+heartbeats, the session credential, limits per principal, revocation retries, reconcile."""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from guard.broker.audit.sink import MemoryAuditSink
+from guard.broker.audit.sink import AuditUnavailable, MemoryAuditSink
 from guard.broker.credentials.fake import FakeIssuer
 from guard.broker.credentials.issuer import CredentialsUnavailable
-from guard.broker.errors import DependencyUnavailable, Forbidden
+from guard.broker.errors import DependencyUnavailable, Forbidden, NotFound, Unauthenticated
 from guard.broker.fakes import FakeComponentWarning
 from guard.broker.identity.principal import Principal
 from guard.broker.policy.compile import load_policy_file
-from guard.broker.sessions import SessionManager
-from guard.broker.settings import TargetSettings
+from guard.broker.sessions import CREDENTIAL_PREFIX, AuditDown, SessionManager, TooManySessions
+from guard.broker.settings import SessionSettings, TargetSettings
 from guard.broker.state import SqliteStateStore
 
 POLICY = load_policy_file(Path(__file__).resolve().parents[2] / "policies.yaml")
@@ -95,3 +97,367 @@ def test_restart_revokes_leases_a_crashed_broker_left_open(tmp_path):
     fresh, fresh_issuer, _ = manager(tmp_path)  # same state file, new process
     asyncio.run(fresh.revoke_orphans())
     assert fresh_issuer.revoked == [lease]
+
+
+# ---------------------------------------------------------------- hardening (issue 12)
+class _Clock:
+    def __init__(self):
+        from datetime import UTC, datetime
+
+        # Near the wall clock: the fake issuer's leases expire by it.
+        self.now = datetime.now(UTC)
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        from datetime import timedelta
+
+        self.now += timedelta(seconds=seconds)
+
+
+class _FlakyIssuer(FakeIssuer):
+    """Revocations fail while `down` is set (OpenBao unreachable)."""
+
+    down = False
+
+    def revoke(self, lease_id):
+        if self.down:
+            raise CredentialsUnavailable("OpenBao at http://127.0.0.1:9 is unreachable")
+        super().revoke(lease_id)
+
+
+class _AuditFailingAt(MemoryAuditSink):
+    """Fails the n-th record (1-based) and every one after it."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.n = n
+
+    def append_statements(self, records):
+        if len(self.records) + 1 >= self.n:
+            raise AuditUnavailable("cannot write audit log /x: [Errno 28] No space left")
+        return super().append_statements(records)
+
+
+def hardened(tmp_path, *, issuer=None, audit=None, clock=None, **settings):
+    if issuer is None:
+        with pytest.warns(FakeComponentWarning):
+            issuer = FakeIssuer()
+    audit = audit if audit is not None else MemoryAuditSink()
+    state = SqliteStateStore(tmp_path / "s.db")
+    mgr = SessionManager(
+        policy=POLICY,
+        targets={"demo": TargetSettings(database="demo", openbao_role="guard-demo")},
+        issuer=issuer,
+        audit=audit,
+        state=state,
+        clock=clock or _Clock(),
+        settings=SessionSettings(**settings),
+    )
+    return mgr, issuer, audit, state
+
+
+def test_a_session_whose_heartbeats_stop_is_ended_and_its_lease_revoked(tmp_path):
+    """Finding 3: a kill -9'd CLI left the session valid until its TTL."""
+    clock = _Clock()
+    mgr, issuer, audit, _ = hardened(tmp_path, clock=clock, heartbeat_grace_seconds=45)
+
+    async def scenario():
+        cli = (await mgr.open(ALICE, "demo", reason="", ttl_seconds=None, heartbeat=True)).session
+        raw = (await mgr.open(ALICE, "demo", reason="", ttl_seconds=None)).session
+        clock.advance(40)
+        mgr.heartbeat(cli.id)  # alive: 45 s more from now
+        clock.advance(40)
+        await mgr.end_expired()
+        assert mgr.is_live(cli) and mgr.is_live(raw)
+        clock.advance(10)  # 50 s since the last heartbeat
+        await mgr.end_expired()
+        assert not mgr.is_live(cli) and issuer.revoked == [cli.credentials.lease_id]
+        # A session opened without `heartbeat` lasts until its TTL …
+        assert mgr.is_live(raw)
+        # … unless a first heartbeat turns the check on.
+        mgr.heartbeat(raw.id)
+        clock.advance(46)
+        await mgr.end_expired()
+        assert not mgr.is_live(raw)
+
+    asyncio.run(scenario())
+    ended = [r for r in audit.records if r["event"] == "ended"]
+    assert [r["detail"] for r in ended] == ["heartbeat lost (none for 45 s)"] * 2
+
+
+def test_the_session_credential_ends_its_own_session_only(tmp_path):
+    """Finding 2: ending needed the (expired) ID token; the session credential suffices."""
+    mgr, _, _, _ = hardened(tmp_path)
+
+    async def scenario():
+        one = await mgr.open(ALICE, "demo", reason="", ttl_seconds=None, heartbeat=True)
+        two = await mgr.open(ALICE, "demo", reason="", ttl_seconds=None, heartbeat=True)
+        assert one.credential.startswith(CREDENTIAL_PREFIX)
+        assert one.credential.encode() not in repr(one.session).encode()
+        assert one.session.credential_hash != one.credential.encode()
+        assert mgr.by_credential(one.session.id, one.credential) is one.session
+        with pytest.raises(NotFound):
+            mgr.by_credential(one.session.id, two.credential)
+        with pytest.raises(NotFound):
+            mgr.by_credential(one.session.id, CREDENTIAL_PREFIX + "guess")
+
+    asyncio.run(scenario())
+
+
+def test_the_session_limit_per_principal_refuses_with_429_and_is_audited(tmp_path):
+    """Finding 9: one ID token opened 50 sessions."""
+    mgr, issuer, audit, _ = hardened(tmp_path, max_sessions_per_principal=2)
+    bob = Principal("https://idp", "bob", frozenset({"engineers"}))
+
+    async def scenario():
+        first = await mgr.open(ALICE, "demo", reason="", ttl_seconds=None)
+        await mgr.open(ALICE, "demo", reason="", ttl_seconds=None)
+        with pytest.raises(TooManySessions) as info:
+            await mgr.open(ALICE, "demo", reason="", ttl_seconds=None)
+        assert info.value.http_status == 429 and info.value.hint
+        await mgr.open(bob, "demo", reason="", ttl_seconds=None)  # per principal
+        await mgr.end(first.session.id, "ended by client")
+        await mgr.open(ALICE, "demo", reason="", ttl_seconds=None)
+
+    asyncio.run(scenario())
+    limited = [r for r in audit.records if r["event"] == "limit-reached"]
+    assert len(limited) == 1 and limited[0]["principal"] == "alice"
+    assert len(issuer.active) == 3
+
+
+@pytest.mark.parametrize("failing_record", [1, 2], ids=["requested", "opened"])
+def test_open_while_the_audit_fails_is_503_and_leaves_nothing_open(tmp_path, failing_record):
+    """Finding 7: a session opened on a full audit disk left a state row without an end
+    (and a plain-text 500)."""
+    mgr, issuer, _, state = hardened(tmp_path, audit=_AuditFailingAt(failing_record))
+    with pytest.raises(AuditDown) as info:
+        asyncio.run(mgr.open(ALICE, "demo", reason="", ttl_seconds=None))
+    assert info.value.http_status == 503 and info.value.code == "audit_unavailable"
+    assert state.open_leases() == [] and state.pending_revocations() == []
+    assert issuer.active == {}  # issued (for "opened") and revoked, or never issued
+    assert mgr.active() == []
+
+
+def test_a_failed_revocation_is_retried_with_backoff_until_it_succeeds(tmp_path):
+    """Finding 8: a revocation while OpenBao was down was given up at once."""
+    clock = _Clock()
+    with pytest.warns(FakeComponentWarning):
+        issuer = _FlakyIssuer()
+    mgr, _, _, state = hardened(
+        tmp_path,
+        issuer=issuer,
+        clock=clock,
+        revoke_retry_initial_seconds=1,
+        revoke_retry_max_seconds=4,
+    )
+
+    async def scenario():
+        session = (await mgr.open(ALICE, "demo", reason="", ttl_seconds=None)).session
+        lease = session.credentials.lease_id
+        issuer.down = True
+        await mgr.end(session.id, "ended by client")
+        assert lease in issuer.active and mgr.revocations.failing()
+        assert [p.lease_id for p in state.pending_revocations()] == [lease]
+        waits = []
+        for _ in range(4):
+            pending = state.pending_revocations()[0]
+            waits.append((pending.next_attempt_at - clock.now).total_seconds())
+            await mgr.revocations.retry_due()  # not due yet: nothing happens
+            assert state.pending_revocations()[0].attempts == pending.attempts
+            clock.advance(waits[-1])
+            await mgr.revocations.retry_due()
+        assert waits == [1, 2, 4, 4]  # doubling, capped
+        issuer.down = False
+        clock.advance(4)
+        await mgr.revocations.retry_due()
+        assert lease not in issuer.active and issuer.revoked == [lease]
+        assert state.pending_revocations() == [] and mgr.revocations.failing() is None
+
+    asyncio.run(scenario())
+
+
+def test_a_restarted_broker_goes_on_with_the_revocations_it_owed(tmp_path):
+    with pytest.warns(FakeComponentWarning):
+        issuer = _FlakyIssuer()
+    mgr, _, _, _ = hardened(tmp_path, issuer=issuer)
+    session = asyncio.run(mgr.open(ALICE, "demo", reason="", ttl_seconds=None)).session
+    issuer.down = True
+    asyncio.run(mgr.end(session.id, "ended by client"))
+    issuer.down = False
+    fresh, _, _, state = hardened(tmp_path, issuer=issuer)  # same state file, new process
+    asyncio.run(fresh.revoke_orphans())
+    assert issuer.revoked == [session.credentials.lease_id]
+    assert state.pending_revocations() == []
+
+
+def test_reconcile_revokes_open_leases_no_live_session_owns(tmp_path):
+    mgr, issuer, _, state = hardened(tmp_path)
+
+    async def scenario():
+        live = (await mgr.open(ALICE, "demo", reason="", ttl_seconds=None)).session
+        stray = issuer.issue("guard-demo", 60)
+        state.session_opened(
+            session_id="feedfacefeedface",
+            issuer="https://idp",
+            subject="alice",
+            groups=[],
+            target="demo",
+            reason="",
+            lease_id=stray.lease_id,
+            expires_at=stray.expires_at,
+        )
+        await mgr.reconcile()
+        assert issuer.revoked == [stray.lease_id]
+        assert [sid for sid, _ in state.open_leases()] == [live.id]
+
+    asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------- the API's answers
+@dataclass
+class _Gateway:
+    host: str = "127.0.0.1"
+    port: int = 6433
+    tls: bool = True
+
+
+def _resolve(token):
+    if token == "alice-id-token":
+        return ALICE
+    if token == "crash":
+        raise RuntimeError("resolver bug: token=crash")
+    raise Unauthenticated("token expired", hint="run `guard login`")
+
+
+class _Api:
+    """The app over httpx's ASGI transport, one event loop per request (sync for tests)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def request(self, method, path, **kwargs):
+        import httpx
+
+        async def go():
+            transport = httpx.ASGITransport(app=self.app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://broker") as c:
+                return await c.request(method, path, **kwargs)
+
+        return asyncio.run(go())
+
+    def get(self, path, **kwargs):
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path, **kwargs):
+        return self.request("POST", path, **kwargs)
+
+    def delete(self, path, **kwargs):
+        return self.request("DELETE", path, **kwargs)
+
+
+def api(mgr, health=None):
+    from guard.broker.api.app import create_app
+
+    app = create_app(sessions=mgr, resolve_principal=_resolve, gateway=_Gateway(), health=health)
+    return _Api(app)
+
+
+ALICE_AUTH = {"Authorization": "Bearer alice-id-token"}
+
+
+def test_api_ends_a_session_with_its_credential_after_the_id_token_expired(tmp_path):
+    mgr, issuer, _, _ = hardened(tmp_path, heartbeat_interval_seconds=10)
+    with api(mgr) as http:
+        created = http.post(
+            "/v1/sessions", json={"target": "demo", "heartbeat": True}, headers=ALICE_AUTH
+        ).json()
+        assert created["heartbeat_interval_seconds"] == 10
+        assert created["heartbeat_grace_seconds"] == 45
+        own = {"Authorization": f"Bearer {created['session_token']}"}
+        sid = created["session_id"]
+        beat = http.post(f"/v1/sessions/{sid}/heartbeat", headers=own)
+        assert beat.status_code == 200 and beat.json()["heartbeat_deadline"]
+        expired = {"Authorization": "Bearer an-expired-id-token"}
+        assert http.delete(f"/v1/sessions/{sid}", headers=expired).status_code == 401
+        assert http.delete(f"/v1/sessions/{sid}", headers=own).status_code == 204
+        assert len(issuer.revoked) == 1
+        gone = http.post(f"/v1/sessions/{sid}/heartbeat", headers=own)
+        assert gone.status_code == 404 and gone.json()["error"] == "not_found"
+
+
+def test_api_errors_are_json_with_a_hint(tmp_path, caplog):
+    mgr, _, _, _ = hardened(tmp_path, max_sessions_per_principal=1)
+    with api(mgr) as http:
+        bad = http.post("/v1/sessions", json={"target": "", "ttl": 5}, headers=ALICE_AUTH)
+        assert bad.status_code == 422
+        body = bad.json()
+        assert body["error"] == "invalid_request" and body["hint"]
+        assert "target" in body["message"] and "ttl" in body["message"]
+
+        crash = http.post(
+            "/v1/sessions", json={"target": "demo"}, headers={"Authorization": "Bearer crash"}
+        )
+        assert crash.status_code == 500
+        body = crash.json()
+        assert body["error"] == "internal_error" and body["hint"]
+        assert "Traceback" not in crash.text and "crash" not in crash.text
+        request_id = body["message"].split("request id ")[1].rstrip(")")
+        assert any(request_id in r.getMessage() for r in caplog.records)
+
+        assert http.get("/v1/nothing").json()["error"] == "not_found"
+
+        ok = http.post("/v1/sessions", json={"target": "demo"}, headers=ALICE_AUTH)
+        assert ok.status_code == 201
+        limited = http.post("/v1/sessions", json={"target": "demo"}, headers=ALICE_AUTH)
+        assert limited.status_code == 429
+        assert limited.json()["error"] == "session_limit" and limited.json()["hint"]
+
+
+def test_api_open_during_an_audit_outage_is_a_json_503(tmp_path):
+    mgr, _, audit, state = hardened(tmp_path)
+    audit.fail = True
+    with api(mgr) as http:
+        answer = http.post("/v1/sessions", json={"target": "demo"}, headers=ALICE_AUTH)
+    assert answer.status_code == 503
+    assert answer.json()["error"] == "audit_unavailable" and answer.json()["hint"]
+    assert state.open_leases() == []
+
+
+def test_health_is_degraded_while_the_audit_or_revocations_fail(tmp_path):
+    from guard.broker.health import BrokerHealth, WatchedAuditSink
+
+    with pytest.warns(FakeComponentWarning):
+        issuer = _FlakyIssuer()
+    sink = MemoryAuditSink()
+    watched = WatchedAuditSink(sink)
+    mgr, _, _, _ = hardened(tmp_path, issuer=issuer, audit=watched)
+    with api(mgr, health=BrokerHealth(watched, mgr.revocations).reasons) as http:
+        assert http.get("/v1/health").json() == {"status": "ok"}
+        created = http.post("/v1/sessions", json={"target": "demo"}, headers=ALICE_AUTH).json()
+        issuer.down = True
+        http.delete(f"/v1/sessions/{created['session_id']}", headers=ALICE_AUTH)
+        sink.fail = True
+        assert (
+            http.post("/v1/sessions", json={"target": "demo"}, headers=ALICE_AUTH).status_code
+            == 503
+        )
+        degraded = http.get("/v1/health")
+        assert degraded.status_code == 503
+        reasons = degraded.json()["reasons"]
+        assert degraded.json()["status"] == "degraded" and len(reasons) == 2
+        assert reasons[0].startswith("audit:") and reasons[1].startswith("openbao:")
+        sink.fail, issuer.down = False, False
+        asyncio.run(mgr.revocations.retry_due(force=True))
+        assert (
+            http.post("/v1/sessions", json={"target": "demo"}, headers=ALICE_AUTH).status_code
+            == 201
+        )
+        assert http.get("/v1/health").json() == {"status": "ok"}

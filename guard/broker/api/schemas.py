@@ -18,6 +18,11 @@ class SessionCreate(_Model):
     target: str = Field(min_length=1, max_length=128)
     reason: str = Field(default="", max_length=1000)
     ttl_seconds: int | None = Field(default=None, ge=60, le=7 * 24 * 3600)
+    # The client will send POST /v1/sessions/{id}/heartbeat every
+    # `SessionCreated.heartbeat_interval_seconds`; the broker ends the session when they
+    # stop for its grace period. Without it the session lasts until its TTL or its end
+    # (until a first heartbeat turns the check on).
+    heartbeat: bool = False
 
 
 class SessionCreated(_Model):
@@ -33,6 +38,13 @@ class SessionCreated(_Model):
     password: str
     expires_at: datetime
     principal: str
+    # Bearer secret for this session's heartbeat and end (DELETE /v1/sessions/{id}): they
+    # then never depend on the ID token still being valid. The broker keeps its hash only.
+    session_token: str | None = None
+    # Set when the session was opened with `heartbeat`: how often to send one, and how
+    # long the broker waits without one before it ends the session.
+    heartbeat_interval_seconds: float | None = None
+    heartbeat_grace_seconds: float | None = None
 
 
 class SessionInfo(_Model):
@@ -42,6 +54,8 @@ class SessionInfo(_Model):
     expires_at: datetime
     status: str
     connections: int = 0
+    # When the session ends unless a heartbeat comes first (None: no heartbeat expected).
+    heartbeat_deadline: datetime | None = None
 
 
 class ErrorBody(_Model):
