@@ -75,17 +75,33 @@ class BrokerClient:
         return response
 
     def create_session(
-        self, target: str, *, reason: str = "", ttl_seconds: int | None = None
+        self,
+        target: str,
+        *,
+        reason: str = "",
+        ttl_seconds: int | None = None,
+        heartbeat: bool = False,
     ) -> SessionCreated:
-        body = SessionCreate(target=target, reason=reason, ttl_seconds=ttl_seconds)
-        response = self._request("POST", "/v1/sessions", json=body.model_dump(exclude_none=True))
+        """Open a session; with `heartbeat` the caller promises `heartbeat()` calls (the
+        broker ends the session when they stop)."""
+        body = SessionCreate(
+            target=target, reason=reason, ttl_seconds=ttl_seconds, heartbeat=heartbeat
+        )
+        response = self._request(
+            "POST", "/v1/sessions", json=body.model_dump(exclude_none=True, exclude_defaults=True)
+        )
         return SessionCreated.model_validate(response.json())
 
+    def heartbeat(self, session_id: str) -> None:
+        """The session is still in use (this client's token: the session credential)."""
+        self._request("POST", f"/v1/sessions/{_segment(session_id)}/heartbeat")
+
     def end_session(self, session_id: str) -> None:
+        """End the session; one that is already gone is not an error."""
         try:
-            self._request("DELETE", f"/v1/sessions/{session_id}")
-        except CliError as err:
-            if "no active session" not in err.message:
+            self._request("DELETE", f"/v1/sessions/{_segment(session_id)}")
+        except BrokerError as err:
+            if err.status != 404:
                 raise
 
     # ------------------------------------------------------------ approvals

@@ -4,6 +4,12 @@ Shared by `guard connect` (psql) and `guard exec` (any program). One `asyncio.ru
 boundary; the session is ended (gateway connections closed, lease revoked) whatever way
 the child ends, and the child's exit status comes back unchanged (128+N for signal N,
 127 when the program does not exist, 126 when it cannot be executed).
+
+The ID token opens the session and nothing else: heartbeats (a thread, every
+`heartbeat_interval_seconds` the broker asked for) and the end use the session credential
+the broker returned, so a session outliving its ID token still ends cleanly, and a killed
+CLI's session ends when its heartbeats stop. A teardown that fails is one line on stderr;
+the child's status is returned all the same.
 """
 
 from __future__ import annotations
@@ -12,11 +18,13 @@ import asyncio
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from urllib.parse import quote
 
 from guard.broker.api.schemas import SessionCreated
-from guard.cli.client import BrokerClient
+from guard.cli.client import BrokerClient, BrokerError
+from guard.cli.errors import CliError
 from guard.cli.tunnel import LoopbackRelay, client_tls_context
 
 # Variables removed from the child's environment: the identity token could open further
@@ -30,6 +38,9 @@ SCRUBBED_ENV = (
     "PGPASSFILE",
     "PGREQUIRESSL",
 )
+
+# Heartbeat period when the broker names none (an older broker: it ignores them).
+DEFAULT_HEARTBEAT_SECONDS = 10.0
 
 
 def session_env(created: SessionCreated, port: int) -> dict[str, str]:
@@ -91,7 +102,6 @@ async def _run_child(argv: Sequence[str], env: dict[str, str]) -> int:
 
 
 async def _in_session(
-    client: BrokerClient,
     created: SessionCreated,
     argv: Sequence[str] | None,
     on_ready: Callable[[dict[str, str]], None] | None,
@@ -115,7 +125,61 @@ async def _in_session(
         return await _run_child(argv, child_environment(env))
     finally:
         await relay.close()
-        await asyncio.to_thread(client.end_session, created.session_id)
+
+
+class Heartbeat:
+    """Tells the broker every `interval` seconds that this CLI still runs the session (a
+    daemon thread: a blocked event loop or a busy child cannot starve it). Stops by itself
+    when the broker says the session is gone, saying so once on stderr."""
+
+    def __init__(self, client: BrokerClient, session_id: str, interval: float) -> None:
+        self.client = client
+        self.session_id = session_id
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="guard-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        warned = False
+        while not self._stop.wait(self.interval):
+            try:
+                self.client.heartbeat(self.session_id)
+                warned = False
+            except BrokerError as err:
+                if self._stop.is_set():
+                    return
+                if err.status == 404:
+                    print(
+                        f"guard: the broker ended session {self.session_id} "
+                        "(expired or ended elsewhere)",
+                        file=sys.stderr,
+                    )
+                    return
+                if not warned:  # once per outage; it keeps trying
+                    print(f"guard: heartbeat failed (retrying): {err.message}", file=sys.stderr)
+                    warned = True
+
+
+def end_session(client: BrokerClient, session_id: str) -> bool:
+    """End the session with its own credential; a failure is one line on stderr."""
+    try:
+        client.end_session(session_id)
+    except CliError as err:
+        print(
+            f"guard: could not end session {session_id}: {err.message} "
+            "(the broker ends it when its heartbeats stop, or at its expiry)",
+            file=sys.stderr,
+        )
+        return False
+    return True
 
 
 def run_in_session(
@@ -129,13 +193,31 @@ def run_in_session(
     on_ready: Callable[[dict[str, str]], None] | None = None,
     gateway_ca_file: str | None = None,
 ) -> int:
-    client = BrokerClient(broker_url, token)
+    opener = BrokerClient(broker_url, token)
     try:
-        created = client.create_session(target, reason=reason, ttl_seconds=ttl_seconds)
+        created = opener.create_session(
+            target, reason=reason, ttl_seconds=ttl_seconds, heartbeat=True
+        )
+    finally:
+        opener.close()
+    # From here on the session's own credential (an older broker gives none: the ID token).
+    # Heartbeats and the end use separate clients: they may run at the same time.
+    credential = created.session_token or token
+    beats = BrokerClient(broker_url, credential)
+    ender = BrokerClient(broker_url, credential)
+    heartbeat = Heartbeat(
+        beats,
+        created.session_id,
+        created.heartbeat_interval_seconds or DEFAULT_HEARTBEAT_SECONDS,
+    )
+    heartbeat.start()
+    try:
         try:
-            return asyncio.run(_in_session(client, created, argv, on_ready, gateway_ca_file))
+            return asyncio.run(_in_session(created, argv, on_ready, gateway_ca_file))
         except KeyboardInterrupt:
-            client.end_session(created.session_id)
             return 130
     finally:
-        client.close()
+        heartbeat.stop()
+        end_session(ender, created.session_id)
+        beats.close()
+        ender.close()

@@ -1,0 +1,147 @@
+"""`guard exec`'s session teardown against a fake broker (`httpx.MockTransport`): the ID
+token opens the session and nothing else; heartbeats and the end carry the session
+credential; a failed end is one line on stderr and the child's status still comes back."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+
+from guard.cli.client import BrokerClient
+from guard.cli.profile import Profile, save_profile
+from tests.cli.invoke import guard  # noqa: F401
+
+ID_TOKEN = "header.alice-id-token.signature"
+SESSION_TOKEN = "gsc_session-credential"
+
+
+class FakeBroker:
+    """Opens one session; accepts only the session credential for heartbeat and end (the
+    ID token has 'expired' by then); `end_status` is what DELETE answers."""
+
+    def __init__(self, end_status: int = 204, interval: float = 0.02) -> None:
+        self.calls: list[tuple[str, str, str]] = []
+        self.end_status = end_status
+        self.interval = interval
+        self.beaten = threading.Event()
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        auth = request.headers.get("authorization", "")
+        self.calls.append((request.method, request.url.path, auth))
+        if request.method == "POST" and request.url.path == "/v1/sessions":
+            assert auth == f"Bearer {ID_TOKEN}"
+            assert json.loads(request.content)["heartbeat"] is True
+            return httpx.Response(201, json=self.created())
+        if auth != f"Bearer {SESSION_TOKEN}":
+            return error(401, "unauthenticated", "token expired")
+        if request.url.path == "/v1/sessions/ses1/heartbeat":
+            self.beaten.set()
+            return httpx.Response(200, json=self.info())
+        if request.method == "DELETE" and request.url.path == "/v1/sessions/ses1":
+            if self.end_status == 204:
+                return httpx.Response(204)
+            return error(self.end_status, "dependency_unavailable", "OpenBao is unreachable")
+        return error(404, "not_found", "no such route")
+
+    def created(self) -> dict:
+        return {
+            "session_id": "ses1",
+            "gateway_host": "127.0.0.1",
+            "gateway_port": 9,
+            "gateway_tls": False,
+            "database": "demo",
+            "user": "guard_ses1",
+            "password": "gateway-secret",
+            "expires_at": (datetime.now(UTC) + timedelta(hours=1)).isoformat(),
+            "principal": "alice",
+            "session_token": SESSION_TOKEN,
+            "heartbeat_interval_seconds": self.interval,
+            "heartbeat_grace_seconds": 45,
+        }
+
+    def info(self) -> dict:
+        return {
+            "session_id": "ses1",
+            "target": "demo",
+            "principal": "alice",
+            "expires_at": (datetime.now(UTC) + timedelta(hours=1)).isoformat(),
+            "status": "active",
+        }
+
+
+def error(status: int, code: str, message: str) -> httpx.Response:
+    return httpx.Response(status, json={"error": code, "message": message, "hint": None})
+
+
+@pytest.fixture
+def make_broker(tmp_path, monkeypatch) -> Iterator:
+    monkeypatch.setenv("GUARD_HOME", str(tmp_path))
+    monkeypatch.setenv("GUARD_KEYRING", "file")
+    monkeypatch.setenv("GUARD_ID_TOKEN", ID_TOKEN)
+    for var in ("GUARD_ISSUER", "GUARD_BROKER_URL"):
+        monkeypatch.delenv(var, raising=False)
+    save_profile(Profile(broker_url="http://broker.test", issuer="http://idp.test"))
+
+    def make(**kwargs) -> FakeBroker:
+        fake = FakeBroker(**kwargs)
+        monkeypatch.setattr(BrokerClient, "transport", httpx.MockTransport(fake))
+        return fake
+
+    yield make
+
+
+def test_exec_heartbeats_and_ends_with_the_session_credential(
+    make_broker,
+    guard,  # noqa: F811
+    tmp_path,
+):
+    """Finding 2: the end carried the ID token (401 once it expired, exit 1, session left
+    open). Now the child waits until the broker saw a heartbeat, and everything after the
+    open carries the session credential."""
+    broker = make_broker()
+    marker = tmp_path / "beaten"
+
+    def mark_on_heartbeat() -> None:
+        if broker.beaten.wait(60):
+            marker.write_text("yes")
+
+    threading.Thread(target=mark_on_heartbeat, daemon=True).start()
+    child = (
+        "import pathlib, sys, time\n"
+        f"p = pathlib.Path({str(marker)!r})\n"
+        "deadline = time.monotonic() + 60\n"
+        "while not p.exists() and time.monotonic() < deadline: time.sleep(0.01)\n"
+        "sys.exit(3 if p.exists() else 99)\n"
+    )
+    outcome = guard("exec", "--db", "demo", "--", sys.executable, "-c", child)
+    assert outcome.code == 3, outcome
+    assert outcome.err == ""
+    after_open = broker.calls[1:]
+    assert ("POST", "/v1/sessions/ses1/heartbeat", f"Bearer {SESSION_TOKEN}") in after_open
+    assert after_open[-1] == ("DELETE", "/v1/sessions/ses1", f"Bearer {SESSION_TOKEN}")
+    assert all(auth == f"Bearer {SESSION_TOKEN}" for _, _, auth in after_open)
+
+
+def test_a_failed_teardown_is_one_stderr_line_and_the_exit_code_survives(
+    make_broker,
+    guard,  # noqa: F811
+):
+    make_broker(end_status=503, interval=3600)
+    outcome = guard("exec", "--db", "demo", "--", sys.executable, "-c", "raise SystemExit(7)")
+    assert outcome.code == 7, outcome
+    lines = outcome.err.splitlines()
+    assert len(lines) == 1, outcome.err
+    assert lines[0].startswith("guard: could not end session ses1: OpenBao is unreachable")
+    assert "Traceback" not in outcome.err
+
+
+def test_a_session_already_gone_ends_quietly(make_broker, guard):  # noqa: F811
+    make_broker(end_status=404, interval=3600)  # the broker ended it already
+    outcome = guard("exec", "--db", "demo", "--", sys.executable, "-c", "pass")
+    assert outcome.code == 0 and outcome.err == ""
