@@ -388,22 +388,18 @@ def test_cancel_keys_are_isolated_per_connection(dev_stack: Stack, session):
 
 
 # ---------------------------------------------------------------- 8. ending a connection
-def test_client_half_close_gets_its_answers_and_the_ending_is_recorded(dev_stack: Stack, session):
-    # The client sends a statement and shuts down its side at once (`shutdown(SHUT_WR)`):
-    # the statement still runs and its rows arrive, PostgreSQL is told the client left,
-    # and the audit trail has the connection's start and end with the reason. A TCP
-    # half-close exists on a plain connection only (TLS has no half-close here: asyncio's
-    # TLS transport cannot write EOF), so this one logs in without TLS.
-    # Once the gateway refuses plaintext logins (test_gateway_tls_only) this test goes.
-    with gateway(session, tls=False) as wire:
+def test_a_client_that_goes_away_ends_its_backend_and_the_ending_is_recorded(
+    dev_stack: Stack, session
+):
+    # The client sends a statement and disappears (TLS closed, socket closed): the backend
+    # goes, and the audit trail has the connection's start and its end with the reason.
+    # (A TCP half-close, where the client keeps reading, needs a plain connection, which a
+    # gateway with a certificate refuses; the pump's tests cover it on a plain transport.)
+    with gateway(session) as wire:
         wire.login(session)
-        wire.send(encode(m.Query("SELECT pg_backend_pid(), 42 AS answer")))
-        wire.sock.shutdown(socket.SHUT_WR)
-        answer = wire.until_ready()
-        pid = int(answer[1].values[0])
-        assert answer[1].values[1] == b"42"
-        wire.assert_closed()
-    deadline = time.monotonic() + 5
+        pid = int(scalar(wire.query("SELECT pg_backend_pid()")))
+        wire.send(encode(m.Query("SELECT pg_sleep(0.2)")))
+    deadline = time.monotonic() + 10
     while dev_stack.direct("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)):
         assert time.monotonic() < deadline, "the backend outlived its client"
         time.sleep(0.05)
@@ -416,7 +412,7 @@ def test_client_half_close_gets_its_answers_and_the_ending_is_recorded(dev_stack
     ]
     opened = [detail for event, detail in events if event == "connection_opened"]
     ended = [detail for event, detail in events if event == "connection_ended"]
-    assert opened and any(d.endswith("the client closed its side") for d in ended), events
+    assert opened and any("client" in d for d in ended), events
 
 
 # ---------------------------------------------------------------- 9. unauthenticated memory

@@ -10,8 +10,6 @@ after a GSSENCRequest it answered 'N'), before any authentication request:
 and then close the connection. A CancelRequest stays accepted in plaintext (libpq's
 PQcancel sends it so), and an SSLRequest is still answered 'S'.
 
-The listener change is pending: the refusals are xfail(strict=True) until it lands, so the
-day it does, these turn into passes (and strict makes the marks come off).
 """
 
 from __future__ import annotations
@@ -30,7 +28,6 @@ session = test_gateway.session  # the module-scoped session fixture, shared
 
 SQLSTATE = "28000"  # invalid_authorization_specification, as PostgreSQL's hostssl refusal
 MESSAGE = "guard: this gateway requires TLS (sslmode=verify-full)"
-pending = pytest.mark.xfail(strict=True, reason="listener change pending")
 
 
 def _startup(session: dict) -> bytes:
@@ -38,7 +35,6 @@ def _startup(session: dict) -> bytes:
     return encode(m.StartupMessage(PROTOCOL_3_0, params))
 
 
-@pending
 def test_plaintext_startup_gets_fatal_28000_before_authentication(session):
     with gateway(session, tls=False) as wire:
         wire.send(_startup(session))
@@ -48,7 +44,6 @@ def test_plaintext_startup_gets_fatal_28000_before_authentication(session):
         wire.assert_closed()
 
 
-@pending
 def test_plaintext_startup_after_gssenc_refusal_gets_fatal_28000(session):
     with gateway(session, tls=False) as wire:
         wire.send(encode(m.GSSENCRequest()))
@@ -60,7 +55,6 @@ def test_plaintext_startup_after_gssenc_refusal_gets_fatal_28000(session):
         wire.assert_closed()
 
 
-@pending
 def test_psycopg_with_sslmode_disable_is_refused(session):
     with pytest.raises(psycopg.OperationalError) as refused:
         psycopg.connect(

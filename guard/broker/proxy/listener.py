@@ -56,6 +56,12 @@ class _Closed(Exception):
     pass
 
 
+class TLSRequired(ProtocolError):
+    """A plaintext login to a gateway that has a certificate (PostgreSQL's `hostssl`)."""
+
+    sqlstate = "28000"  # invalid_authorization_specification, as PostgreSQL answers it
+
+
 @dataclass
 class _CancelTarget:
     host: str
@@ -135,6 +141,7 @@ class Gateway:
             writer.close()
 
     async def _read_startup(self, reader, writer, parser: FrontendParser):
+        encrypted = False
         while True:
             msg = parser.next_message()
             if msg is NEED_DATA:
@@ -151,12 +158,19 @@ class Gateway:
                 writer.write(b"S")
                 await writer.drain()
                 await writer.start_tls(self.tls)
+                encrypted = True
                 continue
             if isinstance(msg, m.SSLRequest | m.GSSENCRequest):
                 # No TLS configured / no GSSAPI: the client falls back or stops, as it chooses.
                 writer.write(b"N")
                 await writer.drain()
                 continue
+            if self.tls is not None and not encrypted and isinstance(msg, m.StartupMessage):
+                # Like `hostssl`: a gateway with a certificate takes no plaintext login,
+                # or the session secret and every statement would cross the network in the
+                # clear. (A CancelRequest carries only a key and may come plain: libpq's
+                # PQcancel sends it so.)
+                raise TLSRequired("guard: this gateway requires TLS (sslmode=verify-full)")
             return msg
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
