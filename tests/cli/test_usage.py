@@ -46,6 +46,16 @@ CASES: dict[str, tuple[list[str] | None, list[str], list[str]]] = {
         ["policy", "explain", "--as", "alice", "--db", "demo", "SELECT 1", "--bogus"],
         ["policy", "explain", "--policy", "/", "--as", "alice", "--db", "demo", "SELECT 1"],
     ),
+    "audit verify": (
+        ["audit", "verify", "--pubkey"],
+        ["audit", "verify", "--bogus"],
+        ["audit", "verify", "--grace", "soon"],
+    ),
+    "audit pubkey": (
+        ["audit", "pubkey", "--log"],
+        ["audit", "pubkey", "--bogus"],
+        ["audit", "pubkey", "--help=1"],
+    ),
     "dev up": (["dev", "up", "--policy"], ["dev", "up", "--bogus"], ["dev", "up", "--detach=1"]),
     "dev down": (None, ["dev", "down", "extra"], ["dev", "down", "--help=yes"]),
     "dev status": (None, ["dev", "status", "--bogus"], ["dev", "status", "--json=yes"]),
