@@ -117,7 +117,7 @@ async def _run(settings: BrokerSettings, stop: _StopSignals) -> None:  # noqa: C
 
     policy = load_policy_file(settings.policy_file)
     # Every audit write goes through the watch: /v1/health knows the sink's last failure.
-    audit = WatchedAuditSink(JsonlAuditSink(settings.audit.path))
+    audit = WatchedAuditSink(JsonlAuditSink.from_settings(settings.audit))
     state = SqliteStateStore(settings.database_path)
     issuer = OpenBaoIssuer(
         settings.openbao.addr,
