@@ -181,6 +181,9 @@ async def _run(settings: BrokerSettings, stop: _StopSignals) -> None:  # noqa: C
         tls=tls,
         idle_timeout=settings.gateway.idle_timeout_seconds or None,
         approvals=approvals,
+        login_timeout=settings.gateway.login_timeout_seconds,
+        max_logging_in=settings.gateway.max_logging_in,
+        message_timeout=settings.gateway.message_timeout_seconds,
     )
     host, port = await gateway.start(settings.gateway.host, settings.gateway.port)
     address = _Address(settings.gateway.advertise_host or host, port, tls is not None)

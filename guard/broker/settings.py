@@ -37,6 +37,12 @@ class GatewaySettings(ListenSettings):
     # (FATAL 57P05, like PostgreSQL's idle_session_timeout); 0 turns the watchdog off.
     # Statements running or held for approval are never "idle".
     idle_timeout_seconds: float = Field(default=900.0, ge=0)
+    # The whole login (startup, TLS, SCRAM, the upstream login) must finish within this.
+    login_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
+    # Connections still logging in, at most (then FATAL 53300 at once).
+    max_logging_in: int = Field(default=128, ge=1)
+    # A client message whose start arrived must be complete within this long.
+    message_timeout_seconds: float = Field(default=60.0, gt=0)
 
 
 class ApiSettings(ListenSettings):

@@ -34,7 +34,7 @@ from guard.broker.proxy.connection import GatewayConnection, ProtectedMap
 from guard.broker.proxy.encoding import codec_for
 from guard.broker.proxy.events import ApprovalDecided
 from guard.broker.proxy.gate import Gate
-from guard.broker.proxy.pump import Pump
+from guard.broker.proxy.pump import MESSAGE_TIMEOUT, Pump
 from guard.broker.sessions import Session, SessionManager
 
 log = logging.getLogger("guard.gateway")
@@ -88,7 +88,9 @@ class Gateway:
         approvals: ApprovalService | None = None,
         login_timeout: float = LOGIN_TIMEOUT,
         max_logging_in: int = MAX_LOGGING_IN,
+        message_timeout: float = MESSAGE_TIMEOUT,
     ) -> None:
+        self.message_timeout = message_timeout
         self.tls = tls
         self.login_timeout = login_timeout
         self.max_logging_in = max_logging_in
@@ -409,6 +411,7 @@ class Gateway:
             tls=up.wire.tls,
             idle_timeout=self.idle_timeout,
             approvals=desk,
+            message_timeout=self.message_timeout,
         )
         if key_id in self._cancel_keys:
             self._cancel_keys[key_id].pump = pump
