@@ -213,6 +213,7 @@ def start_broker(dev_stack: Stack, tmp_path) -> Iterator[Callable[..., Broker]]:
         state: Path | None = None,
         openbao_addr: str | None = None,
         audit: Path | None = None,
+        gateway: dict | None = None,
         **sessions,
     ) -> Broker:
         config = yaml.safe_load(Path(dev_stack.status["broker_config"]).read_text())
@@ -220,7 +221,7 @@ def start_broker(dev_stack: Stack, tmp_path) -> Iterator[Callable[..., Broker]]:
         config["state_dir"] = str(state or tmp_path / f"state{n}")
         config["audit"] = {**config["audit"], "path": str(audit or tmp_path / f"audit{n}.jsonl")}
         config["api"] = {**config.get("api", {}), "port": free_port()}
-        config["gateway"] = {**config.get("gateway", {}), "port": free_port()}
+        config["gateway"] = {**config.get("gateway", {}), "port": free_port(), **(gateway or {})}
         if openbao_addr is not None:
             config["openbao"] = {**config["openbao"], "addr": openbao_addr}
         config["sessions"] = {
