@@ -237,3 +237,21 @@ def denying_approvals(
     finally:
         stop.set()
         thread.join(10)
+
+
+def gateway_connect(session: dict, **kwargs):
+    """psycopg through the gateway over verified TLS (the session's stack's dev CA): how
+    a client guard handed a session connects."""
+    import psycopg
+
+    return psycopg.connect(
+        host=session["gateway_host"],
+        port=session["gateway_port"],
+        user=session["user"],
+        password=session["password"],
+        dbname=session["database"],
+        sslmode="verify-full",
+        sslrootcert=session["gateway_ca"],
+        connect_timeout=10,
+        **kwargs,
+    )

@@ -18,7 +18,7 @@ import httpx
 import psycopg
 import pytest
 
-from tests.fix_stack import DEMO_POLICY, Stack, stack_with_policy
+from tests.fix_stack import DEMO_POLICY, Stack, gateway_connect, stack_with_policy
 
 pytestmark = pytest.mark.integration
 
@@ -38,26 +38,12 @@ def _api(stack: Stack, method: str, path: str, user: str, **kwargs) -> httpx.Res
     )
 
 
-def _connect(session: dict, **kwargs) -> psycopg.Connection:
-    return psycopg.connect(
-        host=session["gateway_host"],
-        port=session["gateway_port"],
-        user=session["user"],
-        password=session["password"],
-        dbname=session["database"],
-        sslmode="verify-full",
-        sslrootcert=kwargs.pop("ca"),
-        connect_timeout=10,
-        **kwargs,
-    )
-
-
 class Client:
     """A connection through the gateway that runs statements in a thread, so the test can
     decide what they wait for meanwhile: their notices, rows or error."""
 
     def __init__(self, session: dict, ca: str) -> None:
-        self.conn = _connect(session, ca=ca, autocommit=True)
+        self.conn = gateway_connect({**session, "gateway_ca": ca}, autocommit=True)
         self.conn.add_notice_handler(lambda n: self.notices.append(n.message_primary or ""))
         self.notices: list[str] = []
 

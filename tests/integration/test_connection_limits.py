@@ -7,7 +7,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from tests.fix_stack import DEMO_POLICY, Stack, stack_with_policy
+from tests.fix_stack import DEMO_POLICY, Stack, gateway_connect, stack_with_policy
 
 pytestmark = pytest.mark.integration
 
@@ -22,26 +22,13 @@ def test_a_sessions_connections_stop_at_its_limit_and_others_still_connect(
         first, _ = stack.open_session("alice")
         second, _ = stack.open_session("alice")
 
-        def connect(session: dict) -> psycopg.Connection:
-            env = stack.libpq_env(session)
-            return psycopg.connect(
-                host=env["PGHOST"],
-                port=env["PGPORT"],
-                user=env["PGUSER"],
-                password=env["PGPASSWORD"],
-                dbname=env["PGDATABASE"],
-                sslmode="verify-full",
-                sslrootcert=env["PGSSLROOTCERT"],
-                connect_timeout=10,
-            )
-
-        held = [connect(first), connect(first)]
+        held = [gateway_connect(first), gateway_connect(first)]
         with pytest.raises(psycopg.OperationalError, match="already has 2 connections"):
-            connect(first)
-        with connect(second) as other:  # another session is not affected
+            gateway_connect(first)
+        with gateway_connect(second) as other:  # another session is not affected
             assert other.execute("SELECT 1").fetchone() == (1,)
         held.pop().close()
-        with connect(first) as again:  # a slot is free again once one closed
+        with gateway_connect(first) as again:  # a slot is free again once one closed
             assert again.execute("SELECT 1").fetchone() == (1,)
         for conn in held:
             conn.close()

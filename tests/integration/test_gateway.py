@@ -12,7 +12,7 @@ import time
 import psycopg
 import pytest
 
-from tests.fix_stack import Stack
+from tests.fix_stack import Stack, gateway_connect
 
 pytestmark = pytest.mark.integration
 
@@ -26,19 +26,7 @@ def session(dev_stack: Stack):
     dev_stack.end_session(body["session_id"], headers)
 
 
-def connect(session: dict, **kwargs) -> psycopg.Connection:
-    """psycopg through the gateway over verified TLS (the session's stack's dev CA)."""
-    return psycopg.connect(
-        host=session["gateway_host"],
-        port=session["gateway_port"],
-        user=session["user"],
-        password=session["password"],
-        dbname=session["database"],
-        sslmode="verify-full",
-        sslrootcert=session["gateway_ca"],
-        connect_timeout=10,
-        **kwargs,
-    )
+connect = gateway_connect  # the name the protocol and compatibility tests import
 
 
 def test_wrong_secret_is_refused(session):
