@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 
 from tests.integration.test_gateway_startup import Wire, _rss_kib
-from tests.integration.test_sessions_lifecycle import start_broker  # noqa: F401 - fixture
+from tests.integration.test_sessions_lifecycle import (  # noqa: F401 - fixture
+    start_broker,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -34,10 +37,14 @@ def test_a_message_started_after_login_and_never_finished_is_cut_off(start_broke
     grown_mib = (_rss_kib(broker.proc.pid) - before) / 1024
     assert grown_mib < 48, f"the broker grew {grown_mib:.0f} MiB"
     wire.sock.close()
-    ended = [
-        r["detail"]
-        for r in broker.audit()
-        if r.get("kind") == "session" and r.get("event") == "connection_ended"
-    ]
-    assert any("incomplete" in detail for detail in ended), ended
+
+    def ended() -> list[str]:
+        return [
+            r["detail"]
+            for r in broker.audit()
+            if r.get("kind") == "session" and r.get("event") == "connection_ended"
+        ]
+
+    # The end is recorded once the connection is torn down, a moment after the FATAL.
+    wait_for("the connection's end in the audit", lambda: any("incomplete" in d for d in ended()))
     assert Path(broker.config["audit"]["path"]).exists()

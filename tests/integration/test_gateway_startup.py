@@ -403,16 +403,21 @@ def test_a_client_that_goes_away_ends_its_backend_and_the_ending_is_recorded(
     while dev_stack.direct("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)):
         assert time.monotonic() < deadline, "the backend outlived its client"
         time.sleep(0.05)
-    events = [
-        (r["event"], r["detail"])
-        for r in dev_stack.audit_records()
-        if r.get("kind") == "session"
-        and r["session_id"] == session["session_id"]
-        and r["event"].startswith("connection_")
-    ]
-    opened = [detail for event, detail in events if event == "connection_opened"]
-    ended = [detail for event, detail in events if event == "connection_ended"]
-    assert opened and any("client" in d for d in ended), events
+
+    def events() -> list[tuple[str, str]]:
+        return [
+            (r["event"], r["detail"])
+            for r in dev_stack.audit_records()
+            if r.get("kind") == "session"
+            and r["session_id"] == session["session_id"]
+            and r["event"].startswith("connection_")
+        ]
+
+    # The end is recorded once the gateway tore the connection down: wait for it.
+    while not any(e == "connection_ended" and "client" in d for e, d in events()):
+        assert time.monotonic() < deadline, events()
+        time.sleep(0.05)
+    assert any(e == "connection_opened" for e, _ in events())
 
 
 # ---------------------------------------------------------------- 9. unauthenticated memory
