@@ -41,6 +41,7 @@ class _Address:
     host: str
     port: int
     tls: bool
+    ca_pem: str | None = None
 
 
 def build_principal_resolver(settings: BrokerSettings):
@@ -186,7 +187,13 @@ async def _run(settings: BrokerSettings, stop: _StopSignals) -> None:  # noqa: C
         message_timeout=settings.gateway.message_timeout_seconds,
     )
     host, port = await gateway.start(settings.gateway.host, settings.gateway.port)
-    address = _Address(settings.gateway.advertise_host or host, port, tls is not None)
+    gateway_ca = settings.gateway_tls.ca_file if settings.gateway_tls is not None else None
+    address = _Address(
+        settings.gateway.advertise_host or host,
+        port,
+        tls is not None,
+        gateway_ca.read_text() if gateway_ca is not None else None,
+    )
     log.info("PG gateway listening on %s:%s", host, port)
 
     app = create_app(

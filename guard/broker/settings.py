@@ -58,6 +58,9 @@ class TLSSettings(_Strict):
 
     cert_file: Path
     key_file: Path
+    # The CA that signed `cert_file`, handed to clients so they verify the server with it
+    # (the gateway's: in each session's answer). Optional: without it clients use theirs.
+    ca_file: Path | None = None
 
 
 class OIDCSettings(_Strict):

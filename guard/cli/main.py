@@ -17,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from guard.cli.commands import approve, audit, connect, deny, dev, login, policy
+from guard.cli.commands import approve, audit, connect, deny, dev, login, policy, proxy
 from guard.cli.commands import exec as exec_cmd
 from guard.cli.commands import requests as requests_cmd
 from guard.cli.usage import GuardGroup, exit_code
@@ -62,6 +62,7 @@ def _options(
 login.register(app)
 connect.register(app)
 exec_cmd.register(app)
+proxy.register(app)
 approve.register(app)
 deny.register(app)
 requests_cmd.register(app)

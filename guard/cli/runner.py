@@ -1,9 +1,12 @@
-"""Run a child process inside a guard session: session → loopback relay → child → teardown.
+"""Run a child process inside a guard session: session → child → teardown.
 
-Shared by `guard connect` (psql) and `guard exec` (any program). One `asyncio.run` at the
-boundary; the session is ended (gateway connections closed, lease revoked) whatever way
-the child ends, and the child's exit status comes back unchanged (128+N for signal N,
-127 when the program does not exist, 126 when it cannot be executed).
+Shared by `guard connect` (psql), `guard exec` (any program) and `guard proxy` (a local
+relay for clients that cannot do TLS). The child talks to the gateway itself, over TLS
+verified against the gateway's CA (`sslmode=verify-full`) with the session secret: no
+second hop re-encrypting every byte. Only `guard proxy` starts the loopback relay. One
+`asyncio.run` at the boundary; the session is ended (gateway connections closed, lease
+revoked) whatever way the child ends, and the child's exit status comes back unchanged
+(128+N for signal N, 127 when the program does not exist, 126 when it cannot be executed).
 
 The ID token opens the session and nothing else: heartbeats (a thread, every
 `heartbeat_interval_seconds` the broker asked for) and the end use the session credential
@@ -15,12 +18,14 @@ the child's status is returned all the same.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
+import tempfile
 import threading
-from collections.abc import Callable, Sequence
-from urllib.parse import quote
+from collections.abc import Callable, Iterator, Sequence
+from urllib.parse import quote, urlencode
 
 from guard.broker.api.schemas import SessionCreated
 from guard.cli.client import BrokerClient, BrokerError
@@ -43,22 +48,51 @@ SCRUBBED_ENV = (
 DEFAULT_HEARTBEAT_SECONDS = 10.0
 
 
-def session_env(created: SessionCreated, port: int) -> dict[str, str]:
-    """libpq variables and DATABASE_URL for a client of the loopback relay."""
+def session_env(
+    created: SessionCreated, *, host: str, port: int, tls: dict[str, str]
+) -> dict[str, str]:
+    """libpq variables and DATABASE_URL for a client of the session at host:port; `tls`
+    holds the libpq TLS settings (sslmode, and sslrootcert when there is a CA file)."""
     url = (
         f"postgresql://{quote(created.user, safe='')}:{quote(created.password, safe='')}"
-        f"@127.0.0.1:{port}/{quote(created.database, safe='')}?sslmode=disable"
+        f"@{host}:{port}/{quote(created.database, safe='')}?{urlencode(tls)}"
     )
-    return {
-        "PGHOST": "127.0.0.1",
+    env = {
+        "PGHOST": host,
         "PGPORT": str(port),
         "PGUSER": created.user,
         "PGPASSWORD": created.password,
         "PGDATABASE": created.database,
-        # Loopback is plain; the relay speaks to the gateway (TLS for remote gateways).
-        "PGSSLMODE": "disable",
         "DATABASE_URL": url,
     }
+    env.update({f"PG{key.upper()}": value for key, value in tls.items()})
+    return env
+
+
+def gateway_tls(created: SessionCreated, ca_file: str | None) -> dict[str, str]:
+    """How a client verifies the gateway: verify-full against the CA file, when the
+    gateway serves TLS (one without a certificate is plain, and refuses nothing)."""
+    if not created.gateway_tls:
+        return {"sslmode": "disable"}
+    if ca_file is None:
+        # No CA named: the system's trust store (libpq 16+ reads sslrootcert=system).
+        return {"sslmode": "verify-full", "sslrootcert": "system"}
+    return {"sslmode": "verify-full", "sslrootcert": ca_file}
+
+
+@contextlib.contextmanager
+def gateway_ca(created: SessionCreated, configured: str | None) -> Iterator[str | None]:
+    """The CA file to verify the gateway with: the profile's, else the PEM the broker sent
+    in a private temporary file that lasts as long as the session."""
+    if configured is not None or not created.gateway_ca_pem:
+        yield configured
+        return
+    with tempfile.TemporaryDirectory(prefix="guard-") as folder:
+        path = os.path.join(folder, "gateway-ca.pem")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(created.gateway_ca_pem)
+        yield path
 
 
 def child_environment(extra: dict[str, str]) -> dict[str, str]:
@@ -105,17 +139,29 @@ async def _in_session(
     created: SessionCreated,
     argv: Sequence[str] | None,
     on_ready: Callable[[dict[str, str]], None] | None,
-    gateway_ca_file: str | None,
+    ca_file: str | None,
+    relay_port: int | None,
 ) -> int:
-    tls = client_tls_context(gateway_ca_file) if created.gateway_tls else None
-    relay = LoopbackRelay(created.gateway_host, created.gateway_port, tls)
-    try:
+    relay = None
+    if relay_port is None:
+        env = session_env(
+            created,
+            host=created.gateway_host,
+            port=created.gateway_port,
+            tls=gateway_tls(created, ca_file),
+        )
+    else:
+        # guard proxy: a plain loopback port for clients that cannot do TLS; the relay
+        # speaks verified TLS to the gateway.
+        tls = client_tls_context(ca_file) if created.gateway_tls else None
+        relay = LoopbackRelay(created.gateway_host, created.gateway_port, tls, port=relay_port)
         port = await relay.start()
-        env = session_env(created, port)
+        env = session_env(created, host="127.0.0.1", port=port, tls={"sslmode": "disable"})
+    try:
         if on_ready is not None:
             on_ready(env)
         if argv is None:
-            # --print-env: serve until interrupted.
+            # --print-env / guard proxy: the session lasts until interrupted.
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -124,7 +170,8 @@ async def _in_session(
             return 0
         return await _run_child(argv, child_environment(env))
     finally:
-        await relay.close()
+        if relay is not None:
+            await relay.close()
 
 
 class Heartbeat:
@@ -192,7 +239,10 @@ def run_in_session(
     argv: Sequence[str] | None,
     on_ready: Callable[[dict[str, str]], None] | None = None,
     gateway_ca_file: str | None = None,
+    relay_port: int | None = None,
 ) -> int:
+    """Open a session, run `argv` in it (None: wait for Ctrl-C), end it; the exit status.
+    `relay_port` (guard proxy) serves the session on a plain loopback port instead."""
     opener = BrokerClient(broker_url, token)
     try:
         created = opener.create_session(
@@ -213,7 +263,8 @@ def run_in_session(
     heartbeat.start()
     try:
         try:
-            return asyncio.run(_in_session(created, argv, on_ready, gateway_ca_file))
+            with gateway_ca(created, gateway_ca_file) as ca_file:
+                return asyncio.run(_in_session(created, argv, on_ready, ca_file, relay_port))
         except KeyboardInterrupt:
             return 130
     finally:

@@ -85,17 +85,22 @@ async def _connect(host: str, port: int) -> socket.socket:
 
 class LoopbackRelay:
     def __init__(
-        self, gateway_host: str, gateway_port: int, tls: ssl.SSLContext | None = None
+        self,
+        gateway_host: str,
+        gateway_port: int,
+        tls: ssl.SSLContext | None = None,
+        *,
+        port: int = 0,  # 0: any free port
     ) -> None:
         self.gateway_host = gateway_host
         self.gateway_port = gateway_port
         self.tls = tls
-        self.port = 0
+        self.port = port
         self._server: asyncio.base_events.Server | None = None
         self._conns: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> int:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 

@@ -343,7 +343,11 @@ def _start(
         "api": {"host": "127.0.0.1", "port": api_port},
         "api_tls": {"cert_file": str(api_cert_file), "key_file": str(api_key_file)},
         "gateway": {"host": "127.0.0.1", "port": gw_port},
-        "gateway_tls": {"cert_file": str(cert_file), "key_file": str(key_file)},
+        "gateway_tls": {
+            "cert_file": str(cert_file),
+            "key_file": str(key_file),
+            "ca_file": str(ca_file),
+        },
         "oidc": {"issuer": issuer, "audience": CLIENT_ID},
         "openbao": {"addr": bao.addr, "token_file": str(bao.token_file)},
         "targets": {

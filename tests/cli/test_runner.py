@@ -145,3 +145,52 @@ def test_a_session_already_gone_ends_quietly(make_broker, guard):  # noqa: F811
     make_broker(end_status=404, interval=3600)  # the broker ended it already
     outcome = guard("exec", "--db", "demo", "--", sys.executable, "-c", "pass")
     assert outcome.code == 0 and outcome.err == ""
+
+
+# ------------------------------------------------------------------ the child's environment
+def _created(**changes):
+    from guard.broker.api.schemas import SessionCreated
+
+    return SessionCreated(
+        **{
+            **FakeBroker().created(),
+            "gateway_host": "gw.example",
+            "gateway_port": 6433,
+            "gateway_tls": True,
+            "password": "p@ss/word",
+            **changes,
+        }
+    )
+
+
+def test_the_child_talks_to_the_gateway_itself_over_verified_tls():
+    from urllib.parse import parse_qs, urlsplit
+
+    from guard.cli.runner import gateway_tls, session_env
+
+    created = _created()
+    env = session_env(
+        created, host="gw.example", port=6433, tls=gateway_tls(created, "/etc/guard/ca.pem")
+    )
+    assert (env["PGHOST"], env["PGPORT"]) == ("gw.example", "6433")  # no loopback hop
+    assert env["PGSSLMODE"] == "verify-full" and env["PGSSLROOTCERT"] == "/etc/guard/ca.pem"
+    url = urlsplit(env["DATABASE_URL"])
+    assert (url.hostname, url.port, url.password) == ("gw.example", 6433, "p%40ss%2Fword")
+    assert parse_qs(url.query) == {"sslmode": ["verify-full"], "sslrootcert": ["/etc/guard/ca.pem"]}
+    assert gateway_tls(_created(), None) == {"sslmode": "verify-full", "sslrootcert": "system"}
+    assert gateway_tls(_created(gateway_tls=False), None) == {"sslmode": "disable"}
+
+
+def test_the_brokers_gateway_ca_lives_in_a_private_file_for_the_session_only():
+    import os
+    import stat
+
+    from guard.cli.runner import gateway_ca
+
+    pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    with gateway_ca(_created(gateway_ca_pem=pem), None) as path:
+        assert path is not None and open(path).read() == pem
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert not os.path.exists(path)  # gone with the session
+    with gateway_ca(_created(gateway_ca_pem=pem), "/profile/ca.pem") as path:
+        assert path == "/profile/ca.pem"  # the profile's CA wins

@@ -29,6 +29,7 @@ CASES: dict[str, tuple[list[str] | None, list[str], list[str]]] = {
         ["exec", "--bogus", "--", "true"],
         ["exec", "--ttl", "5x", "--", "true"],
     ),
+    "proxy": (["proxy"], ["proxy", "demo", "--bogus"], ["proxy", "demo", "--port", "http"]),
     "approve": (
         ["approve", "--comment"],
         ["approve", "--bogus"],

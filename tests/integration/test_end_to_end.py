@@ -28,9 +28,10 @@ JOB = textwrap.dedent(
         ssn = conn.execute("SELECT ssn FROM customers WHERE id = 1").fetchone()[0]
         names = [r[0] for r in conn.execute("SELECT full_name FROM customers ORDER BY id LIMIT 3")]
         role = conn.execute("SELECT current_user").fetchone()[0]
+        ssl = conn.pgconn.ssl_in_use
     with psycopg.connect() as conn:  # plain libpq PG* variables work too
         count = conn.execute("SELECT count(*) FROM customers").fetchone()[0]
-    print(json.dumps({"ssn": ssn, "names": names, "role": role, "count": count,
+    print(json.dumps({"ssn": ssn, "names": names, "role": role, "count": count, "ssl": ssl,
                       "env": {k: v for k, v in os.environ.items()
                               if k.startswith(("PG", "DATABASE_URL", "GUARD"))}}))
     sys.exit(7)
@@ -57,7 +58,13 @@ def test_exec_masks_and_passes_exit_code(alice: Stack, tmp_path):
     assert out["names"][0] == "Alice Anderson"
     assert out["count"] >= 1000
     env = out["env"]
-    assert env["PGHOST"] == "127.0.0.1" and env["PGUSER"].startswith("guard_")
+    # The child reaches the gateway itself, over TLS verified against the dev CA: no
+    # loopback relay in between.
+    gateway_host, gateway_port = alice.status["gateway"].rsplit(":", 1)
+    assert (env["PGHOST"], env["PGPORT"]) == (gateway_host, gateway_port)
+    assert env["PGSSLMODE"] == "verify-full" and out["ssl"] is True
+    assert "sslmode=verify-full" in env["DATABASE_URL"]
+    assert env["PGUSER"].startswith("guard_")
     assert "GUARD_ID_TOKEN" not in env
     # The child holds only the session secret: it is not a database credential. Neither
     # the gateway user nor the secret logs in to PostgreSQL directly.
@@ -186,3 +193,41 @@ def test_policy_check_reports_yaml_paths(alice: Stack, tmp_path):
     repo_policy = Path(__file__).resolve().parents[2] / "policies.yaml"
     ok = alice.guard("policy", "check", str(repo_policy))
     assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+def test_proxy_serves_a_plain_local_port_for_clients_without_tls(alice: Stack):
+    import os
+    import signal
+    import subprocess
+
+    from tests.fix_stack import GUARD
+
+    proxy = subprocess.Popen(
+        [*GUARD, "proxy", "demo", "--reason", "GUI tool"],
+        env=alice.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        env = {}
+        while len(env) < 6:
+            line = proxy.stdout.readline()
+            assert line, proxy.stderr.read()
+            key, _, value = line.removeprefix("export ").strip().partition("=")
+            env[key] = value.strip("'")
+        assert env["PGHOST"] == "127.0.0.1" and env["PGSSLMODE"] == "disable"
+        with psycopg.connect(
+            host=env["PGHOST"],
+            port=env["PGPORT"],
+            user=env["PGUSER"],
+            password=env["PGPASSWORD"],
+            dbname=env["PGDATABASE"],
+            sslmode="disable",
+            connect_timeout=10,
+        ) as conn:
+            ssn = conn.execute("SELECT ssn FROM customers WHERE id = 1").fetchone()[0]
+        assert ssn == MASKED_SSN
+    finally:
+        os.kill(proxy.pid, signal.SIGINT)
+        assert proxy.wait(30) == 0

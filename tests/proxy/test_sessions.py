@@ -321,6 +321,7 @@ class _Gateway:
     host: str = "127.0.0.1"
     port: int = 6433
     tls: bool = True
+    ca_pem: str | None = None
 
 
 def _resolve(token):

@@ -40,6 +40,7 @@ class GatewayAddress(Protocol):
     host: str
     port: int
     tls: bool
+    ca_pem: str | None  # the CA of the gateway's certificate, if the broker knows it
 
 
 def _error(status: int, code: str, message: str, hint: str | None) -> JSONResponse:
@@ -202,6 +203,7 @@ def create_app(  # noqa: C901 - one closure per route
             gateway_host=gateway.host,
             gateway_port=gateway.port,
             gateway_tls=gateway.tls,
+            gateway_ca_pem=gateway.ca_pem,
             database=s.upstream.database,
             user=s.user,
             password=opened.secret,

@@ -33,6 +33,9 @@ class SessionCreated(_Model):
     gateway_host: str
     gateway_port: int
     gateway_tls: bool = False
+    # PEM of the CA that signed the gateway's certificate, when the broker is told it: the
+    # client verifies the gateway with it (sslmode=verify-full) and needs nothing else.
+    gateway_ca_pem: str | None = None
     database: str
     user: str
     password: str

@@ -50,12 +50,22 @@ def connect(
 
     def ready(env: dict[str, str]) -> None:
         if print_env:
-            for key in ("PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE", "PGSSLMODE"):
-                print(f"export {key}={shlex.quote(env[key])}", flush=True)
+            for key in (
+                "PGHOST",
+                "PGPORT",
+                "PGUSER",
+                "PGPASSWORD",
+                "PGDATABASE",
+                "PGSSLMODE",
+                "PGSSLROOTCERT",
+            ):
+                if key in env:
+                    print(f"export {key}={shlex.quote(env[key])}", flush=True)
             console.stderr().print("[dim]session open; press Ctrl-C to end it[/dim]")
         else:
             console.stderr().print(
-                f"[dim]guard: connected to {target} through 127.0.0.1:{env['PGPORT']}[/dim]"
+                f"[dim]guard: session open on {target}: psql to the gateway at "
+                f"{env['PGHOST']}:{env['PGPORT']} ({env['PGSSLMODE']})[/dim]"
             )
 
     return run_in_session(

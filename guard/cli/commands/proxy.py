@@ -1,0 +1,63 @@
+"""`guard proxy TARGET [--port N]`: a session on a local plain port, for clients without TLS.
+
+`guard connect` and `guard exec` hand clients the gateway itself over verified TLS. A tool
+that cannot do TLS (some GUI clients) gets this instead: a loopback port whose relay speaks
+verified TLS to the gateway, for the session's lifetime (Ctrl-C ends both). Every byte then
+crosses a second hop, so use it only where TLS is not an option. Imported when `guard`
+starts: what a session needs is imported when the command runs.
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import Annotated
+
+import typer
+
+from guard.cli import console
+from guard.cli.options import duration
+from guard.cli.profile import load_profile
+from guard.cli.usage import GuardCommand
+
+
+def proxy(
+    target: Annotated[str, typer.Argument(help="Policy target, e.g. demo")],
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Local port (0: any free one)")] = 0,
+    reason: Annotated[str, typer.Option(help="Why you need access (recorded)")] = "",
+    ttl: Annotated[
+        int | None,
+        typer.Option(parser=duration, metavar="DURATION", help="Session lifetime, e.g. 30m, 1h"),
+    ] = None,
+) -> int:
+    from guard.cli.auth import current_id_token
+    from guard.cli.runner import run_in_session
+
+    profile = load_profile()
+
+    def ready(env: dict[str, str]) -> None:
+        for key in ("PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE", "PGSSLMODE"):
+            print(f"export {key}={shlex.quote(env[key])}", flush=True)
+        console.stderr().print(
+            f"[dim]guard: {target} on 127.0.0.1:{env['PGPORT']} (plain, this machine only); "
+            "Ctrl-C ends the session[/dim]"
+        )
+
+    return run_in_session(
+        broker_url=profile.broker_url,
+        token=current_id_token(profile),
+        target=target,
+        reason=reason,
+        ttl_seconds=ttl,
+        argv=None,
+        on_ready=ready,
+        gateway_ca_file=profile.gateway_ca_file,
+        relay_port=port,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command(
+        "proxy",
+        cls=GuardCommand,
+        help="Serve a session on a local plain port for clients that cannot do TLS.",
+    )(proxy)
