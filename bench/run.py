@@ -10,7 +10,10 @@ path (every hop is verified TLS: every path reaches PostgreSQL over it, as guard
 clients reach pgbouncer and guard over it too — the gateway refuses plaintext logins, so
 pgbouncer serves client TLS with the dev stack's gateway certificate to stay comparable),
 plus a 1M-row COPY TO STDOUT and SELECT * of
-pgbench_accounts (each path --bulk-runs times, interleaved; the median is kept). Prints tps,
+pgbench_accounts (each path --bulk-runs times, interleaved; the median is kept). Each
+workload also runs on the path users take, `guard exec --db demo -- pgbench …` (alice logged
+in to the dev IdP): session, the gateway over verified TLS, teardown; printed are its tps, its
+ratio to pgbouncer, and the CPU µs per transaction of the gateway + the guard CLI. Prints tps,
 the ratio to direct and to pgbouncer, and the gateway's CPU µs per transaction (the broker
 process's user+system CPU time over the run divided by the transactions it served; system
 time alone after it), and pgbouncer's, measured the same way; for bulk rows, the gateway's
@@ -62,16 +65,43 @@ def cpu_seconds(pid: int) -> float:
     return sum(cpu_times(pid))
 
 
-def pgbench(env: dict[str, str], args: list[str], seconds: int, clients: int) -> tuple[float, int]:
-    out = subprocess.run(
-        ["pgbench", "-n", "-T", str(seconds), "-c", str(clients), "-j", "2", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+def pgbench(
+    env: dict[str, str], args: list[str], seconds: int, clients: int, *, via: list[str] = ()
+) -> tuple[float, int]:
+    """pgbench's tps and transactions; `via` runs it through a wrapper (`guard exec --`)."""
+    argv = [*via, "pgbench", "-n", "-T", str(seconds), "-c", str(clients), "-j", "2", *args]
+    out = subprocess.run(argv, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"pgbench {args} failed: {out.stderr[-2000:]}")
     return float(TPS.search(out.stdout).group(1)), int(TXNS.search(out.stdout).group(1))
+
+
+def guard_exec_pgbench(
+    env: dict[str, str], args: list[str], seconds: int, clients: int, broker_pid: int
+) -> tuple[float, int, tuple[float, float], tuple[float, float]]:
+    """The user's path: `guard exec --db demo -- pgbench …` (the session, the gateway over
+    verified TLS, teardown). Returns tps, transactions, and the CPU µs per transaction of
+    the gateway and of the guard CLI process itself (read just before pgbench ends, so its
+    child's CPU is not counted)."""
+    argv = [*GUARD, "exec", "--db", "demo", "--", "pgbench", "-n", "-T", str(seconds)]
+    argv += ["-c", str(clients), "-j", "2", *args]
+    before = cpu_times(broker_pid)
+    proc = subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    time.sleep(1.0)  # session open, pgbench connected
+    cli_before = cpu_times(proc.pid)
+    time.sleep(max(0.5, seconds - 1.5))
+    cli_after = cpu_times(proc.pid)
+    out, err = proc.communicate()
+    after = cpu_times(broker_pid)
+    if proc.returncode != 0:
+        raise RuntimeError(f"guard exec pgbench {args} failed: {err[-2000:]}")
+    tps, n = float(TPS.search(out).group(1)), int(TXNS.search(out).group(1))
+    # The CLI's share over the part of the run it was sampled for.
+    sampled = n * max(0.5, seconds - 1.5) / seconds
+    cli = tuple((a - b) / max(sampled, 1) * 1e6 for a, b in zip(cli_after, cli_before, strict=True))
+    return tps, n, _per_tx(before, after, n), cli  # type: ignore[return-value]
 
 
 def libpq_env(host, port, user: str, password: str, *, sslmode: str, rootcert: str = ""):
@@ -263,10 +293,11 @@ def _compare(args: argparse.Namespace, env: dict[str, str], status: dict) -> int
             ("-S prepared", ["-S", "-M", "prepared"]),
             ("TPC-B simple", ["-M", "simple"]),
         ]
+        sh([*GUARD, "dev", "login", "alice"], env=env)  # for the guard exec path
         print(
             f"{'workload':<14} {'direct':>9} {'pgbouncer':>10} {'guard':>9} "
             f"{'g/direct':>9} {'g/pgb':>7} {'gw µs/tx':>9} {'(sys)':>6} {'pgb µs/tx':>9} "
-            f"{'(sys)':>6}"
+            f"{'(sys)':>6} {'exec tps':>9} {'e/pgb':>6} {'exec gw+cli µs/tx':>18}"
         )
         if args.only:
             workloads = [w for w in workloads if any(w[0].startswith(o) for o in args.only)]
@@ -279,9 +310,13 @@ def _compare(args: argparse.Namespace, env: dict[str, str], status: dict) -> int
             before = cpu_times(broker_pid)
             g, n = pgbench(guard_env, wargs, args.seconds, args.clients)
             us = _per_tx(before, cpu_times(broker_pid), n)
+            e, _en, exec_gw, exec_cli = guard_exec_pgbench(
+                env, wargs, args.seconds, args.clients, broker_pid
+            )
             print(
                 f"{label:<14} {d:9.0f} {b:10.0f} {g:9.0f} {g / d:9.2f} {g / b:7.2f} "
-                f"{sum(us):9.1f} {us[1]:6.1f} {sum(pgb_us):9.1f} {pgb_us[1]:6.1f}",
+                f"{sum(us):9.1f} {us[1]:6.1f} {sum(pgb_us):9.1f} {pgb_us[1]:6.1f} "
+                f"{e:9.0f} {e / b:6.2f} {sum(exec_gw):11.1f}+{sum(exec_cli):.1f}",
                 flush=True,
             )
             if spy is not None:
