@@ -1,4 +1,6 @@
-"""pgjdbc 42.7 from Java through the real gateway (skipped where there is no JVM or jar)."""
+"""pgjdbc from Java through the real gateway: Debian's libpostgresql-jdbc-java (installed by
+scripts/bootstrap) or a pgjdbc 42.7 in the local Maven repository. Without a JVM or a jar it
+skips, except under CI=true, where that is a failure."""
 
 from __future__ import annotations
 
@@ -10,11 +12,15 @@ from urllib.parse import quote
 
 import pytest
 
+from tests.fix_pg import require
 from tests.fix_stack import Stack
 from tests.integration.test_gateway import session  # noqa: F401 - module-scoped fixture
 
 pytestmark = pytest.mark.integration
 SOURCE = Path(__file__).resolve().parent / "java" / "GuardCompat.java"
+
+
+DEBIAN_JAR = Path("/usr/share/java/postgresql.jar")
 
 
 def _jar() -> str | None:
@@ -23,13 +29,22 @@ def _jar() -> str | None:
             str(Path.home() / ".m2/repository/org/postgresql/postgresql/42.7*/postgresql-42.7*.jar")
         )
     )
-    return found[-1] if found else None
+    if found:
+        return found[-1]
+    return str(DEBIAN_JAR) if DEBIAN_JAR.exists() else None
 
 
 def test_pgjdbc_prepared_binary_and_refusal(dev_stack: Stack, session, tmp_path):  # noqa: F811
     jar = _jar()
-    if shutil.which("javac") is None or shutil.which("java") is None or jar is None:
-        pytest.skip("no JVM or no pgjdbc 42.7 jar in the local Maven repository")
+    require(
+        "a JVM",
+        shutil.which("javac") is not None and shutil.which("java") is not None,
+        "install a JDK (Java 17)",
+    )
+    require(
+        "pgjdbc", jar is not None, "apt-get install libpostgresql-jdbc-java (scripts/bootstrap)"
+    )
+    assert jar is not None
     subprocess.run(["javac", "-d", str(tmp_path), str(SOURCE)], check=True, timeout=120)
     url = (
         f"jdbc:postgresql://{session['gateway_host']}:{session['gateway_port']}/"
