@@ -30,6 +30,20 @@ class Forbidden(GuardError):
     code = "forbidden"
 
 
+class BadRequest(GuardError):
+    http_status = 400
+    sqlstate = "22023"
+    code = "bad_request"
+
+
+class Conflict(GuardError):
+    """The thing asked about is no longer in a state that allows it (a decided request)."""
+
+    http_status = 409
+    sqlstate = "55000"
+    code = "conflict"
+
+
 class NotFound(GuardError):
     http_status = 404
     sqlstate = "42704"

@@ -16,9 +16,10 @@ import pytest
 
 from guard.broker.approvals.grants import MemoryGrants
 from guard.broker.approvals.model import RequestState
-from guard.broker.approvals.service import ApprovalService, Conflict, NotAllowed, Requester
+from guard.broker.approvals.service import ApprovalService, Requester
 from guard.broker.approvals.store import MemoryApprovalStore
 from guard.broker.audit.sink import MemoryAuditSink
+from guard.broker.errors import Conflict, Forbidden
 from guard.broker.identity.principal import Principal
 from guard.broker.policy.compile import load_policy
 from guard.broker.proxy.gate import Gate
@@ -119,7 +120,7 @@ def test_the_requester_cannot_approve_under_any_issuer():
         alice_elsewhere = Principal(
             "https://other-idp.test", "alice-sub", frozenset({"security-leads"})
         )
-        with pytest.raises(NotAllowed, match="segregation of duties"):
+        with pytest.raises(Forbidden, match="segregation of duties"):
             h.service.decide("r1", alice_elsewhere, approve=True, comment="")
         assert h.service.decidable_by(alice_elsewhere) == []
         h.service.withdraw("r1", "test over")
@@ -133,7 +134,7 @@ def test_two_approvers_are_two_people():
         h = Harness(policy=TWO_PEOPLE)
         task = await _held(h)
         h.service.decide("r1", BOB, approve=True, comment="ok")
-        with pytest.raises(NotAllowed, match="already decided"):
+        with pytest.raises(Forbidden, match="already decided"):
             h.service.decide("r1", BOB, approve=True, comment="again")
         assert not task.done()
         h.service.decide("r1", CAROL, approve=True, comment="ok too")

@@ -12,14 +12,8 @@ from fastapi import APIRouter
 from guard.broker.api.schemas import ApprovalDecide, ApprovalInfo, ApprovalVote
 from guard.broker.approvals.model import ApprovalRequest
 from guard.broker.approvals.service import ApprovalService
-from guard.broker.errors import GuardError, NotFound
+from guard.broker.errors import BadRequest, NotFound
 from guard.broker.identity.principal import Principal
-
-
-class BadRequest(GuardError):
-    http_status = 400
-    sqlstate = "22023"
-    code = "bad_request"
 
 
 def approval_routes(approvals: ApprovalService | None, Caller: Any) -> APIRouter:  # noqa: C901 - one closure per route

@@ -31,7 +31,7 @@ from guard.broker.approvals.notify import Notifier, NullNotifier
 from guard.broker.approvals.store import ApprovalStore
 from guard.broker.audit.record import ApprovalEvent
 from guard.broker.audit.sink import AuditSink, AuditUnavailable
-from guard.broker.errors import GuardError, NotFound
+from guard.broker.errors import Conflict, Forbidden, GuardError, NotFound
 from guard.broker.identity.principal import Principal
 from guard.broker.pgwire.messages import ErrorResponse
 from guard.broker.policy.engine import CompiledPolicy
@@ -45,18 +45,6 @@ log = logging.getLogger("guard.approvals")
 # least that long: the security contract says a held statement must not time out before
 # the window the policy sets).
 DEFAULT_REQUEST_SECONDS = 15 * 60
-
-
-class Conflict(GuardError):
-    http_status = 409
-    sqlstate = "55000"
-    code = "conflict"
-
-
-class NotAllowed(GuardError):
-    http_status = 403
-    sqlstate = "42501"
-    code = "forbidden"
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +204,7 @@ class ApprovalService:
         except model.AlreadyFinal as exc:
             raise Conflict(str(exc), hint="see `guard requests` or `guard approve`") from None
         except model.NotAllowed as exc:
-            raise NotAllowed(str(exc), hint="ask another member of the approver groups") from None
+            raise Forbidden(str(exc), hint="ask another member of the approver groups") from None
         self.store.save(decided)
         self._record(
             decided,
