@@ -473,14 +473,13 @@ class GatewayConnection:
         that is waiting for a response, or paused, is left alone."""
         if not self.idle:
             return []
-        fatal = m.ErrorResponse.build(
+        return self._run(
+            self._end_fatal,
             "57P05",
             f"guard: terminating the connection after {seconds:.0f} s idle",
-            severity="FATAL",
-            hint="reconnect; the gateway ends connections idle longer than its idle timeout",
+            f"idle for {seconds:.0f} s",
+            "reconnect; the gateway ends connections idle longer than its idle timeout",
         )
-        self._to_client.append(encode(fatal))
-        return self._run(self._end, f"idle for {seconds:.0f} s")
 
     def incomplete_for(self, seconds: float) -> list[Command]:
         """The shell's watchdog: a client message has stayed incomplete for `seconds`.
@@ -488,13 +487,12 @@ class GatewayConnection:
         a huge message and never finishes it holds nothing for long."""
         if not self.partial_message:
             return []
-        fatal = m.ErrorResponse.build(
+        return self._run(
+            self._end_fatal,
             "08P01",
             f"guard: a message stayed incomplete for {seconds:.0f} s; connection closed",
-            severity="FATAL",
+            f"message incomplete for {seconds:.0f} s",
         )
-        self._to_client.append(encode(fatal))
-        return self._run(self._end, f"message incomplete for {seconds:.0f} s")
 
     # ============================================================== running and failing
     def _run(self, step: Callable[..., None], *args: Any) -> list[Command]:
@@ -521,16 +519,11 @@ class GatewayConnection:
             self._to_client.append(encode(err.to_error_response()))
             self._end(f"client protocol error: {err}")
         else:
-            self._to_client.append(
-                encode(
-                    m.ErrorResponse.build(
-                        "08P01",
-                        "guard: the database sent a malformed message; connection closed",
-                        severity="FATAL",
-                    )
-                )
+            self._end_fatal(
+                "08P01",
+                "guard: the database sent a malformed message; connection closed",
+                f"server protocol error: {err}",
             )
-            self._end(f"server protocol error: {err}")
 
     def _fail(self, exc: Exception) -> None:
         """An internal error: nothing of this call leaves, the client gets FATAL, both end.
@@ -561,6 +554,12 @@ class GatewayConnection:
             )
         )
         self.state = _FAILED
+
+    def _end_fatal(self, sqlstate: str, message: str, reason: str, hint: str | None = None) -> None:
+        """End the connection, telling the client why with a FATAL ErrorResponse."""
+        fatal = m.ErrorResponse.build(sqlstate, message, severity="FATAL", hint=hint)
+        self._to_client.append(encode(fatal))
+        self._end(reason)
 
     def _end(self, reason: str) -> None:
         self._close = reason
@@ -910,16 +909,11 @@ class GatewayConnection:
             self._on_parameter_status(raw)
         elif tag == TAG_COPY_BOTH_RESPONSE:
             # CopyBoth only exists for replication, which sessions may not use.
-            self._to_client.append(
-                encode(
-                    m.ErrorResponse.build(
-                        "42501",
-                        "guard: replication streams are not allowed through guard",
-                        severity="FATAL",
-                    )
-                )
+            self._end_fatal(
+                "42501",
+                "guard: replication streams are not allowed through guard",
+                "CopyBothResponse refused",
             )
-            self._end("CopyBothResponse refused")
         else:
             # CopyIn/OutResponse, CopyDone, notices, notifications, FunctionCallResponse,
             # NegotiateProtocolVersion: forwarded as they are.
@@ -981,17 +975,12 @@ class GatewayConnection:
             codec = codec_for(msg.value)
             if codec is None:
                 # Refused before any statement is read in it (see proxy.encoding).
-                self._to_client.append(
-                    encode(
-                        m.ErrorResponse.build(
-                            "0A000",
-                            f"guard: client_encoding {msg.value} is not supported; "
-                            "use UTF8 (or a single-byte encoding)",
-                            severity="FATAL",
-                        )
-                    )
+                self._end_fatal(
+                    "0A000",
+                    f"guard: client_encoding {msg.value} is not supported; "
+                    "use UTF8 (or a single-byte encoding)",
+                    f"unsupported client_encoding {msg.value}",
                 )
-                self._end(f"unsupported client_encoding {msg.value}")
                 return
             self.codec = codec
         if msg.name == "session_authorization":
