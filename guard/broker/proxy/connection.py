@@ -1,24 +1,27 @@
 """One client connection through the gateway, after authentication: the sans-IO core.
 
 No asyncio, no sockets, no files. Events go in as method calls (`from_client`,
-`from_server`, `audit_written`, `audit_failed`, `client_eof`, `server_eof`, `idle_for`);
-each returns the commands (`proxy.commands`) the shell must execute, in order. Every
-statement-bearing client message (Query, Parse, Execute, FunctionCall) goes through
-`proxy.gate` first: its audit records leave as a blocking `WriteAudit` command and the
-statement is forwarded only in the commands that answer `audit_written` — so "recorded
-before forwarded" is visible in the command order, and the shell may batch the writes.
+`from_server`, `audit_written`, `audit_failed`, `approval_decided`, `approval_ended`,
+`client_eof`, `server_eof`, `idle_for`, `incomplete_for`); each returns the commands
+(`proxy.commands`) the shell must execute, in order. Every statement-bearing client
+message (Query, Parse, Execute, FunctionCall) goes through `proxy.gate` first: its audit
+records leave as a blocking `WriteAudit` command and the statement is forwarded only in
+the commands that answer `audit_written` — so "recorded before forwarded" is visible in the
+command order, and the shell may batch the writes.
 Every result row is checked against the protected-column map before it is sent on.
 
 The connection is a state machine (`State`):
 
     RELAYING ──WriteAudit──▶ PAUSED ──audit_written / audit_failed──▶ RELAYING
+    PAUSED ──RequestApproval (a held statement)──▶ PAUSED ──approval_decided──▶ RELAYING
+        (approved with a one-statement grant: PAUSED until EndApproval is answered)
     RELAYING ──client_eof──▶ HALF_CLOSED (responses still relayed until the database closes)
     any ──Terminate, protocol error, upstream FATAL, server_eof──▶ CLOSED
     any ──an exception inside the core──▶ FAILED (client gets FATAL XX000, upstream closed)
 
 While PAUSED, client messages queue behind the statement that paused (they are decided and
 forwarded in order once it resumes) and server messages are relayed as usual; a statement
-held for approval will live in the same state.
+held for approval lives in the same state.
 
 How a refusal keeps PostgreSQL's exact semantics: instead of answering locally (which would
 leave the upstream transaction and a pipelined batch in a state the client does not expect),
