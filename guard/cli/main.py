@@ -1,80 +1,84 @@
 """The `guard` command line: a thin client of the broker API.
 
-Each command lives in `cli.commands.<name>` and registers itself on `app` when this module
-is imported, so `typer.testing.CliRunner(app)` and documentation tools see every command.
-Command modules import only the stdlib, typer and the CLI's light modules at that point;
-what a command needs (httpx, rich, keyring, …) is imported when it runs, keeping start-up,
-`--help` and usage errors fast. Failures reach the user through one path
-(`cli.usage.exit_code`: `CliError.diagnostics()`, click's usage errors, and the exit code).
-From `guard.broker` the CLI imports only `guard.broker.api.schemas` (and the policy
-compiler for `guard policy check`, the audit verifier for `guard audit verify`).
+Each command is a click command in `cli.commands.<name>`, added to `app` when this module
+is imported, so `click.testing.CliRunner` and documentation tools see every command (and
+click's shell completion, `_GUARD_COMPLETE=bash_source guard`, knows them). This module and
+the command modules import only the stdlib, click and the CLI's light modules (errors,
+profile, options, usage, console); what a command needs (httpx, rich, keyring, …) is
+imported when it runs, keeping start-up, `--help` and usage errors fast. Failures reach the
+user through one path (`cli.usage.exit_code`: `CliError.diagnostics()`, click's usage
+errors, and the exit code). From `guard.broker` the CLI imports only
+`guard.broker.api.schemas` (and the policy compiler for `guard policy check`, the audit
+verifier for `guard audit verify`), and only when a command runs.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Annotated
 
-import typer
+import click
 
 from guard.cli.commands import approve, audit, connect, deny, dev, login, policy, proxy
 from guard.cli.commands import exec as exec_cmd
 from guard.cli.commands import requests as requests_cmd
 from guard.cli.usage import GuardGroup, exit_code
 
-app = typer.Typer(
-    name="guard",
-    cls=GuardGroup,
-    help="Just-in-time, audited, masked access to PostgreSQL.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
 
-
-def _print_version(value: bool) -> None:
-    if not value:
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
         return
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        typer.echo(f"guard {version('guard')}")
+        click.echo(f"guard {version('guard')}")
     except PackageNotFoundError:
-        typer.echo("guard (version unknown: the package is not installed)")
-    raise typer.Exit(0)
+        click.echo("guard (version unknown: the package is not installed)")
+    ctx.exit(0)
 
 
-@app.callback()
-def _options(
-    show_version: Annotated[
-        bool,
-        typer.Option(
-            "--version",
-            is_eager=True,
-            callback=_print_version,
-            help="Print guard's version and exit.",
-        ),
-    ] = False,
-) -> None:
+@click.group(
+    "guard",
+    cls=GuardGroup,
+    help="Just-in-time, audited, masked access to PostgreSQL.",
+    no_args_is_help=True,
+    # Help as wide as the terminal up to 100 columns (click stops at 80); every command's
+    # context inherits it.
+    context_settings={"max_content_width": 100},
+)
+@click.option(
+    "--version",
+    is_flag=True,
+    is_eager=True,
+    expose_value=False,
+    callback=_print_version,
+    help="Print guard's version and exit.",
+)
+def app() -> None:
     pass
 
 
-login.register(app)
-connect.register(app)
-exec_cmd.register(app)
-proxy.register(app)
-approve.register(app)
-deny.register(app)
-requests_cmd.register(app)
-policy.register(app)
-audit.register(app)
-dev.register(app)
+# In this order in `guard --help` and in the "takes one of" hint.
+for command in (
+    login.login,
+    login.logout,
+    connect.connect,
+    exec_cmd.exec_command,
+    proxy.proxy,
+    approve.approve,
+    deny.deny,
+    requests_cmd.requests,
+    policy.policy,
+    audit.audit,
+    dev.dev,
+):
+    app.add_command(command)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run `guard` with `argv` (default: the process's arguments); the exit code."""
     try:
-        return app(args=argv, prog_name="guard", standalone_mode=False)
+        code: int = app.main(args=argv, prog_name="guard", standalone_mode=False)
+        return code
     except (Exception, KeyboardInterrupt) as exc:  # raised before GuardGroup.main runs
         return exit_code(exc)
 

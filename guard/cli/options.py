@@ -1,14 +1,15 @@
 """Parsers of option values shared by commands; a bad value is a usage error (exit 2).
 
-Imports only the stdlib and typer: they run while the command line is parsed, before any
-command imports what it needs.
+Imports only the stdlib and click: they run while the command line is parsed, before any
+command imports what it needs. Each is a click `type=` (a callable): click names the option
+in the error (`invalid value for '--ttl': …`).
 """
 
 from __future__ import annotations
 
 import re
 
-import typer
+import click
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -18,7 +19,7 @@ def duration(text: str) -> int:
     """'90s', '15m', '1h', '2d' or plain seconds → seconds."""
     match = _DURATION.match(text)
     if not match:
-        raise typer.BadParameter(f"{text!r} is not a duration (use e.g. 30m, 1h, 8h or seconds)")
+        raise click.BadParameter(f"{text!r} is not a duration (use e.g. 30m, 1h, 8h or seconds)")
     return int(match.group(1)) * _UNIT_SECONDS[match.group(2) or "s"]
 
 
@@ -26,5 +27,5 @@ def http_url(text: str) -> str:
     """An http(s) URL with a host, e.g. an OIDC issuer."""
     scheme, sep, rest = text.partition("://")
     if not sep or scheme.lower() not in ("http", "https") or not rest.split("/")[0]:
-        raise typer.BadParameter(f"{text!r} is not an http(s) URL")
+        raise click.BadParameter(f"{text!r} is not an http(s) URL")
     return text

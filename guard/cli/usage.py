@@ -1,11 +1,10 @@
 """Every way a `guard` command line ends, as one exit code and at most `error:`/`hint:` lines.
 
-typer ≥ 0.29 raises the exceptions of its own bundled click (`typer._click`), older typer
-those of the standalone `click` package; `exit_code` handles both flavours in one place.
-`GuardGroup` (the class of every `guard` command group) runs it for the `guard` script
-and `typer.testing.CliRunner` alike, so a usage error never shows a traceback: it is one
-line saying what is wrong and a hint saying what to type instead (exit 2). Every command
-is a `GuardCommand`, so the hint can show that command's usage.
+`GuardGroup` (the class of every `guard` command group) runs `exit_code` for the `guard`
+script and `click.testing.CliRunner` alike, so a usage error never shows a traceback: it is
+one line saying what is wrong and a hint saying what to type instead (exit 2). Every command
+is a `GuardCommand` (a group's `command()` makes one), so the hint can show that command's
+usage. Imports only the stdlib, click and `cli.errors`: it runs before any command does.
 """
 
 from __future__ import annotations
@@ -13,32 +12,15 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from difflib import get_close_matches
-from types import ModuleType
 from typing import Any
 
-import typer
-from typer.core import TyperCommand, TyperGroup
+import click
+from click.exceptions import Exit, NoArgsIsHelpError
 
 from guard.cli.errors import EXIT_USAGE, CliError
 
 EXIT_INTERRUPTED = 130
 _HINT = "guard.usage_hint"  # a hint for the usage error being raised, kept in ctx.meta
-
-
-def _click_flavours() -> list[ModuleType]:
-    """The exception modules of the clicks that can have raised: typer's bundled copy and,
-    once anything imported it, the standalone package (else nothing raised its exceptions)."""
-    found = []
-    try:
-        from typer._click import exceptions as bundled
-
-        found.append(bundled)
-    except ImportError:  # typer < 0.29 raises the standalone package's exceptions
-        pass
-    standalone = sys.modules.get("click.exceptions")
-    if standalone is not None:
-        found.append(standalone)
-    return found
 
 
 def exit_code(exc: BaseException) -> int:
@@ -47,30 +29,26 @@ def exit_code(exc: BaseException) -> int:
     if isinstance(exc, CliError):
         print(exc.diagnostics(), file=sys.stderr)
         return exc.exit_code
-    if isinstance(exc, KeyboardInterrupt):
+    if isinstance(exc, KeyboardInterrupt | click.Abort):
         return EXIT_INTERRUPTED
-    error: Any = exc
-    for flavour in (typer, *_click_flavours()):
-        if isinstance(exc, getattr(flavour, "Exit", ())):
-            return int(error.exit_code)
-        if isinstance(exc, getattr(flavour, "Abort", ())):
-            return EXIT_INTERRUPTED
-        if isinstance(exc, getattr(flavour, "UsageError", ())):
-            return exit_code(usage_error(error))
-        if isinstance(exc, getattr(flavour, "ClickException", ())):
-            return exit_code(CliError(_sentence(error.format_message()), exit_code=error.exit_code))
+    if isinstance(exc, Exit):
+        return int(exc.exit_code)
+    if isinstance(exc, click.UsageError):
+        return exit_code(usage_error(exc))
+    if isinstance(exc, click.ClickException):
+        return exit_code(CliError(_sentence(exc.format_message()), exit_code=exc.exit_code))
     raise exc
 
 
-def usage_error(exc: Any) -> CliError:
-    """A click `UsageError` (either flavour) as a one-line `CliError` with a hint."""
+def usage_error(exc: click.UsageError) -> CliError:
+    """A click `UsageError` as a one-line `CliError` with a hint."""
     ctx = exc.ctx
     if ctx is None:
         return CliError(
             _sentence(exc.format_message()), hint="see `guard --help`", exit_code=EXIT_USAGE
         )
     path = ctx.command_path
-    nothing_given = type(exc).__name__ == "NoArgsIsHelpError"  # its message is the whole help
+    nothing_given = isinstance(exc, NoArgsIsHelpError)  # its message is the whole help
     commands = getattr(ctx.command, "commands", None)
     if commands is not None and (nothing_given or exc.message == "Missing command."):
         return CliError(
@@ -86,10 +64,6 @@ def usage_error(exc: Any) -> CliError:
     return CliError(message, hint=hint, exit_code=EXIT_USAGE)
 
 
-def _is_usage_error(exc: BaseException) -> bool:
-    return any(isinstance(exc, flavour.UsageError) for flavour in _click_flavours())
-
-
 def _sentence(text: str) -> str:
     """click's message as one line in `gh`'s style: lower-case start, no final period."""
     line = next((part.strip() for part in text.splitlines() if part.strip()), "usage error")
@@ -97,26 +71,34 @@ def _sentence(text: str) -> str:
     return line[:1].lower() + line[1:]
 
 
-class _KnowsItsContext:
-    """click's parser raises some usage errors without the context (`--db` given no
-    value); attach it, so the report can name the command and show its usage."""
+class _GuardBase(click.Command):
+    """What every `guard` command and group does differently from click's."""
 
-    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+    def get_short_help_str(self, limit: int = 45) -> str:
+        # The help's first line, whole: a group's list wraps it rather than cutting it to
+        # the terminal's width ("… ends the session when psql...").
+        return (self.short_help or self.help or "").strip().partition("\n")[0]
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         try:
-            return super().parse_args(ctx, args)  # type: ignore[misc]
-        except Exception as exc:
-            if _is_usage_error(exc) and getattr(exc, "ctx", None) is None:
-                error: Any = exc
-                error.ctx, error.cmd = ctx, ctx.command
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            # click's parser raises some usage errors without the context (`--db` given no
+            # value); attach it, so the report can name the command and show its usage.
+            if exc.ctx is None:
+                exc.ctx = ctx  # all `usage_error` reads (`exc.cmd` is final)
             raise
 
 
-class GuardCommand(_KnowsItsContext, TyperCommand):
-    """A `guard` command (`app.command(..., cls=GuardCommand)`)."""
+class GuardCommand(_GuardBase):
+    """A `guard` command (what `GuardGroup.command()` makes)."""
 
 
-class GuardGroup(_KnowsItsContext, TyperGroup):
+class GuardGroup(_GuardBase, click.Group):
     """A command group that reports failures through `exit_code` and suggests commands."""
+
+    command_class = GuardCommand
+    group_class = type  # `group.group()` makes another GuardGroup
 
     def main(
         self,
@@ -135,13 +117,18 @@ class GuardGroup(_KnowsItsContext, TyperGroup):
             sys.exit(code)
         return code
 
-    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)  # in the order registered (help, hints), not sorted
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if not args and self.no_args_is_help and not ctx.resilient_parsing:
-            # typer would print the whole help (with rich) while raising NoArgsIsHelpError.
+            # click would raise NoArgsIsHelpError, its message the whole help.
             ctx.fail("Missing command.")
         return super().parse_args(ctx, args)
 
-    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
         name = args[0] if args else ""
         unknown = name and not name.startswith("-") and self.get_command(ctx, name) is None
         if unknown and not ctx.resilient_parsing:
@@ -149,7 +136,7 @@ class GuardGroup(_KnowsItsContext, TyperGroup):
             ctx.fail(f"unknown command {name!r} for `{ctx.command_path}`")
         return super().resolve_command(ctx, args)
 
-    def _suggest(self, ctx: Any, name: str) -> str:
+    def _suggest(self, ctx: click.Context, name: str) -> str:
         path = ctx.command_path
         close = get_close_matches(name, list(self.commands))
         if close:

@@ -1,4 +1,4 @@
-"""Running `guard` in tests: through `typer.testing.CliRunner(app)` and through `main()`.
+"""Running `guard` in tests: through `click.testing.CliRunner` and through `main()`.
 
 `guard` (the fixture) runs a command line both ways: CliRunner exercises the app as
 registered at import (standalone mode, SystemExit), `main()` the path the installed
@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from guard.cli.main import app, main
 

@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from importlib.metadata import version
 
 import click
 import pytest
-import typer
-from typer.main import get_command
 
 from guard.cli.errors import CliError
 from guard.cli.main import app
@@ -85,7 +84,7 @@ GROUP_CASES = [
 
 def leaves(command=None, path: str = "") -> dict[str, object]:
     """Every runnable command of the app, by its path ("dev status")."""
-    command = command or get_command(app)
+    command = command or app
     subcommands = getattr(command, "commands", None)
     if subcommands is None:
         return {path: command}
@@ -123,7 +122,7 @@ def test_every_command_is_registered_at_import_and_has_usage_cases():
                 if p.required or (p.param_type_name == "option" and not p.is_flag)
             ]
             assert not valued, path
-    assert isinstance(get_command(app), GuardGroup)
+    assert isinstance(app, GuardGroup)
 
 
 def test_help_lists_every_command(guard):  # noqa: F811
@@ -146,13 +145,13 @@ def test_usage_errors_are_one_line_with_a_hint_and_exit_2(home, guard, argv):  #
         (["status"], "unknown command 'status'", "did you mean `guard dev status`?"),
         (["check"], "unknown command 'check'", "did you mean `guard policy check`?"),
         (["frobnicate"], "unknown command", "`guard` takes one of: login,"),
-        (["connect"], "error: missing argument 'target'", "usage: guard connect [OPTIONS]"),
+        (["connect"], "error: missing argument 'TARGET'", "usage: guard connect [OPTIONS]"),
         (["exec", "--db"], "option '--db' requires an argument", "usage: guard exec [OPTIONS]"),
         (["dev", "up", "--policy"], "'--policy' requires an argument", "usage: guard dev up"),
         (["connect", "demo", "--ttl", "soon"], "'soon' is not a duration", "guard connect"),
         (["login", "--issuer", "idp.example"], "'idp.example' is not an http(s) URL", "login"),
-        (["connect", "demo", "-X"], "no such option: -X", "[-- PSQL_ARGS]"),
-        (["deny", "apr-1"], "missing option '--reason'", "usage: guard deny [OPTIONS] {ID}"),
+        (["connect", "demo", "-X"], "no such option '-X'", "[-- PSQL_ARGS]"),
+        (["deny", "apr-1"], "missing option '--reason'", "usage: guard deny [OPTIONS] ID"),
         (["aprove"], "unknown command 'aprove'", "did you mean `guard approve`?"),
         (["request"], "unknown command 'request'", "did you mean `guard requests`?"),
         (["policy", "explain", "SELECT 1"], "missing option '--db'", "guard policy explain"),
@@ -188,35 +187,74 @@ def test_the_program_itself_prints_no_traceback(home):  # noqa: F811
         assert_usage_error(Outcome(run.returncode, run.stdout, run.stderr))
 
 
-def test_importing_the_cli_loads_no_heavy_module():
-    # Commands register at import; what they need is imported when they run.
+HEAVY = (
+    "typer",
+    "rich",
+    "httpx",
+    "pydantic",
+    "jwt",
+    "keyring",
+    "asyncio",
+    "webbrowser",
+    "guard.cli.auth",
+    "guard.cli.client",
+    "guard.cli.runner",
+)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        pytest.param(None, id="import"),
+        pytest.param(["--help"], id="help"),
+        pytest.param(["dev", "status", "--help"], id="sub-command-help"),
+        pytest.param(["--version"], id="version"),
+        pytest.param(["exec", "--db"], id="usage-error"),
+    ],
+)
+def test_starting_the_cli_loads_no_heavy_module(home, argv):  # noqa: F811
+    # Commands are added to `app` at import; what they need is imported when they run, so
+    # start-up, help, --version and usage errors pay only for click.
     code = (
-        "import sys, guard.cli.main; "
-        "print(sorted(m for m in ('httpx', 'rich', 'keyring', 'jwt', 'pydantic', 'asyncio',"
-        " 'webbrowser', 'guard.cli.auth', 'guard.cli.runner') if m in sys.modules))"
+        "import contextlib, io, sys, guard.cli.main\n"
+        f"if {argv!r} is not None:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), "
+        "contextlib.redirect_stderr(io.StringIO()):\n"
+        f"        guard.cli.main.main({argv!r})\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "[]"
 
 
-# Both click flavours, through the one mapping -----------------------------------------
+def test_shell_completion_comes_with_click(home):  # noqa: F811
+    env = {**os.environ, "_GUARD_COMPLETE": "bash_complete", "COMP_WORDS": "guard dev s"}
+    run = subprocess.run(
+        [sys.executable, "-m", "guard.cli.main"],
+        env={**env, "COMP_CWORD": "2"},
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["plain,status"]
+
+
+# click's exceptions, through the one mapping ------------------------------------------
 
 
 @pytest.mark.parametrize(
     ("exc", "code"),
     [
-        (typer.Exit(3), 3),
         (click.exceptions.Exit(4), 4),
-        (typer.Abort(), 130),
         (click.exceptions.Abort(), 130),
         (KeyboardInterrupt(), 130),
         (click.UsageError("Bad thing."), 2),
-        (typer.BadParameter("bad value"), 2),
+        (click.BadParameter("bad value"), 2),
         (click.ClickException("Went wrong."), 1),
         (CliError("no luck", hint="try again"), 1),
     ],
 )
-def test_exit_code_handles_both_click_flavours(exc, code, capsys):
+def test_exit_code_maps_click_outcomes(exc, code, capsys):
     assert exit_code(exc) == code
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -224,7 +262,7 @@ def test_exit_code_handles_both_click_flavours(exc, code, capsys):
         assert err.startswith("error: ") and err.count("\n") in (1, 2)
 
 
-def test_standalone_click_usage_error_is_one_line(capsys):
+def test_usage_error_without_a_command_is_one_line(capsys):
     assert exit_code(click.UsageError("No such thing.\nmore detail")) == 2
     assert capsys.readouterr().err.splitlines() == [
         "error: no such thing",
@@ -246,12 +284,12 @@ def test_durations(text, seconds):
 
 @pytest.mark.parametrize("text", ["soon", "1w", "-5m", "", "1h30m"])
 def test_bad_durations_are_bad_parameters(text):
-    with pytest.raises(typer.BadParameter):
+    with pytest.raises(click.BadParameter):
         duration(text)
 
 
 @pytest.mark.parametrize("text", ["idp.example", "ftp://idp.example", "https://", "http:/x"])
 def test_issuer_must_be_an_http_url(text):
     assert http_url("https://idp.example/realms/x") == "https://idp.example/realms/x"
-    with pytest.raises(typer.BadParameter):
+    with pytest.raises(click.BadParameter):
         http_url(text)

@@ -9,9 +9,8 @@ state. Imported when `guard` starts: httpx, rich and pydantic are imported when 
 from __future__ import annotations
 
 import sys
-from typing import Annotated
 
-import typer
+import click
 
 from guard.cli import console
 from guard.cli.errors import EXIT_USAGE, CliError
@@ -21,17 +20,19 @@ WATCH_SECONDS = 2.0
 _PASSING = (None, 502, 503, 504)  # the broker unreachable or restarting: --watch retries
 
 
-def approve(
-    request_id: Annotated[
-        str | None, typer.Argument(metavar="ID", help="Request to approve (none: list them)")
-    ] = None,
-    comment: Annotated[str, typer.Option(help="Comment recorded with your approval")] = "",
-    yes: Annotated[bool, typer.Option("--yes", "-y", help="Approve without asking")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
-    watch: Annotated[
-        bool, typer.Option("--watch", help="Keep the list current until Ctrl-C")
-    ] = False,
-) -> int:
+@click.command(
+    "approve",
+    cls=GuardCommand,
+    help="List the requests you can decide, or show one (ID) and approve it.",
+)
+@click.argument(
+    "request_id", metavar="[ID]", required=False, help="Request to approve (none: list them)"
+)
+@click.option("--comment", default="", help="Comment recorded with your approval")
+@click.option("--yes", "-y", is_flag=True, help="Approve without asking")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON")
+@click.option("--watch", is_flag=True, help="Keep the list current until Ctrl-C")
+def approve(request_id: str | None, comment: str, yes: bool, as_json: bool, watch: bool) -> int:
     if request_id is None:
         if comment or yes:
             raise CliError(
@@ -139,12 +140,4 @@ def _approve(request_id: str, *, comment: str, yes: bool, as_json: bool) -> int:
 
 
 def _confirm(request_id: str) -> bool:
-    return typer.confirm(f"Approve request {request_id}?", default=False, err=True)
-
-
-def register(app: typer.Typer) -> None:
-    app.command(
-        "approve",
-        cls=GuardCommand,
-        help="List the requests you can decide, or show one (ID) and approve it.",
-    )(approve)
+    return click.confirm(f"Approve request {request_id}?", default=False, err=True)

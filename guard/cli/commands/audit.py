@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
 
-import typer
+import click
 
 from guard.cli.errors import EXIT_FAILURE, EXIT_USAGE, CliError
 from guard.cli.profile import dev_state_dir
-from guard.cli.usage import GuardCommand, GuardGroup
+from guard.cli.usage import GuardGroup
+
+
+@click.group("audit", cls=GuardGroup, help="Audit log tools.", no_args_is_help=True)
+def audit() -> None:
+    pass
 
 
 def _dev_audit_log() -> Path:
@@ -72,32 +76,34 @@ def _public_key_files(log: Path, pubkeys: list[Path]) -> list[Path]:
     )
 
 
-def verify(
-    file: Annotated[
-        Path | None,
-        typer.Argument(dir_okay=False, help="Audit log (default: the dev stack's)"),
-    ] = None,
-    pubkey: Annotated[
-        list[Path] | None,
-        typer.Option(
-            "--pubkey",
-            metavar="PEM_FILE",
-            help="Public key the checkpoints are signed with (repeat for rotated keys; "
-            "default: FILE.pub beside the log — keep a copy elsewhere for a real check)",
-        ),
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
-    grace: Annotated[
-        float,
-        typer.Option(
-            "--grace",
-            min=0,
-            metavar="SECONDS",
-            help="Slack past the checkpoint interval before an unsigned tail counts as "
-            "possibly truncated",
-        ),
-    ] = 10.0,
-) -> None:
+@audit.command(
+    "verify", help="Check an audit log's chain and signed checkpoints; name the first damage."
+)
+@click.argument(
+    "file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=False,
+    help="Audit log (default: the dev stack's)",
+)
+@click.option(
+    "--pubkey",
+    "pubkeys",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    metavar="PEM_FILE",
+    help="Public key the checkpoints are signed with (repeat for rotated keys; "
+    "default: FILE.pub beside the log — keep a copy elsewhere for a real check)",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON")
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Slack past the checkpoint interval before an unsigned tail counts as possibly truncated",
+)
+def verify(file: Path | None, pubkeys: tuple[Path, ...], as_json: bool, grace: float) -> int:
     import time
 
     from guard.broker.audit.checkpoint import load_public_pem
@@ -107,7 +113,7 @@ def verify(
     if not log.exists():
         raise CliError(f"{log}: no such file", hint="pass the audit log", exit_code=EXIT_USAGE)
     keys = []
-    key_files = _public_key_files(log, list(pubkey or []))
+    key_files = _public_key_files(log, list(pubkeys))
     for key_file in key_files:
         try:
             keys.append(load_public_pem(_read(key_file, "public key (PEM)")))
@@ -130,9 +136,7 @@ def verify(
     if as_json:
         data = {"file": str(log), "public_keys": [str(k) for k in key_files], **report.to_json()}
         print(json.dumps(data, indent=2))
-        if damage is not None:
-            raise typer.Exit(EXIT_FAILURE)
-        return
+        return EXIT_FAILURE if damage is not None else 0
     if damage is None:
         keys_text = ", ".join(report.key_ids) or "none"
         print(
@@ -141,7 +145,7 @@ def verify(
         )
         for note in report.notes:
             print(f"note: {note}")
-        return
+        return 0
     where = f"line {damage.line}" + (f" (seq {damage.seq})" if damage.seq is not None else "")
     if damage.kind == "not-a-log":
         raise CliError(
@@ -157,16 +161,18 @@ def verify(
     )
 
 
-def pubkey(
-    log: Annotated[
-        Path | None,
-        typer.Option("--log", dir_okay=False, help="Audit log whose key (LOG.key) to use"),
-    ] = None,
-    key: Annotated[
-        Path | None,
-        typer.Option("--key", dir_okay=False, help="The signing key file (audit.signing_key_file)"),
-    ] = None,
-) -> None:
+@audit.command("pubkey", help="Print the checkpoint signing key's public key (PEM).")
+@click.option(
+    "--log",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Audit log whose key (LOG.key) to use",
+)
+@click.option(
+    "--key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The signing key file (audit.signing_key_file)",
+)
+def pubkey(log: Path | None, key: Path | None) -> int:
     from guard.broker.audit.checkpoint import load_private_pem, load_public_pem, public_pem
 
     if log is not None and key is not None:
@@ -191,10 +197,10 @@ def pubkey(
     try:
         if data:
             print(public_pem(load_private_pem(data).public_key()).decode("ascii"), end="")
-            return
+            return 0
         if beside.is_file():
             print(public_pem(load_public_pem(_read(beside, "public key"))).decode("ascii"), end="")
-            return
+            return 0
     except ValueError as exc:
         raise CliError(
             f"{key_file if data else beside}: {exc}",
@@ -206,16 +212,3 @@ def pubkey(
         hint="run it as the broker's user, or pass --key KEYFILE",
         exit_code=EXIT_USAGE,
     )
-
-
-def register(app: typer.Typer) -> None:
-    audit_app = typer.Typer(cls=GuardGroup, help="Audit log tools.", no_args_is_help=True)
-    audit_app.command(
-        "verify",
-        cls=GuardCommand,
-        help="Check an audit log's chain and signed checkpoints; name the first damage.",
-    )(verify)
-    audit_app.command(
-        "pubkey", cls=GuardCommand, help="Print the checkpoint signing key's public key (PEM)."
-    )(pubkey)
-    app.add_typer(audit_app, name="audit")

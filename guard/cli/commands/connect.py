@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import shlex
 import shutil
-from typing import Annotated
 
-import typer
+import click
 
 from guard.cli import console
 from guard.cli.errors import CliError
@@ -19,20 +18,22 @@ from guard.cli.profile import load_profile
 from guard.cli.usage import GuardCommand
 
 
+# psql's own options go after `--`; an unknown option before it is a usage error, not
+# something to hand to psql (a mistyped `--reason` must not become a psql argument).
+@click.command(
+    "connect",
+    cls=GuardCommand,
+    help="Open psql to TARGET through guard (ends the session when psql exits).",
+)
+@click.argument("target", help="Policy target, e.g. demo")
+@click.argument(
+    "psql_args", nargs=-1, metavar="[-- PSQL_ARGS]...", help="Arguments passed to psql, after `--`"
+)
+@click.option("--reason", default="", help="Why you need access (recorded)")
+@click.option("--ttl", type=duration, metavar="DURATION", help="Session lifetime, e.g. 30m, 1h")
+@click.option("--print-env", is_flag=True, help="Print PG* variables for another client and wait")
 def connect(
-    target: Annotated[str, typer.Argument(help="Policy target, e.g. demo")],
-    psql_args: Annotated[
-        list[str] | None,
-        typer.Argument(help="Arguments passed to psql, after `--`", metavar="-- PSQL_ARGS"),
-    ] = None,
-    reason: Annotated[str, typer.Option(help="Why you need access (recorded)")] = "",
-    ttl: Annotated[
-        int | None,
-        typer.Option(parser=duration, metavar="DURATION", help="Session lifetime, e.g. 30m, 1h"),
-    ] = None,
-    print_env: Annotated[
-        bool, typer.Option("--print-env", help="Print PG* variables for another client and wait")
-    ] = False,
+    target: str, psql_args: tuple[str, ...], reason: str, ttl: int | None, print_env: bool
 ) -> int:
     from guard.cli.auth import current_id_token
     from guard.cli.runner import run_in_session
@@ -46,7 +47,7 @@ def connect(
             raise CliError(
                 "psql is not installed", hint="install the PostgreSQL client, or use --print-env"
             )
-        argv = [psql, *(psql_args or [])]
+        argv = [psql, *psql_args]
 
     def ready(env: dict[str, str]) -> None:
         if print_env:
@@ -78,13 +79,3 @@ def connect(
         on_ready=ready,
         gateway_ca_file=profile.gateway_ca_file,
     )
-
-
-def register(app: typer.Typer) -> None:
-    # psql's own options go after `--`; an unknown option before it is a usage error, not
-    # something to hand to psql (a mistyped `--reason` must not become a psql argument).
-    app.command(
-        "connect",
-        cls=GuardCommand,
-        help="Open psql to TARGET through guard (ends the session when psql exits).",
-    )(connect)

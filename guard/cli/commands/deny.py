@@ -6,20 +6,18 @@ starts: httpx, rich and pydantic are imported when it runs.
 
 from __future__ import annotations
 
-from typing import Annotated
-
-import typer
+import click
 
 from guard.cli import console
 from guard.cli.errors import EXIT_USAGE, CliError
 from guard.cli.usage import GuardCommand
 
 
-def deny(
-    request_id: Annotated[str, typer.Argument(metavar="ID", help="Request to deny")],
-    reason: Annotated[str, typer.Option("--reason", help="Why (the requester sees it; recorded)")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the request as JSON")] = False,
-) -> int:
+@click.command("deny", cls=GuardCommand, help="Deny request ID, saying why.")
+@click.argument("request_id", metavar="ID", help="Request to deny")
+@click.option("--reason", required=True, help="Why (the requester sees it; recorded)")
+@click.option("--json", "as_json", is_flag=True, help="Print the request as JSON")
+def deny(request_id: str, reason: str, as_json: bool) -> int:
     if not reason.strip():
         raise CliError(
             "the reason is empty",
@@ -38,7 +36,3 @@ def deny(
     else:
         console.stdout().print(approvals.outcome(decided))
     return 0
-
-
-def register(app: typer.Typer) -> None:
-    app.command("deny", cls=GuardCommand, help="Deny request ID, saying why.")(deny)

@@ -1,6 +1,6 @@
 """`guard dev up|down|status|login|token`: the local demo stack (see `guard.devstack.stack`).
 
-`login`/`token` live in `cli.commands.dev_login` and register on the same sub-command.
+`login`/`token` live in `cli.commands.dev_login`; this module adds them to the `dev` group.
 The stack and rich are imported when a command runs, not when `guard` starts.
 """
 
@@ -12,14 +12,15 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import typer
+import click
 
 from guard.cli import console
+from guard.cli.commands.dev_login import dev_login, dev_token
 from guard.cli.errors import CliError
 from guard.cli.profile import dev_state_dir
-from guard.cli.usage import GuardCommand, GuardGroup
+from guard.cli.usage import GuardGroup
 
 SHOWN = (
     "broker_url",
@@ -32,6 +33,16 @@ SHOWN = (
     "audit_log",
     "policy_file",
 )
+
+
+@click.group(
+    "dev",
+    cls=GuardGroup,
+    help="Local demo stack (PostgreSQL, OpenBao, dev IdP, broker) on 127.0.0.1.",
+    no_args_is_help=True,
+)
+def dev() -> None:
+    pass
 
 
 def _hide_password(dsn: str) -> str:
@@ -72,15 +83,14 @@ def _raise_interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
 
-def up(
-    detach: Annotated[
-        bool, typer.Option("--detach", help="Return once the stack is up; stop it with `down`.")
-    ] = False,
-    policy: Annotated[
-        Path | None,
-        typer.Option(help="Policy file (default: ./policies.yaml, else the bundled demo policy)."),
-    ] = None,
-) -> int:
+@dev.command("up", help="Start the demo stack on 127.0.0.1.")
+@click.option("--detach", is_flag=True, help="Return once the stack is up; stop it with `down`.")
+@click.option(
+    "--policy",
+    type=click.Path(path_type=Path),
+    help="Policy file (default: ./policies.yaml, else the bundled demo policy).",
+)
+def up(detach: bool, policy: Path | None) -> int:
     from guard.devstack import stack
 
     state = dev_state_dir()
@@ -140,6 +150,7 @@ def _serve_until_stopped(state: Path) -> int:
     return code
 
 
+@dev.command("down", help="Stop everything `guard dev up` started.")
 def down() -> int:
     from guard.devstack import stack
 
@@ -151,9 +162,9 @@ def down() -> int:
     return 0
 
 
-def status(
-    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-) -> int:
+@dev.command("status", help="Where the demo stack runs (exit 1 if it is not running).")
+@click.option("--json", "json_output", is_flag=True, help="Machine-readable output.")
+def status(json_output: bool) -> int:
     from guard.devstack import stack
 
     try:
@@ -169,18 +180,5 @@ def status(
     return 0 if data.get("running") else 1
 
 
-def register(app: typer.Typer) -> None:
-    from guard.cli.commands import dev_login
-
-    dev_app = typer.Typer(
-        cls=GuardGroup,
-        help="Local demo stack (PostgreSQL, OpenBao, dev IdP, broker) on 127.0.0.1.",
-        no_args_is_help=True,
-    )
-    dev_app.command("up", cls=GuardCommand, help="Start the demo stack on 127.0.0.1.")(up)
-    dev_app.command("down", cls=GuardCommand, help="Stop everything `guard dev up` started.")(down)
-    dev_app.command(
-        "status", cls=GuardCommand, help="Where the demo stack runs (exit 1 if it is not running)."
-    )(status)
-    dev_login.register(dev_app)
-    app.add_typer(dev_app, name="dev")
+dev.add_command(dev_login)
+dev.add_command(dev_token)

@@ -9,9 +9,9 @@ The device flow's modules are imported when a command runs, not when `guard` sta
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Any
 
-import typer
+import click
 
 from guard.cli import console
 from guard.cli.commands.login import describe_login
@@ -61,7 +61,9 @@ def dev_device_login(profile: Profile, user: str) -> dict[str, Any]:
         return flow.poll(auth, immediate=True)
 
 
-def dev_login(user: Annotated[str, typer.Argument(help="Dev IdP user, e.g. alice")]) -> int:
+@click.command("login", cls=GuardCommand, help="Log in as a dev IdP user without a browser.")
+@click.argument("user", help="Dev IdP user, e.g. alice")
+def dev_login(user: str) -> int:
     from guard.cli.auth import TokenStore
 
     profile = dev_profile()
@@ -71,15 +73,10 @@ def dev_login(user: Annotated[str, typer.Argument(help="Dev IdP user, e.g. alice
     return 0
 
 
-def dev_token(user: Annotated[str, typer.Argument(help="Dev IdP user, e.g. ci")]) -> int:
+@click.command("token", cls=GuardCommand, help="Print a fresh ID token of a dev IdP user.")
+@click.argument("user", help="Dev IdP user, e.g. ci")
+def dev_token(user: str) -> int:
     tokens = dev_device_login(dev_profile(), user)
     # The one deliberate token output (for CI-style examples): stdout only, nothing stored.
-    typer.echo(tokens["id_token"])
+    click.echo(tokens["id_token"])
     return 0
-
-
-def register(dev_app: typer.Typer) -> None:
-    login_help = "Log in as a dev IdP user without a browser."
-    dev_app.command("login", cls=GuardCommand, help=login_help)(dev_login)
-    token_help = "Print a fresh ID token of a dev IdP user."
-    dev_app.command("token", cls=GuardCommand, help=token_help)(dev_token)

@@ -8,9 +8,8 @@ starts: what a session needs is imported when the command runs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
 
-import typer
+import click
 
 from guard.cli.errors import EXIT_USAGE, CliError
 from guard.cli.options import duration
@@ -18,20 +17,25 @@ from guard.cli.profile import load_profile
 from guard.cli.usage import GuardCommand
 
 
+# Everything from the program's name on is the program's (`guard exec ./job.sh -v`), as
+# with env(1); an unknown option before it is a usage error, not a program to run.
+@click.command(
+    "exec",
+    cls=GuardCommand,
+    help="Run a command with PG* / DATABASE_URL pointing at TARGET through guard.",
+    context_settings={"allow_interspersed_args": False},
+)
+@click.argument("command", nargs=-1, metavar="[CMD]...", help="Command and its arguments")
+@click.option("--db", default="demo", show_default=True, help="Policy target")
+@click.option("--reason", default="", help="Why you need access (recorded)")
+@click.option("--ttl", type=duration, metavar="DURATION", help="Session lifetime, e.g. 30m, 1h")
+@click.option(
+    "--id-token-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="File holding an OIDC ID token (CI)",
+)
 def exec_command(
-    command: Annotated[
-        list[str] | None, typer.Argument(help="Command and its arguments", metavar="CMD")
-    ] = None,
-    db: Annotated[str, typer.Option("--db", help="Policy target")] = "demo",
-    reason: Annotated[str, typer.Option(help="Why you need access (recorded)")] = "",
-    ttl: Annotated[
-        int | None,
-        typer.Option(parser=duration, metavar="DURATION", help="Session lifetime, e.g. 30m, 1h"),
-    ] = None,
-    id_token_file: Annotated[
-        Path | None,
-        typer.Option(exists=True, dir_okay=False, help="File holding an OIDC ID token (CI)"),
-    ] = None,
+    command: tuple[str, ...], db: str, reason: str, ttl: int | None, id_token_file: Path | None
 ) -> int:
     if not command:
         raise CliError(
@@ -48,17 +52,6 @@ def exec_command(
         target=db,
         reason=reason,
         ttl_seconds=ttl,
-        argv=command,
+        argv=list(command),
         gateway_ca_file=profile.gateway_ca_file,
     )
-
-
-def register(app: typer.Typer) -> None:
-    # Everything from the program's name on is the program's (`guard exec ./job.sh -v`), as
-    # with env(1); an unknown option before it is a usage error, not a program to run.
-    app.command(
-        "exec",
-        cls=GuardCommand,
-        help="Run a command with PG* / DATABASE_URL pointing at TARGET through guard.",
-        context_settings={"allow_interspersed_args": False},
-    )(exec_command)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Annotated, Any
+from typing import Any
 
-import typer
+import click
 
 from guard.cli import console
 from guard.cli.options import http_url
@@ -55,15 +55,13 @@ def _login_profile(issuer: str | None, client_id: str | None) -> Profile:
     return wanted
 
 
-def login(
-    issuer: Annotated[
-        str | None, typer.Option(parser=http_url, help="OIDC issuer URL (saved in the profile)")
-    ] = None,
-    client_id: Annotated[str | None, typer.Option(help="OIDC client id")] = None,
-    no_browser: Annotated[
-        bool, typer.Option("--no-browser", help="Only print the link; do not open a browser")
-    ] = False,
-) -> int:
+@click.command("login", cls=GuardCommand, help="Sign in with your identity provider (device flow).")
+@click.option(
+    "--issuer", type=http_url, metavar="URL", help="OIDC issuer URL (saved in the profile)"
+)
+@click.option("--client-id", help="OIDC client id")
+@click.option("--no-browser", is_flag=True, help="Only print the link; do not open a browser")
+def login(issuer: str | None, client_id: str | None, no_browser: bool) -> int:
     import webbrowser
 
     from rich.panel import Panel
@@ -93,16 +91,10 @@ def login(
     return 0
 
 
+@click.command("logout", cls=GuardCommand, help="Forget the stored tokens.")
 def logout() -> int:
     from guard.cli.auth import TokenStore
 
     had = TokenStore(load_profile()).clear()
     console.stderr().print("logged out" if had else "not logged in")
     return 0
-
-
-def register(app: typer.Typer) -> None:
-    app.command(
-        "login", cls=GuardCommand, help="Sign in with your identity provider (device flow)."
-    )(login)
-    app.command("logout", cls=GuardCommand, help="Forget the stored tokens.")(logout)

@@ -13,21 +13,29 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import typer
+import click
 
 from guard.cli import console
 from guard.cli.errors import EXIT_USAGE, CliError
 from guard.cli.profile import dev_state_dir
-from guard.cli.usage import GuardCommand, GuardGroup
+from guard.cli.usage import GuardGroup
 
 
-def check(
-    file: Annotated[Path, typer.Argument(dir_okay=False, help="Policy file")] = Path(
-        "policies.yaml"
-    ),
-) -> int:
+@click.group("policy", cls=GuardGroup, help="Policy tools.", no_args_is_help=True)
+def policy() -> None:
+    pass
+
+
+@policy.command("check", help="Validate a policies.yaml.")
+@click.argument(
+    "file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("policies.yaml"),
+    help="Policy file (default: policies.yaml)",
+)
+def check(file: Path) -> int:
     from guard.broker.policy.compile import PolicyError, load_policy_file
 
     out = console.stdout()
@@ -99,25 +107,25 @@ def _dev_user_groups(user: str) -> list[str]:
     return list(users[user].get("groups") or [])
 
 
+@policy.command("explain", help="What the policy decides on SQL for a user or groups, and why.")
+@click.argument("sql", metavar="SQL", help="The SQL to explain (quoted)")
+@click.option("--db", required=True, help="Target, as in the policy's `targets:`")
+@click.option("--as", "as_user", metavar="USER", help="A dev IdP user, e.g. alice")
+@click.option("--groups", metavar="G1,G2", help="Groups, comma-separated (any IdP)")
+@click.option(
+    "--policy",
+    "policy_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Policy file (default: the running dev stack's, else ./policies.yaml)",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON")
 def explain(
-    sql: Annotated[str, typer.Argument(metavar="SQL", help="The SQL to explain (quoted)")],
-    db: Annotated[str, typer.Option("--db", help="Target, as in the policy's `targets:`")],
-    as_user: Annotated[
-        str | None, typer.Option("--as", metavar="USER", help="A dev IdP user, e.g. alice")
-    ] = None,
-    groups: Annotated[
-        str | None,
-        typer.Option("--groups", metavar="G1,G2", help="Groups, comma-separated (any IdP)"),
-    ] = None,
-    policy: Annotated[
-        Path | None,
-        typer.Option(
-            "--policy",
-            dir_okay=False,
-            help="Policy file (default: the running dev stack's, else ./policies.yaml)",
-        ),
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+    sql: str,
+    db: str,
+    as_user: str | None,
+    groups: str | None,
+    policy_file: Path | None,
+    as_json: bool,
 ) -> int:
     if (as_user is None) == (groups is None):
         raise CliError(
@@ -128,7 +136,7 @@ def explain(
     from guard.broker.policy.explain import ExplainError
     from guard.broker.policy.explain import explain as explain_sql
 
-    file = policy or _default_policy()
+    file = policy_file or _default_policy()
     compiled = _load(file)
     if as_user is not None:
         member_of = _dev_user_groups(as_user)
@@ -206,14 +214,3 @@ def _print(file: Path, description: str, result: Any) -> None:
         parts += [f"{k} {', '.join(seen[k])}" for k in ("reads", "writes", "functions") if seen[k]]
         table.add_row("analysis", escape("; ".join(parts)))
         out.print(Padding(table, (0, 0, 0, 2), expand=False), highlight=False)
-
-
-def register(app: typer.Typer) -> None:
-    policy_app = typer.Typer(cls=GuardGroup, help="Policy tools.", no_args_is_help=True)
-    policy_app.command("check", cls=GuardCommand, help="Validate a policies.yaml.")(check)
-    policy_app.command(
-        "explain",
-        cls=GuardCommand,
-        help="What the policy decides on SQL for a user or groups, and why.",
-    )(explain)
-    app.add_typer(policy_app, name="policy")

@@ -10,9 +10,8 @@ starts: what a session needs is imported when the command runs.
 from __future__ import annotations
 
 import shlex
-from typing import Annotated
 
-import typer
+import click
 
 from guard.cli import console
 from guard.cli.options import duration
@@ -20,15 +19,23 @@ from guard.cli.profile import load_profile
 from guard.cli.usage import GuardCommand
 
 
-def proxy(
-    target: Annotated[str, typer.Argument(help="Policy target, e.g. demo")],
-    port: Annotated[int, typer.Option(min=0, max=65535, help="Local port (0: any free one)")] = 0,
-    reason: Annotated[str, typer.Option(help="Why you need access (recorded)")] = "",
-    ttl: Annotated[
-        int | None,
-        typer.Option(parser=duration, metavar="DURATION", help="Session lifetime, e.g. 30m, 1h"),
-    ] = None,
-) -> int:
+@click.command(
+    "proxy",
+    cls=GuardCommand,
+    help="Serve a session on a local plain port for clients that cannot do TLS.",
+)
+@click.argument("target", help="Policy target, e.g. demo")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    metavar="PORT",
+    show_default=True,
+    help="Local port (0: any free one)",
+)
+@click.option("--reason", default="", help="Why you need access (recorded)")
+@click.option("--ttl", type=duration, metavar="DURATION", help="Session lifetime, e.g. 30m, 1h")
+def proxy(target: str, port: int, reason: str, ttl: int | None) -> int:
     from guard.cli.auth import current_id_token
     from guard.cli.runner import run_in_session
 
@@ -53,11 +60,3 @@ def proxy(
         gateway_ca_file=profile.gateway_ca_file,
         relay_port=port,
     )
-
-
-def register(app: typer.Typer) -> None:
-    app.command(
-        "proxy",
-        cls=GuardCommand,
-        help="Serve a session on a local plain port for clients that cannot do TLS.",
-    )(proxy)

@@ -5,17 +5,15 @@ Imported when `guard` starts: httpx, rich and pydantic are imported when it runs
 
 from __future__ import annotations
 
-from typing import Annotated
-
-import typer
+import click
 
 from guard.cli import console
 from guard.cli.usage import GuardCommand
 
 
-def requests(
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
-) -> int:
+@click.command("requests", cls=GuardCommand, help="Your approval requests and their state.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON")
+def requests(as_json: bool) -> int:
     from guard.cli import approvals
 
     with approvals.broker() as client:
@@ -27,9 +25,3 @@ def requests(
     else:
         console.stdout().print(approvals.own_table(infos, approvals.now()))
     return 0
-
-
-def register(app: typer.Typer) -> None:
-    app.command("requests", cls=GuardCommand, help="Your approval requests and their state.")(
-        requests
-    )
