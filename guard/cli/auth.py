@@ -1,7 +1,9 @@
 """Logging in: the RFC 8628 device flow, token storage, and fresh ID tokens for commands.
 
-Imports httpx, keyring, PyJWT (only to read `exp` without verification: the broker is the
-one that verifies) and the CLI's own modules. Tokens go to the OS keychain through
+Imports the standard library and the CLI's own modules (`cli.http` for the IdP); `keyring`
+only when a command reads or writes tokens through the OS keychain. The ID token's `exp` is
+read without verification (the broker is the one that verifies), so no JWT library either:
+`guard exec` with a stored login stays fast. Tokens go to the OS keychain through
 `keyring` (service "guard", user "<issuer> <client_id>"); where no keychain exists
 (servers, CI) or `GUARD_KEYRING=file`, to `$GUARD_HOME/credentials.json` with mode 0600.
 Tokens are never printed or logged.
@@ -9,6 +11,8 @@ Tokens are never printed or logged.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
 import sys
@@ -18,10 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import httpx
-import jwt
-
 from guard.cli.errors import CliError
+from guard.cli.http import HttpClient, Response, TransportError
 from guard.cli.profile import Profile, guard_home
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
@@ -61,10 +63,29 @@ class TokenStore:
     _warned = False  # the "no keychain" note is printed once per process
 
     def __init__(self, profile: Profile, *, backend: KeyringBackend | None = None) -> None:
-        """`backend` replaces the OS keychain (tests); by default it is discovered."""
+        """`backend` replaces the OS keychain (tests); by default it is discovered when
+        first needed."""
         self.key = f"{profile.issuer} {profile.client_id}"
         self.path = guard_home() / "credentials.json"
-        self._keyring = backend if backend is not None else system_keyring()
+        self._backend = backend
+        self._resolved = backend is not None
+
+    @property
+    def _keyring(self) -> KeyringBackend | None:
+        if not self._resolved:
+            self._resolved = True
+            # Tokens are read and refreshed where the login put them. When the 0600 file
+            # holds this login, keyring's backend discovery (100–150 ms of imports, every
+            # command) is skipped. They stay in the file until `guard logout`; the login
+            # after that goes to a keychain if one has appeared.
+            self._backend = None if self._file_holds_login() else system_keyring()
+        return self._backend
+
+    def _file_holds_login(self) -> bool:
+        try:
+            return isinstance(self._read_file().get(self.key), dict)
+        except CliError:  # unreadable: let the keychain (or the error on use) decide
+            return False
 
     @property
     def uses_keyring(self) -> bool:
@@ -167,7 +188,7 @@ class DeviceAuthorization:
     interval: int
 
 
-def _oauth_error(response: httpx.Response) -> str:
+def _oauth_error(response: Response) -> str:
     try:
         body = response.json()
     except ValueError:
@@ -185,14 +206,15 @@ class DeviceFlow:
         issuer: str,
         client_id: str,
         *,
-        http: httpx.Client | None = None,
+        http: HttpClient | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.issuer = issuer.rstrip("/")
         self.client_id = client_id
         self._owns_http = http is None
-        self.http = http or httpx.Client(timeout=10.0)
+        # HTTPS to the IdP is verified against the system trust store (SSL_CERT_FILE).
+        self.http = http or HttpClient(timeout=10.0, connect_timeout=10.0)
         self._sleep = sleep
         self._clock = clock
         self._config: dict[str, Any] | None = None
@@ -219,12 +241,13 @@ class DeviceFlow:
             url = f"{self.issuer}/.well-known/openid-configuration"
             try:
                 response = self.http.get(url)
-            except httpx.HTTPError as exc:
+            except TransportError as exc:
                 raise self._unreachable(exc) from exc
             try:
-                response.raise_for_status()
+                if response.status_code >= 400:
+                    raise ValueError(f"HTTP {response.status_code}")
                 config = response.json()
-            except (httpx.HTTPError, ValueError) as exc:
+            except ValueError as exc:
                 raise CliError(
                     f"{self.issuer} is not an OpenID Connect issuer (no discovery document)",
                     hint="check the issuer URL in your profile (or --issuer)",
@@ -239,10 +262,10 @@ class DeviceFlow:
             self._config = config
         return self._config
 
-    def post_form(self, url: str, data: dict[str, str]) -> httpx.Response:
+    def post_form(self, url: str, data: dict[str, str]) -> Response:
         try:
             return self.http.post(url, data=data)
-        except httpx.HTTPError as exc:
+        except TransportError as exc:
             raise self._unreachable(exc) from exc
 
     def _endpoint(self, name: str) -> str:
@@ -337,7 +360,7 @@ class DeviceFlow:
         )
 
 
-def _token_body(response: httpx.Response, issuer: str) -> dict[str, Any]:
+def _token_body(response: Response, issuer: str) -> dict[str, Any]:
     try:
         body = response.json()
     except ValueError:
@@ -353,15 +376,30 @@ def seconds_left(id_token: str) -> float:
     The broker verifies every token it receives; the CLI only avoids sending one that is
     about to expire. Unreadable tokens count as expired.
     """
-    try:
-        claims = jwt.decode(id_token, options={"verify_signature": False})
-        return float(claims.get("exp", 0)) - time.time()
-    except (jwt.PyJWTError, TypeError, ValueError):
+    claims = unverified_claims(id_token)
+    exp = claims.get("exp") if claims is not None else None
+    if isinstance(exp, bool) or not isinstance(exp, int | float):
         return -1.0
+    return float(exp) - time.time()
+
+
+def unverified_claims(id_token: str) -> dict[str, Any] | None:
+    """The payload of a compact JWS (header.payload.signature), NOT verified: for showing
+    and for expiry checks only, never for a decision. None when it is not one."""
+    parts = id_token.split(".")
+    if len(parts) != 3:
+        return None
+    payload = parts[1]
+    try:
+        raw = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+        claims = json.loads(raw)
+    except (binascii.Error, ValueError):
+        return None
+    return claims if isinstance(claims, dict) else None
 
 
 def current_id_token(
-    profile: Profile, *, id_token_file: Path | None = None, http: httpx.Client | None = None
+    profile: Profile, *, id_token_file: Path | None = None, http: HttpClient | None = None
 ) -> str:
     """An ID token to send to the broker.
 

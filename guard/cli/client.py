@@ -1,29 +1,29 @@
-"""HTTP client of the broker API (httpx), with broker errors turned into `CliError`s.
+"""HTTP client of the broker API, with broker errors turned into `CliError`s.
 
-Imports httpx, `guard.broker.api.schemas` (the only broker module the CLI may import), the
-CLI's own error type and profile (the broker's CA). Never logs or prints the bearer token
-or session secrets.
+Imports the standard library, the CLI's HTTP client (`cli.http`), its session-path wire
+types (`cli.wire`), error type and profile (the broker's CA). The session path (open,
+heartbeat, end) imports nothing heavier; the approval calls import the broker's pydantic
+models (`guard.broker.api.schemas`, the only broker module the CLI may import) when they
+run. Never logs or prints the bearer token or session secrets.
 """
 
 from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-import httpx
-
-from guard.broker.api.schemas import (
-    ApprovalDecide,
-    ApprovalInfo,
-    ErrorBody,
-    SessionCreate,
-    SessionCreated,
-)
 from guard.cli.errors import CliError
+from guard.cli.http import HttpClient, Response, Transport, TransportError
 from guard.cli.profile import broker_ca_file, broker_tls_context
+from guard.cli.wire import ErrorBody, SessionCreated
 
-TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+if TYPE_CHECKING:
+    from guard.broker.api.schemas import ApprovalInfo
+
+TIMEOUT = 30.0
+CONNECT_TIMEOUT = 5.0
 
 
 @dataclass
@@ -35,37 +35,38 @@ class BrokerError(CliError):
 
 
 class BrokerClient:
-    # The transport of clients made without one: None is httpx's network transport; tests
-    # put an `httpx.MockTransport` here to stand in for the broker.
-    transport: httpx.BaseTransport | None = None
+    # The transport of clients made without one: None is the network; tests put a function
+    # from `cli.http.Request` to `cli.http.Response` here to stand in for the broker.
+    transport: Transport | None = None
 
     def __init__(
         self,
         base_url: str,
         token: str,
         *,
-        transport: httpx.BaseTransport | None = None,
+        transport: Transport | None = None,
         ca_file: str | None = None,
     ):
         self.base_url = base_url.rstrip("/")
         transport = transport if transport is not None else type(self).transport
-        self._http = httpx.Client(
-            base_url=self.base_url,
+        self._http = HttpClient(
+            self.base_url,
             headers={"Authorization": f"Bearer {token}"},
             timeout=TIMEOUT,
+            connect_timeout=CONNECT_TIMEOUT,
             transport=transport,
             # HTTPS is always verified: against `ca_file`, else GUARD_BROKER_CA or the
             # profile's broker_ca_file (the dev stack's CA), else the system trust store.
-            verify=_verify(self.base_url, ca_file) if transport is None else True,
+            context=_verify(self.base_url, ca_file) if transport is None else None,
         )
 
     def close(self) -> None:
         self._http.close()
 
-    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+    def _request(self, method: str, path: str, **kwargs: Any) -> Response:
         try:
             response = self._http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
+        except TransportError as exc:
             raise BrokerError(
                 f"cannot reach the guard broker at {self.base_url}: {type(exc).__name__}",
                 hint="check that the broker is running (`guard dev status` for the local demo)",
@@ -84,13 +85,19 @@ class BrokerClient:
     ) -> SessionCreated:
         """Open a session; with `heartbeat` the caller promises `heartbeat()` calls (the
         broker ends the session when they stop)."""
-        body = SessionCreate(
-            target=target, reason=reason, ttl_seconds=ttl_seconds, heartbeat=heartbeat
-        )
-        response = self._request(
-            "POST", "/v1/sessions", json=body.model_dump(exclude_none=True, exclude_defaults=True)
-        )
-        return SessionCreated.model_validate(response.json())
+        # `schemas.SessionCreate`, defaults left out (the broker validates the values).
+        body: dict[str, Any] = {"target": target}
+        if reason:
+            body["reason"] = reason
+        if ttl_seconds is not None:
+            body["ttl_seconds"] = ttl_seconds
+        if heartbeat:
+            body["heartbeat"] = True
+        response = self._request("POST", "/v1/sessions", json=body)
+        try:
+            return SessionCreated.from_json(response.json())
+        except ValueError as exc:
+            raise _unexpected(response, "a new session") from exc
 
     def heartbeat(self, session_id: str) -> None:
         """The session is still in use (this client's token: the session credential)."""
@@ -114,6 +121,8 @@ class BrokerClient:
 
     def decide(self, request_id: str, *, approve: bool, comment: str = "") -> ApprovalInfo:
         """Approve (`comment`) or deny (`comment` is the reason) a request; its new state."""
+        from guard.broker.api.schemas import ApprovalDecide
+
         verb = "approve" if approve else "deny"
         body = ApprovalDecide(comment=comment).model_dump()
         path = f"/v1/approvals/{_segment(request_id)}/{verb}"
@@ -124,11 +133,11 @@ class BrokerClient:
         return _approvals(self._request("GET", "/v1/requests"))
 
 
-def _verify(base_url: str, ca_file: str | None) -> ssl.SSLContext | bool:
+def _verify(base_url: str, ca_file: str | None) -> ssl.SSLContext | None:
     """The verification of an https:// broker (a context with its CA); plain http://
     (a loopback broker without api_tls) has nothing to verify."""
     if not base_url.lower().startswith("https://"):
-        return True
+        return None
     return broker_tls_context(ca_file if ca_file is not None else broker_ca_file())
 
 
@@ -137,14 +146,18 @@ def _segment(text: str) -> str:
     return quote(text, safe="")
 
 
-def _approval(response: httpx.Response) -> ApprovalInfo:
+def _approval(response: Response) -> ApprovalInfo:
+    from guard.broker.api.schemas import ApprovalInfo
+
     try:
         return ApprovalInfo.model_validate(response.json())
     except ValueError as exc:  # not JSON, or not an ApprovalInfo (pydantic's error)
         raise _unexpected(response, "an approval request") from exc
 
 
-def _approvals(response: httpx.Response) -> list[ApprovalInfo]:
+def _approvals(response: Response) -> list[ApprovalInfo]:
+    from guard.broker.api.schemas import ApprovalInfo
+
     try:
         data = response.json()
         if not isinstance(data, list):
@@ -154,18 +167,19 @@ def _approvals(response: httpx.Response) -> list[ApprovalInfo]:
         raise _unexpected(response, "a list of approval requests") from exc
 
 
-def _unexpected(response: httpx.Response, wanted: str) -> BrokerError:
+def _unexpected(response: Response, wanted: str) -> BrokerError:
+    request = response.request
+    what = f"{request.method} {request.url.path}" if request is not None else "a request"
     return BrokerError(
-        f"the broker's answer to {response.request.method} {response.request.url.path} "
-        f"is not {wanted}",
+        f"the broker's answer to {what} is not {wanted}",
         hint="the broker and this guard may be different versions (`guard --version`)",
         status=response.status_code,
     )
 
 
-def _error_from(response: httpx.Response) -> BrokerError:
+def _error_from(response: Response) -> BrokerError:
     try:
-        body = ErrorBody.model_validate(response.json())
+        body = ErrorBody.from_json(response.json())
         message, hint = body.message, body.hint
     except ValueError:
         message, hint = f"broker answered HTTP {response.status_code}", None

@@ -3,10 +3,12 @@
 Shared by `guard connect` (psql), `guard exec` (any program) and `guard proxy` (a local
 relay for clients that cannot do TLS). The child talks to the gateway itself, over TLS
 verified against the gateway's CA (`sslmode=verify-full`) with the session secret: no
-second hop re-encrypting every byte. Only `guard proxy` starts the loopback relay. One
-`asyncio.run` at the boundary; the session is ended (gateway connections closed, lease
-revoked) whatever way the child ends, and the child's exit status comes back unchanged
-(128+N for signal N, 127 when the program does not exist, 126 when it cannot be executed).
+second hop re-encrypting every byte. Only `guard proxy` starts the loopback relay, the one
+path that imports asyncio; `guard exec` and `guard connect` need nothing heavier than
+`subprocess` and `http.client`, so a session starts fast. The session is ended (gateway
+connections closed, lease revoked) whatever way the child ends, and the child's exit
+status comes back unchanged (128+N for signal N, 127 when the program does not exist, 126
+when it cannot be executed).
 
 The ID token opens the session and nothing else: heartbeats (a thread, every
 `heartbeat_interval_seconds` the broker asked for) and the end use the session credential
@@ -17,20 +19,19 @@ the child's status is returned all the same.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from urllib.parse import quote, urlencode
 
-from guard.broker.api.schemas import SessionCreated
 from guard.cli.client import BrokerClient, BrokerError
 from guard.cli.errors import CliError
-from guard.cli.tunnel import LoopbackRelay, client_tls_context
+from guard.cli.wire import SessionCreated
 
 # Variables removed from the child's environment: the identity token could open further
 # sessions, and libpq service/options variables could point the client somewhere else.
@@ -105,19 +106,19 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-async def _run_child(argv: Sequence[str], env: dict[str, str]) -> int:
+def _run_child(argv: Sequence[str], env: dict[str, str]) -> int:
+    """Run the child to its end; its exit status. Signals sent to guard reach it."""
     try:
-        proc = await asyncio.create_subprocess_exec(*argv, env=env)
+        proc = subprocess.Popen(argv, env=env)
     except FileNotFoundError:
         print(f"guard: {argv[0]}: command not found", file=sys.stderr)
         return 127
     except PermissionError:
         print(f"guard: {argv[0]}: permission denied", file=sys.stderr)
         return 126
-    loop = asyncio.get_running_loop()
     interactive = sys.stdin.isatty()
 
-    def forward(sig: int) -> None:
+    def forward(sig: int, _frame: object) -> None:
         # A terminal's Ctrl-C already reaches the child (same foreground process group);
         # sending it again would interrupt twice. Signals sent to guard alone are forwarded.
         if sig == signal.SIGINT and interactive:
@@ -125,53 +126,85 @@ async def _run_child(argv: Sequence[str], env: dict[str, str]) -> int:
         if proc.returncode is None:
             proc.send_signal(sig)
 
+    with _signals_handled_by(forward):
+        # wait() is retried after each handler (PEP 475): guard lives as long as the child.
+        return exit_status(proc.wait())
+
+
+@contextlib.contextmanager
+def _signals_handled_by(handler: Callable[[int, object], None]) -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP go to `handler` while the block runs."""
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    for sig in handled:
-        loop.add_signal_handler(sig, forward, sig)
+    previous = {sig: signal.signal(sig, handler) for sig in handled}
     try:
-        return exit_status(await proc.wait())
+        yield
     finally:
-        for sig in handled:
-            loop.remove_signal_handler(sig)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
-async def _in_session(
+def _until_interrupted(ready: Callable[[], None]) -> None:
+    """Call `ready`, then block until SIGINT, SIGTERM or SIGHUP (--print-env: the session
+    lasts until then). The handlers come first: a signal sent as soon as `ready` has
+    printed the variables ends the session instead of killing guard mid-session."""
+    stop = threading.Event()
+    with _signals_handled_by(lambda _sig, _frame: stop.set()):
+        ready()
+        while not stop.is_set():
+            signal.pause()
+
+
+def _in_session(
     created: SessionCreated,
     argv: Sequence[str] | None,
     on_ready: Callable[[dict[str, str]], None] | None,
     ca_file: str | None,
-    relay_port: int | None,
 ) -> int:
-    relay = None
-    if relay_port is None:
-        env = session_env(
-            created,
-            host=created.gateway_host,
-            port=created.gateway_port,
-            tls=gateway_tls(created, ca_file),
-        )
-    else:
-        # guard proxy: a plain loopback port for clients that cannot do TLS; the relay
-        # speaks verified TLS to the gateway.
+    """The child (or the wait for Ctrl-C) talking to the gateway itself."""
+    env = session_env(
+        created,
+        host=created.gateway_host,
+        port=created.gateway_port,
+        tls=gateway_tls(created, ca_file),
+    )
+    if argv is None:
+        _until_interrupted(lambda: on_ready(env) if on_ready is not None else None)
+        return 0
+    if on_ready is not None:
+        on_ready(env)
+    return _run_child(argv, child_environment(env))
+
+
+def _through_relay(
+    created: SessionCreated,
+    on_ready: Callable[[dict[str, str]], None] | None,
+    ca_file: str | None,
+    relay_port: int,
+) -> int:
+    """guard proxy: a plain loopback port for clients that cannot do TLS; the relay speaks
+    verified TLS to the gateway. The only path that needs asyncio (imported here)."""
+    import asyncio
+
+    from guard.cli.tunnel import LoopbackRelay, client_tls_context
+
+    async def serve() -> int:
         tls = client_tls_context(ca_file) if created.gateway_tls else None
         relay = LoopbackRelay(created.gateway_host, created.gateway_port, tls, port=relay_port)
         port = await relay.start()
         env = session_env(created, host="127.0.0.1", port=port, tls={"sslmode": "disable"})
-    try:
-        if on_ready is not None:
-            on_ready(env)
-        if argv is None:
-            # --print-env / guard proxy: the session lasts until interrupted.
+        try:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM):  # before anything is printed
                 loop.add_signal_handler(sig, stop.set)
+            if on_ready is not None:
+                on_ready(env)
             await stop.wait()
             return 0
-        return await _run_child(argv, child_environment(env))
-    finally:
-        if relay is not None:
+        finally:
             await relay.close()
+
+    return asyncio.run(serve())
 
 
 class Heartbeat:
@@ -264,7 +297,9 @@ def run_in_session(
     try:
         try:
             with gateway_ca(created, gateway_ca_file) as ca_file:
-                return asyncio.run(_in_session(created, argv, on_ready, ca_file, relay_port))
+                if relay_port is not None:
+                    return _through_relay(created, on_ready, ca_file, relay_port)
+                return _in_session(created, argv, on_ready, ca_file)
         except KeyboardInterrupt:
             return 130
     finally:

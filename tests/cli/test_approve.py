@@ -1,5 +1,5 @@
 """`guard approve`, `guard deny` and `guard requests` against a fake broker
-(`httpx.MockTransport`), through CliRunner and `main()` alike: what reaches the broker,
+(a `guard.cli.http` transport), through CliRunner and `main()` alike: what reaches the broker,
 what the user sees, and how the broker's refusals read."""
 
 from __future__ import annotations
@@ -9,10 +9,9 @@ import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
-import httpx
 import pytest
 
-from guard.cli import console
+from guard.cli import console, http
 from guard.cli.client import BrokerClient
 from guard.cli.main import main
 from guard.cli.profile import Profile, save_profile
@@ -56,8 +55,8 @@ def request_info(id: str = "apr-7f3k", **changes) -> dict:
     return info
 
 
-def error(status: int, code: str, message: str, hint: str | None = None) -> httpx.Response:
-    return httpx.Response(status, json={"error": code, "message": message, "hint": hint})
+def error(status: int, code: str, message: str, hint: str | None = None) -> http.Response:
+    return http.Response(status, json={"error": code, "message": message, "hint": hint})
 
 
 class FakeBroker:
@@ -67,28 +66,28 @@ class FakeBroker:
         self.requests = {"apr-7f3k": request_info()}
         self.mine: list[dict] = []
         self.calls: list[tuple[str, str, dict | None]] = []
-        self.answers: dict[tuple[str, str], httpx.Response] = {}  # forced answers
+        self.answers: dict[tuple[str, str], http.Response] = {}  # forced answers
 
     def posts(self) -> list[tuple[str, dict | None]]:
         return [(path, body) for method, path, body in self.calls if method == "POST"]
 
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        assert request.headers["Authorization"] == f"Bearer {TOKEN}"
-        path = request.url.raw_path.decode()
+    def __call__(self, request: http.Request) -> http.Response:
+        assert request.headers["authorization"] == f"Bearer {TOKEN}"
+        path = request.url.path
         body = json.loads(request.content) if request.content else None
         self.calls.append((request.method, path, body))
         if (request.method, path) in self.answers:
             return self.answers[(request.method, path)]
         if (request.method, path) == ("GET", "/v1/approvals"):
-            return httpx.Response(200, json=list(self.requests.values()))
+            return http.Response(200, json=list(self.requests.values()))
         if (request.method, path) == ("GET", "/v1/requests"):
-            return httpx.Response(200, json=self.mine)
+            return http.Response(200, json=self.mine)
         parts = path.split("/")  # "", "v1", "approvals", id[, verb]
         info = self.requests.get(parts[3]) if len(parts) > 3 else None
         if info is None:
             return error(404, "not_found", "no such approval request")
         if request.method == "GET" and len(parts) == 4:
-            return httpx.Response(200, json=info)
+            return http.Response(200, json=info)
         vote = {
             "approver": "bob",
             "approver_groups": ["security-leads"],
@@ -99,7 +98,7 @@ class FakeBroker:
         state = "approved" if parts[4] == "approve" else "denied"
         reason = "" if state == "approved" else f"denied by bob: {body['comment']}"
         decided = {**info, "state": state, "state_reason": reason, "votes": [*info["votes"], vote]}
-        return httpx.Response(200, json=decided)
+        return http.Response(200, json=decided)
 
 
 @pytest.fixture
@@ -114,7 +113,7 @@ def broker(tmp_path, monkeypatch) -> Iterator[FakeBroker]:
     console.stdout.cache_clear()
     save_profile(Profile(broker_url="http://broker.test", issuer="http://idp.test"))
     fake = FakeBroker()
-    monkeypatch.setattr(BrokerClient, "transport", httpx.MockTransport(fake))
+    monkeypatch.setattr(BrokerClient, "transport", fake)
     yield fake
     console.stdout.cache_clear()
 
@@ -244,7 +243,7 @@ def test_approve_shows_the_request_in_full_then_approves_with_the_comment(broker
 
 def test_approve_says_when_more_approvals_are_needed(broker, guard):  # noqa: F811
     broker.requests["apr-7f3k"]["votes"] = []
-    broker.answers[("POST", "/v1/approvals/apr-7f3k/approve")] = httpx.Response(
+    broker.answers[("POST", "/v1/approvals/apr-7f3k/approve")] = http.Response(
         200,
         json=request_info(
             votes=[
@@ -428,15 +427,15 @@ def test_503_and_an_unreachable_broker_are_one_error(broker, guard, monkeypatch)
     assert first == "error: the approval store is unavailable" and hint == "hint: try again shortly"
 
     def down(request):
-        raise httpx.ConnectError("refused", request=request)
+        raise http.ConnectError("refused")
 
-    monkeypatch.setattr(BrokerClient, "transport", httpx.MockTransport(down))
+    monkeypatch.setattr(BrokerClient, "transport", down)
     first, _ = assert_failed(guard("approve", "--json"))
     assert first.startswith("error: cannot reach the guard broker at http://broker.test")
 
 
 def test_a_malformed_answer_is_an_error_not_a_traceback(broker, guard):  # noqa: F811
-    broker.answers[("GET", "/v1/approvals")] = httpx.Response(200, json=[{"id": "x"}])
+    broker.answers[("GET", "/v1/approvals")] = http.Response(200, json=[{"id": "x"}])
     first, hint = assert_failed(guard("approve"))
     assert "is not a list of approval requests" in first and "versions" in hint
     assert TOKEN not in first + hint

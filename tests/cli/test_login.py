@@ -1,5 +1,5 @@
 """CLI login: token storage, the device-flow client, fresh ID tokens, login/logout and the
-dev-only shortcuts, against `httpx.MockTransport` and the real dev IdP."""
+dev-only shortcuts, against a `guard.cli.http` transport and the real dev IdP."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import stat
 import time
 from urllib.parse import parse_qs, urlsplit
 
-import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from guard.cli import http
 from guard.cli.auth import (
     KEYRING_SERVICE,
     DeviceAuthorization,
@@ -161,9 +161,9 @@ class MockIdP:
         self.issuer = issuer
         self.forms: list[dict[str, str]] = []
 
-    def __call__(self, request: httpx.Request) -> httpx.Response:
+    def __call__(self, request: http.Request) -> http.Response:
         if request.url.path == "/.well-known/openid-configuration":
-            return httpx.Response(
+            return http.Response(
                 200,
                 json={
                     "issuer": self.issuer,
@@ -176,7 +176,7 @@ class MockIdP:
         status, body = self.script.pop(0)
         if isinstance(body, Exception):
             raise body
-        return httpx.Response(status, json=body)
+        return http.Response(status, json=body)
 
 
 class FakeTime:
@@ -193,8 +193,8 @@ class FakeTime:
 
 
 def flow_for(idp: MockIdP, fake: FakeTime) -> DeviceFlow:
-    http = httpx.Client(transport=httpx.MockTransport(idp))
-    return DeviceFlow(ISSUER, "guard-cli", http=http, sleep=fake.sleep, clock=fake.clock)
+    client = http.HttpClient(transport=idp)
+    return DeviceFlow(ISSUER, "guard-cli", http=client, sleep=fake.sleep, clock=fake.clock)
 
 
 AUTH = DeviceAuthorization("dc", "BCDF-GHJK", f"{ISSUER}/device", None, 600, 5)
@@ -249,10 +249,10 @@ def test_discovery_of_another_issuer_is_refused():
 
 
 def test_unreachable_idp_names_the_issuer():
-    def down(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused")
+    def down(request: http.Request) -> http.Response:
+        raise http.ConnectError("refused")
 
-    flow = DeviceFlow(ISSUER, "guard-cli", http=httpx.Client(transport=httpx.MockTransport(down)))
+    flow = DeviceFlow(ISSUER, "guard-cli", http=http.HttpClient(transport=down))
     with pytest.raises(CliError) as info:
         flow.start()
     assert f"cannot reach the identity provider at {ISSUER}" in info.value.message
@@ -279,8 +279,8 @@ def test_expiring_token_is_refreshed_and_rotation_stored(home):
     TokenStore(home).save({"id_token": token(30), "refresh_token": "r1"})
     fresh = token(900, fresh=True)
     idp = MockIdP([(200, {"id_token": fresh, "refresh_token": "r2", "access_token": "a"})])
-    http = httpx.Client(transport=httpx.MockTransport(idp))
-    assert current_id_token(home, http=http) == fresh
+    client = http.HttpClient(transport=idp)
+    assert current_id_token(home, http=client) == fresh
     assert idp.forms == [
         {"grant_type": "refresh_token", "refresh_token": "r1", "client_id": "guard-cli"}
     ]
@@ -296,7 +296,7 @@ def test_refresh_without_rotation_keeps_the_refresh_token(home):
     TokenStore(home).save({"id_token": token(30), "refresh_token": "r1"})
     fresh = token(900)
     idp = MockIdP([(200, {"id_token": fresh})])
-    current_id_token(home, http=httpx.Client(transport=httpx.MockTransport(idp)))
+    current_id_token(home, http=http.HttpClient(transport=idp))
     assert TokenStore(home).load()["refresh_token"] == "r1"
 
 
@@ -304,7 +304,7 @@ def test_rejected_refresh_means_not_logged_in(home):
     TokenStore(home).save({"id_token": token(30), "refresh_token": "r1"})
     idp = MockIdP([(400, {"error": "invalid_grant"})])
     with pytest.raises(CliError, match="not logged in") as info:
-        current_id_token(home, http=httpx.Client(transport=httpx.MockTransport(idp)))
+        current_id_token(home, http=http.HttpClient(transport=idp))
     assert "guard login" in info.value.hint
 
 
@@ -316,11 +316,11 @@ def test_nothing_stored_means_not_logged_in(home):
 def test_refresh_with_idp_down_is_a_clear_error(home):
     TokenStore(home).save({"id_token": token(30), "refresh_token": "r1"})
 
-    def down(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused")
+    def down(request: http.Request) -> http.Response:
+        raise http.ConnectError("refused")
 
     with pytest.raises(CliError, match=f"cannot reach the identity provider at {ISSUER}"):
-        current_id_token(home, http=httpx.Client(transport=httpx.MockTransport(down)))
+        current_id_token(home, http=http.HttpClient(transport=down))
 
 
 def test_refresh_against_the_real_dev_idp(home, tmp_path, dev_idp):  # noqa: F811

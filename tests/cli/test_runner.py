@@ -1,4 +1,4 @@
-"""`guard exec`'s session teardown against a fake broker (`httpx.MockTransport`): the ID
+"""`guard exec`'s session teardown against a fake broker (a `guard.cli.http` transport): the ID
 token opens the session and nothing else; heartbeats and the end carry the session
 credential; a failed end is one line on stderr and the child's status still comes back."""
 
@@ -10,9 +10,9 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
-import httpx
 import pytest
 
+from guard.cli import http
 from guard.cli.client import BrokerClient
 from guard.cli.profile import Profile, save_profile
 from tests.cli.invoke import guard  # noqa: F401
@@ -31,21 +31,21 @@ class FakeBroker:
         self.interval = interval
         self.beaten = threading.Event()
 
-    def __call__(self, request: httpx.Request) -> httpx.Response:
+    def __call__(self, request: http.Request) -> http.Response:
         auth = request.headers.get("authorization", "")
         self.calls.append((request.method, request.url.path, auth))
         if request.method == "POST" and request.url.path == "/v1/sessions":
             assert auth == f"Bearer {ID_TOKEN}"
             assert json.loads(request.content)["heartbeat"] is True
-            return httpx.Response(201, json=self.created())
+            return http.Response(201, json=self.created())
         if auth != f"Bearer {SESSION_TOKEN}":
             return error(401, "unauthenticated", "token expired")
         if request.url.path == "/v1/sessions/ses1/heartbeat":
             self.beaten.set()
-            return httpx.Response(200, json=self.info())
+            return http.Response(200, json=self.info())
         if request.method == "DELETE" and request.url.path == "/v1/sessions/ses1":
             if self.end_status == 204:
-                return httpx.Response(204)
+                return http.Response(204)
             return error(self.end_status, "dependency_unavailable", "OpenBao is unreachable")
         return error(404, "not_found", "no such route")
 
@@ -75,8 +75,8 @@ class FakeBroker:
         }
 
 
-def error(status: int, code: str, message: str) -> httpx.Response:
-    return httpx.Response(status, json={"error": code, "message": message, "hint": None})
+def error(status: int, code: str, message: str) -> http.Response:
+    return http.Response(status, json={"error": code, "message": message, "hint": None})
 
 
 @pytest.fixture
@@ -90,7 +90,7 @@ def make_broker(tmp_path, monkeypatch) -> Iterator:
 
     def make(**kwargs) -> FakeBroker:
         fake = FakeBroker(**kwargs)
-        monkeypatch.setattr(BrokerClient, "transport", httpx.MockTransport(fake))
+        monkeypatch.setattr(BrokerClient, "transport", fake)
         return fake
 
     yield make
@@ -149,10 +149,10 @@ def test_a_session_already_gone_ends_quietly(make_broker, guard):  # noqa: F811
 
 # ------------------------------------------------------------------ the child's environment
 def _created(**changes):
-    from guard.broker.api.schemas import SessionCreated
+    from guard.cli.wire import SessionCreated
 
-    return SessionCreated(
-        **{
+    return SessionCreated.from_json(
+        {
             **FakeBroker().created(),
             "gateway_host": "gw.example",
             "gateway_port": 6433,

@@ -1,0 +1,239 @@
+"""A small HTTP/1.1 JSON client on the standard library: the CLI's calls to the broker API
+and to the identity provider.
+
+Why not httpx: importing it costs 100–200 ms on a small machine, more than everything else
+`guard exec` does before the child starts (issue 13: session start and end ≤ 150 ms). The
+CLI makes a handful of requests per command, so a keep-alive connection per client and
+`http.client` are all it needs.
+
+Imports only the standard library. Headers are never logged or put in exceptions: they
+carry bearer tokens. Tests replace the network with a `Transport` (a function from
+`Request` to `Response`), the way httpx's `MockTransport` does.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json as jsonlib
+import select
+import socket
+import ssl
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import SplitResult, urlencode, urlsplit
+
+_MISSING: Any = object()
+
+
+class TransportError(Exception):
+    """The request got no HTTP answer (connection refused or reset, TLS failure, timeout)."""
+
+
+class ConnectError(TransportError):
+    """The server could not be reached, or its certificate was not accepted."""
+
+
+class ReadTimeout(TransportError):
+    """The server accepted the request but did not answer in time."""
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    url: SplitResult
+    headers: dict[str, str]  # lower-case names
+    content: bytes = b""
+
+
+@dataclass
+class Response:
+    status_code: int
+    headers: dict[str, str] = field(default_factory=dict)  # lower-case names
+    content: bytes = b""
+    request: Request | None = None
+
+    def __init__(
+        self,
+        status_code: int,
+        *,
+        json: Any = _MISSING,
+        content: bytes = b"",
+        headers: Mapping[str, str] | None = None,
+        request: Request | None = None,
+    ) -> None:
+        self.status_code = status_code
+        self.headers = {k.lower(): v for k, v in (headers or {}).items()}
+        if json is not _MISSING:
+            content = jsonlib.dumps(json).encode()
+            self.headers.setdefault("content-type", "application/json")
+        self.content = content
+        self.request = request
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        """The body as JSON; ValueError when it is not."""
+        return jsonlib.loads(self.content)
+
+
+Transport = Callable[[Request], Response]
+
+
+class HttpClient:
+    """Requests to one base URL (or absolute URLs), over one keep-alive connection per
+    origin. Not thread-safe: give each thread its own client."""
+
+    def __init__(
+        self,
+        base_url: str = "",
+        *,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 30.0,
+        connect_timeout: float = 5.0,
+        context: ssl.SSLContext | None = None,
+        transport: Transport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.headers = {k.lower(): v for k, v in (headers or {}).items()}
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        # HTTPS without a context of the caller's is verified against the system store.
+        self.context = context
+        self.transport = transport
+        self._connections: dict[tuple[str, str, int], http.client.HTTPConnection] = {}
+
+    def get(self, url: str) -> Response:
+        return self.request("GET", url)
+
+    def post(
+        self, url: str, *, json: Any = _MISSING, data: Mapping[str, str] | None = None
+    ) -> Response:
+        return self.request("POST", url, json=json, data=data)
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        json: Any = _MISSING,
+        data: Mapping[str, str] | None = None,
+    ) -> Response:
+        """One request; the answer whatever its status. TransportError when there is none."""
+        target = urlsplit(url if "://" in url else self.base_url + url)
+        headers = {"accept": "application/json", **self.headers}
+        content = b""
+        if json is not _MISSING:
+            content = jsonlib.dumps(json).encode()
+            headers["content-type"] = "application/json"
+        elif data is not None:
+            content = urlencode(data).encode()
+            headers["content-type"] = "application/x-www-form-urlencoded"
+        request = Request(method, target, headers, content)
+        if self.transport is not None:
+            response = self.transport(request)
+            response.request = request
+            return response
+        return self._send(request)
+
+    def _send(self, request: Request) -> Response:
+        url = request.url
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ConnectError(f"not an http(s) URL: {url.geturl()!r}")
+        port = url.port or (443 if url.scheme == "https" else 80)
+        conn = self._connection(url.scheme, url.hostname, port)
+        path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        try:
+            conn.request(
+                request.method, path, body=request.content or None, headers=request.headers
+            )
+            answer = conn.getresponse()
+            body = answer.read()
+        except TimeoutError as exc:
+            self._drop(url.scheme, url.hostname, port)
+            raise ReadTimeout(type(exc).__name__) from exc
+        except (ssl.SSLError, ssl.CertificateError, ConnectionRefusedError, socket.gaierror) as exc:
+            self._drop(url.scheme, url.hostname, port)
+            raise ConnectError(type(exc).__name__) from exc
+        except (OSError, http.client.HTTPException) as exc:
+            self._drop(url.scheme, url.hostname, port)
+            raise TransportError(type(exc).__name__) from exc
+        if answer.will_close:
+            self._drop(url.scheme, url.hostname, port)
+        return Response(
+            answer.status, content=body, headers=dict(answer.getheaders()), request=request
+        )
+
+    def _connection(self, scheme: str, host: str, port: int) -> http.client.HTTPConnection:
+        key = (scheme, host, port)
+        conn = self._connections.get(key)
+        if conn is not None and _stale(conn):
+            # The server closed an idle keep-alive connection (uvicorn does after 5 s):
+            # a request sent on it would fail after the server may have seen nothing,
+            # and a POST must not be retried blindly. Open a new one instead.
+            self._drop(*key)
+            conn = None
+        if conn is None:
+            if scheme == "https":
+                context = self.context or ssl.create_default_context()
+                conn = http.client.HTTPSConnection(
+                    host, port, timeout=self.connect_timeout, context=context
+                )
+            else:
+                conn = http.client.HTTPConnection(host, port, timeout=self.connect_timeout)
+            try:
+                conn.connect()
+            except (OSError, ssl.SSLError) as exc:
+                conn.close()
+                raise ConnectError(type(exc).__name__) from exc
+            if conn.sock is not None:
+                conn.sock.settimeout(self.timeout)
+            self._connections[key] = conn
+        return conn
+
+    def _drop(self, scheme: str, host: str, port: int) -> None:
+        conn = self._connections.pop((scheme, host, port), None)
+        if conn is not None:
+            conn.close()
+
+    def close(self) -> None:
+        for conn in self._connections.values():
+            conn.close()
+        self._connections.clear()
+
+    def __enter__(self) -> HttpClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _stale(conn: http.client.HTTPConnection) -> bool:
+    """An idle connection with something to read has been closed by the server (or holds
+    bytes nobody asked for): either way it cannot carry the next request."""
+    sock = conn.sock
+    if sock is None:
+        return True
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    if not readable:
+        return False
+    if isinstance(sock, ssl.SSLSocket):
+        # TLS 1.3 servers send session tickets after the handshake: readable, yet alive.
+        # Read them without blocking; EOF or a real byte means the connection is done.
+        previous = sock.gettimeout()
+        try:
+            sock.setblocking(False)
+            sock.recv(1)  # b"" (EOF) or an unasked-for byte
+            return True
+        except ssl.SSLWantReadError:
+            return False  # only TLS records (tickets): nothing for the application
+        except OSError:
+            return True
+        finally:
+            sock.settimeout(previous)
+    return True

@@ -1,0 +1,317 @@
+"""The CLI's session path without heavy imports (issue 13: `guard exec` start-up): its
+stdlib HTTP client against a real server, the wire types held to the broker's models, the
+unverified `exp` read, tokens read from where the login put them, and no httpx, pydantic,
+PyJWT, keyring or asyncio loaded on the way."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, get_type_hints
+
+import pytest
+
+from guard.broker.api import schemas
+from guard.cli import auth, http, wire
+from guard.cli.profile import Profile
+
+# ------------------------------------------------------------------ what the path imports
+HEAVY = ("httpx", "pydantic", "jwt", "keyring", "asyncio", "rich", "cryptography")
+
+
+def test_the_session_path_imports_nothing_heavy():
+    code = (
+        "import sys, json\n"
+        "import guard.cli.auth, guard.cli.client, guard.cli.runner\n"
+        f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert json.loads(out) == []
+
+
+# ------------------------------------------------------------------ wire types vs schemas
+@pytest.mark.parametrize(
+    ("light", "model"),
+    [(wire.SessionCreated, schemas.SessionCreated), (wire.ErrorBody, schemas.ErrorBody)],
+)
+def test_the_wire_types_are_the_brokers_models(light, model):
+    """Same field names, types and defaults: a field the broker adds, renames or retypes
+    fails here before a CLI reads it wrongly."""
+    import dataclasses
+
+    hints = get_type_hints(light)
+    mine = {
+        f.name: (hints[f.name], None if f.default is dataclasses.MISSING else f.default)
+        for f in dataclasses.fields(light)
+    }
+    theirs = {
+        name: (info.annotation, None if info.is_required() else info.default)
+        for name, info in model.model_fields.items()
+    }
+    assert mine == theirs
+
+
+CREATED = {
+    "session_id": "ses1",
+    "gateway_host": "gw",
+    "gateway_port": 6432,
+    "gateway_tls": True,
+    "database": "demo",
+    "user": "guard_ses1",
+    "password": "s3cret-session-password",
+    "expires_at": "2026-12-03T13:00:00Z",
+    "principal": "alice",
+    "session_token": "gsc_x",
+    "heartbeat_interval_seconds": 10,
+}
+
+
+def test_a_session_reads_like_the_brokers_model_reads_it():
+    mine = wire.SessionCreated.from_json(CREATED)
+    theirs = schemas.SessionCreated.model_validate(CREATED)
+    for name in schemas.SessionCreated.model_fields:
+        assert getattr(mine, name) == getattr(theirs, name), name
+    assert isinstance(mine.expires_at, datetime) and mine.expires_at.tzinfo is not None
+    assert "s3cret" not in repr(mine) and "gsc_x" not in repr(mine)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"gateway_port": "6432"},  # a string is not a port
+        {"gateway_port": True},  # nor is a bool
+        {"gateway_tls": 1},
+        {"expires_at": "tomorrow"},
+        {"password": None},
+        {"heartbeat_interval_seconds": "10"},
+    ],
+    ids=str,
+)
+def test_a_malformed_session_is_refused_naming_the_field(change):
+    with pytest.raises(ValueError, match=repr(next(iter(change)))):
+        wire.SessionCreated.from_json({**CREATED, **change})
+
+
+def test_a_missing_field_or_a_non_object_is_refused():
+    body = {k: v for k, v in CREATED.items() if k != "user"}
+    with pytest.raises(ValueError, match="'user' is missing"):
+        wire.SessionCreated.from_json(body)
+    with pytest.raises(ValueError):
+        wire.SessionCreated.from_json([CREATED])
+    assert wire.ErrorBody.from_json({"error": "e", "message": "m"}).hint is None
+
+
+# ------------------------------------------------------------------ exp without PyJWT
+def _jwt(payload: Any) -> str:
+    def part(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    return f"{part(b'{}')}.{part(raw)}.{part(b'sig')}"
+
+
+def test_seconds_left_reads_exp_without_verifying():
+    left = auth.seconds_left(_jwt({"exp": time.time() + 300, "sub": "alice"}))
+    assert 290 < left <= 300
+    assert auth.unverified_claims(_jwt({"sub": "a"})) == {"sub": "a"}
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "",
+        "a.b",
+        "a.b.c.d",
+        "x.!!!.y",
+        _jwt(b"not json"),
+        _jwt([1]),
+        _jwt({"exp": "soon"}),
+        _jwt({"exp": True}),
+        _jwt({"sub": "no exp"}),
+    ],
+)
+def test_an_unreadable_token_counts_as_expired(token):
+    assert auth.seconds_left(token) == -1.0
+
+
+# ------------------------------------------------------------------ tokens where login put them
+def test_a_login_in_the_file_is_read_without_asking_the_keychain(tmp_path, monkeypatch):
+    monkeypatch.setenv("GUARD_HOME", str(tmp_path))
+    monkeypatch.delenv("GUARD_KEYRING", raising=False)
+    profile = Profile(broker_url="https://broker", issuer="https://idp")
+    (tmp_path / "credentials.json").write_text(
+        json.dumps({"https://idp guard-cli": {"id_token": "t"}})
+    )
+
+    def no_keychain_discovery():
+        raise AssertionError("keyring discovery ran although the file holds the login")
+
+    monkeypatch.setattr(auth, "system_keyring", no_keychain_discovery)
+    store = auth.TokenStore(profile)
+    assert store.load() == {"id_token": "t"}
+    assert not store.uses_keyring
+
+
+def test_without_a_login_in_the_file_the_keychain_is_asked(tmp_path, monkeypatch):
+    monkeypatch.setenv("GUARD_HOME", str(tmp_path))
+    profile = Profile(broker_url="https://broker", issuer="https://idp")
+
+    class Keychain:
+        def get_password(self, service: str, username: str) -> str | None:
+            return json.dumps({"id_token": "from-keychain"})
+
+    monkeypatch.setattr(auth, "system_keyring", Keychain)
+    assert auth.TokenStore(profile).load() == {"id_token": "from-keychain"}
+
+
+# ------------------------------------------------------------------ the HTTP client
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive
+    seen: list[tuple[str, str, int]] = []
+
+    def _answer(self, status: int, body: Any) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        port = self.client_address[1]
+        type(self).seen.append(("GET", self.path, port))
+        if self.path == "/slow":
+            time.sleep(1.0)
+        self._answer(200, {"path": self.path, "auth": self.headers.get("Authorization")})
+
+    def do_POST(self) -> None:  # noqa: N802
+        length = int(self.headers.get("Content-Length", 0))
+        body = self.rfile.read(length)
+        type(self).seen.append(("POST", self.path, self.client_address[1]))
+        self._answer(201, {"got": body.decode(), "type": self.headers.get("Content-Type")})
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def server() -> Iterator[ThreadingHTTPServer]:
+    _Handler.seen = []
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.daemon_threads = True
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def _url(srv: ThreadingHTTPServer) -> str:
+    return f"http://127.0.0.1:{srv.server_address[1]}"
+
+
+def test_json_and_forms_go_out_and_answers_come_back_on_one_connection(server):
+    with http.HttpClient(_url(server), headers={"Authorization": "Bearer t"}) as client:
+        got = client.get("/a?x=1")
+        assert got.status_code == 200
+        assert got.json() == {"path": "/a?x=1", "auth": "Bearer t"}
+        posted = client.post("/b", json={"k": "v"})
+        assert posted.status_code == 201
+        assert posted.json() == {"got": '{"k": "v"}', "type": "application/json"}
+        form = client.post("/c", data={"grant_type": "refresh_token", "a": "b c"})
+        assert form.json() == {
+            "got": "grant_type=refresh_token&a=b+c",
+            "type": "application/x-www-form-urlencoded",
+        }
+    ports = {port for _, _, port in _Handler.seen}
+    assert len(ports) == 1  # keep-alive: one TCP connection for the three requests
+
+
+def test_a_connection_the_server_closed_is_replaced_not_reused(server):
+    """uvicorn closes idle keep-alive connections after 5 s; the next POST must go out
+    once, on a new connection, not fail and not be sent twice."""
+    client = http.HttpClient(_url(server))
+    client.get("/first")
+    (conn,) = client._connections.values()
+    assert conn.sock is not None
+    conn.sock.shutdown(socket.SHUT_RDWR)  # as if the server had closed it
+    time.sleep(0.05)
+    assert client.post("/once", json={}).status_code == 201
+    assert [path for method, path, _ in _Handler.seen if method == "POST"] == ["/once"]
+    client.close()
+
+
+def test_no_answer_is_a_transport_error_without_headers(server):
+    refused = socket.socket()
+    refused.bind(("127.0.0.1", 0))
+    port = refused.getsockname()[1]
+    refused.close()
+    client = http.HttpClient(f"http://127.0.0.1:{port}", headers={"Authorization": "Bearer SECRET"})
+    with pytest.raises(http.ConnectError) as caught:
+        client.get("/x")
+    assert "SECRET" not in str(caught.value)
+    slow = http.HttpClient(_url(server), timeout=0.2)
+    with pytest.raises(http.ReadTimeout):
+        slow.get("/slow")
+    assert slow.get("/fast").status_code == 200  # a new connection after the timeout
+
+
+def test_https_is_verified_against_the_given_ca(tmp_path):
+    from guard.devstack.tls import broker_cert, make_dev_ca
+
+    ca, _, _ = make_dev_ca(tmp_path)
+    cert, key = broker_cert(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    other_ca, _, _ = make_dev_ca(other)
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"https://127.0.0.1:{srv.server_address[1]}"
+    try:
+        good = ssl.create_default_context(cafile=str(ca))
+        with http.HttpClient(url, context=good) as client:
+            assert client.get("/ok").status_code == 200
+            time.sleep(0.1)  # TLS 1.3 session tickets arrive: the connection stays usable
+            assert client.get("/again").status_code == 200
+        wrong = ssl.create_default_context(cafile=str(other_ca))
+        with pytest.raises(http.ConnectError), http.HttpClient(url, context=wrong) as client:
+            client.get("/no")
+        with pytest.raises(http.ConnectError), http.HttpClient(url) as client:
+            client.get("/system-store")  # the dev CA is in no system store
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_a_transport_stands_in_for_the_network():
+    seen: list[http.Request] = []
+
+    def fake(request: http.Request) -> http.Response:
+        seen.append(request)
+        return http.Response(418, json={"teapot": True})
+
+    client = http.HttpClient("https://broker.test/", headers={"X-A": "b"}, transport=fake)
+    answer = client.post("/v1/x", json=[1])
+    assert (answer.status_code, answer.json(), answer.text) == (418, {"teapot": True}, answer.text)
+    (request,) = seen
+    assert (request.method, request.url.netloc, request.url.path) == (
+        "POST",
+        "broker.test",
+        "/v1/x",
+    )
+    assert request.headers["x-a"] == "b" and request.content == b"[1]"
+    assert answer.request is request
