@@ -128,6 +128,11 @@ class AuditSettings(_Strict):
     # re-chained without a trace (`guard audit verify`).
     checkpoint_every: int = Field(default=1000, ge=1)
     checkpoint_seconds: float = Field(default=60.0, gt=0)
+    # fsync statement records before their statements are forwarded (group commit: one
+    # fsync per batch of concurrent statements), so an OS crash or power loss cannot lose
+    # the record of a statement that ran. Off, a record survives a broker crash (kill -9)
+    # but not an OS crash.
+    fsync: bool = True
 
 
 class ApprovalSettings(_Strict):

@@ -2,7 +2,9 @@
 
 In-memory transports stand in for sockets; the core is the real one (`tests.playbook`).
 What is checked: statement records are in the audit log before the bytes of their statement
-are written upstream, a failed write refuses the statement, an unknown command is a crash
+are written upstream, a failed write refuses the statement, with a durable log (group
+commit) a statement waits for its batch's answer and the client's next ones queue behind it,
+connections writing together share one fsync, an unknown command is a crash
 that ends the connection (never ignored), half-close, the idle watchdog, and that the end
 of a connection says why.
 """
@@ -14,7 +16,7 @@ import logging
 
 import pytest
 
-from guard.broker.audit.sink import MemoryAuditSink
+from guard.broker.audit.sink import AuditUnavailable, JsonlAuditSink, MemoryAuditSink
 from guard.broker.pgwire import messages as m
 from guard.broker.pgwire.encoder import encode
 from guard.broker.pgwire.parser import BackendParser, FrontendParser
@@ -313,3 +315,114 @@ def test_a_client_is_not_read_while_its_queue_behind_a_held_statement_is_full():
     client, queued = asyncio.run(main())
     assert QUEUE_LIMIT < queued < QUEUE_LIMIT + 2 * len(wire(m.Query("SELECT 1"))) * 4096
     assert client.reading  # read again once the held statement was settled
+
+
+# --- durable log: group commit -------------------------------------------------------------
+
+
+class FakeGroupCommit:
+    """Holds what the pump hands over until the test answers it."""
+
+    def __init__(self, events: list) -> None:
+        self.events = events
+        self.pending: list = []
+
+    def submit(self, records, done, loop) -> None:
+        assert loop is asyncio.get_running_loop()
+        self.events.append(("submitted", len(records)))
+        self.pending.append((records, done))
+
+    def answer(self, result) -> None:
+        records, done = self.pending.pop(0)
+        self.events.append(("committed", result))
+        done(result)
+
+
+class DurableSink(MemoryAuditSink):
+    def __init__(self, events: list) -> None:
+        super().__init__()
+        self.group_commit = FakeGroupCommit(events)
+
+
+def durable_pump():
+    events: list = []
+    client, upstream = FakeTransport("client", events), FakeTransport("upstream", events)
+    sink = DurableSink(events)
+    pump = Pump(connection(), client, upstream, audit=sink)
+    pump.start(b"", b"")
+    return pump, client, upstream, sink.group_commit, events
+
+
+def test_with_a_durable_log_a_statement_waits_for_its_batch():
+    def upstream_sent(events):
+        return messages(events, "upstream", FrontendParser(expect_startup=False))
+
+    async def main():
+        pump, client, upstream, group, events = durable_pump()
+        client.protocol.data_received(wire(m.Query("SELECT 1")))
+        client.protocol.data_received(wire(m.Query("SELECT 2")))  # queues behind it
+        assert events == [("submitted", 1)]  # nothing upstream yet
+        group.answer([1])
+        # SELECT 1 may go now (the core may also hold it to join SELECT 2's write);
+        # SELECT 2 was handed over and waits for its own batch.
+        assert events[2] == ("submitted", 1)
+        assert m.Query("SELECT 2") not in upstream_sent(events)
+        group.answer([2])
+        return events
+
+    events = asyncio.run(main())
+    assert upstream_sent(events) == [m.Query("SELECT 1"), m.Query("SELECT 2")]
+
+
+def test_a_failed_batch_refuses_the_statement(caplog):
+    async def main():
+        pump, client, upstream, group, events = durable_pump()
+        client.protocol.data_received(wire(m.Query("SELECT 1")))
+        with caplog.at_level(logging.ERROR, logger="guard.proxy"):
+            group.answer(AuditUnavailable("cannot write audit log /x: [Errno 28] No space"))
+        return events
+
+    events = asyncio.run(main())
+    (sent,) = messages(events, "upstream", FrontendParser(expect_startup=False))
+    assert sent.sql.startswith("guard_refused_")  # the statement itself never went
+    assert "statement refused (connection c1)" in caplog.text
+
+
+def test_an_answer_after_the_connection_ended_forwards_nothing():
+    async def main():
+        pump, client, upstream, group, events = durable_pump()
+        client.protocol.data_received(wire(m.Query("SELECT 1")))
+        client.protocol.connection_lost(None)
+        group.answer([1])
+        return events
+
+    events = asyncio.run(main())
+    assert not messages(events, "upstream", FrontendParser(expect_startup=False))
+
+
+def test_connections_writing_together_share_one_fsync(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    sink = JsonlAuditSink(path, fsync=True)
+
+    async def main():
+        events: list = []
+        pumps = []
+        for _ in range(3):
+            client, upstream = FakeTransport("client", events), FakeTransport("upstream", events)
+            pump = Pump(connection(), client, upstream, audit=sink)
+            pump.start(b"", b"")
+            pumps.append((client, upstream))
+        for client, _ in pumps:  # one event-loop iteration
+            client.protocol.data_received(wire(m.Query("SELECT 1")))
+        assert not events  # nothing forwarded before the batch's fsync
+        for _ in range(10_000):
+            if len(events) == 3:
+                break
+            await asyncio.sleep(0.001)
+        return events, path.read_bytes().count(b'"kind":"statement"')
+
+    events, written = asyncio.run(main())
+    assert [who for who, _ in events] == ["upstream"] * 3 and written == 3
+    assert sink.group_commit is not None
+    assert (sink.group_commit.batches, sink.group_commit.records) == (1, 3)
+    sink.close()

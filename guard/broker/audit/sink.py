@@ -5,10 +5,25 @@ code call it, never the sans-IO core). Imports `audit.chain`, `audit.checkpoint`
 `audit.record`, `audit.serialize`, `cryptography` and the stdlib.
 
 `append_statements` returns only after the lines are in the file (one os.write on an
-O_APPEND descriptor for all records of one call: a multi-statement string, or, later, the
-records of several connections committed as a group), so the shell can forward a statement
-knowing its record exists; any failure raises `AuditUnavailable` and the statement is
-refused instead (fail closed).
+O_APPEND descriptor for all records of one call: a multi-statement string), so the shell can
+forward a statement knowing its record exists; any failure raises `AuditUnavailable` and the
+statement is refused instead (fail closed). A written line survives `kill -9` of the broker
+(it is in the kernel's page cache); surviving an OS crash or power loss needs an fsync.
+
+Durability (`fsync=True`, the broker's default: `audit.fsync`): statement records are made
+durable before their statements are forwarded, by group commit (`audit.commit`): the
+asyncio shell hands them to `group_commit`, whose writer thread seals, writes and fsyncs
+(fdatasync) everything handed over in one event-loop iteration, or while the previous fsync
+was in flight, as one batch, then answers each connection on its event loop. An fsync costs
+~300 µs here, a write ~8 µs: one per batch instead of one per record is what makes durable
+records cheap. A synchronous `append_statements` with fsync on syncs inline (callers without
+an event loop). Records that describe what already happened or that no statement waits for
+(`append`: session events; result batches; checkpoints) are written at once and made durable
+by the writer thread soon after (asked for at once, and at every `flush`), never by an fsync
+on the event loop. Every fsync covers all lines written before it, so what a crash keeps is
+always a prefix of the log. A failed fsync is final until the broker restarts (every append
+is refused): after a failed fsync Linux may drop the unwritten pages and report the next
+fsync as a success, so nothing after it could be trusted to be on disk.
 
 `append_deferred` and `append_results` are for records that describe what already happened
 (result row counts): they are queued with their time and sealed together, as one `results`
@@ -63,6 +78,8 @@ from guard.broker.audit.serialize import Recordable, complete, dumps, fixed_fiel
 
 log = logging.getLogger("guard.broker.audit")
 _monotonic_ns = time.monotonic_ns
+# fdatasync: the data and the file size (what a reader needs), not the timestamps.
+_fdatasync = getattr(os, "fdatasync", os.fsync)
 _CHECKPOINT_MARK = b'"kind":"checkpoint"'  # cannot occur inside a JSON string (quotes escaped)
 
 
@@ -227,6 +244,8 @@ class _AuditSettings(Protocol):
     def checkpoint_every(self) -> int: ...
     @property
     def checkpoint_seconds(self) -> float: ...
+    @property
+    def fsync(self) -> bool: ...
 
 
 class JsonlAuditSink:
@@ -246,6 +265,12 @@ class JsonlAuditSink:
         self.path = path
         self._fsync = fsync
         self._lock = threading.Lock()
+        self._dirty = False  # written since the last fsync
+        self._broken: str | None = None  # why appends are refused for good (a failed fsync)
+        self._commit_error: str | None = None  # a failed group commit, until `flush` says so
+        # Answers the asyncio shell's statement records after their batch's fsync; None
+        # without fsync (the shell then appends synchronously: no thread hop to pay).
+        self.group_commit: GroupCommit | None = None
         # (result values, time in ns) and after-the-fact record bodies, in order
         self._deferred: list[tuple[tuple[Any, ...], int] | dict[str, Any]] = []
         self._every = max(1, int(checkpoint_every))
@@ -284,9 +309,16 @@ class JsonlAuditSink:
         self._checked_seq = self._seq  # records known to be in the file at `path`
         try:
             self._open_records(scan)
+            if fsync:
+                with self._lock:
+                    self._sync()
         except AuditUnavailable:
             self._close_fd()
             raise
+        if fsync:
+            from guard.broker.audit.commit import GroupCommit  # it imports AuditUnavailable
+
+            self.group_commit = GroupCommit(self._commit_batch, self._sync_in_background)
 
     @classmethod
     def from_settings(cls, settings: _AuditSettings, **kwargs: Any) -> JsonlAuditSink:
@@ -296,7 +328,7 @@ class JsonlAuditSink:
             signing_key_file=settings.signing_key_file,
             checkpoint_every=settings.checkpoint_every,
             checkpoint_seconds=settings.checkpoint_seconds,
-            **kwargs,
+            **{"fsync": settings.fsync, **kwargs},
         )
 
     @property
@@ -336,7 +368,11 @@ class JsonlAuditSink:
                 self._write_checkpoint()
 
     def append(self, record: Recordable) -> int:
-        (seq,) = self.append_statements((fixed_fields(record),))
+        """Write one record that no statement waits for (a session event); with fsync on it
+        is made durable by the writer thread, not here on the caller's event loop."""
+        with self._lock:
+            (seq,) = self._seal_write((fixed_fields(record),))
+        self._durable_soon()
         return seq
 
     def _append_locked(self, record: Recordable) -> None:
@@ -347,41 +383,64 @@ class JsonlAuditSink:
 
     def append_statements(self, records: Sequence[bytes]) -> list[int]:
         with self._lock:
-            if _monotonic_ns() >= self._next_check:
-                self._check()
-            seq, prev, due = self._seq, self._prev, self._cp_due
-            signed = 0  # seq of a checkpoint written with these records
-            if len(records) == 1:  # the common case (hot path): no list to join
-                seq += 1
-                data, prev = seal_line(prev, complete(records[0], seq))
-                seqs = [seq]
-                if seq >= due:
-                    line, prev = self._checkpoint_line(seq, prev)
-                    data += line
-                    seq = signed = seq + 1
-            else:
-                lines = []
-                seqs = []
-                for fixed in records:
-                    seq += 1
-                    line, prev = seal_line(prev, complete(fixed, seq))
-                    lines.append(line)
-                    seqs.append(seq)
-                    if seq >= due:  # exactly every N records, even inside one write
-                        line, prev = self._checkpoint_line(seq, prev)
-                        lines.append(line)
-                        seq = signed = seq + 1
-                        due = seq + self._every
-                if not lines:
-                    return []
-                data = b"".join(lines)
-            self._write(data)
-            # Only written lines advance the chain: after a failed write the next record
-            # links to the last one that exists.
-            self._seq, self._prev = seq, prev
-            if signed:
-                self._signed(signed)
+            seqs = self._seal_write(records)
+            if self._fsync and seqs:
+                self._sync()
             return seqs
+
+    def _write_batch(self, batch: Sequence[Sequence[bytes]]) -> list[list[int]]:
+        """The group commit's write (its thread): the records of several `append_statements`
+        calls sealed in order and written at once; their seqs, per call. No fsync."""
+        if len(batch) == 1:
+            with self._lock:
+                return [self._seal_write(batch[0])]
+        with self._lock:
+            seqs = self._seal_write([fixed for records in batch for fixed in records])
+        out, i = [], 0
+        for records in batch:
+            out.append(seqs[i : i + len(records)])
+            i += len(records)
+        return out
+
+    def _seal_write(self, records: Sequence[bytes]) -> list[int]:
+        """Chain and write records (the lock is held); their seqs."""
+        if self._broken is not None:
+            raise AuditUnavailable(self._broken)
+        if _monotonic_ns() >= self._next_check:
+            self._check()
+        seq, prev, due = self._seq, self._prev, self._cp_due
+        signed = 0  # seq of a checkpoint written with these records
+        if len(records) == 1:  # the common case (hot path): no list to join
+            seq += 1
+            data, prev = seal_line(prev, complete(records[0], seq))
+            seqs = [seq]
+            if seq >= due:
+                line, prev = self._checkpoint_line(seq, prev)
+                data += line
+                seq = signed = seq + 1
+        else:
+            lines = []
+            seqs = []
+            for fixed in records:
+                seq += 1
+                line, prev = seal_line(prev, complete(fixed, seq))
+                lines.append(line)
+                seqs.append(seq)
+                if seq >= due:  # exactly every N records, even inside one write
+                    line, prev = self._checkpoint_line(seq, prev)
+                    lines.append(line)
+                    seq = signed = seq + 1
+                    due = seq + self._every
+            if not lines:
+                return []
+            data = b"".join(lines)
+        self._write(data)
+        # Only written lines advance the chain: after a failed write the next record
+        # links to the last one that exists.
+        self._seq, self._prev = seq, prev
+        if signed:
+            self._signed(signed)
+        return seqs
 
     def _checkpoint_line(self, head_seq: int, head: bytes) -> tuple[bytes, bytes]:
         body = checkpoint.body(
@@ -462,11 +521,17 @@ class JsonlAuditSink:
         """Chain and write the queued after-the-fact records, as one batch record; write a
         checkpoint when one is due by time (the broker calls this every 200 ms)."""
         with self._lock:
+            if self._commit_error is not None:
+                # A group commit failed since the last flush: say so once (the broker's
+                # health watch records it; the statements were refused already).
+                error, self._commit_error = self._commit_error, None
+                raise AuditUnavailable(error)
             if not self._deferred:
                 if _monotonic_ns() >= self._next_check:
                     # Idle: notice a removed file (logged once), sign records due by time.
                     with contextlib.suppress(AuditUnavailable):
                         self._check()
+                self._durable_soon()
                 return
             batch, self._deferred = self._deferred, []
         entries: list[dict[str, Any]] = []
@@ -480,11 +545,13 @@ class JsonlAuditSink:
             entries.append(entry)  # type: ignore[arg-type]
         entries += result_bodies(run)
         try:
-            self.append_statements((dumps({"kind": "results", "results": entries})[:-1],))
+            with self._lock:
+                self._seal_write((dumps({"kind": "results", "results": entries})[:-1],))
         except AuditUnavailable:
             with self._lock:  # keep them for the next flush, in order
                 self._deferred[:0] = batch
             raise
+        self._durable_soon()
 
     def _write(self, data: bytes) -> None:
         try:
@@ -495,10 +562,68 @@ class JsonlAuditSink:
                 with contextlib.suppress(OSError):
                     os.ftruncate(self._fd, os.fstat(self._fd).st_size - written)
                 raise OSError(f"short write ({written} of {len(data)} bytes)")
-            if self._fsync:
-                os.fsync(self._fd)
         except OSError as exc:
             raise AuditUnavailable(f"cannot write audit log {self.path}: {exc}") from exc
+        self._dirty = True
+
+    def _sync(self) -> None:
+        """fsync what was written (the lock is held)."""
+        self._dirty = False
+        try:
+            _fdatasync(self._fd)
+        except OSError as exc:
+            self._dirty = True
+            raise self._fsync_failed(exc) from exc
+
+    def sync(self) -> None:
+        """Make every line written so far durable (the writer thread's call). The write lock
+        is not held during the fsync: the event loop's own appends go on meanwhile (the next
+        fsync covers them)."""
+        with self._lock:
+            if not self._dirty or self._fd < 0:
+                return
+            if self._broken is not None:
+                raise AuditUnavailable(self._broken)
+            self._dirty = False
+            fd = self._fd
+        try:
+            _fdatasync(fd)
+        except OSError as exc:
+            with self._lock:
+                self._dirty = True
+                raise self._fsync_failed(exc) from exc
+
+    def _fsync_failed(self, exc: OSError) -> AuditUnavailable:
+        # Final (see the module docstring): the kernel may have dropped the pages this fsync
+        # failed to write, and a later fsync would not say so.
+        self._broken = (
+            f"fsync of audit log {self.path} failed ({exc.strerror}): records may be lost in "
+            "an OS crash; statements are refused until the broker restarts"
+        )
+        log.error("audit: %s", self._broken)
+        return AuditUnavailable(self._broken)
+
+    def _commit_batch(self, batch: Sequence[Sequence[bytes]]) -> list[list[int]]:
+        """The group commit's work, in its thread: write the batch, then fsync it."""
+        try:
+            seqs = self._write_batch(batch)
+            self.sync()
+        except AuditUnavailable as exc:
+            self._commit_error = str(exc)
+            raise
+        return seqs
+
+    def _sync_in_background(self) -> None:
+        try:
+            self.sync()
+        except AuditUnavailable as exc:
+            self._commit_error = str(exc)
+            raise
+
+    def _durable_soon(self) -> None:
+        """Lines no statement waits for were written: have the writer thread fsync them."""
+        if self.group_commit is not None and self._dirty:
+            self.group_commit.sync_soon()
 
     def _close_fd(self) -> None:
         if self._fd >= 0:
@@ -506,6 +631,8 @@ class JsonlAuditSink:
             self._fd = -1
 
     def close(self) -> None:
+        if self.group_commit is not None:
+            self.group_commit.close()  # commits what was handed over, then stops
         with contextlib.suppress(AuditUnavailable):
             self.flush()
         with self._lock:
@@ -515,6 +642,9 @@ class JsonlAuditSink:
                     self._check()
                     if self._gone is None and self._seq > self._cp_seq:
                         self._write_checkpoint()
+            if self._fsync and self._dirty and self._fd >= 0 and self._broken is None:
+                with contextlib.suppress(AuditUnavailable):
+                    self._sync()
             self._close_fd()
 
 

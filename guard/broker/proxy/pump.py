@@ -7,6 +7,12 @@ the commands that forward their statements; result records queued) and the opera
 The pump
 decides nothing about statements. What it owns:
 
+- The audit write before forwarding. With a durable log (`audit.fsync`, the sink's
+  `group_commit`) the records are handed to the group commit and the connection stays
+  paused (the core waits in PAUSED; client bytes queue) until the writer thread answers on
+  this loop after the batch's fsync; then `audit_written`/`audit_failed` and its commands
+  run. Without fsync the write is synchronous (a thread hop would cost more than the write).
+
 - Backpressure: the transports' own. When one side's write buffer passes its high-water
   mark, reading from the other side pauses until it drains, so a slow client throttles the
   upstream and memory per connection stays bounded.
@@ -30,6 +36,7 @@ import ssl
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
+from guard.broker.audit.commit import GroupCommit, Result
 from guard.broker.audit.sink import AuditSink, AuditUnavailable
 from guard.broker.proxy.commands import (
     CloseConnection,
@@ -152,6 +159,8 @@ class Pump:
         self.client_transport = client_transport
         self.upstream_transport = upstream_transport
         self.audit = audit
+        # The sink's group commit when its records must be fsynced (None: write at once).
+        self._group_commit: GroupCommit | None = getattr(audit, "group_commit", None)
         self.tls = tls
         self.idle_timeout = idle_timeout
         self.loop = asyncio.get_running_loop()
@@ -228,16 +237,39 @@ class Pump:
                 self.client_transport.resume_reading()
 
     def _write_audit(self, cmd: WriteAudit) -> list[Command]:
+        group = self._group_commit
         try:
+            if group is not None:
+                # Answered in `_audit_committed` after the batch's fsync; paused till then.
+                group.submit(cmd.records, self._audit_committed, self.loop)
+                return []
             seqs = self.audit.append_statements(cmd.records)
         except AuditUnavailable as exc:
-            log.error(
-                "audit log unwritable, statement refused (connection %s): %s",
-                self.connection.gate.connection_id,
-                exc,
-            )
-            return self.connection.audit_failed()
+            return self._audit_refused(exc)
         return self.connection.audit_written(seqs)
+
+    def _audit_refused(self, exc: AuditUnavailable) -> list[Command]:
+        log.error(
+            "audit log unwritable, statement refused (connection %s): %s",
+            self.connection.gate.connection_id,
+            exc,
+        )
+        return self.connection.audit_failed()
+
+    def _audit_committed(self, result: Result) -> None:
+        """The group commit's answer, on this loop: forward (or refuse) what waited."""
+        if self.done.done():
+            return  # the connection ended meanwhile: nothing is forwarded
+        try:
+            if isinstance(result, AuditUnavailable):
+                commands = self._audit_refused(result)
+            elif isinstance(result, Exception):
+                raise result  # a bug in the sink: this connection ends, as a shell crash
+            else:
+                commands = self.connection.audit_written(result)
+            self.run(commands)
+        except Exception:  # noqa: BLE001 - as in data_received
+            self.crashed("audit write")
 
     # ------------------------------------------------------------------ approvals
     def _start_approval_step(self, cmd: RequestApproval | EndApproval) -> None:

@@ -1,0 +1,233 @@
+"""Durable audit records by group commit (`audit.commit`, the sink's fsync path).
+
+What is checked: records handed over in one event-loop iteration share one batch (one
+fsync) and are sealed in the order they were handed over; what arrives while a batch is
+being committed goes into the next; answers come back on the submitter's event loop; the
+fsync never runs on the caller's thread; a batch that cannot be written answers every
+submitter with `AuditUnavailable` (and the broker's health hears of it at the next flush);
+a failed fsync refuses every later record; `kill -9` of a gateway loses no record of a
+statement it forwarded, and the log still verifies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from guard.broker.audit import sink as sink_module
+from guard.broker.audit.commit import GroupCommit
+from guard.broker.audit.record import SessionEvent
+from guard.broker.audit.serialize import fixed_fields
+from guard.broker.audit.sink import AuditUnavailable, JsonlAuditSink
+from guard.broker.settings import AuditSettings
+from tests.audit.audit_logs import body, kinds, stmt, verify
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def records(*ids: int) -> list[bytes]:
+    return [fixed_fields(stmt(i)) for i in ids]
+
+
+async def submit_all(group: GroupCommit, batches: list[list[bytes]]) -> list:
+    """Hand every batch over in this one loop iteration; their answers, in order."""
+    loop = asyncio.get_running_loop()
+    futures = [loop.create_future() for _ in batches]
+    for recs, fut in zip(batches, futures, strict=True):
+        group.submit(recs, fut.set_result, loop)
+    return list(await asyncio.gather(*futures))
+
+
+@pytest.fixture
+def fsyncs(monkeypatch) -> list[int]:
+    """The thread of every fsync the sink does."""
+    seen: list[int] = []
+    real = sink_module._fdatasync
+
+    def recording(fd: int) -> None:
+        seen.append(threading.get_ident())
+        real(fd)
+
+    monkeypatch.setattr(sink_module, "_fdatasync", recording)
+    return seen
+
+
+def test_records_handed_over_together_share_one_batch_in_their_order(tmp_path, fsyncs):
+    path = tmp_path / "audit.jsonl"
+    sink = JsonlAuditSink(path, fsync=True, checkpoint_every=4)
+    group = sink.group_commit
+    assert group is not None
+    fsyncs.clear()  # opening the log
+    answered_on: list[int] = []
+
+    async def main():
+        answers = await submit_all(group, [records(1), records(2, 3), records(4)])
+        answered_on.append(threading.get_ident())
+        return answers
+
+    # seq 5 is the checkpoint after 4 records, written in the same batch
+    assert asyncio.run(main()) == [[1], [2, 3], [4]]
+    assert (group.batches, group.records) == (1, 4)
+    assert len(fsyncs) == 1 and fsyncs[0] != answered_on[0]  # in the writer thread
+    sink.close()
+    lines = path.read_bytes().splitlines()
+    assert [body(line)["fingerprint"] for line in lines[:4] if "fingerprint" in body(line)] == [
+        "fp1",
+        "fp2",
+        "fp3",
+        "fp4",
+    ]
+    assert kinds(lines) == ["statement"] * 4 + ["checkpoint"]
+    assert verify(path).ok
+
+
+def test_what_arrives_during_a_commit_goes_into_the_next_batch():
+    started, release = threading.Event(), threading.Event()
+    batches: list[list[list[bytes]]] = []
+    seq = 0
+
+    def commit(batch):
+        nonlocal seq
+        batches.append([list(r) for r in batch])
+        started.set()
+        release.wait(10)
+        out = []
+        for recs in batch:
+            out.append(list(range(seq + 1, seq + 1 + len(recs))))
+            seq += len(recs)
+        return out
+
+    group = GroupCommit(commit, lambda: None)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        first = loop.create_future()
+        group.submit([b"a"], first.set_result, loop)
+        await loop.run_in_executor(None, started.wait, 10)  # the fsync is "in flight"
+        later = submit_all(group, [[b"b"], [b"c", b"d"]])
+        task = asyncio.ensure_future(later)
+        await asyncio.sleep(0)  # handed over while the first batch is still committing
+        release.set()
+        return await first, await task
+
+    assert asyncio.run(main()) == ([1], [[2], [3, 4]])
+    assert batches == [[[b"a"]], [[b"b"], [b"c", b"d"]]]
+    group.close()
+
+
+def test_a_batch_that_cannot_be_written_refuses_every_statement_in_it(tmp_path, caplog):
+    path = tmp_path / "audit.jsonl"
+    sink = JsonlAuditSink(path, fsync=True, check_interval=0)
+    assert sink.group_commit is not None
+    os.unlink(path)
+    answers = asyncio.run(submit_all(sink.group_commit, [records(1), records(2)]))
+    assert all(isinstance(a, AuditUnavailable) for a in answers)
+    assert "was deleted or renamed" in str(answers[0])
+    with pytest.raises(AuditUnavailable):  # the broker's 200 ms flush tells its health watch
+        sink.flush()
+    sink.flush()  # once
+    sink.close()
+    assert not path.exists()
+
+
+def test_a_failed_fsync_refuses_every_later_record(tmp_path, monkeypatch, caplog):
+    path = tmp_path / "audit.jsonl"
+    sink = JsonlAuditSink(path, fsync=True)
+    assert sink.group_commit is not None
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(sink_module, "_fdatasync", failing)
+    (answer,) = asyncio.run(submit_all(sink.group_commit, [records(1)]))
+    assert isinstance(answer, AuditUnavailable) and "fsync" in str(answer)
+    monkeypatch.undo()  # the disk is fine again: after a failed fsync that proves nothing
+    (answer,) = asyncio.run(submit_all(sink.group_commit, [records(2)]))
+    assert isinstance(answer, AuditUnavailable)
+    with pytest.raises(AuditUnavailable):
+        sink.append_statements(records(3))
+    with pytest.raises(AuditUnavailable):
+        sink.append(stmt(4))
+    sink.close()
+    # The line whose fsync failed is in the file, signed at close, and the chain holds.
+    assert kinds(path.read_bytes().splitlines()) == ["statement", "checkpoint"]
+    assert verify(path).ok
+    reopened = JsonlAuditSink(path, fsync=True)  # a restart writes again
+    assert reopened.append_statements(records(5))
+    reopened.close()
+    assert verify(path).ok
+
+
+def test_records_no_statement_waits_for_are_synced_by_the_thread(tmp_path, fsyncs, monkeypatch):
+    path = tmp_path / "audit.jsonl"
+    sink = JsonlAuditSink(path, fsync=True)
+    fsyncs.clear()
+    synced = threading.Event()
+    monkeypatch.setattr(sink_module, "_fdatasync", _then(sink_module._fdatasync, synced.set))
+    sink.append(SessionEvent("s1", "opened", "alice", "demo", "c1"))
+    assert synced.wait(10)
+    assert fsyncs and threading.get_ident() not in fsyncs
+    sink.close()
+    assert verify(path).ok
+
+
+def _then(f, after):
+    def both(fd: int) -> None:
+        f(fd)
+        after()
+
+    return both
+
+
+def test_fsync_is_on_by_default_in_the_broker_settings(tmp_path):
+    durable = JsonlAuditSink.from_settings(AuditSettings(path=tmp_path / "a.jsonl"))
+    assert durable.group_commit is not None
+    durable.close()
+    fast = JsonlAuditSink.from_settings(AuditSettings(path=tmp_path / "b.jsonl", fsync=False))
+    assert fast.group_commit is None
+    fast.close()
+
+
+def test_kill_9_loses_no_record_of_a_forwarded_statement(tmp_path):
+    """A gateway in miniature (`crash_writer`: real pumps, a durable sink) is killed with
+    SIGKILL three times, at different moments, restarting on the same log: every statement
+    it acknowledged as forwarded has its record in the log, and the log verifies."""
+    path = tmp_path / "audit.jsonl"
+    acked: set[str] = set()
+    for wanted in (50, 400, 1500):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.audit.crash_writer", str(path), "8"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        got = 0
+        for line in proc.stdout:
+            acked.add(line.decode().strip())
+            got += 1
+            if got >= wanted:
+                break
+        os.kill(proc.pid, signal.SIGKILL)
+        rest, err = proc.communicate()
+        assert proc.returncode == -signal.SIGKILL, err.decode()
+        acked.update(rest.decode().split())  # acknowledged before the kill landed
+        assert got >= wanted, err.decode()
+        # Killed: the records after the last checkpoint are unsigned, but the chain holds.
+        assert verify(path).ok
+    recorded = {
+        body(line)["statement"].rsplit(" ", 1)[1]
+        for line in path.read_bytes().splitlines()
+        if body(line)["kind"] == "statement"
+    }
+    assert acked and acked <= recorded
+    JsonlAuditSink(path).close()  # the next broker start signs the tail
+    assert verify(path).ok
