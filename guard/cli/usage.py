@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from difflib import get_close_matches
 from typing import Any
 
 import click
@@ -137,6 +136,8 @@ class GuardGroup(_GuardBase, click.Group):
         return super().resolve_command(ctx, args)
 
     def _suggest(self, ctx: click.Context, name: str) -> str:
+        from difflib import get_close_matches  # only a mistyped command pays for it
+
         path = ctx.command_path
         close = get_close_matches(name, list(self.commands))
         if close:

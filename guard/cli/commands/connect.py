@@ -6,9 +6,6 @@ the command runs.
 
 from __future__ import annotations
 
-import shlex
-import shutil
-
 import click
 
 from guard.cli import console
@@ -35,6 +32,9 @@ from guard.cli.usage import GuardCommand
 def connect(
     target: str, psql_args: tuple[str, ...], reason: str, ttl: int | None, print_env: bool
 ) -> int:
+    import shlex
+    import shutil
+
     from guard.cli.auth import current_id_token
     from guard.cli.runner import run_in_session
 

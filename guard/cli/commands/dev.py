@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +88,8 @@ def _raise_interrupt(*_: object) -> None:
     help="Policy file (default: ./policies.yaml, else the bundled demo policy).",
 )
 def up(detach: bool, policy: Path | None) -> int:
+    import signal
+
     from guard.devstack import stack
 
     state = dev_state_dir()
@@ -115,6 +114,10 @@ def up(detach: bool, policy: Path | None) -> int:
 
 def _serve_until_stopped(state: Path) -> int:
     """Foreground mode: wait for Ctrl-C/SIGTERM (or a dead process), then tear down."""
+    import signal
+    import threading
+    import time
+
     from guard.devstack import stack
 
     stop = threading.Event()

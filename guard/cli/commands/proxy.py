@@ -9,8 +9,6 @@ starts: what a session needs is imported when the command runs.
 
 from __future__ import annotations
 
-import shlex
-
 import click
 
 from guard.cli import console
@@ -36,6 +34,8 @@ from guard.cli.usage import GuardCommand
 @click.option("--reason", default="", help="Why you need access (recorded)")
 @click.option("--ttl", type=duration, metavar="DURATION", help="Session lifetime, e.g. 30m, 1h")
 def proxy(target: str, port: int, reason: str, ttl: int | None) -> int:
+    import shlex
+
     from guard.cli.auth import current_id_token
     from guard.cli.runner import run_in_session
 
