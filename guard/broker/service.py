@@ -170,16 +170,19 @@ async def _run(settings: BrokerSettings, stop: _StopSignals) -> None:  # noqa: C
     approvals.expire_left_over()
     sessions.on_end.append(approvals.session_ended)
     tls = None
+    certificate = None
     if settings.gateway_tls is not None:
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls.minimum_version = ssl.TLSVersion.TLSv1_2
         tls.load_cert_chain(settings.gateway_tls.cert_file, settings.gateway_tls.key_file)
+        certificate = leaf_certificate(Path(settings.gateway_tls.cert_file))
     gateway = Gateway(
         sessions=sessions,
         policy=policy,
         audit=audit,
         protected_map=ProtectedColumns(policy),
         tls=tls,
+        tls_certificate=certificate,
         idle_timeout=settings.gateway.idle_timeout_seconds or None,
         approvals=approvals,
         login_timeout=settings.gateway.login_timeout_seconds,
@@ -282,6 +285,16 @@ async def _run(settings: BrokerSettings, stop: _StopSignals) -> None:  # noqa: C
             except Exception:  # noqa: BLE001 - the remaining steps still run
                 log.exception("shutdown: %s failed", what)
         log.info("broker stopped")
+
+
+def leaf_certificate(cert_file: Path) -> bytes:
+    """The DER of the first certificate in a PEM chain file (the one the server presents;
+    `load_cert_chain` has already accepted the file)."""
+    pem = cert_file.read_text()
+    begin = "-----BEGIN CERTIFICATE-----"
+    end = "-----END CERTIFICATE-----"
+    start = pem.index(begin)
+    return ssl.PEM_cert_to_DER_cert(pem[start : pem.index(end, start) + len(end)])
 
 
 def api_tls_refusal(settings: BrokerSettings) -> str | None:

@@ -35,7 +35,7 @@ VERIFIER = make_verifier("s3cret", iterations=4096)
 
 
 def _login(client: ScramClient, server: ScramServer) -> None:
-    server_first = server.handle_client_first(client.client_first())
+    server_first = server.handle_client_first(client.client_first(), client.mechanism)
     server_final = server.handle_client_final(client.handle_server_first(server_first))
     client.verify_server_final(server_final)
 
@@ -235,7 +235,7 @@ def test_binding_requested_without_tls_fails() -> None:
 def test_unknown_binding_type_fails() -> None:
     server = ScramServer(VERIFIER, channel_binding=CB)
     with pytest.raises(AuthenticationFailed, match="channel binding type"):
-        server.handle_client_first(b"p=tls-unique,,n=,r=abc")
+        server.handle_client_first(b"p=tls-unique,,n=,r=abc", "SCRAM-SHA-256-PLUS")
 
 
 def test_y_flag_is_a_downgrade_when_the_server_can_bind() -> None:
@@ -291,3 +291,23 @@ def test_invalid_nonce_arguments_are_programming_errors() -> None:
         ScramClient("x", nonce=b"a,b")
     with pytest.raises(ValueError):
         ScramServer(VERIFIER, nonce=b"")
+
+
+def test_the_mechanism_and_the_binding_flag_must_agree() -> None:
+    """A client that chose SCRAM-SHA-256-PLUS must bind ("p="), and one that chose plain
+    SCRAM-SHA-256 must not; a mechanism the server did not offer is refused."""
+    bound = ScramClient("s3cret", channel_binding=CB).client_first()
+    unbound = ScramClient("s3cret").client_first()
+    with pytest.raises(AuthenticationFailed, match="does not match"):
+        ScramServer(VERIFIER, channel_binding=CB).handle_client_first(unbound, "SCRAM-SHA-256-PLUS")
+    with pytest.raises(AuthenticationFailed, match="does not match"):
+        ScramServer(VERIFIER, channel_binding=CB).handle_client_first(bound, "SCRAM-SHA-256")
+    with pytest.raises(AuthenticationFailed, match="unsupported SASL mechanism"):
+        ScramServer(VERIFIER).handle_client_first(unbound, "SCRAM-SHA-256-PLUS")
+    with pytest.raises(AuthenticationFailed, match="unsupported SASL mechanism"):
+        ScramServer(VERIFIER).handle_client_first(unbound, "SCRAM-SHA-1")
+    client = ScramClient("s3cret", channel_binding=CB)
+    server = ScramServer(VERIFIER, channel_binding=CB)
+    server_first = server.handle_client_first(client.client_first(), "SCRAM-SHA-256-PLUS")
+    client.verify_server_final(server.handle_client_final(client.handle_server_first(server_first)))
+    assert client.done

@@ -99,8 +99,9 @@ class ScramServer:
             return (MECHANISM_PLUS, MECHANISM)
         return (MECHANISM,)
 
-    def handle_client_first(self, data: bytes) -> bytes:
-        """Take client-first-message, return server-first-message."""
+    def handle_client_first(self, data: bytes, mechanism: str = MECHANISM) -> bytes:
+        """Take client-first-message (sent with SASLInitialResponse naming `mechanism`),
+        return server-first-message."""
         _step(self, "first", "client-first-message")
         text = _text(data)
         flag, sep, rest = text.partition(",")
@@ -108,6 +109,15 @@ class ScramServer:
         if not sep or not sep2:
             raise AuthenticationFailed("malformed SCRAM gs2 header")
         self._check_binding_flag(flag)
+        if mechanism not in self.mechanisms:
+            raise AuthenticationFailed(f"unsupported SASL mechanism {mechanism[:40]!r}")
+        # The mechanism and the gs2 flag must agree, as in PostgreSQL's auth-scram.c: -PLUS
+        # with "n"/"y" would log in unbound although the client chose binding, and binding
+        # data under plain SCRAM-SHA-256 is a client that does not know what it sent.
+        if (mechanism == MECHANISM_PLUS) != flag.startswith("p="):
+            raise AuthenticationFailed(
+                f"channel binding flag {flag[:10]!r} does not match mechanism {mechanism}"
+            )
         if authzid:
             raise AuthenticationFailed("authorization identities are not supported")
         attrs = bare.split(",")
@@ -151,8 +161,11 @@ class ScramServer:
         text = _text(data)
         without_proof, sep, proof_b64 = text.rpartition(",p=")
         attrs = without_proof.split(",")
-        if not sep or len(attrs) < 2 or not attrs[0].startswith("c=") or not attrs[1].startswith(
-            "r="
+        if (
+            not sep
+            or len(attrs) < 2
+            or not attrs[0].startswith("c=")
+            or not attrs[1].startswith("r=")
         ):
             raise AuthenticationFailed("malformed client-final-message")
         if not hmac.compare_digest(_unb64(attrs[0][2:]), self._cbind_header):
@@ -248,9 +261,9 @@ class ScramClient:
         if self._channel_binding is not None:
             cbind += self._channel_binding[1]
         without_proof = f"c={_b64(cbind)},r={nonce}"
-        auth_message = ",".join(
-            (self._client_first_bare, server_first, without_proof)
-        ).encode("utf-8")
+        auth_message = ",".join((self._client_first_bare, server_first, without_proof)).encode(
+            "utf-8"
+        )
         proof = _xor(client_key, _hmac(stored_key, auth_message))
         self._server_signature = _hmac(server_key, auth_message)
         self._state = "server-final"
@@ -366,9 +379,7 @@ def saslprep(password: str) -> bytes:
     if password.isascii():
         return raw
     mapped = "".join(
-        " " if stringprep.in_table_c12(c) else c
-        for c in password
-        if not stringprep.in_table_b1(c)
+        " " if stringprep.in_table_c12(c) else c for c in password if not stringprep.in_table_b1(c)
     )
     normalized = unicodedata.ucd_3_2_0.normalize("NFKC", mapped)
     if not normalized or any(check(c) for c in normalized for check in _PROHIBITED):

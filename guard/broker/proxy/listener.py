@@ -84,6 +84,7 @@ class Gateway:
         audit: AuditSink,
         protected_map: Callable[[str, upstream.UpstreamConnection], Awaitable[ProtectedMap]],
         tls: ssl.SSLContext | None = None,
+        tls_certificate: bytes | None = None,
         idle_timeout: float | None = None,
         approvals: ApprovalService | None = None,
         login_timeout: float = LOGIN_TIMEOUT,
@@ -92,6 +93,14 @@ class Gateway:
     ) -> None:
         self.message_timeout = message_timeout
         self.tls = tls
+        # SCRAM-SHA-256-PLUS: the client proves its SCRAM exchange ran over a TLS session
+        # with this certificate (`tls_certificate`, DER), so a man in the middle holding
+        # another certificate the client wrongly trusts cannot relay the login.
+        self._channel_binding = (
+            ("tls-server-end-point", upstream.certificate_end_point(tls_certificate))
+            if tls is not None and tls_certificate is not None
+            else None
+        )
         self.login_timeout = login_timeout
         self.max_logging_in = max_logging_in
         self._logging_in = 0
@@ -307,16 +316,16 @@ class Gateway:
         # An unknown user still goes through a full SCRAM exchange against a throwaway
         # verifier, so a client cannot probe which session users exist.
         verifier = session.verifier if session is not None else make_verifier(secrets.token_hex(16))
-        writer.write(encode(m.AuthenticationSASL(("SCRAM-SHA-256",))))
+        encrypted = writer.get_extra_info("ssl_object") is not None
+        server = ScramServer(verifier, channel_binding=self._channel_binding if encrypted else None)
+        writer.write(encode(m.AuthenticationSASL(server.mechanisms)))
         await writer.drain()
-        server = ScramServer(verifier)
         parser.expect_password("sasl_initial")
         first = await self._read_message(reader, parser)
-        if not isinstance(first, m.SASLInitialResponse) or first.mechanism != "SCRAM-SHA-256":
-            raise AuthenticationFailed("unsupported mechanism")
-        writer.write(
-            encode(m.AuthenticationSASLContinue(server.handle_client_first(first.data or b"")))
-        )
+        if not isinstance(first, m.SASLInitialResponse):
+            raise AuthenticationFailed("expected SASLInitialResponse")
+        server_first = server.handle_client_first(first.data or b"", first.mechanism)
+        writer.write(encode(m.AuthenticationSASLContinue(server_first)))
         await writer.drain()
         parser.expect_password("sasl")
         final = await self._read_message(reader, parser)

@@ -201,11 +201,15 @@ async def _start_tls(wire: Wire, context: ssl.SSLContext, host: str) -> None:
 
 
 def tls_server_end_point(wire: Wire) -> bytes | None:
-    """RFC 5929 channel-binding data: the server certificate's hash (SHA-256 for MD5/SHA-1)."""
+    """RFC 5929 channel-binding data of the database's certificate, once TLS is up."""
     ssl_object = wire.tls.ssl_object if wire.tls is not None else None
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-    if not der:
-        return None
+    return certificate_end_point(der) if der else None
+
+
+def certificate_end_point(der: bytes) -> bytes:
+    """RFC 5929 "tls-server-end-point" data: the certificate's hash with its signature's
+    hash algorithm (SHA-256 for MD5/SHA-1)."""
     algorithm = x509.load_der_x509_certificate(der).signature_hash_algorithm
     if algorithm is None or isinstance(algorithm, hashes.MD5 | hashes.SHA1):
         return hashlib.sha256(der).digest()
