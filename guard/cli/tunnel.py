@@ -1,11 +1,13 @@
 """The CLI's loopback relay: a local PostgreSQL endpoint that lives as long as the session.
 
-asyncio only; moves bytes and decides nothing (policy, masking and audit happen in the
-broker's gateway). Listens on 127.0.0.1 with an ephemeral port, so only local processes
-can reach it. Loopback stays plain: the relay answers a client's SSLRequest/GSSENCRequest
-with 'N' itself; towards the gateway it speaks TLS (verified against the configured CA and
-the gateway's host name) when the gateway offers it, and never downgrades to plaintext.
-CancelRequest packets travel the same way, so psql's Ctrl-C reaches the gateway.
+asyncio only (uvloop's loop when the CLI runs it); moves bytes and decides nothing
+(policy, masking and audit happen in the broker's gateway). Listens on 127.0.0.1 with an
+ephemeral port, so only local processes can reach it. Loopback stays plain: the relay
+answers a client's SSLRequest/GSSENCRequest with 'N' itself; towards the gateway it speaks
+TLS (verified against the configured CA and the gateway's host name) when the gateway
+offers it, and never downgrades to plaintext. CancelRequest packets travel the same way,
+so psql's Ctrl-C reaches the gateway. After the startup packet each direction is a
+protocol callback that writes to the other side (`_Splice`): no task per chunk.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import socket
 import ssl
 import struct
 
-_CHUNK = 256 * 1024
 _SSL_REQUEST = 80877103
 _GSSENC_REQUEST = 80877104
 _CANCEL_REQUEST = 80877102
@@ -35,17 +36,54 @@ def _fatal(sqlstate: str, message: str) -> bytes:
     return b"E" + struct.pack("!i", len(fields) + 5) + fields + b"\0"
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(_CHUNK):
-            writer.write(data)
-            await writer.drain()  # backpressure: a slow reader slows the sender
-    except (ConnectionError, asyncio.CancelledError, ssl.SSLError):
-        pass
-    finally:
-        with contextlib.suppress(Exception):
-            if writer.can_write_eof():
-                writer.write_eof()
+class _Splice(asyncio.Protocol):
+    """One direction's receiving end: what arrives is written to the peer's transport at
+    once, from the event loop's callback, with no task or await per chunk (the relay's
+    cost is the socket and TLS calls, not Python scheduling). Backpressure both ways: a
+    peer whose buffer fills pauses this side's reading until it drains."""
+
+    def __init__(self, done: asyncio.Future[None]) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.peer: _Splice | None = None
+        self._done = done
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer.transport if self.peer is not None else None
+        if peer is not None and not peer.is_closing():
+            peer.write(data)
+
+    def eof_received(self) -> bool:
+        # Half-close: the other side may still answer (a Terminate's last bytes).
+        peer = self.peer.transport if self.peer is not None else None
+        if peer is not None and not peer.is_closing() and peer.can_write_eof():
+            peer.write_eof()
+            # Keep our writing side open for the answer; a TLS transport cannot (it
+            # closes after close_notify), so the relay ends with it.
+            tls = self.transport is not None and self.transport.get_extra_info("sslcontext")
+            if not tls:
+                return True
+        self._finish()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._finish()
+
+    def pause_writing(self) -> None:  # our transport is full: stop reading the peer
+        peer = self.peer.transport if self.peer is not None else None
+        if peer is not None and not peer.is_closing():
+            peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        peer = self.peer.transport if self.peer is not None else None
+        if peer is not None and not peer.is_closing():
+            peer.resume_reading()
+
+    def _finish(self) -> None:
+        if not self._done.done():
+            self._done.set_result(None)
 
 
 async def read_startup_packet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
@@ -81,6 +119,32 @@ async def _connect(host: str, port: int) -> socket.socket:
             sock.close()
             raise
     raise error or OSError(f"could not resolve {host}")
+
+
+async def _splice(
+    creader: asyncio.StreamReader,
+    cwriter: asyncio.StreamWriter,
+    greader: asyncio.StreamReader,
+    gwriter: asyncio.StreamWriter,
+) -> None:
+    """Relay client <-> gateway until either side is done. The streams served the startup
+    exchange; from here their transports get `_Splice` protocols, so each chunk costs one
+    callback and one write. Bytes a stream had already read are relayed first."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    client, server = _Splice(done), _Splice(done)
+    client.peer, server.peer = server, client
+    for protocol, reader, writer in ((client, creader, cwriter), (server, greader, gwriter)):
+        transport = writer.transport
+        protocol.connection_made(transport)
+        buffered = bytes(reader._buffer)  # noqa: SLF001 - read ahead by the stream
+        reader._buffer.clear()  # noqa: SLF001
+        transport.set_protocol(protocol)
+        if buffered:
+            protocol.data_received(buffered)
+        if reader.at_eof():
+            protocol.eof_received()
+    await done
 
 
 class LoopbackRelay:
@@ -147,7 +211,7 @@ class LoopbackRelay:
         self._conns.update((cwriter, gwriter))
         try:
             gwriter.write(startup)
-            await asyncio.gather(_pipe(creader, gwriter), _pipe(greader, cwriter))
+            await _splice(creader, cwriter, greader, gwriter)
         finally:
             for w in (cwriter, gwriter):
                 self._conns.discard(w)
