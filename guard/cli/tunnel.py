@@ -21,6 +21,7 @@ import struct
 _SSL_REQUEST = 80877103
 _GSSENC_REQUEST = 80877104
 _CANCEL_REQUEST = 80877102
+_AUTH_SASL = 10  # AuthenticationSASL's code in an 'R' message
 _MAX_STARTUP = 10_000  # as PostgreSQL's MAX_STARTUP_PACKET_LENGTH
 _HEADER = struct.Struct("!ii")
 _STARTUP_TIMEOUT = 30.0  # seconds for the client's startup packet
@@ -121,6 +122,31 @@ async def _connect(host: str, port: int) -> socket.socket:
     raise error or OSError(f"could not resolve {host}")
 
 
+async def _read_message(reader: asyncio.StreamReader) -> bytes:
+    """One whole backend message (type byte, length, body)."""
+    header = await reader.readexactly(5)
+    length = struct.unpack_from("!i", header, 1)[0]
+    if not 4 <= length <= _MAX_STARTUP:
+        raise ConnectionError("invalid message from the gateway during login")
+    return header + await reader.readexactly(length - 4)
+
+
+def without_channel_binding(message: bytes) -> bytes:
+    """The gateway's AuthenticationSASL with SCRAM-SHA-256-PLUS taken out; any other
+    message unchanged.
+
+    The gateway offers -PLUS because its TLS peer could bind to the TLS session, but that
+    peer is this relay: the client behind it talks plain loopback, and libpq refuses a
+    server that offers channel binding over a connection without TLS. The relay verified
+    the gateway's certificate itself, which is what binding would prove."""
+    if message[:1] != b"R" or struct.unpack_from("!i", message, 5)[0] != _AUTH_SASL:
+        return message
+    names = message[9:].split(b"\0")
+    kept = [name for name in names if name and name != b"SCRAM-SHA-256-PLUS"]
+    body = struct.pack("!i", _AUTH_SASL) + b"".join(name + b"\0" for name in kept) + b"\0"
+    return b"R" + struct.pack("!i", len(body) + 4) + body
+
+
 async def _splice(
     creader: asyncio.StreamReader,
     cwriter: asyncio.StreamWriter,
@@ -211,6 +237,9 @@ class LoopbackRelay:
         self._conns.update((cwriter, gwriter))
         try:
             gwriter.write(startup)
+            if self.tls is not None and _HEADER.unpack_from(startup)[1] != _CANCEL_REQUEST:
+                first = await asyncio.wait_for(_read_message(greader), _GATEWAY_TIMEOUT)
+                cwriter.write(without_channel_binding(first))
             await _splice(creader, cwriter, greader, gwriter)
         finally:
             for w in (cwriter, gwriter):

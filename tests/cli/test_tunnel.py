@@ -438,3 +438,21 @@ def test_silent_gateway_is_given_up_on(pki, monkeypatch):
             server.close()
 
     run(scenario())
+
+
+def test_the_relay_takes_channel_binding_out_of_the_gateways_offer():
+    """The gateway offers SCRAM-SHA-256-PLUS to its TLS peer, the relay; the client behind
+    the relay talks plain loopback, and libpq refuses a -PLUS offer without TLS."""
+    from guard.broker.pgwire import messages as m
+    from guard.broker.pgwire.encoder import encode
+    from guard.broker.pgwire.parser import BackendParser
+    from guard.cli.tunnel import without_channel_binding
+
+    offer = encode(m.AuthenticationSASL(("SCRAM-SHA-256-PLUS", "SCRAM-SHA-256")))
+    parser = BackendParser()
+    parser.feed(without_channel_binding(offer))
+    assert tuple(parser.next_message().mechanisms) == ("SCRAM-SHA-256",)
+    plain = encode(m.AuthenticationSASL(("SCRAM-SHA-256",)))
+    assert without_channel_binding(plain) == plain
+    refusal = encode(m.ErrorResponse.build("28000", "no", severity="FATAL"))
+    assert without_channel_binding(refusal) == refusal
