@@ -89,37 +89,43 @@ def test_records_handed_over_together_share_one_batch_in_their_order(tmp_path, f
     assert verify(path).ok
 
 
-def test_what_arrives_during_a_commit_goes_into_the_next_batch():
+def test_what_arrives_during_an_fsync_goes_into_the_next_one():
     started, release = threading.Event(), threading.Event()
-    batches: list[list[list[bytes]]] = []
+    writes: list[list[list[bytes]]] = []
+    syncs: list[int] = []
     seq = 0
 
-    def commit(batch):
+    def write(batch):
         nonlocal seq
-        batches.append([list(r) for r in batch])
-        started.set()
-        release.wait(10)
+        writes.append([list(r) for r in batch])
         out = []
         for recs in batch:
             out.append(list(range(seq + 1, seq + 1 + len(recs))))
             seq += len(recs)
         return out
 
-    group = GroupCommit(commit, lambda: None)
+    def sync():
+        syncs.append(seq)  # what this fsync covers: everything written before it
+        started.set()
+        release.wait(10)
+
+    group = GroupCommit(write, sync)
 
     async def main():
         loop = asyncio.get_running_loop()
         first = loop.create_future()
         group.submit([b"a"], first.set_result, loop)
-        await loop.run_in_executor(None, started.wait, 10)  # the fsync is "in flight"
-        later = submit_all(group, [[b"b"], [b"c", b"d"]])
-        task = asyncio.ensure_future(later)
-        await asyncio.sleep(0)  # handed over while the first batch is still committing
+        await loop.run_in_executor(None, started.wait, 10)  # its fsync is in flight
+        task = asyncio.ensure_future(submit_all(group, [[b"b"], [b"c", b"d"]]))
+        while len(writes) < 2:  # written while the first fsync is still in flight
+            await asyncio.sleep(0)
+        assert not first.done()
         release.set()
         return await first, await task
 
     assert asyncio.run(main()) == ([1], [[2], [3, 4]])
-    assert batches == [[[b"a"]], [[b"b"], [b"c", b"d"]]]
+    assert writes == [[[b"a"]], [[b"b"], [b"c", b"d"]]]  # one write per loop iteration
+    assert syncs == [1, 4]  # the second fsync covers the whole second batch
     group.close()
 
 

@@ -1,23 +1,26 @@
 """Group commit: statement records of many connections made durable by one fsync.
 
-An fsync costs ~300 µs on this machine's disk (a record's write ~8 µs): one per record
-would cap the gateway at ~3k durable statements per second, and would stop the event loop
-for each. Instead the asyncio shell hands a statement's records to `GroupCommit.submit`
-and its connection stays paused; one writer thread takes everything handed over so far,
-has the sink seal, write and fsync it as one batch, and answers each connection on its
-own event loop (`call_soon_threadsafe`), which then forwards the statements. The batch is
-what arrived in one event-loop iteration (the thread is woken by a callback scheduled with
-`call_soon`, which runs after the iteration's I/O callbacks), plus everything that arrived
-while the previous fsync was in flight: the busier the gateway, the larger the batches.
+An fsync costs 0.3–2 ms on this machine's disk (a record's write ~8 µs) and ~150 µs of CPU:
+one per record would cap the gateway at a few thousand durable statements per second, and
+would stop the event loop for each. Instead the asyncio shell hands a statement's records
+to `GroupCommit.submit` and its connection stays paused. Once per event-loop iteration
+(a `call_soon` callback, which runs after the iteration's I/O callbacks) everything handed
+over is sealed and written in one write, on the loop thread as before; then one writer
+thread fsyncs (fdatasync) and answers each connection on its event loop
+(`call_soon_threadsafe`), which then forwards the statements. Records written while an
+fsync is in flight wait for the next one, which covers all of them: the busier the gateway,
+the more records per fsync. The thread does nothing but the fsync: each time it runs Python
+it needs the GIL, which a busy event loop hands over only every switch interval (5 ms), so
+sealing there (tried first) made every batch wait for the GIL several times.
 
-Ordering: records are sealed in the order they were handed over (one queue, one thread),
-so the chain order is submission order; a connection's own records are in its order, and
-none of its statements is forwarded before the fsync covering its record returned.
-Failure: when the batch cannot be written or synced, every connection in it gets the
-`AuditUnavailable` and refuses its statements (58030); none of them is forwarded.
+Ordering: records are sealed in the order they were handed over (one queue, one loop), so
+a connection's records are in its order, and none of its statements is forwarded before
+the fsync covering its record returned. Failure: when the batch cannot be written, or the
+fsync fails, every connection waiting for it gets the `AuditUnavailable` and refuses its
+statements (58030); none of them is forwarded.
 
-Imports threading, logging and `audit.sink`'s exception; the sink's writes come in as
-callables, so this module does no file I/O itself and never touches a socket.
+Imports threading, logging and `audit.sink`'s exception; the sink's write and fsync come in
+as callables, so this module does no file I/O itself and never touches a socket.
 """
 
 from __future__ import annotations
@@ -35,114 +38,126 @@ log = logging.getLogger("guard.broker.audit")
 # written (AuditUnavailable; any other exception is a bug in the sink, also delivered).
 Result = list[int] | Exception
 Done = Callable[[Result], None]
-_Item = tuple[Sequence[bytes], Done, asyncio.AbstractEventLoop]
 
 # How long `close` waits for the writer thread to commit what it was handed (seconds).
 CLOSE_TIMEOUT = 10.0
 
 
 class GroupCommit:
-    """One writer thread committing batches of handed-over records (see module docstring)."""
+    """Batches of handed-over records, written per loop iteration, fsynced by one thread."""
 
     def __init__(
         self,
-        commit: Callable[[Sequence[Sequence[bytes]]], list[list[int]]],
+        write: Callable[[Sequence[Sequence[bytes]]], list[list[int]]],
         sync: Callable[[], None],
         *,
-        name: str = "guard-audit-commit",
+        name: str = "guard-audit-fsync",
     ) -> None:
-        self._commit = commit  # seal, write and fsync a batch: seqs per submission
-        self._sync = sync  # fsync what was written outside batches
+        self._write = write  # seal and write a batch (no fsync): seqs per submission
+        self._sync = sync  # fsync everything written so far
+        self._queue: list[tuple[Sequence[bytes], Done]] = []
+        self._scheduled_on: asyncio.AbstractEventLoop | None = None  # a write is due there
         self._cond = threading.Condition(threading.Lock())
-        self._queue: list[_Item] = []
-        self._kick_scheduled = False  # a wake-up is waiting on an event loop
-        self._busy = False  # the thread is committing: what arrives now waits for it
-        self._sync_wanted = False
+        # Written batches waiting for their fsync: (batch number, loop, answers), in order.
+        self._waiting: list[tuple[int, asyncio.AbstractEventLoop, list[tuple[Done, Result]]]] = []
+        self._written = 0  # number of the last batch written
+        self._synced = 0  # number of the last batch an fsync covered (or failed)
         self._closing = False
-        # Counters for benches and tests (batches committed, records in them).
+        # Counters for benches and tests: fsyncs done (batches), records they covered.
         self.batches = 0
         self.records = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, records: Sequence[bytes], done: Done, loop: asyncio.AbstractEventLoop) -> None:
-        """Commit `records` with the next batch; `done(seqs or exception)` is then called on
-        `loop` (the caller's running loop: this is called from it). Never blocks."""
-        with self._cond:
-            if self._closing:
-                raise AuditUnavailable("the audit log is closing")
-            self._queue.append((records, done, loop))
-            if self._busy or self._kick_scheduled:
-                return  # the thread takes it with the next batch
-            self._kick_scheduled = True
-        # Wake the thread once this iteration's other connections have handed theirs over.
-        loop.call_soon(self._kick)
+        """Commit `records` with this iteration's batch; `done(seqs or exception)` is called
+        on `loop` (the caller's running loop: this is called from it). Never blocks."""
+        if self._closing:
+            raise AuditUnavailable("the audit log is closing")
+        self._queue.append((records, done))
+        if self._scheduled_on is not loop:
+            self._scheduled_on = loop
+            loop.call_soon(self._write_queued, loop)
 
-    def _kick(self) -> None:
+    def _write_queued(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Once per iteration, on the loop: seal and write what was handed over, one write."""
+        if self._scheduled_on is loop:
+            self._scheduled_on = None
+        batch, self._queue = self._queue, []
+        if not batch:
+            return
+        try:
+            seqs = self._write([records for records, _ in batch])
+        except Exception as exc:  # noqa: BLE001 - answered: AuditUnavailable, or a bug
+            for _, done in batch:
+                _answer_one(done, exc)
+            return
+        answers: list[tuple[Done, Result]] = [
+            (done, result) for (_, done), result in zip(batch, seqs, strict=True)
+        ]
         with self._cond:
-            self._kick_scheduled = False
+            self._written += 1
+            self._waiting.append((self._written, loop, answers))
+            self.records += sum(len(s) for s in seqs)
             self._cond.notify()
 
     def sync_soon(self) -> None:
         """Have the thread fsync what was written outside batches (events, result records)."""
         with self._cond:
-            if not self._closing and not self._sync_wanted:
-                self._sync_wanted = True
+            if not self._closing:
+                self._written += 1  # an empty batch: nobody waits, but it is synced
                 self._cond.notify()
 
     def close(self) -> None:
-        """Commit what was handed over, then stop the thread."""
+        """Write what was handed over (answers go to its loops), fsync, stop the thread."""
+        self._closing = True
+        for loop in {self._scheduled_on} - {None}:
+            assert loop is not None
+            self._write_queued(loop)
         with self._cond:
-            self._closing = True
             self._cond.notify()
         self._thread.join(CLOSE_TIMEOUT)
         if self._thread.is_alive():
-            log.error("audit: the group commit thread did not finish within %ss", CLOSE_TIMEOUT)
+            log.error("audit: the fsync thread did not finish within %ss", CLOSE_TIMEOUT)
 
     def _run(self) -> None:
         cond = self._cond
         while True:
             with cond:
-                self._busy = False
-                while not self._queue and not self._sync_wanted and not self._closing:
+                while self._synced == self._written and not self._closing:
                     cond.wait()
-                batch, self._queue = self._queue, []
-                if not batch and not self._sync_wanted:
-                    return  # closing, nothing left
-                self._sync_wanted = False
-                self._busy = True
-            if batch:
-                self._commit_and_answer(batch)
-            else:
-                try:
-                    self._sync()
-                except AuditUnavailable:
-                    pass  # logged by the sink; the next batch is refused for it
-                except Exception:  # noqa: BLE001 - the thread must outlive a sink bug
-                    log.exception("audit: background fsync failed")
-
-    def _commit_and_answer(self, batch: list[_Item]) -> None:
-        results: list[Result]
-        try:
-            seqs = self._commit([records for records, _, _ in batch])
-            results = list(seqs)
-        except Exception as exc:  # noqa: BLE001 - delivered: AuditUnavailable or a bug
-            results = [exc] * len(batch)
-        self.batches += 1
-        self.records += sum(len(records) for records, _, _ in batch)
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Done, Result]]] = {}
-        for (_, done, loop), result in zip(batch, results, strict=True):
-            by_loop.setdefault(loop, []).append((done, result))
-        for loop, answers in by_loop.items():
+                upto = self._written
+                if upto == self._synced:
+                    return  # closing, all synced
+            error: Exception | None = None
             try:
-                loop.call_soon_threadsafe(_answer, answers)
-            except RuntimeError:  # the loop is closed: its connections are gone
-                log.warning("audit: %d answer(s) for a closed event loop dropped", len(answers))
+                self._sync()  # covers every batch up to `upto` (written before this call)
+            except Exception as exc:  # noqa: BLE001 - answered: AuditUnavailable, or a bug
+                error = exc
+            with cond:
+                self._synced = upto
+                ready = [w for w in self._waiting if w[0] <= upto]
+                self._waiting = self._waiting[len(ready) :]
+                self.batches += 1
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Done, Result]]] = {}
+            for _, loop, answers in ready:
+                if error is not None:
+                    answers = [(done, error) for done, _ in answers]
+                by_loop.setdefault(loop, []).extend(answers)
+            for loop, answers in by_loop.items():
+                try:
+                    loop.call_soon_threadsafe(_answer, answers)
+                except RuntimeError:  # the loop is closed: its connections are gone
+                    log.warning("audit: %d answer(s) for a closed event loop dropped", len(answers))
 
 
 def _answer(answers: list[tuple[Done, Result]]) -> None:
     for done, result in answers:
-        try:
-            done(result)
-        except Exception:  # noqa: BLE001 - one connection's bug must not starve the others
-            log.exception("audit: a group commit answer raised")
+        _answer_one(done, result)
+
+
+def _answer_one(done: Done, result: Result) -> None:
+    try:
+        done(result)
+    except Exception:  # noqa: BLE001 - one connection's bug must not starve the others
+        log.exception("audit: a group commit answer raised")

@@ -12,18 +12,19 @@ statement is refused instead (fail closed). A written line survives `kill -9` of
 
 Durability (`fsync=True`, the broker's default: `audit.fsync`): statement records are made
 durable before their statements are forwarded, by group commit (`audit.commit`): the
-asyncio shell hands them to `group_commit`, whose writer thread seals, writes and fsyncs
-(fdatasync) everything handed over in one event-loop iteration, or while the previous fsync
-was in flight, as one batch, then answers each connection on its event loop. An fsync costs
-~300 µs here, a write ~8 µs: one per batch instead of one per record is what makes durable
-records cheap. A synchronous `append_statements` with fsync on syncs inline (callers without
-an event loop). Records that describe what already happened or that no statement waits for
-(`append`: session events; result batches; checkpoints) are written at once and made durable
-by the writer thread soon after (asked for at once, and at every `flush`), never by an fsync
-on the event loop. Every fsync covers all lines written before it, so what a crash keeps is
-always a prefix of the log. A failed fsync is final until the broker restarts (every append
-is refused): after a failed fsync Linux may drop the unwritten pages and report the next
-fsync as a success, so nothing after it could be trusted to be on disk.
+asyncio shell hands them to `group_commit`, which seals and writes everything handed over
+in one event-loop iteration in one write, and whose fsync thread then fsyncs (fdatasync)
+and answers each connection on its event loop; records written while an fsync is in flight
+share the next one. An fsync costs 0.3–2 ms here, a write ~8 µs: one per batch instead of
+one per record is what makes durable records cheap. A synchronous `append_statements` with
+fsync on syncs inline (callers without an event loop). Records that describe what already
+happened or that no statement waits for (`append`: session events; result batches;
+checkpoints) are written at once and made durable by the fsync thread soon after (asked for
+at once, and at every `flush`), never by an fsync on the event loop. Every fsync covers all
+lines written before it, so what a crash keeps is always a prefix of the log. A failed fsync
+is final until the broker restarts (every append is refused): after a failed fsync Linux
+may drop the unwritten pages and report the next fsync as a success, so nothing after it
+could be trusted to be on disk.
 
 `append_deferred` and `append_results` are for records that describe what already happened
 (result row counts): they are queued with their time and sealed together, as one `results`
@@ -318,7 +319,7 @@ class JsonlAuditSink:
         if fsync:
             from guard.broker.audit.commit import GroupCommit  # it imports AuditUnavailable
 
-            self.group_commit = GroupCommit(self._commit_batch, self._sync_in_background)
+            self.group_commit = GroupCommit(self._write_for_commit, self._sync_in_background)
 
     @classmethod
     def from_settings(cls, settings: _AuditSettings, **kwargs: Any) -> JsonlAuditSink:
@@ -369,7 +370,7 @@ class JsonlAuditSink:
 
     def append(self, record: Recordable) -> int:
         """Write one record that no statement waits for (a session event); with fsync on it
-        is made durable by the writer thread, not here on the caller's event loop."""
+        is made durable by the fsync thread, not here on the caller's event loop."""
         with self._lock:
             (seq,) = self._seal_write((fixed_fields(record),))
         self._durable_soon()
@@ -389,8 +390,8 @@ class JsonlAuditSink:
             return seqs
 
     def _write_batch(self, batch: Sequence[Sequence[bytes]]) -> list[list[int]]:
-        """The group commit's write (its thread): the records of several `append_statements`
-        calls sealed in order and written at once; their seqs, per call. No fsync."""
+        """The records of several `append_statements` calls sealed in order and written at
+        once; their seqs, per call. No fsync."""
         if len(batch) == 1:
             with self._lock:
                 return [self._seal_write(batch[0])]
@@ -576,7 +577,7 @@ class JsonlAuditSink:
             raise self._fsync_failed(exc) from exc
 
     def sync(self) -> None:
-        """Make every line written so far durable (the writer thread's call). The write lock
+        """Make every line written so far durable (the fsync thread's call). The write lock
         is not held during the fsync: the event loop's own appends go on meanwhile (the next
         fsync covers them)."""
         with self._lock:
@@ -603,15 +604,13 @@ class JsonlAuditSink:
         log.error("audit: %s", self._broken)
         return AuditUnavailable(self._broken)
 
-    def _commit_batch(self, batch: Sequence[Sequence[bytes]]) -> list[list[int]]:
-        """The group commit's work, in its thread: write the batch, then fsync it."""
+    def _write_for_commit(self, batch: Sequence[Sequence[bytes]]) -> list[list[int]]:
+        """The group commit's write (on the event loop, once per iteration)."""
         try:
-            seqs = self._write_batch(batch)
-            self.sync()
+            return self._write_batch(batch)
         except AuditUnavailable as exc:
             self._commit_error = str(exc)
             raise
-        return seqs
 
     def _sync_in_background(self) -> None:
         try:
@@ -621,7 +620,7 @@ class JsonlAuditSink:
             raise
 
     def _durable_soon(self) -> None:
-        """Lines no statement waits for were written: have the writer thread fsync them."""
+        """Lines no statement waits for were written: have the fsync thread fsync them."""
         if self.group_commit is not None and self._dirty:
             self.group_commit.sync_soon()
 
