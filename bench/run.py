@@ -1,6 +1,6 @@
 """Benchmark: direct PostgreSQL vs pgbouncer vs guard, measured in the same run.
 
-    .venv/bin/python bench/run.py [--seconds 10] [--clients 8] [--scale 10]
+    .venv/bin/python bench/run.py [--seconds 10] [--clients 8] [--scale 10] [--audit-fsync on|off]
 
 Starts the real demo stack (`guard dev up` in a throwaway GUARD_HOME, with analysis, policy
 and audit on), loads pgbench tables into the demo database, starts pgbouncer (Debian
@@ -233,7 +233,16 @@ def main() -> int:
         help="profile the gateway during its pgbench runs: py-spy (.svg flamegraph, .txt "
         "collapsed stacks), perf (.perf) or strace -c (.strace)",
     )
+    ap.add_argument(
+        "--audit-fsync",
+        choices=("on", "off"),
+        default="off",
+        help="the broker's audit.fsync (group commit; on is the production default, off the "
+        "dev stack's): run both to compare the user path's tps",
+    )
     args = ap.parse_args()
+    os.environ["GUARD_DEV_AUDIT_FSYNC"] = args.audit_fsync  # read by `guard dev up`
+    print(f"audit fsync: {args.audit_fsync}")
 
     with demo_stack("--policy", str(ROOT / "bench/policies.yaml")) as (env, status):
         return _compare(args, env, status)

@@ -242,6 +242,22 @@ def up(
     return status
 
 
+def dev_audit_fsync() -> bool:
+    """The demo broker's `audit.fsync`: off unless GUARD_DEV_AUDIT_FSYNC=on. The demo's
+    PostgreSQL runs with fsync off itself (a power loss loses the database it audits), and an
+    fsync per batch costs the demo's statements latency (0.3–2 ms each on a VM disk; see
+    bench/audit_commit.py, and bench/run.py --audit-fsync on|off for the user path). A
+    record still survives a broker crash (kill -9): it is written before its statement is
+    forwarded. Production brokers keep the setting's default, on."""
+    value = os.environ.get("GUARD_DEV_AUDIT_FSYNC", "off").strip().lower()
+    if value not in ("on", "off", "true", "false", "1", "0"):
+        raise StackError(
+            f"GUARD_DEV_AUDIT_FSYNC={value!r} is not on or off",
+            hint="unset it (off, the default) or set it to on or off",
+        )
+    return value in ("on", "true", "1")
+
+
 def _load_policy(policy_file: Path | None):
     from guard.broker.policy.compile import load_policy_file
 
@@ -362,7 +378,7 @@ def _start(
                 "sslrootcert": str(ca_file),
             }
         },
-        "audit": {"path": str(state_dir / "audit.jsonl")},
+        "audit": {"path": str(state_dir / "audit.jsonl"), "fsync": dev_audit_fsync()},
     }
     config_path = state_dir / "broker.yaml"
     write_private(config_path, yaml.safe_dump(config, sort_keys=False))
