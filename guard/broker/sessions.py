@@ -133,6 +133,8 @@ class SessionManager:
         self._opening_ids: set[str] = set()
         # Called with the session id when a session ends (its approvals are withdrawn).
         self.on_end: list[Callable[[str], Awaitable[None]]] = []
+        # Revocations running after the end was answered (`end(wait_for_revocation=False)`).
+        self._revoking: set[asyncio.Task[bool]] = set()
 
     # -- lookup ------------------------------------------------------------------------
     def by_user(self, user: str) -> Session | None:
@@ -321,17 +323,31 @@ class SessionManager:
                 "retry when GET /v1/health answers ok",
             ) from exc
 
-    async def _release_lease(self, session_id: str, lease_id: str, reason: str) -> None:
+    async def _release_lease(
+        self, session_id: str, lease_id: str, reason: str, *, wait: bool = True
+    ) -> None:
         """Mark the session ended and owe its lease's revocation (persisted first), then
-        try the revocation; a failure is retried by the queue."""
+        try the revocation; a failure is retried by the queue. With `wait=False` the
+        attempt runs in the background: the debt is already on disk, so a crash before it
+        finishes is retried at the next start (`revoke_orphans`)."""
         try:
             self.state.session_ended(session_id, reason, revoke_lease=lease_id)
         except Exception as exc:  # noqa: BLE001 - the revocation is still attempted
             log.error("session %s: could not record its end in the state: %s", session_id, exc)
-        await self.revocations.attempt(lease_id)
+        if wait:
+            await self.revocations.attempt(lease_id)
+            return
+        task = asyncio.get_running_loop().create_task(
+            self.revocations.attempt(lease_id), name=f"revoke lease of session {session_id}"
+        )
+        self._revoking.add(task)
+        task.add_done_callback(self._revoking.discard)
 
     # -- end ---------------------------------------------------------------------------
-    async def end(self, session_id: str, reason: str) -> None:
+    async def end(self, session_id: str, reason: str, *, wait_for_revocation: bool = True) -> None:
+        """End a session: its gateway connections close at once; its lease is revoked
+        before this returns, or (`wait_for_revocation=False`, a client ending its own
+        session: `guard exec` need not wait for OpenBao) right after, in the background."""
         session = self._by_id.get(session_id)
         if session is None or session.ended:
             return
@@ -345,7 +361,9 @@ class SessionManager:
                 await hook(session_id)
             except Exception as exc:  # noqa: BLE001 - logged; the session still ends
                 log.error("ending session %s: %s failed: %s", session_id, hook, exc)
-        await self._release_lease(session_id, session.credentials.lease_id, reason)
+        await self._release_lease(
+            session_id, session.credentials.lease_id, reason, wait=wait_for_revocation
+        )
         # Only now may `reconcile` see the state row as another's: it is ended there.
         self._by_id.pop(session_id, None)
         try:
@@ -369,6 +387,8 @@ class SessionManager:
     async def end_all(self, reason: str) -> None:
         for session in self.active():
             await self.end(session.id, reason)
+        if self._revoking:  # revocations of sessions clients ended just before
+            await asyncio.gather(*self._revoking, return_exceptions=True)
 
     async def revoke_orphans(self) -> None:
         """At start: revoke leases of sessions a previous broker run never ended, and go on

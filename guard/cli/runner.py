@@ -24,7 +24,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from urllib.parse import quote, urlencode
@@ -88,6 +87,8 @@ def gateway_ca(created: SessionCreated, configured: str | None) -> Iterator[str 
     if configured is not None or not created.gateway_ca_pem:
         yield configured
         return
+    import tempfile  # only here: with shutil and random, ~4 ms of every start-up
+
     with tempfile.TemporaryDirectory(prefix="guard-") as folder:
         path = os.path.join(folder, "gateway-ca.pem")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -309,6 +309,8 @@ def test_a_killed_cli_loses_its_session_when_heartbeats_stop(start_broker):
             cli.kill()
             cli.wait()
     wait_for("the role's revocation", lambda: not role_exists(broker.stack, role))
+    # The `ended` record follows the revocation: wait for it rather than race it.
+    wait_for("the end's audit record", lambda: broker.ended(session_id))
     assert broker.ended(session_id) == ["heartbeat lost (none for 2 s)"]
 
 

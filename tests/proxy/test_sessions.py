@@ -333,7 +333,8 @@ def _resolve(token):
 
 
 class _Api:
-    """The app over httpx's ASGI transport, one event loop per request (sync for tests)."""
+    """The app over httpx's ASGI transport, one event loop per request (sync for tests);
+    what the app left running after answering finishes before the loop closes."""
 
     def __init__(self, app):
         self.app = app
@@ -350,7 +351,12 @@ class _Api:
         async def go():
             transport = httpx.ASGITransport(app=self.app, raise_app_exceptions=False)
             async with httpx.AsyncClient(transport=transport, base_url="http://broker") as c:
-                return await c.request(method, path, **kwargs)
+                response = await c.request(method, path, **kwargs)
+            # A server's loop goes on after answering (a lease revoked after the DELETE was
+            # answered): let this one finish that work before it closes.
+            others = asyncio.all_tasks() - {asyncio.current_task()}
+            await asyncio.gather(*others, return_exceptions=True)
+            return response
 
         return asyncio.run(go())
 

@@ -226,7 +226,8 @@ def create_app(  # noqa: C901 - one closure per route
 
     @app.delete("/v1/sessions/{session_id}", status_code=204)
     async def end_session(session_id: str, session: OwnSession) -> Response:
-        await sessions.end(session.id, "ended by client")
+        # The lease's revocation is owed (on disk) before this answers, and runs after.
+        await sessions.end(session.id, "ended by client", wait_for_revocation=False)
         return Response(status_code=204)
 
     app.include_router(approval_routes(approvals, Caller))
