@@ -48,7 +48,8 @@ def usage_error(exc: click.UsageError) -> CliError:
         )
     path = ctx.command_path
     nothing_given = isinstance(exc, NoArgsIsHelpError)  # its message is the whole help
-    commands = getattr(ctx.command, "commands", None)
+    group = ctx.command if isinstance(ctx.command, click.Group) else None
+    commands = group.list_commands(ctx) if group is not None else None
     if commands is not None and (nothing_given or exc.message == "Missing command."):
         return CliError(
             "missing command",
@@ -99,6 +100,22 @@ class GuardGroup(_GuardBase, click.Group):
     command_class = GuardCommand
     group_class = type  # `group.group()` makes another GuardGroup
 
+    def __init__(self, *args: Any, lazy: dict[str, str] | None = None, **kwargs: Any) -> None:
+        """`lazy` names commands by "module:attribute", imported when first looked up:
+        `guard exec` imports `cli.commands.exec` alone, not every command's module."""
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy or {})
+        self._lazy_order = list(self.lazy)  # their place in help, loaded or not
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = self.lazy.pop(cmd_name, None)
+        if target is not None:
+            from importlib import import_module
+
+            module, _, attribute = target.partition(":")
+            self.add_command(getattr(import_module(module), attribute), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
     def main(
         self,
         args: Sequence[str] | None = None,
@@ -117,7 +134,10 @@ class GuardGroup(_GuardBase, click.Group):
         return code
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(self.commands)  # in the order registered (help, hints), not sorted
+        # In the order registered (help, hints), not sorted; lazy ones in their own order
+        # (loaded or not), after the others.
+        eager = [name for name in self.commands if name not in self._lazy_order]
+        return [*eager, *self._lazy_order]
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if not args and self.no_args_is_help and not ctx.resilient_parsing:
@@ -139,11 +159,13 @@ class GuardGroup(_GuardBase, click.Group):
         from difflib import get_close_matches  # only a mistyped command pays for it
 
         path = ctx.command_path
-        close = get_close_matches(name, list(self.commands))
+        names = self.list_commands(ctx)
+        close = get_close_matches(name, names)
         if close:
             return f"did you mean `{path} {close[0]}`?"
         # A sub-command's command typed at this level: `guard status` → `guard dev status`.
-        for group_name, group in self.commands.items():
-            if name in getattr(group, "commands", {}):
+        for group_name in names:
+            group = self.get_command(ctx, group_name)
+            if isinstance(group, click.Group) and name in group.list_commands(ctx):
                 return f"did you mean `{path} {group_name} {name}`?"
-        return f"`{path}` takes one of: {', '.join(self.commands)} (see `{path} --help`)"
+        return f"`{path}` takes one of: {', '.join(names)} (see `{path} --help`)"

@@ -12,7 +12,7 @@ import click
 import pytest
 
 from guard.cli.errors import CliError
-from guard.cli.main import app
+from guard.cli.main import COMMANDS, app
 from guard.cli.options import duration, http_url
 from guard.cli.usage import GuardCommand, GuardGroup, exit_code
 from tests.cli.invoke import Outcome, guard, home  # noqa: F401
@@ -85,12 +85,12 @@ GROUP_CASES = [
 def leaves(command=None, path: str = "") -> dict[str, object]:
     """Every runnable command of the app, by its path ("dev status")."""
     command = command or app
-    subcommands = getattr(command, "commands", None)
-    if subcommands is None:
+    if not isinstance(command, click.Group):
         return {path: command}
+    ctx = click.Context(command)
     found: dict[str, object] = {}
-    for name, sub in subcommands.items():
-        found.update(leaves(sub, f"{path} {name}".strip()))
+    for name in command.list_commands(ctx):  # imports lazily registered commands
+        found.update(leaves(command.get_command(ctx, name), f"{path} {name}".strip()))
     return found
 
 
@@ -110,7 +110,7 @@ def assert_usage_error(outcome) -> None:
     assert lines[0].startswith("error: ") and lines[1].startswith("hint: ")
 
 
-def test_every_command_is_registered_at_import_and_has_usage_cases():
+def test_every_command_is_registered_and_has_usage_cases():
     commands = leaves()
     assert set(commands) == set(CASES)
     for path, command in commands.items():
@@ -213,7 +213,7 @@ HEAVY = (
     ],
 )
 def test_starting_the_cli_loads_no_heavy_module(home, argv):  # noqa: F811
-    # Commands are added to `app` at import; what they need is imported when they run, so
+    # Command modules are imported when looked up; what they need when they run, so
     # start-up, help, --version and usage errors pay only for click.
     code = (
         "import contextlib, io, sys, guard.cli.main\n"
@@ -225,6 +225,26 @@ def test_starting_the_cli_loads_no_heavy_module(home, argv):  # noqa: F811
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "[]"
+
+
+def test_running_a_command_imports_its_module_only(home):  # noqa: F811
+    """`guard exec` (here stopped by a usage error) pays for its own command module, not
+    for the other ten; `guard --help` still lists them all, in their order."""
+    code = (
+        "import contextlib, io, sys, guard.cli.main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), "
+        "contextlib.redirect_stderr(io.StringIO()):\n"
+        "    guard.cli.main.main(['exec', '--db'])\n"
+        "print(sorted(m for m in sys.modules if m.startswith('guard.cli.commands.')))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "['guard.cli.commands.exec']"
+    listed = subprocess.run(
+        [sys.executable, "-m", "guard.cli.main", "--help"], capture_output=True, text=True
+    ).stdout
+    commands = listed.split("Commands:")[1].splitlines()
+    names = [line.split()[0] for line in commands if line.startswith("  ") and line[2] != " "]
+    assert names == list(COMMANDS)
 
 
 def test_shell_completion_comes_with_click(home):  # noqa: F811
