@@ -119,6 +119,13 @@ class GroupCommit:
         self._thread.join(CLOSE_TIMEOUT)
         if self._thread.is_alive():
             log.error("audit: the fsync thread did not finish within %ss", CLOSE_TIMEOUT)
+        elif self.batches:
+            log.info(
+                "audit: %d statement record(s) made durable by %d fsync(s) (%.1f per fsync)",
+                self.records,
+                self.batches,
+                self.records / self.batches,
+            )
 
     def _run(self) -> None:
         cond = self._cond
