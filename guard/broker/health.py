@@ -1,16 +1,19 @@
 """What the broker can say about its own health: the audit sink's last failure, revocations.
 
-`WatchedAuditSink` wraps the real sink (it forwards every call unchanged) and remembers
-whether the last write failed, so `/v1/health` can answer from an attribute without
-touching the disk. `BrokerHealth` gathers the reasons the broker is degraded. Imports the
-audit sink's protocol and the revocation queue; no I/O of its own.
+`WatchedAuditSink` wraps the real sink (it forwards every call unchanged, the group
+commit's answers included) and remembers whether the last write failed, so `/v1/health`
+can answer from an attribute without touching the disk. `BrokerHealth` gathers the
+reasons the broker is degraded. Imports the audit sink's protocol, the group commit's
+types and the revocation queue; no I/O of its own.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from guard.broker.audit.commit import Done, GroupCommit, Result
 from guard.broker.audit.serialize import Recordable
 from guard.broker.audit.sink import AuditSink, AuditUnavailable
 from guard.broker.revocation import RevocationQueue
@@ -23,6 +26,7 @@ class WatchedAuditSink:
     def __init__(self, sink: AuditSink) -> None:
         self.sink = sink
         self.last_error: str | None = None
+        self._group_commit: _WatchedGroupCommit | None = None
 
     def append(self, record: Recordable) -> int:
         try:
@@ -66,9 +70,48 @@ class WatchedAuditSink:
     def close(self) -> None:
         self.sink.close()
 
+    @property
+    def group_commit(self) -> _WatchedGroupCommit | None:
+        """The sink's group commit (None without fsync), its answers watched too: a batch
+        that cannot be written or fsynced degrades health when its connections hear of
+        it, not at the next flush."""
+        inner = getattr(self.sink, "group_commit", None)
+        if inner is None:
+            return None
+        if self._group_commit is None or self._group_commit.inner is not inner:
+            self._group_commit = _WatchedGroupCommit(inner, self)
+        return self._group_commit
+
     def __getattr__(self, name: str) -> Any:
         # Anything else the sink offers (its path, …) is the sink's.
         return getattr(self.sink, name)
+
+
+class _WatchedGroupCommit:
+    """`GroupCommit.submit` with each answer noted in the watcher's `last_error` first."""
+
+    def __init__(self, inner: GroupCommit, watcher: WatchedAuditSink) -> None:
+        self.inner = inner
+        self.watcher = watcher
+
+    def submit(self, records: Sequence[bytes], done: Done, loop: asyncio.AbstractEventLoop) -> None:
+        watcher = self.watcher
+
+        def noted(result: Result) -> None:
+            if isinstance(result, AuditUnavailable):
+                watcher.last_error = str(result)
+            elif not isinstance(result, Exception):
+                watcher.last_error = None
+            done(result)
+
+        try:
+            self.inner.submit(records, noted, loop)
+        except AuditUnavailable as exc:
+            watcher.last_error = str(exc)
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)  # counters, close, sync_soon: the real one's
 
 
 class BrokerHealth:

@@ -4,7 +4,7 @@ What is checked: records handed over in one event-loop iteration share one batch
 fsync) and are sealed in the order they were handed over; what arrives while a batch is
 being committed goes into the next; answers come back on the submitter's event loop; the
 fsync never runs on the caller's thread; a batch that cannot be written answers every
-submitter with `AuditUnavailable` (and the broker's health hears of it at the next flush);
+submitter with `AuditUnavailable` (and the broker's health hears of it with the answer);
 a failed fsync refuses every later record; `kill -9` of a gateway loses no record of a
 statement it forwarded, and the log still verifies.
 """
@@ -170,6 +170,31 @@ def test_a_failed_fsync_refuses_every_later_record(tmp_path, monkeypatch, caplog
     assert reopened.append_statements(records(5))
     reopened.close()
     assert verify(path).ok
+
+
+def test_health_hears_of_a_failed_fsync_from_the_answer_itself(tmp_path, monkeypatch):
+    """The broker's health watch sees a group commit's failure when the connections do,
+    not only at the next flush; a later good batch (after a restart) clears it."""
+    from guard.broker.health import WatchedAuditSink
+
+    watched = WatchedAuditSink(JsonlAuditSink(tmp_path / "audit.jsonl", fsync=True))
+    (answer,) = asyncio.run(submit_all(watched.group_commit, [records(1)]))
+    assert isinstance(answer, list) and watched.last_error is None
+
+    def failing(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(sink_module, "_fdatasync", failing)
+    (answer,) = asyncio.run(submit_all(watched.group_commit, [records(2)]))
+    assert isinstance(answer, AuditUnavailable)
+    assert watched.last_error is not None and "fsync" in watched.last_error
+    watched.close()
+    monkeypatch.undo()
+    again = WatchedAuditSink(JsonlAuditSink(tmp_path / "audit.jsonl", fsync=True))
+    again.last_error = "from before the restart"
+    (answer,) = asyncio.run(submit_all(again.group_commit, [records(3)]))
+    assert isinstance(answer, list) and again.last_error is None
+    again.close()
 
 
 def test_records_no_statement_waits_for_are_synced_by_the_thread(tmp_path, fsyncs, monkeypatch):
