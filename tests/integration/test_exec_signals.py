@@ -14,10 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-import psycopg
 import pytest
 
-from tests.fix_stack import GUARD, Stack
+from tests.fix_stack import GUARD, Stack, gateway_connect
 
 pytestmark = pytest.mark.integration
 
@@ -104,15 +103,18 @@ def test_print_env_lasts_until_a_signal_then_ends_the_session(alice: Stack, sig)
             key, _, value = line.removeprefix("export ").strip().partition("=")
             exports[key] = value
         env = {k: v.strip("'") for k, v in exports.items()}
-        with psycopg.connect(
-            host=env["PGHOST"],
-            port=env["PGPORT"],
-            user=env["PGUSER"],
-            password=env["PGPASSWORD"],
-            dbname=env["PGDATABASE"],
-            sslmode=env["PGSSLMODE"],
-            sslrootcert=env.get("PGSSLROOTCERT"),
-        ) as conn:
+        # The exported variables are all a client needs (here: psycopg, as in the tests
+        # that get a session from the API).
+        client_session = {
+            "gateway_host": env["PGHOST"],
+            "gateway_port": env["PGPORT"],
+            "user": env["PGUSER"],
+            "password": env["PGPASSWORD"],
+            "database": env["PGDATABASE"],
+            "gateway_ca": env["PGSSLROOTCERT"],
+        }
+        assert env["PGSSLMODE"] == "verify-full"
+        with gateway_connect(client_session) as conn:
             role = conn.execute("SELECT current_user").fetchone()[0]
         assert proc.poll() is None  # the session lasts while nothing interrupts it
         proc.send_signal(sig)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 
-import psycopg
 import pytest
 
 from guard.broker.pgwire import messages as m
@@ -25,22 +24,8 @@ pytestmark = pytest.mark.integration
 session = test_gateway.session  # the module-scoped session fixture, shared
 
 
-def _connect(body: dict, **options) -> psycopg.Connection:
-    return psycopg.connect(
-        host=body["gateway_host"],
-        port=body["gateway_port"],
-        user=body["user"],
-        password=body["password"],
-        dbname=body["database"],
-        sslmode="verify-full",
-        sslrootcert=body["gateway_ca"],
-        connect_timeout=10,
-        **options,
-    )
-
-
 def test_libpq_requiring_channel_binding_logs_in(session):
-    with _connect(session, channel_binding="require") as conn:
+    with test_gateway.connect(session, channel_binding="require") as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
