@@ -10,6 +10,11 @@ Untrusted input never escapes as IndexError, struct.error or UnicodeDecodeError:
 malformed, oversized or unexpected input raises `ClientProtocolError` or
 `ServerProtocolError`.
 
+This module is the reference for its compiled twin, `_cframe.c` (drain()'s framing loop,
+passed in as `scan`, and the relay's fast accessors), which guard.broker.proxy.speedups
+picks when it is built and GUARD_PURE_PYTHON is not set; tests/pgwire/test_speedups.py
+holds the two equal.
+
 Stdlib only (struct, enum, dataclasses); never import guard or third-party packages here.
 """
 
@@ -46,6 +51,9 @@ MIN_CANCEL_KEY_SIZE: Final = 4
 MAX_CANCEL_KEY_SIZE: Final = 256
 
 PasswordKind: TypeAlias = Literal["password", "sasl_initial", "sasl", "gss"]
+# The compiled framing loop (`_cframe.scan`): (view, pos, valid, runs, limit, out) →
+# (pos, need); a parser given one drains with it (see _Framer.drain).
+Scan: TypeAlias = Callable[[memoryview, int, bytes, bytes, int, list[memoryview]], tuple[int, int]]
 
 # Precompiled, as psycopg's _struct.py does: a format string parsed per call costs more than
 # the unpack itself on the hot path.
@@ -116,12 +124,26 @@ class _Framer:
     message in many small chunks is copied a bounded number of times, not once per chunk.
     """
 
-    __slots__ = ("_buf", "_pos", "_view", "_chunks", "_chunked", "_max", "_valid", "_runs")
+    __slots__ = (
+        "_buf",
+        "_pos",
+        "_view",
+        "_chunks",
+        "_chunked",
+        "_max",
+        "_valid",
+        "_runs",
+        "_scan",
+    )
     _error: type[ProtocolError] = ProtocolError
     _side: str = ""
 
     def __init__(
-        self, max_message_size: int, valid_tags: frozenset[int], run_tags: frozenset[int]
+        self,
+        max_message_size: int,
+        valid_tags: frozenset[int],
+        run_tags: frozenset[int],
+        scan: Scan | None = None,
     ) -> None:
         if max_message_size < 4:
             raise ValueError("max_message_size must be at least 4 (the length word)")
@@ -135,6 +157,9 @@ class _Framer:
         self._max = max_message_size
         self._valid = _tag_table(valid_tags)
         self._runs = _tag_table(run_tags)
+        # The compiled framing loop, if the caller picked it (guard.broker.proxy.speedups);
+        # None: the loop below, which is the reference.
+        self._scan = scan
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
@@ -178,6 +203,8 @@ class _Framer:
         caller can act on the well-formed messages before it (as it would have, had they
         arrived in an earlier read) and then fail. The next drain() finds the same error.
         """
+        if self._scan is not None:
+            return self._drain_scanned(self._scan)
         out: list[memoryview] = []
         append = out.append
         buf, pos, view = self._buf, self._pos, self._view
@@ -219,6 +246,22 @@ class _Framer:
             pos = end
         self._pos = pos
         return out, None
+
+    def _drain_scanned(self, scan: Scan) -> tuple[list[memoryview], ProtocolError | None]:
+        """drain() with the compiled loop framing what the buffer holds: the same frames and
+        the same error, since buffering (_join) and the errors stay here."""
+        out: list[memoryview] = []
+        while True:
+            pos, need = scan(self._view, self._pos, self._valid, self._runs, self._max, out)
+            if need == 0:  # a malformed header at pos
+                self._pos = pos
+                try:
+                    self._next_tagged()  # raises, with its message for this fault
+                except ProtocolError as err:
+                    return out, err
+                raise AssertionError("a malformed message framed")  # pragma: no cover
+            if not self._join(pos, need):  # sets _pos when it cannot
+                return out, None
 
     def _join(self, pos: int, need: int) -> bool:
         """Make the buffer hold `need` unread bytes from `pos`, if the queued reads have them.
@@ -314,9 +357,13 @@ class FrontendParser(_Framer):
     _side = "frontend"
 
     def __init__(
-        self, *, max_message_size: int = MAX_MESSAGE_SIZE, expect_startup: bool = True
+        self,
+        *,
+        max_message_size: int = MAX_MESSAGE_SIZE,
+        expect_startup: bool = True,
+        scan: Scan | None = None,
     ) -> None:
-        super().__init__(max_message_size, m.FRONTEND_TAGS, _FRONTEND_RUNS)
+        super().__init__(max_message_size, m.FRONTEND_TAGS, _FRONTEND_RUNS, scan)
         self._state = _STARTUP if expect_startup else _TAGGED
         self._negotiated: set[int] = set()
         # 'p' is ambiguous on the wire; the authentication exchange says what comes next.
@@ -403,8 +450,10 @@ class BackendParser(_Framer):
     _error = ServerProtocolError
     _side = "backend"
 
-    def __init__(self, *, max_message_size: int = MAX_MESSAGE_SIZE) -> None:
-        super().__init__(max_message_size, m.BACKEND_TAGS, _BACKEND_RUNS)
+    def __init__(
+        self, *, max_message_size: int = MAX_MESSAGE_SIZE, scan: Scan | None = None
+    ) -> None:
+        super().__init__(max_message_size, m.BACKEND_TAGS, _BACKEND_RUNS, scan)
 
     def next_message(self) -> m.BackendMessage | NeedData:
         frame = self._next_tagged()

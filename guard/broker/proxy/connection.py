@@ -79,14 +79,9 @@ from guard.broker.pgwire.messages import (  # the tags, compared as plain global
 from guard.broker.pgwire.parser import (
     BackendParser,
     FrontendParser,
-    bind_names,
-    cstring_body,
     decode_backend,
     decode_frontend,
-    describe_target,
-    execute_portal,
     frame_of,
-    parse_statement,
 )
 from guard.broker.proxy.commands import (
     CloseConnection,
@@ -103,6 +98,14 @@ from guard.broker.proxy.encoding import codec_for, decode_parse, decode_query
 from guard.broker.proxy.events import ApprovalDecided
 from guard.broker.proxy.gate import AUDIT_UNAVAILABLE, Decision, Gate
 from guard.broker.proxy.names import Description, NameTables, Portal, Prepared, Undo
+from guard.broker.proxy.speedups import (  # compiled, or pgwire.parser's (the reference)
+    bind_names,
+    cstring_body,
+    describe_target,
+    execute_portal,
+    parse_statement,
+    scan,
+)
 
 _UNPACK_LENGTH = struct.Struct("!i").unpack_from
 
@@ -257,8 +260,8 @@ class GatewayConnection:
         self.client_user = client_user
         self.state = State.RELAYING
         kwargs = {"max_message_size": max_message_size} if max_message_size else {}
-        self._frontend = FrontendParser(expect_startup=False, **kwargs)
-        self._backend = BackendParser(**kwargs)
+        self._frontend = FrontendParser(expect_startup=False, scan=scan, **kwargs)
+        self._backend = BackendParser(scan=scan, **kwargs)
         self._pending: deque[Pending] = deque()
         self.names = NameTables()
         # Client messages framed but not yet handled (the connection paused before them).

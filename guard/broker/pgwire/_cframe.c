@@ -1,0 +1,359 @@
+/* guard.broker.pgwire._cframe: the relay's byte scanning, compiled.
+ *
+ * The compiled twin of parts of guard/broker/pgwire/parser.py (the reference): `scan`
+ * frames the buffered tagged messages the way `_Framer.drain` does, and the fast accessors
+ * (`cstring_body`, `execute_portal`, `parse_statement`, `bind_names`, `describe_target`)
+ * read a framed message's names as their namesakes there do. Selected by
+ * guard.broker.proxy.speedups unless GUARD_PURE_PYTHON=1; tests/pgwire/test_speedups.py holds
+ * the two equal on the same inputs.
+ *
+ * Only the well-formed case is handled here. Whenever an accessor's input is malformed (or
+ * its names are not UTF-8) it calls the pure-Python function of the same name with the same
+ * arguments, so every error a client or server can provoke is raised by the reference
+ * itself, message for message. `scan` reports a malformed header's position and leaves the
+ * error to the parser, as the pure drain() does.
+ *
+ * CPython C API only; no guard import except the reference module, and only on those error
+ * paths.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+
+static inline long
+read_int32(const unsigned char *p)
+{
+    /* Big-endian Int32, signed as PostgreSQL's length words are read. */
+    return (long)(int32_t)(((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) |
+                           ((uint32_t)p[2] << 8) | (uint32_t)p[3]);
+}
+
+/* ------------------------------------------------------------------ scan */
+
+PyDoc_STRVAR(scan_doc,
+"scan(view, pos, valid, runs, limit, out) -> (pos, need)\n\n"
+"Append to `out` a slice of `view` for every complete tagged message from `pos` on, a run\n"
+"of consecutive messages of a `runs` type joined into one slice (as _Framer.drain does).\n"
+"Stops at the first message that is not complete: `need` is how many bytes from the\n"
+"returned `pos` it takes (5 for the header, else 1 + its length); or at a malformed header\n"
+"(a tag not in `valid`, a length under 4 or over `limit`): `need` is 0.");
+
+static PyObject *
+scan(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "scan() takes 6 arguments");
+        return NULL;
+    }
+    PyObject *view = args[0], *out = args[5];
+    Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
+    if (pos == -1 && PyErr_Occurred())
+        return NULL;
+    long long limit = PyLong_AsLongLong(args[4]);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    if (!PyBytes_Check(args[2]) || PyBytes_GET_SIZE(args[2]) != 256 ||
+        !PyBytes_Check(args[3]) || PyBytes_GET_SIZE(args[3]) != 256) {
+        PyErr_SetString(PyExc_TypeError, "scan(): valid and runs must be 256-byte tables");
+        return NULL;
+    }
+    if (!PyList_Check(out)) {
+        PyErr_SetString(PyExc_TypeError, "scan(): out must be a list");
+        return NULL;
+    }
+    const unsigned char *valid = (const unsigned char *)PyBytes_AS_STRING(args[2]);
+    const unsigned char *runs = (const unsigned char *)PyBytes_AS_STRING(args[3]);
+
+    Py_buffer buffer;
+    if (PyObject_GetBuffer(view, &buffer, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *buf = buffer.buf;
+    Py_ssize_t size = buffer.len;
+    Py_ssize_t need = 0;
+    if (pos < 0 || pos > size) {
+        PyBuffer_Release(&buffer);
+        PyErr_SetString(PyExc_ValueError, "scan(): pos outside the buffer");
+        return NULL;
+    }
+    for (;;) {
+        if (size - pos < 5) {
+            need = 5;
+            break;
+        }
+        unsigned char kind = buf[pos];
+        long long length = read_int32(buf + pos + 1);
+        if (!valid[kind] || length < 4 || length > limit) {
+            need = 0; /* malformed: the parser raises its error for it */
+            break;
+        }
+        Py_ssize_t end = pos + 1 + (Py_ssize_t)length;
+        if (end > size) {
+            need = 1 + (Py_ssize_t)length;
+            break;
+        }
+        if (runs[kind]) {
+            /* One header read per message: this loop runs once per result row. */
+            while (size - end >= 5) {
+                long long next = read_int32(buf + end + 1);
+                if (buf[end] != kind || next < 4 || next > limit)
+                    break;
+                Py_ssize_t after = end + 1 + (Py_ssize_t)next;
+                if (after > size)
+                    break;
+                end = after;
+            }
+        }
+        PyObject *slice = PySequence_GetSlice(view, pos, end);
+        if (slice == NULL || PyList_Append(out, slice) < 0) {
+            Py_XDECREF(slice);
+            PyBuffer_Release(&buffer);
+            return NULL;
+        }
+        Py_DECREF(slice);
+        pos = end;
+    }
+    PyBuffer_Release(&buffer);
+    return Py_BuildValue("(nn)", pos, need);
+}
+
+/* ------------------------------------------------------------------ accessors */
+
+/* Call the pure-Python accessor `name` of guard.broker.pgwire.parser with these arguments:
+ * the reference raises the error the input deserves (or, should this file be stricter than
+ * it, returns its value). */
+static PyObject *
+reference(const char *name, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *parser = PyImport_ImportModule("guard.broker.pgwire.parser");
+    if (parser == NULL)
+        return NULL;
+    PyObject *func = PyObject_GetAttrString(parser, name);
+    Py_DECREF(parser);
+    if (func == NULL)
+        return NULL;
+    PyObject *result = PyObject_Vectorcall(func, args, (size_t)nargs, NULL);
+    Py_DECREF(func);
+    return result;
+}
+
+/* The bytes of a framed message (a memoryview, or any contiguous buffer). */
+static int
+get_raw(PyObject *raw, Py_buffer *buffer)
+{
+    return PyObject_GetBuffer(raw, buffer, PyBUF_SIMPLE);
+}
+
+/* UTF-8 text, or NULL with no error set when the bytes are not UTF-8. */
+static PyObject *
+utf8_or_null(const unsigned char *p, Py_ssize_t n)
+{
+    PyObject *text = PyUnicode_DecodeUTF8((const char *)p, n, NULL);
+    if (text == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError))
+        PyErr_Clear();
+    return text;
+}
+
+PyDoc_STRVAR(cstring_body_doc,
+"cstring_body(raw, what) -> str: the one NUL-terminated UTF-8 string a message consists of.");
+
+static PyObject *
+cstring_body(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2)
+        return reference("cstring_body", args, nargs);
+    Py_buffer b;
+    if (get_raw(args[0], &b) < 0)
+        return NULL;
+    const unsigned char *p = b.buf;
+    Py_ssize_t n = b.len;
+    PyObject *text = NULL;
+    if (n >= 6 && p[n - 1] == 0 && memchr(p + 5, 0, (size_t)(n - 6)) == NULL)
+        text = utf8_or_null(p + 5, n - 6);
+    PyBuffer_Release(&b);
+    if (text != NULL || PyErr_Occurred())
+        return text;
+    return reference("cstring_body", args, nargs);
+}
+
+PyDoc_STRVAR(execute_portal_doc, "execute_portal(raw) -> str: the portal an Execute runs.");
+
+static PyObject *
+execute_portal(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 1)
+        return reference("execute_portal", args, nargs);
+    Py_buffer b;
+    if (get_raw(args[0], &b) < 0)
+        return NULL;
+    const unsigned char *p = b.buf;
+    Py_ssize_t n = b.len;
+    PyObject *name = NULL;
+    if (n >= 10 && p[n - 5] == 0 && memchr(p + 5, 0, (size_t)(n - 10)) == NULL)
+        name = utf8_or_null(p + 5, n - 10);
+    PyBuffer_Release(&b);
+    if (name != NULL || PyErr_Occurred())
+        return name;
+    return reference("execute_portal", args, nargs);
+}
+
+/* The two NUL-terminated strings at the front of p[0:n]: their terminators' offsets. */
+static int
+two_cstrings(const unsigned char *p, Py_ssize_t n, Py_ssize_t *end1, Py_ssize_t *end2)
+{
+    const unsigned char *first = memchr(p, 0, (size_t)n);
+    if (first == NULL)
+        return 0;
+    *end1 = first - p;
+    const unsigned char *second = memchr(first + 1, 0, (size_t)(n - *end1 - 1));
+    if (second == NULL)
+        return 0;
+    *end2 = second - p;
+    return 1;
+}
+
+/* (first, second) decoded, or NULL (no error set: not UTF-8). */
+static PyObject *
+utf8_pair(const unsigned char *p, Py_ssize_t end1, Py_ssize_t end2)
+{
+    PyObject *first = utf8_or_null(p, end1);
+    if (first == NULL)
+        return NULL;
+    PyObject *second = utf8_or_null(p + end1 + 1, end2 - end1 - 1);
+    if (second == NULL) {
+        Py_DECREF(first);
+        return NULL;
+    }
+    PyObject *pair = PyTuple_New(2);
+    if (pair == NULL) {
+        Py_DECREF(first);
+        Py_DECREF(second);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(pair, 0, first);
+    PyTuple_SET_ITEM(pair, 1, second);
+    return pair;
+}
+
+PyDoc_STRVAR(parse_statement_doc,
+"parse_statement(raw) -> (name, query): the statement name and text of a Parse.");
+
+static PyObject *
+parse_statement(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 1)
+        return reference("parse_statement", args, nargs);
+    Py_buffer b;
+    if (get_raw(args[0], &b) < 0)
+        return NULL;
+    PyObject *pair = NULL;
+    if (b.len >= 5) {
+        const unsigned char *body = (const unsigned char *)b.buf + 5;
+        Py_ssize_t n = b.len - 5, end1, end2;
+        if (two_cstrings(body, n, &end1, &end2) && n >= end2 + 3) {
+            Py_ssize_t count = ((Py_ssize_t)body[end2 + 1] << 8) | body[end2 + 2];
+            if (n == end2 + 3 + 4 * count)
+                pair = utf8_pair(body, end1, end2);
+        }
+    }
+    PyBuffer_Release(&b);
+    if (pair != NULL || PyErr_Occurred())
+        return pair;
+    return reference("parse_statement", args, nargs);
+}
+
+PyDoc_STRVAR(bind_names_doc,
+"bind_names(raw) -> (portal, statement) of a Bind, its parameters not read.");
+
+static PyObject *
+bind_names(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 1)
+        return reference("bind_names", args, nargs);
+    Py_buffer b;
+    if (get_raw(args[0], &b) < 0)
+        return NULL;
+    PyObject *pair = NULL;
+    if (b.len >= 5) {
+        /* The reference reads a window first, then the whole body: the first two NULs of
+         * the body either way. */
+        const unsigned char *body = (const unsigned char *)b.buf + 5;
+        Py_ssize_t end1, end2;
+        if (two_cstrings(body, b.len - 5, &end1, &end2))
+            pair = utf8_pair(body, end1, end2);
+    }
+    PyBuffer_Release(&b);
+    if (pair != NULL || PyErr_Occurred())
+        return pair;
+    return reference("bind_names", args, nargs);
+}
+
+PyDoc_STRVAR(describe_target_doc,
+"describe_target(raw, what) -> (b'S' or b'P', name) of a Describe or Close.");
+
+static PyObject *
+describe_target(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2)
+        return reference("describe_target", args, nargs);
+    Py_buffer b;
+    if (get_raw(args[0], &b) < 0)
+        return NULL;
+    const unsigned char *p = b.buf;
+    Py_ssize_t n = b.len;
+    PyObject *result = NULL;
+    if (n >= 7 && p[n - 1] == 0 && (p[5] == 'S' || p[5] == 'P') &&
+        memchr(p + 6, 0, (size_t)(n - 7)) == NULL) {
+        PyObject *name = utf8_or_null(p + 6, n - 7);
+        if (name != NULL) {
+            PyObject *kind = PyBytes_FromStringAndSize((const char *)p + 5, 1);
+            if (kind == NULL) {
+                Py_DECREF(name);
+            }
+            else {
+                result = PyTuple_New(2);
+                if (result == NULL) {
+                    Py_DECREF(kind);
+                    Py_DECREF(name);
+                }
+                else {
+                    PyTuple_SET_ITEM(result, 0, kind);
+                    PyTuple_SET_ITEM(result, 1, name);
+                }
+            }
+        }
+    }
+    PyBuffer_Release(&b);
+    if (result != NULL || PyErr_Occurred())
+        return result;
+    return reference("describe_target", args, nargs);
+}
+
+/* ------------------------------------------------------------------ module */
+
+static PyMethodDef methods[] = {
+    {"scan", (PyCFunction)(void (*)(void))scan, METH_FASTCALL, scan_doc},
+    {"cstring_body", (PyCFunction)(void (*)(void))cstring_body, METH_FASTCALL,
+     cstring_body_doc},
+    {"execute_portal", (PyCFunction)(void (*)(void))execute_portal, METH_FASTCALL,
+     execute_portal_doc},
+    {"parse_statement", (PyCFunction)(void (*)(void))parse_statement, METH_FASTCALL,
+     parse_statement_doc},
+    {"bind_names", (PyCFunction)(void (*)(void))bind_names, METH_FASTCALL, bind_names_doc},
+    {"describe_target", (PyCFunction)(void (*)(void))describe_target, METH_FASTCALL,
+     describe_target_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    "guard.broker.pgwire._cframe",
+    "The relay's byte scanning, compiled (parser.py is the reference).",
+    0,
+    methods,
+};
+
+PyMODINIT_FUNC
+PyInit__cframe(void)
+{
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,207 @@
+"""The compiled byte scanning (`pgwire._cframe`) is held to the pure-Python reference
+(`pgwire.parser`): on the same input, the same frames, values, and errors (type and
+message), well-formed or not; and GUARD_PURE_PYTHON=1 selects the reference."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from guard.broker.pgwire import parser
+from guard.broker.pgwire.parser import BackendParser, FrontendParser
+
+try:
+    from guard.broker.pgwire import _cframe
+except ImportError:  # not built: fine on a machine without a compiler, not in CI
+    if os.environ.get("CI") == "true":
+        raise
+    pytest.skip("the C extension is not built (no compiler?)", allow_module_level=True)
+
+
+def _outcome(call):
+    """A call's value, or its exception as (type, message): what must be equal."""
+    try:
+        return ("value", call())
+    except Exception as exc:  # noqa: BLE001 - any exception, compared
+        return ("raised", type(exc), str(exc))
+
+
+# ------------------------------------------------------------------------- framing
+def _message(tag: bytes, body: bytes, length: int | None = None) -> bytes:
+    return tag + struct.pack("!i", len(body) + 4 if length is None else length) + body
+
+
+# Streams of messages that are mostly well-formed, runs of DataRow / CopyData included, with
+# now and then a bad tag or length, split into reads at arbitrary points.
+TAGS = st.sampled_from([b"D", b"D", b"D", b"d", b"d", b"T", b"C", b"Z", b"E", b"Q", b"P", b"\x00"])
+MESSAGE = st.one_of(
+    st.builds(_message, TAGS, st.binary(max_size=12)),
+    st.builds(_message, TAGS, st.binary(max_size=4), st.integers(-8, 40)),  # lengths off
+)
+
+
+@st.composite
+def reads(draw: st.DrawFn) -> list[bytes]:
+    stream = b"".join(draw(st.lists(MESSAGE, max_size=12)))
+    cuts = sorted(draw(st.lists(st.integers(0, len(stream)), max_size=5)))
+    edges = [0, *cuts, len(stream)]
+    return [stream[a:b] for a, b in zip(edges, edges[1:], strict=False)]
+
+
+def _drains(make, chunks: list[bytes]) -> list[object]:
+    """What drain() hands out after each read: frame bytes, error, bytes still buffered."""
+    p = make()
+    seen: list[object] = []
+    for chunk in chunks:
+        p.feed(chunk)
+        frames, error = p.drain()
+        got = None if error is None else (type(error), str(error))
+        seen.append(([bytes(f) for f in frames], got, p.buffered))
+    return seen
+
+
+@pytest.mark.parametrize("side", ["backend", "frontend"])
+@pytest.mark.parametrize("limit", [parser.MAX_MESSAGE_SIZE, 16])
+@given(chunks=reads())
+@settings(max_examples=300)
+def test_scan_frames_as_the_pure_drain_does(side, limit, chunks):
+    def make(scan=None):
+        if side == "backend":
+            return BackendParser(max_message_size=limit, scan=scan)
+        return FrontendParser(max_message_size=limit, expect_startup=False, scan=scan)
+
+    assert _drains(lambda: make(_cframe.scan), chunks) == _drains(make, chunks)
+
+
+def test_a_run_of_rows_split_everywhere_is_framed_alike():
+    rows = b"".join(_message(b"D", struct.pack("!hi", 1, 3) + b"abc") for _ in range(50))
+    stream = _message(b"T", b"\x00\x00") + rows + _message(b"C", b"SELECT 50\x00")
+    for size in (1, 2, 5, 7, 13, 64, len(stream)):
+        chunks = [stream[i : i + size] for i in range(0, len(stream), size)]
+        compiled = _drains(lambda: BackendParser(scan=_cframe.scan), chunks)
+        assert compiled == _drains(BackendParser, chunks)
+        assert b"".join(b"".join(frames) for frames, _, _ in compiled) == stream
+
+
+def test_scan_rejects_what_is_not_its_input():
+    table = bytes(256)
+    with pytest.raises(TypeError):
+        _cframe.scan(memoryview(b""), 0, b"", table, 10, [])
+    with pytest.raises(ValueError):
+        _cframe.scan(memoryview(b"abc"), 4, table, table, 10, [])
+
+
+# ------------------------------------------------------------------------- accessors
+# Bodies built from the bytes that matter (NUL, kind letters, UTF-8 lead and bad bytes,
+# counts) so that both well-formed and subtly malformed messages come up often.
+BODIES = st.one_of(
+    st.lists(
+        st.sampled_from(
+            [b"\x00", b"S", b"P", b"a", b"\xc3\xa9", b"\xff", b"\xed\xa0\x80", b"\x00\x01"]
+            + [b"\x00\x00\x00\x05", b"\x00\x00\x00\x17"]
+        ),
+        max_size=10,
+    ).map(b"".join),
+    st.binary(max_size=24),
+)
+
+
+def _raw(tag: bytes, body: bytes) -> memoryview:
+    return memoryview(_message(tag, body))
+
+
+def _agree(name: str, raw: memoryview, *rest: str) -> None:
+    compiled, pure = getattr(_cframe, name), getattr(parser, name)
+    assert _outcome(lambda: compiled(raw, *rest)) == _outcome(lambda: pure(raw, *rest))
+
+
+@given(BODIES, st.sampled_from([(b"Q", "Query"), (b"C", "CommandComplete")]))
+@example(b"select 1\x00", (b"Q", "Query"))
+@example(b"\xff\x00", (b"C", "CommandComplete"))
+@example(b"", (b"Q", "Query"))
+def test_cstring_body(body, tag_what):
+    tag, what = tag_what
+    _agree("cstring_body", _raw(tag, body), what)
+
+
+@given(BODIES)
+@example(b"portal\x00\x00\x00\x00\x00")
+@example(b"\x00\x00\x00\x00\x00")
+@example(b"\xc3\x00\x00\x00\x00\x00")
+def test_execute_portal(body):
+    _agree("execute_portal", _raw(b"E", body))
+
+
+@given(BODIES)
+@example(b"s\x00select $1\x00\x00\x01\x00\x00\x00\x17")  # one parameter type, well-formed
+@example(b"s\x00select $1\x00\x00\x01\x00\x00\x00\x17\x00")  # one byte too many
+@example(b"\x00\x00\x00\x00")  # unnamed, empty text, no types
+@example(b"\x00\xff\x00\x00\x00")  # text not UTF-8
+def test_parse_statement(body):
+    _agree("parse_statement", _raw(b"P", body))
+
+
+@given(BODIES)
+@example(b"\x00s1\x00\x00\x00\x00\x00\x00\x00")
+@example(b"\x00" + b"x" * 2000 + b"\x00")  # names beyond the window the reference reads first
+@example(b"\xed\xa0\x80\x00\x00")  # a surrogate is not UTF-8
+def test_bind_names(body):
+    _agree("bind_names", _raw(b"B", body))
+
+
+@given(BODIES, st.sampled_from([(b"D", "Describe"), (b"C", "Close")]))
+@example(b"Sname\x00", (b"D", "Describe"))
+@example(b"P\x00", (b"C", "Close"))
+@example(b"X\x00", (b"D", "Describe"))
+def test_describe_target(body, tag_what):
+    tag, what = tag_what
+    _agree("describe_target", _raw(tag, body), what)
+
+
+def test_accessors_take_any_buffer_and_refuse_other_arguments():
+    raw = _message(b"E", b"p\x00\x00\x00\x00\x00")
+    assert _cframe.execute_portal(raw) == parser.execute_portal(memoryview(raw)) == "p"
+    with pytest.raises(TypeError):
+        _cframe.execute_portal("not bytes")
+    # A wrong argument count is the reference's TypeError, as a call to it would be.
+    assert _outcome(lambda: _cframe.execute_portal()) == _outcome(lambda: parser.execute_portal())
+
+
+# ------------------------------------------------------------------------- selection
+def _selected(env_value: str | None) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "GUARD_PURE_PYTHON"}
+    if env_value is not None:
+        env["GUARD_PURE_PYTHON"] = env_value
+    code = (
+        "from guard.broker.proxy import speedups, connection as c\n"
+        "print(speedups.COMPILED, speedups.scan is None, c.bind_names.__module__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    return out.stdout.strip()
+
+
+def test_guard_pure_python_selects_the_reference():
+    assert _selected("1") == "False True guard.broker.pgwire.parser"
+    assert _selected(None) == "True False guard.broker.pgwire._cframe"
+    assert _selected("0") == "True False guard.broker.pgwire._cframe"
+
+
+def test_a_parser_given_a_scan_drains_with_it():
+    calls: list[int] = []
+
+    def counting(view, pos, valid, runs, limit, out):
+        calls.append(pos)
+        return _cframe.scan(view, pos, valid, runs, limit, out)
+
+    p = BackendParser(scan=counting)
+    p.feed(_message(b"Z", b"I"))
+    assert [bytes(f) for f in p.drain()[0]] == [_message(b"Z", b"I")]
+    assert calls == [0]
