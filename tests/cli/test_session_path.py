@@ -6,6 +6,7 @@ PyJWT, keyring or asyncio loaded on the way."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import socket
 import ssl
@@ -315,3 +316,101 @@ def test_a_transport_stands_in_for_the_network():
     )
     assert request.headers["x-a"] == "b" and request.content == b"[1]"
     assert answer.request is request
+
+
+# ------------------------------------------------------------------ through a proxy
+def test_proxy_settings_are_read_as_curl_reads_them():
+    env = {"HTTPS_PROXY": "http://u%40corp:p%3Ass@proxy.corp:3128", "no_proxy": "internal, .lan"}
+    proxy = http.proxy_for("https", "idp.example.com", env)
+    assert proxy is not None and (proxy.host, proxy.port) == ("proxy.corp", 3128)
+    assert proxy.headers == {
+        "Proxy-Authorization": "Basic " + base64.b64encode(b"u@corp:p:ss").decode()
+    }
+    assert http.proxy_for("https", "broker.internal", env) is None  # listed
+    assert http.proxy_for("https", "db.lan", env) is None  # a suffix
+    assert http.proxy_for("https", "x", {"https_proxy": "proxy:8080", "NO_PROXY": "*"}) is None
+    assert http.proxy_for("http", "idp.example.com", env) is None  # only HTTPS_PROXY set
+    assert http.proxy_for("https", "a", {"https_proxy": "proxy:8080"}).headers == {}
+
+
+class _ConnectProxy:
+    """A CONNECT-only proxy that remembers what it was asked and splices the tunnel."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, str | None]] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._tunnel, args=(client,), daemon=True).start()
+
+    def _tunnel(self, client: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += client.recv(4096)
+        lines = head.decode().split("\r\n")
+        auth = next(
+            (v for k, _, v in (x.partition(": ") for x in lines[1:]) if k == "Proxy-Authorization"),
+            None,
+        )
+        target = lines[0].split()[1]
+        self.asked.append((lines[0], auth))
+        host, _, port = target.rpartition(":")
+        upstream = socket.create_connection((host, int(port)))
+        client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+        def pipe(a: socket.socket, b: socket.socket) -> None:
+            with contextlib.suppress(OSError):
+                while data := a.recv(65536):
+                    b.sendall(data)
+            with contextlib.suppress(OSError):
+                b.shutdown(socket.SHUT_WR)
+
+        threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
+        pipe(client, upstream)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_https_goes_through_a_connect_proxy_verified_end_to_end(tmp_path, monkeypatch):
+    from guard.devstack.tls import broker_cert, make_dev_ca
+
+    ca, _, _ = make_dev_ca(tmp_path)
+    cert, key = broker_cert(tmp_path)
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    proxy = _ConnectProxy()
+    monkeypatch.setenv("HTTPS_PROXY", f"http://me:secret@127.0.0.1:{proxy.port}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    url = f"https://127.0.0.1:{srv.server_address[1]}"
+    try:
+        verified = ssl.create_default_context(cafile=str(ca))
+        with http.HttpClient(url, context=verified) as client:
+            assert client.get("/through").json()["path"] == "/through"
+        assert proxy.asked == [
+            (
+                f"CONNECT 127.0.0.1:{srv.server_address[1]} HTTP/1.0",  # http.client's
+                "Basic " + base64.b64encode(b"me:secret").decode(),
+            )
+        ]
+        with pytest.raises(http.ConnectError), http.HttpClient(url) as client:
+            client.get("/unverified")  # the proxy cannot vouch for the server
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        with http.HttpClient(url, context=verified) as client:
+            client.get("/direct")
+        assert len(proxy.asked) == 2  # the bypassed request did not reach the proxy
+    finally:
+        proxy.close()
+        srv.shutdown()
+        srv.server_close()
