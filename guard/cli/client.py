@@ -63,6 +63,11 @@ class BrokerClient:
     def close(self) -> None:
         self._http.close()
 
+    def use_token(self, token: str) -> None:
+        """Send `token` from now on (the session credential after the open), on the same
+        connection."""
+        self._http.headers["authorization"] = f"Bearer {token}"
+
     def _request(self, method: str, path: str, **kwargs: Any) -> Response:
         try:
             response = self._http.request(method, path, **kwargs)

@@ -281,18 +281,20 @@ def run_in_session(
 ) -> int:
     """Open a session, run `argv` in it (None: wait for Ctrl-C), end it; the exit status.
     `relay_port` (guard proxy) serves the session on a plain loopback port instead."""
-    opener = BrokerClient(broker_url, token)
+    ender = BrokerClient(broker_url, token)
     try:
-        created = opener.create_session(
+        created = ender.create_session(
             target, reason=reason, ttl_seconds=ttl_seconds, heartbeat=True
         )
-    finally:
-        opener.close()
+    except BaseException:
+        ender.close()
+        raise
     # From here on the session's own credential (an older broker gives none: the ID token).
-    # Heartbeats and the end use separate clients: they may run at the same time.
+    # The end goes on the opening request's connection (no second TLS handshake when the
+    # child was quick); heartbeats have their own client: they run in another thread.
     credential = created.session_token or token
+    ender.use_token(credential)
     beats = BrokerClient(broker_url, credential)
-    ender = BrokerClient(broker_url, credential)
     heartbeat = Heartbeat(
         beats,
         created.session_id,
