@@ -83,7 +83,11 @@ def to_client(cmds: Iterable[Command]) -> list:
 
 
 def connection(
-    *, protected: bool = True, gate: Gate | None = None, holds: bool = False
+    *,
+    protected: bool = True,
+    gate: Gate | None = None,
+    holds: bool = False,
+    audit_answers_later: bool = False,
 ) -> GatewayConnection:
     """A connection of alice's session s1 (connection c1) on the demo target; `holds`:
     statements that need approval are held for a decision, not refused."""
@@ -98,7 +102,13 @@ def connection(
         if protected
         else {}
     )
-    return GatewayConnection(gate, protected=pmap, client_user="guard_s1", holds=holds)
+    return GatewayConnection(
+        gate,
+        protected=pmap,
+        client_user="guard_s1",
+        holds=holds,
+        audit_answers_later=audit_answers_later,
+    )
 
 
 # ---------------------------------------------------------------------------- the driver

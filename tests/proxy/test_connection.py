@@ -482,6 +482,23 @@ def test_idle_connection_is_ended_and_a_busy_one_is_not():
     )
 
 
+@pytest.mark.parametrize("later", [False, True], ids=["answered-at-once", "group-commit"])
+def test_a_recorded_statement_waits_for_the_next_ones_record_only_when_that_is_free(later):
+    """Two statements sent together. A shell that answers WriteAudit at once lets the
+    first statement's bytes join the second's in one write. With group commit the answer
+    comes after an fsync, so the first goes as soon as its own record is written, not one
+    fsync later. Never before its record: that is the contract either way."""
+    first, second = m.Query("SELECT 1"), m.Query("SELECT 2")
+    playbook = Playbook(connection(audit_answers_later=later))
+    playbook >> ClientSends(first, second) << Audit({"verdict": "allow"}) >> AuditWritten()
+    if later:
+        playbook << ToServer(first) << Audit({"verdict": "allow"})
+        assert playbook >> AuditWritten() << ToServer(second)
+    else:
+        playbook << Audit({"verdict": "allow"})
+        assert playbook >> AuditWritten() << ToServer(first, second)
+
+
 def test_a_message_left_incomplete_ends_the_connection_and_a_whole_one_does_not():
     whole = m.Query("SELECT 1")
     raw = encode(m.Query("SELECT 2"))

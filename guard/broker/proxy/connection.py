@@ -249,11 +249,17 @@ class GatewayConnection:
         max_message_size: int | None = None,
         client_encoding: str = "UTF8",
         holds: bool = False,
+        audit_answers_later: bool = False,
     ) -> None:
         self.gate = gate
         # Whether a statement that needs approval is held for a decision (the shell can
         # answer RequestApproval) or refused at once.
         self.holds = holds
+        # Whether the shell answers WriteAudit later (group commit: after an fsync). Then
+        # upstream bytes whose records are already written go at once instead of waiting
+        # to join the next paused statement's bytes: in a pipeline, each statement would
+        # otherwise wait for the next one's fsync too.
+        self._eager = audit_answers_later
         # Statement text is decoded as PostgreSQL will read it (see proxy.encoding).
         self.codec = codec_for(client_encoding) or "utf-8"
         self.protected = protected
@@ -339,7 +345,9 @@ class GatewayConnection:
         except Exception as exc:  # noqa: BLE001 - see _failed: nothing escapes the core
             self._failed(exc)
         blocking = self._blocking
-        if blocking is not None and not (self._to_client or self._results or self._logs):
+        if blocking is not None and not (
+            self._to_client or self._results or self._logs or (self._eager and self._to_server)
+        ):
             self._blocking = None
             return [blocking]  # a statement paused for its record (the common pause)
         return self._flush()
@@ -589,7 +597,9 @@ class GatewayConnection:
         """This call's output: log lines, results to record, then at most one write per
         direction (bulk rows excepted), then the blocking command or the close."""
         blocking = self._blocking
-        if blocking is not None and not (self._to_client or self._results or self._logs):
+        if blocking is not None and not (
+            self._to_client or self._results or self._logs or (self._eager and self._to_server)
+        ):
             self._blocking = None
             return [blocking]  # a statement paused for its record (the common pause)
         out: list[Command] = []
@@ -600,9 +610,10 @@ class GatewayConnection:
             out.append(RecordResults(self._results))
             self._results = []
         # While an audit write is out the bytes for upstream wait for it: they join the
-        # statement's own bytes in one write (they may go first, but need not). A held
-        # statement may wait for minutes: what came before it goes now.
-        if self._to_server and (self.state is not _PAUSED or self._held is not None):
+        # statement's own bytes in one write (they may go first, but need not; with a
+        # shell that answers later they do). A held statement may wait for minutes: what
+        # came before it goes now. Only bytes whose records are written are ever here.
+        if self._to_server and (self.state is not _PAUSED or self._held is not None or self._eager):
             chunks, self._to_server = self._to_server, []
             out.append(SendToServer(chunks[0] if len(chunks) == 1 else b"".join(chunks)))
         if self._to_client:
