@@ -231,7 +231,7 @@ class DeviceFlow:
 
     def _unreachable(self, exc: Exception) -> CliError:
         return CliError(
-            f"cannot reach the identity provider at {self.issuer}: {type(exc).__name__}",
+            f"cannot reach the identity provider at {self.issuer}: {exc}",
             hint="check the issuer URL and your network (for the demo: `guard dev status`)",
         )
 

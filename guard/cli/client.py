@@ -73,7 +73,7 @@ class BrokerClient:
             response = self._http.request(method, path, **kwargs)
         except TransportError as exc:
             raise BrokerError(
-                f"cannot reach the guard broker at {self.base_url}: {type(exc).__name__}",
+                f"cannot reach the guard broker at {self.base_url}: {exc}",
                 hint="check that the broker is running (`guard dev status` for the local demo)",
             ) from exc
         if response.status_code >= 400:

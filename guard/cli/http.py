@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import SplitResult, unquote, urlencode, urlsplit
 
 _MISSING: Any = object()
+MAX_BODY = 16 * 1024 * 1024  # an answer larger than this is refused, not read into memory
 
 
 class TransportError(Exception):
@@ -157,16 +158,18 @@ class HttpClient:
         try:
             conn.request(request.method, path, body=request.content or None, headers=headers)
             answer = conn.getresponse()
-            body = answer.read()
+            body = answer.read(MAX_BODY + 1)
+            if len(body) > MAX_BODY:
+                raise http.client.HTTPException(f"answer larger than {MAX_BODY} bytes")
         except TimeoutError as exc:
             self._drop(url.scheme, url.hostname, port)
-            raise ReadTimeout(type(exc).__name__) from exc
+            raise ReadTimeout("no answer in time") from exc
         except (ssl.SSLError, ssl.CertificateError, ConnectionRefusedError, socket.gaierror) as exc:
             self._drop(url.scheme, url.hostname, port)
-            raise ConnectError(type(exc).__name__) from exc
+            raise ConnectError(describe(exc)) from exc
         except (OSError, http.client.HTTPException) as exc:
             self._drop(url.scheme, url.hostname, port)
-            raise TransportError(type(exc).__name__) from exc
+            raise TransportError(describe(exc)) from exc
         if answer.will_close:
             self._drop(url.scheme, url.hostname, port)
         return Response(
@@ -203,7 +206,7 @@ class HttpClient:
                 conn.connect()
             except (OSError, ssl.SSLError) as exc:
                 conn.close()
-                raise ConnectError(type(exc).__name__) from exc
+                raise ConnectError(describe(exc)) from exc
             if conn.sock is not None:
                 conn.sock.settimeout(self.timeout)
             self._connections[key] = conn
@@ -224,6 +227,18 @@ class HttpClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def describe(exc: BaseException) -> str:
+    """Why a request got no answer, in words a user can act on; never the request's
+    headers (they carry bearer tokens), only the exception's kind and reason."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"its TLS certificate did not verify ({exc.verify_message})"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS failed ({exc.reason or type(exc).__name__})"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return type(exc).__name__
 
 
 @dataclass(frozen=True)

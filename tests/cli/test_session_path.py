@@ -259,7 +259,7 @@ def test_no_answer_is_a_transport_error_without_headers(server):
     port = refused.getsockname()[1]
     refused.close()
     client = http.HttpClient(f"http://127.0.0.1:{port}", headers={"Authorization": "Bearer SECRET"})
-    with pytest.raises(http.ConnectError) as caught:
+    with pytest.raises(http.ConnectError, match="Connection refused") as caught:
         client.get("/x")
     assert "SECRET" not in str(caught.value)
     slow = http.HttpClient(_url(server), timeout=0.2)
@@ -289,7 +289,10 @@ def test_https_is_verified_against_the_given_ca(tmp_path):
             time.sleep(0.1)  # TLS 1.3 session tickets arrive: the connection stays usable
             assert client.get("/again").status_code == 200
         wrong = ssl.create_default_context(cafile=str(other_ca))
-        with pytest.raises(http.ConnectError), http.HttpClient(url, context=wrong) as client:
+        with (
+            pytest.raises(http.ConnectError, match="TLS certificate did not verify"),
+            http.HttpClient(url, context=wrong) as client,
+        ):
             client.get("/no")
         with pytest.raises(http.ConnectError), http.HttpClient(url) as client:
             client.get("/system-store")  # the dev CA is in no system store
