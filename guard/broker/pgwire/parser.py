@@ -219,12 +219,7 @@ class _Framer:
                 size = len(buf)
             kind, length = unpack(buf, pos)
             if not valid[kind] or length < 4 or length > limit:
-                self._pos = pos
-                try:
-                    self._next_tagged()  # raises, with its message for this fault
-                except ProtocolError as err:
-                    return out, err
-                raise AssertionError("a malformed message framed")  # pragma: no cover
+                return out, self._fault_at(pos)
             end = pos + 1 + length
             if end > size:
                 if not self._join(pos, 1 + length):
@@ -247,6 +242,16 @@ class _Framer:
         self._pos = pos
         return out, None
 
+    def _fault_at(self, pos: int) -> ProtocolError:
+        """The error for the malformed header at `pos`: the one `_next_tagged` raises
+        for it, so both framing loops report a fault in the same words."""
+        self._pos = pos
+        try:
+            self._next_tagged()
+        except ProtocolError as err:
+            return err
+        raise AssertionError("a malformed message framed")  # pragma: no cover
+
     def _drain_scanned(self, scan: Scan) -> tuple[list[memoryview], ProtocolError | None]:
         """drain() with the compiled loop framing what the buffer holds: the same frames and
         the same error, since buffering (_join) and the errors stay here."""
@@ -254,12 +259,7 @@ class _Framer:
         while True:
             pos, need = scan(self._view, self._pos, self._valid, self._runs, self._max, out)
             if need == 0:  # a malformed header at pos
-                self._pos = pos
-                try:
-                    self._next_tagged()  # raises, with its message for this fault
-                except ProtocolError as err:
-                    return out, err
-                raise AssertionError("a malformed message framed")  # pragma: no cover
+                return out, self._fault_at(pos)
             if not self._join(pos, need):  # sets _pos when it cannot
                 return out, None
 
