@@ -8,6 +8,8 @@ in the error (`invalid value for '--ttl': …`).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
@@ -29,3 +31,15 @@ def http_url(text: str) -> str:
     if not sep or scheme.lower() not in ("http", "https") or not rest.split("/")[0]:
         raise click.BadParameter(f"{text!r} is not an http(s) URL")
     return text
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def session_options(command: F) -> F:
+    """`--reason` and `--ttl`, spelled and parsed alike by every command that opens a
+    session (connect, exec, proxy)."""
+    command = click.option(
+        "--ttl", type=duration, metavar="DURATION", help="Session lifetime, e.g. 30m, 1h"
+    )(command)
+    return click.option("--reason", default="", help="Why you need access (recorded)")(command)

@@ -10,7 +10,7 @@ import click
 
 from guard.cli import console
 from guard.cli.errors import CliError
-from guard.cli.options import duration
+from guard.cli.options import session_options
 from guard.cli.profile import load_profile
 from guard.cli.usage import GuardCommand
 
@@ -26,8 +26,7 @@ from guard.cli.usage import GuardCommand
 @click.argument(
     "psql_args", nargs=-1, metavar="[-- PSQL_ARGS]...", help="Arguments passed to psql, after `--`"
 )
-@click.option("--reason", default="", help="Why you need access (recorded)")
-@click.option("--ttl", type=duration, metavar="DURATION", help="Session lifetime, e.g. 30m, 1h")
+@session_options
 @click.option("--print-env", is_flag=True, help="Print PG* variables for another client and wait")
 def connect(
     target: str, psql_args: tuple[str, ...], reason: str, ttl: int | None, print_env: bool

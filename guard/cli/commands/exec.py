@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from guard.cli.errors import EXIT_USAGE, CliError
-from guard.cli.options import duration
+from guard.cli.options import session_options
 from guard.cli.profile import load_profile
 from guard.cli.usage import GuardCommand
 
@@ -27,8 +27,7 @@ from guard.cli.usage import GuardCommand
 )
 @click.argument("command", nargs=-1, metavar="[CMD]...", help="Command and its arguments")
 @click.option("--db", default="demo", show_default=True, help="Policy target")
-@click.option("--reason", default="", help="Why you need access (recorded)")
-@click.option("--ttl", type=duration, metavar="DURATION", help="Session lifetime, e.g. 30m, 1h")
+@session_options
 @click.option(
     "--id-token-file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import click
 
 from guard.cli import console
-from guard.cli.options import duration
+from guard.cli.options import session_options
 from guard.cli.profile import load_profile
 from guard.cli.usage import GuardCommand
 
@@ -31,8 +31,7 @@ from guard.cli.usage import GuardCommand
     show_default=True,
     help="Local port (0: any free one)",
 )
-@click.option("--reason", default="", help="Why you need access (recorded)")
-@click.option("--ttl", type=duration, metavar="DURATION", help="Session lifetime, e.g. 30m, 1h")
+@session_options
 def proxy(target: str, port: int, reason: str, ttl: int | None) -> int:
     import shlex
 
