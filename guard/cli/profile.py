@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-import ssl
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from guard.cli.errors import CliError
+
+if TYPE_CHECKING:
+    import ssl
 
 
 def guard_home() -> Path:
@@ -100,6 +103,8 @@ def broker_ca_file() -> str | None:
 def broker_tls_context(ca_file: str | None) -> ssl.SSLContext:
     """A client context that verifies the broker's certificate and host name against
     `ca_file` (None: the system trust store); TLS 1.2 or newer."""
+    import ssl  # here: `--help` and usage errors need no TLS (~13 ms of start-up)
+
     try:
         ctx = ssl.create_default_context(cafile=ca_file)
     except (OSError, ssl.SSLError) as exc:

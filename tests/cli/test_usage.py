@@ -196,6 +196,7 @@ HEAVY = (
     "keyring",
     "asyncio",
     "webbrowser",
+    "ssl",  # only a command that talks to the broker or the IdP needs TLS
     "guard.cli.auth",
     "guard.cli.client",
     "guard.cli.runner",
