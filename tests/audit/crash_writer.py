@@ -3,8 +3,9 @@ durable `JsonlAuditSink` (group commit), in-memory transports.
 
     python -m tests.audit.crash_writer LOG K
 
-Each connection sends `SELECT 1 AS s<k>_<i>` for i = 0, 1, 2, …; the fake database answers
-each at once, and the client sends its next statement when the previous one was forwarded.
+Each connection sends `SELECT 1 AS s<k>_<i>` for i = 0, 1, 2, …, two at a time; the fake
+database answers each at once, and the client sends its next statement when one was
+forwarded.
 Every statement the pump forwards upstream is acknowledged on stdout (`s<k>_<i>`, one line,
 written with os.write so a SIGKILL cannot lose a buffered acknowledgement), after the
 forward: an acknowledgement means the statement reached the database's socket. It runs
@@ -84,8 +85,12 @@ def start(k: int, sink: JsonlAuditSink, loop: asyncio.AbstractEventLoop) -> Pump
     gate = Gate(
         policy=POLICY, target="demo", principal=ALICE, session_id="s1", connection_id=f"c{k}"
     )
-    pump = Pump(connection(gate=gate), client, upstream, audit=sink)
+    # As the listener builds it over a durable sink: recorded statements go upstream at
+    # once, not with the next one's bytes. Two statements in flight per connection (a
+    # pipeline), so one is forwarded while the next one's record waits for its fsync.
+    pump = Pump(connection(gate=gate, audit_answers_later=True), client, upstream, audit=sink)
     pump.start(b"", b"")
+    send_next()
     send_next()
     return pump
 

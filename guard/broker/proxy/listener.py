@@ -392,6 +392,8 @@ class Gateway:
             client_user=session.user,
             client_encoding=encoding,
             holds=desk is not None,
+            # A durable sink answers after its fsync (group commit, pump._write_audit).
+            audit_answers_later=getattr(self.audit, "group_commit", None) is not None,
         )
         # Clients cancel with a gateway-issued key; only the gateway knows the upstream one.
         client_key = m.BackendKeyData(secrets.randbelow(2**31 - 1) + 1, secrets.token_bytes(4))
