@@ -1,9 +1,12 @@
 """TLS as a record layer over memory BIOs: bytes in, bytes out, no sockets (sans-IO).
 
-The gateway speaks TLS to PostgreSQL on every upstream message. uvloop's SSL transport
-costs ~34 µs of CPU per request/response round trip on top of the socket calls;
-encrypting and decrypting through `ssl.MemoryBIO` ourselves over a plain transport costs
-~7 µs (`bench/tls_roundtrip.py`: 58 µs, 32 µs, 24 µs plain). The handshake and
+The gateway speaks TLS to PostgreSQL on every upstream message. Per request/response
+round trip, uvloop's SSL transport costs 31–33 µs of CPU on top of the plain socket calls,
+and encrypting and decrypting through `ssl.MemoryBIO` ourselves over a plain transport
+24–26 µs (`bench/tls_roundtrip.py`, warmed up, 2026-12-03: 52, 84, 77 µs). An earlier
+"34 vs 7 µs" came from the bench's order: the first TLS run in a process pays OpenSSL's
+set-up. The same swap on the client leg was measured at ~1 % of gateway CPU and not
+kept. The handshake and
 certificate verification are OpenSSL's as before (the context decides: verify-full with
 the configured CA, hostname checked), only the plumbing differs.
 
