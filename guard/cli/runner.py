@@ -151,8 +151,11 @@ def _until_interrupted(ready: Callable[[], None]) -> None:
     stop = threading.Event()
     with _signals_handled_by(lambda _sig, _frame: stop.set()):
         ready()
-        while not stop.is_set():
-            signal.pause()
+        # Not signal.pause(): a signal landing between a check and pause() would be
+        # missed. The handler runs while wait() blocks (it retries after EINTR); the
+        # timeout only bounds the damage should that ever not hold.
+        while not stop.wait(1.0):
+            pass
 
 
 def _in_session(
