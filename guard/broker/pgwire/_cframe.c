@@ -153,47 +153,59 @@ utf8_or_null(const unsigned char *p, Py_ssize_t n)
     return text;
 }
 
+/* An accessor's fast path: its value for the message bytes p[0:n], or NULL, with an error
+ * set (out of memory) or without one (input it does not handle: the reference decides). */
+typedef PyObject *(*fast_path)(const unsigned char *p, Py_ssize_t n);
+
+/* An accessor taking `expected` arguments, the message first: the fast path on its bytes,
+ * else the pure-Python reference with the same arguments. */
+static PyObject *
+accessor(const char *name, fast_path fast, Py_ssize_t expected, PyObject *const *args,
+         Py_ssize_t nargs)
+{
+    if (nargs != expected)
+        return reference(name, args, nargs);
+    Py_buffer b;
+    if (get_raw(args[0], &b) < 0)
+        return NULL;
+    PyObject *value = fast((const unsigned char *)b.buf, b.len);
+    PyBuffer_Release(&b);
+    if (value != NULL || PyErr_Occurred())
+        return value;
+    return reference(name, args, nargs);
+}
+
 PyDoc_STRVAR(cstring_body_doc,
 "cstring_body(raw, what) -> str: the one NUL-terminated UTF-8 string a message consists of.");
 
 static PyObject *
+cstring_body_fast(const unsigned char *p, Py_ssize_t n)
+{
+    if (n >= 6 && p[n - 1] == 0 && memchr(p + 5, 0, (size_t)(n - 6)) == NULL)
+        return utf8_or_null(p + 5, n - 6);
+    return NULL;
+}
+
+static PyObject *
 cstring_body(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2)
-        return reference("cstring_body", args, nargs);
-    Py_buffer b;
-    if (get_raw(args[0], &b) < 0)
-        return NULL;
-    const unsigned char *p = b.buf;
-    Py_ssize_t n = b.len;
-    PyObject *text = NULL;
-    if (n >= 6 && p[n - 1] == 0 && memchr(p + 5, 0, (size_t)(n - 6)) == NULL)
-        text = utf8_or_null(p + 5, n - 6);
-    PyBuffer_Release(&b);
-    if (text != NULL || PyErr_Occurred())
-        return text;
-    return reference("cstring_body", args, nargs);
+    return accessor("cstring_body", cstring_body_fast, 2, args, nargs);
 }
 
 PyDoc_STRVAR(execute_portal_doc, "execute_portal(raw) -> str: the portal an Execute runs.");
 
 static PyObject *
+execute_portal_fast(const unsigned char *p, Py_ssize_t n)
+{
+    if (n >= 10 && p[n - 5] == 0 && memchr(p + 5, 0, (size_t)(n - 10)) == NULL)
+        return utf8_or_null(p + 5, n - 10);
+    return NULL;
+}
+
+static PyObject *
 execute_portal(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 1)
-        return reference("execute_portal", args, nargs);
-    Py_buffer b;
-    if (get_raw(args[0], &b) < 0)
-        return NULL;
-    const unsigned char *p = b.buf;
-    Py_ssize_t n = b.len;
-    PyObject *name = NULL;
-    if (n >= 10 && p[n - 5] == 0 && memchr(p + 5, 0, (size_t)(n - 10)) == NULL)
-        name = utf8_or_null(p + 5, n - 10);
-    PyBuffer_Release(&b);
-    if (name != NULL || PyErr_Occurred())
-        return name;
-    return reference("execute_portal", args, nargs);
+    return accessor("execute_portal", execute_portal_fast, 1, args, nargs);
 }
 
 /* The two NUL-terminated strings at the front of p[0:n]: their terminators' offsets. */
@@ -211,6 +223,21 @@ two_cstrings(const unsigned char *p, Py_ssize_t n, Py_ssize_t *end1, Py_ssize_t 
     return 1;
 }
 
+/* (first, second), stealing both references; NULL with both released when out of memory. */
+static PyObject *
+steal_pair(PyObject *first, PyObject *second)
+{
+    PyObject *pair = PyTuple_New(2);
+    if (pair == NULL) {
+        Py_DECREF(first);
+        Py_DECREF(second);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(pair, 0, first);
+    PyTuple_SET_ITEM(pair, 1, second);
+    return pair;
+}
+
 /* (first, second) decoded, or NULL (no error set: not UTF-8). */
 static PyObject *
 utf8_pair(const unsigned char *p, Py_ssize_t end1, Py_ssize_t end2)
@@ -223,109 +250,77 @@ utf8_pair(const unsigned char *p, Py_ssize_t end1, Py_ssize_t end2)
         Py_DECREF(first);
         return NULL;
     }
-    PyObject *pair = PyTuple_New(2);
-    if (pair == NULL) {
-        Py_DECREF(first);
-        Py_DECREF(second);
-        return NULL;
-    }
-    PyTuple_SET_ITEM(pair, 0, first);
-    PyTuple_SET_ITEM(pair, 1, second);
-    return pair;
+    return steal_pair(first, second);
 }
 
 PyDoc_STRVAR(parse_statement_doc,
 "parse_statement(raw) -> (name, query): the statement name and text of a Parse.");
 
 static PyObject *
+parse_statement_fast(const unsigned char *p, Py_ssize_t len)
+{
+    if (len < 5)
+        return NULL;
+    const unsigned char *body = p + 5;
+    Py_ssize_t n = len - 5, end1, end2;
+    if (!two_cstrings(body, n, &end1, &end2) || n < end2 + 3)
+        return NULL;
+    Py_ssize_t count = ((Py_ssize_t)body[end2 + 1] << 8) | body[end2 + 2];
+    if (n != end2 + 3 + 4 * count)
+        return NULL;
+    return utf8_pair(body, end1, end2);
+}
+
+static PyObject *
 parse_statement(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 1)
-        return reference("parse_statement", args, nargs);
-    Py_buffer b;
-    if (get_raw(args[0], &b) < 0)
-        return NULL;
-    PyObject *pair = NULL;
-    if (b.len >= 5) {
-        const unsigned char *body = (const unsigned char *)b.buf + 5;
-        Py_ssize_t n = b.len - 5, end1, end2;
-        if (two_cstrings(body, n, &end1, &end2) && n >= end2 + 3) {
-            Py_ssize_t count = ((Py_ssize_t)body[end2 + 1] << 8) | body[end2 + 2];
-            if (n == end2 + 3 + 4 * count)
-                pair = utf8_pair(body, end1, end2);
-        }
-    }
-    PyBuffer_Release(&b);
-    if (pair != NULL || PyErr_Occurred())
-        return pair;
-    return reference("parse_statement", args, nargs);
+    return accessor("parse_statement", parse_statement_fast, 1, args, nargs);
 }
 
 PyDoc_STRVAR(bind_names_doc,
 "bind_names(raw) -> (portal, statement) of a Bind, its parameters not read.");
 
 static PyObject *
+bind_names_fast(const unsigned char *p, Py_ssize_t len)
+{
+    /* The reference reads a window first, then the whole body: the first two NULs of the
+     * body either way. */
+    Py_ssize_t end1, end2;
+    if (len < 5 || !two_cstrings(p + 5, len - 5, &end1, &end2))
+        return NULL;
+    return utf8_pair(p + 5, end1, end2);
+}
+
+static PyObject *
 bind_names(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 1)
-        return reference("bind_names", args, nargs);
-    Py_buffer b;
-    if (get_raw(args[0], &b) < 0)
-        return NULL;
-    PyObject *pair = NULL;
-    if (b.len >= 5) {
-        /* The reference reads a window first, then the whole body: the first two NULs of
-         * the body either way. */
-        const unsigned char *body = (const unsigned char *)b.buf + 5;
-        Py_ssize_t end1, end2;
-        if (two_cstrings(body, b.len - 5, &end1, &end2))
-            pair = utf8_pair(body, end1, end2);
-    }
-    PyBuffer_Release(&b);
-    if (pair != NULL || PyErr_Occurred())
-        return pair;
-    return reference("bind_names", args, nargs);
+    return accessor("bind_names", bind_names_fast, 1, args, nargs);
 }
 
 PyDoc_STRVAR(describe_target_doc,
 "describe_target(raw, what) -> (b'S' or b'P', name) of a Describe or Close.");
 
 static PyObject *
+describe_target_fast(const unsigned char *p, Py_ssize_t n)
+{
+    if (n < 7 || p[n - 1] != 0 || (p[5] != 'S' && p[5] != 'P') ||
+        memchr(p + 6, 0, (size_t)(n - 7)) != NULL)
+        return NULL;
+    PyObject *name = utf8_or_null(p + 6, n - 7);
+    if (name == NULL)
+        return NULL;
+    PyObject *kind = PyBytes_FromStringAndSize((const char *)p + 5, 1);
+    if (kind == NULL) {
+        Py_DECREF(name);
+        return NULL;
+    }
+    return steal_pair(kind, name);
+}
+
+static PyObject *
 describe_target(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2)
-        return reference("describe_target", args, nargs);
-    Py_buffer b;
-    if (get_raw(args[0], &b) < 0)
-        return NULL;
-    const unsigned char *p = b.buf;
-    Py_ssize_t n = b.len;
-    PyObject *result = NULL;
-    if (n >= 7 && p[n - 1] == 0 && (p[5] == 'S' || p[5] == 'P') &&
-        memchr(p + 6, 0, (size_t)(n - 7)) == NULL) {
-        PyObject *name = utf8_or_null(p + 6, n - 7);
-        if (name != NULL) {
-            PyObject *kind = PyBytes_FromStringAndSize((const char *)p + 5, 1);
-            if (kind == NULL) {
-                Py_DECREF(name);
-            }
-            else {
-                result = PyTuple_New(2);
-                if (result == NULL) {
-                    Py_DECREF(kind);
-                    Py_DECREF(name);
-                }
-                else {
-                    PyTuple_SET_ITEM(result, 0, kind);
-                    PyTuple_SET_ITEM(result, 1, name);
-                }
-            }
-        }
-    }
-    PyBuffer_Release(&b);
-    if (result != NULL || PyErr_Occurred())
-        return result;
-    return reference("describe_target", args, nargs);
+    return accessor("describe_target", describe_target_fast, 2, args, nargs);
 }
 
 /* ------------------------------------------------------------------ module */
