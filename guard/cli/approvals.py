@@ -144,43 +144,34 @@ def as_json(infos: Iterable[ApprovalInfo]) -> list[dict[str, object]]:
 
 def pending_table(infos: list[ApprovalInfo], at: datetime) -> Table:
     """Requests waiting for the caller: what each would run and how far it has got."""
-    table = Table(title="Requests you can decide", title_justify="left", box=box.SIMPLE_HEAD)
-    table.add_column("id", no_wrap=True, style="bold")
-    for name in ("requester", "target", "rule"):
-        table.add_column(name)
-    table.add_column("statement", min_width=24)
-    table.add_column("age", justify="right", no_wrap=True)
-    table.add_column("approvals", justify="right", no_wrap=True)
-    table.add_column("expires in", justify="right", no_wrap=True)
-    for info in infos:
-        table.add_row(
-            Text(info.id),
-            Text(info.requester),
-            Text(info.target),
-            Text(info.rule),
-            Text(shorten(info.statement)),
-            age(info, at),
-            tally(info),
-            expires_in(info, at),
-        )
-    return table
+    who = ("requester", lambda info: Text(info.requester))
+    return _requests_table("Requests you can decide", infos, at, who)
 
 
 def own_table(infos: list[ApprovalInfo], at: datetime) -> Table:
     """The caller's requests and where each stands."""
-    table = Table(title="Your requests", title_justify="left", box=box.SIMPLE_HEAD)
+    return _requests_table("Your requests", infos, at, ("state", state_text))
+
+
+def _requests_table(
+    title: str,
+    infos: list[ApprovalInfo],
+    at: datetime,
+    first: tuple[str, Callable[[ApprovalInfo], Text]],
+) -> Table:
+    """One row per request: id, `first` (who asked, or the state), target, rule, the
+    statement, its age, approvals so far and the time left."""
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("id", no_wrap=True, style="bold")
-    table.add_column("state")
-    for name in ("target", "rule"):
+    for name in (first[0], "target", "rule"):
         table.add_column(name)
     table.add_column("statement", min_width=24)
-    table.add_column("age", justify="right", no_wrap=True)
-    table.add_column("approvals", justify="right", no_wrap=True)
-    table.add_column("expires in", justify="right", no_wrap=True)
+    for name in ("age", "approvals", "expires in"):
+        table.add_column(name, justify="right", no_wrap=True)
     for info in infos:
         table.add_row(
             Text(info.id),
-            state_text(info),
+            first[1](info),
             Text(info.target),
             Text(info.rule),
             Text(shorten(info.statement)),
