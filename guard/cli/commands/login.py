@@ -25,10 +25,10 @@ def describe_login(tokens: dict[str, Any]) -> str:
     Decoded WITHOUT verification: this is a greeting, not a decision; the broker verifies
     the token on every use.
     """
-    import jwt
+    from guard.cli.auth import unverified_claims
 
-    claims = jwt.decode(tokens["id_token"], options={"verify_signature": False})
-    name = claims.get("preferred_username") or claims.get("email") or claims.get("sub")
+    claims = unverified_claims(tokens["id_token"]) or {}
+    name = claims.get("preferred_username") or claims.get("email") or claims.get("sub") or "?"
     groups = claims.get("groups") or []
     shown = ", ".join(str(g) for g in groups) if isinstance(groups, list) else str(groups)
     return f"logged in as {name} ({shown or 'no groups'})"
