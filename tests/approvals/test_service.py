@@ -16,7 +16,7 @@ import pytest
 
 from guard.broker.approvals.grants import MemoryGrants
 from guard.broker.approvals.model import RequestState
-from guard.broker.approvals.service import ApprovalService, Requester
+from guard.broker.approvals.service import ApprovalService, HeldStatement, Requester
 from guard.broker.approvals.store import MemoryApprovalStore
 from guard.broker.audit.sink import MemoryAuditSink
 from guard.broker.errors import Conflict, Forbidden
@@ -64,7 +64,7 @@ class Harness:
         gate = Gate(
             policy=policy, target="demo", principal=ALICE, session_id="s1", connection_id="c1"
         )
-        self.decision = gate.decide(SQL)
+        self.held = HeldStatement.of(gate.decide(SQL))
         self.requester = Requester(
             session_id="s1",
             target="demo",
@@ -79,7 +79,7 @@ class Harness:
 
 
 async def _held(h: Harness, request_id: str = "r1") -> asyncio.Task:
-    task = asyncio.ensure_future(h.service.hold(request_id, h.requester, h.decision))
+    task = asyncio.ensure_future(h.service.hold(request_id, h.requester, h.held))
     await asyncio.sleep(0)  # the request exists once hold() is waiting
     return task
 
@@ -192,7 +192,7 @@ def test_a_window_approval_covers_the_rule_in_the_session_until_it_ends():
         task = await _held(h)
         h.service.decide("r1", BOB, approve=True, comment="")
         first = await task
-        second = await h.service.hold("r2", h.requester, h.decision)  # no new request
+        second = await h.service.hold("r2", h.requester, h.held)  # no new request
         return first, second, h
 
     first, second, h = asyncio.run(main())
@@ -303,7 +303,7 @@ def test_a_request_id_already_taken_is_never_overwritten():
     async def main():
         h = Harness()
         first = await _held(h)
-        second = await h.service.hold("r1", h.requester, h.decision)  # the same id again
+        second = await h.service.hold("r1", h.requester, h.held)  # the same id again
         h.service.withdraw("r1", "test over")
         await first
         return h, second

@@ -35,6 +35,7 @@ from guard.broker.errors import Conflict, Forbidden, GuardError, NotFound
 from guard.broker.identity.principal import Principal
 from guard.broker.pgwire.messages import ErrorResponse
 from guard.broker.policy.engine import CompiledPolicy
+from guard.broker.policy.model import ApprovalRequirement
 from guard.broker.proxy.events import ApprovalDecided
 from guard.broker.proxy.gate import Decision
 from guard.broker.proxy.tasks import spawn
@@ -57,6 +58,36 @@ class Requester:
     reason: str
     role: str  # the session's database role: the grantee
     expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class HeldStatement:
+    """What a request needs to know of a held statement: its rule, the approval it asks
+    for, its normalized text (no literal reaches reviewers) and the relations it reads.
+    Plain values, so a gateway worker process can send it to the broker (`proxy.control`)."""
+
+    rule_id: str
+    approval: ApprovalRequirement
+    statement: str
+    fingerprint: str
+    relations_read: tuple[tuple[str | None, str], ...]  # (schema as written, name)
+
+    @classmethod
+    def of(cls, decision: Decision) -> HeldStatement:
+        verdict = decision.hold
+        assert verdict is not None and verdict.approval is not None
+        statements = decision.analysis.statements
+        return cls(
+            rule_id=verdict.rule_id,
+            approval=verdict.approval,
+            statement="; ".join(s.normalized for s in statements),
+            fingerprint=",".join(s.fingerprint for s in statements),
+            relations_read=tuple(
+                (relation.schema, relation.name)
+                for s in statements
+                for relation in s.relations_read
+            ),
+        )
 
 
 @dataclass(slots=True)
@@ -110,18 +141,16 @@ class ApprovalService:
 
     # ------------------------------------------------------------------ the gateway side
     async def hold(
-        self, request_id: str, requester: Requester, decision: Decision
+        self, request_id: str, requester: Requester, held: HeldStatement
     ) -> ApprovalDecided:
         """Make the request for a held statement and wait for its outcome (see module)."""
-        verdict = decision.hold
-        assert verdict is not None and verdict.approval is not None
-        tables = self._gated_tables(requester.target, decision)
-        window = self._windows.get((requester.session_id, verdict.rule_id))
+        tables = self._gated_tables(requester.target, held)
+        window = self._windows.get((requester.session_id, held.rule_id))
         now = self.clock()
         if window is not None and now < window.until:
             # An approval window of this session covers the rule: the grant is in place.
             return ApprovalDecided(request_id, approved=True, per_statement=False)
-        requirement = verdict.approval
+        requirement = held.approval
         lifetime = max(self.request_seconds, requirement.window_seconds or 0)
         request = ApprovalRequest(
             id=request_id,
@@ -129,10 +158,10 @@ class ApprovalService:
             target=requester.target,
             requester=Person.of(requester.principal),
             session_reason=requester.reason,
-            statement="; ".join(s.normalized for s in decision.analysis.statements),
-            fingerprint=",".join(s.fingerprint for s in decision.analysis.statements),
+            statement=held.statement,
+            fingerprint=held.fingerprint,
             tables=tables,
-            rule_id=verdict.rule_id,
+            rule_id=held.rule_id,
             approver_groups=requirement.approver_groups,
             approvals_required=requirement.approvals_required,
             window_seconds=requirement.window_seconds or None,
@@ -323,15 +352,14 @@ class ApprovalService:
         if request is not None:
             self._record(request, "revoked", _GUARD, ", ".join(tables))
 
-    def _gated_tables(self, target: str, decision: Decision) -> tuple[str, ...]:
+    def _gated_tables(self, target: str, held: HeldStatement) -> tuple[str, ...]:
         """The target's gated tables the statement reads (by name, as the policy matches)."""
         gated = self.policy.targets[target].gated_tables
         found: set[str] = set()
-        for statement in decision.analysis.statements:
-            for relation in statement.relations_read:
-                for schema, table in gated:
-                    if relation.name == table and relation.schema in (None, schema):
-                        found.add(f"{schema}.{table}")
+        for relation_schema, name in held.relations_read:
+            for schema, table in gated:
+                if name == table and relation_schema in (None, schema):
+                    found.add(f"{schema}.{table}")
         return tuple(sorted(found))
 
     def _record(

@@ -19,7 +19,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from guard.broker.approvals.service import ApprovalService, Requester
+from guard.broker.approvals.service import ApprovalService, HeldStatement, Requester
 from guard.broker.audit.record import SessionEvent
 from guard.broker.audit.sink import AuditSink, AuditUnavailable
 from guard.broker.pgwire import messages as m
@@ -482,7 +482,9 @@ class _Desk:
         self.requester = requester
 
     async def hold(self, command: RequestApproval) -> ApprovalDecided:
-        return await self.service.hold(command.request_id, self.requester, command.decision)
+        return await self.service.hold(
+            command.request_id, self.requester, HeldStatement.of(command.decision)
+        )
 
     async def end(self, request_id: str) -> None:
         await self.service.end_statement(request_id)
