@@ -31,6 +31,7 @@ from guard.broker.policy.engine import CompiledPolicy
 from guard.broker.proxy import upstream
 from guard.broker.proxy.commands import RequestApproval
 from guard.broker.proxy.connection import GatewayConnection, ProtectedMap
+from guard.broker.proxy.directory import AT_LIMIT, LocalDirectory, SessionDirectory
 from guard.broker.proxy.encoding import codec_for
 from guard.broker.proxy.events import ApprovalDecided
 from guard.broker.proxy.gate import Gate
@@ -79,7 +80,8 @@ class Gateway:
     def __init__(
         self,
         *,
-        sessions: SessionManager,
+        sessions: SessionManager | None = None,
+        directory: SessionDirectory | None = None,
         policy: CompiledPolicy,
         audit: AuditSink,
         protected_map: Callable[[str, upstream.UpstreamConnection], Awaitable[ProtectedMap]],
@@ -90,7 +92,20 @@ class Gateway:
         login_timeout: float = LOGIN_TIMEOUT,
         max_logging_in: int = MAX_LOGGING_IN,
         message_timeout: float = MESSAGE_TIMEOUT,
+        worker: tuple[int, int] = (0, 1),
+        forward_cancel: Callable[[int, bytes], Awaitable[None]] | None = None,
     ) -> None:
+        if directory is None:
+            assert sessions is not None, "a gateway needs sessions or a directory"
+            directory = LocalDirectory(sessions, policy)
+        self.directory = directory
+        # This gateway's index among the broker's gateway processes, and their number:
+        # cancel keys carry the index, so a CancelRequest that the kernel hands to another
+        # worker (SO_REUSEPORT balances connections, not sessions) is sent on to this one
+        # (`forward_cancel`, through the broker).
+        self.worker_index, self.workers = worker
+        self._forward_cancel = forward_cancel
+        self._handles: set[_Handle] = set()
         self.message_timeout = message_timeout
         self.tls = tls
         # SCRAM-SHA-256-PLUS: the client proves its SCRAM exchange ran over a TLS session
@@ -104,22 +119,19 @@ class Gateway:
         self.login_timeout = login_timeout
         self.max_logging_in = max_logging_in
         self._logging_in = 0
-        # Connections per session (logging in or relaying): one session cannot take the
-        # database's max_connections from everyone else (the target's limit in the policy;
-        # the issued role's CONNECTION LIMIT is the database's own backstop).
-        self._per_session: dict[str, int] = {}
         self.approvals = approvals
         self.idle_timeout = idle_timeout
         self._upstream_tls_cache: dict[str, ssl.SSLContext | None] = {}
-        self.sessions = sessions
         self.policy = policy
         self.audit = audit
         self._protected_map = protected_map
         self._cancel_keys: dict[tuple[int, bytes], _CancelTarget] = {}
         self._listener: asyncio.Server | None = None
 
-    async def start(self, host: str, port: int) -> tuple[str, int]:
-        self._listener = await asyncio.start_server(self._handle, host, port, limit=READ_SIZE)
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> tuple[str, int]:
+        self._listener = await asyncio.start_server(
+            self._handle, host, port, limit=READ_SIZE, reuse_port=reuse_port or None
+        )
         sock = self._listener.sockets[0].getsockname()
         return sock[0], sock[1]
 
@@ -134,6 +146,11 @@ class Gateway:
         if self._listener is not None:
             self._listener.close()
             await self._listener.wait_closed()
+
+    def close_connections(self, reason: str) -> None:
+        """End every relayed connection (a gateway worker whose broker is gone)."""
+        for handle in list(self._handles):
+            handle.close(reason)
 
     # ------------------------------------------------------------------ per connection
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -186,11 +203,11 @@ class Gateway:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._logging_in += 1
-        counted: list[str] = []  # the session this connection counts against, once known
+        admitted: list[tuple[Session, _Handle]] = []  # once the session counts it
         try:
             try:
                 async with asyncio.timeout(self.login_timeout):
-                    login = await self._login(reader, writer, counted)
+                    login = await self._login(reader, writer, admitted)
             except TimeoutError:
                 writer.write(
                     _fatal(
@@ -201,15 +218,17 @@ class Gateway:
             finally:
                 self._logging_in -= 1
             if login is not None:
-                await self._relay(reader, writer, *login)
+                await self._relay(reader, writer, *login, admitted[0][1])
         finally:
-            for session_id in counted:
-                left = self._per_session.pop(session_id, 1) - 1
-                if left > 0:
-                    self._per_session[session_id] = left
+            for session, handle in admitted:
+                self._handles.discard(handle)
+                self.directory.release(session, handle)
 
     async def _login(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, counted: list[str]
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        admitted: list[tuple[Session, _Handle]],
     ) -> tuple[upstream.UpstreamConnection, Session, ProtectedMap, FrontendParser] | None:
         """Startup, TLS, SCRAM and the upstream login; None when the client was refused (it
         was told why). Runs under one deadline (`_serve`)."""
@@ -221,17 +240,18 @@ class Gateway:
             await writer.drain()
             return None
         if isinstance(startup, m.CancelRequest):
-            target = self._cancel_keys.get((startup.process_id, bytes(startup.secret_key)))
-            if target is not None and target.pump is not None and target.pump.cancel_held():
-                return None  # the statement was waiting for approval: its request is withdrawn
-            if target is not None:
-                await upstream.cancel(target.host, target.port, target.key, target.tls)
-            return None  # a key from another session (or none) cancels nothing
+            key = bytes(startup.secret_key)
+            owner = (startup.process_id - 1) % self.workers
+            if owner != self.worker_index and self._forward_cancel is not None:
+                await self._forward_cancel(startup.process_id, key)
+            else:
+                await self.cancel(startup.process_id, key)
+            return None
         params = _startup_params(startup, writer)
         if params is None:
             return None
         user = params.get("user", "")
-        session = self.sessions.by_user(user)
+        session = await self.directory.find(user)
         try:
             await self._authenticate(reader, writer, parser, session, user)
         except (AuthenticationFailed, ProtocolError):
@@ -239,18 +259,22 @@ class Gateway:
             await writer.drain()
             return None
         assert session is not None
-        limit = self.policy.targets[session.target].max_connections_per_session
-        if self._per_session.get(session.id, 0) >= limit:
+        handle = _Handle()
+        refused = await self.directory.admit(session, handle)
+        if refused is not None:
+            limit = self.policy.targets[session.target].max_connections_per_session
             writer.write(
                 _fatal(
                     "53300",
                     f"guard: this session already has {limit} connections, its limit",
                     hint="close some, or ask for the target's max_connections_per_session",
                 )
+                if refused == AT_LIMIT
+                else _fatal("57P01", "guard: session ended")
             )
             return None
-        self._per_session[session.id] = self._per_session.get(session.id, 0) + 1
-        counted.append(session.id)
+        admitted.append((session, handle))
+        self._handles.add(handle)
         database = params.get("database") or user
         if database != session.upstream.database:
             writer.write(
@@ -332,7 +356,7 @@ class Gateway:
         if not isinstance(final, m.SASLResponse):
             raise AuthenticationFailed("expected SASLResponse")
         server_final = server.handle_client_final(final.data)
-        if session is None or not self.sessions.is_live(session):
+        if session is None or not self.directory.is_live(session):
             raise AuthenticationFailed("no such session")
         writer.write(encode(m.AuthenticationSASLFinal(server_final)))
         await writer.drain()
@@ -355,6 +379,7 @@ class Gateway:
         session: Session,
         protected: ProtectedMap,
         parser: FrontendParser,
+        handle: _Handle,
     ) -> None:
         connection_id = secrets.token_hex(4)
         gate = Gate(
@@ -396,7 +421,11 @@ class Gateway:
             audit_answers_later=getattr(self.audit, "group_commit", None) is not None,
         )
         # Clients cancel with a gateway-issued key; only the gateway knows the upstream one.
-        client_key = m.BackendKeyData(secrets.randbelow(2**31 - 1) + 1, secrets.token_bytes(4))
+        # Its process id says which gateway worker holds the connection: (pid - 1) % workers.
+        client_key = m.BackendKeyData(
+            secrets.randbelow((2**31 - 1) // self.workers) * self.workers + self.worker_index + 1,
+            secrets.token_bytes(4),
+        )
         key_id = (client_key.process_id, client_key.secret_key)
         if up.backend_key is not None:
             self._cancel_keys[key_id] = _CancelTarget(
@@ -426,8 +455,6 @@ class Gateway:
         )
         if key_id in self._cancel_keys:
             self._cancel_keys[key_id].pump = pump
-        handle = _Handle(pump)
-        session.connections.add(handle)
         self._record(session, "connection_opened", connection_id)
         try:
             try:
@@ -437,14 +464,21 @@ class Gateway:
                 pump.close(f"upstream failed: {exc}")
                 return
             pump.start(upstream.take_stream_buffer(creader) + parser.unconsumed(), server_pending)
-            if session.ended:
-                handle.close("session ended")
+            handle.attach(pump)  # closed at once if the session ended meanwhile
             await pump.done
         finally:
-            session.connections.discard(handle)
             self._cancel_keys.pop(key_id, None)
             pump.close("gateway closing")
             self._record(session, "connection_ended", f"{connection_id}: {pump.end_reason}")
+
+    async def cancel(self, process_id: int, secret_key: bytes) -> None:
+        """A CancelRequest for a connection of this gateway (process)."""
+        target = self._cancel_keys.get((process_id, secret_key))
+        if target is not None and target.pump is not None and target.pump.cancel_held():
+            return  # the statement was waiting for approval: its request is withdrawn
+        if target is not None:
+            await upstream.cancel(target.host, target.port, target.key, target.tls)
+        # A key from another session (or none) cancels nothing.
 
     def _record(self, session: Session, event: str, detail: str) -> None:
         try:
@@ -494,12 +528,22 @@ class _Desk:
 
 
 class _Handle:
-    """What a session holds for each live connection, so ending the session ends it."""
+    """What a session holds for each connection it admitted, so ending the session ends it
+    (at once if relaying, else as soon as its relay starts)."""
 
-    def __init__(self, pump: Pump) -> None:
+    def __init__(self) -> None:
+        self._pump: Pump | None = None
+        self._closed: str | None = None
+
+    def attach(self, pump: Pump) -> None:
         self._pump = pump
+        if self._closed is not None:
+            self.close(self._closed)
 
     def close(self, reason: str) -> None:
+        self._closed = reason
+        if self._pump is None:
+            return
         if not self._pump.client_transport.is_closing():
             self._pump.client_transport.write(_fatal("57P01", f"guard: session ended ({reason})"))
         self._pump.close(f"session ended ({reason})")
