@@ -10,7 +10,7 @@ types and the revocation queue; no I/O of its own.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from guard.broker.audit.commit import Done, GroupCommit, Result
@@ -115,9 +115,15 @@ class _WatchedGroupCommit:
 
 
 class BrokerHealth:
-    def __init__(self, audit: WatchedAuditSink, revocations: RevocationQueue) -> None:
+    def __init__(
+        self,
+        audit: WatchedAuditSink,
+        revocations: RevocationQueue,
+        gateway: Callable[[], list[str]] | None = None,
+    ) -> None:
         self.audit = audit
         self.revocations = revocations
+        self.gateway = gateway  # gateway worker processes' own reasons, when there are some
 
     def reasons(self) -> list[str]:
         """Empty when healthy; otherwise one line per failing part."""
@@ -127,4 +133,6 @@ class BrokerHealth:
         failing = self.revocations.failing()
         if failing is not None:
             reasons.append(failing)
+        if self.gateway is not None:
+            reasons += self.gateway()
         return reasons

@@ -22,11 +22,14 @@ from guard.broker.approvals.grants import DatabaseGrants
 from guard.broker.approvals.notify import NullNotifier, WebhookNotifier
 from guard.broker.approvals.service import ApprovalService
 from guard.broker.approvals.store import SqliteApprovalStore
-from guard.broker.audit.sink import AuditUnavailable, JsonlAuditSink
+from guard.broker.audit.sink import AuditSink, AuditUnavailable, JsonlAuditSink
 from guard.broker.health import BrokerHealth, WatchedAuditSink
-from guard.broker.policy.compile import PolicyError, load_policy_file
-from guard.broker.proxy.listener import Gateway
+from guard.broker.policy.compile import PolicyError, PolicyProblem, load_policy
+from guard.broker.policy.engine import CompiledPolicy
+from guard.broker.proxy.directory import SessionDirectory
+from guard.broker.proxy.listener import Gateway, GatewayApprovals
 from guard.broker.proxy.protected import ProtectedColumns
+from guard.broker.proxy.supervisor import GatewayWorkers
 from guard.broker.proxy.tasks import spawn
 from guard.broker.revocation import RevocationQueue
 from guard.broker.sessions import SessionManager
@@ -116,7 +119,8 @@ async def _run(settings: BrokerSettings, stop: _StopSignals) -> None:  # noqa: C
             # Our loop handlers (`_StopSignals`) ask the server to exit; nothing is re-raised.
             yield
 
-    policy = load_policy_file(settings.policy_file)
+    policy_text = read_policy_text(settings.policy_file)
+    policy = load_policy(policy_text, source=str(settings.policy_file))
     # Every audit write goes through the watch: /v1/health knows the sink's last failure.
     audit = WatchedAuditSink(JsonlAuditSink.from_settings(settings.audit))
     state = SqliteStateStore(settings.database_path)
@@ -169,42 +173,40 @@ async def _run(settings: BrokerSettings, stop: _StopSignals) -> None:  # noqa: C
     )
     approvals.expire_left_over()
     sessions.on_end.append(approvals.session_ended)
-    tls = None
-    certificate = None
-    if settings.gateway_tls is not None:
-        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        tls.minimum_version = ssl.TLSVersion.TLSv1_2
-        tls.load_cert_chain(settings.gateway_tls.cert_file, settings.gateway_tls.key_file)
-        certificate = leaf_certificate(Path(settings.gateway_tls.cert_file))
-    gateway = Gateway(
-        sessions=sessions,
-        policy=policy,
-        audit=audit,
-        protected_map=ProtectedColumns(policy),
-        tls=tls,
-        tls_certificate=certificate,
-        idle_timeout=settings.gateway.idle_timeout_seconds or None,
-        approvals=approvals,
-        login_timeout=settings.gateway.login_timeout_seconds,
-        max_logging_in=settings.gateway.max_logging_in,
-        message_timeout=settings.gateway.message_timeout_seconds,
-    )
+    workers = settings.gateway.worker_count()
+    gateway: Gateway | GatewayWorkers
+    if workers > 1:
+        gateway = GatewayWorkers(
+            count=workers,
+            settings=settings,
+            policy=policy,
+            policy_text=policy_text,
+            sessions=sessions,
+            approvals=approvals,
+            audit=audit,
+        )
+        gateway_reasons = gateway.reasons
+    else:
+        gateway = build_gateway(
+            settings, policy=policy, audit=audit, approvals=approvals, sessions=sessions
+        )
+        gateway_reasons = None
     host, port = await gateway.start(settings.gateway.host, settings.gateway.port)
     gateway_ca = settings.gateway_tls.ca_file if settings.gateway_tls is not None else None
     address = _Address(
         settings.gateway.advertise_host or host,
         port,
-        tls is not None,
+        settings.gateway_tls is not None,
         gateway_ca.read_text() if gateway_ca is not None else None,
     )
-    log.info("PG gateway listening on %s:%s", host, port)
+    log.info("PG gateway listening on %s:%s (%d worker process(es))", host, port, workers)
 
     app = create_app(
         sessions=sessions,
         resolve_principal=build_principal_resolver(settings),
         gateway=address,
         approvals=approvals,
-        health=BrokerHealth(audit, revocations).reasons,
+        health=BrokerHealth(audit, revocations, gateway_reasons).reasons,
     )
     config = uvicorn.Config(
         app,
@@ -285,6 +287,53 @@ async def _run(settings: BrokerSettings, stop: _StopSignals) -> None:  # noqa: C
             except Exception:  # noqa: BLE001 - the remaining steps still run
                 log.exception("shutdown: %s failed", what)
         log.info("broker stopped")
+
+
+def read_policy_text(path: Path) -> str:
+    """The policy file's text, read once: the broker and its gateway workers compile the
+    same text, whatever happens to the file later."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        problem = PolicyProblem("", f"cannot read policy file: {exc}")
+        raise PolicyError([problem], str(path)) from None
+
+
+def build_gateway(
+    settings: BrokerSettings,
+    *,
+    policy: CompiledPolicy,
+    audit: AuditSink,
+    approvals: GatewayApprovals | None,
+    sessions: SessionManager | None = None,
+    directory: SessionDirectory | None = None,
+    worker: tuple[int, int] = (0, 1),
+    forward_cancel: Callable[[int, bytes], Awaitable[None]] | None = None,
+) -> Gateway:
+    """The PG gateway `settings` describe (in the broker's process, or in a worker's)."""
+    tls = None
+    certificate = None
+    if settings.gateway_tls is not None:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.minimum_version = ssl.TLSVersion.TLSv1_2
+        tls.load_cert_chain(settings.gateway_tls.cert_file, settings.gateway_tls.key_file)
+        certificate = leaf_certificate(Path(settings.gateway_tls.cert_file))
+    return Gateway(
+        sessions=sessions,
+        directory=directory,
+        policy=policy,
+        audit=audit,
+        protected_map=ProtectedColumns(policy),
+        tls=tls,
+        tls_certificate=certificate,
+        idle_timeout=settings.gateway.idle_timeout_seconds or None,
+        approvals=approvals,
+        login_timeout=settings.gateway.login_timeout_seconds,
+        max_logging_in=settings.gateway.max_logging_in,
+        message_timeout=settings.gateway.message_timeout_seconds,
+        worker=worker,
+        forward_cancel=forward_cancel,
+    )
 
 
 def leaf_certificate(cert_file: Path) -> bytes:

@@ -43,6 +43,22 @@ class GatewaySettings(ListenSettings):
     max_logging_in: int = Field(default=128, ge=1)
     # A client message whose start arrived must be complete within this long.
     message_timeout_seconds: float = Field(default=60.0, gt=0)
+    # Gateway processes: 1 serves clients in the broker's own process; N > 1 starts N
+    # worker processes that share the port (SO_REUSEPORT) and ask the broker about
+    # sessions, so the gateway uses N cores; "auto" is one per CPU the broker may use.
+    workers: int | Literal["auto"] = Field(default=1)
+
+    @field_validator("workers")
+    @classmethod
+    def _workers_in_range(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 64:
+            raise ValueError("gateway.workers must be between 1 and 64, or auto")
+        return value
+
+    def worker_count(self) -> int:
+        if self.workers == "auto":
+            return max(1, len(os.sched_getaffinity(0)))
+        return self.workers
 
 
 class ApiSettings(ListenSettings):

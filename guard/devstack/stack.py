@@ -258,6 +258,21 @@ def dev_audit_fsync() -> bool:
     return value in ("on", "true", "1")
 
 
+def dev_gateway_workers() -> int | str:
+    """The demo broker's `gateway.workers`: 1 (the gateway in the broker's process) unless
+    GUARD_DEV_GATEWAY_WORKERS says a number or `auto`. The demo shares its cores with
+    PostgreSQL, OpenBao and the clients; bench/run.py --gateway-workers measures both."""
+    value = os.environ.get("GUARD_DEV_GATEWAY_WORKERS", "1").strip().lower()
+    if value == "auto":
+        return value
+    if not value.isdigit() or not 1 <= int(value) <= 64:
+        raise StackError(
+            f"GUARD_DEV_GATEWAY_WORKERS={value!r} is not a number from 1 to 64 or auto",
+            hint="unset it (1, the default), or set it to e.g. 2 or auto",
+        )
+    return int(value)
+
+
 def _load_policy(policy_file: Path | None):
     from guard.broker.policy.compile import load_policy_file
 
@@ -358,7 +373,7 @@ def _start(
         "policy_file": status["policy_file"],
         "api": {"host": "127.0.0.1", "port": api_port},
         "api_tls": {"cert_file": str(api_cert_file), "key_file": str(api_key_file)},
-        "gateway": {"host": "127.0.0.1", "port": gw_port},
+        "gateway": {"host": "127.0.0.1", "port": gw_port, "workers": dev_gateway_workers()},
         "gateway_tls": {
             "cert_file": str(cert_file),
             "key_file": str(key_file),

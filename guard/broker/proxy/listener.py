@@ -18,8 +18,9 @@ import secrets
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-from guard.broker.approvals.service import ApprovalService, HeldStatement, Requester
+from guard.broker.approvals.service import HeldStatement, Requester
 from guard.broker.audit.record import SessionEvent
 from guard.broker.audit.sink import AuditSink, AuditUnavailable
 from guard.broker.pgwire import messages as m
@@ -63,6 +64,21 @@ class TLSRequired(ProtocolError):
     sqlstate = "28000"  # invalid_authorization_specification, as PostgreSQL answers it
 
 
+class GatewayApprovals(Protocol):
+    """What the gateway needs of the approval service (`approvals.service.ApprovalService`
+    in the broker's process; the broker over the control channel in a worker's)."""
+
+    def holds_for(self, target: str) -> bool: ...
+
+    async def hold(
+        self, request_id: str, requester: Requester, held: HeldStatement
+    ) -> ApprovalDecided: ...
+
+    async def end_statement(self, request_id: str) -> None: ...
+
+    def withdraw(self, request_id: str, reason: str) -> None: ...
+
+
 @dataclass
 class _CancelTarget:
     host: str
@@ -88,7 +104,7 @@ class Gateway:
         tls: ssl.SSLContext | None = None,
         tls_certificate: bytes | None = None,
         idle_timeout: float | None = None,
-        approvals: ApprovalService | None = None,
+        approvals: GatewayApprovals | None = None,
         login_timeout: float = LOGIN_TIMEOUT,
         max_logging_in: int = MAX_LOGGING_IN,
         message_timeout: float = MESSAGE_TIMEOUT,
@@ -146,6 +162,11 @@ class Gateway:
         if self._listener is not None:
             self._listener.close()
             await self._listener.wait_closed()
+
+    @property
+    def relaying(self) -> bool:
+        """Whether any admitted connection is still open."""
+        return bool(self._handles)
 
     def close_connections(self, reason: str) -> None:
         """End every relayed connection (a gateway worker whose broker is gone)."""
@@ -511,7 +532,7 @@ def _startup_params(startup: object, writer: asyncio.StreamWriter) -> dict[str, 
 class _Desk:
     """The approval service, bound to one connection's session (`pump.ApprovalDesk`)."""
 
-    def __init__(self, service: ApprovalService, requester: Requester) -> None:
+    def __init__(self, service: GatewayApprovals, requester: Requester) -> None:
         self.service = service
         self.requester = requester
 

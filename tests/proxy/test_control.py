@@ -1,0 +1,165 @@
+"""The broker ↔ gateway worker control channel, and how a gateway routes cancels between
+workers: over a real socketpair, no broker."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+import pytest
+
+from guard.broker.audit.sink import MemoryAuditSink
+from guard.broker.pgwire import messages as m
+from guard.broker.pgwire.encoder import encode
+from guard.broker.proxy.control import MAX_FRAME, Channel, ControlClosed, RemoteError
+from guard.broker.proxy.listener import Gateway
+from guard.broker.settings import GatewaySettings
+from tests.playbook import POLICY
+
+
+async def _pair(**right) -> tuple[Channel, Channel, list[asyncio.Task]]:
+    a, b = socket.socketpair()
+    left = Channel(*await asyncio.open_connection(sock=a), name="left")
+    other = Channel(*await asyncio.open_connection(sock=b), name="right", **right)
+    tasks = [asyncio.ensure_future(left.serve()), asyncio.ensure_future(other.serve())]
+    return left, other, tasks
+
+
+def test_calls_are_answered_in_any_order_and_notices_arrive_in_order():
+    async def main():
+        seen: list[int] = []
+        release = asyncio.Event()
+
+        async def slow(x):
+            await release.wait()
+            return x * 2
+
+        async def fast(x):
+            return x + 1
+
+        left, _right, tasks = await _pair(
+            calls={"slow": slow, "fast": fast}, notices={"n": seen.append}
+        )
+        slow_call = asyncio.ensure_future(left.call("slow", 21))
+        assert await left.call("fast", 1) == 2  # not stuck behind the slow one
+        for i in range(3):
+            left.notify("n", i)
+        release.set()
+        assert await slow_call == 42
+        await asyncio.sleep(0.05)
+        left.close()
+        await asyncio.gather(*tasks)
+        return seen
+
+    assert asyncio.run(main()) == [0, 1, 2]
+
+
+def test_a_failing_or_unknown_call_raises_the_message_on_the_caller_side():
+    async def main():
+        async def boom():
+            raise ValueError("no such session")
+
+        left, _right, tasks = await _pair(calls={"boom": boom})
+        with pytest.raises(RemoteError, match="ValueError: no such session"):
+            await left.call("boom")
+        with pytest.raises(RemoteError, match="unknown call 'nope'"):
+            await left.call("nope")
+        left.close()
+        await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+
+
+def test_waiting_calls_fail_when_the_other_side_goes_and_later_calls_too():
+    async def main():
+        async def never():
+            await asyncio.Event().wait()
+
+        left, right, tasks = await _pair(calls={"never": never})
+        waiting = asyncio.ensure_future(left.call("never"))
+        await asyncio.sleep(0.05)
+        right.close()  # the worker (or broker) is gone
+        with pytest.raises(ControlClosed):
+            await waiting
+        await asyncio.gather(*tasks)
+        with pytest.raises(ControlClosed):
+            await left.call("never")
+        left.notify("dropped")  # no raise: a notice to a closed channel is dropped
+
+    asyncio.run(main())
+
+
+def test_an_oversized_frame_closes_the_channel_without_reading_it():
+    async def main():
+        a, b = socket.socketpair()
+        channel = Channel(*await asyncio.open_connection(sock=a))
+        b.sendall(struct.pack(">I", MAX_FRAME + 1))
+        async with asyncio.timeout(5):
+            await channel.serve()
+        b.close()
+        return channel.closed
+
+    assert asyncio.run(main())
+
+
+class _NoSessions:
+    async def find(self, user):
+        return None
+
+    def is_live(self, session):
+        return False
+
+    async def admit(self, session, handle):
+        raise AssertionError("nobody is admitted")
+
+    def release(self, session, handle):
+        raise AssertionError("nobody is admitted")
+
+
+async def _no_protected_map(target, conn):
+    raise AssertionError("no login gets this far")
+
+
+@pytest.mark.parametrize(("index", "process_id", "forwarded"), [(1, 1, True), (1, 2, False)])
+def test_a_cancel_for_another_workers_key_is_forwarded_and_its_own_is_not(
+    index, process_id, forwarded
+):
+    """Worker `index` of 2 owns process ids with (pid - 1) % 2 == index."""
+
+    async def main():
+        sent: list[tuple[int, bytes]] = []
+
+        async def forward(pid: int, key: bytes) -> None:
+            sent.append((pid, key))
+
+        gateway = Gateway(
+            directory=_NoSessions(),
+            policy=POLICY,
+            audit=MemoryAuditSink(),
+            protected_map=_no_protected_map,
+            worker=(index, 2),
+            forward_cancel=forward,
+        )
+        _host, port = await gateway.start("127.0.0.1", 0)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(encode(m.CancelRequest(process_id, b"\x01\x02\x03\x04")))
+            async with asyncio.timeout(5):
+                assert await reader.read() == b""  # a cancel is never answered
+            writer.close()
+        finally:
+            await gateway.close()
+        return sent
+
+    sent = asyncio.run(main())
+    assert sent == ([(process_id, b"\x01\x02\x03\x04")] if forwarded else [])
+
+
+def test_gateway_workers_setting_takes_a_count_or_auto():
+    assert GatewaySettings(workers="auto").worker_count() >= 1
+    assert GatewaySettings(workers=3).worker_count() == 3
+    assert GatewaySettings().worker_count() == 1
+    for bad in (0, 65, "many"):
+        with pytest.raises(ValueError):
+            GatewaySettings(workers=bad)
