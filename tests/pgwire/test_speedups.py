@@ -89,6 +89,18 @@ def test_a_run_of_rows_split_everywhere_is_framed_alike():
         assert b"".join(b"".join(frames) for frames, _, _ in compiled) == stream
 
 
+def test_scan_copies_small_messages_and_keeps_large_runs_as_views():
+    small = _message(b"C", b"x" * 506 + b"\x00")  # 512 bytes: copied
+    large = _message(b"C", b"x" * 507 + b"\x00")  # 513: a view into the buffer
+    rows = b"".join(_message(b"D", struct.pack("!hi", 1, 3) + b"abc") for _ in range(40))
+    p = BackendParser(scan=_cframe.scan)
+    p.feed(small + large + rows)
+    frames, error = p.drain()
+    assert error is None
+    assert [type(f) for f in frames] == [bytes, memoryview, memoryview]
+    assert frames == [small, large, rows]
+
+
 def test_scan_rejects_what_is_not_its_input():
     table = bytes(256)
     with pytest.raises(TypeError):

@@ -51,9 +51,12 @@ MIN_CANCEL_KEY_SIZE: Final = 4
 MAX_CANCEL_KEY_SIZE: Final = 256
 
 PasswordKind: TypeAlias = Literal["password", "sasl_initial", "sasl", "gss"]
+# One framed message, type byte and length word included: a view into the parser's
+# immutable buffer, or (from the compiled scan, for a small message) a copy of it in bytes.
+Raw: TypeAlias = bytes | memoryview
 # The compiled framing loop (`_cframe.scan`): (view, pos, valid, runs, limit, out) →
 # (pos, need); a parser given one drains with it (see _Framer.drain).
-Scan: TypeAlias = Callable[[memoryview, int, bytes, bytes, int, list[memoryview]], tuple[int, int]]
+Scan: TypeAlias = Callable[[memoryview, int, bytes, bytes, int, list[Raw]], tuple[int, int]]
 
 # Precompiled, as psycopg's _struct.py does: a format string parsed per call costs more than
 # the unpack itself on the hot path.
@@ -72,10 +75,10 @@ class Frame:
     """One complete message as received. `tag` is the type byte, 0 for startup packets."""
 
     tag: int
-    raw: memoryview  # header included; a view of an immutable buffer, valid forever
+    raw: Raw  # header included; a view of an immutable buffer (or bytes), valid forever
 
     @property
-    def body(self) -> memoryview:
+    def body(self) -> Raw:
         """The payload after the type byte (if any) and the Int32 length."""
         return self.raw[5:] if self.tag else self.raw[4:]
 
@@ -88,12 +91,12 @@ _set_tag = Frame.__dict__["tag"].__set__
 _set_raw = Frame.__dict__["raw"].__set__
 
 
-def frame_of(raw: memoryview) -> Frame:
+def frame_of(raw: Raw) -> Frame:
     """The Frame of one tagged message's raw view (as drain() returns it)."""
     return _frame(raw[0], raw)
 
 
-def _frame(tag: int, raw: memoryview) -> Frame:
+def _frame(tag: int, raw: Raw) -> Frame:
     frame: Frame = _new_object(Frame)
     _set_tag(frame, tag)
     _set_raw(frame, raw)
@@ -190,7 +193,7 @@ class _Framer:
     def next_frame(self) -> Frame | NeedData:
         return self._next_tagged()
 
-    def drain(self) -> tuple[list[memoryview], ProtocolError | None]:  # noqa: C901 - relay hot loop; a helper adds a call per message
+    def drain(self) -> tuple[list[Raw], ProtocolError | None]:  # noqa: C901 - relay hot loop; a helper adds a call per message
         """Every complete tagged message buffered: the relay's hot path.
 
         Returns views of the raw messages (type byte and length word included) in order,
@@ -198,6 +201,9 @@ class _Framer:
         CopyData from a client) joined into one view: a million result rows are framed
         (every length word checked against the limit) but cost one header read each and
         are forwarded as a few slices. Views point into immutable buffers, valid forever.
+        The compiled `scan` hands out a message of at most 512 bytes as a bytes copy
+        instead of a view (copying that little costs a sixth of making a view); the bytes
+        are the same either way.
 
         A malformed message ends the list: its error is returned, not raised, so that the
         caller can act on the well-formed messages before it (as it would have, had they
@@ -205,7 +211,7 @@ class _Framer:
         """
         if self._scan is not None:
             return self._drain_scanned(self._scan)
-        out: list[memoryview] = []
+        out: list[Raw] = []
         append = out.append
         buf, pos, view = self._buf, self._pos, self._view
         size = len(buf)
@@ -252,10 +258,10 @@ class _Framer:
             return err
         raise AssertionError("a malformed message framed")  # pragma: no cover
 
-    def _drain_scanned(self, scan: Scan) -> tuple[list[memoryview], ProtocolError | None]:
+    def _drain_scanned(self, scan: Scan) -> tuple[list[Raw], ProtocolError | None]:
         """drain() with the compiled loop framing what the buffer holds: the same frames and
         the same error, since buffering (_join) and the errors stay here."""
-        out: list[memoryview] = []
+        out: list[Raw] = []
         while True:
             pos, need = scan(self._view, self._pos, self._valid, self._runs, self._max, out)
             if need == 0:  # a malformed header at pos
@@ -389,7 +395,7 @@ class FrontendParser(_Framer):
             raise ClientProtocolError("unexpected data after CancelRequest")
         return NEED_DATA
 
-    def drain(self) -> tuple[list[memoryview], ProtocolError | None]:
+    def drain(self) -> tuple[list[Raw], ProtocolError | None]:
         if self._state != _TAGGED:
             raise RuntimeError("drain() frames tagged messages; the startup phase is not over")
         return _Framer.drain(self)
@@ -506,7 +512,7 @@ def decode_backend(frame: Frame) -> m.BackendMessage:
         raise ServerProtocolError(f"malformed {name} message: {exc}") from exc
 
 
-def cstring_body(raw: memoryview, what: str) -> str:
+def cstring_body(raw: Raw, what: str) -> str:
     """The one NUL-terminated UTF-8 string a message consists of (Query, CommandComplete).
 
     The relay's fast accessors take a framed message's raw view (as drain() returns it,
@@ -524,7 +530,7 @@ def cstring_body(raw: memoryview, what: str) -> str:
         raise error(f"malformed {what} message: {exc}") from exc
 
 
-def execute_portal(raw: memoryview) -> str:
+def execute_portal(raw: Raw) -> str:
     """The portal an Execute runs (fast accessor, the decoder's checks)."""
     name = bytes(raw[5:-5])
     if len(raw) < 10 or raw[-5] != 0 or b"\x00" in name:
@@ -532,7 +538,7 @@ def execute_portal(raw: memoryview) -> str:
     return _utf8(name, "Execute")
 
 
-def parse_statement(raw: memoryview) -> tuple[str, str]:
+def parse_statement(raw: Raw) -> tuple[str, str]:
     """(name, query text) of a Parse (fast accessor, the decoder's checks: the parameter
     type OIDs are not read, but must fill the rest of the message exactly)."""
     body = bytes(raw[5:])
@@ -550,7 +556,7 @@ def parse_statement(raw: memoryview) -> tuple[str, str]:
 _BIND_WINDOW: Final = 1024
 
 
-def bind_names(raw: memoryview) -> tuple[str, str]:
+def bind_names(raw: Raw) -> tuple[str, str]:
     """(portal, statement) of a Bind, without decoding its parameters (fast accessor).
 
     The rest of the message is framed (length-checked) but passed on undecoded; PostgreSQL
@@ -580,7 +586,7 @@ def _two_cstrings(data: bytes) -> tuple[bytes, bytes, int] | None:
     return data[:end1], data[end1 + 1 : end2], end2
 
 
-def describe_target(raw: memoryview, what: str) -> tuple[bytes, str]:
+def describe_target(raw: Raw, what: str) -> tuple[bytes, str]:
     """(b"S" or b"P", name) of a Describe or Close (fast accessor, the decoder's checks)."""
     kind = bytes(raw[5:6])
     name = bytes(raw[6:-1])

@@ -79,6 +79,7 @@ from guard.broker.pgwire.messages import (  # the tags, compared as plain global
 from guard.broker.pgwire.parser import (
     BackendParser,
     FrontendParser,
+    Raw,
     decode_backend,
     decode_frontend,
     frame_of,
@@ -222,9 +223,7 @@ class _Held:
 
     __slots__ = ("request_id", "raw", "portal", "seqs", "running")
 
-    def __init__(
-        self, request_id: str, raw: memoryview, portal: Portal | None, seqs: list[int]
-    ) -> None:
+    def __init__(self, request_id: str, raw: Raw, portal: Portal | None, seqs: list[int]) -> None:
         self.request_id = request_id
         self.raw = raw  # the Query, or the Execute of `portal`
         self.portal = portal
@@ -271,7 +270,7 @@ class GatewayConnection:
         self._pending: deque[Pending] = deque()
         self.names = NameTables()
         # Client messages framed but not yet handled (the connection paused before them).
-        self._backlog: list[memoryview] = []
+        self._backlog: list[Raw] = []
         self._backlog_pos = 0
         self._backlog_error: ProtocolError | None = None
         self._continuation: _Continuation | None = None
@@ -706,7 +705,7 @@ class GatewayConnection:
             pos, drained = 0, True
         self._backlog, self._backlog_pos, self._backlog_error = backlog, pos, error
 
-    def _on_query(self, raw: memoryview) -> None:
+    def _on_query(self, raw: Raw) -> None:
         if self.codec == "utf-8":
             sql = cstring_body(raw, "Query")
         else:
@@ -718,7 +717,7 @@ class GatewayConnection:
         else:
             self._record(records, self._after_query_record, raw, decision.refusal)
 
-    def _on_bind(self, raw: memoryview) -> None:
+    def _on_bind(self, raw: Raw) -> None:
         portal_name, statement = bind_names(raw)
         prepared = self.names.statements.get(statement)
         formats: tuple[int, ...] = ()
@@ -729,7 +728,7 @@ class GatewayConnection:
         self._to_server.append(raw)
         self._pending.append(Pending(_BIND, None, None, undo))
 
-    def _on_describe(self, raw: memoryview) -> None:
+    def _on_describe(self, raw: Raw) -> None:
         kind, name = describe_target(raw, "Describe")
         self._to_server.append(raw)
         if kind == b"S":
@@ -740,7 +739,7 @@ class GatewayConnection:
             portal = self.names.portals.get(name) or Portal(None, ())
             self._pending.append(Pending(_DESCRIBE, portal=portal))
 
-    def _on_function_call(self, raw: memoryview) -> None:
+    def _on_function_call(self, raw: Raw) -> None:
         # The fast-path FunctionCall names a function by OID and bypasses SQL analysis; its
         # callers are libpq's large-object functions, which the security contract refuses
         # whatever the policy (the call is still decided and recorded). Its response shape
@@ -750,14 +749,14 @@ class GatewayConnection:
         records = self.gate.statement_records(decision, "fast-path")
         self._record(records, self._after_query_record, raw, decision.refusal)
 
-    def _decode(self, decoder: Callable[[bytes, str], Any], raw: memoryview, what: str) -> Any:
+    def _decode(self, decoder: Callable[[bytes, str], Any], raw: Raw, what: str) -> Any:
         try:
             return decoder(bytes(raw[5:]), self.codec)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ClientProtocolError(f"malformed {what} message: {exc}") from exc
 
     def _after_query_record(
-        self, seqs: list[int] | None, raw: memoryview, refusal: m.ErrorResponse | None
+        self, seqs: list[int] | None, raw: Raw, refusal: m.ErrorResponse | None
     ) -> None:
         if seqs is None:
             refusal = AUDIT_UNAVAILABLE  # a statement whose record does not exist must not run
@@ -768,7 +767,7 @@ class GatewayConnection:
             self._to_server.append(encode(m.Query(_poison_sql())))
             self._pending.append(Pending(_QUERY, substitute=refusal))
 
-    def _on_parse(self, raw: memoryview) -> None:
+    def _on_parse(self, raw: Raw) -> None:
         if self.codec == "utf-8":
             name, query = parse_statement(raw)
         else:
@@ -800,7 +799,7 @@ class GatewayConnection:
         substitute = AUDIT_UNAVAILABLE if seqs is None else refusal
         self._pending.append(Pending(_PARSE, substitute=substitute))
 
-    def _on_execute(self, portal_name: str, raw: memoryview) -> None:
+    def _on_execute(self, portal_name: str, raw: Raw) -> None:
         portal = self.names.portals.get(portal_name)
         if portal is None or portal.prepared is None:
             # A portal guard did not see bound, or bound from a statement it did not see
@@ -821,9 +820,7 @@ class GatewayConnection:
         else:
             self._record(portal.prepared.records, self._after_execute_record, raw, portal)
 
-    def _after_execute_record(
-        self, seqs: list[int] | None, raw: memoryview, portal: Portal
-    ) -> None:
+    def _after_execute_record(self, seqs: list[int] | None, raw: Raw, portal: Portal) -> None:
         if seqs is None:
             # Audit unavailable: refuse this Execute in-band. A syntax-error Parse of the
             # unnamed statement puts upstream into error-until-Sync like a failed Execute.
@@ -838,7 +835,7 @@ class GatewayConnection:
     # ============================================================== server → client
     # ============================================================== holding for approval
     def _after_held_record(
-        self, seqs: list[int] | None, raw: memoryview, held: tuple[Decision, Portal | None]
+        self, seqs: list[int] | None, raw: Raw, held: tuple[Decision, Portal | None]
     ) -> None:
         """The record of a statement that needs approval is written: hold it."""
         decision, portal = held
@@ -905,7 +902,7 @@ class GatewayConnection:
         assert entry.approval is not None
         self._blocking = EndApproval(entry.approval)
 
-    def _on_server_message(self, tag: int, raw: memoryview) -> None:
+    def _on_server_message(self, tag: int, raw: Raw) -> None:
         """The server messages `from_server` does not handle inline."""
         pending = self._pending
         head = pending[0] if pending else None
@@ -936,7 +933,7 @@ class GatewayConnection:
             # NegotiateProtocolVersion: forwarded as they are.
             self._to_client.append(raw)
 
-    def _on_complete(self, tag: int, raw: memoryview) -> None:
+    def _on_complete(self, tag: int, raw: Raw) -> None:
         """CommandComplete, EmptyQueryResponse or PortalSuspended: one statement is done."""
         self._plan = None
         pending = self._pending
@@ -985,7 +982,7 @@ class GatewayConnection:
             )
         )
 
-    def _on_parameter_status(self, raw: memoryview) -> None:
+    def _on_parameter_status(self, raw: Raw) -> None:
         msg = decode_backend(frame_of(raw))
         assert isinstance(msg, m.ParameterStatus)
         if msg.name == "client_encoding":
@@ -1007,7 +1004,7 @@ class GatewayConnection:
         else:
             self._to_client.append(raw)
 
-    def _on_row_description(self, raw: memoryview, head: Pending | None) -> None:
+    def _on_row_description(self, raw: Raw, head: Pending | None) -> None:
         if head is not None and head.kind is _DESCRIBE:
             self._pending.popleft()
             if self.protected:
@@ -1034,7 +1031,7 @@ class GatewayConnection:
                 )
         self._to_client.append(raw)
 
-    def _on_error(self, raw: memoryview, head: Pending | None) -> None:
+    def _on_error(self, raw: Raw, head: Pending | None) -> None:
         self._plan = None
         error = decode_backend(frame_of(raw))
         assert isinstance(error, m.ErrorResponse)
@@ -1090,7 +1087,7 @@ class GatewayConnection:
                 head.plan = self._plan_of(portal.prepared.description, portal.formats)
         return head.plan
 
-    def _describe(self, raw: memoryview) -> Description:
+    def _describe(self, raw: Raw) -> Description:
         key = bytes(raw)
         description = self._described.get(key)
         if description is None:
@@ -1123,7 +1120,7 @@ class GatewayConnection:
         plan = plans[formats] = _plan_for(fields, codes, self.protected)
         return plan
 
-    def _mask_rows(self, run: memoryview, plan: MaskPlan) -> None:
+    def _mask_rows(self, run: Raw, plan: MaskPlan) -> None:
         """Mask a run of DataRows (drain() framed each; split them again here)."""
         to_client = self._to_client
         pos, end = 0, len(run)
