@@ -65,6 +65,14 @@ def cpu_seconds(pid: int) -> float:
     return sum(cpu_times(pid))
 
 
+def gateway_times(broker_pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of the broker and its gateway worker processes, if it
+    has any (`gateway.workers` > 1): the gateway's CPU either way."""
+    children = Path(f"/proc/{broker_pid}/task/{broker_pid}/children").read_text().split()
+    times = [cpu_times(broker_pid)] + [cpu_times(int(pid)) for pid in children]
+    return sum(t[0] for t in times), sum(t[1] for t in times)
+
+
 def pgbench(
     env: dict[str, str], args: list[str], seconds: int, clients: int, *, via: list[str] = ()
 ) -> tuple[float, int]:
@@ -85,7 +93,7 @@ def guard_exec_pgbench(
     child's CPU is not counted)."""
     argv = [*GUARD, "exec", "--db", "demo", "--", "pgbench", "-n", "-T", str(seconds)]
     argv += ["-c", str(clients), "-j", "2", *args]
-    before = cpu_times(broker_pid)
+    before = gateway_times(broker_pid)
     proc = subprocess.Popen(
         argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -94,7 +102,7 @@ def guard_exec_pgbench(
     time.sleep(max(0.5, seconds - 1.5))
     cli_after = cpu_times(proc.pid)
     out, err = proc.communicate()
-    after = cpu_times(broker_pid)
+    after = gateway_times(broker_pid)
     if proc.returncode != 0:
         raise RuntimeError(f"guard exec pgbench {args} failed: {err[-2000:]}")
     tps, n = float(TPS.search(out).group(1)), int(TXNS.search(out).group(1))
@@ -202,7 +210,7 @@ def copy_and_select(conninfo: str, broker_pid: int) -> tuple[float, float, float
             for chunk in copy:
                 n += len(chunk)
         copy_s = time.perf_counter() - start
-        between = cpu_seconds(broker_pid)
+        between = sum(gateway_times(broker_pid))
         start = time.perf_counter()
         rows = 0
         with conn.cursor(name="bench") as cur:
@@ -240,9 +248,16 @@ def main() -> int:
         help="the broker's audit.fsync (group commit; on is the production default, off the "
         "dev stack's): run both to compare the user path's tps",
     )
+    ap.add_argument(
+        "--gateway-workers",
+        default="1",
+        help="the broker's gateway.workers (1: in the broker's process; N or auto: worker "
+        "processes sharing the port); gateway CPU figures include the workers",
+    )
     args = ap.parse_args()
     os.environ["GUARD_DEV_AUDIT_FSYNC"] = args.audit_fsync  # read by `guard dev up`
-    print(f"audit fsync: {args.audit_fsync}")
+    os.environ["GUARD_DEV_GATEWAY_WORKERS"] = args.gateway_workers
+    print(f"audit fsync: {args.audit_fsync}, gateway workers: {args.gateway_workers}")
 
     with demo_stack("--policy", str(ROOT / "bench/policies.yaml")) as (env, status):
         return _compare(args, env, status)
@@ -316,9 +331,9 @@ def _compare(args: argparse.Namespace, env: dict[str, str], status: dict) -> int
             b, bn = pgbench(pgb_env, wargs, args.seconds, args.clients)
             pgb_us = _per_tx(pgb_before, cpu_times(pgb_pid), bn)
             spy = _start_profiler(args.profile, label, broker_pid) if args.profile else None
-            before = cpu_times(broker_pid)
+            before = gateway_times(broker_pid)
             g, n = pgbench(guard_env, wargs, args.seconds, args.clients)
-            us = _per_tx(before, cpu_times(broker_pid), n)
+            us = _per_tx(before, gateway_times(broker_pid), n)
             e, _en, exec_gw, exec_cli = guard_exec_pgbench(
                 env, wargs, args.seconds, args.clients, broker_pid
             )
@@ -381,11 +396,11 @@ def _compare_bulk(
     cpu: list[tuple[float, float]] = []
     for _ in range(args.bulk_runs):
         for name, e in paths.items():
-            before = cpu_seconds(broker_pid)
+            before = sum(gateway_times(broker_pid))
             copy_s, select_s, cpu_split = copy_and_select(_dsn(e), broker_pid)
             times[name].append((copy_s, select_s))
             if name == "guard":
-                cpu.append((cpu_split - before, cpu_seconds(broker_pid) - cpu_split))
+                cpu.append((cpu_split - before, sum(gateway_times(broker_pid)) - cpu_split))
     for i, what in enumerate(("COPY TO", "SELECT *")):
         d, b, g = (statistics.median(t[i] for t in times[k]) for k in times)
         gw_ns = statistics.median(c[i] for c in cpu) / rows * 1e9

@@ -29,7 +29,7 @@ from guard.broker.policy.engine import CompiledPolicy
 from guard.broker.proxy.directory import SessionDirectory
 from guard.broker.proxy.listener import Gateway, GatewayApprovals
 from guard.broker.proxy.protected import ProtectedColumns
-from guard.broker.proxy.supervisor import GatewayWorkers
+from guard.broker.proxy.supervisor import GatewayStartFailed, GatewayWorkers
 from guard.broker.proxy.tasks import spawn
 from guard.broker.revocation import RevocationQueue
 from guard.broker.sessions import SessionManager
@@ -395,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except AuditUnavailable as exc:
         print(f"guard-broker: {exc}; fix the audit path or its permissions", file=sys.stderr)
+        return 2
+    except GatewayStartFailed as exc:
+        print(f"guard-broker: {exc}; its error is in the log above", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         pass

@@ -28,7 +28,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
+import os
 import socket
 import sys
 from pathlib import Path
@@ -37,6 +39,7 @@ from typing import Any
 from guard.broker.approvals.service import ApprovalService, HeldStatement, Requester
 from guard.broker.audit.record import AuditEvent
 from guard.broker.audit.sink import AuditSink, AuditUnavailable, default_key_file
+from guard.broker.errors import NotFound
 from guard.broker.policy.engine import CompiledPolicy
 from guard.broker.proxy.control import Channel, frame
 from guard.broker.proxy.directory import ENDED, admit_connection, release_connection
@@ -53,6 +56,13 @@ RESTART_DELAY_MAX = 30.0
 # How long a worker has to stop after being asked, before it is killed.
 STOP_GRACE = 10.0
 READY_TIMEOUT = 30.0
+# Secrets in the broker's environment a worker has no use for: a worker that is taken over
+# (it parses every client's bytes) must not hold the key to the credential issuer.
+WORKER_ENV_DROPPED = ("GUARD_OPENBAO_TOKEN", "VAULT_TOKEN", "BAO_TOKEN")
+
+
+class GatewayStartFailed(Exception):
+    """A worker exited before it listened (its log says why)."""
 
 
 def worker_audit_path(log_path: Path, index: int) -> Path:
@@ -210,6 +220,7 @@ class GatewayWorkers:
                 logging.getLevelName(logging.getLogger().getEffectiveLevel()),
                 pass_fds=(theirs.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,
+                env={k: v for k, v in os.environ.items() if k not in WORKER_ENV_DROPPED},
             )
         finally:
             theirs.close()
@@ -261,7 +272,9 @@ class GatewayWorkers:
             self._record("gateway-log-closed", f"worker {worker.index} (pid {pid}) exit {code}")
             if worker.ready is not None and not worker.ready.done():
                 worker.ready.set_exception(
-                    RuntimeError(f"gateway worker {worker.index} exited ({code}) before listening")
+                    GatewayStartFailed(
+                        f"gateway worker {worker.index} exited ({code}) before it listened"
+                    )
                 )
 
     def _forget(self, worker: _Worker) -> None:
@@ -279,43 +292,46 @@ class GatewayWorkers:
 
     # ------------------------------------------------------------------ what a worker asks
     def _calls(self, worker: _Worker) -> dict[str, Any]:
-        async def ready() -> None:
-            if worker.ready is not None and not worker.ready.done():
-                worker.ready.set_result(None)
-
-        async def find(user: str) -> Session | None:
-            session = self.sessions.by_user(user)
-            if session is None:
-                return None
-            # A snapshot: what the worker needs to log the client in and relay for it.
-            return dataclasses.replace(session, connections=set(), credential_hash=b"")
-
-        async def admit(session_id: str, key: int) -> str | None:
-            try:
-                session = self.sessions.get(session_id)
-            except Exception:  # noqa: BLE001 - NotFound: ended meanwhile
-                return ENDED
-            handle = _RemoteHandle(worker, key)
-            refused = admit_connection(self.sessions, self.policy, self._count, session, handle)
-            if refused is None:
-                worker.admitted[key] = (session, handle)
-            return refused
-
-        async def hold(
-            request_id: str, requester: Requester, held: HeldStatement
-        ) -> ApprovalDecided:
-            return await self.approvals.hold(request_id, requester, held)
-
-        async def end_statement(request_id: str) -> None:
-            await self.approvals.end_statement(request_id)
-
         return {
-            "ready": ready,
-            "find": find,
-            "admit": admit,
-            "hold": hold,
-            "end_statement": end_statement,
+            "ready": functools.partial(self._ready, worker),
+            "find": self._find,
+            "admit": functools.partial(self._admit, worker),
+            "hold": self._hold,
+            "end_statement": self.approvals.end_statement,
         }
+
+    async def _ready(self, worker: _Worker) -> None:
+        if worker.ready is not None and not worker.ready.done():
+            worker.ready.set_result(None)
+
+    async def _find(self, user: str) -> Session | None:
+        session = self.sessions.by_user(user)
+        if session is None:
+            return None
+        # A snapshot: what the worker needs to log the client in and relay for it.
+        return dataclasses.replace(session, connections=set(), credential_hash=b"")
+
+    async def _admit(self, worker: _Worker, session_id: str, key: int) -> str | None:
+        try:
+            session = self.sessions.get(session_id)
+        except NotFound:  # ended since the worker found it
+            return ENDED
+        handle = _RemoteHandle(worker, key)
+        refused = admit_connection(self.sessions, self.policy, self._count, session, handle)
+        if refused is None:
+            worker.admitted[key] = (session, handle)
+        return refused
+
+    async def _hold(
+        self, request_id: str, requester: Requester, held: HeldStatement
+    ) -> ApprovalDecided:
+        try:
+            return await self.approvals.hold(request_id, requester, held)
+        except asyncio.CancelledError:
+            # The worker holding the statement is gone (its channel closed): nobody waits
+            # for the decision any more.
+            self.approvals.withdraw(request_id, "the gateway worker holding it stopped")
+            raise
 
     def _notices(self, worker: _Worker) -> dict[str, Any]:
         def release(key: int) -> None:

@@ -69,6 +69,14 @@ def _public_key_files(log: Path, pubkeys: list[Path]) -> list[Path]:
     beside = log.with_name(log.name + ".pub")  # what the broker writes by default
     if beside.is_file():
         return [beside]
+    # A gateway worker's log (`audit.gateway-1.jsonl`) is signed with the broker's key,
+    # whose public half is beside the broker's log (`audit.jsonl.pub`).
+    stem, dot, rest = log.name.partition(".gateway-")
+    index, _, suffix = rest.partition(".")
+    if dot and index.isdigit():
+        broker_pub = log.with_name(f"{stem}.{suffix}.pub")
+        if broker_pub.is_file():
+            return [broker_pub]
     raise CliError(
         f"no public key to check {log}'s checkpoints with (looked for {beside})",
         hint="pass --pubkey PEM_FILE (`guard audit pubkey` on the broker host prints it)",
