@@ -79,6 +79,40 @@ def test_scan_frames_as_the_pure_drain_does(side, limit, chunks):
     assert _drains(lambda: make(_cframe.scan), chunks) == _drains(make, chunks)
 
 
+def _feed_drains(make, chunks: list[bytes]) -> list[object]:
+    """_drains(), each read given with feed_drain(); what stays buffered, in bytes too."""
+    p = make()
+    seen: list[object] = []
+    for chunk in chunks:
+        frames, error = p.feed_drain(chunk)
+        got = None if error is None else (type(error), str(error))
+        seen.append(([bytes(f) for f in frames], got, p.buffered, p.unconsumed()))
+    return seen
+
+
+@pytest.mark.parametrize("side", ["backend", "frontend"])
+@pytest.mark.parametrize("limit", [parser.MAX_MESSAGE_SIZE, 16])
+@given(chunks=reads(), wrap=st.sampled_from([bytes, bytearray, memoryview]))
+@settings(max_examples=300)
+def test_feed_drain_frames_as_feed_then_drain(side, limit, chunks, wrap):
+    # The compiled feed_drain frames a read where it is; the pure one is feed() + drain().
+    def make(scan=None):
+        if side == "backend":
+            return BackendParser(max_message_size=limit, scan=scan)
+        return FrontendParser(max_message_size=limit, expect_startup=False, scan=scan)
+
+    reads_ = [wrap(c) for c in chunks]
+    pure = _feed_drains(make, reads_)
+    assert [x[:3] for x in pure] == _drains(make, reads_)
+    assert _feed_drains(lambda: make(_cframe.scan), reads_) == pure
+
+
+def test_feed_drain_of_a_parser_in_its_startup_phase_refuses_as_drain_does():
+    p = FrontendParser(scan=_cframe.scan)
+    with pytest.raises(RuntimeError, match="startup phase"):
+        p.feed_drain(b"")
+
+
 def test_a_run_of_rows_split_everywhere_is_framed_alike():
     rows = b"".join(_message(b"D", struct.pack("!hi", 1, 3) + b"abc") for _ in range(50))
     stream = _message(b"T", b"\x00\x00") + rows + _message(b"C", b"SELECT 50\x00")
@@ -93,12 +127,18 @@ def test_scan_copies_small_messages_and_keeps_large_runs_as_views():
     small = _message(b"C", b"x" * 506 + b"\x00")  # 512 bytes: copied
     large = _message(b"C", b"x" * 507 + b"\x00")  # 513: a view into the buffer
     rows = b"".join(_message(b"D", struct.pack("!hi", 1, 3) + b"abc") for _ in range(40))
-    p = BackendParser(scan=_cframe.scan)
-    p.feed(small + large + rows)
-    frames, error = p.drain()
-    assert error is None
-    assert [type(f) for f in frames] == [bytes, memoryview, memoryview]
-    assert frames == [small, large, rows]
+    for framed_where_it_is in (False, True):  # drain(), or feed_drain() on the read itself
+        p = BackendParser(scan=_cframe.scan)
+        data = small + large + rows + small[:7]
+        if framed_where_it_is:
+            frames, error = p.feed_drain(data)
+        else:
+            p.feed(data)
+            frames, error = p.drain()
+        assert error is None
+        assert [type(f) for f in frames] == [bytes, memoryview, memoryview]
+        assert frames == [small, large, rows]
+        assert p.unconsumed() == small[:7]
 
 
 def test_scan_rejects_what_is_not_its_input():

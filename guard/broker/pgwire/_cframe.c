@@ -2,7 +2,8 @@
  *
  * The compiled twin of parts of guard/broker/pgwire/parser.py (the reference): `scan`
  * frames the buffered tagged messages the way `_Framer.drain` does (the same bytes; a small
- * message as a bytes copy rather than a view), and the fast accessors
+ * message as a bytes copy rather than a view), in the parser's buffer or, for
+ * `_Framer.feed_drain`, in a read as it came (bytes), and the fast accessors
  * (`cstring_body`, `execute_portal`, `parse_statement`, `bind_names`, `describe_target`)
  * read a framed message's names as their namesakes there do. Selected by
  * guard.broker.proxy.speedups unless GUARD_PURE_PYTHON=1; tests/pgwire/test_speedups.py holds
@@ -40,7 +41,7 @@ read_int32(const unsigned char *p)
 
 PyDoc_STRVAR(scan_doc,
 "scan(view, pos, valid, runs, limit, out) -> (pos, need)\n\n"
-"Append to `out` a slice of `view` for every complete tagged message from `pos` on, a run\n"
+"`view`: a memoryview, or bytes. Append to `out` a slice of it for every complete tagged message from `pos` on, a run\n"
 "of consecutive messages of a `runs` type joined into one slice (as _Framer.drain does);\n"
 "a slice of at most 512 bytes as a bytes copy.\n"
 "Stops at the first message that is not complete: `need` is how many bytes from the\n"
@@ -79,7 +80,10 @@ scan(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     const unsigned char *buf = buffer.buf;
     Py_ssize_t size = buffer.len;
     Py_ssize_t need = 0;
+    /* What large messages are sliced from: the view itself, or a view of the bytes. */
+    PyObject *sliceable = PyMemoryView_Check(view) ? Py_NewRef(view) : NULL;
     if (pos < 0 || pos > size) {
+        Py_XDECREF(sliceable);
         PyBuffer_Release(&buffer);
         PyErr_SetString(PyExc_ValueError, "scan(): pos outside the buffer");
         return NULL;
@@ -112,17 +116,24 @@ scan(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
                 end = after;
             }
         }
-        PyObject *slice = end - pos <= SMALL_MESSAGE
-                              ? PyBytes_FromStringAndSize((const char *)buf + pos, end - pos)
-                              : PySequence_GetSlice(view, pos, end);
+        PyObject *slice;
+        if (end - pos <= SMALL_MESSAGE) {
+            slice = PyBytes_FromStringAndSize((const char *)buf + pos, end - pos);
+        } else {
+            if (sliceable == NULL) /* bytes given: its one view, made at its first large slice */
+                sliceable = PyMemoryView_FromObject(view);
+            slice = sliceable == NULL ? NULL : PySequence_GetSlice(sliceable, pos, end);
+        }
         if (slice == NULL || PyList_Append(out, slice) < 0) {
             Py_XDECREF(slice);
+            Py_XDECREF(sliceable);
             PyBuffer_Release(&buffer);
             return NULL;
         }
         Py_DECREF(slice);
         pos = end;
     }
+    Py_XDECREF(sliceable);
     PyBuffer_Release(&buffer);
     return Py_BuildValue("(nn)", pos, need);
 }

@@ -3,7 +3,7 @@
 Stdlib only, like the rest of pgwire."""
 
 def scan(
-    view: memoryview,
+    view: bytes | memoryview,
     pos: int,
     valid: bytes,
     runs: bytes,

@@ -56,7 +56,7 @@ PasswordKind: TypeAlias = Literal["password", "sasl_initial", "sasl", "gss"]
 Raw: TypeAlias = bytes | memoryview
 # The compiled framing loop (`_cframe.scan`): (view, pos, valid, runs, limit, out) →
 # (pos, need); a parser given one drains with it (see _Framer.drain).
-Scan: TypeAlias = Callable[[memoryview, int, bytes, bytes, int, list[Raw]], tuple[int, int]]
+Scan: TypeAlias = Callable[[bytes | memoryview, int, bytes, bytes, int, list[Raw]], tuple[int, int]]
 
 # Precompiled, as psycopg's _struct.py does: a format string parsed per call costs more than
 # the unpack itself on the hot path.
@@ -248,6 +248,31 @@ class _Framer:
         self._pos = pos
         return out, None
 
+    def feed_drain(self, data: bytes) -> tuple[list[Raw], ProtocolError | None]:
+        """feed(data), then drain(), in one call (the relay's, once per read).
+
+        With the compiled scan and nothing buffered, `data` is framed where it is: unless
+        a message is left incomplete (or malformed) it never becomes the buffer.
+        """
+        scan = self._scan
+        if (
+            scan is None
+            or data.__class__ is not bytes
+            or self._chunks
+            or self._pos != len(self._buf)
+        ):
+            self.feed(data)
+            return self.drain()
+        out: list[Raw] = []
+        pos, need = scan(data, 0, self._valid, self._runs, self._max, out)
+        if pos == len(data):
+            return out, None  # all framed: the buffer stays empty
+        # A message's start stays behind: data becomes the buffer, as feed() would make it.
+        self._buf, self._pos, self._view = data, pos, memoryview(data)
+        if need == 0:  # a malformed header at pos
+            return out, self._fault_at(pos)
+        return out, None
+
     def _fault_at(self, pos: int) -> ProtocolError:
         """The error for the malformed header at `pos`: the one `_next_tagged` raises
         for it, so both framing loops report a fault in the same words."""
@@ -399,6 +424,11 @@ class FrontendParser(_Framer):
         if self._state != _TAGGED:
             raise RuntimeError("drain() frames tagged messages; the startup phase is not over")
         return _Framer.drain(self)
+
+    def feed_drain(self, data: bytes) -> tuple[list[Raw], ProtocolError | None]:
+        if self._state != _TAGGED:
+            raise RuntimeError("drain() frames tagged messages; the startup phase is not over")
+        return _Framer.feed_drain(self, data)
 
     def next_message(self) -> m.FrontendMessage | NeedData:
         frame = self.next_frame()

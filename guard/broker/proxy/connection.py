@@ -338,9 +338,11 @@ class GatewayConnection:
                 self._frontend.feed(data)
                 self._fed_while_paused = True
             return []
-        self._frontend.feed(data)
         try:
-            self._relay_client(True)
+            # RELAYING: nothing is queued behind a pause (_queued handled it all).
+            self._backlog, self._backlog_error = self._frontend.feed_drain(data)
+            self._backlog_pos = 0
+            self._relay_client(False)
         except Exception as exc:  # noqa: BLE001 - see _failed: nothing escapes the core
             self._failed(exc)
         blocking = self._blocking
@@ -356,10 +358,8 @@ class GatewayConnection:
         raises."""
         if self.state >= _CLOSED:
             return []
-        backend = self._backend
-        backend.feed(data)
         try:
-            messages, error = backend.drain()
+            messages, error = self._backend.feed_drain(data)
             to_client = self._to_client
             pending = self._pending
             for raw in messages:
