@@ -11,8 +11,9 @@ start-up, imports and warm-up cancelled out. `--pure` sets GUARD_PURE_PYTHON=1 (
 pure-Python hot path); without it the compiled one is used when it is built.
 
 The transactions are bench/micro_session.py's: the bytes of one pgbench -S transaction
-(simple with a distinct literal each time, extended, prepared) and PostgreSQL's answer,
-through GatewayConnection with the bench policy; the audit commands go to a JSONL sink as
+(simple with a distinct literal each time, extended, prepared; masked: simple, with the
+result's column a protected base column, so the gateway masks its row) and PostgreSQL's
+answer, through GatewayConnection with the bench policy; the audit commands go to a JSONL sink as
 the shell's (`--sink none`: answered with sequence numbers, nothing written).
 """
 
@@ -33,14 +34,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = {};"
 TEXT = "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
-MODES = ("simple", "extended", "prepared")
+MODES = ("simple", "extended", "prepared", "masked")
+ACCOUNTS_OID, ABALANCE_ATTNUM = 16500, 3
 WARM_UP = 50
 COUNTS = (200, 1200)
 
 
 def drive(mode: str, n: int, sink: str) -> None:
     """Run `n` transactions of `mode` through one connection, after a warm-up."""
-    proxy, shell = _connection(sink)
+    proxy, shell = _connection(sink, masked=mode == "masked")
     requests, answer = _traffic(mode, WARM_UP + n, proxy, shell)
     for request in requests:
         shell(proxy.from_client(request))
@@ -48,10 +50,12 @@ def drive(mode: str, n: int, sink: str) -> None:
     assert not proxy.closed
 
 
-def _connection(sink: str) -> tuple[Any, Callable[[list[Any]], None]]:
-    """A connection of the bench policy, and the shell's audit duties for its commands."""
+def _connection(sink: str, masked: bool) -> tuple[Any, Callable[[list[Any]], None]]:
+    """A connection of the bench policy, and the shell's audit duties for its commands.
+    `masked`: abalance is a protected base column (masked in the gateway, as ****)."""
     from guard.broker.audit.sink import JsonlAuditSink
     from guard.broker.identity.principal import Principal
+    from guard.broker.masking.strategies import get_strategy
     from guard.broker.policy.compile import load_policy_file
     from guard.broker.proxy.commands import RecordResults, WriteAudit
     from guard.broker.proxy.connection import GatewayConnection
@@ -62,7 +66,8 @@ def _connection(sink: str) -> tuple[Any, Callable[[list[Any]], None]]:
     gate = Gate(
         policy=policy, target="demo", principal=principal, session_id="s", connection_id="c"
     )
-    proxy = GatewayConnection(gate, protected={}, client_user="u")
+    protected = {(ACCOUNTS_OID, ABALANCE_ATTNUM): get_strategy("redact")} if masked else {}
+    proxy = GatewayConnection(gate, protected=protected, client_user="u")
     if sink == "jsonl":
         audit = JsonlAuditSink(Path(tempfile.mkdtemp()) / "audit.jsonl")
         append_statements, append_results = audit.append_statements, audit.append_results
@@ -98,9 +103,9 @@ def _traffic(
     def wire(*messages: m.Message) -> bytes:
         return b"".join(encode(x) for x in messages)
 
-    field = m.FieldDescription("abalance", 16500, 3, 23, 4, -1, 0)
+    field = m.FieldDescription("abalance", ACCOUNTS_OID, ABALANCE_ATTNUM, 23, 4, -1, 0)
     tail = (m.DataRow((b"0",)), m.CommandComplete("SELECT 1"), m.ReadyForQuery(b"I"))
-    if mode == "simple":  # a distinct literal each time, like pgbench -M simple
+    if mode in ("simple", "masked"):  # a distinct literal each time, like pgbench -M simple
         answer = wire(m.RowDescription((field,)), *tail)
         return [wire(m.Query(SQL.format(i))) for i in range(total)], answer
     if mode == "extended":

@@ -11,7 +11,9 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from guard.broker.pgwire import encoder as encoder_module
 from guard.broker.pgwire import messages as m
+from guard.broker.pgwire import parser as parser_module
 from guard.broker.pgwire.encoder import encode
 from guard.broker.pgwire.errors import ProtocolError
 from guard.broker.pgwire.parser import bind_names
@@ -54,7 +56,16 @@ def row_decodes(monkeypatch) -> list[int]:
         seen.append(frame.tag)
         return real(frame)
 
+    # Rows to mask are split and decoded in one call per run (compiled, or the reference).
+    real_rows = connection_module.data_rows
+
+    def counting_rows(run):
+        rows, fault = real_rows(run)
+        seen.extend([m.TAG_DATA_ROW] * (len(rows) + (fault is not None)))
+        return rows, fault
+
     monkeypatch.setattr(connection_module, "decode_backend", counting)
+    monkeypatch.setattr(connection_module, "data_rows", counting_rows)
     return seen
 
 
@@ -166,3 +177,38 @@ def test_bind_names_read_from_the_front_agree_with_the_encoder(portal, statement
 def test_malformed_bind_names_are_a_protocol_error(names):
     with pytest.raises(ProtocolError):
         bind_names(memoryview(b"B" + struct.pack("!i", len(names) + 4) + names))
+
+
+# A masked run's rows: well-formed (NULL ssn too), or now and then one whose body is not.
+_MASKED_ROW = st.one_of(
+    st.builds(
+        lambda i, ssn: encode(m.DataRow((str(i).encode(), ssn))),
+        st.integers(0, 99),
+        st.one_of(st.none(), st.sampled_from([b"123-45-6789", b"", b"\xff\xfe"])),
+    ),
+    st.binary(max_size=10).map(lambda body: b"D" + struct.pack("!i", len(body) + 4) + body),
+)
+
+
+def _masked_relay(rows: list[bytes]) -> list[object]:
+    proxy, _ = make()
+    proxy.from_client(wire(m.Query("SELECT id, ssn FROM customers")))
+    description = m.RowDescription((field("id"), field("ssn", CUSTOMERS_OID, SSN_ATTNUM)))
+    reply = wire(description) + b"".join(rows) + wire(m.CommandComplete("SELECT 1"))
+    return [
+        (type(c).__name__, bytes(c.data) if isinstance(c, SendToClient) else None)
+        for c in proxy.from_server(reply)
+    ] + [proxy.connection.state]
+
+
+@given(st.lists(_MASKED_ROW, max_size=6))
+def test_masked_rows_relay_alike_compiled_and_pure(rows):
+    # The rows before a malformed one are masked and relayed, then the connection ends
+    # with the reference's error: the compiled split and build change none of it.
+    compiled = _masked_relay(rows)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(connection_module, "data_rows", parser_module.data_rows)
+        patch.setattr(connection_module, "data_row", encoder_module.data_row)
+        pure = _masked_relay(rows)
+    assert compiled == pure
+    assert b"123-45-6789" not in b"".join(data for _, data in compiled[:-1] if data)

@@ -5,14 +5,17 @@
  * message as a bytes copy rather than a view), in the parser's buffer or, for
  * `_Framer.feed_drain`, in a read as it came (bytes), and the fast accessors
  * (`cstring_body`, `execute_portal`, `parse_statement`, `bind_names`, `describe_target`)
- * read a framed message's names as their namesakes there do. Selected by
+ * read a framed message's names as their namesakes there do; `data_rows` splits a run of
+ * DataRows the gateway masks into their values (parser.data_rows) and `data_row` builds one
+ * again (encoder.data_row). Selected by
  * guard.broker.proxy.speedups unless GUARD_PURE_PYTHON=1; tests/pgwire/test_speedups.py holds
  * the two equal on the same inputs.
  *
  * Only the well-formed case is handled here. Whenever an accessor's input is malformed (or
  * its names are not UTF-8) it calls the pure-Python function of the same name with the same
  * arguments, so every error a client or server can provoke is raised by the reference
- * itself, message for message. `scan` reports a malformed header's position and leaves the
+ * itself, message for message; `data_rows` hands back a malformed row's bytes for the
+ * reference decoder to raise on, as parser.data_rows does. `scan` reports a malformed header's position and leaves the
  * error to the parser, as the pure drain() does.
  *
  * CPython C API only; no guard import except the reference module, and only on those error
@@ -28,6 +31,15 @@ read_int32(const unsigned char *p)
     /* Big-endian Int32, signed as PostgreSQL's length words are read. */
     return (long)(int32_t)(((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) |
                            ((uint32_t)p[2] << 8) | (uint32_t)p[3]);
+}
+
+static inline void
+write_int32(unsigned char *p, uint32_t v)
+{
+    p[0] = (unsigned char)(v >> 24);
+    p[1] = (unsigned char)(v >> 16);
+    p[2] = (unsigned char)(v >> 8);
+    p[3] = (unsigned char)v;
 }
 
 /* ------------------------------------------------------------------ scan */
@@ -345,6 +357,162 @@ describe_target(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t n
     return accessor("describe_target", describe_target_fast, 2, args, nargs);
 }
 
+/* ------------------------------------------------------------------ result rows */
+
+/* The function `name` of the pure-Python module `module`, called with these arguments. */
+static PyObject *
+reference_in(const char *module, const char *name, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *mod = PyImport_ImportModule(module);
+    if (mod == NULL)
+        return NULL;
+    PyObject *func = PyObject_GetAttrString(mod, name);
+    Py_DECREF(mod);
+    if (func == NULL)
+        return NULL;
+    PyObject *result = PyObject_Vectorcall(func, args, (size_t)nargs, NULL);
+    Py_DECREF(func);
+    return result;
+}
+
+/* The values of the DataRow body p[0:n] as a tuple; NULL without an error set when the
+ * body is malformed by the reference decoder's rules (parser._data_row: an Int16 count
+ * whose Int32 lengths fit, -1 for NULL and no other negative length, each value within the
+ * body, nothing after the last). */
+static PyObject *
+row_values(const unsigned char *p, Py_ssize_t n)
+{
+    if (n < 2)
+        return NULL;
+    Py_ssize_t count = ((Py_ssize_t)p[0] << 8) | p[1];
+    if (2 + 4 * count > n)
+        return NULL;
+    PyObject *values = PyTuple_New(count);
+    if (values == NULL)
+        return NULL;
+    Py_ssize_t pos = 2;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (n - pos < 4)
+            goto malformed;
+        long length = read_int32(p + pos);
+        pos += 4;
+        PyObject *value;
+        if (length == -1) {
+            value = Py_NewRef(Py_None);
+        } else {
+            if (length < 0 || length > n - pos)
+                goto malformed;
+            value = PyBytes_FromStringAndSize((const char *)p + pos, length);
+            if (value == NULL) {
+                Py_DECREF(values);
+                return NULL;
+            }
+            pos += length;
+        }
+        PyTuple_SET_ITEM(values, i, value);
+    }
+    if (pos == n)
+        return values;
+malformed:
+    Py_DECREF(values);
+    return NULL;
+}
+
+PyDoc_STRVAR(data_rows_doc,
+"data_rows(run) -> (rows, fault): the values of each DataRow of a run, up to the first\n"
+"malformed row, which is `fault` (its bytes; None when there is none).");
+
+static PyObject *
+data_rows(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 1)
+        return reference_in("guard.broker.pgwire.parser", "data_rows", args, nargs);
+    Py_buffer b;
+    if (get_raw(args[0], &b) < 0)
+        return NULL;
+    const unsigned char *p = b.buf;
+    Py_ssize_t end = b.len, pos = 0;
+    PyObject *rows = PyList_New(0), *fault = NULL;
+    if (rows == NULL)
+        goto error;
+    while (pos < end) {
+        long long length = end - pos >= 5 ? read_int32(p + pos + 1) : -1;
+        if (p[pos] != 'D' || length < 4 || length > end - pos - 1) {
+            /* Not a run drain() framed: the reference reads it, whatever it is. */
+            Py_DECREF(rows);
+            PyBuffer_Release(&b);
+            return reference_in("guard.broker.pgwire.parser", "data_rows", args, nargs);
+        }
+        PyObject *values = row_values(p + pos + 5, (Py_ssize_t)length - 4);
+        if (values == NULL) {
+            if (PyErr_Occurred())
+                goto error;
+            fault = PyBytes_FromStringAndSize((const char *)p + pos, 1 + (Py_ssize_t)length);
+            if (fault == NULL)
+                goto error;
+            break;
+        }
+        int failed = PyList_Append(rows, values);
+        Py_DECREF(values);
+        if (failed < 0)
+            goto error;
+        pos += 1 + (Py_ssize_t)length;
+    }
+    PyBuffer_Release(&b);
+    return steal_pair(rows, fault == NULL ? Py_NewRef(Py_None) : fault);
+error:
+    Py_XDECREF(rows);
+    PyBuffer_Release(&b);
+    return NULL;
+}
+
+PyDoc_STRVAR(data_row_doc,
+"data_row(values) -> bytes: the DataRow of these values (bytes or None), as\n"
+"encoder.data_row encodes it.");
+
+static PyObject *
+data_row(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 1 || !(PyList_CheckExact(args[0]) || PyTuple_CheckExact(args[0])))
+        return reference_in("guard.broker.pgwire.encoder", "data_row", args, nargs);
+    PyObject *seq = args[0];
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    Py_ssize_t total = 4 + 2 + 4 * count;
+    if (count > 0xFFFF)
+        return reference_in("guard.broker.pgwire.encoder", "data_row", args, nargs);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *value = items[i];
+        if (value == Py_None)
+            continue;
+        if (!PyBytes_CheckExact(value) || PyBytes_GET_SIZE(value) > INT32_MAX - total)
+            return reference_in("guard.broker.pgwire.encoder", "data_row", args, nargs);
+        total += PyBytes_GET_SIZE(value);
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, 1 + total);
+    if (out == NULL)
+        return NULL;
+    unsigned char *w = (unsigned char *)PyBytes_AS_STRING(out);
+    *w++ = 'D';
+    write_int32(w, (uint32_t)total);
+    w += 4;
+    *w++ = (unsigned char)(count >> 8);
+    *w++ = (unsigned char)count;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *value = items[i];
+        if (value == Py_None) {
+            write_int32(w, 0xFFFFFFFFu);
+            w += 4;
+            continue;
+        }
+        Py_ssize_t n = PyBytes_GET_SIZE(value);
+        write_int32(w, (uint32_t)n);
+        memcpy(w + 4, PyBytes_AS_STRING(value), (size_t)n);
+        w += 4 + n;
+    }
+    return out;
+}
+
 /* ------------------------------------------------------------------ module */
 
 static PyMethodDef methods[] = {
@@ -358,6 +526,8 @@ static PyMethodDef methods[] = {
     {"bind_names", (PyCFunction)(void (*)(void))bind_names, METH_FASTCALL, bind_names_doc},
     {"describe_target", (PyCFunction)(void (*)(void))describe_target, METH_FASTCALL,
      describe_target_doc},
+    {"data_rows", (PyCFunction)(void (*)(void))data_rows, METH_FASTCALL, data_rows_doc},
+    {"data_row", (PyCFunction)(void (*)(void))data_row, METH_FASTCALL, data_row_doc},
     {NULL, NULL, 0, NULL},
 };
 

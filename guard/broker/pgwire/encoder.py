@@ -46,6 +46,11 @@ def encode_many(msgs: Iterable[m.Message]) -> bytes:
     return b"".join(map(encode, msgs))
 
 
+def data_row(values: tuple[bytes | None, ...] | list[bytes | None]) -> bytes:
+    """The wire bytes of a DataRow of these values: encode(DataRow(tuple(values)))."""
+    return encode(m.DataRow(tuple(values)))
+
+
 # ---- helpers
 def _tagged(tag: int, body: bytes) -> bytes:
     return _PACK_HEADER(tag, len(body) + 4) + body

@@ -11,7 +11,7 @@ malformed, oversized or unexpected input raises `ClientProtocolError` or
 `ServerProtocolError`.
 
 This module is the reference for its compiled twin, `_cframe.c` (drain()'s framing loop,
-passed in as `scan`, and the relay's fast accessors), which guard.broker.proxy.speedups
+passed in as `scan`, the relay's fast accessors and `data_rows`), which guard.broker.proxy.speedups
 picks when it is built and GUARD_PURE_PYTHON is not set; tests/pgwire/test_speedups.py
 holds the two equal.
 
@@ -604,6 +604,25 @@ def bind_names(raw: Raw) -> tuple[str, str]:
         return found[0].decode("utf-8"), found[1].decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ClientProtocolError("malformed Bind: names are not UTF-8") from exc
+
+
+def data_rows(run: Raw) -> tuple[list[tuple[bytes | None, ...]], Raw | None]:
+    """The values of each DataRow of a run (as drain() joins them), in order, up to the
+    first row that is malformed, which comes back as it is (`fault`): decode_backend of
+    its frame raises its error. (rows, None) when every row is well-formed."""
+    rows: list[tuple[bytes | None, ...]] = []
+    pos, end = 0, len(run)
+    while pos < end:
+        (length,) = _UNPACK_I(run, pos + 1)
+        row = run[pos : pos + 1 + length]
+        pos += 1 + length
+        try:
+            decoded = decode_backend(frame_of(row))
+        except ServerProtocolError:
+            return rows, row
+        assert isinstance(decoded, m.DataRow)
+        rows.append(decoded.values)
+    return rows, None
 
 
 def _two_cstrings(data: bytes) -> tuple[bytes, bytes, int] | None:

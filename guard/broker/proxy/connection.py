@@ -37,7 +37,6 @@ order), which is also how result row counts reach the audit record of their stat
 from __future__ import annotations
 
 import secrets
-import struct
 from collections import deque
 from collections.abc import Callable, Mapping
 from enum import IntEnum
@@ -102,13 +101,13 @@ from guard.broker.proxy.names import Description, NameTables, Portal, Prepared, 
 from guard.broker.proxy.speedups import (  # compiled, or pgwire.parser's (the reference)
     bind_names,
     cstring_body,
+    data_row,
+    data_rows,
     describe_target,
     execute_portal,
     parse_statement,
     scan,
 )
-
-_UNPACK_LENGTH = struct.Struct("!i").unpack_from
 
 # Below this many bytes one call's output is joined into one write; above it (bulk rows)
 # the slices are written as they are rather than copied.
@@ -1121,16 +1120,12 @@ class GatewayConnection:
         return plan
 
     def _mask_rows(self, run: Raw, plan: MaskPlan) -> None:
-        """Mask a run of DataRows (drain() framed each; split them again here)."""
+        """Mask a run of DataRows (drain() framed each; split them again here). The rows
+        before a malformed one are masked and relayed, then its error is raised."""
         to_client = self._to_client
-        pos, end = 0, len(run)
-        while pos < end:
-            (length,) = _UNPACK_LENGTH(run, pos + 1)
-            row = run[pos : pos + 1 + length]
-            pos += 1 + length
-            decoded = decode_backend(frame_of(row))
-            assert isinstance(decoded, m.DataRow)
-            values = list(decoded.values)
+        rows, fault = data_rows(run)
+        for row in rows:
+            values = list(row)
             for index, strategy, fmt, type_oid in plan:
                 value = values[index] if index < len(values) else None
                 if value is None:
@@ -1139,7 +1134,10 @@ class GatewayConnection:
                     strategy.mask_binary(type_oid, value) if fmt == 1 else strategy.mask_text(value)
                 )
                 self._masked_cells += 1
-            to_client.append(encode(m.DataRow(tuple(values))))
+            to_client.append(data_row(values))
+        if fault is not None:
+            decode_backend(frame_of(fault))  # raises the row's error (the reference's)
+            raise AssertionError("a DataRow split as malformed decodes")  # never relayed
 
 
 def _plan_for(
