@@ -1,9 +1,10 @@
-"""Build of the optional C extension; everything else is in pyproject.toml.
+"""Build of the optional C extensions; everything else is in pyproject.toml.
 
 `guard.broker.pgwire._cframe` is the compiled twin of the relay's byte scanning in
-guard/broker/pgwire/parser.py (see guard/broker/proxy/speedups.py). It is optional: when it
-cannot be built (no compiler, no Python headers), setuptools prints a warning and the
-install goes on without it, and guard runs its pure-Python code.
+guard/broker/pgwire/parser.py (see guard/broker/proxy/speedups.py); `guard.broker.audit.
+_cfsync` is the audit group commit's fsync thread (see guard/broker/audit/commit.py). Both
+are optional: when one cannot be built (no compiler, no Python headers), setuptools prints
+a warning and the install goes on without it, and guard runs its pure-Python code.
 """
 
 from setuptools import Extension, setup
@@ -14,6 +15,13 @@ setup(
             "guard.broker.pgwire._cframe",
             sources=["guard/broker/pgwire/_cframe.c"],
             optional=True,  # a failed build is a warning, not a failed install
-        )
+        ),
+        # The audit group commit's fsync thread, which never takes the GIL
+        # (guard/broker/audit/commit.py); optional in the same way.
+        Extension(
+            "guard.broker.audit._cfsync",
+            sources=["guard/broker/audit/_cfsync.c"],
+            optional=True,
+        ),
     ]
 )

@@ -48,7 +48,9 @@ async def submit_all(group: GroupCommit, batches: list[list[bytes]]) -> list:
 
 @pytest.fixture
 def fsyncs(monkeypatch) -> list[int]:
-    """The thread of every fsync the sink does."""
+    """The thread of every fsync the sink does (the Python thread's: the C one's fsyncs
+    cannot be watched from Python)."""
+    monkeypatch.setenv("GUARD_PURE_PYTHON", "1")
     seen: list[int] = []
     real = sink_module._fdatasync
 
@@ -145,6 +147,7 @@ def test_a_batch_that_cannot_be_written_refuses_every_statement_in_it(tmp_path, 
 
 
 def test_a_failed_fsync_refuses_every_later_record(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("GUARD_PURE_PYTHON", "1")  # the failure is injected in Python
     path = tmp_path / "audit.jsonl"
     sink = JsonlAuditSink(path, fsync=True)
     assert sink.group_commit is not None
@@ -177,6 +180,7 @@ def test_health_hears_of_a_failed_fsync_from_the_answer_itself(tmp_path, monkeyp
     not only at the next flush; a later good batch (after a restart) clears it."""
     from guard.broker.health import WatchedAuditSink
 
+    monkeypatch.setenv("GUARD_PURE_PYTHON", "1")  # the failure is injected in Python
     watched = WatchedAuditSink(JsonlAuditSink(tmp_path / "audit.jsonl", fsync=True))
     (answer,) = asyncio.run(submit_all(watched.group_commit, [records(1)]))
     assert isinstance(answer, list) and watched.last_error is None
@@ -218,6 +222,82 @@ def _then(f, after):
     return both
 
 
+def _native_syncer():
+    try:
+        from guard.broker.audit._cfsync import Syncer
+    except ImportError:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("guard.broker.audit._cfsync was not built (CI=true: a failure)")
+        pytest.skip("guard.broker.audit._cfsync was not built (no C compiler?)")
+    return Syncer
+
+
+def test_the_native_fsync_thread_is_the_default_and_pure_python_selects_the_thread(
+    tmp_path, monkeypatch
+):
+    _native_syncer()
+    monkeypatch.delenv("GUARD_PURE_PYTHON", raising=False)
+    native = JsonlAuditSink(tmp_path / "a.jsonl", fsync=True)
+    assert native.group_commit is not None and native.group_commit._native is not None
+    native.close()
+    monkeypatch.setenv("GUARD_PURE_PYTHON", "1")
+    pure = JsonlAuditSink(tmp_path / "b.jsonl", fsync=True)
+    assert pure.group_commit is not None and pure.group_commit._native is None
+    pure.close()
+
+
+def test_the_native_thread_commits_batches_in_order_and_answers_on_the_loop(
+    tmp_path, monkeypatch
+):
+    _native_syncer()
+    monkeypatch.delenv("GUARD_PURE_PYTHON", raising=False)
+    path = tmp_path / "audit.jsonl"
+    sink = JsonlAuditSink(path, fsync=True, checkpoint_every=4)
+    group = sink.group_commit
+    assert group is not None and group._native is not None
+    answered_on: list[int] = []
+
+    async def main():
+        first = await submit_all(group, [records(1), records(2, 3), records(4)])
+        answered_on.append(threading.get_ident())
+        # one statement per iteration, as separate clients send them: each gets its answer
+        later = [await submit_all(group, [records(i)]) for i in (6, 7, 8)]
+        return first, later
+
+    first, later = asyncio.run(main())
+    assert first == [[1], [2, 3], [4]]  # seq 5 is the checkpoint after 4 records
+    assert later == [[[6]], [[7]], [[8]]]
+    assert answered_on == [threading.get_ident()]  # on the loop, no thread hop back
+    assert group.batches >= 2 and group.records == 7  # statement records (not the checkpoint)
+    sink.close()
+    assert verify(path).ok
+
+
+def test_a_failed_native_fsync_refuses_what_waits_for_it_and_everything_after(caplog):
+    Syncer = _native_syncer()
+    read_end, write_end = os.pipe()  # fdatasync of a pipe fails (EINVAL): a broken disk
+    written: list[int] = []
+
+    def write(batch):
+        written.append(len(batch))
+        return [[len(written)] for _ in batch]
+
+    failures: list[OSError] = []
+
+    def failed(exc: OSError) -> Exception:
+        failures.append(exc)
+        return AuditUnavailable(f"fsync failed: {exc.strerror}")
+
+    group = GroupCommit(write, lambda: None, native=Syncer(write_end), fsync_failed=failed)
+    answers = asyncio.run(submit_all(group, [records(1), records(2)]))
+    again = asyncio.run(submit_all(group, [records(3)]))
+    group.close()
+    os.close(read_end)
+    os.close(write_end)
+    assert all(isinstance(a, AuditUnavailable) for a in answers + again)
+    assert failures and failures[0].errno == errno.EINVAL
+
+
 def test_fsync_is_on_by_default_in_the_broker_settings(tmp_path):
     durable = JsonlAuditSink.from_settings(AuditSettings(path=tmp_path / "a.jsonl"))
     assert durable.group_commit is not None
@@ -227,10 +307,17 @@ def test_fsync_is_on_by_default_in_the_broker_settings(tmp_path):
     fast.close()
 
 
-def test_kill_9_loses_no_record_of_a_forwarded_statement(tmp_path):
+@pytest.mark.parametrize("fsync_thread", ["native", "python"])
+def test_kill_9_loses_no_record_of_a_forwarded_statement(tmp_path, fsync_thread):
     """A gateway in miniature (`crash_writer`: real pumps, a durable sink) is killed with
     SIGKILL three times, at different moments, restarting on the same log: every statement
-    it acknowledged as forwarded has its record in the log, and the log verifies."""
+    it acknowledged as forwarded has its record in the log, and the log verifies. Both
+    fsync threads: the C one (the default when built) and the Python reference."""
+    if fsync_thread == "native":
+        _native_syncer()
+    env = {k: v for k, v in os.environ.items() if k != "GUARD_PURE_PYTHON"}
+    if fsync_thread == "python":
+        env["GUARD_PURE_PYTHON"] = "1"
     path = tmp_path / "audit.jsonl"
     acked: set[str] = set()
     for wanted in (50, 400, 1500):
@@ -239,6 +326,7 @@ def test_kill_9_loses_no_record_of_a_forwarded_statement(tmp_path):
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            env=env,
         )
         assert proc.stdout is not None
         got = 0

@@ -81,6 +81,18 @@ log = logging.getLogger("guard.broker.audit")
 _monotonic_ns = time.monotonic_ns
 # fdatasync: the data and the file size (what a reader needs), not the timestamps.
 _fdatasync = getattr(os, "fdatasync", os.fsync)
+
+
+def _native_syncer(fd: int) -> Any:
+    """The group commit's C fsync thread for `fd` (`audit/_cfsync.c`), or None: not built
+    (no compiler), or GUARD_PURE_PYTHON=1 (the Python thread, the reference)."""
+    if os.environ.get("GUARD_PURE_PYTHON", "") not in ("", "0"):
+        return None
+    try:
+        from guard.broker.audit._cfsync import Syncer
+    except ImportError:
+        return None
+    return Syncer(fd)
 _CHECKPOINT_MARK = b'"kind":"checkpoint"'  # cannot occur inside a JSON string (quotes escaped)
 
 
@@ -319,7 +331,12 @@ class JsonlAuditSink:
         if fsync:
             from guard.broker.audit.commit import GroupCommit  # it imports AuditUnavailable
 
-            self.group_commit = GroupCommit(self._write_for_commit, self._sync_in_background)
+            self.group_commit = GroupCommit(
+                self._write_for_commit,
+                self._sync_in_background,
+                native=_native_syncer(self._fd),
+                fsync_failed=self._native_fsync_failed,
+            )
 
     @classmethod
     def from_settings(cls, settings: _AuditSettings, **kwargs: Any) -> JsonlAuditSink:
@@ -618,6 +635,14 @@ class JsonlAuditSink:
         except AuditUnavailable as exc:
             self._commit_error = str(exc)
             raise
+
+    def _native_fsync_failed(self, exc: OSError) -> Exception:
+        """The C fsync thread's failure, made final as `sync`'s is."""
+        with self._lock:
+            self._dirty = True
+            error = self._fsync_failed(exc)
+        self._commit_error = str(error)
+        return error
 
     def _durable_soon(self) -> None:
         """Lines no statement waits for were written: have the fsync thread fsync them."""
