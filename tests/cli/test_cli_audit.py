@@ -140,3 +140,60 @@ def test_records_written_after_the_key_are_verified_with_it(home, guard):  # noq
     sink.append(stmt(3))
     sink.close()
     assert guard("audit", "verify", str(path)).code == 0
+
+
+def _verdicts(text: str) -> list[str]:
+    """Each checked file's verdict line up to its first colon (notes left out)."""
+    return [line.split(":")[0] for line in text.splitlines() if not line.startswith("note:")]
+
+
+def _worker_logs(main, count=2):
+    """Gateway worker logs beside `main`, as the broker writes them (`gateway.workers`),
+    signed with the broker's key."""
+    key = main.with_name(main.name + ".key")
+    paths = []
+    for i in range(count):
+        path = main.with_name(f"audit.gateway-{i}.jsonl")
+        sink = JsonlAuditSink(path, checkpoint_every=4, signing_key_file=key)
+        for n in range(5):
+            sink.append(stmt(n))
+        sink.close()
+        paths.append(path)
+    return paths
+
+
+def test_several_logs_are_checked_and_any_damage_fails_naming_it(home, guard):  # noqa: F811
+    main = _log(home)
+    first, second = _worker_logs(main)
+    outcome = guard("audit", "verify", str(main), str(first), str(second))
+    assert outcome.code == 0, outcome
+    assert _verdicts(outcome.out) == [f"ok {main}", f"ok {first}", f"ok {second}"]
+    lines = first.read_bytes().splitlines(keepends=True)
+    del lines[2]
+    first.write_bytes(b"".join(lines))
+    outcome = guard("audit", "verify", str(main), str(first), str(second))
+    _clean(outcome)
+    assert outcome.code == 1, outcome
+    verdicts = _verdicts(outcome.out)
+    assert verdicts[0] == f"ok {main}" and verdicts[1] == str(first)
+    assert verdicts[2] == f"ok {second}"  # checked all the same
+    assert outcome.err.startswith(f"error: {first} is damaged: deleted at line 3")
+    as_json = guard("audit", "verify", str(main), str(first), "--json")
+    reports = json.loads(as_json.out)
+    assert as_json.code == 1 and [r["ok"] for r in reports] == [True, False]
+
+
+def test_the_dev_default_takes_the_gateway_logs_and_a_lone_broker_log_points_at_them(  # noqa: F811
+    home,  # noqa: F811
+    guard,  # noqa: F811
+):
+    main = _log(home)
+    workers = _worker_logs(main)
+    (home / "dev").mkdir()
+    (home / "dev" / "stack.json").write_text(json.dumps({"audit_log": str(main)}))
+    outcome = guard("audit", "verify")
+    assert outcome.code == 0, outcome
+    assert _verdicts(outcome.out) == [f"ok {p}" for p in (main, *workers)]
+    lone = guard("audit", "verify", str(main))
+    assert lone.code == 0
+    assert "note: 2 gateway worker log(s) beside it (audit.gateway-0.jsonl, …)" in lone.out

@@ -1,14 +1,16 @@
-"""`guard audit verify [FILE] [--pubkey PEM] [--json]`: check an audit log offline — the hash
-chain, the signed checkpoints and the unsigned tail — and name the first damage.
+"""`guard audit verify [FILE...] [--pubkey PEM] [--json]`: check audit logs offline — the hash
+chain, the signed checkpoints and the unsigned tail — and name the first damage. With
+gateway worker processes the broker writes one chain per process (`audit.gateway-<i>.jsonl`
+beside its own log); without FILE the dev stack's log and those are checked together.
 `guard audit pubkey [--log FILE | --key KEYFILE]`: print the checkpoint signing key's public
 half as PEM, to keep it (and hand it to examiners) away from the broker host.
 
 From `guard.broker` this imports only `guard.broker.audit.verify` (and through it
 `audit.chain` and `audit.checkpoint`: stdlib and cryptography, no broker): an examiner checks
 a copied log with the public key alone. FILE defaults to the running dev stack's audit log
-(`guard dev status`). Exit codes: 0 the log is intact, 1 it is damaged (or not a guard audit
-log), 2 usage (no such file, no key to check with). Messages never show record contents or
-key material.
+(`guard dev status`) and its gateway worker logs. Exit codes: 0 every log is intact, 1 one
+is damaged (or not a guard audit log), 2 usage (no such file, no key to check with).
+Messages never show record contents or key material.
 """
 
 from __future__ import annotations
@@ -85,13 +87,13 @@ def _public_key_files(log: Path, pubkeys: list[Path]) -> list[Path]:
 
 
 @audit.command(
-    "verify", help="Check an audit log's chain and signed checkpoints; name the first damage."
+    "verify", help="Check audit logs' chains and signed checkpoints; name the first damage."
 )
 @click.argument(
-    "file",
+    "files",
+    nargs=-1,
     type=click.Path(dir_okay=False, path_type=Path),
-    required=False,
-    help="Audit log (default: the dev stack's)",
+    help="Audit logs (default: the dev stack's, with its gateway workers' logs)",
 )
 @click.option(
     "--pubkey",
@@ -111,17 +113,74 @@ def _public_key_files(log: Path, pubkeys: list[Path]) -> list[Path]:
     metavar="SECONDS",
     help="Slack past the checkpoint interval before an unsigned tail counts as possibly truncated",
 )
-def verify(file: Path | None, pubkeys: tuple[Path, ...], as_json: bool, grace: float) -> int:
+def verify(files: tuple[Path, ...], pubkeys: tuple[Path, ...], as_json: bool, grace: float) -> int:
+    if files:
+        logs = list(files)
+    else:
+        main_log = _dev_audit_log()
+        logs = [main_log, *_gateway_logs(main_log)]
+    reports = [_verify_one(log, list(pubkeys), grace) for log in logs]
+    damaged = [(log, r) for log, (r, _keys) in zip(logs, reports, strict=True) if r.damage]
+    if as_json:
+        data = [
+            {"file": str(log), "public_keys": [str(k) for k in keys], **report.to_json()}
+            for log, (report, keys) in zip(logs, reports, strict=True)
+        ]
+        # One file: its report, as before; several: a list of them.
+        print(json.dumps(data[0] if len(data) == 1 else data, indent=2))
+        return EXIT_FAILURE if damaged else 0
+    for log, (report, _keys) in zip(logs, reports, strict=True):
+        _print_report(log, report)
+    if files and len(files) == 1 and not damaged:
+        beside = _gateway_logs(files[0])
+        if beside:
+            print(
+                f"note: {len(beside)} gateway worker log(s) beside it"
+                f" ({beside[0].name}, …) are separate chains: verify them too"
+            )
+    if not damaged:
+        return 0
+    log, report = damaged[0]
+    damage = report.damage
+    assert damage is not None
+    where = f"line {damage.line}" + (f" (seq {damage.seq})" if damage.seq is not None else "")
+    if damage.kind == "not-a-log":
+        raise CliError(
+            f"{log} is not a guard audit log: {damage.detail}",
+            hint="pass the broker's audit log (`guard dev status` shows the dev stack's)",
+        )
+    more = f" (and {len(damaged) - 1} more damaged log(s))" if len(damaged) > 1 else ""
+    raise CliError(
+        f"{log} is damaged: {damage.kind} at {where}{more}",
+        hint=f"records up to line {damage.line - 1} are intact"
+        if damage.line > 1
+        else "no record of it can be trusted",
+    )
+
+
+def _gateway_logs(log: Path) -> list[Path]:
+    """The gateway worker logs the broker writes beside `log` (`audit.gateway-0.jsonl`, …),
+    each its own chain (`gateway.workers` > 1)."""
+    stem, dot, suffix = log.name.rpartition(".")
+    if not dot:
+        stem, suffix = log.name, ""
+    return sorted(
+        p
+        for p in log.parent.glob(f"{stem}.gateway-*{'.' + suffix if suffix else ''}")
+        if p.name.removeprefix(f"{stem}.gateway-").split(".")[0].isdigit()
+    )
+
+
+def _verify_one(log: Path, pubkeys: list[Path], grace: float):  # -> (VerifyReport, key files)
     import time
 
     from guard.broker.audit.checkpoint import load_public_pem
     from guard.broker.audit.verify import keys_by_id, verify_log
 
-    log = file or _dev_audit_log()
     if not log.exists():
         raise CliError(f"{log}: no such file", hint="pass the audit log", exit_code=EXIT_USAGE)
     keys = []
-    key_files = _public_key_files(log, list(pubkeys))
+    key_files = _public_key_files(log, pubkeys)
     for key_file in key_files:
         try:
             keys.append(load_public_pem(_read(key_file, "public key (PEM)")))
@@ -140,11 +199,11 @@ def verify(file: Path | None, pubkeys: tuple[Path, ...], as_json: bool, grace: f
             hint="pass a readable audit log",
             exit_code=EXIT_USAGE,
         ) from None
+    return report, key_files
+
+
+def _print_report(log: Path, report) -> None:  # noqa: ANN001 - VerifyReport, imported lazily
     damage = report.damage
-    if as_json:
-        data = {"file": str(log), "public_keys": [str(k) for k in key_files], **report.to_json()}
-        print(json.dumps(data, indent=2))
-        return EXIT_FAILURE if damage is not None else 0
     if damage is None:
         keys_text = ", ".join(report.key_ids) or "none"
         print(
@@ -153,20 +212,11 @@ def verify(file: Path | None, pubkeys: tuple[Path, ...], as_json: bool, grace: f
         )
         for note in report.notes:
             print(f"note: {note}")
-        return 0
-    where = f"line {damage.line}" + (f" (seq {damage.seq})" if damage.seq is not None else "")
+        return
     if damage.kind == "not-a-log":
-        raise CliError(
-            f"{log} is not a guard audit log: {damage.detail}",
-            hint="pass the broker's audit log (`guard dev status` shows the dev stack's)",
-        )
+        return  # said by the error
+    where = f"line {damage.line}" + (f" (seq {damage.seq})" if damage.seq is not None else "")
     print(f"{log}: {where}: {damage.kind}: {damage.detail}")
-    raise CliError(
-        f"{log} is damaged: {damage.kind} at {where}",
-        hint=f"records up to line {damage.line - 1} are intact"
-        if damage.line > 1
-        else "no record of it can be trusted",
-    )
 
 
 @audit.command("pubkey", help="Print the checkpoint signing key's public key (PEM).")
