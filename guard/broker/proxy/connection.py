@@ -732,11 +732,11 @@ class GatewayConnection:
         self._to_server.append(raw)
         if kind == b"S":
             prepared = self.names.statements.get(name)
-            self._pending.append(Pending(_DESCRIBE, prepared=prepared))
+            self._pending.append(Pending(_DESCRIBE, None, None, None, prepared))
         else:
             # A portal nobody bound describes nothing: a placeholder keeps the FIFO.
             portal = self.names.portals.get(name) or Portal(None, ())
-            self._pending.append(Pending(_DESCRIBE, portal=portal))
+            self._pending.append(Pending(_DESCRIBE, None, portal))
 
     def _on_function_call(self, raw: Raw) -> None:
         # The fast-path FunctionCall names a function by OID and bypasses SQL analysis; its
@@ -781,7 +781,7 @@ class GatewayConnection:
         prepared = Prepared(decision, self.gate.statement_records(decision, "extended"))
         undo = self.names.parse(name, prepared)
         self._to_server.append(raw)
-        self._pending.append(Pending(_PARSE, prepared=prepared, undo=undo))
+        self._pending.append(Pending(_PARSE, None, None, undo, prepared))
         if self.protected and decision.masked_columns:
             # Learn the result columns' table OIDs now, so rows of an Execute the client
             # did not Describe are still checked against protected base columns.
