@@ -297,6 +297,41 @@ def test_data_row_takes_any_sequence_and_refuses_as_the_reference_does():
     assert _outcome(lambda: _cframe.data_row(many)) == _outcome(lambda: encoder.data_row(many))
 
 
+# ------------------------------------------------------------------------- writes
+def _released() -> memoryview:
+    view = memoryview(b"gone")
+    view.release()
+    return view
+
+
+CHUNK = st.one_of(
+    st.binary(max_size=20),
+    st.binary(max_size=20).map(memoryview),
+    st.tuples(st.binary(max_size=20), st.integers(0, 8)).map(lambda t: memoryview(t[0])[t[1] :]),
+    # What the relay never writes, left to the reference: copies, wider items, gaps, text.
+    st.binary(max_size=8).map(bytearray),
+    st.builds(lambda: memoryview(b"\x00\x01\x02\x03\x04\x05\x06\x07").cast("i")),
+    st.builds(lambda: memoryview(b"abcdef")[::2]),
+    st.builds(_released),
+    st.just("text"),
+)
+
+
+@given(st.lists(CHUNK, max_size=6), st.integers(-1, 80))
+@example([], -1)
+@example([b"\x00", _released()], 0)  # over the limit, but a released view is refused first
+def test_join_small(chunks, limit):
+    assert _outcome(lambda: _cframe.join_small(chunks, limit)) == _outcome(
+        lambda: encoder.join_small(chunks, limit)
+    )
+
+
+def test_join_small_joins_what_fits_only():
+    assert _cframe.join_small([b"ab", memoryview(b"xcd")[1:]], 4) == b"abcd"
+    assert _cframe.join_small([b"ab", memoryview(b"xcd")[1:]], 3) is None
+    assert _cframe.join_small([], 0) == b""
+
+
 # ------------------------------------------------------------------------- selection
 def _selected(env_value: str | None) -> str:
     env = {k: v for k, v in os.environ.items() if k != "GUARD_PURE_PYTHON"}

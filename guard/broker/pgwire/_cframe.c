@@ -513,6 +513,67 @@ data_row(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     return out;
 }
 
+/* ------------------------------------------------------------------ writes */
+
+/* A released view must be refused as len() refuses it: left to the reference. */
+#ifdef _Py_MEMORYVIEW_RELEASED
+#define VIEW_RELEASED(o) (((PyMemoryViewObject *)(o))->flags & _Py_MEMORYVIEW_RELEASED)
+#else
+#define VIEW_RELEASED(o) 1 /* cannot tell here: every view goes to the reference */
+#endif
+
+PyDoc_STRVAR(join_small_doc,
+"join_small(chunks, limit) -> bytes or None: the chunks joined, or None when together\n"
+"they are over `limit` bytes (as encoder.join_small).");
+
+static PyObject *
+join_small(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyList_CheckExact(args[0]) || !PyLong_CheckExact(args[1]))
+        return reference_in("guard.broker.pgwire.encoder", "join_small", args, nargs);
+    long long limit = PyLong_AsLongLong(args[1]);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *chunks = args[0];
+    Py_ssize_t count = PyList_GET_SIZE(chunks), total = 0;
+    /* Only bytes and views of bytes (C-contiguous, one byte per item): their len() is
+     * their size. Anything else is the reference's to join (or refuse). */
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *chunk = PyList_GET_ITEM(chunks, i);
+        Py_ssize_t n;
+        if (PyBytes_CheckExact(chunk)) {
+            n = PyBytes_GET_SIZE(chunk);
+        } else if (PyMemoryView_Check(chunk)) {
+            Py_buffer *view = PyMemoryView_GET_BUFFER(chunk);
+            if (VIEW_RELEASED(chunk) || view->itemsize != 1 || view->ndim != 1 ||
+                !PyBuffer_IsContiguous(view, 'C'))
+                return reference_in("guard.broker.pgwire.encoder", "join_small", args, nargs);
+            n = view->len;
+        } else {
+            return reference_in("guard.broker.pgwire.encoder", "join_small", args, nargs);
+        }
+        total += n; /* every chunk looked at first, as the reference's sum() does */
+    }
+    if (total > limit)
+        Py_RETURN_NONE;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, total);
+    if (out == NULL)
+        return NULL;
+    char *w = PyBytes_AS_STRING(out);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *chunk = PyList_GET_ITEM(chunks, i);
+        if (PyBytes_CheckExact(chunk)) {
+            memcpy(w, PyBytes_AS_STRING(chunk), (size_t)PyBytes_GET_SIZE(chunk));
+            w += PyBytes_GET_SIZE(chunk);
+        } else {
+            Py_buffer *view = PyMemoryView_GET_BUFFER(chunk);
+            memcpy(w, view->buf, (size_t)view->len);
+            w += view->len;
+        }
+    }
+    return out;
+}
+
 /* ------------------------------------------------------------------ module */
 
 static PyMethodDef methods[] = {
@@ -528,6 +589,7 @@ static PyMethodDef methods[] = {
      describe_target_doc},
     {"data_rows", (PyCFunction)(void (*)(void))data_rows, METH_FASTCALL, data_rows_doc},
     {"data_row", (PyCFunction)(void (*)(void))data_row, METH_FASTCALL, data_row_doc},
+    {"join_small", (PyCFunction)(void (*)(void))join_small, METH_FASTCALL, join_small_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -51,6 +51,14 @@ def data_row(values: tuple[bytes | None, ...] | list[bytes | None]) -> bytes:
     return encode(m.DataRow(tuple(values)))
 
 
+def join_small(chunks: list[bytes | memoryview], limit: int) -> bytes | None:
+    """The chunks (messages, runs of them) joined into one write; None when together they
+    are over `limit` bytes (bulk rows are written as they are rather than copied)."""
+    if sum(map(len, chunks)) > limit:
+        return None
+    return b"".join(chunks)
+
+
 # ---- helpers
 def _tagged(tag: int, body: bytes) -> bytes:
     return _PACK_HEADER(tag, len(body) + 4) + body

@@ -105,6 +105,7 @@ from guard.broker.proxy.speedups import (  # compiled, or pgwire.parser's (the r
     data_rows,
     describe_target,
     execute_portal,
+    join_small,
     parse_statement,
     scan,
 )
@@ -618,10 +619,12 @@ class GatewayConnection:
             chunks, self._to_client = self._to_client, []
             if len(chunks) == 1:
                 out.append(SendToClient(chunks[0]))
-            elif sum(map(len, chunks)) <= _JOIN_LIMIT:
-                out.append(SendToClient(b"".join(chunks)))
-            else:  # large row runs are written as they are, not copied into one buffer
-                out.extend(SendToClient(chunk) for chunk in chunks)
+            else:
+                joined = join_small(chunks, _JOIN_LIMIT)
+                if joined is not None:
+                    out.append(SendToClient(joined))
+                else:  # large row runs are written as they are, not copied into one buffer
+                    out.extend(SendToClient(chunk) for chunk in chunks)
         if blocking is not None:
             out.append(blocking)  # always last: the shell answers it before more
             self._blocking = None

@@ -45,3 +45,4 @@ bind_names = _c.bind_names if _c is not None else parser.bind_names
 describe_target = _c.describe_target if _c is not None else parser.describe_target
 data_rows = _c.data_rows if _c is not None else parser.data_rows
 data_row = _c.data_row if _c is not None else encoder.data_row
+join_small = _c.join_small if _c is not None else encoder.join_small
