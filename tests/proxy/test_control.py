@@ -1,20 +1,30 @@
-"""The broker ↔ gateway worker control channel, and how a gateway routes cancels between
-workers: over a real socketpair, no broker."""
+"""The broker ↔ gateway worker control channel, how a gateway routes cancels between
+workers, and what the broker takes from a worker (it parses clients' bytes, so it is
+trusted with its own sessions and nothing more): over a real socketpair, no broker."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 import struct
+from datetime import UTC, datetime
 
 import pytest
 
+from guard.broker.approvals.service import HeldStatement, Requester
 from guard.broker.audit.sink import MemoryAuditSink
+from guard.broker.credentials.issuer import IssuedCredentials
+from guard.broker.identity.principal import Principal
 from guard.broker.pgwire import messages as m
 from guard.broker.pgwire.encoder import encode
-from guard.broker.proxy.control import MAX_FRAME, Channel, ControlClosed, RemoteError
+from guard.broker.pgwire.scram import make_verifier
+from guard.broker.policy.model import ApprovalRequirement
+from guard.broker.proxy.control import MAX_FRAME, Channel, ControlClosed, RemoteError, frame
+from guard.broker.proxy.events import ApprovalDecided
 from guard.broker.proxy.listener import Gateway
-from guard.broker.settings import GatewaySettings
+from guard.broker.proxy.supervisor import WORKER_GLOBALS, GatewayWorkers
+from guard.broker.sessions import Session
+from guard.broker.settings import GatewaySettings, TargetSettings
 from tests.playbook import POLICY
 
 
@@ -163,3 +173,120 @@ def test_gateway_workers_setting_takes_a_count_or_auto():
     for bad in (0, 65, "many"):
         with pytest.raises(ValueError):
             GatewaySettings(workers=bad)
+
+
+class _Boom:
+    """A pickle that runs a command when loaded (the attack a restricted end refuses)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_restricted_end_refuses_a_frame_naming_a_callable_and_runs_nothing(tmp_path):
+    marker = tmp_path / "ran"
+
+    async def main():
+        a, b = socket.socketpair()
+        broker = Channel(
+            *await asyncio.open_connection(sock=a), allowed=WORKER_GLOBALS, name="broker"
+        )
+        b.sendall(frame(("notice", "release", (_Boom(str(marker)),))))
+        async with asyncio.timeout(5):
+            await broker.serve()  # returns: the channel closed on the frame
+        b.close()
+        return broker.closed
+
+    assert asyncio.run(main())
+    assert not marker.exists()
+
+
+def test_a_restricted_end_takes_the_approval_calls_values():
+    got: list = []
+
+    async def hold(request_id, requester, held):
+        got.append((request_id, requester, held))
+        return "decided"
+
+    async def main():
+        worker, broker, tasks = await _pair(calls={"hold": hold}, allowed=WORKER_GLOBALS)
+        answer = await worker.call("hold", "r1", REQUESTER, HELD)
+        worker.close()
+        await asyncio.gather(*tasks)
+        return answer
+
+    assert asyncio.run(main()) == "decided"
+    assert got == [("r1", REQUESTER, HELD)]
+
+
+ALICE = Principal("https://idp.test", "alice-sub", frozenset({"engineers"}), "alice")
+REQUESTER = Requester("s1", "demo", ALICE, "INC-1", "v-role", datetime(2026, 1, 1, tzinfo=UTC))
+HELD = HeldStatement(
+    "rule", ApprovalRequirement(frozenset({"leads"}), 1, None), "SELECT $1", "fp", ((None, "t"),)
+)
+
+
+def _session(session_id: str) -> Session:
+    return Session(
+        id=session_id,
+        principal=ALICE,
+        target="demo",
+        upstream=TargetSettings(database="demo", openbao_role="r"),
+        user=f"guard_{session_id}",
+        verifier=make_verifier("secret"),
+        credentials=IssuedCredentials("v-" + session_id, "pw", "lease", datetime.now(UTC)),
+        expires_at=datetime.now(UTC),
+        reason="broker's own reason",
+    )
+
+
+def test_a_worker_holds_statements_only_for_its_sessions_and_as_the_broker_knows_them():
+    class Approvals:
+        holding_targets = frozenset({"demo"})
+
+        def __init__(self):
+            self.held, self.ended, self.withdrawn = [], [], []
+
+        async def hold(self, request_id, requester, held):
+            self.held.append(requester)
+            return ApprovalDecided(request_id, approved=True, per_statement=True)
+
+        async def end_statement(self, request_id):
+            self.ended.append(request_id)
+
+        def withdraw(self, request_id, reason):
+            self.withdrawn.append(request_id)
+
+    approvals = Approvals()
+    workers = GatewayWorkers(
+        count=2,
+        settings=None,  # type: ignore[arg-type]  # not started: only the call handlers run
+        policy=POLICY,
+        policy_text="",
+        sessions=None,  # type: ignore[arg-type]
+        approvals=approvals,  # type: ignore[arg-type]
+        audit=MemoryAuditSink(),
+    )
+    mine, other = workers._workers
+    mine.admitted[1] = (_session("s1"), None)  # type: ignore[assignment]
+    forged = Requester("s1", "demo", ALICE, "forged", "postgres", REQUESTER.expires_at)
+
+    async def main():
+        calls = workers._calls(other)
+        with pytest.raises(PermissionError):  # s1 has no connection on the other worker
+            await calls["hold"]("r0", forged, HELD)
+        decided = await workers._calls(mine)["hold"]("r1", forged, HELD)
+        await calls["end_statement"]("r1")  # not the other worker's to end
+        workers._notices(other)["withdraw"]("r1", "x")
+        await workers._calls(mine)["end_statement"]("r1")
+        return decided
+
+    assert asyncio.run(main()).approved
+    (requester,) = approvals.held
+    # The broker's session speaks, not the worker: its role and reason, not the forged ones.
+    assert (requester.role, requester.reason) == ("v-s1", "broker's own reason")
+    assert approvals.ended == ["r1"] and approvals.withdrawn == []

@@ -6,10 +6,15 @@ gone, a cancel for another worker, a withdrawn request); the broker tells a work
 connection or to pass on a cancel. Frames are a 4-byte big-endian length and a pickle of
 `("call", id, method, args)`, `("reply", id, ok, value)` or `("notice", kind, args)`.
 
-Pickle is safe here only because of how the channel is made: a `socket.socketpair()` the
-broker creates and hands to the one child it spawns (`pass_fds`), so nothing but those two
+Pickle is used only because of how the channel is made: a `socket.socketpair()` the broker
+creates and hands to the one child it spawns (`pass_fds`), so nothing but those two
 processes of the same program can write to it. Never use this over a socket anyone can
-connect to.
+connect to. And the broker does not trust a worker as it trusts itself: a worker parses
+every client's bytes, so a flaw there could hand an attacker the worker, and a plain
+unpickler in the broker would hand them the broker too (with the OpenBao token the worker
+is never given). The broker's end therefore unpickles with an allowlist of classes
+(`allowed`): strings, numbers, bytes, tuples and the few plain value classes a worker
+sends; any other global in a frame closes the channel.
 
 Imports asyncio and pickle; knows no session, policy or gateway types.
 """
@@ -17,6 +22,7 @@ Imports asyncio and pickle; knows no session, policy or gateway types.
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
 import logging
 import pickle
@@ -43,19 +49,41 @@ class RemoteError(Exception):
     """The other side's handler raised; its message (never a traceback) is carried."""
 
 
+class _Restricted(pickle.Unpickler):
+    """Resolves only the globals in `allowed` (module, name); anything else is refused, so
+    a frame cannot name a callable (os.system, builtins.eval, …) to be run while loading."""
+
+    def __init__(self, data: bytes, allowed: frozenset[tuple[str, str]]) -> None:
+        super().__init__(io.BytesIO(data))
+        self.allowed = allowed
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a control frame")
+        return super().find_class(module, name)
+
+
 def frame(message: tuple[Any, ...]) -> bytes:
     body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
     return _LENGTH.pack(len(body)) + body
 
 
-async def read_frame(reader: asyncio.StreamReader) -> tuple[Any, ...]:
+async def read_frame(
+    reader: asyncio.StreamReader, allowed: frozenset[tuple[str, str]] | None = None
+) -> tuple[Any, ...]:
+    """One frame's message; `allowed`: the only globals it may name (None: any, for the
+    worker's end, which trusts the broker that started it)."""
     try:
         (length,) = _LENGTH.unpack(await reader.readexactly(4))
         if length > MAX_FRAME:
             raise ControlClosed(f"control frame of {length} bytes refused")
-        message = pickle.loads(await reader.readexactly(length))
+        body = await reader.readexactly(length)
     except (asyncio.IncompleteReadError, ConnectionError) as exc:
         raise ControlClosed(str(exc) or "control channel closed") from None
+    try:
+        message = pickle.loads(body) if allowed is None else _Restricted(body, allowed).load()
+    except Exception as exc:  # noqa: BLE001 - any malformed frame ends the channel
+        raise ControlClosed(f"unreadable control frame: {exc}") from None
     if not isinstance(message, tuple) or not message:
         raise ControlClosed("malformed control frame")
     return message
@@ -73,11 +101,13 @@ class Channel:
         calls: dict[str, Call] | None = None,
         notices: dict[str, Notice] | None = None,
         name: str = "control",
+        allowed: frozenset[tuple[str, str]] | None = None,
     ) -> None:
         self.reader, self.writer = reader, writer
         self.calls = calls or {}
         self.notices = notices or {}
         self.name = name
+        self.allowed = allowed  # globals the other side's frames may name (None: any)
         self.closed = False
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Any]] = {}
@@ -106,8 +136,11 @@ class Channel:
     async def serve(self) -> None:
         try:
             while True:
-                message = await read_frame(self.reader)
-                self._dispatch(message)
+                message = await read_frame(self.reader, self.allowed)
+                try:
+                    self._dispatch(message)
+                except (ValueError, TypeError) as exc:  # a frame of the wrong shape
+                    raise ControlClosed(f"malformed control frame: {exc}") from None
         except ControlClosed as exc:
             log.debug("%s: %s", self.name, exc)
         finally:

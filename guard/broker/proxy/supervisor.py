@@ -61,6 +61,21 @@ READY_TIMEOUT = 30.0
 WORKER_ENV_DROPPED = ("GUARD_OPENBAO_TOKEN", "VAULT_TOKEN", "BAO_TOKEN")
 
 
+# What a worker's frames may name besides plain values (`control._Restricted`): the
+# approval call's arguments. Their contents are checked against the worker's own sessions.
+WORKER_GLOBALS = frozenset(
+    {
+        ("datetime", "datetime"),
+        ("datetime", "timedelta"),
+        ("datetime", "timezone"),
+        ("guard.broker.approvals.service", "HeldStatement"),
+        ("guard.broker.approvals.service", "Requester"),
+        ("guard.broker.identity.principal", "Principal"),
+        ("guard.broker.policy.model", "ApprovalRequirement"),
+    }
+)
+
+
 class GatewayStartFailed(Exception):
     """A worker exited before it listened (its log says why)."""
 
@@ -91,6 +106,7 @@ class _Worker:
     ready: asyncio.Future[None] | None = None
     # key → the session and handle the broker admitted for it
     admitted: dict[int, tuple[Session, _RemoteHandle]] = dataclasses.field(default_factory=dict)
+    held: set[str] = dataclasses.field(default_factory=set)  # approval requests it made
     audit_error: str | None = None
     started_at: float = 0.0
 
@@ -231,6 +247,7 @@ class GatewayWorkers:
             calls=self._calls(worker),
             notices=self._notices(worker),
             name=f"gateway worker {worker.index}",
+            allowed=WORKER_GLOBALS,
         )
         worker.channel = channel
         assert self._address is not None
@@ -282,6 +299,7 @@ class GatewayWorkers:
         for session, handle in worker.admitted.values():
             release_connection(self._count, session, handle)
         worker.admitted.clear()
+        worker.held.clear()
         worker.channel = None
 
     def _record(self, event: str, detail: str) -> None:
@@ -296,8 +314,8 @@ class GatewayWorkers:
             "ready": functools.partial(self._ready, worker),
             "find": self._find,
             "admit": functools.partial(self._admit, worker),
-            "hold": self._hold,
-            "end_statement": self.approvals.end_statement,
+            "hold": functools.partial(self._hold, worker),
+            "end_statement": functools.partial(self._end_statement, worker),
         }
 
     async def _ready(self, worker: _Worker) -> None:
@@ -323,15 +341,39 @@ class GatewayWorkers:
         return refused
 
     async def _hold(
-        self, request_id: str, requester: Requester, held: HeldStatement
+        self, worker: _Worker, request_id: str, requester: Requester, held: HeldStatement
     ) -> ApprovalDecided:
+        # A worker speaks only for the sessions it holds connections of, and who they are
+        # is the broker's to say: the requester is rebuilt from the broker's session.
+        session = next(
+            (s for s, _h in worker.admitted.values() if s.id == requester.session_id), None
+        )
+        if session is None or not isinstance(held, HeldStatement):
+            raise PermissionError("no connection of that session on this worker")
+        requester = Requester(
+            session_id=session.id,
+            target=session.target,
+            principal=session.principal,
+            reason=session.reason,
+            role=session.credentials.username,
+            expires_at=session.expires_at,
+        )
+        worker.held.add(request_id)
         try:
-            return await self.approvals.hold(request_id, requester, held)
+            decided = await self.approvals.hold(request_id, requester, held)
         except asyncio.CancelledError:
             # The worker holding the statement is gone (its channel closed): nobody waits
             # for the decision any more.
             self.approvals.withdraw(request_id, "the gateway worker holding it stopped")
             raise
+        if not (decided.approved and decided.per_statement):
+            worker.held.discard(request_id)  # nothing left for the worker to end
+        return decided
+
+    async def _end_statement(self, worker: _Worker, request_id: str) -> None:
+        if request_id in worker.held:  # only a request this worker made
+            worker.held.discard(request_id)
+            await self.approvals.end_statement(request_id)
 
     def _notices(self, worker: _Worker) -> dict[str, Any]:
         def release(key: int) -> None:
@@ -345,7 +387,9 @@ class GatewayWorkers:
                 owner.channel.notify("cancel", process_id, secret_key)
 
         def withdraw(request_id: str, reason: str) -> None:
-            self.approvals.withdraw(request_id, reason)
+            if request_id in worker.held:  # only a request this worker made
+                worker.held.discard(request_id)
+                self.approvals.withdraw(request_id, reason)
 
         def audit_health(error: str | None) -> None:
             worker.audit_error = error
