@@ -45,8 +45,10 @@ class GatewaySettings(ListenSettings):
     message_timeout_seconds: float = Field(default=60.0, gt=0)
     # Gateway processes: 1 serves clients in the broker's own process; N > 1 starts N
     # worker processes that share the port (SO_REUSEPORT) and ask the broker about
-    # sessions, so the gateway uses N cores; "auto" is one per CPU the broker may use.
-    workers: int | Literal["auto"] = Field(default=1)
+    # sessions, so the gateway uses N cores; "auto" (the default) is one per CPU the broker
+    # may use. A host that shares its cores with the database may do better with fewer
+    # (bench/run.py --gateway-workers); each worker is a process of ~75 MB.
+    workers: int | Literal["auto"] = Field(default="auto")
 
     @field_validator("workers")
     @classmethod
