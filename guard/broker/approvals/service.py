@@ -23,6 +23,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from guard.broker.approvals import model
 from guard.broker.approvals.grants import Grants
@@ -39,6 +40,9 @@ from guard.broker.policy.model import ApprovalRequirement
 from guard.broker.proxy.events import ApprovalDecided
 from guard.broker.proxy.gate import Decision
 from guard.broker.proxy.tasks import spawn
+
+if TYPE_CHECKING:
+    from guard.broker.sessions import Session
 
 log = logging.getLogger("guard.approvals")
 
@@ -58,6 +62,18 @@ class Requester:
     reason: str
     role: str  # the session's database role: the grantee
     expires_at: datetime
+
+    @classmethod
+    def of(cls, session: Session) -> Requester:
+        """The requester a session is, as the broker knows it (its role is the grantee)."""
+        return cls(
+            session_id=session.id,
+            target=session.target,
+            principal=session.principal,
+            reason=session.reason,
+            role=session.credentials.username,
+            expires_at=session.expires_at,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -421,17 +421,7 @@ class Gateway:
             return
         desk = None
         if self.approvals is not None and self.approvals.holds_for(session.target):
-            desk = _Desk(
-                self.approvals,
-                Requester(
-                    session_id=session.id,
-                    target=session.target,
-                    principal=session.principal,
-                    reason=session.reason,
-                    role=session.credentials.username,
-                    expires_at=session.expires_at,
-                ),
-            )
+            desk = _Desk(self.approvals, Requester.of(session))
         connection = GatewayConnection(
             gate,
             protected=protected,

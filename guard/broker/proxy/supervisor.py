@@ -350,14 +350,7 @@ class GatewayWorkers:
         )
         if session is None or not isinstance(held, HeldStatement):
             raise PermissionError("no connection of that session on this worker")
-        requester = Requester(
-            session_id=session.id,
-            target=session.target,
-            principal=session.principal,
-            reason=session.reason,
-            role=session.credentials.username,
-            expires_at=session.expires_at,
-        )
+        requester = Requester.of(session)
         worker.held.add(request_id)
         try:
             decided = await self.approvals.hold(request_id, requester, held)
