@@ -10,6 +10,7 @@ types and the revocation queue; no I/O of its own.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -17,6 +18,8 @@ from guard.broker.audit.commit import Done, GroupCommit, Result
 from guard.broker.audit.serialize import Recordable
 from guard.broker.audit.sink import AuditSink, AuditUnavailable
 from guard.broker.revocation import RevocationQueue
+
+log = logging.getLogger("guard.broker")
 
 
 class WatchedAuditSink:
@@ -112,6 +115,31 @@ class _WatchedGroupCommit:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)  # counters, close, sync_soon: the real one's
+
+
+# Result records are chained at once but written in batches: this often.
+FLUSH_INTERVAL = 0.2
+
+
+async def flush_audit_forever(
+    audit: WatchedAuditSink,
+    *,
+    on_change: Callable[[str | None], None] | None = None,
+    interval: float = FLUSH_INTERVAL,
+) -> None:
+    """Flush `audit`'s batched records every `interval` until cancelled; a failure is
+    logged (statements are refused meanwhile) and `on_change` hears of every change of
+    the sink's last error (a gateway worker tells its broker's health)."""
+    reported: str | None = None
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            audit.flush()
+        except AuditUnavailable:
+            log.error("audit log unwritable: statements will be refused until it is fixed")
+        if on_change is not None and audit.last_error != reported:
+            reported = audit.last_error
+            on_change(reported)
 
 
 class BrokerHealth:

@@ -23,7 +23,7 @@ from guard.broker.approvals.notify import NullNotifier, WebhookNotifier
 from guard.broker.approvals.service import ApprovalService
 from guard.broker.approvals.store import SqliteApprovalStore
 from guard.broker.audit.sink import AuditSink, AuditUnavailable, JsonlAuditSink
-from guard.broker.health import BrokerHealth, WatchedAuditSink
+from guard.broker.health import BrokerHealth, WatchedAuditSink, flush_audit_forever
 from guard.broker.policy.compile import PolicyError, PolicyProblem, load_policy
 from guard.broker.policy.engine import CompiledPolicy
 from guard.broker.proxy.directory import SessionDirectory
@@ -224,15 +224,6 @@ async def _run(settings: BrokerSettings, stop: _StopSignals) -> None:  # noqa: C
     if stop.requested:  # a signal came while the broker was starting
         server.should_exit = True
 
-    async def audit_flusher() -> None:
-        while True:
-            await asyncio.sleep(0.2)
-            # Result records are chained at once but written in batches: flush them.
-            try:
-                audit.flush()
-            except AuditUnavailable:
-                log.error("audit log unwritable: statements will be refused until it is fixed")
-
     async def session_watchdog() -> None:
         loop = asyncio.get_running_loop()
         next_reconcile = loop.time() + limits.reconcile_interval_seconds
@@ -250,7 +241,7 @@ async def _run(settings: BrokerSettings, stop: _StopSignals) -> None:  # noqa: C
                 log.exception("session watchdog round failed")
 
     loops = [
-        spawn(audit_flusher(), name="audit-flush"),
+        spawn(flush_audit_forever(audit), name="audit-flush"),
         spawn(session_watchdog(), name="session-watchdog"),
     ]
     try:

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 import pytest
 
 from guard.broker.approvals.service import HeldStatement, Requester
-from guard.broker.audit.sink import MemoryAuditSink
+from guard.broker.audit.sink import AuditUnavailable, MemoryAuditSink
 from guard.broker.credentials.issuer import IssuedCredentials
 from guard.broker.identity.principal import Principal
 from guard.broker.pgwire import messages as m
@@ -292,3 +292,36 @@ def test_a_worker_holds_statements_only_for_its_sessions_and_as_the_broker_knows
     # The broker's session speaks, not the worker: its role and reason, not the forged ones.
     assert (requester.role, requester.reason) == ("v-s1", "broker's own reason")
     assert approvals.ended == ["r1"] and approvals.withdrawn == []
+
+
+def test_a_worker_tells_its_broker_when_its_audit_log_fails_and_when_it_recovers(tmp_path):
+    """The flush loop every gateway process runs reports each change of its sink's
+    health once (the broker's /v1/health names a worker whose log cannot be written)."""
+    from guard.broker.health import WatchedAuditSink, flush_audit_forever
+
+    class Flaky:
+        def __init__(self):
+            self.fail = False
+
+        def flush(self):
+            if self.fail:
+                raise AuditUnavailable("disk full")
+
+    inner = Flaky()
+    watched = WatchedAuditSink(inner)  # type: ignore[arg-type]
+    heard: list[str | None] = []
+
+    async def main():
+        task = asyncio.ensure_future(
+            flush_audit_forever(watched, on_change=heard.append, interval=0.01)
+        )
+        await asyncio.sleep(0.05)
+        inner.fail = True  # the flush itself fails and records why
+        await asyncio.sleep(0.05)
+        inner.fail = False
+        watched.last_error = None  # a later write succeeded
+        await asyncio.sleep(0.05)
+        task.cancel()
+
+    asyncio.run(main())
+    assert heard == ["disk full", None]

@@ -31,7 +31,7 @@ from typing import Any
 
 from guard.broker.approvals.service import HeldStatement, Requester
 from guard.broker.audit.sink import AuditUnavailable, JsonlAuditSink
-from guard.broker.health import WatchedAuditSink
+from guard.broker.health import WatchedAuditSink, flush_audit_forever
 from guard.broker.policy.compile import load_policy
 from guard.broker.proxy.control import Channel, ControlClosed, read_frame
 from guard.broker.proxy.directory import ENDED
@@ -41,7 +41,6 @@ from guard.broker.sessions import ConnectionHandle, Session
 
 log = logging.getLogger("guard.gateway.worker")
 
-FLUSH_INTERVAL = 0.2  # result records are flushed in batches, as the broker does
 DRAIN_TIMEOUT = 5.0  # at stop: how long relays may take to finish their last records
 
 
@@ -163,7 +162,10 @@ async def serve(control_fd: int) -> None:
     await gateway.start(host, port, reuse_port=True)
     await channel.call("ready")
     log.info("gateway worker %d listening on %s:%s", index, host, port)
-    flusher = spawn(_flush(audit, channel), name="audit flush")
+    flusher = spawn(
+        flush_audit_forever(audit, on_change=lambda error: channel.notify("audit_health", error)),
+        name="audit flush",
+    )
     try:
         await stop.wait()
     finally:
@@ -180,17 +182,6 @@ async def serve(control_fd: int) -> None:
             log.error("closing the audit log: %s", exc)
         channel.close()
         log.info("gateway worker %d stopped", index)
-
-
-async def _flush(audit: WatchedAuditSink, channel: Channel) -> None:
-    reported: str | None = None
-    while True:
-        await asyncio.sleep(FLUSH_INTERVAL)
-        with contextlib.suppress(AuditUnavailable):
-            audit.flush()  # its failure is in last_error
-        if audit.last_error != reported:
-            reported = audit.last_error
-            channel.notify("audit_health", reported)
 
 
 def main(argv: list[str] | None = None) -> int:
