@@ -159,63 +159,34 @@ _TAG_CACHE_SIZE = 64
 _PASSED_ON = frozenset((TAG_FLUSH, TAG_COPY_DATA, TAG_COPY_DONE, TAG_COPY_FAIL))
 
 
-class Pending:
-    """One forwarded request still waiting for its response(s)."""
-
-    # A plain slotted class, one per forwarded message (hot path).
-    __slots__ = (
-        "kind",
-        "swallow",
-        "substitute",
-        "prepared",
-        "portal",
-        "seqs",
-        "undo",
-        "plan",
-        "planned",
-        "approval",
-    )
-
-    # The hot paths (Query, Bind, Execute) pass the first fields by position: a keyword
-    # argument costs more than the rest of the call.
-    def __init__(
-        self,
-        kind: PendingKind,
-        seqs: list[int] | None = None,  # audit seqs awaiting a result record
-        portal: Portal | None = None,  # describe of a portal / execute: the portal
-        undo: Undo | None = None,  # parse/bind/close: its name-table changes
-        prepared: Prepared | None = None,  # parse/describe of a statement: the statement
-        substitute: m.ErrorResponse | None = None,  # poison: replaces the upstream error
-        swallow: bool = False,  # the responses are the gateway's own (an injected Describe)
-    ) -> None:
-        self.kind = kind
-        self.swallow = swallow
-        self.substitute = substitute
-        self.prepared = prepared
-        self.portal = portal
-        self.seqs = seqs
-        self.undo = undo
-        self.plan: MaskPlan | None = None  # execute: mask plan, worked out at its first row
-        self.planned = False
-        self.approval: str | None = None  # an approved held statement: its request id
+# One forwarded request still waiting for its response(s): a list indexed by the constants
+# below, built as a literal (one per forwarded message, the hot path: a class's __init__
+# costs a Python frame per entry). Fields other than plan, planned and approval are fixed
+# when the entry is built.
+Pending = list[Any]
+_KIND = 0  # PendingKind
+_SEQS = 1  # audit seqs awaiting a result record (list[int] | None)
+_PORTAL = 2  # describe of a portal / execute: the portal (Portal | None)
+_UNDO = 3  # parse/bind/close: its name-table change (Undo | None)
+_PREPARED = 4  # parse/describe of a statement: the statement (Prepared | None)
+_SUBSTITUTE = 5  # poison: replaces the upstream error (m.ErrorResponse | None)
+_SWALLOW = 6  # the responses are the gateway's own (an injected Describe): bool
+_PLAN = 7  # execute: mask plan, worked out at its first row (MaskPlan | None)
+_PLANNED = 8  # bool
+_APPROVAL = 9  # an approved held statement: its request id (str | None)
 
 
-class _Stateless(Pending):
-    """A request with no state of its own (Sync): one instance serves every connection.
-    It cannot be changed, so sharing it cannot carry anything from one to another."""
-
-    __slots__ = ()
-
-    def __init__(self, kind: PendingKind) -> None:
-        template = Pending(kind)
-        for name in Pending.__slots__:
-            object.__setattr__(self, name, getattr(template, name))
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"a shared {self.kind.name} entry cannot change")
-
-
-_SYNC_ENTRY = _Stateless(_SYNC)
+def _entry(
+    kind: PendingKind,
+    seqs: list[int] | None = None,
+    portal: Portal | None = None,
+    undo: Undo | None = None,
+    prepared: Prepared | None = None,
+    substitute: m.ErrorResponse | None = None,
+    swallow: bool = False,
+) -> Pending:
+    """A Pending entry (the hot paths build theirs as literals, in this order)."""
+    return [kind, seqs, portal, undo, prepared, substitute, swallow, None, False, None]
 
 
 class _Held:
@@ -386,16 +357,16 @@ class GatewayConnection:
                     # a name change never answered (a server out of step) stands.
                     while pending:
                         entry = pending.popleft()
-                        if entry.approval is not None:
+                        if entry[_APPROVAL] is not None:
                             self._approval_done(entry)
-                        kind = entry.kind
+                        kind = entry[_KIND]
                         if kind is _QUERY or kind is _SYNC:
                             break
                     to_client.append(raw)
                 elif tag in _NAME_CHANGED:
                     # ParseComplete, BindComplete, CloseComplete: the name change stands.
-                    if pending and pending[0].kind in _NAME_CHANGES:
-                        if pending.popleft().swallow:
+                    if pending and pending[0][_KIND] in _NAME_CHANGES:
+                        if pending.popleft()[_SWALLOW]:
                             continue  # the answer to the gateway's own Describe
                     to_client.append(raw)
                 else:
@@ -667,7 +638,9 @@ class GatewayConnection:
                     self._on_execute(execute_portal(raw), raw)
                 elif tag == TAG_SYNC:
                     self._to_server.append(raw)
-                    self._pending.append(_SYNC_ENTRY)
+                    self._pending.append(
+                        [_SYNC, None, None, None, None, None, False, None, False, None]
+                    )
                 elif tag == TAG_QUERY:
                     self._on_query(raw)
                 elif tag == TAG_PARSE:
@@ -678,7 +651,7 @@ class GatewayConnection:
                     kind, name = describe_target(raw, "Close")
                     undo = self.names.close(kind, name)
                     self._to_server.append(raw)
-                    self._pending.append(Pending(_CLOSE, undo=undo))
+                    self._pending.append(_entry(_CLOSE, undo=undo))
                 elif tag in _PASSED_ON:
                     # Flush and COPY FROM STDIN payload: the COPY statement itself was gated.
                     self._to_server.append(raw)
@@ -728,18 +701,22 @@ class GatewayConnection:
             formats = cast(m.Bind, decode_frontend(frame_of(raw))).result_formats
         undo = self.names.bind(portal_name, Portal(prepared, formats))
         self._to_server.append(raw)
-        self._pending.append(Pending(_BIND, None, None, undo))
+        self._pending.append([_BIND, None, None, undo, None, None, False, None, False, None])
 
     def _on_describe(self, raw: Raw) -> None:
         kind, name = describe_target(raw, "Describe")
         self._to_server.append(raw)
         if kind == b"S":
             prepared = self.names.statements.get(name)
-            self._pending.append(Pending(_DESCRIBE, None, None, None, prepared))
+            self._pending.append(
+                [_DESCRIBE, None, None, None, prepared, None, False, None, False, None]
+            )
         else:
             # A portal nobody bound describes nothing: a placeholder keeps the FIFO.
             portal = self.names.portals.get(name) or Portal(None, ())
-            self._pending.append(Pending(_DESCRIBE, None, portal))
+            self._pending.append(
+                [_DESCRIBE, None, portal, None, None, None, False, None, False, None]
+            )
 
     def _on_function_call(self, raw: Raw) -> None:
         # The fast-path FunctionCall names a function by OID and bypasses SQL analysis; its
@@ -764,10 +741,10 @@ class GatewayConnection:
             refusal = AUDIT_UNAVAILABLE  # a statement whose record does not exist must not run
         if refusal is None:
             self._to_server.append(raw)
-            self._pending.append(Pending(_QUERY, seqs))
+            self._pending.append([_QUERY, seqs, None, None, None, None, False, None, False, None])
         else:
             self._to_server.append(encode(m.Query(_poison_sql())))
-            self._pending.append(Pending(_QUERY, substitute=refusal))
+            self._pending.append(_entry(_QUERY, substitute=refusal))
 
     def _on_parse(self, raw: Raw) -> None:
         if self.codec == "utf-8":
@@ -784,12 +761,12 @@ class GatewayConnection:
         prepared = Prepared(decision, self.gate.statement_records(decision, "extended"))
         undo = self.names.parse(name, prepared)
         self._to_server.append(raw)
-        self._pending.append(Pending(_PARSE, None, None, undo, prepared))
+        self._pending.append([_PARSE, None, None, undo, prepared, None, False, None, False, None])
         if self.protected and decision.masked_columns:
             # Learn the result columns' table OIDs now, so rows of an Execute the client
             # did not Describe are still checked against protected base columns.
             self._to_server.append(encode(m.Describe(b"S", name)))
-            self._pending.append(Pending(_DESCRIBE, swallow=True, prepared=prepared))
+            self._pending.append(_entry(_DESCRIBE, swallow=True, prepared=prepared))
 
     def _after_parse_refusal_record(
         self, seqs: list[int] | None, name: str, refusal: m.ErrorResponse
@@ -799,7 +776,7 @@ class GatewayConnection:
         self.names.statements.pop(name, None)
         self._to_server.append(encode(m.Parse(name, _poison_sql(), ())))
         substitute = AUDIT_UNAVAILABLE if seqs is None else refusal
-        self._pending.append(Pending(_PARSE, substitute=substitute))
+        self._pending.append(_entry(_PARSE, substitute=substitute))
 
     def _on_execute(self, portal_name: str, raw: Raw) -> None:
         portal = self.names.portals.get(portal_name)
@@ -814,7 +791,7 @@ class GatewayConnection:
                 f"guard: portal {portal_name!r} was not bound from a statement prepared "
                 "through guard, so it cannot be executed",
             )
-            self._pending.append(Pending(_PARSE, substitute=refusal))
+            self._pending.append(_entry(_PARSE, substitute=refusal))
             return
         decision = portal.prepared.decision
         if decision.hold is not None:  # only parsed if this connection holds (see _on_parse)
@@ -827,12 +804,12 @@ class GatewayConnection:
             # Audit unavailable: refuse this Execute in-band. A syntax-error Parse of the
             # unnamed statement puts upstream into error-until-Sync like a failed Execute.
             self._to_server.append(encode(m.Parse("", _poison_sql(), ())))
-            self._pending.append(Pending(_PARSE, substitute=AUDIT_UNAVAILABLE))
+            self._pending.append(_entry(_PARSE, substitute=AUDIT_UNAVAILABLE))
             return
         self._to_server.append(raw)
         # The mask plan is worked out at the first row: the Describe responses that tell
         # the result columns' origins arrive (in order) before it, not before this point.
-        self._pending.append(Pending(_EXECUTE, seqs, portal))
+        self._pending.append([_EXECUTE, seqs, portal, None, None, None, False, None, False, None])
 
     # ============================================================== server → client
     # ============================================================== holding for approval
@@ -874,25 +851,25 @@ class GatewayConnection:
             )
             if held.portal is None:
                 self._to_server.append(encode(m.Query(_poison_sql())))
-                self._pending.append(Pending(_QUERY, substitute=error))
+                self._pending.append(_entry(_QUERY, substitute=error))
             else:  # the unnamed statement's poison puts upstream into error-until-Sync
                 self._to_server.append(encode(m.Parse("", _poison_sql(), ())))
-                self._pending.append(Pending(_PARSE, substitute=error))
+                self._pending.append(_entry(_PARSE, substitute=error))
             self.state = _RELAYING
             self._queued()
             return
         if held.portal is None:
-            entry = Pending(_QUERY, held.seqs)
+            entry = _entry(_QUERY, held.seqs)
             self._to_server.append(held.raw)
         else:
-            entry = Pending(_EXECUTE, held.seqs, held.portal)
+            entry = _entry(_EXECUTE, held.seqs, held.portal)
             # The client's Sync is still queued behind the Execute: a Flush makes
             # PostgreSQL send the result now, so the statement's end can be seen.
             self._to_server.append(held.raw)
             self._to_server.append(_FLUSH)
         self._pending.append(entry)
         if event.per_statement:
-            entry.approval = held.request_id
+            entry[_APPROVAL] = held.request_id
             held.running = True  # still PAUSED: the queue waits for the grant's end
         else:
             self._held = None
@@ -901,8 +878,8 @@ class GatewayConnection:
 
     def _approval_done(self, entry: Pending) -> None:
         """The approved statement completed: its grant must go before anything else runs."""
-        assert entry.approval is not None
-        self._blocking = EndApproval(entry.approval)
+        assert entry[_APPROVAL] is not None
+        self._blocking = EndApproval(entry[_APPROVAL])
 
     def _on_server_message(self, tag: int, raw: Raw) -> None:
         """The server messages `from_server` does not handle inline."""
@@ -913,12 +890,12 @@ class GatewayConnection:
         elif tag == TAG_ERROR_RESPONSE:
             self._on_error(raw, head)
         elif tag == TAG_PARAMETER_DESCRIPTION:
-            if head is None or head.kind is not _DESCRIBE or not head.swallow:
+            if head is None or head[_KIND] is not _DESCRIBE or not head[_SWALLOW]:
                 self._to_client.append(raw)
         elif tag == TAG_NO_DATA:
-            if head is not None and head.kind is _DESCRIBE:
+            if head is not None and head[_KIND] is _DESCRIBE:
                 pending.popleft()
-                if head.swallow:
+                if head[_SWALLOW]:
                     return
             self._to_client.append(raw)
         elif tag == TAG_PARAMETER_STATUS:
@@ -941,7 +918,7 @@ class GatewayConnection:
         pending = self._pending
         if pending:
             head = pending[0]
-            seqs = head.seqs
+            seqs = head[_SEQS]
             if seqs:
                 seq = seqs.pop(0)
                 if tag == TAG_COMMAND_COMPLETE:
@@ -959,9 +936,9 @@ class GatewayConnection:
                     # record of its own.
                     self._result(seq, "suspended", "", None, None)
                 # EmptyQueryResponse: nothing ran, nothing to count.
-            if head.kind is _EXECUTE:
+            if head[_KIND] is _EXECUTE:
                 pending.popleft()
-                if head.approval is not None:
+                if head[_APPROVAL] is not None:
                     self._approval_done(head)
         self._masked_cells = 0
         self._to_client.append(raw)
@@ -1007,17 +984,17 @@ class GatewayConnection:
             self._to_client.append(raw)
 
     def _on_row_description(self, raw: Raw, head: Pending | None) -> None:
-        if head is not None and head.kind is _DESCRIBE:
+        if head is not None and head[_KIND] is _DESCRIBE:
             self._pending.popleft()
             if self.protected:
                 # The statement or portal the name meant when the Describe was sent: the
                 # name may have been parsed or bound again since (the unnamed one, freely).
                 description = self._describe(raw)
-                if head.portal is not None:
-                    head.portal.description = description
-                elif head.prepared is not None:
-                    head.prepared.description = description
-            if head.swallow:
+                if head[_PORTAL] is not None:
+                    head[_PORTAL].description = description
+                elif head[_PREPARED] is not None:
+                    head[_PREPARED].description = description
+            if head[_SWALLOW]:
                 return
         elif self.protected:
             # Simple query (or Execute of a portal): rows that follow use these formats.
@@ -1037,10 +1014,10 @@ class GatewayConnection:
         self._plan = None
         error = decode_backend(frame_of(raw))
         assert isinstance(error, m.ErrorResponse)
-        if head is not None and head.seqs:
-            self._result(head.seqs.pop(0), "error", "", None, error.sqlstate)
-        if head is not None and head.substitute is not None:
-            self._to_client.append(encode(head.substitute))
+        if head is not None and head[_SEQS]:
+            self._result(head[_SEQS].pop(0), "error", "", None, error.sqlstate)
+        if head is not None and head[_SUBSTITUTE] is not None:
+            self._to_client.append(encode(head[_SUBSTITUTE]))
         else:
             self._to_client.append(raw)
         if error.severity in ("FATAL", "PANIC"):
@@ -1048,9 +1025,9 @@ class GatewayConnection:
             return
         if head is None:
             return
-        if head.kind is _QUERY:  # a refused fast-path call is answered as a query
-            if head.seqs:
-                head.seqs.clear()  # the rest of a multi-statement string does not run
+        if head[_KIND] is _QUERY:  # a refused fast-path call is answered as a query
+            if head[_SEQS]:
+                head[_SEQS].clear()  # the rest of a multi-statement string does not run
             return
         self._skip_to_sync(head)
 
@@ -1059,35 +1036,36 @@ class GatewayConnection:
         name changes of the failed message and of those skipped do not take effect."""
         pending = self._pending
         skipped = []
-        while pending and pending[0].kind is not _SYNC:
+        while pending and pending[0][_KIND] is not _SYNC:
             entry = pending.popleft()
-            if entry.approval is not None:
+            if entry[_APPROVAL] is not None:
                 self._approval_done(entry)
             skipped.append(entry)
         for entry in reversed(skipped):
-            if entry.undo is not None:
-                self.names.rollback(entry.undo)
-        if failed.undo is not None and failed.kind is not _CLOSE:
+            if entry[_UNDO] is not None:
+                self.names.rollback(entry[_UNDO])
+        if failed[_UNDO] is not None and failed[_KIND] is not _CLOSE:
             # The failed message itself: a Parse or Bind of the unnamed statement or portal
             # drops the old one upstream before it parses or binds, so there is none now
             # (after a failed Bind PostgreSQL may or may not have dropped it: none is the
             # answer that fails closed).
-            self.names.forget_unnamed(failed.undo)
+            self.names.forget_unnamed(failed[_UNDO])
 
     # ============================================================== masking
     def _execute_plan(self, head: Pending) -> MaskPlan | None:
-        if head.kind is not _EXECUTE:
+        if head[_KIND] is not _EXECUTE:
             return None
-        if not head.planned:
-            head.planned = True
-            portal = head.portal
+        if not head[_PLANNED]:
+            head[_PLANNED] = True
+            portal = head[_PORTAL]
             assert portal is not None
             if portal.description is not None:
                 # A portal's RowDescription carries the real result formats.
-                head.plan = self._plan_of(portal.description, None)
+                head[_PLAN] = self._plan_of(portal.description, None)
             elif portal.prepared is not None and portal.prepared.description is not None:
-                head.plan = self._plan_of(portal.prepared.description, portal.formats)
-        return head.plan
+                head[_PLAN] = self._plan_of(portal.prepared.description, portal.formats)
+        plan: MaskPlan | None = head[_PLAN]
+        return plan
 
     def _describe(self, raw: Raw) -> Description:
         key = bytes(raw)
