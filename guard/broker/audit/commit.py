@@ -61,7 +61,7 @@ CLOSE_TIMEOUT = 10.0
 
 
 class NativeSyncer(Protocol):
-    """`_cfsync.Syncer`: a C thread that fdatasyncs one fd on request."""
+    """`_cfsync.Syncer`: C threads that fdatasync one fd on request."""
 
     eventfd: int
 
@@ -73,7 +73,8 @@ class NativeSyncer(Protocol):
 
 
 class GroupCommit:
-    """Batches of handed-over records, written per loop iteration, fsynced by one thread."""
+    """Batches of handed-over records, written per loop iteration, fsynced off the loop
+    (by one Python thread, or by the native syncer's threads)."""
 
     def __init__(
         self,
@@ -86,7 +87,7 @@ class GroupCommit:
     ) -> None:
         self._write = write  # seal and write a batch (no fsync): seqs per submission
         self._sync = sync  # fsync everything written so far (the Python thread's)
-        # The C thread instead (see "Native fsync thread"), and what its failure means.
+        # The C threads instead (see "Native fsync threads"), and what their failure means.
         self._native = native
         self._fsync_failed = fsync_failed or (lambda exc: AuditUnavailable(str(exc)))
         self._watched: asyncio.AbstractEventLoop | None = None  # the loop reading its eventfd
@@ -163,7 +164,11 @@ class GroupCommit:
         self._thread.join(CLOSE_TIMEOUT)
         if self._thread.is_alive():
             log.error("audit: the fsync thread did not finish within %ss", CLOSE_TIMEOUT)
-        elif self.batches:
+        else:
+            self._log_totals()
+
+    def _log_totals(self) -> None:
+        if self.batches:
             log.info(
                 "audit: %d statement record(s) made durable by %d fsync(s) (%.1f per fsync)",
                 self.records,
@@ -185,22 +190,8 @@ class GroupCommit:
                 self._sync()  # covers every batch up to `upto` (written before this call)
             except Exception as exc:  # noqa: BLE001 - answered: AuditUnavailable, or a bug
                 error = exc
-            with cond:
-                self._synced = upto
-                ready = [w for w in self._waiting if w[0] <= upto]
-                self._waiting = self._waiting[len(ready) :]
-                self.batches += 1
-            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Done, Result]]] = {}
-            for _, loop, answers in ready:
-                if error is not None:
-                    answers = [(done, error) for done, _ in answers]
-                by_loop.setdefault(loop, []).extend(answers)
-            for loop, answers in by_loop.items():
-                try:
-                    loop.call_soon_threadsafe(_answer, answers)
-                except RuntimeError:  # the loop is closed: its connections are gone
-                    log.warning("audit: %d answer(s) for a closed event loop dropped", len(answers))
-
+            self.batches += 1
+            self._deliver(upto, error, here=None)
 
     # ------------------------------------------------------------------ native thread
     def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -222,46 +213,51 @@ class GroupCommit:
         except BlockingIOError:
             return
         self.batches += fsyncs
-        self._deliver(*self._native.state(), here=self._watched)
+        self._deliver(*self._native_state(), here=self._watched)
 
+    def _native_state(self) -> tuple[int, Exception | None]:
+        """How far the C threads made the log durable, and their failure as the sink words
+        it (an errno from C)."""
+        assert self._native is not None
+        synced, errno_ = self._native.state()
+        if not errno_:
+            return synced, None
+        return synced, self._fsync_failed(OSError(errno_, os.strerror(errno_)))
+
+    # ------------------------------------------------------------------ answers
     def _deliver(
-        self, synced: int, errno_: int, here: asyncio.AbstractEventLoop | None
+        self, synced: int, error: Exception | None, here: asyncio.AbstractEventLoop | None
     ) -> None:
-        """Answer every batch up to `synced`: on `here` directly, on other loops through
-        call_soon_threadsafe (as the Python thread does)."""
-        error: Exception | None = None
-        if errno_:
-            error = self._fsync_failed(OSError(errno_, os.strerror(errno_)))
+        """Answer every batch up to `synced` (with `error` if the fsync failed): on `here`,
+        the loop this runs on, directly; on any other loop through call_soon_threadsafe,
+        one call per loop."""
         with self._cond:
             self._synced = max(self._synced, synced)
             ready = [w for w in self._waiting if w[0] <= synced]
             self._waiting = self._waiting[len(ready) :]
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Done, Result]]] = {}
         for _, loop, answers in ready:
             if error is not None:
                 answers = [(done, error) for done, _ in answers]
+            by_loop.setdefault(loop, []).extend(answers)
+        for loop, answers in by_loop.items():
             if loop is here:
                 _answer(answers)
-            else:
-                try:
-                    loop.call_soon_threadsafe(_answer, answers)
-                except RuntimeError:  # the loop is closed: its connections are gone
-                    log.warning("audit: %d answer(s) for a closed event loop dropped", len(answers))
+                continue
+            try:
+                loop.call_soon_threadsafe(_answer, answers)
+            except RuntimeError:  # the loop is closed: its connections are gone
+                log.warning("audit: %d answer(s) for a closed event loop dropped", len(answers))
 
     def _close_native(self) -> None:
         assert self._native is not None
         if self._watched is not None and not self._watched.is_closed():
             self._watched.remove_reader(self._native.eventfd)
-        self._native.close()  # fsyncs what was requested, then joins its thread
-        synced, errno_ = self._native.state()
+        self._native.close()  # fsyncs what was requested, then joins its threads
+        synced, error = self._native_state()
         self.batches += 1 if synced > self._synced else 0
-        self._deliver(synced, errno_, here=None)
-        if self.batches:
-            log.info(
-                "audit: %d statement record(s) made durable by %d fsync(s) (%.1f per fsync)",
-                self.records,
-                self.batches,
-                self.records / self.batches,
-            )
+        self._deliver(synced, error, here=None)
+        self._log_totals()
 
 
 def _answer(answers: list[tuple[Done, Result]]) -> None:
