@@ -347,6 +347,9 @@ def test_revocation_is_retried_until_openbao_is_back_and_health_says_degraded(
         cut.set_cut(True)
         sid = created["session_id"]
         assert broker.api("DELETE", f"/v1/sessions/{sid}", headers=headers).status_code == 204
+        # The revocation is attempted after the DELETE's answer (the debt is on disk first),
+        # so health turns degraded when that attempt has failed, a moment later.
+        wait_for("health degraded", lambda: broker.api("GET", "/v1/health").status_code == 503)
         health = broker.api("GET", "/v1/health")
         assert health.status_code == 503, health.text
         assert health.json()["status"] == "degraded"
