@@ -18,13 +18,21 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
 
 from guard.cli.errors import CliError
 from guard.cli.http import HttpClient, Response, TransportError
 from guard.cli.profile import Profile, guard_home
+from guard.cli.record import TYPE_CHECKING, Record
+
+if TYPE_CHECKING:  # `typing` costs `guard exec` ~13 ms of start-up: for mypy only
+    from typing import Any, Protocol
+
+    class KeyringBackend(Protocol):
+        def get_password(self, service: str, username: str) -> str | None: ...
+        def set_password(self, service: str, username: str, password: str) -> None: ...
+        def delete_password(self, service: str, username: str) -> None: ...
+
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 DEFAULT_SCOPE = "openid profile email groups offline_access"
@@ -33,12 +41,6 @@ SLOW_DOWN_STEP = 5  # RFC 8628 §3.5
 KEYRING_SERVICE = "guard"
 _KEPT = ("id_token", "refresh_token", "access_token")
 _KEYRING_HINT = "set GUARD_KEYRING=file to keep tokens in $GUARD_HOME/credentials.json (0600)"
-
-
-class KeyringBackend(Protocol):
-    def get_password(self, service: str, username: str) -> str | None: ...
-    def set_password(self, service: str, username: str, password: str) -> None: ...
-    def delete_password(self, service: str, username: str) -> None: ...
 
 
 def system_keyring() -> KeyringBackend | None:
@@ -176,8 +178,7 @@ class TokenStore:
         return True
 
 
-@dataclass(frozen=True)
-class DeviceAuthorization:
+class DeviceAuthorization(Record):
     """The IdP's answer to a device authorization request (RFC 8628 §3.2)."""
 
     device_code: str

@@ -10,28 +10,36 @@ run. Never logs or prints the bearer token or session secrets.
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from guard.cli.errors import CliError
+from guard.cli.errors import EXIT_FAILURE, CliError
 from guard.cli.http import HttpClient, Response, Transport, TransportError
 from guard.cli.profile import broker_ca_file, broker_tls_context
+from guard.cli.record import TYPE_CHECKING
 from guard.cli.wire import ErrorBody, SessionCreated
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from guard.broker.api.schemas import ApprovalInfo
 
 TIMEOUT = 30.0
 CONNECT_TIMEOUT = 5.0
 
 
-@dataclass
 class BrokerError(CliError):
     """A failed broker call: `status` is the HTTP status (None: the broker was not reached),
     so a command can say more about a 403/404/409 than the generic message does."""
 
-    status: int | None = None
+    def __init__(
+        self,
+        message: str,
+        hint: str | None = None,
+        exit_code: int = EXIT_FAILURE,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message, hint, exit_code)
+        self.status = status
 
 
 class BrokerClient:

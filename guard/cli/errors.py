@@ -6,19 +6,26 @@ foreign exception) so users see what went wrong and what to do, never a tracebac
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import sys
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
+EXIT_INTERRUPTED = 130
 
 
-@dataclass
 class CliError(Exception):
     """A failure the user can act on: `message` says what happened, `hint` what to do."""
 
-    message: str
-    hint: str | None = None
-    exit_code: int = EXIT_FAILURE
+    def __init__(
+        self, message: str, hint: str | None = None, exit_code: int = EXIT_FAILURE
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.exit_code = exit_code
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r}, hint={self.hint!r})"
 
     def __str__(self) -> str:
         return self.message
@@ -28,3 +35,12 @@ class CliError(Exception):
         if self.hint:
             text += f"\nhint: {self.hint}"
         return text
+
+
+def outcome(exc: CliError | KeyboardInterrupt) -> int:
+    """Report `exc` on stderr as the user should see it (`error:`/`hint:` lines, nothing
+    for Ctrl-C); the exit code."""
+    if isinstance(exc, CliError):
+        print(exc.diagnostics(), file=sys.stderr)
+        return exc.exit_code
+    return EXIT_INTERRUPTED

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from guard.cli.errors import CliError
+from guard.cli.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
     import ssl
@@ -31,8 +30,7 @@ def dev_state_dir() -> Path:
     return guard_home() / "dev"
 
 
-@dataclass(frozen=True)
-class Profile:
+class Profile(Record):
     broker_url: str
     issuer: str
     client_id: str = "guard-cli"
@@ -56,7 +54,7 @@ def save_profile(profile: Profile) -> Path:
     path = profile_path()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(profile), indent=2) + "\n")
+    tmp.write_text(json.dumps(profile.as_dict(), indent=2) + "\n")
     os.replace(tmp, path)
     return path
 
@@ -83,7 +81,7 @@ def load_profile() -> Profile:
             "guard is not configured: no broker URL / issuer",
             hint="run `guard dev up` for the local demo, or set GUARD_BROKER_URL and GUARD_ISSUER",
         )
-    known = {k: v for k, v in data.items() if k in Profile.__dataclass_fields__}
+    known = {k: v for k, v in data.items() if k in Profile._fields}
     return Profile(**known)
 
 

@@ -5,10 +5,10 @@ relay for clients that cannot do TLS). The child talks to the gateway itself, ov
 verified against the gateway's CA (`sslmode=verify-full`) with the session secret: no
 second hop re-encrypting every byte. Only `guard proxy` starts the loopback relay, the one
 path that imports asyncio; `guard exec` and `guard connect` need nothing heavier than
-`subprocess` and `http.client`, so a session starts fast. The session is ended (gateway
-connections closed, lease revoked) whatever way the child ends, and the child's exit
-status comes back unchanged (128+N for signal N, 127 when the program does not exist, 126
-when it cannot be executed).
+`subprocess` and the CLI's own HTTP client (`cli.http`), so a session starts fast. The
+session is ended (gateway connections closed, lease revoked) whatever way the child ends,
+and the child's exit status comes back unchanged (128+N for signal N, 127 when the program
+does not exist, 126 when it cannot be executed).
 
 The ID token opens the session and nothing else: heartbeats (a thread, every
 `heartbeat_interval_seconds` the broker asked for) and the end use the session credential

@@ -2,8 +2,8 @@
 
 `guard exec` and `guard connect` read two bodies: `SessionCreated` and `ErrorBody`
 (`guard.broker.api.schemas`). Importing pydantic and building those models costs
-~150 ms at start-up here, so the CLI reads them into frozen dataclasses with strict type
-checks instead; a test holds these to the broker's models (same names, types and
+~150 ms at start-up here, so the CLI reads them into records (`cli.record`) with strict
+type checks instead; a test holds these to the broker's models (same names, types and
 defaults), so the contract cannot drift. Other commands (approvals) still use the
 broker's models: they are not on the path of every session.
 
@@ -12,19 +12,39 @@ Imports only the standard library.
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, fields
 from datetime import datetime
-from typing import Any, get_type_hints
+
+from guard.cli.record import TYPE_CHECKING, Record
+
+if TYPE_CHECKING:
+    from typing import Any
+
+# The field types a wire record may use, by the name its annotation gives them. The
+# annotations are strings (postponed evaluation); reading them with `typing.get_type_hints`
+# would import `typing` on every session's path, so `_kinds` reads the two forms used
+# here, `T` and `T | None`, and refuses any other when the module is imported.
+_TYPES: dict[str, type] = {t.__name__: t for t in (str, int, float, bool, datetime)}
 
 
-def _check(value: Any, kind: Any, name: str) -> Any:
-    """`value` as `kind` (str, int, float, bool, datetime, or one of them | None);
+def _kinds(cls: Any) -> dict[str, tuple[type, bool]]:
+    """Each field of `cls`: (its type, whether null is allowed)."""
+    kinds = {}
+    for name in cls._fields:
+        parts = [part.strip() for part in cls.__annotations__[name].split("|")]
+        optional = "None" in parts
+        named = [part for part in parts if part != "None"]
+        if len(named) != 1 or named[0] not in _TYPES:
+            raise TypeError(f"{cls.__name__}.{name}: a wire field is one of {sorted(_TYPES)}")
+        kinds[name] = (_TYPES[named[0]], optional)
+    return kinds
+
+
+def _check(value: Any, kind: type, optional: bool, name: str) -> Any:
+    """`value` as `kind` (str, int, float, bool, datetime), None when `optional`;
     ValueError naming the field otherwise. JSON numbers are not coerced from strings, and
     a bool is not an int: the broker's models would not accept them either."""
-    options = [k for k in getattr(kind, "__args__", (kind,)) if k is not type(None)]
-    if value is None and len(options) < len(getattr(kind, "__args__", (kind,))):
+    if value is None and optional:
         return None  # an optional field sent as null
-    kind = options[0]
     checked = _CHECKS.get(kind, lambda v: v if isinstance(v, kind) else None)(value)
     if checked is None:
         raise ValueError(f"field {name!r} is not a {kind.__name__}")
@@ -55,21 +75,19 @@ _CHECKS: dict[Any, Any] = {
 }
 
 
-def _read(cls: Any, data: Any) -> Any:
+def _read(cls: Any, kinds: dict[str, tuple[type, bool]], data: Any) -> Any:
     if not isinstance(data, dict):
         raise ValueError(f"not a {cls.__name__} object")
-    hints = get_type_hints(cls)
     values = {}
-    for spec in fields(cls):
-        if spec.name in data:
-            values[spec.name] = _check(data[spec.name], hints[spec.name], spec.name)
-        elif spec.default is MISSING and spec.default_factory is MISSING:
-            raise ValueError(f"field {spec.name!r} is missing")
+    for name, (kind, optional) in kinds.items():
+        if name in data:
+            values[name] = _check(data[name], kind, optional, name)
+        elif name not in cls._defaults:
+            raise ValueError(f"field {name!r} is missing")
     return cls(**values)
 
 
-@dataclass(frozen=True)
-class SessionCreated:
+class SessionCreated(Record):
     """What `POST /v1/sessions` answers (`schemas.SessionCreated`). Holds the session's
     secrets: never printed or logged (`repr` hides them)."""
 
@@ -90,15 +108,14 @@ class SessionCreated:
     @classmethod
     def from_json(cls, data: Any) -> SessionCreated:
         """ValueError when `data` is not one."""
-        created: SessionCreated = _read(cls, data)
+        created: SessionCreated = _read(cls, _SESSION_CREATED, data)
         return created
 
     def __repr__(self) -> str:
         return f"SessionCreated(session_id={self.session_id!r}, user={self.user!r}, …)"
 
 
-@dataclass(frozen=True)
-class ErrorBody:
+class ErrorBody(Record):
     """A broker error (`schemas.ErrorBody`): what went wrong and what to do."""
 
     error: str
@@ -107,5 +124,9 @@ class ErrorBody:
 
     @classmethod
     def from_json(cls, data: Any) -> ErrorBody:
-        body: ErrorBody = _read(cls, data)
+        body: ErrorBody = _read(cls, _ERROR_BODY, data)
         return body
+
+
+_SESSION_CREATED = _kinds(SessionCreated)
+_ERROR_BODY = _kinds(ErrorBody)

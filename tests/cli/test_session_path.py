@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, get_type_hints
+from typing import Any
 
 import pytest
 
@@ -26,7 +26,17 @@ from guard.cli import auth, http, wire
 from guard.cli.profile import Profile
 
 # ------------------------------------------------------------------ what the path imports
-HEAVY = ("httpx", "pydantic", "jwt", "keyring", "asyncio", "rich", "cryptography")
+HEAVY = (
+    "httpx",
+    "pydantic",
+    "jwt",
+    "keyring",
+    "asyncio",
+    "rich",
+    "cryptography",
+    "http.client",
+    "email",
+)
 
 
 def test_the_session_path_imports_nothing_heavy():
@@ -49,13 +59,9 @@ def test_the_session_path_imports_nothing_heavy():
 def test_the_wire_types_are_the_brokers_models(light, model):
     """Same field names, types and defaults: a field the broker adds, renames or retypes
     fails here before a CLI reads it wrongly."""
-    import dataclasses
-
-    hints = get_type_hints(light)
-    mine = {
-        f.name: (hints[f.name], None if f.default is dataclasses.MISSING else f.default)
-        for f in dataclasses.fields(light)
-    }
+    # The annotations as Python evaluates them (the CLI reads them without `typing`).
+    hints = {name: eval(light.__annotations__[name], vars(wire)) for name in light._fields}
+    mine = {name: (hints[name], light._defaults.get(name)) for name in light._fields}
     theirs = {
         name: (info.annotation, None if info.is_required() else info.default)
         for name, info in model.model_fields.items()
@@ -321,6 +327,141 @@ def test_a_transport_stands_in_for_the_network():
     assert answer.request is request
 
 
+class _Canned:
+    """A server that answers each request on a connection with the next canned bytes,
+    exactly as given, and records the requests' raw bytes; closes after the last."""
+
+    def __init__(self, *answers: bytes) -> None:
+        self.answers = list(answers)
+        self.requests: list[bytes] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = self.sock.accept()
+            with conn:
+                pending = b""
+                while self.answers:
+                    while b"\r\n\r\n" not in pending:
+                        pending += conn.recv(4096)
+                    head, _, pending = pending.partition(b"\r\n\r\n")
+                    self.requests.append(head)
+                    conn.sendall(self.answers.pop(0))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+OK_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        OK_HEAD + b"Content-Length: 7\r\n\r\n[1,2,3]",
+        OK_HEAD
+        + b"Transfer-Encoding: chunked\r\n\r\n3;ext=1\r\n[1,\r\n4\r\n2,3]\r\n0\r\nX-T: 1\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\n" + OK_HEAD + b"Content-Length: 7\r\n\r\n[1,2,3]",
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n[1,2,3]",  # framed by the close
+    ],
+    ids=["content-length", "chunked", "interim-100", "until-close"],
+)
+def test_every_framing_of_an_answer_reads_the_same_body(answer):
+    closes = b"close" in answer
+    server = (
+        _Canned(answer) if closes else _Canned(answer, OK_HEAD + b"Content-Length: 2\r\n\r\n[]")
+    )
+    try:
+        with http.HttpClient(server.url, timeout=5) as client:
+            got = client.get("/x")
+            assert (got.status_code, got.json()) == (200, [1, 2, 3])
+            assert bool(client._connections) is not closes  # kept for the next request
+            if not closes:
+                assert client.get("/y").json() == []
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"SSH-2.0-OpenSSH\r\n\r\n",
+        b"HTTP/1.1 20 OK\r\n\r\n",
+        OK_HEAD + b"Content-Length: 5, 7\r\n\r\n12345",
+        OK_HEAD + b"Content-Length: 9\r\n\r\nshort",  # then the connection closes
+        OK_HEAD + b"Transfer-Encoding: gzip\r\n\r\n",
+        OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n",
+        OK_HEAD + b" folded\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 101 + b"\r\n",
+        b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70000 + b"\r\n\r\n",
+        b"",  # closed without a word
+    ],
+    ids=[
+        "not-http",
+        "short-code",
+        "two-lengths",
+        "cut-short",
+        "unknown-coding",
+        "bad-chunk",
+        "folding",
+        "too-many-fields",
+        "long-line",
+        "nothing",
+    ],
+)
+def test_a_malformed_answer_is_a_transport_error_and_the_connection_is_dropped(answer):
+    server = _Canned(answer)
+    try:
+        client = http.HttpClient(server.url, headers={"Authorization": "Bearer SECRET"}, timeout=5)
+        with pytest.raises(http.TransportError) as caught:
+            client.get("/x")
+        assert "SECRET" not in str(caught.value)
+        assert not client._connections
+    finally:
+        server.close()
+
+
+def test_a_body_over_the_limit_is_refused_unread(monkeypatch):
+    monkeypatch.setattr(http, "MAX_BODY", 10)
+    for answer in (
+        OK_HEAD + b"Content-Length: 11\r\n\r\n",
+        OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n8\r\n12345678\r\n8\r\n",
+    ):
+        server = _Canned(answer)
+        try:
+            with pytest.raises(http.TransportError, match="larger than 10 bytes"):
+                http.HttpClient(server.url).get("/x")
+        finally:
+            server.close()
+
+
+@pytest.mark.parametrize(
+    "headers", [{"Authorization": "Bearer a\r\nX-Admin: 1"}, {"X-A\r\nB": "c"}, {"X\0": "1"}]
+)
+def test_a_header_with_a_line_break_is_refused_not_sent(headers):
+    server = _Canned(OK_HEAD + b"Content-Length: 2\r\n\r\n{}")
+    try:
+        with pytest.raises(http.TransportError, match="refusing to send"):
+            http.HttpClient(server.url, headers=headers).get("/x")
+        assert server.requests == []
+    finally:
+        server.close()
+
+
+def test_the_request_says_host_and_length_as_http_1_1_asks():
+    server = _Canned(OK_HEAD + b"Content-Length: 2\r\n\r\n{}")
+    try:
+        http.HttpClient(server.url).post("/p", json={})
+        line, *fields = server.requests[0].decode().split("\r\n")
+        assert line == "POST /p HTTP/1.1"
+        port = server.url.rsplit(":", 1)[1]
+        assert {"host: 127.0.0.1:" + port, "content-length: 2"} <= set(fields)
+    finally:
+        server.close()
+
+
 # ------------------------------------------------------------------ through a proxy
 def test_proxy_settings_are_read_as_curl_reads_them():
     env = {"HTTPS_PROXY": "http://u%40corp:p%3Ass@proxy.corp:3128", "no_proxy": "internal, .lan"}
@@ -403,7 +544,7 @@ def test_https_goes_through_a_connect_proxy_verified_end_to_end(tmp_path, monkey
             assert client.get("/through").json()["path"] == "/through"
         assert proxy.asked == [
             (
-                f"CONNECT 127.0.0.1:{srv.server_address[1]} HTTP/1.0",  # http.client's
+                f"CONNECT 127.0.0.1:{srv.server_address[1]} HTTP/1.1",
                 "Basic " + base64.b64encode(b"me:secret").decode(),
             )
         ]

@@ -7,7 +7,6 @@ the device flow's modules (httpx, keyring, PyJWT, rich) are imported when a comm
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any
 
@@ -36,8 +35,8 @@ def describe_login(tokens: dict[str, Any]) -> str:
 
 def _login_profile(issuer: str | None, client_id: str | None) -> Profile:
     profile = load_profile()
-    wanted = dataclasses.replace(
-        profile, issuer=issuer or profile.issuer, client_id=client_id or profile.client_id
+    wanted = profile.replace(
+        issuer=issuer or profile.issuer, client_id=client_id or profile.client_id
     )
     if wanted == profile:
         return profile
