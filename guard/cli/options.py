@@ -1,28 +1,27 @@
 """Parsers of option values shared by commands; a bad value is a usage error (exit 2).
 
-Imports only the stdlib and click: they run while the command line is parsed, before any
-command imports what it needs. Each is a click `type=` (a callable): click names the option
-in the error (`invalid value for '--ttl': …`).
+Imports only the stdlib, click and `cli.entry` (the duration reader, shared with the fast
+path): they run while the command line is parsed, before any command imports what it
+needs. Each is a click `type=` (a callable): click names the option in the error
+(`invalid value for '--ttl': …`).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
 
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+from guard.cli.entry import duration_seconds
 
 
 def duration(text: str) -> int:
     """'90s', '15m', '1h', '2d' or plain seconds → seconds."""
-    match = _DURATION.match(text)
-    if not match:
+    seconds = duration_seconds(text)
+    if seconds is None:
         raise click.BadParameter(f"{text!r} is not a duration (use e.g. 30m, 1h, 8h or seconds)")
-    return int(match.group(1)) * _UNIT_SECONDS[match.group(2) or "s"]
+    return seconds
 
 
 def http_url(text: str) -> str:

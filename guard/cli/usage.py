@@ -16,19 +16,18 @@ from typing import Any
 import click
 from click.exceptions import Exit, NoArgsIsHelpError
 
-from guard.cli.errors import EXIT_USAGE, CliError
+from guard.cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, CliError, outcome
 
-EXIT_INTERRUPTED = 130
+__all__ = ["EXIT_INTERRUPTED", "GuardCommand", "GuardGroup", "exit_code", "usage_error"]
 _HINT = "guard.usage_hint"  # a hint for the usage error being raised, kept in ctx.meta
 
 
 def exit_code(exc: BaseException) -> int:
     """Report `exc` on stderr as the user should see it; the exit code. Re-raises what is
     not a CLI outcome (a bug keeps its traceback)."""
-    if isinstance(exc, CliError):
-        print(exc.diagnostics(), file=sys.stderr)
-        return exc.exit_code
-    if isinstance(exc, KeyboardInterrupt | click.Abort):
+    if isinstance(exc, CliError | KeyboardInterrupt):
+        return outcome(exc)
+    if isinstance(exc, click.Abort):
         return EXIT_INTERRUPTED
     if isinstance(exc, Exit):
         return int(exc.exit_code)

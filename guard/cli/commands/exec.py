@@ -2,7 +2,9 @@
 
 The child's exit status is returned unchanged. In CI, an identity token from
 `--id-token-file` or `GUARD_ID_TOKEN` replaces `guard login`. Imported when `guard`
-starts: what a session needs is imported when the command runs.
+starts: what a session needs is imported when the command runs. The everyday forms of this
+command line never reach click: `cli.entry` parses and runs them (`run_exec`, also this
+command's body) without it.
 """
 
 from __future__ import annotations
@@ -11,9 +13,8 @@ from pathlib import Path
 
 import click
 
-from guard.cli.errors import EXIT_USAGE, CliError
+from guard.cli.entry import ExecArguments, run_exec
 from guard.cli.options import session_options
-from guard.cli.profile import load_profile
 from guard.cli.usage import GuardCommand
 
 
@@ -36,21 +37,5 @@ from guard.cli.usage import GuardCommand
 def exec_command(
     command: tuple[str, ...], db: str, reason: str, ttl: int | None, id_token_file: Path | None
 ) -> int:
-    if not command:
-        raise CliError(
-            "no command given", hint="guard exec --db demo -- python job.py", exit_code=EXIT_USAGE
-        )
-    from guard.cli.auth import current_id_token
-    from guard.cli.runner import run_in_session
-
-    profile = load_profile()
-    token = current_id_token(profile, id_token_file=id_token_file)
-    return run_in_session(
-        broker_url=profile.broker_url,
-        token=token,
-        target=db,
-        reason=reason,
-        ttl_seconds=ttl,
-        argv=list(command),
-        gateway_ca_file=profile.gateway_ca_file,
-    )
+    # The same function as the click-free fast path (`cli.entry`) runs.
+    return run_exec(ExecArguments(command, db, reason, ttl, id_token_file))
