@@ -8,7 +8,9 @@ runs each of these `--runs` times, interleaved, and prints the median (p50) and 
 wall time, and the median CPU time (user + system) of the process and its child:
 
 - `python -c pass`: the interpreter alone, the floor under any Python CLI;
-- `python -c "import guard.cli.main"`: the CLI's start-up imports;
+- `python -c "import guard.cli.main"`: the click application's start-up imports (every
+  command but `guard exec`'s everyday command lines, which `guard.cli.entry` runs without
+  click);
 - `guard --help`: start-up and argument parsing, nothing else;
 - `guard exec --db demo -- true`: the whole session as a user runs it (session opened
   through the broker with OpenBao role creation, child run, session ended and role revoked);
