@@ -295,6 +295,8 @@ def _stale(sock: socket.socket) -> bool:
 
 # ------------------------------------------------------------------ HTTP/1.1 on a socket
 def _host_header(host: str, port: int, scheme: str) -> str:
+    if not host.isascii():
+        host = host.encode("idna").decode("ascii")  # an internationalized name, as DNS has it
     name = f"[{host}]" if ":" in host else host  # an IPv6 literal
     return name if port == (443 if scheme == "https" else 80) else f"{name}:{port}"
 
@@ -311,9 +313,14 @@ def _request_head(method: str, target: str, headers: Mapping[str, str], body: by
         if not name or any(c in name for c in " :\r\n\0") or any(c in value for c in "\r\n\0"):
             raise TransportError(f"refusing to send header {name!r}: it holds a line break")
         lines.append(f"{name}: {value}")
-    if any(c in target for c in " \r\n\0"):
-        raise TransportError("refusing to send a request target with spaces or line breaks")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    if any(c in target for c in " \r\n\0") or not target.isascii():
+        raise TransportError(
+            "refusing to send a request target with spaces, line breaks or non-ASCII"
+        )
+    try:
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    except UnicodeEncodeError:
+        raise TransportError("refusing to send a header that is not Latin-1 text") from None
 
 
 class _Connection:

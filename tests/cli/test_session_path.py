@@ -438,13 +438,29 @@ def test_a_body_over_the_limit_is_refused_unread(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "headers", [{"Authorization": "Bearer a\r\nX-Admin: 1"}, {"X-A\r\nB": "c"}, {"X\0": "1"}]
+    "headers",
+    [
+        {"Authorization": "Bearer a\r\nX-Admin: 1"},
+        {"X-A\r\nB": "c"},
+        {"X\0": "1"},
+        {"X-Name": "\u2603"},  # not Latin-1: refused, not a traceback
+    ],
 )
-def test_a_header_with_a_line_break_is_refused_not_sent(headers):
+def test_a_header_with_a_line_break_or_no_latin1_is_refused_not_sent(headers):
     server = _Canned(OK_HEAD + b"Content-Length: 2\r\n\r\n{}")
     try:
         with pytest.raises(http.TransportError, match="refusing to send"):
             http.HttpClient(server.url, headers=headers).get("/x")
+        assert server.requests == []
+    finally:
+        server.close()
+
+
+def test_a_path_that_is_not_ascii_is_refused_not_sent():
+    server = _Canned(OK_HEAD + b"Content-Length: 2\r\n\r\n{}")
+    try:
+        with pytest.raises(http.TransportError, match="refusing to send"):
+            http.HttpClient(server.url).get("/caf\u00e9")
         assert server.requests == []
     finally:
         server.close()
