@@ -194,6 +194,9 @@ class SessionSettings(_Strict):
     reconcile_interval_seconds: float = Field(default=60.0, gt=0)
     # How often expired and heartbeat-lost sessions are looked for.
     expiry_check_seconds: float = Field(default=1.0, gt=0)
+    # Members of these OIDC groups may list every session (`guard sessions --all`) and end
+    # anyone's (`guard revoke`); everyone else sees and ends only their own.
+    auditor_groups: list[str] = []
 
     @model_validator(mode="after")
     def _grace_after_interval(self) -> SessionSettings:

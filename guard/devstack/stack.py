@@ -394,6 +394,8 @@ def _start(
             }
         },
         "audit": {"path": str(state_dir / "audit.jsonl"), "fsync": dev_audit_fsync()},
+        # The demo's security leads (bob, carol) may list and revoke every session.
+        "sessions": {"auditor_groups": ["security-leads"]},
     }
     config_path = state_dir / "broker.yaml"
     write_private(config_path, yaml.safe_dump(config, sort_keys=False))
