@@ -57,6 +57,17 @@ class StackError(RuntimeError):
         self.hint = hint
 
 
+class AlreadyRunning(StackError):
+    """`up` found a whole stack running in its state dir (every recorded process alive);
+    `status` is that stack's `read_status`. Nothing was started or stopped."""
+
+    def __init__(self, state_dir: Path, status: dict[str, Any]) -> None:
+        super().__init__(
+            f"a dev stack is already running in {state_dir}", hint="run `guard dev down` first"
+        )
+        self.status = status
+
+
 # --- processes -------------------------------------------------------------------------
 
 
@@ -193,19 +204,33 @@ def up(
     policy_file: Path | None = None,
     progress: Callable[[str], None] = lambda step: None,
 ) -> dict[str, Any]:
-    """Start the stack (refusing if one runs here), save stack.json and the CLI profile."""
+    """Start the stack, save stack.json and the CLI profile. Raises `AlreadyRunning` when
+    a whole stack runs here, and a StackError when part of one does (never a second stack
+    over a live process); a record whose processes are all gone is cleaned up first."""
     t0 = time.monotonic()
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(state_dir, 0o700)
     with _lock(state_dir):
         existing = read_status(state_dir)
         if existing:
+            if existing["running"]:
+                wanted = policy_file.resolve() if policy_file else None
+                if wanted and str(wanted) != existing.get("policy_file"):
+                    raise StackError(
+                        f"a dev stack is already running in {state_dir} with the policy "
+                        f"{existing.get('policy_file')}, not {wanted}",
+                        hint=f"run `guard dev down`, then `guard dev up --policy {policy_file}`",
+                    )
+                raise AlreadyRunning(state_dir, existing)
             starts = existing.get("pid_starts", {})
-            running = [n for n, p in existing.get("pids", {}).items() if alive(p, starts.get(n))]
+            pids = existing.get("pids", {})
+            running = [n for n, p in pids.items() if alive(p, starts.get(n))]
             if running:
+                gone = [n for n in pids if n not in running]
                 raise StackError(
-                    f"a dev stack is already running in {state_dir} ({', '.join(running)})",
-                    hint="run `guard dev down` first",
+                    f"a dev stack is partly running in {state_dir}: {', '.join(running)} "
+                    f"still running, {', '.join(gone)} exited (logs: {state_dir / 'logs'})",
+                    hint="run `guard dev down` to stop what is left, then `guard dev up`",
                 )
             _down(state_dir)  # stale: a crash or reboot left a record behind
         policy_path, policy = _load_policy(policy_file)

@@ -46,6 +46,13 @@ def _hide_password(dsn: str) -> str:
     return re.sub(r"password=\S+", "password=***", dsn)
 
 
+def _escape(text: str) -> str:
+    """`text` shown as is by rich (a path may hold `[`)."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
 def _print_status(status: dict[str, Any]) -> None:
     from rich.table import Table
 
@@ -99,17 +106,77 @@ def up(detach: bool, policy: Path | None) -> int:
         status = stack.up(
             state, policy, lambda step: console.stderr().print(f"[dim]starting {step}…[/dim]")
         )
+    except stack.AlreadyRunning as running:
+        # Not this process's stack: report it and leave it be, in foreground mode too.
+        console.stderr().print(
+            f"the dev stack was already up (in {_escape(str(state))}); `guard dev down` stops it",
+            soft_wrap=True,
+        )
+        _print_status(running.status)
+        _print_next()
+        return 0
     except Exception as exc:
         raise _as_cli_error(exc, state) from exc
     finally:
         signal.signal(signal.SIGTERM, previous)
     _print_status(status)
-    console.stderr().print(
-        "next: [bold]guard dev login alice[/bold], then [bold]guard connect demo[/bold]"
-    )
+    _print_next()
     if detach:
         return 0
     return _serve_until_stopped(state)
+
+
+def guard_command(
+    argv0: str, on_path: str | None, executable: str, cwd: Path
+) -> tuple[str | None, str]:
+    """How to type `guard` in the user's shell: (a line to run first or None, the command).
+
+    `guard` when the program on PATH is the one running; else the venv's `activate` line
+    when the running script has one next to it (`. .venv/bin/activate`), else the script's
+    full path. The running script is `argv0` when that names a `guard` script, else the
+    `guard` next to the interpreter (`python -m guard.cli.main`)."""
+    script = cwd / argv0
+    if script.name != "guard" or not script.is_file():
+        script = Path(executable).parent / "guard"
+        if not script.is_file():
+            return None, "guard"  # no script to point at: nothing better to say
+    if on_path and Path(on_path).resolve() == script.resolve():
+        return None, "guard"
+    activate = script.parent / "activate"
+    if activate.is_file():
+        return f". {_shown_path(activate, cwd)}", "guard"
+    return None, _shown_path(script, cwd)
+
+
+def _shown_path(path: Path, cwd: Path) -> str:
+    """`path` as the user types it: relative when under `cwd` (with a slash, so `.` and the
+    shell do not search PATH), else absolute; quoted for the shell."""
+    import os
+    import shlex
+
+    absolute = Path(os.path.normpath(cwd / path))
+    try:
+        text = str(absolute.relative_to(cwd))
+    except ValueError:
+        text = str(absolute)
+    else:
+        text = text if os.sep in text else f".{os.sep}{text}"
+    return shlex.quote(text)
+
+
+def _print_next() -> None:
+    import os
+    import shutil
+    import sys
+
+    first, guard = guard_command(
+        sys.argv[0], shutil.which("guard"), sys.executable, Path(os.getcwd())
+    )
+    steps = [f"{guard} dev login alice", f"{guard} connect demo"]
+    text = ", then ".join(f"[bold]{_escape(step)}[/bold]" for step in steps)
+    if first is not None:
+        text = f"[bold]{_escape(first)}[/bold] (puts guard on PATH), then {text}"
+    console.stderr().print(f"next: {text}", soft_wrap=True)
 
 
 def _serve_until_stopped(state: Path) -> int:
