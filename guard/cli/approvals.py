@@ -8,10 +8,9 @@ normalized, literals replaced by $n, so no typed value reaches a reviewer's scre
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TypeVar
 
 from rich import box
@@ -20,10 +19,10 @@ from rich.table import Table
 from rich.text import Text
 
 from guard.broker.api.schemas import ApprovalInfo
-from guard.cli.auth import current_id_token
-from guard.cli.client import BrokerClient, BrokerError
+from guard.cli.client import BrokerClient, BrokerError, of_caller
 from guard.cli.errors import CliError
-from guard.cli.profile import load_profile
+from guard.cli.show import aware as _aware
+from guard.cli.show import span, until
 
 T = TypeVar("T")
 STATEMENT_WIDTH = 60
@@ -41,12 +40,8 @@ LIST_HINT = "`guard approve` lists the requests you can decide, `guard requests`
 @contextmanager
 def broker() -> Iterator[BrokerClient]:
     """A client of the profile's broker, with the caller's ID token."""
-    profile = load_profile()
-    client = BrokerClient(profile.broker_url, current_id_token(profile))
-    try:
+    with of_caller() as client:
         yield client
-    finally:
-        client.close()
 
 
 def call(
@@ -78,38 +73,12 @@ def ask_others(groups: Iterable[str] = ()) -> str:
 
 
 # ---------------------------------------------------------------- words and numbers
-def now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
-def span(seconds: float) -> str:
-    """A short duration: 42s, 5m 03s, 2h 10m, 3d 4h."""
-    total = max(0, int(seconds))
-    days, rest = divmod(total, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d {hours}h"
-    if hours:
-        return f"{hours}h {minutes:02d}m"
-    if minutes:
-        return f"{minutes}m {secs:02d}s"
-    return f"{secs}s"
-
-
 def age(info: ApprovalInfo, at: datetime) -> str:
     return span((at - _aware(info.created_at)).total_seconds())
 
 
 def expires_in(info: ApprovalInfo, at: datetime) -> str:
-    left = (_aware(info.expires_at) - at).total_seconds()
-    if info.state != "pending":
-        return "-"
-    return span(left) if left > 0 else "now"
+    return until(info.expires_at, at) if info.state == "pending" else "-"
 
 
 def approvers(info: ApprovalInfo) -> list[str]:
@@ -134,10 +103,6 @@ def state_text(info: ApprovalInfo) -> Text:
 
 
 # ---------------------------------------------------------------- output
-def print_json(data: object) -> None:
-    print(json.dumps(data, indent=2, ensure_ascii=False))
-
-
 def as_json(infos: Iterable[ApprovalInfo]) -> list[dict[str, object]]:
     return [info.model_dump(mode="json") for info in infos]
 

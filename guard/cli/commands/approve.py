@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from guard.cli import console
+from guard.cli import console, show
 from guard.cli.errors import EXIT_USAGE, CliError
 from guard.cli.usage import GuardCommand
 
@@ -66,11 +66,11 @@ def _list(as_json: bool) -> int:
     with approvals.broker() as client:
         infos = approvals.call(client.pending_approvals)
     if as_json:
-        approvals.print_json(approvals.as_json(infos))
+        show.print_json(approvals.as_json(infos))
     elif not infos:
         console.stderr().print("no pending requests that you can decide")
     else:
-        console.stdout().print(approvals.pending_table(infos, approvals.now()))
+        console.stdout().print(approvals.pending_table(infos, show.now()))
     return 0
 
 
@@ -85,7 +85,7 @@ def _watch() -> int:
     from guard.cli.client import BrokerError
 
     def frame(client) -> Group:
-        at = approvals.now()
+        at = show.now()
         stamp = f"updated {at.astimezone().strftime('%H:%M:%S')} · every 2 s · Ctrl-C to stop"
         try:
             infos = client.pending_approvals()
@@ -111,10 +111,10 @@ def _approve(request_id: str, *, comment: str, yes: bool, as_json: bool) -> int:
     from guard.cli import approvals
 
     # With --json, stdout holds only the JSON: the request is shown on stderr.
-    show = console.stderr() if as_json else console.stdout()
+    screen = console.stderr() if as_json else console.stdout()
     with approvals.broker() as client:
         info = approvals.call(lambda: client.approval(request_id), request_id=request_id)
-        show.print(approvals.detail(info, approvals.now()))
+        screen.print(approvals.detail(info, show.now()))
         if info.state != "pending":
             raise CliError(
                 f"request {request_id} is {info.state}"
@@ -133,7 +133,7 @@ def _approve(request_id: str, *, comment: str, yes: bool, as_json: bool) -> int:
             groups=info.approver_groups,
         )
     if as_json:
-        approvals.print_json(decided.model_dump(mode="json"))
+        show.print_json(decided.model_dump(mode="json"))
     else:
         console.stdout().print(approvals.outcome(decided))
     return 0

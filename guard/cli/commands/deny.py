@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from guard.cli import console
+from guard.cli import console, show
 from guard.cli.errors import EXIT_USAGE, CliError
 from guard.cli.usage import GuardCommand
 
@@ -32,7 +32,7 @@ def deny(request_id: str, reason: str, as_json: bool) -> int:
             request_id=request_id,
         )
     if as_json:
-        approvals.print_json(decided.model_dump(mode="json"))
+        show.print_json(decided.model_dump(mode="json"))
     else:
         console.stdout().print(approvals.outcome(decided))
     return 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from guard.cli import console
+from guard.cli import console, show
 from guard.cli.usage import GuardCommand
 
 
@@ -19,9 +19,9 @@ def requests(as_json: bool) -> int:
     with approvals.broker() as client:
         infos = approvals.call(client.my_requests)
     if as_json:
-        approvals.print_json(approvals.as_json(infos))
+        show.print_json(approvals.as_json(infos))
     elif not infos:
         console.stderr().print("you have no approval requests")
     else:
-        console.stdout().print(approvals.own_table(infos, approvals.now()))
+        console.stdout().print(approvals.own_table(infos, show.now()))
     return 0
