@@ -35,10 +35,17 @@ from typing import Protocol
 from guard.broker.audit.record import SessionEvent
 from guard.broker.audit.sink import AuditSink, AuditUnavailable
 from guard.broker.credentials.issuer import CredentialIssuer, IssuedCredentials
-from guard.broker.errors import DependencyUnavailable, Forbidden, GuardError, NotFound
+from guard.broker.errors import (
+    BadRequest,
+    DependencyUnavailable,
+    Forbidden,
+    GuardError,
+    NotFound,
+)
 from guard.broker.identity.principal import Principal
 from guard.broker.pgwire.scram import ScramVerifier, make_verifier
 from guard.broker.policy.engine import CompiledPolicy
+from guard.broker.policy.model import Verdict
 from guard.broker.revocation import RevocationQueue
 from guard.broker.settings import SessionSettings, TargetSettings
 from guard.broker.state import SqliteStateStore
@@ -177,6 +184,70 @@ class SessionManager:
         )
         return session
 
+    # -- what a caller may see ---------------------------------------------------------
+    def reachable(self, principal: Principal) -> list[tuple[str, Verdict]]:
+        """Every policy target, in name order, with whether `principal` may open a
+        session on it (and why not)."""
+        return [
+            (name, self.policy.can_connect(principal, name)) for name in sorted(self.policy.targets)
+        ]
+
+    def _targets_hint(self, principal: Principal) -> str:
+        allowed = [name for name, verdict in self.reachable(principal) if verdict.allowed]
+        if not allowed:
+            return "you may open a session on no target; ask for one of its connect groups"
+        return f"targets you may use: {', '.join(allowed)} (`guard targets` says more)"
+
+    def is_auditor(self, principal: Principal) -> bool:
+        return not principal.groups.isdisjoint(self.settings.auditor_groups)
+
+    def held_by(self, principal: Principal) -> list[Session]:
+        """`principal`'s live sessions, oldest expiry first."""
+        key = (principal.issuer, principal.subject)
+        mine = [
+            s
+            for s in self.active()
+            if (s.principal.issuer, s.principal.subject) == key and self.is_live(s)
+        ]
+        return sorted(mine, key=lambda s: s.expires_at)
+
+    def live(self) -> list[Session]:
+        """Every live session, oldest expiry first."""
+        return sorted((s for s in self.active() if self.is_live(s)), key=lambda s: s.expires_at)
+
+    async def revoke(
+        self,
+        by: Principal,
+        reason: str,
+        *,
+        session_id: str | None = None,
+        subject: str | None = None,
+        target: str | None = None,
+    ) -> list[str]:
+        """End every live session matching all the given selectors (an auditor's
+        revocation; `subject` matches a principal's subject or its label, as
+        `guard sessions --all` shows it): gateway connections closed, leases revoked
+        before this returns, each end recorded with who revoked it and why. The ids
+        ended."""
+        if session_id is None and subject is None and target is None:
+            raise BadRequest(
+                "a revocation names a session, a user or a target",
+                hint="guard revoke SESSION | --user USER | --target TARGET",
+            )
+        chosen = [
+            s
+            for s in self.live()
+            if (session_id is None or s.id == session_id)
+            and (subject is None or subject in (s.principal.subject, s.principal.label))
+            and (target is None or s.target == target)
+        ]
+        who = by.label if by.label == by.subject else f"{by.label} ({by.subject})"
+        why = f"revoked by {who}: {reason}"
+        log.warning("%s revokes %d session(s): %s", by.label, len(chosen), reason)
+        # Concurrently: revoking a user's ten sessions takes as long as one.
+        await asyncio.gather(*(self.end(s.id, why) for s in chosen))
+        return [s.id for s in chosen]
+
     # -- open --------------------------------------------------------------------------
     async def open(
         self,
@@ -189,7 +260,7 @@ class SessionManager:
     ) -> OpenedSession:
         verdict = self.policy.can_connect(principal, target)
         if not verdict.allowed:
-            raise Forbidden(verdict.message)
+            raise Forbidden(verdict.message, hint=self._targets_hint(principal))
         key = (principal.issuer, principal.subject)
         self._check_limit(principal, target)
         self._opening[key] += 1
@@ -203,11 +274,7 @@ class SessionManager:
     def _check_limit(self, principal: Principal, target: str) -> None:
         key = (principal.issuer, principal.subject)
         limit = self.settings.max_sessions_per_principal
-        count = self._opening[key] + sum(
-            1
-            for s in self.active()
-            if (s.principal.issuer, s.principal.subject) == key and self.is_live(s)
-        )
+        count = self._opening[key] + len(self.held_by(principal))
         if count < limit:
             return
         try:

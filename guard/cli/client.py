@@ -19,9 +19,13 @@ from guard.cli.record import TYPE_CHECKING
 from guard.cli.wire import ErrorBody, SessionCreated
 
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, TypeVar
 
-    from guard.broker.api.schemas import ApprovalInfo
+    from pydantic import BaseModel
+
+    from guard.broker.api.schemas import ApprovalInfo, Identity, SessionInfo, TargetInfo
+
+    M = TypeVar("M", bound=BaseModel)
 
 TIMEOUT = 30.0
 CONNECT_TIMEOUT = 5.0
@@ -70,6 +74,12 @@ class BrokerClient:
 
     def close(self) -> None:
         self._http.close()
+
+    def __enter__(self) -> BrokerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def use_token(self, token: str) -> None:
         """Send `token` from now on (the session credential after the open), on the same
@@ -145,6 +155,52 @@ class BrokerClient:
         """The caller's own requests, newest first."""
         return _approvals(self._request("GET", "/v1/requests"))
 
+    # ------------------------------------------------------------ who, where, which sessions
+    def whoami(self) -> Identity:
+        from guard.broker.api.schemas import Identity
+
+        return _model(Identity, self._request("GET", "/v1/me"), "an identity")
+
+    def targets(self) -> list[TargetInfo]:
+        """Every policy target, and whether the caller may open a session on it."""
+        from guard.broker.api.schemas import TargetInfo
+
+        return _models(TargetInfo, self._request("GET", "/v1/targets"), "a list of targets")
+
+    def sessions(self, *, every: bool = False) -> list[SessionInfo]:
+        """The caller's live sessions; `every`: everyone's (auditors only)."""
+        from guard.broker.api.schemas import SessionInfo
+
+        path = "/v1/sessions?all=true" if every else "/v1/sessions"
+        return _models(SessionInfo, self._request("GET", path), "a list of sessions")
+
+    def revoke(
+        self,
+        *,
+        reason: str,
+        session_id: str | None = None,
+        subject: str | None = None,
+        target: str | None = None,
+    ) -> list[str]:
+        """End every session matching the selectors (auditors only); the ids ended."""
+        from guard.broker.api.schemas import SessionRevoke, SessionsRevoked
+
+        body = SessionRevoke(
+            session_id=session_id, subject=subject, target=target, reason=reason
+        ).model_dump()
+        answer = self._request("POST", "/v1/sessions/revoke", json=body)
+        return _model(SessionsRevoked, answer, "a list of revoked sessions").session_ids
+
+
+def of_caller() -> BrokerClient:
+    """A client of the profile's broker that speaks for the caller: their stored login's
+    ID token, or CI's (`GUARD_ID_TOKEN`)."""
+    from guard.cli.auth import current_id_token
+    from guard.cli.profile import load_profile
+
+    profile = load_profile()
+    return BrokerClient(profile.broker_url, current_id_token(profile))
+
 
 def _verify(base_url: str, ca_file: str | None) -> ssl.SSLContext | None:
     """The verification of an https:// broker (a context with its CA); plain http://
@@ -159,25 +215,34 @@ def _segment(text: str) -> str:
     return quote(text, safe="")
 
 
+def _model(cls: type[M], response: Response, wanted: str) -> M:
+    """The answer as the broker's model `cls`; `wanted` names it in the error."""
+    try:
+        return cls.model_validate(response.json())
+    except ValueError as exc:  # not JSON, or not a `cls` (pydantic's error)
+        raise _unexpected(response, wanted) from exc
+
+
+def _models(cls: type[M], response: Response, wanted: str) -> list[M]:
+    try:
+        data = response.json()
+        if not isinstance(data, list):
+            raise ValueError("not a list")
+        return [cls.model_validate(item) for item in data]
+    except ValueError as exc:
+        raise _unexpected(response, wanted) from exc
+
+
 def _approval(response: Response) -> ApprovalInfo:
     from guard.broker.api.schemas import ApprovalInfo
 
-    try:
-        return ApprovalInfo.model_validate(response.json())
-    except ValueError as exc:  # not JSON, or not an ApprovalInfo (pydantic's error)
-        raise _unexpected(response, "an approval request") from exc
+    return _model(ApprovalInfo, response, "an approval request")
 
 
 def _approvals(response: Response) -> list[ApprovalInfo]:
     from guard.broker.api.schemas import ApprovalInfo
 
-    try:
-        data = response.json()
-        if not isinstance(data, list):
-            raise ValueError("not a list")
-        return [ApprovalInfo.model_validate(item) for item in data]
-    except ValueError as exc:
-        raise _unexpected(response, "a list of approval requests") from exc
+    return _models(ApprovalInfo, response, "a list of approval requests")
 
 
 def _unexpected(response: Response, wanted: str) -> BrokerError:

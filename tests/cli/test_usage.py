@@ -40,6 +40,15 @@ CASES: dict[str, tuple[list[str] | None, list[str], list[str]]] = {
         ["deny", "apr-1", "--reason", "no", "--json=1"],
     ),
     "requests": (None, ["requests", "--bogus"], ["requests", "--json=yes"]),
+    "status": (None, ["status", "--bogus"], ["status", "--json=yes"]),
+    "targets": (None, ["targets", "--bogus"], ["targets", "--json=1"]),
+    "sessions": (None, ["sessions", "--bogus"], ["sessions", "--all=yes"]),
+    "end": (["end"], ["end", "s1", "--bogus"], ["end", "s1", "s2"]),
+    "revoke": (
+        ["revoke", "--user", "bob"],  # no --reason
+        ["revoke", "--user", "bob", "--reason", "x", "--bogus"],
+        ["revoke", "--reason", "x"],  # nothing named to revoke
+    ),
     "policy check": (None, ["policy", "check", "--bogus"], ["policy", "check", "/"]),
     "policy explain": (
         ["policy", "explain", "--as", "alice", "SELECT 1"],
@@ -128,7 +137,10 @@ def test_every_command_is_registered_and_has_usage_cases():
 def test_help_lists_every_command(guard):  # noqa: F811
     outcome = guard("--help")
     assert outcome.code == 0
-    for name in "login logout connect exec approve deny requests policy dev".split():
+    for name in (
+        "login logout status targets connect exec sessions end approve deny requests revoke"
+        " policy dev"
+    ).split():
         assert name in outcome.out
 
 
@@ -140,9 +152,9 @@ def test_usage_errors_are_one_line_with_a_hint_and_exit_2(home, guard, argv):  #
 @pytest.mark.parametrize(
     ("argv", "error", "hint"),
     [
-        ([], "error: missing command", "`guard` takes one of: login, logout, connect, exec"),
+        ([], "error: missing command", "`guard` takes one of: login, logout, status, targets"),
         (["conect", "demo"], "unknown command 'conect' for `guard`", "`guard connect`?"),
-        (["status"], "unknown command 'status'", "did you mean `guard dev status`?"),
+        (["pubkey"], "unknown command 'pubkey'", "did you mean `guard audit pubkey`?"),
         (["check"], "unknown command 'check'", "did you mean `guard policy check`?"),
         (["frobnicate"], "unknown command", "`guard` takes one of: login,"),
         (["connect"], "error: missing argument 'TARGET'", "usage: guard connect [OPTIONS]"),
@@ -180,7 +192,7 @@ def test_version_prints_the_installed_version(guard):  # noqa: F811
 
 
 def test_the_program_itself_prints_no_traceback(home):  # noqa: F811
-    for argv in ([], ["conect", "demo"], ["exec", "--db"], ["status"]):
+    for argv in ([], ["conect", "demo"], ["exec", "--db"], ["pubkey"]):
         run = subprocess.run(
             [sys.executable, "-m", "guard.cli.main", *argv], capture_output=True, text=True
         )

@@ -12,7 +12,13 @@ import pytest
 from guard.broker.audit.sink import AuditUnavailable, MemoryAuditSink
 from guard.broker.credentials.fake import FakeIssuer
 from guard.broker.credentials.issuer import CredentialsUnavailable
-from guard.broker.errors import DependencyUnavailable, Forbidden, NotFound, Unauthenticated
+from guard.broker.errors import (
+    BadRequest,
+    DependencyUnavailable,
+    Forbidden,
+    NotFound,
+    Unauthenticated,
+)
 from guard.broker.fakes import FakeComponentWarning
 from guard.broker.identity.principal import Principal
 from guard.broker.policy.compile import load_policy_file
@@ -468,3 +474,72 @@ def test_health_is_degraded_while_the_audit_or_revocations_fail(tmp_path):
             == 201
         )
         assert http.get("/v1/health").json() == {"status": "ok"}
+
+
+# ---------------------------------------------------------------- seeing and revoking sessions
+BOB = Principal("https://idp", "bob-sub", frozenset({"security-leads"}), display_name="bob")
+CAROL = Principal("https://idp", "carol-sub", frozenset({"engineers"}), display_name="carol")
+
+
+def test_revoke_ends_the_sessions_matching_every_selector_and_says_who_and_why(tmp_path):
+    mgr, issuer, audit, _ = hardened(tmp_path, auditor_groups=["security-leads"])
+
+    async def scenario():
+        a1 = (await mgr.open(ALICE, "demo", reason="r", ttl_seconds=None)).session
+        a2 = (await mgr.open(ALICE, "demo", reason="r", ttl_seconds=None)).session
+        c1 = (await mgr.open(CAROL, "demo", reason="r", ttl_seconds=None)).session
+        conn = _Conn()
+        a1.connections.add(conn)
+        assert {s.id for s in mgr.held_by(ALICE)} == {a1.id, a2.id}
+        assert {s.id for s in mgr.live()} == {a1.id, a2.id, c1.id}
+        # Selectors are ANDed: alice's sessions on another target are none.
+        assert await mgr.revoke(BOB, "x", subject="alice", target="other") == []
+        # A user by subject or by the name `guard sessions --all` shows (carol's label).
+        assert await mgr.revoke(BOB, "left", subject="carol") == [c1.id]
+        ended = await mgr.revoke(BOB, "offboarded", subject="alice")
+        assert sorted(ended) == sorted([a1.id, a2.id])
+        assert conn.closed == "revoked by bob (bob-sub): offboarded"
+        assert mgr.live() == []
+        with pytest.raises(BadRequest):
+            await mgr.revoke(BOB, "x")
+
+    asyncio.run(scenario())
+    assert len(issuer.revoked) == 3
+    details = [r["detail"] for r in audit.records if r["event"] == "ended"]
+    assert sorted(details) == sorted(
+        ["revoked by bob (bob-sub): left"] + ["revoked by bob (bob-sub): offboarded"] * 2
+    )
+    assert mgr.is_auditor(BOB) and not mgr.is_auditor(ALICE)
+
+
+def test_an_unknown_or_forbidden_target_names_the_callers_targets(tmp_path):
+    mgr, _, _ = manager(tmp_path)
+    with pytest.raises(Forbidden) as unknown:
+        asyncio.run(mgr.open(ALICE, "nope", reason="", ttl_seconds=None))
+    assert unknown.value.hint == "targets you may use: demo (`guard targets` says more)"
+    with pytest.raises(Forbidden) as none:
+        asyncio.run(mgr.open(MALLORY, "demo", reason="", ttl_seconds=None))
+    assert none.value.hint.startswith("you may open a session on no target")
+    assert [(name, v.allowed) for name, v in mgr.reachable(ALICE)] == [("demo", True)]
+
+
+def test_api_lists_own_sessions_and_everyone_only_for_auditors(tmp_path):
+    mgr, _, _, _ = hardened(tmp_path, auditor_groups=["security-leads"])
+    with api(mgr) as http:
+        sid = http.post("/v1/sessions", json={"target": "demo"}, headers=ALICE_AUTH).json()[
+            "session_id"
+        ]
+        mine = http.get("/v1/sessions", headers=ALICE_AUTH).json()
+        assert [(s["session_id"], s["subject"]) for s in mine] == [(sid, "alice")]
+        me = http.get("/v1/me", headers=ALICE_AUTH).json()
+        assert (me["subject"], me["groups"], me["auditor"]) == ("alice", ["engineers"], False)
+        targets = http.get("/v1/targets", headers=ALICE_AUTH).json()
+        assert [(t["name"], t["allowed"]) for t in targets] == [("demo", True)]
+        for method, path, body in (
+            ("GET", "/v1/sessions?all=true", None),
+            ("POST", "/v1/sessions/revoke", {"subject": "alice", "reason": "x"}),
+        ):
+            refused = http.request(method, path, json=body, headers=ALICE_AUTH)
+            assert refused.status_code == 403, refused.text
+            assert "security-leads" in refused.json()["hint"]
+        assert mgr.held_by(ALICE)  # nothing was revoked

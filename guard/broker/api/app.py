@@ -22,10 +22,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from guard.broker.api.approvals import approval_routes
-from guard.broker.api.schemas import ErrorBody, SessionCreate, SessionCreated, SessionInfo
+from guard.broker.api.schemas import (
+    ErrorBody,
+    Identity,
+    SessionCreate,
+    SessionCreated,
+    SessionInfo,
+    SessionRevoke,
+    SessionsRevoked,
+    TargetInfo,
+)
 from guard.broker.approvals.service import ApprovalService
 from guard.broker.audit.sink import AuditUnavailable
-from guard.broker.errors import GuardError, NotFound, Unauthenticated
+from guard.broker.errors import Forbidden, GuardError, NotFound, Unauthenticated
 from guard.broker.identity.principal import Principal
 from guard.broker.sessions import CREDENTIAL_PREFIX, Session, SessionManager
 
@@ -178,7 +187,17 @@ def create_app(  # noqa: C901 - one closure per route
             status="active",
             connections=len(s.connections),
             heartbeat_deadline=s.heartbeat_deadline,
+            subject=s.principal.subject,
+            reason=s.reason,
         )
+
+    def _auditor(caller: Principal, what: str) -> None:
+        if not sessions.is_auditor(caller):
+            groups = ", ".join(sorted(sessions.settings.auditor_groups)) or "none configured"
+            raise Forbidden(
+                f"{caller.label} may not {what}: that is for the broker's auditor groups",
+                hint=f"auditor groups: {groups} (sessions.auditor_groups in the broker config)",
+            )
 
     @app.get("/v1/health", response_model=None)
     async def get_health() -> Any:
@@ -215,6 +234,49 @@ def create_app(  # noqa: C901 - one closure per route
             else None,
             heartbeat_grace_seconds=settings.heartbeat_grace_seconds if body.heartbeat else None,
         )
+
+    @app.get("/v1/me", response_model=Identity)
+    async def whoami(caller: Caller) -> Identity:
+        return Identity(
+            principal=caller.label,
+            subject=caller.subject,
+            issuer=caller.issuer,
+            groups=sorted(caller.groups),
+            auditor=sessions.is_auditor(caller),
+        )
+
+    @app.get("/v1/targets", response_model=list[TargetInfo])
+    async def list_targets(caller: Caller) -> list[TargetInfo]:
+        targets = sessions.policy.targets
+        return [
+            TargetInfo(
+                name=name,
+                allowed=verdict.allowed,
+                why_not=None if verdict.allowed else verdict.message,
+                default_ttl_seconds=targets[name].default_ttl_seconds,
+                max_ttl_seconds=targets[name].max_ttl_seconds,
+            )
+            for name, verdict in sessions.reachable(caller)
+        ]
+
+    @app.get("/v1/sessions", response_model=list[SessionInfo])
+    async def list_sessions(caller: Caller, all: bool = False) -> list[SessionInfo]:  # noqa: A002 - the query parameter's name
+        if all:
+            _auditor(caller, "list every session")
+            return [_info(s) for s in sessions.live()]
+        return [_info(s) for s in sessions.held_by(caller)]
+
+    @app.post("/v1/sessions/revoke", response_model=SessionsRevoked)
+    async def revoke_sessions(body: SessionRevoke, caller: Caller) -> SessionsRevoked:
+        _auditor(caller, "revoke sessions")
+        ended = await sessions.revoke(
+            caller,
+            body.reason,
+            session_id=body.session_id,
+            subject=body.subject,
+            target=body.target,
+        )
+        return SessionsRevoked(session_ids=ended)
 
     @app.get("/v1/sessions/{session_id}", response_model=SessionInfo)
     async def get_session(session_id: str, session: OwnSession) -> SessionInfo:

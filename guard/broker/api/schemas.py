@@ -59,6 +59,44 @@ class SessionInfo(_Model):
     connections: int = 0
     # When the session ends unless a heartbeat comes first (None: no heartbeat expected).
     heartbeat_deadline: datetime | None = None
+    # Who holds it (issuer's subject) and why they said they need it.
+    subject: str = ""
+    reason: str = ""
+
+
+class Identity(_Model):
+    """`GET /v1/me`: the caller as the broker sees it (from its verified ID token)."""
+
+    principal: str  # label: display name, else subject
+    subject: str
+    issuer: str
+    groups: list[str]
+    # In one of the broker's `sessions.auditor_groups`: may list and revoke every session.
+    auditor: bool = False
+
+
+class TargetInfo(_Model):
+    """`GET /v1/targets`: one policy target, and whether the caller may open a session."""
+
+    name: str
+    allowed: bool
+    why_not: str | None = None
+    default_ttl_seconds: int
+    max_ttl_seconds: int
+
+
+class SessionRevoke(_Model):
+    """`POST /v1/sessions/revoke` (auditors): end every session matching all the given
+    selectors (at least one), with the reason recorded."""
+
+    session_id: str | None = Field(default=None, min_length=1, max_length=64)
+    subject: str | None = Field(default=None, min_length=1, max_length=256)
+    target: str | None = Field(default=None, min_length=1, max_length=128)
+    reason: str = Field(min_length=1, max_length=1000)
+
+
+class SessionsRevoked(_Model):
+    session_ids: list[str]
 
 
 class ErrorBody(_Model):

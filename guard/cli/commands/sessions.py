@@ -1,0 +1,200 @@
+"""`guard status`, `guard targets`, `guard sessions`, `guard end` and `guard revoke`: who
+you are to the broker, where you may go, which sessions are open, and ending them.
+
+Imported when `guard` starts: rich, pydantic and the broker client are imported when a
+command runs. Every command that lists or shows something takes `--json` (stdout then
+holds only the JSON).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from guard.cli import console, show
+from guard.cli.errors import EXIT_USAGE, CliError
+from guard.cli.usage import GuardCommand
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from guard.broker.api.schemas import SessionInfo
+    from guard.cli.client import BrokerError
+
+SESSIONS_HINT = "`guard sessions` lists yours"
+
+
+@click.command("status", cls=GuardCommand, help="Who you are to the broker, and your sessions.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON")
+def status(as_json: bool) -> int:
+    from guard.cli.auth import current_id_token, seconds_left
+    from guard.cli.client import BrokerClient
+    from guard.cli.profile import load_profile
+
+    profile = load_profile()
+    token = current_id_token(profile)
+    with BrokerClient(profile.broker_url, token) as client:
+        me = client.whoami()
+        mine = client.sessions()
+    left = seconds_left(token)
+    if as_json:
+        show.print_json(
+            {
+                **me.model_dump(mode="json"),
+                "broker_url": profile.broker_url,
+                "token_expires_in_seconds": int(left),
+                "sessions": [s.model_dump(mode="json") for s in mine],
+            }
+        )
+        return 0
+    from rich.text import Text
+
+    # Text, not markup: names and groups come from the IdP and must print as they are.
+    out = console.stdout()
+    name = me.principal if me.principal == me.subject else f"{me.principal} ({me.subject})"
+    out.print(Text.assemble("logged in as ", (name, "bold"), f" at {me.issuer}"))
+    groups = ", ".join(me.groups) or "(none)"
+    out.print(Text(f"groups: {groups}" + (" · auditor" if me.auditor else "")))
+    out.print(f"ID token valid for {show.span(left)}" if left > 0 else "ID token expired")
+    out.print(Text(f"broker: {profile.broker_url}"))
+    if mine:
+        out.print(_sessions_table(mine, "Your sessions", every=False))
+    else:
+        out.print("no open sessions")
+    return 0
+
+
+@click.command("targets", cls=GuardCommand, help="The targets you may open a session on.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON")
+def targets(as_json: bool) -> int:
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    from guard.cli.client import of_caller
+
+    with of_caller() as client:
+        infos = client.targets()
+    if as_json:
+        show.print_json([t.model_dump(mode="json") for t in infos])
+        return 0
+    table = Table(title="Targets", title_justify="left", box=box.SIMPLE_HEAD)
+    for column in ("target", "you may connect", "default TTL", "max TTL", "why not"):
+        table.add_column(column)
+    for t in infos:
+        table.add_row(
+            Text(t.name),
+            Text("yes") if t.allowed else Text("no", style="red"),
+            show.span(t.default_ttl_seconds),
+            show.span(t.max_ttl_seconds),
+            Text((t.why_not or "").removeprefix("guard: ")),
+        )
+    console.stdout().print(table)
+    return 0
+
+
+@click.command("sessions", cls=GuardCommand, help="Your open sessions (--all: everyone's).")
+@click.option("--all", "every", is_flag=True, help="Every session (auditor groups only)")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON")
+def sessions(every: bool, as_json: bool) -> int:
+    from guard.cli.client import BrokerError, of_caller
+
+    with of_caller() as client:
+        try:
+            infos = client.sessions(every=every)
+        except BrokerError as err:
+            raise _said(err) from err
+    if as_json:
+        show.print_json([s.model_dump(mode="json") for s in infos])
+    elif not infos:
+        console.stderr().print("no open sessions" if every else "you have no open sessions")
+    else:
+        title = "Open sessions" if every else "Your sessions"
+        console.stdout().print(_sessions_table(infos, title, every=every))
+    return 0
+
+
+@click.command("end", cls=GuardCommand, help="End one of your sessions (ID from `guard sessions`).")
+@click.argument("session_id", metavar="SESSION", help="Session ID, from `guard sessions`")
+def end(session_id: str) -> int:
+    from guard.cli.client import BrokerError, of_caller
+
+    with of_caller() as client:
+        if session_id not in {s.session_id for s in client.sessions()}:
+            raise CliError(f"you have no open session {session_id}", hint=SESSIONS_HINT)
+        try:
+            client.end_session(session_id)
+        except BrokerError as err:
+            raise _said(err) from err
+    console.stderr().print(f"session {session_id} ended: its connections closed, its role revoked")
+    return 0
+
+
+@click.command(
+    "revoke",
+    cls=GuardCommand,
+    help="End every session matching SESSION, --user and --target (auditor groups only).",
+)
+@click.argument("session_id", metavar="[SESSION]", required=False, help="Session ID")
+@click.option(
+    "--user", "subject", metavar="USER", help="The sessions of this user (subject or name)"
+)
+@click.option("--target", help="The sessions on this target")
+@click.option("--reason", required=True, help="Why (recorded in the audit log)")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON")
+def revoke(
+    session_id: str | None, subject: str | None, target: str | None, reason: str, as_json: bool
+) -> int:
+    if session_id is None and subject is None and target is None:
+        raise CliError(
+            "nothing to revoke: name a session, a user or a target",
+            hint="guard revoke SESSION | --user USER | --target TARGET --reason WHY",
+            exit_code=EXIT_USAGE,
+        )
+    if not reason.strip():
+        raise CliError("an empty --reason", hint="say why: it is recorded", exit_code=EXIT_USAGE)
+    from guard.cli.client import BrokerError, of_caller
+
+    with of_caller() as client:
+        try:
+            ended = client.revoke(
+                reason=reason, session_id=session_id, subject=subject, target=target
+            )
+        except BrokerError as err:
+            raise _said(err) from err
+    if as_json:
+        show.print_json({"revoked": ended})
+    elif ended:
+        console.stderr().print(f"revoked {len(ended)} session(s): {', '.join(ended)}")
+    else:
+        console.stderr().print("no open session matched: nothing revoked")
+    return 0
+
+
+def _said(err: BrokerError) -> CliError:
+    """A broker error, in one line, with the broker's hint (403: who may)."""
+    return CliError(" ".join(err.message.split()), hint=err.hint, exit_code=err.exit_code)
+
+
+def _sessions_table(infos: list[SessionInfo], title: str, *, every: bool) -> Table:
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    at = show.now()
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("session", no_wrap=True, style="bold")
+    columns: list[tuple[str, Any]] = [("target", lambda s: s.target)]
+    if every:
+        columns.append(("user", lambda s: s.principal))
+    columns += [
+        ("expires in", lambda s: show.until(s.expires_at, at)),
+        ("connections", lambda s: str(s.connections)),
+        ("reason", lambda s: s.reason),
+    ]
+    for name, _ in columns:
+        table.add_column(name)
+    for s in infos:
+        table.add_row(Text(s.session_id), *(Text(cell(s)) for _, cell in columns))
+    return table

@@ -1,0 +1,156 @@
+"""Seeing and ending sessions from the CLI, on the real stack (issue 14): `guard status`,
+`guard targets`, `guard sessions [--all]`, `guard end`, `guard revoke`, and the unknown
+target's error naming the caller's targets.
+
+alice (engineers) is an ordinary user; bob (security-leads) is in the dev broker's
+`sessions.auditor_groups`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import psycopg
+import pytest
+
+from tests.fix_stack import Stack, gateway_connect
+
+pytestmark = pytest.mark.integration
+
+
+def as_user(stack: Stack, user: str) -> dict[str, str]:
+    """The environment in which `guard` speaks for `user` (CI-style ID token)."""
+    token = stack.guard("dev", "token", user)
+    assert token.returncode == 0, token.stderr
+    return {"GUARD_ID_TOKEN": token.stdout.strip()}
+
+
+def role_backends(stack: Stack, role: str) -> int:
+    return stack.direct("SELECT count(*) FROM pg_stat_activity WHERE usename = %s", (role,))[0][0]
+
+
+def role_exists(stack: Stack, role: str) -> bool:
+    return bool(stack.direct("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)))
+
+
+def test_status_targets_and_sessions_show_the_caller_and_their_sessions(dev_stack: Stack):
+    alice = as_user(dev_stack, "alice")
+    created, headers = dev_stack.open_session("alice")
+    try:
+        status = dev_stack.guard("status", "--json", env=alice)
+        assert status.returncode == 0, status.stderr
+        me = json.loads(status.stdout)
+        assert (me["principal"], me["groups"], me["auditor"]) == ("alice", ["engineers"], False)
+        assert me["token_expires_in_seconds"] > 60
+        assert created["session_id"] in {s["session_id"] for s in me["sessions"]}
+        human = dev_stack.guard("status", env=alice)
+        assert human.returncode == 0 and "logged in as alice" in human.stdout
+        assert created["session_id"] in human.stdout
+
+        targets = json.loads(dev_stack.guard("targets", "--json", env=alice).stdout)
+        assert [(t["name"], t["allowed"]) for t in targets] == [("demo", True)]
+        assert targets[0]["max_ttl_seconds"] >= targets[0]["default_ttl_seconds"] > 0
+
+        mine = json.loads(dev_stack.guard("sessions", "--json", env=alice).stdout)
+        assert [s["session_id"] for s in mine if s["session_id"] == created["session_id"]]
+        assert {s["principal"] for s in mine} == {"alice"}
+        assert mine[0]["reason"] == "tests"
+        # bob holds none of them, and sees none of them as his own.
+        bob = as_user(dev_stack, "bob")
+        theirs = json.loads(dev_stack.guard("sessions", "--json", env=bob).stdout)
+        assert created["session_id"] not in {s["session_id"] for s in theirs}
+        every = json.loads(dev_stack.guard("sessions", "--all", "--json", env=bob).stdout)
+        assert created["session_id"] in {s["session_id"] for s in every}
+    finally:
+        dev_stack.end_session(created["session_id"], headers)
+
+
+def test_only_auditors_list_everyone_or_revoke(dev_stack: Stack):
+    alice = as_user(dev_stack, "alice")
+    for argv in (["sessions", "--all"], ["revoke", "--user", "bob", "--reason", "x"]):
+        refused = dev_stack.guard(*argv, env=alice)
+        assert refused.returncode == 1
+        error, hint = refused.stderr.strip().splitlines()
+        assert error.startswith("error: alice may not ") and "auditor groups" in error
+        assert (
+            hint
+            == "hint: auditor groups: security-leads (sessions.auditor_groups in the broker config)"
+        )
+
+
+def test_end_ends_ones_own_session_and_names_a_wrong_id(dev_stack: Stack):
+    alice = as_user(dev_stack, "alice")
+    created, headers = dev_stack.open_session("alice")
+    ended = dev_stack.guard("end", created["session_id"], env=alice)
+    assert ended.returncode == 0, ended.stderr
+    assert f"session {created['session_id']} ended" in ended.stderr
+    assert (
+        dev_stack.api("GET", f"/v1/sessions/{created['session_id']}", headers=headers).status_code
+        == 404
+    )
+    again = dev_stack.guard("end", created["session_id"], env=alice)
+    assert again.returncode == 1
+    assert again.stderr.splitlines() == [
+        f"error: you have no open session {created['session_id']}",
+        "hint: `guard sessions` lists yours",
+    ]
+    # Another's session is not alice's to end, and is not revealed as existing.
+    bobs, bob_headers = dev_stack.open_session("bob")
+    try:
+        other = dev_stack.guard("end", bobs["session_id"], env=alice)
+        assert other.returncode == 1 and "you have no open session" in other.stderr
+    finally:
+        dev_stack.end_session(bobs["session_id"], bob_headers)
+
+
+def test_revoke_ends_a_users_sessions_with_the_role_gone_when_it_returns(dev_stack: Stack):
+    """From `guard revoke` to the last backend of the role gone: the command returns only
+    when the gateway connections are closed and the lease is revoked (the role dropped),
+    so nothing of the session is left when it does (issue 14's goal: ≤ 1 s)."""
+    created, _ = dev_stack.open_session("alice")
+    conn = gateway_connect(created, autocommit=True)
+    role = conn.execute("SELECT current_user").fetchone()[0]
+    assert role_backends(dev_stack, role) == 1
+    bob = as_user(dev_stack, "bob")
+    started = time.monotonic()
+    revoked = dev_stack.guard("revoke", "--user", "alice", "--reason", "offboarded", env=bob)
+    elapsed = time.monotonic() - started
+    assert revoked.returncode == 0, revoked.stderr
+    assert created["session_id"] in revoked.stderr
+    # Checked at once, not polled: gone when the command returned.
+    assert role_backends(dev_stack, role) == 0
+    assert not role_exists(dev_stack, role)
+    print(f"guard revoke to the last backend gone: {elapsed * 1000:.0f} ms (CLI start included)")
+    with pytest.raises(psycopg.OperationalError, match="revoked by bob"):
+        conn.execute("SELECT 1")
+    conn.close()
+    ended = [
+        r
+        for r in dev_stack.audit_records()
+        if r.get("session_id") == created["session_id"] and r.get("event") == "ended"
+    ]
+    assert len(ended) == 1 and ended[0]["detail"].startswith("revoked by bob")
+    assert ended[0]["detail"].endswith(": offboarded")
+
+
+def test_revoke_needs_a_selector_and_says_when_nothing_matched(dev_stack: Stack):
+    bob = as_user(dev_stack, "bob")
+    bare = dev_stack.guard("revoke", "--reason", "x", env=bob)
+    assert bare.returncode == 2
+    assert (
+        bare.stderr.splitlines()[0]
+        == "error: nothing to revoke: name a session, a user or a target"
+    )
+    nothing = dev_stack.guard("revoke", "--target", "no-such", "--reason", "x", "--json", env=bob)
+    assert nothing.returncode == 0, nothing.stderr
+    assert json.loads(nothing.stdout) == {"revoked": []}
+
+
+def test_an_unknown_target_names_the_callers_targets(dev_stack: Stack):
+    refused = dev_stack.guard("exec", "--db", "nope", "--", "true", env=as_user(dev_stack, "alice"))
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines() == [
+        'error: guard: unknown target "nope"',
+        "hint: targets you may use: demo (`guard targets` says more)",
+    ]
