@@ -7,7 +7,8 @@ brings `inspect`, `typing`, `enum`, `uuid`, `gettext` and more: about 40% of the
 instructions the whole command executed. The fast path takes only command lines it
 understands completely: `exec`, then `--db`, `--reason`, `--ttl`, `--id-token-file` (each at
 most once, `--opt value` or `--opt=value`, a value that is neither empty nor starts with
-`-`), then the program (after `--`, or from the first argument that is not an option).
+`-`), then the command (after `--`, or from the first argument that is not an option), which
+`split_target` reads as click's command does: `TARGET -- PROGRAM...` or the program alone.
 Anything else, `--help`, a mistake, shell completion, goes to click, which owns help, usage
 errors and their hints; `tests/cli/test_entry.py` holds the two parsers to the same result
 for every command line the fast one takes.
@@ -31,13 +32,14 @@ if TYPE_CHECKING:
 # `guard exec`'s options that take a value, by the name of the click parameter.
 _EXEC_OPTIONS = {"--db": "db", "--reason": "reason", "--ttl": "ttl", "--id-token-file": "file"}
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+DEFAULT_TARGET = "demo"  # `guard exec`'s target when the command line names none
 
 
 class ExecArguments(Record):
     """A `guard exec` command line, as the click command's parameters."""
 
-    command: tuple[str, ...]
-    db: str = "demo"
+    command: tuple[str, ...]  # the program and its arguments
+    db: str = DEFAULT_TARGET  # the policy target, however the command line named it
     reason: str = ""
     ttl: int | None = None
     id_token_file: Path | None = None
@@ -54,6 +56,26 @@ def duration_seconds(text: str) -> int | None:
     return int(number) * _UNIT_SECONDS.get(unit, 1)
 
 
+def split_target(command: tuple[str, ...], db: str | None) -> tuple[str, tuple[str, ...]]:
+    """`guard exec`'s policy target and program, from its `command` as click leaves it (a
+    leading `--` taken, everything from the first positional on verbatim) and `--db`'s value
+    (None when not given). Exactly one argument before the first `--` of `command` is the
+    TARGET and the program follows that `--` (`demo -- psql -c 'select 1'`); any other
+    `command` is the program whole (`python job.py -- --flag`), the target `--db`'s or the
+    default. Both parsers of the command line call this, so they cannot read it apart.
+    Raises CliError (usage) when TARGET and `--db` name different targets."""
+    if len(command) >= 2 and command[1] == "--" and command[0] != "--":
+        target = command[0]
+        if db is not None and db != target:
+            raise CliError(
+                f"two targets: {target!r} before `--` and --db {db!r}",
+                hint=f"name it once: `guard exec {target} -- CMD...` (--db is the older spelling)",
+                exit_code=EXIT_USAGE,
+            )
+        return target, command[2:]
+    return (DEFAULT_TARGET if db is None else db), command
+
+
 def exec_arguments(argv: Sequence[str], environ: Mapping[str, str]) -> ExecArguments | None:
     """`argv` (the program's arguments) as a `guard exec` command line the fast path runs;
     None for any other, which click parses."""
@@ -63,8 +85,12 @@ def exec_arguments(argv: Sequence[str], environ: Mapping[str, str]) -> ExecArgum
     if options is None:
         return None
     values, command = options
+    try:
+        target, program = split_target(command, values.get("db"))
+    except CliError:
+        return None  # two targets: click reports the usage error
     ttl = duration_seconds(values["ttl"]) if "ttl" in values else None
-    if not command or ("ttl" in values and ttl is None):
+    if not program or ("ttl" in values and ttl is None):
         return None
     token_file = values.get("file")
     if token_file is not None and not _readable_file(token_file):
@@ -72,8 +98,8 @@ def exec_arguments(argv: Sequence[str], environ: Mapping[str, str]) -> ExecArgum
     from pathlib import Path
 
     return ExecArguments(
-        command,
-        db=values.get("db", "demo"),
+        program,
+        db=target,
         reason=values.get("reason", ""),
         ttl=ttl,
         id_token_file=None if token_file is None else Path(token_file),
@@ -81,8 +107,8 @@ def exec_arguments(argv: Sequence[str], environ: Mapping[str, str]) -> ExecArgum
 
 
 def _options(argv: Sequence[str]) -> tuple[dict[str, str], tuple[str, ...]] | None:
-    """`exec`'s option values by parameter name, and the program's command line; None
-    when an argument is not one the fast path takes."""
+    """`exec`'s option values by parameter name, and the command as click leaves it (see
+    `split_target`); None when an argument is not one the fast path takes."""
     values: dict[str, str] = {}
     i = 1
     while i < len(argv):

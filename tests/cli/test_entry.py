@@ -1,7 +1,8 @@
 """The `guard` script's fast path for `guard exec` (`cli.entry`): for every command line it
 takes, click would have parsed the same parameters; whatever it does not take reaches
 click; it runs without importing click; and the duration reader it shares with click
-reads what the old regular expression read."""
+reads what the old regular expression read. (`test_exec_target.py`: what `TARGET -- CMD`
+means.)"""
 
 from __future__ import annotations
 
@@ -19,12 +20,14 @@ from guard.cli.commands.exec import exec_command
 from guard.cli.entry import duration_seconds, exec_arguments
 
 TOKEN_FILE = Path(__file__)  # exists, a file, readable
+# Options, their values, programs and targets; "--" twice, so that `TARGET -- CMD` and a
+# program's own `--` come up often.
 WORDS = [
     "--db", "--db=", "--db=prod", "--reason", "--reason=a=b", "--ttl", "--ttl=15m",
     "--ttl=soon", "--id-token-file", f"--id-token-file={TOKEN_FILE}", str(TOKEN_FILE),
     str(TOKEN_FILE.parent), "/nonexistent", "--", "-", "-v", "--help", "-h", "--dbx",
     "--TTL", "--print-env", "prod", "1h", " 2 d ", "0", "x y", "", "psql", "-c",
-    "select 1", "--db=--reason",
+    "select 1", "--db=--reason", "demo", "--db=demo", "./job.sh", "--",
 ]  # fmt: skip
 
 
@@ -39,6 +42,11 @@ def click_parameters(argv: list[str]) -> dict[str, object]:
 @example(["--db", "prod", "--", "psql", "-c", "select 1"])
 @example(["--ttl=15m", "--reason", "x y", "psql", "--", "-v"])
 @example(["--id-token-file", str(TOKEN_FILE), "--", "--help"])
+@example(["demo", "--", "psql", "-c", "select 1"])  # TARGET -- CMD
+@example(["--db=demo", "demo", "--", "psql"])  # the same target twice
+@example(["--", "prod", "--", "psql"])  # the leading `--` is click's: TARGET prod
+@example(["--", "--", "--", "psql"])  # nothing before the first `--` left: program `--`
+@example(["python", "-c", "--", "-v"])  # two words before `--`: all the program's
 def test_what_the_fast_path_takes_click_parses_the_same(words):
     argv = ["exec", *words]
     fast = exec_arguments(argv, {})
@@ -59,6 +67,8 @@ def test_what_the_fast_path_takes_click_parses_the_same(words):
         ["exec", "--bogus", "true"],
         ["exec", "--db", "--reason", "x", "true"],
         ["exec", "--"],  # no program: the command's own error
+        ["exec", "demo", "--"],  # a target, no program
+        ["exec", "--db", "prod", "demo", "--", "true"],  # two targets: click's usage error
         ["connect", "demo"],
         ["--version"],
         [],
@@ -121,3 +131,10 @@ def test_the_fast_path_runs_without_click_and_fails_in_one_line(tmp_path):
     assert usage.returncode == 2
     assert usage.stderr.splitlines()[0] == "error: no such option '--bogus'"
     assert usage.stderr.splitlines()[-1] == "click loaded: True"
+
+
+def test_the_target_form_stays_on_the_fast_path(tmp_path):
+    ran = _script(tmp_path, "exec", "demo", "--", "true")
+    assert ran.returncode == 1
+    assert ran.stderr.splitlines()[0] == "error: guard is not configured: no broker URL / issuer"
+    assert ran.stderr.splitlines()[-1] == "click loaded: False"
