@@ -26,7 +26,7 @@ import hashlib
 import hmac
 import logging
 import secrets
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -104,6 +104,23 @@ class OpenedSession:
     secret: str = field(repr=False)
     # Bearer secret for this session's heartbeat and end (CREDENTIAL_PREFIX…).
     credential: str = field(default="", repr=False)
+    # Why the session is shorter than asked (the policy's maximum, the lease's), if it is.
+    ttl_notice: str | None = None
+
+
+# How many ended sessions' reasons are kept for their holders to ask (bounded: memory).
+ENDED_REMEMBERED = 10_000
+# A lease this much shorter than the session asked for is not worth a notice (the time
+# OpenBao took to answer).
+LEASE_SLACK_SECONDS = 5
+
+
+def duration_text(seconds: int) -> str:
+    """Seconds as the policy writes durations: 8h, 90m, 45s (the largest exact unit)."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 class SessionManager:
@@ -134,6 +151,8 @@ class SessionManager:
             clock=clock,
         )
         self._by_id: dict[str, Session] = {}
+        # Ended sessions: why, for the holder of the session's credential only.
+        self._ended: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
         self._by_user: dict[str, Session] = {}
         # Opens in progress (credentials being issued): per principal, and their ids.
         self._opening: Counter[tuple[str, str]] = Counter()
@@ -166,7 +185,13 @@ class SessionManager:
     def by_credential(self, session_id: str, credential: str) -> Session:
         """The session `credential` was issued for; NotFound otherwise (the same answer as
         for a session that does not exist)."""
-        session = self.get(session_id)
+        session = self._by_id.get(session_id)
+        if session is None or session.ended:
+            reason, held = self._ended.get(session_id, ("", b""))
+            if held and hmac.compare_digest(credential_hash(credential), held):
+                # Its holder learns why (the CLI says it): TTL, revocation, heartbeats.
+                raise NotFound(f"session {session_id} ended: {reason}")
+            raise NotFound(f"no active session {session_id!r}")
         if not session.credential_hash or not hmac.compare_digest(
             credential_hash(credential), session.credential_hash
         ):
@@ -311,6 +336,12 @@ class SessionManager:
                 hint="add it under `targets:` in the broker config",
             )
         ttl = min(ttl_seconds or spec.default_ttl_seconds, spec.max_ttl_seconds)
+        notice = None
+        if ttl_seconds is not None and ttl_seconds > spec.max_ttl_seconds:
+            notice = (
+                f"asked for {duration_text(ttl_seconds)}; {target} allows sessions of at most "
+                f"{duration_text(spec.max_ttl_seconds)} (the policy's session_ttl.max)"
+            )
         session_id = secrets.token_hex(8)
         # Opening the session is itself recorded before any credential exists.
         self._audit_or_refuse(
@@ -325,6 +356,13 @@ class SessionManager:
             ) from exc
         now = self.clock()
         expires_at = min(now + timedelta(seconds=ttl), creds.expires_at)
+        lease = int((creds.expires_at - now).total_seconds())
+        if lease < ttl - LEASE_SLACK_SECONDS:
+            notice = (
+                f"the database credentials' lease lasts {duration_text(lease)}, not "
+                f"{duration_text(ttl)}: the OpenBao role {upstream.openbao_role!r} allows no "
+                "more (its max_ttl; the broker's operators can raise it)"
+            )
         secret = secrets.token_urlsafe(32)
         credential = CREDENTIAL_PREFIX + secrets.token_urlsafe(32)
         grace = timedelta(seconds=self.settings.heartbeat_grace_seconds)
@@ -349,7 +387,7 @@ class SessionManager:
         self._by_id[session_id] = session
         self._by_user[session.user] = session
         log.info("session %s opened for %s on %s", session_id, principal.label, target)
-        return OpenedSession(session, secret, credential)
+        return OpenedSession(session, secret, credential, ttl_notice=notice)
 
     async def _record_open(self, session: Session, expires_at: datetime) -> None:
         """The state row and the `opened` record; if either fails, the session is marked
@@ -419,6 +457,9 @@ class SessionManager:
         if session is None or session.ended:
             return
         session.ended = True
+        self._ended[session_id] = (reason, session.credential_hash)
+        while len(self._ended) > ENDED_REMEMBERED:
+            self._ended.popitem(last=False)
         for conn in list(session.connections):
             conn.close(reason)
         session.connections.clear()

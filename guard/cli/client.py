@@ -126,13 +126,16 @@ class BrokerClient:
         """The session is still in use (this client's token: the session credential)."""
         self._request("POST", f"/v1/sessions/{_segment(session_id)}/heartbeat")
 
-    def end_session(self, session_id: str) -> None:
-        """End the session; one that is already gone is not an error."""
+    def end_session(self, session_id: str) -> str | None:
+        """End the session: None. One that is already gone is not an error: the broker's
+        word on it ("session … ended: ttl expired", for its holder) is returned."""
         try:
             self._request("DELETE", f"/v1/sessions/{_segment(session_id)}")
         except BrokerError as err:
             if err.status != 404:
                 raise
+            return err.message
+        return None
 
     # ------------------------------------------------------------ approvals
     def pending_approvals(self) -> list[ApprovalInfo]:

@@ -147,7 +147,7 @@ def run_exec(arguments: ExecArguments) -> int:
     end the session; the program's exit status. (The click command runs this too.)"""
     if not arguments.command:
         raise CliError(
-            "no command given", hint="guard exec --db demo -- python job.py", exit_code=EXIT_USAGE
+            "no command given", hint="guard exec demo -- python job.py", exit_code=EXIT_USAGE
         )
     from guard.cli.auth import current_id_token
     from guard.cli.profile import load_profile

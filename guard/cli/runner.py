@@ -26,10 +26,12 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
 from urllib.parse import quote, urlencode
 
 from guard.cli.client import BrokerClient, BrokerError
 from guard.cli.errors import CliError
+from guard.cli.show import span
 from guard.cli.wire import SessionCreated
 
 # Variables removed from the child's environment: the identity token could open further
@@ -46,6 +48,8 @@ SCRUBBED_ENV = (
 
 # Heartbeat period when the broker names none (an older broker: it ignores them).
 DEFAULT_HEARTBEAT_SECONDS = 10.0
+# A session's holder is told this long before its TTL runs out (a quarter of a shorter one).
+EXPIRY_WARNING_SECONDS = 300.0
 
 
 def session_env(
@@ -217,13 +221,27 @@ def _through_relay(
 
 class Heartbeat:
     """Tells the broker every `interval` seconds that this CLI still runs the session (a
-    daemon thread: a blocked event loop or a busy child cannot starve it). Stops by itself
-    when the broker says the session is gone, saying so once on stderr."""
+    daemon thread: a blocked event loop or a busy child cannot starve it). Says once on
+    stderr when the session nears its expiry (`warn_at`), and stops by itself when the
+    broker says the session is gone, saying why."""
 
-    def __init__(self, client: BrokerClient, session_id: str, interval: float) -> None:
+    def __init__(
+        self,
+        client: BrokerClient,
+        session_id: str,
+        interval: float,
+        *,
+        expires_at: datetime | None = None,
+    ) -> None:
         self.client = client
         self.session_id = session_id
         self.interval = interval
+        self.expires_at = expires_at
+        # Warned this long before the end: 5 minutes, or a quarter of a shorter session,
+        # but at least one heartbeat's interval (the check runs once per beat).
+        total = (expires_at - datetime.now(UTC)).total_seconds() if expires_at else 0.0
+        self.warn_before = min(max(min(EXPIRY_WARNING_SECONDS, total / 4), interval), total)
+        self.ended_by_broker = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="guard-heartbeat", daemon=True)
 
@@ -238,6 +256,7 @@ class Heartbeat:
     def _run(self) -> None:
         warned = False
         while not self._stop.wait(self.interval):
+            self._warn_of_expiry()
             try:
                 self.client.heartbeat(self.session_id)
                 warned = False
@@ -245,21 +264,41 @@ class Heartbeat:
                 if self._stop.is_set():
                     return
                 if err.status == 404:
+                    self.ended_by_broker = True
                     print(
-                        f"guard: the broker ended session {self.session_id} "
-                        "(expired or ended elsewhere)",
-                        file=sys.stderr,
+                        f"guard: {ended_by_broker(self.session_id, err.message)}", file=sys.stderr
                     )
                     return
                 if not warned:  # once per outage; it keeps trying
                     print(f"guard: heartbeat failed (retrying): {err.message}", file=sys.stderr)
                     warned = True
 
+    def _warn_of_expiry(self) -> None:
+        if self.expires_at is None:
+            return
+        left = (self.expires_at - datetime.now(UTC)).total_seconds()
+        if left <= self.warn_before:
+            print(
+                f"guard: session {self.session_id} ends in {span(left)} (its TTL)",
+                file=sys.stderr,
+            )
+            self.expires_at = None  # once
 
-def end_session(client: BrokerClient, session_id: str) -> bool:
-    """End the session with its own credential; a failure is one line on stderr."""
+
+def ended_by_broker(session_id: str, message: str) -> str:
+    """What the broker's 404 for a session means, in a line: its reason when it gave one
+    (TTL, revocation, lost heartbeats), else that it is gone."""
+    _, said, reason = message.partition(" ended: ")
+    why = reason if said else "expired or ended elsewhere"
+    return f"the broker ended session {session_id}: {why}"
+
+
+def end_session(client: BrokerClient, session_id: str, outcome: str, *, quiet: bool) -> bool:
+    """End the session with its own credential and say so (not when `quiet`: the end was
+    said already), with why (`outcome`) or, when the broker had ended it, the broker's
+    reason; a failure is one line."""
     try:
-        client.end_session(session_id)
+        gone = client.end_session(session_id)
     except CliError as err:
         print(
             f"guard: could not end session {session_id}: {err.message} "
@@ -267,6 +306,12 @@ def end_session(client: BrokerClient, session_id: str) -> bool:
             file=sys.stderr,
         )
         return False
+    if not quiet:
+        if gone is None:
+            line = f"session {session_id} ended: {outcome}"
+        else:
+            line = ended_by_broker(session_id, gone)
+        print(f"guard: {line}", file=sys.stderr)
     return True
 
 
@@ -297,23 +342,46 @@ def run_in_session(
     # child was quick); heartbeats have their own client: they run in another thread.
     credential = created.session_token or token
     ender.use_token(credential)
+    expires_at = created.expires_at.astimezone(UTC)
+    left = span((expires_at - datetime.now(UTC)).total_seconds())
+    print(
+        f"guard: session {created.session_id} on {target} for {left}"
+        f" (until {expires_at:%H:%M:%S} UTC)"
+        + (f"; {created.ttl_notice}" if created.ttl_notice else ""),
+        file=sys.stderr,
+    )
     beats = BrokerClient(broker_url, credential)
     heartbeat = Heartbeat(
         beats,
         created.session_id,
         created.heartbeat_interval_seconds or DEFAULT_HEARTBEAT_SECONDS,
+        expires_at=expires_at,
     )
     heartbeat.start()
+    code: int | None = None
     try:
         try:
             with gateway_ca(created, gateway_ca_file) as ca_file:
                 if relay_port is not None:
-                    return _through_relay(created, on_ready, ca_file, relay_port)
-                return _in_session(created, argv, on_ready, ca_file)
+                    code = _through_relay(created, on_ready, ca_file, relay_port)
+                else:
+                    code = _in_session(created, argv, on_ready, ca_file)
+                return code
         except KeyboardInterrupt:
-            return 130
+            code = 130
+            return code
     finally:
         heartbeat.stop()
-        end_session(ender, created.session_id)
+        outcome = _outcome(argv, code)
+        end_session(ender, created.session_id, outcome, quiet=heartbeat.ended_by_broker)
         beats.close()
         ender.close()
+
+
+def _outcome(argv: Sequence[str] | None, code: int | None) -> str:
+    """Why guard ends the session, in words: the program's exit, or guard's own stop."""
+    if code is None:
+        return "guard stopped on an error"
+    if argv is None or code == 130:
+        return "stopped (Ctrl-C or a signal)"
+    return f"{os.path.basename(argv[0])} exited with status {code}"

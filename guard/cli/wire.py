@@ -104,6 +104,7 @@ class SessionCreated(Record):
     session_token: str | None = None
     heartbeat_interval_seconds: float | None = None
     heartbeat_grace_seconds: float | None = None
+    ttl_notice: str | None = None
 
     @classmethod
     def from_json(cls, data: Any) -> SessionCreated:

@@ -80,7 +80,7 @@ def test_broker_outage_is_a_clear_cli_error(home, monkeypatch, guard):  # noqa: 
 def test_exec_without_command_is_a_usage_error(home, guard):  # noqa: F811
     outcome = guard("exec", "--db", "demo")
     assert outcome.code == 2
-    assert outcome.err == "error: no command given\nhint: guard exec --db demo -- python job.py\n"
+    assert outcome.err == "error: no command given\nhint: guard exec demo -- python job.py\n"
 
 
 def test_exec_passes_everything_after_the_program_to_it(home, monkeypatch, guard):  # noqa: F811

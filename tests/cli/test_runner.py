@@ -5,6 +5,8 @@ credential; a failed end is one line on stderr and the child's status still come
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 import threading
 from collections.abc import Iterator
@@ -46,6 +48,8 @@ class FakeBroker:
         if request.method == "DELETE" and request.url.path == "/v1/sessions/ses1":
             if self.end_status == 204:
                 return http.Response(204)
+            if self.end_status == 404:  # what the broker tells the session's holder
+                return error(404, "not_found", "session ses1 ended: ttl expired")
             return error(self.end_status, "dependency_unavailable", "OpenBao is unreachable")
         return error(404, "not_found", "no such route")
 
@@ -121,7 +125,14 @@ def test_exec_heartbeats_and_ends_with_the_session_credential(
     )
     outcome = guard("exec", "--db", "demo", "--", sys.executable, "-c", child)
     assert outcome.code == 3, outcome
-    assert outcome.err == ""
+    started, ended = outcome.err.splitlines()  # the session's start and end, nothing else
+    assert re.fullmatch(
+        r"guard: session ses1 on demo for 59m \d\ds \(until \d\d:\d\d:\d\d UTC\)", started
+    )
+    assert (
+        ended
+        == f"guard: session ses1 ended: {os.path.basename(sys.executable)} exited with status 3"
+    )
     after_open = broker.calls[1:]
     assert ("POST", "/v1/sessions/ses1/heartbeat", f"Bearer {SESSION_TOKEN}") in after_open
     assert after_open[-1] == ("DELETE", "/v1/sessions/ses1", f"Bearer {SESSION_TOKEN}")
@@ -136,15 +147,16 @@ def test_a_failed_teardown_is_one_stderr_line_and_the_exit_code_survives(
     outcome = guard("exec", "--db", "demo", "--", sys.executable, "-c", "raise SystemExit(7)")
     assert outcome.code == 7, outcome
     lines = outcome.err.splitlines()
-    assert len(lines) == 1, outcome.err
-    assert lines[0].startswith("guard: could not end session ses1: OpenBao is unreachable")
+    assert len(lines) == 2, outcome.err  # the session's start, then the failed end
+    assert lines[1].startswith("guard: could not end session ses1: OpenBao is unreachable")
     assert "Traceback" not in outcome.err
 
 
-def test_a_session_already_gone_ends_quietly(make_broker, guard):  # noqa: F811
+def test_a_session_the_broker_ended_already_is_said_with_its_reason(make_broker, guard):  # noqa: F811
     make_broker(end_status=404, interval=3600)  # the broker ended it already
     outcome = guard("exec", "--db", "demo", "--", sys.executable, "-c", "pass")
-    assert outcome.code == 0 and outcome.err == ""
+    assert outcome.code == 0
+    assert outcome.err.splitlines()[1:] == ["guard: the broker ended session ses1: ttl expired"]
 
 
 # ------------------------------------------------------------------ the child's environment

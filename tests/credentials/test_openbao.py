@@ -86,6 +86,29 @@ def test_short_ttl_is_honoured_exactly(issuer, openbao):
         issuer.revoke(creds.lease_id)
 
 
+def test_a_session_longer_than_the_roles_default_gets_a_lease_as_long(issuer, pg_cluster, openbao):
+    """The role's default_ttl is 1h: a 3h session's lease is renewed to 3h (the role's
+    max_ttl is 24h), and the role's VALID UNTIL moves with it; a day and more is cut to
+    the role's max_ttl, said by the lease, not an error."""
+    creds = issuer.issue(ROLE, 3 * 3600)
+    try:
+        ttl = openbao.client().sys.read_lease(lease_id=creds.lease_id)["data"]["ttl"]
+        assert 3 * 3600 - 60 < ttl <= 3 * 3600
+        with psycopg.connect(pg_cluster.admin_dsn("demo")) as admin:
+            (valid_until,) = admin.execute(
+                "SELECT rolvaliduntil FROM pg_roles WHERE rolname = %s", (creds.username,)
+            ).fetchone()
+        assert abs((valid_until - creds.expires_at).total_seconds()) < 60
+    finally:
+        issuer.revoke(creds.lease_id)
+    capped = issuer.issue(ROLE, 48 * 3600)
+    try:
+        ttl = openbao.client().sys.read_lease(lease_id=capped.lease_id)["data"]["ttl"]
+        assert 23 * 3600 < ttl <= 24 * 3600
+    finally:
+        issuer.revoke(capped.lease_id)
+
+
 def test_revoke_terminates_backends_and_drops_role(issuer, pg_cluster):
     creds = issuer.issue(ROLE, 120)
     live = login(pg_cluster, creds)

@@ -543,3 +543,29 @@ def test_api_lists_own_sessions_and_everyone_only_for_auditors(tmp_path):
             assert refused.status_code == 403, refused.text
             assert "security-leads" in refused.json()["hint"]
         assert mgr.held_by(ALICE)  # nothing was revoked
+
+
+def test_an_ended_sessions_reason_is_told_to_its_holder_only(tmp_path):
+    mgr, _, _ = manager(tmp_path)
+
+    async def scenario():
+        opened = await mgr.open(ALICE, "demo", reason="", ttl_seconds=None)
+        await mgr.end(opened.session.id, "ttl expired")
+        return opened
+
+    opened = asyncio.run(scenario())
+    sid = opened.session.id
+    with pytest.raises(NotFound, match=f"^session {sid} ended: ttl expired$"):
+        mgr.by_credential(sid, opened.credential)
+    with pytest.raises(NotFound, match="^no active session"):
+        mgr.by_credential(sid, "gsc_someone-elses")
+
+
+def test_a_ttl_above_the_policys_maximum_is_cut_with_a_notice(tmp_path):
+    mgr, _, _ = manager(tmp_path)
+    clamped = asyncio.run(mgr.open(ALICE, "demo", reason="", ttl_seconds=99 * 3600))
+    assert clamped.ttl_notice == (
+        "asked for 99h; demo allows sessions of at most 8h (the policy's session_ttl.max)"
+    )
+    plain = asyncio.run(mgr.open(ALICE, "demo", reason="", ttl_seconds=30))
+    assert plain.ttl_notice is None

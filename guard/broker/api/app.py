@@ -233,6 +233,7 @@ def create_app(  # noqa: C901 - one closure per route
             if body.heartbeat
             else None,
             heartbeat_grace_seconds=settings.heartbeat_grace_seconds if body.heartbeat else None,
+            ttl_notice=opened.ttl_notice,
         )
 
     @app.get("/v1/me", response_model=Identity)

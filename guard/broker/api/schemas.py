@@ -17,7 +17,9 @@ class _Model(BaseModel):
 class SessionCreate(_Model):
     target: str = Field(min_length=1, max_length=128)
     reason: str = Field(default="", max_length=1000)
-    ttl_seconds: int | None = Field(default=None, ge=60, le=7 * 24 * 3600)
+    # Any positive duration: the policy's session_ttl.max caps it (and says so in
+    # `SessionCreated.ttl_notice`); the upper bound only keeps the number sane.
+    ttl_seconds: int | None = Field(default=None, ge=1, le=366 * 24 * 3600)
     # The client will send POST /v1/sessions/{id}/heartbeat every
     # `SessionCreated.heartbeat_interval_seconds`; the broker ends the session when they
     # stop for its grace period. Without it the session lasts until its TTL or its end
@@ -48,6 +50,8 @@ class SessionCreated(_Model):
     # long the broker waits without one before it ends the session.
     heartbeat_interval_seconds: float | None = None
     heartbeat_grace_seconds: float | None = None
+    # Why the session is shorter than asked: the policy's maximum, or the lease's.
+    ttl_notice: str | None = None
 
 
 class SessionInfo(_Model):

@@ -93,7 +93,8 @@ class OpenBaoIssuer:
             ) from exc
 
     def issue(self, role: str, ttl_seconds: int) -> IssuedCredentials:
-        """Mint a login role; its lease is cut to `ttl_seconds` if the role's is longer."""
+        """Mint a login role; its lease renewed to `ttl_seconds` (cut when the role's is
+        longer, stretched up to the role's max_ttl when it is shorter)."""
         if ttl_seconds <= 0:
             raise ValueError("ttl_seconds must be positive")
         with self._map_exceptions(f"issue credentials for role {role!r}"):
@@ -104,10 +105,12 @@ class OpenBaoIssuer:
             duration = int(response.get("lease_duration") or 0)
             username = str(response["data"]["username"])
             password = str(response["data"]["password"])
-        if duration > ttl_seconds or duration <= 0:
-            # Cut the lease to the session: the credential must not outlive it.
+        if duration != ttl_seconds:
+            # Fit the lease to the session: cut (the credential must not outlive it), or
+            # stretched up to the role's max_ttl (a role's default_ttl must not silently
+            # shorten a session the policy allows).
             try:
-                with self._map_exceptions("cut the new lease to the session TTL"):
+                with self._map_exceptions("fit the new lease to the session TTL"):
                     renewed = self._client.sys.renew_lease(lease_id=lease_id, increment=ttl_seconds)
                     duration = int(renewed.get("lease_duration") or 0)
             except CredentialsUnavailable:
