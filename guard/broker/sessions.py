@@ -92,6 +92,9 @@ class Session:
     heartbeat_deadline: datetime | None = None
     connections: set[ConnectionHandle] = field(default_factory=set)
     ended: bool = False
+    # When it was opened (the manager's clock): its lifetime, extensions included, is at
+    # most the policy's session_ttl.max from here.
+    opened_at: datetime | None = None
 
     def expired_at(self, now: datetime) -> bool:
         """Whether the session's time is up at `now` (the manager's clock, never the wall's)."""
@@ -240,6 +243,60 @@ class SessionManager:
         """Every live session, oldest expiry first."""
         return sorted((s for s in self.active() if self.is_live(s)), key=lambda s: s.expires_at)
 
+    async def extend(self, session_id: str, ttl_seconds: int | None) -> tuple[Session, str | None]:
+        """Make a live session last `ttl_seconds` (None: its target's default) from now,
+        never past the policy's session_ttl.max from its start, nor shorter than it is;
+        its lease is renewed to match. The session, and a notice when it got less than
+        asked."""
+        session = self.get(session_id)
+        if not self.is_live(session):
+            raise NotFound(f"no active session {session_id!r}")
+        spec = self.policy.targets[session.target]
+        now = self.clock()
+        wanted = now + timedelta(seconds=ttl_seconds or spec.default_ttl_seconds)
+        limit = (session.opened_at or now) + timedelta(seconds=spec.max_ttl_seconds)
+        notice = None
+        if wanted > limit:
+            notice = (
+                f"{session.target} allows sessions of at most "
+                f"{duration_text(spec.max_ttl_seconds)} from their start (the policy's "
+                "session_ttl.max): this one now ends there"
+            )
+        new_end = min(wanted, limit)
+        if new_end <= session.expires_at:
+            return session, notice or "the session already lasts that long"
+        seconds = int((new_end - now).total_seconds())
+        try:
+            lease_end = await asyncio.to_thread(
+                self.issuer.renew, session.credentials.lease_id, seconds
+            )
+        except Exception as exc:
+            raise DependencyUnavailable(
+                f"could not renew the credentials of session {session_id}: {exc}",
+                hint="the session keeps its expiry; check that OpenBao/Vault is running",
+            ) from exc
+        if lease_end < new_end - timedelta(seconds=LEASE_SLACK_SECONDS):
+            new_end = max(session.expires_at, lease_end)
+            notice = (
+                f"the OpenBao role {session.upstream.openbao_role!r} allows no longer a lease "
+                "(its max_ttl)"
+            )
+        # Recorded before it takes effect: unrecorded, the session still ends when it
+        # would have (and its longer lease is revoked then).
+        self._audit_or_refuse(
+            SessionEvent(
+                session_id,
+                "extended",
+                session.principal.subject,
+                session.target,
+                f"expires {new_end.isoformat()}",
+            )
+        )
+        self.state.session_extended(session_id, new_end)
+        session.expires_at = new_end
+        log.info("session %s extended to %s", session_id, new_end.isoformat())
+        return session, notice
+
     async def revoke(
         self,
         by: Principal,
@@ -378,6 +435,7 @@ class SessionManager:
             reason=reason,
             credential_hash=credential_hash(credential),
             heartbeat_deadline=now + grace if heartbeat else None,
+            opened_at=now,
         )
         self._opening_ids.add(session_id)
         try:

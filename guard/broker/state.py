@@ -86,6 +86,13 @@ class SqliteStateStore:
                 ),
             )
 
+    def session_extended(self, session_id: str, expires_at: datetime) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE sessions SET expires_at = ? WHERE id = ? AND ended_at IS NULL",
+                (expires_at.isoformat(), session_id),
+            )
+
     def session_ended(
         self, session_id: str, reason: str, *, revoke_lease: str | None = None
     ) -> None:

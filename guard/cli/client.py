@@ -23,7 +23,13 @@ if TYPE_CHECKING:
 
     from pydantic import BaseModel
 
-    from guard.broker.api.schemas import ApprovalInfo, Identity, SessionInfo, TargetInfo
+    from guard.broker.api.schemas import (
+        ApprovalInfo,
+        Identity,
+        SessionExtended,
+        SessionInfo,
+        TargetInfo,
+    )
 
     M = TypeVar("M", bound=BaseModel)
 
@@ -176,6 +182,14 @@ class BrokerClient:
 
         path = "/v1/sessions?all=true" if every else "/v1/sessions"
         return _models(SessionInfo, self._request("GET", path), "a list of sessions")
+
+    def extend(self, session_id: str, ttl_seconds: int | None = None) -> SessionExtended:
+        """Make the session last `ttl_seconds` from now (None: its target's default)."""
+        from guard.broker.api.schemas import SessionExtend, SessionExtended
+
+        body = SessionExtend(ttl_seconds=ttl_seconds).model_dump()
+        path = f"/v1/sessions/{_segment(session_id)}/extend"
+        return _model(SessionExtended, self._request("POST", path, json=body), "a session")
 
     def revoke(
         self,

@@ -33,6 +33,7 @@ COMMANDS = {
     "exec": "guard.cli.commands.exec:exec_command",
     "proxy": "guard.cli.commands.proxy:proxy",
     "sessions": "guard.cli.commands.sessions:sessions",
+    "extend": "guard.cli.commands.sessions:extend",
     "end": "guard.cli.commands.sessions:end",
     "approve": "guard.cli.commands.approve:approve",
     "deny": "guard.cli.commands.deny:deny",

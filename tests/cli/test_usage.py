@@ -44,6 +44,7 @@ CASES: dict[str, tuple[list[str] | None, list[str], list[str]]] = {
     "targets": (None, ["targets", "--bogus"], ["targets", "--json=1"]),
     "sessions": (None, ["sessions", "--bogus"], ["sessions", "--all=yes"]),
     "end": (["end"], ["end", "s1", "--bogus"], ["end", "s1", "s2"]),
+    "extend": (["extend"], ["extend", "s1", "--bogus"], ["extend", "s1", "--ttl", "soon"]),
     "revoke": (
         ["revoke", "--user", "bob"],  # no --reason
         ["revoke", "--user", "bob", "--reason", "x", "--bogus"],
@@ -138,7 +139,8 @@ def test_help_lists_every_command(guard):  # noqa: F811
     outcome = guard("--help")
     assert outcome.code == 0
     for name in (
-        "login logout status targets connect exec sessions end approve deny requests revoke"
+        "login logout status targets connect exec sessions extend end approve deny requests"
+        " revoke"
         " policy dev"
     ).split():
         assert name in outcome.out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime
 
 import psycopg
 import pytest
@@ -196,3 +197,44 @@ def test_a_short_session_is_warned_of_then_said_ended_by_its_ttl(dev_stack: Stac
     sid = lines[0].split()[2]
     assert any(line.startswith(f"guard: session {sid} ends in ") for line in lines[1:]), lines
     assert lines[-1] == f"guard: the broker ended session {sid}: ttl expired"
+
+
+def test_extend_makes_ones_own_session_last_longer_up_to_the_maximum(dev_stack: Stack):
+    alice = as_user(dev_stack, "alice")
+    token = alice["GUARD_ID_TOKEN"]
+    created = dev_stack.api(
+        "POST",
+        "/v1/sessions",
+        json={"target": "demo", "ttl_seconds": 120},
+        headers={"Authorization": f"Bearer {token}"},
+    ).json()
+    sid = created["session_id"]
+    conn = gateway_connect({**created, "gateway_ca": dev_stack.status["gateway_ca"]})
+    try:
+        longer = dev_stack.guard("extend", sid, "--ttl", "2h", "--json", env=alice)
+        assert longer.returncode == 0, longer.stderr
+        body = json.loads(longer.stdout)
+        assert body["notice"] is None and body["session_id"] == sid
+        capped = dev_stack.guard("extend", sid, "--ttl", "99h", env=alice)
+        assert capped.returncode == 0, capped.stderr
+        assert f"session {sid} now ends at " in capped.stderr
+        assert "demo allows sessions of at most 8h from their start" in capped.stderr
+        # The database role lasts as long: its VALID UNTIL moved with the lease.
+        role = conn.execute("SELECT current_user").fetchone()[0]
+        (valid_until,) = dev_stack.direct(
+            "SELECT rolvaliduntil FROM pg_roles WHERE rolname = %s", (role,)
+        )[0]
+        assert (valid_until - datetime.now(UTC)).total_seconds() > 7 * 3600
+        extended = [
+            r
+            for r in dev_stack.audit_records()
+            if r.get("session_id") == sid and r.get("event") == "extended"
+        ]
+        assert len(extended) == 2
+        bob = as_user(dev_stack, "bob")
+        theirs = dev_stack.guard("extend", sid, env=bob)
+        assert theirs.returncode == 1
+        assert theirs.stderr.splitlines()[0] == f"error: you have no open session {sid}"
+    finally:
+        conn.close()
+        dev_stack.end_session(sid, {"Authorization": f"Bearer {created['session_token']}"})

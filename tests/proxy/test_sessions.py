@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -569,3 +570,29 @@ def test_a_ttl_above_the_policys_maximum_is_cut_with_a_notice(tmp_path):
     )
     plain = asyncio.run(mgr.open(ALICE, "demo", reason="", ttl_seconds=30))
     assert plain.ttl_notice is None
+
+
+def test_extend_pushes_the_expiry_up_to_the_policys_maximum_from_the_start(tmp_path):
+    clock = _Clock()
+    mgr, issuer, audit, state = hardened(tmp_path, clock=clock)
+
+    async def scenario():
+        session = (await mgr.open(ALICE, "demo", reason="", ttl_seconds=600)).session
+        opened_at = session.opened_at
+        clock.advance(2)  # the fake's leases run on the wall clock: stay near it
+        extended, notice = await mgr.extend(session.id, 2 * 3600)
+        assert notice is None
+        assert extended.expires_at == clock() + timedelta(hours=2)
+        lease = issuer.active[session.credentials.lease_id]  # renewed to match
+        assert lease.expires_at > datetime.now(UTC) + timedelta(minutes=119)
+        # Never past 8h (the policy's max) from its start, and said.
+        extended, notice = await mgr.extend(session.id, 99 * 3600)
+        assert extended.expires_at == opened_at + timedelta(hours=8)
+        assert notice.startswith("demo allows sessions of at most 8h from their start")
+        # Never shorter than it is.
+        extended, notice = await mgr.extend(session.id, 60)
+        assert extended.expires_at == opened_at + timedelta(hours=8)
+        assert notice == "the session already lasts that long"
+
+    asyncio.run(scenario())
+    assert [r["event"] for r in audit.records].count("extended") == 2

@@ -27,6 +27,8 @@ from guard.broker.api.schemas import (
     Identity,
     SessionCreate,
     SessionCreated,
+    SessionExtend,
+    SessionExtended,
     SessionInfo,
     SessionRevoke,
     SessionsRevoked,
@@ -286,6 +288,13 @@ def create_app(  # noqa: C901 - one closure per route
     @app.post("/v1/sessions/{session_id}/heartbeat", response_model=SessionInfo)
     async def heartbeat(session_id: str, session: OwnSession) -> SessionInfo:
         return _info(sessions.heartbeat(session.id))
+
+    @app.post("/v1/sessions/{session_id}/extend", response_model=SessionExtended)
+    async def extend_session(
+        session_id: str, body: SessionExtend, session: OwnSession
+    ) -> SessionExtended:
+        extended, notice = await sessions.extend(session.id, body.ttl_seconds)
+        return SessionExtended(**_info(extended).model_dump(), notice=notice)
 
     @app.delete("/v1/sessions/{session_id}", status_code=204)
     async def end_session(session_id: str, session: OwnSession) -> Response:

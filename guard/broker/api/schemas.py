@@ -68,6 +68,18 @@ class SessionInfo(_Model):
     reason: str = ""
 
 
+class SessionExtend(_Model):
+    """`POST /v1/sessions/{id}/extend`: last this long from now (None: the target's
+    default), at most the policy's session_ttl.max from the session's start."""
+
+    ttl_seconds: int | None = Field(default=None, ge=1, le=366 * 24 * 3600)
+
+
+class SessionExtended(SessionInfo):
+    # Why the session got less than asked (the policy's maximum, the lease's), if it did.
+    notice: str | None = None
+
+
 class Identity(_Model):
     """`GET /v1/me`: the caller as the broker sees it (from its verified ID token)."""
 

@@ -35,6 +35,14 @@ class FakeIssuer:
         self.active[lease] = creds
         return creds
 
+    def renew(self, lease_id: str, ttl_seconds: int) -> datetime:
+        creds = self.active[lease_id]
+        expires_at = datetime.now(UTC) + timedelta(seconds=ttl_seconds)
+        self.active[lease_id] = IssuedCredentials(
+            creds.username, creds.password, creds.lease_id, expires_at
+        )
+        return expires_at
+
     def revoke(self, lease_id: str) -> None:
         self.active.pop(lease_id, None)
         self.revoked.append(lease_id)

@@ -31,6 +31,11 @@ class CredentialIssuer(Protocol):
         """End the lease now; the secrets engine drops the role."""
         ...
 
+    def renew(self, lease_id: str, ttl_seconds: int) -> datetime:
+        """Make the lease last `ttl_seconds` from now (at most what the secrets engine's
+        role allows); when it now ends (UTC)."""
+        ...
+
 
 class CredentialsUnavailable(DependencyUnavailable):
     """The secrets engine could not issue or revoke: fail closed, say what to check.

@@ -130,6 +130,19 @@ class OpenBaoIssuer:
             expires_at=datetime.now(UTC) + timedelta(seconds=duration),
         )
 
+    def renew(self, lease_id: str, ttl_seconds: int) -> datetime:
+        """Renew the lease to `ttl_seconds` from now (OpenBao caps it at the role's max_ttl
+        and moves the role's VALID UNTIL); when it now ends."""
+        with self._map_exceptions("renew a lease"):
+            renewed = self._client.sys.renew_lease(lease_id=lease_id, increment=ttl_seconds)
+            duration = int(renewed.get("lease_duration") or 0)
+        if duration <= 0:
+            raise CredentialsUnavailable(
+                f"OpenBao at {self.addr} did not renew lease {lease_id!r}",
+                hint="check the role's max_ttl and that the lease still exists",
+            )
+        return datetime.now(UTC) + timedelta(seconds=duration)
+
     def revoke(self, lease_id: str) -> None:
         """Revoke the lease now (OpenBao runs the role's revocation statements)."""
         with self._map_exceptions("revoke a lease"):

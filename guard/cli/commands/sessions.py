@@ -1,5 +1,6 @@
-"""`guard status`, `guard targets`, `guard sessions`, `guard end` and `guard revoke`: who
-you are to the broker, where you may go, which sessions are open, and ending them.
+"""`guard status`, `guard targets`, `guard sessions`, `guard extend`, `guard end` and
+`guard revoke`: who you are to the broker, where you may go, which sessions are open, and
+making them last longer or end.
 
 Imported when `guard` starts: rich, pydantic and the broker client are imported when a
 command runs. Every command that lists or shows something takes `--json` (stdout then
@@ -8,12 +9,14 @@ holds only the JSON).
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from guard.cli import console, show
 from guard.cli.errors import EXIT_USAGE, CliError
+from guard.cli.options import duration
 from guard.cli.usage import GuardCommand
 
 if TYPE_CHECKING:
@@ -108,10 +111,44 @@ def sessions(every: bool, as_json: bool) -> int:
     if as_json:
         show.print_json([s.model_dump(mode="json") for s in infos])
     elif not infos:
-        console.stderr().print("no open sessions" if every else "you have no open sessions")
+        _say("no open sessions" if every else "you have no open sessions")
     else:
         title = "Open sessions" if every else "Your sessions"
         console.stdout().print(_sessions_table(infos, title, every=every))
+    return 0
+
+
+@click.command(
+    "extend", cls=GuardCommand, help="Make one of your sessions last longer (up to its maximum)."
+)
+@click.argument("session_id", metavar="SESSION", help="Session ID, from `guard sessions`")
+@click.option(
+    "--ttl",
+    type=duration,
+    metavar="DURATION",
+    help="From now, e.g. 30m, 1h (default: the target's)",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON")
+def extend(session_id: str, ttl: int | None, as_json: bool) -> int:
+    from guard.cli.client import BrokerError, of_caller
+
+    with of_caller() as client:
+        try:
+            extended = client.extend(session_id, ttl)
+        except BrokerError as err:
+            if err.status == 404:
+                raise CliError(
+                    f"you have no open session {session_id}", hint=SESSIONS_HINT
+                ) from err
+            raise _said(err) from err
+    if as_json:
+        show.print_json(extended.model_dump(mode="json"))
+        return 0
+    ends = show.aware(extended.expires_at)
+    line = (
+        f"session {session_id} now ends at {ends:%H:%M:%S} UTC (in {show.until(ends, show.now())})"
+    )
+    _say(line + (f"; {extended.notice}" if extended.notice else ""))
     return 0
 
 
@@ -127,7 +164,7 @@ def end(session_id: str) -> int:
             client.end_session(session_id)
         except BrokerError as err:
             raise _said(err) from err
-    console.stderr().print(f"session {session_id} ended: its connections closed, its role revoked")
+    _say(f"session {session_id} ended: its connections closed, its role revoked")
     return 0
 
 
@@ -166,10 +203,16 @@ def revoke(
     if as_json:
         show.print_json({"revoked": ended})
     elif ended:
-        console.stderr().print(f"revoked {len(ended)} session(s): {', '.join(ended)}")
+        _say(f"revoked {len(ended)} session(s): {', '.join(ended)}")
     else:
-        console.stderr().print("no open session matched: nothing revoked")
+        _say("no open session matched: nothing revoked")
     return 0
+
+
+def _say(line: str) -> None:
+    """One line on stderr, as written: not wrapped to the terminal, no markup (it may
+    hold names and reasons from the broker)."""
+    print(line, file=sys.stderr)
 
 
 def _said(err: BrokerError) -> CliError:
