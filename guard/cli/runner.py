@@ -148,11 +148,11 @@ def _signals_handled_by(handler: Callable[[int, object], None]) -> Iterator[None
             signal.signal(sig, old)
 
 
-def _until_interrupted(ready: Callable[[], None]) -> None:
-    """Call `ready`, then block until SIGINT, SIGTERM or SIGHUP (--print-env: the session
-    lasts until then). The handlers come first: a signal sent as soon as `ready` has
-    printed the variables ends the session instead of killing guard mid-session."""
-    stop = threading.Event()
+def _until_interrupted(ready: Callable[[], None], stop: threading.Event) -> None:
+    """Call `ready`, then block until SIGINT, SIGTERM or SIGHUP, or until `stop` is set
+    (the broker ended the session): --print-env's session lasts until then. The handlers
+    come first: a signal sent as soon as `ready` has printed the variables ends the
+    session instead of killing guard mid-session."""
     with _signals_handled_by(lambda _sig, _frame: stop.set()):
         ready()
         # Not signal.pause(): a signal landing between a check and pause() would be
@@ -167,6 +167,7 @@ def _in_session(
     argv: Sequence[str] | None,
     on_ready: Callable[[dict[str, str]], None] | None,
     ca_file: str | None,
+    gone: threading.Event,
 ) -> int:
     """The child (or the wait for Ctrl-C) talking to the gateway itself."""
     env = session_env(
@@ -176,7 +177,7 @@ def _in_session(
         tls=gateway_tls(created, ca_file),
     )
     if argv is None:
-        _until_interrupted(lambda: on_ready(env) if on_ready is not None else None)
+        _until_interrupted(lambda: on_ready(env) if on_ready is not None else None, gone)
         return 0
     if on_ready is not None:
         on_ready(env)
@@ -188,6 +189,7 @@ def _through_relay(
     on_ready: Callable[[dict[str, str]], None] | None,
     ca_file: str | None,
     relay_port: int,
+    gone: threading.Event,
 ) -> int:
     """guard proxy: a plain loopback port for clients that cannot do TLS; the relay speaks
     verified TLS to the gateway. The only path that needs asyncio (imported here)."""
@@ -207,7 +209,11 @@ def _through_relay(
                 loop.add_signal_handler(sig, stop.set)
             if on_ready is not None:
                 on_ready(env)
-            await stop.wait()
+            # Until a signal, or the broker ends the session (a thread's event: polled).
+            while not gone.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+                    break
             return 0
         finally:
             await relay.close()
@@ -242,6 +248,7 @@ class Heartbeat:
         total = (expires_at - datetime.now(UTC)).total_seconds() if expires_at else 0.0
         self.warn_before = min(max(min(EXPIRY_WARNING_SECONDS, total / 4), interval), total)
         self.ended_by_broker = False
+        self.gone = threading.Event()  # set when the broker says the session ended
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="guard-heartbeat", daemon=True)
 
@@ -265,6 +272,7 @@ class Heartbeat:
                     return
                 if err.status == 404:
                     self.ended_by_broker = True
+                    self.gone.set()
                     print(
                         f"guard: {ended_by_broker(self.session_id, err.message)}", file=sys.stderr
                     )
@@ -363,9 +371,9 @@ def run_in_session(
         try:
             with gateway_ca(created, gateway_ca_file) as ca_file:
                 if relay_port is not None:
-                    code = _through_relay(created, on_ready, ca_file, relay_port)
+                    code = _through_relay(created, on_ready, ca_file, relay_port, heartbeat.gone)
                 else:
-                    code = _in_session(created, argv, on_ready, ca_file)
+                    code = _in_session(created, argv, on_ready, ca_file, heartbeat.gone)
                 return code
         except KeyboardInterrupt:
             code = 130

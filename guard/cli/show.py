@@ -17,8 +17,9 @@ def aware(moment: datetime) -> datetime:
 
 
 def span(seconds: float) -> str:
-    """A short duration: 42s, 5m 03s, 2h 10m, 3d 4h."""
-    total = max(0, int(seconds))
+    """A short duration: 42s, 5m 03s, 2h 10m, 3d 4h. Rounded to the second: a 1h
+    session looked at a moment after it opened is 1h 00m, not 59m 59s."""
+    total = max(0, round(seconds))
     days, rest = divmod(total, 86400)
     hours, rest = divmod(rest, 3600)
     minutes, secs = divmod(rest, 60)

@@ -127,7 +127,7 @@ def test_exec_heartbeats_and_ends_with_the_session_credential(
     assert outcome.code == 3, outcome
     started, ended = outcome.err.splitlines()  # the session's start and end, nothing else
     assert re.fullmatch(
-        r"guard: session ses1 on demo for 59m \d\ds \(until \d\d:\d\d:\d\d UTC\)", started
+        r"guard: session ses1 on demo for (59m \d\ds|1h 00m) \(until \d\d:\d\d:\d\d UTC\)", started
     )
     assert (
         ended

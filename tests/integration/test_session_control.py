@@ -9,13 +9,14 @@ alice (engineers) is an ordinary user; bob (security-leads) is in the dev broker
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from datetime import UTC, datetime
 
 import psycopg
 import pytest
 
-from tests.fix_stack import Stack, gateway_connect
+from tests.fix_stack import GUARD, Stack, gateway_connect
 
 pytestmark = pytest.mark.integration
 
@@ -167,7 +168,7 @@ def test_a_ttl_above_the_policys_maximum_is_clamped_and_said(dev_stack: Stack):
     )
     assert ran.returncode == 0, ran.stderr
     started, ended = ran.stderr.splitlines()
-    assert started.startswith("guard: session ") and " on demo for 7h 59m " in started
+    assert started.startswith("guard: session ") and " on demo for 8h 00m " in started
     assert started.endswith(
         "; asked for 99h; demo allows sessions of at most 8h (the policy's session_ttl.max)"
     )
@@ -180,7 +181,7 @@ def test_a_session_longer_than_the_roles_default_ttl_lasts_as_asked(dev_stack: S
     alice = as_user(dev_stack, "alice")
     ran = dev_stack.guard("exec", "--ttl", "2h", "demo", "--", "true", env=alice)
     assert ran.returncode == 0, ran.stderr
-    assert " on demo for 1h 59m " in ran.stderr.splitlines()[0]
+    assert " on demo for 2h 00m " in ran.stderr.splitlines()[0]
     assert "lease" not in ran.stderr
 
 
@@ -238,3 +239,30 @@ def test_extend_makes_ones_own_session_last_longer_up_to_the_maximum(dev_stack: 
     finally:
         conn.close()
         dev_stack.end_session(sid, {"Authorization": f"Bearer {created['session_token']}"})
+
+
+def test_print_env_stops_when_the_session_is_ended_elsewhere_and_says_by_whom(dev_stack: Stack):
+    alice = as_user(dev_stack, "alice")
+    waiting = subprocess.Popen(
+        [*GUARD, "connect", "demo", "--print-env"],
+        env={**dev_stack.env, **alice},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        first = waiting.stderr.readline()  # guard: session SID on demo for …
+        assert first.startswith("guard: session "), first
+        sid = first.split()[2]
+        ended = dev_stack.guard("end", sid, env=alice)
+        assert ended.returncode == 0, ended.stderr
+        # Its next heartbeat (every 10 s here) learns why, and the wait ends by itself.
+        assert waiting.wait(timeout=30) == 0
+        rest = waiting.stderr.read().splitlines()
+        assert rest[-1] == f"guard: the broker ended session {sid}: ended by alice (guard end)"
+        assert "export PGPASSWORD=" in waiting.stdout.read()
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+        waiting.stdout.close()
+        waiting.stderr.close()

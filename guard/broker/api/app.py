@@ -297,9 +297,18 @@ def create_app(  # noqa: C901 - one closure per route
         return SessionExtended(**_info(extended).model_dump(), notice=notice)
 
     @app.delete("/v1/sessions/{session_id}", status_code=204)
-    async def end_session(session_id: str, session: OwnSession) -> Response:
+    async def end_session(
+        session_id: str,
+        session: OwnSession,
+        authorization: Annotated[str | None, Header()] = None,
+    ) -> Response:
+        # With the session's credential: the CLI that opened it, at its program's end.
+        # With its holder's ID token: `guard end` from elsewhere; said so (the CLI still
+        # running the session prints this reason).
+        by_client = bearer(authorization).startswith(CREDENTIAL_PREFIX)
+        why = "ended by client" if by_client else f"ended by {session.principal.label} (guard end)"
         # The lease's revocation is owed (on disk) before this answers, and runs after.
-        await sessions.end(session.id, "ended by client", wait_for_revocation=False)
+        await sessions.end(session.id, why, wait_for_revocation=False)
         return Response(status_code=204)
 
     app.include_router(approval_routes(approvals, Caller))

@@ -1,14 +1,14 @@
 """`guard connect TARGET [-- PSQL-ARGS]`: psql through guard for the session's lifetime.
 
-Imported when `guard` starts: what a session needs (httpx, rich, asyncio) is imported when
-the command runs.
+Imported when `guard` starts: what a session needs is imported when the command runs.
 """
 
 from __future__ import annotations
 
+import sys
+
 import click
 
-from guard.cli import console
 from guard.cli.errors import CliError
 from guard.cli.options import session_options
 from guard.cli.profile import load_profile
@@ -61,11 +61,13 @@ def connect(
             ):
                 if key in env:
                     print(f"export {key}={shlex.quote(env[key])}", flush=True)
-            console.stderr().print("[dim]session open; press Ctrl-C to end it[/dim]")
+            print("guard: press Ctrl-C to end the session", file=sys.stderr)
         else:
-            console.stderr().print(
-                f"[dim]guard: session open on {target}: psql to the gateway at "
-                f"{env['PGHOST']}:{env['PGPORT']} ({env['PGSSLMODE']})[/dim]"
+            # One line as written (not wrapped): the session's own line came just before.
+            print(
+                f"guard: psql to the gateway at {env['PGHOST']}:{env['PGPORT']}"
+                f" ({env['PGSSLMODE']})",
+                file=sys.stderr,
             )
 
     return run_in_session(

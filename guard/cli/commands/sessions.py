@@ -51,20 +51,17 @@ def status(as_json: bool) -> int:
             }
         )
         return 0
-    from rich.text import Text
-
-    # Text, not markup: names and groups come from the IdP and must print as they are.
-    out = console.stdout()
+    # Plain lines, as written: names and groups come from the IdP (no markup), and a URL
+    # is not wrapped.
     name = me.principal if me.principal == me.subject else f"{me.principal} ({me.subject})"
-    out.print(Text.assemble("logged in as ", (name, "bold"), f" at {me.issuer}"))
-    groups = ", ".join(me.groups) or "(none)"
-    out.print(Text(f"groups: {groups}" + (" · auditor" if me.auditor else "")))
-    out.print(f"ID token valid for {show.span(left)}" if left > 0 else "ID token expired")
-    out.print(Text(f"broker: {profile.broker_url}"))
+    print(f"logged in as {name} at {me.issuer}")
+    print(f"groups: {', '.join(me.groups) or '(none)'}" + (" · auditor" if me.auditor else ""))
+    print(f"ID token valid for {show.span(left)}" if left > 0 else "ID token expired")
+    print(f"broker: {profile.broker_url}")
     if mine:
-        out.print(_sessions_table(mine, "Your sessions", every=False))
+        console.stdout().print(_sessions_table(mine, "Your sessions", every=False))
     else:
-        out.print("no open sessions")
+        print("no open sessions")
     return 0
 
 
