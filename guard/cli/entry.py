@@ -5,13 +5,14 @@ Why: `guard exec` is how CI jobs and scripts reach a database, once per job step
 start-up is paid on every run (issue 13: session start and end ≤ 150 ms). Importing click
 brings `inspect`, `typing`, `enum`, `uuid`, `gettext` and more: about 40% of the
 instructions the whole command executed. The fast path takes only command lines it
-understands completely: `exec`, then `--db`, `--reason`, `--ttl`, `--id-token-file` (each at
-most once, `--opt value` or `--opt=value`, a value that is neither empty nor starts with
-`-`), then the command (after `--`, or from the first argument that is not an option), which
-`split_target` reads as click's command does: `TARGET -- PROGRAM...` or the program alone.
-Anything else, `--help`, a mistake, shell completion, goes to click, which owns help, usage
-errors and their hints; `tests/cli/test_entry.py` holds the two parsers to the same result
-for every command line the fast one takes.
+understands completely: `exec`, `--db`, `--reason`, `--ttl`, `--id-token-file` (each at most
+once, `--opt value` or `--opt=value`, a value that is neither empty nor starts with `-`), and
+the words `read_exec` splits as click's command does: before a `--`, the options and at most
+one TARGET in any order, the program after it; without one, the options, then the program
+from the first argument that is not an option. Anything else, `--help`, a mistake, shell
+completion, goes to click, which owns help, usage errors and their hints;
+`tests/cli/test_entry.py` holds the two parsers to the same result for every command line
+the fast one takes.
 
 Imports only the standard library and the CLI's session-path modules, when they run.
 """
@@ -26,13 +27,18 @@ from guard.cli.errors import EXIT_USAGE, CliError, outcome
 from guard.cli.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
     from pathlib import Path
+
+    # Parses guard's own words of a `guard exec` command line: (the words, whether options
+    # may follow positionals) → (`--db`'s value, None when not given; the positionals).
+    OptionParser = Callable[[list[str], bool], tuple[str | None, tuple[str, ...]]]
 
 # `guard exec`'s options that take a value, by the name of the click parameter.
 _EXEC_OPTIONS = {"--db": "db", "--reason": "reason", "--ttl": "ttl", "--id-token-file": "file"}
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 DEFAULT_TARGET = "demo"  # `guard exec`'s target when the command line names none
+EXEC_USAGE = "guard exec [OPTIONS] [TARGET] -- CMD..."
 
 
 class ExecArguments(Record):
@@ -56,24 +62,39 @@ def duration_seconds(text: str) -> int | None:
     return int(number) * _UNIT_SECONDS.get(unit, 1)
 
 
-def split_target(command: tuple[str, ...], db: str | None) -> tuple[str, tuple[str, ...]]:
-    """`guard exec`'s policy target and program, from its `command` as click leaves it (a
-    leading `--` taken, everything from the first positional on verbatim) and `--db`'s value
-    (None when not given). Exactly one argument before the first `--` of `command` is the
-    TARGET and the program follows that `--` (`demo -- psql -c 'select 1'`); any other
-    `command` is the program whole (`python job.py -- --flag`), the target `--db`'s or the
-    default. Both parsers of the command line call this, so they cannot read it apart.
-    Raises CliError (usage) when TARGET and `--db` name different targets."""
-    if len(command) >= 2 and command[1] == "--" and command[0] != "--":
-        target = command[0]
-        if db is not None and db != target:
-            raise CliError(
-                f"two targets: {target!r} before `--` and --db {db!r}",
-                hint=f"name it once: `guard exec {target} -- CMD...` (--db is the older spelling)",
-                exit_code=EXIT_USAGE,
-            )
-        return target, command[2:]
-    return (DEFAULT_TARGET if db is None else db), command
+def read_exec(args: Sequence[str], parse: OptionParser) -> tuple[str, tuple[str, ...]]:
+    """`guard exec`'s policy target and program from its arguments `args` (after `exec`),
+    guard's own words parsed by `parse`: the rule, for click's command (`ExecCommand`) and
+    the fast path alike, so they cannot read a command line apart.
+
+    With a `--`, everything before the first one is guard's: options in any order and at
+    most one TARGET among them (`demo --ttl 10m -- psql`); everything after it is the
+    program, verbatim, its own `--` too. Without one, options come first and the program
+    is everything from the first positional on (`./job.sh -v`, as with env(1)). The target
+    is TARGET, else `--db`'s (the older spelling), else the default. Raises CliError (usage)
+    for two positionals before `--`, or TARGET and `--db` naming different targets."""
+    if "--" not in args:
+        db, command = parse(list(args), False)
+        return (DEFAULT_TARGET if db is None else db), command
+    split = list(args).index("--")
+    db, words = parse(list(args[:split]), True)
+    program = tuple(args[split + 1 :])
+    if len(words) > 1:
+        raise CliError(
+            "guard exec takes one TARGET before `--`",
+            hint=f"usage: {EXEC_USAGE} (see `guard exec --help`)",
+            exit_code=EXIT_USAGE,
+        )
+    if not words:
+        return (DEFAULT_TARGET if db is None else db), program
+    target = words[0]
+    if db is not None and db != target:
+        raise CliError(
+            f"two targets: {target!r} before `--` and --db {db!r}",
+            hint=f"name it once: `guard exec {target} -- CMD...` (--db is the older spelling)",
+            exit_code=EXIT_USAGE,
+        )
+    return target, program
 
 
 def exec_arguments(argv: Sequence[str], environ: Mapping[str, str]) -> ExecArguments | None:
@@ -81,14 +102,16 @@ def exec_arguments(argv: Sequence[str], environ: Mapping[str, str]) -> ExecArgum
     None for any other, which click parses."""
     if not argv or argv[0] != "exec" or "_GUARD_COMPLETE" in environ:
         return None
-    options = _options(argv)
-    if options is None:
-        return None
-    values, command = options
+    values: dict[str, str] = {}
+
+    def parse(words: list[str], interspersed: bool) -> tuple[str | None, tuple[str, ...]]:
+        positionals = _options(words, interspersed, values)
+        return values.get("db"), positionals
+
     try:
-        target, program = split_target(command, values.get("db"))
-    except CliError:
-        return None  # two targets: click reports the usage error
+        target, program = read_exec(argv[1:], parse)
+    except (_NotTaken, CliError):
+        return None  # click parses it, and reports the usage error
     ttl = duration_seconds(values["ttl"]) if "ttl" in values else None
     if not program or ("ttl" in values and ttl is None):
         return None
@@ -106,31 +129,38 @@ def exec_arguments(argv: Sequence[str], environ: Mapping[str, str]) -> ExecArgum
     )
 
 
-def _options(argv: Sequence[str]) -> tuple[dict[str, str], tuple[str, ...]] | None:
-    """`exec`'s option values by parameter name, and the command as click leaves it (see
-    `split_target`); None when an argument is not one the fast path takes."""
-    values: dict[str, str] = {}
-    i = 1
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--":
-            i += 1
-            break
+class _NotTaken(Exception):
+    """A command line the fast path leaves to click."""
+
+
+def _options(words: list[str], interspersed: bool, values: dict[str, str]) -> tuple[str, ...]:
+    """Reads `exec`'s options in `words` (none of them `--`) into `values`, by parameter
+    name; the positionals, as click's parser leaves them: every one when `interspersed`,
+    else everything from the first on (the program: `guard exec ./job.sh -v`). Raises
+    _NotTaken when a word is not one the fast path takes."""
+    positionals: list[str] = []
+    i = 0
+    while i < len(words):
+        arg = words[i]
         if not arg.startswith("-"):
-            break  # the program: the rest is its own (`guard exec ./job.sh -v`)
+            if not interspersed:
+                return tuple(words[i:])
+            positionals.append(arg)
+            i += 1
+            continue
         name, equals, value = arg.partition("=")
         if name not in _EXEC_OPTIONS or _EXEC_OPTIONS[name] in values:
-            return None
+            raise _NotTaken
         if not equals:
-            if i + 1 == len(argv):
-                return None
+            if i + 1 == len(words):
+                raise _NotTaken
             i += 1
-            value = argv[i]
+            value = words[i]
         if not value or value.startswith("-"):
-            return None  # `--db --reason x`: click decides what that means
+            raise _NotTaken  # `--db --reason x`: click decides what that means
         values[_EXEC_OPTIONS[name]] = value
         i += 1
-    return values, tuple(argv[i:])
+    return tuple(positionals)
 
 
 def _readable_file(path: str) -> bool:

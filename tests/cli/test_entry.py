@@ -20,14 +20,14 @@ from guard.cli.commands.exec import exec_command
 from guard.cli.entry import duration_seconds, exec_arguments
 
 TOKEN_FILE = Path(__file__)  # exists, a file, readable
-# Options, their values, programs and targets; "--" twice, so that `TARGET -- CMD` and a
-# program's own `--` come up often.
+# Options, their values, programs and targets; "--" twice, so that `TARGET -- CMD`, options
+# after TARGET (`demo --ttl 10m -- true`) and a program's own `--` come up often.
 WORDS = [
     "--db", "--db=", "--db=prod", "--reason", "--reason=a=b", "--ttl", "--ttl=15m",
     "--ttl=soon", "--id-token-file", f"--id-token-file={TOKEN_FILE}", str(TOKEN_FILE),
     str(TOKEN_FILE.parent), "/nonexistent", "--", "-", "-v", "--help", "-h", "--dbx",
     "--TTL", "--print-env", "prod", "1h", " 2 d ", "0", "x y", "", "psql", "-c",
-    "select 1", "--db=--reason", "demo", "--db=demo", "./job.sh", "--",
+    "select 1", "--db=--reason", "demo", "--db=demo", "./job.sh", "--", "10m", "--bogus",
 ]  # fmt: skip
 
 
@@ -37,16 +37,21 @@ def click_parameters(argv: list[str]) -> dict[str, object]:
         return dict(ctx.params)
 
 
-@settings(max_examples=600, deadline=None)
-@given(st.lists(st.sampled_from(WORDS), max_size=7))
+@settings(max_examples=800, deadline=None)
+@given(st.lists(st.sampled_from(WORDS), max_size=8))
 @example(["--db", "prod", "--", "psql", "-c", "select 1"])
 @example(["--ttl=15m", "--reason", "x y", "psql", "--", "-v"])
 @example(["--id-token-file", str(TOKEN_FILE), "--", "--help"])
 @example(["demo", "--", "psql", "-c", "select 1"])  # TARGET -- CMD
+@example(["demo", "--ttl", "10m", "--", "true"])  # options after TARGET
+@example(["--ttl=15m", "demo", "--reason", "x y", "--", "psql", "--", "-v"])
+@example(["demo", "--bogus", "--", "true"])  # click's usage error
+@example(["demo", "prod", "--", "true"])  # two positionals before `--`: a usage error
 @example(["--db=demo", "demo", "--", "psql"])  # the same target twice
-@example(["--", "prod", "--", "psql"])  # the leading `--` is click's: TARGET prod
-@example(["--", "--", "--", "psql"])  # nothing before the first `--` left: program `--`
-@example(["python", "-c", "--", "-v"])  # two words before `--`: all the program's
+@example(["--", "prod", "--", "psql"])  # everything after the first `--` is the program
+@example(["--", "--", "--", "psql"])
+@example(["./job.sh", "-v", "--db", "prod"])  # no `--`: the program from its first word on
+@example(["python", "-c", "--", "-v"])  # `-c` before `--` is no option of guard's
 def test_what_the_fast_path_takes_click_parses_the_same(words):
     argv = ["exec", *words]
     fast = exec_arguments(argv, {})
@@ -69,6 +74,10 @@ def test_what_the_fast_path_takes_click_parses_the_same(words):
         ["exec", "--"],  # no program: the command's own error
         ["exec", "demo", "--"],  # a target, no program
         ["exec", "--db", "prod", "demo", "--", "true"],  # two targets: click's usage error
+        ["exec", "demo", "--db", "prod", "--", "true"],
+        ["exec", "a", "b", "--", "true"],  # two positionals before `--`
+        ["exec", "demo", "--bogus", "--", "true"],
+        ["exec", "python", "job.py", "--", "--flag"],  # the older reading: now two words
         ["connect", "demo"],
         ["--version"],
         [],
@@ -133,8 +142,17 @@ def test_the_fast_path_runs_without_click_and_fails_in_one_line(tmp_path):
     assert usage.stderr.splitlines()[-1] == "click loaded: True"
 
 
-def test_the_target_form_stays_on_the_fast_path(tmp_path):
-    ran = _script(tmp_path, "exec", "demo", "--", "true")
+@pytest.mark.parametrize(
+    "words",
+    [
+        ["demo", "--", "true"],
+        ["--db", "demo", "--", "true"],
+        ["demo", "--ttl", "10m", "--", "true"],
+        ["--ttl=10m", "demo", "--reason", "r", "--", "true"],
+    ],
+)
+def test_the_target_form_stays_on_the_fast_path(tmp_path, words):
+    ran = _script(tmp_path, "exec", *words)
     assert ran.returncode == 1
     assert ran.stderr.splitlines()[0] == "error: guard is not configured: no broker URL / issuer"
     assert ran.stderr.splitlines()[-1] == "click loaded: False"

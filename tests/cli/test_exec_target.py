@@ -1,8 +1,10 @@
-"""`guard exec [TARGET] -- CMD...` (issue 14): exactly one word before the first `--` that
-click leaves in the command is the target; any other command line is the program whole,
+"""`guard exec [OPTIONS] [TARGET] -- CMD...` (issue 14): with a `--`, everything before the
+first one is guard's, its options and at most one TARGET in any order, and everything after
+it the program, verbatim; without one, the options, then the program from its first word on,
 with `--db` (the older spelling) or the default target. Both parsers, click's and the
-script's fast path (`cli.entry`), read it so; a target named twice, differently, is a
-usage error; and the target read is the one the broker is asked for."""
+script's fast path (`cli.entry`), read it so; an unknown option, a second positional or a
+target named twice, differently, is a usage error before any session opens; and the target
+read is the one the broker is asked for."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import pytest
 from guard.cli import http
 from guard.cli.client import BrokerClient
 from guard.cli.commands.exec import exec_command
-from guard.cli.entry import exec_arguments, split_target
+from guard.cli.entry import EXEC_USAGE, exec_arguments, read_exec
 from guard.cli.errors import EXIT_USAGE, CliError
 from guard.cli.profile import Profile, save_profile
 from tests.cli.invoke import guard, home  # noqa: F401
@@ -25,14 +27,18 @@ READINGS = [
     (["--", "true"], "demo", ("true",)),  # no target: the default
     (["--db", "prod", "--", "true"], "prod", ("true",)),
     (["--db=prod", "true"], "prod", ("true",)),  # no `--` at all
-    (["python", "job.py", "--", "--flag"], "demo", ("python", "job.py", "--", "--flag")),
-    (["--db", "prod", "python", "job.py", "--", "x"], "prod", ("python", "job.py", "--", "x")),
+    (["./job.sh", "-v"], "demo", ("./job.sh", "-v")),  # no `--`: the program whole
+    (["--db", "prod", "./job.sh", "-v", "--db", "x"], "prod", ("./job.sh", "-v", "--db", "x")),
     (["./job.sh", "--", "x"], "./job.sh", ("x",)),  # the broker refuses it: nothing runs
     (["prod", "--", "psql", "--", "-x"], "prod", ("psql", "--", "-x")),  # the first `--`
+    (["demo", "--", "psql", "--", "x"], "demo", ("psql", "--", "x")),
     (["--db", "prod", "prod", "--", "true"], "prod", ("true",)),  # the same target twice
-    (["--", "prod", "--", "true"], "prod", ("true",)),  # click takes the leading `--`
-    (["--", "--", "--", "true"], "demo", ("--", "--", "true")),  # nothing before the `--`
+    (["--", "prod", "--", "true"], "demo", ("prod", "--", "true")),  # all after the first
+    (["--", "--", "--", "true"], "demo", ("--", "--", "true")),
     (["--reason", "r", "--ttl", "1h", "prod", "--", "true"], "prod", ("true",)),
+    (["demo", "--ttl", "10m", "--", "true"], "demo", ("true",)),  # options after TARGET
+    (["--ttl", "10m", "demo", "--", "true"], "demo", ("true",)),
+    (["prod", "--reason=r", "--db", "prod", "--", "true"], "prod", ("true",)),
 ]
 
 
@@ -49,20 +55,67 @@ def test_the_fast_path_reads_them_alike(words, target, program):
     assert (fast.db, fast.command) == (target, program)
 
 
-def test_only_a_second_target_is_refused():
-    assert split_target(("prod", "--", "true"), None) == ("prod", ("true",))
-    assert split_target(("prod", "--", "true"), "prod") == ("prod", ("true",))
-    assert split_target(("true",), "prod") == ("prod", ("true",))
+@pytest.mark.parametrize("parser", ["click", "fast path"])
+def test_options_after_the_target_are_guards(parser):
+    words = ["demo", "--ttl", "10m", "--reason", "r", "--", "true"]
+    if parser == "click":
+        with exec_command.make_context("exec", list(words)) as ctx:
+            read = dict(ctx.params)
+    else:
+        fast = exec_arguments(["exec", *words], {})
+        assert fast is not None
+        read = fast.as_dict()
+    assert read == {
+        "command": ("true",),
+        "db": "demo",
+        "reason": "r",
+        "ttl": 600,
+        "id_token_file": None,
+    }
+
+
+def _words(args: list[str]) -> tuple[str | None, tuple[str, ...]]:
+    """A stand-in parser of guard's words: `--db X` and positionals."""
+    db = None
+    if args[:1] == ["--db"]:
+        db, args = args[1], args[2:]
+    return db, tuple(args)
+
+
+def test_the_rule():
+    def read(*args: str) -> tuple[str, tuple[str, ...]]:
+        return read_exec(args, lambda words, _interspersed: _words(words))
+
+    assert read("prod", "--", "true") == ("prod", ("true",))
+    assert read("--db", "prod", "prod", "--", "true") == ("prod", ("true",))
+    assert read("--db", "prod", "true") == ("prod", ("true",))
+    assert read("true", "-v") == ("demo", ("true", "-v"))
+    assert read("--", "a", "b", "--", "c") == ("demo", ("a", "b", "--", "c"))
     with pytest.raises(CliError, match="two targets: 'prod' before `--` and --db 'demo'") as e:
-        split_target(("prod", "--", "true"), "demo")
+        read("--db", "demo", "prod", "--", "true")
     assert e.value.exit_code == EXIT_USAGE
+    with pytest.raises(CliError, match="guard exec takes one TARGET before `--`") as e:
+        read("a", "b", "--", "true")
+    assert e.value.exit_code == EXIT_USAGE
+
+
+def test_options_may_follow_positionals_before_a_double_dash_only():
+    seen: list[tuple[list[str], bool]] = []
+
+    def parse(words: list[str], interspersed: bool) -> tuple[str | None, tuple[str, ...]]:
+        seen.append((words, interspersed))
+        return None, tuple(w for w in words if not w.startswith("-"))
+
+    read_exec(["demo", "--ttl=1h", "--", "x", "--", "y"], parse)
+    read_exec(["--ttl=1h", "./job.sh", "-v"], parse)
+    assert seen == [(["demo", "--ttl=1h"], True), (["--ttl=1h", "./job.sh", "-v"], False)]
 
 
 @pytest.mark.parametrize(
     "argv",
     [
         ["exec", "--db", "demo", "prod", "--", "true"],
-        ["exec", "--db=demo", "--", "prod", "--", "true"],
+        ["exec", "prod", "--db=demo", "--", "true"],
     ],
 )
 def test_two_different_targets_are_a_usage_error(home, guard, argv):  # noqa: F811
@@ -72,6 +125,24 @@ def test_two_different_targets_are_a_usage_error(home, guard, argv):  # noqa: F8
     assert outcome.err.splitlines() == [
         "error: two targets: 'prod' before `--` and --db 'demo'",
         "hint: name it once: `guard exec prod -- CMD...` (--db is the older spelling)",
+    ]
+
+
+@pytest.mark.parametrize(
+    "words",
+    [
+        ["a", "b", "--", "true"],
+        ["python", "job.py", "--", "--flag"],  # the program goes after `--`
+        ["--db", "prod", "demo", "x", "--", "true"],
+    ],
+)
+def test_two_words_before_the_double_dash_are_a_usage_error(home, guard, words):  # noqa: F811
+    outcome = guard("exec", *words)
+    assert outcome.code == 2, outcome
+    assert outcome.out == ""
+    assert outcome.err.splitlines() == [
+        "error: guard exec takes one TARGET before `--`",
+        "hint: usage: guard exec [OPTIONS] [TARGET] -- CMD... (see `guard exec --help`)",
     ]
 
 
@@ -85,12 +156,15 @@ class TargetBroker:
     """Opens a session on "demo" only, as the broker refuses a target its policy lacks."""
 
     def __init__(self) -> None:
-        self.asked: list[str] = []
+        self.asked: list[str] = []  # the targets of the sessions asked for
+        self.ttls: list[int | None] = []  # and their `ttl_seconds`
 
     def __call__(self, request: http.Request) -> http.Response:
         if request.method == "POST" and request.url.path == "/v1/sessions":
-            target = json.loads(request.content)["target"]
+            body = json.loads(request.content)
+            target = body["target"]
             self.asked.append(target)
+            self.ttls.append(body.get("ttl_seconds"))
             if target != "demo":
                 message = f'guard: unknown target "{target}"'
                 return http.Response(
@@ -147,3 +221,57 @@ def test_a_program_taken_for_a_target_is_refused_and_nothing_runs(
     assert outcome.code == 1, outcome
     assert outcome.err.splitlines()[0] == 'error: guard: unknown target "./job.sh"'
     assert not ran.exists()
+
+
+def test_options_after_the_target_reach_the_broker(broker, guard):  # noqa: F811
+    outcome = guard("exec", "demo", "--ttl", "10m", "--", sys.executable, "-c", "exit(7)")
+    assert outcome.code == 7, outcome
+    assert (broker.asked, broker.ttls) == (["demo"], [600])
+
+
+@pytest.mark.parametrize(
+    ("words", "error"),
+    [
+        (["demo", "--bogus", "--", "true"], "error: no such option '--bogus'"),
+        (["demo", "--db", "nosuch", "--", "true"], "error: two targets: 'demo' before `--`"),
+        (["a", "b", "--", "true"], "error: guard exec takes one TARGET before `--`"),
+        (["demo", "--ttl", "soon", "--", "true"], "error: invalid value for '--ttl'"),
+    ],
+)
+def test_a_usage_error_before_the_double_dash_opens_no_session(broker, guard, words, error):  # noqa: F811
+    outcome = guard("exec", *words)
+    assert outcome.code == 2, outcome
+    assert outcome.err.startswith(error)
+    assert len(outcome.err.splitlines()) == 2  # error, hint
+    assert broker.asked == []
+
+
+def test_the_program_after_the_first_double_dash_is_run_verbatim(broker, guard):  # noqa: F811
+    child = "import sys; sys.exit(0 if sys.argv[1:] == ['--', 'x', '--db'] else 9)"
+    outcome = guard("exec", "demo", "--", sys.executable, "-c", child, "--", "x", "--db")
+    assert outcome.code == 0, outcome
+    assert broker.asked == ["demo"]
+
+
+ARGS_ARE_V = "import sys; sys.exit(5 if sys.argv[1:] == ['-v', '--db', 'x'] else 9)"
+
+
+@pytest.mark.parametrize(
+    "words",
+    [
+        ["--", sys.executable, "-c", "exit(5)"],  # no target: the default
+        [sys.executable, "-c", "exit(5)"],  # no `--`: the program from its first word on
+        ["--db", "demo", sys.executable, "-c", ARGS_ARE_V, "-v", "--db", "x"],  # its options
+    ],
+    ids=["double-dash", "no-double-dash", "no-double-dash-program-options"],
+)
+def test_without_a_target_the_default_is_asked_for(broker, guard, words):  # noqa: F811
+    outcome = guard("exec", *words)
+    assert outcome.code == 5, outcome
+    assert broker.asked == ["demo"]
+
+
+def test_the_usage_hints_show_the_usage_help_shows(home, guard):  # noqa: F811
+    outcome = guard("exec", "--help")
+    assert outcome.code == 0, outcome
+    assert outcome.out.splitlines()[0] == f"Usage: {EXEC_USAGE}"
