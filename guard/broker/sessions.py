@@ -95,6 +95,9 @@ class Session:
     # When it was opened (the manager's clock): its lifetime, extensions included, is at
     # most the policy's session_ttl.max from here.
     opened_at: datetime | None = None
+    # Its target requires reauthentication: when its holder's ID token expires (the one it
+    # was opened or last reauthenticated with). None: no such limit.
+    login_expires_at: datetime | None = None
 
     def expired_at(self, now: datetime) -> bool:
         """Whether the session's time is up at `now` (the manager's clock, never the wall's)."""
@@ -116,6 +119,16 @@ ENDED_REMEMBERED = 10_000
 # A lease this much shorter than the session asked for is not worth a notice (the time
 # OpenBao took to answer).
 LEASE_SLACK_SECONDS = 5
+# A session that requires reauthentication ends this long after its holder's ID token
+# expired without a fresh one (the ID token verifier's own leeway).
+LOGIN_LEEWAY = timedelta(seconds=30)
+
+
+def _login_expiry(principal: Principal) -> datetime | None:
+    """When a session backed by `principal`'s ID token must have a fresh one."""
+    if principal.token_expires is None:
+        return None
+    return datetime.fromtimestamp(principal.token_expires, UTC) + LOGIN_LEEWAY
 
 
 def duration_text(seconds: int) -> str:
@@ -297,6 +310,31 @@ class SessionManager:
         log.info("session %s extended to %s", session_id, new_end.isoformat())
         return session, notice
 
+    async def reauthenticate(self, session_id: str, principal: Principal) -> Session:
+        """A fresh ID token for a session whose target requires reauthentication: the
+        same person, in the same groups, so the session may last until that token
+        expires. A different person is refused; changed groups end the session (its
+        policy decisions were made for the old ones), recorded with why."""
+        session = self.get(session_id)
+        if not self.is_live(session):
+            raise NotFound(f"no active session {session_id!r}")
+        held = session.principal
+        if (principal.issuer, principal.subject) != (held.issuer, held.subject):
+            raise Forbidden(f"{principal.label} does not hold session {session_id}")
+        if principal.groups != held.groups:
+            verdict = self.policy.can_connect(principal, session.target)
+            now_in = ", ".join(sorted(principal.groups)) or "no group"
+            why = f"{held.label}'s groups changed at the identity provider (now: {now_in})" + (
+                "" if verdict.allowed else f"; {verdict.message.removeprefix('guard: ')}"
+            )
+            await self.end(session_id, why)
+            # As for any ended session: its holder's CLI says why and stops.
+            raise NotFound(f"session {session_id} ended: {why}", hint="open a new session")
+        fresh = _login_expiry(principal)
+        if session.login_expires_at is not None and fresh is not None:
+            session.login_expires_at = max(session.login_expires_at, fresh)
+        return session
+
     async def revoke(
         self,
         by: Principal,
@@ -436,6 +474,7 @@ class SessionManager:
             credential_hash=credential_hash(credential),
             heartbeat_deadline=now + grace if heartbeat else None,
             opened_at=now,
+            login_expires_at=_login_expiry(principal) if spec.reauthenticate else None,
         )
         self._opening_ids.add(session_id)
         try:
@@ -541,11 +580,19 @@ class SessionManager:
         log.info("session %s ended: %s", session_id, reason)
 
     async def end_expired(self) -> None:
-        """End sessions past their TTL, and those whose client stopped heartbeating."""
+        """End sessions past their TTL, those whose client stopped heartbeating, and those
+        whose target requires reauthentication once their holder's login lapsed."""
         now = self.clock()
         for session in self.active():
             if session.expired_at(now):
                 await self.end(session.id, "ttl expired")
+            elif session.login_expires_at is not None and now >= session.login_expires_at:
+                await self.end(
+                    session.id,
+                    "login not renewed: the ID token expired and no fresh one came (the "
+                    "identity provider refused, or the CLI stopped); the policy requires "
+                    "reauthentication",
+                )
             elif session.heartbeat_deadline is not None and now >= session.heartbeat_deadline:
                 grace = self.settings.heartbeat_grace_seconds
                 await self.end(session.id, f"heartbeat lost (none for {grace:g} s)")

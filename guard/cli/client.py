@@ -10,6 +10,7 @@ run. Never logs or prints the bearer token or session secrets.
 from __future__ import annotations
 
 import ssl
+from datetime import datetime
 from urllib.parse import quote
 
 from guard.cli.errors import EXIT_FAILURE, CliError
@@ -131,6 +132,17 @@ class BrokerClient:
     def heartbeat(self, session_id: str) -> None:
         """The session is still in use (this client's token: the session credential)."""
         self._request("POST", f"/v1/sessions/{_segment(session_id)}/heartbeat")
+
+    def reauthenticate(self, session_id: str, id_token: str) -> datetime | None:
+        """Present a fresh ID token for the session; when it now ends unless another comes
+        (None: its target requires none)."""
+        path = f"/v1/sessions/{_segment(session_id)}/reauth"
+        answer = self._request("POST", path, json={"id_token": id_token})
+        try:
+            until = answer.json().get("login_expires_at")
+            return None if until is None else datetime.fromisoformat(until.replace("Z", "+00:00"))
+        except (ValueError, AttributeError) as exc:
+            raise _unexpected(answer, "a session") from exc
 
     def end_session(self, session_id: str) -> str | None:
         """End the session: None. One that is already gone is not an error: the broker's

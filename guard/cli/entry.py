@@ -193,6 +193,7 @@ def run_exec(arguments: ExecArguments) -> int:
         ttl_seconds=arguments.ttl,
         argv=list(arguments.command),
         gateway_ca_file=profile.gateway_ca_file,
+        fresh_token=lambda: current_id_token(profile, id_token_file=arguments.id_token_file),
     )
 
 

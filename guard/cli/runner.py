@@ -50,6 +50,10 @@ SCRUBBED_ENV = (
 DEFAULT_HEARTBEAT_SECONDS = 10.0
 # A session's holder is told this long before its TTL runs out (a quarter of a shorter one).
 EXPIRY_WARNING_SECONDS = 300.0
+# A target that requires reauthentication gets a fresh ID token this long before the
+# session's login lapses (its token then has under a minute left, so the stored login is
+# refreshed: `auth.MIN_VALIDITY`).
+LOGIN_RENEW_SECONDS = 90.0
 
 
 def session_env(
@@ -238,11 +242,19 @@ class Heartbeat:
         interval: float,
         *,
         expires_at: datetime | None = None,
+        login_expires_at: datetime | None = None,
+        fresh_token: Callable[[], str] | None = None,
+        opened_with: str | None = None,
     ) -> None:
         self.client = client
         self.session_id = session_id
         self.interval = interval
         self.expires_at = expires_at
+        # The target requires reauthentication: a fresh ID token before this.
+        self.login_expires_at = login_expires_at
+        self.fresh_token = fresh_token
+        self._presented = opened_with  # the ID token the broker has seen last
+        self._renewal_failed = False
         # Warned this long before the end: 5 minutes, or a quarter of a shorter session,
         # but at least one heartbeat's interval (the check runs once per beat).
         total = (expires_at - datetime.now(UTC)).total_seconds() if expires_at else 0.0
@@ -265,6 +277,7 @@ class Heartbeat:
         while not self._stop.wait(self.interval):
             self._warn_of_expiry()
             try:
+                self._renew_login()
                 self.client.heartbeat(self.session_id)
                 warned = False
             except BrokerError as err:
@@ -280,6 +293,39 @@ class Heartbeat:
                 if not warned:  # once per outage; it keeps trying
                     print(f"guard: heartbeat failed (retrying): {err.message}", file=sys.stderr)
                     warned = True
+
+    def _renew_login(self) -> None:
+        """Near its ID token's expiry, present a fresh one (the login refreshed as every
+        command refreshes it). The IdP's refusal is said once; the broker then ends the
+        session when the old token lapses, and says why."""
+        until = self.login_expires_at
+        if until is None or self.fresh_token is None:
+            return
+        if (until - datetime.now(UTC)).total_seconds() > LOGIN_RENEW_SECONDS:
+            return
+        try:
+            token = self.fresh_token()
+        except CliError as err:
+            if not self._renewal_failed:
+                print(
+                    f"guard: could not renew your login ({err.message}); the broker ends "
+                    f"session {self.session_id} at {until:%H:%M:%S} UTC",
+                    file=sys.stderr,
+                )
+                self._renewal_failed = True
+            return
+        if token == self._presented:
+            return  # nothing fresher yet (a CI job's token)
+        self._presented = token
+        try:
+            self.login_expires_at = self.client.reauthenticate(self.session_id, token)
+        except BrokerError as err:
+            if err.status != 403:
+                raise  # 404: the session ended (the caller says why); else retried
+            # Another person's token (GUARD_ID_TOKEN changed?): said once, not sent again.
+            print(f"guard: {err.message}", file=sys.stderr)
+            return
+        self._renewal_failed = False
 
     def _warn_of_expiry(self) -> None:
         if self.expires_at is None:
@@ -334,6 +380,7 @@ def run_in_session(
     on_ready: Callable[[dict[str, str]], None] | None = None,
     gateway_ca_file: str | None = None,
     relay_port: int | None = None,
+    fresh_token: Callable[[], str] | None = None,
 ) -> int:
     """Open a session, run `argv` in it (None: wait for Ctrl-C), end it; the exit status.
     `relay_port` (guard proxy) serves the session on a plain loopback port instead."""
@@ -364,6 +411,9 @@ def run_in_session(
         created.session_id,
         created.heartbeat_interval_seconds or DEFAULT_HEARTBEAT_SECONDS,
         expires_at=expires_at,
+        login_expires_at=created.login_expires_at,
+        fresh_token=fresh_token,
+        opened_with=token,
     )
     heartbeat.start()
     code: int | None = None

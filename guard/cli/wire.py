@@ -105,6 +105,7 @@ class SessionCreated(Record):
     heartbeat_interval_seconds: float | None = None
     heartbeat_grace_seconds: float | None = None
     ttl_notice: str | None = None
+    login_expires_at: datetime | None = None
 
     @classmethod
     def from_json(cls, data: Any) -> SessionCreated:

@@ -9,6 +9,7 @@ import os
 import re
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -16,7 +17,9 @@ import pytest
 
 from guard.cli import http
 from guard.cli.client import BrokerClient
+from guard.cli.errors import CliError
 from guard.cli.profile import Profile, save_profile
+from guard.cli.runner import Heartbeat
 from tests.cli.invoke import guard  # noqa: F401
 
 ID_TOKEN = "header.alice-id-token.signature"
@@ -206,3 +209,74 @@ def test_the_brokers_gateway_ca_lives_in_a_private_file_for_the_session_only():
     assert not os.path.exists(path)  # gone with the session
     with gateway_ca(_created(gateway_ca_pem=pem), "/profile/ca.pem") as path:
         assert path == "/profile/ca.pem"  # the profile's CA wins
+
+
+# ------------------------------------------------------------------ renewing the login
+class _Beats:
+    """A broker client for `Heartbeat`: records heartbeats and presented ID tokens."""
+
+    def __init__(self) -> None:
+        self.presented: list[str] = []
+        self.beats = 0
+
+    def heartbeat(self, session_id: str) -> None:
+        self.beats += 1
+
+    def reauthenticate(self, session_id: str, token: str) -> datetime:
+        self.presented.append(token)
+        return datetime.now(UTC) + timedelta(minutes=15)
+
+
+def _beat_until(client: _Beats, heartbeat: Heartbeat, beats: int) -> None:
+    heartbeat.start()
+    deadline = time.monotonic() + 10
+    while client.beats < beats and time.monotonic() < deadline:
+        time.sleep(0.01)
+    heartbeat.stop()
+
+
+def test_a_login_near_its_expiry_is_renewed_once_with_a_fresh_token():
+    client = _Beats()
+    tokens = iter(["fresh-1", "fresh-2"])
+    beat = Heartbeat(
+        client,
+        "ses1",
+        0.01,
+        login_expires_at=datetime.now(UTC) + timedelta(seconds=60),
+        fresh_token=lambda: next(tokens),
+    )
+    _beat_until(client, beat, 5)
+    assert client.presented == ["fresh-1"]  # then 15 minutes away: not again yet
+    assert beat.login_expires_at > datetime.now(UTC) + timedelta(minutes=14)
+
+
+def test_a_refused_renewal_is_said_once_and_the_same_token_is_not_sent_again(capsys):
+    client = _Beats()
+
+    def refused() -> str:
+        raise CliError("not logged in (or the login expired)")
+
+    beat = Heartbeat(
+        client,
+        "ses1",
+        0.01,
+        login_expires_at=datetime.now(UTC) + timedelta(seconds=60),
+        fresh_token=refused,
+    )
+    _beat_until(client, beat, 5)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("guard: could not renew your login (not logged in")
+    assert "the broker ends session ses1 at " in lines[0]
+    assert client.presented == []
+    same = _Beats()
+    ci = Heartbeat(
+        same,
+        "ses1",
+        0.01,
+        login_expires_at=datetime.now(UTC) + timedelta(seconds=60),
+        fresh_token=lambda: "the-ci-token",
+        opened_with="the-ci-token",  # a CI job's token: nothing fresher to send
+    )
+    _beat_until(same, ci, 5)
+    assert same.presented == []

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 import psycopg
 import pytest
 
-from tests.fix_stack import GUARD, Stack, gateway_connect
+from tests.fix_stack import DEMO_POLICY, GUARD, Stack, gateway_connect, stack_with_policy
 
 pytestmark = pytest.mark.integration
 
@@ -266,3 +266,36 @@ def test_print_env_stops_when_the_session_is_ended_elsewhere_and_says_by_whom(de
             waiting.kill()
         waiting.stdout.close()
         waiting.stderr.close()
+
+
+# ---------------------------------------------------------------- reauthentication
+def test_a_target_that_requires_reauthentication_takes_fresh_tokens_of_its_holder_only(
+    dev_stack: Stack, tmp_path
+):
+    text = DEMO_POLICY.read_text().replace(
+        "session_ttl: {default: 1h, max: 8h}",
+        "session_ttl: {default: 1h, max: 8h, reauthenticate: true}",
+    )
+    assert "reauthenticate: true" in text
+    with stack_with_policy(dev_stack, tmp_path / "home", text) as stack:
+        token = as_user(stack, "alice")["GUARD_ID_TOKEN"]
+        created = stack.api(
+            "POST",
+            "/v1/sessions",
+            json={"target": "demo"},
+            headers={"Authorization": f"Bearer {token}"},
+        ).json()
+        # Until the opening token's expiry (the dev IdP's last 15 minutes), plus leeway.
+        lapses = datetime.fromisoformat(created["login_expires_at"])
+        assert 600 < (lapses - datetime.now(UTC)).total_seconds() <= 15 * 60 + 30
+        own = {"Authorization": f"Bearer {created['session_token']}"}
+        path = f"/v1/sessions/{created['session_id']}/reauth"
+        bob_token = as_user(stack, "bob")["GUARD_ID_TOKEN"]
+        refused = stack.api("POST", path, json={"id_token": bob_token}, headers=own)
+        assert refused.status_code == 403, refused.text
+        time.sleep(1.1)  # a token issued a second later expires a second later
+        fresh = as_user(stack, "alice")["GUARD_ID_TOKEN"]
+        renewed = stack.api("POST", path, json={"id_token": fresh}, headers=own)
+        assert renewed.status_code == 200, renewed.text
+        assert datetime.fromisoformat(renewed.json()["login_expires_at"]) > lapses
+        stack.end_session(created["session_id"], own)

@@ -4,7 +4,7 @@ heartbeats, the session credential, limits per principal, revocation retries, re
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from guard.broker.errors import (
 from guard.broker.fakes import FakeComponentWarning
 from guard.broker.identity.principal import Principal
 from guard.broker.policy.compile import load_policy_file
+from guard.broker.policy.engine import CompiledPolicy
 from guard.broker.sessions import CREDENTIAL_PREFIX, AuditDown, SessionManager, TooManySessions
 from guard.broker.settings import SessionSettings, TargetSettings
 from guard.broker.state import SqliteStateStore
@@ -596,3 +597,81 @@ def test_extend_pushes_the_expiry_up_to_the_policys_maximum_from_the_start(tmp_p
 
     asyncio.run(scenario())
     assert [r["event"] for r in audit.records].count("extended") == 2
+
+
+# ---------------------------------------------------------------- reauthentication
+def _reauth_policy():
+    """The demo policy with `session_ttl.reauthenticate: true` on its target."""
+    demo = replace(POLICY.targets["demo"], reauthenticate=True)
+    return CompiledPolicy(version=POLICY.version, targets={"demo": demo}, rules=POLICY.rules)
+
+
+def _with_token(principal, seconds_left):
+    return replace(principal, token_expires=datetime.now(UTC).timestamp() + seconds_left)
+
+
+def test_a_session_needing_reauthentication_lasts_as_long_as_a_fresh_login(tmp_path):
+    clock = _Clock()
+    mgr, issuer, audit, _ = hardened(tmp_path, clock=clock)
+    mgr.policy = _reauth_policy()
+
+    async def scenario():
+        session = (
+            await mgr.open(_with_token(ALICE, 120), "demo", reason="", ttl_seconds=None)
+        ).session
+        first = session.login_expires_at
+        assert first is not None
+        assert 140 < (first - datetime.now(UTC)).total_seconds() <= 150  # exp + 30 s leeway
+        await mgr.reauthenticate(session.id, _with_token(ALICE, 900))
+        assert (session.login_expires_at - first).total_seconds() > 700
+        # Someone else's token is refused; the session goes on.
+        with pytest.raises(Forbidden):
+            await mgr.reauthenticate(session.id, _with_token(CAROL, 900))
+        assert mgr.is_live(session)
+        # No fresh token in time: ended when the last one lapses.
+        clock.advance(931)
+        await mgr.end_expired()
+        assert not mgr.live()
+
+    asyncio.run(scenario())
+    (ended,) = [r for r in audit.records if r["event"] == "ended"]
+    assert ended["detail"].startswith("login not renewed: the ID token expired")
+    assert len(issuer.revoked) == 1
+
+
+def test_changed_groups_at_the_identity_provider_end_the_session_saying_so(tmp_path):
+    mgr, _, audit, _ = hardened(tmp_path)
+    mgr.policy = _reauth_policy()
+
+    async def scenario():
+        session = (
+            await mgr.open(_with_token(ALICE, 600), "demo", reason="", ttl_seconds=None)
+        ).session
+        removed = replace(_with_token(ALICE, 900), groups=frozenset())
+        with pytest.raises(NotFound, match=f"^session {session.id} ended: alice's groups changed"):
+            await mgr.reauthenticate(session.id, removed)
+        assert not mgr.live()
+
+    asyncio.run(scenario())
+    (ended,) = [r for r in audit.records if r["event"] == "ended"]
+    assert ended["detail"] == (
+        "alice's groups changed at the identity provider (now: no group); "
+        'alice may not connect to target "demo" (requires membership in one of: '
+        "engineers, security-leads, service)"
+    )
+
+
+def test_without_reauthentication_a_session_ignores_the_tokens_expiry(tmp_path):
+    clock = _Clock()
+    mgr, _, _, _ = hardened(tmp_path, clock=clock)
+
+    async def scenario():
+        session = (
+            await mgr.open(_with_token(ALICE, 60), "demo", reason="", ttl_seconds=None)
+        ).session
+        assert session.login_expires_at is None
+        clock.advance(600)
+        await mgr.end_expired()
+        assert mgr.is_live(session)
+
+    asyncio.run(scenario())

@@ -30,6 +30,7 @@ from guard.broker.api.schemas import (
     SessionExtend,
     SessionExtended,
     SessionInfo,
+    SessionReauth,
     SessionRevoke,
     SessionsRevoked,
     TargetInfo,
@@ -191,6 +192,7 @@ def create_app(  # noqa: C901 - one closure per route
             heartbeat_deadline=s.heartbeat_deadline,
             subject=s.principal.subject,
             reason=s.reason,
+            login_expires_at=s.login_expires_at,
         )
 
     def _auditor(caller: Principal, what: str) -> None:
@@ -236,6 +238,7 @@ def create_app(  # noqa: C901 - one closure per route
             else None,
             heartbeat_grace_seconds=settings.heartbeat_grace_seconds if body.heartbeat else None,
             ttl_notice=opened.ttl_notice,
+            login_expires_at=s.login_expires_at,
         )
 
     @app.get("/v1/me", response_model=Identity)
@@ -295,6 +298,14 @@ def create_app(  # noqa: C901 - one closure per route
     ) -> SessionExtended:
         extended, notice = await sessions.extend(session.id, body.ttl_seconds)
         return SessionExtended(**_info(extended).model_dump(), notice=notice)
+
+    @app.post("/v1/sessions/{session_id}/reauth", response_model=SessionInfo)
+    async def reauthenticate(
+        session_id: str, body: SessionReauth, session: OwnSession
+    ) -> SessionInfo:
+        # Verified like any ID token (signature, issuer, audience, lifetime), off the loop.
+        fresh = await asyncio.to_thread(resolve_principal, body.id_token)
+        return _info(await sessions.reauthenticate(session.id, fresh))
 
     @app.delete("/v1/sessions/{session_id}", status_code=204)
     async def end_session(

@@ -52,6 +52,9 @@ class SessionCreated(_Model):
     heartbeat_grace_seconds: float | None = None
     # Why the session is shorter than asked: the policy's maximum, or the lease's.
     ttl_notice: str | None = None
+    # Set when the target requires reauthentication: the session ends at this time unless
+    # a fresh ID token comes first (POST /v1/sessions/{id}/reauth).
+    login_expires_at: datetime | None = None
 
 
 class SessionInfo(_Model):
@@ -66,6 +69,8 @@ class SessionInfo(_Model):
     # Who holds it (issuer's subject) and why they said they need it.
     subject: str = ""
     reason: str = ""
+    # When it ends unless a fresh ID token comes (None: its target requires none).
+    login_expires_at: datetime | None = None
 
 
 class SessionExtend(_Model):
@@ -78,6 +83,12 @@ class SessionExtend(_Model):
 class SessionExtended(SessionInfo):
     # Why the session got less than asked (the policy's maximum, the lease's), if it did.
     notice: str | None = None
+
+
+class SessionReauth(_Model):
+    """`POST /v1/sessions/{id}/reauth`: a fresh ID token of the session's holder."""
+
+    id_token: str = Field(min_length=1, max_length=16384, repr=False)
 
 
 class Identity(_Model):

@@ -9,7 +9,7 @@ types stops an unverified token body from ever becoming an identity.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NewType
 
 VerifiedClaims = NewType("VerifiedClaims", Mapping[str, Any])
@@ -23,6 +23,10 @@ class Principal:
     subject: str
     groups: frozenset[str]
     display_name: str | None = None
+    # When the ID token this principal came from expires (epoch seconds): a session whose
+    # target requires reauthentication lasts no longer unless a fresh token comes. Not
+    # part of who the principal is (equality).
+    token_expires: float | None = field(default=None, compare=False)
 
     @classmethod
     def from_claims(cls, claims: VerifiedClaims, *, groups_claim: str = "groups") -> Principal:
@@ -33,11 +37,13 @@ class Principal:
             raw = (raw,)
         groups = frozenset(g for g in raw if isinstance(g, str) and g)
         name = claims.get("preferred_username") or claims.get("email") or claims.get("name")
+        exp = claims.get("exp")
         return cls(
             issuer=str(claims["iss"]),
             subject=str(claims["sub"]),
             groups=groups,
             display_name=str(name) if name else None,
+            token_expires=float(exp) if isinstance(exp, int | float) else None,
         )
 
     @property

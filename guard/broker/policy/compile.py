@@ -199,6 +199,7 @@ def _compile_target(
         protected_columns=MappingProxyType(protected),
         gated_tables=gated,
         max_connections_per_session=spec.max_connections_per_session,
+        reauthenticate=spec.session_ttl.reauthenticate,
         _protected_by_name=MappingProxyType({k: tuple(v) for k, v in by_name.items()}),
     )
 

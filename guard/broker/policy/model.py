@@ -124,6 +124,8 @@ class Target:
     # At most this many database connections per session: the issued role's CONNECTION
     # LIMIT, and the gateway's own count of a session's connections.
     max_connections_per_session: int = 20
+    # Sessions last no longer than their holder's ID token unless a fresh one comes.
+    reauthenticate: bool = False
     _protected_by_name: Mapping[str, tuple[ProtectedTable, ...]] = field(
         repr=False, compare=False, default_factory=dict
     )

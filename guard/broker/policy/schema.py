@@ -114,6 +114,11 @@ class _Model(BaseModel):
 class SessionTTL(_Model):
     default: Duration
     max: Duration
+    # A session lasts no longer than its holder's ID token unless the CLI presents a fresh
+    # one (it refreshes the login in the background): an offboarded user, or one removed
+    # from the groups, loses the session when the IdP refuses. Off by default: a CI job's
+    # token cannot be refreshed.
+    reauthenticate: bool = False
 
 
 class TargetSpec(_Model):

@@ -73,6 +73,7 @@ def connect(
     return run_in_session(
         broker_url=profile.broker_url,
         token=token,
+        fresh_token=lambda: current_id_token(profile),
         target=target,
         reason=reason,
         ttl_seconds=ttl,

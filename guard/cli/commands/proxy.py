@@ -51,6 +51,7 @@ def proxy(target: str, port: int, reason: str, ttl: int | None) -> int:
     return run_in_session(
         broker_url=profile.broker_url,
         token=current_id_token(profile),
+        fresh_token=lambda: current_id_token(profile),
         target=target,
         reason=reason,
         ttl_seconds=ttl,
