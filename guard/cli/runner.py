@@ -50,6 +50,9 @@ SCRUBBED_ENV = (
 DEFAULT_HEARTBEAT_SECONDS = 10.0
 # A session's holder is told this long before its TTL runs out (a quarter of a shorter one).
 EXPIRY_WARNING_SECONDS = 300.0
+# A session the policy lets `guard exec` extend is extended this long before its end (or
+# two heartbeats, when they are further apart).
+EXTEND_BEFORE_SECONDS = 60.0
 # A target that requires reauthentication gets a fresh ID token this long before the
 # session's login lapses (its token then has under a minute left, so the stored login is
 # refreshed: `auth.MIN_VALIDITY`).
@@ -245,6 +248,7 @@ class Heartbeat:
         login_expires_at: datetime | None = None,
         fresh_token: Callable[[], str] | None = None,
         opened_with: str | None = None,
+        auto_extend: bool = False,
     ) -> None:
         self.client = client
         self.session_id = session_id
@@ -259,6 +263,10 @@ class Heartbeat:
         # but at least one heartbeat's interval (the check runs once per beat).
         total = (expires_at - datetime.now(UTC)).total_seconds() if expires_at else 0.0
         self.warn_before = min(max(min(EXPIRY_WARNING_SECONDS, total / 4), interval), total)
+        # The policy lets this session be extended while its program runs: each time it
+        # nears its end, until it reaches its maximum (then the warning above applies).
+        self.auto_extend = auto_extend
+        self.extend_before = max(2 * interval, EXTEND_BEFORE_SECONDS)
         self.ended_by_broker = False
         self.gone = threading.Event()  # set when the broker says the session ended
         self._stop = threading.Event()
@@ -275,7 +283,7 @@ class Heartbeat:
     def _run(self) -> None:
         warned = False
         while not self._stop.wait(self.interval):
-            self._warn_of_expiry()
+            self._mind_expiry()
             try:
                 self._renew_login()
                 self.client.heartbeat(self.session_id)
@@ -293,6 +301,31 @@ class Heartbeat:
                 if not warned:  # once per outage; it keeps trying
                     print(f"guard: heartbeat failed (retrying): {err.message}", file=sys.stderr)
                     warned = True
+
+    def _extend(self, ends: datetime) -> bool:
+        """Extend the session by its target's default; whether it now ends later. At its
+        maximum (or when the broker refuses) automatic extension stops, said once."""
+        try:
+            extended = self.client.extend(self.session_id)
+        except BrokerError as err:
+            if err.status == 404:
+                raise  # ended: the heartbeat loop says why
+            print(
+                f"guard: could not extend session {self.session_id}: {err.message}", file=sys.stderr
+            )
+            self.auto_extend = False
+            return False
+        new = extended.expires_at.astimezone(UTC)
+        if new <= ends:
+            self.auto_extend = False  # at its maximum: the TTL warning takes over
+            return False
+        self.expires_at = new
+        notice = f"; {extended.notice}" if extended.notice else ""
+        print(
+            f"guard: session {self.session_id} extended to {new:%H:%M:%S} UTC{notice}",
+            file=sys.stderr,
+        )
+        return True
 
     def _renew_login(self) -> None:
         """Near its ID token's expiry, present a fresh one (the login refreshed as every
@@ -327,10 +360,14 @@ class Heartbeat:
             return
         self._renewal_failed = False
 
-    def _warn_of_expiry(self) -> None:
+    def _mind_expiry(self) -> None:
+        """Near the session's end: extend it (when the policy lets this run do so), else
+        warn once."""
         if self.expires_at is None:
             return
         left = (self.expires_at - datetime.now(UTC)).total_seconds()
+        if self.auto_extend and (left > self.extend_before or self._extend(self.expires_at)):
+            return
         if left <= self.warn_before:
             print(
                 f"guard: session {self.session_id} ends in {span(left)} (its TTL)",
@@ -381,6 +418,7 @@ def run_in_session(
     gateway_ca_file: str | None = None,
     relay_port: int | None = None,
     fresh_token: Callable[[], str] | None = None,
+    auto_extend: bool = False,
 ) -> int:
     """Open a session, run `argv` in it (None: wait for Ctrl-C), end it; the exit status.
     `relay_port` (guard proxy) serves the session on a plain loopback port instead."""
@@ -414,6 +452,7 @@ def run_in_session(
         login_expires_at=created.login_expires_at,
         fresh_token=fresh_token,
         opened_with=token,
+        auto_extend=auto_extend and created.auto_extend,
     )
     heartbeat.start()
     code: int | None = None

@@ -106,6 +106,7 @@ class SessionCreated(Record):
     heartbeat_grace_seconds: float | None = None
     ttl_notice: str | None = None
     login_expires_at: datetime | None = None
+    auto_extend: bool = False
 
     @classmethod
     def from_json(cls, data: Any) -> SessionCreated:

@@ -280,3 +280,45 @@ def test_a_refused_renewal_is_said_once_and_the_same_token_is_not_sent_again(cap
     )
     _beat_until(same, ci, 5)
     assert same.presented == []
+
+
+class _Extended:
+    def __init__(self, expires_at: datetime, notice: str | None = None) -> None:
+        self.expires_at = expires_at
+        self.notice = notice
+
+
+class _Extending(_Beats):
+    """Extends by a minute, up to a cap (the policy's maximum)."""
+
+    def __init__(self, cap: datetime) -> None:
+        super().__init__()
+        self.cap = cap
+        self.extended: list[datetime] = []
+
+    def extend(self, session_id: str) -> _Extended:
+        new = min(datetime.now(UTC) + timedelta(seconds=60), self.cap)
+        self.extended.append(new)
+        return _Extended(new)
+
+
+def test_auto_extension_extends_near_the_end_until_the_maximum_then_warns(capsys):
+    """A 2 s session whose maximum is 2.5 s: extended once, to the maximum; then no more
+    calls, and the TTL warning (a quarter of the session before its end) instead."""
+    now = datetime.now(UTC)
+    client = _Extending(cap=now + timedelta(seconds=2.5))
+    beat = Heartbeat(client, "ses1", 0.01, expires_at=now + timedelta(seconds=2), auto_extend=True)
+    _beat_until(client, beat, 260)  # about 2.6 s of beats
+    lines = capsys.readouterr().err.splitlines()
+    assert client.extended == [client.cap, client.cap]  # the second call found the maximum
+    assert lines[0].startswith("guard: session ses1 extended to ")
+    assert lines[1].startswith("guard: session ses1 ends in ") and lines[1].endswith("(its TTL)")
+    assert len(lines) == 2
+
+
+def test_without_auto_extension_nothing_is_extended_and_the_end_is_warned_of(capsys):
+    client = _Extending(cap=datetime.now(UTC) + timedelta(hours=1))
+    beat = Heartbeat(client, "ses1", 0.01, expires_at=datetime.now(UTC) + timedelta(seconds=2))
+    _beat_until(client, beat, 200)
+    assert client.extended == []
+    assert "guard: session ses1 ends in " in capsys.readouterr().err

@@ -299,3 +299,24 @@ def test_a_target_that_requires_reauthentication_takes_fresh_tokens_of_its_holde
         assert renewed.status_code == 200, renewed.text
         assert datetime.fromisoformat(renewed.json()["login_expires_at"]) > lapses
         stack.end_session(created["session_id"], own)
+
+
+def test_exec_extends_its_session_while_the_program_runs_when_the_policy_allows(
+    dev_stack: Stack, tmp_path
+):
+    """default 12s, max 24s, heartbeats every 10 s: a 20 s program outlives its first TTL
+    and is not cut off; guard exec extends the session, up to the maximum."""
+    text = DEMO_POLICY.read_text().replace(
+        "session_ttl: {default: 1h, max: 8h}",
+        "session_ttl: {default: 12s, max: 24s, auto_extend: true}",
+    )
+    assert "auto_extend: true" in text
+    with stack_with_policy(dev_stack, tmp_path / "home", text) as stack:
+        alice = as_user(stack, "alice")
+        ran = stack.guard("exec", "demo", "--", "sleep", "20", env=alice, timeout=90)
+        assert ran.returncode == 0, ran.stderr
+        lines = ran.stderr.splitlines()
+        sid = lines[0].split()[2]
+        assert any(line.startswith(f"guard: session {sid} extended to ") for line in lines)
+        assert lines[-1] == f"guard: session {sid} ended: sleep exited with status 0"
+        assert not any("the broker ended" in line for line in lines)

@@ -239,6 +239,7 @@ def create_app(  # noqa: C901 - one closure per route
             heartbeat_grace_seconds=settings.heartbeat_grace_seconds if body.heartbeat else None,
             ttl_notice=opened.ttl_notice,
             login_expires_at=s.login_expires_at,
+            auto_extend=sessions.policy.targets[s.target].auto_extend,
         )
 
     @app.get("/v1/me", response_model=Identity)

@@ -55,6 +55,9 @@ class SessionCreated(_Model):
     # Set when the target requires reauthentication: the session ends at this time unless
     # a fresh ID token comes first (POST /v1/sessions/{id}/reauth).
     login_expires_at: datetime | None = None
+    # The target's policy lets `guard exec` extend the session while its program runs
+    # (POST /v1/sessions/{id}/extend, up to the maximum).
+    auto_extend: bool = False
 
 
 class SessionInfo(_Model):

@@ -200,6 +200,7 @@ def _compile_target(
         gated_tables=gated,
         max_connections_per_session=spec.max_connections_per_session,
         reauthenticate=spec.session_ttl.reauthenticate,
+        auto_extend=spec.session_ttl.auto_extend,
         _protected_by_name=MappingProxyType({k: tuple(v) for k, v in by_name.items()}),
     )
 

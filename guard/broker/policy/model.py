@@ -126,6 +126,8 @@ class Target:
     max_connections_per_session: int = 20
     # Sessions last no longer than their holder's ID token unless a fresh one comes.
     reauthenticate: bool = False
+    # `guard exec` extends its session while its program runs, up to the maximum.
+    auto_extend: bool = False
     _protected_by_name: Mapping[str, tuple[ProtectedTable, ...]] = field(
         repr=False, compare=False, default_factory=dict
     )

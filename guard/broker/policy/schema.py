@@ -119,6 +119,9 @@ class SessionTTL(_Model):
     # from the groups, loses the session when the IdP refuses. Off by default: a CI job's
     # token cannot be refreshed.
     reauthenticate: bool = False
+    # `guard exec` extends its session while its program runs (each time by the default,
+    # up to `max` from the session's start) instead of letting the TTL cut it off.
+    auto_extend: bool = False
 
 
 class TargetSpec(_Model):
