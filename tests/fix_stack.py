@@ -177,14 +177,17 @@ def stack_with_rules(base: Stack, home: Path, rules: str) -> Iterator[Stack]:
 
 
 @contextlib.contextmanager
-def stack_with_policy(base: Stack, home: Path, text: str) -> Iterator[Stack]:
+def stack_with_policy(
+    base: Stack, home: Path, text: str, env: dict[str, str] | None = None
+) -> Iterator[Stack]:
     """A second demo stack (own GUARD_HOME, ports, cluster) whose policy is `text`. `base`
     is the `dev_stack` fixture: its environment, and its skip/fail rules when PostgreSQL
-    or OpenBao is missing."""
+    or OpenBao is missing. `env` adds to the environment `guard dev up` runs in (the dev
+    stack's knobs: GUARD_DEV_USERS, GUARD_DEV_ID_TOKEN_LIFETIME, …)."""
     home.mkdir(parents=True, exist_ok=True)
     policy = home / "policies.yaml"
     policy.write_text(text)
-    env = {**base.env, "GUARD_HOME": str(home)}
+    env = {**base.env, **(env or {}), "GUARD_HOME": str(home)}
     up = subprocess.run(
         [*GUARD, "dev", "up", "--detach", "--policy", str(policy)],
         env=env,

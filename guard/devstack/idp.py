@@ -58,6 +58,9 @@ class IdPConfig:
     client_id: str
     state_dir: Path
     users: dict[str, dict[str, Any]]
+    # Where `users` came from, read again when it changes: removing a user (offboarding)
+    # or a group takes effect at their next refresh, as at a real IdP.
+    users_file: Path | None = None
     interval: int = 5
     id_token_lifetime: int = ID_TOKEN_LIFETIME
     # Wall clock (seconds since the epoch); tests inject a fake one to expire codes.
@@ -171,6 +174,26 @@ class _Provider:
         self.public_jwk = public_jwk
         self.state = _State()
         self.issuer, self.clock = config.issuer, config.clock
+        self._users_read = self._users_mtime()
+
+    def _users_mtime(self) -> int | None:
+        path = self.config.users_file
+        try:
+            return path.stat().st_mtime_ns if path is not None else None
+        except OSError:
+            return None
+
+    def users(self) -> dict[str, dict[str, Any]]:
+        """The users now: the file again when it changed (a file that no longer reads
+        keeps the last good list)."""
+        mtime = self._users_mtime()
+        if mtime is not None and mtime != self._users_read and self.config.users_file:
+            try:
+                self.config.users = load_users(self.config.users_file)
+            except (OSError, ValueError):
+                return self.config.users
+            self._users_read = mtime
+        return self.config.users
 
     def subject(self, user: str) -> str:
         # Stable per (issuer, user), opaque like a real IdP's `sub`.
@@ -186,7 +209,7 @@ class _Provider:
     def issue(self, user: str, auth_time: int, family: str, scope: str = "openid") -> JSONResponse:
         config = self.config
         now = int(self.clock())
-        info = config.users[user]
+        info = self.users()[user]
         claims = {
             "iss": self.issuer,
             "sub": self.subject(user),
@@ -276,7 +299,7 @@ class _Provider:
         options = "".join(
             f'<option value="{html.escape(u)}">{html.escape(u)} — '
             f"{html.escape(', '.join(info.get('groups', [])) or 'no groups')}</option>"
-            for u, info in self.config.users.items()
+            for u, info in self.users().items()
         )
         return (
             "<!doctype html><meta charset=utf-8><title>guard dev IdP</title>"
@@ -306,7 +329,7 @@ class _Provider:
         if action != "approve":
             return HTMLResponse("<p>action must be approve or deny</p>", status_code=400)
         user = form.get("username", "")
-        if user not in self.config.users:
+        if user not in self.users():
             return HTMLResponse("<p>unknown user</p>", status_code=400)
         device.user, device.auth_time = user, int(now)
         return HTMLResponse(f"<p>signed in as {html.escape(user)}; return to your terminal</p>")
@@ -336,6 +359,8 @@ class _Provider:
         state.used_refresh[digest] = grant.family
         if grant.expires_at < self.clock():
             return _error("invalid_grant", "the refresh token expired")
+        if grant.user not in self.users():
+            return _error("invalid_grant", "the user no longer exists (offboarded)")
         return self.issue(grant.user, grant.auth_time, grant.family)
 
     def device_grant(self, form: dict[str, str]) -> JSONResponse:
@@ -402,13 +427,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--client-id", default="guard-cli")
     parser.add_argument("--users", type=Path, help="users YAML (default: the packaged one)")
     parser.add_argument("--interval", type=int, default=5, help="device-flow poll interval (s)")
+    parser.add_argument(
+        "--id-token-lifetime", type=int, default=ID_TOKEN_LIFETIME, help="seconds (default 900)"
+    )
     args = parser.parse_args(argv)
     config = IdPConfig(
         issuer=f"http://{args.host}:{args.port}",
         client_id=args.client_id,
         state_dir=args.state_dir,
         users=load_users(args.users),
+        users_file=args.users,
         interval=max(args.interval, 1),
+        id_token_lifetime=max(args.id_token_lifetime, 60),
     )
     uvicorn.run(
         create_app(config), host=args.host, port=args.port, log_level="warning", access_log=False

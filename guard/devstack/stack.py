@@ -348,6 +348,12 @@ def _start(
     issuer = f"http://127.0.0.1:{idp_port}"
     idp_argv = [sys.executable, "-m", "guard.devstack.idp", "--host", "127.0.0.1"]
     idp_argv += ["--port", str(idp_port), "--state-dir", str(state_dir), "--client-id", CLIENT_ID]
+    # Test and demo knobs: a users file of one's own (edited while the stack runs:
+    # offboarding), and shorter ID tokens (a login's refresh, seen in seconds).
+    if os.environ.get("GUARD_DEV_USERS"):
+        idp_argv += ["--users", os.environ["GUARD_DEV_USERS"]]
+    if os.environ.get("GUARD_DEV_ID_TOKEN_LIFETIME", "").isdigit():
+        idp_argv += ["--id-token-lifetime", os.environ["GUARD_DEV_ID_TOKEN_LIFETIME"]]
     idp = _spawn("idp", idp_argv, state_dir)
     _record(status, "idp", idp.pid, logs / "idp.log")
     status["issuer"] = issuer

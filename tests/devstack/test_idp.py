@@ -269,3 +269,45 @@ def httpx_get(url: str) -> dict:
     response = httpx.get(url)
     response.raise_for_status()
     return response.json()
+
+
+def test_a_user_removed_or_regrouped_in_the_users_file_is_so_at_the_next_refresh(tmp_path):
+    """Offboarding at the dev IdP: the users file is read again when it changes."""
+    users_file = tmp_path / "users.yaml"
+    users_file.write_text(
+        "users:\n  alice: {groups: [engineers]}\n  bob: {groups: [security-leads]}\n"
+    )
+    config = IdPConfig(
+        issuer="http://idp.test",
+        client_id="guard-cli",
+        state_dir=tmp_path,
+        users=load_users(users_file),
+        users_file=users_file,
+        interval=1,
+    )
+    client = Local(create_app(config))
+
+    def login(user: str) -> dict:
+        start = client.post("/device_authorization", data={"client_id": "guard-cli"}).json()
+        decided = client.post(
+            "/device", data={"user_code": start["user_code"], "username": user, "action": "approve"}
+        )
+        assert decided.status_code == 200
+        return _poll(client, start["device_code"])
+
+    def refresh(token: str):
+        form = {"grant_type": "refresh_token", "refresh_token": token, "client_id": "guard-cli"}
+        return client.post("/token", data=form)
+
+    alice, bob = login("alice"), login("bob")
+    users_file.write_text("users:\n  alice: {groups: [contractors]}\n")
+    os.utime(users_file, ns=(1, 2))  # a new mtime, whatever the clock's resolution
+    fresh = refresh(alice["refresh_token"]).json()
+    claims = jwt.decode(fresh["id_token"], options={"verify_signature": False})
+    assert claims["groups"] == ["contractors"]
+    gone = refresh(bob["refresh_token"])
+    assert gone.status_code == 400
+    assert gone.json() == {
+        "error": "invalid_grant",
+        "error_description": "the user no longer exists (offboarded)",
+    }

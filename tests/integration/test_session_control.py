@@ -12,6 +12,7 @@ import json
 import subprocess
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -320,3 +321,49 @@ def test_exec_extends_its_session_while_the_program_runs_when_the_policy_allows(
         assert any(line.startswith(f"guard: session {sid} extended to ") for line in lines)
         assert lines[-1] == f"guard: session {sid} ended: sleep exited with status 0"
         assert not any("the broker ended" in line for line in lines)
+
+
+def test_removed_from_the_group_at_the_identity_provider_ends_the_session(
+    dev_stack: Stack, tmp_path
+):
+    """Offboarding, end to end: alice's login is refreshed by her running `guard exec`
+    (70 s ID tokens here); the IdP now gives her other groups, so her session ends at the
+    next renewal, the audit says why, and her program is told."""
+    users = tmp_path / "users.yaml"
+    users.write_text(Path(DEMO_POLICY).with_name("users.yaml").read_text())
+    text = DEMO_POLICY.read_text().replace(
+        "session_ttl: {default: 1h, max: 8h}",
+        "session_ttl: {default: 1h, max: 8h, reauthenticate: true}",
+    )
+    knobs = {"GUARD_DEV_USERS": str(users), "GUARD_DEV_ID_TOKEN_LIFETIME": "70"}
+    with stack_with_policy(dev_stack, tmp_path / "home", text, env=knobs) as stack:
+        assert stack.guard("dev", "login", "alice").returncode == 0
+        running = subprocess.Popen(
+            [*GUARD, "exec", "demo", "--", "sleep", "25"],
+            env=stack.env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            first = running.stderr.readline()
+            sid = first.split()[2]
+            users.write_text(
+                users.read_text().replace("groups: [engineers]", "groups: [contractors]", 1)
+            )
+            assert running.wait(timeout=60) == 0  # the program is not killed
+            rest = running.stderr.read().splitlines()
+        finally:
+            if running.poll() is None:
+                running.kill()
+            running.stderr.close()
+        why = (
+            "alice's groups changed at the identity provider (now: contractors); "
+            'alice may not connect to target "demo"'
+        )
+        assert rest[-1].startswith(f"guard: the broker ended session {sid}: {why}"), rest
+        (ended,) = [
+            r
+            for r in stack.audit_records()
+            if r.get("session_id") == sid and r.get("event") == "ended"
+        ]
+        assert ended["detail"].startswith(why)
