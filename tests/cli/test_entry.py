@@ -156,3 +156,11 @@ def test_the_target_form_stays_on_the_fast_path(tmp_path, words):
     assert ran.returncode == 1
     assert ran.stderr.splitlines()[0] == "error: guard is not configured: no broker URL / issuer"
     assert ran.stderr.splitlines()[-1] == "click loaded: False"
+
+
+@given(st.from_regex(r"\A[1-9][0-9]{0,5}[smhd]\Z"))
+def test_every_duration_a_policy_accepts_ttl_accepts_alike(text):
+    """`--ttl` reads whatever `session_ttl` may say (issue 14), to the same seconds."""
+    from guard.broker.policy.schema import duration_seconds as policy_seconds
+
+    assert duration_seconds(text) == policy_seconds(text)
