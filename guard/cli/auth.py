@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from guard.cli.errors import CliError
@@ -384,6 +385,24 @@ def seconds_left(id_token: str) -> float:
     return float(exp) - time.time()
 
 
+@contextlib.contextmanager
+def refresh_lock() -> Iterator[None]:
+    """One login refresh at a time among the guard processes of this GUARD_HOME (eight
+    parallel `guard exec` in a CI job all find the ID token expired at once). An advisory
+    lock (flock) on `$GUARD_HOME/credentials.lock`: released when the process exits,
+    however it exits, so a killed guard never leaves it held."""
+    import fcntl
+
+    home = guard_home()
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(home / "credentials.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # waits as long as a refresh takes (its timeouts)
+        yield
+    finally:
+        os.close(fd)
+
+
 def unverified_claims(id_token: str) -> dict[str, Any] | None:
     """The payload of a compact JWS (header.payload.signature), NOT verified: for showing
     and for expiry checks only, never for a decision. None when it is not one."""
@@ -397,6 +416,16 @@ def unverified_claims(id_token: str) -> dict[str, Any] | None:
     except (binascii.Error, ValueError):
         return None
     return claims if isinstance(claims, dict) else None
+
+
+def token_source(id_token_file: Path | None = None) -> str | None:
+    """Where `current_id_token` takes the token from, in words, when it is not the stored
+    login: `--id-token-file PATH` or GUARD_ID_TOKEN (a CI job's); None for the login."""
+    if id_token_file is not None:
+        return f"--id-token-file {id_token_file}"
+    if os.environ.get("GUARD_ID_TOKEN", "").strip():
+        return "GUARD_ID_TOKEN"
+    return None
 
 
 def current_id_token(
@@ -418,22 +447,44 @@ def current_id_token(
         return token
     if os.environ.get("GUARD_ID_TOKEN", "").strip():
         return os.environ["GUARD_ID_TOKEN"].strip()
+    if not profile.issuer:
+        raise CliError(
+            "no identity provider configured and no ID token given",
+            hint="set GUARD_ISSUER (then `guard login`), or give a CI job's token with "
+            "GUARD_ID_TOKEN or --id-token-file",
+        )
     store = TokenStore(profile)
-    tokens = store.load() or {}
-    if seconds_left(tokens.get("id_token", "")) > MIN_VALIDITY:
-        return tokens["id_token"]
-    if tokens.get("refresh_token"):
-        with DeviceFlow(profile.issuer, profile.client_id, http=http) as flow:
-            fresh = flow.refresh(tokens["refresh_token"])
-        if fresh is not None:
-            # An IdP that does not rotate keeps the old refresh token valid: keep it.
-            store.save({"refresh_token": tokens["refresh_token"], **fresh})
-            return fresh["id_token"]
-        # Another guard process may have rotated the refresh token a moment ago.
-        again = store.load() or {}
-        if seconds_left(again.get("id_token", "")) > MIN_VALIDITY:
-            return again["id_token"]
-    raise CliError(
-        "not logged in (or the login expired)",
-        hint="run `guard login` (or `guard dev login USER` for the demo)",
-    )
+    token = _valid_id_token(store)
+    if token is None and (store.load() or {}).get("refresh_token"):
+        with refresh_lock():
+            # Another guard process may have refreshed while this one waited: its tokens,
+            # not a second use of the same refresh token, which a rotating IdP takes for
+            # theft and answers by revoking the whole login (OAuth 2.1 reuse detection).
+            token = _valid_id_token(store) or _refreshed(store, profile, http)
+    if token is None:
+        raise CliError(
+            "not logged in (or the login expired)",
+            hint="run `guard login` (or `guard dev login USER` for the demo)",
+        )
+    return token
+
+
+def _valid_id_token(store: TokenStore) -> str | None:
+    """The stored ID token, if it is valid for more than `MIN_VALIDITY` seconds."""
+    token = (store.load() or {}).get("id_token", "")
+    return str(token) if seconds_left(token) > MIN_VALIDITY else None
+
+
+def _refreshed(store: TokenStore, profile: Profile, http: HttpClient | None) -> str | None:
+    """A fresh ID token from the stored refresh token (the new tokens stored), or None
+    when there is none or the IdP no longer takes it."""
+    refresh = (store.load() or {}).get("refresh_token")
+    if not refresh:
+        return None
+    with DeviceFlow(profile.issuer, profile.client_id, http=http) as flow:
+        fresh = flow.refresh(refresh)
+    if fresh is None:
+        return None
+    # An IdP that does not rotate keeps the old refresh token valid: keep it.
+    store.save({"refresh_token": refresh, **fresh})
+    return str(fresh["id_token"])

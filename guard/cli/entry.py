@@ -179,7 +179,7 @@ def run_exec(arguments: ExecArguments) -> int:
         raise CliError(
             "no command given", hint="guard exec demo -- python job.py", exit_code=EXIT_USAGE
         )
-    from guard.cli.auth import current_id_token
+    from guard.cli.auth import current_id_token, token_source
     from guard.cli.profile import load_profile
     from guard.cli.runner import run_in_session
 
@@ -195,6 +195,7 @@ def run_exec(arguments: ExecArguments) -> int:
         gateway_ca_file=profile.gateway_ca_file,
         fresh_token=lambda: current_id_token(profile, id_token_file=arguments.id_token_file),
         auto_extend=True,  # while the program runs, when the target's policy allows
+        token_from=token_source(arguments.id_token_file),
     )
 
 

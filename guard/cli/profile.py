@@ -2,8 +2,11 @@
 
 Imports only the stdlib. The profile lives at `$GUARD_HOME/profile.json` (default
 `~/.guard`). It holds addresses and CA files only, never tokens or credentials (those go to
-the keyring, see `cli.auth`). `guard dev up` writes it; `GUARD_BROKER_URL` /
-`GUARD_ISSUER` / `GUARD_BROKER_CA` override it.
+the keyring, see `cli.auth`). `guard dev up` writes it; every setting can also come from
+the environment, which overrides the file (`GUARD_BROKER_URL`, `GUARD_ISSUER`,
+`GUARD_CLIENT_ID`, `GUARD_BROKER_CA`, `GUARD_GATEWAY_CA`, `GUARD_SCOPE`), so a CI job
+configures guard without one. Only the broker URL is required: a job that brings its own
+ID token needs no issuer.
 
 The broker API is HTTPS, always verified: against `broker_ca_file` when set (the dev
 stack's CA), else the system trust store. There is no switch to turn verification off.
@@ -32,7 +35,8 @@ def dev_state_dir() -> Path:
 
 class Profile(Record):
     broker_url: str
-    issuer: str
+    # The OIDC issuer people log in at; a CI job that brings its own token needs none.
+    issuer: str = ""
     client_id: str = "guard-cli"
     # Audience the broker expects in ID tokens; the CLI only passes tokens through.
     audience: str = "guard-cli"
@@ -40,10 +44,24 @@ class Profile(Record):
     gateway_ca_file: str | None = None
     # CA that signs the broker API's HTTPS certificate (None: the system trust store).
     broker_ca_file: str | None = None
+    # OAuth scopes `guard login` asks for (None: `auth.DEFAULT_SCOPE`); an IdP that refuses
+    # scopes it does not know (`groups`) needs its own list.
+    scope: str | None = None
 
     @property
     def path(self) -> Path:
         return profile_path()
+
+
+# Environment variables that override the profile's settings.
+_FROM_ENVIRONMENT = (
+    ("GUARD_BROKER_URL", "broker_url"),
+    ("GUARD_ISSUER", "issuer"),
+    ("GUARD_CLIENT_ID", "client_id"),
+    ("GUARD_BROKER_CA", "broker_ca_file"),
+    ("GUARD_GATEWAY_CA", "gateway_ca_file"),
+    ("GUARD_SCOPE", "scope"),
+)
 
 
 def profile_path() -> Path:
@@ -70,13 +88,11 @@ def load_profile() -> Profile:
                 f"cannot read the guard profile {path}: {exc}",
                 hint="delete it and run `guard dev up` (or write broker_url and issuer)",
             ) from exc
-    if os.environ.get("GUARD_BROKER_URL"):
-        data["broker_url"] = os.environ["GUARD_BROKER_URL"]
-    if os.environ.get("GUARD_ISSUER"):
-        data["issuer"] = os.environ["GUARD_ISSUER"]
-    if os.environ.get("GUARD_BROKER_CA"):
-        data["broker_ca_file"] = os.environ["GUARD_BROKER_CA"]
-    if not data.get("broker_url") or not data.get("issuer"):
+    # Every setting from the environment too: a CI job configures guard without a file.
+    for variable, key in _FROM_ENVIRONMENT:
+        if os.environ.get(variable):
+            data[key] = os.environ[variable]
+    if not data.get("broker_url"):
         raise CliError(
             "guard is not configured: no broker URL / issuer",
             hint="run `guard dev up` for the local demo, or set GUARD_BROKER_URL and GUARD_ISSUER",

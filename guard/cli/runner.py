@@ -419,6 +419,7 @@ def run_in_session(
     relay_port: int | None = None,
     fresh_token: Callable[[], str] | None = None,
     auto_extend: bool = False,
+    token_from: str | None = None,
 ) -> int:
     """Open a session, run `argv` in it (None: wait for Ctrl-C), end it; the exit status.
     `relay_port` (guard proxy) serves the session on a plain loopback port instead."""
@@ -427,6 +428,17 @@ def run_in_session(
         created = ender.create_session(
             target, reason=reason, ttl_seconds=ttl_seconds, heartbeat=True
         )
+    except BrokerError as err:
+        ender.close()
+        source = token_from
+        if err.status == 401 and source is not None:
+            # A CI job cannot `guard login`: say which token was refused, and why.
+            raise CliError(
+                f"the broker refused the ID token from {source}: {err.message}",
+                hint="a CI job's token must be unexpired, for the broker's audience, and "
+                "from an issuer the broker trusts; check the job's OIDC settings",
+            ) from err
+        raise
     except BaseException:
         ender.close()
         raise

@@ -335,6 +335,37 @@ def test_refresh_against_the_real_dev_idp(home, tmp_path, dev_idp):  # noqa: F81
     assert dev_idp.refresh(real["refresh_token"]).status_code == 400  # rotated out
 
 
+@pytest.mark.ci_identity
+def test_parallel_guard_commands_refreshing_at_once_keep_the_login(home, tmp_path, dev_idp):  # noqa: F811
+    """Eight `guard` processes find the ID token expired at the same moment. The dev IdP
+    rotates refresh tokens and revokes the whole login when one is used twice (reuse
+    detection), so without one refresh at a time some of them would lose it for all."""
+    import subprocess
+    import sys
+
+    profile = use_issuer(home, dev_idp.issuer, tmp_path, dev_stack=False)
+    real = dev_idp.tokens_for("carol")
+    TokenStore(profile).save({"id_token": token(10), "refresh_token": real["refresh_token"]})
+    code = (
+        "from guard.cli.auth import current_id_token\n"
+        "from guard.cli.profile import load_profile\n"
+        "print(current_id_token(load_profile()))\n"
+    )
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(8)
+    ]
+    results = [(run.wait(timeout=60), *run.communicate()) for run in runs]
+    assert [code for code, _, _ in results] == [0] * 8, [err for _, _, err in results]
+    issued = {out.strip() for _, out, _ in results}
+    assert len(issued) == 1  # one refresh; the seven others took its tokens from the store
+    # The login survived: its stored refresh token still works.
+    stored = TokenStore(profile).load()
+    assert dev_idp.refresh(stored["refresh_token"]).status_code == 200
+
+
 # guard login / logout / dev login / dev token -------------------------------------------
 
 
@@ -353,6 +384,7 @@ def test_login_and_logout_against_the_dev_idp(home, tmp_path, dev_idp, monkeypat
     assert out == ""
     assert "logged in as alice (engineers)" in err and "profile updated" in err
     assert opened and opened[0].startswith(f"{dev_idp.issuer}/device?user_code=")
+    assert opened[0] in err  # the complete URI is printed too, for another device
     profile = load_profile()
     assert profile.issuer == dev_idp.issuer
     stored = TokenStore(profile).load()
@@ -412,3 +444,55 @@ def test_dev_login_without_a_dev_stack(home, capsys):
     assert main(["dev", "login", "alice"]) == 1
     err = capsys.readouterr().err
     assert "only against the local dev IdP" in err and "guard dev up" in err
+
+
+# settings from the environment, for a CI job without a profile ------------------------------
+@pytest.mark.ci_identity
+def test_a_ci_job_configures_guard_from_the_environment_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("GUARD_HOME", str(tmp_path / "empty"))
+    monkeypatch.setenv("GUARD_BROKER_URL", "https://broker.example")
+    monkeypatch.setenv("GUARD_GATEWAY_CA", "/etc/guard/gateway-ca.pem")
+    monkeypatch.setenv("GUARD_SCOPE", "openid email")
+    monkeypatch.setenv("GUARD_CLIENT_ID", "ci")
+    for var in ("GUARD_ISSUER", "GUARD_ID_TOKEN", "GUARD_BROKER_CA"):
+        monkeypatch.delenv(var, raising=False)
+    profile = load_profile()  # no issuer needed to get this far
+    assert (profile.broker_url, profile.issuer, profile.client_id) == (
+        "https://broker.example",
+        "",
+        "ci",
+    )
+    assert (profile.gateway_ca_file, profile.scope) == ("/etc/guard/gateway-ca.pem", "openid email")
+    with pytest.raises(CliError, match="no identity provider configured and no ID token") as no:
+        current_id_token(profile)
+    assert "GUARD_ID_TOKEN" in no.value.hint
+    monkeypatch.setenv("GUARD_ID_TOKEN", "  header.payload.signature\n")
+    assert current_id_token(profile) == "header.payload.signature"
+
+
+@pytest.mark.ci_identity
+def test_login_asks_for_the_scopes_configured(home, monkeypatch, capsys):
+    asked: list[str] = []
+
+    def idp(request: http.Request) -> http.Response:
+        if request.url.path.endswith("openid-configuration"):
+            return http.Response(
+                200,
+                json={
+                    "issuer": ISSUER,
+                    "device_authorization_endpoint": f"{ISSUER}/device",
+                    "token_endpoint": f"{ISSUER}/token",
+                },
+            )
+        asked.append(parse_qs(request.content.decode())["scope"][0])
+        return http.Response(400, json={"error": "invalid_scope"})
+
+    monkeypatch.setattr("guard.cli.auth.HttpClient", lambda **kw: http.HttpClient(transport=idp))
+    assert main(["login", "--scope", "openid email", "--no-browser"]) == 1
+    monkeypatch.setenv("GUARD_SCOPE", "openid groups")
+    assert main(["login", "--no-browser"]) == 1
+    assert asked == ["openid email", "openid groups"]
+    assert (
+        "the identity provider refused the sign-in request: invalid_scope"
+        in capsys.readouterr().err
+    )

@@ -40,7 +40,8 @@ class FakeBroker:
         auth = request.headers.get("authorization", "")
         self.calls.append((request.method, request.url.path, auth))
         if request.method == "POST" and request.url.path == "/v1/sessions":
-            assert auth == f"Bearer {ID_TOKEN}"
+            if auth != f"Bearer {ID_TOKEN}":
+                return error(401, "unauthenticated", "the ID token's signature does not verify")
             assert json.loads(request.content)["heartbeat"] is True
             return http.Response(201, json=self.created())
         if auth != f"Bearer {SESSION_TOKEN}":
@@ -322,3 +323,29 @@ def test_without_auto_extension_nothing_is_extended_and_the_end_is_warned_of(cap
     _beat_until(client, beat, 200)
     assert client.extended == []
     assert "guard: session ses1 ends in " in capsys.readouterr().err
+
+
+@pytest.mark.ci_identity
+def test_a_ci_token_the_broker_refuses_is_named_not_sent_to_guard_login(
+    make_broker,
+    guard,  # noqa: F811
+    monkeypatch,
+    tmp_path,
+):
+    make_broker()
+    monkeypatch.setenv("GUARD_ID_TOKEN", "garbage")
+    outcome = guard("exec", "demo", "--", "true")
+    assert outcome.code == 1
+    assert outcome.err.splitlines() == [
+        "error: the broker refused the ID token from GUARD_ID_TOKEN: the ID token's "
+        "signature does not verify",
+        "hint: a CI job's token must be unexpired, for the broker's audience, and from an "
+        "issuer the broker trusts; check the job's OIDC settings",
+    ]
+    token_file = tmp_path / "token"
+    token_file.write_text("garbage\n")
+    monkeypatch.delenv("GUARD_ID_TOKEN")
+    outcome = guard("exec", "--id-token-file", str(token_file), "demo", "--", "true")
+    assert outcome.err.startswith(
+        f"error: the broker refused the ID token from --id-token-file {token_file}:"
+    )

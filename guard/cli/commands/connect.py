@@ -34,7 +34,7 @@ def connect(
     import shlex
     import shutil
 
-    from guard.cli.auth import current_id_token
+    from guard.cli.auth import current_id_token, token_source
     from guard.cli.runner import run_in_session
 
     profile = load_profile()
@@ -74,6 +74,7 @@ def connect(
         broker_url=profile.broker_url,
         token=token,
         fresh_token=lambda: current_id_token(profile),
+        token_from=token_source(),
         target=target,
         reason=reason,
         ttl_seconds=ttl,

@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from guard.cli import console
+from guard.cli.errors import EXIT_USAGE, CliError
 from guard.cli.options import http_url
 from guard.cli.profile import Profile, load_profile, save_profile
 from guard.cli.usage import GuardCommand
@@ -59,25 +60,39 @@ def _login_profile(issuer: str | None, client_id: str | None) -> Profile:
     "--issuer", type=http_url, metavar="URL", help="OIDC issuer URL (saved in the profile)"
 )
 @click.option("--client-id", help="OIDC client id")
+@click.option(
+    "--scope",
+    help="OAuth scopes to ask for (default: the profile's, GUARD_SCOPE, else "
+    "'openid profile email groups offline_access')",
+)
 @click.option("--no-browser", is_flag=True, help="Only print the link; do not open a browser")
-def login(issuer: str | None, client_id: str | None, no_browser: bool) -> int:
+def login(issuer: str | None, client_id: str | None, scope: str | None, no_browser: bool) -> int:
     import webbrowser
 
+    from rich.markup import escape
     from rich.panel import Panel
 
-    from guard.cli.auth import DeviceFlow, TokenStore
+    from guard.cli.auth import DEFAULT_SCOPE, DeviceFlow, TokenStore
 
     err = console.stderr()
     profile = _login_profile(issuer, client_id)
-    with DeviceFlow(profile.issuer, profile.client_id) as flow:
-        auth = flow.start()
-        err.print(
-            Panel.fit(
-                f"Open [bold]{auth.verification_uri}[/bold]\n"
-                f"and enter the code [bold cyan]{auth.user_code}[/bold cyan]",
-                title="guard login",
-            )
+    if not profile.issuer:
+        raise CliError(
+            "no identity provider to log in at",
+            hint="guard login --issuer URL (or set GUARD_ISSUER)",
+            exit_code=EXIT_USAGE,
         )
+    with DeviceFlow(profile.issuer, profile.client_id) as flow:
+        auth = flow.start(scope or profile.scope or DEFAULT_SCOPE)
+        # The IdP's words, not markup. The complete URI (code included) when it sends one:
+        # one click on another device instead of typing the code (RFC 8628 §3.3.1).
+        text = (
+            f"Open [bold]{escape(auth.verification_uri)}[/bold]\n"
+            f"and enter the code [bold cyan]{escape(auth.user_code)}[/bold cyan]"
+        )
+        if auth.verification_uri_complete:
+            text += f"\nor open [bold]{escape(auth.verification_uri_complete)}[/bold]"
+        err.print(Panel.fit(text, title="guard login"))
         if not no_browser:
             try:
                 webbrowser.open(auth.verification_uri_complete or auth.verification_uri)

@@ -35,7 +35,7 @@ from guard.cli.usage import GuardCommand
 def proxy(target: str, port: int, reason: str, ttl: int | None) -> int:
     import shlex
 
-    from guard.cli.auth import current_id_token
+    from guard.cli.auth import current_id_token, token_source
     from guard.cli.runner import run_in_session
 
     profile = load_profile()
@@ -52,6 +52,7 @@ def proxy(target: str, port: int, reason: str, ttl: int | None) -> int:
         broker_url=profile.broker_url,
         token=current_id_token(profile),
         fresh_token=lambda: current_id_token(profile),
+        token_from=token_source(),
         target=target,
         reason=reason,
         ttl_seconds=ttl,
