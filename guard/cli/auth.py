@@ -341,6 +341,19 @@ class DeviceFlow:
             "the sign-in code expired before it was approved", hint="run `guard login` again"
         )
 
+    def revoke(self, refresh_token: str) -> bool:
+        """Revoke the login at the IdP (RFC 7009) when it offers a revocation endpoint;
+        whether it was told. Best effort: the caller forgets the tokens either way."""
+        url = self.config().get("revocation_endpoint")
+        if not isinstance(url, str) or not url:
+            return False
+        form = {
+            "token": refresh_token,
+            "token_type_hint": "refresh_token",
+            "client_id": self.client_id,
+        }
+        return self.post_form(url, form).status_code == 200
+
     def refresh(self, refresh_token: str) -> dict[str, Any] | None:
         """New tokens for a refresh token; None if the IdP no longer accepts it."""
         response = self.post_form(

@@ -35,7 +35,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from guard.devstack.files import write_private
 
@@ -248,6 +248,7 @@ class _Provider:
             "jwks_uri": f"{issuer}/jwks",
             "token_endpoint": f"{issuer}/token",
             "device_authorization_endpoint": f"{issuer}/device_authorization",
+            "revocation_endpoint": f"{issuer}/revoke",
             "id_token_signing_alg_values_supported": ["RS256"],
             "grant_types_supported": [DEVICE_GRANT, "refresh_token"],
             "response_types_supported": ["id_token"],
@@ -363,6 +364,16 @@ class _Provider:
             return _error("invalid_grant", "the user no longer exists (offboarded)")
         return self.issue(grant.user, grant.auth_time, grant.family)
 
+    def revoke(self, form: dict[str, str]) -> Response:
+        """RFC 7009: a refresh token revoked ends its whole login (every rotation of it).
+        200 whatever the token was: a client learns nothing about tokens not its own."""
+        state = self.state
+        grant = state.refresh.get(_digest(form.get("token", "")))
+        if grant is not None:
+            for digest in [d for d, g in state.refresh.items() if g.family == grant.family]:
+                del state.refresh[digest]
+        return Response(status_code=200, headers=NO_STORE)
+
     def device_grant(self, form: dict[str, str]) -> JSONResponse:
         device_code = form.get("device_code", "")
         device = self.state.devices.get(device_code)
@@ -413,6 +424,10 @@ def create_app(config: IdPConfig) -> FastAPI:
     @app.post("/token")
     async def token(request: Request) -> JSONResponse:
         return provider.token(await _form(request))
+
+    @app.post("/revoke")
+    async def revoke(request: Request) -> Response:
+        return provider.revoke(await _form(request))
 
     return app
 

@@ -369,6 +369,7 @@ def test_parallel_guard_commands_refreshing_at_once_keep_the_login(home, tmp_pat
 # guard login / logout / dev login / dev token -------------------------------------------
 
 
+@pytest.mark.ci_identity
 def test_login_and_logout_against_the_dev_idp(home, tmp_path, dev_idp, monkeypatch, capsys):  # noqa: F811
     opened: list[str] = []
 
@@ -392,7 +393,10 @@ def test_login_and_logout_against_the_dev_idp(home, tmp_path, dev_idp, monkeypat
     assert current_id_token(profile) == stored["id_token"]
     assert main(["logout"]) == 0
     assert TokenStore(profile).load() is None
-    assert "logged out" in capsys.readouterr().err
+    assert "logged out (the login was revoked at the identity provider)" in capsys.readouterr().err
+    # Revoked at the IdP (RFC 7009): a copy of the refresh token is worth nothing now.
+    refused = dev_idp.refresh(stored["refresh_token"])
+    assert refused.status_code == 400 and refused.json()["error"] == "invalid_grant"
 
 
 def test_login_no_browser_does_not_open_one(home, dev_idp, monkeypatch, capsys):  # noqa: F811

@@ -105,10 +105,31 @@ def login(issuer: str | None, client_id: str | None, scope: str | None, no_brows
     return 0
 
 
-@click.command("logout", cls=GuardCommand, help="Forget the stored tokens.")
+@click.command(
+    "logout", cls=GuardCommand, help="Revoke the login at the identity provider and forget it."
+)
 def logout() -> int:
-    from guard.cli.auth import TokenStore
+    from guard.cli.auth import DeviceFlow, TokenStore
 
-    had = TokenStore(load_profile()).clear()
-    console.stderr().print("logged out" if had else "not logged in")
+    profile = load_profile()
+    store = TokenStore(profile)
+    refresh = (store.load() or {}).get("refresh_token")
+    told = False
+    if refresh and profile.issuer:
+        # Revoked first, so a copy of the refresh token (a backup, another machine) dies
+        # with the login; forgotten here whatever the IdP answers.
+        try:
+            with DeviceFlow(profile.issuer, profile.client_id) as flow:
+                told = flow.revoke(refresh)
+        except CliError as err:
+            console.stderr().print(
+                f"note: the identity provider was not told: {err.message}", markup=False
+            )
+    had = store.clear()
+    if not had:
+        console.stderr().print("not logged in")
+    else:
+        console.stderr().print(
+            "logged out" + (" (the login was revoked at the identity provider)" if told else "")
+        )
     return 0
