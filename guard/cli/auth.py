@@ -365,7 +365,8 @@ class DeviceFlow:
             },
         )
         if response.status_code == 200:
-            return _token_body(response, self.issuer)
+            # OIDC Core §12.2: a refresh answer may come without an ID token.
+            return _token_body(response, self.issuer, id_token=False)
         if response.status_code in (400, 401):
             return None  # invalid_grant and friends: the login is over
         raise CliError(
@@ -375,12 +376,14 @@ class DeviceFlow:
         )
 
 
-def _token_body(response: Response, issuer: str) -> dict[str, Any]:
+def _token_body(response: Response, issuer: str, *, id_token: bool = True) -> dict[str, Any]:
+    """A token response's body; CliError when it is not one (or, with `id_token`, when it
+    holds no ID token)."""
     try:
         body = response.json()
     except ValueError:
         body = None
-    if not isinstance(body, dict) or not isinstance(body.get("id_token"), str):
+    if not isinstance(body, dict) or (id_token and not isinstance(body.get("id_token"), str)):
         raise CliError(f"the identity provider at {issuer} sent no ID token")
     return body
 
@@ -498,6 +501,15 @@ def _refreshed(store: TokenStore, profile: Profile, http: HttpClient | None) -> 
         fresh = flow.refresh(refresh)
     if fresh is None:
         return None
+    if not isinstance(fresh.get("id_token"), str):
+        # Allowed (OIDC Core §12.2), but the broker takes only ID tokens. Keep what it
+        # sent, a rotated refresh token above all (the old one is spent), and say why.
+        store.save({"refresh_token": refresh, **fresh, "id_token": ""})
+        raise CliError(
+            f"the identity provider at {profile.issuer} renewed the login without a new ID token",
+            hint="run `guard login` again; to stay logged in, the IdP must issue ID tokens "
+            "when it refreshes (its client settings for guard)",
+        )
     # An IdP that does not rotate keeps the old refresh token valid: keep it.
     store.save({"refresh_token": refresh, **fresh})
     return str(fresh["id_token"])

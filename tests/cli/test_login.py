@@ -300,6 +300,16 @@ def test_refresh_without_rotation_keeps_the_refresh_token(home):
     assert TokenStore(home).load()["refresh_token"] == "r1"
 
 
+@pytest.mark.ci_identity
+def test_a_refresh_without_an_id_token_keeps_the_rotated_login_and_says_why(home):
+    TokenStore(home).save({"id_token": token(30), "refresh_token": "r1"})
+    idp = MockIdP([(200, {"access_token": "a2", "refresh_token": "r2", "token_type": "Bearer"})])
+    with pytest.raises(CliError, match="renewed the login without a new ID token") as info:
+        current_id_token(home, http=http.HttpClient(transport=idp))
+    assert "guard login" in info.value.hint
+    assert TokenStore(home).load()["refresh_token"] == "r2"  # r1 is spent: r2 is kept
+
+
 def test_rejected_refresh_means_not_logged_in(home):
     TokenStore(home).save({"id_token": token(30), "refresh_token": "r1"})
     idp = MockIdP([(400, {"error": "invalid_grant"})])
