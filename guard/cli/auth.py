@@ -470,13 +470,15 @@ def current_id_token(
             "GUARD_ID_TOKEN or --id-token-file",
         )
     store = TokenStore(profile)
-    token = _valid_id_token(store)
-    if token is None and (store.load() or {}).get("refresh_token"):
+    tokens = store.load() or {}
+    token = _valid_id_token(tokens)
+    if token is None and tokens.get("refresh_token"):
         with refresh_lock():
             # Another guard process may have refreshed while this one waited: its tokens,
             # not a second use of the same refresh token, which a rotating IdP takes for
             # theft and answers by revoking the whole login (OAuth 2.1 reuse detection).
-            token = _valid_id_token(store) or _refreshed(store, profile, http)
+            tokens = store.load() or {}
+            token = _valid_id_token(tokens) or _refreshed(store, tokens, profile, http)
     if token is None:
         raise CliError(
             "not logged in (or the login expired)",
@@ -485,16 +487,18 @@ def current_id_token(
     return token
 
 
-def _valid_id_token(store: TokenStore) -> str | None:
-    """The stored ID token, if it is valid for more than `MIN_VALIDITY` seconds."""
-    token = (store.load() or {}).get("id_token", "")
+def _valid_id_token(tokens: dict[str, Any]) -> str | None:
+    """The stored `tokens`' ID token, if it is valid for more than `MIN_VALIDITY` seconds."""
+    token = tokens.get("id_token", "")
     return str(token) if seconds_left(token) > MIN_VALIDITY else None
 
 
-def _refreshed(store: TokenStore, profile: Profile, http: HttpClient | None) -> str | None:
-    """A fresh ID token from the stored refresh token (the new tokens stored), or None
-    when there is none or the IdP no longer takes it."""
-    refresh = (store.load() or {}).get("refresh_token")
+def _refreshed(
+    store: TokenStore, tokens: dict[str, Any], profile: Profile, http: HttpClient | None
+) -> str | None:
+    """A fresh ID token from the stored `tokens`' refresh token (the new tokens stored in
+    `store`), or None when there is none or the IdP no longer takes it."""
+    refresh = tokens.get("refresh_token")
     if not refresh:
         return None
     with DeviceFlow(profile.issuer, profile.client_id, http=http) as flow:
