@@ -51,6 +51,13 @@ def make_record(i: int) -> bytes:
     return head + b"x" * (RECORD_LEN - len(head) - len(tail)) + tail
 
 
+def _fsync_dir(path: str) -> None:
+    """The file's directory entry made durable too (setup, not timed)."""
+    dfd = os.open(os.path.dirname(path), os.O_RDONLY)
+    os.fsync(dfd)
+    os.close(dfd)
+
+
 def prefill_zeros(path: str, size: int) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -61,9 +68,7 @@ def prefill_zeros(path: str, size: int) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    dfd = os.open(os.path.dirname(path), os.O_RDONLY)
-    os.fsync(dfd)
-    os.close(dfd)
+    _fsync_dir(path)
 
 
 def prefill_falloc(path: str, size: int) -> None:
@@ -73,18 +78,14 @@ def prefill_falloc(path: str, size: int) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    dfd = os.open(os.path.dirname(path), os.O_RDONLY)
-    os.fsync(dfd)
-    os.close(dfd)
+    _fsync_dir(path)
 
 
 def new_empty(path: str, size: int = 0) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fsync(fd)
     os.close(fd)
-    dfd = os.open(os.path.dirname(path), os.O_RDONLY)
-    os.fsync(dfd)
-    os.close(dfd)
+    _fsync_dir(path)
 
 
 # mode -> (setup, open flags, use pwrite?, sync fn or None)
