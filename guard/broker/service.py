@@ -50,19 +50,13 @@ class _Address:
 def build_principal_resolver(settings: BrokerSettings):
     import httpx
 
-    from guard.broker.identity.oidc import DiscoveryKeySource, OIDCVerifier, principal_from_token
+    from guard.broker.identity.oidc import DiscoveryKeySource, TrustedIssuers
 
     http = httpx.Client(timeout=5.0)
-    keys = DiscoveryKeySource(settings.oidc.issuer, http)
-    verifier = OIDCVerifier(
-        issuer=settings.oidc.issuer,
-        audience=settings.oidc.audience,
-        algorithms=list(settings.oidc.algorithms),
-        groups_claim=settings.oidc.groups_claim,
-        leeway=settings.oidc.leeway_seconds,
-        key_source=keys,
+    issuers = TrustedIssuers.from_settings(
+        settings.issuers(), lambda issuer: DiscoveryKeySource(issuer.issuer, http)
     )
-    return lambda token: principal_from_token(verifier, token)
+    return issuers.principal
 
 
 async def run(settings: BrokerSettings) -> None:

@@ -82,11 +82,154 @@ class TLSSettings(_Strict):
 
 
 class OIDCSettings(_Strict):
+    """The people's identity provider (the CLI's `guard login`): shorthand for one
+    `trusted_issuers` entry of kind `person`, named `oidc`."""
+
     issuer: str
     audience: str = "guard-cli"
     groups_claim: str = "groups"
     algorithms: tuple[str, ...] = ("RS256", "ES256")
     leeway_seconds: int = Field(default=30, ge=0, le=300)
+
+
+# A claim's required value: one pattern or a list of alternatives (see identity.bindings).
+ClaimRule = str | list[str]
+
+
+def _claim_rules(rules: dict[str, object], where: str) -> dict[str, ClaimRule]:
+    """YAML writes `123` and `true` unquoted: take them as the strings claims compare as."""
+    out: dict[str, ClaimRule] = {}
+    for claim, wanted in rules.items():
+        values = wanted if isinstance(wanted, list) else [wanted]
+        texts = []
+        for value in values:
+            if isinstance(value, bool):
+                texts.append("true" if value else "false")
+            elif isinstance(value, int | str) and str(value):
+                texts.append(str(value))
+            else:
+                raise ValueError(f"{where}.{claim}: a claim value must be a string or number")
+        if not claim or not texts:
+            raise ValueError(f"{where}: an empty claim name or value list")
+        out[claim] = texts[0] if len(texts) == 1 else texts
+    return out
+
+
+class GroupMappingSettings(_Strict):
+    """`group` is given to a token whose claims match every entry of `when`."""
+
+    group: str = Field(min_length=1)
+    when: dict[str, ClaimRule]
+
+    @field_validator("when", mode="before")
+    @classmethod
+    def _strings(cls, value: object) -> object:
+        if not isinstance(value, dict) or not value:
+            raise ValueError("when: name at least one claim")
+        return _claim_rules(value, "when")
+
+
+_GITHUB_ISSUER = "https://token.actions.githubusercontent.com"
+
+
+class TrustedIssuerSettings(_Strict):
+    """One OIDC issuer whose tokens the broker accepts: people's IdP or a CI platform.
+
+    Tokens are routed by their exact `iss`; each issuer has its own JWKS (a key of one
+    can never verify a token of another), its own audience and its own bindings."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    issuer: str
+    # Exactly one audience, guard's own (e.g. the broker's URL). A workload token must
+    # carry exactly this one; a platform default (`https://github.com/OWNER`) is refused.
+    audience: str = Field(min_length=1)
+    # `person`: someone who logged in (ID tokens reused until they expire). `workload`: a
+    # CI job's token (single use by default, admitted only through its bindings).
+    kind: Literal["person", "workload"] = "person"
+    # Which CI platform's rules apply (owner/project id bindings, audited claims); from
+    # the issuer URL when unset: GitHub Actions' issuer, or a GitLab one (gitlab in its host).
+    platform: Literal["github", "gitlab", "generic"] | None = None
+    subject_claim: str = "sub"
+    # Groups from a claim of the token: default `groups` for people; none for workloads,
+    # whose groups come from `groups` mappings only (a CI platform's own claims say
+    # nothing about guard's groups).
+    groups_claim: str | None = None
+    name_claims: tuple[str, ...] = ("preferred_username", "email", "name")
+    require: dict[str, ClaimRule] = {}
+    groups: list[GroupMappingSettings] = []
+    # Claims copied to the session's audit record beside those the bindings name.
+    audit_claims: tuple[str, ...] | None = None
+    # Remember each token's `jti` until it expires and refuse a second use. Default: on
+    # for workloads (the CLI fetches a fresh token per broker call), off for people.
+    single_use: bool | None = None
+    algorithms: tuple[str, ...] = ("RS256", "ES256")
+    leeway_seconds: int = Field(default=30, ge=0, le=300)
+
+    @field_validator("require", mode="before")
+    @classmethod
+    def _strings(cls, value: object) -> object:
+        if not isinstance(value, dict):
+            raise ValueError("require: a mapping of claim → value(s)")
+        return _claim_rules(value, "require")
+
+    @field_validator("issuer")
+    @classmethod
+    def _secure_issuer(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme == "https" and parts.hostname:
+            return value
+        if parts.scheme == "http" and parts.hostname and is_loopback(parts.hostname):
+            return value  # a development IdP on this machine
+        raise ValueError(f"issuer {value!r} must be an https:// URL (http only on loopback)")
+
+    @model_validator(mode="after")
+    def _safe_bindings(self) -> TrustedIssuerSettings:
+        from guard.broker.identity.bindings import binding_problems
+
+        audience = self.audience.rstrip("/")
+        if audience.lower().startswith("https://github.com") or audience == self.issuer.rstrip("/"):
+            # GitHub's default audience is the owner's URL and GitLab's legacy one the
+            # instance's: any job of the platform can get a token for those.
+            raise ValueError(
+                f"audience {self.audience!r} is a platform default: use guard's own "
+                "(e.g. the broker's URL), and ask for it in the job"
+            )
+        if self.kind == "workload":
+            problems = binding_problems(
+                self.resolved_platform(), self.require, [m.when for m in self.groups]
+            )
+            if problems:
+                raise ValueError(f"trusted issuer {self.name!r}: " + "; ".join(problems))
+        return self
+
+    def resolved_platform(self) -> str:
+        if self.platform is not None:
+            return self.platform
+        host = urlsplit(self.issuer).hostname or ""
+        if self.issuer.rstrip("/") == _GITHUB_ISSUER or urlsplit(self.issuer).path.endswith(
+            "/_services/token"
+        ):
+            return "github"  # github.com, or GitHub Enterprise Server's issuer
+        return "gitlab" if "gitlab" in host.split(".") else "generic"
+
+    def token_groups_claim(self) -> str | None:
+        if self.groups_claim is not None:
+            return self.groups_claim or None
+        return "groups" if self.kind == "person" else None
+
+    def is_single_use(self) -> bool:
+        return self.kind == "workload" if self.single_use is None else self.single_use
+
+    @classmethod
+    def from_oidc(cls, oidc: OIDCSettings) -> TrustedIssuerSettings:
+        return cls(
+            name="oidc",
+            issuer=oidc.issuer,
+            audience=oidc.audience,
+            groups_claim=oidc.groups_claim,
+            algorithms=oidc.algorithms,
+            leeway_seconds=oidc.leeway_seconds,
+        )
 
 
 class OpenBaoSettings(_Strict):
@@ -216,13 +359,32 @@ class BrokerSettings(_Strict):
     api_tls: TLSSettings | None = None
     gateway: GatewaySettings = GatewaySettings()
     gateway_tls: TLSSettings | None = None
-    oidc: OIDCSettings
+    # People's IdP (shorthand) and/or any number of trusted issuers (people's and CI's).
+    oidc: OIDCSettings | None = None
+    trusted_issuers: list[TrustedIssuerSettings] = []
     openbao: OpenBaoSettings
     targets: dict[str, TargetSettings]
     audit: AuditSettings
     approvals: ApprovalSettings = ApprovalSettings()
     session_default_ttl_seconds: int = 3600
     sessions: SessionSettings = SessionSettings()
+
+    @model_validator(mode="after")
+    def _issuers(self) -> BrokerSettings:
+        issuers = self.issuers()
+        if not issuers:
+            raise ValueError("no identity provider: set oidc.issuer or trusted_issuers")
+        for what in ("name", "issuer"):
+            seen = [getattr(i, what) for i in issuers]
+            twice = sorted({v for v in seen if seen.count(v) > 1})
+            if twice:
+                raise ValueError(f"trusted issuers: {what} {twice[0]!r} appears twice")
+        return self
+
+    def issuers(self) -> list[TrustedIssuerSettings]:
+        """Every trusted issuer: `oidc` (as the entry `oidc`) first, then `trusted_issuers`."""
+        head = [TrustedIssuerSettings.from_oidc(self.oidc)] if self.oidc is not None else []
+        return head + list(self.trusted_issuers)
 
     @property
     def database_path(self) -> Path:

@@ -428,6 +428,14 @@ def _start(
         # The demo's security leads (bob, carol) may list and revoke every session.
         "sessions": {"auditor_groups": ["security-leads"]},
     }
+    # Test and demo knob: more trusted issuers (a YAML list of `trusted_issuers` entries,
+    # e.g. a CI platform's or another IdP's) beside the dev IdP.
+    extra_issuers = os.environ.get("GUARD_DEV_TRUSTED_ISSUERS")
+    if extra_issuers:
+        entries = yaml.safe_load(Path(extra_issuers).read_text()) or []
+        if not isinstance(entries, list):
+            raise StackError(f"GUARD_DEV_TRUSTED_ISSUERS: {extra_issuers} is not a YAML list")
+        config["trusted_issuers"] = entries
     config_path = state_dir / "broker.yaml"
     write_private(config_path, yaml.safe_dump(config, sort_keys=False))
     broker_argv = [sys.executable, "-m", "guard.broker.service", "--config", str(config_path)]

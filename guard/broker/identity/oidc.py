@@ -34,10 +34,17 @@ import jwt
 
 from guard.broker.errors import DependencyUnavailable, Unauthenticated
 from guard.broker.fakes import FakeComponentWarning
+from guard.broker.identity.bindings import (
+    AUDIT_CLAIMS,
+    ClaimBindings,
+    GroupMapping,
+    claim_text,
+    patterns_of,
+)
 from guard.broker.identity.principal import Principal, VerifiedClaims
 
 if TYPE_CHECKING:
-    from guard.broker.settings import OIDCSettings
+    from guard.broker.settings import OIDCSettings, TrustedIssuerSettings
 
 JWKS_REFETCH_COOLDOWN = 30.0  # at most one JWKS fetch per this many seconds for unknown kids
 FAILED_FETCH_BACKOFF = 5.0  # after a failed fetch, answer 503 without retrying for this long
@@ -325,6 +332,7 @@ class OIDCVerifier:
         leeway: int = 30,
         replay_check: bool = False,
         replay_cache: JtiReplayCache | None = None,
+        single_audience: bool = False,
     ) -> None:
         if not algorithms or not set(algorithms) <= ASYMMETRIC_ALGORITHMS:
             bad = sorted(set(algorithms) - ASYMMETRIC_ALGORITHMS) or ["(empty list)"]
@@ -336,6 +344,9 @@ class OIDCVerifier:
         self.leeway = leeway
         self.key_source = key_source
         self.replay_cache = replay_cache or (JtiReplayCache() if replay_check else None)
+        # A CI token must name exactly one audience, ours: one that also names another
+        # relying party could be replayed to it, or from it to us.
+        self.single_audience = single_audience
 
     @classmethod
     def from_settings(
@@ -388,6 +399,13 @@ class OIDCVerifier:
                 },
             )
         aud = claims["aud"]
+        if self.single_audience and isinstance(aud, list) and len(aud) != 1:
+            raise AuthenticationError(
+                f"token names {len(aud)} audiences; a CI token must name exactly one, "
+                f"{self.audience!r}",
+                "audience",
+                hint="ask the CI platform for a token with only guard's audience",
+            )
         if isinstance(aud, list) and len(aud) > 1 and claims.get("azp") != self.audience:
             raise AuthenticationError(
                 f"token names several audiences but its authorized party (azp) is "
@@ -398,10 +416,120 @@ class OIDCVerifier:
             jti = claims.get("jti")
             if not isinstance(jti, str) or not jti:
                 raise AuthenticationError("token lacks the 'jti' claim", "missing_claim")
-            self.replay_cache.check_and_remember(jti, float(claims["exp"]) + self.leeway)
+            # Keyed by issuer too: two issuers' jti spaces are independent.
+            key = f"{self.issuer}\n{jti}"
+            self.replay_cache.check_and_remember(key, float(claims["exp"]) + self.leeway)
         return VerifiedClaims(claims)
 
 
 def principal_from_token(verifier: OIDCVerifier, token: str) -> Principal:
     """Verify `token` and turn its claims into a `Principal` (groups from `groups_claim`)."""
     return Principal.from_claims(verifier.verify(token), groups_claim=verifier.groups_claim)
+
+
+class TrustedIssuer:
+    """One trusted issuer: its verifier (own JWKS, audience, algorithms) and bindings."""
+
+    def __init__(self, settings: TrustedIssuerSettings, verifier: OIDCVerifier) -> None:
+        self.settings = settings
+        self.verifier = verifier
+        platform = settings.resolved_platform()
+        audit = settings.audit_claims
+        if audit is None:
+            audit = AUDIT_CLAIMS[platform] if settings.kind == "workload" else ()
+        self.bindings = ClaimBindings(
+            required=patterns_of(settings.require),
+            mappings=tuple(GroupMapping(m.group, patterns_of(m.when)) for m in settings.groups),
+            audit_claims=audit,
+        )
+
+    def principal(self, token: str) -> Principal:
+        settings = self.settings
+        claims = self.verifier.verify(token)
+        what = "CI token" if settings.kind == "workload" else "token"
+        mismatch = self.bindings.first_mismatch(claims)
+        if mismatch is not None:
+            # The classic CI attacks end here: a fork's pull request, another branch,
+            # another repository of the same name, a reusable workflow called from
+            # elsewhere: each fails one required claim.
+            raise AuthenticationError(
+                f"the {what} of {settings.name} does not match the broker's bindings: {mismatch}",
+                "bindings",
+                hint="run from the repository, branch and event the broker's "
+                f"trusted_issuers entry {settings.name!r} names",
+            )
+        subject = claims.get(settings.subject_claim)
+        if claim_text(subject) in (None, ""):
+            raise AuthenticationError(
+                f"the {what} of {settings.name} has no {settings.subject_claim!r} claim "
+                "to name its subject",
+                "missing_claim",
+            )
+        return Principal.from_claims(
+            claims,
+            groups_claim=settings.token_groups_claim(),
+            subject_claim=settings.subject_claim,
+            name_claims=settings.name_claims,
+            extra_groups=self.bindings.groups(claims),
+            via=settings.name,
+            kind=settings.kind,
+            evidence=self.bindings.evidence(claims),
+        )
+
+
+class TrustedIssuers:
+    """Every issuer the broker trusts, chosen by the token's exact `iss`.
+
+    A token is routed by its (unverified) `iss` to that issuer alone, then verified with
+    that issuer's keys only: a foreign issuer that reuses a trusted issuer's `kid` gets
+    nowhere (its token names its own `iss`, which is not trusted, and a token naming a
+    trusted `iss` must verify under that issuer's JWKS). An unknown `iss` is refused
+    without any network call, so foreign tokens cannot make the broker fetch anything.
+    """
+
+    def __init__(self, issuers: Sequence[TrustedIssuer]) -> None:
+        self._by_iss = {i.settings.issuer: i for i in issuers}
+
+    @classmethod
+    def from_settings(
+        cls,
+        issuers: Sequence[TrustedIssuerSettings],
+        key_source: Callable[[TrustedIssuerSettings], KeySource],
+    ) -> TrustedIssuers:
+        replay = JtiReplayCache()  # one bound on remembered tokens for the whole broker
+        return cls(
+            [
+                TrustedIssuer(
+                    s,
+                    OIDCVerifier(
+                        issuer=s.issuer,
+                        audience=s.audience,
+                        algorithms=list(s.algorithms),
+                        key_source=key_source(s),
+                        groups_claim=s.token_groups_claim() or "",
+                        leeway=s.leeway_seconds,
+                        replay_cache=replay if s.is_single_use() else None,
+                        single_audience=s.kind == "workload",
+                    ),
+                )
+                for s in issuers
+            ]
+        )
+
+    def __iter__(self) -> Iterator[TrustedIssuer]:
+        return iter(self._by_iss.values())
+
+    def principal(self, token: str) -> Principal:
+        iss = _unverified_claims(token).get("iss")
+        issuer = self._by_iss.get(iss) if isinstance(iss, str) else None
+        if issuer is None:
+            if iss is None:
+                with _map_exceptions("(unknown issuer)", token=token):
+                    jwt.get_unverified_header(token)  # the malformed-token message
+                raise AuthenticationError("token lacks the 'iss' claim", "missing_claim")
+            raise AuthenticationError(
+                f"token was issued by {_quote(iss)}, which this broker does not trust",
+                "issuer",
+                hint="log in with `guard login`, or add the issuer to the broker's trusted_issuers",
+            )
+        return issuer.principal(token)

@@ -27,23 +27,46 @@ class Principal:
     # target requires reauthentication lasts no longer unless a fresh token comes. Not
     # part of who the principal is (equality).
     token_expires: float | None = field(default=None, compare=False)
+    # How the identity was proven, for the audit (not part of who it is): the trusted
+    # issuer's name and kind (`person`: an ID token from a login; `workload`: a CI job's
+    # token), and the claims its bindings looked at or the audit keeps (repository, ref,
+    # workflow, run id…), as (claim, value) pairs.
+    via: str = field(default="", compare=False)
+    kind: str = field(default="person", compare=False)
+    evidence: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
     @classmethod
-    def from_claims(cls, claims: VerifiedClaims, *, groups_claim: str = "groups") -> Principal:
-        raw = claims.get(groups_claim, ())
+    def from_claims(
+        cls,
+        claims: VerifiedClaims,
+        *,
+        groups_claim: str | None = "groups",
+        subject_claim: str = "sub",
+        name_claims: tuple[str, ...] = ("preferred_username", "email", "name"),
+        extra_groups: frozenset[str] = frozenset(),
+        via: str = "",
+        kind: str = "person",
+        evidence: tuple[tuple[str, str], ...] = (),
+    ) -> Principal:
+        raw = claims.get(groups_claim, ()) if groups_claim else ()
         if isinstance(raw, str):
             # Some IdPs send a single group as a string; a space-separated list is not split
             # on purpose: a group name containing a space must not become two groups.
             raw = (raw,)
-        groups = frozenset(g for g in raw if isinstance(g, str) and g)
-        name = claims.get("preferred_username") or claims.get("email") or claims.get("name")
+        if not isinstance(raw, list | tuple):
+            raw = ()
+        groups = frozenset(g for g in raw if isinstance(g, str) and g) | extra_groups
+        name = next((claims[c] for c in name_claims if isinstance(claims.get(c), str)), None)
         exp = claims.get("exp")
         return cls(
             issuer=str(claims["iss"]),
-            subject=str(claims["sub"]),
+            subject=str(claims[subject_claim]),
             groups=groups,
             display_name=str(name) if name else None,
             token_expires=float(exp) if isinstance(exp, int | float) else None,
+            via=via,
+            kind=kind,
+            evidence=evidence,
         )
 
     @property
