@@ -1,0 +1,156 @@
+"""Session fixture `node_idp`: an independent, certified OpenID provider (panva's
+`oidc-provider` 9, on Node) on 127.0.0.1, for interop tests of guard's CLI.
+
+The provider program is tests/interop/node_idp/provider.mjs (its header says what it
+offers: the device flow, rotating refresh tokens with reuse detection, RS256, a `groups`
+claim, RFC 7009 revocation); its users and groups are the dev stack's
+(guard/devstack/users.yaml). `scripts/bootstrap` installs its node_modules (`npm ci`).
+Approval is headless, over HTTP: `node_idp.approve(user_code, "alice")` confirms the code
+on the provider's /device form (its cookie and xsrf field) and signs alice in at the
+interaction endpoint provider.mjs adds. No browser.
+
+Skips when Node, npm or the node_modules are missing, except with CI=true, where that is a
+failure. Tokens are never printed; the provider's stderr goes to a file in the test's
+temporary directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import selectors
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from guard.cli.auth import MIN_VALIDITY
+from tests.fix_pg import require
+
+NODE_IDP_DIR = Path(__file__).resolve().parent / "interop" / "node_idp"
+USERS = Path(__file__).resolve().parents[1] / "guard" / "devstack" / "users.yaml"
+CLIENT_ID = "guard-cli"
+DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+# The ID token lives this long past the minute guard wants left on a token it sends
+# (MIN_VALIDITY): fresh for guard right after a login or refresh, due for refresh after.
+FRESH_FOR = 6
+_XSRF = re.compile(r'name="xsrf" value="([^"]+)"')
+
+
+@dataclass
+class NodeIdP:
+    issuer: str
+    client_id: str
+    id_token_ttl: int
+    log: Path
+    process: subprocess.Popen[bytes]
+
+    @property
+    def fresh_for(self) -> int:
+        """Seconds after issue during which guard sends an ID token without refreshing."""
+        return self.id_token_ttl - MIN_VALIDITY
+
+    def config(self) -> dict:
+        response = httpx.get(f"{self.issuer}/.well-known/openid-configuration", timeout=10)
+        response.raise_for_status()
+        return response.json()
+
+    def approve(self, user_code: str, username: str) -> None:
+        """Approve `user_code` as `username`, as a browser would: the /device form (the
+        code, confirmed), then the sign-in interaction. AssertionError if the provider
+        does not end on its success page."""
+        with httpx.Client(base_url=self.issuer, follow_redirects=True, timeout=10) as browser:
+            form = browser.get("/device")
+            form.raise_for_status()
+            xsrf = _XSRF.search(form.text)
+            assert xsrf, "no xsrf field on the provider's /device form"
+            confirmed = browser.post(
+                "/device", data={"xsrf": xsrf[1], "user_code": user_code, "confirm": "yes"}
+            )
+            assert confirmed.status_code == 200, confirmed.text[:500]
+            assert confirmed.url.path.startswith("/interaction/"), confirmed.url.path
+            done = browser.post(confirmed.url.path, data={"username": username})
+            assert done.status_code == 200, done.text[:500]
+            assert "Sign-in Success" in done.text, done.text[:500]
+
+    def refresh(self, refresh_token: str) -> httpx.Response:
+        """A refresh grant, straight at the provider (a test reusing a spent token)."""
+        return httpx.post(
+            self.config()["token_endpoint"],
+            data={
+                "grant_type": "refresh_token",
+                "refresh_token": refresh_token,
+                "client_id": self.client_id,
+            },
+            timeout=10,
+        )
+
+
+def _ready_line(process: subprocess.Popen[bytes], log: Path, timeout: float) -> dict:
+    assert process.stdout is not None
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        if selector.select(timeout):
+            line = process.stdout.readline()
+            if line:
+                return json.loads(line)
+    process.kill()
+    process.wait(10)
+    pytest.fail(f"oidc-provider did not start:\n{log.read_text()}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def node_idp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeIdP]:
+    node = shutil.which("node")
+    require("Node.js", node is not None and shutil.which("npm") is not None, "install node")
+    require(
+        "oidc-provider",
+        (NODE_IDP_DIR / "node_modules" / "oidc-provider" / "package.json").exists(),
+        "run scripts/bootstrap (npm ci in tests/interop/node_idp)",
+    )
+    assert node is not None
+    work = tmp_path_factory.mktemp("node-idp")
+    users = work / "users.json"
+    users.write_text(json.dumps(yaml.safe_load(USERS.read_text())["users"]))
+    log = work / "provider.log"
+    ttl = MIN_VALIDITY + FRESH_FOR
+    with log.open("wb") as stderr:
+        process = subprocess.Popen(
+            [node, "provider.mjs", "--port", "0", "--users", str(users)]
+            + ["--client-id", CLIENT_ID, "--id-token-ttl", str(ttl)],
+            cwd=NODE_IDP_DIR,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env={**os.environ, "NODE_ENV": "test"},
+        )
+    try:
+        ready = _ready_line(process, log, timeout=30)
+        idp = NodeIdP(
+            issuer=ready["issuer"], client_id=CLIENT_ID, id_token_ttl=ttl, log=log, process=process
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert idp.config()["issuer"] == idp.issuer
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        yield idp
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+        if process.stdout is not None:
+            process.stdout.close()
