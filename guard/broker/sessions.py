@@ -30,7 +30,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from guard.broker.audit.record import SessionEvent
 from guard.broker.audit.sink import AuditSink, AuditUnavailable
@@ -122,6 +122,22 @@ LEASE_SLACK_SECONDS = 5
 # A session that requires reauthentication ends this long after its holder's ID token
 # expired without a fresh one (the ID token verifier's own leeway).
 LOGIN_LEEWAY = timedelta(seconds=30)
+
+
+def identity_record(principal: Principal) -> dict[str, Any]:
+    """What the audit keeps of who opened a session and how that was proven: the issuer
+    and which trusted issuer entry admitted the token (`via`), whether it was a person's
+    login or a CI job's token (`kind`), a human-readable name beside the subject, the
+    groups policy saw, and the claims the bindings looked at (repository, ref, run…)."""
+    return {
+        "issuer": principal.issuer,
+        "via": principal.via,
+        "kind": principal.kind,
+        "subject": principal.subject,
+        "name": principal.display_name,
+        "groups": sorted(principal.groups),
+        "claims": dict(principal.evidence),
+    }
 
 
 def _login_expiry(principal: Principal) -> datetime | None:
@@ -440,7 +456,14 @@ class SessionManager:
         session_id = secrets.token_hex(8)
         # Opening the session is itself recorded before any credential exists.
         self._audit_or_refuse(
-            SessionEvent(session_id, "requested", principal.subject, target, reason[:200])
+            SessionEvent(
+                session_id,
+                "requested",
+                principal.subject,
+                target,
+                reason[:200],
+                identity=identity_record(principal),
+            )
         )
         try:
             creds = await asyncio.to_thread(self.issuer.issue, upstream.openbao_role, ttl)

@@ -434,14 +434,72 @@ def unverified_claims(id_token: str) -> dict[str, Any] | None:
     return claims if isinstance(claims, dict) else None
 
 
-def token_source(id_token_file: Path | None = None) -> str | None:
+def id_token_variable(profile: Profile | None = None) -> str:
+    """The environment variable a CI job's ID token is in: the profile's
+    `id_token_variable` (GitLab's `id_tokens:` entry names its own), else GUARD_ID_TOKEN."""
+    name = profile.id_token_variable if profile is not None else None
+    return name or os.environ.get("GUARD_ID_TOKEN_VARIABLE") or "GUARD_ID_TOKEN"
+
+
+def in_github_actions() -> bool:
+    return os.environ.get("GITHUB_ACTIONS") == "true"
+
+
+def token_source(id_token_file: Path | None = None, profile: Profile | None = None) -> str | None:
     """Where `current_id_token` takes the token from, in words, when it is not the stored
-    login: `--id-token-file PATH` or GUARD_ID_TOKEN (a CI job's); None for the login."""
+    login: `--id-token-file PATH`, the CI variable, or GitHub Actions' token service;
+    None for the login."""
     if id_token_file is not None:
         return f"--id-token-file {id_token_file}"
-    if os.environ.get("GUARD_ID_TOKEN", "").strip():
-        return "GUARD_ID_TOKEN"
+    variable = id_token_variable(profile)
+    if os.environ.get(variable, "").strip():
+        return variable
+    if in_github_actions():
+        return "GitHub Actions' ID token service (ACTIONS_ID_TOKEN_REQUEST_URL)"
     return None
+
+
+def github_actions_token(profile: Profile) -> str:
+    """A fresh ID token from the GitHub Actions runner for guard's audience.
+
+    Asked for on every broker call and never cached: it lives about five minutes and the
+    broker accepts each one once (it remembers the `jti`). The request bearer is the
+    runner's, sent only to the runner's own URL; neither it nor the token is ever shown.
+    """
+    from urllib.parse import quote
+
+    url = os.environ.get("ACTIONS_ID_TOKEN_REQUEST_URL", "")
+    bearer = os.environ.get("ACTIONS_ID_TOKEN_REQUEST_TOKEN", "")
+    if not url or not bearer:
+        raise CliError(
+            "this GitHub Actions job cannot ask for an ID token",
+            hint="give the job `permissions: id-token: write` (and contents: read)",
+        )
+    audience = profile.ci_audience or profile.broker_url
+    target = f"{url}{'&' if '?' in url else '?'}audience={quote(audience, safe='')}"
+    client = HttpClient(
+        headers={"Authorization": f"Bearer {bearer}"}, timeout=15.0, connect_timeout=10.0
+    )
+    try:
+        response = client.get(target)
+    except TransportError as exc:
+        raise CliError(
+            f"cannot reach GitHub Actions' ID token service: {exc}",
+            hint="retry the job; GitHub's status page says whether Actions is degraded",
+        ) from exc
+    finally:
+        client.close()
+    try:
+        value = response.json().get("value") if response.status_code == 200 else None
+    except (ValueError, AttributeError):
+        value = None
+    if not isinstance(value, str) or not value:
+        raise CliError(
+            f"GitHub Actions' ID token service answered HTTP {response.status_code} "
+            f"without a token (audience {audience!r})",
+            hint="check the job's `permissions: id-token: write`",
+        )
+    return value
 
 
 def current_id_token(
@@ -449,9 +507,10 @@ def current_id_token(
 ) -> str:
     """An ID token to send to the broker.
 
-    In order: `--id-token-file` (the caller passes it), `GUARD_ID_TOKEN` (CI), the stored
-    login if it is valid for more than a minute, a silent refresh (rotated tokens are
-    stored), else `CliError("not logged in")`.
+    In order: `--id-token-file` (the caller passes it), the CI variable (GUARD_ID_TOKEN or
+    the profile's `id_token_variable`), a fresh token from GitHub Actions' token service
+    in a GitHub Actions job, the stored login if it is valid for more than a minute, a
+    silent refresh (rotated tokens are stored), else `CliError("not logged in")`.
     """
     if id_token_file is not None:
         try:
@@ -461,13 +520,16 @@ def current_id_token(
         if not token:
             raise CliError(f"the ID token file {id_token_file} is empty")
         return token
-    if os.environ.get("GUARD_ID_TOKEN", "").strip():
-        return os.environ["GUARD_ID_TOKEN"].strip()
+    variable = id_token_variable(profile)
+    if os.environ.get(variable, "").strip():
+        return os.environ[variable].strip()
+    if in_github_actions():
+        return github_actions_token(profile)
     if not profile.issuer:
         raise CliError(
             "no identity provider configured and no ID token given",
-            hint="set GUARD_ISSUER (then `guard login`), or give a CI job's token with "
-            "GUARD_ID_TOKEN or --id-token-file",
+            hint=f"set GUARD_ISSUER (then `guard login`), or give a CI job's token with "
+            f"{variable} or --id-token-file",
         )
     store = TokenStore(profile)
     tokens = store.load() or {}

@@ -195,7 +195,7 @@ def run_exec(arguments: ExecArguments) -> int:
         gateway_ca_file=profile.gateway_ca_file,
         fresh_token=lambda: current_id_token(profile, id_token_file=arguments.id_token_file),
         auto_extend=True,  # while the program runs, when the target's policy allows
-        token_from=token_source(arguments.id_token_file),
+        token_from=token_source(arguments.id_token_file, profile),
     )
 
 

@@ -4,9 +4,9 @@ Imports only the stdlib. The profile lives at `$GUARD_HOME/profile.json` (defaul
 `~/.guard`). It holds addresses and CA files only, never tokens or credentials (those go to
 the keyring, see `cli.auth`). `guard dev up` writes it; every setting can also come from
 the environment, which overrides the file (`GUARD_BROKER_URL`, `GUARD_ISSUER`,
-`GUARD_CLIENT_ID`, `GUARD_BROKER_CA`, `GUARD_GATEWAY_CA`, `GUARD_SCOPE`), so a CI job
-configures guard without one. Only the broker URL is required: a job that brings its own
-ID token needs no issuer.
+`GUARD_CLIENT_ID`, `GUARD_BROKER_CA`, `GUARD_GATEWAY_CA`, `GUARD_SCOPE`,
+`GUARD_CI_AUDIENCE`, `GUARD_ID_TOKEN_VARIABLE`), so a CI job configures guard without
+one. Only the broker URL is required: a job that brings its own ID token needs no issuer.
 
 The broker API is HTTPS, always verified: against `broker_ca_file` when set (the dev
 stack's CA), else the system trust store. There is no switch to turn verification off.
@@ -47,6 +47,12 @@ class Profile(Record):
     # OAuth scopes `guard login` asks for (None: `auth.DEFAULT_SCOPE`); an IdP that refuses
     # scopes it does not know (`groups`) needs its own list.
     scope: str | None = None
+    # The audience a CI job asks its platform's token service for (GitHub Actions); the
+    # broker's trusted issuer must name the same. None: the broker URL.
+    ci_audience: str | None = None
+    # The environment variable that holds a CI job's ID token (GitLab's `id_tokens:`
+    # names its own); None: GUARD_ID_TOKEN.
+    id_token_variable: str | None = None
 
     @property
     def path(self) -> Path:
@@ -61,6 +67,8 @@ _FROM_ENVIRONMENT = (
     ("GUARD_BROKER_CA", "broker_ca_file"),
     ("GUARD_GATEWAY_CA", "gateway_ca_file"),
     ("GUARD_SCOPE", "scope"),
+    ("GUARD_CI_AUDIENCE", "ci_audience"),
+    ("GUARD_ID_TOKEN_VARIABLE", "id_token_variable"),
 )
 
 

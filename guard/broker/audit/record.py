@@ -141,6 +141,8 @@ class SessionEvent:
     principal: str
     target: str
     detail: str = ""
+    # On the `requested` record: how the principal was proven (`identity_record`).
+    identity: dict[str, Any] | None = None
     kind: str = "session"
     time: str = field(default_factory=utc_now_iso)
 

@@ -158,6 +158,16 @@ class ClaimBindings:
                 return pattern.mismatch(claims)
         return None
 
+    def closest_miss(self, claims: Mapping[str, Any]) -> str | None:
+        """Why no group mapping applies (each mapping's first mismatch), None if one does."""
+        reasons = []
+        for i, mapping in enumerate(self.mappings):
+            miss = next((p for p in mapping.when if not p.matches(claims)), None)
+            if miss is None:
+                return None
+            reasons.append(f"groups[{i}] ({mapping.group}): {miss.mismatch(claims)}")
+        return "; ".join(reasons) if reasons else None
+
     def groups(self, claims: Mapping[str, Any]) -> frozenset[str]:
         return frozenset(m.group for m in self.mappings if m.applies(claims))
 

@@ -458,6 +458,17 @@ class TrustedIssuer:
                 hint="run from the repository, branch and event the broker's "
                 f"trusted_issuers entry {settings.name!r} names",
             )
+        if settings.kind == "workload" and not settings.token_groups_claim():
+            unmapped = self.bindings.closest_miss(claims)
+            if unmapped is not None:
+                # Admitted but given no group: said here, with what each mapping wanted,
+                # rather than as a policy refusal naming no group (a CI job's author
+                # cannot read the broker's config).
+                raise AuthenticationError(
+                    f"the {what} of {settings.name} matches none of its group mappings: {unmapped}",
+                    "bindings",
+                    hint="run from a repository, branch and event a mapping names",
+                )
         subject = claims.get(settings.subject_claim)
         if claim_text(subject) in (None, ""):
             raise AuthenticationError(

@@ -74,7 +74,7 @@ def connect(
         broker_url=profile.broker_url,
         token=token,
         fresh_token=lambda: current_id_token(profile),
-        token_from=token_source(),
+        token_from=token_source(profile=profile),
         target=target,
         reason=reason,
         ttl_seconds=ttl,

@@ -52,7 +52,7 @@ def proxy(target: str, port: int, reason: str, ttl: int | None) -> int:
         broker_url=profile.broker_url,
         token=current_id_token(profile),
         fresh_token=lambda: current_id_token(profile),
-        token_from=token_source(),
+        token_from=token_source(profile=profile),
         target=target,
         reason=reason,
         ttl_seconds=ttl,
