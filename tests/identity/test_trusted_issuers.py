@@ -274,3 +274,23 @@ def test_unknown_issuer_is_refused_by_name(trusted):
     assert info.value.reason == "issuer"
     with pytest.raises(AuthenticationError, match="malformed"):
         trusted.principal("not-a-jwt")
+
+
+def test_the_readme_ci_example_is_a_valid_broker_config():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### CI jobs", 1)[1]
+    block = re.search(r"```yaml\n(.*?)```", section, re.DOTALL)
+    assert block is not None
+    data = yaml.safe_load(block.group(1))
+    settings = BrokerSettings.model_validate(base_config(**data))
+    names = [(i.name, i.kind, i.resolved_platform()) for i in settings.issuers()]
+    assert names == [
+        ("oidc", "person", "generic"),
+        ("github", "workload", "github"),
+        ("gitlab", "workload", "gitlab"),
+    ]
