@@ -80,6 +80,18 @@ class NodeIdP:
             assert done.status_code == 200, done.text[:500]
             assert "Sign-in Success" in done.text, done.text[:500]
 
+    def stats(self) -> dict:
+        """provider.mjs's counters: `grants` (successful token requests by grant type) and
+        `refreshRefused` (refresh requests it refused)."""
+        response = httpx.get(f"{self.issuer}/interop/stats", timeout=10)
+        response.raise_for_status()
+        return response.json()
+
+    def refreshes(self) -> tuple[int, int]:
+        """(refreshes granted, refreshes refused) so far."""
+        stats = self.stats()
+        return stats["grants"].get("refresh_token", 0), stats["refreshRefused"]
+
     def refresh(self, refresh_token: str) -> httpx.Response:
         """A refresh grant, straight at the provider (a test reusing a spent token)."""
         return httpx.post(
@@ -109,7 +121,11 @@ def _ready_line(process: subprocess.Popen[bytes], log: Path, timeout: float) -> 
 @pytest.fixture(scope="session")
 def node_idp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeIdP]:
     node = shutil.which("node")
-    require("Node.js", node is not None and shutil.which("npm") is not None, "install node")
+    require(
+        "Node.js",
+        node is not None and shutil.which("npm") is not None,
+        "install Node.js (20 or later) and npm, then run scripts/bootstrap",
+    )
     require(
         "oidc-provider",
         (NODE_IDP_DIR / "node_modules" / "oidc-provider" / "package.json").exists(),

@@ -153,13 +153,15 @@ def test_expired_id_token_is_refreshed_and_the_spent_token_dies(
     cli.wait_until_due(node_idp)
     # Any command that needs a token refreshes first; no broker listens, so it then fails
     # to reach it, but not for want of a login.
+    granted, refused = node_idp.refreshes()
     result = cli.run("status")
-    assert "not logged in" not in result.stderr, result.stderr
-    assert "cannot reach" in result.stderr or "broker" in result.stderr, result.stderr
+    assert result.returncode != 0
+    assert "cannot reach the guard broker" in result.stderr, result.stderr
     after = cli.tokens(node_idp)
     assert digest(after["id_token"]) != digest(before["id_token"])
     assert seconds_left(after["id_token"]) > MIN_VALIDITY
     assert (unverified_claims(after["id_token"]) or {})["groups"] == ["security-leads"]
+    assert node_idp.refreshes() == (granted + 1, refused)
     # Rotated: the provider refuses the spent refresh token (and, by its reuse detection,
     # ends the whole login; that is what the CLI's refresh lock exists to prevent).
     assert digest(after["refresh_token"]) != digest(before["refresh_token"])
@@ -237,6 +239,7 @@ def test_exec_through_a_broker_trusting_the_provider_and_eight_at_expiry(
     # make the provider revoke the login, and most of them would fail.
     cli.wait_until_due(node_idp)
     before = cli.tokens(node_idp)
+    granted, refused = node_idp.refreshes()
     with ThreadPoolExecutor(8) as pool:
         runs = list(
             pool.map(
@@ -248,6 +251,11 @@ def test_exec_through_a_broker_trusting_the_provider_and_eight_at_expiry(
     assert not failed, failed[0]
     after = cli.tokens(node_idp)
     assert digest(after["refresh_token"]) != digest(before["refresh_token"])
+    # No spent refresh token was sent again (one refresh, a second only if a command
+    # started after the fresh ID token was due in turn, FRESH_FOR seconds later).
+    granted_after, refused_after = node_idp.refreshes()
+    assert refused_after == refused
+    assert granted_after > granted
 
     # The login survived: a further exec needs no `guard login`, and the stored refresh
     # token is still the provider's live one.

@@ -15,6 +15,8 @@
 // grants every scope asked for, in one step (no login or consent page). Unknown users get
 // access_denied.
 //
+// GET /interop/stats counts successful token requests by grant type and refused refreshes.
+//
 // Ready line on stdout: {"ready": true, "issuer": "http://127.0.0.1:PORT"}.
 
 import { generateKeyPairSync, randomBytes } from 'node:crypto';
@@ -67,6 +69,9 @@ function account(id) {
 // issuer names it: the provider is made then, and requests wait for it.
 let provider;
 let handler;
+// Successful token requests by grant type, and refresh tokens refused: GET /interop/stats
+// (a test counts the refreshes of eight concurrent guard commands).
+const stats = { grants: {}, refreshRefused: 0 };
 
 async function interaction(req, res, uid) {
   const details = await provider.interactionDetails(req, res);
@@ -101,6 +106,10 @@ async function interaction(req, res, uid) {
 }
 
 const server = createServer((req, res) => {
+  if (req.method === 'GET' && req.url === '/interop/stats') {
+    res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify(stats));
+    return;
+  }
   const match = /^\/interaction\/([^/?]+)/.exec(req.url ?? '');
   if (match) {
     interaction(req, res, match[1]).catch((err) => {
@@ -162,6 +171,13 @@ server.listen(Number.parseInt(args.port, 10), args.host, () => {
   });
   provider.on('server_error', (_ctx, err) => {
     console.error(`provider.mjs: server_error: ${err.name}: ${err.message}`);
+  });
+  provider.on('grant.success', (ctx) => {
+    const type = ctx.oidc.params.grant_type;
+    stats.grants[type] = (stats.grants[type] ?? 0) + 1;
+  });
+  provider.on('grant.error', (ctx) => {
+    if (ctx.oidc?.params?.grant_type === 'refresh_token') stats.refreshRefused += 1;
   });
   handler = provider.callback();
   console.log(JSON.stringify({ ready: true, issuer }));
