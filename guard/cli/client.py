@@ -20,6 +20,7 @@ from guard.cli.record import TYPE_CHECKING
 from guard.cli.wire import ErrorBody, SessionCreated
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any, TypeVar
 
     from pydantic import BaseModel
@@ -65,8 +66,13 @@ class BrokerClient:
         *,
         transport: Transport | None = None,
         ca_file: str | None = None,
+        fresh_token: Callable[[], str] | None = None,
     ):
         self.base_url = base_url.rstrip("/")
+        # A source of a new token for every request (GitHub Actions': each token is good
+        # for one broker call); `token` is the first.
+        self._fresh_token = fresh_token
+        self._used_first = False
         transport = transport if transport is not None else type(self).transport
         self._http = HttpClient(
             self.base_url,
@@ -91,9 +97,14 @@ class BrokerClient:
     def use_token(self, token: str) -> None:
         """Send `token` from now on (the session credential after the open), on the same
         connection."""
+        self._fresh_token = None
         self._http.headers["authorization"] = f"Bearer {token}"
 
     def _request(self, method: str, path: str, **kwargs: Any) -> Response:
+        if self._fresh_token is not None:
+            if self._used_first:
+                self._http.headers["authorization"] = f"Bearer {self._fresh_token()}"
+            self._used_first = True
         try:
             response = self._http.request(method, path, **kwargs)
         except TransportError as exc:
@@ -224,11 +235,13 @@ class BrokerClient:
 def of_caller() -> BrokerClient:
     """A client of the profile's broker that speaks for the caller: their stored login's
     ID token, or CI's (`GUARD_ID_TOKEN`)."""
-    from guard.cli.auth import current_id_token
+    from guard.cli.auth import current_id_token, per_call_token
     from guard.cli.profile import load_profile
 
     profile = load_profile()
-    return BrokerClient(profile.broker_url, current_id_token(profile))
+    return BrokerClient(
+        profile.broker_url, current_id_token(profile), fresh_token=per_call_token(profile)
+    )
 
 
 def _verify(base_url: str, ca_file: str | None) -> ssl.SSLContext | None:

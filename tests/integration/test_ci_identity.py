@@ -183,6 +183,24 @@ def test_github_job_fetches_a_fresh_token_per_call_and_reads_masked_data(
     assert claims["workflow_ref"].startswith("octo/app/.github/workflows/deploy.yml")
 
 
+def test_github_job_status_takes_a_token_per_broker_call(ci_stack: Stack, issuers):
+    github, _ = issuers
+    github.runner_claims = github_claims()
+    before = len(github.token_requests)
+    env = ci_env(
+        GITHUB_ACTIONS="true",
+        ACTIONS_ID_TOKEN_REQUEST_URL=github.runner_url,
+        ACTIONS_ID_TOKEN_REQUEST_TOKEN=github.runner_bearer,
+        GUARD_CI_AUDIENCE=AUDIENCE,
+    )
+    result = ci_stack.guard("status", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    me = json.loads(result.stdout)
+    assert (me["principal"], me["groups"]) == ("octo/app", ["deploy-jobs"])
+    # /v1/me and /v1/sessions: two calls, two single-use tokens (none replayed).
+    assert len(github.token_requests) - before == 2
+
+
 def test_github_job_without_id_token_permission_is_told_what_to_add(ci_stack: Stack, tmp_path):
     result = run_job(ci_stack, tmp_path, ci_env(GITHUB_ACTIONS="true"))
     assert result.returncode != 0

@@ -31,13 +31,14 @@ SESSIONS_HINT = "`guard sessions` lists yours"
 @click.command("status", cls=GuardCommand, help="Who you are to the broker, and your sessions.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON")
 def status(as_json: bool) -> int:
-    from guard.cli.auth import current_id_token, seconds_left
+    from guard.cli.auth import current_id_token, per_call_token, seconds_left
     from guard.cli.client import BrokerClient
     from guard.cli.profile import load_profile
 
     profile = load_profile()
     token = current_id_token(profile)
-    with BrokerClient(profile.broker_url, token) as client:
+    fresh = per_call_token(profile)
+    with BrokerClient(profile.broker_url, token, fresh_token=fresh) as client:
         me = client.whoami()
         mine = client.sessions()
     left = seconds_left(token)
