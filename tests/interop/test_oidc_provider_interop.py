@@ -62,30 +62,37 @@ class Cli:
             [*GUARD, *args], env=self.env, capture_output=True, text=True, timeout=timeout
         )
 
-    def login(self, idp: NodeIdP, username: str) -> str:
-        """`guard login` while the test approves the code it prints; its output."""
+    def login(self, idp: NodeIdP, username: str | None, env: dict[str, str] | None = None) -> str:
+        """`guard login` while the test approves the code it prints as `username`; its
+        output. `username=None`: its output up to the end of the sign-in box, then stopped."""
         process = subprocess.Popen(
             [*GUARD, "login", "--no-browser"],
-            env=self.env,
+            env={**self.env, **(env or {})},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
         output: list[str] = []
-        seen = threading.Event()
+        code_seen, box_seen = threading.Event(), threading.Event()
 
         def read() -> None:
             assert process.stdout is not None
             for line in process.stdout:
                 output.append(line)
                 if _USER_CODE.search(line):
-                    seen.set()
-            seen.set()
+                    code_seen.set()
+                if line.startswith("╰"):
+                    box_seen.set()
+            code_seen.set()
+            box_seen.set()
 
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
         try:
-            assert seen.wait(30), "guard login printed no user code"
+            if username is None:
+                assert box_seen.wait(30), "guard login printed no sign-in box"
+                return "".join(output)
+            assert code_seen.wait(30), "guard login printed no user code"
             code = _USER_CODE.search("".join(output))
             assert code, f"guard login printed no user code:\n{''.join(output)}"
             idp.approve(code[1], username)
@@ -96,6 +103,8 @@ class Cli:
                 process.kill()
                 process.wait(10)
             reader.join(10)
+            if process.stdout is not None:
+                process.stdout.close()
         return "".join(output)
 
     def tokens(self, idp: NodeIdP) -> dict[str, str]:
@@ -142,6 +151,24 @@ def test_login_device_flow_stores_the_login(cli: Cli, node_idp: NodeIdP) -> None
     assert (claims["iss"], claims["aud"], claims["sub"]) == (node_idp.issuer, "guard-cli", "alice")
     assert claims["groups"] == ["engineers"]
     assert claims["email"] == "alice@example.com"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="guard bug: login.py prints the verification URIs inside a rich Panel, which "
+    "folds a URI longer than the console (80 columns off a terminal) across lines between "
+    "the box's borders, so it can no longer be copied or clicked",
+)
+def test_login_prints_the_complete_verification_uri_on_one_line(
+    cli: Cli,
+    node_idp: NodeIdP,  # noqa: F811
+) -> None:
+    # 40 columns: the complete URI here is ~50 characters; a real IdP's (a Keycloak
+    # realm's) passes 76, the inside of the box on an 80-column console, just as easily.
+    out = cli.login(node_idp, None, env={"COLUMNS": "40"})
+    code = _USER_CODE.search(out)
+    assert code, out
+    assert f"{node_idp.issuer}/device?user_code={code[1]}" in out
 
 
 def test_expired_id_token_is_refreshed_and_the_spent_token_dies(
