@@ -197,8 +197,15 @@ def test_github_job_status_takes_a_token_per_broker_call(ci_stack: Stack, issuer
     assert result.returncode == 0, result.stderr
     me = json.loads(result.stdout)
     assert (me["principal"], me["groups"]) == ("octo/app", ["deploy-jobs"])
+    assert (me["kind"], me["via"]) == ("workload", "github-test")
     # /v1/me and /v1/sessions: two calls, two single-use tokens (none replayed).
     assert len(github.token_requests) - before == 2
+    human = ci_stack.guard("status", env=env)
+    assert human.returncode == 0, human.stderr
+    assert (
+        "CI job octo/app (repo:octo/app:ref:refs/heads/main), admitted by the trusted "
+        "issuer github-test" in human.stdout
+    )
 
 
 def test_github_job_without_id_token_permission_is_told_what_to_add(ci_stack: Stack, tmp_path):

@@ -250,6 +250,8 @@ def create_app(  # noqa: C901 - one closure per route
             issuer=caller.issuer,
             groups=sorted(caller.groups),
             auditor=sessions.is_auditor(caller),
+            via=caller.via,
+            kind=caller.kind,
         )
 
     @app.get("/v1/targets", response_model=list[TargetInfo])

@@ -103,6 +103,10 @@ class Identity(_Model):
     groups: list[str]
     # In one of the broker's `sessions.auditor_groups`: may list and revoke every session.
     auditor: bool = False
+    # The trusted issuer entry that admitted the token, and whether it is a person's
+    # login or a CI job's token (`workload`).
+    via: str = ""
+    kind: str = "person"
 
 
 class TargetInfo(_Model):

@@ -55,7 +55,10 @@ def status(as_json: bool) -> int:
     # Plain lines, as written: names and groups come from the IdP (no markup), and a URL
     # is not wrapped.
     name = me.principal if me.principal == me.subject else f"{me.principal} ({me.subject})"
-    print(f"logged in as {name} at {me.issuer}")
+    if me.kind == "workload":
+        print(f"CI job {name}, admitted by the trusted issuer {me.via} ({me.issuer})")
+    else:
+        print(f"logged in as {name} at {me.issuer}")
     print(f"groups: {', '.join(me.groups) or '(none)'}" + (" · auditor" if me.auditor else ""))
     print(f"ID token valid for {show.span(left)}" if left > 0 else "ID token expired")
     print(f"broker: {profile.broker_url}")
