@@ -80,6 +80,20 @@ class NodeIdP:
             assert done.status_code == 200, done.text[:500]
             assert "Sign-in Success" in done.text, done.text[:500]
 
+    def cancel(self, user_code: str) -> None:
+        """Cancel `user_code` on the /device form, as a user who did not start this
+        sign-in would: the device flow ends in access_denied."""
+        with httpx.Client(base_url=self.issuer, follow_redirects=True, timeout=10) as browser:
+            form = browser.get("/device")
+            form.raise_for_status()
+            xsrf = _XSRF.search(form.text)
+            assert xsrf, "no xsrf field on the provider's /device form"
+            cancelled = browser.post(
+                "/device", data={"xsrf": xsrf[1], "user_code": user_code, "abort": "yes"}
+            )
+            assert cancelled.status_code < 500, cancelled.text[:500]
+            assert "Sign-in Success" not in cancelled.text
+
     def stats(self) -> dict:
         """provider.mjs's counters: `grants` (successful token requests by grant type) and
         `refreshRefused` (refresh requests it refused)."""

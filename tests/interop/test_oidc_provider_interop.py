@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,9 +63,18 @@ class Cli:
             [*GUARD, *args], env=self.env, capture_output=True, text=True, timeout=timeout
         )
 
-    def login(self, idp: NodeIdP, username: str | None, env: dict[str, str] | None = None) -> str:
-        """`guard login` while the test approves the code it prints as `username`; its
-        output. `username=None`: its output up to the end of the sign-in box, then stopped."""
+    def login(self, idp: NodeIdP, username: str) -> str:
+        """`guard login`, approved as `username` at the provider; its output."""
+        status, out = self.login_run(lambda code: idp.approve(code, username))
+        assert status == 0, out
+        return out
+
+    def login_run(
+        self, decide: Callable[[str], None] | None, env: dict[str, str] | None = None
+    ) -> tuple[int | None, str]:
+        """`guard login` while `decide(user_code)` acts at the provider; its exit status
+        and output. `decide=None`: its output up to the end of the sign-in box, then it is
+        stopped (status None)."""
         process = subprocess.Popen(
             [*GUARD, "login", "--no-browser"],
             env={**self.env, **(env or {})},
@@ -88,16 +98,17 @@ class Cli:
 
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
+        status = None
         try:
-            if username is None:
+            if decide is None:
                 assert box_seen.wait(30), "guard login printed no sign-in box"
-                return "".join(output)
-            assert code_seen.wait(30), "guard login printed no user code"
-            code = _USER_CODE.search("".join(output))
-            assert code, f"guard login printed no user code:\n{''.join(output)}"
-            idp.approve(code[1], username)
-            # oidc-provider names no polling interval: guard waits the RFC's 5 s.
-            assert process.wait(30) == 0, "".join(output)
+            else:
+                assert code_seen.wait(30), "guard login printed no user code"
+                code = _USER_CODE.search("".join(output))
+                assert code, f"guard login printed no user code:\n{''.join(output)}"
+                decide(code[1])
+                # oidc-provider names no polling interval: guard waits the RFC's 5 s.
+                status = process.wait(30)
         finally:
             if process.poll() is None:
                 process.kill()
@@ -105,7 +116,7 @@ class Cli:
             reader.join(10)
             if process.stdout is not None:
                 process.stdout.close()
-        return "".join(output)
+        return status, "".join(output)
 
     def tokens(self, idp: NodeIdP) -> dict[str, str]:
         """The stored login (the file guard keeps with GUARD_KEYRING=file)."""
@@ -140,7 +151,7 @@ def cli(node_idp: NodeIdP, tmp_path: Path) -> Cli:  # noqa: F811
     return make_cli(tmp_path / "home", node_idp)
 
 
-def test_login_device_flow_stores_the_login(cli: Cli, node_idp: NodeIdP) -> None:  # noqa: F811
+def test_login_stores_the_login_and_logout_revokes_it(cli: Cli, node_idp: NodeIdP) -> None:  # noqa: F811
     out = cli.login(node_idp, "alice")
     assert "logged in as alice (engineers)" in out
     assert f"{node_idp.issuer}/device" in out  # the verification URI, as the IdP names it
@@ -151,6 +162,24 @@ def test_login_device_flow_stores_the_login(cli: Cli, node_idp: NodeIdP) -> None
     assert (claims["iss"], claims["aud"], claims["sub"]) == (node_idp.issuer, "guard-cli", "alice")
     assert claims["groups"] == ["engineers"]
     assert claims["email"] == "alice@example.com"
+
+    result = cli.run("logout")
+    assert result.returncode == 0, result.stderr
+    assert "logged out (the login was revoked at the identity provider)" in result.stderr
+    assert cli.tokens(node_idp) == {}
+    refused = node_idp.refresh(stored["refresh_token"])
+    assert refused.status_code == 400
+    assert refused.json()["error"] == "invalid_grant"
+    result = cli.run("status")
+    assert result.returncode != 0
+    assert "not logged in" in result.stderr
+
+
+def test_login_cancelled_at_the_provider_is_denied(cli: Cli, node_idp: NodeIdP) -> None:  # noqa: F811
+    status, out = cli.login_run(node_idp.cancel)
+    assert status == 1, out
+    assert "the sign-in was denied" in out
+    assert not (cli.home / "credentials.json").exists()
 
 
 @pytest.mark.xfail(
@@ -165,7 +194,7 @@ def test_login_prints_the_complete_verification_uri_on_one_line(
 ) -> None:
     # 40 columns: the complete URI here is ~50 characters; a real IdP's (a Keycloak
     # realm's) passes 76, the inside of the box on an 80-column console, just as easily.
-    out = cli.login(node_idp, None, env={"COLUMNS": "40"})
+    _, out = cli.login_run(None, env={"COLUMNS": "40"})
     code = _USER_CODE.search(out)
     assert code, out
     assert f"{node_idp.issuer}/device?user_code={code[1]}" in out
@@ -196,21 +225,6 @@ def test_expired_id_token_is_refreshed_and_the_spent_token_dies(
     assert reused.status_code == 400
     assert reused.json()["error"] == "invalid_grant"
     assert node_idp.refresh(after["refresh_token"]).status_code == 400
-
-
-def test_logout_revokes_the_login_at_the_provider(cli: Cli, node_idp: NodeIdP) -> None:  # noqa: F811
-    cli.login(node_idp, "carol")
-    refresh = cli.tokens(node_idp)["refresh_token"]
-    result = cli.run("logout")
-    assert result.returncode == 0, result.stderr
-    assert "logged out (the login was revoked at the identity provider)" in result.stderr
-    assert cli.tokens(node_idp) == {}
-    refused = node_idp.refresh(refresh)
-    assert refused.status_code == 400
-    assert refused.json()["error"] == "invalid_grant"
-    result = cli.run("status")
-    assert result.returncode != 0
-    assert "not logged in" in result.stderr
 
 
 @pytest.fixture(scope="module")
