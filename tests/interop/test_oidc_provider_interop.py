@@ -270,6 +270,7 @@ def test_exec_through_a_broker_trusting_the_provider_and_eight_at_expiry(
     me = json.loads(status.stdout)
     assert me["issuer"] == node_idp.issuer
     assert me["groups"] == ["engineers"]
+    assert (me["via"], me["kind"]) == ("node-oidc-provider", "person")
 
     first = cli.run("exec", "--db", "demo", "--", sys.executable, str(job))
     assert first.returncode == 0, first.stderr
