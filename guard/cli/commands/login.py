@@ -70,7 +70,6 @@ def login(issuer: str | None, client_id: str | None, scope: str | None, no_brows
     import webbrowser
 
     from rich.markup import escape
-    from rich.panel import Panel
 
     from guard.cli.auth import DEFAULT_SCOPE, DeviceFlow, TokenStore
 
@@ -86,13 +85,17 @@ def login(issuer: str | None, client_id: str | None, scope: str | None, no_brows
         auth = flow.start(scope or profile.scope or DEFAULT_SCOPE)
         # The IdP's words, not markup. The complete URI (code included) when it sends one:
         # one click on another device instead of typing the code (RFC 8628 §3.3.1).
-        text = (
+        # Links are printed whole, never inside a box or folded at the console's width
+        # (80 columns in a CI log): a folded link can be neither copied nor clicked.
+        err.print(
             f"Open [bold]{escape(auth.verification_uri)}[/bold]\n"
-            f"and enter the code [bold cyan]{escape(auth.user_code)}[/bold cyan]"
+            f"and enter the code [bold cyan]{escape(auth.user_code)}[/bold cyan]",
+            soft_wrap=True,
         )
         if auth.verification_uri_complete:
-            text += f"\nor open [bold]{escape(auth.verification_uri_complete)}[/bold]"
-        err.print(Panel.fit(text, title="guard login"))
+            err.print(
+                f"or open [bold]{escape(auth.verification_uri_complete)}[/bold]", soft_wrap=True
+            )
         if not no_browser:
             try:
                 webbrowser.open(auth.verification_uri_complete or auth.verification_uri)
