@@ -686,6 +686,8 @@ class GatewayConnection:
         else:
             sql = self._decode(decode_query, raw, "Query")
         decision = self.gate.decide(sql)
+        if decision.forward_sql is not None:
+            raw = self._rewritten_query(decision.forward_sql)
         records = decision.records.get("simple") or self.gate.statement_records(decision, "simple")
         if decision.hold is not None and self.holds:
             self._record(records, self._after_held_record, raw, (decision, None))
@@ -728,6 +730,20 @@ class GatewayConnection:
         records = self.gate.statement_records(decision, "fast-path")
         self._record(records, self._after_query_record, raw, decision.refusal)
 
+    def _rewritten_query(self, sql: str) -> bytes:
+        """A Query carrying `sql` (the gate's redirected text) in the client's encoding."""
+        body = sql.encode(self.codec) + b"\x00"
+        return b"Q" + (len(body) + 4).to_bytes(4, "big") + body
+
+    def _rewritten_parse(self, raw: Raw, sql: str) -> bytes:
+        """`raw` (a Parse already checked by the decoder) with its text replaced by `sql`:
+        name and parameter types kept byte for byte."""
+        body = bytes(raw[5:])
+        name_end = body.index(b"\x00")
+        text_end = body.index(b"\x00", name_end + 1)
+        new = body[: name_end + 1] + sql.encode(self.codec) + body[text_end:]
+        return b"P" + (len(new) + 4).to_bytes(4, "big") + new
+
     def _decode(self, decoder: Callable[[bytes, str], Any], raw: Raw, what: str) -> Any:
         try:
             return decoder(bytes(raw[5:]), self.codec)
@@ -758,6 +774,8 @@ class GatewayConnection:
             self._record(records, self._after_parse_refusal_record, name, decision.refusal)
             return
         # Allowed: nothing runs at Parse; the audit record is written at each Execute.
+        if decision.forward_sql is not None:
+            raw = self._rewritten_parse(raw, decision.forward_sql)
         prepared = Prepared(decision, self.gate.statement_records(decision, "extended"))
         undo = self.names.parse(name, prepared)
         self._to_server.append(raw)

@@ -15,10 +15,12 @@ from __future__ import annotations
 from guard.broker.audit.record import StatementRecord
 from guard.broker.audit.serialize import fixed_fields
 from guard.broker.identity.principal import Principal
+from guard.broker.masking.objects import MASKED_SCHEMA
 from guard.broker.pgwire.messages import ErrorResponse
 from guard.broker.policy.engine import CompiledPolicy, Effect, Verdict
 from guard.broker.sql.analyze import Analysis, StatementAnalysis, analyze, fast_path_analysis
 from guard.broker.sql.fingerprint import UNNORMALIZABLE, normalize
+from guard.broker.sql.redirect import redirect
 
 # Decisions are cached per connection by exact statement text: the principal and policy are
 # fixed for a session, so the same text always gets the same verdict. Bounded so a client
@@ -42,7 +44,16 @@ class Decision:
     its text, so it also carries its audit records, serialized once per protocol.
     """
 
-    __slots__ = ("analysis", "verdicts", "refusal", "hold", "masked_columns", "records")
+    __slots__ = (
+        "analysis",
+        "verdicts",
+        "refusal",
+        "hold",
+        "masked_columns",
+        "records",
+        "forward_sql",
+        "redirected",
+    )
 
     def __init__(
         self,
@@ -67,6 +78,11 @@ class Decision:
         self.masked_columns: tuple[str, ...] = tuple(seen)
         # protocol → the fixed fields of one audit record per statement (see Gate.record)
         self.records: dict[str, tuple[bytes, ...]] = {}
+        # The text to forward instead of the client's (`sql.redirect`): reads of protected
+        # tables pointed at their masking views, the masking schema kept first in a
+        # search_path the client sets. None: forward the client's bytes as they are.
+        self.forward_sql: str | None = None
+        self.redirected: tuple[str, ...] = ()
 
 
 def refusal_for(verdict: Verdict) -> ErrorResponse:
@@ -95,6 +111,14 @@ class Gate:
         self.connection_id = connection_id
         self._groups = tuple(sorted(principal.groups))
         self._cache: dict[str, Decision] = {}
+        # The tables with a view in the masking schema (protected or gated): reads of
+        # them in any spelling are pointed there.
+        spec = policy.targets.get(target)
+        self._special: frozenset[tuple[str, str]] = frozenset()
+        if spec is not None:
+            self._special = frozenset(
+                {(c.schema, c.table) for c in spec.protected_columns} | set(spec.gated_tables)
+            )
 
     # -- analyze + decide -------------------------------------------------------------
     def decide(self, sql: str) -> Decision:
@@ -113,7 +137,9 @@ class Gate:
         normalized = normalize(sql)
         if normalized != sql and normalized != UNNORMALIZABLE:
             decision = self._cache.get(normalized) or self._compute(normalized)
-            if decision.refusal is None and decision.verdicts:
+            # A decision whose text is redirected is not shared: the forwarded text is
+            # made from the exact text, literals and all.
+            if decision.refusal is None and decision.verdicts and decision.forward_sql is None:
                 self._store(sql, decision)
                 return decision
         return self._compute(sql)
@@ -148,8 +174,29 @@ class Gate:
             return Decision(analysis, (), None)
         for verdict in verdicts:
             if verdict.effect is not Effect.ALLOW:
-                return Decision(analysis, verdicts, refusal_for(verdict))
-        return Decision(analysis, verdicts, None)
+                decision = Decision(analysis, verdicts, refusal_for(verdict))
+                if decision.hold is not None:
+                    return self._redirected(sql, decision)
+                return decision
+        return self._redirected(sql, Decision(analysis, verdicts, None))
+
+    def _redirected(self, sql: str, decision: Decision) -> Decision:
+        """`decision` with the text to forward when `sql` must be redirected, or refused
+        when it cannot be run with the masking views kept first (see `sql.redirect`)."""
+        if not self._special:
+            return decision
+        try:
+            result = redirect(sql, self._special, MASKED_SCHEMA)
+        except Exception:  # noqa: BLE001 - a redirection bug must not let anything through
+            result = None
+        if result is None:
+            return decision  # as written: the database's rights decide what it reads
+        if result.refusal is not None:
+            denial = ErrorResponse.build(SQLSTATE_INSUFFICIENT_PRIVILEGE, result.refusal)
+            return Decision(decision.analysis, decision.verdicts, denial)
+        decision.forward_sql = result.text
+        decision.redirected = result.relations
+        return decision
 
     # -- record -----------------------------------------------------------------------
     def statement_records(self, decision: Decision, protocol: str) -> tuple[bytes, ...]:
