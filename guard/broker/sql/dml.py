@@ -97,8 +97,7 @@ class DmlWalker(QueryWalker):
         relation, target = self.target_relation(body)
         self.read.add(relation)  # rows are found by reading them
         scope.entries.append(target)
-        for item in iter_list(body.get("fromClause")):
-            scope.entries.extend(self.from_item(item, scope))
+        self.from_clause(body.get("fromClause"), scope)
         self.set_targets(body.get("targetList"), scope)
         where = unwrap(body.get("whereClause"))
         if not restricts(where):
@@ -113,8 +112,7 @@ class DmlWalker(QueryWalker):
         relation, target = self.target_relation(body)
         self.read.add(relation)
         scope.entries.append(target)
-        for item in iter_list(body.get("usingClause")):
-            scope.entries.extend(self.from_item(item, scope))
+        self.from_clause(body.get("usingClause"), scope)
         where = unwrap(body.get("whereClause"))
         if not restricts(where):
             self.flags.add(m.FLAG_DELETE_WITHOUT_WHERE)
@@ -128,9 +126,9 @@ class DmlWalker(QueryWalker):
         relation, target = self.target_relation(body)
         self.read.add(relation)
         scope.entries.append(target)
-        source = unwrap(body.get("sourceRelation"))
-        if source is not None:
-            scope.entries.extend(self.from_item(source, scope))
+        source = body.get("sourceRelation")
+        if source:
+            self.from_clause([source], scope)
         self.expr(unwrap(body.get("joinCondition")), scope, Ctx.PREDICATE)
         commands = {"CMD_UPDATE": Op.UPDATE, "CMD_DELETE": Op.DELETE, "CMD_INSERT": Op.INSERT}
         for _, clause in iter_list(body.get("mergeWhenClauses")):

@@ -9,7 +9,8 @@ aggregate or CASE is DERIVED, and everything under WHERE/ON/HAVING/ORDER BY/GROU
 clauses/DISTINCT ON/LIMIT is PREDICATE. Every expression also returns the base sources its
 value is computed from, which is how derived tables pass lineage outward (`lineage.Shape`).
 
-A name that is both a column and a FROM alias (`SELECT c FROM customers c`) is recorded as
+An unqualified column resolves level by level as PostgreSQL does (`Scope.resolve_column`);
+a name that is both a column and a FROM alias (`SELECT c FROM customers c`) is recorded as
 both: PostgreSQL prefers the column, but without the catalog guard cannot tell.
 
 Anything not modelled raises `Unsupported`: the statement fails closed.
@@ -228,7 +229,7 @@ class ExpressionWalker:
             self.emit(sources, row_ctx)
             return sources
         if len(names) == 1:
-            sources = _union(e.resolve(names[0]) for e in scope.all_entries())
+            sources = scope.resolve_column(names[0])
             self.emit(sources, ctx)
             rows = _union(e.whole_row() for e in scope.find_alias(names[0]))
             self.emit(rows, row_ctx)
@@ -250,7 +251,7 @@ class ExpressionWalker:
         if len(names) == 1:
             rows = _union(e.resolve(field) for e in scope.find_alias(names[0]))
             self.emit(rows, ctx)
-            column = _union(e.resolve(names[0]) for e in scope.all_entries())
+            column = scope.resolve_column(names[0])
             self.emit(column, ctx)
             return rows | column
         return self.column_ref(body, scope, ctx)

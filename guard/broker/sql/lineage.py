@@ -17,6 +17,13 @@ A *source* is `(column, candidate base relations)`: the base column a value may 
   relations it expands; a name the shape does not know resolves to all its sources;
 * a function in FROM (generate_series, XMLTABLE, JSON_TABLE ...) has no base sources: its
   arguments were already classified as DERIVED where they appear.
+
+An unqualified name resolves as PostgreSQL resolves it (`Scope.resolve_column`): in the
+innermost query level that has a FROM item with that column, else the next level out. An
+entry *has* a column (True), *lacks* it (False: a derived table whose output names are all
+known), or *may* have it (None: a base relation or a function, whose columns only the
+catalog knows). A level whose entries only may have the name does not stop the search: the
+name may as well come from further out, so every candidate on the way is kept.
 """
 
 from __future__ import annotations
@@ -70,6 +77,24 @@ class Shape:
             else:
                 parts.extend(e.whole_row() for e in item.entries)
         return union(parts)
+
+    def has(self, name: str) -> bool | None:
+        """Whether the shape has an output column `name`: True, False, or None (unknown)."""
+        answer: bool | None = False
+        for item in self.items:
+            if isinstance(item, Out):
+                if item.name == name:
+                    return True
+                if item.name is None:
+                    answer = None  # a name the analyser cannot figure: could be this one
+            else:
+                for entry in item.entries:
+                    found = entry.has(name)
+                    if found:
+                        return True
+                    if found is None:
+                        answer = None
+        return answer if self.exact else None
 
     def lookup(self, name: str) -> Sources:
         named = [i.sources for i in self.items if isinstance(i, Out) and i.name == name]
@@ -146,6 +171,12 @@ class Entry:
             return self.shape.lookup(column)
         return NO_SOURCES
 
+    def has(self, name: str) -> bool | None:
+        """Whether the entry has a column `name`: True, False or None (only the catalog knows)."""
+        if self.shape is not None:
+            return self.shape.has(name)
+        return True if name in self.colnames else None
+
     def whole_row(self) -> Sources:
         if self.relation is not None:
             return frozenset({("*", frozenset({self.relation}))})
@@ -169,6 +200,33 @@ class Scope:
                 return scope.ctes[name]
             scope = scope.parent
         return None
+
+    def resolve_column(self, name: str) -> Sources:
+        """Sources of an unqualified column `name`, searched level by level as PostgreSQL does.
+
+        At each level every entry that has or may have the column is a candidate; the search
+        stops at the first level where some entry surely has it (PostgreSQL takes that level,
+        or reports an ambiguity). Entries that surely lack it are skipped.
+        """
+        parts: list[Sources] = []
+        scope: Scope | None = self
+        while scope is not None:
+            settled = False
+            for entry in scope.entries:
+                found = entry.has(name)
+                if found is False:
+                    continue
+                parts.append(entry.resolve(name))
+                settled = settled or found is True
+            if settled:
+                break
+            scope = scope.parent
+        return union(parts)
+
+    def without_entries(self, keep: int = 0) -> Scope:
+        """The same query level seen from a non-LATERAL FROM item: the level's WITH names and
+        its first `keep` entries (an UPDATE/DELETE/MERGE target), not its other FROM items."""
+        return Scope(self.parent, self.entries[:keep], self.ctes)
 
     def all_entries(self) -> list[Entry]:
         out: list[Entry] = []

@@ -23,7 +23,7 @@ from typing import Any
 
 from . import model as m
 from .expressions import ExpressionWalker, Unsupported
-from .lineage import OPAQUE, Entry, Out, Scope, Shape, Star
+from .lineage import NO_SOURCES, OPAQUE, Entry, Out, Scope, Shape, Star
 from .lineage import union as _union
 from .model import ColumnContext as Ctx
 from .model import Operation as Op
@@ -33,8 +33,16 @@ Target = tuple[str | None, Node | None]
 _RECURSIVE_PASSES = 5
 
 
+# Expressions PostgreSQL's FigureColname cannot name: their output column is "?column?".
+_UNNAMED = frozenset({"A_Const", "ParamRef", "BoolExpr", "NullTest", "BooleanTest"})
+
+
 def _figure_name(node: Node | None) -> str | None:
-    """The output column name PostgreSQL gives an unnamed target (FigureColname, simplified)."""
+    """The output column name PostgreSQL gives an unnamed target (FigureColname, simplified).
+
+    None means "not figured here": lineage then treats the column as possibly having any
+    name, so a simplification can only cost precision, never hide a use.
+    """
     if node is None:
         return None
     kind, body = node
@@ -43,13 +51,46 @@ def _figure_name(node: Node | None) -> str | None:
         return None if last == "*" else last
     if kind == "FuncCall":
         return name_list(body.get("funcname"))[-1]
+    if kind in _UNNAMED:
+        return "?column?"
+    if kind == "A_Expr":
+        return "nullif" if body.get("kind") == "AEXPR_NULLIF" else "?column?"
     if kind == "TypeCast":
-        return _figure_name(unwrap(body.get("arg")))
+        # The argument's name when it has a strong one, else the type's (left unfigured).
+        name = _figure_name(unwrap(body.get("arg")))
+        return None if name == "?column?" else name
     if kind == "A_Indirection":
         names = [string_value(unwrap(i)) for i in body.get("indirection") or ()]
         named = [n for n in names if n is not None]
         return named[-1] if named else _figure_name(unwrap(body.get("arg")))
     return None
+
+
+def _placeholder(cte: Body) -> Shape:
+    """A recursive CTE before its first pass: its column names, no sources.
+
+    The names are the alias list or else those of the first (non-recursive) term's targets,
+    which is where PostgreSQL takes them from; OPAQUE when a `*` hides them.
+    """
+    names: list[str | None] = list(name_list(cte.get("aliascolnames")))
+    if not names:
+        node = unwrap(cte.get("ctequery"))
+        if node is None or node[0] != "SelectStmt":
+            return OPAQUE
+        body = node[1]
+        while body.get("op", "SETOP_NONE") != "SETOP_NONE" and body.get("larg"):
+            body = body["larg"]
+        if body.get("valuesLists"):
+            first = unwrap(body["valuesLists"][0])
+            width = len(first[1].get("items", [])) if first and first[0] == "List" else 0
+            names = [f"column{i + 1}" for i in range(width)]
+        for _, target in iter_list(body.get("targetList")):
+            value = unwrap(target.get("val"))
+            if value is not None and value[0] == "ColumnRef":
+                if name_list(value[1].get("fields"))[-1] == "*":
+                    return OPAQUE
+            names.append(target.get("name") or _figure_name(value))
+    return Shape(tuple(Out(name, NO_SOURCES) for name in names))
 
 
 class QueryWalker(ExpressionWalker):
@@ -74,8 +115,7 @@ class QueryWalker(ExpressionWalker):
             self.ordering(body.get("sortClause"), scope, None, shape)
             self.limits(body, scope)
             return shape
-        for item in iter_list(body.get("fromClause")):
-            scope.entries.extend(self.from_item(item, scope))
+        self.from_clause(body.get("fromClause"), scope)
         shape, targets = self.target_list(body.get("targetList"), scope, ctx)
         self.expr(unwrap(body.get("whereClause")), scope, Ctx.PREDICATE)
         self.expr(unwrap(body.get("havingClause")), scope, Ctx.PREDICATE)
@@ -136,16 +176,25 @@ class QueryWalker(ExpressionWalker):
         """WITH RECURSIVE, where every CTE sees every other one and itself.
 
         Iterates to a fixpoint so that a reference through a later or self-referencing CTE
-        still reaches the base columns (one pass would resolve it to nothing).
+        still reaches the base columns (one pass would resolve it to nothing). Each CTE
+        starts as its column names with no sources (`_placeholder`), so that a pass never
+        resolves one of its columns to an outer relation. The fixpoint compares whole shapes,
+        column by column: sources that move between columns (`SELECT c, a, b FROM t`) keep
+        the iteration going. Only the uses recorded by the settling pass are kept (the
+        earlier ones saw unfinished shapes); a WITH that does not settle fails closed.
         """
         for cte in ctes:
-            scope.ctes[cte["ctename"]] = OPAQUE
-        for _ in range(_RECURSIVE_PASSES):
-            before = {name: shape.all_sources() for name, shape in scope.ctes.items()}
+            scope.ctes[cte["ctename"]] = _placeholder(cte)
+        limit = _RECURSIVE_PASSES + len(ctes) + sum(len(s.items) for s in scope.ctes.values())
+        for _ in range(limit):
+            before = dict(scope.ctes)
+            recorded = dict(self.columns)
             for cte in ctes:
                 scope.ctes[cte["ctename"]] = self.cte_shape(cte, scope)
-            if all(scope.ctes[n].all_sources() == before[n] for n in before):
-                break
+            if scope.ctes == before:
+                return
+            self.columns = recorded
+        raise Unsupported("the column lineage of a WITH RECURSIVE does not settle")
 
     def cte_shape(self, cte: Body, scope: Scope) -> Shape:
         shape = self.query(unwrap(cte.get("ctequery")), scope, Ctx.OUTPUT)
@@ -213,22 +262,37 @@ class QueryWalker(ExpressionWalker):
 
     # --- FROM ----------------------------------------------------------------------------
 
-    def from_item(self, node: Node, scope: Scope) -> list[Entry]:
+    def from_clause(self, items: Any, scope: Scope) -> None:
+        """Add the FROM items of a query level to `scope`, in order.
+
+        A LATERAL subquery (and a function, XMLTABLE or JSON_TABLE, always lateral) sees the
+        FROM items before it; any other subquery does not, so its unqualified names skip them
+        and resolve further out (PostgreSQL's `p_lateral_only` items). Entries already in the
+        scope (an UPDATE/DELETE/MERGE target) stay visible.
+        """
+        plain = scope.without_entries(len(scope.entries))
+        for item in iter_list(items):
+            scope.entries.extend(self.from_item(item, scope, plain))
+
+    def from_item(self, node: Node, scope: Scope, plain: Scope) -> list[Entry]:
+        """Entries of one FROM item; `scope` is what a LATERAL item sees, `plain` what any
+        other subquery sees (the same level without the FROM items before this one)."""
         kind, body = node
         alias = body.get("alias") or {}
         colnames = tuple(name_list(alias.get("colnames")))
         if kind == "RangeVar":
             return [self.range_var(body, scope)]
         if kind == "RangeSubselect":
-            shape = self.query(unwrap(body.get("subquery")), scope, Ctx.OUTPUT)
+            visible = scope if body.get("lateral") else plain
+            shape = self.query(unwrap(body.get("subquery")), visible, Ctx.OUTPUT)
             return [Entry(alias.get("aliasname", ""), shape=shape.renamed(colnames))]
         if kind == "JoinExpr":
-            return self.join(body, scope)
+            return self.join(body, scope, plain)
         if kind == "RangeFunction":
             self.range_function(body, scope)
-            return [Entry(alias.get("aliasname", ""))]
+            return [Entry(alias.get("aliasname", ""), colnames=colnames)]
         if kind == "RangeTableSample":
-            entries = self.from_item(unwrap(body.get("relation")) or ("", {}), scope)
+            entries = self.from_item(unwrap(body.get("relation")) or ("", {}), scope, plain)
             for item in iter_list(body.get("args")):
                 self.expr(item, scope, Ctx.DERIVED)
             self.expr(unwrap(body.get("repeatable")), scope, Ctx.DERIVED)
@@ -264,11 +328,13 @@ class QueryWalker(ExpressionWalker):
         self.operations.add(Op.READ)
         return Entry(visible, relation=relation, colnames=colnames)
 
-    def join(self, body: Body, scope: Scope) -> list[Entry]:
-        left = self.from_item(unwrap(body.get("larg")) or ("", {}), scope)
-        right = self.from_item(unwrap(body.get("rarg")) or ("", {}), Scope(scope, list(left)))
+    def join(self, body: Body, scope: Scope, plain: Scope) -> list[Entry]:
+        left = self.from_item(unwrap(body.get("larg")) or ("", {}), scope, plain)
+        # A LATERAL right side sees the left side and the FROM items before the join.
+        right = self.from_item(unwrap(body.get("rarg")) or ("", {}), Scope(scope, left), plain)
         entries = left + right
-        inner = Scope(scope, list(entries))
+        # ON sees only the join's own items (and outer levels), not the other FROM items.
+        inner = Scope(plain, list(entries))
         using = name_list(body.get("usingClause"))
         for column in using:
             self.emit(_union(e.resolve(column) for e in entries), Ctx.PREDICATE)
