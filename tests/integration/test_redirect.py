@@ -158,3 +158,62 @@ def test_a_read_of_a_protected_table_in_an_update_source_is_masked(session):
             )
             assert cur.fetchone()[0] == MASKED_SSN
             raise psycopg.Rollback()
+
+
+# --- masked twins of views (found through pg_depend/pg_rewrite, no policy entry) ----------
+
+
+RAW_EMAIL = "alice@example.com"
+MASKED_EMAIL = "a***@example.com"
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT email FROM v_customer_contacts WHERE full_name = 'Alice Anderson'",
+        "SELECT email FROM public.v_customer_contacts WHERE full_name = 'Alice Anderson'",
+        "SELECT v.email FROM \"public\".v_customer_contacts v WHERE v.full_name = 'Alice Anderson'",
+        "SELECT upper(email) FROM v_customer_contacts WHERE full_name = 'Alice Anderson'",
+    ],
+)
+def test_a_view_of_protected_columns_reads_masked_through_its_twin(session, sql):
+    with gateway_connect(session) as conn:
+        simple = conn.execute(sql, prepare=False).fetchone()[0]
+        extended = conn.execute(sql, (), prepare=True).fetchone()[0]
+    assert simple.lower() == MASKED_EMAIL and extended.lower() == MASKED_EMAIL
+
+
+def test_views_of_views_and_materialized_views_get_twins(dev_stack: Stack):
+    from guard.broker.policy.compile import load_policy_file
+    from guard.devstack.backstop import apply_backstop
+    from tests.fix_stack import DEMO_POLICY
+
+    target = load_policy_file(DEMO_POLICY).targets["demo"]
+    objects = [
+        "CREATE VIEW public.v_alice AS SELECT * FROM public.v_customer_contacts"
+        " WHERE full_name LIKE 'Alice%'",
+        "CREATE MATERIALIZED VIEW public.mv_accounts AS"
+        " SELECT a.id, a.account_number, c.ssn FROM accounts a JOIN customers c"
+        " ON c.id = a.customer_id",
+    ]
+    with psycopg.connect(dev_stack.admin_dsn, autocommit=True) as admin:
+        for statement in objects:
+            admin.execute(statement)
+    try:
+        statements = apply_backstop(dev_stack.admin_dsn, target)
+        assert any('CREATE VIEW "guard_masked"."v_alice"' in s for s in statements)
+        assert any('CREATE VIEW "guard_masked"."mv_accounts"' in s for s in statements)
+        body, headers = dev_stack.open_session()
+        try:
+            with gateway_connect(body) as conn:
+                alice = conn.execute("SELECT email FROM v_alice").fetchone()[0]
+                rows = conn.execute("SELECT account_number, ssn FROM mv_accounts").fetchall()
+        finally:
+            dev_stack.end_session(body["session_id"], headers)
+        assert alice == MASKED_EMAIL
+        assert rows and all(n.startswith("********") and s.startswith("***-**-") for n, s in rows)
+    finally:
+        with psycopg.connect(dev_stack.admin_dsn, autocommit=True) as admin:
+            admin.execute("DROP MATERIALIZED VIEW public.mv_accounts")
+            admin.execute("DROP VIEW public.v_alice")
+        apply_backstop(dev_stack.admin_dsn, target)

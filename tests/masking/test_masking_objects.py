@@ -10,6 +10,7 @@ import pytest
 
 from guard.broker.masking.objects import (
     TableColumns,
+    ViewTwin,
     approved_role_name,
     approved_roles,
     backstop_sql,
@@ -17,6 +18,7 @@ from guard.broker.masking.objects import (
     quote_ident,
     quote_literal,
     revocation_statements,
+    twin_original,
 )
 from guard.broker.policy.compile import load_policy, load_policy_file
 
@@ -187,7 +189,7 @@ def test_masked_view_same_columns_same_order(statements):
 def test_views_recreated_owned_and_granted(statements):
     for table in ("customers", "accounts", "transactions"):
         view = f'"guard_masked"."{table}"'
-        drop = statements.index(f"DROP VIEW IF EXISTS {view}")
+        drop = statements.index(f"DROP VIEW IF EXISTS {view} CASCADE")
         (create,) = find(statements, f"CREATE VIEW {view}")
         assert statements.index(create) == drop + 1
         assert f'ALTER VIEW {view} OWNER TO "guard_masked_owner"' in statements
@@ -424,3 +426,37 @@ def test_partitions_and_children_of_special_tables_are_revoked(statements):
         'GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE "public"."products" TO "guard_session"'
     )
     assert statements.index(block) > plain
+
+
+def test_view_twins_come_last_owned_granted_and_labelled(target):
+    twin = ViewTwin("public", "v_contacts", " SELECT email FROM guard_masked.customers;")
+    statements = backstop_sql(target, FACTS, all_tables=ALL, view_twins=[twin])
+    view = '"guard_masked"."v_contacts"'
+    create = statements.index(f"CREATE VIEW {view} AS\nSELECT email FROM guard_masked.customers")
+    assert statements[create - 1] == f"DROP VIEW IF EXISTS {view} CASCADE"
+    # After every masking view it reads (their CASCADE drops would take it otherwise).
+    last_table_view = max(i for i, s in enumerate(statements) if s.startswith("CREATE VIEW"))
+    assert create == last_table_view
+    assert f'ALTER VIEW {view} OWNER TO "guard_masked_owner"' in statements
+    assert f'GRANT SELECT ON {view} TO "guard_session"' in statements
+    (comment,) = find(statements, f"COMMENT ON VIEW {view} IS ")
+    label = comment.split(" IS ", 1)[1].strip("'")
+    assert twin_original(label) == ("public", "v_contacts")
+    # The owner may read the plain tables a view joins.
+    assert any(
+        s.startswith("GRANT SELECT ON TABLE") and "guard_masked_owner" in s for s in statements
+    )
+
+
+@pytest.mark.parametrize(
+    "comment",
+    [
+        None,
+        "",
+        "some other comment",
+        "guard: masked twin of not-json",
+        'guard: masked twin of ["x"]',
+    ],
+)
+def test_twin_original_ignores_other_comments(comment):
+    assert twin_original(comment) is None

@@ -29,11 +29,14 @@ REPLACE, GRANT/REVOKE): the list can be re-applied after any policy change. View
 dropped and re-created because CREATE OR REPLACE VIEW cannot change a column's type when a
 strategy changes; run the list in one transaction so sessions never see a missing view.
 The caller passes base tables only: views of the target run with their owner's rights and
-must never be granted as-is (masked twins of views come with the later masking work).
+are never granted as-is. A view or materialized view that reads a protected or gated table
+gets a masked twin instead (`ViewTwin`, `view_twin_sql`): the same name and columns in the
+masking schema, its query reading the masking views, so it reads masked as a table does.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -201,12 +204,67 @@ def _view(
     where = f"\nWHERE {quote_ident(schema)}.require_approval({label})" if gated else ""
     select = ",\n       ".join(items)
     return [
-        f"DROP VIEW IF EXISTS {view}",
+        # CASCADE: the masked twins of views that read this one are dropped with it and
+        # re-created after (`view_twin_sql`), in the same transaction.
+        f"DROP VIEW IF EXISTS {view} CASCADE",
         f"CREATE VIEW {view}{options} AS\nSELECT {select}\n"
         f"FROM {qualified(facts.schema, facts.table)}{where}",
         f"ALTER VIEW {view} OWNER TO {quote_ident(owner)}",
         f"GRANT SELECT ON {view} TO {quote_ident(group)}",
     ]
+
+
+# A masked twin's comment: what the gateway reads to redirect the original's qualified name.
+TWIN_COMMENT_PREFIX = "guard: masked twin of "
+
+
+@dataclass(frozen=True, slots=True)
+class ViewTwin:
+    """A view (or materialized view) of the target that reads protected or gated tables,
+    and its definition with those reads pointed at the masking schema (`sql.redirect` on
+    `pg_get_viewdef` under an empty search_path): the twin's query."""
+
+    schema: str
+    name: str
+    definition: str
+
+
+def view_twin_sql(
+    twin: ViewTwin,
+    *,
+    schema_owner_role: str = OWNER_ROLE,
+    group_role: str = GROUP_ROLE,
+    masked_schema: str = MASKED_SCHEMA,
+) -> list[str]:
+    """A masked twin: a plain view of the same name and columns in the masking schema,
+    owned by the owner role (it reads the masking views with their rights, never the
+    protected base columns), readable by the session group; a materialized view's twin is
+    a plain view too (its stored rows hold raw values). The comment names the original,
+    as JSON, for the gateway's redirection of its qualified name."""
+    view = qualified(masked_schema, twin.name)
+    body = twin.definition.strip().rstrip(";")
+    label = json.dumps({"schema": twin.schema, "name": twin.name})
+    return [
+        f"DROP VIEW IF EXISTS {view} CASCADE",
+        f"CREATE VIEW {view} AS\n{body}",
+        f"ALTER VIEW {view} OWNER TO {quote_ident(schema_owner_role)}",
+        f"GRANT SELECT ON {view} TO {quote_ident(group_role)}",
+        f"COMMENT ON VIEW {view} IS {quote_literal(TWIN_COMMENT_PREFIX + label)}",
+    ]
+
+
+def twin_original(comment: str | None) -> tuple[str, str] | None:
+    """The (schema, name) a masking-schema view is the twin of, from its comment."""
+    if not comment or not comment.startswith(TWIN_COMMENT_PREFIX):
+        return None
+    try:
+        data = json.loads(comment[len(TWIN_COMMENT_PREFIX) :])
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    schema, name = data.get("schema"), data.get("name")
+    return (schema, name) if isinstance(schema, str) and isinstance(name, str) else None
 
 
 def _special_tables(
@@ -245,6 +303,7 @@ def backstop_sql(
     schema_owner_role: str = OWNER_ROLE,
     group_role: str = GROUP_ROLE,
     masked_schema: str = MASKED_SCHEMA,
+    view_twins: Sequence[ViewTwin] = (),
 ) -> list[str]:
     """Statements (run by an admin, in order) that build the target's database backstop.
 
@@ -300,9 +359,32 @@ def backstop_sql(
         )
     if plain:
         out.append(_sequence_grants(plain, group_role))
+    out += _twins(view_twins, plain, schema_owner_role, group_role, masked_schema)
     if special:
         out.append(_revoke_descendants(special, group_role))
     out += _hardening(schemas, database, group_role)
+    return out
+
+
+def _twins(
+    view_twins: Sequence[ViewTwin],
+    plain: Sequence[tuple[str, str]],
+    owner: str,
+    group: str,
+    masked_schema: str,
+) -> list[str]:
+    if not view_twins:
+        return []
+    out = []
+    if plain:
+        # The twins run with the owner's rights: it reads the masking views (its own) and
+        # the plain tables a view may join, which every session may read anyway.
+        tables = ", ".join(qualified(s, t) for s, t in plain)
+        out.append(f"GRANT SELECT ON TABLE {tables} TO {quote_ident(owner)}")
+    for twin in view_twins:
+        out += view_twin_sql(
+            twin, schema_owner_role=owner, group_role=group, masked_schema=masked_schema
+        )
     return out
 
 

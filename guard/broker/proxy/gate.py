@@ -103,6 +103,7 @@ class Gate:
         principal: Principal,
         session_id: str,
         connection_id: str,
+        redirects: frozenset[tuple[str, str]] = frozenset(),
     ) -> None:
         self.policy = policy
         self.target = target
@@ -111,14 +112,14 @@ class Gate:
         self.connection_id = connection_id
         self._groups = tuple(sorted(principal.groups))
         self._cache: dict[str, Decision] = {}
-        # The tables with a view in the masking schema (protected or gated): reads of
-        # them in any spelling are pointed there.
+        # The relations with a view in the masking schema: protected or gated tables, and
+        # (`redirects`, from the catalog) the views that have masked twins. Reads of them
+        # in any spelling are pointed there.
         spec = policy.targets.get(target)
-        self._special: frozenset[tuple[str, str]] = frozenset()
+        self._special: frozenset[tuple[str, str]] = redirects
         if spec is not None:
-            self._special = frozenset(
-                {(c.schema, c.table) for c in spec.protected_columns} | set(spec.gated_tables)
-            )
+            self._special |= {(c.schema, c.table) for c in spec.protected_columns}
+            self._special |= spec.gated_tables
 
     # -- analyze + decide -------------------------------------------------------------
     def decide(self, sql: str) -> Decision:

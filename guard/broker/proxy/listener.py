@@ -409,6 +409,7 @@ class Gateway:
             principal=session.principal,
             session_id=session.id,
             connection_id=connection_id,
+            redirects=getattr(protected, "twins", frozenset()),
         )
         encoding = next(
             (p.value for p in up.parameter_status if p.name == "client_encoding"), "UTF8"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from guard.broker.masking.objects import MASKED_SCHEMA, twin_original
 from guard.broker.masking.strategies import MaskStrategy, get_strategy
 from guard.broker.policy.engine import CompiledPolicy
 from guard.broker.proxy import upstream
@@ -32,6 +33,21 @@ _COLUMNS = (
     "WHERE a.attnum > 0 AND NOT a.attisdropped "
     "AND (n.nspname, c.relname, a.attname) IN (VALUES {rows})"
 )
+
+
+# The masked twins of views (`masking.objects.view_twin_sql`): their comments name the
+# originals, whose qualified names the gate points at the twins.
+_TWINS = (
+    "SELECT pg_catalog.obj_description(c.oid, 'pg_class') "
+    "FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE n.nspname = $1 AND c.relkind = 'v'"
+)
+
+
+class ProtectedColumnMap(dict[tuple[int, int], MaskStrategy]):
+    """The protected-column map, and the views of the target that have masked twins."""
+
+    twins: frozenset[tuple[str, str]] = frozenset()
 
 
 def lookup_query(count: int) -> str:
@@ -56,7 +72,7 @@ class ProtectedColumns:
             (c.schema, c.table, c.column): get_strategy(strategy)
             for c, strategy in self.policy.targets[target].protected_columns.items()
         }
-        result: dict[tuple[int, int], MaskStrategy] = {}
+        result = ProtectedColumnMap()
         if by_name:
             params = [name for triple in by_name for name in triple]
             rows = await upstream.query_rows(conn, lookup_query(len(by_name)), params)
@@ -65,5 +81,8 @@ class ProtectedColumns:
                     raise upstream.UpstreamError("catalog query returned a NULL column")
                 key = (schema.decode(), table.decode(), column.decode())  # type: ignore[union-attr]
                 result[(int(oid), int(attnum))] = by_name[key]  # type: ignore[arg-type]
+            comments = await upstream.query_rows(conn, _TWINS, [MASKED_SCHEMA])
+            originals = (twin_original(c.decode() if c else None) for (c,) in comments)
+            result.twins = frozenset(o for o in originals if o is not None)
         self._cache[target] = (self.clock(), result)
         return result
