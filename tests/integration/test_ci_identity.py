@@ -183,6 +183,30 @@ def test_github_job_fetches_a_fresh_token_per_call_and_reads_masked_data(
     assert claims["workflow_ref"].startswith("octo/app/.github/workflows/deploy.yml")
 
 
+def test_github_job_from_a_fork_pull_request_is_refused_by_guard_exec(
+    ci_stack: Stack, issuers, tmp_path
+):
+    github, _ = issuers
+    github.runner_claims = github_claims(
+        repository="mallory/app",
+        repository_id="666",
+        repository_owner="mallory",
+        repository_owner_id="666",
+        event_name="pull_request_target",
+    )
+    env = ci_env(
+        GITHUB_ACTIONS="true",
+        ACTIONS_ID_TOKEN_REQUEST_URL=github.runner_url,
+        ACTIONS_ID_TOKEN_REQUEST_TOKEN=github.runner_bearer,
+        GUARD_CI_AUDIENCE=AUDIENCE,
+    )
+    result = run_job(ci_stack, tmp_path, env)
+    assert result.returncode != 0
+    assert result.stdout == ""  # the job never ran
+    assert "GitHub Actions' ID token service" in result.stderr
+    assert "event_name" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_github_job_status_takes_a_token_per_broker_call(ci_stack: Stack, issuers):
     github, _ = issuers
     github.runner_claims = github_claims()
