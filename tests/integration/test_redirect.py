@@ -217,3 +217,28 @@ def test_views_of_views_and_materialized_views_get_twins(dev_stack: Stack):
             admin.execute("DROP MATERIALIZED VIEW public.mv_accounts")
             admin.execute("DROP VIEW public.v_alice")
         apply_backstop(dev_stack.admin_dsn, target)
+
+
+def test_the_audit_says_how_each_protected_read_was_masked(dev_stack: Stack, session):
+    marks = {
+        # Literals are normalized away in the record: the aliases tell the statements apart.
+        "view": "SELECT ssn AS view_mark FROM customers WHERE id = 1",
+        "redirected": "SELECT ssn AS redirected_mark FROM public.customers WHERE id = 1",
+        "twin": "SELECT email AS twin_mark FROM v_customer_contacts LIMIT 1",
+    }
+    with gateway_connect(session) as conn:
+        for sql in marks.values():
+            conn.execute(sql).fetchall()
+    records = [r for r in dev_stack.audit_records() if r.get("kind") == "statement"]
+
+    def masking_of(mark: str) -> list[str]:
+        (record,) = [
+            r
+            for r in records
+            if r.get("session_id") == session["session_id"] and mark in r["statement"]
+        ]
+        return record["masking"]
+
+    assert masking_of("view_mark") == ["public.customers.ssn:view"]
+    assert masking_of("redirected_mark") == ["public.customers.ssn:redirected"]
+    assert masking_of("twin_mark") == ["public.v_customer_contacts:twin"]

@@ -106,6 +106,12 @@ class StatementRecord:
     verdict: str  # allow | deny | require_approval
     rule: str
     masked_columns: tuple[str, ...] = ()
+    # How each protected value the statement reads is masked, never a value: one
+    # "<relation or column>:<layer>" entry per masked column or twin view — `view` (the
+    # name resolved to its masking view), `redirected` (the gateway pointed a spelling
+    # of the base table at its view), `twin` (a view of the target read through its
+    # masked twin). Cells the gateway itself had to mask are counted in ResultRecord.
+    masking: tuple[str, ...] = ()
     kind: str = "statement"
     time: str = field(default_factory=utc_now_iso)
 

@@ -117,6 +117,7 @@ class Gate:
         # in any spelling are pointed there.
         spec = policy.targets.get(target)
         self._special: frozenset[tuple[str, str]] = redirects
+        self._twins = redirects
         if spec is not None:
             self._special |= {(c.schema, c.table) for c in spec.protected_columns}
             self._special |= spec.gated_tables
@@ -264,6 +265,7 @@ class Gate:
                     | {_rel(r) for r in stmt.relations_written}
                 )
             )
+        masking = self._masking(stmt, verdict, decision) if stmt is not None else ()
         return StatementRecord(
             session_id=self.session_id,
             connection_id=self.connection_id,
@@ -279,7 +281,28 @@ class Gate:
             verdict=effect,
             rule=rule,
             masked_columns=masked,
+            masking=masking,
         )
+
+    def _masking(
+        self, stmt: StatementAnalysis, verdict: Verdict | None, decision: Decision
+    ) -> tuple[str, ...]:
+        """The statement's mask report (`StatementRecord.masking`): which layer masks each
+        protected column it reads, and which twin views it reads. Static: what the text
+        and the catalog say, decided once per text (hot path: nothing per run)."""
+        if verdict is None or verdict.effect is not Effect.ALLOW and decision.hold is None:
+            return ()
+        redirected = set(decision.redirected)
+        report: dict[str, None] = {}
+        for column in verdict.masked_columns:
+            spelled = {f"{column.schema}.{column.table}", f"*.{column.table}"}
+            layer = "redirected" if spelled & redirected else "view"
+            report[f"{column}:{layer}"] = None
+        for relation in stmt.relations_read:
+            for schema, name in self._twins:
+                if relation.name == name and relation.schema in (None, schema):
+                    report[f"{schema}.{name}:twin"] = None
+        return tuple(report)
 
     def fast_path(self, function_oid: int) -> Decision:
         """Decide a fast-path FunctionCall through the same policy path as SQL: refused.
