@@ -9,6 +9,11 @@ Approval is headless, over HTTP: `node_idp.approve(user_code, "alice")` confirms
 on the provider's /device form (its cookie and xsrf field) and signs alice in at the
 interaction endpoint provider.mjs adds. No browser.
 
+It also plays a CI issuer: `node_idp.ci_token("ci-main")` is an ID token of the second
+client `guard-ci` (its `aud`) whose claims are a GitHub Actions job's, those of
+CI_ACCOUNTS["ci-main"] (shaped by tests/fix_ci_issuer.py's github_claims), with a new
+`jti` each time: got through the same device flow, approved as the CI account.
+
 Skips when Node, npm or the node_modules are missing, except with CI=true, where that is a
 failure. Tokens are never printed; the provider's stderr goes to a file in the test's
 temporary directory.
@@ -32,11 +37,57 @@ import pytest
 import yaml
 
 from guard.cli.auth import MIN_VALIDITY
+from tests.fix_ci_issuer import github_claims
 from tests.fix_pg import require
 
 NODE_IDP_DIR = Path(__file__).resolve().parent / "interop" / "node_idp"
 USERS = Path(__file__).resolve().parents[1] / "guard" / "devstack" / "users.yaml"
 CLIENT_ID = "guard-cli"
+CI_CLIENT_ID = "guard-ci"  # the `aud` of CI tokens: a broker's workload issuer's audience
+_FORK = {
+    "repository": "mallory/app",
+    "repository_id": "666",
+    "repository_owner": "mallory",
+    "repository_owner_id": "666",
+}
+# CI accounts: GitHub Actions jobs of octo/app (owner 1001, repository 4242) and others.
+# Each one's `sub` is its own (oidc-provider's account id).
+CI_ACCOUNTS = {
+    # A push to the protected main branch: what a deploy binding admits.
+    "ci-main": github_claims(),
+    # A fork's pull request (another owner, pull_request event).
+    "ci-fork": github_claims(
+        **_FORK,
+        sub="repo:mallory/app:pull_request",
+        ref="refs/pull/7/merge",
+        ref_protected="false",
+        event_name="pull_request",
+        workflow_ref="mallory/app/.github/workflows/deploy.yml@refs/pull/7/merge",
+        job_workflow_ref="mallory/app/.github/workflows/deploy.yml@refs/pull/7/merge",
+    ),
+    # The fork's own push to its main (its workflows, its owner).
+    "ci-fork-push": github_claims(
+        **_FORK,
+        sub="repo:mallory/app:ref:refs/heads/main",
+        workflow_ref="mallory/app/.github/workflows/deploy.yml@refs/heads/main",
+        job_workflow_ref="mallory/app/.github/workflows/deploy.yml@refs/heads/main",
+    ),
+    # A push to another, unprotected branch of the right repository.
+    "ci-branch": github_claims(
+        sub="repo:octo/app:ref:refs/heads/feature",
+        ref="refs/heads/feature",
+        ref_protected="false",
+        workflow_ref="octo/app/.github/workflows/deploy.yml@refs/heads/feature",
+        job_workflow_ref="octo/app/.github/workflows/deploy.yml@refs/heads/feature",
+    ),
+    # A pull request from a branch of the repository itself.
+    "ci-pull-request": github_claims(
+        sub="repo:octo/app:pull_request",
+        ref="refs/pull/8/merge",
+        ref_protected="false",
+        event_name="pull_request",
+    ),
+}
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 # The ID token lives this long past the minute guard wants left on a token it sends
 # (MIN_VALIDITY): fresh for guard right after a login or refresh, due for refresh after.
@@ -48,6 +99,7 @@ _XSRF = re.compile(r'name="xsrf" value="([^"]+)"')
 class NodeIdP:
     issuer: str
     client_id: str
+    ci_client_id: str
     id_token_ttl: int
     log: Path
     process: subprocess.Popen[bytes]
@@ -93,6 +145,37 @@ class NodeIdP:
             )
             assert cancelled.status_code < 500, cancelled.text[:500]
             assert "Sign-in Success" not in cancelled.text
+
+    def ci_token(self, account: str) -> str:
+        """An ID token for the CI client, signed in as CI account `account` (a key of
+        CI_ACCOUNTS): its claims, `aud` the CI client id, a new `jti`. Through the device
+        flow (authorization, approval, one token request); never printed."""
+        tokens = self.device_tokens(self.ci_client_id, "openid ci", account)
+        assert "refresh_token" not in tokens
+        return tokens["id_token"]
+
+    def device_tokens(self, client_id: str, scope: str, username: str) -> dict:
+        """The token response of a device flow of `client_id` for `scope`, approved as
+        `username`, straight at the provider (no guard CLI)."""
+        config = self.config()
+        with httpx.Client(timeout=10) as http:
+            started = http.post(
+                config["device_authorization_endpoint"],
+                data={"client_id": client_id, "scope": scope},
+            )
+            assert started.status_code == 200, started.text[:500]
+            device = started.json()
+            self.approve(device["user_code"], username)
+            granted = http.post(
+                config["token_endpoint"],
+                data={
+                    "grant_type": DEVICE_GRANT,
+                    "device_code": device["device_code"],
+                    "client_id": client_id,
+                },
+            )
+            assert granted.status_code == 200, granted.json().get("error")
+            return granted.json()
 
     def stats(self) -> dict:
         """provider.mjs's counters: `grants` (successful token requests by grant type) and
@@ -149,12 +232,15 @@ def node_idp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeIdP]:
     work = tmp_path_factory.mktemp("node-idp")
     users = work / "users.json"
     users.write_text(json.dumps(yaml.safe_load(USERS.read_text())["users"]))
+    ci_accounts = work / "ci-accounts.json"
+    ci_accounts.write_text(json.dumps(CI_ACCOUNTS))
     log = work / "provider.log"
     ttl = MIN_VALIDITY + FRESH_FOR
     with log.open("wb") as stderr:
         process = subprocess.Popen(
             [node, "provider.mjs", "--port", "0", "--users", str(users)]
-            + ["--client-id", CLIENT_ID, "--id-token-ttl", str(ttl)],
+            + ["--client-id", CLIENT_ID, "--id-token-ttl", str(ttl)]
+            + ["--ci-accounts", str(ci_accounts), "--ci-client-id", CI_CLIENT_ID],
             cwd=NODE_IDP_DIR,
             stdout=subprocess.PIPE,
             stderr=stderr,
@@ -163,7 +249,12 @@ def node_idp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeIdP]:
     try:
         ready = _ready_line(process, log, timeout=30)
         idp = NodeIdP(
-            issuer=ready["issuer"], client_id=CLIENT_ID, id_token_ttl=ttl, log=log, process=process
+            issuer=ready["issuer"],
+            client_id=CLIENT_ID,
+            ci_client_id=CI_CLIENT_ID,
+            id_token_ttl=ttl,
+            log=log,
+            process=process,
         )
         deadline = time.monotonic() + 10
         while True:
