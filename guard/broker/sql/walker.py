@@ -120,10 +120,10 @@ class QueryWalker(ExpressionWalker):
         self.expr(unwrap(body.get("whereClause")), scope, Ctx.PREDICATE)
         self.expr(unwrap(body.get("havingClause")), scope, Ctx.PREDICATE)
         self.grouping(body.get("groupClause"), scope, targets)
-        self.ordering(body.get("distinctClause"), scope, targets, None)  # plain DISTINCT: NIL
+        self.ordering(body.get("distinctClause"), scope, targets, None, True)  # DISTINCT: NIL
         for _, window in iter_list(body.get("windowClause")):
             self.window(window, scope)
-        self.ordering(body.get("sortClause"), scope, targets, None)
+        self.ordering(body.get("sortClause"), scope, targets, None, True)
         self.limits(body, scope)
         for _, lock in iter_list(body.get("lockingClause")):  # FOR UPDATE OF <aliases>
             self.seen.update(id(rv) for _, rv in iter_list(lock.get("lockedRels")))
@@ -214,21 +214,38 @@ class QueryWalker(ExpressionWalker):
                 self.order_item((kind, body), scope, targets, None)
 
     def ordering(
-        self, items: Any, scope: Scope, targets: list[Target] | None, shape: Shape | None
+        self,
+        items: Any,
+        scope: Scope,
+        targets: list[Target] | None,
+        shape: Shape | None,
+        output_first: bool = False,
     ) -> None:
         for kind, body in iter_list(items):
             node = unwrap(body.get("node")) if kind == "SortBy" else (kind, body)
-            self.order_item(node, scope, targets, shape)
+            self.order_item(node, scope, targets, shape, output_first)
 
     def order_item(
-        self, node: Node | None, scope: Scope, targets: list[Target] | None, shape: Shape | None
+        self,
+        node: Node | None,
+        scope: Scope,
+        targets: list[Target] | None,
+        shape: Shape | None,
+        output_first: bool = False,
     ) -> None:
+        """One ORDER BY / DISTINCT ON / GROUP BY item (always a PREDICATE use).
+
+        A bare name may be an output column. ORDER BY and DISTINCT ON (`output_first`) take
+        an output column of that name before any input column (PostgreSQL's SQL92 rule), so
+        then the name is not also resolved as an input column; GROUP BY prefers the input
+        column, so there the name stays both.
+        """
         if node is None:
             return
         kind, body = node
         if kind == "GroupingSet":
             for child in iter_list(body.get("content")):
-                self.order_item(child, scope, targets, shape)
+                self.order_item(child, scope, targets, shape, output_first)
             return
         if kind == "A_Const" and "ival" in body:
             self.order_position(int(body["ival"].get("ival", 0)) - 1, scope, targets, shape)
@@ -236,11 +253,14 @@ class QueryWalker(ExpressionWalker):
         if kind == "ColumnRef":
             names = name_list(body.get("fields"))
             if len(names) == 1:  # may name an output column (ORDER BY alias)
-                for name, value in targets or ():
-                    if name == names[0]:
-                        self.expr(value, scope, Ctx.PREDICATE)
+                matched = [value for name, value in targets or () if name == names[0]]
+                for value in matched:
+                    self.expr(value, scope, Ctx.PREDICATE)
                 if shape is not None:
                     self.emit(shape.lookup(names[0]), Ctx.PREDICATE)
+                if matched and output_first:
+                    self.seen.add(id(body))
+                    return
         self.expr(node, scope, Ctx.PREDICATE)
 
     def order_position(
