@@ -23,6 +23,7 @@ from guard.broker.approvals.notify import NullNotifier, WebhookNotifier
 from guard.broker.approvals.service import ApprovalService
 from guard.broker.approvals.store import SqliteApprovalStore
 from guard.broker.audit.sink import AuditSink, AuditUnavailable, JsonlAuditSink
+from guard.broker.backstop import BackstopMonitor
 from guard.broker.health import BrokerHealth, WatchedAuditSink, flush_audit_forever
 from guard.broker.policy.compile import PolicyError, PolicyProblem, load_policy
 from guard.broker.policy.engine import CompiledPolicy
@@ -131,6 +132,7 @@ async def _run(settings: BrokerSettings, stop: _StopSignals) -> None:  # noqa: C
         initial_backoff=limits.revoke_retry_initial_seconds,
         max_backoff=limits.revoke_retry_max_seconds,
     )
+    backstop = BackstopMonitor(policy, settings.targets)
     sessions = SessionManager(
         policy=policy,
         targets=dict(settings.targets),
@@ -139,6 +141,7 @@ async def _run(settings: BrokerSettings, stop: _StopSignals) -> None:  # noqa: C
         state=state,
         settings=limits,
         revocations=revocations,
+        verify_target=backstop,
     )
     # Leases a previous run left open, and revocations it still owed.
     await sessions.revoke_orphans()
@@ -201,6 +204,7 @@ async def _run(settings: BrokerSettings, stop: _StopSignals) -> None:  # noqa: C
         gateway=address,
         approvals=approvals,
         health=BrokerHealth(audit, revocations, gateway_reasons).reasons,
+        backstop=backstop,
     )
     config = uvicorn.Config(
         app,

@@ -167,8 +167,12 @@ class SessionManager:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         settings: SessionSettings | None = None,
         revocations: RevocationQueue | None = None,
+        verify_target: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.policy = policy
+        # Raises (503) when the target's database backstop has drifted: no credentials
+        # are issued for a database whose masking is not in place (`broker.backstop`).
+        self.verify_target = verify_target
         self.targets = targets
         self.issuer = issuer
         self.audit = audit
@@ -446,6 +450,8 @@ class SessionManager:
                 f"target {target!r} is in the policy but not in the broker configuration",
                 hint="add it under `targets:` in the broker config",
             )
+        if self.verify_target is not None:
+            await self.verify_target(target)
         ttl = min(ttl_seconds or spec.default_ttl_seconds, spec.max_ttl_seconds)
         notice = None
         if ttl_seconds is not None and ttl_seconds > spec.max_ttl_seconds:

@@ -276,6 +276,13 @@ class TargetSettings(_Strict):
     # by the database): a superuser/CREATEROLE admin, or better a role holding them WITH
     # ADMIN OPTION; defaults to admin_dsn_file.
     grants_dsn_file: Path | None = None
+    # SECURITY DEFINER functions (regprocedure text, e.g. `public.f(integer)`) whose owner
+    # reads protected data that sessions may still execute: the backstop revokes EXECUTE on
+    # every other one, and `guard target check` reports them.
+    definer_functions_allowed: list[str] = []
+    # Check the database backstop (`guard target check`) before issuing credentials, at
+    # most this often while it passes; a drifted target gets no new sessions (503).
+    backstop_check_seconds: float = Field(default=60.0, ge=0)
 
 
 class AuditSettings(_Strict):

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
     from guard.broker.api.schemas import (
         ApprovalInfo,
+        BackstopReport,
         Identity,
         SessionExtended,
         SessionInfo,
@@ -198,6 +199,20 @@ class BrokerClient:
         from guard.broker.api.schemas import TargetInfo
 
         return _models(TargetInfo, self._request("GET", "/v1/targets"), "a list of targets")
+
+    def backstop(self, target: str, *, plan: bool = False) -> BackstopReport:
+        """The target's database backstop drift (and, with `plan`, the statements an
+        apply runs); auditors only."""
+        from guard.broker.api.schemas import BackstopReport
+
+        path = f"/v1/targets/{quote(target, safe='')}/backstop" + ("?plan=true" if plan else "")
+        return _model(BackstopReport, self._request("GET", path), "a backstop report")
+
+    def apply_backstop(self, target: str) -> BackstopReport:
+        from guard.broker.api.schemas import BackstopReport
+
+        path = f"/v1/targets/{quote(target, safe='')}/backstop/apply"
+        return _model(BackstopReport, self._request("POST", path), "a backstop report")
 
     def sessions(self, *, every: bool = False) -> list[SessionInfo]:
         """The caller's live sessions; `every`: everyone's (auditors only)."""

@@ -40,6 +40,7 @@ COMMANDS = {
     "requests": "guard.cli.commands.requests:requests",
     "revoke": "guard.cli.commands.sessions:revoke",
     "policy": "guard.cli.commands.policy:policy",
+    "target": "guard.cli.commands.target:target",
     "audit": "guard.cli.commands.audit:audit",
     "dev": "guard.cli.commands.dev:dev",
 }

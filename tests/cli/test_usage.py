@@ -66,6 +66,21 @@ CASES: dict[str, tuple[list[str] | None, list[str], list[str]]] = {
         ["audit", "pubkey", "--bogus"],
         ["audit", "pubkey", "--help=1"],
     ),
+    "target check": (
+        ["target", "check"],
+        ["target", "check", "demo", "--bogus"],
+        ["target", "check", "demo", "--json=1"],
+    ),
+    "target plan": (
+        ["target", "plan"],
+        ["target", "plan", "demo", "--bogus"],
+        ["target", "plan", "a", "b"],
+    ),
+    "target apply": (
+        ["target", "apply"],
+        ["target", "apply", "demo", "-x"],
+        ["target", "apply", "demo", "--json=y"],
+    ),
     "dev up": (["dev", "up", "--policy"], ["dev", "up", "--bogus"], ["dev", "up", "--detach=1"]),
     "dev down": (None, ["dev", "down", "extra"], ["dev", "down", "--help=yes"]),
     "dev status": (None, ["dev", "status", "--bogus"], ["dev", "status", "--json=yes"]),
@@ -85,6 +100,7 @@ GROUP_CASES = [
     pytest.param([], id="no-command"),
     pytest.param(["dev"], id="dev-no-command"),
     pytest.param(["policy"], id="policy-no-command"),
+    pytest.param(["target"], id="target-no-command"),
     pytest.param(["conect", "demo"], id="unknown-command"),
     pytest.param(["dev", "stauts"], id="unknown-dev-command"),
     pytest.param(["--bogus"], id="unknown-option"),
@@ -141,7 +157,7 @@ def test_help_lists_every_command(guard):  # noqa: F811
     for name in (
         "login logout status targets connect exec sessions extend end approve deny requests"
         " revoke"
-        " policy dev"
+        " policy target dev"
     ).split():
         assert name in outcome.out
 

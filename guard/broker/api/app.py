@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from guard.broker.api.approvals import approval_routes
+from guard.broker.api.backstop import backstop_routes
 from guard.broker.api.schemas import (
     ErrorBody,
     Identity,
@@ -37,6 +38,7 @@ from guard.broker.api.schemas import (
 )
 from guard.broker.approvals.service import ApprovalService
 from guard.broker.audit.sink import AuditUnavailable
+from guard.broker.backstop import BackstopMonitor
 from guard.broker.errors import Forbidden, GuardError, NotFound, Unauthenticated
 from guard.broker.identity.principal import Principal
 from guard.broker.sessions import CREDENTIAL_PREFIX, Session, SessionManager
@@ -143,6 +145,7 @@ def create_app(  # noqa: C901 - one closure per route
     gateway: GatewayAddress,
     approvals: ApprovalService | None = None,
     health: Callable[[], list[str]] | None = None,
+    backstop: BackstopMonitor | None = None,
 ) -> FastAPI:
     app = FastAPI(title="guard broker", version="1", docs_url=None, redoc_url=None)
     app.add_middleware(JsonInternalErrors)
@@ -326,5 +329,6 @@ def create_app(  # noqa: C901 - one closure per route
         return Response(status_code=204)
 
     app.include_router(approval_routes(approvals, Caller))
+    app.include_router(backstop_routes(backstop, sessions, Caller, _auditor))
 
     return app

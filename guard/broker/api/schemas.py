@@ -119,6 +119,16 @@ class TargetInfo(_Model):
     max_ttl_seconds: int
 
 
+class BackstopReport(_Model):
+    """`GET /v1/targets/{name}/backstop` and its `apply` (auditors): how the target's
+    database differs from what the policy needs (`drift`, empty when in place) and, for a
+    plan, the statements `apply` runs (for an apply: the statements it ran)."""
+
+    target: str
+    drift: list[str]
+    statements: list[str] | None = None
+
+
 class SessionRevoke(_Model):
     """`POST /v1/sessions/revoke` (auditors): end every session matching all the given
     selectors (at least one), with the reason recorded."""

@@ -179,6 +179,26 @@ class ApprovalEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class BackstopEvent:
+    """A change of a target's database backstop (`guard target apply`): who asked, how many
+    statements ran and their SHA-256 (the statements themselves are `guard target plan`'s
+    output, reproducible from the policy and catalog), and the drift left after it."""
+
+    target: str
+    event: str  # requested | applied | failed
+    actor: str
+    actor_issuer: str
+    statements: int = 0
+    digest: str = ""
+    detail: str = ""
+    kind: str = "backstop"
+    time: str = field(default_factory=utc_now_iso)
+
+    def to_body(self) -> dict[str, Any]:
+        return _body(self)
+
+
+@dataclass(frozen=True, slots=True)
 class AuditEvent:
     """The audit log's own events, written by the sink when it opens the log: a torn last
     line cut away (`torn-line-cut`: how many bytes, never what they said) and records found

@@ -304,6 +304,7 @@ def backstop_sql(
     group_role: str = GROUP_ROLE,
     masked_schema: str = MASKED_SCHEMA,
     view_twins: Sequence[ViewTwin] = (),
+    revoke_functions: Sequence[str] = (),
 ) -> list[str]:
     """Statements (run by an admin, in order) that build the target's database backstop.
 
@@ -363,6 +364,9 @@ def backstop_sql(
     if special:
         out.append(_revoke_descendants(special, group_role))
     out += _hardening(schemas, database, group_role)
+    # SECURITY DEFINER functions whose owner reads protected data (`customer_ssn(int)`):
+    # each would hand raw values to any caller. Given as regprocedure text (already quoted).
+    out += [f"REVOKE EXECUTE ON FUNCTION {fn} FROM PUBLIC, {group}" for fn in revoke_functions]
     return out
 
 

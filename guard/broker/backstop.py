@@ -1,0 +1,472 @@
+"""A target's database backstop against the live catalog: the statements, applying them,
+and checking them as the issued role would see them (issue 16, DESIGN §3).
+
+Does I/O: psycopg on the target's admin connection (`targets.<name>.admin_dsn_file`). The
+SQL itself comes from `masking.objects` (pure); this module reads the catalog facts it
+needs, finds the views that read protected data (their masked twins), and checks what is
+there. `check` only reads the catalog (no locks beyond catalog reads), so the broker runs it
+before it issues credentials for a target: a session must not start on a database whose
+masking has drifted (a view dropped by a migration, a grant added by hand).
+
+Checks, each the attack it stops when it fails:
+* no protected column and no gated table is readable by the session group (directly, or
+  through PUBLIC): the raw value, and pg_stats' histograms of it;
+* each protected/gated table has its masking view: owned by guard's owner role, readable
+  by the session group, the table's columns in order, each protected column an expression
+  (never the bare column), a gated table's view a security barrier calling the approval
+  check;
+* each view of the target that reads protected data has its masked twin, and no twin reads
+  a protected base table;
+* no SECURITY DEFINER function outside the allow-list runs with the rights of a role that
+  can read protected data while the session group may execute it (`customer_ssn()`);
+* the session group may not create temporary tables (a place to copy raw values to).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from guard.broker.errors import DependencyUnavailable, NotFound
+from guard.broker.masking.objects import (
+    GROUP_ROLE,
+    MASKED_SCHEMA,
+    OWNER_ROLE,
+    TableColumns,
+    ViewTwin,
+    backstop_sql,
+    qualified,
+    twin_original,
+)
+from guard.broker.sql.redirect import redirect
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from guard.broker.policy.engine import CompiledPolicy
+    from guard.broker.policy.model import Target
+    from guard.broker.settings import TargetSettings
+
+log = logging.getLogger(__name__)
+
+_COLUMNS = """
+SELECT a.attname, format_type(a.atttypid, a.atttypmod)
+FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum
+"""
+_TABLES = """
+SELECT n.nspname, c.relname FROM pg_catalog.pg_class c
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p')
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'guard_masked')
+  AND n.nspname NOT LIKE 'pg_toast%%' AND n.nspname NOT LIKE 'pg_temp%%'
+ORDER BY 1, 2
+"""
+# Views and materialized views that read the given tables, directly or through other views,
+# shallowest first (a twin is created after the twins it reads), with their definitions.
+# pg_get_viewdef qualifies every relation not visible on the search_path: run with only
+# pg_catalog on it, every user relation comes out schema-qualified, ready for redirection.
+_DEPENDENT_VIEWS = """
+WITH RECURSIVE base(oid) AS (
+  SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n
+    ON n.oid = c.relnamespace
+  WHERE (n.nspname, c.relname) IN (SELECT * FROM unnest(%s::text[], %s::text[]))
+), deps(oid, depth) AS (
+  SELECT r.ev_class, 1 FROM pg_catalog.pg_depend d
+  JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid
+  WHERE d.classid = 'pg_catalog.pg_rewrite'::regclass
+    AND d.refclassid = 'pg_catalog.pg_class'::regclass
+    AND d.refobjid IN (SELECT oid FROM base) AND r.ev_class <> d.refobjid
+  UNION
+  SELECT r.ev_class, deps.depth + 1 FROM deps
+  JOIN pg_catalog.pg_depend d ON d.refobjid = deps.oid
+   AND d.classid = 'pg_catalog.pg_rewrite'::regclass
+   AND d.refclassid = 'pg_catalog.pg_class'::regclass
+  JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid
+  WHERE r.ev_class <> deps.oid AND deps.depth < 32
+)
+SELECT n.nspname, c.relname, pg_catalog.pg_get_viewdef(c.oid), max(deps.depth) AS depth
+FROM deps JOIN pg_catalog.pg_class c ON c.oid = deps.oid
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('v', 'm')
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'guard_masked')
+GROUP BY c.oid, n.nspname, c.relname
+ORDER BY depth, 1, 2
+"""
+# SECURITY DEFINER functions the session group may execute whose owner can read a protected
+# column or a gated table (a superuser can read everything): each returns what its owner
+# reads, to anyone who calls it.
+_DEFINER_FUNCTIONS = """
+SELECT p.oid::pg_catalog.regprocedure::text
+FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+WHERE p.prosecdef
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'guard_masked')
+  AND pg_catalog.has_function_privilege(%(group)s, p.oid, 'EXECUTE')
+  AND (EXISTS (SELECT 1 FROM unnest(%(cols_t)s::text[], %(cols_c)s::text[]) AS x(t, c)
+               WHERE pg_catalog.has_column_privilege(p.proowner, x.t, x.c, 'SELECT'))
+       OR EXISTS (SELECT 1 FROM unnest(%(gated)s::text[]) AS g(t)
+               WHERE pg_catalog.has_table_privilege(p.proowner, g.t, 'SELECT')))
+ORDER BY 1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Drift:
+    """One way the database differs from what the policy needs: the object, the problem."""
+
+    object: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.object}: {self.problem}"
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What the backstop is built from, read from the live catalog."""
+
+    tables: dict[tuple[str, str], TableColumns]
+    all_tables: list[tuple[str, str]]
+    database: str
+    twins: list[ViewTwin]
+    untwinned: list[str]  # views reading protected data whose twin could not be made
+    definer_functions: list[str]
+
+
+def special_tables(target: Target) -> set[tuple[str, str]]:
+    return {(c.schema, c.table) for c in target.protected_columns} | set(target.gated_tables)
+
+
+def _column_lists(target: Target) -> dict[str, list[str]]:
+    cols = sorted(target.protected_columns)
+    return {
+        "cols_t": [qualified(c.schema, c.table) for c in cols],
+        "cols_c": [c.column for c in cols],
+        "gated": [qualified(s, t) for s, t in sorted(target.gated_tables)],
+    }
+
+
+def view_twins(
+    conn: psycopg.Connection[Any], special: set[tuple[str, str]], masked: str = MASKED_SCHEMA
+) -> tuple[list[ViewTwin], list[str]]:
+    """The masked twins of the views that read `special` relations, and the views that get
+    none (their definition could not be redirected: they stay unreadable, fail closed)."""
+    if not special:
+        return [], []
+    schemas, names = zip(*sorted(special), strict=True)
+    conn.execute("SET LOCAL search_path = pg_catalog")
+    try:
+        rows = conn.execute(_DEPENDENT_VIEWS, (list(schemas), list(names))).fetchall()
+    finally:
+        conn.execute("RESET search_path")
+    twins: list[ViewTwin] = []
+    untwinned: list[str] = []
+    redirected = frozenset(special)
+    for schema, name, definition, _depth in rows:
+        result = redirect(definition, redirected, masked)
+        if result is None or result.refusal is not None:
+            untwinned.append(f"{schema}.{name}")
+            continue
+        twins.append(ViewTwin(schema, name, result.text))
+        redirected |= {(schema, name)}  # views of this view read its twin
+    return twins, untwinned
+
+
+def definer_functions(conn: psycopg.Connection[Any], target: Target) -> list[str]:
+    # Before the first apply the group does not exist yet: PUBLIC's rights are its own then.
+    exists = _rows(conn, "SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = %s", (GROUP_ROLE,))
+    conn.execute("SET LOCAL search_path = pg_catalog")  # regprocedure text fully qualified
+    try:
+        params = {"group": GROUP_ROLE if exists else "public", **_column_lists(target)}
+        return [row[0] for row in conn.execute(_DEFINER_FUNCTIONS, params).fetchall()]
+    finally:
+        conn.execute("RESET search_path")
+
+
+def read_facts(conn: psycopg.Connection[Any], target: Target) -> Facts:
+    tables = {}
+    for schema, table in sorted(special_tables(target)):
+        cols = conn.execute(_COLUMNS, (schema, table)).fetchall()
+        tables[(schema, table)] = TableColumns(schema, table, tuple((n, t) for n, t in cols))
+    all_tables = [(s, t) for s, t in conn.execute(_TABLES).fetchall()]
+    twins, untwinned = view_twins(conn, special_tables(target))
+    return Facts(
+        tables=tables,
+        all_tables=all_tables,
+        database=conn.info.dbname,
+        twins=twins,
+        untwinned=untwinned,
+        definer_functions=definer_functions(conn, target),
+    )
+
+
+def statements(
+    conn: psycopg.Connection[Any], target: Target, *, definer_allowed: Sequence[str] = ()
+) -> list[str]:
+    """What `apply` runs, from the policy and the live catalog (raises ValueError when the
+    policy names a table or column the database lacks)."""
+    facts = read_facts(conn, target)
+    revoke = [f for f in facts.definer_functions if f not in definer_allowed]
+    return backstop_sql(
+        target,
+        facts.tables,
+        all_tables=facts.all_tables,
+        database=facts.database,
+        view_twins=facts.twins,
+        revoke_functions=revoke,
+    )
+
+
+def apply(
+    conn: psycopg.Connection[Any], target: Target, *, definer_allowed: Sequence[str] = ()
+) -> list[str]:
+    """Create or refresh the backstop in one transaction; the statements run."""
+    with conn.transaction():
+        planned = statements(conn, target, definer_allowed=definer_allowed)
+        for statement in planned:
+            conn.execute(statement)  # type: ignore[arg-type]  # generated SQL text
+    return planned
+
+
+# -- check -------------------------------------------------------------------------------------
+
+
+def _rows(conn: psycopg.Connection[Any], sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+    return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+
+
+def _view_targets(definition: str) -> dict[str, bool]:
+    """Output column name → whether it is a bare column reference, from a view's SQL."""
+    from pglast import parser
+
+    tree = json.loads(parser.parse_sql_json(definition))
+    select = tree["stmts"][0]["stmt"]["SelectStmt"]
+    out: dict[str, bool] = {}
+    for item in select.get("targetList", []):
+        target = item["ResTarget"]
+        value = target.get("val", {})
+        ref = value.get("ColumnRef")
+        name = target.get("name")
+        if name is None and ref is not None:
+            name = ref["fields"][-1].get("String", {}).get("sval")
+        if name is not None:
+            out[name] = ref is not None
+    return out
+
+
+def _check_view(
+    conn: psycopg.Connection[Any], facts: TableColumns, masked_columns: set[str], gated: bool
+) -> list[Drift]:
+    view = f"{MASKED_SCHEMA}.{facts.table}"
+    row = _rows(
+        conn,
+        "SELECT c.oid, pg_catalog.pg_get_userbyid(c.relowner), c.relkind, c.reloptions,"
+        " pg_catalog.pg_get_viewdef(c.oid),"
+        " pg_catalog.has_table_privilege(%s, c.oid, 'SELECT')"
+        " FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relname = %s",
+        (GROUP_ROLE, MASKED_SCHEMA, facts.table),
+    )
+    if not row:
+        return [Drift(view, "the masking view is missing")]
+    _oid, owner, kind, options, definition, readable = row[0]
+    drifts = []
+    if kind != "v":
+        return [Drift(view, "is not a view")]
+    if owner != OWNER_ROLE:
+        drifts.append(Drift(view, f"is owned by {owner}, not {OWNER_ROLE}"))
+    if not readable:
+        drifts.append(Drift(view, f"{GROUP_ROLE} may not read it"))
+    columns = _view_targets(definition)
+    if list(columns) != [name for name, _ in facts.columns]:
+        drifts.append(Drift(view, "its columns are not the table's"))
+    for column in sorted(masked_columns):
+        if columns.get(column, True):
+            drifts.append(Drift(f"{view}.{column}", "is not masked (a bare column)"))
+    if gated and (
+        "security_barrier=true" not in (options or []) or "require_approval" not in definition
+    ):
+        drifts.append(Drift(view, "is not a security-barrier gate view"))
+    return drifts
+
+
+def check(
+    conn: psycopg.Connection[Any], target: Target, *, definer_allowed: Sequence[str] = ()
+) -> list[Drift]:
+    """How the database differs from what the policy needs, as the issued role would see
+    it; empty when the backstop is in place. Reads the catalog only."""
+    if not _rows(conn, "SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = %s", (GROUP_ROLE,)):
+        return [Drift(GROUP_ROLE, "the session group role is missing")]
+    drifts, masks = _check_base_tables(conn, target)
+    facts = read_facts(conn, target)
+    for key, table in sorted(facts.tables.items()):
+        if not table.columns:
+            drifts.append(Drift(f"{key[0]}.{key[1]}", "the policy names a table that is missing"))
+            continue
+        drifts += _check_view(conn, table, masks.get(key, set()), key in target.gated_tables)
+    drifts += _check_twins(conn, facts)
+    for function in facts.definer_functions:
+        if function not in definer_allowed:
+            drifts.append(
+                Drift(
+                    function,
+                    "SECURITY DEFINER, its owner reads protected data, and sessions may execute it",
+                )
+            )
+    (temp,) = _rows(
+        conn,
+        "SELECT pg_catalog.has_database_privilege(%s, pg_catalog.current_database(), 'TEMP')",
+        (GROUP_ROLE,),
+    )[0]
+    if temp:
+        drifts.append(Drift(facts.database, f"{GROUP_ROLE} may create temporary tables"))
+    return drifts
+
+
+def _check_base_tables(
+    conn: psycopg.Connection[Any], target: Target
+) -> tuple[list[Drift], dict[tuple[str, str], set[str]]]:
+    """Protected columns and gated tables the session group can read (it must not)."""
+    drifts: list[Drift] = []
+    masks: dict[tuple[str, str], set[str]] = {}
+    for column in target.protected_columns:
+        masks.setdefault((column.schema, column.table), set()).add(column.column)
+        name = qualified(column.schema, column.table)
+        (readable,) = _rows(
+            conn,
+            "SELECT pg_catalog.has_column_privilege(%s, %s, %s, 'SELECT')",
+            (GROUP_ROLE, name, column.column),
+        )[0]
+        if readable:
+            drifts.append(Drift(str(column), f"{GROUP_ROLE} may read the raw column"))
+    for schema, table in sorted(target.gated_tables):
+        (readable,) = _rows(
+            conn,
+            "SELECT pg_catalog.has_any_column_privilege(%s, %s, 'SELECT')",
+            (GROUP_ROLE, qualified(schema, table)),
+        )[0]
+        if readable:
+            drifts.append(Drift(f"{schema}.{table}", f"{GROUP_ROLE} may read the gated table"))
+    return drifts, masks
+
+
+def _check_twins(conn: psycopg.Connection[Any], facts: Facts) -> list[Drift]:
+    drifts = [Drift(v, "reads protected data and has no masked twin") for v in facts.untwinned]
+    rows = _rows(
+        conn,
+        "SELECT c.relname, pg_catalog.obj_description(c.oid, 'pg_class')"
+        " FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relkind = 'v'",
+        (MASKED_SCHEMA,),
+    )
+    present = {twin_original(comment) for _name, comment in rows}
+    for twin in facts.twins:
+        if (twin.schema, twin.name) not in present:
+            drifts.append(Drift(f"{twin.schema}.{twin.name}", "has no masked twin"))
+    return drifts
+
+
+class BackstopMonitor:
+    """Checks a target's backstop before the broker issues credentials for it.
+
+    A passing check is trusted for `backstop_check_seconds`; a failing one is run again at
+    the next open (it may have been repaired). A target without `admin_dsn_file` cannot be
+    checked: said once in the log, and its sessions open as before.
+    """
+
+    def __init__(
+        self,
+        policy: CompiledPolicy,
+        targets: Mapping[str, TargetSettings],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.policy = policy
+        self.targets = targets
+        self.clock = clock
+        self._passed: dict[str, float] = {}
+        self._unchecked: set[str] = set()
+
+    def _settings(self, name: str) -> TargetSettings:
+        settings = self.targets.get(name)
+        if name not in self.policy.targets or settings is None:
+            raise NotFound(f"no target {name!r}", hint="`guard targets` lists them")
+        if settings.admin_dsn_file is None:
+            raise DependencyUnavailable(
+                f"target {name} has no admin_dsn_file: the broker cannot read its catalog",
+                hint="set targets.<name>.admin_dsn_file in the broker config",
+            )
+        return settings
+
+    def _connect(self, settings: TargetSettings) -> psycopg.Connection[Any]:
+        import psycopg
+
+        assert settings.admin_dsn_file is not None
+        dsn = settings.admin_dsn_file.read_text().strip()
+        return psycopg.connect(dsn, connect_timeout=10)
+
+    def _drifts(self, name: str, settings: TargetSettings) -> list[Drift]:
+        with self._connect(settings) as conn:
+            return check(
+                conn, self.policy.targets[name], definer_allowed=settings.definer_functions_allowed
+            )
+
+    def report(self, name: str, *, plan: bool = False) -> tuple[list[Drift], list[str] | None]:
+        """The drift now, and with `plan` the statements `apply` would run (blocking I/O:
+        call it in a thread)."""
+        settings = self._settings(name)
+        with self._connect(settings) as conn:
+            target = self.policy.targets[name]
+            allowed = settings.definer_functions_allowed
+            drifts = check(conn, target, definer_allowed=allowed)
+            planned = statements(conn, target, definer_allowed=allowed) if plan else None
+        if drifts:
+            self._passed.pop(name, None)  # found drifted: no new session trusts an old pass
+        return drifts, planned
+
+    def apply(self, name: str) -> tuple[list[str], list[Drift]]:
+        """Apply the backstop in one transaction; the statements run and the drift left."""
+        settings = self._settings(name)
+        allowed = settings.definer_functions_allowed
+        with self._connect(settings) as conn:
+            target = self.policy.targets[name]
+            ran = apply(conn, target, definer_allowed=allowed)
+            drifts = check(conn, target, definer_allowed=allowed)
+        self._passed.pop(name, None)
+        if not drifts:
+            self._passed[name] = self.clock()
+        return ran, drifts
+
+    async def __call__(self, name: str) -> None:
+        settings = self.targets.get(name)
+        if settings is None or settings.admin_dsn_file is None:
+            if name not in self._unchecked:
+                self._unchecked.add(name)
+                log.warning("target %s has no admin_dsn_file: its backstop is not checked", name)
+            return
+        passed = self._passed.get(name)
+        if passed is not None and self.clock() - passed < settings.backstop_check_seconds:
+            return
+        try:
+            drifts = await asyncio.to_thread(self._drifts, name, settings)
+        except Exception as exc:
+            raise DependencyUnavailable(
+                f"cannot check the database backstop of {name}: {type(exc).__name__}",
+                hint="check the target database and the broker's admin_dsn_file",
+            ) from exc
+        if drifts:
+            more = f" (and {len(drifts) - 1} more)" if len(drifts) > 1 else ""
+            log.error("target %s: backstop drifted: %s", name, "; ".join(map(str, drifts)))
+            raise DependencyUnavailable(
+                f"the database backstop of {name} has drifted, so no session is opened on it:"
+                f" {drifts[0]}{more}",
+                hint=f"an operator runs `guard target check {name}` to see it all and "
+                f"`guard target apply {name}` to restore it",
+            )
+        self._passed[name] = self.clock()
