@@ -433,10 +433,16 @@ def run_in_session(
         source = token_from
         if err.status == 401 and source is not None:
             # A CI job cannot `guard login`: say which token was refused, and why.
+            # The broker's own hint when it has one for a job (which bindings, a fresh
+            # token per call); its `guard login` advice means nothing to a CI job.
+            hint = err.hint
+            if not hint or "guard login" in hint:
+                hint = (
+                    "a CI job's token must be unexpired, for the broker's audience, and "
+                    "from an issuer the broker trusts; check the job's OIDC settings"
+                )
             raise CliError(
-                f"the broker refused the ID token from {source}: {err.message}",
-                hint="a CI job's token must be unexpired, for the broker's audience, and "
-                "from an issuer the broker trusts; check the job's OIDC settings",
+                f"the broker refused the ID token from {source}: {err.message}", hint=hint
             ) from err
         raise
     except BaseException:

@@ -280,6 +280,8 @@ def test_gitlab_merge_request_pipeline_is_refused_by_guard_exec(ci_stack, issuer
     assert result.returncode != 0
     assert "GUARD_GITLAB_TOKEN" in result.stderr
     assert "pipeline_source" in result.stderr
+    # The broker's hint for a job, not the CLI's generic one.
+    assert "hint: run from the repository, branch and event" in result.stderr
     assert "Traceback" not in result.stderr
 
 
