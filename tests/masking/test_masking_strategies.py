@@ -47,6 +47,8 @@ EXAMPLES = [
     ("email_first_char", "éva@exämple.de", "é***@exämple.de"),
     ("redact", "anything", "****"),
     ("redact", "", "****"),
+    ("fixed:N/A", "123-45-6789", "N/A"),
+    ("fixed:withheld (see KYC)", "", "withheld (see KYC)"),
     ("null", "anything", None),
     ("year_only", "1990-05-17", "1990-01-01"),
     ("year_only", "2024-12-31", "2024-01-01"),
@@ -198,3 +200,45 @@ def test_strategy_by_name_and_unknown_name():
         "redact",
         "null",
     }
+
+
+@pytest.mark.parametrize(
+    "value", ["it's", "back\\slash", "x" * 65, "tab\there", "é", "'); DROP TABLE t; --"]
+)
+def test_fixed_constants_cannot_carry_sql_or_odd_bytes(value):
+    with pytest.raises(KeyError, match="printable ASCII"):
+        get_strategy(f"fixed:{value}")
+
+
+def test_fixed_keeps_null_and_is_a_constant():
+    strategy = get_strategy("fixed:N/A")
+    assert strategy.sql_expression("c") == "CASE WHEN (c) IS NULL THEN NULL ELSE 'N/A'::text END"
+    assert strategy.mask_text(b"\xff\xfe") == b"N/A"
+
+
+def test_policy_takes_fixed_and_names_it_among_the_strategies():
+    from guard.broker.policy.compile import PolicyError, load_policy
+
+    text = (
+        "version: 1\ntargets:\n  t:\n    connect_groups: [g]\n"
+        "    session_ttl: {default: 1h, max: 1h}\n    protected_columns: {s.t.x: %s}\n"
+    )
+    target = load_policy(text % "'fixed:N/A'").targets["t"]
+    assert list(target.protected_columns.values()) == ["fixed:N/A"]
+    with pytest.raises(PolicyError, match="printable ASCII"):
+        load_policy(text % '"fixed:it\'s"')
+    with pytest.raises(PolicyError, match="fixed:<value>"):
+        load_policy(text % "sha256")
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "masked"),
+    [e for e in EXAMPLES if e[0] not in ("year_only", "null")],
+)
+def test_sql_expression_agrees_with_the_python_twin_in_postgresql(pg_cluster, name, value, masked):
+    import psycopg
+
+    expression = get_strategy(name).sql_expression("%s::text")
+    with psycopg.connect(pg_cluster.admin_dsn("postgres")) as conn:
+        (got,) = conn.execute(f"SELECT {expression}", (value,) * expression.count("%s")).fetchone()
+    assert got == masked

@@ -236,11 +236,38 @@ def _jan1_days(days: int) -> int | None:
     return _date2j(year, 1, 1) - _POSTGRES_EPOCH_JDATE
 
 
+class Fixed(MaskStrategy):
+    """`fixed:<value>`: every non-NULL value becomes the given constant (text)."""
+
+    description = "fixed:<value>: the constant <value> (NULL stays NULL)"
+    # A constant must not smuggle SQL or a value into the views: printable ASCII only,
+    # no quote or backslash, at most 64 characters.
+    _ALLOWED = re.compile(r"^[ -&(-\[\]-~]{0,64}$")
+
+    def __init__(self, value: str) -> None:
+        if not self._ALLOWED.match(value):
+            raise KeyError(
+                f"fixed:{value!r}: the constant must be at most 64 printable ASCII characters"
+                " without quotes or backslashes"
+            )
+        self.value = value
+        self.name = f"fixed:{value}"
+        self.fallback = value.encode("ascii")
+
+    def sql_expression(self, column_sql: str) -> str:
+        return f"CASE WHEN ({column_sql}) IS NULL THEN NULL ELSE '{self.value}'::text END"
+
+    def mask_str(self, value: str) -> str:
+        return self.value
+
+
 STRATEGIES: Mapping[str, MaskStrategy] = MappingProxyType(
     {s.name: s for s in (SsnLast4(), Last4(), EmailFirstChar(), YearOnly(), Redact(), Null())}
 )
 
 
 def get_strategy(name: str) -> MaskStrategy:
-    """The strategy called `name`; KeyError if there is none."""
+    """The strategy called `name` (or `fixed:<value>`); KeyError if there is none."""
+    if name.startswith("fixed:"):
+        return Fixed(name[len("fixed:") :])
     return STRATEGIES[name]

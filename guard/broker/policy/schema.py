@@ -29,7 +29,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
-from guard.broker.masking.strategies import STRATEGIES
+from guard.broker.masking.strategies import STRATEGIES, get_strategy
 from guard.broker.sql.model import Operation
 
 SUPPORTED_VERSION = 1
@@ -79,8 +79,14 @@ def _function(name: str) -> str:
 
 
 def _strategy(name: str) -> str:
+    if name.startswith("fixed:"):
+        try:
+            get_strategy(name)
+        except KeyError as exc:
+            raise ValueError(str(exc.args[0])) from exc
+        return name
     if name not in MASK_STRATEGIES:
-        known = ", ".join(sorted(MASK_STRATEGIES))
+        known = ", ".join([*sorted(MASK_STRATEGIES), "fixed:<value>"])
         raise ValueError(f"unknown mask strategy {name!r}; known strategies: {known}")
     return name
 
