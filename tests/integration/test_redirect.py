@@ -242,3 +242,56 @@ def test_the_audit_says_how_each_protected_read_was_masked(dev_stack: Stack, ses
     assert masking_of("view_mark") == ["public.customers.ssn:view"]
     assert masking_of("redirected_mark") == ["public.customers.ssn:redirected"]
     assert masking_of("twin_mark") == ["public.v_customer_contacts:twin"]
+
+
+# --- the redirected spellings over every protocol path -------------------------------------
+
+SPELLINGS = [
+    "SELECT ssn FROM public.customers WHERE id = 1",
+    'SELECT public.customers.ssn FROM "public".customers WHERE id = 1',
+    "SELECT ssn FROM customers TABLESAMPLE BERNOULLI (100) WHERE id = 1",
+]
+
+
+@pytest.mark.parametrize("sql", SPELLINGS)
+def test_redirected_reads_over_binary_pipeline_and_cursors(session, sql):
+    with gateway_connect(session) as conn:
+        binary = conn.cursor(binary=True).execute(sql).fetchone()[0]
+        with conn.pipeline():
+            first = conn.execute(sql, prepare=True)
+            second = conn.execute(sql, prepare=True)
+        piped = [first.fetchone()[0], second.fetchone()[0]]
+        with conn.transaction():
+            conn.execute(f"DECLARE c SCROLL CURSOR WITH HOLD FOR {sql}")
+        fetched = conn.execute("FETCH ALL FROM c").fetchall()
+        conn.execute("CLOSE c")
+        with conn.cursor(name="server_side") as named:
+            named.execute(sql)
+            server_side = named.fetchone()[0]
+    assert binary == MASKED_SSN
+    assert piped == [MASKED_SSN, MASKED_SSN]
+    assert fetched == [(MASKED_SSN,)]
+    assert server_side == MASKED_SSN
+
+
+def test_redirected_reads_through_psql(dev_stack: Stack, session, tmp_path):
+    import subprocess
+
+    script = tmp_path / "q.sql"
+    script.write_text(
+        "SET search_path = public;\n"
+        + "".join(f"{sql};\n" for sql in SPELLINGS)
+        + "COPY public.customers (ssn) TO STDOUT;\n"
+        + "SELECT 'SELECT ssn FROM public.customers WHERE id = 1' \\gexec\n"
+    )
+    env = dev_stack.libpq_env(session)
+    out = subprocess.run(
+        ["psql", "-X", "-At", "-v", "ON_ERROR_STOP=1", "-f", str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count(MASKED_SSN) >= len(SPELLINGS) + 2
+    assert RAW_SSN not in out.stdout + out.stderr
