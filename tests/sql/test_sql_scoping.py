@@ -223,3 +223,34 @@ def test_policy_relevant_contexts_are_deterministic(sql):
     first = analyze(sql).statements[0].columns
     assert first == analyze(sql + " ").statements[0].columns
     assert all(isinstance(u.context, ColumnContext) for u in first)
+
+
+# --- found by the PostgreSQL property test (test_sql_scoping_pg) ------------------------
+
+
+def test_star_does_not_take_a_name_from_a_derived_table_without_it():
+    # s.* expands a2 (which has c3) and a5 (only c6, from ssn): c3 is not the ssn.
+    sql = (
+        "SELECT c3 FROM (SELECT * FROM (SELECT id FROM customers) a2(c3),"
+        " LATERAL (SELECT customers.ssn FROM customers) a5(c6)) s WHERE c3 > 0"
+    )
+    assert contexts_of(sql) == {OUT}
+
+
+def test_column_found_through_star_may_have_no_sources():
+    # n comes from a literal; finding it through `*` must not fall back to every column.
+    sql = (
+        "SELECT * FROM (WITH RECURSIVE r(n, a) AS (SELECT 1, ssn FROM customers"
+        " UNION ALL SELECT n + 1, a FROM r WHERE n < 3) SELECT * FROM r) s WHERE n > 1"
+    )
+    assert contexts_of(sql) == {OUT}
+
+
+def test_order_by_output_name_sorts_by_the_output_column():
+    # PostgreSQL's SQL92 rule: ORDER BY / DISTINCT ON an output name is that output column.
+    assert contexts_of("SELECT id AS ssn FROM customers ORDER BY ssn") == set()
+    assert contexts_of("SELECT DISTINCT ON (ssn) id AS ssn FROM customers") == set()
+    assert PRED in contexts_of("SELECT ssn AS x FROM customers ORDER BY x")
+    assert PRED in contexts_of("SELECT id AS x FROM customers ORDER BY ssn")
+    # GROUP BY prefers the input column.
+    assert PRED in contexts_of("SELECT id AS ssn FROM customers GROUP BY ROLLUP (ssn)")
