@@ -254,3 +254,13 @@ def test_order_by_output_name_sorts_by_the_output_column():
     assert PRED in contexts_of("SELECT id AS x FROM customers ORDER BY ssn")
     # GROUP BY prefers the input column.
     assert PRED in contexts_of("SELECT id AS ssn FROM customers GROUP BY ROLLUP (ssn)")
+
+
+def test_name_a_derived_table_does_not_expose_may_be_any_of_its_values():
+    # `s.f` may be f(s) (field notation); with an output whose name is not figured
+    # (CASE is "case" only sometimes) every value of s stays a candidate.
+    sql = "SELECT s.f FROM (SELECT ssn AS x, CASE WHEN true THEN 1 END FROM customers) s"
+    assert contexts_of(sql) == {OUT}
+    assert DER in contexts_of(
+        "SELECT upper(s.f) FROM (SELECT ssn AS x, CASE WHEN true THEN 1 END FROM customers) s"
+    )

@@ -100,19 +100,21 @@ class Shape:
         named = [i.sources for i in self.items if isinstance(i, Out) and i.name == name]
         if named:
             return union(named)
-        # Otherwise: a column whose name the analyser did not figure, or one a `*` expands
-        # (from the entries that have or may have it: one that surely lacks it adds nothing).
-        parts: list[Sources] = []
-        for item in self.items:
-            if isinstance(item, Out):
-                parts.append(item.sources)  # name is None here
-            else:
-                parts.extend(e.resolve(name) for e in item.entries if e.has(name) is not False)
-        if parts:  # (a column found may well have no base sources: a literal)
-            return union(parts)
+        # Otherwise: a column a `*` expands, from the entries that have or may have it (one
+        # that surely lacks it adds nothing).
+        parts = [
+            e.resolve(name)
+            for item in self.items
+            if isinstance(item, Star)
+            for e in item.entries
+            if e.has(name) is not False
+        ]
+        if parts and all(isinstance(i, Star) or i.name is not None for i in self.items):
+            return union(parts)  # (a column found may well have no base sources: a literal)
         # A name the shape does not expose (a PostgreSQL error, or field notation calling a
-        # function on the whole row, `s.row_to_json`): assume it may be any of its values.
-        return self.all_sources()
+        # function on the whole row, `s.row_to_json`), or one an output column whose name
+        # the analyser did not figure may have: assume it may be any of its values.
+        return union(parts) | self.all_sources()
 
     def positional(self, index: int) -> Sources:
         if self.exact and all(isinstance(i, Out) for i in self.items[: index + 1]):
