@@ -295,3 +295,37 @@ def test_redirected_reads_through_psql(dev_stack: Stack, session, tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.count(MASKED_SSN) >= len(SPELLINGS) + 2
     assert RAW_SSN not in out.stdout + out.stderr
+
+
+def test_result_records_count_the_cells_the_views_masked(dev_stack: Stack, session):
+    sql = "SELECT id, ssn, email AS counted_mark FROM customers WHERE id <= 3 ORDER BY id"
+    with gateway_connect(session) as conn:
+        conn.execute(sql, prepare=False).fetchall()  # simple protocol
+        conn.execute(sql.replace("counted_mark", "counted_ext"), (), prepare=True).fetchall()
+    import time
+
+    deadline = time.monotonic() + 10
+    while True:  # result records reach the file within the broker's flush interval
+        records = dev_stack.audit_records()
+        results = [r for r in records if r.get("kind") == "result"]
+        if sum(r.get("view_masked_cells") == 6 for r in results) >= 2:
+            break
+        assert time.monotonic() < deadline, "the result records were not written"
+        time.sleep(0.2)
+    for mark in ("counted_mark", "counted_ext"):
+        (statement,) = [
+            r
+            for r in records
+            if r.get("kind") == "statement"
+            and r.get("session_id") == session["session_id"]
+            and mark in r["statement"]
+        ]
+        (result,) = [
+            r
+            for r in records
+            if r.get("kind") == "result"
+            and r.get("session_id") == session["session_id"]
+            and r["statement_seq"] == statement["seq"]
+        ]
+        # 3 rows × 2 masked columns (ssn, email), masked by the view; none by the gateway.
+        assert (result["rows"], result["view_masked_cells"], result["masked_cells"]) == (3, 6, 0)

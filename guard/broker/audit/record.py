@@ -52,12 +52,13 @@ RESULT_FIELDS = (
     "rows",
     "masked_cells",
     "sqlstate",
+    "view_masked_cells",
 )
 
 
 def result_body(values: tuple[Any, ...], time: str) -> dict[str, Any]:
     """The body of the ResultRecord with these RESULT_FIELDS values, written at `time`."""
-    session, connection, seq, outcome, tag, rows, masked, sqlstate = values
+    session, connection, seq, outcome, tag, rows, masked, sqlstate, view_masked = values
     return {
         "session_id": session,
         "connection_id": connection,
@@ -67,6 +68,7 @@ def result_body(values: tuple[Any, ...], time: str) -> dict[str, Any]:
         "rows": rows,
         "masked_cells": masked,
         "sqlstate": sqlstate,
+        "view_masked_cells": view_masked,
         "kind": "result",
         "time": time,
     }
@@ -129,8 +131,12 @@ class ResultRecord:
     outcome: str  # "ok" | "error"
     command_tag: str = ""
     rows: int | None = None
+    # Cells the gateway itself masked (a protected base column in a result: drift).
     masked_cells: int = 0
     sqlstate: str | None = None
+    # Cells the masking views masked: rows × the result's columns that are masked columns
+    # of a masking view (by table OID and attribute number, never by name).
+    view_masked_cells: int = 0
     kind: str = "result"
     time: str = field(default_factory=utc_now_iso)
 

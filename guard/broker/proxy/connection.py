@@ -233,6 +233,11 @@ class GatewayConnection:
         # Statement text is decoded as PostgreSQL will read it (see proxy.encoding).
         self.codec = codec_for(client_encoding) or "utf-8"
         self.protected = protected
+        # The masking views' masked columns (view OID, attnum): the audit counts their cells.
+        self._view_columns: frozenset[tuple[int, int]] = getattr(
+            protected, "view_columns", frozenset()
+        )
+        self._view_masked = 0  # simple query: masked view columns of the current result
         self.client_user = client_user
         self.state = State.RELAYING
         kwargs = {"max_message_size": max_message_size} if max_message_size else {}
@@ -948,7 +953,10 @@ class GatewayConnection:
                             self._tags.clear()  # row counts vary: keep it bounded
                         text = cstring_body(raw, "CommandComplete")
                         done = self._tags[key] = (text.split(" ", 1)[0], _rows_from_tag(text))
-                    self._result(seq, "ok", done[0], done[1], None)
+                    view_masked = self._view_masked
+                    if head[_KIND] is _EXECUTE and head[_PORTAL] is not None:
+                        view_masked = _view_masked_of(head[_PORTAL])
+                    self._result(seq, "ok", done[0], done[1], None, view_masked)
                 elif tag == TAG_PORTAL_SUSPENDED:
                     # The row limit was reached; a later Execute of the portal gets a
                     # record of its own.
@@ -959,10 +967,17 @@ class GatewayConnection:
                 if head[_APPROVAL] is not None:
                     self._approval_done(head)
         self._masked_cells = 0
+        self._view_masked = 0
         self._to_client.append(raw)
 
     def _result(
-        self, seq: int, outcome: str, command_tag: str, rows: int | None, sqlstate: str | None
+        self,
+        seq: int,
+        outcome: str,
+        command_tag: str,
+        rows: int | None,
+        sqlstate: str | None,
+        view_masked: int = 0,
     ) -> None:
         """Queue a result record (values in `audit.record.RESULT_FIELDS` order)."""
         gate = self.gate
@@ -976,6 +991,7 @@ class GatewayConnection:
                 rows,
                 self._masked_cells,
                 sqlstate,
+                rows * view_masked if rows and view_masked else 0,
             )
         )
 
@@ -1016,7 +1032,9 @@ class GatewayConnection:
                 return
         elif self.protected:
             # Simple query (or Execute of a portal): rows that follow use these formats.
-            self._plan = self._plan_of(self._describe(raw), None)
+            description = self._describe(raw)
+            self._view_masked = description.view_masked
+            self._plan = self._plan_of(description, None)
             if self._plan:
                 self._logs.append(
                     Log(
@@ -1091,7 +1109,11 @@ class GatewayConnection:
         if description is None:
             decoded = decode_backend(frame_of(raw))
             assert isinstance(decoded, m.RowDescription)
-            description = Description(decoded.fields)
+            view = self._view_columns
+            counted = (
+                sum((f.table_oid, f.column_attnum) in view for f in decoded.fields) if view else 0
+            )
+            description = Description(decoded.fields, counted)
             self._described_bytes += len(key)
             if (
                 len(self._described) >= _DESCRIBED_CACHE_SIZE
@@ -1158,6 +1180,14 @@ def _plan_for(
             fmt = formats[index] if index < len(formats) else 0
         plan.append((index, strategy, fmt, f.type_oid))
     return tuple(plan) or None
+
+
+def _view_masked_of(portal: Portal) -> int:
+    """Masked view columns of a portal's result (its own description, else its statement's)."""
+    description = portal.description
+    if description is None and portal.prepared is not None:
+        description = portal.prepared.description
+    return description.view_masked if description is not None else 0
 
 
 def _rows_from_tag(tag: str) -> int | None:

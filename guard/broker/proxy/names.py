@@ -43,11 +43,13 @@ class Description:
     plan per list of result formats (the plan cache's key is this object, which a statement
     or portal holds for as long as it uses it: a key that cannot come to mean another)."""
 
-    __slots__ = ("fields", "plans")
+    __slots__ = ("fields", "plans", "view_masked")
 
-    def __init__(self, fields: tuple[FieldDescription, ...]) -> None:
+    def __init__(self, fields: tuple[FieldDescription, ...], view_masked: int = 0) -> None:
         self.fields = fields
         self.plans: dict[tuple[int, ...] | None, MaskPlan | None] = {}
+        # How many of its columns a masking view masked (counted per row in the audit).
+        self.view_masked = view_masked
 
 
 class Prepared:

@@ -45,8 +45,10 @@ _TWINS = (
 
 
 class ProtectedColumnMap(dict[tuple[int, int], MaskStrategy]):
-    """The protected-column map, and the views of the target that have masked twins."""
+    """The protected-column map; the masked columns of the masking views, by (view OID,
+    attnum), which the result records count; and the views that have masked twins."""
 
+    view_columns: frozenset[tuple[int, int]] = frozenset()
     twins: frozenset[tuple[str, str]] = frozenset()
 
 
@@ -74,13 +76,21 @@ class ProtectedColumns:
         }
         result = ProtectedColumnMap()
         if by_name:
-            params = [name for triple in by_name for name in triple]
-            rows = await upstream.query_rows(conn, lookup_query(len(by_name)), params)
+            # The base columns and, in the same query, their masking views' columns.
+            views = [(MASKED_SCHEMA, table, column) for _schema, table, column in by_name]
+            triples = [*by_name, *views]
+            params = [name for triple in triples for name in triple]
+            rows = await upstream.query_rows(conn, lookup_query(len(triples)), params)
+            view_columns = set()
             for oid, attnum, schema, table, column in rows:
                 if None in (oid, attnum, schema, table, column):
                     raise upstream.UpstreamError("catalog query returned a NULL column")
                 key = (schema.decode(), table.decode(), column.decode())  # type: ignore[union-attr]
-                result[(int(oid), int(attnum))] = by_name[key]  # type: ignore[arg-type]
+                if key in by_name:
+                    result[(int(oid), int(attnum))] = by_name[key]  # type: ignore[arg-type]
+                else:
+                    view_columns.add((int(oid), int(attnum)))  # type: ignore[arg-type]
+            result.view_columns = frozenset(view_columns)
             comments = await upstream.query_rows(conn, _TWINS, [MASKED_SCHEMA])
             originals = (twin_original(c.decode() if c else None) for (c,) in comments)
             result.twins = frozenset(o for o in originals if o is not None)
