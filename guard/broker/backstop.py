@@ -327,7 +327,27 @@ def check(
     )[0]
     if temp:
         drifts.append(Drift(facts.database, f"{GROUP_ROLE} may create temporary tables"))
+    if "keyed_hash" in target.protected_columns.values():
+        drifts += _check_key(conn)
     return drifts
+
+
+def _check_key(conn: psycopg.Connection[Any]) -> list[Drift]:
+    """keyed_hash's key: present, and no session may read it (with it a session could hash
+    candidate values and match them against the digests)."""
+    key = f"{MASKED_SCHEMA}.mask_key"
+    if _rows(conn, "SELECT pg_catalog.to_regclass(%s)", (key,))[0][0] is None:
+        return [Drift(key, "keyed_hash's key is missing")]
+    readable, rows = _rows(
+        conn,
+        f"SELECT pg_catalog.has_table_privilege(%s, %s, 'SELECT'), count(*) FROM {key}",
+        (GROUP_ROLE, key),
+    )[0]
+    if not rows:
+        return [Drift(key, "keyed_hash's key is missing")]
+    if readable:
+        return [Drift(key, f"{GROUP_ROLE} may read keyed_hash's key")]
+    return []
 
 
 def _check_base_tables(

@@ -199,6 +199,7 @@ def test_strategy_by_name_and_unknown_name():
         "year_only",
         "redact",
         "null",
+        "keyed_hash",
     }
 
 

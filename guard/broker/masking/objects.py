@@ -327,6 +327,8 @@ def backstop_sql(
         out.append(f"REVOKE ALL ON TABLE {qualified(schema, table)} FROM PUBLIC")
         out.append(f"GRANT SELECT ON TABLE {qualified(schema, table)} TO {owner}")
     out += _gate_objects(target, masked_schema, schema_owner_role, group_role)
+    if "keyed_hash" in target.protected_columns.values():
+        out += _mask_key(schema_owner_role, group_role)
     for key in special:
         out += _view(
             tables[key],
@@ -368,6 +370,22 @@ def backstop_sql(
     # each would hand raw values to any caller. Given as regprocedure text (already quoted).
     out += [f"REVOKE EXECUTE ON FUNCTION {fn} FROM PUBLIC, {group}" for fn in revoke_functions]
     return out
+
+
+def _mask_key(owner: str, group: str) -> list[str]:
+    """keyed_hash's key (`strategies.KEY_TABLE`): created once, 256 random bits (hashed
+    from two gen_random_uuid(), which use the server's strong random source), kept across
+    applies (a new key would change every digest), readable by the owner role alone."""
+    table = qualified(MASKED_SCHEMA, "mask_key")
+    return [
+        f"CREATE TABLE IF NOT EXISTS {table}"
+        " (id int PRIMARY KEY CHECK (id = 1), key bytea NOT NULL)",
+        f"ALTER TABLE {table} OWNER TO {quote_ident(owner)}",
+        f"REVOKE ALL ON TABLE {table} FROM PUBLIC, {quote_ident(group)}",
+        f"INSERT INTO {table} SELECT 1, pg_catalog.sha256(pg_catalog.convert_to("
+        "pg_catalog.gen_random_uuid()::text || pg_catalog.gen_random_uuid()::text, 'UTF8'))"
+        " ON CONFLICT (id) DO NOTHING",
+    ]
 
 
 def _twins(

@@ -261,8 +261,51 @@ class Fixed(MaskStrategy):
         return self.value
 
 
+# The keyed_hash key: one row, readable by the masking views' owner only (masking.objects
+# creates it). The views read it with their owner's rights; a session cannot.
+KEY_TABLE = "guard_masked.mask_key"
+
+
+class KeyedHash(MaskStrategy):
+    """`kh:` + 24 hex digits of SHA-256(key ‖ value): deterministic and joinable (the same
+    value hashes alike in every column of the database), useless without the key.
+
+    The key is a random 256-bit value in a table only the views' owner may read, not in
+    the view's source (pg_views is world-readable) and not behind a function: PostgreSQL
+    checks EXECUTE against the caller even inside a view, so a hashing function sessions
+    may call would be an oracle (hash candidate SSNs, compare). A scalar subquery of the
+    view reads the table with the owner's rights; sha256 is the built-in. A session
+    reading `customers` sees only the digests."""
+
+    name = "keyed_hash"
+    description = "kh:<24 hex>: a keyed SHA-256, deterministic and joinable (key in the database)"
+    fallback = b"kh:************************"
+
+    def sql_expression(self, column_sql: str) -> str:
+        return (
+            f"CASE WHEN ({column_sql}) IS NULL THEN NULL ELSE 'kh:' || pg_catalog.left("
+            f"pg_catalog.encode(pg_catalog.sha256((SELECT k.key FROM {KEY_TABLE} k) || "
+            f"pg_catalog.convert_to({_text(column_sql)}, 'UTF8')), 'hex'), 24) END"
+        )
+
+    def mask_str(self, value: str) -> str:
+        # The gateway has no key (its tripwire, for drift only): the fully masked form.
+        return self.fallback.decode("ascii")
+
+
 STRATEGIES: Mapping[str, MaskStrategy] = MappingProxyType(
-    {s.name: s for s in (SsnLast4(), Last4(), EmailFirstChar(), YearOnly(), Redact(), Null())}
+    {
+        s.name: s
+        for s in (
+            SsnLast4(),
+            Last4(),
+            EmailFirstChar(),
+            YearOnly(),
+            Redact(),
+            Null(),
+            KeyedHash(),
+        )
+    }
 )
 
 
