@@ -62,17 +62,27 @@ def _matching(
 def derived_protected_uses(
     statement: StatementAnalysis, target: Target
 ) -> Iterator[tuple[ColumnId, ColumnContext]]:
-    """Protected columns the statement uses other than as plain output."""
+    """Protected columns the statement uses other than as plain output.
+
+    A keyed_hash column may also decide rows (WHERE, JOIN ON, GROUP BY, ORDER BY): the
+    view hands out keyed digests, so a filter compares digests and learns nothing a read
+    does not show, and equality joins on the digest are what the strategy is for."""
     for use in statement.columns:
         if use.context not in DERIVED_CONTEXTS:
             continue
+        joinable = use.context is ColumnContext.PREDICATE
         for relation in use.candidates:
             for table in target.protected_tables_for(relation):
                 if use.column == "*":
-                    for column in table.columns.values():
-                        yield column, use.context
+                    columns = list(table.columns.values())
                 elif use.column in table.columns:
-                    yield table.columns[use.column], use.context
+                    columns = [table.columns[use.column]]
+                else:
+                    continue
+                for column in columns:
+                    if joinable and target.protected_columns.get(column) == "keyed_hash":
+                        continue
+                    yield column, use.context
 
 
 def check(  # noqa: C901 - an ordered flat table of guardrails; the first one tripped wins
