@@ -304,12 +304,12 @@ def check(
     it; empty when the backstop is in place. Reads the catalog only."""
     if not _rows(conn, "SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = %s", (GROUP_ROLE,)):
         return [Drift(GROUP_ROLE, "the session group role is missing")]
+    missing = catalog_problems(conn, target)
+    if missing:
+        return missing  # nothing else can be checked against names that do not exist
     drifts, masks = _check_base_tables(conn, target)
     facts = read_facts(conn, target)
     for key, table in sorted(facts.tables.items()):
-        if not table.columns:
-            drifts.append(Drift(f"{key[0]}.{key[1]}", "the policy names a table that is missing"))
-            continue
         drifts += _check_view(conn, table, masks.get(key, set()), key in target.gated_tables)
     drifts += _check_twins(conn, facts)
     for function in facts.definer_functions:
@@ -348,6 +348,23 @@ def _check_key(conn: psycopg.Connection[Any]) -> list[Drift]:
     if readable:
         return [Drift(key, f"{GROUP_ROLE} may read keyed_hash's key")]
     return []
+
+
+def catalog_problems(conn: psycopg.Connection[Any], target: Target) -> list[Drift]:
+    """The protected columns and gated tables the policy names that the database lacks (a
+    typo there would leave the real column unprotected): `guard policy check --target`."""
+    problems: list[Drift] = []
+    columns: dict[tuple[str, str], set[str]] = {}
+    for schema, table in sorted(special_tables(target)):
+        names = {name for name, _type in _rows(conn, _COLUMNS, (schema, table))}
+        if not names:
+            problems.append(Drift(f"{schema}.{table}", "no such table in the database"))
+        columns[(schema, table)] = names
+    for column in sorted(target.protected_columns):
+        names = columns[(column.schema, column.table)]
+        if names and column.column not in names:
+            problems.append(Drift(str(column), "no such column in the database"))
+    return problems
 
 
 def _check_base_tables(
@@ -436,6 +453,11 @@ class BackstopMonitor:
             return check(
                 conn, self.policy.targets[name], definer_allowed=settings.definer_functions_allowed
             )
+
+    def catalog_problems(self, name: str, target: Target) -> list[Drift]:
+        """`target` (a candidate policy's) against target `name`'s live catalog."""
+        with self._connect(self._settings(name)) as conn:
+            return catalog_problems(conn, target)
 
     def report(self, name: str, *, plan: bool = False) -> tuple[list[Drift], list[str] | None]:
         """The drift now, and with `plan` the statements `apply` would run (blocking I/O:

@@ -214,6 +214,14 @@ class BrokerClient:
         path = f"/v1/targets/{quote(target, safe='')}/backstop/apply"
         return _model(BackstopReport, self._request("POST", path), "a backstop report")
 
+    def policy_catalog_check(self, target: str, policy_text: str) -> list[str]:
+        """The names a candidate policy protects on `target` that its database lacks."""
+        from guard.broker.api.schemas import PolicyCatalogReport
+
+        path = f"/v1/targets/{quote(target, safe='')}/policy-check"
+        answer = self._request("POST", path, json={"policy": policy_text})
+        return _model(PolicyCatalogReport, answer, "a policy check").problems
+
     def sessions(self, *, every: bool = False) -> list[SessionInfo]:
         """The caller's live sessions; `every`: everyone's (auditors only)."""
         from guard.broker.api.schemas import SessionInfo

@@ -50,7 +50,11 @@ CASES: dict[str, tuple[list[str] | None, list[str], list[str]]] = {
         ["revoke", "--user", "bob", "--reason", "x", "--bogus"],
         ["revoke", "--reason", "x"],  # nothing named to revoke
     ),
-    "policy check": (None, ["policy", "check", "--bogus"], ["policy", "check", "/"]),
+    "policy check": (
+        ["policy", "check", "p.yaml", "--target"],
+        ["policy", "check", "--bogus"],
+        ["policy", "check", "/"],
+    ),
     "policy explain": (
         ["policy", "explain", "--as", "alice", "SELECT 1"],
         ["policy", "explain", "--as", "alice", "--db", "demo", "SELECT 1", "--bogus"],

@@ -87,3 +87,26 @@ def test_unknown_target_is_one_line(dev_stack: Stack, bob):
     result = dev_stack.guard("target", "check", "nope", env=bob)
     assert result.returncode != 0
     assert "no target 'nope'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_policy_check_against_the_live_catalog(dev_stack: Stack, bob, tmp_path):
+    from tests.fix_stack import DEMO_POLICY
+
+    good = tmp_path / "good.yaml"
+    good.write_text(DEMO_POLICY.read_text())
+    ok = dev_stack.guard("policy", "check", str(good), "--target", "demo", env=bob)
+    assert ok.returncode == 0, ok.stderr + ok.stdout
+    assert "every table and column" in ok.stdout
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(
+        DEMO_POLICY.read_text()
+        .replace("public.customers.ssn:", "public.customers.social:")
+        .replace("public.accounts.account_number:", "public.acounts.account_number:")
+    )
+    bad = dev_stack.guard("policy", "check", str(typo), "--target", "demo", env=bob)
+    assert bad.returncode == 1
+    assert "public.customers.social: no such column in the database" in bad.stdout
+    assert "public.acounts: no such table in the database" in bad.stdout
+    assert "2 name(s) not in demo's database" in bad.stderr
+    missing = dev_stack.guard("policy", "check", str(good), "--target", "prod", env=bob)
+    assert missing.returncode == 2 and "has no target 'prod'" in missing.stderr

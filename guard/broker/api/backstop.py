@@ -12,11 +12,12 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from guard.broker.api.schemas import BackstopReport
+from guard.broker.api.schemas import BackstopReport, PolicyCatalogCheck, PolicyCatalogReport
 from guard.broker.audit.record import BackstopEvent
 from guard.broker.backstop import BackstopMonitor
-from guard.broker.errors import DependencyUnavailable, NotFound
+from guard.broker.errors import BadRequest, DependencyUnavailable, NotFound
 from guard.broker.identity.principal import Principal
+from guard.broker.policy.compile import PolicyError, load_policy
 from guard.broker.sessions import SessionManager
 
 
@@ -61,5 +62,21 @@ def backstop_routes(
             BackstopEvent(name, "applied", statements=len(ran), digest=digest, detail=left, **who)
         )
         return BackstopReport(target=name, drift=[str(d) for d in drifts], statements=ran)
+
+    @router.post("/v1/targets/{name}/policy-check", response_model=PolicyCatalogReport)
+    async def policy_check(
+        name: str, body: PolicyCatalogCheck, caller: caller_type
+    ) -> PolicyCatalogReport:
+        auditor(caller, "check a policy against a target's database")
+        try:
+            candidate = load_policy(body.policy, source="the policy sent")
+        except PolicyError as exc:
+            problems = "; ".join(f"{p.path}: {p.message}" for p in exc.errors[:5])
+            raise BadRequest(f"the policy does not compile: {problems}") from exc
+        target = candidate.targets.get(name)
+        if target is None:
+            raise BadRequest(f"the policy sent has no target {name!r}")
+        problems = await asyncio.to_thread(_monitor().catalog_problems, name, target)
+        return PolicyCatalogReport(target=name, problems=[str(p) for p in problems])
 
     return router

@@ -129,6 +129,18 @@ class BackstopReport(_Model):
     statements: list[str] | None = None
 
 
+class PolicyCatalogCheck(_Model):
+    """`POST /v1/targets/{name}/policy-check` (auditors): a candidate policies.yaml, whose
+    target of that name is checked against the target's live catalog before it is deployed."""
+
+    policy: str = Field(max_length=1_000_000)
+
+
+class PolicyCatalogReport(_Model):
+    target: str
+    problems: list[str]
+
+
 class SessionRevoke(_Model):
     """`POST /v1/sessions/revoke` (auditors): end every session matching all the given
     selectors (at least one), with the reason recorded."""

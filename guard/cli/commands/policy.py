@@ -35,7 +35,14 @@ def policy() -> None:
     default=Path("policies.yaml"),
     help="Policy file (default: policies.yaml)",
 )
-def check(file: Path) -> int:
+@click.option(
+    "--target",
+    "target_name",
+    metavar="TARGET",
+    help="Also check the names it protects against TARGET's live database (through the "
+    "broker; auditor groups)",
+)
+def check(file: Path, target_name: str | None) -> int:
     from guard.broker.policy.compile import PolicyError, load_policy_file
 
     out = console.stdout()
@@ -58,7 +65,30 @@ def check(file: Path) -> int:
         f"{len(policy.rules)} rule(s)",
         highlight=False,
     )
-    return 0
+    if target_name is None:
+        return 0
+    if target_name not in policy.targets:
+        raise CliError(
+            f"{file} has no target {target_name!r}",
+            hint=f"its targets: {', '.join(sorted(policy.targets)) or 'none'}",
+            exit_code=EXIT_USAGE,
+        )
+    from guard.cli.client import of_caller
+
+    with of_caller() as client:
+        problems = client.policy_catalog_check(target_name, file.read_text())
+    if not problems:
+        out.print(
+            f"[green]ok[/green] every table and column {file} protects on {target_name} exists",
+            highlight=False,
+        )
+        return 0
+    for problem in problems:
+        out.print(f"[red]{file}[/red]: {target_name}: {problem}", highlight=False)
+    raise CliError(
+        f"{file}: {len(problems)} name(s) not in {target_name}'s database",
+        hint="a misspelt protected column leaves the real one unprotected: fix the names",
+    )
 
 
 def _default_policy() -> Path:
