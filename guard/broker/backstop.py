@@ -429,6 +429,9 @@ class BackstopMonitor:
         self.clock = clock
         self._passed: dict[str, float] = {}
         self._unchecked: set[str] = set()
+        # Told the target's name after an apply (the in-process gateway re-reads the
+        # masking views' OIDs; worker processes do within their cache's minute).
+        self.on_applied: list[Callable[[str], None]] = []
 
     def _settings(self, name: str) -> TargetSettings:
         settings = self.targets.get(name)
@@ -483,6 +486,8 @@ class BackstopMonitor:
         self._passed.pop(name, None)
         if not drifts:
             self._passed[name] = self.clock()
+        for hook in self.on_applied:
+            hook(name)
         return ran, drifts
 
     async def __call__(self, name: str) -> None:

@@ -184,11 +184,6 @@ def test_a_view_of_protected_columns_reads_masked_through_its_twin(session, sql)
 
 
 def test_views_of_views_and_materialized_views_get_twins(dev_stack: Stack):
-    from guard.broker.policy.compile import load_policy_file
-    from guard.devstack.backstop import apply_backstop
-    from tests.fix_stack import DEMO_POLICY
-
-    target = load_policy_file(DEMO_POLICY).targets["demo"]
     objects = [
         "CREATE VIEW public.v_alice AS SELECT * FROM public.v_customer_contacts"
         " WHERE full_name LIKE 'Alice%'",
@@ -199,10 +194,15 @@ def test_views_of_views_and_materialized_views_get_twins(dev_stack: Stack):
     with psycopg.connect(dev_stack.admin_dsn, autocommit=True) as admin:
         for statement in objects:
             admin.execute(statement)
+    # Applied through the broker, as an operator does (`guard target apply`): the gateway
+    # then reads the new views' OIDs at once (the cells it counts are found by OID).
+    bob = {"GUARD_ID_TOKEN": dev_stack.guard("dev", "token", "bob").stdout.strip()}
     try:
-        statements = apply_backstop(dev_stack.admin_dsn, target)
-        assert any('CREATE VIEW "guard_masked"."v_alice"' in s for s in statements)
-        assert any('CREATE VIEW "guard_masked"."mv_accounts"' in s for s in statements)
+        applied = dev_stack.guard("target", "plan", "demo", env=bob)
+        assert 'CREATE VIEW "guard_masked"."v_alice"' in applied.stdout
+        assert 'CREATE VIEW "guard_masked"."mv_accounts"' in applied.stdout
+        applied = dev_stack.guard("target", "apply", "demo", env=bob)
+        assert applied.returncode == 0, applied.stderr + applied.stdout
         body, headers = dev_stack.open_session()
         try:
             with gateway_connect(body) as conn:
@@ -216,7 +216,8 @@ def test_views_of_views_and_materialized_views_get_twins(dev_stack: Stack):
         with psycopg.connect(dev_stack.admin_dsn, autocommit=True) as admin:
             admin.execute("DROP MATERIALIZED VIEW public.mv_accounts")
             admin.execute("DROP VIEW public.v_alice")
-        apply_backstop(dev_stack.admin_dsn, target)
+        restored = dev_stack.guard("target", "apply", "demo", env=bob)
+        assert restored.returncode == 0, restored.stderr + restored.stdout
 
 
 def test_the_audit_says_how_each_protected_read_was_masked(dev_stack: Stack, session):

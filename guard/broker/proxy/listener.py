@@ -382,6 +382,13 @@ class Gateway:
         writer.write(encode(m.AuthenticationSASLFinal(server_final)))
         await writer.drain()
 
+    def forget_catalog(self, target: str) -> None:
+        """The target's catalog facts changed (its backstop was applied): read them again
+        at the next connection instead of within the cache's lifetime."""
+        forget = getattr(self._protected_map, "forget", None)
+        if forget is not None:
+            forget(target)
+
     async def _read_message(self, reader, parser: FrontendParser):
         while True:
             msg = parser.next_message()

@@ -66,6 +66,10 @@ class ProtectedColumns:
         self.clock = clock
         self._cache: dict[str, tuple[float, ProtectedMap]] = {}
 
+    def forget(self, target: str) -> None:
+        """Drop the cached map of `target` (its backstop was just applied: new view OIDs)."""
+        self._cache.pop(target, None)
+
     async def __call__(self, target: str, conn: upstream.UpstreamConnection) -> ProtectedMap:
         hit = self._cache.get(target)
         if hit is not None and self.clock() - hit[0] < PROTECTED_MAP_TTL:
