@@ -462,10 +462,8 @@ def token_source(id_token_file: Path | None = None, profile: Profile | None = No
 def per_call_token(profile: Profile) -> Callable[[], str] | None:
     """A source of a fresh token for each broker call where the caller's token is good for
     one call only (GitHub Actions' service); None where one token serves all calls."""
-    if token_source(profile=profile) is None or not in_github_actions():
-        return None
-    if os.environ.get(id_token_variable(profile), "").strip():
-        return None  # a token given in the environment: there is no other
+    if not in_github_actions() or os.environ.get(id_token_variable(profile), "").strip():
+        return None  # a stored login, or a token given in the environment: there is no other
     return lambda: github_actions_token(profile)
 
 

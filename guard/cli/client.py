@@ -257,7 +257,7 @@ class BrokerClient:
 
 def of_caller() -> BrokerClient:
     """A client of the profile's broker that speaks for the caller: their stored login's
-    ID token, or CI's (`GUARD_ID_TOKEN`)."""
+    ID token, or a CI job's (`GUARD_ID_TOKEN`, or a fresh one per call in GitHub Actions)."""
     from guard.cli.auth import current_id_token, per_call_token
     from guard.cli.profile import load_profile
 
