@@ -486,9 +486,13 @@ class BackstopMonitor:
         self._passed.pop(name, None)
         if not drifts:
             self._passed[name] = self.clock()
+        return ran, drifts
+
+    def applied(self, name: str) -> None:
+        """Tell the gateway (`on_applied`) that `name`'s catalog changed; on the event loop,
+        after `apply` returned from its thread (the hooks write to worker channels)."""
         for hook in self.on_applied:
             hook(name)
-        return ran, drifts
 
     async def __call__(self, name: str) -> None:
         settings = self.targets.get(name)

@@ -187,8 +187,8 @@ async def _run(settings: BrokerSettings, stop: _StopSignals) -> None:  # noqa: C
         gateway = build_gateway(
             settings, policy=policy, audit=audit, approvals=approvals, sessions=sessions
         )
-        backstop.on_applied.append(gateway.forget_catalog)
         gateway_reasons = None
+    backstop.on_applied.append(gateway.forget_catalog)
     host, port = await gateway.start(settings.gateway.host, settings.gateway.port)
     gateway_ca = settings.gateway_tls.ca_file if settings.gateway_tls is not None else None
     address = _Address(

@@ -227,3 +227,30 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_an_apply_reaches_every_worker_at_once(stack: Stack):
+    """A view created and twinned by `guard target apply` reads masked by its qualified
+    name at the very next connection, whichever worker takes it (each worker's cached
+    catalog facts are dropped on the apply, not after their minute)."""
+    bob = {"GUARD_ID_TOKEN": stack.guard("dev", "token", "bob").stdout.strip()}
+    with psycopg.connect(stack.admin_dsn, autocommit=True) as admin:
+        admin.execute("CREATE VIEW public.v_worker_emails AS SELECT id, email FROM customers")
+    try:
+        body, headers = stack.open_session()  # every worker caches the catalog now
+        for _ in range(4):
+            with gateway_connect(body) as conn:
+                conn.execute("SELECT 1").fetchone()
+        applied = stack.guard("target", "apply", "demo", env=bob)
+        assert applied.returncode == 0, applied.stderr + applied.stdout
+        for _ in range(6):  # the kernel spreads these over both workers
+            with gateway_connect(body) as conn:
+                row = conn.execute(
+                    "SELECT email FROM public.v_worker_emails WHERE id = 1"
+                ).fetchone()
+            assert row == ("a***@example.com",)
+        stack.end_session(body["session_id"], headers)
+    finally:
+        with psycopg.connect(stack.admin_dsn, autocommit=True) as admin:
+            admin.execute("DROP VIEW public.v_worker_emails CASCADE")
+        stack.guard("target", "apply", "demo", env=bob)

@@ -56,6 +56,7 @@ def backstop_routes(
                 f"applying the database backstop of {name} failed: {exc}",
                 hint="nothing was changed (one transaction); fix the cause and apply again",
             ) from exc
+        _monitor().applied(name)
         digest = hashlib.sha256("\n;\n".join(ran).encode()).hexdigest()
         left = "; ".join(str(d) for d in drifts)
         sessions.audit.append(

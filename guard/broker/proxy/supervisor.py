@@ -173,6 +173,13 @@ class GatewayWorkers:
         bound = sock.getsockname()
         return bound[0], bound[1]
 
+    def forget_catalog(self, target: str) -> None:
+        """Every worker reads `target`'s catalog facts again at its next connection (its
+        backstop was applied: new masking view OIDs, new twins)."""
+        for worker in self._workers:
+            if worker.channel is not None:
+                worker.channel.notify("forget_catalog", target)
+
     async def close(self) -> None:
         self._closing = True
         for worker in self._workers:

@@ -152,6 +152,7 @@ async def serve(control_fd: int) -> None:
         "close": directory.close,
         "cancel": lambda pid, key: spawn(gateway.cancel(pid, key), name="forwarded cancel"),
         "stop": stop.set,
+        "forget_catalog": gateway.forget_catalog,
     }
     channel.notices = notices
     loop = asyncio.get_running_loop()
