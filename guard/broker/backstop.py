@@ -235,6 +235,90 @@ def apply(
     return planned
 
 
+# What the backstop governs, as (object, property, value): the guard roles, every relation
+# of the masking schema and the protected/gated tables (kind, owner, rights, options, a
+# view's definition), the rights on those tables' columns, and who may execute which
+# SECURITY DEFINER function. Names, never OIDs: a view re-created the same compares equal.
+_STATE = """
+SELECT 'role ' || r.rolname, 'login', r.rolcanlogin::text
+FROM pg_catalog.pg_roles r WHERE r.rolname IN (%(owner)s, %(group)s)
+UNION ALL
+SELECT 'relation ' || n.nspname || '.' || c.relname, p.name, p.value
+FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace,
+LATERAL (VALUES ('kind', c.relkind::text),
+                ('owner', pg_catalog.pg_get_userbyid(c.relowner)::text),
+                ('rights', coalesce(c.relacl::text, '-')),
+                ('options', coalesce(c.reloptions::text, '-')),
+                ('definition', CASE WHEN c.relkind = 'v'
+                                    THEN pg_catalog.pg_get_viewdef(c.oid) ELSE '-' END)
+        ) AS p(name, value)
+WHERE n.nspname = %(masked)s
+   OR (n.nspname, c.relname) IN (SELECT * FROM unnest(%(schemas)s::text[], %(tables)s::text[]))
+UNION ALL
+SELECT 'column ' || n.nspname || '.' || c.relname || '.' || a.attname, 'rights',
+       coalesce(a.attacl::text, '-')
+FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE a.attnum > 0 AND NOT a.attisdropped
+  AND (n.nspname, c.relname) IN (SELECT * FROM unnest(%(schemas)s::text[], %(tables)s::text[]))
+UNION ALL
+SELECT 'function ' || p.oid::pg_catalog.regprocedure::text, 'rights', coalesce(p.proacl::text, '-')
+FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+WHERE p.prosecdef AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+"""
+
+
+def _state(conn: psycopg.Connection[Any], target: Target) -> dict[str, dict[str, str]]:
+    special = sorted(special_tables(target))
+    params = {
+        "owner": OWNER_ROLE,
+        "group": GROUP_ROLE,
+        "masked": MASKED_SCHEMA,
+        "schemas": [schema for schema, _ in special],
+        "tables": [table for _, table in special],
+    }
+    state: dict[str, dict[str, str]] = {}
+    for key, name, value in _rows(conn, _STATE, params):
+        state.setdefault(key, {})[name] = value
+    return state
+
+
+def plan_changes(
+    conn: psycopg.Connection[Any], target: Target, *, definer_allowed: Sequence[str] = ()
+) -> tuple[list[str], list[str]]:
+    """What an apply would change, object by object (`+` created, `-` removed, `~` the
+    properties that change), and its statements: they run in a transaction rolled back, and
+    the catalog is compared before and after. Waits at most 5 s for a lock (a masking view
+    in use by a long query) and then fails rather than block sessions."""
+    with conn.transaction(force_rollback=True):
+        conn.execute("SET LOCAL lock_timeout = '5s'")
+        before = _state(conn, target)
+        planned = statements(conn, target, definer_allowed=definer_allowed)
+        for statement in planned:
+            conn.execute(statement)  # type: ignore[arg-type]  # generated SQL text
+        after = _state(conn, target)
+    changes = []
+    for key in sorted(before.keys() | after.keys()):
+        old, new = before.get(key), after.get(key)
+        if old is None:
+            changes.append(f"+ {key}")
+        elif new is None:
+            changes.append(f"- {key}")
+        elif old != new:
+            changed = [
+                f"{name} {_short(old.get(name))} → {_short(new.get(name))}"
+                for name in sorted(old.keys() | new.keys())
+                if old.get(name) != new.get(name)
+            ]
+            changes.append(f"~ {key}: {'; '.join(changed)}")
+    return changes, planned
+
+
+def _short(text: str | None, limit: int = 80) -> str:
+    flat = " ".join((text or "(none)").split())
+    return flat if len(flat) <= limit else flat[:limit] + "…"
+
+
 # -- check -------------------------------------------------------------------------------------
 
 
@@ -410,6 +494,13 @@ def _check_twins(conn: psycopg.Connection[Any], facts: Facts) -> list[Drift]:
     return drifts
 
 
+def _as_comments(changes: list[str]) -> list[str]:
+    """The plan's changes, as the SQL comments that open the statements it prints."""
+    if not changes:
+        return ["-- no change: the database already matches the policy"]
+    return [f"-- {change}" for change in changes]
+
+
 class BackstopMonitor:
     """Checks a target's backstop before the broker issues credentials for it.
 
@@ -470,7 +561,10 @@ class BackstopMonitor:
             target = self.policy.targets[name]
             allowed = settings.definer_functions_allowed
             drifts = check(conn, target, definer_allowed=allowed)
-            planned = statements(conn, target, definer_allowed=allowed) if plan else None
+            planned = None
+            if plan:
+                changes, ran = plan_changes(conn, target, definer_allowed=allowed)
+                planned = [*_as_comments(changes), *ran]
         if drifts:
             self._passed.pop(name, None)  # found drifted: no new session trusts an old pass
         return drifts, planned

@@ -52,10 +52,19 @@ def test_check_plan_apply_and_no_session_on_a_drifted_target(dev_stack: Stack, b
         assert plan.returncode == 0, plan.stderr
         assert 'CREATE VIEW "guard_masked"."v_customer_contacts" AS' in plan.stdout
         assert "-- drift: public.customers.ssn" in plan.stdout
+        # What the apply changes, object by object (the catalog before and after, in a
+        # transaction rolled back), and nothing it leaves as it is.
+        assert "-- + relation guard_masked.v_customer_contacts" in plan.stdout
+        assert "-- ~ column public.customers.ssn: rights" in plan.stdout
+        assert "guard_masked.customers" not in "".join(
+            line for line in plan.stdout.splitlines() if line.startswith("-- ~")
+        )
     finally:
         applied = dev_stack.guard("target", "apply", "demo", env=bob)
     assert applied.returncode == 0, applied.stderr + applied.stdout
     assert "in place" in applied.stdout
+    again = dev_stack.guard("target", "plan", "demo", env=bob)
+    assert "-- no change: the database already matches the policy" in again.stdout
     body, headers = dev_stack.open_session()  # sessions open again
     dev_stack.end_session(body["session_id"], headers)
     events = [r for r in dev_stack.audit_records() if r.get("kind") == "backstop"]

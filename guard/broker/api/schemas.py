@@ -122,7 +122,8 @@ class TargetInfo(_Model):
 class BackstopReport(_Model):
     """`GET /v1/targets/{name}/backstop` and its `apply` (auditors): how the target's
     database differs from what the policy needs (`drift`, empty when in place) and, for a
-    plan, the statements `apply` runs (for an apply: the statements it ran)."""
+    plan, what `apply` would change (`-- ` comment lines, one per object) and the
+    statements it runs (for an apply: the statements it ran)."""
 
     target: str
     drift: list[str]

@@ -50,7 +50,9 @@ def check(target_name: str, as_json: bool) -> int:
     return code
 
 
-@target.command("plan", cls=GuardCommand, help="The SQL an apply would run, and the drift.")
+@target.command(
+    "plan", cls=GuardCommand, help="What an apply would change, its SQL, and the drift."
+)
 @click.argument("target_name", metavar="TARGET")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON")
 def plan(target_name: str, as_json: bool) -> int:
@@ -63,7 +65,8 @@ def plan(target_name: str, as_json: bool) -> int:
         return 0
     print(f"-- guard target plan {target_name}: run in one transaction by `guard target apply`")
     for statement in report.statements or []:
-        print(statement.rstrip() + ";")
+        # The changes come first, as comments; then the statements, each ended.
+        print(statement if statement.startswith("-- ") else statement.rstrip() + ";")
     print("--")
     for line in report.drift or ["(no drift: the backstop is in place)"]:
         print(f"-- drift: {line}")
