@@ -37,6 +37,7 @@ from guard.broker.masking.objects import (
     GROUP_ROLE,
     MASKED_SCHEMA,
     OWNER_ROLE,
+    TWIN_COMMENT_PREFIX,
     TableColumns,
     ViewTwin,
     backstop_sql,
@@ -395,7 +396,7 @@ def check(
     facts = read_facts(conn, target)
     for key, table in sorted(facts.tables.items()):
         drifts += _check_view(conn, table, masks.get(key, set()), key in target.gated_tables)
-    drifts += _check_twins(conn, facts)
+    drifts += _check_twins(conn, facts, special_tables(target))
     for function in facts.definer_functions:
         if function not in definer_allowed:
             drifts.append(
@@ -478,8 +479,41 @@ def _check_base_tables(
     return drifts, masks
 
 
-def _check_twins(conn: psycopg.Connection[Any], facts: Facts) -> list[Drift]:
+# Masked twins (labelled views of the masking schema) whose query reads a protected or gated
+# base table itself: a twin must read only the masking views, or it hands out raw values
+# with its owner's rights.
+_TWINS_READING_BASE = """
+SELECT DISTINCT c.relname, bn.nspname || '.' || bt.relname
+FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_catalog.pg_rewrite r ON r.ev_class = c.oid
+JOIN pg_catalog.pg_depend d ON d.objid = r.oid
+ AND d.classid = 'pg_catalog.pg_rewrite'::regclass
+ AND d.refclassid = 'pg_catalog.pg_class'::regclass
+JOIN pg_catalog.pg_class bt ON bt.oid = d.refobjid
+JOIN pg_catalog.pg_namespace bn ON bn.oid = bt.relnamespace
+WHERE n.nspname = %s AND c.relkind = 'v'
+  AND pg_catalog.obj_description(c.oid, 'pg_class') LIKE %s
+  AND (bn.nspname, bt.relname) IN (SELECT * FROM unnest(%s::text[], %s::text[]))
+ORDER BY 1, 2
+"""
+
+
+def _check_twins(
+    conn: psycopg.Connection[Any], facts: Facts, special: set[tuple[str, str]]
+) -> list[Drift]:
     drifts = [Drift(v, "reads protected data and has no masked twin") for v in facts.untwinned]
+    ordered = sorted(special)
+    for name, base in _rows(
+        conn,
+        _TWINS_READING_BASE,
+        (
+            MASKED_SCHEMA,
+            TWIN_COMMENT_PREFIX + "%",  # the prefix holds no LIKE wildcard
+            [schema for schema, _ in ordered],
+            [table for _, table in ordered],
+        ),
+    ):
+        drifts.append(Drift(f"{MASKED_SCHEMA}.{name}", f"a masked twin reads {base} itself"))
     rows = _rows(
         conn,
         "SELECT c.relname, pg_catalog.obj_description(c.oid, 'pg_class')"

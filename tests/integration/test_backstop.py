@@ -119,3 +119,21 @@ def test_policy_check_against_the_live_catalog(dev_stack: Stack, bob, tmp_path):
     assert "2 name(s) not in demo's database" in bad.stderr
     missing = dev_stack.guard("policy", "check", str(good), "--target", "prod", env=bob)
     assert missing.returncode == 2 and "has no target 'prod'" in missing.stderr
+
+
+def test_check_finds_a_twin_that_reads_the_base_table(dev_stack: Stack, bob):
+    label = 'guard: masked twin of {"schema": "public", "name": "v_evil"}'
+    with psycopg.connect(dev_stack.admin_dsn, autocommit=True) as admin:
+        admin.execute("CREATE VIEW guard_masked.v_evil AS SELECT ssn FROM public.customers")
+        admin.execute(f"COMMENT ON VIEW guard_masked.v_evil IS '{label}'")
+    try:
+        check = dev_stack.guard("target", "check", "demo", "--json", env=bob)
+        assert check.returncode == 1
+        assert (
+            "guard_masked.v_evil: a masked twin reads public.customers itself"
+            in (json.loads(check.stdout)["drift"])
+        )
+    finally:
+        with psycopg.connect(dev_stack.admin_dsn, autocommit=True) as admin:
+            admin.execute("DROP VIEW guard_masked.v_evil")
+    assert dev_stack.guard("target", "check", "demo", env=bob).returncode == 0
