@@ -76,8 +76,11 @@ class ColumnUse:
     """One use of a column; `column` is '*' for `*`, `t.*` and whole-row references.
 
     `candidates` are the base relations the reference could resolve to: the aliased relation
-    when qualified, every relation in scope (including outer scopes) when not, and, when the
-    reference goes through a subquery, CTE or VALUES alias, the base relations behind it.
+    when qualified; when not, PostgreSQL's search, level by level from the innermost query
+    outward, stopping at the first level where some FROM item surely has the column (every
+    item that may have it along the way stays a candidate: tables may have any column
+    without the catalog); and, when the reference goes through a subquery, CTE or VALUES
+    alias, the base relations behind that output column.
     """
 
     column: str
