@@ -22,6 +22,28 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 
+# The demo policy with the CI jobs' group, `deploy-jobs`, allowed to connect and read, in
+# the policy like any person's group; and a job that prints customer 1's (masked) SSN.
+def ci_policy() -> str:
+    from tests.fix_stack import DEMO_POLICY
+
+    return (
+        DEMO_POLICY.read_text()
+        .replace(
+            "connect_groups: [engineers, security-leads, service]",
+            "connect_groups: [engineers, security-leads, service, deploy-jobs]",
+        )
+        .replace("groups: [engineers, security-leads, service]", "groups: [engineers, deploy-jobs]")
+    )
+
+
+CI_JOB = """
+import os, psycopg
+with psycopg.connect(os.environ["DATABASE_URL"]) as conn:
+    print(conn.execute("SELECT ssn FROM customers WHERE id = 1").fetchone()[0])
+"""
+
+
 def github_claims(**overrides: Any) -> dict[str, Any]:
     """Claims shaped like a GitHub Actions ID token for octo/app's main branch (push)."""
     claims = {

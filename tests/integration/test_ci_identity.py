@@ -16,7 +16,6 @@ import hmac
 import json
 import secrets
 import sys
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,29 +26,15 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.fix_ci_issuer import CIIssuer, github_claims, gitlab_claims
-from tests.fix_stack import DEMO_POLICY, Stack, stack_with_policy
+from tests.fix_ci_issuer import CI_JOB, CIIssuer, ci_policy, github_claims, gitlab_claims
+from tests.fix_stack import Stack, stack_with_policy
 
 pytestmark = [pytest.mark.integration, pytest.mark.ci_identity]
 
 AUDIENCE = "https://guard.test"
 MASKED_SSN = "***-**-6789"
-# The CI jobs' group, in the policy like any person's group.
-POLICY = (
-    DEMO_POLICY.read_text()
-    .replace(
-        "connect_groups: [engineers, security-leads, service]",
-        "connect_groups: [engineers, security-leads, service, deploy-jobs]",
-    )
-    .replace("groups: [engineers, security-leads, service]", "groups: [engineers, deploy-jobs]")
-)
-JOB = textwrap.dedent(
-    """
-    import os, psycopg
-    with psycopg.connect(os.environ["DATABASE_URL"]) as conn:
-        print(conn.execute("SELECT ssn FROM customers WHERE id = 1").fetchone()[0])
-    """
-)
+POLICY = ci_policy()
+JOB = CI_JOB
 SHARED_WORKFLOW = "octo/shared/.github/workflows/deploy.yml@refs/tags/v2"
 
 
@@ -122,6 +107,16 @@ def ci_env(**extra: str) -> dict[str, str]:
     return {"GUARD_ISSUER": "", **extra}
 
 
+def github_job_env(github: CIIssuer) -> dict[str, str]:
+    """A GitHub Actions job with `id-token: write`: the runner's token service is `github`."""
+    return ci_env(
+        GITHUB_ACTIONS="true",
+        ACTIONS_ID_TOKEN_REQUEST_URL=github.runner_url,
+        ACTIONS_ID_TOKEN_REQUEST_TOKEN=github.runner_bearer,
+        GUARD_CI_AUDIENCE=AUDIENCE,
+    )
+
+
 def run_job(stack: Stack, tmp_path: Path, env: dict[str, str], *args: str):
     job = tmp_path / "job.py"
     job.write_text(JOB)
@@ -158,12 +153,7 @@ def test_github_job_fetches_a_fresh_token_per_call_and_reads_masked_data(
     github, _ = issuers
     github.runner_claims = github_claims()
     before = len(github.token_requests)
-    env = ci_env(
-        GITHUB_ACTIONS="true",
-        ACTIONS_ID_TOKEN_REQUEST_URL=github.runner_url,
-        ACTIONS_ID_TOKEN_REQUEST_TOKEN=github.runner_bearer,
-        GUARD_CI_AUDIENCE=AUDIENCE,
-    )
+    env = github_job_env(github)
     for _ in range(2):  # the second run gets a new token: single use is no obstacle
         result = run_job(ci_stack, tmp_path, env)
         assert result.returncode == 0, result.stderr
@@ -194,12 +184,7 @@ def test_github_job_from_a_fork_pull_request_is_refused_by_guard_exec(
         repository_owner_id="666",
         event_name="pull_request_target",
     )
-    env = ci_env(
-        GITHUB_ACTIONS="true",
-        ACTIONS_ID_TOKEN_REQUEST_URL=github.runner_url,
-        ACTIONS_ID_TOKEN_REQUEST_TOKEN=github.runner_bearer,
-        GUARD_CI_AUDIENCE=AUDIENCE,
-    )
+    env = github_job_env(github)
     result = run_job(ci_stack, tmp_path, env)
     assert result.returncode != 0
     assert result.stdout == ""  # the job never ran
@@ -211,12 +196,7 @@ def test_github_job_status_takes_a_token_per_broker_call(ci_stack: Stack, issuer
     github, _ = issuers
     github.runner_claims = github_claims()
     before = len(github.token_requests)
-    env = ci_env(
-        GITHUB_ACTIONS="true",
-        ACTIONS_ID_TOKEN_REQUEST_URL=github.runner_url,
-        ACTIONS_ID_TOKEN_REQUEST_TOKEN=github.runner_bearer,
-        GUARD_CI_AUDIENCE=AUDIENCE,
-    )
+    env = github_job_env(github)
     result = ci_stack.guard("status", "--json", env=env)
     assert result.returncode == 0, result.stderr
     me = json.loads(result.stdout)

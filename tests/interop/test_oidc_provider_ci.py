@@ -14,35 +14,21 @@ the same provider (another client, another audience). Tokens are never shown.
 from __future__ import annotations
 
 import sys
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.fix_ci_issuer import CI_JOB, ci_policy
 from tests.fix_node_idp import CI_ACCOUNTS, NodeIdP, node_idp  # noqa: F401
-from tests.fix_stack import DEMO_POLICY, Stack, stack_with_policy
+from tests.fix_stack import Stack, stack_with_policy
 
 pytestmark = pytest.mark.ci_identity
 
 MASKED_SSN = "***-**-6789"  # customer 1 of the demo data (raw 123-45-6789)
-# The CI jobs' group, in the policy like any person's group.
-POLICY = (
-    DEMO_POLICY.read_text()
-    .replace(
-        "connect_groups: [engineers, security-leads, service]",
-        "connect_groups: [engineers, security-leads, service, deploy-jobs]",
-    )
-    .replace("groups: [engineers, security-leads, service]", "groups: [engineers, deploy-jobs]")
-)
-JOB = textwrap.dedent(
-    """
-    import os, psycopg
-    with psycopg.connect(os.environ["DATABASE_URL"]) as conn:
-        print(conn.execute("SELECT ssn FROM customers WHERE id = 1").fetchone()[0])
-    """
-)
+POLICY = ci_policy()
+JOB = CI_JOB
 
 
 def trusted_issuer(idp: NodeIdP) -> dict:

@@ -8,10 +8,17 @@ Imported when `guard` starts: the broker client is imported when a command runs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import click
 
 from guard.cli import show
 from guard.cli.usage import GuardCommand, GuardGroup
+
+if TYPE_CHECKING:
+    from guard.broker.api.schemas import BackstopReport
+    from guard.cli.client import BrokerClient
 
 APPLY_HINT = "`guard target apply {target}` restores it (recorded in the audit log)"
 
@@ -21,6 +28,19 @@ APPLY_HINT = "`guard target apply {target}` restores it (recorded in the audit l
 )
 def target() -> None:
     pass
+
+
+def _report(call: Callable[[BrokerClient], BackstopReport]) -> BackstopReport:
+    """The broker's report, by `call` on a client that speaks for the caller."""
+    from guard.cli.client import of_caller
+
+    with of_caller() as client:
+        return call(client)
+
+
+def _json(report: BackstopReport, code: int) -> int:
+    show.print_json(report.model_dump(mode="json"))
+    return code
 
 
 def _drift_lines(target_name: str, drift: list[str]) -> int:
@@ -37,13 +57,9 @@ def _drift_lines(target_name: str, drift: list[str]) -> int:
 @click.argument("target_name", metavar="TARGET")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON")
 def check(target_name: str, as_json: bool) -> int:
-    from guard.cli.client import of_caller
-
-    with of_caller() as client:
-        report = client.backstop(target_name)
+    report = _report(lambda client: client.backstop(target_name))
     if as_json:
-        show.print_json(report.model_dump(mode="json"))
-        return 1 if report.drift else 0
+        return _json(report, 1 if report.drift else 0)
     code = _drift_lines(target_name, report.drift)
     if code:
         print(APPLY_HINT.format(target=target_name))
@@ -56,13 +72,9 @@ def check(target_name: str, as_json: bool) -> int:
 @click.argument("target_name", metavar="TARGET")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON")
 def plan(target_name: str, as_json: bool) -> int:
-    from guard.cli.client import of_caller
-
-    with of_caller() as client:
-        report = client.backstop(target_name, plan=True)
+    report = _report(lambda client: client.backstop(target_name, plan=True))
     if as_json:
-        show.print_json(report.model_dump(mode="json"))
-        return 0
+        return _json(report, 0)
     print(f"-- guard target plan {target_name}: run in one transaction by `guard target apply`")
     for statement in report.statements or []:
         # The changes come first, as comments; then the statements, each ended.
@@ -77,12 +89,8 @@ def plan(target_name: str, as_json: bool) -> int:
 @click.argument("target_name", metavar="TARGET")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON")
 def apply(target_name: str, as_json: bool) -> int:
-    from guard.cli.client import of_caller
-
-    with of_caller() as client:
-        report = client.apply_backstop(target_name)
+    report = _report(lambda client: client.apply_backstop(target_name))
     if as_json:
-        show.print_json(report.model_dump(mode="json"))
-        return 1 if report.drift else 0
+        return _json(report, 1 if report.drift else 0)
     print(f"{target_name}: applied {len(report.statements or [])} statements in one transaction")
     return _drift_lines(target_name, report.drift)
