@@ -80,6 +80,15 @@ class Stack:
     def end_session(self, session_id: str, headers: dict[str, str]) -> httpx.Response:
         return self.api("DELETE", f"/v1/sessions/{session_id}", headers=headers)
 
+    def request_session(self, token: str, target: str = "demo") -> httpx.Response:
+        """POST /v1/sessions with `token` as the bearer: the broker's answer, whatever it is."""
+        return self.api(
+            "POST",
+            "/v1/sessions",
+            json={"target": target},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+
     def open_session(self, user: str = "alice") -> tuple[dict, dict[str, str]]:
         """POST /v1/sessions as `user` (dev IdP token); (created body, auth headers). The
         body also carries `gateway_ca` (this stack's CA file, not part of the API's answer)

@@ -25,10 +25,11 @@ Checks, each the attack it stops when it fails:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -141,10 +142,6 @@ class Facts:
     definer_functions: list[str]
 
 
-def special_tables(target: Target) -> set[tuple[str, str]]:
-    return {(c.schema, c.table) for c in target.protected_columns} | set(target.gated_tables)
-
-
 def _column_lists(target: Target) -> dict[str, list[str]]:
     cols = sorted(target.protected_columns)
     return {
@@ -155,18 +152,17 @@ def _column_lists(target: Target) -> dict[str, list[str]]:
 
 
 def view_twins(
-    conn: psycopg.Connection[Any], special: set[tuple[str, str]], masked: str = MASKED_SCHEMA
+    conn: psycopg.Connection[Any],
+    special: frozenset[tuple[str, str]],
+    masked: str = MASKED_SCHEMA,
 ) -> tuple[list[ViewTwin], list[str]]:
     """The masked twins of the views that read `special` relations, and the views that get
     none (their definition could not be redirected: they stay unreadable, fail closed)."""
     if not special:
         return [], []
     schemas, names = zip(*sorted(special), strict=True)
-    conn.execute("SET LOCAL search_path = pg_catalog")
-    try:
-        rows = conn.execute(_DEPENDENT_VIEWS, (list(schemas), list(names))).fetchall()
-    finally:
-        conn.execute("RESET search_path")
+    with _qualified_names(conn):
+        rows = _rows(conn, _DEPENDENT_VIEWS, (list(schemas), list(names)))
     twins: list[ViewTwin] = []
     untwinned: list[str] = []
     redirected = frozenset(special)
@@ -182,22 +178,33 @@ def view_twins(
 
 def definer_functions(conn: psycopg.Connection[Any], target: Target) -> list[str]:
     # Before the first apply the group does not exist yet: PUBLIC's rights are its own then.
-    exists = _rows(conn, "SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = %s", (GROUP_ROLE,))
-    conn.execute("SET LOCAL search_path = pg_catalog")  # regprocedure text fully qualified
+    params = {"group": GROUP_ROLE if _group_exists(conn) else "public", **_column_lists(target)}
+    with _qualified_names(conn):  # regprocedure text fully qualified
+        return [row[0] for row in _rows(conn, _DEFINER_FUNCTIONS, params)]
+
+
+@contextlib.contextmanager
+def _qualified_names(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """Only pg_catalog on the search_path, for this transaction's catalog reads inside:
+    pg_get_viewdef and regprocedure text then qualify every user relation and function."""
+    conn.execute("SET LOCAL search_path = pg_catalog")
     try:
-        params = {"group": GROUP_ROLE if exists else "public", **_column_lists(target)}
-        return [row[0] for row in conn.execute(_DEFINER_FUNCTIONS, params).fetchall()]
+        yield
     finally:
         conn.execute("RESET search_path")
 
 
+def _group_exists(conn: psycopg.Connection[Any]) -> bool:
+    return bool(_rows(conn, "SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = %s", (GROUP_ROLE,)))
+
+
 def read_facts(conn: psycopg.Connection[Any], target: Target) -> Facts:
     tables = {}
-    for schema, table in sorted(special_tables(target)):
+    for schema, table in sorted(target.masked_tables()):
         cols = conn.execute(_COLUMNS, (schema, table)).fetchall()
         tables[(schema, table)] = TableColumns(schema, table, tuple((n, t) for n, t in cols))
     all_tables = [(s, t) for s, t in conn.execute(_TABLES).fetchall()]
-    twins, untwinned = view_twins(conn, special_tables(target))
+    twins, untwinned = view_twins(conn, target.masked_tables())
     return Facts(
         tables=tables,
         all_tables=all_tables,
@@ -270,7 +277,7 @@ WHERE p.prosecdef AND n.nspname NOT IN ('pg_catalog', 'information_schema')
 
 
 def _state(conn: psycopg.Connection[Any], target: Target) -> dict[str, dict[str, str]]:
-    special = sorted(special_tables(target))
+    special = sorted(target.masked_tables())
     params = {
         "owner": OWNER_ROLE,
         "group": GROUP_ROLE,
@@ -387,7 +394,7 @@ def check(
 ) -> list[Drift]:
     """How the database differs from what the policy needs, as the issued role would see
     it; empty when the backstop is in place. Reads the catalog only."""
-    if not _rows(conn, "SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = %s", (GROUP_ROLE,)):
+    if not _group_exists(conn):
         return [Drift(GROUP_ROLE, "the session group role is missing")]
     missing = catalog_problems(conn, target)
     if missing:
@@ -396,7 +403,7 @@ def check(
     facts = read_facts(conn, target)
     for key, table in sorted(facts.tables.items()):
         drifts += _check_view(conn, table, masks.get(key, set()), key in target.gated_tables)
-    drifts += _check_twins(conn, facts, special_tables(target))
+    drifts += _check_twins(conn, facts, target.masked_tables())
     for function in facts.definer_functions:
         if function not in definer_allowed:
             drifts.append(
@@ -440,7 +447,7 @@ def catalog_problems(conn: psycopg.Connection[Any], target: Target) -> list[Drif
     typo there would leave the real column unprotected): `guard policy check --target`."""
     problems: list[Drift] = []
     columns: dict[tuple[str, str], set[str]] = {}
-    for schema, table in sorted(special_tables(target)):
+    for schema, table in sorted(target.masked_tables()):
         names = {name for name, _type in _rows(conn, _COLUMNS, (schema, table))}
         if not names:
             problems.append(Drift(f"{schema}.{table}", "no such table in the database"))
@@ -499,7 +506,7 @@ ORDER BY 1, 2
 
 
 def _check_twins(
-    conn: psycopg.Connection[Any], facts: Facts, special: set[tuple[str, str]]
+    conn: psycopg.Connection[Any], facts: Facts, special: frozenset[tuple[str, str]]
 ) -> list[Drift]:
     drifts = [Drift(v, "reads protected data and has no masked twin") for v in facts.untwinned]
     ordered = sorted(special)

@@ -40,12 +40,7 @@ def test_check_plan_apply_and_no_session_on_a_drifted_target(dev_stack: Stack, b
         assert "public.v_customer_contacts: has no masked twin" in drift
         # A drifted target gets no new session: the database would not mask.
         token = dev_stack.guard("dev", "token", "alice").stdout.strip()
-        refused = dev_stack.api(
-            "POST",
-            "/v1/sessions",
-            json={"target": "demo"},
-            headers={"Authorization": f"Bearer {token}"},
-        )
+        refused = dev_stack.request_session(token)
         assert refused.status_code == 503
         assert "backstop of demo has drifted" in refused.json()["message"]
         plan = dev_stack.guard("target", "plan", "demo", env=bob)

@@ -125,12 +125,7 @@ def run_job(stack: Stack, tmp_path: Path, env: dict[str, str], *args: str):
 
 def open_with(stack: Stack, token: str) -> httpx.Response:
     """POST /v1/sessions with `token`: the broker's answer (the session ended at once)."""
-    response = stack.api(
-        "POST",
-        "/v1/sessions",
-        json={"target": "demo"},
-        headers={"Authorization": f"Bearer {token}"},
-    )
+    response = stack.request_session(token)
     if response.status_code == 201:
         body = response.json()
         stack.end_session(body["session_id"], {"Authorization": f"Bearer {body['session_token']}"})

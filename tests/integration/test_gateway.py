@@ -156,12 +156,7 @@ def test_session_end_closes_live_connections(dev_stack: Stack):
 
 def test_session_refused_for_user_without_group(dev_stack: Stack):
     token = dev_stack.guard("dev", "token", "mallory").stdout.strip()
-    response = dev_stack.api(
-        "POST",
-        "/v1/sessions",
-        json={"target": "demo"},
-        headers={"Authorization": f"Bearer {token}"},
-    )
+    response = dev_stack.request_session(token)
     assert response.status_code == 403
     assert "demo" in response.json()["message"]
 

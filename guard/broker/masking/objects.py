@@ -279,7 +279,7 @@ def _special_tables(
     for column_id, strategy in target.protected_columns.items():
         get_strategy(strategy)
         masks.setdefault((column_id.schema, column_id.table), {})[column_id.column] = strategy
-    special = sorted(set(masks) | set(target.gated_tables))
+    special = sorted(target.masked_tables())
     for key in special:
         facts = tables.get(key)
         if facts is None:

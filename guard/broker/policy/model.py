@@ -139,6 +139,11 @@ class Target:
             return found
         return tuple(t for t in found if t.schema == relation.schema)
 
+    def masked_tables(self) -> frozenset[tuple[str, str]]:
+        """(schema, table) of every table with a view in the masking schema: the protected
+        tables (masking views) and the gated ones (gate views)."""
+        return frozenset({(c.schema, c.table) for c in self.protected_columns}) | self.gated_tables
+
     def session_ttl(self, requested_seconds: int | None = None) -> int:
         """The TTL to grant: the request (or the default), never above the maximum."""
         wanted = self.default_ttl_seconds if requested_seconds is None else requested_seconds

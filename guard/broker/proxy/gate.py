@@ -116,11 +116,8 @@ class Gate:
         # (`redirects`, from the catalog) the views that have masked twins. Reads of them
         # in any spelling are pointed there.
         spec = policy.targets.get(target)
-        self._special: frozenset[tuple[str, str]] = redirects
         self._twins = redirects
-        if spec is not None:
-            self._special |= {(c.schema, c.table) for c in spec.protected_columns}
-            self._special |= spec.gated_tables
+        self._special = redirects | (spec.masked_tables() if spec is not None else frozenset())
 
     # -- analyze + decide -------------------------------------------------------------
     def decide(self, sql: str) -> Decision:
