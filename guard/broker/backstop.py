@@ -39,6 +39,8 @@ from guard.broker.masking.objects import (
     MASKED_SCHEMA,
     OWNER_ROLE,
     TWIN_COMMENT_PREFIX,
+    UNMASKED_ROLE,
+    UNMASKED_SCHEMA,
     TableColumns,
     ViewTwin,
     backstop_sql,
@@ -67,7 +69,7 @@ _TABLES = """
 SELECT n.nspname, c.relname FROM pg_catalog.pg_class c
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p')
-  AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'guard_masked')
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'guard_masked', 'guard_unmasked')
   AND n.nspname NOT LIKE 'pg_toast%%' AND n.nspname NOT LIKE 'pg_temp%%'
 ORDER BY 1, 2
 """
@@ -98,7 +100,7 @@ SELECT n.nspname, c.relname, pg_catalog.pg_get_viewdef(c.oid), max(deps.depth) A
 FROM deps JOIN pg_catalog.pg_class c ON c.oid = deps.oid
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('v', 'm')
-  AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'guard_masked')
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'guard_masked', 'guard_unmasked')
 GROUP BY c.oid, n.nspname, c.relname
 ORDER BY depth, 1, 2
 """
@@ -140,6 +142,9 @@ class Facts:
     twins: list[ViewTwin]
     untwinned: list[str]  # views reading protected data whose twin could not be made
     definer_functions: list[str]
+    # The raw twins of `guard_unmasked` (the same views, read through the raw views), when
+    # the policy allows unmasked sessions.
+    unmasked_twins: list[ViewTwin]
 
 
 def _column_lists(target: Target) -> dict[str, list[str]]:
@@ -205,6 +210,9 @@ def read_facts(conn: psycopg.Connection[Any], target: Target) -> Facts:
         tables[(schema, table)] = TableColumns(schema, table, tuple((n, t) for n, t in cols))
     all_tables = [(s, t) for s, t in conn.execute(_TABLES).fetchall()]
     twins, untwinned = view_twins(conn, target.masked_tables())
+    raw_twins: list[ViewTwin] = []
+    if target.unmasked is not None:
+        raw_twins, _ = view_twins(conn, target.masked_tables(), UNMASKED_SCHEMA)
     return Facts(
         tables=tables,
         all_tables=all_tables,
@@ -212,6 +220,7 @@ def read_facts(conn: psycopg.Connection[Any], target: Target) -> Facts:
         twins=twins,
         untwinned=untwinned,
         definer_functions=definer_functions(conn, target),
+        unmasked_twins=raw_twins,
     )
 
 
@@ -228,6 +237,7 @@ def statements(
         all_tables=facts.all_tables,
         database=facts.database,
         view_twins=facts.twins,
+        unmasked_twins=facts.unmasked_twins,
         revoke_functions=revoke,
     )
 
@@ -249,7 +259,7 @@ def apply(
 # SECURITY DEFINER function. Names, never OIDs: a view re-created the same compares equal.
 _STATE = """
 SELECT 'role ' || r.rolname, 'login', r.rolcanlogin::text
-FROM pg_catalog.pg_roles r WHERE r.rolname IN (%(owner)s, %(group)s)
+FROM pg_catalog.pg_roles r WHERE r.rolname IN (%(owner)s, %(group)s, %(unmasked_role)s)
 UNION ALL
 SELECT 'relation ' || n.nspname || '.' || c.relname, p.name, p.value
 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace,
@@ -260,7 +270,7 @@ LATERAL (VALUES ('kind', c.relkind::text),
                 ('definition', CASE WHEN c.relkind = 'v'
                                     THEN pg_catalog.pg_get_viewdef(c.oid) ELSE '-' END)
         ) AS p(name, value)
-WHERE n.nspname = %(masked)s
+WHERE n.nspname IN (%(masked)s, %(unmasked)s)
    OR (n.nspname, c.relname) IN (SELECT * FROM unnest(%(schemas)s::text[], %(tables)s::text[]))
 UNION ALL
 SELECT 'column ' || n.nspname || '.' || c.relname || '.' || a.attname, 'rights',
@@ -282,6 +292,8 @@ def _state(conn: psycopg.Connection[Any], target: Target) -> dict[str, dict[str,
         "owner": OWNER_ROLE,
         "group": GROUP_ROLE,
         "masked": MASKED_SCHEMA,
+        "unmasked": UNMASKED_SCHEMA,
+        "unmasked_role": UNMASKED_ROLE,
         "schemas": [schema for schema, _ in special],
         "tables": [table for _, table in special],
     }
@@ -421,6 +433,79 @@ def check(
         drifts.append(Drift(facts.database, f"{GROUP_ROLE} may create temporary tables"))
     if "keyed_hash" in target.protected_columns.values():
         drifts += _check_key(conn)
+    drifts += _check_unmasked(conn, target, facts)
+    return drifts
+
+
+# Who is a member of guard_unmasked, and whether each is an issued session role (it can
+# log in and its password expires): any other member reads raw values outside a session.
+_UNMASKED_MEMBERS = """
+SELECT u.rolname, u.rolcanlogin AND u.rolvaliduntil IS NOT NULL
+FROM pg_catalog.pg_auth_members m
+JOIN pg_catalog.pg_roles g ON g.oid = m.roleid
+JOIN pg_catalog.pg_roles u ON u.oid = m.member
+WHERE g.rolname = %s ORDER BY 1
+"""
+
+
+def _check_unmasked(conn: psycopg.Connection[Any], target: Target, facts: Facts) -> list[Drift]:
+    """Unmasked access is what the policy says and no more: no raw schema when the policy
+    allows no unmasked session; else its raw views in place, readable only through the
+    unmasked role, which the session group is not in and only session roles hold."""
+    (schema,) = _rows(conn, "SELECT pg_catalog.to_regnamespace(%s)::text", (UNMASKED_SCHEMA,))[0]
+    if target.unmasked is None:
+        if schema is not None:
+            return [Drift(UNMASKED_SCHEMA, "the policy allows no unmasked session, yet it exists")]
+        return []
+    if schema is None:
+        return [Drift(UNMASKED_SCHEMA, "the schema of unmasked access is missing")]
+    (role,) = _rows(
+        conn, "SELECT count(*) FROM pg_catalog.pg_roles WHERE rolname = %s", (UNMASKED_ROLE,)
+    )[0]
+    if not role:
+        return [Drift(UNMASKED_ROLE, "the role of unmasked access is missing")]
+    drifts = []
+    (inherited,) = _rows(
+        conn, "SELECT pg_catalog.pg_has_role(%s, %s, 'MEMBER')", (GROUP_ROLE, UNMASKED_ROLE)
+    )[0]
+    if inherited:
+        drifts.append(Drift(GROUP_ROLE, f"is a member of {UNMASKED_ROLE}: every session reads raw"))
+    for member, session_like in _rows(conn, _UNMASKED_MEMBERS, (UNMASKED_ROLE,)):
+        if not session_like:
+            drifts.append(
+                Drift(member, f"a standing member of {UNMASKED_ROLE} (not an issued session role)")
+            )
+    for schema_name, table in sorted(facts.tables):
+        drifts += _check_raw_view(conn, target, schema_name, table)
+    return drifts
+
+
+def _check_raw_view(
+    conn: psycopg.Connection[Any], target: Target, schema_name: str, table: str
+) -> list[Drift]:
+    """One raw view of guard_unmasked: guard's own, readable only through the unmasked
+    role, and still a gate where the table is gated."""
+    view = f"{UNMASKED_SCHEMA}.{table}"
+    row = _rows(
+        conn,
+        "SELECT pg_catalog.pg_get_userbyid(c.relowner),"
+        " pg_catalog.has_table_privilege(%s, c.oid, 'SELECT'),"
+        " pg_catalog.has_table_privilege('public', c.oid, 'SELECT'),"
+        " pg_catalog.pg_get_viewdef(c.oid)"
+        " FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relname = %s AND c.relkind = 'v'",
+        (GROUP_ROLE, UNMASKED_SCHEMA, table),
+    )
+    if not row:
+        return [Drift(view, f"the raw view of {schema_name}.{table} is missing")]
+    owner, group_reads, public_reads, definition = row[0]
+    drifts = []
+    if owner != OWNER_ROLE:
+        drifts.append(Drift(view, f"is owned by {owner}, not {OWNER_ROLE}"))
+    if group_reads or public_reads:
+        drifts.append(Drift(view, f"readable without {UNMASKED_ROLE}"))
+    if (schema_name, table) in target.gated_tables and "require_approval" not in definition:
+        drifts.append(Drift(view, "is not a gate view (unmasked must not skip approval)"))
     return drifts
 
 

@@ -331,7 +331,7 @@ def test_invalid_policy(wide, guard, tmp_path):  # noqa: F811
 def test_unknown_dev_user(wide, guard):  # noqa: F811
     error, hint = assert_failed(explain(guard, "--as", "zed", "--db", "demo", "SELECT 1"))
     assert error == "error: the dev IdP has no user 'zed'"
-    assert "alice, bob, carol, ci" in hint and "--groups" in hint
+    assert "alice, bob, carol, dave, ci" in hint and "--groups" in hint
 
 
 @pytest.mark.parametrize(

@@ -435,7 +435,9 @@ def test_view_twins_come_last_owned_granted_and_labelled(target):
     create = statements.index(f"CREATE VIEW {view} AS\nSELECT email FROM guard_masked.customers")
     assert statements[create - 1] == f"DROP VIEW IF EXISTS {view} CASCADE"
     # After every masking view it reads (their CASCADE drops would take it otherwise).
-    last_table_view = max(i for i, s in enumerate(statements) if s.startswith("CREATE VIEW"))
+    last_table_view = max(
+        i for i, s in enumerate(statements) if s.startswith('CREATE VIEW "guard_masked".')
+    )
     assert create == last_table_view
     assert f'ALTER VIEW {view} OWNER TO "guard_masked_owner"' in statements
     assert f'GRANT SELECT ON {view} TO "guard_session"' in statements
@@ -460,3 +462,29 @@ def test_view_twins_come_last_owned_granted_and_labelled(target):
 )
 def test_twin_original_ignores_other_comments(comment):
     assert twin_original(comment) is None
+
+
+def test_unmasked_access_gets_raw_views_readable_only_by_its_role(target):
+    assert target.unmasked is not None
+    statements = backstop_sql(target, FACTS, all_tables=ALL)
+    raw = '"guard_unmasked"."customers"'
+    (create,) = find(statements, f"CREATE VIEW {raw} AS")
+    assert '"ssn"' in create and "***" not in create and "overlay" not in create.lower()
+    assert f'GRANT SELECT ON {raw} TO "guard_unmasked"' in statements
+    assert not [s for s in statements if raw in s and "guard_session" in s]
+    # A gated table's raw view is still a gate, calling the masking schema's function.
+    (gate,) = find(statements, 'CREATE VIEW "guard_unmasked"."transactions"')
+    assert 'WHERE "guard_masked".require_approval(' in gate and "security_barrier" in gate
+    assert 'REVOKE ALL ON SCHEMA "guard_unmasked" FROM PUBLIC' in statements
+    assert "DROP SCHEMA IF EXISTS" not in " ".join(statements)
+
+
+def test_without_unmasked_access_the_raw_schema_is_dropped(target):
+    statements = backstop_sql(dataclasses.replace(target, unmasked=None), FACTS, all_tables=ALL)
+    assert 'DROP SCHEMA IF EXISTS "guard_unmasked" CASCADE' in statements
+    assert not find(statements, 'CREATE VIEW "guard_unmasked"')
+
+
+def test_revocation_takes_guard_unmasked_back_before_the_role_goes():
+    first = revocation_statements()[0]
+    assert 'REVOKE "guard_unmasked" FROM "{{name}}"' in first

@@ -21,6 +21,14 @@ What the statements set up, and the attack each part stops:
   exactly an approval's scope (`approvals.grants`) and revokes it afterwards.
 * Partitions and inheritance children of protected/gated tables get no privileges at all,
   so they cannot be read around the views.
+* Unmasked access, when the policy allows it (`unmasked_access`): schema `guard_unmasked`
+  holds a raw view of each protected/gated table (a gated one still a gate view) and raw
+  twins, readable only by the NOLOGIN role `guard_unmasked`, which the broker grants to
+  one session's role for that session (the role is dropped with the lease). Nothing else
+  changes: the base columns stay unreadable, so the raw views are the one way to them,
+  and a session without the role reads the masked schema as before. Without
+  `unmasked_access` the schema is dropped (the role, shared by every database of the
+  cluster, stays, with no rights here).
 * Hardening: no TEMP (a temp table could hold copied raw values), no CREATE in the schemas,
   EXECUTE revoked from PUBLIC on large-object, server-file and dblink functions.
 
@@ -49,6 +57,11 @@ if TYPE_CHECKING:
 MASKED_SCHEMA = "guard_masked"
 OWNER_ROLE = "guard_masked_owner"
 GROUP_ROLE = "guard_session"
+# Unmasked access (`Target.unmasked`): raw views of the protected/gated tables (gates kept)
+# and raw twins, in their own schema, readable only by this role, which the broker grants
+# to one session role for that session's life.
+UNMASKED_SCHEMA = "guard_unmasked"
+UNMASKED_ROLE = "guard_unmasked"
 # A session role's CONNECTION LIMIT when none is given: the policy's default
 # `max_connections_per_session`.
 DEFAULT_CONNECTION_LIMIT = 20
@@ -189,6 +202,7 @@ def _view(
     schema: str,
     owner: str,
     group: str,
+    gate_schema: str | None = None,
 ) -> list[str]:
     view = qualified(schema, facts.table)
     items = []
@@ -201,7 +215,8 @@ def _view(
             items.append(f"{expression} AS {quote_ident(column)}")
     label = quote_literal(f"{facts.schema}.{facts.table}")
     options = " WITH (security_barrier)" if gated else ""
-    where = f"\nWHERE {quote_ident(schema)}.require_approval({label})" if gated else ""
+    gate = quote_ident(gate_schema or schema)  # where require_approval() lives
+    where = f"\nWHERE {gate}.require_approval({label})" if gated else ""
     select = ",\n       ".join(items)
     return [
         # CASCADE: the masked twins of views that read this one are dropped with it and
@@ -304,6 +319,7 @@ def backstop_sql(
     group_role: str = GROUP_ROLE,
     masked_schema: str = MASKED_SCHEMA,
     view_twins: Sequence[ViewTwin] = (),
+    unmasked_twins: Sequence[ViewTwin] = (),
     revoke_functions: Sequence[str] = (),
 ) -> list[str]:
     """Statements (run by an admin, in order) that build the target's database backstop.
@@ -363,12 +379,46 @@ def backstop_sql(
     if plain:
         out.append(_sequence_grants(plain, group_role))
     out += _twins(view_twins, plain, schema_owner_role, group_role, masked_schema)
+    out += _unmasked_objects(
+        target, tables, special, unmasked_twins, schema_owner_role, masked_schema
+    )
     if special:
         out.append(_revoke_descendants(special, group_role))
     out += _hardening(schemas, database, group_role)
     # SECURITY DEFINER functions whose owner reads protected data (`customer_ssn(int)`):
     # each would hand raw values to any caller. Given as regprocedure text (already quoted).
     out += [f"REVOKE EXECUTE ON FUNCTION {fn} FROM PUBLIC, {group}" for fn in revoke_functions]
+    return out
+
+
+def _unmasked_objects(
+    target: Target,
+    tables: Mapping[tuple[str, str], TableColumns],
+    special: Sequence[tuple[str, str]],
+    twins: Sequence[ViewTwin],
+    owner: str,
+    masked_schema: str,
+) -> list[str]:
+    """The raw views of `guard_unmasked` (see the module), or its removal when the policy
+    allows no unmasked session: an apply after `unmasked_access` is taken out leaves no
+    way to raw values behind."""
+    schema = quote_ident(UNMASKED_SCHEMA)
+    if target.unmasked is None:
+        return [f"DROP SCHEMA IF EXISTS {schema} CASCADE"]
+    out = [
+        *_ensure_role(UNMASKED_ROLE),
+        f"CREATE SCHEMA IF NOT EXISTS {schema} AUTHORIZATION {quote_ident(owner)}",
+        f"ALTER SCHEMA {schema} OWNER TO {quote_ident(owner)}",
+        f"REVOKE ALL ON SCHEMA {schema} FROM PUBLIC",
+        f"GRANT USAGE ON SCHEMA {schema} TO {quote_ident(UNMASKED_ROLE)}",
+    ]
+    for key in special:
+        gated = key in target.gated_tables
+        out += _view(tables[key], {}, gated, UNMASKED_SCHEMA, owner, UNMASKED_ROLE, masked_schema)
+    for twin in twins:
+        out += view_twin_sql(
+            twin, schema_owner_role=owner, group_role=UNMASKED_ROLE, masked_schema=UNMASKED_SCHEMA
+        )
     return out
 
 
@@ -479,6 +529,12 @@ def _hardening(schemas: Sequence[str], database: str | None, group_role: str) ->
     return [*temp, *create, functions]
 
 
+def session_search_path(*, unmasked: bool = False) -> str:
+    """A session role's search_path: the masking views first (the raw views for an
+    unmasked session), so unqualified names of protected tables resolve there."""
+    return f"{quote_ident(UNMASKED_SCHEMA if unmasked else MASKED_SCHEMA)}, public"
+
+
 def creation_statements(
     group_role: str = GROUP_ROLE,
     masked_schema: str = MASKED_SCHEMA,
@@ -509,15 +565,21 @@ def creation_statements(
 def revocation_statements(group_role: str = GROUP_ROLE) -> list[str]:
     """OpenBao `revocation_statements`: cut access, end the sessions, drop the role.
 
-    Revoking the group first makes an open session lose its privileges at its next
-    statement; pg_terminate_backend then ends it (waiting up to 5 s for it to exit, because
-    OpenBao's own revoke does not end open sessions); owned objects are reassigned/dropped
-    so DROP ROLE cannot fail on dependencies. Safe to run again after a partial run.
+    Revoking the group (and guard_unmasked) first makes an open session lose its privileges
+    at its next statement; pg_terminate_backend then ends it (waiting up to 5 s for it to
+    exit, because OpenBao's own revoke does not end open sessions); owned objects are
+    reassigned/dropped so DROP ROLE cannot fail on dependencies. Safe to run again after a
+    partial run.
     """
     return [
         _do(
             "  IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = '{{name}}') THEN\n"
             f'    REVOKE {quote_ident(group_role)} FROM "{{{{name}}}}";\n'
+            # An unmasked session's raw access goes first too, not only at DROP ROLE.
+            "    IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname ="
+            f" {quote_literal(UNMASKED_ROLE)}) THEN\n"
+            f'      REVOKE {quote_ident(UNMASKED_ROLE)} FROM "{{{{name}}}}";\n'
+            "    END IF;\n"
             "  END IF;"
         ),
         "SELECT pg_catalog.pg_terminate_backend(pid, 5000) FROM pg_catalog.pg_stat_activity"

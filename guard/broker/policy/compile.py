@@ -11,7 +11,7 @@ YAML path it was found at, e.g. `rules[2].when.operations[0]` or
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -29,6 +29,7 @@ from guard.broker.policy.model import (
     Rule,
     TableSet,
     Target,
+    UnmaskedAccess,
 )
 from guard.broker.policy.schema import (
     SUPPORTED_VERSION,
@@ -188,6 +189,7 @@ def _compile_target(
         if rule.targets is None or name in rule.targets
         for table in rule.reads.tables
     )
+    unmasked = _compile_unmasked(path, spec, max_ttl, protected, problems)
     if problems:
         return None
     return Target(
@@ -201,7 +203,49 @@ def _compile_target(
         max_connections_per_session=spec.max_connections_per_session,
         reauthenticate=spec.session_ttl.reauthenticate,
         auto_extend=spec.session_ttl.auto_extend,
+        unmasked=unmasked,
         _protected_by_name=MappingProxyType({k: tuple(v) for k, v in by_name.items()}),
+    )
+
+
+def _compile_unmasked(
+    path: str,
+    spec: TargetSpec,
+    max_ttl: int,
+    protected: Mapping[ColumnId, str],
+    problems: list[PolicyProblem],
+) -> UnmaskedAccess | None:
+    access = spec.unmasked_access
+    if access is None:
+        return None
+    path = f"{path}.unmasked_access"
+    if not protected:
+        problems.append(PolicyProblem(path, "the target has no protected_columns to unmask"))
+    approval = None
+    if access.approval is not None:
+        if access.approval.window is not None:
+            # The approval covers the whole session; its length is max_ttl's to say.
+            problems.append(
+                PolicyProblem(
+                    f"{path}.approval.window",
+                    "an approval of unmasked access covers the session: set "
+                    "unmasked_access.max_ttl to limit it",
+                )
+            )
+        approval = ApprovalRequirement(
+            approver_groups=frozenset(access.approval.approver_groups),
+            approvals_required=access.approval.approvals_required,
+            window_seconds=None,
+        )
+    limit = max_ttl
+    if access.max_ttl is not None:
+        limit = duration_seconds(access.max_ttl)
+        if limit > max_ttl:
+            problems.append(
+                PolicyProblem(f"{path}.max_ttl", "must not be longer than session_ttl.max")
+            )
+    return UnmaskedAccess(
+        groups=frozenset(access.groups), approval=approval, max_ttl_seconds=min(limit, max_ttl)
     )
 
 

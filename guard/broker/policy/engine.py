@@ -151,14 +151,52 @@ class CompiledPolicy:
             )
         return Verdict(Effect.ALLOW, f"target:{target_name}", "connection allowed")
 
+    def can_unmask(self, principal: Principal, target_name: str) -> Verdict:
+        """Whether `principal` may ask for an unmasked session on the target: ALLOW, or
+        REQUIRE_APPROVAL (with the approval it needs), or DENY with the reason."""
+        connect = self.can_connect(principal, target_name)
+        if not connect.allowed:
+            return connect
+        access = self.targets[target_name].unmasked
+        if access is None:
+            return Verdict(
+                Effect.DENY,
+                "guardrail:unmasked",
+                f'guard: target "{target_name}" allows no unmasked sessions'
+                " (its policy has no unmasked_access)",
+            )
+        if principal.groups.isdisjoint(access.groups):
+            groups = ", ".join(sorted(access.groups))
+            return Verdict(
+                Effect.DENY,
+                "guardrail:unmasked",
+                f'guard: {principal.label} may not read "{target_name}" unmasked'
+                f" (requires membership in one of: {groups})",
+            )
+        if access.approval is not None:
+            approvers = ", ".join(sorted(access.approval.approver_groups))
+            return Verdict(
+                Effect.REQUIRE_APPROVAL,
+                "unmasked-access",
+                f'guard: an unmasked session on "{target_name}" needs approval by'
+                f" {access.approval.approvals_required} member(s) of {approvers}",
+                approval=access.approval,
+            )
+        return Verdict(Effect.ALLOW, "unmasked-access", "unmasked access allowed")
+
     def evaluate(
-        self, principal: Principal, target_name: str, statement: StatementAnalysis
+        self,
+        principal: Principal,
+        target_name: str,
+        statement: StatementAnalysis,
+        *,
+        unmasked: bool = False,
     ) -> Verdict:
         connect = self.can_connect(principal, target_name)
         if not connect.allowed:
             return connect
         target = self.targets[target_name]
-        tripped = guardrails.check(statement, target)
+        tripped = guardrails.check(statement, target, unmasked=unmasked)
         if tripped is not None:
             return tripped
         rules = self._by_target[target_name]
@@ -186,16 +224,24 @@ class CompiledPolicy:
         )
 
     def evaluate_analysis(
-        self, principal: Principal, target_name: str, analysis: Analysis
+        self,
+        principal: Principal,
+        target_name: str,
+        analysis: Analysis,
+        *,
+        unmasked: bool = False,
     ) -> tuple[Verdict, ...]:
-        """One verdict per statement; a parse error gives a single deny."""
+        """One verdict per statement; a parse error gives a single deny. `unmasked`: the
+        session reads protected columns raw (see `guardrails.check`)."""
         if analysis.error is not None:
             return (
                 guardrails.refusal(
                     "guardrail:unparseable", f"guard cannot parse this SQL: {analysis.error}"
                 ),
             )
-        return tuple(self.evaluate(principal, target_name, s) for s in analysis.statements)
+        return tuple(
+            self.evaluate(principal, target_name, s, unmasked=unmasked) for s in analysis.statements
+        )
 
     @staticmethod
     def _approval(rule: Rule, statement: StatementAnalysis, target: Target) -> Verdict:

@@ -41,6 +41,31 @@ _CONTEXT_WORDS = {
 }
 
 
+# In an unmasked session (`Target.unmasked`), protected values may feed expressions only in
+# a statement that reads and calls nothing but these built-ins: pure functions of their
+# arguments. A user function, a write or a notification could carry a raw value to a table
+# or a listener that masked sessions read; a copy into a table is refused in any case.
+UNMASKED_DERIVED_FUNCTIONS = frozenset(
+    """
+    lower upper initcap trim btrim ltrim rtrim lpad rpad substr substring left right length
+    char_length octet_length replace translate reverse split_part strpos position
+    starts_with concat concat_ws format regexp_replace regexp_match regexp_matches
+    regexp_like regexp_count regexp_substr md5 sha256 to_char to_date to_number
+    to_timestamp date_trunc date_part extract age abs round trunc floor ceil ceiling mod
+    count min max sum avg array_agg string_agg bool_and bool_or every nullif greatest
+    least row_number rank dense_rank lag lead first_value last_value now current_date
+    """.split()
+)
+_UNMASKED_PURE_OPERATIONS = frozenset({Operation.READ, Operation.EXPLAIN, Operation.COPY})
+
+
+_UNMASKED_WORDS = {
+    ColumnContext.DERIVED: "used in a statement that writes or calls a function other than"
+    " a pure built-in",
+    ColumnContext.WRITE_SOURCE: "copied into a table",
+}
+
+
 def refusal(rule_id: str, reason: str) -> Verdict:
     return Verdict(Effect.DENY, rule_id, f'guard: statement refused by rule "{rule_id}": {reason}')
 
@@ -85,10 +110,33 @@ def derived_protected_uses(
                     yield column, use.context
 
 
+def _unmasked_derived(
+    statement: StatementAnalysis, derived: list[tuple[ColumnId, ColumnContext]]
+) -> list[tuple[ColumnId, ColumnContext]]:
+    """The derived uses an unmasked session may still not make (see
+    UNMASKED_DERIVED_FUNCTIONS): every copy into a table; filters, joins and sorting
+    decide rows only, so they pass; expressions pass in a pure read of pure built-ins."""
+    pure = (
+        statement.operations <= _UNMASKED_PURE_OPERATIONS
+        and not statement.relations_written
+        and all(
+            _base(f) in UNMASKED_DERIVED_FUNCTIONS and f.rpartition(".")[0] in ("", "pg_catalog")
+            for f in statement.functions
+        )
+    )
+    return [
+        (column, context)
+        for column, context in derived
+        if context is ColumnContext.WRITE_SOURCE or (context is ColumnContext.DERIVED and not pure)
+    ]
+
+
 def check(  # noqa: C901 - an ordered flat table of guardrails; the first one tripped wins
-    statement: StatementAnalysis, target: Target
+    statement: StatementAnalysis, target: Target, *, unmasked: bool = False
 ) -> Verdict | None:
-    """The first guardrail the statement trips, or None."""
+    """The first guardrail the statement trips, or None. In an `unmasked` session the
+    protected columns read raw, and derived use is refused only where a raw value could
+    leave guard's sight (`_unmasked_derived`)."""
     flags = statement.flags
     if statement.fail_closed is not None:
         return refusal(
@@ -156,6 +204,18 @@ def check(  # noqa: C901 - an ordered flat table of guardrails; the first one tr
             "MERGE ... WHEN MATCHED THEN UPDATE/DELETE needs an AND condition restricting it",
         )
     derived = sorted(set(derived_protected_uses(statement, target)))
+    if derived and unmasked:
+        derived = _unmasked_derived(statement, derived)
+        if derived:
+            shorts = sorted({c.short for c, _ in derived})
+            return refusal(
+                "guardrail:unmasked-copy",
+                f"{', '.join(shorts)} read unmasked may not be {_UNMASKED_WORDS[derived[0][1]]}"
+                ": a raw protected value must not reach a table, a notification or a"
+                " function guard cannot see into. Read it, filter or sort by it, or use"
+                " built-in functions on it in a plain SELECT",
+            )
+        return None
     if derived:
         column, context = derived[0]
         shorts = sorted({c.short for c, _ in derived})

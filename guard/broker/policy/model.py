@@ -49,6 +49,16 @@ class ApprovalRequirement:
 
 
 @dataclass(frozen=True, slots=True)
+class UnmaskedAccess:
+    """Who may ask for a session that reads the target's protected columns raw, whether
+    approvers must agree first, and how long such a session may last at most."""
+
+    groups: frozenset[str]
+    approval: ApprovalRequirement | None
+    max_ttl_seconds: int
+
+
+@dataclass(frozen=True, slots=True)
 class Verdict:
     """The decision on one statement (or connection); `message` is client-facing."""
 
@@ -128,6 +138,8 @@ class Target:
     reauthenticate: bool = False
     # `guard exec` extends its session while its program runs, up to the maximum.
     auto_extend: bool = False
+    # Sessions that read protected columns raw (`--unmasked`); None: none may.
+    unmasked: UnmaskedAccess | None = None
     _protected_by_name: Mapping[str, tuple[ProtectedTable, ...]] = field(
         repr=False, compare=False, default_factory=dict
     )

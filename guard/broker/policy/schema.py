@@ -130,6 +130,24 @@ class SessionTTL(_Model):
     auto_extend: bool = False
 
 
+class ApprovalSpec(_Model):
+    approver_groups: list[GroupName] = Field(min_length=1)
+    approvals_required: int = Field(default=1, ge=1, le=10)
+    # With a window, an approval covers the rule's statements in that session for that
+    # long; without one, exactly the one statement that was held.
+    window: Duration | None = None
+
+
+class UnmaskedAccessSpec(_Model):
+    """Sessions that read protected columns raw, asked for explicitly (`--unmasked` with a
+    reason) by a member of `groups`; with `approval`, only once approvers said yes."""
+
+    groups: list[GroupName] = Field(min_length=1)
+    approval: ApprovalSpec | None = None
+    # An unmasked session lasts at most this long (default: the target's session_ttl.max).
+    max_ttl: Duration | None = None
+
+
 class TargetSpec(_Model):
     description: str = ""
     connect_groups: list[GroupName] = Field(min_length=1)
@@ -140,14 +158,7 @@ class TargetSpec(_Model):
     max_connections_per_session: int = Field(
         default=DEFAULT_MAX_CONNECTIONS_PER_SESSION, ge=1, le=10_000
     )
-
-
-class ApprovalSpec(_Model):
-    approver_groups: list[GroupName] = Field(min_length=1)
-    approvals_required: int = Field(default=1, ge=1, le=10)
-    # With a window, an approval covers the rule's statements in that session for that
-    # long; without one, exactly the one statement that was held.
-    window: Duration | None = None
+    unmasked_access: UnmaskedAccessSpec | None = None
 
 
 class WhenSpec(_Model):
