@@ -133,6 +133,7 @@ async def _run(settings: BrokerSettings, stop: _StopSignals) -> None:  # noqa: C
         max_backoff=limits.revoke_retry_max_seconds,
     )
     backstop = BackstopMonitor(policy, settings.targets)
+    grants = DatabaseGrants(settings.targets)
     sessions = SessionManager(
         policy=policy,
         targets=dict(settings.targets),
@@ -142,10 +143,10 @@ async def _run(settings: BrokerSettings, stop: _StopSignals) -> None:  # noqa: C
         settings=limits,
         revocations=revocations,
         verify_target=backstop,
+        grants=grants,
     )
     # Leases a previous run left open, and revocations it still owed.
     await sessions.revoke_orphans()
-    grants = DatabaseGrants(settings.targets)
     approval_store = SqliteApprovalStore(settings.database_path)
     notifier = (
         WebhookNotifier(settings.approvals.webhooks)
@@ -170,6 +171,8 @@ async def _run(settings: BrokerSettings, stop: _StopSignals) -> None:  # noqa: C
     )
     approvals.expire_left_over()
     sessions.on_end.append(approvals.session_ended)
+    sessions.request_unmask = approvals.request_unmasked
+    approvals.unmask, approvals.unmask_refused = sessions.unmask, sessions.unmask_refused
     workers = settings.gateway.worker_count()
     gateway: Gateway | GatewayWorkers
     if workers > 1:

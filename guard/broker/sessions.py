@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
+from guard.broker.approvals.grants import Grants
 from guard.broker.audit.record import SessionEvent
 from guard.broker.audit.sink import AuditSink, AuditUnavailable
 from guard.broker.credentials.issuer import CredentialIssuer, IssuedCredentials
@@ -45,7 +46,7 @@ from guard.broker.errors import (
 from guard.broker.identity.principal import Principal
 from guard.broker.pgwire.scram import ScramVerifier, make_verifier
 from guard.broker.policy.engine import CompiledPolicy
-from guard.broker.policy.model import Verdict
+from guard.broker.policy.model import ApprovalRequirement, Effect, Verdict
 from guard.broker.revocation import RevocationQueue
 from guard.broker.settings import SessionSettings, TargetSettings
 from guard.broker.state import SqliteStateStore
@@ -54,6 +55,9 @@ log = logging.getLogger("guard.sessions")
 
 # Session credentials carry this prefix, so the API tells them from ID tokens (JWTs).
 CREDENTIAL_PREFIX = "gsc_"
+
+UNMASK_GRANTED = "granted"
+UNMASK_PENDING = "pending"
 
 
 class TooManySessions(GuardError):
@@ -98,6 +102,17 @@ class Session:
     # Its target requires reauthentication: when its holder's ID token expires (the one it
     # was opened or last reauthenticated with). None: no such limit.
     login_expires_at: datetime | None = None
+    # Unmasked access (`--unmasked`): "" not asked; "pending" an approval request
+    # (`unmask_request`) is open; "granted" its role holds guard_unmasked, and connections
+    # made from then on read protected columns raw; "denied"/"expired"/"withdrawn"/
+    # "failed" it stays masked (`unmask_detail` says why).
+    unmask_state: str = ""
+    unmask_request: str | None = None
+    unmask_detail: str = ""
+
+    @property
+    def unmasked(self) -> bool:
+        return self.unmask_state == UNMASK_GRANTED
 
     def expired_at(self, now: datetime) -> bool:
         """Whether the session's time is up at `now` (the manager's clock, never the wall's)."""
@@ -168,8 +183,14 @@ class SessionManager:
         settings: SessionSettings | None = None,
         revocations: RevocationQueue | None = None,
         verify_target: Callable[[str], Awaitable[None]] | None = None,
+        grants: Grants | None = None,
     ) -> None:
         self.policy = policy
+        # Grants guard_unmasked to an unmasked session's role (None: no unmasked session).
+        self.grants = grants
+        # Asks approvers for an unmasked session (the approval service sets it): the
+        # request's id; its outcome comes back through `unmask` / `unmask_refused`.
+        self.request_unmask: Callable[[Session, ApprovalRequirement], str] | None = None
         # Raises (503) when the target's database backstop has drifted: no credentials
         # are issued for a database whose masking is not in place (`broker.backstop`).
         self.verify_target = verify_target
@@ -397,19 +418,108 @@ class SessionManager:
         reason: str,
         ttl_seconds: int | None,
         heartbeat: bool = False,
+        unmasked: bool = False,
     ) -> OpenedSession:
         verdict = self.policy.can_connect(principal, target)
         if not verdict.allowed:
             raise Forbidden(verdict.message, hint=self._targets_hint(principal))
+        unmask = self._may_unmask(principal, target, reason) if unmasked else None
+        if unmask is not None:
+            access = self.policy.targets[target].unmasked
+            assert access is not None  # can_unmask allowed it
+            wanted = ttl_seconds or self.policy.targets[target].default_ttl_seconds
+            ttl_seconds = min(wanted, access.max_ttl_seconds)
         key = (principal.issuer, principal.subject)
         self._check_limit(principal, target)
         self._opening[key] += 1
         try:
-            return await self._open(principal, target, reason, ttl_seconds, heartbeat)
+            opened = await self._open(principal, target, reason, ttl_seconds, heartbeat)
         finally:
             self._opening[key] -= 1
             if self._opening[key] <= 0:
                 del self._opening[key]
+        if unmask is not None:
+            await self._start_unmask(opened.session, unmask)
+        return opened
+
+    # -- unmasked access -----------------------------------------------------------------
+    def _may_unmask(self, principal: Principal, target: str, reason: str) -> Verdict:
+        """The policy's answer to an unmasked session (ALLOW or REQUIRE_APPROVAL), or the
+        refusal, before anything is issued."""
+        verdict = self.policy.can_unmask(principal, target)
+        if verdict.effect is Effect.DENY:
+            raise Forbidden(verdict.message, hint="open a masked session: leave out --unmasked")
+        if not reason.strip():
+            raise BadRequest(
+                "an unmasked session needs a reason: it is recorded, and approvers read it",
+                hint='give one: --reason "fraud case 1234"',
+            )
+        settings = self.targets.get(target)
+        enforceable = settings is not None and (
+            settings.grants_dsn_file is not None or settings.admin_dsn_file is not None
+        )
+        if (
+            self.grants is None
+            or not enforceable
+            or (verdict.effect is Effect.REQUIRE_APPROVAL and self.request_unmask is None)
+        ):
+            raise DependencyUnavailable(
+                f"this broker cannot grant unmasked access on {target!r}",
+                hint="the target needs grants_dsn_file (or admin_dsn_file) in the broker config",
+            )
+        return verdict
+
+    async def _start_unmask(self, session: Session, verdict: Verdict) -> None:
+        if verdict.effect is Effect.REQUIRE_APPROVAL:
+            assert self.request_unmask is not None and verdict.approval is not None
+            session.unmask_state = UNMASK_PENDING
+            session.unmask_detail = verdict.message
+            try:
+                session.unmask_request = self.request_unmask(session, verdict.approval)
+            except BaseException:
+                await self.end(session.id, "the request for unmasked access could not be made")
+                raise
+            return
+        groups = ", ".join(sorted(session.principal.groups & self._unmask_groups(session)))
+        await self.unmask(session.id, f"allowed for members of {groups}")
+
+    def _unmask_groups(self, session: Session) -> frozenset[str]:
+        access = self.policy.targets[session.target].unmasked
+        return access.groups if access is not None else frozenset()
+
+    async def unmask(self, session_id: str, why: str) -> None:
+        """Grant the session's role guard_unmasked (recorded first): connections made from
+        now on read protected columns raw. A grant that fails ends the session (raised)."""
+        session = self._by_id.get(session_id)
+        if session is None or session.ended:
+            return
+        assert self.grants is not None
+        self._audit_or_refuse(
+            SessionEvent(
+                session.id,
+                "unmasked",
+                session.principal.subject,
+                session.target,
+                f"{why}; reason: {session.reason}"[:500],
+            )
+        )
+        try:
+            await self.grants.grant_unmasked(session.target, session.credentials.username)
+        except GuardError as exc:
+            session.unmask_state, session.unmask_detail = "failed", exc.message
+            await self.end(session.id, "the unmasked grant failed")
+            raise DependencyUnavailable(
+                f"unmasked access could not be granted: {exc.message}",
+                hint=exc.hint or "ask the guard operator to check the broker log",
+            ) from exc
+        session.unmask_state, session.unmask_detail = UNMASK_GRANTED, why
+        log.info("session %s reads %s unmasked: %s", session.id, session.target, why)
+
+    def unmask_refused(self, session_id: str, state: str, detail: str) -> None:
+        """The approval request ended without approval: the session stays masked."""
+        session = self._by_id.get(session_id)
+        if session is not None and session.unmask_state == UNMASK_PENDING:
+            session.unmask_state, session.unmask_detail = state, detail
 
     def _check_limit(self, principal: Principal, target: str) -> None:
         key = (principal.issuer, principal.subject)

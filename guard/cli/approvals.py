@@ -156,11 +156,12 @@ def detail(info: ApprovalInfo, at: datetime) -> RenderableType:
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column()
-    scope = (
-        f"rule {info.rule}'s statements in that session for {span(info.window_seconds)}"
-        if info.window_seconds
-        else "this one statement (same text, same parameters)"
-    )
+    if info.kind == "unmasked":
+        scope = "the whole session: it reads the protected columns of these tables raw"
+    elif info.window_seconds:
+        scope = f"rule {info.rule}'s statements in that session for {span(info.window_seconds)}"
+    else:
+        scope = "this one statement (same text, same parameters)"
     rows: list[tuple[str, Text]] = [
         ("request", Text(info.id)),
         ("state", state_text(info)),
@@ -209,7 +210,12 @@ def _votes(info: ApprovalInfo) -> RenderableType:
 def outcome(info: ApprovalInfo) -> Text:
     """One line saying where a request stands after a decision."""
     if info.state == "approved":
-        what = f"approved request {info.id} ({tally(info)}): the held statement runs now"
+        now = (
+            "the session reads unmasked now"
+            if info.kind == "unmasked"
+            else "the held statement runs now"
+        )
+        what = f"approved request {info.id} ({tally(info)}): {now}"
         if info.window_seconds:
             what += (
                 f"; rule {info.rule} is approved in that session for {span(info.window_seconds)}"

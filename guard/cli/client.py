@@ -124,9 +124,11 @@ class BrokerClient:
         reason: str = "",
         ttl_seconds: int | None = None,
         heartbeat: bool = False,
+        unmasked: bool = False,
     ) -> SessionCreated:
         """Open a session; with `heartbeat` the caller promises `heartbeat()` calls (the
-        broker ends the session when they stop)."""
+        broker ends the session when they stop); `unmasked` asks to read protected
+        columns raw (see `SessionCreated.unmask_state`)."""
         # `schemas.SessionCreate`, defaults left out (the broker validates the values).
         body: dict[str, Any] = {"target": target}
         if reason:
@@ -135,11 +137,20 @@ class BrokerClient:
             body["ttl_seconds"] = ttl_seconds
         if heartbeat:
             body["heartbeat"] = True
+        if unmasked:
+            body["unmasked"] = True
         response = self._request("POST", "/v1/sessions", json=body)
         try:
             return SessionCreated.from_json(response.json())
         except ValueError as exc:
             raise _unexpected(response, "a new session") from exc
+
+    def session(self, session_id: str) -> SessionInfo:
+        """One session of the caller's (this client's token: its session credential)."""
+        from guard.broker.api.schemas import SessionInfo
+
+        path = f"/v1/sessions/{_segment(session_id)}"
+        return _model(SessionInfo, self._request("GET", path), "a session")
 
     def heartbeat(self, session_id: str) -> None:
         """The session is still in use (this client's token: the session credential)."""

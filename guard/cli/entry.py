@@ -49,6 +49,7 @@ class ExecArguments(Record):
     reason: str = ""
     ttl: int | None = None
     id_token_file: Path | None = None
+    unmasked: bool = False
 
 
 def duration_seconds(text: str) -> int | None:
@@ -196,6 +197,7 @@ def run_exec(arguments: ExecArguments) -> int:
         fresh_token=lambda: current_id_token(profile, id_token_file=arguments.id_token_file),
         auto_extend=True,  # while the program runs, when the target's policy allows
         token_from=token_source(arguments.id_token_file, profile),
+        unmasked=arguments.unmasked,
     )
 
 

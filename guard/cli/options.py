@@ -36,8 +36,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def session_options(command: F) -> F:
-    """`--reason` and `--ttl`, spelled and parsed alike by every command that opens a
-    session (connect, exec, proxy)."""
+    """`--reason`, `--ttl` and `--unmasked`, spelled and parsed alike by every command that
+    opens a session (connect, exec, proxy)."""
+    command = click.option(
+        "--unmasked",
+        is_flag=True,
+        help="Read protected columns raw, if the policy lets you (needs --reason; may wait "
+        "for approval; recorded)",
+    )(command)
     command = click.option(
         "--ttl", type=duration, metavar="DURATION", help="Session lifetime, e.g. 30m, 1h"
     )(command)

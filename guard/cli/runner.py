@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from urllib.parse import quote, urlencode
 
 from guard.cli.client import BrokerClient, BrokerError
-from guard.cli.errors import CliError
+from guard.cli.errors import EXIT_USAGE, CliError
 from guard.cli.show import span
 from guard.cli.wire import SessionCreated
 
@@ -420,13 +420,22 @@ def run_in_session(
     fresh_token: Callable[[], str] | None = None,
     auto_extend: bool = False,
     token_from: str | None = None,
+    unmasked: bool = False,
 ) -> int:
     """Open a session, run `argv` in it (None: wait for Ctrl-C), end it; the exit status.
-    `relay_port` (guard proxy) serves the session on a plain loopback port instead."""
+    `relay_port` (guard proxy) serves the session on a plain loopback port instead;
+    `unmasked` asks to read protected columns raw, waiting for approval when the policy
+    wants it (the program starts only once it is granted)."""
+    if unmasked and not reason.strip():
+        raise CliError(
+            "--unmasked needs a reason: it is recorded, and approvers read it",
+            hint=f'guard connect {target} --unmasked --reason "fraud case 1234"',
+            exit_code=EXIT_USAGE,
+        )
     ender = BrokerClient(broker_url, token)
     try:
         created = ender.create_session(
-            target, reason=reason, ttl_seconds=ttl_seconds, heartbeat=True
+            target, reason=reason, ttl_seconds=ttl_seconds, heartbeat=True, unmasked=unmasked
         )
     except BrokerError as err:
         ender.close()
@@ -476,6 +485,8 @@ def run_in_session(
     code: int | None = None
     try:
         try:
+            if unmasked:
+                _wait_for_unmask(ender, created, heartbeat.gone)
             with gateway_ca(created, gateway_ca_file) as ca_file:
                 if relay_port is not None:
                     code = _through_relay(created, on_ready, ca_file, relay_port, heartbeat.gone)
@@ -491,6 +502,40 @@ def run_in_session(
         end_session(ender, created.session_id, outcome, quiet=heartbeat.ended_by_broker)
         beats.close()
         ender.close()
+
+
+# How often `guard connect --unmasked` asks whether approvers have decided.
+UNMASK_POLL_SECONDS = 1.0
+
+
+def _wait_for_unmask(client: BrokerClient, created: SessionCreated, gone: threading.Event) -> None:
+    """Return once the session reads unmasked; CliError when it will not (denied, expired,
+    the grant failed, the session ended). Says what it waits for, and for whom."""
+    state, detail, request = created.unmask_state, created.unmask_detail, created.unmask_request
+    if state == "pending":
+        print(
+            f"guard: {detail.removeprefix('guard: ')}: request {request};"
+            f" waiting (an approver runs `guard approve {request}`; Ctrl-C gives up)",
+            file=sys.stderr,
+        )
+    while state == "pending":
+        if gone.wait(UNMASK_POLL_SECONDS):
+            raise CliError(
+                "the session ended while waiting for approval",
+                hint="ask again: guard connect … --unmasked --reason …",
+            )
+        info = client.session(created.session_id)
+        state, detail = info.unmask_state, info.unmask_detail
+    if state != "granted":
+        raise CliError(
+            f"unmasked access was not granted: {detail or state}",
+            hint="leave out --unmasked for a masked session, or ask an approver and retry",
+        )
+    print(
+        f"guard: session {created.session_id} reads protected columns UNMASKED ({detail});"
+        " every statement is recorded",
+        file=sys.stderr,
+    )
 
 
 def _outcome(argv: Sequence[str] | None, code: int | None) -> str:

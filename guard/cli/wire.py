@@ -107,6 +107,9 @@ class SessionCreated(Record):
     ttl_notice: str | None = None
     login_expires_at: datetime | None = None
     auto_extend: bool = False
+    unmask_state: str = ""
+    unmask_request: str | None = None
+    unmask_detail: str = ""
 
     @classmethod
     def from_json(cls, data: Any) -> SessionCreated:

@@ -311,3 +311,80 @@ def test_a_request_id_already_taken_is_never_overwritten():
     h, second = asyncio.run(main())
     assert not second.approved and "could not be made" in second.error.message
     assert h.store.get("r1").state is RequestState.WITHDRAWN  # the first request, intact
+
+
+# -- unmasked sessions -------------------------------------------------------------------
+DAVE = Principal("https://idp.test", "dave-sub", frozenset({"fraud-investigators"}), "dave")
+
+
+class _Session:
+    """What `request_unmasked` reads of a broker session."""
+
+    id = "s9"
+    target = "demo"
+    principal = DAVE
+    reason = "fraud case 7"
+    expires_at = T0 + timedelta(hours=1)
+
+    class credentials:  # noqa: N801 - the attribute path the service reads
+        username = "v-token-dave"
+
+
+def _unmasking(h: Harness) -> tuple[list, list]:
+    unmasked: list[tuple[str, str]] = []
+    refused: list[tuple[str, str, str]] = []
+
+    async def unmask(session_id: str, why: str) -> None:
+        unmasked.append((session_id, why))
+
+    h.service.unmask = unmask
+    h.service.unmask_refused = lambda *args: refused.append(args)
+    return unmasked, refused
+
+
+def _requirement():
+    access = ONE_STATEMENT.targets["demo"].unmasked
+    assert access is not None and access.approval is not None
+    return access.approval
+
+
+def test_an_unmasked_request_approved_unmasks_the_session():
+    async def main():
+        h = Harness()
+        unmasked, refused = _unmasking(h)
+        request_id = h.service.request_unmasked(_Session(), _requirement())
+        (pending,) = h.service.decidable_by(BOB)
+        assert pending.id == request_id and pending.rule_id == "unmasked-access"
+        assert pending.session_reason == "fraud case 7"
+        assert set(pending.tables) == {"public.customers", "public.accounts"}
+        with pytest.raises(Forbidden):  # not an approver (and the requester never is)
+            h.service.decide(request_id, DAVE, approve=True, comment="")
+        h.service.decide(request_id, BOB, approve=True, comment="case checked")
+        await asyncio.sleep(0.01)
+        return h, request_id, unmasked, refused
+
+    h, request_id, unmasked, refused = asyncio.run(main())
+    assert unmasked == [("s9", f"approved by bob (request {request_id})")]
+    assert refused == []
+    assert h.events()[-1] == ("granted", "guard")
+
+
+@pytest.mark.parametrize("outcome", ["denied", "withdrawn"])
+def test_an_unmasked_request_not_approved_leaves_the_session_masked(outcome):
+    async def main():
+        h = Harness()
+        unmasked, refused = _unmasking(h)
+        request_id = h.service.request_unmasked(_Session(), _requirement())
+        if outcome == "denied":
+            h.service.decide(request_id, CAROL, approve=False, comment="no case number")
+        else:
+            await h.service.session_ended("s9")
+        await asyncio.sleep(0.01)
+        return unmasked, refused
+
+    unmasked, refused = asyncio.run(main())
+    assert unmasked == []
+    ((session_id, state, detail),) = refused
+    assert (session_id, state) == ("s9", outcome)
+    if outcome == "denied":
+        assert "denied by carol: no case number" in detail

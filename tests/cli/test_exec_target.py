@@ -71,7 +71,16 @@ def test_options_after_the_target_are_guards(parser):
         "reason": "r",
         "ttl": 600,
         "id_token_file": None,
+        "unmasked": False,
     }
+
+
+def test_unmasked_is_left_to_click_and_read_there():
+    # The fast path takes no flags: `--unmasked` goes to click, which reads it.
+    words = ["demo", "--unmasked", "--reason", "case 7", "--", "true"]
+    assert exec_arguments(["exec", *words], {}) is None
+    with exec_command.make_context("exec", list(words)) as ctx:
+        assert ctx.params["unmasked"] is True and ctx.params["db"] == "demo"
 
 
 def _words(args: list[str]) -> tuple[str | None, tuple[str, ...]]:

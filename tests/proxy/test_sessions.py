@@ -675,3 +675,92 @@ def test_without_reauthentication_a_session_ignores_the_tokens_expiry(tmp_path):
         assert mgr.is_live(session)
 
     asyncio.run(scenario())
+
+
+# -- unmasked access ---------------------------------------------------------------------
+DAVE = Principal("https://idp", "dave", frozenset({"engineers", "fraud-investigators"}))
+
+
+def unmasking_manager(tmp_path, grants):
+    mgr, issuer, audit = manager(tmp_path)
+    mgr.targets["demo"] = TargetSettings(
+        database="demo", openbao_role="guard-demo", admin_dsn_file=tmp_path / "dsn"
+    )
+    mgr.grants = grants
+    return mgr, issuer, audit
+
+
+def test_unmasked_session_asks_approvers_and_is_granted_on_approval(tmp_path):
+    from guard.broker.approvals.grants import MemoryGrants
+
+    grants = MemoryGrants()
+    mgr, _issuer, audit = unmasking_manager(tmp_path, grants)
+    asked = []
+    mgr.request_unmask = lambda session, approval: asked.append(approval) or "req-1"
+
+    async def scenario():
+        opened = await mgr.open(DAVE, "demo", reason="case 7", ttl_seconds=8 * 3600, unmasked=True)
+        session = opened.session
+        # The unmasked session is capped by unmasked_access.max_ttl (1h), and waits.
+        assert (session.expires_at - session.opened_at).total_seconds() <= 3600
+        assert (session.unmask_state, session.unmask_request) == ("pending", "req-1")
+        assert not session.unmasked and grants.calls == []
+        await mgr.unmask(session.id, "approved by bob (request req-1)")
+        assert session.unmasked
+        assert grants.held == {("demo", session.credentials.username, "guard_unmasked")}
+        return session
+
+    session = asyncio.run(scenario())
+    (approval,) = asked
+    assert approval.approver_groups == {"security-leads"}
+    (event,) = [r for r in audit.records if r["event"] == "unmasked"]
+    assert event["session_id"] == session.id and "case 7" in event["detail"]
+
+
+def test_unmasked_refusals_before_anything_is_issued(tmp_path):
+    from guard.broker.approvals.grants import MemoryGrants
+
+    mgr, issuer, _ = unmasking_manager(tmp_path, MemoryGrants())
+    with pytest.raises(Forbidden, match="fraud-investigators"):
+        asyncio.run(mgr.open(ALICE, "demo", reason="x", ttl_seconds=None, unmasked=True))
+    with pytest.raises(BadRequest, match="needs a reason"):
+        asyncio.run(mgr.open(DAVE, "demo", reason=" ", ttl_seconds=None, unmasked=True))
+    # Approval is required, and nobody can ask for it here.
+    with pytest.raises(DependencyUnavailable, match="cannot grant unmasked access"):
+        asyncio.run(mgr.open(DAVE, "demo", reason="x", ttl_seconds=None, unmasked=True))
+    assert issuer.active == {}
+
+
+def test_a_failed_unmasked_grant_ends_the_session(tmp_path):
+    from guard.broker.approvals.grants import MemoryGrants
+
+    grants = MemoryGrants(error=DependencyUnavailable("approval grants: grant failed"))
+    mgr, issuer, audit = unmasking_manager(tmp_path, grants)
+    mgr.request_unmask = lambda session, approval: "req-2"
+
+    async def scenario():
+        opened = await mgr.open(DAVE, "demo", reason="case 8", ttl_seconds=None, unmasked=True)
+        with pytest.raises(DependencyUnavailable, match="could not be granted"):
+            await mgr.unmask(opened.session.id, "approved by bob")
+        return opened.session
+
+    session = asyncio.run(scenario())
+    assert session.ended and session.unmask_state == "failed" and not session.unmasked
+    assert issuer.revoked == [session.credentials.lease_id]
+    assert [r["event"] for r in audit.records][-2:] == ["unmasked", "ended"]
+
+
+def test_a_refused_request_leaves_the_session_masked(tmp_path):
+    from guard.broker.approvals.grants import MemoryGrants
+
+    mgr, _issuer, _ = unmasking_manager(tmp_path, MemoryGrants())
+    mgr.request_unmask = lambda session, approval: "req-3"
+
+    async def scenario():
+        opened = await mgr.open(DAVE, "demo", reason="case 9", ttl_seconds=None, unmasked=True)
+        mgr.unmask_refused(opened.session.id, "denied", "request req-3 was denied by bob")
+        return opened.session
+
+    session = asyncio.run(scenario())
+    assert (session.unmask_state, session.unmasked) == ("denied", False)
+    assert "denied by bob" in session.unmask_detail

@@ -196,6 +196,9 @@ def create_app(  # noqa: C901 - one closure per route
             subject=s.principal.subject,
             reason=s.reason,
             login_expires_at=s.login_expires_at,
+            unmask_state=s.unmask_state,
+            unmask_request=s.unmask_request,
+            unmask_detail=s.unmask_detail,
         )
 
     def _auditor(caller: Principal, what: str) -> None:
@@ -221,6 +224,7 @@ def create_app(  # noqa: C901 - one closure per route
             reason=body.reason,
             ttl_seconds=body.ttl_seconds,
             heartbeat=body.heartbeat,
+            unmasked=body.unmasked,
         )
         s = opened.session
         settings = sessions.settings
@@ -243,6 +247,9 @@ def create_app(  # noqa: C901 - one closure per route
             ttl_notice=opened.ttl_notice,
             login_expires_at=s.login_expires_at,
             auto_extend=sessions.policy.targets[s.target].auto_extend,
+            unmask_state=s.unmask_state,
+            unmask_request=s.unmask_request,
+            unmask_detail=s.unmask_detail,
         )
 
     @app.get("/v1/me", response_model=Identity)

@@ -11,7 +11,7 @@ from fastapi import APIRouter
 
 from guard.broker.api.schemas import ApprovalDecide, ApprovalInfo, ApprovalVote
 from guard.broker.approvals.model import ApprovalRequest
-from guard.broker.approvals.service import ApprovalService
+from guard.broker.approvals.service import UNMASKED_RULE, ApprovalService
 from guard.broker.errors import BadRequest, NotFound
 from guard.broker.identity.principal import Principal
 
@@ -42,6 +42,7 @@ def approval_routes(approvals: ApprovalService | None, Caller: Any) -> APIRouter
             approver_groups=sorted(request.approver_groups),
             approvals_required=request.approvals_required,
             window_seconds=request.window_seconds,
+            kind="unmasked" if request.rule_id == UNMASKED_RULE else "statement",
             votes=[
                 ApprovalVote(
                     approver=d.approver.label,

@@ -25,6 +25,9 @@ class SessionCreate(_Model):
     # stop for its grace period. Without it the session lasts until its TTL or its end
     # (until a first heartbeat turns the check on).
     heartbeat: bool = False
+    # Read protected columns raw (the policy's `unmasked_access`; a reason is required).
+    # The session may open masked with `unmask_state` "pending" until approvers decide.
+    unmasked: bool = False
 
 
 class SessionCreated(_Model):
@@ -58,6 +61,10 @@ class SessionCreated(_Model):
     # The target's policy lets `guard exec` extend the session while its program runs
     # (POST /v1/sessions/{id}/extend, up to the maximum).
     auto_extend: bool = False
+    # Unmasked access, when asked for (see `SessionInfo`).
+    unmask_state: str = ""
+    unmask_request: str | None = None
+    unmask_detail: str = ""
 
 
 class SessionInfo(_Model):
@@ -74,6 +81,12 @@ class SessionInfo(_Model):
     reason: str = ""
     # When it ends unless a fresh ID token comes (None: its target requires none).
     login_expires_at: datetime | None = None
+    # Unmasked access: "" not asked; "pending" approval request `unmask_request` is open;
+    # "granted" connections made from then on read protected columns raw; "denied",
+    # "expired", "withdrawn", "failed": it stays masked, `unmask_detail` says why.
+    unmask_state: str = ""
+    unmask_request: str | None = None
+    unmask_detail: str = ""
 
 
 class SessionExtend(_Model):
@@ -199,6 +212,10 @@ class ApprovalInfo(BaseModel):
     approver_groups: list[str]
     approvals_required: int
     window_seconds: int | None = None
+    # What an approval lets happen: "statement" (a held statement, or the rule's
+    # statements for `window_seconds`), or "unmasked" (the whole session reads protected
+    # columns raw).
+    kind: str = "statement"
     votes: list[ApprovalVote] = []
     created_at: datetime
     expires_at: datetime

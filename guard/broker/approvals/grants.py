@@ -34,7 +34,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from guard.broker.errors import DependencyUnavailable
-from guard.broker.masking.objects import approved_role_name
+from guard.broker.masking.objects import UNMASKED_ROLE, approved_role_name
 from guard.broker.settings import TargetSettings
 
 _log = logging.getLogger(__name__)
@@ -75,6 +75,11 @@ class Grants(Protocol):
 
     async def revoke(self, target: str, role: str, tables: Sequence[str]) -> None: ...
 
+    async def grant_unmasked(self, target: str, role: str) -> None:
+        """Grant `guard_unmasked` to a session's role: it reads the raw views for the rest
+        of its life (the role is dropped with its lease, nothing to take back)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -100,6 +105,10 @@ class MemoryGrants:
     async def revoke(self, target: str, role: str, tables: Sequence[str]) -> None:
         for approved in self._call("revoke", target, role, tables):
             self.held.discard((target, role, approved))
+
+    async def grant_unmasked(self, target: str, role: str) -> None:
+        self._call("grant_unmasked", target, role, ())
+        self.held.add((target, role, UNMASKED_ROLE))
 
     async def close(self) -> None:
         self.closed = True
@@ -135,6 +144,17 @@ class DatabaseGrants:
             target,
             (time.perf_counter() - started) * 1000,
         )
+
+    async def grant_unmasked(self, target: str, role: str) -> None:
+        statement = sql.SQL("GRANT {} TO {}").format(
+            sql.Identifier(UNMASKED_ROLE), sql.Identifier(role)
+        )
+
+        async def op(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
+            await conn.execute(statement)
+
+        await self._run(target, "grant unmasked access", op)
+        _log.info("granted %s to %s on %s", UNMASKED_ROLE, role, target)
 
     async def revoke(self, target: str, role: str, tables: Sequence[str]) -> None:
         roles = approved_roles(tables)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -34,6 +35,7 @@ from guard.broker.audit.record import ApprovalEvent
 from guard.broker.audit.sink import AuditSink, AuditUnavailable
 from guard.broker.errors import Conflict, Forbidden, GuardError, NotFound
 from guard.broker.identity.principal import Principal
+from guard.broker.masking.objects import UNMASKED_ROLE
 from guard.broker.pgwire.messages import ErrorResponse
 from guard.broker.policy.engine import CompiledPolicy
 from guard.broker.policy.model import ApprovalRequirement
@@ -45,6 +47,9 @@ if TYPE_CHECKING:
     from guard.broker.sessions import Session
 
 log = logging.getLogger("guard.approvals")
+
+# The rule id of requests for an unmasked session (no policy rule has it: ids are checked).
+UNMASKED_RULE = "unmasked-access"
 
 # How long a request without an approval window stays decidable (a window makes it at
 # least that long: the security contract says a held statement must not time out before
@@ -146,6 +151,9 @@ class ApprovalService:
         self._windows: dict[tuple[str, str], _Window] = {}
         self._running: dict[str, tuple[Requester, tuple[str, ...]]] = {}  # per-statement grants
         self._tasks: set[asyncio.Task[None]] = set()
+        # Unmasked sessions (`SessionManager.unmask`, `.unmask_refused`), set by the broker.
+        self.unmask: Callable[[str, str], Awaitable[None]] | None = None
+        self.unmask_refused: Callable[[str, str, str], None] | None = None
 
     def holds_for(self, target: str) -> bool:
         return target in self.holding_targets
@@ -192,21 +200,74 @@ class ApprovalService:
                     "42501", "guard: the approval request could not be made; run it again"
                 ),
             )
+        final = await self._decided(self._made(request))
+        return await self._outcome(final, requester)
+
+    def _made(self, request: ApprovalRequest) -> str:
+        """Save and record a new request, with the future its final state will be set on
+        and its expiry timer; its id, for `_decided`."""
         self.store.save(request)
         self._record(request, "requested", request.requester)
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[ApprovalRequest] = loop.create_future()
-        self._waiters[request_id] = waiter
-        delay = max(0.0, (request.expires_at - now).total_seconds())
-        self._timers[request_id] = loop.call_later(delay, self._expire, request_id)
+        self._waiters[request.id] = waiter
+        delay = max(0.0, (request.expires_at - self.clock()).total_seconds())
+        self._timers[request.id] = loop.call_later(delay, self._expire, request.id)
+        return request.id
+
+    async def _decided(self, request_id: str) -> ApprovalRequest:
+        """The final state of a request `_made` made, once people (or its expiry, or a
+        withdrawal) settle it."""
         try:
-            final = await waiter
+            return await self._waiters[request_id]
         finally:
             self._waiters.pop(request_id, None)
             timer = self._timers.pop(request_id, None)
             if timer is not None:
                 timer.cancel()
-        return await self._outcome(final, requester)
+
+    # ------------------------------------------------------------------ unmasked sessions
+    def request_unmasked(self, session: Session, requirement: ApprovalRequirement) -> str:
+        """Ask approvers for an unmasked session (`SessionManager.request_unmask`); the
+        request's id. Approved, the session is unmasked (`unmask`); otherwise it stays
+        masked (`unmask_refused`). Withdrawn when the session ends, as a held statement is."""
+        assert self.unmask is not None and self.unmask_refused is not None
+        now = self.clock()
+        target = self.policy.targets[session.target]
+        request = ApprovalRequest(
+            id=secrets.token_hex(6),
+            session_id=session.id,
+            target=session.target,
+            requester=Person.of(session.principal),
+            session_reason=session.reason,
+            statement=f"unmasked session on {session.target}: protected columns read raw",
+            fingerprint=UNMASKED_RULE,
+            tables=tuple(sorted({f"{c.schema}.{c.table}" for c in target.protected_columns})),
+            rule_id=UNMASKED_RULE,
+            approver_groups=requirement.approver_groups,
+            approvals_required=requirement.approvals_required,
+            window_seconds=None,
+            created_at=now,
+            expires_at=min(now + timedelta(seconds=self.request_seconds), session.expires_at),
+        )
+        task = spawn(self._settle_unmask(self._made(request)), name=f"unmasked {request.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return request.id
+
+    async def _settle_unmask(self, request_id: str) -> None:
+        assert self.unmask is not None and self.unmask_refused is not None
+        final = await self._decided(request_id)
+        if final.state is not RequestState.APPROVED:
+            self.unmask_refused(final.session_id, final.state.value, _refusal_text(final))
+            return
+        who = ", ".join(p.label for p in final.approvers)
+        try:
+            await self.unmask(final.session_id, f"approved by {who} (request {final.id})")
+        except GuardError as exc:
+            log.error("approval %s: unmasked access not granted: %s", final.id, exc.message)
+            return
+        self._record(final, "granted", _GUARD, UNMASKED_ROLE)
 
     async def end_statement(self, request_id: str) -> None:
         """The approved statement completed: take its per-statement grant back."""
@@ -403,12 +464,19 @@ class ApprovalService:
 _GUARD = Person("guard", "guard", "guard", frozenset())
 
 
-def _error_for(request: ApprovalRequest) -> ErrorResponse:
-    """What the client gets in place of a statement that was not approved."""
+def _refusal_text(request: ApprovalRequest) -> str:
+    """Why a request ended without approval, for its requester."""
     if request.state is RequestState.DENIED:
         who = next((d.approver.label for d in request.decisions if not d.approve), "a reviewer")
         why = f": {request.state_reason}" if request.state_reason else ""
-        return ErrorResponse.build("42501", f"guard: request {request.id} was denied by {who}{why}")
+        return f"request {request.id} was denied by {who}{why}"
+    return f"request {request.id} {request.state.value} ({request.state_reason})"
+
+
+def _error_for(request: ApprovalRequest) -> ErrorResponse:
+    """What the client gets in place of a statement that was not approved."""
+    if request.state is RequestState.DENIED:
+        return ErrorResponse.build("42501", f"guard: {_refusal_text(request)}")
     if request.state is RequestState.WITHDRAWN and "cancel" in request.state_reason:
         return ErrorResponse.build("57014", "canceling statement due to user request")
     return ErrorResponse.build(

@@ -53,12 +53,13 @@ RESULT_FIELDS = (
     "masked_cells",
     "sqlstate",
     "view_masked_cells",
+    "unmasked_cells",
 )
 
 
 def result_body(values: tuple[Any, ...], time: str) -> dict[str, Any]:
     """The body of the ResultRecord with these RESULT_FIELDS values, written at `time`."""
-    session, connection, seq, outcome, tag, rows, masked, sqlstate, view_masked = values
+    session, connection, seq, outcome, tag, rows, masked, sqlstate, view_masked, unmasked = values
     return {
         "session_id": session,
         "connection_id": connection,
@@ -69,6 +70,7 @@ def result_body(values: tuple[Any, ...], time: str) -> dict[str, Any]:
         "masked_cells": masked,
         "sqlstate": sqlstate,
         "view_masked_cells": view_masked,
+        "unmasked_cells": unmasked,
         "kind": "result",
         "time": time,
     }
@@ -112,7 +114,8 @@ class StatementRecord:
     # "<relation or column>:<layer>" entry per masked column or twin view — `view` (the
     # name resolved to its masking view), `redirected` (the gateway pointed a spelling
     # of the base table at its view), `twin` (a view of the target read through its
-    # masked twin). Cells the gateway itself had to mask are counted in ResultRecord.
+    # masked twin), `unmasked` (an unmasked session read the column raw, through
+    # guard_unmasked). Cells the gateway itself had to mask are counted in ResultRecord.
     masking: tuple[str, ...] = ()
     kind: str = "statement"
     time: str = field(default_factory=utc_now_iso)
@@ -137,6 +140,9 @@ class ResultRecord:
     # Cells the masking views masked: rows × the result's columns that are masked columns
     # of a masking view (by table OID and attribute number, never by name).
     view_masked_cells: int = 0
+    # Cells an unmasked session read raw: rows × the result's columns that are protected
+    # columns of guard_unmasked's raw views.
+    unmasked_cells: int = 0
     kind: str = "result"
     time: str = field(default_factory=utc_now_iso)
 

@@ -238,6 +238,9 @@ class GatewayConnection:
             protected, "view_columns", frozenset()
         )
         self._view_masked = 0  # simple query: masked view columns of the current result
+        # (view-masked cells, unmasked cells) of a count: an unmasked session's counted
+        # columns are guard_unmasked's raw ones.
+        self._cells = _as_unmasked if gate.unmasked else _as_view_masked
         self.client_user = client_user
         self.state = State.RELAYING
         kwargs = {"max_message_size": max_message_size} if max_message_size else {}
@@ -991,7 +994,7 @@ class GatewayConnection:
                 rows,
                 self._masked_cells,
                 sqlstate,
-                rows * view_masked if rows and view_masked else 0,
+                *self._cells(rows * view_masked if rows and view_masked else 0),
             )
         )
 
@@ -1180,6 +1183,14 @@ def _plan_for(
             fmt = formats[index] if index < len(formats) else 0
         plan.append((index, strategy, fmt, f.type_oid))
     return tuple(plan) or None
+
+
+def _as_view_masked(count: int) -> tuple[int, int]:
+    return count, 0
+
+
+def _as_unmasked(count: int) -> tuple[int, int]:
+    return 0, count
 
 
 def _view_masked_of(portal: Portal) -> int:

@@ -15,9 +15,10 @@ from __future__ import annotations
 from guard.broker.audit.record import StatementRecord
 from guard.broker.audit.serialize import fixed_fields
 from guard.broker.identity.principal import Principal
-from guard.broker.masking.objects import MASKED_SCHEMA
+from guard.broker.masking.objects import MASKED_SCHEMA, UNMASKED_SCHEMA
 from guard.broker.pgwire.messages import ErrorResponse
 from guard.broker.policy.engine import CompiledPolicy, Effect, Verdict
+from guard.broker.policy.guardrails import derived_protected_uses
 from guard.broker.sql.analyze import Analysis, StatementAnalysis, analyze, fast_path_analysis
 from guard.broker.sql.fingerprint import UNNORMALIZABLE, normalize
 from guard.broker.sql.redirect import redirect
@@ -104,8 +105,14 @@ class Gate:
         session_id: str,
         connection_id: str,
         redirects: frozenset[tuple[str, str]] = frozenset(),
+        unmasked: bool = False,
     ) -> None:
         self.policy = policy
+        # An unmasked session (its role holds guard_unmasked): spellings of protected
+        # tables go to the raw views, derived use is refused only where a raw value could
+        # leave guard's sight, and the audit says the columns were read unmasked.
+        self.unmasked = unmasked
+        self._schema = UNMASKED_SCHEMA if unmasked else MASKED_SCHEMA
         self.target = target
         self.principal = principal
         self.session_id = session_id
@@ -158,7 +165,11 @@ class Gate:
     def _evaluate(self, sql: str) -> Decision:
         try:
             analysis = analyze(sql)
-            verdicts = tuple(self.policy.evaluate_analysis(self.principal, self.target, analysis))
+            verdicts = tuple(
+                self.policy.evaluate_analysis(
+                    self.principal, self.target, analysis, unmasked=self.unmasked
+                )
+            )
         except Exception as exc:  # noqa: BLE001 - any analyser/policy bug must refuse
             analysis = Analysis(
                 statements=(), error=f"internal analysis error: {type(exc).__name__}"
@@ -185,7 +196,7 @@ class Gate:
         if not self._special:
             return decision
         try:
-            result = redirect(sql, self._special, MASKED_SCHEMA)
+            result = redirect(sql, self._special, self._schema)
         except Exception:  # noqa: BLE001 - a redirection bug must not let anything through
             result = None
         if result is None:
@@ -245,7 +256,8 @@ class Gate:
             effect, rule = "deny", "guard:unanalysable"
         else:
             effect, rule = verdict.effect.value, verdict.rule_id
-            masked = tuple(str(c) for c in verdict.masked_columns)
+            if not self.unmasked:  # read raw: `masking` says so
+                masked = tuple(str(c) for c in verdict.masked_columns)
         if decision.refusal is not None and effect == "allow":
             # Allowed on its own but refused with the rest of its multi-statement string.
             effect, rule = "deny", "guard:refused-with-batch"
@@ -294,7 +306,14 @@ class Gate:
         for column in verdict.masked_columns:
             spelled = {f"{column.schema}.{column.table}", f"*.{column.table}"}
             layer = "redirected" if spelled & redirected else "view"
+            if self.unmasked:
+                layer = "unmasked"
             report[f"{column}:{layer}"] = None
+        if self.unmasked:
+            # Raw values that decide rows or feed expressions were read unmasked too.
+            spec = self.policy.targets[self.target]
+            for column, _context in derived_protected_uses(stmt, spec):
+                report[f"{column}:unmasked"] = None
         for relation in stmt.relations_read:
             for schema, name in self._twins:
                 if relation.name == name and relation.schema in (None, schema):

@@ -23,6 +23,7 @@ from typing import Protocol
 from guard.broker.approvals.service import HeldStatement, Requester
 from guard.broker.audit.record import SessionEvent
 from guard.broker.audit.sink import AuditSink, AuditUnavailable
+from guard.broker.masking.objects import session_search_path
 from guard.broker.pgwire import messages as m
 from guard.broker.pgwire.encoder import encode
 from guard.broker.pgwire.errors import ProtocolError
@@ -36,6 +37,7 @@ from guard.broker.proxy.directory import AT_LIMIT, LocalDirectory, SessionDirect
 from guard.broker.proxy.encoding import codec_for
 from guard.broker.proxy.events import ApprovalDecided
 from guard.broker.proxy.gate import Gate
+from guard.broker.proxy.protected import ProtectedColumnMap
 from guard.broker.proxy.pump import MESSAGE_TIMEOUT, Pump
 from guard.broker.sessions import Session, SessionManager
 
@@ -325,6 +327,8 @@ class Gateway:
                 database=session.upstream.database,
                 params=params,
                 tls=self._upstream_tls(session),
+                # An unmasked session's unqualified names reach the raw views.
+                search_path=session_search_path(unmasked=True) if session.unmasked else None,
             )
         except upstream.UpstreamError as exc:
             log.warning("upstream login for session %s failed: %s", session.id, exc)
@@ -339,6 +343,8 @@ class Gateway:
             return None
         try:
             protected = await self._protected_map(session.target, up)
+            if session.unmasked and isinstance(protected, ProtectedColumnMap):
+                protected = protected.for_unmasked()
         except asyncio.CancelledError:  # the login deadline: the upstream goes too
             up.wire.close()
             raise
@@ -417,6 +423,7 @@ class Gateway:
             session_id=session.id,
             connection_id=connection_id,
             redirects=getattr(protected, "twins", frozenset()),
+            unmasked=session.unmasked,
         )
         encoding = next(
             (p.value for p in up.parameter_status if p.name == "client_encoding"), "UTF8"

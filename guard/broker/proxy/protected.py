@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from guard.broker.masking.objects import MASKED_SCHEMA, twin_original
+from guard.broker.masking.objects import MASKED_SCHEMA, UNMASKED_SCHEMA, twin_original
 from guard.broker.masking.strategies import MaskStrategy, get_strategy
 from guard.broker.policy.engine import CompiledPolicy
 from guard.broker.proxy import upstream
@@ -50,6 +50,18 @@ class ProtectedColumnMap(dict[tuple[int, int], MaskStrategy]):
 
     view_columns: frozenset[tuple[int, int]] = frozenset()
     twins: frozenset[tuple[str, str]] = frozenset()
+    # The protected columns of guard_unmasked's raw views: an unmasked session's result
+    # records count their cells (`unmasked_cells`).
+    unmasked_columns: frozenset[tuple[int, int]] = frozenset()
+
+    def for_unmasked(self) -> ProtectedColumnMap:
+        """The map an unmasked session's connection uses: the same base columns (a raw
+        base column in a result is still masked: drift), its cells counted from the raw
+        views."""
+        other = ProtectedColumnMap(self)
+        other.view_columns = self.unmasked_columns
+        other.twins = self.twins
+        return other
 
 
 def lookup_query(count: int) -> str:
@@ -80,12 +92,20 @@ class ProtectedColumns:
         }
         result = ProtectedColumnMap()
         if by_name:
-            # The base columns and, in the same query, their masking views' columns.
-            views = [(MASKED_SCHEMA, table, column) for _schema, table, column in by_name]
+            # The base columns and, in the same query, their masking views' and raw views'
+            # columns.
+            views = [
+                (schema, table, column)
+                for schema in (MASKED_SCHEMA, UNMASKED_SCHEMA)
+                for _schema, table, column in by_name
+            ]
             triples = [*by_name, *views]
             params = [name for triple in triples for name in triple]
             rows = await upstream.query_rows(conn, lookup_query(len(triples)), params)
-            view_columns = set()
+            columns: dict[str, set[tuple[int, int]]] = {
+                MASKED_SCHEMA: set(),
+                UNMASKED_SCHEMA: set(),
+            }
             for oid, attnum, schema, table, column in rows:
                 if None in (oid, attnum, schema, table, column):
                     raise upstream.UpstreamError("catalog query returned a NULL column")
@@ -93,8 +113,9 @@ class ProtectedColumns:
                 if key in by_name:
                     result[(int(oid), int(attnum))] = by_name[key]  # type: ignore[arg-type]
                 else:
-                    view_columns.add((int(oid), int(attnum)))  # type: ignore[arg-type]
-            result.view_columns = frozenset(view_columns)
+                    columns[key[0]].add((int(oid), int(attnum)))  # type: ignore[arg-type]
+            result.view_columns = frozenset(columns[MASKED_SCHEMA])
+            result.unmasked_columns = frozenset(columns[UNMASKED_SCHEMA])
             comments = await upstream.query_rows(conn, _TWINS, [MASKED_SCHEMA])
             originals = (twin_original(c.decode() if c else None) for (c,) in comments)
             result.twins = frozenset(o for o in originals if o is not None)

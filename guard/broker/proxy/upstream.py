@@ -150,7 +150,10 @@ async def login(
     database: str,
     params: dict[str, str],
     tls: ssl.SSLContext | None = None,
+    search_path: str | None = None,
 ) -> UpstreamConnection:
+    """Log in as the session's role. `search_path`, when given, is set by the startup
+    packet (never from the client's parameters, which cannot carry it)."""
     try:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(host, port), timeout=CONNECT_TIMEOUT
@@ -162,7 +165,14 @@ async def login(
         if tls is not None:
             await asyncio.wait_for(_start_tls(wire, tls, host), CONNECT_TIMEOUT)
         return await asyncio.wait_for(
-            _handshake(wire, user=user, password=password, database=database, params=params),
+            _handshake(
+                wire,
+                user=user,
+                password=password,
+                database=database,
+                params=params,
+                search_path=search_path,
+            ),
             timeout=CONNECT_TIMEOUT,
         )
     except BaseException:
@@ -217,10 +227,18 @@ def certificate_end_point(der: bytes) -> bytes:
 
 
 async def _handshake(  # noqa: C901 - one branch per message of the login exchange, in order
-    wire: Wire, *, user: str, password: str, database: str, params: dict[str, str]
+    wire: Wire,
+    *,
+    user: str,
+    password: str,
+    database: str,
+    params: dict[str, str],
+    search_path: str | None = None,
 ) -> UpstreamConnection:
     startup = {k: v for k, v in params.items() if k in PASSTHROUGH_PARAMS}
     startup.update({"user": user, "database": database})
+    if search_path is not None:
+        startup["search_path"] = search_path
     wire.write(encode(m.StartupMessage(196608, tuple(startup.items()))))
     await wire.drain()
     parser = BackendParser()

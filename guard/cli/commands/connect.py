@@ -29,7 +29,12 @@ from guard.cli.usage import GuardCommand
 @session_options
 @click.option("--print-env", is_flag=True, help="Print PG* variables for another client and wait")
 def connect(
-    target: str, psql_args: tuple[str, ...], reason: str, ttl: int | None, print_env: bool
+    target: str,
+    psql_args: tuple[str, ...],
+    reason: str,
+    ttl: int | None,
+    unmasked: bool,
+    print_env: bool,
 ) -> int:
     import shlex
     import shutil
@@ -81,4 +86,5 @@ def connect(
         argv=argv,
         on_ready=ready,
         gateway_ca_file=profile.gateway_ca_file,
+        unmasked=unmasked,
     )

@@ -78,8 +78,14 @@ class ExecCommand(GuardCommand):
     help="File holding an OIDC ID token (CI)",
 )
 def exec_command(
-    command: tuple[str, ...], db: str, reason: str, ttl: int | None, id_token_file: Path | None
+    command: tuple[str, ...],
+    db: str,
+    reason: str,
+    ttl: int | None,
+    unmasked: bool,
+    id_token_file: Path | None,
 ) -> int:
     # The same function as the click-free fast path (`cli.entry`) runs; `ExecCommand` has
-    # split the target from the program.
-    return run_exec(ExecArguments(command, db, reason, ttl, id_token_file))
+    # split the target from the program. (`--unmasked` always comes this way: the fast
+    # path takes no flags.)
+    return run_exec(ExecArguments(command, db, reason, ttl, id_token_file, unmasked))

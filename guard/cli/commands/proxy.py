@@ -32,7 +32,7 @@ from guard.cli.usage import GuardCommand
     help="Local port (0: any free one)",
 )
 @session_options
-def proxy(target: str, port: int, reason: str, ttl: int | None) -> int:
+def proxy(target: str, port: int, reason: str, ttl: int | None, unmasked: bool) -> int:
     import shlex
 
     from guard.cli.auth import current_id_token, token_source
@@ -60,4 +60,5 @@ def proxy(target: str, port: int, reason: str, ttl: int | None) -> int:
         on_ready=ready,
         gateway_ca_file=profile.gateway_ca_file,
         relay_port=port,
+        unmasked=unmasked,
     )
