@@ -237,13 +237,9 @@ def _compile_unmasked(
             approvals_required=access.approval.approvals_required,
             window_seconds=None,
         )
-    limit = max_ttl
-    if access.max_ttl is not None:
-        limit = duration_seconds(access.max_ttl)
-        if limit > max_ttl:
-            problems.append(
-                PolicyProblem(f"{path}.max_ttl", "must not be longer than session_ttl.max")
-            )
+    # Never longer than the target's own maximum (a policy that shortens session_ttl.max
+    # shortens unmasked sessions with it).
+    limit = max_ttl if access.max_ttl is None else duration_seconds(access.max_ttl)
     return UnmaskedAccess(
         groups=frozenset(access.groups), approval=approval, max_ttl_seconds=min(limit, max_ttl)
     )

@@ -144,7 +144,7 @@ class UnmaskedAccessSpec(_Model):
 
     groups: list[GroupName] = Field(min_length=1)
     approval: ApprovalSpec | None = None
-    # An unmasked session lasts at most this long (default: the target's session_ttl.max).
+    # An unmasked session lasts at most this long, and never past session_ttl.max.
     max_ttl: Duration | None = None
 
 
