@@ -225,11 +225,16 @@ def read_facts(conn: psycopg.Connection[Any], target: Target) -> Facts:
 
 
 def statements(
-    conn: psycopg.Connection[Any], target: Target, *, definer_allowed: Sequence[str] = ()
+    conn: psycopg.Connection[Any],
+    target: Target,
+    *,
+    definer_allowed: Sequence[str] = (),
+    facts: Facts | None = None,
 ) -> list[str]:
     """What `apply` runs, from the policy and the live catalog (raises ValueError when the
-    policy names a table or column the database lacks)."""
-    facts = read_facts(conn, target)
+    policy names a table or column the database lacks). `facts`: already read."""
+    if facts is None:
+        facts = read_facts(conn, target)
     revoke = [f for f in facts.definer_functions if f not in definer_allowed]
     return backstop_sql(
         target,
@@ -304,7 +309,11 @@ def _state(conn: psycopg.Connection[Any], target: Target) -> dict[str, dict[str,
 
 
 def plan_changes(
-    conn: psycopg.Connection[Any], target: Target, *, definer_allowed: Sequence[str] = ()
+    conn: psycopg.Connection[Any],
+    target: Target,
+    *,
+    definer_allowed: Sequence[str] = (),
+    facts: Facts | None = None,
 ) -> tuple[list[str], list[str]]:
     """What an apply would change, object by object (`+` created, `-` removed, `~` the
     properties that change), and its statements: they run in a transaction rolled back, and
@@ -313,7 +322,7 @@ def plan_changes(
     with conn.transaction(force_rollback=True):
         conn.execute("SET LOCAL lock_timeout = '5s'")
         before = _state(conn, target)
-        planned = statements(conn, target, definer_allowed=definer_allowed)
+        planned = statements(conn, target, definer_allowed=definer_allowed, facts=facts)
         for statement in planned:
             conn.execute(statement)  # type: ignore[arg-type]  # generated SQL text
         after = _state(conn, target)
@@ -402,17 +411,23 @@ def _check_view(
 
 
 def check(
-    conn: psycopg.Connection[Any], target: Target, *, definer_allowed: Sequence[str] = ()
+    conn: psycopg.Connection[Any],
+    target: Target,
+    *,
+    definer_allowed: Sequence[str] = (),
+    facts: Facts | None = None,
 ) -> list[Drift]:
     """How the database differs from what the policy needs, as the issued role would see
-    it; empty when the backstop is in place. Reads the catalog only."""
+    it; empty when the backstop is in place. Reads the catalog only (`facts`: already
+    read)."""
     if not _group_exists(conn):
         return [Drift(GROUP_ROLE, "the session group role is missing")]
     missing = catalog_problems(conn, target)
     if missing:
         return missing  # nothing else can be checked against names that do not exist
     drifts, masks = _check_base_tables(conn, target)
-    facts = read_facts(conn, target)
+    if facts is None:
+        facts = read_facts(conn, target)
     for key, table in sorted(facts.tables.items()):
         drifts += _check_view(conn, table, masks.get(key, set()), key in target.gated_tables)
     drifts += _check_twins(conn, facts, target.masked_tables())
@@ -686,10 +701,11 @@ class BackstopMonitor:
         with self._connect(settings) as conn:
             target = self.policy.targets[name]
             allowed = settings.definer_functions_allowed
-            drifts = check(conn, target, definer_allowed=allowed)
+            facts = read_facts(conn, target)  # once, for the check and the plan
+            drifts = check(conn, target, definer_allowed=allowed, facts=facts)
             planned = None
             if plan:
-                changes, ran = plan_changes(conn, target, definer_allowed=allowed)
+                changes, ran = plan_changes(conn, target, definer_allowed=allowed, facts=facts)
                 planned = [*_as_comments(changes), *ran]
         if drifts:
             self._passed.pop(name, None)  # found drifted: no new session trusts an old pass

@@ -489,23 +489,24 @@ class SessionManager:
 
     async def unmask(self, session_id: str, why: str) -> None:
         """Grant the session's role guard_unmasked (recorded first): connections made from
-        now on read protected columns raw. A grant that fails ends the session (raised)."""
+        now on read protected columns raw. If the record or the grant fails, the session
+        ends and DependencyUnavailable is raised."""
         session = self._by_id.get(session_id)
         if session is None or session.ended:
             return
         assert self.grants is not None
-        self._audit_or_refuse(
-            SessionEvent(
-                session.id,
-                "unmasked",
-                session.principal.subject,
-                session.target,
-                f"{why}; reason: {session.reason}"[:500],
-            )
-        )
         try:
+            self._audit_or_refuse(
+                SessionEvent(
+                    session.id,
+                    "unmasked",
+                    session.principal.subject,
+                    session.target,
+                    f"{why}; reason: {session.reason}"[:500],
+                )
+            )
             await self.grants.grant_unmasked(session.target, session.credentials.username)
-        except GuardError as exc:
+        except GuardError as exc:  # not recorded, or not granted: no half-unmasked session
             session.unmask_state, session.unmask_detail = "failed", exc.message
             await self.end(session.id, "the unmasked grant failed")
             raise DependencyUnavailable(

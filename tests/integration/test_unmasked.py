@@ -238,6 +238,13 @@ def test_the_role_loses_guard_unmasked_when_the_session_ends(direct_stack):
     ):
         role = _session_role(direct_stack, created["session_id"])
     assert "guard_unmasked" in _memberships(direct_stack, role)
+    # A security lead sees who reads raw.
+    listed = direct_stack.guard(
+        "sessions", "--all", env={"GUARD_ID_TOKEN": _token(direct_stack, "bob"), "COLUMNS": "200"}
+    )
+    assert listed.returncode == 0, listed.stderr
+    (row,) = [line for line in listed.stdout.splitlines() if created["session_id"] in line]
+    assert "unmasked" in listed.stdout and row.rstrip().endswith("yes")
     _end(direct_stack, created)
     deadline = time.monotonic() + 15
     while direct_stack.direct("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)):

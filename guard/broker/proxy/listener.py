@@ -241,7 +241,7 @@ class Gateway:
             finally:
                 self._logging_in -= 1
             if login is not None:
-                await self._relay(reader, writer, *login, admitted[0][1])
+                await self._relay(reader, writer, *login, handle=admitted[0][1])
         finally:
             for session, handle in admitted:
                 self._handles.discard(handle)
@@ -252,9 +252,10 @@ class Gateway:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         admitted: list[tuple[Session, _Handle]],
-    ) -> tuple[upstream.UpstreamConnection, Session, ProtectedMap, FrontendParser] | None:
+    ) -> tuple[upstream.UpstreamConnection, Session, ProtectedMap, FrontendParser, bool] | None:
         """Startup, TLS, SCRAM and the upstream login; None when the client was refused (it
-        was told why). Runs under one deadline (`_serve`)."""
+        was told why). Runs under one deadline (`_serve`). The last item: whether the
+        connection reads unmasked (its session's state when the upstream login began)."""
         parser = FrontendParser(max_message_size=AUTH_MESSAGE_LIMIT)
         try:
             startup = await self._read_startup(reader, writer, parser)
@@ -308,13 +309,20 @@ class Gateway:
                 )
             )
             return None
-        opened = await self._open_upstream(session, params, writer)
+        # Read once: an approval landing meanwhile must not give this connection a masked
+        # search_path and an unmasked gate.
+        unmasked = session.unmasked
+        opened = await self._open_upstream(session, params, writer, unmasked)
         if opened is None:
             return None
-        return opened[0], session, opened[1], parser
+        return opened[0], session, opened[1], parser, unmasked
 
     async def _open_upstream(
-        self, session: Session, params: dict[str, str], writer: asyncio.StreamWriter
+        self,
+        session: Session,
+        params: dict[str, str],
+        writer: asyncio.StreamWriter,
+        unmasked: bool,
     ) -> tuple[upstream.UpstreamConnection, ProtectedMap] | None:
         """The session's upstream connection and the target's protected columns; None when
         either failed (the client was told)."""
@@ -328,7 +336,7 @@ class Gateway:
                 params=params,
                 tls=self._upstream_tls(session),
                 # An unmasked session's unqualified names reach the raw views.
-                search_path=session_search_path(unmasked=True) if session.unmasked else None,
+                search_path=session_search_path(unmasked=True) if unmasked else None,
             )
         except upstream.UpstreamError as exc:
             log.warning("upstream login for session %s failed: %s", session.id, exc)
@@ -343,7 +351,7 @@ class Gateway:
             return None
         try:
             protected = await self._protected_map(session.target, up)
-            if session.unmasked and isinstance(protected, ProtectedColumnMap):
+            if unmasked and isinstance(protected, ProtectedColumnMap):
                 protected = protected.for_unmasked()
         except asyncio.CancelledError:  # the login deadline: the upstream goes too
             up.wire.close()
@@ -413,6 +421,8 @@ class Gateway:
         session: Session,
         protected: ProtectedMap,
         parser: FrontendParser,
+        unmasked: bool,
+        *,
         handle: _Handle,
     ) -> None:
         connection_id = secrets.token_hex(4)
@@ -423,7 +433,7 @@ class Gateway:
             session_id=session.id,
             connection_id=connection_id,
             redirects=getattr(protected, "twins", frozenset()),
-            unmasked=session.unmasked,
+            unmasked=unmasked,
         )
         encoding = next(
             (p.value for p in up.parameter_status if p.name == "client_encoding"), "UTF8"

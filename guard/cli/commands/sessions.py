@@ -221,6 +221,14 @@ def _said(err: BrokerError) -> CliError:
     return CliError(" ".join(err.message.split()), hint=err.hint, exit_code=err.exit_code)
 
 
+def _unmask_cell(info: SessionInfo) -> str:
+    if info.unmask_state == "granted":
+        return "yes"
+    if info.unmask_state == "pending":
+        return f"asked ({info.unmask_request})"
+    return f"no ({info.unmask_state})" if info.unmask_state else ""
+
+
 def _sessions_table(infos: list[SessionInfo], title: str, *, every: bool) -> Table:
     from rich import box
     from rich.table import Table
@@ -237,6 +245,9 @@ def _sessions_table(infos: list[SessionInfo], title: str, *, every: bool) -> Tab
         ("connections", lambda s: str(s.connections)),
         ("reason", lambda s: s.reason),
     ]
+    if any(s.unmask_state for s in infos):
+        # Who reads protected columns raw (or is waiting to): a security lead looks here.
+        columns.append(("unmasked", lambda s: _unmask_cell(s)))
     for name, _ in columns:
         table.add_column(name)
     for s in infos:
