@@ -146,6 +146,9 @@ def test_approved_session_reads_raw_and_the_audit_says_so(dev_stack):
                 )
             with conn.cursor().copy("COPY (SELECT ssn FROM customers WHERE id = 1) TO STDOUT") as c:
                 assert bytes(b"".join(c)).decode().strip() == raw
+            # A path the client sets keeps the raw views first.
+            conn.execute("SET search_path = public")
+            assert conn.execute(SSN).fetchone() == (raw,)
             # A lookup by the raw value works; a copy of it into a table does not.
             found = conn.execute("SELECT id FROM customers WHERE ssn = %s", (raw,)).fetchall()
             assert found == [(1,)]
