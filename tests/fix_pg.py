@@ -14,6 +14,23 @@ import pytest
 from guard.devstack.postgres import MISSING_HINT, PostgresCluster, find_pg_bindir
 
 
+def role_login(pg: PostgresCluster, name: str, password: str, dbname: str = "demo", **kwargs):
+    """An autocommit psycopg connection to the cluster as role `name` (a session-like role
+    a test made), for what that role may and may not read."""
+    import psycopg
+
+    return psycopg.connect(
+        host=pg.host,
+        port=pg.port,
+        dbname=dbname,
+        user=name,
+        password=password,
+        connect_timeout=5,
+        autocommit=True,
+        **kwargs,
+    )
+
+
 def require(name: str, present: bool, hint: str) -> None:
     """Skip (or, with CI=true, fail) when a real service needed by a test is missing."""
     if present:

@@ -24,6 +24,7 @@ from guard.broker.errors import DependencyUnavailable
 from guard.broker.policy.compile import load_policy, load_policy_file
 from guard.broker.settings import TargetSettings
 from guard.devstack.backstop import apply_backstop
+from tests.fix_pg import role_login as login
 
 POLICY = Path(__file__).resolve().parents[2] / "policies.yaml"
 APPROVED = "guard_approved_transactions"
@@ -104,18 +105,6 @@ def session_role(demo) -> Iterator[tuple[str, str]]:
     create_session_role(demo, name, password)
     yield name, password
     drop_role(demo, name)
-
-
-def login(pg, name: str, password: str, dbname: str = "demo") -> psycopg.Connection:
-    return psycopg.connect(
-        host=pg.host,
-        port=pg.port,
-        dbname=dbname,
-        user=name,
-        password=password,
-        connect_timeout=5,
-        autocommit=True,
-    )
 
 
 def memberships(pg, member: str) -> list[str]:

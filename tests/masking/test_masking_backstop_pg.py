@@ -18,6 +18,7 @@ from psycopg import sql
 from guard.broker.masking.objects import approved_role_name
 from guard.broker.policy.compile import load_policy_file
 from guard.devstack.backstop import apply_backstop
+from tests.fix_pg import role_login
 
 pytestmark = pytest.mark.integration
 POLICY = Path(__file__).resolve().parents[2] / "policies.yaml"
@@ -71,15 +72,7 @@ def test_gate_opens_for_members_only(demo, member):
     name, password = member
     grant = sql.SQL("GRANT {} TO {}").format(sql.Identifier(APPROVED), sql.Identifier(name))
     revoke = sql.SQL("REVOKE {} FROM {}").format(sql.Identifier(APPROVED), sql.Identifier(name))
-    with psycopg.connect(
-        host=demo.host,
-        port=demo.port,
-        dbname="demo",
-        user=name,
-        password=password,
-        autocommit=True,
-        connect_timeout=5,
-    ) as session:
+    with role_login(demo, name, password) as session:
         with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
             session.execute("SELECT count(*) FROM transactions")
         assert info.value.diag.message_primary == "reading public.transactions requires approval"

@@ -25,6 +25,7 @@ from guard.broker.masking.objects import UNMASKED_ROLE, session_search_path
 from guard.broker.policy.compile import load_policy_file
 from guard.devstack.backstop import apply_backstop
 from guard.devstack.demo_data import create_demo_database
+from tests.fix_pg import role_login
 
 pytestmark = pytest.mark.integration
 POLICY = Path(__file__).resolve().parents[2] / "policies.yaml"
@@ -73,21 +74,11 @@ def session_role(cluster) -> Iterator[tuple[str, str]]:
 
 
 def connect(cluster, role: tuple[str, str], *, unmasked: bool) -> psycopg.Connection:
-    name, password = role
     # The gateway sets session_search_path(unmasked=True) in the startup packet; libpq's
     # options take it without the quotes and the space.
     path = session_search_path(unmasked=True).replace('"', "").replace(" ", "")
-    options = {"options": f"-c search_path={path}"}
-    return psycopg.connect(
-        host=cluster.host,
-        port=cluster.port,
-        dbname=DB,
-        user=name,
-        password=password,
-        autocommit=True,
-        connect_timeout=5,
-        **(options if unmasked else {}),
-    )
+    options = {"options": f"-c search_path={path}"} if unmasked else {}
+    return role_login(cluster, *role, DB, **options)
 
 
 def test_the_unmasked_role_reads_raw_and_nothing_more(cluster, session_role):

@@ -142,12 +142,10 @@ class CompiledPolicy:
                 Effect.DENY, "guardrail:unknown-target", f'guard: unknown target "{target_name}"'
             )
         if principal.groups.isdisjoint(target.connect_groups):
-            groups = ", ".join(sorted(target.connect_groups))
-            return Verdict(
-                Effect.DENY,
+            return _not_a_member(
                 "guardrail:connect",
-                f'guard: {principal.label} may not connect to target "{target_name}"'
-                f" (requires membership in one of: {groups})",
+                f'{principal.label} may not connect to target "{target_name}"',
+                target.connect_groups,
             )
         return Verdict(Effect.ALLOW, f"target:{target_name}", "connection allowed")
 
@@ -166,12 +164,10 @@ class CompiledPolicy:
                 " (its policy has no unmasked_access)",
             )
         if principal.groups.isdisjoint(access.groups):
-            groups = ", ".join(sorted(access.groups))
-            return Verdict(
-                Effect.DENY,
+            return _not_a_member(
                 "guardrail:unmasked",
-                f'guard: {principal.label} may not read "{target_name}" unmasked'
-                f" (requires membership in one of: {groups})",
+                f'{principal.label} may not read "{target_name}" unmasked',
+                access.groups,
             )
         if access.approval is not None:
             approvers = ", ".join(sorted(access.approval.approver_groups))
@@ -261,6 +257,14 @@ class CompiledPolicy:
             masked_columns=masked_columns(statement, target),
             approval=rule.approval,
         )
+
+
+def _not_a_member(rule_id: str, what: str, groups: frozenset[str]) -> Verdict:
+    return Verdict(
+        Effect.DENY,
+        rule_id,
+        f"guard: {what} (requires membership in one of: {', '.join(sorted(groups))})",
+    )
 
 
 def _qualified(name: str, rule: Rule) -> str:
