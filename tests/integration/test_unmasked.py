@@ -253,3 +253,77 @@ def test_the_role_loses_guard_unmasked_when_the_session_ends(direct_stack):
     while direct_stack.direct("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)):
         assert time.monotonic() < deadline, "the session role was never dropped"
         time.sleep(0.1)
+
+
+RAW_SPELLINGS = [
+    "SELECT ssn FROM guard_unmasked.customers",
+    'SELECT ssn FROM "guard_unmasked"."customers"',
+    'SELECT ssn FROM U&"\\0067uard_unmasked".customers',
+    "SELECT email FROM guard_unmasked.v_customer_contacts",
+    "COPY (SELECT ssn FROM guard_unmasked.customers) TO STDOUT",
+    "TABLE guard_unmasked.customers",
+]
+
+
+@pytest.mark.parametrize("sql", RAW_SPELLINGS)
+def test_a_masked_session_never_reads_the_raw_views(dev_stack, sql):
+    """Every spelling of guard_unmasked from a session without the role: refused, on the
+    extended protocol (psycopg) and the simple one (psql); never a raw value."""
+    import subprocess
+
+    raw = dev_stack.direct("SELECT ssn FROM public.customers")
+    raws = {ssn for (ssn,) in raw}
+    session, headers = dev_stack.open_session("dave")  # a member, but not unmasked
+    try:
+        with gateway_connect(session, autocommit=True) as conn:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                if sql.startswith("COPY"):
+                    with conn.cursor().copy(sql) as copy:
+                        b"".join(copy)
+                else:
+                    conn.execute(sql).fetchall()
+        psql = subprocess.run(
+            ["psql", "-XAt", "-v", "ON_ERROR_STOP=1", "-c", sql],
+            env=dev_stack.libpq_env(session),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert psql.returncode != 0 and "permission denied" in psql.stderr
+        assert not raws & set(psql.stdout.split())
+    finally:
+        dev_stack.end_session(session["session_id"], headers)
+
+
+def test_a_masked_session_cannot_path_or_role_its_way_to_raw(dev_stack):
+    raw = dev_stack.direct(SSN.replace("customers", "public.customers"))[0][0]
+    session, headers = dev_stack.open_session("dave")
+    try:
+        with gateway_connect(session, autocommit=True) as conn:
+            conn.execute("SET search_path = guard_unmasked, public")
+            # The gateway keeps the masking views first: unqualified names read masked.
+            assert conn.execute(SSN).fetchone() != (raw,)
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("SET ROLE guard_unmasked")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("SELECT set_config('role', 'guard_unmasked', false)")
+            assert conn.execute(SSN).fetchone() != (raw,)
+    finally:
+        dev_stack.end_session(session["session_id"], headers)
+
+
+def test_an_unmasked_session_cannot_copy_through_a_view_spelling(direct_stack):
+    answer = _open(direct_stack)
+    assert answer.status_code == 201, answer.text
+    created = {**answer.json(), "gateway_ca": direct_stack.status["gateway_ca"]}
+    try:
+        with gateway_connect(created, autocommit=True) as conn:
+            for source in ("guard_unmasked.customers", "guard_masked.customers", "customers"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege, match="unmasked-copy"):
+                    conn.execute(f"INSERT INTO products(name, price) SELECT ssn, 1 FROM {source}")
+        copied = direct_stack.direct(
+            "SELECT count(*) FROM products p JOIN customers c ON c.ssn = p.name"
+        )
+        assert copied == [(0,)]
+    finally:
+        _end(direct_stack, created)

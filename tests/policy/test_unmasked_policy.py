@@ -165,3 +165,36 @@ def test_an_unmasked_session_may_not_carry_a_raw_value_away(sql, words):
 def test_other_guardrails_still_apply_unmasked():
     assert verdict("SET ROLE postgres").effect is Effect.DENY
     assert verdict("DELETE FROM products").effect is Effect.DENY
+
+
+# A view of the backstop's schemas stands for its table in every check: spelling the view
+# must not step around a rule, a guardrail or the unmasked copy refusal.
+VIEWS_POLICY = (
+    POLICY
+    + """
+  - id: no-accounts-for-contractors
+    effect: deny
+    groups: [eng]
+    when: {reads: [public.accounts]}
+"""
+)
+
+
+@pytest.mark.parametrize("schema", ["guard_masked", "guard_unmasked", '"guard_unmasked"'])
+def test_a_backstop_view_is_its_table_to_the_policy(schema):
+    compiled = load_policy(VIEWS_POLICY)
+
+    def decide(sql: str, *, unmasked: bool):
+        (result,) = compiled.evaluate_analysis(DAVE, "bank", analyze(sql), unmasked=unmasked)
+        return result
+
+    for unmasked in (False, True):
+        refused = decide(f"SELECT * FROM {schema}.accounts", unmasked=unmasked)
+        assert refused.rule_id == "no-accounts-for-contractors"
+    copy = decide(f"INSERT INTO products(name) SELECT ssn FROM {schema}.customers", unmasked=True)
+    assert copy.rule_id == "guardrail:unmasked-copy"
+    derived = decide(f"SELECT lower(ssn) FROM {schema}.customers", unmasked=False)
+    assert derived.rule_id == "guardrail:protected-column-derived"
+    read = decide(f"SELECT ssn FROM {schema}.customers", unmasked=False)
+    assert read.effect is Effect.ALLOW
+    assert [str(c) for c in read.masked_columns] == ["public.customers.ssn"]

@@ -38,7 +38,7 @@ from guard.broker.identity.principal import Principal
 from guard.broker.masking.objects import UNMASKED_ROLE
 from guard.broker.pgwire.messages import ErrorResponse
 from guard.broker.policy.engine import CompiledPolicy
-from guard.broker.policy.model import ApprovalRequirement
+from guard.broker.policy.model import BACKSTOP_SCHEMAS, ApprovalRequirement
 from guard.broker.proxy.events import ApprovalDecided
 from guard.broker.proxy.gate import Decision
 from guard.broker.proxy.tasks import spawn
@@ -434,6 +434,8 @@ class ApprovalService:
         gated = self.policy.targets[target].gated_tables
         found: set[str] = set()
         for relation_schema, name in held.relations_read:
+            if relation_schema in BACKSTOP_SCHEMAS:  # its gate view: the table (policy_ref)
+                relation_schema = None
             for schema, table in gated:
                 if name == table and relation_schema in (None, schema):
                     found.add(f"{schema}.{table}")

@@ -1,7 +1,7 @@
 """The database backstop (DESIGN.md section 3) generated from a compiled policy target.
 
 Pure: builds SQL text from a `policy` `Target` plus catalog facts passed in; runs nothing.
-Imports only the stdlib and `masking.strategies` (the Target type is only named in hints).
+Imports only the stdlib, `masking.strategies` and `policy.model` (the schema names).
 
 What the statements set up, and the attack each part stops:
 
@@ -51,16 +51,18 @@ from typing import TYPE_CHECKING
 
 from guard.broker.masking.strategies import get_strategy
 
+# The schema names are the policy's (a view there stands for its table: `policy_ref`).
+from guard.broker.policy.model import MASKED_SCHEMA as MASKED_SCHEMA
+from guard.broker.policy.model import UNMASKED_SCHEMA as UNMASKED_SCHEMA
+
 if TYPE_CHECKING:
     from guard.broker.policy.model import Target
 
-MASKED_SCHEMA = "guard_masked"
 OWNER_ROLE = "guard_masked_owner"
 GROUP_ROLE = "guard_session"
 # Unmasked access (`Target.unmasked`): raw views of the protected/gated tables (gates kept)
-# and raw twins, in their own schema, readable only by this role, which the broker grants
+# and raw twins, in UNMASKED_SCHEMA, readable only by this role, which the broker grants
 # to one session role for that session's life.
-UNMASKED_SCHEMA = "guard_unmasked"
 UNMASKED_ROLE = "guard_unmasked"
 # A session role's CONNECTION LIMIT when none is given: the policy's default
 # `max_connections_per_session`.

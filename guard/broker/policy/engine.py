@@ -39,6 +39,7 @@ from guard.broker.policy.model import (
     Rule,
     Target,
     Verdict,
+    through_views,
 )
 from guard.broker.sql.model import Analysis, ColumnContext, Operation, StatementAnalysis
 
@@ -192,6 +193,7 @@ class CompiledPolicy:
         if not connect.allowed:
             return connect
         target = self.targets[target_name]
+        statement = through_views(statement)
         tripped = guardrails.check(statement, target, unmasked=unmasked)
         if tripped is not None:
             return tripped

@@ -12,10 +12,44 @@ resolve to any schema through search_path, so it matches a policy's `public.cust
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-from guard.broker.sql.model import Operation, RelationRef
+from guard.broker.sql.model import Operation, RelationRef, StatementAnalysis
+
+# The schemas of the database backstop (`masking.objects` creates them): each relation
+# there is a view standing for the protected or gated table of the same name.
+MASKED_SCHEMA = "guard_masked"
+UNMASKED_SCHEMA = "guard_unmasked"
+BACKSTOP_SCHEMAS = frozenset({MASKED_SCHEMA, UNMASKED_SCHEMA})
+
+
+def policy_ref(relation: RelationRef) -> RelationRef:
+    """`relation` as the policy matches it: a view of the backstop's schemas is its table,
+    in whichever schema (unqualified, so it matches conservatively). Spelling
+    `guard_masked.accounts` must not step around a rule on `public.accounts`, and
+    `guard_unmasked.customers.ssn` is still a protected column to the guardrails."""
+    if relation.schema in BACKSTOP_SCHEMAS:
+        return RelationRef(None, relation.name)
+    return relation
+
+
+def through_views(statement: StatementAnalysis) -> StatementAnalysis:
+    """`statement` with its relations (and its columns' candidate relations) as
+    `policy_ref` makes them; the same object when it names no backstop view."""
+    if not any(r.schema in BACKSTOP_SCHEMAS for r in statement.relations_read) and not any(
+        r.schema in BACKSTOP_SCHEMAS for r in statement.relations_written
+    ):
+        return statement
+    return replace(
+        statement,
+        relations_read=frozenset(map(policy_ref, statement.relations_read)),
+        relations_written=frozenset(map(policy_ref, statement.relations_written)),
+        columns=tuple(
+            replace(use, candidates=frozenset(map(policy_ref, use.candidates)))
+            for use in statement.columns
+        ),
+    )
 
 
 class Effect(StrEnum):
