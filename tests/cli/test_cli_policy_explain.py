@@ -342,3 +342,24 @@ def test_exactly_one_of_as_and_groups(wide, guard, who):  # noqa: F811
     error, hint = assert_failed(explain(guard, *who, "--db", "demo", "SELECT 1"), code=2)
     assert error == "error: pass exactly one of --as USER and --groups G1,G2"
     assert "guard policy explain --as alice --db demo" in hint
+
+
+def test_unmasked_explains_whether_one_may_be_had_and_decides_as_in_one(wide, guard):  # noqa: F811
+    lookup = "SELECT id FROM customers WHERE ssn = '123-45-6789'"
+    dave = explained(guard, "--as", "dave", "--db", "demo", "--unmasked", lookup)
+    assert dave["unmasked"]["effect"] == "require_approval"
+    assert "security-leads" in dave["unmasked"]["message"]
+    (statement,) = dave["statements"]
+    assert statement["verdict"] == "allow"  # a lookup by the raw value, in such a session
+    copy = "INSERT INTO products(name, price) SELECT ssn, 1 FROM customers"
+    (refused,) = explained(guard, "--as", "dave", "--db", "demo", "--unmasked", copy)["statements"]
+    assert refused["verdict"] == "deny" and "unmasked-copy" in refused["message"]
+    # Alice may not have one: said, and her statements are decided as in a masked session.
+    alice = explained(guard, "--as", "alice", "--db", "demo", "--unmasked", lookup)
+    assert alice["unmasked"]["effect"] == "deny"
+    assert "fraud-investigators" in alice["unmasked"]["message"]
+    assert alice["statements"][0]["verdict"] == "deny"
+    outcome = explain(guard, "--as", "alice", "--db", "demo", "--unmasked", lookup)
+    assert any(line.startswith("unmasked deny: guard: alice may not") for line in rows(outcome.out))
+    # Without --unmasked nothing is said about it.
+    assert "unmasked" not in explained(guard, "--as", "dave", "--db", "demo", lookup)

@@ -119,6 +119,9 @@ class Explanation:
     connect_groups: frozenset[str]
     connect: Verdict
     statements: tuple[StatementExplanation, ...]
+    # Asked as an unmasked session (`--unmasked`): whether one may be had (ALLOW, or
+    # REQUIRE_APPROVAL), or why not; the statements are then decided as in one.
+    unmasked: Verdict | None = None
 
     @property
     def can_connect(self) -> bool:
@@ -135,6 +138,16 @@ class Explanation:
                 "message": self.connect.message,
             },
             "statements": [s.to_dict() for s in self.statements],
+            **(
+                {
+                    "unmasked": {
+                        "effect": self.unmasked.effect.value,
+                        "message": self.unmasked.message,
+                    }
+                }
+                if self.unmasked is not None
+                else {}
+            ),
         }
 
 
@@ -167,8 +180,10 @@ def explain(
     target: str,
     sql: str,
     user: str | None = None,
+    unmasked: bool = False,
 ) -> Explanation:
-    """Explain the verdict on each statement of `sql` for `groups` on `target`.
+    """Explain the verdict on each statement of `sql` for `groups` on `target` (`unmasked`:
+    in an unmasked session, when the policy lets them have one).
 
     Raises `ExplainError` for an unknown target and for SQL that does not parse or holds
     no statement: there is no verdict to explain then (the gateway would refuse it).
@@ -188,7 +203,13 @@ def explain(
     if not analysis.statements:
         raise ExplainError("the SQL holds no statement", hint='pass the statement, e.g. "SELECT 1"')
     connect = policy.can_connect(principal, target)
-    verdicts = policy.evaluate_analysis(principal, target, analysis)
+    unmask = policy.can_unmask(principal, target) if unmasked else None
+    verdicts = policy.evaluate_analysis(
+        principal,
+        target,
+        analysis,
+        unmasked=unmask is not None and unmask.effect is not Effect.DENY,
+    )
     spec = policy.targets[target]
     return Explanation(
         target=target,
@@ -200,6 +221,7 @@ def explain(
             _explain_one(policy, target, principal.groups, statement, verdict)
             for statement, verdict in zip(analysis.statements, verdicts, strict=True)
         ),
+        unmasked=unmask,
     )
 
 

@@ -148,6 +148,9 @@ def _dev_user_groups(user: str) -> list[str]:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Policy file (default: the running dev stack's, else ./policies.yaml)",
 )
+@click.option(
+    "--unmasked", is_flag=True, help="As an unmasked session (whether one may be had, too)"
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON")
 def explain(
     sql: str,
@@ -155,6 +158,7 @@ def explain(
     as_user: str | None,
     groups: str | None,
     policy_file: Path | None,
+    unmasked: bool,
     as_json: bool,
 ) -> int:
     if (as_user is None) == (groups is None):
@@ -173,7 +177,9 @@ def explain(
     else:
         member_of = [g.strip() for g in (groups or "").split(",") if g.strip()]
     try:
-        result = explain_sql(compiled, groups=member_of, target=db, sql=sql, user=as_user)
+        result = explain_sql(
+            compiled, groups=member_of, target=db, sql=sql, user=as_user, unmasked=unmasked
+        )
     except ExplainError as err:
         raise CliError(err.message, hint=err.hint) from err
     if as_json:
@@ -213,6 +219,12 @@ def _print(file: Path, description: str, result: Any) -> None:
         if result.can_connect
         else f"[red]no[/red] (connect_groups: {allowed})",
     )
+    if result.unmasked is not None:
+        effect = result.unmasked.effect.value
+        head.add_row(
+            "unmasked",
+            f"[{_COLOURS[effect]}]{effect}[/]: {escape(result.unmasked.message)}",
+        )
     out.print(head, highlight=False)
     for number, item in enumerate(result.statements, 1):
         data = item.to_dict()
