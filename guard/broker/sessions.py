@@ -28,7 +28,7 @@ import logging
 import secrets
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
@@ -308,13 +308,17 @@ class SessionManager:
         spec = self.policy.targets[session.target]
         now = self.clock()
         wanted = now + timedelta(seconds=ttl_seconds or spec.default_ttl_seconds)
-        limit = (session.opened_at or now) + timedelta(seconds=spec.max_ttl_seconds)
+        longest, what = spec.max_ttl_seconds, ("sessions", "session_ttl.max")
+        if session.unmask_state and spec.unmasked is not None:
+            # Asked for unmasked: its own maximum holds, extensions included.
+            longest = min(longest, spec.unmasked.max_ttl_seconds)
+            what = ("unmasked sessions", "unmasked_access.max_ttl")
+        limit = (session.opened_at or now) + timedelta(seconds=longest)
         notice = None
         if wanted > limit:
             notice = (
-                f"{session.target} allows sessions of at most "
-                f"{duration_text(spec.max_ttl_seconds)} from their start (the policy's "
-                "session_ttl.max): this one now ends there"
+                f"{session.target} allows {what[0]} of at most {duration_text(longest)} from"
+                f" their start (the policy's {what[1]}): this one now ends there"
             )
         new_end = min(wanted, limit)
         if new_end <= session.expires_at:
@@ -424,11 +428,18 @@ class SessionManager:
         if not verdict.allowed:
             raise Forbidden(verdict.message, hint=self._targets_hint(principal))
         unmask = self._may_unmask(principal, target, reason) if unmasked else None
+        capped = None
         if unmask is not None:
             access = self.policy.targets[target].unmasked
             assert access is not None  # can_unmask allowed it
             wanted = ttl_seconds or self.policy.targets[target].default_ttl_seconds
-            ttl_seconds = min(wanted, access.max_ttl_seconds)
+            if wanted > access.max_ttl_seconds:
+                ttl_seconds = access.max_ttl_seconds
+                capped = (
+                    f"{target} allows unmasked sessions of at most "
+                    f"{duration_text(access.max_ttl_seconds)} (the policy's "
+                    "unmasked_access.max_ttl)"
+                )
         key = (principal.issuer, principal.subject)
         self._check_limit(principal, target)
         self._opening[key] += 1
@@ -440,6 +451,8 @@ class SessionManager:
                 del self._opening[key]
         if unmask is not None:
             await self._start_unmask(opened.session, unmask)
+        if capped is not None and opened.ttl_notice is None:
+            opened = replace(opened, ttl_notice=capped)
         return opened
 
     # -- unmasked access -----------------------------------------------------------------

@@ -703,6 +703,11 @@ def test_unmasked_session_asks_approvers_and_is_granted_on_approval(tmp_path):
         session = opened.session
         # The unmasked session is capped by unmasked_access.max_ttl (1h), and waits.
         assert (session.expires_at - session.opened_at).total_seconds() <= 3600
+        assert "unmasked sessions of at most 1h" in (opened.ttl_notice or "")
+        # Extensions too: never past 1h from its start.
+        extended, notice = await mgr.extend(session.id, 8 * 3600)
+        assert (extended.expires_at - session.opened_at).total_seconds() <= 3600
+        assert "unmasked_access.max_ttl" in (notice or "")
         assert (session.unmask_state, session.unmask_request) == ("pending", "req-1")
         assert not session.unmasked and grants.calls == []
         await mgr.unmask(session.id, "approved by bob (request req-1)")
