@@ -21,7 +21,7 @@ from guard.broker.policy.engine import CompiledPolicy, Effect, Verdict
 from guard.broker.policy.guardrails import derived_protected_uses
 from guard.broker.sql.analyze import Analysis, StatementAnalysis, analyze, fast_path_analysis
 from guard.broker.sql.fingerprint import UNNORMALIZABLE, normalize
-from guard.broker.sql.redirect import redirect
+from guard.broker.sql.redirect import redirect, refill
 
 # Decisions are cached per connection by exact statement text: the principal and policy are
 # fixed for a session, so the same text always gets the same verdict. Bounded so a client
@@ -143,12 +143,29 @@ class Gate:
         normalized = normalize(sql)
         if normalized != sql and normalized != UNNORMALIZABLE:
             decision = self._cache.get(normalized) or self._compute(normalized)
-            # A decision whose text is redirected is not shared: the forwarded text is
-            # made from the exact text, literals and all.
-            if decision.refusal is None and decision.verdicts and decision.forward_sql is None:
-                self._store(sql, decision)
-                return decision
+            if decision.refusal is None and decision.verdicts:
+                if decision.forward_sql is not None:
+                    # Redirected: the forwarded text is the exact one's, literals and all,
+                    # made from the normalized one's redirection (`sql.redirect.refill`).
+                    decision = self._refilled(sql, normalized, decision)
+                if decision is not None:
+                    self._store(sql, decision)
+                    return decision
         return self._compute(sql)
+
+    def _refilled(self, sql: str, normalized: str, template: Decision) -> Decision | None:
+        """`template` (the normalized text's allowed, redirected decision) for `sql`: the
+        same verdicts and audit records, its own forwarded text; None when that text
+        cannot be made without redirecting `sql` itself."""
+        assert template.forward_sql is not None
+        text = refill(sql, normalized, template.forward_sql)
+        if text is None:
+            return None
+        decision = Decision(template.analysis, template.verdicts, None)
+        decision.records = template.records  # they depend on none of the literals
+        decision.forward_sql = text
+        decision.redirected = template.redirected
+        return decision
 
     def _compute(self, sql: str) -> Decision:
         decision = self._evaluate(sql)

@@ -407,3 +407,64 @@ def iter_edits(sql: str, protected: frozenset[tuple[str, str]], masked: str) -> 
     if result is not None:
         for _start, _end, text in sorted(result[0].edits):
             yield text.decode("utf-8")
+
+
+# Tokens libpg_query's normalization replaces with a parameter ($n): one constant, or a
+# minus sign and the number it negates.
+_CONSTANTS = frozenset({"SCONST", "USCONST", "ICONST", "FCONST", "BCONST", "XCONST"})
+_NUMBERS = frozenset({"ICONST", "FCONST"})
+_MINUS = "ASCII_45"
+
+
+def refill(sql: str, normalized: str, forward: str) -> str | None:
+    """`forward` (the redirection of `normalized`, `sql` with its constants replaced by
+    $n) with those constants put back: what `redirect(sql)` gives, for a statement run
+    with ever new literals, without parsing it twice more. None when the texts do not
+    line up token for token, or the result does not normalize back to `forward` exactly
+    (a constant the redirection moved or added): then the caller redirects `sql` itself.
+
+    The check is the guarantee: a text that normalizes to `forward` is `forward` with
+    constants in its parameters' places, in order, so it reads what `forward` reads."""
+    try:
+        values = _constants(sql, normalized)
+        if values is None:
+            return None
+        parts, at = [], 0
+        for token in parser.scan(forward):
+            text = forward[token.start : token.end + 1]
+            if token.name == "PARAM" and text in values:
+                parts += [forward[at : token.start], values[text]]
+                at = token.end + 1
+        candidate = "".join(parts) + forward[at:]
+        if str(parser.normalize(candidate)) != forward:
+            return None
+    except Exception:  # noqa: BLE001 - the scanner's errors: redirect the text itself
+        return None
+    return candidate
+
+
+def _constants(sql: str, normalized: str) -> dict[str, str] | None:
+    """The constant each of `normalized`'s new parameters ($n) stands for in `sql`, as
+    written; None when the two texts are not the same tokens but for those."""
+    exact, shape = parser.scan(sql), parser.scan(normalized)
+    params = [t for t in exact if t.name == "PARAM"]
+    existing = max((int(sql[t.start + 1 : t.end + 1]) for t in params), default=0)
+    values: dict[str, str] = {}
+    i = 0
+    for token in shape:
+        text = normalized[token.start : token.end + 1]
+        if i >= len(exact):
+            return None
+        start = exact[i].start
+        if token.name == "PARAM" and int(text[1:]) > existing:
+            if exact[i].name == _MINUS and i + 1 < len(exact):
+                i += 1  # a negative number: the sign is part of the constant
+                if exact[i].name not in _NUMBERS:
+                    return None
+            elif exact[i].name not in _CONSTANTS:
+                return None
+            values[text] = sql[start : exact[i].end + 1]
+        elif sql[start : exact[i].end + 1] != text:
+            return None
+        i += 1
+    return values if i == len(exact) else None
