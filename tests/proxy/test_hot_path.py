@@ -108,6 +108,20 @@ def test_repeated_text_is_analysed_once_and_inlined_literals_once_per_shape(anal
     assert len(analyses) == 2
 
 
+def test_a_redirected_shape_with_inlined_literals_is_analysed_once(analyses):
+    proxy, _ = make()
+    forwarded = []
+    for i in range(30):
+        sent = proxy.from_client(wire(m.Query(f"SELECT ssn FROM public.customers WHERE id = {i}")))
+        forwarded += [c.data for c in sent if isinstance(c, SendToServer)]
+        proxy.from_server(wire(m.CommandComplete("SELECT 0"), m.ReadyForQuery(b"I")))
+    assert analyses == ["SELECT ssn FROM public.customers WHERE id = $1"]
+    # Each text still goes out redirected with its own literal.
+    assert len(forwarded) == 30
+    for i, data in enumerate(forwarded):
+        assert f"FROM guard_masked.customers WHERE id = {i}\x00".encode() in data
+
+
 def test_unmasked_rows_pass_byte_identical_and_undecoded(row_decodes):
     proxy, _ = make()
     proxy.from_client(wire(m.Query("SELECT id, name, sku FROM products")))
