@@ -327,3 +327,21 @@ def test_an_unmasked_session_cannot_copy_through_a_view_spelling(direct_stack):
         assert copied == [(0,)]
     finally:
         _end(direct_stack, created)
+
+
+def test_guard_targets_says_who_may_ask(dev_stack, direct_stack):
+    import json
+
+    def targets(stack: Stack, user: str, *args: str):
+        env = {"GUARD_ID_TOKEN": _token(stack, user), "COLUMNS": "200"}
+        return stack.guard("targets", *args, env=env)
+
+    (dave,) = json.loads(targets(dev_stack, "dave", "--json").stdout)
+    assert dave["unmasked"] == "after approval"
+    (member,) = json.loads(targets(direct_stack, "dave", "--json").stdout)
+    assert member["unmasked"] == "yes"
+    (alice,) = json.loads(targets(dev_stack, "alice", "--json").stdout)
+    assert alice["unmasked"] == ""
+    table = targets(dev_stack, "dave").stdout
+    assert "unmasked (--unmasked)" in table and "after approval" in table
+    assert "unmasked" not in targets(dev_stack, "alice").stdout  # no column nobody can use

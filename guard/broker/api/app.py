@@ -41,9 +41,13 @@ from guard.broker.audit.sink import AuditUnavailable
 from guard.broker.backstop import BackstopMonitor
 from guard.broker.errors import Forbidden, GuardError, NotFound, Unauthenticated
 from guard.broker.identity.principal import Principal
+from guard.broker.policy.model import Effect
 from guard.broker.sessions import CREDENTIAL_PREFIX, Session, SessionManager
 
 log = logging.getLogger("guard.api")
+
+# `TargetInfo.unmasked`: what `can_unmask` says, in a word for the targets list.
+_UNMASK_WORDS = {Effect.ALLOW: "yes", Effect.REQUIRE_APPROVAL: "after approval"}
 
 
 class PrincipalResolver(Protocol):
@@ -274,6 +278,7 @@ def create_app(  # noqa: C901 - one closure per route
                 why_not=None if verdict.allowed else verdict.message,
                 default_ttl_seconds=targets[name].default_ttl_seconds,
                 max_ttl_seconds=targets[name].max_ttl_seconds,
+                unmasked=_UNMASK_WORDS.get(sessions.policy.can_unmask(caller, name).effect, ""),
             )
             for name, verdict in sessions.reachable(caller)
         ]

@@ -130,6 +130,9 @@ class TargetInfo(_Model):
     why_not: str | None = None
     default_ttl_seconds: int
     max_ttl_seconds: int
+    # Whether the caller may ask for an unmasked session there: "yes", "after approval",
+    # or "" (no).
+    unmasked: str = ""
 
 
 class BackstopReport(_Model):

@@ -84,16 +84,20 @@ def targets(as_json: bool) -> int:
         show.print_json([t.model_dump(mode="json") for t in infos])
         return 0
     table = Table(title="Targets", title_justify="left", box=box.SIMPLE_HEAD)
-    for column in ("target", "you may connect", "default TTL", "max TTL", "why not"):
+    unmasked = any(t.unmasked for t in infos)  # the column only where someone may ask
+    columns = ["target", "you may connect", "default TTL", "max TTL", "why not"]
+    for column in columns[:4] + (["unmasked (--unmasked)"] if unmasked else []) + columns[4:]:
         table.add_column(column)
     for t in infos:
-        table.add_row(
+        cells = [
             Text(t.name),
             Text("yes") if t.allowed else Text("no", style="red"),
             show.span(t.default_ttl_seconds),
             show.span(t.max_ttl_seconds),
-            Text((t.why_not or "").removeprefix("guard: ")),
-        )
+        ]
+        if unmasked:
+            cells.append(Text(t.unmasked))
+        table.add_row(*cells, Text((t.why_not or "").removeprefix("guard: ")))
     console.stdout().print(table)
     return 0
 
