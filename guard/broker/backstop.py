@@ -156,22 +156,29 @@ def _column_lists(target: Target) -> dict[str, list[str]]:
     }
 
 
+def dependent_views(
+    conn: psycopg.Connection[Any], special: frozenset[tuple[str, str]]
+) -> list[tuple[Any, ...]]:
+    """The views and materialized views that read `special` relations, shallowest first,
+    with their definitions fully qualified (one catalog read serves every twin schema)."""
+    if not special:
+        return []
+    schemas, names = zip(*sorted(special), strict=True)
+    with _qualified_names(conn):
+        return _rows(conn, _DEPENDENT_VIEWS, (list(schemas), list(names)))
+
+
 def view_twins(
-    conn: psycopg.Connection[Any],
+    views: list[tuple[Any, ...]],
     special: frozenset[tuple[str, str]],
     masked: str = MASKED_SCHEMA,
 ) -> tuple[list[ViewTwin], list[str]]:
-    """The masked twins of the views that read `special` relations, and the views that get
+    """The twins in schema `masked` of `views` (`dependent_views`), and the views that get
     none (their definition could not be redirected: they stay unreadable, fail closed)."""
-    if not special:
-        return [], []
-    schemas, names = zip(*sorted(special), strict=True)
-    with _qualified_names(conn):
-        rows = _rows(conn, _DEPENDENT_VIEWS, (list(schemas), list(names)))
     twins: list[ViewTwin] = []
     untwinned: list[str] = []
     redirected = frozenset(special)
-    for schema, name, definition, _depth in rows:
+    for schema, name, definition, _depth in views:
         result = redirect(definition, redirected, masked)
         if result is None or result.refusal is not None:
             untwinned.append(f"{schema}.{name}")
@@ -209,10 +216,12 @@ def read_facts(conn: psycopg.Connection[Any], target: Target) -> Facts:
         cols = conn.execute(_COLUMNS, (schema, table)).fetchall()
         tables[(schema, table)] = TableColumns(schema, table, tuple((n, t) for n, t in cols))
     all_tables = [(s, t) for s, t in conn.execute(_TABLES).fetchall()]
-    twins, untwinned = view_twins(conn, target.masked_tables())
+    special = target.masked_tables()
+    views = dependent_views(conn, special)
+    twins, untwinned = view_twins(views, special)
     raw_twins: list[ViewTwin] = []
     if target.unmasked is not None:
-        raw_twins, _ = view_twins(conn, target.masked_tables(), UNMASKED_SCHEMA)
+        raw_twins, _ = view_twins(views, special, UNMASKED_SCHEMA)
     return Facts(
         tables=tables,
         all_tables=all_tables,
