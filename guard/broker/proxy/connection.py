@@ -238,9 +238,9 @@ class GatewayConnection:
             protected, "view_columns", frozenset()
         )
         self._view_masked = 0  # simple query: masked view columns of the current result
-        # (view-masked cells, unmasked cells) of a count: an unmasked session's counted
-        # columns are guard_unmasked's raw ones.
-        self._cells = _as_unmasked if gate.unmasked else _as_view_masked
+        # An unmasked session's counted columns are guard_unmasked's raw ones: its counts
+        # are unmasked cells, not view-masked ones.
+        self._unmasked = gate.unmasked
         self.client_user = client_user
         self.state = State.RELAYING
         kwargs = {"max_message_size": max_message_size} if max_message_size else {}
@@ -984,6 +984,8 @@ class GatewayConnection:
     ) -> None:
         """Queue a result record (values in `audit.record.RESULT_FIELDS` order)."""
         gate = self.gate
+        cells = rows * view_masked if rows and view_masked else 0
+        unmasked = self._unmasked
         self._results.append(
             (
                 gate.session_id,
@@ -994,7 +996,8 @@ class GatewayConnection:
                 rows,
                 self._masked_cells,
                 sqlstate,
-                *self._cells(rows * view_masked if rows and view_masked else 0),
+                0 if unmasked else cells,
+                cells if unmasked else 0,
             )
         )
 
@@ -1183,14 +1186,6 @@ def _plan_for(
             fmt = formats[index] if index < len(formats) else 0
         plan.append((index, strategy, fmt, f.type_oid))
     return tuple(plan) or None
-
-
-def _as_view_masked(count: int) -> tuple[int, int]:
-    return count, 0
-
-
-def _as_unmasked(count: int) -> tuple[int, int]:
-    return 0, count
 
 
 def _view_masked_of(portal: Portal) -> int:
