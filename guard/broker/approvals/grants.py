@@ -128,15 +128,21 @@ class DatabaseGrants:
 
     async def grant(self, target: str, role: str, tables: Sequence[str]) -> None:
         roles = approved_roles(tables)
-        if not roles:
-            return
+        if roles:
+            await self._grant(target, role, roles, "grant")
+
+    async def grant_unmasked(self, target: str, role: str) -> None:
+        await self._grant(target, role, [UNMASKED_ROLE], "grant unmasked access")
+
+    async def _grant(self, target: str, role: str, roles: list[str], action: str) -> None:
+        """GRANT `roles` TO `role`, in one statement on the target's connection."""
         statement = sql.SQL("GRANT {} TO {}").format(_idents(roles), sql.Identifier(role))
 
         async def op(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
             await conn.execute(statement)
 
         started = time.perf_counter()
-        await self._run(target, "grant", op)
+        await self._run(target, action, op)
         _log.info(
             "granted %s to %s on %s (%.1f ms)",
             ", ".join(roles),
@@ -144,17 +150,6 @@ class DatabaseGrants:
             target,
             (time.perf_counter() - started) * 1000,
         )
-
-    async def grant_unmasked(self, target: str, role: str) -> None:
-        statement = sql.SQL("GRANT {} TO {}").format(
-            sql.Identifier(UNMASKED_ROLE), sql.Identifier(role)
-        )
-
-        async def op(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
-            await conn.execute(statement)
-
-        await self._run(target, "grant unmasked access", op)
-        _log.info("granted %s to %s on %s", UNMASKED_ROLE, role, target)
 
     async def revoke(self, target: str, role: str, tables: Sequence[str]) -> None:
         roles = approved_roles(tables)
