@@ -1,18 +1,28 @@
 """The floor: what a do-nothing uvloop byte relay costs per pgbench transaction.
 
-    .venv/bin/python bench/floor_relay.py [--seconds 6] [--clients 8]
+    .venv/bin/python bench/floor_relay.py [--seconds 6] [--clients 8] [--rounds 2]
 
-Starts the demo stack's PostgreSQL (`guard dev up`), a relay that copies bytes between
-each client and its own upstream connection (plain TCP both sides, no parsing, no TLS, no
-audit), and runs pgbench -S through it; prints tps and the relay's CPU µs per
-transaction. Anything guard's gateway spends above this number is its own work (upstream
-TLS, framing, decisions, audit), so this is the floor a Python gateway can reach.
+Starts the demo stack's PostgreSQL (`guard dev up`) and runs pgbench -S (simple) with N
+clients through relays that copy bytes between each client and its own upstream connection
+(no parsing, no decisions, no audit), in the same run as direct and pgbouncer:
+
+- `plain`: plain TCP on both legs (the kernel's and the event loop's share alone);
+- `tls`: verified TLS on both legs as guard's gateway has it (the client's SSLRequest
+  answered, then uvloop's TLS transport toward the client and toward PostgreSQL), and as
+  pgbouncer has it in this run (`client_tls_sslmode`, `server_tls_sslmode = verify-full`).
+
+Prints tps, the relay's and pgbouncer's CPU µs per transaction and the ratio to pgbouncer.
+Anything guard's gateway spends above the `tls` relay is its own work (framing, decisions,
+audit), and the `tls` relay's ratio to pgbouncer is the most any gateway whose bytes pass
+through the Python interpreter can reach here: it is the floor of issue 13's goal.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ssl
+import statistics
 import subprocess
 import sys
 import time
@@ -22,9 +32,20 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import _per_tx, admin_env, cpu_times, demo_stack, pgbench, sh  # noqa: E402
+from run import (  # noqa: E402
+    _per_tx,
+    admin_env,
+    cpu_times,
+    demo_stack,
+    libpq_env,
+    pgbench,
+    sh,
+    start_pgbouncer,
+)
 
 from guard.devstack.postgres import free_port  # noqa: E402
+
+SSL_REQUEST = (8).to_bytes(4, "big") + (80877103).to_bytes(4, "big")
 
 
 class Side(asyncio.Protocol):
@@ -34,13 +55,16 @@ class Side(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer: Side | None = None
         self.early = b""
+        self.waiter: asyncio.Future[None] | None = None
 
     def connection_made(self, transport) -> None:
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
         if self.peer is None or self.peer.transport is None:
-            self.early += data
+            self.early += data  # the TLS negotiation's bytes, or bytes before relaying
+            if self.waiter is not None and not self.waiter.done():
+                self.waiter.set_result(None)
         else:
             self.peer.transport.write(data)
 
@@ -49,8 +73,38 @@ class Side(asyncio.Protocol):
             self.peer.transport.close()
 
 
-def relay(upstream_host: str, upstream_port: int, listen_port: int) -> None:
+async def negotiate(
+    side: Side, ctx: ssl.SSLContext, *, server_side: bool, hostname: str | None = None
+) -> None:
+    """The client's SSLRequest answered (client leg) or ours sent (upstream leg), then
+    TLS over the same transport."""
+    loop = asyncio.get_running_loop()
+    if not server_side:
+        side.transport.write(SSL_REQUEST)
+    while len(side.early) < (len(SSL_REQUEST) if server_side else 1):
+        side.waiter = loop.create_future()
+        await side.waiter
+    answer, side.early, side.waiter = side.early, b"", None
+    if server_side:
+        assert answer == SSL_REQUEST, answer
+        side.transport.write(b"S")
+    else:
+        assert answer == b"S", answer
+    side.transport = await loop.start_tls(
+        side.transport, side, ctx, server_side=server_side, server_hostname=hostname
+    )
+
+
+def relay(upstream_host: str, upstream_port: int, listen_port: int, tls_dir: str | None) -> None:
+    """Serve the relay on listen_port until killed; TLS on both legs when tls_dir is given
+    (the dev stack's CA and the gateway's certificate in it)."""
     import uvloop
+
+    server_ctx = client_ctx = None
+    if tls_dir is not None:
+        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ctx.load_cert_chain(f"{tls_dir}/gateway.pem", f"{tls_dir}/gateway-key.pem")
+        client_ctx = ssl.create_default_context(cafile=f"{tls_dir}/ca.pem")
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -61,9 +115,13 @@ def relay(upstream_host: str, upstream_port: int, listen_port: int) -> None:
                 loop.create_task(self.connect())
 
             async def connect(self) -> None:
+                if tls_dir is not None:
+                    await negotiate(self, server_ctx, server_side=True)
                 upstream = Side()
-                upstream.peer, self.peer = self, upstream
                 await loop.create_connection(lambda: upstream, upstream_host, upstream_port)
+                if tls_dir is not None:
+                    await negotiate(upstream, client_ctx, server_side=False, hostname=upstream_host)
+                upstream.peer, self.peer = self, upstream
                 if self.early:
                     upstream.transport.write(self.early)
 
@@ -73,36 +131,99 @@ def relay(upstream_host: str, upstream_port: int, listen_port: int) -> None:
     uvloop.run(main())
 
 
+def measure(
+    pid: int, env: dict[str, str], seconds: int, clients: int
+) -> tuple[float, float, float]:
+    """tps of pgbench -S simple through a process, and its (user, system) µs/tx."""
+    before = cpu_times(pid)
+    tps, n = pgbench(env, ["-S", "-M", "simple"], seconds, clients)
+    user, system = _per_tx(before, cpu_times(pid), n)
+    return tps, user, system
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=6)
     ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds; medians")
     args = ap.parse_args()
     with demo_stack() as (_env, status):
         admin = psycopg.conninfo.conninfo_to_dict(status["upstream_dsn"])
-        pg_env = admin_env(status, sslmode="disable")
-        sh(["pgbench", "-i", "-q", "-s", "10"], env=pg_env)
-        port = free_port()
-        relay_argv = ["--relay", admin["host"], str(admin["port"]), str(port)]
-        proc = subprocess.Popen([sys.executable, __file__, *relay_argv])
+        host, port = admin["host"], int(admin["port"])
+        tls_dir = str(Path(status["gateway_ca"]).parent)
+        sh(["pgbench", "-i", "-q", "-s", "10"], env=admin_env(status, sslmode="disable"))
+        procs: dict[str, subprocess.Popen] = {}
+        envs: dict[str, dict[str, str]] = {}
+        pgb = None
         try:
+            for name, tls in (("plain", None), ("tls", tls_dir)):
+                listen = free_port()
+                argv = [sys.executable, __file__, "--relay", host, str(port), str(listen)]
+                procs[name] = subprocess.Popen([*argv, *([tls] if tls else [])])
+                mode = "verify-full" if tls else "disable"
+                envs[name] = libpq_env(
+                    "127.0.0.1",
+                    listen,
+                    admin["user"],
+                    admin["password"],
+                    sslmode=mode,
+                    rootcert=status["gateway_ca"] if tls else "",
+                )
+            pgb, pgb_port, pgb_dir = start_pgbouncer(
+                host, port, admin["user"], admin["password"], status["gateway_ca"]
+            )
+            procs["pgbouncer"] = pgb
+            pids = {name: proc.pid for name, proc in procs.items()}
+            # pgbouncer runs under runuser: its own pid is the one holding its config file.
+            pids["pgbouncer"] = int(sh(["pgrep", "-n", "-f", f"pgbouncer {pgb_dir}"]).stdout)
+            envs["pgbouncer"] = libpq_env(
+                "127.0.0.1",
+                pgb_port,
+                admin["user"],
+                admin["password"],
+                sslmode="verify-full",
+                rootcert=status["gateway_ca"],
+            )
+            direct = admin_env(status, sslmode="verify-full")
+            for e in (*envs.values(), direct):
+                e["PGGSSENCMODE"] = "disable"
+            # A relay that terminates TLS cannot pass PostgreSQL's SCRAM channel binding on
+            # (the client binds to the relay's certificate); guard's gateway logs clients in
+            # itself for that reason.
+            envs["tls"]["PGCHANNELBINDING"] = "disable"
             time.sleep(1.0)
-            relay_env = {**pg_env, "PGHOST": "127.0.0.1", "PGPORT": str(port)}
-            before = cpu_times(proc.pid)
-            tps, n = pgbench(relay_env, ["-S", "-M", "simple"], args.seconds, args.clients)
-            user, system = _per_tx(before, cpu_times(proc.pid), n)
-            direct, _ = pgbench(pg_env, ["-S", "-M", "simple"], args.seconds, args.clients)
+            runs: dict[str, list[tuple[float, float, float]]] = {k: [] for k in procs}
+            direct_tps: list[float] = []
+            for _ in range(args.rounds):
+                direct_tps.append(
+                    pgbench(direct, ["-S", "-M", "simple"], args.seconds, args.clients)[0]
+                )
+                for name, pid in pids.items():
+                    runs[name].append(measure(pid, envs[name], args.seconds, args.clients))
         finally:
-            proc.kill()
-        print(
-            f"-S simple: direct {direct:.0f} tps, relay {tps:.0f} tps, relay "
-            f"{user + system:.1f} µs/tx ({system:.1f} system)"
-        )
+            for proc in procs.values():
+                proc.terminate()  # runuser passes it on to pgbouncer
+    pgb_tps = statistics.median(r[0] for r in runs["pgbouncer"])
+    print(
+        f"-S simple, {args.clients} clients, median of {args.rounds} interleaved rounds; "
+        f"direct (TLS) {statistics.median(direct_tps):.0f} tps"
+    )
+    print(f"{'path':<24} {'tps':>7} {'/pgbouncer':>10} {'µs/tx':>7} {'(sys)':>6}")
+    for name, label in (
+        ("plain", "relay, plain both legs"),
+        ("tls", "relay, TLS both legs"),
+        ("pgbouncer", "pgbouncer, TLS both legs"),
+    ):
+        tps = statistics.median(r[0] for r in runs[name])
+        user = statistics.median(r[1] for r in runs[name])
+        system = statistics.median(r[2] for r in runs[name])
+        print(f"{label:<24} {tps:7.0f} {tps / pgb_tps:10.2f} {user + system:7.1f} {system:6.1f}")
     return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--relay":
-        relay(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    if len(sys.argv) in (5, 6) and sys.argv[1] == "--relay":
+        tls = sys.argv[5] if len(sys.argv) == 6 else None
+        relay(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), tls)
     else:
         sys.exit(main())
