@@ -7,14 +7,19 @@ clients through relays that copy bytes between each client and its own upstream 
 (no parsing, no decisions, no audit), in the same run as direct and pgbouncer:
 
 - `plain`: plain TCP on both legs (the kernel's and the event loop's share alone);
-- `tls`: verified TLS on both legs as guard's gateway has it (the client's SSLRequest
-  answered, then uvloop's TLS transport toward the client and toward PostgreSQL), and as
-  pgbouncer has it in this run (`client_tls_sslmode`, `server_tls_sslmode = verify-full`).
+- `tls`: verified TLS on both legs through uvloop's TLS transport (the client's SSLRequest
+  answered, then `loop.start_tls`; toward PostgreSQL the same);
+- `bio`: guard's gateway's plumbing: uvloop's TLS transport toward the client, and
+  `proxy.tlslayer` (memory BIOs over a plain transport) toward PostgreSQL;
+- `bio2`: memory BIOs on both legs;
+
+and pgbouncer with TLS on both legs (`client_tls_sslmode`, `server_tls_sslmode =
+verify-full`).
 
 Prints tps, the relay's and pgbouncer's CPU µs per transaction and the ratio to pgbouncer.
-Anything guard's gateway spends above the `tls` relay is its own work (framing, decisions,
-audit), and the `tls` relay's ratio to pgbouncer is the most any gateway whose bytes pass
-through the Python interpreter can reach here: it is the floor of issue 13's goal.
+Anything guard's gateway spends above the `bio` relay is its own work per statement
+(framing, decisions, audit), and the `bio` relay's ratio to pgbouncer is the most guard's
+gateway can reach with its present plumbing: the ceiling for issue 13's goal.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from run import (  # noqa: E402
     start_pgbouncer,
 )
 
+from guard.broker.proxy.tlslayer import TLSClient, TLSClosed  # noqa: E402
 from guard.devstack.postgres import free_port  # noqa: E402
 
 SSL_REQUEST = (8).to_bytes(4, "big") + (80877103).to_bytes(4, "big")
@@ -59,6 +65,7 @@ class Side(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self.send = transport.write  # what the peer calls with the bytes it relays
 
     def data_received(self, data: bytes) -> None:
         if self.peer is None or self.peer.transport is None:
@@ -66,38 +73,86 @@ class Side(asyncio.Protocol):
             if self.waiter is not None and not self.waiter.done():
                 self.waiter.set_result(None)
         else:
-            self.peer.transport.write(data)
+            self.peer.send(data)
 
     def connection_lost(self, exc) -> None:
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.close()
 
 
-async def negotiate(
-    side: Side, ctx: ssl.SSLContext, *, server_side: bool, hostname: str | None = None
+class BioSide(Side):
+    """A relay end whose TLS is guard's gateway's upstream kind: `proxy.tlslayer` over
+    memory BIOs on a plain transport, instead of uvloop's TLS transport (without TLS, or
+    before it, a plain `Side`)."""
+
+    tls: TLSClient | None = None
+
+    async def wait_for(self, size: int) -> bytes:
+        """The next `size` or more bytes the peer sends before relaying starts."""
+        loop = asyncio.get_running_loop()
+        while len(self.early) < size:
+            self.waiter = loop.create_future()
+            await self.waiter
+        data, self.early, self.waiter = self.early, b"", None
+        return data
+
+    async def negotiate(self, ctx: ssl.SSLContext, *, server_side: bool, bio: bool) -> None:
+        """The client's SSLRequest answered (client leg) or ours sent (upstream leg), then
+        TLS over the same transport: uvloop's, or memory BIOs when `bio`."""
+        if not server_side:
+            self.transport.write(SSL_REQUEST)
+        answer = await self.wait_for(len(SSL_REQUEST) if server_side else 1)
+        assert answer == (SSL_REQUEST if server_side else b"S"), answer
+        if server_side:
+            self.transport.write(b"S")
+        hostname = None if server_side else self.transport.get_extra_info("peername")[0]
+        if not bio:
+            self.transport = await asyncio.get_running_loop().start_tls(
+                self.transport, self, ctx, server_side=server_side, server_hostname=hostname
+            )
+            self.send = self.transport.write
+            return
+        tls = TLSServer(ctx) if server_side else TLSClient(ctx, hostname)
+        self.transport.write(tls.handshake())
+        while not tls.handshake_done:
+            self.transport.write(tls.handshake(await self.wait_for(1)))
+        self.tls = tls
+        self.early = tls.decrypt()  # what came with the handshake's last flight
+        write, encrypt = self.transport.write, tls.encrypt
+        self.send = lambda data: write(encrypt(data))
+
+    def data_received(self, data: bytes) -> None:
+        if self.tls is None:
+            super().data_received(data)
+            return
+        try:
+            plain = self.tls.decrypt(data)
+        except TLSClosed:
+            self.transport.close()
+            return
+        if self.peer is None:
+            self.early += plain  # the client's first messages, while upstream connects
+        elif plain:
+            self.peer.send(plain)
+
+
+class TLSServer(TLSClient):
+    """`TLSClient`'s record layer on the server side (the client leg)."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.ssl_object = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self._c = self.ssl_object._sslobj
+        self.handshake_done = self._closed = False
+
+
+def relay(
+    upstream_host: str, upstream_port: int, listen_port: int, mode: str, tls_dir: str | None
 ) -> None:
-    """The client's SSLRequest answered (client leg) or ours sent (upstream leg), then
-    TLS over the same transport."""
-    loop = asyncio.get_running_loop()
-    if not server_side:
-        side.transport.write(SSL_REQUEST)
-    while len(side.early) < (len(SSL_REQUEST) if server_side else 1):
-        side.waiter = loop.create_future()
-        await side.waiter
-    answer, side.early, side.waiter = side.early, b"", None
-    if server_side:
-        assert answer == SSL_REQUEST, answer
-        side.transport.write(b"S")
-    else:
-        assert answer == b"S", answer
-    side.transport = await loop.start_tls(
-        side.transport, side, ctx, server_side=server_side, server_hostname=hostname
-    )
-
-
-def relay(upstream_host: str, upstream_port: int, listen_port: int, tls_dir: str | None) -> None:
-    """Serve the relay on listen_port until killed; TLS on both legs when tls_dir is given
-    (the dev stack's CA and the gateway's certificate in it)."""
+    """Serve the relay on listen_port until killed. Modes: "plain"; "tls" (uvloop's TLS
+    transport on both legs); "bio" (uvloop's toward the client, memory BIOs upstream, as
+    guard's gateway has it); "bio2" (memory BIOs on both legs). TLS uses the dev stack's
+    CA and the gateway's certificate in `tls_dir`."""
     import uvloop
 
     server_ctx = client_ctx = None
@@ -109,21 +164,21 @@ def relay(upstream_host: str, upstream_port: int, listen_port: int, tls_dir: str
     async def main() -> None:
         loop = asyncio.get_running_loop()
 
-        class Client(Side):
+        class Client(BioSide):
             def connection_made(self, transport) -> None:
                 super().connection_made(transport)
                 loop.create_task(self.connect())
 
             async def connect(self) -> None:
-                if tls_dir is not None:
-                    await negotiate(self, server_ctx, server_side=True)
-                upstream = Side()
+                if mode != "plain":
+                    await self.negotiate(server_ctx, server_side=True, bio=mode == "bio2")
+                upstream = BioSide()
                 await loop.create_connection(lambda: upstream, upstream_host, upstream_port)
-                if tls_dir is not None:
-                    await negotiate(upstream, client_ctx, server_side=False, hostname=upstream_host)
+                if mode != "plain":
+                    await upstream.negotiate(client_ctx, server_side=False, bio=mode != "tls")
                 upstream.peer, self.peer = self, upstream
                 if self.early:
-                    upstream.transport.write(self.early)
+                    upstream.send(self.early)
 
         await loop.create_server(Client, "127.0.0.1", listen_port)
         await asyncio.Event().wait()
@@ -156,9 +211,10 @@ def main() -> int:
         envs: dict[str, dict[str, str]] = {}
         pgb = None
         try:
-            for name, tls in (("plain", None), ("tls", tls_dir)):
+            for name in ("plain", "tls", "bio", "bio2"):
+                tls = None if name == "plain" else tls_dir
                 listen = free_port()
-                argv = [sys.executable, __file__, "--relay", host, str(port), str(listen)]
+                argv = [sys.executable, __file__, "--relay", host, str(port), str(listen), name]
                 procs[name] = subprocess.Popen([*argv, *([tls] if tls else [])])
                 mode = "verify-full" if tls else "disable"
                 envs[name] = libpq_env(
@@ -190,7 +246,8 @@ def main() -> int:
             # A relay that terminates TLS cannot pass PostgreSQL's SCRAM channel binding on
             # (the client binds to the relay's certificate); guard's gateway logs clients in
             # itself for that reason.
-            envs["tls"]["PGCHANNELBINDING"] = "disable"
+            for name in ("tls", "bio", "bio2"):
+                envs[name]["PGCHANNELBINDING"] = "disable"
             time.sleep(1.0)
             runs: dict[str, list[tuple[float, float, float]]] = {k: [] for k in procs}
             direct_tps: list[float] = []
@@ -212,6 +269,8 @@ def main() -> int:
     for name, label in (
         ("plain", "relay, plain both legs"),
         ("tls", "relay, TLS both legs"),
+        ("bio", "relay, TLS, upstream BIO"),
+        ("bio2", "relay, TLS, BIO both legs"),
         ("pgbouncer", "pgbouncer, TLS both legs"),
     ):
         tps = statistics.median(r[0] for r in runs[name])
@@ -222,8 +281,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) in (5, 6) and sys.argv[1] == "--relay":
-        tls = sys.argv[5] if len(sys.argv) == 6 else None
-        relay(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), tls)
+    if len(sys.argv) in (6, 7) and sys.argv[1] == "--relay":
+        tls = sys.argv[6] if len(sys.argv) == 7 else None
+        relay(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], tls)
     else:
         sys.exit(main())
