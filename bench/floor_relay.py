@@ -81,9 +81,9 @@ class Side(asyncio.Protocol):
 
 
 class BioSide(Side):
-    """A relay end whose TLS is guard's gateway's upstream kind: `proxy.tlslayer` over
-    memory BIOs on a plain transport, instead of uvloop's TLS transport (without TLS, or
-    before it, a plain `Side`)."""
+    """A relay end that may speak TLS (`negotiate`): through uvloop's TLS transport, or
+    through `proxy.tlslayer`'s record layer over memory BIOs on the plain transport, as
+    guard's gateway does upstream. Without TLS, or before it, a plain `Side`."""
 
     tls: TLSClient | None = None
 
@@ -137,7 +137,8 @@ class BioSide(Side):
 
 
 class TLSServer(TLSClient):
-    """`TLSClient`'s record layer on the server side (the client leg)."""
+    """`TLSClient`'s record layer on the server side (the client leg); it sets the same
+    attributes as `TLSClient.__init__`, so it follows that class's fields."""
 
     def __init__(self, context: ssl.SSLContext) -> None:
         self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
@@ -209,7 +210,6 @@ def main() -> int:
         sh(["pgbench", "-i", "-q", "-s", "10"], env=admin_env(status, sslmode="disable"))
         procs: dict[str, subprocess.Popen] = {}
         envs: dict[str, dict[str, str]] = {}
-        pgb = None
         try:
             for name in ("plain", "tls", "bio", "bio2"):
                 tls = None if name == "plain" else tls_dir
@@ -265,7 +265,7 @@ def main() -> int:
         f"-S simple, {args.clients} clients, median of {args.rounds} interleaved rounds; "
         f"direct (TLS) {statistics.median(direct_tps):.0f} tps"
     )
-    print(f"{'path':<24} {'tps':>7} {'/pgbouncer':>10} {'µs/tx':>7} {'(sys)':>6}")
+    print(f"{'path':<26} {'tps':>7} {'/pgbouncer':>10} {'µs/tx':>7} {'(sys)':>6}")
     for name, label in (
         ("plain", "relay, plain both legs"),
         ("tls", "relay, TLS both legs"),
@@ -276,7 +276,7 @@ def main() -> int:
         tps = statistics.median(r[0] for r in runs[name])
         user = statistics.median(r[1] for r in runs[name])
         system = statistics.median(r[2] for r in runs[name])
-        print(f"{label:<24} {tps:7.0f} {tps / pgb_tps:10.2f} {user + system:7.1f} {system:6.1f}")
+        print(f"{label:<26} {tps:7.0f} {tps / pgb_tps:10.2f} {user + system:7.1f} {system:6.1f}")
     return 0
 
 
