@@ -2,9 +2,11 @@
 
 `guard.broker.pgwire._cframe` is the compiled twin of the relay's byte scanning in
 guard/broker/pgwire/parser.py (see guard/broker/proxy/speedups.py); `guard.broker.audit.
-_cfsync` is the audit group commit's fsync thread (see guard/broker/audit/commit.py). Both
-are optional: when one cannot be built (no compiler, no Python headers), setuptools prints
-a warning and the install goes on without it, and guard runs its pure-Python code.
+_cfsync` is the audit group commit's fsync thread (see guard/broker/audit/commit.py), and
+`guard.broker.audit._cseal` seals a statement record (guard/broker/audit/serialize.py's
+`seal_record`). All are optional: when one cannot be built (no compiler, no Python headers,
+no OpenSSL headers for _cseal), setuptools prints a warning and the install goes on without
+it, and guard runs its pure-Python code.
 """
 
 from setuptools import Extension, setup
@@ -21,6 +23,14 @@ setup(
         Extension(
             "guard.broker.audit._cfsync",
             sources=["guard/broker/audit/_cfsync.c"],
+            optional=True,
+        ),
+        # One statement record completed and sealed (guard/broker/audit/serialize.py's
+        # seal_record); needs OpenSSL's headers, optional in the same way.
+        Extension(
+            "guard.broker.audit._cseal",
+            sources=["guard/broker/audit/_cseal.c"],
+            libraries=["crypto"],
             optional=True,
         ),
     ]

@@ -75,7 +75,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from guard.broker.audit import checkpoint
 from guard.broker.audit.chain import GENESIS, is_record_prefix, last_hash_of, seal_line, split_line
 from guard.broker.audit.record import AuditEvent, result_bodies, result_body, utc_now_iso
-from guard.broker.audit.serialize import Recordable, complete, dumps, fixed_fields, serialize
+from guard.broker.audit.serialize import (
+    Recordable,
+    complete,
+    dumps,
+    fixed_fields,
+    seal_record,
+    serialize,
+)
 
 log = logging.getLogger("guard.broker.audit")
 _monotonic_ns = time.monotonic_ns
@@ -93,6 +100,8 @@ def _native_syncer(fd: int) -> Any:
     except ImportError:
         return None
     return Syncer(fd)
+
+
 _CHECKPOINT_MARK = b'"kind":"checkpoint"'  # cannot occur inside a JSON string (quotes escaped)
 
 
@@ -395,7 +404,7 @@ class JsonlAuditSink:
 
     def _append_locked(self, record: Recordable) -> None:
         seq = self._seq + 1
-        data, prev = seal_line(self._prev, complete(fixed_fields(record), seq))
+        data, prev = seal_record(self._prev, fixed_fields(record), seq, time.time_ns())
         self._write(data)
         self._seq, self._prev = seq, prev
 
@@ -430,7 +439,7 @@ class JsonlAuditSink:
         signed = 0  # seq of a checkpoint written with these records
         if len(records) == 1:  # the common case (hot path): no list to join
             seq += 1
-            data, prev = seal_line(prev, complete(records[0], seq))
+            data, prev = seal_record(prev, records[0], seq, time.time_ns())
             seqs = [seq]
             if seq >= due:
                 line, prev = self._checkpoint_line(seq, prev)
@@ -441,7 +450,7 @@ class JsonlAuditSink:
             seqs = []
             for fixed in records:
                 seq += 1
-                line, prev = seal_line(prev, complete(fixed, seq))
+                line, prev = seal_record(prev, fixed, seq, time.time_ns())
                 lines.append(line)
                 seqs.append(seq)
                 if seq >= due:  # exactly every N records, even inside one write

@@ -1,0 +1,3 @@
+"""Types of the compiled statement seal (`_cseal.c`); see `audit.serialize.seal_record`."""
+
+def seal(prev: bytes, fixed: bytes, seq: int, ns: int, /) -> tuple[bytes, bytes]: ...
