@@ -1,8 +1,9 @@
 """The compiled statement seal (`audit/_cseal.c`) against its Python reference.
 
-`serialize.seal_record_py` is the reference; the sink uses the compiled `seal` when it is
-built. Both must give the same stored line and hash for any record, sequence number and
-time, or a chain written by one would not verify as the other's.
+`serialize.seal_record_py` is the reference; the sink (`sink.seal_record`) uses the
+compiled `seal` when it is built. Both must give the same stored line and hash for any
+record, sequence number and time, or a chain written by one would not verify as the
+other's.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from guard.broker.audit import serialize
+from guard.broker.audit import serialize, sink
 from guard.broker.audit.chain import GENESIS, split_record, verify_lines
 
 try:
@@ -65,5 +66,5 @@ def test_bad_arguments_are_refused_not_sealed(args, error):
 
 def test_the_sink_uses_the_compiled_seal_unless_pure_python_is_asked():
     expected = None if os.environ.get("GUARD_PURE_PYTHON", "") not in ("", "0") else seal
-    assert (serialize._compiled_seal()) is expected
-    assert serialize.seal_record is (expected or serialize.seal_record_py)
+    assert sink._compiled_seal() is expected
+    assert sink.seal_record is (expected or serialize.seal_record_py)

@@ -11,8 +11,6 @@ same record many times (a prepared statement's executions) keep the serialized f
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable
 from typing import Any, Protocol
 
 from guard.broker.audit.chain import canonical, seal_line
@@ -61,21 +59,7 @@ def complete(fixed: bytes, seq: int) -> bytes:
 def seal_record_py(prev: bytes, fixed: bytes, seq: int, ns: int) -> tuple[bytes, bytes]:
     """The stored line of the record with these fixed fields, `seq` and time `ns`, chained
     after `prev`, and its hash: `seal_line(prev, complete(fixed, seq))` at that time. The
-    reference of its compiled twin (`audit/_cseal.c`), which the sink uses when built."""
+    reference of its compiled twin (`audit/_cseal.c`), which the sink uses when built
+    (`audit.sink.seal_record`)."""
     body = b'%b,"seq":%d,"time":"%b"}' % (fixed, seq, iso_from_ns(ns).encode("ascii"))
     return seal_line(prev, body)
-
-
-def _compiled_seal() -> Callable[[bytes, bytes, int, int], tuple[bytes, bytes]] | None:
-    """`_cseal.seal`, or None: not built (no compiler or no OpenSSL headers), or
-    GUARD_PURE_PYTHON=1 (the reference above)."""
-    if os.environ.get("GUARD_PURE_PYTHON", "") not in ("", "0"):
-        return None
-    try:
-        from guard.broker.audit._cseal import seal
-    except ImportError:
-        return None
-    return seal
-
-
-seal_record = _compiled_seal() or seal_record_py

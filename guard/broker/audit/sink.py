@@ -64,7 +64,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
@@ -80,7 +80,7 @@ from guard.broker.audit.serialize import (
     complete,
     dumps,
     fixed_fields,
-    seal_record,
+    seal_record_py,
     serialize,
 )
 
@@ -101,6 +101,21 @@ def _native_syncer(fd: int) -> Any:
         return None
     return Syncer(fd)
 
+
+def _compiled_seal() -> Callable[[bytes, bytes, int, int], tuple[bytes, bytes]] | None:
+    """The compiled statement seal (`audit/_cseal.c`), or None: not built (no compiler or
+    no OpenSSL headers), or GUARD_PURE_PYTHON=1 (`serialize.seal_record_py`, the reference)."""
+    if os.environ.get("GUARD_PURE_PYTHON", "") not in ("", "0"):
+        return None
+    try:
+        from guard.broker.audit._cseal import seal
+    except ImportError:
+        return None
+    return seal
+
+
+# Every record the sink writes is completed and chained by this one function.
+seal_record = _compiled_seal() or seal_record_py
 
 _CHECKPOINT_MARK = b'"kind":"checkpoint"'  # cannot occur inside a JSON string (quotes escaped)
 
