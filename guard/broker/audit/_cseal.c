@@ -1,6 +1,6 @@
 /* guard.broker.audit._cseal: one statement record completed and sealed, in C.
  *
- * The compiled twin of `audit.serialize.seal_record` (complete + chain.seal_line), the
+ * The compiled twin of `audit.serialize.seal_record_py` (complete + chain.seal_line), the
  * sink's per-statement work before its write: the record's fixed fields get `seq` and the
  * time, the body is hashed into the chain, and the stored line is built. In Python that
  * is three bytes formats, a sha256 object, a hexdigest and its encoding (3.8-5.9 us per

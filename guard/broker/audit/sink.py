@@ -712,7 +712,7 @@ class MemoryAuditSink:
             raise AuditUnavailable("audit sink failing (test)")
         seqs = []
         for fixed in records:
-            body = json.loads(complete(fixed, len(self.records) + 1))
+            body = json.loads(complete(fixed, len(self.records) + 1, time.time_ns()))
             self.records.append(body)
             seqs.append(body["seq"])
         return seqs
