@@ -4,7 +4,8 @@
 guard/broker/pgwire/parser.py (see guard/broker/proxy/speedups.py); `guard.broker.audit.
 _cfsync` is the audit group commit's fsync thread (see guard/broker/audit/commit.py), and
 `guard.broker.audit._cseal` seals a statement record (guard/broker/audit/serialize.py's
-`seal_record`). All are optional: when one cannot be built (no compiler, no Python headers,
+`seal_record`), and `guard.broker.sql._cshape` normalizes the plainest statements with
+inlined values (guard/broker/sql/shape.py's `literal_shape`). All are optional: when one cannot be built (no compiler, no Python headers,
 no OpenSSL headers for _cseal), setuptools prints a warning and the install goes on without
 it, and guard runs its pure-Python code.
 """
@@ -31,6 +32,13 @@ setup(
             "guard.broker.audit._cseal",
             sources=["guard/broker/audit/_cseal.c"],
             libraries=["crypto"],
+            optional=True,
+        ),
+        # The normalized text of a plain statement with inlined values, without a parse
+        # (guard/broker/sql/shape.py's literal_shape); optional in the same way.
+        Extension(
+            "guard.broker.sql._cshape",
+            sources=["guard/broker/sql/_cshape.c"],
             optional=True,
         ),
     ]

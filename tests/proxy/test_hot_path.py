@@ -20,6 +20,7 @@ from guard.broker.pgwire.parser import bind_names
 from guard.broker.proxy import connection as connection_module
 from guard.broker.proxy import gate as gate_module
 from guard.broker.proxy.commands import SendToClient, SendToServer
+from guard.broker.sql import shape
 from tests.playbook import (
     CUSTOMERS_OID,
     SSN_ATTNUM,
@@ -120,6 +121,55 @@ def test_a_redirected_shape_with_inlined_literals_is_analysed_once(analyses):
     assert len(forwarded) == 30
     for i, data in enumerate(forwarded):
         assert f"FROM guard_masked.customers WHERE id = {i}\x00".encode() in data
+
+
+_INLINED = [
+    "SELECT name FROM products WHERE id = {}",
+    "SELECT ssn FROM public.customers WHERE id = {};",  # redirected to the masking view
+    "UPDATE products SET name = name WHERE id = -{}",
+    "SELECT name FROM products ORDER BY 1 LIMIT {}",  # libpg_query's alone (a LIMIT)
+]
+
+
+def _statement_records(shape) -> tuple[list[dict], list[bytes]]:
+    """The statement records and forwarded bytes of the _INLINED texts, with the gate's
+    normalization `shape` (seq and time left out: they differ run to run)."""
+    forwarded: list[bytes] = []
+    original = gate_module.literal_shape
+    gate_module.literal_shape = shape
+    try:
+        proxy, audit = make()
+        for i in range(3):
+            for text in _INLINED:
+                sent = proxy.from_client(wire(m.Query(text.format(i + 7))))
+                forwarded += [bytes(c.data) for c in sent if isinstance(c, SendToServer)]
+                proxy.from_server(wire(m.CommandComplete("SELECT 0"), m.ReadyForQuery(b"I")))
+    finally:
+        gate_module.literal_shape = original
+    records = [
+        {k: v for k, v in r.items() if k not in ("seq", "time")}
+        for r in audit.records
+        if r.get("kind") == "statement"
+    ]
+    return records, forwarded
+
+
+def test_the_literal_shape_changes_no_decision_record_or_forwarded_byte():
+    assert _statement_records(shape.literal_shape) == _statement_records(lambda text: None)
+
+
+def test_plain_inlined_literals_skip_libpg_querys_normalization(monkeypatch):
+    calls: list[str] = []
+    real = gate_module.normalize
+    monkeypatch.setattr(gate_module, "literal_shape", shape.literal_shape)
+    monkeypatch.setattr(gate_module, "normalize", lambda sql: calls.append(sql) or real(sql))
+    proxy, audit = make()
+    for i in range(5):
+        proxy.from_client(wire(m.Query(f"SELECT name FROM products WHERE id = {i};")))
+        proxy.from_server(wire(m.CommandComplete("SELECT 0"), m.ReadyForQuery(b"I")))
+    assert calls == []
+    statements = [r["statement"] for r in audit.records if r.get("kind") == "statement"]
+    assert statements == ["SELECT name FROM products WHERE id = $1"] * 5
 
 
 def test_unmasked_rows_pass_byte_identical_and_undecoded(row_decodes):

@@ -19,6 +19,7 @@ from guard.broker.masking.objects import MASKED_SCHEMA, UNMASKED_SCHEMA
 from guard.broker.pgwire.messages import ErrorResponse
 from guard.broker.policy.engine import CompiledPolicy, Effect, Verdict
 from guard.broker.policy.guardrails import derived_protected_uses
+from guard.broker.proxy.speedups import literal_shape
 from guard.broker.sql.analyze import Analysis, StatementAnalysis, analyze, fast_path_analysis
 from guard.broker.sql.fingerprint import UNNORMALIZABLE, normalize
 from guard.broker.sql.redirect import redirect, refill
@@ -140,7 +141,11 @@ class Gate:
         # only make a statement safer than its parameter, never riskier. Anything short of
         # an allow is decided again on the exact text. (libpg_query leaves ORDER BY and
         # GROUP BY positions as they are: `ORDER BY 2` never shares `ORDER BY 1`'s answer.)
-        normalized = normalize(sql)
+        # The plainest such texts get the same normalized text without libpg_query's parse
+        # (`sql.shape`: its answer is libpg_query's, or None).
+        normalized = literal_shape(sql)
+        if normalized is None:
+            normalized = normalize(sql)
         if normalized != sql and normalized != UNNORMALIZABLE:
             decision = self._cache.get(normalized) or self._compute(normalized)
             if decision.refusal is None and decision.verdicts:

@@ -1,0 +1,3 @@
+"""Types of the compiled literal shape (`_cshape.c`); see `sql.shape.literal_shape`."""
+
+def literal_shape(text: str, /) -> str | None: ...
