@@ -180,12 +180,18 @@ def test_result_fields_are_the_result_records_own():
 
 
 def test_batch_writer_builds_the_same_bodies_as_result_body():
-    from guard.broker.audit.record import iso_from_ns, result_bodies, result_body
+    import json
+
+    from guard.broker.audit.record import iso_from_ns, result_body
+    from guard.broker.audit.serialize import result_entries_py
 
     values = ("s1", "c1", 7, "ok", "UPDATE", 3, 1, None, 6, 0)
+    other = ("s1", "c1", 8, "error", None, None, 0, "57014", 0, 0)
     ns = 1_764_000_000_123_456_789
-    assert result_bodies([(values, ns), (values, ns + 10**9)]) == [
+    entries = result_entries_py([([values, other], ns), ([values], ns + 10**9)])
+    assert json.loads(b"[%b]" % entries) == [
         result_body(values, iso_from_ns(ns)),
+        result_body(other, iso_from_ns(ns)),
         result_body(values, iso_from_ns(ns + 10**9)),
     ]
 

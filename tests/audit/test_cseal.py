@@ -1,9 +1,9 @@
-"""The compiled statement seal (`audit/_cseal.c`) against its Python reference.
+"""The compiled record writer (`audit/_cseal.c`) against its Python references.
 
-`serialize.seal_record_py` is the reference; the sink (`sink.seal_record`) uses the
-compiled `seal` when it is built. Both must give the same stored line and hash for any
-record, sequence number and time, or a chain written by one would not verify as the
-other's.
+`serialize.seal_record_py` and `serialize.result_entries_py` are the references; the sink
+(`sink.seal_record`, `sink.result_entries`) uses the compiled `seal` and `result_entries`
+when they are built. Both must give the same bytes for any record, sequence number, time
+and result values, or a chain written by one would not verify as the other's.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from guard.broker.audit import serialize, sink
 from guard.broker.audit.chain import GENESIS, split_record, verify_lines
 
 try:
-    from guard.broker.audit._cseal import seal
+    from guard.broker.audit import _cseal
+    from guard.broker.audit._cseal import result_entries, seal
 except ImportError:  # no compiler or no OpenSSL headers
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail("guard.broker.audit._cseal was not built (CI=true: a failure)", pytrace=False)
@@ -64,7 +65,37 @@ def test_bad_arguments_are_refused_not_sealed(args, error):
         seal(*args)
 
 
-def test_the_sink_uses_the_compiled_seal_unless_pure_python_is_asked():
-    expected = None if os.environ.get("GUARD_PURE_PYTHON", "") not in ("", "0") else seal
-    assert sink._compiled_seal() is expected
-    assert sink.seal_record is (expected or serialize.seal_record_py)
+def test_the_sink_uses_the_compiled_writer_unless_pure_python_is_asked():
+    pure = os.environ.get("GUARD_PURE_PYTHON", "") not in ("", "0")
+    assert sink._compiled_seal() is (None if pure else _cseal)
+    assert sink.seal_record is (serialize.seal_record_py if pure else seal)
+    assert sink.result_entries is (serialize.result_entries_py if pure else result_entries)
+
+
+# What a result record holds (record.RESULT_FIELDS): ids, counts, a server-sent tag.
+VALUE = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**63), max_value=2**63 - 1), st.text()
+)
+RESULTS = st.lists(st.tuples(*[VALUE] * 10), max_size=4)
+QUEUED = st.lists(st.tuples(RESULTS, NS), max_size=5)
+
+
+@given(queued=QUEUED)
+def test_compiled_result_entries_are_the_references_bytes(queued):
+    assert result_entries(queued) == serialize.result_entries_py(queued)
+
+
+@pytest.mark.parametrize(
+    "queued, error",
+    [
+        ([([(1,) * 9], 0)], ValueError),  # nine values, not ten
+        ([([(1.5,) * 10], 0)], TypeError),  # not a result value
+        ([([(2**64,) * 10], 0)], TypeError),  # beyond JSON's 64 bits, as orjson says
+        ([([("\ud800",) * 10], 0)], UnicodeEncodeError),  # a lone surrogate
+        ([((), 0)], TypeError),  # not a list of results
+        ([([], -(2**64))], OverflowError),
+    ],
+)
+def test_result_values_json_cannot_hold_are_refused(queued, error):
+    with pytest.raises(error):
+        result_entries(queued)

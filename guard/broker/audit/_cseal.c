@@ -36,6 +36,32 @@ static const char HASH[] = ",\"hash\":\"";
 static const char PREV[] = "\",\"prev\":\"";
 static const char TAIL[] = "\"}\n";
 
+/* `record.iso_from_ns(ns)` into out (40 bytes): RFC 3339 UTC with microseconds. The
+ * formatted second is cached. -1 with an exception when the time is out of range. */
+static int
+format_time(long long ns, char *out)
+{
+    long long micros_total = ns / 1000;
+    long long second = micros_total / 1000000;
+    long micros = (long)(micros_total % 1000000);
+    if (second != cached_second) {
+        time_t t = (time_t)second;
+        struct tm tm;
+        if (gmtime_r(&t, &tm) == NULL
+            || strftime(second_text, sizeof second_text, "%Y-%m-%dT%H:%M:%S", &tm) == 0) {
+            PyErr_SetString(PyExc_ValueError, "audit time out of range");
+            return -1;
+        }
+        cached_second = second;
+    }
+    int n = snprintf(out, 40, "%s.%06ldZ", second_text, micros);
+    if (n < 0 || n >= 40) {
+        PyErr_SetString(PyExc_ValueError, "audit time out of range");
+        return -1;
+    }
+    return n;
+}
+
 static PyObject *
 seal(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -58,23 +84,12 @@ seal(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "seal: seq and ns must not be negative");
         return NULL;
     }
-    long long micros_total = ns / 1000;
-    long long second = micros_total / 1000000;
-    long micros = (long)(micros_total % 1000000);
-    if (second != cached_second) {
-        time_t t = (time_t)second;
-        struct tm tm;
-        if (gmtime_r(&t, &tm) == NULL
-            || strftime(second_text, sizeof second_text, "%Y-%m-%dT%H:%M:%S", &tm) == 0) {
-            PyErr_SetString(PyExc_ValueError, "seal: time out of range");
-            return NULL;
-        }
-        cached_second = second;
-    }
     /* The body's tail: ,"seq":N,"time":"YYYY-MM-DDTHH:MM:SS.ffffffZ"} */
+    char when[40];
+    if (format_time(ns, when) < 0)
+        return NULL;
     char tail[128];
-    int tail_len = snprintf(tail, sizeof tail, ",\"seq\":%lld,\"time\":\"%s.%06ldZ\"}", seq,
-                            second_text, micros);
+    int tail_len = snprintf(tail, sizeof tail, ",\"seq\":%lld,\"time\":\"%s\"}", seq, when);
     if (tail_len < 0 || tail_len >= (int)sizeof tail) {
         PyErr_SetString(PyExc_ValueError, "seal: time out of range");
         return NULL;
@@ -138,9 +153,177 @@ seal(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return result;
 }
 
+/* ------------------------------------------------------------------ result entries */
+
+typedef struct {
+    char *data;
+    Py_ssize_t len, cap;
+} Buffer;
+
+static int
+reserve(Buffer *b, Py_ssize_t more)
+{
+    if (b->len + more <= b->cap)
+        return 0;
+    Py_ssize_t cap = b->cap ? b->cap : 1024;
+    while (cap < b->len + more)
+        cap *= 2;
+    char *data = PyMem_Realloc(b->data, (size_t)cap);
+    if (data == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    b->data = data;
+    b->cap = cap;
+    return 0;
+}
+
+static int
+put(Buffer *b, const char *s, Py_ssize_t n)
+{
+    if (reserve(b, n) < 0)
+        return -1;
+    memcpy(b->data + b->len, s, (size_t)n);
+    b->len += n;
+    return 0;
+}
+
+/* A str as a JSON string, escaped as orjson escapes it: \" \\ \b \f \n \r \t, other
+ * control characters as \u00XX, everything else (non-ASCII too) as its UTF-8 bytes. */
+static int
+put_json_str(Buffer *b, PyObject *str)
+{
+    static const char hexdigits[] = "0123456789abcdef";
+    Py_ssize_t n;
+    const char *s = PyUnicode_AsUTF8AndSize(str, &n);
+    if (s == NULL)
+        return -1;
+    if (reserve(b, 6 * n + 2) < 0) /* the worst case: every byte \u00XX */
+        return -1;
+    char *o = b->data + b->len;
+    *o++ = '"';
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c >= 0x20 && c != '"' && c != '\\') {
+            *o++ = (char)c;
+            continue;
+        }
+        *o++ = '\\';
+        switch (c) {
+        case '"': *o++ = '"'; break;
+        case '\\': *o++ = '\\'; break;
+        case '\b': *o++ = 'b'; break;
+        case '\f': *o++ = 'f'; break;
+        case '\n': *o++ = 'n'; break;
+        case '\r': *o++ = 'r'; break;
+        case '\t': *o++ = 't'; break;
+        default:
+            *o++ = 'u';
+            *o++ = '0';
+            *o++ = '0';
+            *o++ = hexdigits[c >> 4];
+            *o++ = hexdigits[c & 0x0f];
+        }
+    }
+    *o++ = '"';
+    b->len = o - b->data;
+    return 0;
+}
+
+/* A result value: str, int, bool or None (what `record.RESULT_FIELDS` hold). */
+static int
+put_json_value(Buffer *b, PyObject *v)
+{
+    if (v == Py_None)
+        return put(b, "null", 4);
+    if (v == Py_True)
+        return put(b, "true", 4);
+    if (v == Py_False)
+        return put(b, "false", 5);
+    if (PyUnicode_Check(v))
+        return put_json_str(b, v);
+    if (PyLong_Check(v)) {
+        long long x = PyLong_AsLongLong(v);
+        if (x == -1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_TypeError, "Integer exceeds 64-bit range");
+            return -1;
+        }
+        char text[32];
+        int n = snprintf(text, sizeof text, "%lld", x);
+        return put(b, text, n);
+    }
+    PyErr_Format(PyExc_TypeError, "Type is not JSON serializable: %s", Py_TYPE(v)->tp_name);
+    return -1;
+}
+
+/* The keys before each of the ten values, then the two the writer adds (record.result_body). */
+static const char *const RESULT_KEYS[] = {
+    "{\"session_id\":",   ",\"connection_id\":", ",\"statement_seq\":",
+    ",\"outcome\":",      ",\"command_tag\":",   ",\"rows\":",
+    ",\"masked_cells\":", ",\"sqlstate\":",      ",\"view_masked_cells\":",
+    ",\"unmasked_cells\":",
+};
+static const char RESULT_TAIL[] = ",\"kind\":\"result\",\"time\":\"";
+
+static PyObject *
+result_entries(PyObject *self, PyObject *queued)
+{
+    if (!PyList_Check(queued)) {
+        PyErr_SetString(PyExc_TypeError, "result_entries: queued must be a list");
+        return NULL;
+    }
+    Buffer b = {NULL, 0, 0};
+    int first = 1;
+    for (Py_ssize_t q = 0; q < PyList_GET_SIZE(queued); q++) {
+        PyObject *entry = PyList_GET_ITEM(queued, q);
+        if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 2
+            || !PyList_Check(PyTuple_GET_ITEM(entry, 0))) {
+            PyErr_SetString(PyExc_TypeError,
+                            "result_entries: each entry must be (list of values, ns)");
+            goto fail;
+        }
+        PyObject *results = PyTuple_GET_ITEM(entry, 0);
+        long long ns = PyLong_AsLongLong(PyTuple_GET_ITEM(entry, 1));
+        if (ns == -1 && PyErr_Occurred())
+            goto fail;
+        char when[40];
+        int when_len = format_time(ns, when);
+        if (when_len < 0)
+            goto fail;
+        for (Py_ssize_t r = 0; r < PyList_GET_SIZE(results); r++) {
+            PyObject *values = PyList_GET_ITEM(results, r);
+            if (!PyTuple_Check(values) || PyTuple_GET_SIZE(values) != 10) {
+                PyErr_SetString(PyExc_ValueError,
+                                "result_entries: a result must be a tuple of 10 values");
+                goto fail;
+            }
+            if (!first && put(&b, ",", 1) < 0)
+                goto fail;
+            first = 0;
+            for (int k = 0; k < 10; k++) {
+                if (put(&b, RESULT_KEYS[k], (Py_ssize_t)strlen(RESULT_KEYS[k])) < 0
+                    || put_json_value(&b, PyTuple_GET_ITEM(values, k)) < 0)
+                    goto fail;
+            }
+            if (put(&b, RESULT_TAIL, (Py_ssize_t)(sizeof RESULT_TAIL - 1)) < 0
+                || put(&b, when, when_len) < 0 || put(&b, "\"}", 2) < 0)
+                goto fail;
+        }
+    }
+    PyObject *out = PyBytes_FromStringAndSize(b.data ? b.data : "", b.len);
+    PyMem_Free(b.data);
+    return out;
+fail:
+    PyMem_Free(b.data);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"seal", (PyCFunction)(void (*)(void))seal, METH_FASTCALL,
      "seal(prev, fixed, seq, ns) -> (line, digest): a statement record completed and chained"},
+    {"result_entries", result_entries, METH_O,
+     "result_entries(queued) -> bytes: the JSON of queued result records, comma-separated"},
     {NULL, NULL, 0, NULL},
 };
 

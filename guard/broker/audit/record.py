@@ -41,8 +41,9 @@ def utc_now_iso() -> str:
 
 
 # A ResultRecord's own fields, in order: the hot path queues just these values (a tuple)
-# and the sink builds the record body when it writes the batch (`result_body`; a test
-# holds both to the ResultRecord dataclass).
+# and the sink builds the record body when it writes the batch (`result_body`, as
+# `serialize.result_entries_py` and its compiled twin do; a test holds both to the
+# ResultRecord dataclass).
 RESULT_FIELDS = (
     "session_id",
     "connection_id",
@@ -74,11 +75,6 @@ def result_body(values: tuple[Any, ...], time: str) -> dict[str, Any]:
         "kind": "result",
         "time": time,
     }
-
-
-def result_bodies(queued: list[tuple[tuple[Any, ...], int]]) -> list[dict[str, Any]]:
-    """`result_body` of each (values, time in ns), as the batch writer needs them."""
-    return [result_body(values, iso_from_ns(ns)) for values, ns in queued]
 
 
 def expand(body: dict[str, Any]) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ import json
 from typing import Any, Protocol
 
 from guard.broker.audit.chain import canonical, seal_line
-from guard.broker.audit.record import iso_from_ns
+from guard.broker.audit.record import iso_from_ns, result_body
 
 try:  # ~20x faster than json.dumps; the chain hashes the stored bytes, so either is valid
     import orjson
@@ -62,3 +62,13 @@ def seal_record_py(prev: bytes, fixed: bytes, seq: int, ns: int) -> tuple[bytes,
     after `prev`, and its hash. The reference of its compiled twin (`audit/_cseal.c`),
     which the sink uses when built (`audit.sink.seal_record`)."""
     return seal_line(prev, complete(fixed, seq, ns))
+
+
+def result_entries_py(queued: list[tuple[list[tuple[Any, ...]], int]]) -> bytes:
+    """The JSON of queued result records, comma-separated, as a `results` batch record
+    holds them: each (results, ns) is the `record.RESULT_FIELDS` values of the results one
+    call queued, at time `ns`. The reference of its compiled twin (`audit/_cseal.c`'s
+    `result_entries`), which the sink uses when built (`audit.sink.result_entries`)."""
+    return b",".join(
+        dumps(result_body(values, iso_from_ns(ns))) for results, ns in queued for values in results
+    )

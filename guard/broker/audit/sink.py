@@ -29,7 +29,9 @@ could be trusted to be on disk.
 `append_deferred` and `append_results` are for records that describe what already happened
 (result row counts): they are queued with their time and sealed together, as one `results`
 batch record, at the next `flush` (the broker flushes every 200 ms, and at 256 queued). One
-hash and one write per batch instead of per statement keeps them off the hot path;
+hash and one write per batch instead of per statement keeps them off the hot path, and so
+does making their JSON only then, in C when built (`serialize.result_entries_py` is the
+reference: tests/audit/test_cseal.py);
 `record.expand` turns a batch back into its `result` records for readers. A crash loses at
 most the queued results, never a statement record: those are written before their
 statement is forwarded.
@@ -66,7 +68,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from itertools import repeat
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -74,12 +75,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from guard.broker.audit import checkpoint
 from guard.broker.audit.chain import GENESIS, is_record_prefix, last_hash_of, seal_line, split_line
-from guard.broker.audit.record import AuditEvent, result_bodies, result_body, utc_now_iso
+from guard.broker.audit.record import AuditEvent, result_body, utc_now_iso
 from guard.broker.audit.serialize import (
     Recordable,
     complete,
     dumps,
     fixed_fields,
+    result_entries_py,
     seal_record_py,
     serialize,
 )
@@ -102,20 +104,28 @@ def _native_syncer(fd: int) -> Any:
     return Syncer(fd)
 
 
-def _compiled_seal() -> Callable[[bytes, bytes, int, int], tuple[bytes, bytes]] | None:
-    """The compiled statement seal (`audit/_cseal.c`), or None: not built (no compiler or
-    no OpenSSL headers), or GUARD_PURE_PYTHON=1 (`serialize.seal_record_py`, the reference)."""
+def _compiled_seal() -> Any:
+    """The compiled record writer (`audit/_cseal.c`: `seal`, `result_entries`), or None: not
+    built (no compiler or no OpenSSL headers), or GUARD_PURE_PYTHON=1 (`serialize`'s
+    `seal_record_py` and `result_entries_py`, the references)."""
     if os.environ.get("GUARD_PURE_PYTHON", "") not in ("", "0"):
         return None
     try:
-        from guard.broker.audit._cseal import seal
+        from guard.broker.audit import _cseal
     except ImportError:
         return None
-    return seal
+    return _cseal
 
 
+_cseal = _compiled_seal()
 # Every record the sink writes is completed and chained by this one function.
-seal_record = _compiled_seal() or seal_record_py
+seal_record: Callable[[bytes, bytes, int, int], tuple[bytes, bytes]] = (
+    _cseal.seal if _cseal is not None else seal_record_py
+)
+# The queued result records of a `results` batch, as JSON.
+result_entries: Callable[[list[tuple[list[tuple[Any, ...]], int]]], bytes] = (
+    _cseal.result_entries if _cseal is not None else result_entries_py
+)
 
 _CHECKPOINT_MARK = b'"kind":"checkpoint"'  # cannot occur inside a JSON string (quotes escaped)
 
@@ -308,8 +318,10 @@ class JsonlAuditSink:
         # Answers the asyncio shell's statement records after their batch's fsync; None
         # without fsync (the shell then appends synchronously: no thread hop to pay).
         self.group_commit: GroupCommit | None = None
-        # (result values, time in ns) and after-the-fact record bodies, in order
-        self._deferred: list[tuple[tuple[Any, ...], int] | dict[str, Any]] = []
+        # The results of one `append_results` call with its time in ns, and after-the-fact
+        # record bodies, in order; and how many records that is.
+        self._deferred: list[tuple[list[tuple[Any, ...]], int] | dict[str, Any]] = []
+        self._deferred_count = 0
         self._every = max(1, int(checkpoint_every))
         self._seconds = float(checkpoint_seconds)
         self._seconds_ns = int(self._seconds * 1e9)
@@ -547,15 +559,19 @@ class JsonlAuditSink:
         raise AuditUnavailable(f"audit log {self.path} {reason}; not writing elsewhere")
 
     def append_deferred(self, record: Recordable) -> None:
-        self._defer([record.to_body()])
+        self._defer(record.to_body(), 1)
 
     def append_results(self, results: Iterable[tuple[Any, ...]]) -> None:
-        self._defer(list(zip(results, repeat(time.time_ns()))))
+        # One entry per call, its results sharing the call's time (they arrived together):
+        # the hot path pays one tuple, the JSON is made at the flush.
+        queued = results if results.__class__ is list else list(results)
+        self._defer((queued, time.time_ns()), len(queued))
 
-    def _defer(self, entries: list[tuple[tuple[Any, ...], int] | dict[str, Any]]) -> None:
+    def _defer(self, entry: tuple[list[tuple[Any, ...]], int] | dict[str, Any], n: int) -> None:
         with self._lock:
-            self._deferred += entries
-            full = len(self._deferred) >= self.MAX_DEFERRED
+            self._deferred.append(entry)
+            self._deferred_count += n
+            full = self._deferred_count >= self.MAX_DEFERRED
         if full:
             self.flush()
 
@@ -576,22 +592,29 @@ class JsonlAuditSink:
                 self._durable_soon()
                 return
             batch, self._deferred = self._deferred, []
-        entries: list[dict[str, Any]] = []
-        run: list[tuple[tuple[Any, ...], int]] = []
+            count, self._deferred_count = self._deferred_count, 0
+        # The body `dumps({"kind": "results", "results": [...]})` without its closing brace,
+        # each run of queued results made JSON at once (`result_entries`).
+        parts: list[bytes] = []
+        run: list[tuple[list[tuple[Any, ...]], int]] = []
         for entry in batch:
             if entry.__class__ is tuple:
                 run.append(entry)
                 continue
-            entries += result_bodies(run)
-            run = []
-            entries.append(entry)  # type: ignore[arg-type]
-        entries += result_bodies(run)
+            if run:
+                parts.append(result_entries(run))
+                run = []
+            parts.append(dumps(entry))
+        if run:
+            parts.append(result_entries(run))
+        body = b'{"kind":"results","results":[%b]' % b",".join(p for p in parts if p)
         try:
             with self._lock:
-                self._seal_write((dumps({"kind": "results", "results": entries})[:-1],))
+                self._seal_write((body,))
         except AuditUnavailable:
             with self._lock:  # keep them for the next flush, in order
                 self._deferred[:0] = batch
+                self._deferred_count += count
             raise
         self._durable_soon()
 
