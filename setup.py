@@ -5,12 +5,57 @@ guard/broker/pgwire/parser.py (see guard/broker/proxy/speedups.py); `guard.broke
 _cfsync` is the audit group commit's fsync thread (see guard/broker/audit/commit.py), and
 `guard.broker.audit._cseal` seals a statement record (guard/broker/audit/serialize.py's
 `seal_record`), and `guard.broker.sql._cshape` normalizes the plainest statements with
-inlined values (guard/broker/sql/shape.py's `literal_shape`). All are optional: when one cannot be built (no compiler, no Python headers,
+inlined values (guard/broker/sql/shape.py's `literal_shape`), and
+`guard.broker.proxy._cconnection` is guard/broker/proxy/connection.py compiled by Cython as
+it is, with the declarations in connection.pxd (see guard/broker/proxy/core.py). All are
+optional: when one cannot be built (no compiler, no Python headers,
 no OpenSSL headers for _cseal), setuptools prints a warning and the install goes on without
 it, and guard runs its pure-Python code.
 """
 
+import hashlib
+import shutil
+from pathlib import Path
+
 from setuptools import Extension, setup
+
+PROXY = Path("guard/broker/proxy")
+CYTHON_BUILD = Path("build/cython/guard/broker/proxy")
+
+
+def _compiled_connection() -> list[Extension]:
+    """connection.py, compiled by Cython under the name _cconnection, with the sha256 of
+    the source it was built from (`SOURCE_SHA256`: proxy/core.py runs the reference instead
+    of a twin built from an older connection.py). None without Cython."""
+    try:
+        from Cython.Build import cythonize
+    except ImportError:  # the reference runs; pyproject.toml's build requires bring Cython
+        return []
+    source = (PROXY / "connection.py").read_bytes()
+    CYTHON_BUILD.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(source).hexdigest()
+    (CYTHON_BUILD / "_cconnection.py").write_bytes(
+        source + b'\n\nSOURCE_SHA256 = "%s"\n' % digest.encode()
+    )
+    shutil.copyfile(PROXY / "connection.pxd", CYTHON_BUILD / "_cconnection.pxd")
+    extension = Extension(
+        "guard.broker.proxy._cconnection",
+        sources=[str(CYTHON_BUILD / "_cconnection.py")],
+        optional=True,
+    )
+    return cythonize(
+        [extension],
+        build_dir="build/cython-c",
+        quiet=True,
+        compiler_directives={
+            "language_level": 3,
+            # The reference's annotations are for mypy; as C types they would change what
+            # the twin accepts (an `int` that may be None).
+            "annotation_typing": False,
+            "binding": False,
+        },
+    )
+
 
 setup(
     ext_modules=[
@@ -41,5 +86,6 @@ setup(
             sources=["guard/broker/sql/_cshape.c"],
             optional=True,
         ),
+        *_compiled_connection(),
     ]
 )

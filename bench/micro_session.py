@@ -20,7 +20,7 @@ from guard.broker.pgwire import messages as m
 from guard.broker.pgwire.encoder import encode
 from guard.broker.policy.compile import load_policy_file
 from guard.broker.proxy.commands import RecordResults, WriteAudit
-from guard.broker.proxy.connection import GatewayConnection
+from guard.broker.proxy.core import GatewayConnection
 from guard.broker.proxy.gate import Gate
 
 ROOT = Path(__file__).resolve().parent.parent

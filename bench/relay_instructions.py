@@ -58,7 +58,7 @@ def _connection(sink: str, masked: bool) -> tuple[Any, Callable[[list[Any]], Non
     from guard.broker.masking.strategies import get_strategy
     from guard.broker.policy.compile import load_policy_file
     from guard.broker.proxy.commands import RecordResults, WriteAudit
-    from guard.broker.proxy.connection import GatewayConnection
+    from guard.broker.proxy.core import GatewayConnection
     from guard.broker.proxy.gate import Gate
 
     policy = load_policy_file(ROOT / "bench/policies.yaml")

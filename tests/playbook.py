@@ -49,7 +49,7 @@ from guard.broker.proxy.commands import (
     SendToServer,
     WriteAudit,
 )
-from guard.broker.proxy.connection import GatewayConnection
+from guard.broker.proxy.core import GatewayConnection  # the build that runs (compiled twin)
 from guard.broker.proxy.events import ApprovalDecided
 from guard.broker.proxy.gate import Gate
 

@@ -21,6 +21,7 @@ from guard.broker.proxy import connection as connection_module
 from guard.broker.proxy import gate as gate_module
 from guard.broker.proxy.commands import SendToClient, SendToServer
 from guard.broker.sql import shape
+from tests import playbook
 from tests.playbook import (
     CUSTOMERS_OID,
     SSN_ATTNUM,
@@ -48,7 +49,14 @@ def analyses(monkeypatch) -> list[str]:
 
 
 @pytest.fixture
-def row_decodes(monkeypatch) -> list[int]:
+def pure_core(monkeypatch) -> None:
+    """The tests' connections are the reference build: what these tests count or swap is
+    looked up in `proxy.connection`'s globals, which the compiled twin does not read."""
+    monkeypatch.setattr(playbook, "GatewayConnection", connection_module.GatewayConnection)
+
+
+@pytest.fixture
+def row_decodes(monkeypatch, pure_core) -> list[int]:
     """Tags of the server messages the relay decodes."""
     seen: list[int] = []
     real = connection_module.decode_backend
@@ -269,8 +277,9 @@ def _masked_relay(rows: list[bytes]) -> list[object]:
 def test_masked_rows_relay_alike_compiled_and_pure(rows):
     # The rows before a malformed one are masked and relayed, then the connection ends
     # with the reference's error: the compiled split and build change none of it.
-    compiled = _masked_relay(rows)
     with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(playbook, "GatewayConnection", connection_module.GatewayConnection)
+        compiled = _masked_relay(rows)
         patch.setattr(connection_module, "data_rows", parser_module.data_rows)
         patch.setattr(connection_module, "data_row", encoder_module.data_row)
         pure = _masked_relay(rows)

@@ -32,6 +32,11 @@ refusal. The poison text is chosen by the gateway, never by the client.
 
 Responses are matched to requests with a FIFO of `Pending` entries (PostgreSQL answers in
 order), which is also how result row counts reach the audit record of their statement.
+
+Two builds: this module is the reference, and Cython compiles it as it is into
+`proxy._cconnection` (declarations in `connection.pxd`); `proxy.core` picks the one that
+runs. Write it as plain Python; a field added to `GatewayConnection` is declared in the
+.pxd too (tests/proxy/test_core_twins.py holds the two builds to the same commands).
 """
 
 from __future__ import annotations
@@ -109,6 +114,7 @@ from guard.broker.proxy.speedups import (  # compiled, or pgwire.parser's (the r
     parse_statement,
     scan,
 )
+from guard.broker.proxy.state import State
 
 # Below this many bytes one call's output is joined into one write; above it (bulk rows)
 # the slices are written as they are rather than copied.
@@ -123,14 +129,6 @@ _FLUSH = encode(m.Flush())
 ProtectedMap = Mapping[tuple[int, int], MaskStrategy]
 # Per protected result column: (column index, strategy, format code, type OID).
 MaskPlan = tuple[tuple[int, MaskStrategy, int, int], ...]
-
-
-class State(IntEnum):
-    RELAYING = 0  # statements decided and forwarded, responses relayed
-    PAUSED = 1  # a blocking command is out (an audit write): client messages queue behind it
-    HALF_CLOSED = 2  # the client sent EOF: a Terminate follows its last request upstream
-    CLOSED = 3  # ended on purpose (Terminate, protocol error, upstream FATAL or EOF)
-    FAILED = 4  # an internal error ended it: the client got FATAL XX000
 
 
 # Module constants: an enum member read through its class costs a descriptor call per use.

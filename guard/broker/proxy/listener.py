@@ -32,7 +32,8 @@ from guard.broker.pgwire.scram import AuthenticationFailed, ScramServer, make_ve
 from guard.broker.policy.engine import CompiledPolicy
 from guard.broker.proxy import upstream
 from guard.broker.proxy.commands import RequestApproval
-from guard.broker.proxy.connection import GatewayConnection, ProtectedMap
+from guard.broker.proxy.connection import ProtectedMap
+from guard.broker.proxy.core import GatewayConnection
 from guard.broker.proxy.directory import AT_LIMIT, LocalDirectory, SessionDirectory
 from guard.broker.proxy.encoding import codec_for
 from guard.broker.proxy.events import ApprovalDecided

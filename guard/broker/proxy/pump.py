@@ -49,8 +49,9 @@ from guard.broker.proxy.commands import (
     SendToServer,
     WriteAudit,
 )
-from guard.broker.proxy.connection import GatewayConnection, State
+from guard.broker.proxy.connection import GatewayConnection
 from guard.broker.proxy.events import ApprovalDecided
+from guard.broker.proxy.state import State
 from guard.broker.proxy.tasks import spawn
 from guard.broker.proxy.tlslayer import TLSClient, TLSClosed
 

@@ -28,7 +28,8 @@ from guard.broker.pgwire import encoder, parser
 from guard.broker.pgwire.parser import Scan
 
 
-def _compiled(name: str) -> ModuleType | None:
+def compiled_module(name: str) -> ModuleType | None:
+    """The compiled module `name`, or None: not built, or GUARD_PURE_PYTHON is set."""
     if os.environ.get("GUARD_PURE_PYTHON", "") not in ("", "0"):
         return None
     try:
@@ -37,8 +38,8 @@ def _compiled(name: str) -> ModuleType | None:
         return None
 
 
-_c = _compiled("guard.broker.pgwire._cframe")
-_cs = _compiled("guard.broker.sql._cshape")
+_c = compiled_module("guard.broker.pgwire._cframe")
+_cs = compiled_module("guard.broker.sql._cshape")
 COMPILED: bool = _c is not None
 
 # The framing loop handed to the parsers; None: their own (pure) loop.

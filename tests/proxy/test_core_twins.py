@@ -1,0 +1,99 @@
+"""The compiled connection core (`proxy._cconnection`, Cython) against its reference
+(`proxy.connection`): the same traffic gives the same commands and the same audit records,
+whatever the traffic (the session fuzzer's garbage, reordering and segmentation included).
+And `proxy.core` runs the twin only when it was built from the connection.py beside it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import types
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from guard.broker.audit.sink import MemoryAuditSink
+from guard.broker.proxy import connection as reference
+from guard.broker.proxy import core
+from guard.broker.proxy.commands import CloseConnection, Log, SendToClient, SendToServer
+from tests import playbook
+from tests.proxy.test_session_fuzz import chunk, server_chunk
+
+try:
+    from guard.broker.proxy import _cconnection
+except ImportError:  # no Cython or no compiler at install time
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(
+            "guard.broker.proxy._cconnection was not built (CI=true: a failure)", pytrace=False
+        )
+    pytest.skip("guard.broker.proxy._cconnection was not built", allow_module_level=True)
+
+# The gateway's poison statement names a fresh nonce each time (`connection._poison_sql`).
+_NONCE = re.compile(rb"guard_refused_[0-9a-f]{8}")
+
+
+def _seen(cmd: Any) -> tuple[Any, ...]:
+    """What a command says, with the poison nonce made comparable."""
+    if isinstance(cmd, SendToServer | SendToClient):
+        return (type(cmd).__name__, _NONCE.sub(b"guard_refused_*", bytes(cmd.data)))
+    if isinstance(cmd, Log):
+        return ("Log", cmd.level, cmd.message)
+    if isinstance(cmd, CloseConnection):
+        return ("Close", cmd.reason)
+    return (type(cmd).__name__, repr(cmd))
+
+
+def _run(build: type, steps: list[tuple[str, bytes]], split: int, holds: bool) -> tuple:
+    """Feed `steps` to a connection of `build`, with the shell's audit duties done at once
+    (failing while a step says so); everything it said, and the audit records."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(playbook, "GatewayConnection", build)
+        audit = MemoryAuditSink()
+        driver = playbook.Driver(playbook.connection(holds=holds), audit)
+    said: list[tuple[Any, ...]] = []
+    for side, data in steps:
+        if side == "audit":
+            audit.fail = data == b"fail"
+            continue
+        feed = driver.from_client if side == "c" else driver.from_server
+        for i in range(0, len(data), split):
+            said += [_seen(c) for c in feed(data[i : i + split])]
+        said.append(("state", int(driver.connection.state), driver.closed))
+    records = [{k: v for k, v in r.items() if k != "time"} for r in audit.records]
+    return said, records
+
+
+_step = st.one_of(
+    chunk.map(lambda c: ("c", c)),
+    server_chunk.map(lambda c: ("s", c)),
+    st.sampled_from([("audit", b"fail"), ("audit", b"ok")]),
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_step, max_size=16), st.integers(min_value=1, max_value=48), st.booleans())
+def test_the_compiled_core_says_what_the_reference_says(steps, split, holds):
+    assert _run(_cconnection.GatewayConnection, steps, split, holds) == _run(
+        reference.GatewayConnection, steps, split, holds
+    )
+
+
+def test_the_twin_runs_unless_pure_python_is_asked():
+    pure = os.environ.get("GUARD_PURE_PYTHON", "") not in ("", "0")
+    expected = reference.GatewayConnection if pure else _cconnection.GatewayConnection
+    assert core.GatewayConnection is expected
+    assert core.COMPILED is not pure
+
+
+def test_a_twin_built_from_another_connection_py_is_not_run(monkeypatch, caplog):
+    stale = types.SimpleNamespace(
+        SOURCE_SHA256="0" * 64, GatewayConnection=_cconnection.GatewayConnection
+    )
+    monkeypatch.setattr(core, "compiled_module", lambda name: stale)
+    with caplog.at_level(logging.WARNING, logger="guard.proxy"):
+        assert core._twin() is None
+    assert "built from another proxy/connection.py" in caplog.text
+    assert "./scripts/bootstrap" in caplog.text
