@@ -46,6 +46,8 @@ def _compiled_connection() -> list[Extension]:
     return cythonize(
         [extension],
         build_dir="build/cython-c",
+        # Where Cython finds the declarations by module name (the twin's .pxd beside it).
+        include_path=["build/cython"],
         quiet=True,
         compiler_directives={
             "language_level": 3,

@@ -18,7 +18,14 @@ from hypothesis import strategies as st
 from guard.broker.audit.sink import MemoryAuditSink
 from guard.broker.proxy import connection as reference
 from guard.broker.proxy import core
-from guard.broker.proxy.commands import CloseConnection, Log, SendToClient, SendToServer
+from guard.broker.proxy.commands import (
+    CloseConnection,
+    EndApproval,
+    Log,
+    RequestApproval,
+    SendToClient,
+    SendToServer,
+)
 from tests import playbook
 from tests.proxy.test_session_fuzz import chunk, server_chunk
 
@@ -31,19 +38,26 @@ except ImportError:  # no Cython or no compiler at install time
         )
     pytest.skip("guard.broker.proxy._cconnection was not built", allow_module_level=True)
 
-# The gateway's poison statement names a fresh nonce each time (`connection._poison_sql`).
+# Fresh random names the gateway makes: its poison statement's nonce
+# (`connection._poison_sql`) and a held statement's approval request id.
 _NONCE = re.compile(rb"guard_refused_[0-9a-f]{8}")
+_REQUEST = re.compile(rb"(request |approve )[0-9a-f]{12}")
 
 
 def _seen(cmd: Any) -> tuple[Any, ...]:
-    """What a command says, with the poison nonce made comparable."""
+    """What a command says, with the random names made comparable."""
     if isinstance(cmd, SendToServer | SendToClient):
-        return (type(cmd).__name__, _NONCE.sub(b"guard_refused_*", bytes(cmd.data)))
+        data = _NONCE.sub(b"guard_refused_*", bytes(cmd.data))
+        return (type(cmd).__name__, _REQUEST.sub(rb"\1*", data))
     if isinstance(cmd, Log):
-        return ("Log", cmd.level, cmd.message)
+        return ("Log", cmd.level, _REQUEST.sub(rb"\1*", cmd.message.encode()))
     if isinstance(cmd, CloseConnection):
         return ("Close", cmd.reason)
-    return (type(cmd).__name__, repr(cmd))
+    if isinstance(cmd, RequestApproval):
+        return ("RequestApproval", cmd.protocol, tuple(cmd.seqs), cmd.decision.hold)
+    if isinstance(cmd, EndApproval):
+        return ("EndApproval",)
+    raise AssertionError(f"a command the core should not give here: {cmd!r}")
 
 
 def _run(build: type, steps: list[tuple[str, bytes]], split: int, holds: bool) -> tuple:
@@ -79,6 +93,13 @@ def test_the_compiled_core_says_what_the_reference_says(steps, split, holds):
     assert _run(_cconnection.GatewayConnection, steps, split, holds) == _run(
         reference.GatewayConnection, steps, split, holds
     )
+
+
+def test_the_twin_is_built_with_its_declarations():
+    # connection.pxd was applied (setup.py's include_path): an extension type whose fields
+    # are C slots, not a plain class with a __dict__, which is what makes the twin faster.
+    assert _cconnection.GatewayConnection.__dictoffset__ == 0
+    assert not hasattr(_cconnection.GatewayConnection, "_flush")  # a C method
 
 
 def test_the_twin_runs_unless_pure_python_is_asked():
