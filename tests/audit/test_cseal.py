@@ -94,6 +94,7 @@ def test_compiled_result_entries_are_the_references_bytes(queued):
         ([([("\ud800",) * 10], 0)], UnicodeEncodeError),  # a lone surrogate
         ([((), 0)], TypeError),  # not a list of results
         ([([], -(2**64))], OverflowError),
+        ([([], -5)], ValueError),  # before 1970: never a record's time
     ],
 )
 def test_result_values_json_cannot_hold_are_refused(queued, error):
