@@ -26,10 +26,12 @@ CYTHON_BUILD = Path("build/cython/guard/broker/proxy")
 def _compiled_connection() -> list[Extension]:
     """connection.py, compiled by Cython under the name _cconnection, with the sha256 of
     the source it was built from (`SOURCE_SHA256`: proxy/core.py runs the reference instead
-    of a twin built from an older connection.py). None without Cython."""
+    of a twin built from an older connection.py). Nothing without Cython or the .pxd."""
     try:
         from Cython.Build import cythonize
     except ImportError:  # the reference runs; pyproject.toml's build requires bring Cython
+        return []
+    if not (PROXY / "connection.pxd").exists():  # a source tree without it: the reference
         return []
     source = (PROXY / "connection.py").read_bytes()
     CYTHON_BUILD.mkdir(parents=True, exist_ok=True)
