@@ -12,6 +12,7 @@ import pytest
 
 from guard.broker.pgwire import messages as m
 from guard.broker.pgwire.encoder import encode
+from guard.broker.proxy.commands import Log
 from guard.broker.proxy.connection import State
 from guard.broker.proxy.gate import Gate
 from tests.playbook import (
@@ -45,7 +46,9 @@ from tests.playbook import (
     ToServer,
     connection,
     field,
+    make,
     poison,
+    wire,
 )
 
 READY = m.ReadyForQuery(b"I")
@@ -584,6 +587,28 @@ def test_a_protected_column_in_a_stream_is_logged_as_drift():
         << Logged("warning", "may have drifted", "session s1")
         << ToClient(m.RowDescription((SSN,)))
     )
+
+
+def test_drift_is_logged_once_per_connection_and_audited_every_time():
+    # A drifted database must not flood the operator log with a line per statement; the
+    # audit still counts the cells the gateway masked in each result.
+    sql = "SELECT ssn FROM customers"
+    proxy, audit = make()
+    said = []
+    for _ in range(3):
+        said += proxy.from_client(wire(m.Query(sql)))
+        said += proxy.from_server(
+            wire(
+                m.RowDescription((SSN,)),
+                m.DataRow((b"123-45-6789",)),
+                m.CommandComplete("SELECT 1"),
+                m.ReadyForQuery(b"I"),
+            )
+        )
+    logs = [c for c in said if isinstance(c, Log)]
+    assert len(logs) == 1 and "drifted" in logs[0].message
+    results = [r for r in audit.records if r.get("kind") == "result"]
+    assert [r["masked_cells"] for r in results] == [1, 1, 1]
 
 
 # ------------------------------------------------------------------ held for approval

@@ -38,6 +38,7 @@ cdef class GatewayConnection:
     cdef public object _described
     cdef public object _described_bytes
     cdef public object _masked_cells
+    cdef public object _drift_logged
     cdef public object _tags
     cdef public object _to_server
     cdef public object _to_client

@@ -262,6 +262,7 @@ class GatewayConnection:
         self._described: dict[bytes, Description] = {}
         self._described_bytes = 0
         self._masked_cells = 0
+        self._drift_logged = False  # the drift warning was given on this connection
         self._tags: dict[bytes, tuple[str, int | None]] = {}  # CommandComplete → (tag, rows)
         # What one call produces, joined into few writes.
         self._to_server: list[bytes | memoryview] = []
@@ -1039,13 +1040,19 @@ class GatewayConnection:
             description = self._describe(raw)
             self._view_masked = description.view_masked
             self._plan = self._plan_of(description, None)
-            if self._plan:
+            if self._plan and not self._drift_logged:
+                # Once per connection: a drifted database would otherwise put a line in the
+                # operator log for every statement (thousands a second, and ~80k
+                # instructions each). Every occurrence is still in the audit records
+                # (`masked_cells` of each result).
+                self._drift_logged = True
                 self._logs.append(
                     Log(
                         "warning",
                         f"protected base column in a result stream (session "
                         f"{self.gate.session_id}): the database masking objects may have "
-                        "drifted; masking in the gateway",
+                        "drifted; masking in the gateway (said once per connection; the "
+                        "audit counts every masked cell)",
                     )
                 )
         self._to_client.append(raw)
