@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/relay_instructions.py            # every mode, both implementations
     .venv/bin/python bench/relay_instructions.py --mode simple --pure
+    .venv/bin/python bench/relay_instructions.py --shell pump     # through the asyncio shell
     .venv/bin/python bench/relay_instructions.py drive simple 1200   # what callgrind runs
 
 Wall time on this shared 2-core machine varies by ±30 % from run to run; instruction counts
@@ -15,11 +16,17 @@ The transactions are bench/micro_session.py's: the bytes of one pgbench -S trans
 result's column a protected base column, so the gateway masks its row) and PostgreSQL's
 answer, through GatewayConnection with the bench policy; the audit commands go to a JSONL sink as
 the shell's (`--sink none`: answered with sequence numbers, nothing written).
+
+`--shell pump` runs the same traffic through the gateway's own asyncio shell instead
+(`proxy.pump.Pump` on uvloop, the sink in the broker's `health.WatchedAuditSink`), with
+transports that take the bytes and send nothing: the path of a real connection but for
+TLS and the sockets.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import itertools
 import os
 import re
@@ -40,19 +47,76 @@ WARM_UP = 50
 COUNTS = (200, 1200)
 
 
-def drive(mode: str, n: int, sink: str) -> None:
+def drive(mode: str, n: int, sink: str, through: str = "core") -> None:
     """Run `n` transactions of `mode` through one connection, after a warm-up."""
-    proxy, shell = _connection(sink, masked=mode == "masked")
+    proxy, shell, audit = _connection(sink, masked=mode == "masked")
     requests, answer = _traffic(mode, WARM_UP + n, proxy, shell)
+    if through == "pump":
+        _through_pump(proxy, audit, requests, answer)
+        return
     for request in requests:
         shell(proxy.from_client(request))
         shell(proxy.from_server(answer))
     assert not proxy.closed
 
 
-def _connection(sink: str, masked: bool) -> tuple[Any, Callable[[list[Any]], None]]:
-    """A connection of the bench policy, and the shell's audit duties for its commands.
-    `masked`: abalance is a protected base column (masked in the gateway, as ****)."""
+class _Null(asyncio.Transport):
+    """Takes what is written, sends nothing; the client's is a TLS one, as in guard."""
+
+    def __init__(self, tls: bool) -> None:
+        super().__init__()
+        self.tls, self.closed, self.reading = tls, False, True
+
+    def write(self, data: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return object() if name == "sslcontext" and self.tls else default
+
+    def set_protocol(self, protocol: Any) -> None:
+        pass
+
+    def set_write_buffer_limits(self, high: Any = None, low: Any = None) -> None:
+        pass
+
+    def is_reading(self) -> bool:
+        return self.reading
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+
+def _through_pump(proxy: Any, audit: Any, requests: list[bytes], answer: bytes) -> None:
+    """The traffic through `proxy.pump.Pump`, as the gateway's transports would hand it."""
+    import uvloop
+
+    from guard.broker.health import WatchedAuditSink
+    from guard.broker.proxy.pump import Pump
+
+    async def run() -> None:
+        pump = Pump(proxy, _Null(tls=True), _Null(tls=False), audit=WatchedAuditSink(audit))
+        pump.start(b"", b"")
+        client, upstream = pump._client_side, pump._upstream_side
+        for request in requests:
+            client.data_received(request)
+            upstream.data_received(answer)
+        assert not proxy.closed and not pump.done.done()
+
+    uvloop.run(run())
+
+
+def _connection(sink: str, masked: bool) -> tuple[Any, Callable[[list[Any]], None], Any]:
+    """A connection of the bench policy, the shell's audit duties for its commands, and
+    the sink. `masked`: abalance is a protected base column (masked in the gateway)."""
     from guard.broker.audit.sink import JsonlAuditSink
     from guard.broker.identity.principal import Principal
     from guard.broker.masking.strategies import get_strategy
@@ -68,17 +132,25 @@ def _connection(sink: str, masked: bool) -> tuple[Any, Callable[[list[Any]], Non
     )
     protected = {(ACCOUNTS_OID, ABALANCE_ATTNUM): get_strategy("redact")} if masked else {}
     proxy = GatewayConnection(gate, protected=protected, client_user="u")
+    audit: Any
     if sink == "jsonl":
         audit = JsonlAuditSink(Path(tempfile.mkdtemp()) / "audit.jsonl")
-        append_statements, append_results = audit.append_statements, audit.append_results
     else:
         counter = itertools.count(1)
 
-        def append_statements(records: Sequence[bytes]) -> list[int]:
-            return [next(counter) for _ in records]
+        class Numbering:
+            """Answers with sequence numbers, writes nothing."""
 
-        def append_results(results: object) -> None:
-            pass
+            group_commit = None
+
+            def append_statements(self, records: Sequence[bytes]) -> list[int]:
+                return [next(counter) for _ in records]
+
+            def append_results(self, results: object) -> None:
+                pass
+
+        audit = Numbering()
+    append_statements, append_results = audit.append_statements, audit.append_results
 
     def shell(commands: list[Any]) -> None:
         while commands:
@@ -90,7 +162,7 @@ def _connection(sink: str, masked: bool) -> tuple[Any, Callable[[list[Any]], Non
                 return
             commands = proxy.audit_written(append_statements(cmd.records))
 
-    return proxy, shell
+    return proxy, shell, audit
 
 
 def _traffic(
@@ -124,7 +196,7 @@ def _traffic(
     return [prepared] * total, wire(m.BindComplete(), *tail)
 
 
-def count(mode: str, n: int, sink: str, pure: bool) -> int:
+def count(mode: str, n: int, sink: str, pure: bool, shell: str) -> int:
     """Instructions callgrind counts for one driver run."""
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     env.pop("GUARD_PURE_PYTHON", None)
@@ -143,6 +215,8 @@ def count(mode: str, n: int, sink: str, pure: bool) -> int:
                 str(n),
                 "--sink",
                 sink,
+                "--shell",
+                shell,
             ],
             env=env,
             cwd=ROOT,
@@ -162,14 +236,17 @@ def main() -> None:
     parser.add_argument("--sink", choices=("jsonl", "none"), default="jsonl")
     parser.add_argument("--pure", action="store_true", help="only GUARD_PURE_PYTHON=1")
     parser.add_argument("--compiled", action="store_true", help="only the default build")
+    parser.add_argument(
+        "--shell", choices=("core", "pump"), default="core", help="pump: through proxy.pump"
+    )
     args, rest = parser.parse_known_args()
     if rest[:1] == ["drive"]:
-        drive(rest[1], int(rest[2]), args.sink)
+        drive(rest[1], int(rest[2]), args.sink, args.shell)
         return
     variants = [True] if args.pure else [False] if args.compiled else [True, False]
     jobs = [(mode, n, pure) for mode in args.mode or MODES for pure in variants for n in COUNTS]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        found = pool.map(lambda j: count(j[0], j[1], args.sink, j[2]), jobs)
+        found = pool.map(lambda j: count(j[0], j[1], args.sink, j[2], args.shell), jobs)
         counts = dict(zip(jobs, found, strict=True))
     for mode in args.mode or MODES:
         for pure in variants:
@@ -177,7 +254,10 @@ def main() -> None:
                 COUNTS[1] - COUNTS[0]
             )
             label = "pure" if pure else "default"
-            print(f"{mode:9} {label:8} sink={args.sink:5} {per_tx:10.0f} instructions/tx")
+            print(
+                f"{mode:9} {label:8} sink={args.sink:5} shell={args.shell:4} "
+                f"{per_tx:10.0f} instructions/tx"
+            )
 
 
 if __name__ == "__main__":
