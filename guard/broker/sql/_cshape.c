@@ -138,6 +138,7 @@ literal_shape(PyObject *self, PyObject *arg)
         }
         if (previous == START)
             Py_RETURN_NONE;
+        Py_ssize_t number = -1; /* where the digits of a constant starting at i are */
         if (IS(c, C_OPERATOR)) {
             Py_ssize_t j = i + 1, k;
             int bang = c == '!';
@@ -157,39 +158,25 @@ literal_shape(PyObject *self, PyObject *arg)
                 while (k < n && IS(s[k], C_SPACE))
                     k++;
                 if (k < n && IS(s[k], C_DIGIT)) {
-                    if (previous == OPERATOR && !last_minus) {
-                        Py_ssize_t end = number_end(s, n, k);
-                        if (end < 0 || params == MAX_PARAMS)
-                            Py_RETURN_NONE;
-                        span_start[params] = i;
-                        span_end[params++] = end;
-                        previous = NUMBER;
-                        i = end;
-                        continue;
-                    }
-                    if (previous != NUMBER)
+                    if (previous == OPERATOR && !last_minus)
+                        number = k; /* a sign: the constant starts at it */
+                    else if (previous != NUMBER)
                         Py_RETURN_NONE;
                 }
             }
-            last_minus = j - i == 1 && c == '-';
-            previous = OPERATOR;
-            i = j;
-            continue;
+            if (number < 0) {
+                last_minus = j - i == 1 && c == '-';
+                previous = OPERATOR;
+                i = j;
+                continue;
+            }
         }
-        if (IS(c, C_DIGIT)) {
-            Py_ssize_t end;
+        else if (IS(c, C_DIGIT)) {
             if (previous != OPERATOR)
                 Py_RETURN_NONE;
-            end = number_end(s, n, i);
-            if (end < 0 || params == MAX_PARAMS)
-                Py_RETURN_NONE;
-            span_start[params] = i;
-            span_end[params++] = end;
-            previous = NUMBER;
-            i = end;
-            continue;
+            number = i;
         }
-        if (IS(c, C_PUNCT)) {
+        else if (IS(c, C_PUNCT)) {
             if (c == '.' && (previous == NUMBER || (i + 1 < n && IS(s[i + 1], C_DIGIT))))
                 Py_RETURN_NONE;
             if (c == ';')
@@ -198,7 +185,16 @@ literal_shape(PyObject *self, PyObject *arg)
             i++;
             continue;
         }
-        Py_RETURN_NONE;
+        else
+            Py_RETURN_NONE;
+        /* A constant, from i (its sign or its first digit) to the end of its number. */
+        Py_ssize_t end = number_end(s, n, number);
+        if (end < 0 || params == MAX_PARAMS)
+            Py_RETURN_NONE;
+        span_start[params] = i;
+        span_end[params++] = end;
+        previous = NUMBER;
+        i = end;
     }
     if (previous == START)
         Py_RETURN_NONE;

@@ -77,6 +77,7 @@ def literal_shape(text: str) -> str | None:  # noqa: C901 - one lexer, read top 
             continue
         if previous is _START:
             return None
+        number = -1  # where the digits of a constant starting at i are
         if c in _OPERATOR_CHARS:
             j = i + 1
             while j < n and text[j] in _OPERATOR_CHARS:
@@ -97,32 +98,20 @@ def literal_shape(text: str) -> str | None:  # noqa: C901 - one lexer, read top 
                     k += 1
                 if k < n and text[k] in _DIGITS:
                     if previous is _OPERATOR and last_operator != "-":
-                        # A sign: the constant starts here ("= - 5" is "= $1").
-                        end = _number_end(text, k)
-                        if end is None:
-                            return None
-                        params += 1
-                        out += (text[copied:i], f"${params}")
-                        copied, previous, i = end, _NUMBER, end
-                        continue
-                    if previous is not _NUMBER:
+                        number = k  # a sign: the constant starts at it ("= - 5" is "= $1")
+                    elif previous is not _NUMBER:
                         # "b -5" subtracts, "AND -5" and "(-5" are signs, and libpg_query
                         # misplaces a doubled sign ("- -5"): not this code's to tell.
                         return None
-            last_operator = operator
-            previous, i = _OPERATOR, j
-            continue
-        if c in _DIGITS:
+            if number < 0:
+                last_operator = operator
+                previous, i = _OPERATOR, j
+                continue
+        elif c in _DIGITS:
             if previous is not _OPERATOR:
                 return None
-            end = _number_end(text, i)
-            if end is None:
-                return None
-            params += 1
-            out += (text[copied:i], f"${params}")
-            copied, previous, i = end, _NUMBER, end
-            continue
-        if c in _PUNCTUATION:
+            number = i
+        elif c in _PUNCTUATION:
             if c == "." and (previous is _NUMBER or (i + 1 < n and text[i + 1] in _DIGITS)):
                 # ".5" is a number; "5 .b" does not parse, but "$1 .b" would (a field of
                 # a parameter): its shape must not be a statement the text is not.
@@ -132,7 +121,15 @@ def literal_shape(text: str) -> str | None:  # noqa: C901 - one lexer, read top 
             previous = _OPEN if c in "(," else _WORD_TOKEN if c in ").;" else previous
             i += 1
             continue
-        return None
+        else:
+            return None
+        # A constant, from i (its sign or its first digit) to the end of its number.
+        end = _number_end(text, number)
+        if end is None:
+            return None
+        params += 1
+        out += (text[copied:i], f"${params}")
+        copied, previous, i = end, _NUMBER, end
     if previous is _START:
         return None
     if not params:
