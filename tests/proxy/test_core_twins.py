@@ -118,3 +118,11 @@ def test_a_twin_built_from_another_connection_py_is_not_run(monkeypatch, caplog)
         assert core._twin() is None
     assert "built from another proxy/connection.py" in caplog.text
     assert "./scripts/bootstrap" in caplog.text
+
+
+def test_without_the_source_to_check_it_against_the_twin_is_not_run(monkeypatch, tmp_path):
+    monkeypatch.setattr(core, "compiled_module", lambda name: _cconnection)
+    monkeypatch.setattr(
+        core, "connection", types.SimpleNamespace(__file__=str(tmp_path / "connection.py"))
+    )
+    assert core._twin() is None

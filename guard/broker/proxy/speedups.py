@@ -15,7 +15,8 @@ at install time, not to users.
 
 This tiny module is the one place that reads the environment for it: pgwire and the
 sans-IO core may not import os (tests/test_import_rules.py), so they take what is picked
-here (`proxy.connection` passes `scan` to its parsers). Imports os, pgwire and nothing else.
+here (`proxy.connection` passes `scan` to its parsers). Imports os, importlib, pgwire and
+nothing else.
 """
 
 from __future__ import annotations
