@@ -12,20 +12,24 @@ import types
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from guard.broker.audit.sink import MemoryAuditSink
+from guard.broker.pgwire import messages as m
+from guard.broker.pgwire.encoder import encode
 from guard.broker.proxy import connection as reference
 from guard.broker.proxy import core
 from guard.broker.proxy.commands import (
     CloseConnection,
+    Command,
     EndApproval,
     Log,
     RequestApproval,
     SendToClient,
     SendToServer,
 )
+from guard.broker.proxy.events import ApprovalDecided
 from tests import playbook
 from tests.proxy.test_session_fuzz import chunk, server_chunk
 
@@ -60,38 +64,95 @@ def _seen(cmd: Any) -> tuple[Any, ...]:
     raise AssertionError(f"a command the core should not give here: {cmd!r}")
 
 
-def _run(build: type, steps: list[tuple[str, bytes]], split: int, holds: bool) -> tuple:
+def _event(driver: playbook.Driver, side: str, data: bytes) -> list[Command]:
+    """What the shell tells the core besides bytes (an approval's outcome, the end of its
+    grant, a timer, an EOF), done as the shell would."""
+    conn = driver.connection
+    if side == "approve" or side == "deny":
+        held = conn.held_request
+        if held is None or conn.awaiting_approval is None:
+            return []
+        error = None if side == "approve" else m.ErrorResponse.build("42501", "denied")
+        decided = ApprovalDecided(held, side == "approve", error, per_statement=data == b"1")
+        return driver._shell(conn.approval_decided(decided))
+    if side == "grant ended":
+        held = conn.held_request
+        return [] if held is None else driver._shell(conn.approval_ended(held))
+    if side == "idle":
+        return driver._shell(conn.idle_for(float(data)))
+    if side == "incomplete":
+        return driver._shell(conn.incomplete_for(float(data)))
+    return driver._shell(conn.client_eof() if side == "client eof" else conn.server_eof())
+
+
+def _run(
+    build: type, steps: list[tuple[str, bytes]], split: int, holds: bool, eager: bool
+) -> tuple:
     """Feed `steps` to a connection of `build`, with the shell's audit duties done at once
     (failing while a step says so); everything it said, and the audit records."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(playbook, "GatewayConnection", build)
         audit = MemoryAuditSink()
-        driver = playbook.Driver(playbook.connection(holds=holds), audit)
+        conn = playbook.connection(holds=holds, audit_answers_later=eager)
+        driver = playbook.Driver(conn, audit)
     said: list[tuple[Any, ...]] = []
     for side, data in steps:
         if side == "audit":
             audit.fail = data == b"fail"
             continue
-        feed = driver.from_client if side == "c" else driver.from_server
-        for i in range(0, len(data), split):
-            said += [_seen(c) for c in feed(data[i : i + split])]
+        if side in ("c", "s"):
+            feed = driver.from_client if side == "c" else driver.from_server
+            for i in range(0, len(data), split):
+                said += [_seen(c) for c in feed(data[i : i + split])]
+        else:
+            said += [_seen(c) for c in _event(driver, side, data)]
         said.append(("state", int(driver.connection.state), driver.closed))
     records = [{k: v for k, v in r.items() if k != "time"} for r in audit.records]
     return said, records
 
 
+# A statement the policy holds for approval (with holds on), so approvals get decided.
+_HELD = ("c", encode(m.Query("SELECT * FROM transactions")))
+_ANSWER = (
+    "s",
+    b"".join(
+        encode(x)
+        for x in (m.RowDescription(()), m.CommandComplete("SELECT 0"), m.ReadyForQuery(b"I"))
+    ),
+)
 _step = st.one_of(
+    st.just(_HELD),
     chunk.map(lambda c: ("c", c)),
     server_chunk.map(lambda c: ("s", c)),
-    st.sampled_from([("audit", b"fail"), ("audit", b"ok")]),
+    st.sampled_from(
+        [
+            ("audit", b"fail"),
+            ("audit", b"ok"),
+            ("approve", b"1"),
+            ("approve", b"0"),
+            ("deny", b"1"),
+            ("grant ended", b""),
+            ("idle", b"3600"),
+            ("incomplete", b"120"),
+            ("client eof", b""),
+            ("server eof", b""),
+        ]
+    ),
 )
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(_step, max_size=16), st.integers(min_value=1, max_value=48), st.booleans())
-def test_the_compiled_core_says_what_the_reference_says(steps, split, holds):
-    assert _run(_cconnection.GatewayConnection, steps, split, holds) == _run(
-        reference.GatewayConnection, steps, split, holds
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(_step, max_size=16),
+    st.integers(min_value=1, max_value=48),
+    st.booleans(),
+    st.booleans(),
+)
+@example([_HELD, ("deny", b"1"), _HELD, ("approve", b"0")], 48, True, False)
+@example([_HELD, ("approve", b"1"), _ANSWER, ("grant ended", b""), _HELD], 7, True, True)
+def test_the_compiled_core_says_what_the_reference_says(steps, split, holds, eager):
+    assert _run(_cconnection.GatewayConnection, steps, split, holds, eager) == _run(
+        reference.GatewayConnection, steps, split, holds, eager
     )
 
 
