@@ -1,16 +1,19 @@
 """Build of the optional C extensions; everything else is in pyproject.toml.
 
-`guard.broker.pgwire._cframe` is the compiled twin of the relay's byte scanning in
-guard/broker/pgwire/parser.py (see guard/broker/proxy/speedups.py); `guard.broker.audit.
-_cfsync` is the audit group commit's fsync thread (see guard/broker/audit/commit.py), and
-`guard.broker.audit._cseal` seals a statement record (guard/broker/audit/serialize.py's
-`seal_record`), and `guard.broker.sql._cshape` normalizes the plainest statements with
-inlined values (guard/broker/sql/shape.py's `literal_shape`), and
-`guard.broker.proxy._cconnection` is guard/broker/proxy/connection.py compiled by Cython as
-it is, with the declarations in connection.pxd (see guard/broker/proxy/core.py). All are
-optional: when one cannot be built (no compiler, no Python headers,
-no OpenSSL headers for _cseal), setuptools prints a warning and the install goes on without
-it, and guard runs its pure-Python code.
+- `guard.broker.pgwire._cframe`: the relay's byte scanning, twin of
+  guard/broker/pgwire/parser.py (see guard/broker/proxy/speedups.py);
+- `guard.broker.audit._cfsync`: the audit group commit's fsync thread
+  (guard/broker/audit/commit.py);
+- `guard.broker.audit._cseal`: a statement record sealed, and result records as JSON
+  (guard/broker/audit/serialize.py's references); needs OpenSSL's headers;
+- `guard.broker.sql._cshape`: the plainest statements with inlined values normalized
+  (guard/broker/sql/shape.py's `literal_shape`);
+- `guard.broker.proxy._cconnection`: guard/broker/proxy/connection.py compiled by Cython as
+  it is, with the declarations in connection.pxd (guard/broker/proxy/core.py).
+
+All are optional: when one cannot be built (no compiler, no Python headers, no Cython),
+setuptools prints a warning and the install goes on without it, and guard runs its
+pure-Python code.
 """
 
 import hashlib
