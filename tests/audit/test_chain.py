@@ -135,8 +135,11 @@ def test_gate_records_are_exactly_the_record_types(tmp_path, result):
     decision = gate.decide("SELECT name FROM customers WHERE id = 1")
     (seq,) = sink.append_statements(gate.statement_records(decision, "simple"))
     expected = ResultRecord(session_id="s1", connection_id="c1", statement_seq=seq, **result)
-    # What the connection queues: the ResultRecord's values in RESULT_FIELDS order.
+    # What the connection queues: the ResultRecord's values in RESULT_FIELDS order (an
+    # empty call around it adds nothing to the batch, and no empty JSON part).
+    sink.append_results([])
     sink.append_results([tuple(getattr(expected, name) for name in RESULT_FIELDS)])
+    sink.append_results(iter(()))
     sink.close()
     assert verify_lines((tmp_path / "audit.jsonl").read_bytes().splitlines()).ok
     statement, batch = (json.loads(line)["body"] for line in records(tmp_path / "audit.jsonl"))

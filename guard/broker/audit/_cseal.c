@@ -112,8 +112,8 @@ seal(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     long long ns = PyLong_AsLongLong(args[3]);
     if (ns == -1 && PyErr_Occurred())
         return NULL;
-    if (seq < 0 || ns < 0) {
-        PyErr_SetString(PyExc_ValueError, "seal: seq and ns must not be negative");
+    if (seq < 0) { /* (a negative ns is format_time's to refuse) */
+        PyErr_SetString(PyExc_ValueError, "seal: seq must not be negative");
         return NULL;
     }
     /* The body's tail: ,"seq":N,"time":"YYYY-MM-DDTHH:MM:SS.ffffffZ"} */

@@ -565,7 +565,8 @@ class JsonlAuditSink:
         # One entry per call, its results sharing the call's time (they arrived together):
         # the hot path pays one tuple, the JSON is made at the flush.
         queued = results if results.__class__ is list else list(results)
-        self._defer((queued, time.time_ns()), len(queued))
+        if queued:  # nothing to say: no entry (a batch's JSON never has an empty part)
+            self._defer((queued, time.time_ns()), len(queued))
 
     def _defer(self, entry: tuple[list[tuple[Any, ...]], int] | dict[str, Any], n: int) -> None:
         with self._lock:
@@ -607,7 +608,7 @@ class JsonlAuditSink:
             parts.append(dumps(entry))
         if run:
             parts.append(result_entries(run))
-        body = b'{"kind":"results","results":[%b]' % b",".join(p for p in parts if p)
+        body = b'{"kind":"results","results":[%b]' % b",".join(parts)
         try:
             with self._lock:
                 self._seal_write((body,))
