@@ -180,6 +180,35 @@ def test_plain_inlined_literals_skip_libpg_querys_normalization(monkeypatch):
     assert statements == ["SELECT name FROM products WHERE id = $1"] * 5
 
 
+def test_fresh_inlined_literals_do_not_fill_the_decision_cache(monkeypatch):
+    # pgbench -M simple sends a new key every time: caching each exact text would only
+    # churn the cache. Texts that cost more to decide again stay cached: those only
+    # libpg_query normalizes, and redirected ones (their forwarded text is refilled).
+    monkeypatch.setattr(gate_module, "literal_shape", shape.literal_shape)
+    calls: list[str] = []
+    real = gate_module.normalize
+    monkeypatch.setattr(gate_module, "normalize", lambda sql: calls.append(sql) or real(sql))
+    proxy, _ = make()
+    cache = proxy.gate._cache
+    texts = {
+        "plain": "SELECT name FROM products WHERE id = {};",
+        "libpg_query's": "SELECT name FROM products ORDER BY 1 LIMIT {}",
+        "redirected": "SELECT ssn FROM public.customers WHERE id = {};",
+    }
+    for i in range(40):
+        for text in texts.values():
+            proxy.from_client(wire(m.Query(text.format(i + 1))))
+            proxy.from_server(wire(m.CommandComplete("SELECT 0"), m.ReadyForQuery(b"I")))
+    cached = set(cache)
+    assert not any(texts["plain"].format(i + 1) in cached for i in range(40))
+    assert all(texts["libpg_query's"].format(i + 1) in cached for i in range(40))
+    assert all(texts["redirected"].format(i + 1) in cached for i in range(40))
+    # A cached text is not normalized again.
+    before = len(calls)
+    proxy.from_client(wire(m.Query(texts["libpg_query's"].format(1))))
+    assert len(calls) == before
+
+
 def test_unmasked_rows_pass_byte_identical_and_undecoded(row_decodes):
     proxy, _ = make()
     proxy.from_client(wire(m.Query("SELECT id, name, sku FROM products")))

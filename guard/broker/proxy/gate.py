@@ -143,9 +143,13 @@ class Gate:
         # GROUP BY positions as they are: `ORDER BY 2` never shares `ORDER BY 1`'s answer.)
         # The plainest such texts get the same normalized text without libpg_query's parse
         # (`sql.shape`: its answer is libpg_query's, or None).
-        normalized = literal_shape(sql)
-        if normalized is None:
-            normalized = normalize(sql)
+        shape = literal_shape(sql)
+        # The exact text is cached only when finding its decision again costs more than
+        # a lookup: libpg_query's normalization (3 µs), or a refilled redirection. Texts
+        # `sql.shape` normalizes (0.1 µs) are not: a client inlining fresh literals (pgbench
+        # -M simple's random keys) would only churn the cache with texts never seen twice.
+        store = shape is None
+        normalized = normalize(sql) if shape is None else shape
         if normalized != sql and normalized != UNNORMALIZABLE:
             decision = self._cache.get(normalized) or self._compute(normalized)
             if decision.refusal is None and decision.verdicts:
@@ -153,8 +157,10 @@ class Gate:
                     # Redirected: the forwarded text is the exact one's, literals and all,
                     # made from the normalized one's redirection (`sql.redirect.refill`).
                     decision = self._refilled(sql, normalized, decision)
+                    store = True
                 if decision is not None:
-                    self._store(sql, decision)
+                    if store:
+                        self._store(sql, decision)
                     return decision
         return self._compute(sql)
 
