@@ -383,7 +383,7 @@ class FrontendParser(_Framer):
     CancelRequest nothing more is valid. Then every message is tagged.
     """
 
-    __slots__ = ("_state", "_negotiated", "password_kind")
+    __slots__ = ("_state", "_negotiated", "password_kind", "_tagged_scan")
     _error = ClientProtocolError
     _side = "frontend"
 
@@ -396,6 +396,12 @@ class FrontendParser(_Framer):
     ) -> None:
         super().__init__(max_message_size, m.FRONTEND_TAGS, _FRONTEND_RUNS, scan)
         self._state = _STARTUP if expect_startup else _TAGGED
+        # The compiled loop frames tagged messages only: it is taken up when the startup
+        # phase ends, so `_Framer.feed_drain` (not an override: one call less per read on
+        # the relay's path) refuses through `drain` until then.
+        self._tagged_scan = scan
+        if expect_startup:
+            self._scan = None
         self._negotiated: set[int] = set()
         # 'p' is ambiguous on the wire; the authentication exchange says what comes next.
         self.password_kind: PasswordKind = "password"
@@ -424,11 +430,6 @@ class FrontendParser(_Framer):
         if self._state != _TAGGED:
             raise RuntimeError("drain() frames tagged messages; the startup phase is not over")
         return _Framer.drain(self)
-
-    def feed_drain(self, data: bytes) -> tuple[list[Raw], ProtocolError | None]:
-        if self._state != _TAGGED:
-            raise RuntimeError("drain() frames tagged messages; the startup phase is not over")
-        return _Framer.feed_drain(self, data)
 
     def next_message(self) -> m.FrontendMessage | NeedData:
         frame = self.next_frame()
@@ -476,6 +477,8 @@ class FrontendParser(_Framer):
         self._state = state
         if state == _STARTUP:
             self._negotiated.add(code)
+        elif state == _TAGGED:
+            self._scan = self._tagged_scan
         return _frame(m.TAG_UNTAGGED, self._view[pos:end])
 
 
