@@ -11,6 +11,20 @@
 # values (continuations: _after_*, _queued, _end, ...) stay Python methods.
 # Keep the field list in step with GatewayConnection.__init__: a field missing here is an
 # AttributeError in the compiled twin, which tests/proxy/test_core_twins.py finds.
+#
+# C integers only where a value can be nothing else: the message tags (protocol bytes) and
+# the Pending entry's indices, module constants the twin then compares and indexes with in
+# C (the twin's module no longer offers them as attributes: import them from
+# pgwire.messages or proxy.connection), and the tag of the loops that dispatch on it
+# (-3 % instructions for extended, -1 to -2 % for the other -S modes, through the pump).
+cimport cython
+
+cdef int TAG_BIND, TAG_EXECUTE, TAG_SYNC, TAG_QUERY, TAG_PARSE, TAG_DESCRIBE, TAG_CLOSE
+cdef int TAG_FUNCTION_CALL, TAG_TERMINATE, TAG_DATA_ROW, TAG_COPY_DATA, TAG_READY_FOR_QUERY
+cdef int TAG_COMMAND_COMPLETE, TAG_PORTAL_SUSPENDED
+cdef Py_ssize_t _KIND, _SEQS, _PORTAL, _UNDO, _PREPARED, _SUBSTITUTE, _SWALLOW, _PLAN
+cdef Py_ssize_t _PLANNED, _APPROVAL
+
 cdef class GatewayConnection:
     cdef public object gate
     cdef public object holds
@@ -46,8 +60,11 @@ cdef class GatewayConnection:
     cdef public object _logs
     cdef public object _close
 
+    @cython.locals(tag=int)
+    cpdef from_server(self, data)
     cdef _flush(self)
     cdef _record(self, records, then, a, b)
+    @cython.locals(tag=int, pos=Py_ssize_t, count=Py_ssize_t)
     cdef _relay_client(self, fed)
     cdef _on_query(self, raw)
     cdef _on_bind(self, raw)
@@ -56,8 +73,8 @@ cdef class GatewayConnection:
     cdef _on_parse(self, raw)
     cdef _on_execute(self, portal_name, raw)
     cdef _approval_done(self, entry)
-    cdef _on_server_message(self, tag, raw)
-    cdef _on_complete(self, tag, raw)
+    cdef _on_server_message(self, int tag, raw)
+    cdef _on_complete(self, int tag, raw)
     cdef _result(self, seq, outcome, command_tag, rows, sqlstate, view_masked=*)
     cdef _on_parameter_status(self, raw)
     cdef _on_row_description(self, raw, head)
