@@ -19,8 +19,11 @@ from __future__ import annotations
 import ssl
 
 # Plaintext taken out of the TLS object per read call: large, so a burst of records
-# (a big result set) drains in few calls.
-READ_SIZE = 1 << 18
+# (a big result set) drains in few calls, but under glibc's mmap threshold (128 KiB at
+# start): `read(n)` allocates n bytes and shrinks them, and at 256 KiB every call was an
+# mmap, an mremap and a munmap (26 µs for four small records' round trip, 3.8 at 64 KiB,
+# in a fresh process; relays that had run a while had raised the threshold: no such calls).
+READ_SIZE = 1 << 16
 
 
 class TLSClosed(Exception):
