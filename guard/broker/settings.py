@@ -299,7 +299,8 @@ class AuditSettings(_Strict):
     # fsync statement records before their statements are forwarded (group commit: one
     # fsync per batch of concurrent statements), so an OS crash or power loss cannot lose
     # the record of a statement that ran. Off, a record survives a broker crash (kill -9)
-    # but not an OS crash.
+    # but not an OS crash; records then pass through `<path>.journal`, a memory-mapped
+    # ring, and reach the log within 200 ms (recovered from the ring after a crash).
     fsync: bool = True
 
 

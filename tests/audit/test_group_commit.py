@@ -14,11 +14,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import signal
-import subprocess
-import sys
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -29,8 +25,7 @@ from guard.broker.audit.serialize import fixed_fields
 from guard.broker.audit.sink import AuditUnavailable, JsonlAuditSink
 from guard.broker.settings import AuditSettings
 from tests.audit.audit_logs import body, kinds, stmt, verify
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.audit.crash_writer import kill_repeatedly, recorded_aliases
 
 
 def records(*ids: int) -> list[bytes]:
@@ -319,44 +314,9 @@ def test_kill_9_loses_no_record_of_a_forwarded_statement(tmp_path, fsync_thread)
     if fsync_thread == "python":
         env["GUARD_PURE_PYTHON"] = "1"
     path = tmp_path / "audit.jsonl"
-    acked: set[str] = set()
-    for wanted in (50, 400, 1500):
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.audit.crash_writer", str(path), "8"],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env,
-        )
-        assert proc.stdout is not None
-        got = 0
-        for line in proc.stdout:
-            acked.add(line.decode().strip())
-            got += 1
-            if got >= wanted:
-                break
-        os.kill(proc.pid, signal.SIGKILL)
-        rest, err = proc.communicate()
-        assert proc.returncode == -signal.SIGKILL, err.decode()
-        acked.update(rest.decode().split())  # acknowledged before the kill landed
-        assert got >= wanted, err.decode()
-        # Killed: the records after the last checkpoint are unsigned, but the chain holds.
-        # A kill that lands inside a write of more than a page may leave that write's
-        # line cut off (the kernel stops copying at a fatal signal): its statements were
-        # never forwarded (they waited for the fsync after it), and the next open cuts it.
-        report = verify(path)
-        assert report.ok or (
-            report.damage is not None
-            and report.damage.kind == "truncated"
-            and report.damage.line == report.lines
-        ), report
+    acked = kill_repeatedly(path, env)
     JsonlAuditSink(path, fsync=False).close()  # what the broker's next start does to a torn tail
     assert verify(path).ok
-    recorded = {
-        body(line)["statement"].rsplit(" ", 1)[1]
-        for line in path.read_bytes().splitlines()
-        if body(line)["kind"] == "statement"
-    }
-    assert acked and acked <= recorded
+    assert acked and acked <= recorded_aliases(path)
     JsonlAuditSink(path).close()  # the next broker start signs the tail
     assert verify(path).ok

@@ -121,3 +121,39 @@ def verify_lines(lines: Iterable[bytes | str]) -> ChainReport:
 def last_hash_of(line: bytes) -> str:
     """The hash a new record must chain to, read from the log's last line."""
     return split_line(line)[1]
+
+
+def continuation(data: bytes, last_hash: str) -> list[bytes]:
+    """The lines in `data` that continue the chain after `last_hash`, in chain order.
+
+    `data` is what an audit journal held (`audit.sink`): lines in ring order, among them
+    stale lines already in the log, lines cut off by a crash or overwritten in part, and
+    zeros never written. Each kept line names `last_hash` (or the line kept before it) as
+    its prev and its hash checks: following prev links from the log's last line can only
+    reach records sealed after it, and a damaged or forged line stops the walk there.
+    """
+    candidates: dict[str, list[bytes]] = {}
+    for raw in data.split(b"\n"):
+        line = raw.strip(b"\0")
+        # The fixed-size tail names prev without parsing the body (most lines are stale).
+        if len(line) < len(_HEAD) + _TAIL_LEN + 2 or not line.startswith(_HEAD):
+            continue
+        tail = line[-_TAIL_LEN:]
+        if not (tail.startswith(b',"hash":"') and tail[73:83] == b'","prev":"'):
+            continue
+        candidates.setdefault(tail[83:147].decode("ascii", "replace"), []).append(line)
+    kept: list[bytes] = []
+    prev = last_hash
+    while prev in candidates:
+        for line in candidates.pop(prev):
+            try:
+                body, digest, claimed_prev = split_line(line)
+            except (ValueError, UnicodeDecodeError):
+                continue
+            if claimed_prev == prev and hmac.compare_digest(digest, link_hash(prev, body)):
+                kept.append(line + b"\n")
+                prev = digest
+                break
+        else:
+            break  # no intact line continues from here
+    return kept
