@@ -33,7 +33,7 @@ def wire(*messages) -> bytes:
 
 def main() -> None:
     policy = load_policy_file(ROOT / "bench/policies.yaml")
-    audit = JsonlAuditSink(Path(tempfile.mkdtemp()) / "audit.jsonl")
+    audit = JsonlAuditSink(Path(tempfile.mkdtemp()) / "audit.jsonl", journal=True)
     principal = Principal("iss", "alice", frozenset({"engineers"}))
     gate = Gate(
         policy=policy,

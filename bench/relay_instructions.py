@@ -137,7 +137,7 @@ def _connection(sink: str, masked: bool) -> tuple[Any, Callable[[list[Any]], Non
     proxy = GatewayConnection(gate, protected=protected, client_user="u")
     audit: Any
     if sink == "jsonl":
-        audit = JsonlAuditSink(Path(tempfile.mkdtemp()) / "audit.jsonl")
+        audit = JsonlAuditSink(Path(tempfile.mkdtemp()) / "audit.jsonl", journal=True)
     else:
         counter = itertools.count(1)
 
