@@ -142,6 +142,8 @@ def test_audit_has_one_record_per_statement_before_results(alice: Stack):
         f"SELECT full_name FROM customers WHERE phone = '{RAW_SSN}'",
     )
     assert probe.returncode == 0, probe.stderr
+    # The probe's record is in the file (read after a flush), without the value it used.
+    assert any("phone" in r.get("statement", "") for r in alice.audit_records())
     assert RAW_SSN not in alice.audit_path.read_text()
 
 
