@@ -235,15 +235,21 @@ def test_a_ring_beside_an_empty_log_is_set_aside_not_replayed(tmp_path, caplog):
     assert "belongs to no record" in caplog.text
 
 
-def test_without_a_usable_ring_every_record_is_written_at_once(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("why", ["disk-full", "no-posix_fallocate"])
+def test_without_a_usable_ring_every_record_is_written_at_once(tmp_path, monkeypatch, caplog, why):
     def no_space(fd: int, offset: int, length: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(journal_module.os, "posix_fallocate", no_space)
+    if why == "disk-full":
+        monkeypatch.setattr(journal_module.os, "posix_fallocate", no_space)
+    else:  # macOS
+        monkeypatch.delattr(journal_module.os, "posix_fallocate")
     path = tmp_path / "audit.jsonl"
     sink = JsonlAuditSink(path, journal=True)
     sink.append_statements([fixed_fields(stmt(0))])
-    assert fingerprints(path) == ["fp0"]
+    sink.append_statements([fixed_fields(stmt(1))])
+    assert fingerprints(path) == ["fp0", "fp1"]
     assert "cannot be made" in caplog.text
+    assert not (tmp_path / "audit.jsonl.journal").exists()
     sink.close()
     assert verify(path).ok

@@ -16,11 +16,12 @@ sink reads the ring and appends what continues the log's chain (`chain.continuat
 stale lines (already in the log), lines a crash cut off or a later lap overwrote in part,
 and a ring of another log never continue it.
 
-Imports mmap, os and pathlib; no other guard module.
+Imports errno, mmap, os and pathlib; no other guard module.
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 from pathlib import Path
@@ -47,10 +48,16 @@ class Journal:
     def __init__(self, path: Path, size: int = SIZE) -> None:
         self.path = path
         self.size = size
+        allocate = getattr(os, "posix_fallocate", None)
+        if allocate is None:  # macOS: the sink writes each line to the log at once instead
+            raise OSError(errno.ENOTSUP, "posix_fallocate is not available on this system")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.posix_fallocate(fd, 0, size)
+            allocate(fd, 0, size)
             self._map = mmap.mmap(fd, size)
+        except OSError:
+            path.unlink(missing_ok=True)
+            raise
         finally:
             os.close(fd)  # the mapping keeps the file
         self._pos = 0
