@@ -22,8 +22,9 @@ beside an empty log is another log's (set aside as `.orphaned-<ns>`, never repla
 Opening the log appends what a ring left by a crash holds beyond it (the lines that
 continue its hash chain, `chain.continuation`) and says so (`AuditEvent`
 "journal-recovered"). When the log refuses the ring's lines (a full disk), statements are
-refused until it takes them; none is lost. When the ring cannot be made, every line goes
-to the log at once, as with no journal.
+refused until it takes them; none is lost. While the path no longer holds the log (the
+file check below) the ring's lines wait for it to come back. When the ring cannot be made,
+every line goes to the log at once, as with no journal.
 
 Durability (`fsync=True`, the broker's default: `audit.fsync`): statement records are made
 durable before their statements are forwarded, by group commit (`audit.commit`): the
