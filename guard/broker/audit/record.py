@@ -209,9 +209,10 @@ class BackstopEvent:
 @dataclass(frozen=True, slots=True)
 class AuditEvent:
     """The audit log's own events, written by the sink when it opens the log: a torn last
-    line cut away (`torn-line-cut`: how many bytes, never what they said) and records found
-    without a checkpoint after them (`unsigned-tail`: the broker stopped without closing the
-    log, so they were never signed)."""
+    line cut away (`torn-line-cut`: how many bytes, never what they said), records appended
+    from the journal a crash left (`journal-recovered`: how many) and records found without
+    a checkpoint after them (`unsigned-tail`: the broker stopped without closing the log, so
+    they were never signed)."""
 
     event: str
     detail: str = ""
