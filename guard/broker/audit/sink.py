@@ -796,6 +796,7 @@ class JsonlAuditSink:
     def _stop_journal(self) -> None:
         """The ring's lines into the log, then the ring removed (kept when the log cannot
         take them: the next open recovers them). The lock is held."""
+        self._journal_wanted = False  # closing: no ring is made for the last lines
         journal, self._journal = self._journal, None
         if journal is None:
             return
