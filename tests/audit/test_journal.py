@@ -147,6 +147,25 @@ def test_a_process_that_dies_without_flushing_loses_no_record(tmp_path, size, re
     assert not (tmp_path / "audit.jsonl.journal").exists()
 
 
+def test_a_recovery_the_log_refuses_keeps_the_ring_for_the_next_start(tmp_path, monkeypatch):
+    path = tmp_path / "audit.jsonl"
+    crash(path, size=1 << 20, records=10)
+    ring = tmp_path / "audit.jsonl.journal"
+    real_write = os.write
+
+    def full_disk(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full_disk)
+    with pytest.raises(AuditUnavailable, match="No space left"):
+        JsonlAuditSink(path)  # the broker does not start: statements would be refused
+    assert ring.exists()
+    monkeypatch.setattr(os, "write", real_write)
+    JsonlAuditSink(path).close()
+    assert fingerprints(path) == [f"fp{i}" for i in range(10)]
+    assert verify(path).ok and not ring.exists()
+
+
 def test_kill_9_loses_no_record_of_a_forwarded_statement(tmp_path):
     """`crash_writer` (real pumps) over a sink with a journal, killed three times at
     different moments: every statement acknowledged as forwarded has its record once the

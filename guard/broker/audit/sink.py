@@ -454,10 +454,7 @@ class JsonlAuditSink:
         lines = continuation(data, scan.last_hash)
         if lines:
             blob = b"".join(lines)
-            written = os.write(self._fd, blob)
-            if written != len(blob):  # the ring stays for the next try
-                os.ftruncate(self._fd, scan.good_size)
-                raise OSError(f"short write ({written} of {len(blob)} bytes) recovering {path}")
+            self._write_now(blob)  # AuditUnavailable, a short write taken back: the ring stays
             _fdatasync(self._fd)  # in the log for good before the ring goes
             for line in lines:
                 scan.records += 1
