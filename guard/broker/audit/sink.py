@@ -98,6 +98,7 @@ from guard.broker.audit.chain import (
     seal_line,
     split_line,
 )
+from guard.broker.audit.journal import SIZE as JOURNAL_SIZE
 from guard.broker.audit.journal import Journal, journal_path
 from guard.broker.audit.journal import read as read_journal
 from guard.broker.audit.record import AuditEvent, result_body, utc_now_iso
@@ -334,7 +335,7 @@ class JsonlAuditSink:
         checkpoint_seconds: float = checkpoint.SECONDS,
         check_interval: float = 0.01,
         journal: bool = False,
-        journal_size: int | None = None,
+        journal_size: int = JOURNAL_SIZE,
     ) -> None:
         self.path = path
         self._fsync = fsync
@@ -652,7 +653,10 @@ class JsonlAuditSink:
             )
         self._gone = reason
         self._next_check = 0  # check again before every write until it is back
-        raise AuditUnavailable(f"audit log {self.path} {reason}; not writing elsewhere")
+        raise self._gone_error(reason)
+
+    def _gone_error(self, reason: str) -> AuditUnavailable:
+        return AuditUnavailable(f"audit log {self.path} {reason}; not writing elsewhere")
 
     def append_deferred(self, record: Recordable) -> None:
         self._defer(record.to_body(), 1)
@@ -763,7 +767,7 @@ class JsonlAuditSink:
         if self._gone is not None:
             # Not into a file that is no longer the log (see "The file check"): the ring
             # keeps them until it is back, or for the next start to set aside.
-            raise AuditUnavailable(f"audit log {self.path} {self._gone}; not writing elsewhere")
+            raise self._gone_error(self._gone)
         try:
             self._write_now(pending[0] if len(pending) == 1 else b"".join(pending))
         except AuditUnavailable as exc:
@@ -779,10 +783,7 @@ class JsonlAuditSink:
         self._journal_wanted = False
         path = journal_path(self.path)
         try:
-            if self._journal_size is None:
-                self._journal = Journal(path)
-            else:
-                self._journal = Journal(path, self._journal_size)
+            self._journal = Journal(path, self._journal_size)
         except (OSError, ValueError) as exc:
             log.warning(
                 "audit journal %s cannot be made (%s): each record goes to the log at once",
