@@ -9,7 +9,9 @@
 - `guard.broker.sql._cshape`: the plainest statements with inlined values normalized
   (guard/broker/sql/shape.py's `literal_shape`);
 - `guard.broker.proxy._cconnection`: guard/broker/proxy/connection.py compiled by Cython as
-  it is, with the declarations in connection.pxd (guard/broker/proxy/core.py).
+  it is, with the declarations in connection.pxd (guard/broker/proxy/core.py);
+- `guard.broker.proxy._cpump`: guard/broker/proxy/pump.py, the connection's asyncio shell,
+  compiled the same way with pump.pxd.
 
 All are optional: when one cannot be built (no compiler, no Python headers, no Cython),
 setuptools prints a warning and the install goes on without it, and guard runs its
@@ -26,30 +28,35 @@ PROXY = Path("guard/broker/proxy")
 CYTHON_BUILD = Path("build/cython/guard/broker/proxy")
 
 
-def _compiled_connection() -> list[Extension]:
-    """connection.py, compiled by Cython under the name _cconnection, with the sha256 of
-    the source it was built from (`SOURCE_SHA256`: proxy/core.py runs the reference instead
-    of a twin built from an older connection.py). Nothing without Cython or the .pxd."""
+def _compiled_twins() -> list[Extension]:
+    """connection.py and pump.py, compiled by Cython under the names _cconnection and
+    _cpump, each with the sha256 of the source it was built from (`SOURCE_SHA256`:
+    proxy/core.py runs the reference instead of a twin built from an older source).
+    Nothing without Cython; a module without its .pxd is not compiled."""
     try:
         from Cython.Build import cythonize
     except ImportError:  # the reference runs; pyproject.toml's build requires bring Cython
         return []
-    if not (PROXY / "connection.pxd").exists():  # a source tree without it: the reference
-        return []
-    source = (PROXY / "connection.py").read_bytes()
     CYTHON_BUILD.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256(source).hexdigest()
-    (CYTHON_BUILD / "_cconnection.py").write_bytes(
-        source + b'\n\nSOURCE_SHA256 = "%s"\n' % digest.encode()
-    )
-    shutil.copyfile(PROXY / "connection.pxd", CYTHON_BUILD / "_cconnection.pxd")
-    extension = Extension(
-        "guard.broker.proxy._cconnection",
-        sources=[str(CYTHON_BUILD / "_cconnection.py")],
-        optional=True,
-    )
+    extensions = []
+    for name, twin in (("connection", "_cconnection"), ("pump", "_cpump")):
+        if not (PROXY / f"{name}.pxd").exists():  # a source tree without it: the reference
+            continue
+        source = (PROXY / f"{name}.py").read_bytes()
+        digest = hashlib.sha256(source).hexdigest()
+        (CYTHON_BUILD / f"{twin}.py").write_bytes(
+            source + b'\n\nSOURCE_SHA256 = "%s"\n' % digest.encode()
+        )
+        shutil.copyfile(PROXY / f"{name}.pxd", CYTHON_BUILD / f"{twin}.pxd")
+        extensions.append(
+            Extension(
+                f"guard.broker.proxy.{twin}",
+                sources=[str(CYTHON_BUILD / f"{twin}.py")],
+                optional=True,
+            )
+        )
     return cythonize(
-        [extension],
+        extensions,
         build_dir="build/cython-c",
         # Where Cython finds the declarations by module name (the twin's .pxd beside it).
         include_path=["build/cython"],
@@ -93,6 +100,6 @@ setup(
             sources=["guard/broker/sql/_cshape.c"],
             optional=True,
         ),
-        *_compiled_connection(),
+        *_compiled_twins(),
     ]
 )

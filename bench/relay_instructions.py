@@ -103,7 +103,7 @@ def _through_pump(proxy: Any, audit: Any, requests: list[bytes], answer: bytes) 
     import uvloop
 
     from guard.broker.health import WatchedAuditSink
-    from guard.broker.proxy.pump import Pump
+    from guard.broker.proxy.core import Pump
 
     async def run() -> None:
         pump = Pump(proxy, _Null(tls=True), _Null(tls=False), audit=WatchedAuditSink(audit))

@@ -28,8 +28,8 @@ from pathlib import Path
 from guard.broker.audit.sink import JsonlAuditSink
 from guard.broker.pgwire import messages as m
 from guard.broker.pgwire.parser import FrontendParser
+from guard.broker.proxy.core import Pump
 from guard.broker.proxy.gate import Gate
-from guard.broker.proxy.pump import Pump
 from tests.playbook import ALICE, POLICY, connection, wire
 
 ANSWER = wire(m.CommandComplete("SELECT 1"), m.ReadyForQuery(b"I"))

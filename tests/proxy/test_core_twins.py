@@ -20,6 +20,7 @@ from guard.broker.pgwire import messages as m
 from guard.broker.pgwire.encoder import encode
 from guard.broker.proxy import connection as reference
 from guard.broker.proxy import core
+from guard.broker.proxy import pump as pump_reference
 from guard.broker.proxy.commands import (
     CloseConnection,
     Command,
@@ -170,20 +171,41 @@ def test_the_twin_runs_unless_pure_python_is_asked():
     assert core.COMPILED is not pure
 
 
-def test_a_twin_built_from_another_connection_py_is_not_run(monkeypatch, caplog):
-    stale = types.SimpleNamespace(
-        SOURCE_SHA256="0" * 64, GatewayConnection=_cconnection.GatewayConnection
-    )
+def test_the_shells_twin_is_built_with_its_declarations_and_runs_unless_pure_python_is_asked():
+    from guard.broker.proxy import _cpump
+
+    # pump.pxd was applied: extension types, a side's pump typed, the per-read methods C.
+    assert _cpump.Pump.__dictoffset__ == 0 and _cpump._Side.__dictoffset__ == 0
+    assert not hasattr(_cpump.Pump, "_write_audit")  # a C method
+    pure = os.environ.get("GUARD_PURE_PYTHON", "") not in ("", "0")
+    assert core.Pump is (pump_reference.Pump if pure else _cpump.Pump)
+    assert core.PUMP_COMPILED is not pure
+
+
+@pytest.mark.parametrize(
+    "reference_module, name, source",
+    [
+        (reference, "guard.broker.proxy._cconnection", "connection.py"),
+        (pump_reference, "guard.broker.proxy._cpump", "pump.py"),
+    ],
+)
+def test_a_twin_built_from_another_source_is_not_run(
+    monkeypatch, caplog, reference_module, name, source
+):
+    stale = types.SimpleNamespace(SOURCE_SHA256="0" * 64)
     monkeypatch.setattr(core, "compiled_module", lambda name: stale)
     with caplog.at_level(logging.WARNING, logger="guard.proxy"):
-        assert core._twin() is None
-    assert "built from another proxy/connection.py" in caplog.text
+        assert core._twin(reference_module, name, "core") is None
+    assert f"built from another proxy/{source}" in caplog.text
     assert "./scripts/bootstrap" in caplog.text
+
+
+def test_a_twin_built_from_the_source_beside_it_is_run(monkeypatch):
+    monkeypatch.setattr(core, "compiled_module", lambda name: _cconnection)
+    assert core._twin(reference, "guard.broker.proxy._cconnection", "core") is _cconnection
 
 
 def test_without_the_source_to_check_it_against_the_twin_is_not_run(monkeypatch, tmp_path):
     monkeypatch.setattr(core, "compiled_module", lambda name: _cconnection)
-    monkeypatch.setattr(
-        core, "connection", types.SimpleNamespace(__file__=str(tmp_path / "connection.py"))
-    )
-    assert core._twin() is None
+    missing = types.SimpleNamespace(__file__=str(tmp_path / "connection.py"))
+    assert core._twin(missing, "guard.broker.proxy._cconnection", "core") is None  # type: ignore[arg-type]

@@ -1,17 +1,20 @@
-"""Which build of the sans-IO connection core runs: compiled, or the pure-Python reference.
+"""Which build of the sans-IO connection core and of its asyncio shell runs: compiled, or
+the pure-Python references.
 
 `guard.broker.proxy._cconnection` is `proxy/connection.py` compiled by Cython as it is (the
-declarations that make it faster are in `proxy/connection.pxd`; setup.py builds it when
-Cython and a compiler are there). `proxy.connection` stays the reference:
-tests/proxy/test_core_twins.py feeds both the same traffic and requires the same commands,
-and the rest of the suite runs on the build picked here. The compiled twin is used unless
-GUARD_PURE_PYTHON is set (as in `proxy.speedups`), or it was built from another
-connection.py than the one beside it (`SOURCE_SHA256`): a stale twin would run code the
-reference no longer has, so the reference runs and the log says to rebuild
-(`./scripts/bootstrap`, or reinstall).
+declarations that make it faster are in `proxy/connection.pxd`), and
+`guard.broker.proxy._cpump` is `proxy/pump.py`, the shell that moves a connection's bytes
+and executes its commands, compiled the same way with `proxy/pump.pxd` (setup.py builds both
+when Cython and a compiler are there). `proxy.connection` and `proxy.pump` stay the
+references: tests/proxy/test_core_twins.py feeds both cores the same traffic and requires
+the same commands, and the rest of the suite runs on the builds picked here. A twin is used
+unless GUARD_PURE_PYTHON is set (as in `proxy.speedups`), or it was built from another
+source than the one beside it (`SOURCE_SHA256`): a stale twin would run code the reference
+no longer has, so the reference runs and the log says to rebuild (`./scripts/bootstrap`,
+or reinstall).
 
-Imports `proxy.connection`, `proxy.speedups` and the stdlib; only the asyncio shell's
-listener (and tests, benches) import this module.
+Imports `proxy.connection`, `proxy.pump`, `proxy.speedups` and the stdlib; only the asyncio
+shell's listener (and tests, benches) import this module.
 """
 
 from __future__ import annotations
@@ -19,31 +22,40 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
+from types import ModuleType
 
-from guard.broker.proxy import connection
+from guard.broker.proxy import connection, pump
 from guard.broker.proxy.speedups import compiled_module
 
 log = logging.getLogger("guard.proxy")
 
 
-def _twin() -> type[connection.GatewayConnection] | None:
-    module = compiled_module("guard.broker.proxy._cconnection")
+def _twin(reference: ModuleType, name: str, what: str) -> ModuleType | None:
+    """The compiled twin `name` of the module `reference`, or None (the reference runs)."""
+    module = compiled_module(name)
     if module is None:
         return None
     try:
-        digest = hashlib.sha256(Path(connection.__file__).read_bytes()).hexdigest()
+        digest = hashlib.sha256(Path(reference.__file__ or "").read_bytes()).hexdigest()
     except OSError:  # installed without its source: nothing to check the twin against
         digest = None
     if digest is None or getattr(module, "SOURCE_SHA256", None) != digest:
+        source = Path(reference.__file__ or "?").name
         log.warning(
-            "the compiled connection core was built from another proxy/connection.py; "
-            "running the pure-Python one (rebuild: ./scripts/bootstrap or reinstall guard)"
+            "the compiled %s was built from another proxy/%s; running the pure-Python one "
+            "(rebuild: ./scripts/bootstrap or reinstall guard)",
+            what,
+            source,
         )
         return None
-    twin: type[connection.GatewayConnection] = module.GatewayConnection
-    return twin
+    return module
 
 
-_compiled = _twin()
-COMPILED: bool = _compiled is not None
-GatewayConnection: type[connection.GatewayConnection] = _compiled or connection.GatewayConnection
+_cconnection = _twin(connection, "guard.broker.proxy._cconnection", "connection core")
+_cpump = _twin(pump, "guard.broker.proxy._cpump", "connection shell")
+COMPILED: bool = _cconnection is not None
+PUMP_COMPILED: bool = _cpump is not None
+GatewayConnection: type[connection.GatewayConnection] = (
+    _cconnection.GatewayConnection if _cconnection is not None else connection.GatewayConnection
+)
+Pump: type[pump.Pump] = _cpump.Pump if _cpump is not None else pump.Pump

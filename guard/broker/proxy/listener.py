@@ -34,6 +34,7 @@ from guard.broker.proxy import upstream
 from guard.broker.proxy.commands import RequestApproval
 from guard.broker.proxy.connection import ProtectedMap
 from guard.broker.proxy.core import GatewayConnection
+from guard.broker.proxy.core import Pump as BuiltPump  # the compiled twin, when built
 from guard.broker.proxy.directory import AT_LIMIT, LocalDirectory, SessionDirectory
 from guard.broker.proxy.encoding import codec_for
 from guard.broker.proxy.events import ApprovalDecided
@@ -480,7 +481,7 @@ class Gateway:
         cwriter.write(b"".join(encode(x) for x in hello))
         await cwriter.drain()
 
-        pump = Pump(
+        pump = BuiltPump(
             connection,
             cwriter.transport,
             up.wire.transport,

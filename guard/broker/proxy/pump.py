@@ -26,6 +26,9 @@ decides nothing about statements. What it owns:
 
 Upstream TLS, when on, is the sans-IO `proxy.tlslayer` over the plain transport (a third of
 the cost of an SSL transport).
+
+This module is the reference; `proxy.core` runs its compiled twin (`_cpump`, this file
+compiled by Cython with the declarations in pump.pxd) when it was built.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Callable, Coroutine
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from guard.broker.audit.commit import GroupCommit, Result
 from guard.broker.audit.sink import AuditSink, AuditUnavailable
@@ -88,8 +91,10 @@ class UnknownCommand(TypeError):
     """The core returned something the shell cannot execute: a bug, never ignored."""
 
 
-class _Side(asyncio.Protocol):
-    """One transport's protocol: hands its bytes and its EOF to the pump."""
+class _Side:
+    """One transport's protocol (an `asyncio.Protocol` by its methods: no base class, so
+    the compiled twin can make it an extension type): hands its bytes and its EOF to the
+    pump."""
 
     def __init__(
         self,
@@ -187,7 +192,7 @@ class Pump:
             (self.upstream_transport, self._upstream_side),
         ):
             transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
-            transport.set_protocol(side)
+            transport.set_protocol(cast(asyncio.Protocol, side))
         # Bytes the handshake readers had already buffered come first, in order.
         if client_pending:
             self.run(self.connection.from_client(client_pending))
