@@ -19,7 +19,7 @@ from guard.broker.audit.chain import GENESIS, split_record, verify_lines
 
 try:
     from guard.broker.audit import _cseal
-    from guard.broker.audit._cseal import result_entries, seal, seal_into
+    from guard.broker.audit._cseal import result_entries, seal
 except ImportError:  # no compiler or no OpenSSL headers
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail("guard.broker.audit._cseal was not built (CI=true: a failure)", pytrace=False)
@@ -37,35 +37,6 @@ NS = st.integers(min_value=0, max_value=2**63 - 1)
 @given(prev=HASH, fixed=FIXED, seq=SEQ, ns=NS)
 def test_the_compiled_seal_writes_the_references_bytes(prev, fixed, seq, ns):
     assert seal(prev, fixed, seq, ns) == serialize.seal_record_py(prev, fixed, seq, ns)
-
-
-@given(prev=HASH, fixed=FIXED, seq=SEQ, ns=NS, pos=st.integers(0, 4096), room=st.integers(-2, 2))
-def test_seal_into_stores_seals_line_in_place_or_nothing(prev, fixed, seq, ns, pos, room):
-    """The line `seal_into` stores at ring[pos:end] is `seal`'s, with its hash; when the
-    ring ends before the line would (by even one byte) nothing at all is stored."""
-    line, digest = seal(prev, fixed, seq, ns)
-    ring = bytearray(b"\xaa" * (pos + len(line) + room))
-    sealed = seal_into(ring, pos, prev, fixed, seq, ns)
-    if room < 0:
-        assert sealed is None and ring == b"\xaa" * len(ring)
-    else:
-        assert sealed == (pos + len(line), digest)
-        assert ring[pos : pos + len(line)] == line
-        assert ring[:pos] + ring[pos + len(line) :] == b"\xaa" * (pos + room)
-
-
-@pytest.mark.parametrize(
-    "ring, pos, error",
-    [
-        (b"\0" * 4096, 0, BufferError),  # read-only
-        (bytearray(4096), -1, ValueError),
-        (bytearray(4096), 4097, ValueError),
-        (bytearray(4096), "0", TypeError),
-    ],
-)
-def test_seal_into_refuses_a_ring_it_cannot_store_in(ring, pos, error):
-    with pytest.raises(error):
-        seal_into(ring, pos, b"0" * 64, b"{", 1, 0)
 
 
 def test_a_chain_sealed_in_c_verifies_and_its_bodies_carry_seq_and_time():

@@ -14,11 +14,6 @@
  *       line   b'{"body":<body>,"hash":"<digest>","prev":"<prev>"}\n'
  *       digest sha256(prev + b"\n" + body) as 64 lowercase hex bytes
  *
- *   seal_into(ring, pos, prev, fixed, seq, ns) -> (end, digest) | None
- *       the same line stored at ring[pos:end] of a writable buffer (the audit journal's
- *       mapped ring), no bytes object made for it; None, nothing stored, when it would
- *       not end by len(ring)
- *
  * SHA-256 is OpenSSL's (the libcrypto Python's own ssl and hashlib use), fetched once:
  * OpenSSL 3 looks the algorithm up on every one-shot call otherwise.
  */
@@ -99,39 +94,35 @@ format_time(long long ns, char *out)
     return (int)(p - out);
 }
 
-/* One record's line, measured, then written: `seal` into a new bytes object, `seal_into`
- * straight into the journal's mapped ring (no object for the line at all). */
-typedef struct {
-    PyObject *prev, *fixed;
-    char tail[128]; /* ,"seq":N,"time":"YYYY-MM-DDTHH:MM:SS.ffffffZ"}: 7 + 20 + 9 + 40 + 2 */
-    int tail_len;
-    Py_ssize_t line_len;
-} Line;
-
-/* Check seal's four arguments into `l` and measure the line; -1 with an exception. */
-static int
-measure(Line *l, PyObject *const *args, const char *name)
+static PyObject *
+seal(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "seal(prev, fixed, seq, ns) takes 4 arguments");
+        return NULL;
+    }
     PyObject *prev = args[0], *fixed = args[1];
     if (!PyBytes_Check(prev) || !PyBytes_Check(fixed)) {
-        PyErr_Format(PyExc_TypeError, "%s: prev and fixed must be bytes", name);
-        return -1;
+        PyErr_SetString(PyExc_TypeError, "seal: prev and fixed must be bytes");
+        return NULL;
     }
     long long seq = PyLong_AsLongLong(args[2]);
     if (seq == -1 && PyErr_Occurred())
-        return -1;
+        return NULL;
     long long ns = PyLong_AsLongLong(args[3]);
     if (ns == -1 && PyErr_Occurred())
-        return -1;
+        return NULL;
     if (seq < 0) { /* (a negative ns is format_time's to refuse) */
-        PyErr_Format(PyExc_ValueError, "%s: seq must not be negative", name);
-        return -1;
+        PyErr_SetString(PyExc_ValueError, "seal: seq must not be negative");
+        return NULL;
     }
+    /* The body's tail: ,"seq":N,"time":"YYYY-MM-DDTHH:MM:SS.ffffffZ"} */
     char when[40];
     int when_len = format_time(ns, when);
     if (when_len < 0)
-        return -1;
-    char *t = l->tail;
+        return NULL;
+    char tail[128]; /* 7 + 20 + 9 + 40 + 2 at most */
+    char *t = tail;
     memcpy(t, ",\"seq\":", 7);
     t = put_decimal(t + 7, seq);
     memcpy(t, ",\"time\":\"", 9);
@@ -140,74 +131,50 @@ measure(Line *l, PyObject *const *args, const char *name)
     t += when_len;
     *t++ = '"';
     *t++ = '}';
-    l->tail_len = (int)(t - l->tail);
-    l->prev = prev;
-    l->fixed = fixed;
-    l->line_len = (Py_ssize_t)(sizeof HEAD - 1) + PyBytes_GET_SIZE(fixed) + l->tail_len
-                  + (Py_ssize_t)(sizeof HASH - 1) + 64 + (Py_ssize_t)(sizeof PREV - 1)
-                  + PyBytes_GET_SIZE(prev) + (Py_ssize_t)(sizeof TAIL - 1);
-    return 0;
-}
-
-/* The line at out (line_len bytes); its digest (64 hex) starts at *digest. -1 with an
- * exception when the hash fails (out is then partly written: the caller's to ignore). */
-static int
-write_line(const Line *l, char *out, char **digest)
-{
-    Py_ssize_t prev_len = PyBytes_GET_SIZE(l->prev), fixed_len = PyBytes_GET_SIZE(l->fixed);
+    int tail_len = (int)(t - tail);
+    Py_ssize_t prev_len = PyBytes_GET_SIZE(prev), fixed_len = PyBytes_GET_SIZE(fixed);
+    Py_ssize_t body_len = fixed_len + tail_len;
+    Py_ssize_t line_len = (Py_ssize_t)(sizeof HEAD - 1) + body_len + (Py_ssize_t)(sizeof HASH - 1)
+                          + 64 + (Py_ssize_t)(sizeof PREV - 1) + prev_len
+                          + (Py_ssize_t)(sizeof TAIL - 1);
+    PyObject *line = PyBytes_FromStringAndSize(NULL, line_len);
+    if (line == NULL)
+        return NULL;
+    char *out = PyBytes_AS_STRING(line);
     char *p = out;
     memcpy(p, HEAD, sizeof HEAD - 1);
     p += sizeof HEAD - 1;
     char *body = p;
-    memcpy(p, PyBytes_AS_STRING(l->fixed), (size_t)fixed_len);
+    memcpy(p, PyBytes_AS_STRING(fixed), (size_t)fixed_len);
     p += fixed_len;
-    memcpy(p, l->tail, (size_t)l->tail_len);
-    p += l->tail_len;
+    memcpy(p, tail, (size_t)tail_len);
+    p += tail_len;
 
     unsigned char md[EVP_MAX_MD_SIZE];
     unsigned int md_len = 0;
     if (!EVP_DigestInit_ex(hasher, sha256, NULL)
-        || !EVP_DigestUpdate(hasher, PyBytes_AS_STRING(l->prev), (size_t)prev_len)
+        || !EVP_DigestUpdate(hasher, PyBytes_AS_STRING(prev), (size_t)prev_len)
         || !EVP_DigestUpdate(hasher, "\n", 1)
-        || !EVP_DigestUpdate(hasher, body, (size_t)(fixed_len + l->tail_len))
+        || !EVP_DigestUpdate(hasher, body, (size_t)body_len)
         || !EVP_DigestFinal_ex(hasher, md, &md_len) || md_len != 32) {
+        Py_DECREF(line);
         PyErr_SetString(PyExc_RuntimeError, "seal: sha256 failed");
-        return -1;
+        return NULL;
     }
     static const char hexdigits[] = "0123456789abcdef";
     memcpy(p, HASH, sizeof HASH - 1);
     p += sizeof HASH - 1;
-    *digest = p;
+    char *digest = p;
     for (unsigned int i = 0; i < 32; i++) {
         *p++ = hexdigits[md[i] >> 4];
         *p++ = hexdigits[md[i] & 0x0f];
     }
     memcpy(p, PREV, sizeof PREV - 1);
     p += sizeof PREV - 1;
-    memcpy(p, PyBytes_AS_STRING(l->prev), (size_t)prev_len);
+    memcpy(p, PyBytes_AS_STRING(prev), (size_t)prev_len);
     p += prev_len;
     memcpy(p, TAIL, sizeof TAIL - 1);
-    return 0;
-}
 
-static PyObject *
-seal(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "seal(prev, fixed, seq, ns) takes 4 arguments");
-        return NULL;
-    }
-    Line l;
-    if (measure(&l, args, "seal") < 0)
-        return NULL;
-    PyObject *line = PyBytes_FromStringAndSize(NULL, l.line_len);
-    if (line == NULL)
-        return NULL;
-    char *digest;
-    if (write_line(&l, PyBytes_AS_STRING(line), &digest) < 0) {
-        Py_DECREF(line);
-        return NULL;
-    }
     PyObject *digest_bytes = PyBytes_FromStringAndSize(digest, 64);
     if (digest_bytes == NULL) {
         Py_DECREF(line);
@@ -221,40 +188,6 @@ seal(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     PyTuple_SET_ITEM(result, 0, line);
     PyTuple_SET_ITEM(result, 1, digest_bytes);
-    return result;
-}
-
-/* seal_into(ring, pos, prev, fixed, seq, ns) -> (end, digest), or None when the line
- * would not end by len(ring) (nothing is written then): `seal`'s line stored at
- * ring[pos:end] (a writable buffer: the journal's mapped ring), with no object made for it. */
-static PyObject *
-seal_into(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError,
-                        "seal_into(ring, pos, prev, fixed, seq, ns) takes 6 arguments");
-        return NULL;
-    }
-    Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
-    if (pos == -1 && PyErr_Occurred())
-        return NULL;
-    Line l;
-    if (measure(&l, args + 2, "seal_into") < 0)
-        return NULL;
-    Py_buffer ring;
-    if (PyObject_GetBuffer(args[0], &ring, PyBUF_WRITABLE) < 0)
-        return NULL;
-    PyObject *result = NULL;
-    if (pos < 0 || pos > ring.len) {
-        PyErr_SetString(PyExc_ValueError, "seal_into: pos outside the ring");
-    } else if (l.line_len > ring.len - pos) {
-        result = Py_NewRef(Py_None);
-    } else {
-        char *digest;
-        if (write_line(&l, (char *)ring.buf + pos, &digest) == 0)
-            result = Py_BuildValue("(ny#)", pos + l.line_len, digest, (Py_ssize_t)64);
-    }
-    PyBuffer_Release(&ring);
     return result;
 }
 
@@ -426,9 +359,6 @@ fail:
 static PyMethodDef methods[] = {
     {"seal", (PyCFunction)(void (*)(void))seal, METH_FASTCALL,
      "seal(prev, fixed, seq, ns) -> (line, digest): a statement record completed and chained"},
-    {"seal_into", (PyCFunction)(void (*)(void))seal_into, METH_FASTCALL,
-     "seal_into(ring, pos, prev, fixed, seq, ns) -> (end, digest) or None: seal's line "
-     "stored at ring[pos:end]; None when it would not fit"},
     {"result_entries", result_entries, METH_O,
      "result_entries(queued) -> bytes: the JSON of queued result records, comma-separated"},
     {NULL, NULL, 0, NULL},

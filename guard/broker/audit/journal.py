@@ -14,10 +14,9 @@ error), lines stored one after another and the next one at the start when it wou
 fit. Nothing marks where the ring starts: the records' hash chain does. After a crash the
 sink reads the ring and appends what continues the log's chain (`chain.continuation`);
 stale lines (already in the log), lines a crash cut off or a later lap overwrote in part,
-and a ring of another log never continue it The ring also knows which of its lines the
-log lacks (`pending`, until `taken`): the sink keeps no copy of them.
+and a ring of another log never continue it.
 
-Imports errno, mmap, os, collections.abc and pathlib; no other guard module.
+Imports errno, mmap, os and pathlib; no other guard module.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 # 4 MiB per log, so per gateway worker (a 64-core host runs 64): one process seals at most
@@ -64,55 +62,16 @@ class Journal:
             raise
         finally:
             os.close(fd)  # the mapping keeps the file
-        self.pos = 0  # where the next line goes
-        # The lines the log does not hold: from _start to pos, or, after a store wrapped
-        # to the start of the ring, from _start to _wrap and then from 0 to pos.
-        self._start = 0
-        self._wrap = -1
-        self.pending_bytes = 0
-        # The compiled sealer that stores a line in place (`audit.sink` sets it when built).
-        self.seal_into: Callable[..., tuple[int, bytes] | None] | None = None
+        self._pos = 0
 
     def put(self, line: bytes) -> None:
         """Store one or more whole lines (len ≤ size) after the last, or at the start."""
         n = len(line)
-        pos = self.pos
+        pos = self._pos
         if pos + n > self.size:
-            self._wrap, pos = pos, 0
-        self._map[pos : pos + n] = line
-        self.pos = pos + n
-        self.pending_bytes += n
-
-    def seal(self, prev: bytes, fixed: bytes, seq: int, ns: int) -> bytes | None:
-        """Seal a record straight into the ring (`seal_into`, the compiled sealer: no
-        object for the line); its hash. None, nothing stored, without `seal_into`, or
-        when even the start of the ring has no room for it."""
-        seal_into = self.seal_into
-        if seal_into is None:
-            return None
-        pos = self.pos
-        sealed = seal_into(self._map, pos, prev, fixed, seq, ns)
-        if sealed is None:
-            sealed = seal_into(self._map, 0, prev, fixed, seq, ns)
-            if sealed is None:
-                return None
-            self._wrap = pos
             pos = 0
-        end, digest = sealed
-        self.pos = end
-        self.pending_bytes += end - pos
-        return digest
-
-    def pending(self) -> bytes:
-        """The lines stored since the log last took them (`taken`), in order."""
-        ring, start, pos = self._map, self._start, self.pos
-        if self._wrap >= 0:
-            return ring[start : self._wrap] + ring[:pos]
-        return ring[start:pos]
-
-    def taken(self) -> None:
-        """The log holds every line stored so far."""
-        self._start, self._wrap, self.pending_bytes = self.pos, -1, 0
+        self._map[pos : pos + n] = line
+        self._pos = pos + n
 
     def close(self, *, remove: bool) -> None:
         """Unmap; `remove` when the log holds everything the ring held."""

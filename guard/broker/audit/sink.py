@@ -15,10 +15,7 @@ The journal (`journal=True`, which the broker sets; used only without fsync): th
 to a memory-mapped ring beside the log (`audit.journal`, `<log>.journal`) and the log gets
 them in one write at the next `flush` (every 200 ms), when the ring is half full, and at
 `close`, which removes the ring. A store into the mapping survives `kill -9` as a write
-does, without the write's system call (~5 µs a statement under load, issue 13). With the
-compiled sealer a statement's line is sealed straight into the ring (`_cseal.seal_into`):
-no object is made for it, and the lines the log lacks are known by where they lie in the
-ring, not kept a second time in memory (up to half the ring per log). Records no
+does, without the write's system call (~5 µs a statement under load, issue 13). Records no
 statement waits for (`append`: session events, approvals) go to the log at once, after the
 ring's lines. A log's first line goes to the log itself before the ring is made, so a ring
 beside an empty log is another log's (set aside as `.orphaned-<ns>`, never replayed).
@@ -156,9 +153,6 @@ result_entries: Callable[[list[tuple[list[tuple[Any, ...]], int]]], bytes] = (
     _cseal.result_entries if _cseal is not None else result_entries_py
 )
 
-# What a sealed line holds beyond its fixed fields and prev: `{"body":`, the seq and the
-# time (at most 78), `,"hash":"`, the hash, `","prev":"` and `"}\n`.
-_SEAL_OVERHEAD = 8 + 78 + 9 + 64 + 10 + 3
 _CHECKPOINT_MARK = b'"kind":"checkpoint"'  # cannot occur inside a JSON string (quotes escaped)
 
 
@@ -350,7 +344,8 @@ class JsonlAuditSink:
         self._journal: Journal | None = None
         self._journal_wanted = journal and not fsync
         self._journal_size = journal_size
-        self._kept = 0  # bytes of lines a closed ring kept: the log refused them
+        self._pending: list[bytes] = []  # lines in the ring that the log does not hold yet
+        self._pending_bytes = 0
         self._pending_error: str | None = None  # why the last write of them failed
         self._retry_at = 0  # monotonic ns: when to try that write again
         self._lock = threading.Lock()
@@ -557,7 +552,7 @@ class JsonlAuditSink:
             i += len(records)
         return out
 
-    def _seal_write(self, records: Sequence[bytes], *, through: bool = False) -> list[int]:  # noqa: C901 - the hot path inline: a call per statement costs
+    def _seal_write(self, records: Sequence[bytes], *, through: bool = False) -> list[int]:
         """Chain and write records (the lock is held); their seqs. `through`: into the
         log now, not the journal."""
         if self._broken is not None:
@@ -568,24 +563,7 @@ class JsonlAuditSink:
         signed = 0  # seq of a checkpoint written with these records
         if len(records) == 1:  # the common case (hot path): no list to join
             seq += 1
-            fixed = records[0]
-            journal = self._journal
-            if (
-                journal is not None
-                and seq < due
-                and not through
-                and self._pending_error is None
-                # The ring's rules (see _write), with the line's length bounded before it
-                # is sealed: the fixed fields and prev, and at most _SEAL_OVERHEAD more.
-                and len(fixed) + len(prev) + _SEAL_OVERHEAD <= journal.size // 4
-                and journal.pending_bytes + len(fixed) + len(prev) + _SEAL_OVERHEAD
-                <= journal.size // 2
-            ):
-                digest = journal.seal(prev, fixed, seq, time.time_ns())
-                if digest is not None:  # sealed in the ring: no line object, no copy
-                    self._seq, self._prev = seq, digest
-                    return [seq]
-            data, prev = seal_record(prev, fixed, seq, time.time_ns())
+            data, prev = seal_record(prev, records[0], seq, time.time_ns())
             seqs = [seq]
             if seq >= due:
                 line, prev = self._checkpoint_line(seq, prev)
@@ -750,7 +728,12 @@ class JsonlAuditSink:
         went nowhere."""
         journal = self._journal
         if through and journal is not None:
-            self._write_pending(data)  # after the ring's lines, in one write
+            self._pending.append(data)  # after the ring's lines, in one write
+            try:
+                self._write_pending()
+            except AuditUnavailable:
+                self._pending.pop()  # not written: the chain does not advance
+                raise
             return
         if journal is None:
             self._write_now(data)
@@ -767,31 +750,32 @@ class JsonlAuditSink:
         # ring leave a gap of less than that at a wrap, and with at most half the ring
         # pending there is at most one such gap among them: they span under 3/4 of it.
         if n > journal.size // 4:
-            self._write_pending(data)
+            self._write_pending()
+            self._write_now(data)
             return
-        if journal.pending_bytes + n > journal.size // 2:
+        if self._pending_bytes + n > journal.size // 2:
             self._write_pending()
         journal.put(data)
+        self._pending.append(data)
+        self._pending_bytes += n
 
-    def _write_pending(self, extra: bytes = b"") -> None:
-        """Append the journal's lines that the log does not hold, then `extra` (lines not
-        in the ring), in one write. Nothing of `extra` is kept when it fails."""
-        journal = self._journal
-        held = journal.pending() if journal is not None and journal.pending_bytes else b""
-        if not held and not extra:
+    def _write_pending(self) -> None:
+        """Append the journal's lines that the log does not hold, in one write."""
+        pending = self._pending
+        if not pending:
             return
         if self._gone is not None:
             # Not into a file that is no longer the log (see "The file check"): the ring
-            # keeps its lines until it is back, or for the next start to set aside.
+            # keeps them until it is back, or for the next start to set aside.
             raise self._gone_error(self._gone)
         try:
-            self._write_now(held + extra if held and extra else held or extra)
+            self._write_now(pending[0] if len(pending) == 1 else b"".join(pending))
         except AuditUnavailable as exc:
             self._pending_error = str(exc)
             self._retry_at = _monotonic_ns() + self._interval_ns
             raise
-        if held:
-            journal.taken()  # type: ignore[union-attr]
+        self._pending = []
+        self._pending_bytes = 0
         self._pending_error = None
 
     def _start_journal(self) -> None:
@@ -800,7 +784,6 @@ class JsonlAuditSink:
         path = journal_path(self.path)
         try:
             self._journal = Journal(path, self._journal_size)
-            self._journal.seal_into = _cseal.seal_into if _cseal is not None else None
         except (OSError, ValueError) as exc:
             log.warning(
                 "audit journal %s cannot be made (%s): each record goes to the log at once",
@@ -818,8 +801,7 @@ class JsonlAuditSink:
         try:
             self._write_pending()
         finally:
-            self._kept = journal.pending_bytes
-            journal.close(remove=not self._kept)
+            journal.close(remove=not self._pending)
 
     def _write_now(self, data: bytes) -> None:
         try:
@@ -915,7 +897,7 @@ class JsonlAuditSink:
             # A cleanly closed log ends with a checkpoint: nothing in it is unsigned. (Not
             # after lines the log could not take: the ring keeps them, recovered next time.)
             unsigned = self._seq > self._cp_seq
-            if self._fd >= 0 and self._gone is None and not self._kept and unsigned:
+            if self._fd >= 0 and self._gone is None and not self._pending and unsigned:
                 with contextlib.suppress(AuditUnavailable):
                     self._check()
                     if self._gone is None and self._seq > self._cp_seq:
