@@ -149,12 +149,10 @@ class PendingKind(IntEnum):
 
 _QUERY, _PARSE, _BIND, _DESCRIBE, _EXECUTE, _CLOSE, _SYNC = PendingKind
 _NAME_CHANGES = frozenset((_PARSE, _BIND, _CLOSE))  # requests answered by 1, 2 or 3
-# Server messages that end one statement, and those that answer a name change.
-_STATEMENT_DONE = frozenset((TAG_COMMAND_COMPLETE, TAG_EMPTY_QUERY_RESPONSE, TAG_PORTAL_SUSPENDED))
-_NAME_CHANGED = frozenset((TAG_PARSE_COMPLETE, TAG_BIND_COMPLETE, TAG_CLOSE_COMPLETE))
 _TAG_CACHE_SIZE = 64
-# Client messages forwarded as they are: Flush, and COPY FROM STDIN's data and end.
-_PASSED_ON = frozenset((TAG_FLUSH, TAG_COPY_DATA, TAG_COPY_DONE, TAG_COPY_FAIL))
+# The dispatch loops test a tag against a few others with `in (...)` of the names
+# themselves, not a set: the compiled twin makes that C comparisons of C integers
+# (connection.pxd), where a set is a Python membership test per message.
 
 
 # One forwarded request still waiting for its response(s): a list indexed by the constants
@@ -356,7 +354,8 @@ class GatewayConnection:
                     # its rows cannot be tied to table OIDs (protected tables are COPY-able
                     # only as masking views, which PostgreSQL refuses to COPY directly).
                     to_client.append(raw)
-                elif tag in _STATEMENT_DONE:
+                elif tag in (TAG_COMMAND_COMPLETE, TAG_EMPTY_QUERY_RESPONSE, TAG_PORTAL_SUSPENDED):
+                    # The end of one statement.
                     self._on_complete(tag, raw)
                 elif tag == TAG_READY_FOR_QUERY:
                     self._plan = None
@@ -370,7 +369,7 @@ class GatewayConnection:
                         if kind is _QUERY or kind is _SYNC:
                             break
                     to_client.append(raw)
-                elif tag in _NAME_CHANGED:
+                elif tag in (TAG_PARSE_COMPLETE, TAG_BIND_COMPLETE, TAG_CLOSE_COMPLETE):
                     # ParseComplete, BindComplete, CloseComplete: the name change stands.
                     if pending and pending[0][_KIND] in _NAME_CHANGES:
                         if pending.popleft()[_SWALLOW]:
@@ -659,7 +658,7 @@ class GatewayConnection:
                     undo = self.names.close(kind, name)
                     self._to_server.append(raw)
                     self._pending.append(_entry(_CLOSE, undo=undo))
-                elif tag in _PASSED_ON:
+                elif tag in (TAG_FLUSH, TAG_COPY_DATA, TAG_COPY_DONE, TAG_COPY_FAIL):
                     # Flush and COPY FROM STDIN payload: the COPY statement itself was gated.
                     self._to_server.append(raw)
                 elif tag == TAG_FUNCTION_CALL:
