@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 
 import pytest
 
@@ -21,8 +22,11 @@ from guard.broker.pgwire import messages as m
 from guard.broker.pgwire.encoder import encode
 from guard.broker.pgwire.parser import BackendParser, FrontendParser
 from guard.broker.proxy.commands import SendToServer
-from guard.broker.proxy.pump import Pump, UnknownCommand
+from guard.broker.proxy.core import Pump  # the build that runs: the compiled twin when built
 from tests.playbook import connection, wire
+
+# The twin's module has its own exception classes: the one the running build raises.
+UnknownCommand = sys.modules[Pump.__module__].UnknownCommand
 
 
 class FakeTransport(asyncio.Transport):
