@@ -233,6 +233,14 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--scale", type=int, default=10)
     ap.add_argument("--only", action="append", help="run only workloads whose label starts so")
+    ap.add_argument(
+        "--without",
+        choices=("core", "audit", "statements", "results"),
+        action="append",
+        help="take one part out of the gateway to see what it costs (bench/without/: core "
+        "relays bytes and does nothing else; audit drops statement and result records; "
+        "statements or results one of them); never the product",
+    )
     ap.add_argument("--no-bulk", action="store_true", help="skip the COPY / SELECT * runs")
     ap.add_argument("--bulk-runs", type=int, default=3, help="runs per path (median kept)")
     ap.add_argument(
@@ -258,6 +266,12 @@ def main() -> int:
     os.environ["GUARD_DEV_AUDIT_FSYNC"] = args.audit_fsync  # read by `guard dev up`
     os.environ["GUARD_DEV_GATEWAY_WORKERS"] = args.gateway_workers
     print(f"audit fsync: {args.audit_fsync}, gateway workers: {args.gateway_workers}")
+    if args.without:
+        # bench/without/sitecustomize.py patches the broker's processes at start-up.
+        os.environ["GUARD_BENCH_WITHOUT"] = ",".join(args.without)
+        paths = [str(ROOT / "bench/without"), os.environ.get("PYTHONPATH", "")]
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+        print(f"without: {', '.join(args.without)} (the gateway is not the product's)")
 
     with demo_stack("--policy", str(ROOT / "bench/policies.yaml")) as (env, status):
         return _compare(args, env, status)
