@@ -262,6 +262,12 @@ class _Scan:
     good_size: int = 0  # bytes up to the end of the last complete line
     torn: int = 0  # bytes after it (a write cut short)
 
+    def count(self, line: bytes) -> None:
+        """One more record in the log: `line` (a checkpoint's line names its kind)."""
+        self.records += 1
+        if _CHECKPOINT_MARK in line:
+            self.last_checkpoint = self.records
+
 
 def _scan(path: Path) -> _Scan:
     """Count records, find the last hash and the last checkpoint, and any torn tail, so a
@@ -285,7 +291,7 @@ def _scan(path: Path) -> _Scan:
             scan.good_size += len(line)
             if not line.strip():
                 continue
-            scan.records += 1
+            scan.count(line)
             if first is None:
                 first = line
                 try:
@@ -295,8 +301,6 @@ def _scan(path: Path) -> _Scan:
                         f"{path} is not a guard audit log: line 1 is not an audit record"
                     ) from None
             last = line
-            if _CHECKPOINT_MARK in line:
-                scan.last_checkpoint = scan.records
     if last is not None:
         try:
             scan.last_hash = last_hash_of(last)
@@ -458,9 +462,7 @@ class JsonlAuditSink:
             self._write_now(blob)  # AuditUnavailable, a short write taken back: the ring stays
             _fdatasync(self._fd)  # in the log for good before the ring goes
             for line in lines:
-                scan.records += 1
-                if _CHECKPOINT_MARK in line:
-                    scan.last_checkpoint = scan.records
+                scan.count(line)
             scan.last_hash = last_hash_of(lines[-1])
             scan.good_size += len(blob)
             log.warning(
