@@ -5,7 +5,8 @@
 - `guard.broker.audit._cfsync`: the audit group commit's fsync thread
   (guard/broker/audit/commit.py);
 - `guard.broker.audit._cseal`: a statement record sealed, and result records as JSON
-  (guard/broker/audit/serialize.py's references); needs OpenSSL's headers;
+  (guard/broker/audit/serialize.py's references), and the sink's common case
+  (`HotPath`, guard/broker/audit/sink.py's the reference); needs OpenSSL's headers;
 - `guard.broker.sql._cshape`: the plainest statements with inlined values normalized
   (guard/broker/sql/shape.py's `literal_shape`);
 - `guard.broker.proxy._cconnection`: guard/broker/proxy/connection.py compiled by Cython as

@@ -73,6 +73,12 @@ class WatchedAuditSink:
     def close(self) -> None:
         self.sink.close()
 
+    def hot_path(self) -> Any:
+        """The sink's common case in C, which leaves every call while `last_error` is set
+        to the methods above (a success must clear it), or None (`JsonlAuditSink.hot_path`)."""
+        make = getattr(self.sink, "hot_path", None)
+        return None if make is None else make(self)
+
     @property
     def group_commit(self) -> _WatchedGroupCommit | None:
         """The sink's group commit (None without fsync), its answers watched too: a batch

@@ -359,6 +359,7 @@ class JsonlAuditSink:
         # Answers the asyncio shell's statement records after their batch's fsync; None
         # without fsync (the shell then appends synchronously: no thread hop to pay).
         self.group_commit: GroupCommit | None = None
+        self._hot: Any = None  # the C common case (`hot_path`), made at the end
         # The results of one `append_results` call with its time in ns, and after-the-fact
         # record bodies, in order; and how many records that is.
         self._deferred: list[tuple[list[tuple[Any, ...]], int] | dict[str, Any]] = []
@@ -416,6 +417,17 @@ class JsonlAuditSink:
                 native=_native_syncer(self._fd),
                 fsync_failed=self._native_fsync_failed,
             )
+        # The common case of `append_statements` and `append_results` in C, or None (the
+        # Python below runs: the reference).
+        self._hot = self.hot_path()
+
+    def hot_path(self, watcher: object = None) -> Any:
+        """This sink's common case in C (`_cseal.HotPath`: one statement record into the
+        journal, result records queued, each without a Python frame), bound to this sink
+        and to a health `watcher` whose `last_error` it must leave to the Python path; its
+        `statements` answers None and its `results` False wherever the Python path must
+        run. None when `_cseal` is not built or GUARD_PURE_PYTHON=1."""
+        return None if _cseal is None else _cseal.HotPath(self, watcher)
 
     @classmethod
     def from_settings(cls, settings: _AuditSettings, **kwargs: Any) -> JsonlAuditSink:
@@ -534,6 +546,11 @@ class JsonlAuditSink:
         self._seq, self._prev = seq, prev
 
     def append_statements(self, records: Sequence[bytes]) -> list[int]:
+        hot = self._hot
+        if hot is not None:
+            seqs: list[int] | None = hot.statements(records)
+            if seqs is not None:
+                return seqs
         with self._lock:
             seqs = self._seal_write(records)
             if self._fsync and seqs:
@@ -666,6 +683,9 @@ class JsonlAuditSink:
     def append_results(self, results: Iterable[tuple[Any, ...]]) -> None:
         # One entry per call, its results sharing the call's time (they arrived together):
         # the hot path pays one tuple, the JSON is made at the flush.
+        hot = self._hot
+        if hot is not None and hot.results(results):
+            return
         queued = results if results.__class__ is list else list(results)
         if queued:  # nothing to say: no entry (a batch's JSON never has an empty part)
             self._defer((queued, time.time_ns()), len(queued))

@@ -30,6 +30,7 @@ cdef class Pump:
     cdef public object upstream_transport
     cdef public object audit
     cdef public object _group_commit
+    cdef public object _hot
     cdef public object tls
     cdef public object idle_timeout
     cdef public object loop

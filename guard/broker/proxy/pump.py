@@ -167,6 +167,10 @@ class Pump:
         self.audit = audit
         # The sink's group commit when its records must be fsynced (None: write at once).
         self._group_commit: GroupCommit | None = getattr(audit, "group_commit", None)
+        # The sink's common case in C (`JsonlAuditSink.hot_path`), tried first; None for
+        # sinks without one.
+        hot_path = getattr(audit, "hot_path", None)
+        self._hot: Any = hot_path() if hot_path is not None else None
         self.tls = tls
         self.idle_timeout = idle_timeout
         self.loop = asyncio.get_running_loop()
@@ -249,7 +253,10 @@ class Pump:
                 # Answered in `_audit_committed` after the batch's fsync; paused till then.
                 group.submit(cmd.records, self._audit_committed, self.loop)
                 return []
-            seqs = self.audit.append_statements(cmd.records)
+            hot = self._hot
+            seqs = hot.statements(cmd.records) if hot is not None else None
+            if seqs is None:  # no hot path, or something unusual: the sink's own method
+                seqs = self.audit.append_statements(cmd.records)
         except AuditUnavailable as exc:
             return self._audit_refused(exc)
         return self.connection.audit_written(seqs)
@@ -314,6 +321,9 @@ class Pump:
         return True
 
     def _record_results(self, cmd: RecordResults) -> None:
+        hot = self._hot
+        if hot is not None and hot.results(cmd.results):
+            return
         try:
             self.audit.append_results(cmd.results)
         except AuditUnavailable as exc:
