@@ -32,6 +32,7 @@ from guard.broker.proxy.listener import Gateway, GatewayApprovals
 from guard.broker.proxy.protected import ProtectedColumns
 from guard.broker.proxy.supervisor import GatewayStartFailed, GatewayWorkers
 from guard.broker.proxy.tasks import spawn
+from guard.broker.proxy.tlslayer import DirectSSLObject
 from guard.broker.revocation import RevocationQueue
 from guard.broker.sessions import SessionManager
 from guard.broker.settings import BrokerSettings, load_settings
@@ -310,6 +311,7 @@ def build_gateway(
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls.minimum_version = ssl.TLSVersion.TLSv1_2
         tls.load_cert_chain(settings.gateway_tls.cert_file, settings.gateway_tls.key_file)
+        tls.sslobject_class = DirectSSLObject  # no Python frame per record on the client leg
         certificate = leaf_certificate(Path(settings.gateway_tls.cert_file))
     return Gateway(
         sessions=sessions,

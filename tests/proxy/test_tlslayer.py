@@ -1,5 +1,7 @@
 """The gateway's upstream TLS record layer (sans-IO, memory BIOs) against a real OpenSSL
-server object: verification, round trips, close_notify, and records that do not decrypt."""
+server object: verification, round trips, close_notify, and records that do not decrypt;
+and the client leg's `DirectSSLObject` (the same TLS, without ssl.SSLObject's forwarding
+frames)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import ssl
 
 import pytest
 
-from guard.broker.proxy.tlslayer import TLSClient, TLSClosed
+from guard.broker.proxy.tlslayer import DirectSSLObject, TLSClient, TLSClosed
 from guard.devstack.tls import make_dev_ca
 
 
@@ -21,9 +23,10 @@ def certs(tmp_path_factory):
 class _Server:
     """An OpenSSL server end over memory BIOs, standing in for PostgreSQL."""
 
-    def __init__(self, cert, key) -> None:
+    def __init__(self, cert, key, sslobject_class: type[ssl.SSLObject] = ssl.SSLObject) -> None:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(cert, key)
+        context.sslobject_class = sslobject_class
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.obj = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
 
@@ -111,3 +114,23 @@ def test_a_tampered_record_does_not_decrypt(certs):
     record[-5] ^= 0x01  # flip one bit of the authentication tag
     with pytest.raises(ssl.SSLError):
         client.decrypt(bytes(record))
+
+
+def test_a_direct_ssl_object_is_the_same_tls_with_its_c_objects_methods(certs):
+    ca, cert, key = certs
+    server = _Server(cert, key, DirectSSLObject)
+    assert isinstance(server.obj, DirectSSLObject)
+    # What uvloop's transport takes once per connection: the C methods themselves.
+    for name in ("read", "write", "pending"):
+        method = getattr(server.obj, name)
+        assert method.__self__ is server.obj._sslobj and method.__name__ == name
+    with pytest.raises(ssl.SSLWantReadError):
+        server.obj.read(1024)  # before the handshake, as ssl.SSLObject
+    client = _client(ca)
+    _connect(client, server)
+    assert server.obj.pending() == 0
+    assert server.read(client.encrypt(b"Q" * 5000)) == b"Q" * 5000
+    assert client.decrypt(server.write(b"T" * 70000)) == b"T" * 70000
+    with pytest.raises(ssl.SSLWantReadError):
+        server.obj.read(1024)  # nothing left: the same error as ssl.SSLObject's
+    assert server.obj.version() in ("TLSv1.2", "TLSv1.3")

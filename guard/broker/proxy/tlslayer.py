@@ -10,13 +10,15 @@ kept. The handshake and
 certificate verification are OpenSSL's as before (the context decides: verify-full with
 the configured CA, hostname checked), only the plumbing differs.
 
-Imports only the stdlib `ssl`. `proxy.upstream` drives the handshake and the login over
-it; `proxy.pump` encrypts and decrypts the relayed bytes with it.
+Imports only the stdlib (`ssl`, `typing`). `proxy.upstream` drives the handshake and the
+login over it; `proxy.pump` encrypts and decrypts the relayed bytes with it. The client
+leg stays on uvloop's TLS transport, with `DirectSSLObject` (below) as its SSL object.
 """
 
 from __future__ import annotations
 
 import ssl
+from typing import Any
 
 # Plaintext taken out of the TLS object per read call: large, so a burst of records
 # (a big result set) drains in few calls, but under glibc's mmap threshold (128 KiB at
@@ -24,6 +26,30 @@ import ssl
 # mmap, an mremap and a munmap (26 µs for four small records' round trip, 3.8 at 64 KiB,
 # in a fresh process; relays that had run a while had raised the threshold: no such calls).
 READ_SIZE = 1 << 16
+
+
+class DirectSSLObject(ssl.SSLObject):
+    """An `ssl.SSLObject` whose `read`, `write` and `pending` are its C object's own.
+
+    ssl.SSLObject's three are Python methods that only forward to that object, and uvloop's
+    TLS transport (the gateway's client leg) calls them for every read and write it moves:
+    a Python frame each, four per round trip. It takes them once, as bound methods, when it
+    wraps the connection, so as properties they cost one frame per connection instead.
+    Made by a context whose `sslobject_class` is this class (documented for exactly this);
+    everything else, handshake and verification included, is ssl.SSLObject's.
+    """
+
+    @property
+    def read(self) -> Any:  # type: ignore[override]
+        return self._sslobj.read
+
+    @property
+    def write(self) -> Any:  # type: ignore[override]
+        return self._sslobj.write
+
+    @property
+    def pending(self) -> Any:  # type: ignore[override]
+        return self._sslobj.pending
 
 
 class TLSClosed(Exception):
