@@ -8,7 +8,8 @@ clients through relays that copy bytes between each client and its own upstream 
 
 - `plain`: plain TCP on both legs (the kernel's and the event loop's share alone);
 - `tls`: verified TLS on both legs through uvloop's TLS transport (the client's SSLRequest
-  answered, then `loop.start_tls`; toward PostgreSQL the same);
+  answered, then `loop.start_tls`; toward PostgreSQL the same); the client leg's SSL
+  objects are `tlslayer.DirectSSLObject`, as the gateway's;
 - `bio`: guard's gateway's plumbing: uvloop's TLS transport toward the client, and
   `proxy.tlslayer` (memory BIOs over a plain transport) toward PostgreSQL;
 - `bio2`: memory BIOs on both legs;
@@ -48,7 +49,7 @@ from run import (  # noqa: E402
     start_pgbouncer,
 )
 
-from guard.broker.proxy.tlslayer import TLSClient, TLSClosed  # noqa: E402
+from guard.broker.proxy.tlslayer import DirectSSLObject, TLSClient, TLSClosed  # noqa: E402
 from guard.devstack.postgres import free_port  # noqa: E402
 
 SSL_REQUEST = (8).to_bytes(4, "big") + (80877103).to_bytes(4, "big")
@@ -160,6 +161,7 @@ def relay(
     if tls_dir is not None:
         server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         server_ctx.load_cert_chain(f"{tls_dir}/gateway.pem", f"{tls_dir}/gateway-key.pem")
+        server_ctx.sslobject_class = DirectSSLObject  # as the gateway's (service.py)
         client_ctx = ssl.create_default_context(cafile=f"{tls_dir}/ca.pem")
 
     async def main() -> None:
