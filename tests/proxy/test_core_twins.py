@@ -87,14 +87,23 @@ def _event(driver: playbook.Driver, side: str, data: bytes) -> list[Command]:
 
 
 def _run(
-    build: type, steps: list[tuple[str, bytes]], split: int, holds: bool, eager: bool
+    build: type,
+    steps: list[tuple[str, bytes]],
+    split: int,
+    holds: bool,
+    eager: bool,
+    inline: bool = False,
 ) -> tuple:
     """Feed `steps` to a connection of `build`, with the shell's audit duties done at once
-    (failing while a step says so); everything it said, and the audit records."""
+    (failing while a step says so); everything it said, and the audit records. `inline`:
+    statement records go through the core's `recorder` (None while the sink fails, so the
+    core pauses for a WriteAudit then, which fails), as the pump's sink hot path does."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(playbook, "GatewayConnection", build)
         audit = MemoryAuditSink()
         conn = playbook.connection(holds=holds, audit_answers_later=eager)
+        if inline:
+            conn.recorder = lambda records: None if audit.fail else audit.append_statements(records)
         driver = playbook.Driver(conn, audit)
     said: list[tuple[Any, ...]] = []
     for side, data in steps:
@@ -148,13 +157,34 @@ _step = st.one_of(
     st.integers(min_value=1, max_value=48),
     st.booleans(),
     st.booleans(),
+    st.booleans(),
 )
-@example([_HELD, ("deny", b"1"), _HELD, ("approve", b"0")], 48, True, False)
-@example([_HELD, ("approve", b"1"), _ANSWER, ("grant ended", b""), _HELD], 7, True, True)
-def test_the_compiled_core_says_what_the_reference_says(steps, split, holds, eager):
-    assert _run(_cconnection.GatewayConnection, steps, split, holds, eager) == _run(
-        reference.GatewayConnection, steps, split, holds, eager
+@example([_HELD, ("deny", b"1"), _HELD, ("approve", b"0")], 48, True, False, False)
+@example([_HELD, ("approve", b"1"), _ANSWER, ("grant ended", b""), _HELD], 7, True, True, True)
+def test_the_compiled_core_says_what_the_reference_says(steps, split, holds, eager, inline):
+    assert _run(_cconnection.GatewayConnection, steps, split, holds, eager, inline) == _run(
+        reference.GatewayConnection, steps, split, holds, eager, inline
     )
+
+
+def _relayed(said: list[tuple[Any, ...]]) -> tuple[bytes, bytes, list[tuple[Any, ...]]]:
+    """What reached each side, as byte streams (how it was cut into writes aside), and
+    everything else the core said."""
+    up = b"".join(x[1] for x in said if x[0] == "SendToServer")
+    down = b"".join(x[1] for x in said if x[0] == "SendToClient")
+    rest = [x for x in said if x[0] not in ("SendToServer", "SendToClient", "state")]
+    return up, down, rest
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_step, max_size=16), st.integers(min_value=1, max_value=48), st.booleans())
+def test_statements_recorded_at_once_relay_what_paused_ones_relay(steps, split, holds):
+    # The recorder only saves the pause: the same bytes reach each side, the same records
+    # are written, and the same approvals, logs and closes happen.
+    paused, records = _run(reference.GatewayConnection, steps, split, holds, False)
+    at_once, records_at_once = _run(reference.GatewayConnection, steps, split, holds, False, True)
+    assert _relayed(at_once) == _relayed(paused)
+    assert records_at_once == records
 
 
 def test_the_twin_is_built_with_its_declarations():

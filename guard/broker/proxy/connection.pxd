@@ -33,6 +33,7 @@ cdef class GatewayConnection:
     cdef public object gate
     cdef public object holds
     cdef public object _eager
+    cdef public object recorder
     cdef public object codec
     cdef public object protected
     cdef public object _view_columns

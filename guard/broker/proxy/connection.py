@@ -226,6 +226,11 @@ class GatewayConnection:
         # to join the next paused statement's bytes: in a pipeline, each statement would
         # otherwise wait for the next one's fsync too.
         self._eager = audit_answers_later
+        # The shell's synchronous writer of statement records, or None. Given records, it
+        # writes them and answers their seqs, or answers None and writes nothing (then the
+        # statement pauses for a WriteAudit as without it). The audit sink's common case
+        # (`JsonlAuditSink.hot_path`): recorded at once, nothing pauses.
+        self.recorder: Callable[[tuple[bytes, ...]], list[int] | None] | None = None
         # Statement text is decoded as PostgreSQL will read it (see proxy.encoding).
         self.codec = codec_for(client_encoding) or "utf-8"
         self.protected = protected
@@ -622,6 +627,12 @@ class GatewayConnection:
         if not records:
             then([], a, b)
             return
+        recorder = self.recorder
+        if recorder is not None:
+            seqs = recorder(records)
+            if seqs is not None:  # written: the statement goes on without a pause
+                then(seqs, a, b)
+                return
         self._blocking = WriteAudit(records)
         self._continuation = (then, a, b)
         self.state = _PAUSED

@@ -11,7 +11,10 @@ decides nothing about statements. What it owns:
   `group_commit`) the records are handed to the group commit and the connection stays
   paused (the core waits in PAUSED; client bytes queue) until the writer thread answers on
   this loop after the batch's fsync; then `audit_written`/`audit_failed` and its commands
-  run. Without fsync the write is synchronous (a thread hop would cost more than the write).
+  run. Without fsync the write is synchronous (a thread hop would cost more than the write):
+  the core records through the sink's hot path itself (`connection.recorder`, set here),
+  without pausing, and a WriteAudit it gives when that path declines is answered at once
+  by the sink's own method.
 
 - Backpressure: the transports' own. When one side's write buffer passes its high-water
   mark, reading from the other side pauses until it drains, so a slow client throttles the
@@ -171,6 +174,10 @@ class Pump:
         # sinks without one.
         hot_path = getattr(audit, "hot_path", None)
         self._hot: Any = hot_path() if hot_path is not None else None
+        if self._hot is not None and self._group_commit is None:
+            # The core records its statements through it at once (no WriteAudit, no pause)
+            # and pauses for a WriteAudit only when it answers None.
+            connection.recorder = self._hot.statements
         self.tls = tls
         self.idle_timeout = idle_timeout
         self.loop = asyncio.get_running_loop()
