@@ -170,8 +170,8 @@ class Pump:
         self.audit = audit
         # The sink's group commit when its records must be fsynced (None: write at once).
         self._group_commit: GroupCommit | None = getattr(audit, "group_commit", None)
-        # The sink's common case in C (`JsonlAuditSink.hot_path`), tried first; None for
-        # sinks without one.
+        # The sink's common case in C (`JsonlAuditSink.hot_path`) for statement records
+        # (as the core's recorder) and result records; None for sinks without one.
         hot_path = getattr(audit, "hot_path", None)
         self._hot: Any = hot_path() if hot_path is not None else None
         if self._hot is not None and self._group_commit is None:
@@ -260,10 +260,8 @@ class Pump:
                 # Answered in `_audit_committed` after the batch's fsync; paused till then.
                 group.submit(cmd.records, self._audit_committed, self.loop)
                 return []
-            hot = self._hot
-            seqs = hot.statements(cmd.records) if hot is not None else None
-            if seqs is None:  # no hot path, or something unusual: the sink's own method
-                seqs = self.audit.append_statements(cmd.records)
+            # (With a hot path the core's recorder has declined these: the sink's method.)
+            seqs = self.audit.append_statements(cmd.records)
         except AuditUnavailable as exc:
             return self._audit_refused(exc)
         return self.connection.audit_written(seqs)
