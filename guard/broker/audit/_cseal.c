@@ -615,6 +615,24 @@ fail:
     return NULL;
 }
 
+/* body(self, arg) under the sink's lock, taken without waiting; a new reference to
+ * `declined` (Py_None or Py_False: the Python path) when the lock is held elsewhere. */
+static PyObject *
+under_lock(HotPath *self, PyObject *(*body)(HotPath *, PyObject *), PyObject *arg,
+           PyObject *declined)
+{
+    PyObject *lock = PyDict_GetItemWithError(self->sink, s_lock);
+    if (lock == NULL)
+        return Py_NewRef(declined);
+    Py_INCREF(lock);
+    int taken = try_lock(lock);
+    PyObject *out = taken == 1 ? body(self, arg) : taken == 0 ? Py_NewRef(declined) : NULL;
+    if (taken == 1 && unlock(lock) < 0)
+        Py_CLEAR(out);
+    Py_DECREF(lock);
+    return out;
+}
+
 static PyObject *
 HotPath_statements(HotPath *self, PyObject *records)
 {
@@ -629,18 +647,27 @@ HotPath_statements(HotPath *self, PyObject *records)
         Py_RETURN_NONE;
     if (self->watcher != NULL && !is_none(self->watcher, s_last_error))
         Py_RETURN_NONE; /* a success must clear the watcher's last error: the Python path */
-    PyObject *lock = PyDict_GetItemWithError(self->sink, s_lock);
-    if (lock == NULL)
-        Py_RETURN_NONE;
-    Py_INCREF(lock);
-    int taken = try_lock(lock);
-    PyObject *out = taken == 1 ? statement_locked(self, fixed) : NULL;
-    if (taken == 1 && unlock(lock) < 0)
-        Py_CLEAR(out);
-    Py_DECREF(lock);
-    if (taken == 0)
-        Py_RETURN_NONE;
-    return out;
+    return under_lock(self, statement_locked, fixed, Py_None);
+}
+
+/* The results queued under the lock: True, or False for the Python path. */
+static PyObject *
+results_locked(HotPath *self, PyObject *results)
+{
+    int ok = 1;
+    Py_ssize_t n = PyList_GET_SIZE(results);
+    PyObject *deferred = PyDict_GetItemWithError(self->sink, s_deferred);
+    long long count = get_int(self->sink, s_deferred_count, &ok);
+    if (!ok || deferred == NULL || !PyList_CheckExact(deferred)
+        || count + n >= self->max_deferred)
+        Py_RETURN_FALSE; /* (a full queue: the Python path queues and flushes) */
+    PyObject *entry = Py_BuildValue("(OL)", results, clock_ns(CLOCK_REALTIME));
+    int failed = entry == NULL || PyList_Append(deferred, entry) < 0
+                 || set_int(self->sink, s_deferred_count, count + n) < 0;
+    Py_XDECREF(entry);
+    if (failed)
+        return NULL;
+    Py_RETURN_TRUE;
 }
 
 /* `append_results` for a list of results while the deferred queue has room: True, or
@@ -650,39 +677,9 @@ HotPath_results(HotPath *self, PyObject *results)
 {
     if (!PyList_CheckExact(results))
         Py_RETURN_FALSE;
-    Py_ssize_t n = PyList_GET_SIZE(results);
-    if (n == 0)
+    if (PyList_GET_SIZE(results) == 0)
         Py_RETURN_TRUE; /* nothing to say: no entry, as in the Python path */
-    PyObject *lock = PyDict_GetItemWithError(self->sink, s_lock);
-    if (lock == NULL)
-        Py_RETURN_FALSE;
-    Py_INCREF(lock);
-    int taken = try_lock(lock);
-    if (taken != 1) {
-        Py_DECREF(lock);
-        if (taken < 0)
-            return NULL;
-        Py_RETURN_FALSE;
-    }
-    PyObject *out = Py_False;
-    int ok = 1;
-    PyObject *deferred = PyDict_GetItemWithError(self->sink, s_deferred);
-    long long count = get_int(self->sink, s_deferred_count, &ok);
-    if (ok && deferred != NULL && PyList_CheckExact(deferred)
-        && count + n < self->max_deferred) {
-        PyObject *entry = Py_BuildValue("(OL)", results, clock_ns(CLOCK_REALTIME));
-        if (entry == NULL || PyList_Append(deferred, entry) < 0
-            || set_int(self->sink, s_deferred_count, count + n) < 0)
-            out = NULL;
-        else
-            out = Py_True;
-        Py_XDECREF(entry);
-    }
-    if (unlock(lock) < 0)
-        out = NULL;
-    Py_DECREF(lock);
-    Py_XINCREF(out);
-    return out;
+    return under_lock(self, results_locked, results, Py_False);
 }
 
 static PyMethodDef HotPath_methods[] = {
