@@ -94,6 +94,13 @@ setup(
             libraries=["crypto"],
             optional=True,
         ),
+        # A TLS stream transport whose records C moves, with the OpenSSL `_ssl` loaded
+        # (guard/broker/proxy/tlstransport.py); optional in the same way.
+        Extension(
+            "guard.broker.proxy._ctls",
+            sources=["guard/broker/proxy/_ctls.c"],
+            optional=True,
+        ),
         # The normalized text of a plain statement with inlined values, without a parse
         # (guard/broker/sql/shape.py's literal_shape); optional in the same way.
         Extension(

@@ -30,7 +30,7 @@ from guard.broker.pgwire.errors import ProtocolError
 from guard.broker.pgwire.parser import NEED_DATA, FrontendParser
 from guard.broker.pgwire.scram import AuthenticationFailed, ScramServer, make_verifier
 from guard.broker.policy.engine import CompiledPolicy
-from guard.broker.proxy import upstream
+from guard.broker.proxy import tlstransport, upstream
 from guard.broker.proxy.commands import RequestApproval
 from guard.broker.proxy.connection import ProtectedMap
 from guard.broker.proxy.core import GatewayConnection
@@ -210,7 +210,7 @@ class Gateway:
                     raise ProtocolError("unencrypted data after SSLRequest")
                 writer.write(b"S")
                 await writer.drain()
-                await writer.start_tls(self.tls)
+                await tlstransport.start_tls(reader, writer, self.tls)
                 encrypted = True
                 continue
             if isinstance(msg, m.SSLRequest | m.GSSENCRequest):
@@ -481,12 +481,18 @@ class Gateway:
         cwriter.write(b"".join(encode(x) for x in hello))
         await cwriter.drain()
 
+        server_failed = None
+        try:
+            upstream_transport, upstream_tls, server_pending = await up.wire.hand_over()
+        except upstream.UpstreamError as exc:
+            server_failed, server_pending = exc, b""
+            upstream_transport, upstream_tls = up.wire.transport, None
         pump = BuiltPump(
             connection,
             cwriter.transport,
-            up.wire.transport,
+            upstream_transport,
             audit=self.audit,
-            tls=up.wire.tls,
+            tls=upstream_tls,
             idle_timeout=self.idle_timeout,
             approvals=desk,
             message_timeout=self.message_timeout,
@@ -495,11 +501,11 @@ class Gateway:
             self._cancel_keys[key_id].pump = pump
         self._record(session, "connection_opened", connection_id)
         try:
-            try:
-                server_pending = up.leftover + up.wire.take_buffered()
-            except upstream.UpstreamError as exc:
-                log.warning("upstream connection for session %s failed: %s", session.id, exc)
-                pump.close(f"upstream failed: {exc}")
+            if server_failed is not None:
+                log.warning(
+                    "upstream connection for session %s failed: %s", session.id, server_failed
+                )
+                pump.close(f"upstream failed: {server_failed}")
                 return
             pump.start(upstream.take_stream_buffer(creader) + parser.unconsumed(), server_pending)
             handle.attach(pump)  # closed at once if the session ended meanwhile

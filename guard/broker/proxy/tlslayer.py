@@ -57,15 +57,18 @@ class TLSClosed(Exception):
 
 
 class TLSClient:
-    """Client side of one TLS connection, fed with ciphertext, yielding plaintext."""
+    """Client side of one TLS connection, fed with ciphertext, yielding plaintext (the
+    server side with `server_side`: the gateway's handshake with its clients)."""
 
     __slots__ = ("ssl_object", "handshake_done", "_incoming", "_outgoing", "_c", "_closed")
 
-    def __init__(self, context: ssl.SSLContext, server_hostname: str) -> None:
+    def __init__(
+        self, context: ssl.SSLContext, server_hostname: str | None, *, server_side: bool = False
+    ) -> None:
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self.ssl_object = context.wrap_bio(
-            self._incoming, self._outgoing, server_side=False, server_hostname=server_hostname
+            self._incoming, self._outgoing, server_side=server_side, server_hostname=server_hostname
         )
         # ssl.SSLObject wraps a C object whose read/write take the same arguments; calling
         # it directly skips a Python frame per call on the relay's hot path.
@@ -74,7 +77,7 @@ class TLSClient:
         self._closed = False
 
     def handshake(self, data: bytes = b"") -> bytes:
-        """Feed handshake bytes from the server; return bytes to send to it.
+        """Feed handshake bytes from the peer; return bytes to send to it.
 
         Raises ssl.SSLError (ssl.SSLCertVerificationError for a bad certificate) when the
         handshake fails; `handshake_done` turns true once it has completed.
@@ -87,6 +90,12 @@ class TLSClient:
         except ssl.SSLWantReadError:
             pass
         return self._outgoing.read()
+
+    def receive(self, data: bytes) -> None:
+        """Ciphertext that came after the handshake, kept for whoever reads the records next
+        (`tlstransport.adopt`'s transport delivers it first)."""
+        if data:
+            self._incoming.write(data)
 
     def encrypt(self, data: bytes | memoryview) -> bytes:
         self._c.write(data)

@@ -24,6 +24,7 @@ from guard.broker.pgwire import messages as m
 from guard.broker.pgwire.encoder import encode
 from guard.broker.pgwire.parser import NEED_DATA, BackendParser
 from guard.broker.pgwire.scram import ScramClient, md5_password
+from guard.broker.proxy import tlstransport
 from guard.broker.proxy.tlslayer import TLSClient, TLSClosed
 
 log = logging.getLogger("guard.proxy")
@@ -99,6 +100,20 @@ class Wire:
         """Plaintext of everything received but not yet read (handed over to the pump)."""
         data = take_stream_buffer(self.reader)
         return data if self.tls is None else self._decrypt(data) or b""
+
+    async def hand_over(self) -> tuple[asyncio.Transport, TLSClient | None, bytes]:
+        """For the pump: the transport, the TLS record layer it still runs itself (None:
+        plain, or the records move in C: `tlstransport`), and the plaintext received but
+        not yet read. Raises UpstreamError when those bytes do not decrypt."""
+        if self.tls is not None:
+            await tlstransport.settle(self.writer)  # before the reader's bytes are taken
+        pending = self.take_buffered()
+        if self.tls is not None:
+            # No await since the buffer was taken: every record after it reaches C.
+            adopted = tlstransport.adopt(self.transport, self.tls.ssl_object)
+            if adopted is not None:
+                return adopted, None, pending
+        return self.transport, self.tls, pending
 
     def _decrypt(self, data: bytes) -> bytes | None:
         """Plaintext of the complete records so far; None once the server ended TLS."""

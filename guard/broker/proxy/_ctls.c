@@ -1,0 +1,536 @@
+/* guard.broker.proxy._ctls: a TLS stream transport whose records C moves.
+ *
+ *   TLSTransport(ssl_socket, fd, loop, extra)
+ *       ssl_socket  the `_ssl._SSLSocket` of a finished handshake over memory BIOs
+ *                   (`ssl.SSLObject._sslobj`): OpenSSL's SSL object, its context and its
+ *                   verification stay Python's `ssl`'s; only the records move here
+ *       fd          the connected socket, now this transport's (it closes it)
+ *       loop        the event loop (its add_reader/add_writer drive the socket)
+ *       extra       get_extra_info's answers (peername, sslcontext, ssl_object, ...)
+ *
+ * An asyncio.Transport by its methods (write, pause/resume_reading, close, abort, flow
+ * control with the protocol's pause_writing/resume_writing), for the gateway's pump
+ * (proxy/pump.py) and for asyncio streams. Why it exists: per pgbench transaction, moving
+ * four TLS records through uvloop's TLS transport and `proxy.tlslayer` costs the gateway
+ * about 3.4 us of CPU more than this (bench/floor_relay.py, `c` against `bio`): one recv
+ * and one send per record batch, no Python frame per record, no bytes object for
+ * ciphertext.
+ *
+ * OpenSSL's functions are looked up in the library `_ssl` itself loaded (dlopen with
+ * RTLD_NOLOAD): the SSL object is `_ssl`'s, so only that library's functions may touch it.
+ * The object's layout is CPython's (`Modules/_ssl.c`: the SSL pointer follows the socket
+ * weakref) and is checked before use: the SSL's app data must be the object itself (CPython
+ * sets it so) and both its BIOs memory BIOs; anything else is a TypeError, and the caller
+ * keeps its Python transport (`proxy.tlstransport`).
+ *
+ * What it must not do: relay a record that does not decrypt (the connection ends with an
+ * ssl.SSLError, as a tampered record would), write after close, or lose ciphertext the
+ * handshake's reader had already received (it stays in the read BIO and is delivered when
+ * reading starts). It reads one recv's worth per readiness event (the loop is level-
+ * triggered: no extra recv to see EAGAIN) and sends at once while the socket takes it.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <dlfcn.h>
+#include <errno.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+typedef struct ssl_st SSL;
+typedef struct bio_st BIO;
+
+/* CPython's _ssl._SSLSocket starts so (Modules/_ssl.c, 3.8 to 3.13); checked at wrap time
+   against the SSL's app data, which CPython sets to that object. */
+typedef struct { PyObject_HEAD PyObject *Socket; SSL *ssl; } SSLSocketHead;
+
+#define WANT_READ 2
+#define ZERO_RETURN 6
+#define BIO_TYPE_MEM (1 | 0x0400)
+
+static int (*SSL_read_ex_)(SSL *, void *, size_t, size_t *);
+static int (*SSL_write_ex_)(SSL *, const void *, size_t, size_t *);
+static int (*SSL_get_error_)(const SSL *, int);
+static int (*SSL_pending_)(const SSL *);
+static BIO *(*SSL_get_rbio_)(const SSL *);
+static BIO *(*SSL_get_wbio_)(const SSL *);
+static void *(*SSL_get_ex_data_)(const SSL *, int);
+static int (*SSL_shutdown_)(SSL *);
+static int (*BIO_write_)(BIO *, const void *, int);
+static int (*BIO_read_)(BIO *, void *, int);
+static size_t (*BIO_ctrl_pending_)(BIO *);
+static int (*BIO_method_type_)(const BIO *);
+static unsigned long (*ERR_get_error_)(void);
+static void (*ERR_clear_error_)(void);
+static void (*ERR_error_string_n_)(unsigned long, char *, size_t);
+
+static PyObject *SSLError;            /* ssl.SSLError */
+static PyObject *str_add_reader, *str_remove_reader, *str_add_writer, *str_remove_writer,
+    *str_call_soon, *str_data_received, *str_eof_received, *str_connection_lost,
+    *str_pause_writing, *str_resume_writing, *str_call_exception_handler;
+
+static char rbuf[1 << 16]; /* one read's ciphertext: the GIL is held from recv to BIO_write */
+
+typedef struct {
+    PyObject_HEAD
+    int fd;
+    SSL *ssl;
+    BIO *rbio, *wbio;
+    PyObject *sslobj, *loop, *protocol, *extra, *read_ready, *write_ready;
+    char *out;                 /* ciphertext the socket has not taken yet */
+    Py_ssize_t out_start, out_end, out_cap, high, low;
+    char reading, writer_on, protocol_paused, closing, closed;
+} Transport;
+
+static PyTypeObject TransportType;
+
+static Py_ssize_t buffered(Transport *t) { return t->out_end - t->out_start; }
+
+static void finish(Transport *t, PyObject *exc) {
+    if (t->closed) return;
+    t->closed = t->closing = 1;
+    if (t->reading) {
+        PyObject *fd = PyLong_FromLong(t->fd);
+        PyObject *r = fd ? PyObject_CallMethodOneArg(t->loop, str_remove_reader, fd) : NULL;
+        Py_XDECREF(fd); if (!r) PyErr_Clear(); Py_XDECREF(r);
+        t->reading = 0;
+    }
+    if (t->writer_on) {
+        PyObject *fd = PyLong_FromLong(t->fd);
+        PyObject *r = PyObject_CallMethodOneArg(t->loop, str_remove_writer, fd);
+        Py_DECREF(fd); if (!r) PyErr_Clear(); Py_XDECREF(r);
+        t->writer_on = 0;
+    }
+    close(t->fd);
+    t->fd = -1;
+    t->out_start = t->out_end = 0;
+    if (t->protocol != Py_None) {
+        PyObject *cb = PyObject_GetAttr(t->protocol, str_connection_lost);
+        if (cb) {
+            PyObject *r = PyObject_CallMethodObjArgs(t->loop, str_call_soon, cb, exc ? exc : Py_None, NULL);
+            Py_DECREF(cb); if (!r) PyErr_Clear(); Py_XDECREF(r);
+        } else PyErr_Clear();
+    }
+}
+
+/* The protocol raised, or the connection broke: report and end it (asyncio's
+   _fatal_error). Returns None for the loop's callback. */
+static PyObject *fatal(Transport *t, const char *message) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (value && !PyErr_GivenExceptionMatches(value, PyExc_OSError)) {
+        PyObject *ctx = Py_BuildValue("{s:s,s:O,s:O,s:O}", "message", message, "exception", value,
+                                      "transport", (PyObject *)t, "protocol", t->protocol);
+        if (ctx) {
+            PyObject *r = PyObject_CallMethodOneArg(t->loop, str_call_exception_handler, ctx);
+            Py_DECREF(ctx); if (!r) PyErr_Clear(); Py_XDECREF(r);
+        } else PyErr_Clear();
+    }
+    finish(t, value);
+    Py_XDECREF(type); Py_XDECREF(value); Py_XDECREF(tb);
+    Py_RETURN_NONE;
+}
+
+static int set_writer(Transport *t, int on) {
+    PyObject *fd = PyLong_FromLong(t->fd), *r;
+    if (!fd) return -1;
+    if (on) r = PyObject_CallMethodObjArgs(t->loop, str_add_writer, fd, t->write_ready, NULL);
+    else r = PyObject_CallMethodOneArg(t->loop, str_remove_writer, fd);
+    Py_DECREF(fd);
+    if (!r) return -1;
+    Py_DECREF(r);
+    t->writer_on = (char)on;
+    return 0;
+}
+
+static int call_protocol(Transport *t, PyObject *name) {
+    PyObject *r = PyObject_CallMethodNoArgs(t->protocol, name);
+    if (!r) return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* Send what the socket takes; what it does not waits for the loop's writer. */
+static int send_out(Transport *t) {
+    while (buffered(t) > 0) {
+        ssize_t s = send(t->fd, t->out + t->out_start, (size_t)buffered(t), MSG_NOSIGNAL);
+        if (s < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        t->out_start += s;
+    }
+    if (buffered(t) == 0) {
+        t->out_start = t->out_end = 0;
+        if (t->writer_on && set_writer(t, 0) < 0) return -1;
+        if (t->protocol_paused && !t->closing) {
+            t->protocol_paused = 0;
+            if (call_protocol(t, str_resume_writing) < 0) return -1;
+        }
+    } else {
+        if (!t->writer_on && set_writer(t, 1) < 0) return -1;
+        if (!t->protocol_paused && buffered(t) > t->high && !t->closing) {
+            t->protocol_paused = 1;
+            if (call_protocol(t, str_pause_writing) < 0) return -1;
+        } else if (t->protocol_paused && buffered(t) <= t->low) {
+            t->protocol_paused = 0;
+            if (call_protocol(t, str_resume_writing) < 0) return -1;
+        }
+    }
+    return 0;
+}
+
+/* Move the ciphertext TLS produced into the out buffer, then to the socket (unless the
+   loop's writer is waiting for it: order is kept). */
+static int flush_tls(Transport *t, int send_now) {
+    size_t p = BIO_ctrl_pending_(t->wbio);
+    if (p) {
+        if (t->out_start && t->out_start == t->out_end) t->out_start = t->out_end = 0;
+        if ((size_t)(t->out_cap - t->out_end) < p) {
+            if (t->out_start) {
+                memmove(t->out, t->out + t->out_start, (size_t)buffered(t));
+                t->out_end -= t->out_start;
+                t->out_start = 0;
+            }
+            if ((size_t)(t->out_cap - t->out_end) < p) {
+                Py_ssize_t cap = t->out_end + (Py_ssize_t)p;
+                if (cap < 2 * t->out_cap) cap = 2 * t->out_cap;
+                char *n = PyMem_Realloc(t->out, (size_t)cap);
+                if (!n) { PyErr_NoMemory(); return -1; }
+                t->out = n;
+                t->out_cap = cap;
+            }
+        }
+        int got = BIO_read_(t->wbio, t->out + t->out_end, (int)p);
+        if (got > 0) t->out_end += got;
+    }
+    if (!send_now) return 0;
+    if (!t->writer_on) return send_out(t);
+    /* Behind bytes the socket has not taken: the protocol hears when there are too many. */
+    if (!t->protocol_paused && buffered(t) > t->high && !t->closing) {
+        t->protocol_paused = 1;
+        return call_protocol(t, str_pause_writing);
+    }
+    return 0;
+}
+
+static PyObject *tls_error(const char *what) {
+    unsigned long e = ERR_get_error_();
+    char msg[256];
+    if (e) ERR_error_string_n_(e, msg, sizeof msg);
+    else snprintf(msg, sizeof msg, "%s", what);
+    PyErr_SetString(SSLError, msg);
+    return NULL;
+}
+
+static PyObject *T_close(Transport *t, PyObject *unused);
+
+/* The peer ended (close_notify or FIN): the protocol is told, then the transport closes
+   once what it has to send is sent (TLS cannot half-close; uvloop's closes so too). */
+static PyObject *peer_ended(Transport *t) {
+    PyObject *r = PyObject_CallMethodNoArgs(t->protocol, str_eof_received);
+    if (!r) return fatal(t, "Fatal error: protocol.eof_received() call failed.");
+    Py_DECREF(r);
+    return T_close(t, NULL);
+}
+
+/* Decrypt what the read BIO holds and hand it to the protocol. */
+static PyObject *deliver(Transport *t) {
+    /* The plaintext is at most the ciphertext waiting plus what TLS already decrypted,
+       except when a record begun in an earlier read completes: then more is pending
+       once this is full, and the buffer grows (a stall otherwise: nothing more may come). */
+    size_t cap = BIO_ctrl_pending_(t->rbio) + (size_t)SSL_pending_(t->ssl);
+    int peer_closed = 0;
+    PyObject *plain = NULL;
+    size_t used = 0;
+    if (cap) {
+        plain = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)cap);
+        if (!plain) return fatal(t, "out of memory");
+        ERR_clear_error_();
+        for (;;) {
+            if (used == cap) {
+                size_t more = BIO_ctrl_pending_(t->rbio) + (size_t)SSL_pending_(t->ssl);
+                if (!more) break;
+                cap += more;
+                if (_PyBytes_Resize(&plain, (Py_ssize_t)cap) < 0) return fatal(t, "out of memory");
+            }
+            size_t n = 0;
+            if (SSL_read_ex_(t->ssl, PyBytes_AS_STRING(plain) + used, cap - used, &n)) {
+                used += n;
+                continue;
+            }
+            int e = SSL_get_error_(t->ssl, 0);
+            if (e == WANT_READ) break;
+            if (e == ZERO_RETURN) { peer_closed = 1; break; }
+            Py_DECREF(plain);
+            tls_error("TLS record error");  /* a record that does not decrypt: nothing of it */
+            return fatal(t, "TLS error");
+        }
+    }
+    /* TLS's own replies (a key update's) go out now. */
+    if (flush_tls(t, 1) < 0) { Py_XDECREF(plain); return fatal(t, "send failed"); }
+    if (used) {
+        if (_PyBytes_Resize(&plain, (Py_ssize_t)used) < 0) return fatal(t, "out of memory");
+        PyObject *r = PyObject_CallMethodOneArg(t->protocol, str_data_received, plain);
+        Py_DECREF(plain);
+        if (!r) return fatal(t, "Fatal error: protocol.data_received() call failed.");
+        Py_DECREF(r);
+    } else Py_XDECREF(plain);
+    if (peer_closed && !t->closing) return peer_ended(t);
+    Py_RETURN_NONE;
+}
+
+static PyObject *T_read_ready(Transport *t, PyObject *unused) {
+    if (t->closed || !t->reading) Py_RETURN_NONE;
+    ssize_t n;
+    do n = recv(t->fd, rbuf, sizeof rbuf, 0); while (n < 0 && errno == EINTR);
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK) Py_RETURN_NONE;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return fatal(t, "recv failed");
+    }
+    if (n == 0) return peer_ended(t);  /* its FIN (without close_notify: truncation is
+                                          the protocol's to judge, as with ssl) */
+    if (BIO_write_(t->rbio, rbuf, (int)n) != (int)n) { PyErr_NoMemory(); return fatal(t, "BIO"); }
+    return deliver(t);
+}
+
+static PyObject *T_drain(Transport *t, PyObject *unused) {
+    if (t->closed || !t->reading) Py_RETURN_NONE;
+    return deliver(t);
+}
+
+static PyObject *T_write_ready(Transport *t, PyObject *unused) {
+    if (t->closed) Py_RETURN_NONE;
+    if (send_out(t) < 0) return fatal(t, "send failed");
+    if (t->closing && buffered(t) == 0) finish(t, NULL);
+    Py_RETURN_NONE;
+}
+
+static PyObject *T_write(Transport *t, PyObject *data) {
+    if (t->closing) Py_RETURN_NONE;
+    Py_buffer v;
+    if (PyObject_GetBuffer(data, &v, PyBUF_SIMPLE) < 0) return NULL;
+    if (v.len) {
+        size_t n = 0;
+        ERR_clear_error_();
+        if (!SSL_write_ex_(t->ssl, v.buf, (size_t)v.len, &n)) {
+            PyBuffer_Release(&v);
+            tls_error("TLS write failed");
+            return fatal(t, "TLS write failed");
+        }
+    }
+    PyBuffer_Release(&v);
+    if (flush_tls(t, 1) < 0) return fatal(t, "send failed");
+    Py_RETURN_NONE;
+}
+
+static PyObject *T_pause_reading(Transport *t, PyObject *unused) {
+    if (t->reading && !t->closed) {
+        PyObject *fd = PyLong_FromLong(t->fd);
+        PyObject *r = PyObject_CallMethodOneArg(t->loop, str_remove_reader, fd);
+        Py_DECREF(fd);
+        if (!r) return NULL;
+        Py_DECREF(r);
+        t->reading = 0;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *T_resume_reading(Transport *t, PyObject *unused) {
+    if (t->reading || t->closing) Py_RETURN_NONE;
+    PyObject *fd = PyLong_FromLong(t->fd);
+    PyObject *r = PyObject_CallMethodObjArgs(t->loop, str_add_reader, fd, t->read_ready, NULL);
+    Py_DECREF(fd);
+    if (!r) return NULL;
+    Py_DECREF(r);
+    t->reading = 1;
+    if (BIO_ctrl_pending_(t->rbio) || SSL_pending_(t->ssl)) {
+        /* Records that came before (the handshake's reader's): delivered from the loop. */
+        PyObject *drain = PyObject_GetAttrString((PyObject *)t, "_drain");
+        if (!drain) return NULL;
+        r = PyObject_CallMethodOneArg(t->loop, str_call_soon, drain);
+        Py_DECREF(drain);
+        if (!r) return NULL;
+        Py_DECREF(r);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *T_close(Transport *t, PyObject *unused) {
+    if (t->closing) Py_RETURN_NONE;
+    PyObject *r = T_pause_reading(t, NULL);
+    if (!r) return NULL;
+    Py_DECREF(r);
+    t->closing = 1;
+    ERR_clear_error_();
+    SSL_shutdown_(t->ssl);  /* close_notify; the peer's is not waited for */
+    ERR_clear_error_();
+    if (flush_tls(t, 1) < 0) return fatal(t, "send failed");
+    if (buffered(t) == 0) finish(t, NULL);
+    Py_RETURN_NONE;
+}
+
+static PyObject *T_abort(Transport *t, PyObject *unused) {
+    finish(t, NULL);
+    Py_RETURN_NONE;
+}
+
+static PyObject *T_is_closing(Transport *t, PyObject *unused) { return PyBool_FromLong(t->closing); }
+static PyObject *T_is_reading(Transport *t, PyObject *unused) { return PyBool_FromLong(t->reading); }
+static PyObject *T_get_write_buffer_size(Transport *t, PyObject *unused) { return PyLong_FromSsize_t(buffered(t)); }
+static PyObject *T_get_protocol(Transport *t, PyObject *unused) { Py_INCREF(t->protocol); return t->protocol; }
+static PyObject *T_set_protocol(Transport *t, PyObject *p) { Py_INCREF(p); Py_SETREF(t->protocol, p); Py_RETURN_NONE; }
+
+static PyObject *T_set_write_buffer_limits(Transport *t, PyObject *args, PyObject *kw) {
+    static char *names[] = {"high", "low", NULL};
+    PyObject *high = Py_None, *low = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|OO", names, &high, &low)) return NULL;
+    Py_ssize_t h, l;
+    if (high == Py_None) h = low == Py_None ? 64 * 1024 : 4 * PyLong_AsSsize_t(low);
+    else h = PyLong_AsSsize_t(high);
+    if (low == Py_None) l = h / 4; else l = PyLong_AsSsize_t(low);
+    if (PyErr_Occurred()) return NULL;
+    if (!(h >= l && l >= 0)) { PyErr_Format(PyExc_ValueError, "high (%zd) must be >= low (%zd) must be >= 0", h, l); return NULL; }
+    t->high = h; t->low = l;
+    Py_RETURN_NONE;
+}
+
+static PyObject *T_get_extra_info(Transport *t, PyObject *args) {
+    PyObject *name, *dflt = Py_None;
+    if (!PyArg_ParseTuple(args, "O|O", &name, &dflt)) return NULL;
+    PyObject *v = PyDict_GetItemWithError(t->extra, name);
+    if (!v) { if (PyErr_Occurred()) return NULL; v = dflt; }
+    Py_INCREF(v);
+    return v;
+}
+
+static int T_init(Transport *t, PyObject *args, PyObject *kw) {
+    PyObject *sslobj, *loop, *extra;
+    int fd;
+    if (!PyArg_ParseTuple(args, "OiOO!", &sslobj, &fd, &loop, &PyDict_Type, &extra)) return -1;
+    if (strcmp(Py_TYPE(sslobj)->tp_name, "_ssl._SSLSocket") != 0) {
+        PyErr_SetString(PyExc_TypeError, "not an _ssl._SSLSocket");
+        return -1;
+    }
+    SSL *ssl = ((SSLSocketHead *)sslobj)->ssl;
+    if (!ssl || SSL_get_ex_data_(ssl, 0) != (void *)sslobj) {
+        PyErr_SetString(PyExc_TypeError, "_ssl._SSLSocket's layout is not the expected one");
+        return -1;
+    }
+    BIO *rbio = SSL_get_rbio_(ssl), *wbio = SSL_get_wbio_(ssl);
+    if (!rbio || !wbio || BIO_method_type_(rbio) != BIO_TYPE_MEM || BIO_method_type_(wbio) != BIO_TYPE_MEM) {
+        PyErr_SetString(PyExc_TypeError, "the SSL object does not run over memory BIOs");
+        return -1;
+    }
+    if (t->ssl) {
+        PyErr_SetString(PyExc_TypeError, "TLSTransport is initialized once");
+        return -1;
+    }
+    t->ssl = ssl;
+    t->rbio = rbio;
+    t->wbio = wbio;
+    t->fd = fd;
+    Py_INCREF(sslobj); t->sslobj = sslobj;
+    Py_INCREF(loop); t->loop = loop;
+    Py_INCREF(extra); t->extra = extra;
+    Py_INCREF(Py_None); t->protocol = Py_None;
+    t->read_ready = PyObject_GetAttrString((PyObject *)t, "_read_ready");
+    t->write_ready = PyObject_GetAttrString((PyObject *)t, "_write_ready");
+    if (!t->read_ready || !t->write_ready) return -1;
+    t->high = 64 * 1024; t->low = 16 * 1024;
+    return 0;
+}
+
+static int T_traverse(Transport *t, visitproc visit, void *arg) {
+    Py_VISIT(t->sslobj); Py_VISIT(t->loop); Py_VISIT(t->protocol); Py_VISIT(t->extra);
+    Py_VISIT(t->read_ready); Py_VISIT(t->write_ready);
+    return 0;
+}
+
+static int T_clear(Transport *t) {
+    Py_CLEAR(t->loop); Py_CLEAR(t->protocol); Py_CLEAR(t->extra);
+    Py_CLEAR(t->read_ready); Py_CLEAR(t->write_ready);
+    return 0;
+}
+
+static void T_dealloc(Transport *t) {
+    PyObject_GC_UnTrack(t);
+    if (t->fd >= 0 && !t->closed) close(t->fd);
+    T_clear(t);
+    Py_CLEAR(t->sslobj);
+    PyMem_Free(t->out);
+    Py_TYPE(t)->tp_free((PyObject *)t);
+}
+
+static PyObject *T_new(PyTypeObject *type, PyObject *a, PyObject *k) {
+    Transport *t = (Transport *)type->tp_alloc(type, 0);
+    if (t) t->fd = -1;
+    return (PyObject *)t;
+}
+
+static PyMethodDef T_methods[] = {
+    {"write", (PyCFunction)T_write, METH_O, NULL},
+    {"pause_reading", (PyCFunction)T_pause_reading, METH_NOARGS, NULL},
+    {"resume_reading", (PyCFunction)T_resume_reading, METH_NOARGS, NULL},
+    {"is_reading", (PyCFunction)T_is_reading, METH_NOARGS, NULL},
+    {"is_closing", (PyCFunction)T_is_closing, METH_NOARGS, NULL},
+    {"close", (PyCFunction)T_close, METH_NOARGS, NULL},
+    {"abort", (PyCFunction)T_abort, METH_NOARGS, NULL},
+    {"get_write_buffer_size", (PyCFunction)T_get_write_buffer_size, METH_NOARGS, NULL},
+    {"set_write_buffer_limits", (PyCFunction)(void (*)(void))T_set_write_buffer_limits, METH_VARARGS | METH_KEYWORDS, NULL},
+    {"get_extra_info", (PyCFunction)T_get_extra_info, METH_VARARGS, NULL},
+    {"get_protocol", (PyCFunction)T_get_protocol, METH_NOARGS, NULL},
+    {"set_protocol", (PyCFunction)T_set_protocol, METH_O, NULL},
+    {"_read_ready", (PyCFunction)T_read_ready, METH_NOARGS, NULL},
+    {"_write_ready", (PyCFunction)T_write_ready, METH_NOARGS, NULL},
+    {"_drain", (PyCFunction)T_drain, METH_NOARGS, NULL},
+    {NULL}};
+
+static PyTypeObject TransportType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "guard.broker.proxy._ctls.TLSTransport",
+    .tp_basicsize = sizeof(Transport),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = T_new,
+    .tp_init = (initproc)T_init,
+    .tp_dealloc = (destructor)T_dealloc,
+    .tp_traverse = (traverseproc)T_traverse,
+    .tp_clear = (inquiry)T_clear,
+    .tp_methods = T_methods,
+};
+
+static struct PyModuleDef mod = {PyModuleDef_HEAD_INIT, "guard.broker.proxy._ctls",
+    "A TLS stream transport whose records C moves.", -1};
+
+PyMODINIT_FUNC PyInit__ctls(void) {
+    PyObject *m = PyImport_ImportModule("_ssl");
+    if (!m) return NULL;
+    PyObject *f = PyObject_GetAttrString(m, "__file__");
+    Py_DECREF(m);
+    if (!f) return NULL;
+    void *h = dlopen(PyUnicode_AsUTF8(f), RTLD_NOW | RTLD_NOLOAD);
+    Py_DECREF(f);
+    if (!h) { PyErr_SetString(PyExc_ImportError, "_ssl's library not found"); return NULL; }
+#define R(x) x##_ = dlsym(h, #x); if (!x##_) { PyErr_SetString(PyExc_ImportError, #x); return NULL; }
+    R(SSL_read_ex) R(SSL_write_ex) R(SSL_get_error) R(SSL_pending) R(SSL_get_rbio) R(SSL_get_wbio)
+    R(SSL_get_ex_data) R(SSL_shutdown) R(BIO_write) R(BIO_read) R(BIO_ctrl_pending) R(BIO_method_type)
+    R(ERR_get_error) R(ERR_clear_error) R(ERR_error_string_n)
+    PyObject *ssl = PyImport_ImportModule("ssl");
+    if (!ssl) return NULL;
+    SSLError = PyObject_GetAttrString(ssl, "SSLError");
+    Py_DECREF(ssl);
+    if (!SSLError) return NULL;
+#define S(x) if (!(str_##x = PyUnicode_InternFromString(#x))) return NULL;
+    S(add_reader) S(remove_reader) S(add_writer) S(remove_writer) S(call_soon) S(data_received)
+    S(eof_received) S(connection_lost) S(pause_writing) S(resume_writing) S(call_exception_handler)
+    if (PyType_Ready(&TransportType) < 0) return NULL;
+    PyObject *mm = PyModule_Create(&mod);
+    if (!mm) return NULL;
+    Py_INCREF(&TransportType);
+    if (PyModule_AddObject(mm, "TLSTransport", (PyObject *)&TransportType) < 0) return NULL;
+    return mm;
+}

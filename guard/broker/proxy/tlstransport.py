@@ -1,0 +1,145 @@
+"""TLS connections whose records C moves once the handshake is done (`proxy._ctls`).
+
+The gateway handshakes with Python's `ssl` over memory BIOs, as before: the context, the
+certificate checks and the login (SCRAM channel binding reads the SSL object) are
+unchanged. `adopt` then hands the connection's socket and its SSL object to
+`_ctls.TLSTransport`, which reads, decrypts, encrypts and sends the records itself: per
+pgbench transaction about 3.4 µs of the gateway's CPU less than uvloop's TLS transport
+toward the client and `proxy.tlslayer` toward PostgreSQL (bench/floor_relay.py, `c`
+against `bio`). The asyncio transport it replaces is left without sending anything (its
+socket is a duplicate now), and the adopted one is an asyncio transport by its methods,
+so the pump and asyncio streams run on it unchanged.
+
+Without the build (no compiler, GUARD_PURE_PYTHON), or when an object is not what the C
+code was built for, `adopt` answers None and the caller keeps its Python path: the
+reference, which the whole suite also runs (`GUARD_PURE_PYTHON=1`).
+
+Imports asyncio, os, ssl and `proxy.speedups` (which picks the build); the listener and
+the upstream login use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import socket
+import ssl
+from typing import Any, cast
+
+from guard.broker.proxy.speedups import compiled_module
+from guard.broker.proxy.tlslayer import TLSClient
+
+log = logging.getLogger("guard.proxy")
+
+_c = compiled_module("guard.broker.proxy._ctls")
+COMPILED: bool = _c is not None
+
+
+@functools.cache
+def usable() -> bool:
+    """Built, and built for this interpreter's `_ssl` (its SSL object's layout checked once,
+    on an object that never handshakes): the listener decides before a handshake which
+    way it goes, since a connection handshaken over memory BIOs cannot go back."""
+    if _c is None:
+        return False
+    a, b = socket.socketpair()
+    try:
+        probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        bios = ssl.MemoryBIO(), ssl.MemoryBIO()
+        ssl_object = probe.wrap_bio(*bios, server_hostname="probe")
+        _c.TLSTransport(ssl_object._sslobj, os.dup(a.fileno()), None, {}).abort()
+    except TypeError as exc:  # another CPython's `_ssl` layout: checked, never guessed
+        log.warning("TLS records stay with Python's transports: %s", exc)
+        return False
+    finally:
+        a.close()
+        b.close()
+    return True
+
+
+async def settle(writer: asyncio.StreamWriter) -> None:
+    """Wait until the transport under `writer` has sent everything written to it (drain
+    alone waits only until it is under its high-water mark): what `adopt` needs."""
+    transport = writer.transport
+    if transport.get_write_buffer_size():
+        transport.set_write_buffer_limits(high=0)  # drain now waits for an empty buffer
+        await writer.drain()
+
+
+def adopt(transport: asyncio.BaseTransport, ssl_object: ssl.SSLObject) -> asyncio.Transport | None:
+    """The TLS connection `ssl_object` runs over `transport` (a plain transport, its write
+    buffer empty, nothing it received left unread by the caller), now moved by C; the old
+    transport is abandoned without a byte sent. None: it stays as it was (not built, the
+    objects are not the ones the C code knows, or bytes still wait to be sent)."""
+    if not usable():
+        return None
+    plain = cast(asyncio.Transport, transport)
+    sock = plain.get_extra_info("socket")
+    ssl_socket = getattr(ssl_object, "_sslobj", None)  # the C object ssl.SSLObject wraps
+    if sock is None or ssl_socket is None or plain.get_write_buffer_size() or plain.is_closing():
+        return None
+    assert _c is not None
+    extra: dict[str, Any] = {}  # the transport's get_extra_info answers, filled once it took
+    fd = os.dup(sock.fileno())
+    try:
+        adopted = _c.TLSTransport(ssl_socket, fd, asyncio.get_running_loop(), extra)
+    except TypeError:  # not an SSL object over memory BIOs: the caller's own path
+        os.close(fd)
+        return None
+    extra.update(
+        peername=plain.get_extra_info("peername"),
+        sockname=plain.get_extra_info("sockname"),
+        sslcontext=ssl_object.context,
+        ssl_object=ssl_object,
+        cipher=ssl_object.cipher(),
+        compression=ssl_object.compression(),
+        peercert=ssl_object.getpeercert(),
+    )
+    plain.pause_reading()
+    plain.set_protocol(asyncio.Protocol())  # its connection_lost goes nowhere
+    plain.abort()  # closes its descriptor only: the socket lives on in `fd`
+    return cast(asyncio.Transport, adopted)
+
+
+async def start_tls(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, context: ssl.SSLContext
+) -> None:
+    """TLS's server side on a client connection whose SSLRequest was answered, with the
+    streams going on over it as `StreamWriter.start_tls` leaves them (which is what runs
+    without the build): the handshake by Python's `ssl` over memory BIOs, the records then
+    by C. Raises ssl.SSLError when the handshake fails (its alert sent first), and
+    ConnectionResetError when the client leaves during it."""
+    protocol = getattr(writer, "_protocol", None)
+    if not usable() or not hasattr(protocol, "_replace_writer"):
+        await writer.start_tls(context)
+        return
+    assert isinstance(protocol, asyncio.StreamReaderProtocol)
+    tls = TLSClient(context, None, server_side=True)
+    try:
+        out = tls.handshake()
+        while not tls.handshake_done:
+            writer.write(out)
+            await writer.drain()
+            data = await reader.read(1 << 16)
+            if not data:
+                raise ConnectionResetError("the client left during the TLS handshake")
+            out = tls.handshake(data)
+    except ssl.SSLError:
+        writer.write(tls.pending_output())  # the alert that says why
+        raise
+    writer.write(out)  # the handshake's last flight (TLS 1.3: the session tickets)
+    await settle(writer)
+    buffer = reader._buffer  # noqa: SLF001 - records the client sent right after Finished
+    tls.receive(bytes(buffer))
+    buffer.clear()
+    adopted = adopt(writer.transport, tls.ssl_object)
+    if adopted is None:
+        raise ConnectionResetError("the client left during the TLS handshake")
+    # As StreamWriter.start_tls leaves the streams, on the adopted transport.
+    adopted.set_protocol(protocol)
+    writer._transport = adopted  # noqa: SLF001
+    reader._transport = adopted  # noqa: SLF001 - its flow control pauses this one
+    protocol._replace_writer(writer)  # noqa: SLF001
+    adopted.resume_reading()

@@ -1,0 +1,437 @@
+"""`proxy._ctls.TLSTransport` (TLS records moved by C after Python's handshake) through
+`proxy.tlstransport`, against a peer that speaks TLS through Python's `ssl` over a real
+TCP socket: records intact both ways (split across reads, sent with the handshake's last
+flight, megabytes), flow control, pause and resume, the peer's close_notify and FIN, a
+tampered record, close and abort, a protocol that raises, and the fallbacks (an SSL
+object it was not built for; no build). On uvloop, the gateway's loop, and asyncio's."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import uvloop
+
+from guard.broker.proxy import tlstransport, upstream
+from guard.broker.proxy.tlslayer import TLSClient, TLSClosed
+from guard.devstack.tls import make_dev_ca
+
+if not tlstransport.usable():
+    if os.environ.get("CI", "").lower() == "true" and not os.environ.get("GUARD_PURE_PYTHON"):
+        pytest.fail("guard.broker.proxy._ctls was not built (CI=true: a failure)", pytrace=False)
+    pytest.skip("guard.broker.proxy._ctls is not in use", allow_module_level=True)
+
+LOOPS = ["uvloop", "asyncio"]
+
+
+@pytest.fixture(scope="module")
+def contexts(tmp_path_factory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    ca, cert, key = make_dev_ca(tmp_path_factory.mktemp("tls"))
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, key)
+    return server, ssl.create_default_context(cafile=str(ca))
+
+
+def run(kind: str, main: Callable[[], Awaitable[Any]]) -> Any:
+    async def bounded() -> Any:
+        return await asyncio.wait_for(main(), 20)
+
+    return uvloop.run(bounded()) if kind == "uvloop" else asyncio.run(bounded())
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        peer = socket.create_connection(listener.getsockname())
+        ours, _ = listener.accept()
+    peer.setblocking(False)
+    return ours, peer
+
+
+@pytest.fixture(autouse=True)
+def _close_peers(monkeypatch):
+    """Every far end's socket is closed after its test (none leaks into the next)."""
+    made: list[socket.socket] = []
+    real = tcp_pair
+
+    def tracked() -> tuple[socket.socket, socket.socket]:
+        pair = real()
+        made.append(pair[1])
+        return pair
+
+    monkeypatch.setitem(globals(), "tcp_pair", tracked)
+    yield
+    for sock in made:
+        sock.close()
+
+
+class Peer:
+    """The far end: a raw socket and TLS over memory BIOs, driven by the test."""
+
+    def __init__(self, sock: socket.socket, tls: TLSClient) -> None:
+        self.sock, self.tls = sock, tls
+        self.loop = asyncio.get_running_loop()
+
+    async def handshake(self) -> None:
+        out = self.tls.handshake()
+        while not self.tls.handshake_done:
+            await self.loop.sock_sendall(self.sock, out)
+            out = self.tls.handshake(await self.loop.sock_recv(self.sock, 1 << 16))
+        await self.loop.sock_sendall(self.sock, out)
+
+    async def send_raw(self, data: bytes) -> None:
+        await self.loop.sock_sendall(self.sock, data)
+
+    async def send(self, plain: bytes) -> None:
+        await self.send_raw(self.tls.encrypt(plain))
+
+    async def recv(self, size: int) -> bytes:
+        got = b""
+        while len(got) < size:
+            data = await self.loop.sock_recv(self.sock, 1 << 16)
+            assert data, f"EOF after {len(got)} of {size} bytes"
+            got += self.tls.decrypt(data)
+        return got
+
+    async def recv_end(self) -> str:
+        """How the far end saw the connection end: "close_notify" or "eof"."""
+        try:
+            self.tls.decrypt()  # it may have come with the last data
+        except TLSClosed:
+            return "close_notify"
+        while True:
+            data = await self.loop.sock_recv(self.sock, 1 << 16)
+            if not data:
+                return "eof"
+            try:
+                assert self.tls.decrypt(data) == b""
+            except TLSClosed:
+                return "close_notify"
+
+
+async def gateway_side(contexts) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Peer]:
+    """A client connection as the listener has it after the SSLRequest: TLS started by
+    `tlstransport.start_tls`, against a peer handshaking with the gateway's CA."""
+    server, client = contexts
+    ours, theirs = tcp_pair()
+    reader, writer = await accepted(ours)
+    peer = Peer(theirs, TLSClient(client, "localhost"))
+    await asyncio.gather(tlstransport.start_tls(reader, writer, server), peer.handshake())
+    return reader, writer, peer
+
+
+async def accepted(sock: socket.socket) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Server-side streams over `sock`, as asyncio.start_server (the listener) makes them."""
+    loop = asyncio.get_running_loop()
+    made: asyncio.Future[asyncio.StreamWriter] = loop.create_future()
+    reader = asyncio.StreamReader()
+    protocol = asyncio.StreamReaderProtocol(reader, lambda _r, w: made.set_result(w))
+    await loop.connect_accepted_socket(lambda: protocol, sock)
+    return reader, await made
+
+
+class Recorder(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.events: list[Any] = []
+        self.lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        self.events.append("data")
+
+    def eof_received(self) -> bool:
+        self.events.append("eof")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.events.append("lost")
+        self.lost.set_result(exc)
+
+    def pause_writing(self) -> None:
+        self.events.append("pause")
+
+    def resume_writing(self) -> None:
+        self.events.append("resume")
+
+
+def adopted_by_c(writer: asyncio.StreamWriter) -> bool:
+    return type(writer.transport).__name__ == "TLSTransport"
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_records_both_ways_through_streams(contexts, kind):
+    async def main() -> None:
+        reader, writer, peer = await gateway_side(contexts)
+        assert adopted_by_c(writer)
+        assert isinstance(writer.get_extra_info("ssl_object"), ssl.SSLObject)
+        assert writer.get_extra_info("sslcontext") is contexts[0]
+        assert writer.get_extra_info("peername") == peer.sock.getsockname()
+        await peer.send(b"Q\x00\x00\x00\x0dSELECT 1\x00")
+        assert await reader.readexactly(14) == b"Q\x00\x00\x00\x0dSELECT 1\x00"
+        big = os.urandom(3 << 20)
+        writer.write(big)
+        assert await peer.recv(len(big)) == big
+        await writer.drain()
+        up = os.urandom(300_000)
+        await peer.send(up)
+        assert await reader.readexactly(len(up)) == up
+        writer.close()
+        assert await peer.recv_end() == "close_notify"  # then the socket's end
+
+    run(kind, main)
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_records_sent_with_the_handshakes_last_flight_are_delivered(contexts, kind):
+    """A client's first message can share a segment with its Finished: those records are
+    in the memory BIO when C takes over, and come first."""
+
+    async def main() -> None:
+        server, client = contexts
+        ours, theirs = tcp_pair()
+        reader, writer = await accepted(ours)
+        peer = Peer(theirs, TLSClient(client, "localhost"))
+        loop = asyncio.get_running_loop()
+
+        async def client_side() -> None:
+            out = peer.tls.handshake()
+            while not peer.tls.handshake_done:
+                await loop.sock_sendall(theirs, out)
+                out = peer.tls.handshake(await loop.sock_recv(theirs, 1 << 16))
+            await loop.sock_sendall(theirs, out + peer.tls.encrypt(b"startup"))
+
+        await asyncio.gather(tlstransport.start_tls(reader, writer, server), client_side())
+        assert adopted_by_c(writer)
+        assert await reader.readexactly(7) == b"startup"
+
+    run(kind, main)
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_a_record_split_across_reads_is_delivered_whole(contexts, kind):
+    """The tail of a record can come alone, smaller than the plaintext it completes: all of
+    that plaintext is delivered at once (nothing else may ever come to flush it)."""
+
+    async def main() -> None:
+        reader, writer, peer = await gateway_side(contexts)
+        data = os.urandom(70_000)
+        wire = peer.tls.encrypt(data)
+        for cut in (len(wire) - 10, len(wire) - 1):
+            await peer.send_raw(wire[:cut])
+            await asyncio.sleep(0.02)  # its own read
+            await peer.send_raw(wire[cut:])
+            assert await reader.readexactly(len(data)) == data
+            wire = peer.tls.encrypt(data)
+
+    run(kind, main)
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_a_tampered_record_ends_the_connection_and_is_not_delivered(contexts, kind):
+    async def main() -> None:
+        _reader, writer, peer = await gateway_side(contexts)
+        recorder = Recorder()
+        writer.transport.set_protocol(recorder)
+        wire = bytearray(peer.tls.encrypt(b"DROP TABLE accounts"))
+        wire[-3] ^= 0x40
+        await peer.send_raw(bytes(wire))
+        exc = await recorder.lost
+        assert isinstance(exc, ssl.SSLError)
+        assert recorder.data == b""
+        assert writer.transport.is_closing()
+
+    run(kind, main)
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_the_peers_close_notify_and_fin(contexts, kind):
+    async def main() -> list[list[Any]]:
+        seen = []
+        for how in ("close_notify", "fin"):
+            _reader, writer, peer = await gateway_side(contexts)
+            recorder = Recorder()
+            writer.transport.set_protocol(recorder)
+            await peer.send(b"last words")
+            if how == "close_notify":
+                with pytest.raises(ssl.SSLWantReadError):
+                    peer.tls.ssl_object.unwrap()
+                await peer.send_raw(peer.tls.pending_output())
+            else:
+                peer.sock.shutdown(socket.SHUT_WR)
+            assert await recorder.lost is None
+            assert recorder.data == b"last words"
+            seen.append(recorder.events)
+        return seen
+
+    assert run(kind, main) == [["data", "eof", "lost"], ["data", "eof", "lost"]]
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_flow_control_pauses_and_resumes_the_protocol(contexts, kind):
+    async def main() -> None:
+        _reader, writer, peer = await gateway_side(contexts)
+        transport = writer.transport
+        recorder = Recorder()
+        transport.set_protocol(recorder)
+        transport.set_write_buffer_limits(high=64 << 10, low=16 << 10)
+        sent = bytearray()
+        chunk = os.urandom(32 << 10)
+        while "pause" not in recorder.events:  # the peer reads nothing meanwhile
+            transport.write(chunk)
+            sent += chunk
+            assert len(sent) < 64 << 20, "never paused"
+        assert transport.get_write_buffer_size() > 64 << 10
+        assert await peer.recv(len(sent)) == sent
+        await asyncio.sleep(0.05)
+        assert recorder.events[-1] == "resume"
+        assert transport.get_write_buffer_size() == 0
+
+    run(kind, main)
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_pause_reading_holds_records_until_resumed(contexts, kind):
+    async def main() -> None:
+        _reader, writer, peer = await gateway_side(contexts)
+        transport = writer.transport
+        recorder = Recorder()
+        transport.set_protocol(recorder)
+        transport.pause_reading()
+        assert not transport.is_reading()
+        await peer.send(b"held")
+        await asyncio.sleep(0.05)
+        assert recorder.data == b""
+        transport.resume_reading()
+        await asyncio.sleep(0.05)
+        assert recorder.data == b"held"
+
+    run(kind, main)
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_close_flushes_abort_does_not_and_later_writes_are_dropped(contexts, kind):
+    async def main() -> None:
+        _reader, writer, peer = await gateway_side(contexts)
+        transport = writer.transport
+        recorder = Recorder()
+        transport.set_protocol(recorder)
+        transport.write(b"goodbye")
+        transport.close()
+        transport.write(b"after close")  # dropped, as asyncio's transports do
+        assert transport.is_closing()
+        assert await peer.recv(7) == b"goodbye"
+        assert await peer.recv_end() == "close_notify"
+        assert await recorder.lost is None
+
+        _reader, writer, peer = await gateway_side(contexts)
+        recorder = Recorder()
+        writer.transport.set_protocol(recorder)
+        writer.transport.abort()
+        assert await peer.recv_end() == "eof"  # no close_notify
+        assert await recorder.lost is None
+
+    run(kind, main)
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_a_protocol_that_raises_ends_the_connection_and_is_reported(contexts, kind):
+    async def main() -> None:
+        _reader, writer, peer = await gateway_side(contexts)
+        loop = asyncio.get_running_loop()
+        reported: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _loop, context: reported.append(context))
+
+        class Broken(Recorder):
+            def data_received(self, data: bytes) -> None:
+                raise RuntimeError("a bug in the protocol")
+
+        broken = Broken()
+        writer.transport.set_protocol(broken)
+        await peer.send(b"x")
+        exc = await broken.lost
+        assert isinstance(exc, RuntimeError)
+        assert "data_received" in reported[0]["message"]
+        assert reported[0]["exception"] is exc
+        assert await peer.recv_end() == "eof"
+
+    run(kind, main)
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_the_client_side_is_adopted_too(contexts, kind):
+    """The gateway's upstream leg: `proxy.tlslayer`'s client handshake, then C."""
+
+    async def main() -> None:
+        server, client = contexts
+        ours, theirs = tcp_pair()
+        reader, writer = await asyncio.open_connection(sock=ours)
+        tls = TLSClient(client, "localhost")
+        peer = Peer(theirs, TLSClient(server, None, server_side=True))
+        handshake = asyncio.ensure_future(peer.handshake())
+        out = tls.handshake()
+        while not tls.handshake_done:
+            writer.write(out)
+            out = tls.handshake(await reader.read(1 << 16))
+        writer.write(out)
+        await handshake
+        await peer.send(b"with the tickets")
+        await asyncio.sleep(0.05)  # read by the stream (the listener's order below)
+        tls.receive(upstream.take_stream_buffer(reader))  # C delivers them first
+        transport = tlstransport.adopt(writer.transport, tls.ssl_object)
+        assert transport is not None
+        recorder = Recorder()
+        transport.set_protocol(recorder)
+        transport.resume_reading()
+        await peer.send(b"R" * 20_000)
+        transport.write(b"Q" * 5)
+        assert await peer.recv(5) == b"QQQQQ"
+        while len(recorder.data) < 20_016:
+            await asyncio.sleep(0.01)
+        assert recorder.data == b"with the tickets" + b"R" * 20_000
+
+    run(kind, main)
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_an_ssl_object_it_was_not_built_for_is_left_alone(contexts, kind):
+    """A socket-BIO SSL object (ssl.SSLSocket's): adopt declines, the transport is as it was."""
+
+    async def main() -> None:
+        _server, client = contexts
+        ours, theirs = tcp_pair()
+        _reader, writer = await asyncio.open_connection(sock=ours)
+        other, _far = tcp_pair()  # any connected socket
+        wrapped = client.wrap_socket(other, server_hostname="x", do_handshake_on_connect=False)
+        try:
+            assert tlstransport.adopt(writer.transport, wrapped) is None  # type: ignore[arg-type]
+            assert not writer.transport.is_closing()
+            writer.write(b"still plain")
+            assert await asyncio.get_running_loop().sock_recv(theirs, 64) == b"still plain"
+        finally:
+            wrapped.close()
+            writer.close()
+
+    run(kind, main)
+
+
+def test_without_the_build_the_streams_own_start_tls_runs(contexts, monkeypatch):
+    monkeypatch.setattr(tlstransport, "usable", lambda: False)
+
+    async def main() -> None:
+        reader, writer, peer = await gateway_side(contexts)
+        assert not adopted_by_c(writer)
+        await peer.send(b"hello")
+        assert await reader.readexactly(5) == b"hello"
+        writer.write(b"world")
+        assert await peer.recv(5) == b"world"
+        writer.close()
+        assert await peer.recv_end() == "close_notify"
+        peer.sock.close()  # uvloop's TLS transport waits for the far end's close otherwise
+        await asyncio.sleep(0.05)
+
+    run("uvloop", main)
