@@ -10,17 +10,21 @@ clients through relays that copy bytes between each client and its own upstream 
 - `tls`: verified TLS on both legs through uvloop's TLS transport (the client's SSLRequest
   answered, then `loop.start_tls`; toward PostgreSQL the same); the client leg's SSL
   objects are `tlslayer.DirectSSLObject`, as the gateway's;
-- `bio`: guard's gateway's plumbing: uvloop's TLS transport toward the client, and
-  `proxy.tlslayer` (memory BIOs over a plain transport) toward PostgreSQL;
+- `bio`: guard's gateway's plumbing before `proxy._ctls` (and without its build): uvloop's
+  TLS transport toward the client, and `proxy.tlslayer` (memory BIOs over a plain
+  transport) toward PostgreSQL;
 - `bio2`: memory BIOs on both legs;
+- `c`: guard's gateway's plumbing now: the handshakes over memory BIOs, then the records
+  moved by C on both legs (`proxy.tlstransport.adopt`, `proxy._ctls`);
 
 and pgbouncer with TLS on both legs (`client_tls_sslmode`, `server_tls_sslmode =
 verify-full`).
 
 Prints tps, the relay's and pgbouncer's CPU µs per transaction and the ratio to pgbouncer.
-Anything guard's gateway spends above the `bio` relay is its own work per statement
-(framing, decisions, audit), and the `bio` relay's ratio to pgbouncer is the most guard's
-gateway can reach with its present plumbing: the ceiling for issue 13's goal.
+Anything guard's gateway spends above the `c` relay (`bio` without the `_ctls` build) is
+its own work per statement (framing, decisions, audit), and that relay's ratio to
+pgbouncer is the most guard's gateway can reach with its present plumbing: the ceiling
+for issue 13's goal.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from run import (  # noqa: E402
     start_pgbouncer,
 )
 
+from guard.broker.proxy import tlstransport  # noqa: E402
 from guard.broker.proxy.tlslayer import DirectSSLObject, TLSClient, TLSClosed  # noqa: E402
 from guard.devstack.postgres import free_port  # noqa: E402
 
@@ -97,9 +102,12 @@ class BioSide(Side):
         data, self.early, self.waiter = self.early, b"", None
         return data
 
-    async def negotiate(self, ctx: ssl.SSLContext, *, server_side: bool, bio: bool) -> None:
+    async def negotiate(
+        self, ctx: ssl.SSLContext, *, server_side: bool, bio: bool, in_c: bool = False
+    ) -> None:
         """The client's SSLRequest answered (client leg) or ours sent (upstream leg), then
-        TLS over the same transport: uvloop's, or memory BIOs when `bio`."""
+        TLS over the same transport: uvloop's, or memory BIOs when `bio` (records then
+        moved by C when `in_c`)."""
         if not server_side:
             self.transport.write(SSL_REQUEST)
         answer = await self.wait_for(len(SSL_REQUEST) if server_side else 1)
@@ -113,10 +121,17 @@ class BioSide(Side):
             )
             self.send = self.transport.write
             return
-        tls = TLSServer(ctx) if server_side else TLSClient(ctx, hostname)
+        tls = TLSClient(ctx, hostname, server_side=server_side)
         self.transport.write(tls.handshake())
         while not tls.handshake_done:
             self.transport.write(tls.handshake(await self.wait_for(1)))
+        if in_c:
+            adopted = tlstransport.adopt(self.transport, tls.ssl_object)
+            assert adopted is not None, "proxy._ctls is not built"
+            adopted.set_protocol(self)
+            self.transport, self.send = adopted, adopted.write
+            adopted.resume_reading()  # records that came with the handshake come first
+            return
         self.tls = tls
         self.early = tls.decrypt()  # what came with the handshake's last flight
         write, encrypt = self.transport.write, tls.encrypt
@@ -137,23 +152,13 @@ class BioSide(Side):
             self.peer.send(plain)
 
 
-class TLSServer(TLSClient):
-    """`TLSClient`'s record layer on the server side (the client leg); it sets the same
-    attributes as `TLSClient.__init__`, so it follows that class's fields."""
-
-    def __init__(self, context: ssl.SSLContext) -> None:
-        self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.ssl_object = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
-        self._c = self.ssl_object._sslobj
-        self.handshake_done = self._closed = False
-
-
 def relay(
     upstream_host: str, upstream_port: int, listen_port: int, mode: str, tls_dir: str | None
 ) -> None:
     """Serve the relay on listen_port until killed. Modes: "plain"; "tls" (uvloop's TLS
     transport on both legs); "bio" (uvloop's toward the client, memory BIOs upstream, as
-    guard's gateway has it); "bio2" (memory BIOs on both legs). TLS uses the dev stack's
+    guard's gateway had it); "bio2" (memory BIOs on both legs); "c" (records moved by C on
+    both legs, as guard's gateway has them). TLS uses the dev stack's
     CA and the gateway's certificate in `tls_dir`."""
     import uvloop
 
@@ -174,11 +179,15 @@ def relay(
 
             async def connect(self) -> None:
                 if mode != "plain":
-                    await self.negotiate(server_ctx, server_side=True, bio=mode == "bio2")
+                    await self.negotiate(
+                        server_ctx, server_side=True, bio=mode in ("bio2", "c"), in_c=mode == "c"
+                    )
                 upstream = BioSide()
                 await loop.create_connection(lambda: upstream, upstream_host, upstream_port)
                 if mode != "plain":
-                    await upstream.negotiate(client_ctx, server_side=False, bio=mode != "tls")
+                    await upstream.negotiate(
+                        client_ctx, server_side=False, bio=mode != "tls", in_c=mode == "c"
+                    )
                 upstream.peer, self.peer = self, upstream
                 if self.early:
                     upstream.send(self.early)
@@ -213,7 +222,7 @@ def main() -> int:
         procs: dict[str, subprocess.Popen] = {}
         envs: dict[str, dict[str, str]] = {}
         try:
-            for name in ("plain", "tls", "bio", "bio2"):
+            for name in ("plain", "tls", "bio", "bio2", "c"):
                 tls = None if name == "plain" else tls_dir
                 listen = free_port()
                 argv = [sys.executable, __file__, "--relay", host, str(port), str(listen), name]
@@ -248,7 +257,7 @@ def main() -> int:
             # A relay that terminates TLS cannot pass PostgreSQL's SCRAM channel binding on
             # (the client binds to the relay's certificate); guard's gateway logs clients in
             # itself for that reason.
-            for name in ("tls", "bio", "bio2"):
+            for name in ("tls", "bio", "bio2", "c"):
                 envs[name]["PGCHANNELBINDING"] = "disable"
             time.sleep(1.0)
             runs: dict[str, list[tuple[float, float, float]]] = {k: [] for k in procs}
@@ -273,6 +282,7 @@ def main() -> int:
         ("tls", "relay, TLS both legs"),
         ("bio", "relay, TLS, upstream BIO"),
         ("bio2", "relay, TLS, BIO both legs"),
+        ("c", "relay, TLS records in C"),
         ("pgbouncer", "pgbouncer, TLS both legs"),
     ):
         tps = statistics.median(r[0] for r in runs[name])

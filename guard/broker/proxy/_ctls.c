@@ -47,6 +47,9 @@ typedef struct { PyObject_HEAD PyObject *Socket; SSL *ssl; } SSLSocketHead;
 #define WANT_READ 2
 #define ZERO_RETURN 6
 #define BIO_TYPE_MEM (1 | 0x0400)
+#define OUT_KEEP (256 * 1024)  /* the largest send buffer kept once empty */
+#define OUT_CHUNK (1 << 30)
+#define OUT_FIRST (16 * 1024)  /* a connection's first send buffer: a few records' worth */
 
 static int (*SSL_read_ex_)(SSL *, void *, size_t, size_t *);
 static int (*SSL_write_ex_)(SSL *, const void *, size_t, size_t *);
@@ -165,6 +168,11 @@ static int send_out(Transport *t) {
     }
     if (buffered(t) == 0) {
         t->out_start = t->out_end = 0;
+        if (t->out_cap > OUT_KEEP) {  /* a burst's buffer is not kept for the connection's life */
+            PyMem_Free(t->out);
+            t->out = NULL;
+            t->out_cap = 0;
+        }
         if (t->writer_on && set_writer(t, 0) < 0) return -1;
         if (t->protocol_paused && !t->closing) {
             t->protocol_paused = 0;
@@ -186,8 +194,9 @@ static int send_out(Transport *t) {
 /* Move the ciphertext TLS produced into the out buffer, then to the socket (unless the
    loop's writer is waiting for it: order is kept). */
 static int flush_tls(Transport *t, int send_now) {
-    size_t p = BIO_ctrl_pending_(t->wbio);
-    if (p) {
+    size_t p;
+    while ((p = BIO_ctrl_pending_(t->wbio)) > 0) {
+        if (p > OUT_CHUNK) p = OUT_CHUNK;  /* BIO_read takes an int */
         if (t->out_start && t->out_start == t->out_end) t->out_start = t->out_end = 0;
         if ((size_t)(t->out_cap - t->out_end) < p) {
             if (t->out_start) {
@@ -198,6 +207,7 @@ static int flush_tls(Transport *t, int send_now) {
             if ((size_t)(t->out_cap - t->out_end) < p) {
                 Py_ssize_t cap = t->out_end + (Py_ssize_t)p;
                 if (cap < 2 * t->out_cap) cap = 2 * t->out_cap;
+                if (cap < OUT_FIRST) cap = OUT_FIRST;
                 char *n = PyMem_Realloc(t->out, (size_t)cap);
                 if (!n) { PyErr_NoMemory(); return -1; }
                 t->out = n;
@@ -205,7 +215,8 @@ static int flush_tls(Transport *t, int send_now) {
             }
         }
         int got = BIO_read_(t->wbio, t->out + t->out_end, (int)p);
-        if (got > 0) t->out_end += got;
+        if (got <= 0) break;
+        t->out_end += got;
     }
     if (!send_now) return 0;
     if (!t->writer_on) return send_out(t);
