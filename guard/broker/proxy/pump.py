@@ -27,8 +27,9 @@ decides nothing about statements. What it owns:
 - Crashes: an exception in the shell itself (an unknown command, a transport bug) is logged
   with the connection id and ends the connection; the core handles its own (FAILED state).
 
-Upstream TLS, when on, is the sans-IO `proxy.tlslayer` over the plain transport (a third of
-the cost of an SSL transport).
+TLS on either leg is normally inside its transport (`proxy.tlstransport`: records moved
+in C). Without that build, upstream TLS is the sans-IO `proxy.tlslayer` over the plain
+transport (`tls`; a third of the cost of an SSL transport).
 
 This module is the reference; `proxy.core` runs its compiled twin (`_cpump`, this file
 compiled by Cython with the declarations in pump.pxd) when it was built.

@@ -11,8 +11,11 @@ certificate verification are OpenSSL's as before (the context decides: verify-fu
 the configured CA, hostname checked), only the plumbing differs.
 
 Imports only the stdlib (`ssl`, `typing`). `proxy.upstream` drives the handshake and the
-login over it; `proxy.pump` encrypts and decrypts the relayed bytes with it. The client
-leg stays on uvloop's TLS transport, with `DirectSSLObject` (below) as its SSL object.
+login over it, and so does `proxy.tlstransport` for the client leg (`server_side`); once
+they are done, the records move in C (`proxy._ctls`, through `tlstransport.adopt`). Where
+that is not built, `proxy.pump` encrypts and decrypts the upstream's relayed bytes with
+it, and the client leg is uvloop's TLS transport, with `DirectSSLObject` (below) as its
+SSL object.
 """
 
 from __future__ import annotations
