@@ -33,9 +33,7 @@ def test_the_pure_python_gateway_serves_a_session(pure_stack: Stack):
             # Megabytes both ways: records split across reads, flow control on both legs.
             (size,) = conn.execute("SELECT length(%s)", ("x" * 3_000_000,)).fetchone()
             assert size == 3_000_000
-            rows = conn.execute(
-                "SELECT repeat('y', 1000) FROM generate_series(1, 5000)"
-            ).fetchall()
+            rows = conn.execute("SELECT repeat('y', 1000) FROM generate_series(1, 5000)").fetchall()
             assert rows == [("y" * 1000,)] * 5000
     finally:
         pure_stack.end_session(body["session_id"], headers)
