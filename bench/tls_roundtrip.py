@@ -1,12 +1,13 @@
-"""CPU cost of one request/response round trip on the gateway's upstream hop, three ways.
+"""CPU cost of one request/response round trip on the gateway's upstream hop, four ways.
 
     .venv/bin/python bench/tls_roundtrip.py
 
 A uvloop client ping-pongs 61-byte requests and 100-byte replies with a server in another
-process: over plain TCP, over uvloop's SSL transport, and over plain TCP with TLS done by
-`proxy.tlslayer` (memory BIOs), which is what the gateway uses. Prints the client's CPU µs
-per round trip (each mode's second run: the first TLS run in a process pays one-time set-up);
-the difference to plain is what TLS costs the gateway per statement.
+process: over plain TCP, over uvloop's SSL transport, over plain TCP with TLS done by
+`proxy.tlslayer` (memory BIOs), and with `tlslayer`'s handshake and then the records moved
+by C (`proxy.tlstransport.adopt`), which is what the gateway uses where it is built. Prints
+the client's CPU µs per round trip (each mode's second run: the first TLS run in a process
+pays one-time set-up); the difference to plain is what TLS costs the gateway per statement.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from guard.broker.proxy import tlstransport  # noqa: E402
 from guard.broker.proxy.tlslayer import TLSClient  # noqa: E402
 from guard.devstack.tls import make_dev_ca  # noqa: E402
 
@@ -57,10 +59,12 @@ async def ping_pong(  # noqa: C901 - the timed protocol closes over this run's c
     done = loop.create_future()
     handshaken = loop.create_future()
     context = ssl.create_default_context(cafile=ca)
-    tls = TLSClient(context, "localhost") if mode == "tlslayer" else None
+    tls = TLSClient(context, "localhost") if mode in ("tlslayer", "ctls") else None
     count = 0
 
     class Client(asyncio.Protocol):
+        in_c = False  # the records move in C (mode "ctls", once handshaken)
+
         def connection_made(self, transport):
             self.transport = transport
             if tls is None:
@@ -69,7 +73,8 @@ async def ping_pong(  # noqa: C901 - the timed protocol closes over this run's c
                 transport.write(tls.handshake())
 
         def send(self):
-            self.transport.write(REQUEST if tls is None else tls.encrypt(REQUEST))
+            plain = tls is None or self.in_c
+            self.transport.write(REQUEST if plain else tls.encrypt(REQUEST))
 
         def data_received(self, data):
             nonlocal count
@@ -79,9 +84,15 @@ async def ping_pong(  # noqa: C901 - the timed protocol closes over this run's c
                     if out:
                         self.transport.write(out)
                     if tls.handshake_done:
+                        if mode == "ctls":
+                            adopted = tlstransport.adopt(self.transport, tls.ssl_object)
+                            assert adopted is not None, "proxy._ctls is not built"
+                            adopted.set_protocol(self)
+                            self.transport, self.in_c = adopted, True
+                            adopted.resume_reading()
                         handshaken.set_result(None)
                     return
-                if not tls.decrypt(data):
+                if not self.in_c and not tls.decrypt(data):
                     return
             count += 1
             if count >= ROUNDS:
@@ -107,7 +118,7 @@ def main() -> None:
     # Each mode twice, in turn, keeping the second: the first TLS run of a process pays a
     # one-time cost (OpenSSL's lazy initialisation) that made whichever mode ran first look
     # ~30 µs dearer.
-    for mode in ("plain", "uvloop-ssl", "tlslayer") * 2:
+    for mode in ("plain", "uvloop-ssl", "tlslayer", "ctls") * 2:
         ports: multiprocessing.Queue = multiprocessing.Queue()
         tls_server = mode != "plain"
         server = multiprocessing.Process(

@@ -65,6 +65,7 @@ static size_t (*BIO_ctrl_pending_)(BIO *);
 static int (*BIO_method_type_)(const BIO *);
 static unsigned long (*ERR_get_error_)(void);
 static void (*ERR_clear_error_)(void);
+static unsigned long (*ERR_peek_error_)(void);
 static void (*ERR_error_string_n_)(unsigned long, char *, size_t);
 
 static PyObject *SSLError;            /* ssl.SSLError */
@@ -228,6 +229,13 @@ static int flush_tls(Transport *t, int send_now) {
     return 0;
 }
 
+/* SSL_get_error reads the thread's error queue: stale entries (anyone's) must go before a
+   call, or a want-read would read as a failure. Clearing an empty queue costs more than
+   looking (OpenSSL 3 walks all its slots), and it is empty on the hot path. */
+static void clear_errors(void) {
+    if (ERR_peek_error_()) ERR_clear_error_();
+}
+
 static PyObject *tls_error(const char *what) {
     unsigned long e = ERR_get_error_();
     char msg[256];
@@ -260,7 +268,7 @@ static PyObject *deliver(Transport *t) {
     if (cap) {
         plain = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)cap);
         if (!plain) return fatal(t, "out of memory");
-        ERR_clear_error_();
+        clear_errors();
         for (;;) {
             if (used == cap) {
                 size_t more = BIO_ctrl_pending_(t->rbio) + (size_t)SSL_pending_(t->ssl);
@@ -327,7 +335,7 @@ static PyObject *T_write(Transport *t, PyObject *data) {
     if (PyObject_GetBuffer(data, &v, PyBUF_SIMPLE) < 0) return NULL;
     if (v.len) {
         size_t n = 0;
-        ERR_clear_error_();
+        clear_errors();
         if (!SSL_write_ex_(t->ssl, v.buf, (size_t)v.len, &n)) {
             PyBuffer_Release(&v);
             tls_error("TLS write failed");
@@ -529,7 +537,7 @@ PyMODINIT_FUNC PyInit__ctls(void) {
 #define R(x) x##_ = dlsym(h, #x); if (!x##_) { PyErr_SetString(PyExc_ImportError, #x); return NULL; }
     R(SSL_read_ex) R(SSL_write_ex) R(SSL_get_error) R(SSL_pending) R(SSL_get_rbio) R(SSL_get_wbio)
     R(SSL_get_ex_data) R(SSL_shutdown) R(BIO_write) R(BIO_read) R(BIO_ctrl_pending) R(BIO_method_type)
-    R(ERR_get_error) R(ERR_clear_error) R(ERR_error_string_n)
+    R(ERR_get_error) R(ERR_clear_error) R(ERR_peek_error) R(ERR_error_string_n)
     PyObject *ssl = PyImport_ImportModule("ssl");
     if (!ssl) return NULL;
     SSLError = PyObject_GetAttrString(ssl, "SSLError");
