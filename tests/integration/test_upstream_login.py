@@ -9,6 +9,7 @@ with an UpstreamError that says what went wrong, never a connection that works a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ssl
 import struct
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 
 from guard.broker.pgwire import messages as m
 from guard.broker.pgwire.encoder import encode
-from guard.broker.proxy import upstream
+from guard.broker.proxy import tlstransport, upstream
 from guard.devstack.postgres import PostgresCluster, find_pg_bindir
 from guard.devstack.tls import make_dev_ca
 from tests.fix_pg import require
@@ -103,6 +104,38 @@ def test_every_method_over_verified_tls(tls_cluster, user, monkeypatch):
         assert len(bindings) == 1 and bindings[0][0] == "tls-server-end-point"
     else:
         assert bindings == []
+
+
+@pytest.mark.parametrize("tls", [True, False])
+def test_hand_over_keeps_the_logins_leftover_and_the_records_order(tls_cluster, tls):
+    """What the pump gets: the login's leftover first, then what the server sends next, on
+    the transport the records move in (C over TLS where `_ctls` is built)."""
+    pg, ca = tls_cluster
+
+    async def relay(conn: upstream.UpstreamConnection):
+        conn = dataclasses.replace(conn, leftover=encode(m.NoticeResponse(())))
+        received = bytearray()
+        transport, tls_layer, pending = await conn.hand_over()
+        assert pending == conn.leftover
+        if tls and tlstransport.usable():
+            assert tls_layer is None and type(transport).__name__ == "TLSTransport"
+
+        class Into(asyncio.Protocol):
+            def data_received(self, data: bytes) -> None:
+                received.extend(data if tls_layer is None else tls_layer.decrypt(data))
+
+        transport.set_protocol(Into())
+        transport.resume_reading()
+        query = encode(m.Query("SELECT 'handed over'"))
+        transport.write(query if tls_layer is None else tls_layer.encrypt(query))
+        async with asyncio.timeout(10):
+            while not received.endswith(encode(m.ReadyForQuery(b"I"))):
+                await asyncio.sleep(0.01)
+        transport.close()
+        return bytes(received)
+
+    _conn, answer = _logged_in(pg, "u_scram", relay, tls=_context(ca) if tls else None)
+    assert b"handed over" in answer
 
 
 @pytest.mark.parametrize("user", ["u_md5", "u_clear"])

@@ -483,7 +483,7 @@ class Gateway:
 
         server_failed = None
         try:
-            upstream_transport, upstream_tls, server_pending = await up.wire.hand_over()
+            upstream_transport, upstream_tls, server_pending = await up.hand_over()
         except upstream.UpstreamError as exc:
             server_failed, server_pending = exc, b""
             upstream_transport, upstream_tls = up.wire.transport, None

@@ -101,20 +101,6 @@ class Wire:
         data = take_stream_buffer(self.reader)
         return data if self.tls is None else self._decrypt(data) or b""
 
-    async def hand_over(self) -> tuple[asyncio.Transport, TLSClient | None, bytes]:
-        """For the pump: the transport, the TLS record layer it still runs itself (None:
-        plain, or the records move in C: `tlstransport`), and the plaintext received but
-        not yet read. Raises UpstreamError when those bytes do not decrypt."""
-        if self.tls is not None:
-            await tlstransport.settle(self.writer)  # before the reader's bytes are taken
-        pending = self.take_buffered()
-        if self.tls is not None:
-            # No await since the buffer was taken: every record after it reaches C.
-            adopted = tlstransport.adopt(self.transport, self.tls.ssl_object)
-            if adopted is not None:
-                return adopted, None, pending
-        return self.transport, self.tls, pending
-
     def _decrypt(self, data: bytes) -> bytes | None:
         """Plaintext of the complete records so far; None once the server ended TLS."""
         assert self.tls is not None
@@ -143,6 +129,22 @@ class UpstreamConnection:
     parameter_status: list[m.ParameterStatus]
     backend_key: m.BackendKeyData | None
     leftover: bytes  # plaintext received after ReadyForQuery (none in practice)
+
+    async def hand_over(self) -> tuple[asyncio.Transport, TLSClient | None, bytes]:
+        """For the pump: the transport, the TLS record layer it still runs itself (None:
+        plain, or the records move in C: `tlstransport`), and the plaintext received but
+        not yet relayed (the login's leftover first). Raises UpstreamError when received
+        bytes do not decrypt."""
+        wire = self.wire
+        if wire.tls is not None:
+            await tlstransport.settle(wire.writer)  # before the reader's bytes are taken
+        pending = self.leftover + wire.take_buffered()
+        if wire.tls is not None:
+            # No await since the buffer was taken: every record after it reaches C.
+            adopted = tlstransport.adopt(wire.transport, wire.tls.ssl_object)
+            if adopted is not None:
+                return adopted, None, pending
+        return wire.transport, wire.tls, pending
 
 
 async def _next(wire: Wire, parser: BackendParser):
