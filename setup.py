@@ -30,8 +30,9 @@ CYTHON_BUILD = Path("build/cython/guard/broker/proxy")
 
 
 def _compiled_twins() -> list[Extension]:
-    """connection.py and pump.py, compiled by Cython under the names _cconnection and
-    _cpump, each with the sha256 of the source it was built from (`SOURCE_SHA256`:
+    """connection.py, pump.py and names.py, compiled by Cython under the names
+    _cconnection, _cpump and _cnames, each with the sha256 of the source it was built from
+    (`SOURCE_SHA256`:
     proxy/core.py runs the reference instead of a twin built from an older source).
     Nothing without Cython; a module without its .pxd is not compiled."""
     try:
@@ -40,11 +41,18 @@ def _compiled_twins() -> list[Extension]:
         return []
     CYTHON_BUILD.mkdir(parents=True, exist_ok=True)
     extensions = []
-    for name, twin in (("connection", "_cconnection"), ("pump", "_cpump")):
+    compiled_names = (PROXY / "names.pxd").exists()
+    for name, twin in (("connection", "_cconnection"), ("pump", "_cpump"), ("names", "_cnames")):
         if not (PROXY / f"{name}.pxd").exists():  # a source tree without it: the reference
             continue
         source = (PROXY / f"{name}.py").read_bytes()
         digest = hashlib.sha256(source).hexdigest()
+        if name == "connection" and compiled_names:
+            # The core's twin uses the name tables' twin (proxy/core.py runs neither when
+            # either is stale); the reference keeps importing names.py.
+            line = b"from guard.broker.proxy.names import "
+            assert source.count(line) == 1, "connection.py imports names.py in one line"
+            source = source.replace(line, b"from guard.broker.proxy._cnames import ")
         (CYTHON_BUILD / f"{twin}.py").write_bytes(
             source + b'\n\nSOURCE_SHA256 = "%s"\n' % digest.encode()
         )

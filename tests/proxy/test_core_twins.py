@@ -20,6 +20,7 @@ from guard.broker.pgwire import messages as m
 from guard.broker.pgwire.encoder import encode
 from guard.broker.proxy import connection as reference
 from guard.broker.proxy import core
+from guard.broker.proxy import names as names_reference
 from guard.broker.proxy import pump as pump_reference
 from guard.broker.proxy.commands import (
     CloseConnection,
@@ -212,11 +213,22 @@ def test_the_shells_twin_is_built_with_its_declarations_and_runs_unless_pure_pyt
     assert core.PUMP_COMPILED is not pure
 
 
+def test_the_cores_twin_runs_on_the_name_tables_twin():
+    from guard.broker.proxy import _cnames
+
+    # names.pxd was applied (extension types, `parse` and `bind` C methods), and the
+    # core's twin imports it (setup.py rewrites that import in the twin's copy only).
+    assert _cnames.Prepared.__dictoffset__ == 0 and _cnames.NameTables.__dictoffset__ == 0
+    assert _cconnection.NameTables is _cnames.NameTables
+    assert reference.NameTables is names_reference.NameTables
+
+
 @pytest.mark.parametrize(
     "reference_module, name, source",
     [
         (reference, "guard.broker.proxy._cconnection", "connection.py"),
         (pump_reference, "guard.broker.proxy._cpump", "pump.py"),
+        (names_reference, "guard.broker.proxy._cnames", "names.py"),
     ],
 )
 def test_a_twin_built_from_another_source_is_not_run(
