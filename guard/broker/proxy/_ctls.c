@@ -90,21 +90,31 @@ static PyTypeObject TransportType;
 
 static Py_ssize_t buffered(Transport *t) { return t->out_end - t->out_start; }
 
+/* The loop watches the socket for reading (`reading`) or writing (`writer_on`), or stops:
+   add_reader/remove_reader or add_writer/remove_writer, and the flag follows. */
+static int watch(Transport *t, int for_reading, int on) {
+    PyObject *fd = PyLong_FromLong(t->fd), *r;
+    if (!fd) return -1;
+    if (on)
+        r = PyObject_CallMethodObjArgs(t->loop, for_reading ? str_add_reader : str_add_writer, fd,
+                                       for_reading ? t->read_ready : t->write_ready, NULL);
+    else
+        r = PyObject_CallMethodOneArg(t->loop, for_reading ? str_remove_reader : str_remove_writer, fd);
+    Py_DECREF(fd);
+    if (!r) return -1;
+    Py_DECREF(r);
+    if (for_reading) t->reading = (char)on;
+    else t->writer_on = (char)on;
+    return 0;
+}
+
 static void finish(Transport *t, PyObject *exc) {
     if (t->closed) return;
     t->closed = t->closing = 1;
-    if (t->reading) {
-        PyObject *fd = PyLong_FromLong(t->fd);
-        PyObject *r = fd ? PyObject_CallMethodOneArg(t->loop, str_remove_reader, fd) : NULL;
-        Py_XDECREF(fd); if (!r) PyErr_Clear(); Py_XDECREF(r);
-        t->reading = 0;
-    }
-    if (t->writer_on) {
-        PyObject *fd = PyLong_FromLong(t->fd);
-        PyObject *r = PyObject_CallMethodOneArg(t->loop, str_remove_writer, fd);
-        Py_DECREF(fd); if (!r) PyErr_Clear(); Py_XDECREF(r);
-        t->writer_on = 0;
-    }
+    /* The socket closes either way: a failure to unwatch it is not reported. */
+    if (t->reading && watch(t, 1, 0) < 0) PyErr_Clear();
+    if (t->writer_on && watch(t, 0, 0) < 0) PyErr_Clear();
+    t->reading = t->writer_on = 0;
     close(t->fd);
     t->fd = -1;
     t->out_start = t->out_end = 0;
@@ -136,23 +146,19 @@ static PyObject *fatal(Transport *t, const char *message) {
     Py_RETURN_NONE;
 }
 
-static int set_writer(Transport *t, int on) {
-    PyObject *fd = PyLong_FromLong(t->fd), *r;
-    if (!fd) return -1;
-    if (on) r = PyObject_CallMethodObjArgs(t->loop, str_add_writer, fd, t->write_ready, NULL);
-    else r = PyObject_CallMethodOneArg(t->loop, str_remove_writer, fd);
-    Py_DECREF(fd);
-    if (!r) return -1;
-    Py_DECREF(r);
-    t->writer_on = (char)on;
-    return 0;
-}
-
 static int call_protocol(Transport *t, PyObject *name) {
     PyObject *r = PyObject_CallMethodNoArgs(t->protocol, name);
     if (!r) return -1;
     Py_DECREF(r);
     return 0;
+}
+
+/* Too many bytes wait for the socket: the protocol is told to stop writing (once, until
+   they drain to the low-water mark). */
+static int check_high_water(Transport *t) {
+    if (t->protocol_paused || t->closing || buffered(t) <= t->high) return 0;
+    t->protocol_paused = 1;
+    return call_protocol(t, str_pause_writing);
 }
 
 /* Send what the socket takes; what it does not waits for the loop's writer. */
@@ -174,17 +180,15 @@ static int send_out(Transport *t) {
             t->out = NULL;
             t->out_cap = 0;
         }
-        if (t->writer_on && set_writer(t, 0) < 0) return -1;
+        if (t->writer_on && watch(t, 0, 0) < 0) return -1;
         if (t->protocol_paused && !t->closing) {
             t->protocol_paused = 0;
             if (call_protocol(t, str_resume_writing) < 0) return -1;
         }
     } else {
-        if (!t->writer_on && set_writer(t, 1) < 0) return -1;
-        if (!t->protocol_paused && buffered(t) > t->high && !t->closing) {
-            t->protocol_paused = 1;
-            if (call_protocol(t, str_pause_writing) < 0) return -1;
-        } else if (t->protocol_paused && buffered(t) <= t->low) {
+        if (!t->writer_on && watch(t, 0, 1) < 0) return -1;
+        if (check_high_water(t) < 0) return -1;
+        if (t->protocol_paused && buffered(t) <= t->low) {
             t->protocol_paused = 0;
             if (call_protocol(t, str_resume_writing) < 0) return -1;
         }
@@ -194,7 +198,7 @@ static int send_out(Transport *t) {
 
 /* Move the ciphertext TLS produced into the out buffer, then to the socket (unless the
    loop's writer is waiting for it: order is kept). */
-static int flush_tls(Transport *t, int send_now) {
+static int flush_tls(Transport *t) {
     size_t p;
     while ((p = BIO_ctrl_pending_(t->wbio)) > 0) {
         if (p > OUT_CHUNK) p = OUT_CHUNK;  /* BIO_read takes an int */
@@ -219,14 +223,8 @@ static int flush_tls(Transport *t, int send_now) {
         if (got <= 0) break;
         t->out_end += got;
     }
-    if (!send_now) return 0;
-    if (!t->writer_on) return send_out(t);
-    /* Behind bytes the socket has not taken: the protocol hears when there are too many. */
-    if (!t->protocol_paused && buffered(t) > t->high && !t->closing) {
-        t->protocol_paused = 1;
-        return call_protocol(t, str_pause_writing);
-    }
-    return 0;
+    /* Behind bytes the socket has not taken, nothing is sent before the loop's writer. */
+    return t->writer_on ? check_high_water(t) : send_out(t);
 }
 
 /* SSL_get_error reads the thread's error queue: stale entries (anyone's) must go before a
@@ -290,7 +288,7 @@ static PyObject *deliver(Transport *t) {
         }
     }
     /* TLS's own replies (a key update's) go out now. */
-    if (flush_tls(t, 1) < 0) { Py_XDECREF(plain); return fatal(t, "send failed"); }
+    if (flush_tls(t) < 0) { Py_XDECREF(plain); return fatal(t, "send failed"); }
     if (used) {
         if (_PyBytes_Resize(&plain, (Py_ssize_t)used) < 0) return fatal(t, "out of memory");
         PyObject *r = PyObject_CallMethodOneArg(t->protocol, str_data_received, plain);
@@ -343,35 +341,23 @@ static PyObject *T_write(Transport *t, PyObject *data) {
         }
     }
     PyBuffer_Release(&v);
-    if (flush_tls(t, 1) < 0) return fatal(t, "send failed");
+    if (flush_tls(t) < 0) return fatal(t, "send failed");
     Py_RETURN_NONE;
 }
 
 static PyObject *T_pause_reading(Transport *t, PyObject *unused) {
-    if (t->reading && !t->closed) {
-        PyObject *fd = PyLong_FromLong(t->fd);
-        PyObject *r = PyObject_CallMethodOneArg(t->loop, str_remove_reader, fd);
-        Py_DECREF(fd);
-        if (!r) return NULL;
-        Py_DECREF(r);
-        t->reading = 0;
-    }
+    if (t->reading && !t->closed && watch(t, 1, 0) < 0) return NULL;
     Py_RETURN_NONE;
 }
 
 static PyObject *T_resume_reading(Transport *t, PyObject *unused) {
     if (t->reading || t->closing) Py_RETURN_NONE;
-    PyObject *fd = PyLong_FromLong(t->fd);
-    PyObject *r = PyObject_CallMethodObjArgs(t->loop, str_add_reader, fd, t->read_ready, NULL);
-    Py_DECREF(fd);
-    if (!r) return NULL;
-    Py_DECREF(r);
-    t->reading = 1;
+    if (watch(t, 1, 1) < 0) return NULL;
     if (BIO_ctrl_pending_(t->rbio) || SSL_pending_(t->ssl)) {
         /* Records that came before (the handshake's reader's): delivered from the loop. */
         PyObject *drain = PyObject_GetAttrString((PyObject *)t, "_drain");
         if (!drain) return NULL;
-        r = PyObject_CallMethodOneArg(t->loop, str_call_soon, drain);
+        PyObject *r = PyObject_CallMethodOneArg(t->loop, str_call_soon, drain);
         Py_DECREF(drain);
         if (!r) return NULL;
         Py_DECREF(r);
@@ -388,7 +374,7 @@ static PyObject *T_close(Transport *t, PyObject *unused) {
     ERR_clear_error_();
     SSL_shutdown_(t->ssl);  /* close_notify; the peer's is not waited for */
     ERR_clear_error_();
-    if (flush_tls(t, 1) < 0) return fatal(t, "send failed");
+    if (flush_tls(t) < 0) return fatal(t, "send failed");
     if (buffered(t) == 0) finish(t, NULL);
     Py_RETURN_NONE;
 }
