@@ -32,8 +32,8 @@ CYTHON_BUILD = Path("build/cython/guard/broker/proxy")
 def _compiled_twins() -> list[Extension]:
     """connection.py, pump.py and names.py, compiled by Cython under the names
     _cconnection, _cpump and _cnames, each with the sha256 of the source it was built from
-    (`SOURCE_SHA256`:
-    proxy/core.py runs the reference instead of a twin built from an older source).
+    (`SOURCE_SHA256`: proxy/core.py runs the reference instead of a twin built from an
+    older source).
     Nothing without Cython; a module without its .pxd is not compiled."""
     try:
         from Cython.Build import cythonize

@@ -44,29 +44,24 @@ def run(kind: str, main: Callable[[], Awaitable[Any]]) -> Any:
     return uvloop.run(bounded()) if kind == "uvloop" else asyncio.run(bounded())
 
 
+# The far ends made by the running test, closed after it (none leaks into the next).
+_PEERS: list[socket.socket] = []
+
+
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
     with socket.create_server(("127.0.0.1", 0)) as listener:
         peer = socket.create_connection(listener.getsockname())
         ours, _ = listener.accept()
     peer.setblocking(False)
+    _PEERS.append(peer)
     return ours, peer
 
 
 @pytest.fixture(autouse=True)
-def _close_peers(monkeypatch):
-    """Every far end's socket is closed after its test (none leaks into the next)."""
-    made: list[socket.socket] = []
-    real = tcp_pair
-
-    def tracked() -> tuple[socket.socket, socket.socket]:
-        pair = real()
-        made.append(pair[1])
-        return pair
-
-    monkeypatch.setitem(globals(), "tcp_pair", tracked)
+def _close_peers():
     yield
-    for sock in made:
-        sock.close()
+    while _PEERS:
+        _PEERS.pop().close()
 
 
 class Peer:

@@ -6,13 +6,13 @@ declarations that make it faster are in `proxy/connection.pxd`), and
 `guard.broker.proxy._cpump` is `proxy/pump.py`, the shell that moves a connection's bytes
 and executes its commands, compiled the same way with `proxy/pump.pxd`, and
 `guard.broker.proxy._cnames` is `proxy/names.py` (the core's twin imports it; setup.py
-builds all three when Cython and a compiler are there). `proxy.connection` and `proxy.pump` stay the
-references: tests/proxy/test_core_twins.py feeds both cores the same traffic and requires
-the same commands, and the rest of the suite runs on the builds picked here. A twin is used
-unless GUARD_PURE_PYTHON is set (as in `proxy.speedups`), or it was built from another
-source than the one beside it (`SOURCE_SHA256`): a stale twin would run code the reference
-no longer has, so the reference runs and the log says to rebuild (`./scripts/bootstrap`,
-or reinstall).
+builds all three when Cython and a compiler are there). `proxy.connection`, `proxy.pump`
+and `proxy.names` stay the references: tests/proxy/test_core_twins.py feeds both cores
+the same traffic and requires the same commands, and the rest of the suite runs on the
+builds picked here. A twin is used unless GUARD_PURE_PYTHON is set (as in
+`proxy.speedups`), or it was built from another source than the one beside it
+(`SOURCE_SHA256`): a stale twin would run code the reference no longer has, so the
+reference runs and the log says to rebuild (`./scripts/bootstrap`, or reinstall).
 
 Imports `proxy.connection`, `proxy.names`, `proxy.pump`, `proxy.speedups` and the stdlib;
 only the asyncio shell's listener (and tests, benches) import this module.

@@ -12,10 +12,10 @@ so the pump and asyncio streams run on it unchanged.
 
 Without the build (no compiler, GUARD_PURE_PYTHON), or when an object is not what the C
 code was built for, `adopt` answers None and the caller keeps its Python path: the
-reference, which the whole suite also runs (`GUARD_PURE_PYTHON=1`).
+reference (tests/integration/test_gateway_pure.py serves a session on it).
 
-Imports asyncio, os, ssl and `proxy.speedups` (which picks the build); the listener and
-the upstream login use it.
+Imports the stdlib, `proxy.speedups` (which picks the build) and `proxy.tlslayer` (the
+client leg's handshake); the listener and the upstream login use it.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from guard.broker.proxy.tlslayer import TLSClient
 log = logging.getLogger("guard.proxy")
 
 _c = compiled_module("guard.broker.proxy._ctls")
-COMPILED: bool = _c is not None
 
 
 @functools.cache
