@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import (  # noqa: E402
     _per_tx,
     admin_env,
+    app_env,
     cpu_times,
     demo_stack,
     libpq_env,
@@ -219,6 +220,9 @@ def main() -> int:
         host, port = admin["host"], int(admin["port"])
         tls_dir = str(Path(status["gateway_ca"]).parent)
         sh(["pgbench", "-i", "-q", "-s", "10"], env=admin_env(status, sslmode="disable"))
+        # Every path logs in as the same plain application role (run.app_env).
+        direct = app_env(status, sslmode="verify-full")
+        user, password = direct["PGUSER"], direct["PGPASSWORD"]
         procs: dict[str, subprocess.Popen] = {}
         envs: dict[str, dict[str, str]] = {}
         try:
@@ -231,13 +235,13 @@ def main() -> int:
                 envs[name] = libpq_env(
                     "127.0.0.1",
                     listen,
-                    admin["user"],
-                    admin["password"],
+                    user,
+                    password,
                     sslmode=mode,
                     rootcert=status["gateway_ca"] if tls else "",
                 )
             pgb, pgb_port, pgb_dir = start_pgbouncer(
-                host, port, admin["user"], admin["password"], status["gateway_ca"]
+                host, port, user, password, status["gateway_ca"]
             )
             procs["pgbouncer"] = pgb
             pids = {name: proc.pid for name, proc in procs.items()}
@@ -246,12 +250,11 @@ def main() -> int:
             envs["pgbouncer"] = libpq_env(
                 "127.0.0.1",
                 pgb_port,
-                admin["user"],
-                admin["password"],
+                user,
+                password,
                 sslmode="verify-full",
                 rootcert=status["gateway_ca"],
             )
-            direct = admin_env(status, sslmode="verify-full")
             for e in (*envs.values(), direct):
                 e["PGGSSENCMODE"] = "disable"
             # A relay that terminates TLS cannot pass PostgreSQL's SCRAM channel binding on
