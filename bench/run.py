@@ -74,6 +74,23 @@ def gateway_times(broker_pid: int) -> tuple[float, float]:
     return sum(t[0] for t in times), sum(t[1] for t in times)
 
 
+def postgres_times(postmaster_pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of PostgreSQL: the postmaster, its live backends, and
+    the backends it has reaped (a session's backends end with it)."""
+    fields = Path(f"/proc/{postmaster_pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    user, system = (
+        (int(fields[11]) + int(fields[13])) / ticks,
+        (int(fields[12]) + int(fields[14])) / ticks,
+    )
+    children = Path(f"/proc/{postmaster_pid}/task/{postmaster_pid}/children").read_text()
+    for pid in children.split():
+        with contextlib.suppress(OSError):  # a backend that ended meanwhile is reaped
+            u, s = cpu_times(int(pid))
+            user, system = user + u, system + s
+    return user, system
+
+
 def pgbench(
     env: dict[str, str], args: list[str], seconds: int, clients: int, *, via: list[str] = ()
 ) -> tuple[float, int]:
@@ -355,6 +372,9 @@ def _compare(args: argparse.Namespace, env: dict[str, str], status: dict) -> int
         )
         broker = status["pids"]["broker"]
         broker_pid = int(broker["pid"] if isinstance(broker, dict) else broker)
+        # PostgreSQL's own CPU per transaction behind pgbouncer and behind guard: what the
+        # session's role and search path cost the database (it shares the cores).
+        postmaster = int(status["pids"]["postgres"])
 
         workloads = [
             ("-S simple", ["-S", "-M", "simple"]),
@@ -366,26 +386,31 @@ def _compare(args: argparse.Namespace, env: dict[str, str], status: dict) -> int
         print(
             f"{'workload':<14} {'direct':>9} {'pgbouncer':>10} {'guard':>9} "
             f"{'g/direct':>9} {'g/pgb':>7} {'gw µs/tx':>9} {'(sys)':>6} {'pgb µs/tx':>9} "
-            f"{'(sys)':>6} {'exec tps':>9} {'e/pgb':>6} {'exec gw+cli µs/tx':>18}"
+            f"{'(sys)':>6} {'exec tps':>9} {'e/pgb':>6} {'exec gw+cli µs/tx':>18} "
+            f"{'PG µs/tx: pgb':>13} {'exec':>5}"
         )
         if args.only:
             workloads = [w for w in workloads if any(w[0].startswith(o) for o in args.only)]
         for label, wargs in workloads:
             d, _ = pgbench(direct_env, wargs, args.seconds, args.clients)
-            pgb_before = cpu_times(pgb_pid)
+            pgb_before, pg_before = cpu_times(pgb_pid), postgres_times(postmaster)
             b, bn = pgbench(pgb_env, wargs, args.seconds, args.clients)
             pgb_us = _per_tx(pgb_before, cpu_times(pgb_pid), bn)
+            pg_pgb = sum(_per_tx(pg_before, postgres_times(postmaster), bn))
             spy = _start_profiler(args.profile, label, broker_pid) if args.profile else None
             before = gateway_times(broker_pid)
             g, n = pgbench(guard_env, wargs, args.seconds, args.clients)
             us = _per_tx(before, gateway_times(broker_pid), n)
-            e, _en, exec_gw, exec_cli = guard_exec_pgbench(
+            pg_before = postgres_times(postmaster)
+            e, en, exec_gw, exec_cli = guard_exec_pgbench(
                 env, wargs, args.seconds, args.clients, broker_pid
             )
+            pg_exec = sum(_per_tx(pg_before, postgres_times(postmaster), en))
             print(
                 f"{label:<14} {d:9.0f} {b:10.0f} {g:9.0f} {g / d:9.2f} {g / b:7.2f} "
                 f"{sum(us):9.1f} {us[1]:6.1f} {sum(pgb_us):9.1f} {pgb_us[1]:6.1f} "
-                f"{e:9.0f} {e / b:6.2f} {sum(exec_gw):11.1f}+{sum(exec_cli):.1f}",
+                f"{e:9.0f} {e / b:6.2f} {sum(exec_gw):11.1f}+{sum(exec_cli):.1f} "
+                f"{pg_pgb:13.1f} {pg_exec:5.1f}",
                 flush=True,
             )
             if spy is not None:
