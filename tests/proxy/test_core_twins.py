@@ -5,6 +5,7 @@ And `proxy.core` runs the twin only when it was built from the connection.py bes
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -98,13 +99,24 @@ def _run(
     """Feed `steps` to a connection of `build`, with the shell's audit duties done at once
     (failing while a step says so); everything it said, and the audit records. `inline`:
     statement records go through the core's `recorder` (None while the sink fails, so the
-    core pauses for a WriteAudit then, which fails), as the pump's sink hot path does."""
+    core pauses for a WriteAudit then, which fails), as the pump's sink hot path does, and
+    result records through its `result_recorder`, which declines every other call (those
+    come as RecordResults, as without it)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(playbook, "GatewayConnection", build)
         audit = MemoryAuditSink()
         conn = playbook.connection(holds=holds, audit_answers_later=eager)
         if inline:
             conn.recorder = lambda records: None if audit.fail else audit.append_statements(records)
+            calls = itertools.count()
+
+            def result_recorder(results: list[tuple[Any, ...]]) -> bool:
+                if next(calls) % 2:
+                    return False
+                audit.append_results(results)
+                return True
+
+            conn.result_recorder = result_recorder
         driver = playbook.Driver(conn, audit)
     said: list[tuple[Any, ...]] = []
     for side, data in steps:
@@ -180,8 +192,8 @@ def _relayed(said: list[tuple[Any, ...]]) -> tuple[bytes, bytes, list[tuple[Any,
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(_step, max_size=16), st.integers(min_value=1, max_value=48), st.booleans())
 def test_statements_recorded_at_once_relay_what_paused_ones_relay(steps, split, holds):
-    # The recorder only saves the pause: the same bytes reach each side, the same records
-    # are written, and the same approvals, logs and closes happen.
+    # The recorders only save the pause and the RecordResults: the same bytes reach each
+    # side, the same records are written, and the same approvals, logs and closes happen.
     paused, records = _run(reference.GatewayConnection, steps, split, holds, False)
     at_once, records_at_once = _run(reference.GatewayConnection, steps, split, holds, False, True)
     assert _relayed(at_once) == _relayed(paused)

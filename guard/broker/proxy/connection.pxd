@@ -34,6 +34,7 @@ cdef class GatewayConnection:
     cdef public object holds
     cdef public object _eager
     cdef public object recorder
+    cdef public object result_recorder
     cdef public object codec
     cdef public object protected
     cdef public object _view_columns

@@ -231,6 +231,11 @@ class GatewayConnection:
         # statement pauses for a WriteAudit as without it). The audit sink's common case
         # (`JsonlAuditSink.hot_path`): recorded at once, nothing pauses.
         self.recorder: Callable[[tuple[bytes, ...]], list[int] | None] | None = None
+        # The shell's queue for result records, or None. Given this call's results, it
+        # queues them and answers True, or answers False and queues nothing (then they go
+        # out as a RecordResults command, as without it). The sink's common case again:
+        # one C call per call of the core instead of a command the shell dispatches.
+        self.result_recorder: Callable[[list[tuple[Any, ...]]], bool] | None = None
         # Statement text is decoded as PostgreSQL will read it (see proxy.encoding).
         self.codec = codec_for(client_encoding) or "utf-8"
         self.protected = protected
@@ -574,7 +579,7 @@ class GatewayConnection:
         self._to_server.append(_TERMINATE)
         self.state = _HALF_CLOSED
 
-    def _flush(self) -> list[Command]:
+    def _flush(self) -> list[Command]:  # noqa: C901 - the output in its order, inline: it runs per call
         """This call's output: log lines, results to record, then at most one write per
         direction (bulk rows excepted), then the blocking command or the close."""
         blocking = self._blocking
@@ -588,8 +593,10 @@ class GatewayConnection:
             out += self._logs
             self._logs = []
         if self._results:
-            out.append(RecordResults(self._results))
-            self._results = []
+            results, self._results = self._results, []
+            recorder = self.result_recorder
+            if recorder is None or not recorder(results):
+                out.append(RecordResults(results))
         # While an audit write is out the bytes for upstream wait for it: they join the
         # statement's own bytes in one write (they may go first, but need not; with a
         # shell that answers later they do). A held statement may wait for minutes: what

@@ -14,7 +14,8 @@ decides nothing about statements. What it owns:
   run. Without fsync the write is synchronous (a thread hop would cost more than the write):
   the core records through the sink's hot path itself (`connection.recorder`, set here),
   without pausing, and a WriteAudit it gives when that path declines is answered at once
-  by the sink's own method.
+  by the sink's own method. Result records go through the same hot path, fsync or not
+  (`connection.result_recorder`); a RecordResults it declines, the sink's method queues.
 
 - Backpressure: the transports' own. When one side's write buffer passes its high-water
   mark, reading from the other side pauses until it drains, so a slow client throttles the
@@ -177,10 +178,14 @@ class Pump:
         # (as the core's recorder) and result records; None for sinks without one.
         hot_path = getattr(audit, "hot_path", None)
         self._hot: Any = hot_path() if hot_path is not None else None
-        if self._hot is not None and self._group_commit is None:
-            # The core records its statements through it at once (no WriteAudit, no pause)
-            # and pauses for a WriteAudit only when it answers None.
-            connection.recorder = self._hot.statements
+        if self._hot is not None:
+            # The core queues its result records through it itself, and gives a
+            # RecordResults only when it declines.
+            connection.result_recorder = self._hot.results
+            if self._group_commit is None:
+                # The core records its statements through it at once (no WriteAudit, no
+                # pause) and pauses for a WriteAudit only when it answers None.
+                connection.recorder = self._hot.statements
         self.tls = tls
         self.idle_timeout = idle_timeout
         self.loop = asyncio.get_running_loop()
