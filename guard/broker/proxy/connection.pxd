@@ -29,6 +29,9 @@ cdef int TAG_FLUSH, TAG_COPY_DONE, TAG_COPY_FAIL
 cdef Py_ssize_t _KIND, _SEQS, _PORTAL, _UNDO, _PREPARED, _SUBSTITUTE, _SWALLOW, _PLAN
 cdef Py_ssize_t _PLANNED, _APPROVAL
 
+cdef object _send_to_server(object data)
+cdef object _send_to_client(object data)
+
 cdef class GatewayConnection:
     cdef public object gate
     cdef public object holds

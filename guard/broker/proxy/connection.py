@@ -185,6 +185,24 @@ def _entry(
     return [kind, seqs, portal, undo, prepared, substitute, swallow, None, False, None]
 
 
+_new = object.__new__
+
+
+def _send_to_server(data: bytes | memoryview) -> SendToServer:
+    """SendToServer(data), built without its __init__ (a Python frame, even for the
+    compiled core): two of these are made per statement."""
+    cmd = _new(SendToServer)
+    cmd.data = data
+    return cmd
+
+
+def _send_to_client(data: bytes | memoryview) -> SendToClient:
+    """SendToClient(data), as _send_to_server."""
+    cmd = _new(SendToClient)
+    cmd.data = data
+    return cmd
+
+
 class _Held:
     """A statement held for approval: what to forward once approved."""
 
@@ -603,15 +621,15 @@ class GatewayConnection:
         # came before it goes now. Only bytes whose records are written are ever here.
         if self._to_server and (self.state is not _PAUSED or self._held is not None or self._eager):
             chunks, self._to_server = self._to_server, []
-            out.append(SendToServer(chunks[0] if len(chunks) == 1 else b"".join(chunks)))
+            out.append(_send_to_server(chunks[0] if len(chunks) == 1 else b"".join(chunks)))
         if self._to_client:
             chunks, self._to_client = self._to_client, []
             if len(chunks) == 1:
-                out.append(SendToClient(chunks[0]))
+                out.append(_send_to_client(chunks[0]))
             else:
                 joined = join_small(chunks, _JOIN_LIMIT)
                 if joined is not None:
-                    out.append(SendToClient(joined))
+                    out.append(_send_to_client(joined))
                 else:  # large row runs are written as they are, not copied into one buffer
                     out.extend(SendToClient(chunk) for chunk in chunks)
         if blocking is not None:
