@@ -74,8 +74,8 @@ def test_allowed_query_is_recorded_before_it_is_forwarded():
         >> AuditWritten()
         << ToServer(m.Query(sql))
         >> ServerSends(names, row, m.CommandComplete("SELECT 1"), READY)
-        << Results({"statement_seq": 1, "outcome": "ok", "command_tag": "SELECT", "rows": 1})
         << ToClient(names, row, m.CommandComplete("SELECT 1"), READY)
+        << Results({"statement_seq": 1, "outcome": "ok", "command_tag": "SELECT", "rows": 1})
     )
 
 
@@ -140,7 +140,6 @@ def test_refused_parse_in_pipeline_keeps_order_and_discards_until_sync():
             m.ErrorResponse.build("42601", "syntax error"),
             READY,
         )
-        << Results({"statement_seq": 1, "outcome": "ok", "rows": 1})
         << ToClient(
             m.ParseComplete(),
             m.BindComplete(),
@@ -149,6 +148,7 @@ def test_refused_parse_in_pipeline_keeps_order_and_discards_until_sync():
             Error("42501", "delete-without-where"),
             READY,
         )
+        << Results({"statement_seq": 1, "outcome": "ok", "rows": 1})
     )
 
 
@@ -169,7 +169,6 @@ def test_protected_base_column_in_stream_is_masked_text():
             READY,
         )
         << DRIFT  # the database should have masked it: the stream check did
-        << Results({"rows": 2, "masked_cells": 1})
         << ToClient(
             columns,
             m.DataRow((b"Alice Anderson", b"***-**-6789")),
@@ -177,6 +176,7 @@ def test_protected_base_column_in_stream_is_masked_text():
             m.CommandComplete("SELECT 2"),
             READY,
         )
+        << Results({"rows": 2, "masked_cells": 1})
     )
 
 
@@ -210,7 +210,6 @@ def test_extended_execute_without_describe_is_masked_binary():
             m.CommandComplete("SELECT 1"),
             READY,
         )
-        << Results({"rows": 1, "masked_cells": 2})
         << ToClient(
             m.ParseComplete(),
             m.BindComplete(),
@@ -218,6 +217,7 @@ def test_extended_execute_without_describe_is_masked_binary():
             m.CommandComplete("SELECT 1"),
             READY,
         )
+        << Results({"rows": 1, "masked_cells": 2})
     )
 
 
@@ -386,15 +386,15 @@ def test_each_execute_of_a_suspended_portal_has_its_result():
         >> AuditWritten()
         << ToServer(*bound)
         >> ServerSends(*first, *suspended)
-        << Results({"statement_seq": 1, "outcome": "suspended", "rows": None})
         << ToClient(*first, *suspended)
+        << Results({"statement_seq": 1, "outcome": "suspended", "rows": None})
         >> ClientSends(m.Execute("p", 0), m.Sync())
         << Audit({"verdict": "allow"})
         >> AuditWritten()
         << ToServer(m.Execute("p", 0), m.Sync())
         >> ServerSends(*rest)
-        << Results({"statement_seq": 2, "outcome": "ok", "rows": 1})
         << ToClient(*rest)
+        << Results({"statement_seq": 2, "outcome": "ok", "rows": 1})
     )
 
 
@@ -407,8 +407,8 @@ def test_an_odd_command_tag_from_the_server_is_recorded_without_a_row_count():
         >> AuditWritten()
         << ToServer(m.Query(sql))
         >> ServerSends(m.CommandComplete("SELECT ²"), READY)
-        << Results({"outcome": "ok", "rows": None})
         << ToClient(m.CommandComplete("SELECT ²"), READY)
+        << Results({"outcome": "ok", "rows": None})
     )
 
 
@@ -457,8 +457,8 @@ def test_client_half_close_lets_its_last_statement_finish():
         >> AuditWritten()
         << ToServer(m.Query(sql), m.Terminate())
         >> ServerSends(m.CommandComplete("SELECT 0"), READY)
-        << Results({"outcome": "ok", "rows": 0})
         << ToClient(m.CommandComplete("SELECT 0"), READY)
+        << Results({"outcome": "ok", "rows": 0})
     )
     assert playbook.connection.state is State.HALF_CLOSED
     assert playbook >> ClientSends(m.Query("SELECT 1")) >> ServerEOF() << Close("client closed")
@@ -477,8 +477,8 @@ def test_idle_connection_is_ended_and_a_busy_one_is_not():
         << ToServer(m.Query(sql))
         >> IdleFor(900)  # the statement runs: not idle either
         >> ServerSends(m.CommandComplete("SELECT 1"), READY)
-        << Results({"outcome": "ok"})
         << ToClient(m.CommandComplete("SELECT 1"), READY)
+        << Results({"outcome": "ok"})
         >> IdleFor(900)
         << ToClient(Error("57P05", "900 s idle", severity="FATAL"))
         << Close("idle")
@@ -646,8 +646,8 @@ def test_a_statement_that_needs_approval_is_held_then_runs_once_approved():
         >> Decided(request, approved=True)
         << ToServer(m.Query(TX_SQL))
         >> ServerSends(*rows)
-        << Results({"statement_seq": 1, "outcome": "ok", "rows": 1})
         << ToClient(*rows)
+        << Results({"statement_seq": 1, "outcome": "ok", "rows": 1})
         << GrantEnds(request)
         >> GrantEnded(request)
         << Audit({"verdict": "allow", "statement": "SELECT $1"})
@@ -695,8 +695,8 @@ def test_a_held_execute_runs_with_a_flush_and_its_sync_waits_for_the_grants_end(
         >> Decided(request, approved=True)
         << ToServer(m.Execute("", 0), m.Flush())
         >> ServerSends(*done)
-        << Results({"outcome": "ok", "rows": 1})
         << ToClient(*done)
+        << Results({"outcome": "ok", "rows": 1})
         << GrantEnds(request)
         >> GrantEnded(request)
         << ToServer(m.Sync())

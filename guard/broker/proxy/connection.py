@@ -598,8 +598,8 @@ class GatewayConnection:
         self.state = _HALF_CLOSED
 
     def _flush(self) -> list[Command]:  # noqa: C901 - the output in its order, inline: it runs per call
-        """This call's output: log lines, results to record, then at most one write per
-        direction (bulk rows excepted), then the blocking command or the close."""
+        """This call's output: log lines, then at most one write per direction (bulk rows
+        excepted), then results to record, then the blocking command or the close."""
         blocking = self._blocking
         if blocking is not None and not (
             self._to_client or self._results or self._logs or (self._eager and self._to_server)
@@ -610,11 +610,12 @@ class GatewayConnection:
         if self._logs:
             out += self._logs
             self._logs = []
+        declined = None
         if self._results:
             results, self._results = self._results, []
             recorder = self.result_recorder
             if recorder is None or not recorder(results):
-                out.append(RecordResults(results))
+                declined = RecordResults(results)
         # While an audit write is out the bytes for upstream wait for it: they join the
         # statement's own bytes in one write (they may go first, but need not; with a
         # shell that answers later they do). A held statement may wait for minutes: what
@@ -632,6 +633,12 @@ class GatewayConnection:
                     out.append(_send_to_client(joined))
                 else:  # large row runs are written as they are, not copied into one buffer
                     out.extend(SendToClient(chunk) for chunk in chunks)
+        if declined is not None:
+            # After the writes: result records are after-the-fact bookkeeping (queued, and
+            # written at the log's next flush), and the sink's way of queueing them when
+            # its hot path declines flushes a full queue, a write of some 200 KB the
+            # client's answer need not wait for.
+            out.append(declined)
         if blocking is not None:
             out.append(blocking)  # always last: the shell answers it before more
             self._blocking = None
