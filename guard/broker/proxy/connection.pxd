@@ -58,7 +58,7 @@ cdef class GatewayConnection:
     cdef public object _fed_while_paused
     cdef public object _eof_after_pause
     cdef public object _plan
-    cdef public object _described
+    cdef public dict _described
     cdef public object _described_bytes
     cdef public object _masked_cells
     cdef public object _drift_logged

@@ -1157,7 +1157,9 @@ class GatewayConnection:
         return plan
 
     def _describe(self, raw: Raw) -> Description:
-        key = bytes(raw)
+        # (Framed RowDescriptions are bytes already; the compiled core calls bytes() as a
+        # type, not for free.)
+        key = raw if raw.__class__ is bytes else bytes(raw)
         description = self._described.get(key)
         if description is None:
             decoded = decode_backend(frame_of(raw))
