@@ -29,6 +29,7 @@ cdef int TAG_FLUSH, TAG_COPY_DONE, TAG_COPY_FAIL
 cdef Py_ssize_t _KIND, _SEQS, _PORTAL, _UNDO, _PREPARED, _SUBSTITUTE, _SWALLOW, _PLAN
 cdef Py_ssize_t _PLANNED, _APPROVAL
 
+cdef object _view_masked_of(object portal)
 cdef object _send_to_server(object data)
 cdef object _send_to_client(object data)
 
@@ -91,4 +92,5 @@ cdef class GatewayConnection:
     cdef _skip_to_sync(self, failed)
     cdef _execute_plan(self, head)
     cdef _describe(self, raw)
+    cdef _plan_of(self, description, formats)
     cdef _mask_rows(self, run, plan)

@@ -825,7 +825,10 @@ class GatewayConnection:
         # Allowed: nothing runs at Parse; the audit record is written at each Execute.
         if decision.forward_sql is not None:
             raw = self._rewritten_parse(raw, decision.forward_sql)
-        prepared = Prepared(decision, self.gate.statement_records(decision, "extended"))
+        fixed = decision.records.get("extended")  # made once per decision (a frame less)
+        if fixed is None:
+            fixed = self.gate.statement_records(decision, "extended")
+        prepared = Prepared(decision, fixed)
         undo = self.names.parse(name, prepared)
         self._to_server.append(raw)
         self._pending.append([_PARSE, None, None, undo, prepared, None, False, None, False, None])
