@@ -169,10 +169,10 @@ def app_env(status: dict, *, sslmode: str) -> dict[str, str]:
 
     The peers once logged in as the stack's admin, a superuser, for whom PostgreSQL skips
     every privilege check; guard's session roles are not superusers. Measured with pgbench
-    -S straight to PostgreSQL, 8 clients, the same minute: 25–28 µs of PostgreSQL CPU per
-    transaction as the superuser, 28–32 as a role granted the tables, up to 15 % fewer tps.
-    A role that only holds the grants is the fair peer: the session group and the masking
-    schema on guard's search path stay guard's own cost.
+    -S straight to PostgreSQL (8 clients, plain TCP, interleaved): 25–28 µs of PostgreSQL
+    CPU per transaction as the superuser, 28–32 as roles granted the tables; a role shaped
+    like guard's (a member of the session group, the masking schema first on its search
+    path) cost the same as this one (32.4–39.6 against 32.6–36.5, three pairs).
     """
     password = secrets.token_urlsafe(18)
     with psycopg.connect(status["upstream_dsn"], autocommit=True) as conn:
@@ -289,6 +289,12 @@ def main() -> int:
         "relays bytes and does nothing else; audit drops statement and result records; "
         "statements or results one of them); never the product",
     )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="pgbouncer and guard exec runs per workload, in adjacent pairs; medians printed",
+    )
     ap.add_argument("--no-bulk", action="store_true", help="skip the COPY / SELECT * runs")
     ap.add_argument("--bulk-runs", type=int, default=3, help="runs per path (median kept)")
     ap.add_argument(
@@ -372,8 +378,8 @@ def _compare(args: argparse.Namespace, env: dict[str, str], status: dict) -> int
         )
         broker = status["pids"]["broker"]
         broker_pid = int(broker["pid"] if isinstance(broker, dict) else broker)
-        # PostgreSQL's own CPU per transaction behind pgbouncer and behind guard: what the
-        # session's role and search path cost the database (it shares the cores).
+        # PostgreSQL's own CPU per transaction behind pgbouncer and behind guard: it shares
+        # the cores with the proxy, so a proxy's cost shows there too.
         postmaster = int(status["pids"]["postgres"])
 
         workloads = [
@@ -393,29 +399,39 @@ def _compare(args: argparse.Namespace, env: dict[str, str], status: dict) -> int
             workloads = [w for w in workloads if any(w[0].startswith(o) for o in args.only)]
         for label, wargs in workloads:
             d, _ = pgbench(direct_env, wargs, args.seconds, args.clients)
-            pgb_before, pg_before = cpu_times(pgb_pid), postgres_times(postmaster)
-            b, bn = pgbench(pgb_env, wargs, args.seconds, args.clients)
-            pgb_us = _per_tx(pgb_before, cpu_times(pgb_pid), bn)
-            pg_pgb = sum(_per_tx(pg_before, postgres_times(postmaster), bn))
-            spy = _start_profiler(args.profile, label, broker_pid) if args.profile else None
-            before = gateway_times(broker_pid)
-            g, n = pgbench(guard_env, wargs, args.seconds, args.clients)
-            us = _per_tx(before, gateway_times(broker_pid), n)
-            pg_before = postgres_times(postmaster)
-            e, en, exec_gw, exec_cli = guard_exec_pgbench(
-                env, wargs, args.seconds, args.clients, broker_pid
+            # pgbouncer and `guard exec` in adjacent pairs, `--rounds` times: one 10 s run
+            # of either moves by ±10 % on a shared VM, a pair's ratio much less.
+            rounds = []
+            for r in range(max(1, args.rounds)):
+                pgb_before, pg_before = cpu_times(pgb_pid), postgres_times(postmaster)
+                b, bn = pgbench(pgb_env, wargs, args.seconds, args.clients)
+                pgb_us = _per_tx(pgb_before, cpu_times(pgb_pid), bn)
+                pg_pgb = sum(_per_tx(pg_before, postgres_times(postmaster), bn))
+                if r == 0:  # the gateway without the CLI's session, once
+                    spy = _start_profiler(args.profile, label, broker_pid) if args.profile else None
+                    before = gateway_times(broker_pid)
+                    g, n = pgbench(guard_env, wargs, args.seconds, args.clients)
+                    us = _per_tx(before, gateway_times(broker_pid), n)
+                pg_before = postgres_times(postmaster)
+                e, en, exec_gw, exec_cli = guard_exec_pgbench(
+                    env, wargs, args.seconds, args.clients, broker_pid
+                )
+                pg_exec = sum(_per_tx(pg_before, postgres_times(postmaster), en))
+                if r == 0 and spy is not None:
+                    spy.send_signal(2)
+                    spy.wait()
+                rounds.append((b, *pgb_us, pg_pgb, e, e / b, sum(exec_gw), sum(exec_cli), pg_exec))
+            # Medians of the rounds, each column on its own (e/pgb: of the pairs' ratios).
+            b, pgb_user, pgb_sys, pg_pgb, e, ratio, exec_gw_us, exec_cli_us, pg_exec = (
+                statistics.median(column) for column in zip(*rounds, strict=True)
             )
-            pg_exec = sum(_per_tx(pg_before, postgres_times(postmaster), en))
             print(
                 f"{label:<14} {d:9.0f} {b:10.0f} {g:9.0f} {g / d:9.2f} {g / b:7.2f} "
-                f"{sum(us):9.1f} {us[1]:6.1f} {sum(pgb_us):9.1f} {pgb_us[1]:6.1f} "
-                f"{e:9.0f} {e / b:6.2f} {sum(exec_gw):11.1f}+{sum(exec_cli):.1f} "
+                f"{sum(us):9.1f} {us[1]:6.1f} {pgb_user + pgb_sys:9.1f} {pgb_sys:6.1f} "
+                f"{e:9.0f} {ratio:6.2f} {exec_gw_us:11.1f}+{exec_cli_us:.1f} "
                 f"{pg_pgb:13.1f} {pg_exec:5.1f}",
                 flush=True,
             )
-            if spy is not None:
-                spy.send_signal(2)
-                spy.wait()
 
         if args.no_bulk:
             return 0
