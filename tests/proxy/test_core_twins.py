@@ -33,6 +33,7 @@ from guard.broker.proxy.commands import (
     SendToServer,
 )
 from guard.broker.proxy.events import ApprovalDecided
+from guard.broker.proxy.state import State
 from tests import playbook
 from tests.proxy.test_session_fuzz import chunk, server_chunk
 
@@ -65,6 +66,16 @@ def _seen(cmd: Any) -> tuple[Any, ...]:
     if isinstance(cmd, EndApproval):
         return ("EndApproval",)
     raise AssertionError(f"a command the core should not give here: {cmd!r}")
+
+
+def _holds_nothing_as_its_parsers_say(conn: Any) -> None:
+    """The core frames a read itself while its note says the parser holds nothing: the note
+    must be the parser's own answer (or a read would be framed without what came before
+    it), and so must `partial_message`, which the shell times incomplete messages by."""
+    assert conn._front_empty == (conn._frontend.buffered == 0)
+    assert conn._back_empty == (conn._backend.buffered == 0)
+    relaying = conn.state is State.RELAYING
+    assert conn.partial_message == (relaying and conn._frontend.buffered > 0)
 
 
 def _event(driver: playbook.Driver, side: str, data: bytes) -> list[Command]:
@@ -127,8 +138,10 @@ def _run(
             feed = driver.from_client if side == "c" else driver.from_server
             for i in range(0, len(data), split):
                 said += [_seen(c) for c in feed(data[i : i + split])]
+                _holds_nothing_as_its_parsers_say(driver.connection)
         else:
             said += [_seen(c) for c in _event(driver, side, data)]
+            _holds_nothing_as_its_parsers_say(driver.connection)
         said.append(("state", int(driver.connection.state), driver.closed))
     records = [{k: v for k, v in r.items() if k != "time"} for r in audit.records]
     return said, records

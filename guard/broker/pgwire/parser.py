@@ -267,11 +267,24 @@ class _Framer:
         pos, need = scan(data, 0, self._valid, self._runs, self._max, out)
         if pos == len(data):
             return out, None  # all framed: the buffer stays empty
-        # A message's start stays behind: data becomes the buffer, as feed() would make it.
+        return out, self.keep(data, pos, need)
+
+    def scan_tables(self) -> tuple[Scan, bytes, bytes, int] | None:
+        """The compiled scan and what it takes besides the bytes (valid tags, run tags, the
+        size limit), for a caller that frames a read itself while nothing is buffered, as
+        `feed_drain` does then (a call less per read); None without the compiled scan."""
+        if self._scan is None:
+            return None
+        return self._scan, self._valid, self._runs, self._max
+
+    def keep(self, data: bytes, pos: int, need: int) -> ProtocolError | None:
+        """`data` was scanned up to `pos` with nothing buffered (`need`: the scan's answer),
+        and a message's start stays behind: data becomes the buffer, as feed() would make
+        it. The error of a malformed header at pos, if that is what stopped the scan."""
         self._buf, self._pos, self._view = data, pos, memoryview(data)
         if need == 0:  # a malformed header at pos
-            return out, self._fault_at(pos)
-        return out, None
+            return self._fault_at(pos)
+        return None
 
     def _fault_at(self, pos: int) -> ProtocolError:
         """The error for the malformed header at `pos`: the one `_next_tagged` raises

@@ -48,6 +48,10 @@ cdef class GatewayConnection:
     cdef public object state
     cdef public object _frontend
     cdef public object _backend
+    cdef public object _front_tables
+    cdef public object _back_tables
+    cdef public bint _front_empty
+    cdef public bint _back_empty
     cdef public object _pending
     cdef public object names
     cdef public list _backlog

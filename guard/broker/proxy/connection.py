@@ -270,6 +270,14 @@ class GatewayConnection:
         kwargs = {"max_message_size": max_message_size} if max_message_size else {}
         self._frontend = FrontendParser(expect_startup=False, scan=scan, **kwargs)
         self._backend = BackendParser(scan=scan, **kwargs)
+        # With the compiled scan, a read is framed here while its parser holds nothing (most
+        # reads are whole messages): what `feed_drain` does then, without its call. The
+        # flags say the parser holds nothing (`buffered` is 0); they change where the
+        # parsers are fed or drained below, and nowhere else.
+        self._front_tables = self._frontend.scan_tables()
+        self._back_tables = self._backend.scan_tables()
+        self._front_empty = True
+        self._back_empty = True
         self._pending: deque[Pending] = deque()
         self.names = NameTables()
         # Client messages framed but not yet handled (the connection paused before them).
@@ -317,7 +325,7 @@ class GatewayConnection:
     @property
     def partial_message(self) -> bool:
         """Bytes of a client message are in, its end is not (while relaying)."""
-        return self.state is _RELAYING and self._frontend.buffered > 0
+        return self.state is _RELAYING and not self._front_empty
 
     @property
     def queued_client_bytes(self) -> int:
@@ -341,10 +349,24 @@ class GatewayConnection:
             if state is _PAUSED:
                 self._frontend.feed(data)
                 self._fed_while_paused = True
+                if data:
+                    self._front_empty = False
             return []
         try:
             # RELAYING: nothing is queued behind a pause (_queued handled it all).
-            self._backlog, self._backlog_error = self._frontend.feed_drain(data)
+            tables = self._front_tables
+            if self._front_empty and tables is not None and data.__class__ is bytes:
+                frame, valid, runs, limit = tables
+                backlog: list[Raw] = []
+                pos, need = frame(data, 0, valid, runs, limit, backlog)
+                error = None
+                if pos != len(data):
+                    error = self._frontend.keep(data, pos, need)
+                    self._front_empty = False
+                self._backlog, self._backlog_error = backlog, error
+            else:
+                self._backlog, self._backlog_error = self._frontend.feed_drain(data)
+                self._front_empty = self._frontend.buffered == 0
             self._backlog_pos = 0
             self._relay_client(False)
         except Exception as exc:  # noqa: BLE001 - see _failed: nothing escapes the core
@@ -363,7 +385,18 @@ class GatewayConnection:
         if self.state >= _CLOSED:
             return []
         try:
-            messages, error = self._backend.feed_drain(data)
+            tables = self._back_tables
+            if self._back_empty and tables is not None and data.__class__ is bytes:
+                frame, valid, runs, limit = tables
+                messages: list[Raw] = []
+                pos, need = frame(data, 0, valid, runs, limit, messages)
+                error = None
+                if pos != len(data):  # a row or message split across reads (bulk results)
+                    error = self._backend.keep(data, pos, need)
+                    self._back_empty = False
+            else:
+                messages, error = self._backend.feed_drain(data)
+                self._back_empty = self._backend.buffered == 0
             to_client = self._to_client
             pending = self._pending
             for raw in messages:
@@ -726,6 +759,7 @@ class GatewayConnection:
             if drained:
                 break
             backlog, error = self._frontend.drain()
+            self._front_empty = self._frontend.buffered == 0
             pos, drained = 0, True
         self._backlog, self._backlog_pos, self._backlog_error = backlog, pos, error
 
