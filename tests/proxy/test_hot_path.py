@@ -189,7 +189,7 @@ def test_fresh_inlined_literals_do_not_fill_the_decision_cache(monkeypatch):
     real = gate_module.normalize
     monkeypatch.setattr(gate_module, "normalize", lambda sql: calls.append(sql) or real(sql))
     proxy, _ = make()
-    cache = proxy.gate._cache
+    cache = proxy.gate.decisions
     texts = {
         "plain": "SELECT name FROM products WHERE id = {};",
         "libpg_query's": "SELECT name FROM products ORDER BY 1 LIMIT {}",

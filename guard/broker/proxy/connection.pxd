@@ -52,6 +52,7 @@ cdef class GatewayConnection:
     cdef public object _back_tables
     cdef public bint _front_empty
     cdef public bint _back_empty
+    cdef public dict _decisions
     cdef public object _pending
     cdef public object names
     cdef public list _backlog

@@ -278,6 +278,7 @@ class GatewayConnection:
         self._back_tables = self._backend.scan_tables()
         self._front_empty = True
         self._back_empty = True
+        self._decisions = gate.decisions  # exact texts' decisions: a hit needs no decide call
         self._pending: deque[Pending] = deque()
         self.names = NameTables()
         # Client messages framed but not yet handled (the connection paused before them).
@@ -768,7 +769,7 @@ class GatewayConnection:
             sql = cstring_body(raw, "Query")
         else:
             sql = self._decode(decode_query, raw, "Query")
-        decision = self.gate.decide(sql)
+        decision = self._decisions.get(sql) or self.gate.decide(sql)
         if decision.forward_sql is not None:
             raw = self._rewritten_query(decision.forward_sql)
         records = decision.records.get("simple") or self.gate.statement_records(decision, "simple")
@@ -851,7 +852,7 @@ class GatewayConnection:
         else:
             # Only name and text matter to the gate; PostgreSQL validates the rest.
             name, query = self._decode(decode_parse, raw, "Parse")
-        decision = self.gate.decide(query)
+        decision = self._decisions.get(query) or self.gate.decide(query)
         if decision.refusal is not None and (decision.hold is None or not self.holds):
             records = self.gate.statement_records(decision, "extended")
             self._record(records, self._after_parse_refusal_record, name, decision.refusal)

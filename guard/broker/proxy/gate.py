@@ -119,7 +119,11 @@ class Gate:
         self.session_id = session_id
         self.connection_id = connection_id
         self._groups = tuple(sorted(principal.groups))
-        self._cache: dict[str, Decision] = {}
+        # Decisions by statement text, exact and normalized (bounded, see _store). Callers
+        # may read it (the connection looks an exact text up here before calling decide: a
+        # hit is what decide answers, without its call); only the gate writes it, and it is
+        # never replaced.
+        self.decisions: dict[str, Decision] = {}
         # The relations with a view in the masking schema: protected or gated tables, and
         # (`redirects`, from the catalog) the views that have masked twins. Reads of them
         # in any spelling are pointed there.
@@ -130,7 +134,7 @@ class Gate:
     # -- analyze + decide -------------------------------------------------------------
     def decide(self, sql: str) -> Decision:
         """Analyse and evaluate without recording (used at Parse: nothing runs yet)."""
-        decision = self._cache.get(sql)
+        decision = self.decisions.get(sql)
         if decision is not None:
             return decision
         # Clients that inline literals (pgbench -M simple, ORMs without binds) send a new
@@ -151,7 +155,7 @@ class Gate:
         store = shape is None
         normalized = normalize(sql) if shape is None else shape
         if normalized != sql and normalized != UNNORMALIZABLE:
-            decision = self._cache.get(normalized) or self._compute(normalized)
+            decision = self.decisions.get(normalized) or self._compute(normalized)
             if decision.refusal is None and decision.verdicts:
                 if decision.forward_sql is not None:
                     # Redirected: the forwarded text is the exact one's, literals and all,
@@ -184,11 +188,11 @@ class Gate:
         return decision
 
     def _store(self, sql: str, decision: Decision) -> None:
-        if len(self._cache) >= _DECISION_CACHE_SIZE:
+        if len(self.decisions) >= _DECISION_CACHE_SIZE:
             # Bounded so a client sending endless distinct statements cannot grow the
             # gateway's memory; starting over is cheaper than keeping LRU order per hit.
-            self._cache.clear()
-        self._cache[sql] = decision
+            self.decisions.clear()
+        self.decisions[sql] = decision
 
     def _evaluate(self, sql: str) -> Decision:
         try:
