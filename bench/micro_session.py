@@ -23,6 +23,8 @@ from guard.broker.proxy.commands import RecordResults, WriteAudit
 from guard.broker.proxy.core import GatewayConnection
 from guard.broker.proxy.gate import Gate
 
+# The audit logs of this process, removed when it exits.
+_SCRATCH = tempfile.TemporaryDirectory(prefix="guard-bench-audit-")
 ROOT = Path(__file__).resolve().parent.parent
 SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = {};"
 
@@ -33,7 +35,7 @@ def wire(*messages) -> bytes:
 
 def main() -> None:
     policy = load_policy_file(ROOT / "bench/policies.yaml")
-    audit = JsonlAuditSink(Path(tempfile.mkdtemp()) / "audit.jsonl", journal=True)
+    audit = JsonlAuditSink(Path(tempfile.mkdtemp(dir=_SCRATCH.name)) / "audit.jsonl", journal=True)
     principal = Principal("iss", "alice", frozenset({"engineers"}))
     gate = Gate(
         policy=policy,

@@ -38,6 +38,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+# The audit logs of this process, removed when it exits.
+_SCRATCH = tempfile.TemporaryDirectory(prefix="guard-bench-audit-")
 ROOT = Path(__file__).resolve().parent.parent
 SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = {};"
 TEXT = "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
@@ -143,7 +145,9 @@ def _connection(sink: str, masked: bool) -> tuple[Any, Callable[[list[Any]], Non
     proxy = GatewayConnection(gate, protected=protected, client_user="u")
     audit: Any
     if sink == "jsonl":
-        audit = JsonlAuditSink(Path(tempfile.mkdtemp()) / "audit.jsonl", journal=True)
+        audit = JsonlAuditSink(
+            Path(tempfile.mkdtemp(dir=_SCRATCH.name)) / "audit.jsonl", journal=True
+        )
     else:
         counter = itertools.count(1)
 

@@ -192,14 +192,16 @@ def app_env(status: dict, *, sslmode: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def demo_stack(*up_args: str) -> Iterator[tuple[dict[str, str], dict]]:
-    """`guard dev up` in a throwaway GUARD_HOME: (its env, its status); `dev down` after."""
+    """`guard dev up` in a throwaway GUARD_HOME: (its env, its status); `dev down` after,
+    and the home removed (a run leaves 1-2 GB there: the database, the audit log)."""
     home = tempfile.mkdtemp(prefix="guard-bench-")
     env = {**os.environ, "GUARD_HOME": home, "GUARD_KEYRING": "file"}
-    sh([*GUARD, "dev", "up", "--detach", *up_args], env=env)
     try:
+        sh([*GUARD, "dev", "up", "--detach", *up_args], env=env)
         yield env, json.loads(sh([*GUARD, "dev", "status", "--json"], env=env).stdout)
     finally:
         subprocess.run([*GUARD, "dev", "down"], env=env, capture_output=True)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def ensure_pgbouncer() -> str:
@@ -440,6 +442,8 @@ def _compare(args: argparse.Namespace, env: dict[str, str], status: dict) -> int
     finally:
         if pgb is not None:
             pgb.terminate()
+            pgb.wait()
+            shutil.rmtree(pgb_dir, ignore_errors=True)
     return 0
 
 
