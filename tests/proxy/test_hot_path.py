@@ -209,6 +209,41 @@ def test_fresh_inlined_literals_do_not_fill_the_decision_cache(monkeypatch):
     assert len(calls) == before
 
 
+# Statement texts with a literal: allowed, refused, redirected to a masking view, and
+# held for approval under the test policy, so every way decide answers is met.
+_TEXTS = (
+    "SELECT name FROM products WHERE id = {}",
+    "SELECT name FROM products ORDER BY 1 LIMIT {}",
+    "SELECT ssn FROM public.customers WHERE id = {}",
+    "SELECT * FROM transactions WHERE id = {}",
+    "DELETE FROM customers WHERE id = {}",
+    "SELECT set_config('role', 'r{}', false)",
+    "DROP TABLE t{}",
+)
+
+
+@given(st.lists(st.tuples(st.sampled_from(_TEXTS), st.integers(0, 30)), max_size=24))
+def test_the_cores_cached_decision_is_the_one_decide_gives(texts):
+    # The compiled core answers a statement from the gate's caches without calling decide
+    # (`connection._decision`): the exact text's decision, or the one its shape shares.
+    # It must be decide's own answer, and only allowed, unredirected ones are shared.
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(gate_module, "literal_shape", shape.literal_shape)
+    monkeypatch.setattr(connection_module, "literal_shape", shape.literal_shape)
+    try:
+        gate = playbook.connection().gate
+        for text, literal in texts:
+            sql = text.format(literal)
+            found = connection_module._decision(gate, gate.decisions, gate.shared, sql)
+            assert found is gate.decide(sql)
+        assert set(gate.shared) <= set(gate.decisions)
+        for decision in gate.shared.values():
+            assert decision.refusal is None and decision.verdicts
+            assert decision.forward_sql is None and decision.hold is None
+    finally:
+        monkeypatch.undo()
+
+
 def test_unmasked_rows_pass_byte_identical_and_undecoded(row_decodes):
     proxy, _ = make()
     proxy.from_client(wire(m.Query("SELECT id, name, sku FROM products")))

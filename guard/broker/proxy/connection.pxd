@@ -29,6 +29,7 @@ cdef int TAG_FLUSH, TAG_COPY_DONE, TAG_COPY_FAIL
 cdef Py_ssize_t _KIND, _SEQS, _PORTAL, _UNDO, _PREPARED, _SUBSTITUTE, _SWALLOW, _PLAN
 cdef Py_ssize_t _PLANNED, _APPROVAL
 
+cdef object _decision(object gate, dict decisions, dict shared, object sql)
 cdef object _view_masked_of(object portal)
 cdef object _send_to_server(object data)
 cdef object _send_to_client(object data)
@@ -53,6 +54,7 @@ cdef class GatewayConnection:
     cdef public bint _front_empty
     cdef public bint _back_empty
     cdef public dict _decisions
+    cdef public dict _shared
     cdef public object _pending
     cdef public object names
     cdef public list _backlog

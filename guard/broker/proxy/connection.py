@@ -111,6 +111,7 @@ from guard.broker.proxy.speedups import (  # compiled, or pgwire.parser's (the r
     describe_target,
     execute_portal,
     join_small,
+    literal_shape,
     parse_statement,
     scan,
 )
@@ -183,6 +184,23 @@ def _entry(
 ) -> Pending:
     """A Pending entry (the hot paths build theirs as literals, in this order)."""
     return [kind, seqs, portal, undo, prepared, substitute, swallow, None, False, None]
+
+
+def _decision(
+    gate: Gate, decisions: dict[str, Decision], shared: dict[str, Decision], sql: str
+) -> Decision:
+    """`gate.decide(sql)`, answered from the gate's caches where `decide` would answer
+    from them: the exact text's decision, or the one its shape (`sql.shape`) shares with
+    other literals (`Gate.shared`: the gate alone decides what is shared). A Python frame
+    less per statement for the compiled core; anything else is decide's."""
+    decision = decisions.get(sql)
+    if decision is None:
+        shape = literal_shape(sql)
+        if shape is not None:
+            decision = shared.get(shape)
+        if decision is None:
+            decision = gate.decide(sql)
+    return decision
 
 
 _new = object.__new__
@@ -279,6 +297,7 @@ class GatewayConnection:
         self._front_empty = True
         self._back_empty = True
         self._decisions = gate.decisions  # exact texts' decisions: a hit needs no decide call
+        self._shared = gate.shared  # shapes' decisions their other literals share
         self._pending: deque[Pending] = deque()
         self.names = NameTables()
         # Client messages framed but not yet handled (the connection paused before them).
@@ -769,7 +788,7 @@ class GatewayConnection:
             sql = cstring_body(raw, "Query")
         else:
             sql = self._decode(decode_query, raw, "Query")
-        decision = self._decisions.get(sql) or self.gate.decide(sql)
+        decision = _decision(self.gate, self._decisions, self._shared, sql)
         if decision.forward_sql is not None:
             raw = self._rewritten_query(decision.forward_sql)
         records = decision.records.get("simple") or self.gate.statement_records(decision, "simple")
@@ -852,7 +871,7 @@ class GatewayConnection:
         else:
             # Only name and text matter to the gate; PostgreSQL validates the rest.
             name, query = self._decode(decode_parse, raw, "Parse")
-        decision = self._decisions.get(query) or self.gate.decide(query)
+        decision = _decision(self.gate, self._decisions, self._shared, query)
         if decision.refusal is not None and (decision.hold is None or not self.holds):
             records = self.gate.statement_records(decision, "extended")
             self._record(records, self._after_parse_refusal_record, name, decision.refusal)

@@ -124,6 +124,11 @@ class Gate:
         # hit is what decide answers, without its call); only the gate writes it, and it is
         # never replaced.
         self.decisions: dict[str, Decision] = {}
+        # The normalized texts whose decision a text with other literals shares (`decide`
+        # puts them here: allowed, not redirected; see there), for callers that normalize
+        # a text themselves (`sql.shape`) and look it up: a hit is what decide answers for
+        # that text. Cleared with `decisions`, so always a part of it.
+        self.shared: dict[str, Decision] = {}
         # The relations with a view in the masking schema: protected or gated tables, and
         # (`redirects`, from the catalog) the views that have masked twins. Reads of them
         # in any spelling are pointed there.
@@ -165,6 +170,9 @@ class Gate:
                 if decision is not None:
                     if store:
                         self._store(sql, decision)
+                    elif normalized in self.decisions:
+                        # The shape's own decision, which its other literals share.
+                        self.shared[normalized] = decision
                     return decision
         return self._compute(sql)
 
@@ -192,6 +200,7 @@ class Gate:
             # Bounded so a client sending endless distinct statements cannot grow the
             # gateway's memory; starting over is cheaper than keeping LRU order per hit.
             self.decisions.clear()
+            self.shared.clear()
         self.decisions[sql] = decision
 
     def _evaluate(self, sql: str) -> Decision:
