@@ -14,8 +14,9 @@ Without the build (no compiler, GUARD_PURE_PYTHON), or when an object is not wha
 code was built for, `adopt` answers None and the caller keeps its Python path: the
 reference (tests/integration/test_gateway_pure.py serves a session on it).
 
-Imports the stdlib, `proxy.speedups` (which picks the build) and `proxy.tlslayer` (the
-client leg's handshake); the listener and the upstream login use it.
+Imports the stdlib, `proxy.speedups` (which picks the build) and `proxy.tlslayer` (whose
+handshake `handshake` runs over streams, for both legs); the listener and the upstream
+login use it.
 """
 
 from __future__ import annotations
@@ -102,6 +103,24 @@ def adopt(transport: asyncio.BaseTransport, ssl_object: ssl.SSLObject) -> asynci
     return cast(asyncio.Transport, adopted)
 
 
+async def handshake(
+    tls: TLSClient, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> bytes:
+    """Run `tls`'s handshake over the streams, both legs' (the gateway's with its client,
+    the upstream login's with PostgreSQL), until it completes; its last flight, not yet
+    written, is the answer (TLS 1.3's server side: the session tickets). Raises
+    ssl.SSLError as the handshake does, and EOFError when the peer left during it."""
+    out = tls.handshake()
+    while not tls.handshake_done:
+        writer.write(out)
+        await writer.drain()
+        data = await reader.read(1 << 16)
+        if not data:
+            raise EOFError
+        out = tls.handshake(data)
+    return out
+
+
 async def start_tls(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, context: ssl.SSLContext
 ) -> None:
@@ -117,14 +136,9 @@ async def start_tls(
     assert isinstance(protocol, asyncio.StreamReaderProtocol)
     tls = TLSClient(context, None, server_side=True)
     try:
-        out = tls.handshake()
-        while not tls.handshake_done:
-            writer.write(out)
-            await writer.drain()
-            data = await reader.read(1 << 16)
-            if not data:
-                raise ConnectionResetError("the client left during the TLS handshake")
-            out = tls.handshake(data)
+        out = await handshake(tls, reader, writer)
+    except EOFError:
+        raise ConnectionResetError("the client left during the TLS handshake") from None
     except ssl.SSLError:
         writer.write(tls.pending_output())  # the alert that says why
         raise

@@ -207,15 +207,9 @@ async def _start_tls(wire: Wire, context: ssl.SSLContext, host: str) -> None:
         raise UpstreamError("the database refused TLS, which this target requires")
     tls = TLSClient(context, host)
     try:
-        wire.writer.write(tls.handshake())
-        while not tls.handshake_done:
-            await wire.drain()
-            data = await wire.reader.read(65536)
-            if not data:
-                raise UpstreamError("the database closed the connection during the TLS handshake")
-            out = tls.handshake(data)
-            if out:
-                wire.writer.write(out)
+        wire.writer.write(await tlstransport.handshake(tls, wire.reader, wire.writer))
+    except EOFError:
+        raise UpstreamError("the database closed the connection during the TLS handshake") from None
     except ssl.SSLCertVerificationError as exc:
         # Say which check failed (unknown CA, hostname, expiry): that is what to fix.
         raise UpstreamError(
