@@ -368,11 +368,7 @@ def test_the_client_side_is_adopted_too(contexts, kind):
         tls = TLSClient(client, "localhost")
         peer = Peer(theirs, TLSClient(server, None, server_side=True))
         handshake = asyncio.ensure_future(peer.handshake())
-        out = tls.handshake()
-        while not tls.handshake_done:
-            writer.write(out)
-            out = tls.handshake(await reader.read(1 << 16))
-        writer.write(out)
+        writer.write(await tlstransport.handshake(tls, reader, writer))
         await handshake
         await peer.send(b"with the tickets")
         await asyncio.sleep(0.05)  # read by the stream (the listener's order below)
