@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
 
 import pytest
 
-from guard.broker.audit.chain import GENESIS, seal, verify_lines
+from guard.broker.audit import sink as sink_module
+from guard.broker.audit.chain import GENESIS, continuation, seal, split_line, verify_lines
 from guard.broker.audit.record import RESULT_FIELDS, ResultRecord, StatementRecord, expand
+from guard.broker.audit.serialize import complete
 from guard.broker.audit.sink import AuditUnavailable, JsonlAuditSink
+from tests.audit.audit_logs import verify, write_log
 
 
 def _stmt(i: int) -> StatementRecord:
@@ -65,6 +69,73 @@ def test_sink_writes_verifiable_chain_and_continues_after_reopen(tmp_path):
         "statement",
         "checkpoint",
     ]
+
+
+def test_a_link_is_the_sha256_of_the_body_then_prev():
+    line, digest = seal(GENESIS, {"a": 1})
+    line2, _ = seal(digest, {"a": 2})
+    parsed = json.loads(line2)
+    body = line2[len(b'{"body":') : line2.index(b',"link":"')]
+    assert parsed["link"] == hashlib.sha256(body + b"\n" + digest.encode()).hexdigest()
+    assert parsed["prev"] == digest and "hash" not in parsed
+
+
+def _legacy_seal_line(prev: bytes, body: bytes) -> tuple[bytes, bytes]:
+    """How lines were sealed before the body came first: logs already hold such lines."""
+    digest = hashlib.sha256(prev + b"\n" + body).hexdigest().encode()
+    return b'{"body":%b,"hash":"%b","prev":"%b"}\n' % (body, digest, prev), digest
+
+
+def _write_legacy_log(path, n, monkeypatch) -> list[bytes]:
+    with monkeypatch.context() as patched:
+        patched.setattr(sink_module, "seal_line", _legacy_seal_line)
+        patched.setattr(
+            sink_module,
+            "seal_record",
+            lambda prev, fixed, seq, ns: _legacy_seal_line(prev, complete(fixed, seq, ns)),
+        )
+        write_log(path, n, every=4)
+    return path.read_bytes().splitlines()
+
+
+def test_a_log_written_prev_first_verifies_and_an_upgraded_broker_continues_it(
+    tmp_path, monkeypatch
+):
+    path = tmp_path / "audit.jsonl"
+    old = _write_legacy_log(path, 6, monkeypatch)
+    assert old and all(b',"hash":"' in line for line in old)
+    assert verify(path).ok  # signed checkpoints included
+    write_log(path, 3, every=4)  # the same log, after the upgrade
+    lines = path.read_bytes().splitlines()
+    new = lines[len(old) :]
+    assert new and all(b',"link":"' in line and b',"hash":"' not in line for line in new)
+    assert verify_lines(lines).ok
+    report = verify(path)
+    assert report.ok and report.records == len(lines) and report.checkpoints >= 3
+
+
+def test_a_lines_key_names_its_hash_order_and_cannot_be_swapped(tmp_path, monkeypatch):
+    path = tmp_path / "audit.jsonl"
+    old = _write_legacy_log(path, 2, monkeypatch)
+    write_log(path, 2, every=4)
+    lines = path.read_bytes().splitlines()
+    for number, line in enumerate(lines):
+        swapped = (
+            line.replace(b',"hash":"', b',"link":"')
+            if b',"hash":"' in line
+            else line.replace(b',"link":"', b',"hash":"')
+        )
+        report = verify_lines([*lines[:number], swapped, *lines[number + 1 :]])
+        assert not report.ok and report.first_bad_line == number + 1
+        assert not verify(path, [*lines[:number], swapped, *lines[number + 1 :]]).ok
+    assert len(old) < len(lines)
+
+
+def test_a_journal_of_prev_first_lines_is_recovered(tmp_path, monkeypatch):
+    lines = _write_legacy_log(tmp_path / "audit.jsonl", 5, monkeypatch)
+    last = split_line(lines[1])[1]
+    ring = b"\0" * 7 + b"\n".join(reversed(lines[2:])) + b"\n\0\0"
+    assert continuation(ring, last) == [line + b"\n" for line in lines[2:]]
 
 
 @pytest.mark.parametrize("tamper", ["edit", "drop", "swap", "insert"])

@@ -39,6 +39,26 @@ def test_the_compiled_seal_writes_the_references_bytes(prev, fixed, seq, ns):
     assert seal(prev, fixed, seq, ns) == serialize.seal_record_py(prev, fixed, seq, ns)
 
 
+def test_kept_hash_states_give_the_references_bytes_at_every_execution():
+    # A cached statement's record is one `fixed` object sealed again and again (the C
+    # writer keeps SHA-256's state after it, per object): 200 of them share 64 slots, so
+    # slots are taken over, and a state must never be another object's. Over the size the
+    # writer keeps states for, too.
+    fixed = [b'{"kind":"statement","n":%d' % i + b"x" * (i % 7) for i in range(200)]
+    fixed.append(b'{"kind":"results","results":[' + b"r" * 5000)
+    prev = GENESIS.encode()
+    for seq in range(1, 1500):
+        record = fixed[(seq * 37) % len(fixed)]
+        line, digest = seal(prev, record, seq, 1_764_806_400_000_000_000 + seq)
+        assert (line, digest) == serialize.seal_record_py(
+            prev, record, seq, 1_764_806_400_000_000_000 + seq
+        )
+        prev = digest
+    # A record made again, equal but another object: no state of its twin is needed.
+    again = bytes(bytearray(fixed[3]))
+    assert seal(prev, again, 9, 5) == serialize.seal_record_py(prev, again, 9, 5)
+
+
 def test_a_chain_sealed_in_c_verifies_and_its_bodies_carry_seq_and_time():
     prev, lines = GENESIS.encode(), []
     for seq in range(1, 6):

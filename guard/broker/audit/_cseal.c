@@ -11,11 +11,15 @@
  *       prev   bytes: the previous line's hash (64 hex) or GENESIS
  *       fixed  bytes: the record's fields without the closing brace (serialize.fixed_fields)
  *       seq    int >= 0, ns int >= 0 (time.time_ns())
- *       line   b'{"body":<body>,"hash":"<digest>","prev":"<prev>"}\n'
- *       digest sha256(prev + b"\n" + body) as 64 lowercase hex bytes
+ *       line   b'{"body":<body>,"link":"<digest>","prev":"<prev>"}\n'
+ *       digest sha256(body + b"\n" + prev) as 64 lowercase hex bytes
  *
  * SHA-256 is OpenSSL's (the libcrypto Python's own ssl and hashlib use), fetched once:
- * OpenSSL 3 looks the algorithm up on every one-shot call otherwise.
+ * OpenSSL 3 looks the algorithm up on every one-shot call otherwise. The body comes first
+ * in the hash (`audit.chain`) so that the state after `fixed` can be kept: a cached
+ * statement's record is the same `fixed` object at every execution, and only its seq,
+ * time and prev are hashed then (3 SHA-256 blocks of a statement record's 11: measured
+ * 0.47 us a record here with `openssl speed -evp sha256 -bytes 640`).
  *
  * Also here: `HotPath`, the sink's common case (one statement record sealed into its
  * journal, result records queued) without the sink's Python frames; see its comment below.
@@ -35,7 +39,7 @@ static char second_text[32];
 static size_t second_len;
 
 static const char HEAD[] = "{\"body\":";
-static const char HASH[] = ",\"hash\":\"";
+static const char HASH[] = ",\"link\":\"";
 static const char PREV[] = "\",\"prev\":\"";
 static const char TAIL[] = "\"}\n";
 
@@ -97,6 +101,43 @@ format_time(long long ns, char *out)
     return (int)(p - out);
 }
 
+/* SHA-256's state after a record's fixed fields, kept per `fixed` object: a direct-mapped
+ * table keyed by the object's address, each slot holding a reference to its object (so the
+ * address cannot be another object's while it is cached) and the state after hashing it.
+ * Only statement-sized fields are kept: a results batch is sealed once and never again. */
+#define MIDSTATES 64
+#define MIDSTATE_MAX_FIXED 4096
+typedef struct {
+    PyObject *fixed;
+    EVP_MD_CTX *ctx;
+} Midstate;
+static Midstate midstates[MIDSTATES];
+
+/* `hasher` set to the state after hashing `fixed`; 0, or -1 when OpenSSL failed. */
+static int
+hash_fixed(PyObject *fixed)
+{
+    Py_ssize_t n = PyBytes_GET_SIZE(fixed);
+    if (n > MIDSTATE_MAX_FIXED)
+        return EVP_DigestInit_ex(hasher, sha256, NULL)
+                       && EVP_DigestUpdate(hasher, PyBytes_AS_STRING(fixed), (size_t)n)
+                   ? 0
+                   : -1;
+    Midstate *slot = &midstates[((uintptr_t)fixed >> 4) % MIDSTATES];
+    if (slot->fixed != fixed) {
+        if (slot->ctx == NULL && (slot->ctx = EVP_MD_CTX_new()) == NULL)
+            return -1;
+        if (!EVP_DigestInit_ex(slot->ctx, sha256, NULL)
+            || !EVP_DigestUpdate(slot->ctx, PyBytes_AS_STRING(fixed), (size_t)n)) {
+            Py_CLEAR(slot->fixed);
+            return -1;
+        }
+        Py_INCREF(fixed);
+        Py_XSETREF(slot->fixed, fixed);
+    }
+    return EVP_MD_CTX_copy_ex(hasher, slot->ctx) ? 0 : -1;
+}
+
 /* The stored line of a record (a new reference), its hash in *digest_out (a new
  * reference); NULL with an exception. prev and fixed are bytes, seq >= 0. */
 static PyObject *
@@ -130,7 +171,6 @@ seal_line(PyObject *prev, PyObject *fixed, long long seq, long long ns, PyObject
     char *p = out;
     memcpy(p, HEAD, sizeof HEAD - 1);
     p += sizeof HEAD - 1;
-    char *body = p;
     memcpy(p, PyBytes_AS_STRING(fixed), (size_t)fixed_len);
     p += fixed_len;
     memcpy(p, tail, (size_t)tail_len);
@@ -138,10 +178,10 @@ seal_line(PyObject *prev, PyObject *fixed, long long seq, long long ns, PyObject
 
     unsigned char md[EVP_MAX_MD_SIZE];
     unsigned int md_len = 0;
-    if (!EVP_DigestInit_ex(hasher, sha256, NULL)
-        || !EVP_DigestUpdate(hasher, PyBytes_AS_STRING(prev), (size_t)prev_len)
+    /* body + "\n" + prev, the body's fixed part from its kept state. */
+    if (hash_fixed(fixed) < 0 || !EVP_DigestUpdate(hasher, tail, (size_t)tail_len)
         || !EVP_DigestUpdate(hasher, "\n", 1)
-        || !EVP_DigestUpdate(hasher, body, (size_t)body_len)
+        || !EVP_DigestUpdate(hasher, PyBytes_AS_STRING(prev), (size_t)prev_len)
         || !EVP_DigestFinal_ex(hasher, md, &md_len) || md_len != 32) {
         Py_DECREF(line);
         PyErr_SetString(PyExc_RuntimeError, "seal: sha256 failed");

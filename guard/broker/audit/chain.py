@@ -4,10 +4,17 @@ Imports only the stdlib (hashlib, hmac, json). No file or socket I/O: `audit.sin
 what `seal` returns, and `verify_lines` checks what an examiner reads back.
 
 Line format (one JSON object per line):
-    {"body":<body JSON>,"hash":"<64 hex>","prev":"<64 hex: previous line's hash or GENESIS>"}
-where hash = sha256(prev || "\\n" || <body JSON bytes exactly as they stand in the line>).
+    {"body":<body JSON>,"link":"<64 hex>","prev":"<64 hex: previous line's hash or GENESIS>"}
+where link = sha256(<body JSON bytes exactly as they stand in the line> || "\\n" || prev).
 Hashing the stored bytes (not a re-serialization) lets the writer use any JSON encoder and
 makes the verifier independent of encoder quirks; the fixed-size tail locates the body.
+The body comes first so that a writer can keep SHA-256's state after the part of a body
+that repeats (a cached statement's fixed fields: every body but its seq and time) and hash
+only the rest and prev: 3 of a statement record's 11 blocks (`audit/_cseal.c`).
+Logs written before that have `"hash"` in the key's place, with hash = sha256(prev || "\\n"
+|| body); both keys are 4 letters, so the tail has the same size, and a line's key says
+which order it was hashed in (one log may hold both: a broker upgraded mid-log). Either
+order is an unambiguous encoding: prev is 64 hex digits and a body has no raw newline.
 Editing, dropping, reordering or inserting a line breaks every later hash, so tampering is
 evident from the first broken line on. Someone holding the file can still recompute every
 hash after an edit, or cut the tail: signed checkpoints (`audit.checkpoint`, records in this
@@ -32,6 +39,15 @@ def canonical(body: Mapping[str, Any]) -> bytes:
 
 
 def link_hash(prev: str, body_bytes: bytes) -> str:
+    """The hash of a `"link"` line (what `seal` writes): body first, then prev."""
+    h = hashlib.sha256(body_bytes)
+    h.update(b"\n")
+    h.update(prev.encode("ascii"))
+    return h.hexdigest()
+
+
+def legacy_hash(prev: str, body_bytes: bytes) -> str:
+    """The hash of a `"hash"` line (logs written before the body came first): prev first."""
     h = hashlib.sha256(prev.encode("ascii"))
     h.update(b"\n")
     h.update(body_bytes)
@@ -40,7 +56,9 @@ def link_hash(prev: str, body_bytes: bytes) -> str:
 
 _sha256 = hashlib.sha256
 _HEAD = b'{"body":'
-_TAIL_LEN = len(b',"hash":"') + 64 + len(b'","prev":"') + 64 + len(b'"}')
+_LINK = b',"link":"'
+_LEGACY = b',"hash":"'
+_TAIL_LEN = len(_LINK) + 64 + len(b'","prev":"') + 64 + len(b'"}')
 
 
 def seal_bytes(prev: str, body_bytes: bytes) -> tuple[bytes, str]:
@@ -51,8 +69,8 @@ def seal_bytes(prev: str, body_bytes: bytes) -> tuple[bytes, str]:
 
 def seal_line(prev: bytes, body_bytes: bytes) -> tuple[bytes, bytes]:
     """`seal_bytes` with the hashes as ASCII bytes (the writer's hot path)."""
-    digest = _sha256(b"%b\n%b" % (prev, body_bytes)).hexdigest().encode("ascii")
-    return b'{"body":%b,"hash":"%b","prev":"%b"}\n' % (body_bytes, digest, prev), digest
+    digest = _sha256(b"%b\n%b" % (body_bytes, prev)).hexdigest().encode("ascii")
+    return b'{"body":%b,"link":"%b","prev":"%b"}\n' % (body_bytes, digest, prev), digest
 
 
 def seal(prev: str, body: Mapping[str, Any]) -> tuple[bytes, str]:
@@ -72,15 +90,25 @@ def split_record(line: bytes) -> tuple[bytes, str, str, dict[str, Any]]:
     if not line.startswith(_HEAD) or len(line) < len(_HEAD) + _TAIL_LEN + 2:
         raise ValueError("not a chained audit record")
     tail = line[-_TAIL_LEN:]
-    if not (
-        tail.startswith(b',"hash":"') and tail[73:83] == b'","prev":"' and tail.endswith(b'"}')
-    ):
+    if not (_is_tail(tail) and tail.endswith(b'"}')):
         raise ValueError("not a chained audit record")
     body = line[len(_HEAD) : -_TAIL_LEN]
     parsed = json.loads(body)
     if not isinstance(parsed, dict):
         raise ValueError("audit record body is not a JSON object")
     return body, tail[9:73].decode("ascii"), tail[83:147].decode("ascii"), parsed
+
+
+def _is_tail(tail: bytes) -> bool:
+    return tail[:9] in (_LINK, _LEGACY) and tail[73:83] == b'","prev":"'
+
+
+def expected_hash(line: bytes, prev: str, body_bytes: bytes) -> str:
+    """The hash `line` (split into `prev` and `body_bytes`) must carry, in the order its
+    key says it was hashed in."""
+    if line.rstrip(b"\r\n")[-_TAIL_LEN:].startswith(_LEGACY):
+        return legacy_hash(prev, body_bytes)
+    return link_hash(prev, body_bytes)
 
 
 def is_record_prefix(data: bytes) -> bool:
@@ -111,7 +139,7 @@ def verify_lines(lines: Iterable[bytes | str]) -> ChainReport:
             return ChainReport(False, count, prev, number, "not a chained audit record")
         if not hmac.compare_digest(claimed_prev, prev):
             return ChainReport(False, count, prev, number, "prev does not match the previous hash")
-        if not hmac.compare_digest(claimed, link_hash(prev, body)):
+        if not hmac.compare_digest(claimed, expected_hash(data, prev, body)):
             return ChainReport(False, count, prev, number, "hash does not match the record")
         prev = claimed
         count += 1
@@ -139,7 +167,7 @@ def continuation(data: bytes, last_hash: str) -> list[bytes]:
         if len(line) < len(_HEAD) + _TAIL_LEN + 2 or not line.startswith(_HEAD):
             continue
         tail = line[-_TAIL_LEN:]
-        if not (tail.startswith(b',"hash":"') and tail[73:83] == b'","prev":"'):
+        if not _is_tail(tail):
             continue
         candidates.setdefault(tail[83:147].decode("ascii", "replace"), []).append(line)
     kept: list[bytes] = []
@@ -150,7 +178,9 @@ def continuation(data: bytes, last_hash: str) -> list[bytes]:
                 body, digest, claimed_prev = split_line(line)
             except (ValueError, UnicodeDecodeError):
                 continue
-            if claimed_prev == prev and hmac.compare_digest(digest, link_hash(prev, body)):
+            if claimed_prev == prev and hmac.compare_digest(
+                digest, expected_hash(line, prev, body)
+            ):
                 kept.append(line + b"\n")
                 prev = digest
                 break

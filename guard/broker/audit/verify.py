@@ -37,7 +37,7 @@ from typing import Any, NoReturn
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from guard.broker.audit.chain import GENESIS, link_hash, split_record
+from guard.broker.audit.chain import GENESIS, expected_hash, split_record
 from guard.broker.audit.checkpoint import EVERY, KIND, SECONDS, key_id, signature_valid
 
 GRACE = 10.0  # seconds of clock skew and scheduling slack allowed past `seconds`
@@ -138,7 +138,7 @@ class _Verifier:
         seq = body.get("seq")
         if not isinstance(seq, int) or isinstance(seq, bool):
             seq = None
-        if not hmac.compare_digest(claimed, link_hash(claimed_prev, body_bytes)):
+        if not hmac.compare_digest(claimed, expected_hash(raw, claimed_prev, body_bytes)):
             raise _Damaged(
                 "modified",
                 number,
