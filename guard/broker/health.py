@@ -26,6 +26,9 @@ class WatchedAuditSink:
     """An `AuditSink` that records its last failure in `last_error` (None after any
     successful write). One attribute store per call on the hot path, nothing else."""
 
+    # `last_error` is read by the sink's C hot path (`_cseal.HotPath`): a slot, at a fixed offset.
+    __slots__ = ("last_error", "__dict__")
+
     def __init__(self, sink: AuditSink) -> None:
         self.sink = sink
         self.last_error: str | None = None

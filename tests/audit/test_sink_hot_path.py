@@ -31,7 +31,7 @@ from guard.broker.health import WatchedAuditSink
 from tests.audit.audit_logs import stmt, verify
 
 try:
-    from guard.broker.audit import _cseal  # noqa: F401 - the hot path is built
+    from guard.broker.audit import _cseal  # the hot path is built
 except ImportError:  # no compiler or no OpenSSL headers
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail("guard.broker.audit._cseal was not built (CI=true: a failure)", pytrace=False)
@@ -199,6 +199,36 @@ def test_every_unusual_case_is_left_to_the_python_path(tmp_path):
         other = open_sink(tmp_path / str(kwargs) / "audit.jsonl", first=True, **kwargs)
         assert _one(other) is None
         other.close()
+
+
+def test_state_the_hot_path_cannot_find_in_slots_is_refused_or_left_to_python(tmp_path):
+    # It reads and stores the sink's state where the classes' __slots__ put it: a class
+    # that keeps a field anywhere else gets no hot path at all (a loud bug, never a store
+    # at a wrong offset), and a field not set yet is the Python path's.
+    class Plain:
+        MAX_DEFERRED = 256  # everything in the instance dict
+
+    class Shadowed(JsonlAuditSink):
+        _seq = property(lambda self: 0)
+
+    class Unwatched:
+        last_error = None  # a class attribute, not a slot
+
+    sink = open_sink(tmp_path / "audit.jsonl", first=True)
+    for sink_like, watcher in (
+        (Plain(), None),
+        (object.__new__(Shadowed), None),
+        (sink, Unwatched()),
+    ):
+        with pytest.raises(TypeError, match="__slots__"):
+            _cseal.HotPath(sink_like, watcher)
+    prev = sink._prev
+    del sink._prev
+    assert _one(sink) is None
+    sink._prev = prev
+    assert _one(sink) is not None
+    sink.close()
+    assert verify(sink.path).ok
 
 
 def test_a_watched_sink_leaves_a_remembered_failure_to_the_python_path(tmp_path):

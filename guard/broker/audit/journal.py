@@ -47,6 +47,9 @@ def read(path: Path) -> bytes | None:
 class Journal:
     """A new, empty ring at `path` (one left there is replaced: read it first)."""
 
+    # What the sink's C hot path reads and stores (`_cseal.HotPath`): slots, at fixed offsets.
+    __slots__ = ("size", "_map", "_pos", "__dict__")
+
     def __init__(self, path: Path, size: int = SIZE) -> None:
         self.path = path
         self.size = size

@@ -326,6 +326,25 @@ class _AuditSettings(Protocol):
 
 
 class JsonlAuditSink:
+    # The state the C hot path (`_cseal.HotPath`) reads and stores: slots, which an instance
+    # keeps at fixed offsets, where the rest of it is in the instance dict.
+    __slots__ = (
+        "_broken",
+        "_fsync",
+        "_next_check",
+        "_journal",
+        "_pending_error",
+        "_seq",
+        "_prev",
+        "_cp_due",
+        "_pending",
+        "_pending_bytes",
+        "_lock",
+        "_deferred",
+        "_deferred_count",
+        "__dict__",
+        "__weakref__",
+    )
     # Queued after-the-fact records that force a flush from the hot path.
     MAX_DEFERRED = 256
 
