@@ -9,6 +9,9 @@ and result values, or a chain written by one would not verify as the other's.
 from __future__ import annotations
 
 import os
+import signal
+import threading
+import time
 
 import pytest
 from hypothesis import given
@@ -120,3 +123,68 @@ def test_compiled_result_entries_are_the_references_bytes(queued):
 def test_result_values_json_cannot_hold_are_refused(queued, error):
     with pytest.raises(error):
         result_entries(queued)
+
+
+def test_the_sinks_lock_behaves_as_threading_lock():
+    lock = _cseal.Lock()
+    assert lock.acquire() is True and lock.locked()
+    assert lock.acquire(False) is False and lock.acquire(timeout=0.01) is False
+    lock.release()
+    assert not lock.locked()
+    with pytest.raises(RuntimeError):
+        lock.release()
+    with lock:
+        assert lock.locked() and lock.acquire(blocking=False) is False
+    assert not lock.locked()
+    with pytest.raises(ValueError):
+        lock.acquire(False, 1)
+    with pytest.raises(ValueError):
+        lock.acquire(timeout=-5)
+    with pytest.raises(TypeError):
+        _cseal.Lock(1)
+
+
+def test_a_thread_waiting_for_the_sinks_lock_lets_others_run_and_gets_it():
+    lock, order = _cseal.Lock(), []
+    lock.acquire()
+
+    def waiter():
+        with lock:  # waits without the GIL: the main thread below goes on
+            order.append("waiter")
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    time.sleep(0.05)
+    order.append("main")
+    lock.release()
+    thread.join(5)
+    assert order == ["main", "waiter"] and not lock.locked()
+
+
+def test_a_signal_handler_runs_while_the_sinks_lock_is_waited_for():
+    lock = _cseal.Lock()
+    lock.acquire()
+
+    class Alarm(Exception):
+        pass
+
+    def ring(signum, frame):
+        raise Alarm
+
+    previous = signal.signal(signal.SIGALRM, ring)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        started = time.monotonic()
+        with pytest.raises(Alarm):
+            lock.acquire()  # for ever, but a signal's handler still runs, and may raise
+        assert time.monotonic() - started < 5
+        rung = []
+        signal.signal(signal.SIGALRM, lambda signum, frame: rung.append(signum))
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        started = time.monotonic()
+        assert lock.acquire(timeout=0.3) is False  # the wait goes on after the handler
+        assert rung == [signal.SIGALRM] and time.monotonic() - started >= 0.25
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    lock.release()

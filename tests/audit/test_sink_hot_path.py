@@ -227,6 +227,11 @@ def test_state_the_hot_path_cannot_find_in_slots_is_refused_or_left_to_python(tm
     assert _one(sink) is None
     sink._prev = prev
     assert _one(sink) is not None
+    # It takes only the sink's own kind of lock (`_cseal.Lock`) itself; any other, the
+    # Python path takes.
+    lock, sink._lock = sink._lock, threading.Lock()
+    assert type(lock) is _cseal.Lock and _one(sink) is None
+    sink._lock = lock
     sink.close()
     assert verify(sink.path).ok
 

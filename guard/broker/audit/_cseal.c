@@ -415,6 +415,175 @@ fail:
 
 /* ------------------------------------------------------------------ the sink's hot path */
 
+/* Lock(): the sink's lock, a `threading.Lock` whose hot-path callers take it in C.
+ *
+ * `HotPath` takes the sink's lock without waiting at every statement and every batch of
+ * results: through `threading.Lock`'s methods that was a call with its arguments parsed
+ * by PyArg_ParseTupleAndKeywords and another to release, about 1,400 instructions a
+ * transaction. This one is the same OS lock (PyThread_type_lock) with the same Python
+ * methods (acquire(blocking=True, timeout=-1), release, locked, the context manager), and
+ * HotPath calls PyThread_acquire_lock on it directly. A blocking acquire releases the GIL
+ * while it waits and runs signal handlers when a signal interrupts the wait, as
+ * threading.Lock does. */
+
+typedef struct {
+    PyObject_HEAD
+    PyThread_type_lock lock;
+    char locked;
+} Lock;
+
+static PyObject *
+Lock_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    if (PyTuple_GET_SIZE(args) || (kwds && PyDict_GET_SIZE(kwds))) {
+        PyErr_SetString(PyExc_TypeError, "Lock() takes no arguments");
+        return NULL;
+    }
+    Lock *self = (Lock *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    if ((self->lock = PyThread_allocate_lock()) == NULL) {
+        Py_DECREF(self);
+        PyErr_SetString(PyExc_MemoryError, "Lock: cannot allocate a lock");
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static void
+Lock_dealloc(Lock *self)
+{
+    if (self->lock != NULL) {
+        if (self->locked)
+            PyThread_release_lock(self->lock);
+        PyThread_free_lock(self->lock);
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static long long
+monotonic_micros(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000LL + ts.tv_nsec / 1000;
+}
+
+/* Take the lock, waiting at most `micros` (-1: for ever); 1 taken, 0 not, -1 with an
+ * exception (a signal handler raised while waiting). */
+static int
+lock_take(Lock *self, PY_TIMEOUT_T micros)
+{
+    PyLockStatus r = PyThread_acquire_lock_timed(self->lock, 0, 0);
+    if (r == PY_LOCK_FAILURE && micros != 0) {
+        long long deadline = micros > 0 ? monotonic_micros() + micros : 0;
+        for (;;) {
+            Py_BEGIN_ALLOW_THREADS
+            r = PyThread_acquire_lock_timed(self->lock, micros, 1);
+            Py_END_ALLOW_THREADS
+            if (r != PY_LOCK_INTR)
+                break;
+            if (Py_MakePendingCalls() < 0)
+                return -1;
+            if (micros > 0) {
+                micros = (PY_TIMEOUT_T)(deadline - monotonic_micros());
+                if (micros <= 0) {
+                    r = PyThread_acquire_lock_timed(self->lock, 0, 0);
+                    break;
+                }
+            }
+        }
+    }
+    if (r != PY_LOCK_ACQUIRED)
+        return 0;
+    self->locked = 1;
+    return 1;
+}
+
+static PyObject *
+Lock_acquire(Lock *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"blocking", "timeout", NULL};
+    int blocking = 1;
+    double timeout = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|pd:acquire", kwlist, &blocking, &timeout))
+        return NULL;
+    if (!blocking && timeout != -1) {
+        PyErr_SetString(PyExc_ValueError, "can't specify a timeout for a non-blocking call");
+        return NULL;
+    }
+    if (timeout < 0 && timeout != -1) {
+        PyErr_SetString(PyExc_ValueError, "timeout value must be a non-negative number");
+        return NULL;
+    }
+    PY_TIMEOUT_T micros = !blocking ? 0 : timeout == -1 ? -1 : (PY_TIMEOUT_T)(timeout * 1e6);
+    if (blocking && timeout > 0 && micros == 0)
+        micros = 1;
+    int taken = lock_take(self, micros);
+    if (taken < 0)
+        return NULL;
+    return PyBool_FromLong(taken);
+}
+
+static PyObject *
+Lock_enter(Lock *self, PyObject *unused)
+{
+    int taken = lock_take(self, -1);
+    if (taken < 0)
+        return NULL;
+    return PyBool_FromLong(taken);
+}
+
+static void
+lock_give(Lock *self)
+{
+    self->locked = 0;
+    PyThread_release_lock(self->lock);
+}
+
+static PyObject *
+Lock_release(Lock *self, PyObject *unused)
+{
+    if (!self->locked) {
+        PyErr_SetString(PyExc_RuntimeError, "release unlocked lock");
+        return NULL;
+    }
+    lock_give(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Lock_exit(Lock *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    return Lock_release(self, NULL);
+}
+
+static PyObject *
+Lock_locked(Lock *self, PyObject *unused)
+{
+    return PyBool_FromLong(self->locked);
+}
+
+static PyMethodDef Lock_methods[] = {
+    {"acquire", (PyCFunction)(void (*)(void))Lock_acquire, METH_VARARGS | METH_KEYWORDS,
+     "acquire(blocking=True, timeout=-1) -> bool, as threading.Lock's"},
+    {"release", (PyCFunction)Lock_release, METH_NOARGS, "release(), as threading.Lock's"},
+    {"locked", (PyCFunction)Lock_locked, METH_NOARGS, "locked() -> bool"},
+    {"__enter__", (PyCFunction)Lock_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)(void (*)(void))Lock_exit, METH_FASTCALL, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject LockType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "guard.broker.audit._cseal.Lock",
+    .tp_basicsize = sizeof(Lock),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The audit sink's lock: a threading.Lock that HotPath takes in C.",
+    .tp_new = Lock_new,
+    .tp_dealloc = (destructor)Lock_dealloc,
+    .tp_methods = Lock_methods,
+};
+
 /* HotPath(sink, watcher=None): `audit.sink.JsonlAuditSink.append_statements` and
  * `append_results` for the common case, without their Python frames (2.0-2.8 us a statement
  * through the broker's health watcher, of which sealing is 0.65).
@@ -448,15 +617,12 @@ typedef struct {
         pending_bytes, lock_slot, deferred, deferred_count, last_error;
     PyObject *journal_type;  /* the journal class the three offsets below are of, or NULL */
     Py_ssize_t size, pos, map;
-    PyObject *lock;          /* the sink's lock the two bound methods below belong to */
-    PyObject *acquire;       /* lock.acquire and lock.release, looked up once per lock */
-    PyObject *release;
     long long max_deferred;
 } HotPath;
 
 static PyObject *s_broken, *s_fsync, *s_next_check, *s_journal, *s_pending_error, *s_seq,
     *s_prev, *s_cp_due, *s_pending, *s_pending_bytes, *s_lock, *s_map, *s_pos, *s_size,
-    *s_last_error, *s_deferred, *s_deferred_count, *s_acquire, *s_release, *s_max_deferred;
+    *s_last_error, *s_deferred, *s_deferred_count, *s_max_deferred;
 
 /* The attribute an instance keeps at `offset` (borrowed; NULL while unset). */
 #define SLOT(obj, offset) (*(PyObject **)((char *)(obj) + (offset)))
@@ -520,40 +686,6 @@ set_int(PyObject *obj, Py_ssize_t offset, long long v)
     return 0;
 }
 
-/* The sink's lock taken without waiting (1), held elsewhere (0), or -1 with an exception.
- * Its bound methods are looked up once per lock object (the sink makes one, but a new one
- * is simply looked up again), not at every call: two method lookups per record less. */
-static int
-try_lock(HotPath *self, PyObject *lock)
-{
-    if (lock != self->lock) {
-        PyObject *acquire = PyObject_GetAttr(lock, s_acquire);
-        PyObject *release = acquire == NULL ? NULL : PyObject_GetAttr(lock, s_release);
-        if (release == NULL) {
-            Py_XDECREF(acquire);
-            return -1;
-        }
-        Py_INCREF(lock);
-        Py_XSETREF(self->lock, lock);
-        Py_XSETREF(self->acquire, acquire);
-        Py_XSETREF(self->release, release);
-    }
-    PyObject *got = PyObject_CallOneArg(self->acquire, Py_False); /* lock.acquire(False) */
-    if (got == NULL)
-        return -1;
-    int taken = got == Py_True;
-    Py_DECREF(got);
-    return taken;
-}
-
-static int
-unlock(HotPath *self)
-{
-    PyObject *r = PyObject_CallNoArgs(self->release);
-    Py_XDECREF(r);
-    return r == NULL ? -1 : 0;
-}
-
 static PyObject *
 HotPath_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
@@ -607,9 +739,6 @@ HotPath_traverse(HotPath *self, visitproc visit, void *arg)
     Py_VISIT(self->sink);
     Py_VISIT(self->watcher);
     Py_VISIT(self->journal_type);
-    Py_VISIT(self->lock);
-    Py_VISIT(self->acquire);
-    Py_VISIT(self->release);
     return 0;
 }
 
@@ -619,9 +748,6 @@ HotPath_clear(HotPath *self)
     Py_CLEAR(self->sink);
     Py_CLEAR(self->watcher);
     Py_CLEAR(self->journal_type);
-    Py_CLEAR(self->lock);
-    Py_CLEAR(self->acquire);
-    Py_CLEAR(self->release);
     return 0;
 }
 
@@ -726,13 +852,18 @@ under_lock(HotPath *self, PyObject *(*body)(HotPath *, PyObject *), PyObject *ar
            PyObject *declined)
 {
     PyObject *lock = SLOT(self->sink, self->lock_slot);
-    if (lock == NULL)
-        return Py_NewRef(declined);
-    Py_INCREF(lock);
-    int taken = try_lock(self, lock);
-    PyObject *out = taken == 1 ? body(self, arg) : taken == 0 ? Py_NewRef(declined) : NULL;
-    if (taken == 1 && unlock(self) < 0)
-        Py_CLEAR(out);
+    if (lock == NULL || !Py_IS_TYPE(lock, &LockType))
+        return Py_NewRef(declined); /* another kind of lock: the Python path takes it */
+    Py_INCREF(lock); /* (body may store into the sink, never its lock: kept all the same) */
+    Lock *l = (Lock *)lock;
+    PyObject *out;
+    if (PyThread_acquire_lock(l->lock, NOWAIT_LOCK)) {
+        l->locked = 1;
+        out = body(self, arg);
+        lock_give(l);
+    } else {
+        out = Py_NewRef(declined);
+    }
     Py_DECREF(lock);
     return out;
 }
@@ -848,19 +979,18 @@ PyInit__cseal(void)
         {&s_pending_bytes, "_pending_bytes"}, {&s_lock, "_lock"}, {&s_map, "_map"},
         {&s_pos, "_pos"}, {&s_size, "size"}, {&s_last_error, "last_error"},
         {&s_deferred, "_deferred"}, {&s_deferred_count, "_deferred_count"},
-        {&s_acquire, "acquire"}, {&s_release, "release"}, {&s_max_deferred, "MAX_DEFERRED"},
+        {&s_max_deferred, "MAX_DEFERRED"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         if (*names[i].slot == NULL && (*names[i].slot = PyUnicode_InternFromString(names[i].name)) == NULL)
             return NULL;
-    if (PyType_Ready(&HotPathType) < 0)
+    if (PyType_Ready(&HotPathType) < 0 || PyType_Ready(&LockType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    Py_INCREF(&HotPathType);
-    if (PyModule_AddObject(m, "HotPath", (PyObject *)&HotPathType) < 0) {
-        Py_DECREF(&HotPathType);
+    if (PyModule_AddObjectRef(m, "HotPath", (PyObject *)&HotPathType) < 0
+        || PyModule_AddObjectRef(m, "Lock", (PyObject *)&LockType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

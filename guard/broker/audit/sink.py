@@ -152,6 +152,8 @@ seal_record: Callable[[bytes, bytes, int, int], tuple[bytes, bytes]] = (
 result_entries: Callable[[list[tuple[list[tuple[Any, ...]], int]]], bytes] = (
     _cseal.result_entries if _cseal is not None else result_entries_py
 )
+# The sink's lock: a threading.Lock that the C hot path takes without a method call.
+_new_lock: Callable[[], Any] = _cseal.Lock if _cseal is not None else threading.Lock
 
 _CHECKPOINT_MARK = b'"kind":"checkpoint"'  # cannot occur inside a JSON string (quotes escaped)
 
@@ -371,7 +373,7 @@ class JsonlAuditSink:
         self._pending_bytes = 0
         self._pending_error: str | None = None  # why the last write of them failed
         self._retry_at = 0  # monotonic ns: when to try that write again
-        self._lock = threading.Lock()
+        self._lock = _new_lock()
         self._dirty = False  # written since the last fsync
         self._broken: str | None = None  # why appends are refused for good (a failed fsync)
         self._commit_error: str | None = None  # a failed group commit, until `flush` says so
