@@ -213,6 +213,76 @@ def test_statements_recorded_at_once_relay_what_paused_ones_relay(steps, split, 
     assert records_at_once == records
 
 
+class _General(reference.GatewayConnection):
+    """The reference without its express lane: every read takes the general path."""
+
+    def _express_query(self, data: bytes) -> None:
+        return None
+
+
+_SELECT_1 = ("c", encode(m.Query("SELECT 1")))
+_ONE_ROW = (
+    "s",
+    b"".join(
+        encode(x)
+        for x in (
+            m.RowDescription((m.FieldDescription("?column?", 0, 0, 23, 4, -1, 0),)),
+            m.DataRow((b"1",)),
+            m.CommandComplete("SELECT 1"),
+            m.ReadyForQuery(b"I"),
+        )
+    ),
+)
+
+
+# Runs of the steady state (a plain Query, its answer), between anything else.
+_steady = st.lists(
+    st.one_of(
+        st.lists(st.sampled_from([_SELECT_1, _ONE_ROW]), min_size=2, max_size=6),
+        st.lists(_step, min_size=1, max_size=3),
+    ),
+    max_size=5,
+).map(lambda runs: [step for run in runs for step in run])
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    _steady,
+    st.integers(min_value=1, max_value=64),
+    st.booleans(),
+    st.booleans(),
+    st.booleans(),
+)
+@example([_SELECT_1, _ONE_ROW, _SELECT_1, _ONE_ROW, _SELECT_1, _ONE_ROW], 64, False, False, True)
+@example([_SELECT_1, _ONE_ROW, _SELECT_1, ("audit", b"fail"), _SELECT_1], 64, False, False, True)
+@example([_SELECT_1, _SELECT_1, _ONE_ROW, _ONE_ROW, _HELD, _SELECT_1], 64, True, True, False)
+def test_the_express_lane_says_what_the_general_path_says(steps, split, holds, eager, inline):
+    # The steady state's short cuts (`_express_query`) give the commands and records the
+    # general path gives, whatever came before (pauses, refusals, failing audit, garbage).
+    assert _run(reference.GatewayConnection, steps, split, holds, eager, inline) == _run(
+        _General, steps, split, holds, eager, inline
+    )
+
+
+@pytest.mark.parametrize("build", [reference.GatewayConnection, _cconnection.GatewayConnection])
+def test_the_express_lane_forwards_a_plain_query_as_it_was_read(build):
+    # What makes the steady state cheap, and the test above not vacuous: the read itself
+    # goes upstream (no framed copy), recorded first, once the decision's records exist.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(playbook, "GatewayConnection", build)
+        conn = playbook.connection()
+    audit = MemoryAuditSink()
+    conn.recorder = audit.append_statements
+    query = encode(m.Query("SELECT 1"))
+    for run in range(3):
+        read = bytes(bytearray(query))  # a fresh object each time, as a socket gives
+        (cmd,) = conn.from_client(read)
+        assert type(cmd) is SendToServer and cmd.data == query
+        assert (cmd.data is read) == (run > 0)  # the first one made the records
+        assert len(audit.records) == run + 1
+        conn.from_server(_ONE_ROW[1])
+
+
 def test_the_twin_is_built_with_its_declarations():
     # connection.pxd was applied (setup.py's include_path): an extension type whose fields
     # are C slots, not a plain class with a __dict__, which is what makes the twin faster.

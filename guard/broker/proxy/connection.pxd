@@ -49,6 +49,7 @@ cdef class GatewayConnection:
     cdef public object state
     cdef public object _frontend
     cdef public object _backend
+    cdef public Py_ssize_t _front_limit
     cdef public object _front_tables
     cdef public object _back_tables
     cdef public bint _front_empty
@@ -77,6 +78,8 @@ cdef class GatewayConnection:
     cdef public list _logs
     cdef public object _close
 
+    @cython.locals(size=Py_ssize_t, length=Py_ssize_t)
+    cdef _express_query(self, bytes data)
     @cython.locals(tag=int)
     cpdef from_server(self, data)
     cdef _flush(self)

@@ -81,6 +81,7 @@ from guard.broker.pgwire.messages import (  # the tags, compared as plain global
     TAG_TERMINATE,
 )
 from guard.broker.pgwire.parser import (
+    MAX_MESSAGE_SIZE,
     BackendParser,
     FrontendParser,
     Raw,
@@ -287,6 +288,7 @@ class GatewayConnection:
         self.state = State.RELAYING
         kwargs = {"max_message_size": max_message_size} if max_message_size else {}
         self._frontend = FrontendParser(expect_startup=False, scan=scan, **kwargs)
+        self._front_limit = max_message_size or MAX_MESSAGE_SIZE  # the parser's, for _express_query
         self._backend = BackendParser(scan=scan, **kwargs)
         # With the compiled scan, a read is framed here while its parser holds nothing (most
         # reads are whole messages): what `feed_drain` does then, without its call. The
@@ -374,6 +376,10 @@ class GatewayConnection:
             return []
         try:
             # RELAYING: nothing is queued behind a pause (_queued handled it all).
+            if self._front_empty and data.__class__ is bytes:
+                said = self._express_query(data)
+                if said is not None:
+                    return said
             tables = self._front_tables
             if self._front_empty and tables is not None and data.__class__ is bytes:
                 frame, valid, runs, limit = tables
@@ -398,6 +404,45 @@ class GatewayConnection:
             self._blocking = None
             return [blocking]  # a statement paused for its record (the common pause)
         return self._flush()
+
+    def _express_query(self, data: bytes) -> list[Command] | None:
+        """The steady state of the simple protocol: a read that is one whole Query, of a
+        text whose decision forwards it as the client sent it, with nothing else pending in
+        this call. What `_relay_client`, `_on_query`, `_record`, `_after_query_record` and
+        `_flush` give for it, without framing a copy, the steps' calls, or the decision's
+        other attributes (the read itself goes upstream). None, having changed nothing:
+        anything else, for the general path (a malformed message included: it says why)."""
+        size = len(data)
+        if size < 6 or data[0] != TAG_QUERY:
+            return None
+        length = data[1] << 24 | data[2] << 16 | data[3] << 8 | data[4]
+        if (
+            length != size - 1
+            or length > self._front_limit
+            or self.codec != "utf-8"
+            or self._to_server
+            or self._to_client
+            or self._results
+            or self._logs
+            or self._blocking is not None
+            or self._close is not None
+        ):
+            return None
+        try:
+            sql = cstring_body(data, "Query")
+        except ProtocolError:
+            return None
+        records = _decision(self.gate, self._decisions, self._shared, sql).simple_records
+        if records is None:
+            return None
+        recorder = self.recorder
+        seqs = recorder(records) if recorder is not None else None
+        if seqs is None:  # paused for its record, as `_record` pauses
+            self._continuation = (self._after_query_record, data, None)
+            self.state = _PAUSED
+            return [WriteAudit(records)]
+        self._pending.append([_QUERY, seqs, None, None, None, None, False, None, False, None])
+        return [_send_to_server(data)]
 
     def from_server(self, data: bytes) -> list[Command]:  # noqa: C901 - the dispatch on the message type, inline: it runs per message
         """Bytes PostgreSQL sent, in order: the commands that relay them (masked). Never

@@ -55,6 +55,7 @@ class Decision:
         "records",
         "forward_sql",
         "redirected",
+        "simple_records",
     )
 
     def __init__(
@@ -85,6 +86,10 @@ class Decision:
         # search_path the client sets. None: forward the client's bytes as they are.
         self.forward_sql: str | None = None
         self.redirected: tuple[str, ...] = ()
+        # The records of a run in the simple protocol when the statement is forwarded as
+        # the client sent it (allowed, not rewritten, nothing to hold), once they are made
+        # (`statement_records`); None otherwise. The connection's one-lookup steady state.
+        self.simple_records: tuple[bytes, ...] | None = None
 
 
 def refusal_for(verdict: Verdict) -> ErrorResponse:
@@ -259,6 +264,14 @@ class Gate:
         records = decision.records.get(protocol)
         if records is None:
             records = decision.records[protocol] = self._records_for(decision, protocol)
+            if (
+                protocol == "simple"
+                and records
+                and decision.refusal is None
+                and decision.hold is None
+                and decision.forward_sql is None
+            ):
+                decision.simple_records = records
         return records
 
     def _records_for(self, decision: Decision, protocol: str) -> tuple[bytes, ...]:
