@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from guard.broker.audit.sink import MemoryAuditSink
+from guard.broker.masking.strategies import get_strategy
 from guard.broker.pgwire import messages as m
 from guard.broker.pgwire.encoder import encode
 from guard.broker.proxy import connection as reference
@@ -33,6 +34,8 @@ from guard.broker.proxy.commands import (
     SendToServer,
 )
 from guard.broker.proxy.events import ApprovalDecided
+from guard.broker.proxy.gate import Gate
+from guard.broker.proxy.protected import ProtectedColumnMap
 from guard.broker.proxy.state import State
 from tests import playbook
 from tests.proxy.test_session_fuzz import chunk, server_chunk
@@ -219,6 +222,9 @@ class _General(reference.GatewayConnection):
     def _express_query(self, data: bytes) -> None:
         return None
 
+    def _express_answer(self, data: bytes) -> bool:
+        return False
+
 
 _SELECT_1 = ("c", encode(m.Query("SELECT 1")))
 _ONE_ROW = (
@@ -265,22 +271,93 @@ def test_the_express_lane_says_what_the_general_path_says(steps, split, holds, e
 
 
 @pytest.mark.parametrize("build", [reference.GatewayConnection, _cconnection.GatewayConnection])
-def test_the_express_lane_forwards_a_plain_query_as_it_was_read(build):
-    # What makes the steady state cheap, and the test above not vacuous: the read itself
-    # goes upstream (no framed copy), recorded first, once the decision's records exist.
+def test_the_express_lanes_relay_a_plain_query_and_its_answer_as_they_were_read(build):
+    # What makes the steady state cheap, and the test above not vacuous: each read itself
+    # goes on (no framed copies), the Query recorded first, once the decision's records
+    # exist, and the answer's result recorded, once its caches hold its messages.
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(playbook, "GatewayConnection", build)
         conn = playbook.connection()
     audit = MemoryAuditSink()
     conn.recorder = audit.append_statements
     query = encode(m.Query("SELECT 1"))
+    conn.result_recorder = lambda results: audit.append_results(results) or True
     for run in range(3):
         read = bytes(bytearray(query))  # a fresh object each time, as a socket gives
         (cmd,) = conn.from_client(read)
         assert type(cmd) is SendToServer and cmd.data == query
         assert (cmd.data is read) == (run > 0)  # the first one made the records
-        assert len(audit.records) == run + 1
-        conn.from_server(_ONE_ROW[1])
+        answer = bytes(bytearray(_ONE_ROW[1]))
+        (cmd,) = conn.from_server(answer)
+        assert type(cmd) is SendToClient and cmd.data == answer
+        assert (cmd.data is answer) == (run > 0)  # the first one filled the caches
+        assert [r["kind"] for r in audit.records] == ["statement", "result"] * (run + 1)
+    assert conn.idle
+
+
+_VIEW_OID = 16500  # a masking view whose column 2 is a masked column
+_VIEW_ROWS = 2
+
+
+def _answer(*fields: Any, rows: int = 1, width: int = 4) -> bytes:
+    return playbook.wire(
+        m.RowDescription(tuple(fields)),
+        *[m.DataRow((b"x" * width,) * len(fields))] * rows,
+        m.CommandComplete(f"SELECT {rows}"),
+        m.ReadyForQuery(b"I"),
+    )
+
+
+def _said_with_view_columns(build: type) -> tuple[list[tuple[Any, ...]], list[dict[str, Any]]]:
+    """Traffic the fuzzers' connection cannot make: results of masking views (counted
+    cells), a masked base column whose rows come in two reads (the plan carried over),
+    and a row over the connection's size limit."""
+    protected = ProtectedColumnMap(
+        {(playbook.CUSTOMERS_OID, playbook.SSN_ATTNUM): get_strategy("ssn_last4")}
+    )
+    protected.view_columns = frozenset({(_VIEW_OID, 2)})
+    gate = Gate(
+        policy=playbook.POLICY,
+        target="demo",
+        principal=playbook.ALICE,
+        session_id="s1",
+        connection_id="c1",
+    )
+    conn = build(gate, protected=protected, client_user="guard_s1", max_message_size=512)
+    audit = MemoryAuditSink()
+    driver = playbook.Driver(conn, audit)
+    conn.recorder = audit.append_statements
+    conn.result_recorder = lambda results: audit.append_results(results) or True
+    viewed = playbook.field("ssn", _VIEW_OID, 2)
+    masked = playbook.field("ssn", playbook.CUSTOMERS_OID, playbook.SSN_ATTNUM)
+    plain = playbook.field("n", 16600, 1)
+    answer = _answer(masked, rows=_VIEW_ROWS)  # its CommandComplete seen before
+    first_row = 1 + int.from_bytes(answer[1:5], "big")  # after the RowDescription
+    split = first_row + 1 + int.from_bytes(answer[first_row + 1 : first_row + 5], "big")
+    steps = [
+        *[("c", encode(m.Query("SELECT 1"))), ("s", _answer(viewed, plain, rows=_VIEW_ROWS))] * 3,
+        ("c", encode(m.Query("SELECT 1"))),
+        ("s", answer[:split]),
+        ("s", answer[split:]),
+        ("c", encode(m.Query("SELECT 1"))),
+        ("s", _answer(plain, rows=2, width=600)),
+    ]
+    said: list[tuple[Any, ...]] = []
+    for side, data in steps:
+        feed = driver.from_client if side == "c" else driver.from_server
+        said += [_seen(c) for c in feed(data)]
+        said.append(("state", int(conn.state)))
+    return said, [{k: v for k, v in r.items() if k != "time"} for r in audit.records]
+
+
+def test_the_express_lanes_count_and_mask_as_the_general_path():
+    said, records = _said_with_view_columns(_General)
+    assert _said_with_view_columns(reference.GatewayConnection) == (said, records)
+    assert _said_with_view_columns(_cconnection.GatewayConnection) == (said, records)
+    results = [r for r in records if r["kind"] == "result"]
+    assert [r["view_masked_cells"] for r in results[:3]] == [_VIEW_ROWS] * 3
+    assert results[3]["masked_cells"] == _VIEW_ROWS
+    assert said[-1] == ("state", int(State.CLOSED))  # the row over the limit
 
 
 def test_the_twin_is_built_with_its_declarations():

@@ -50,6 +50,10 @@ cdef class GatewayConnection:
     cdef public object _frontend
     cdef public object _backend
     cdef public Py_ssize_t _front_limit
+    cdef public Py_ssize_t _back_limit
+    cdef public bytes _express_t
+    cdef public object _express_description
+    cdef public bytes _declined_t
     cdef public object _front_tables
     cdef public object _back_tables
     cdef public bint _front_empty
@@ -80,6 +84,9 @@ cdef class GatewayConnection:
 
     @cython.locals(size=Py_ssize_t, length=Py_ssize_t)
     cdef _express_query(self, bytes data)
+    @cython.locals(size=Py_ssize_t, pos=Py_ssize_t, end=Py_ssize_t, length=Py_ssize_t,
+                   limit=Py_ssize_t)
+    cdef bint _express_answer(self, bytes data) except -1
     @cython.locals(tag=int)
     cpdef from_server(self, data)
     cdef _flush(self)

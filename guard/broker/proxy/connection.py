@@ -288,7 +288,11 @@ class GatewayConnection:
         self.state = State.RELAYING
         kwargs = {"max_message_size": max_message_size} if max_message_size else {}
         self._frontend = FrontendParser(expect_startup=False, scan=scan, **kwargs)
-        self._front_limit = max_message_size or MAX_MESSAGE_SIZE  # the parser's, for _express_query
+        # The parsers' size limit, for the express lanes (`_express_query`, `_express_answer`).
+        self._front_limit = self._back_limit = max_message_size or MAX_MESSAGE_SIZE
+        self._express_t = b""  # see _express_answer
+        self._express_description: Description | None = None
+        self._declined_t = b""
         self._backend = BackendParser(scan=scan, **kwargs)
         # With the compiled scan, a read is framed here while its parser holds nothing (most
         # reads are whole messages): what `feed_drain` does then, without its call. The
@@ -450,6 +454,8 @@ class GatewayConnection:
         if self.state >= _CLOSED:
             return []
         try:
+            if self._back_empty and data.__class__ is bytes and self._express_answer(data):
+                return self._flush()
             tables = self._back_tables
             if self._back_empty and tables is not None and data.__class__ is bytes:
                 frame, valid, runs, limit = tables
@@ -511,6 +517,87 @@ class GatewayConnection:
         except Exception as exc:  # noqa: BLE001 - see _failed: nothing escapes the core
             self._failed(exc)
         return self._flush()
+
+    def _express_answer(self, data: bytes) -> bool:  # noqa: C901 - checks, then effects
+        """The steady state of the simple protocol's answers: a read that is one whole
+        answer to the recorded Query at the head of the queue, `[RowDescription] DataRow*
+        CommandComplete ReadyForQuery`, whose rows need no masking and whose RowDescription
+        and CommandComplete were seen before (their caches hold them). Does what the
+        general path does for those messages and relays the read as it is (not framed into
+        copies and joined again): True. False, having changed nothing the general path
+        would not: anything else."""
+        pending = self._pending
+        if not pending:
+            return False
+        head = pending[0]
+        seqs = head[_SEQS]
+        if head[_KIND] is not _QUERY or not seqs or head[_APPROVAL] is not None:
+            return False
+        size = len(data)
+        limit = self._back_limit
+        pos = 0
+        description = None
+        if size >= 5 and data[0] == TAG_ROW_DESCRIPTION:
+            length = data[1] << 24 | data[2] << 16 | data[3] << 8 | data[4]
+            pos = 1 + length
+            if pos > size or length < 6 or length > limit:
+                return False
+            if self.protected:
+                # The last RowDescription this took, and the last one it left to the general
+                # path, are compared without a copy: a statement run again sends the same.
+                known = self._express_t
+                if pos == len(known) and data.startswith(known):
+                    description = self._express_description
+                elif pos == len(self._declined_t) and data.startswith(self._declined_t):
+                    return False
+                else:
+                    key = data[:pos]
+                    try:
+                        description = self._describe(key)
+                        if self._plan_of(description, None) is not None:
+                            self._declined_t = key
+                            return False  # rows to mask: the general path masks and logs
+                    except ProtocolError:
+                        return False  # malformed: the general path says so
+                    self._express_t, self._express_description = key, description
+        if description is None and self._plan is not None:
+            return False
+        # The rows (not decoded: the general path relays unmasked rows as framed), up to
+        # the CommandComplete, which must be followed by the ReadyForQuery that ends the
+        # read: the lengths found must add up to the read's.
+        while pos + 5 <= size and data[pos] == TAG_DATA_ROW:
+            length = data[pos + 1] << 24 | data[pos + 2] << 16 | data[pos + 3] << 8 | data[pos + 4]
+            if length < 6 or length > limit:  # (a DataRow holds its column count at least)
+                return False
+            pos += 1 + length
+        if pos + 5 > size or data[pos] != TAG_COMMAND_COMPLETE:
+            return False
+        length = data[pos + 1] << 24 | data[pos + 2] << 16 | data[pos + 3] << 8 | data[pos + 4]
+        end = pos + 1 + length
+        if end + 6 != size or length < 5 or length > limit:
+            return False
+        done = self._tags.get(data[pos:end])
+        if done is None:
+            return False  # the general path reads it, once
+        if (
+            data[end] != TAG_READY_FOR_QUERY
+            or data[end + 1] != 0
+            or data[end + 2] != 0
+            or data[end + 3] != 0
+            or data[end + 4] != 5
+        ):
+            return False
+        # Now what the general path does for these messages, in its order.
+        if description is not None:  # RowDescription
+            self._view_masked = description.view_masked
+            self._plan = None
+        self._plan = None  # CommandComplete (for the rows: no plan)
+        self._result(seqs.pop(0), "ok", done[0], done[1], None, self._view_masked)
+        self._masked_cells = 0
+        self._view_masked = 0
+        pending.popleft()  # ReadyForQuery: the Query is answered
+        self._to_client.append(data)
+        return True
 
     def audit_written(self, seqs: list[int] | None) -> list[Command]:
         """The records of the last `WriteAudit` are in the log, with these sequence numbers:
