@@ -454,7 +454,9 @@ def _start_profiler(profile: str, label: str, broker_pid: int) -> subprocess.Pop
     if out.suffix == ".strace":  # system calls per transaction
         cmd = ["strace", "-c", "-f", "-p", str(broker_pid), "-o", str(out)]
     elif out.suffix == ".perf":  # native profile: interpreter vs uvloop vs kernel
-        cmd = ["perf", "record", "-F", "2000", "-g", "-p", str(broker_pid)]
+        # DWARF unwinding: libpython and the extensions have no frame pointers (with -g
+        # every stack stopped at the interpreter); its samples are large, so fewer of them.
+        cmd = ["perf", "record", "-F", "499", "--call-graph", "dwarf,16384", "-p", str(broker_pid)]
         cmd += ["-o", str(out)]
     else:
         fmt = "raw" if out.suffix == ".txt" else "flamegraph"
