@@ -389,10 +389,16 @@ def test_the_cores_twin_runs_on_the_name_tables_twin():
     from guard.broker.proxy import _cnames
 
     # names.pxd was applied (extension types, `parse` and `bind` C methods), and the
-    # core's twin imports it (setup.py rewrites that import in the twin's copy only).
+    # core's twin is built against it (setup.py rewrites its import in the twin's copy
+    # only; connection.pxd cimports its types, to read their fields as C members).
     assert _cnames.Prepared.__dictoffset__ == 0 and _cnames.NameTables.__dictoffset__ == 0
-    assert _cconnection.NameTables is _cnames.NameTables
-    assert reference.NameTables is names_reference.NameTables
+    for build, tables in (
+        (_cconnection.GatewayConnection, _cnames.NameTables),
+        (reference.GatewayConnection, names_reference.NameTables),
+    ):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(playbook, "GatewayConnection", build)
+            assert type(playbook.connection().names) is tables
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,10 @@
 # pgwire.messages or proxy.connection), and the tag of the loops that dispatch on it
 # (-3 % instructions for extended, -1 to -2 % for the other -S modes, through the pump).
 cimport cython
+# The name tables' twin (setup.py builds the core's twin against it): its fields are read
+# as C struct members where a local is typed with its class (an extended-protocol
+# transaction read ~20 of them through the generic attribute lookup).
+from guard.broker.proxy._cnames cimport Description, NameTables, Portal, Prepared
 
 cdef int TAG_BIND, TAG_EXECUTE, TAG_SYNC, TAG_QUERY, TAG_PARSE, TAG_DESCRIBE, TAG_CLOSE
 cdef int TAG_FUNCTION_CALL, TAG_TERMINATE, TAG_DATA_ROW, TAG_COPY_DATA, TAG_READY_FOR_QUERY
@@ -30,7 +34,8 @@ cdef Py_ssize_t _KIND, _SEQS, _PORTAL, _UNDO, _PREPARED, _SUBSTITUTE, _SWALLOW, 
 cdef Py_ssize_t _PLANNED, _APPROVAL
 
 cdef object _decision(object gate, dict decisions, dict shared, object sql)
-cdef object _view_masked_of(object portal)
+@cython.locals(description=Description)
+cdef object _view_masked_of(Portal portal)
 cdef object _send_to_server(object data)
 cdef object _send_to_client(object data)
 
@@ -61,7 +66,7 @@ cdef class GatewayConnection:
     cdef public dict _decisions
     cdef public dict _shared
     cdef public object _pending
-    cdef public object names
+    cdef public NameTables names
     cdef public list _backlog
     cdef public object _backlog_pos
     cdef public object _backlog_error
@@ -94,10 +99,14 @@ cdef class GatewayConnection:
     @cython.locals(tag=int, pos=Py_ssize_t, count=Py_ssize_t)
     cdef _relay_client(self, fed)
     cdef _on_query(self, raw)
+    @cython.locals(prepared=Prepared)
     cdef _on_bind(self, raw)
+    @cython.locals(prepared=Prepared, portal=Portal)
     cdef _on_describe(self, raw)
     cdef _on_function_call(self, raw)
+    @cython.locals(prepared=Prepared)
     cdef _on_parse(self, raw)
+    @cython.locals(portal=Portal)
     cdef _on_execute(self, portal_name, raw)
     cdef _approval_done(self, entry)
     cdef _on_server_message(self, int tag, raw)
@@ -107,6 +116,7 @@ cdef class GatewayConnection:
     cdef _on_row_description(self, raw, head)
     cdef _on_error(self, raw, head)
     cdef _skip_to_sync(self, failed)
+    @cython.locals(portal=Portal)
     cdef _execute_plan(self, head)
     cdef _describe(self, raw)
     cdef _plan_of(self, description, formats)
