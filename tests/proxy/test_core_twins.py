@@ -241,10 +241,46 @@ _ONE_ROW = (
 )
 
 
-# Runs of the steady state (a plain Query, its answer), between anything else.
+# The extended protocol's: a statement parsed, bound, described and run (pgbench -M
+# extended), and a prepared one bound and run (-M prepared), with their answers.
+_EXTENDED = (
+    "c",
+    playbook.wire(
+        m.Parse("", "SELECT 1", ()),
+        m.Bind("", "", (), (), ()),
+        m.Describe(b"P", ""),
+        m.Execute("", 0),
+        m.Sync(),
+    ),
+)
+_PREPARE = ("c", playbook.wire(m.Parse("s1", "SELECT 1", ()), m.Sync()))
+_PREPARED = ("c", playbook.wire(m.Bind("", "s1", (), (), ()), m.Execute("", 0), m.Sync()))
+_ROW = playbook.wire(m.DataRow((b"1",)), m.CommandComplete("SELECT 1"), m.ReadyForQuery(b"I"))
+_EXTENDED_ROW = (
+    "s",
+    playbook.wire(m.ParseComplete(), m.BindComplete()) + _ONE_ROW[1],
+)
+_PREPARED_ROW = ("s", playbook.wire(m.BindComplete()) + _ROW)
+# A server out of step: a RowDescription of a masked column nobody asked for (its mask
+# plan then applies to the rows that follow), and a ReadyForQuery without a Sync.
+_STRAY_MASKED_T = (
+    "s",
+    encode(m.RowDescription((playbook.field("ssn", playbook.CUSTOMERS_OID, playbook.SSN_ATTNUM),))),
+)
+_UNSYNCED = ("c", _EXTENDED[1][: -len(encode(m.Sync()))] + encode(m.Flush()))
+_PREPARE_DONE = ("s", playbook.wire(m.ParseComplete(), m.ReadyForQuery(b"I")))
+
+# Runs of the steady states (a plain Query, its answer; the extended protocol's), between
+# anything else.
 _steady = st.lists(
     st.one_of(
         st.lists(st.sampled_from([_SELECT_1, _ONE_ROW]), min_size=2, max_size=6),
+        st.lists(st.sampled_from([_EXTENDED, _EXTENDED_ROW]), min_size=2, max_size=6),
+        st.lists(
+            st.sampled_from([_PREPARE, _PREPARE_DONE, _PREPARED, _PREPARED_ROW]),
+            min_size=2,
+            max_size=8,
+        ),
         st.lists(_step, min_size=1, max_size=3),
     ),
     max_size=5,
@@ -254,12 +290,24 @@ _steady = st.lists(
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     _steady,
-    st.integers(min_value=1, max_value=64),
+    st.integers(min_value=1, max_value=128),
     st.booleans(),
     st.booleans(),
     st.booleans(),
 )
 @example([_SELECT_1, _ONE_ROW, _SELECT_1, _ONE_ROW, _SELECT_1, _ONE_ROW], 64, False, False, True)
+@example([_EXTENDED, _EXTENDED_ROW] * 3, 128, False, False, True)
+@example([_PREPARE, _PREPARE_DONE, *[_PREPARED, _PREPARED_ROW] * 3], 128, False, False, True)
+@example(
+    [_EXTENDED, _EXTENDED_ROW, _EXTENDED, _STRAY_MASKED_T, _EXTENDED_ROW], 128, False, False, True
+)
+@example(
+    [_EXTENDED, _EXTENDED_ROW, _UNSYNCED, _EXTENDED, _EXTENDED_ROW, _EXTENDED_ROW],
+    128,
+    False,
+    False,
+    True,
+)
 @example([_SELECT_1, _ONE_ROW, _SELECT_1, ("audit", b"fail"), _SELECT_1], 64, False, False, True)
 @example([_SELECT_1, _SELECT_1, _ONE_ROW, _ONE_ROW, _HELD, _SELECT_1], 64, True, True, False)
 def test_the_express_lane_says_what_the_general_path_says(steps, split, holds, eager, inline):
@@ -334,11 +382,43 @@ def _said_with_view_columns(build: type) -> tuple[list[tuple[Any, ...]], list[di
     answer = _answer(masked, rows=_VIEW_ROWS)  # its CommandComplete seen before
     first_row = 1 + int.from_bytes(answer[1:5], "big")  # after the RowDescription
     split = first_row + 1 + int.from_bytes(answer[first_row + 1 : first_row + 5], "big")
+    bound = playbook.wire(m.ParseComplete(), m.BindComplete())
     steps = [
         *[("c", encode(m.Query("SELECT 1"))), ("s", _answer(viewed, plain, rows=_VIEW_ROWS))] * 3,
         ("c", encode(m.Query("SELECT 1"))),
         ("s", answer[:split]),
         ("s", answer[split:]),
+        # The extended protocol: the described portal's view columns, three times.
+        *[_EXTENDED, ("s", bound + _answer(viewed, plain, rows=_VIEW_ROWS))] * 3,
+        # Another portal described than the one run: the run counts its own (none).
+        (
+            "c",
+            playbook.wire(
+                m.Parse("", "SELECT 1", ()),
+                m.Bind("", "", (), (), ()),
+                m.Describe(b"P", "p9"),
+                m.Execute("", 0),
+                m.Sync(),
+            ),
+        ),
+        ("s", bound + _answer(viewed, rows=_VIEW_ROWS)),
+        # A statement with a masked column, prepared (the gateway describes it itself),
+        # then run twice without a Describe: its rows are masked by the statement's plan.
+        ("c", playbook.wire(m.Parse("m1", "SELECT ssn FROM customers", ()), m.Sync())),
+        (
+            "s",
+            playbook.wire(
+                m.ParseComplete(),
+                m.ParameterDescription(()),
+                m.RowDescription((masked,)),
+                m.ReadyForQuery(b"I"),
+            ),
+        ),
+        *[
+            ("c", playbook.wire(m.Bind("", "m1", (), (), ()), m.Execute("", 0), m.Sync())),
+            ("s", playbook.wire(m.BindComplete()) + answer[first_row:]),
+        ]
+        * 2,
         ("c", encode(m.Query("SELECT 1"))),
         ("s", _answer(plain, rows=2, width=600)),
     ]
@@ -357,6 +437,8 @@ def test_the_express_lanes_count_and_mask_as_the_general_path():
     results = [r for r in records if r["kind"] == "result"]
     assert [r["view_masked_cells"] for r in results[:3]] == [_VIEW_ROWS] * 3
     assert results[3]["masked_cells"] == _VIEW_ROWS
+    assert [r["view_masked_cells"] for r in results[4:8]] == [_VIEW_ROWS] * 3 + [0]
+    assert [r["masked_cells"] for r in results[8:10]] == [_VIEW_ROWS] * 2
     assert said[-1] == ("state", int(State.CLOSED))  # the row over the limit
 
 

@@ -57,7 +57,7 @@ cdef class GatewayConnection:
     cdef public Py_ssize_t _front_limit
     cdef public Py_ssize_t _back_limit
     cdef public bytes _express_t
-    cdef public object _express_description
+    cdef public object _express_t_description
     cdef public bytes _declined_t
     cdef public object _front_tables
     cdef public object _back_tables
@@ -89,9 +89,19 @@ cdef class GatewayConnection:
 
     @cython.locals(size=Py_ssize_t, length=Py_ssize_t)
     cdef _express_query(self, bytes data)
-    @cython.locals(size=Py_ssize_t, pos=Py_ssize_t, end=Py_ssize_t, length=Py_ssize_t,
-                   limit=Py_ssize_t)
     cdef bint _express_answer(self, bytes data) except -1
+    @cython.locals(pos=Py_ssize_t)
+    cdef bint _express_query_answer(self, bytes data) except -1
+    @cython.locals(count=Py_ssize_t, size=Py_ssize_t, pos=Py_ssize_t, first=Py_ssize_t,
+                   start=Py_ssize_t, rows=Py_ssize_t, tag=int)
+    cdef bint _express_extended_answer(self, bytes data) except -1
+    @cython.locals(size=Py_ssize_t, length=Py_ssize_t, end=Py_ssize_t)
+    cdef Py_ssize_t _express_end(self, bytes data, Py_ssize_t pos, Py_ssize_t least) except -2
+    cdef _express_description(self, bytes data, Py_ssize_t start, Py_ssize_t end)
+    @cython.locals(size=Py_ssize_t)
+    cdef Py_ssize_t _express_rows(self, bytes data, Py_ssize_t pos) except -2
+    @cython.locals(end=Py_ssize_t)
+    cdef _express_done(self, bytes data, Py_ssize_t pos)
     @cython.locals(tag=int)
     cpdef from_server(self, data)
     cdef _flush(self)

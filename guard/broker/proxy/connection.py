@@ -290,8 +290,8 @@ class GatewayConnection:
         self._frontend = FrontendParser(expect_startup=False, scan=scan, **kwargs)
         # The parsers' size limit, for the express lanes (`_express_query`, `_express_answer`).
         self._front_limit = self._back_limit = max_message_size or MAX_MESSAGE_SIZE
-        self._express_t = b""  # see _express_answer
-        self._express_description: Description | None = None
+        self._express_t = b""  # see _express_description
+        self._express_t_description: Description | None = None
         self._declined_t = b""
         self._backend = BackendParser(scan=scan, **kwargs)
         # With the compiled scan, a read is framed here while its parser holds nothing (most
@@ -518,74 +518,44 @@ class GatewayConnection:
             self._failed(exc)
         return self._flush()
 
-    def _express_answer(self, data: bytes) -> bool:  # noqa: C901 - checks, then effects
-        """The steady state of the simple protocol's answers: a read that is one whole
-        answer to the recorded Query at the head of the queue, `[RowDescription] DataRow*
-        CommandComplete ReadyForQuery`, whose rows need no masking and whose RowDescription
+    def _express_answer(self, data: bytes) -> bool:
+        """The steady state of the answers: a read that is one whole answer, to the
+        recorded Query at the head of the queue (`[RowDescription] DataRow* CommandComplete
+        ReadyForQuery`) or to the extended protocol's `[Parse] [Bind] [Describe portal]
+        Execute Sync` (`[ParseComplete] [BindComplete] [RowDescription] DataRow*
+        CommandComplete ReadyForQuery`), whose rows need no masking and whose RowDescription
         and CommandComplete were seen before (their caches hold them). Does what the
         general path does for those messages and relays the read as it is (not framed into
         copies and joined again): True. False, having changed nothing the general path
         would not: anything else."""
         pending = self._pending
-        if not pending:
+        if not pending or len(data) < 6:
             return False
+        if pending[0][_KIND] is _QUERY:
+            return self._express_query_answer(data)
+        return self._express_extended_answer(data)
+
+    def _express_query_answer(self, data: bytes) -> bool:
+        pending = self._pending
         head = pending[0]
         seqs = head[_SEQS]
-        if head[_KIND] is not _QUERY or not seqs or head[_APPROVAL] is not None:
+        if not seqs or head[_APPROVAL] is not None:
             return False
-        size = len(data)
-        limit = self._back_limit
         pos = 0
         description = None
-        if size >= 5 and data[0] == TAG_ROW_DESCRIPTION:
-            length = data[1] << 24 | data[2] << 16 | data[3] << 8 | data[4]
-            pos = 1 + length
-            if pos > size or length < 6 or length > limit:
+        if data[0] == TAG_ROW_DESCRIPTION:
+            pos = self._express_end(data, 0, 6)
+            if pos < 0:
                 return False
             if self.protected:
-                # The last RowDescription this took, and the last one it left to the general
-                # path, are compared without a copy: a statement run again sends the same.
-                known = self._express_t
-                if pos == len(known) and data.startswith(known):
-                    description = self._express_description
-                elif pos == len(self._declined_t) and data.startswith(self._declined_t):
+                description = self._express_description(data, 0, pos)
+                if description is None:
                     return False
-                else:
-                    key = data[:pos]
-                    try:
-                        description = self._describe(key)
-                        if self._plan_of(description, None) is not None:
-                            self._declined_t = key
-                            return False  # rows to mask: the general path masks and logs
-                    except ProtocolError:
-                        return False  # malformed: the general path says so
-                    self._express_t, self._express_description = key, description
         if description is None and self._plan is not None:
             return False
-        # The rows (not decoded: the general path relays unmasked rows as framed), up to
-        # the CommandComplete, which must be followed by the ReadyForQuery that ends the
-        # read: the lengths found must add up to the read's.
-        while pos + 5 <= size and data[pos] == TAG_DATA_ROW:
-            length = data[pos + 1] << 24 | data[pos + 2] << 16 | data[pos + 3] << 8 | data[pos + 4]
-            if length < 6 or length > limit:  # (a DataRow holds its column count at least)
-                return False
-            pos += 1 + length
-        if pos + 5 > size or data[pos] != TAG_COMMAND_COMPLETE:
-            return False
-        length = data[pos + 1] << 24 | data[pos + 2] << 16 | data[pos + 3] << 8 | data[pos + 4]
-        end = pos + 1 + length
-        if end + 6 != size or length < 5 or length > limit:
-            return False
-        done = self._tags.get(data[pos:end])
+        pos = self._express_rows(data, pos)
+        done = self._express_done(data, pos) if pos >= 0 else None
         if done is None:
-            return False  # the general path reads it, once
-        if (
-            data[end] != TAG_READY_FOR_QUERY
-            or data[end + 1] != 0
-            or data[end + 2] != 0
-            or data[end + 3] != 0
-            or data[end + 4] != 5
-        ):
             return False
         # Now what the general path does for these messages, in its order.
         if description is not None:  # RowDescription
@@ -598,6 +568,141 @@ class GatewayConnection:
         pending.popleft()  # ReadyForQuery: the Query is answered
         self._to_client.append(data)
         return True
+
+    def _express_extended_answer(self, data: bytes) -> bool:  # noqa: C901 - checks, then effects
+        pending = self._pending
+        count = len(pending)
+        size = len(data)
+        if self._plan is not None:
+            return False
+        pos = 0
+        first = 0  # the entries answered before the Execute's
+        for tag, kind in ((TAG_PARSE_COMPLETE, _PARSE), (TAG_BIND_COMPLETE, _BIND)):
+            if pos < size and data[pos] == tag:
+                entry = pending[first] if first < count else None
+                if entry is None or entry[_KIND] is not kind:
+                    return False
+                pos = self._express_end(data, pos, 4)
+                if pos < 0:
+                    return False
+                first += 1
+        described = None  # the Describe of the executed portal a RowDescription answers
+        description = None
+        if pos < size and data[pos] == TAG_ROW_DESCRIPTION:
+            described = pending[first] if first < count else None
+            if described is None or described[_KIND] is not _DESCRIBE or described[_SWALLOW]:
+                return False
+            start = pos
+            pos = self._express_end(data, pos, 6)
+            if pos < 0:
+                return False
+            if self.protected:
+                description = self._express_description(data, start, pos)
+                if description is None:
+                    return False
+            first += 1
+        if first + 2 > count:
+            return False
+        execute, sync = pending[first], pending[first + 1]
+        seqs = execute[_SEQS]
+        portal = execute[_PORTAL]
+        if (
+            execute[_KIND] is not _EXECUTE
+            or not seqs
+            or execute[_APPROVAL] is not None
+            or sync[_KIND] is not _SYNC
+            or sync[_APPROVAL] is not None
+            or portal is None
+            or (described is not None and described[_PORTAL] is not portal)
+        ):
+            return False
+        rows = pos
+        pos = self._express_rows(data, pos)
+        if pos < 0:
+            return False
+        if pos > rows and self.protected and described is None:
+            # The rows' plan, as the general path works it out at the first row (from
+            # the portal's or its statement's description, described before).
+            if self._execute_plan(execute) is not None:
+                return False
+        done = self._express_done(data, pos)
+        if done is None:
+            return False
+        # Now what the general path does for these messages, in its order.
+        for _ in range(first):
+            pending.popleft()  # ParseComplete, BindComplete: the names stand; Describe
+        if description is not None:
+            portal.description = description
+        self._plan = None  # CommandComplete
+        self._result(seqs.pop(0), "ok", done[0], done[1], None, _view_masked_of(portal))
+        pending.popleft()  # the Execute
+        self._masked_cells = 0
+        self._view_masked = 0
+        pending.popleft()  # ReadyForQuery: the Sync
+        self._to_client.append(data)
+        return True
+
+    def _express_end(self, data: bytes, pos: int, least: int) -> int:
+        """Where the message at `pos` of `data` ends, or -1: its length (`least` at
+        least, the parser's limit at most) runs past the read."""
+        size = len(data)
+        if pos + 5 > size:
+            return -1
+        length = data[pos + 1] << 24 | data[pos + 2] << 16 | data[pos + 3] << 8 | data[pos + 4]
+        end = pos + 1 + length
+        if length < least or length > self._back_limit or end > size:
+            return -1
+        return end
+
+    def _express_description(self, data: bytes, start: int, end: int) -> Description | None:
+        """The description of the RowDescription `data[start:end]` when its rows need no
+        masking, or None: they do, or it is malformed (the general path says which). The
+        last one taken, and the last one left to the general path, are compared without
+        a copy: a statement run again sends the same."""
+        known = self._express_t
+        if end - start == len(known) and data.startswith(known, start):
+            return self._express_t_description
+        declined = self._declined_t
+        if end - start == len(declined) and data.startswith(declined, start):
+            return None
+        key = data[start:end]
+        try:
+            description = self._describe(key)
+            if self._plan_of(description, None) is not None:
+                self._declined_t = key
+                return None  # rows to mask: the general path masks and logs
+        except ProtocolError:
+            return None
+        self._express_t, self._express_t_description = key, description
+        return description
+
+    def _express_rows(self, data: bytes, pos: int) -> int:
+        """Where the DataRows from `pos` end (not decoded: the general path relays unmasked
+        rows as framed), or -1: a length out of bounds."""
+        size = len(data)
+        while pos + 5 <= size and data[pos] == TAG_DATA_ROW:
+            pos = self._express_end(data, pos, 6)  # (a DataRow holds its column count)
+            if pos < 0:
+                return -1
+        return pos
+
+    def _express_done(self, data: bytes, pos: int) -> tuple[str, int | None] | None:
+        """The (tag, rows) of the CommandComplete at `pos`, read before, when a
+        ReadyForQuery follows it and ends the read; None otherwise."""
+        if pos + 5 > len(data) or data[pos] != TAG_COMMAND_COMPLETE:
+            return None
+        end = self._express_end(data, pos, 5)
+        if (
+            end < 0
+            or end + 6 != len(data)
+            or data[end] != TAG_READY_FOR_QUERY
+            or data[end + 1] != 0
+            or data[end + 2] != 0
+            or data[end + 3] != 0
+            or data[end + 4] != 5
+        ):
+            return None
+        return self._tags.get(data[pos:end])  # None: the general path reads it, once
 
     def audit_written(self, seqs: list[int] | None) -> list[Command]:
         """The records of the last `WriteAudit` are in the log, with these sequence numbers:
