@@ -8,6 +8,8 @@ statement's `WriteAudit` comes out, and is answered, before the command that for
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from guard.broker.pgwire import messages as m
@@ -182,13 +184,23 @@ def test_protected_base_column_in_stream_is_masked_text():
 
 def test_extended_execute_without_describe_is_masked_binary():
     # The gateway asks for the statement's description itself, and swallows the answer
-    # the client never asked for; rows of the Execute are masked in binary format.
+    # the client never asked for; rows of the Execute are masked in binary format. The
+    # second time the text's decision is cached: it is still described (its Parse does not
+    # take the steady state's short cut, `Decision.extended_records`).
     sql = "SELECT ssn, dob FROM customers WHERE id = $1"
     dob_2001_07_04 = (366 + 31 + 28 + 31 + 30 + 31 + 30 + 3).to_bytes(4, "big", signed=True)
     dob_2001_01_01 = (366).to_bytes(4, "big", signed=True)
     dob = field("dob", CUSTOMERS_OID, DOB_ATTNUM, type_oid=1082)
+    playbook = Playbook()
+    for _ in range(2):
+        _describes_and_masks(playbook, sql, dob, dob_2001_07_04, dob_2001_01_01)
+
+
+def _describes_and_masks(
+    playbook: Playbook, sql: str, dob: Any, dob_2001_07_04: bytes, dob_2001_01_01: bytes
+) -> None:
     assert (
-        Playbook()
+        playbook
         >> ClientSends(
             m.Parse("", sql, ()), m.Bind("", "", (), (b"1",), (1,)), m.Execute("", 0), m.Sync()
         )

@@ -1109,6 +1109,15 @@ class GatewayConnection:
             # Only name and text matter to the gate; PostgreSQL validates the rest.
             name, query = self._decode(decode_parse, raw, "Parse")
         decision = _decision(self.gate, self._decisions, self._shared, query)
+        fixed = decision.extended_records
+        if fixed is not None:  # the steady state: what the rest below does for it
+            prepared = Prepared(decision, fixed)
+            undo = self.names.parse(name, prepared)
+            self._to_server.append(raw)
+            self._pending.append(
+                [_PARSE, None, None, undo, prepared, None, False, None, False, None]
+            )
+            return
         if decision.refusal is not None and (decision.hold is None or not self.holds):
             records = self.gate.statement_records(decision, "extended")
             self._record(records, self._after_parse_refusal_record, name, decision.refusal)

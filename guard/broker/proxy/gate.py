@@ -56,6 +56,7 @@ class Decision:
         "forward_sql",
         "redirected",
         "simple_records",
+        "extended_records",
     )
 
     def __init__(
@@ -90,6 +91,9 @@ class Decision:
         # the client sent it (allowed, not rewritten, nothing to hold), once they are made
         # (`statement_records`); None otherwise. The connection's one-lookup steady state.
         self.simple_records: tuple[bytes, ...] | None = None
+        # The same for a Parse of it, when its result has no masked column either (nothing
+        # for the connection to describe itself).
+        self.extended_records: tuple[bytes, ...] | None = None
 
 
 def refusal_for(verdict: Verdict) -> ErrorResponse:
@@ -264,14 +268,13 @@ class Gate:
         records = decision.records.get(protocol)
         if records is None:
             records = decision.records[protocol] = self._records_for(decision, protocol)
-            if (
-                protocol == "simple"
-                and records
-                and decision.refusal is None
-                and decision.hold is None
-                and decision.forward_sql is None
-            ):
+            plain = (
+                decision.refusal is None and decision.hold is None and decision.forward_sql is None
+            )
+            if plain and protocol == "simple" and records:
                 decision.simple_records = records
+            elif plain and protocol == "extended" and not decision.masked_columns:
+                decision.extended_records = records
         return records
 
     def _records_for(self, decision: Decision, protocol: str) -> tuple[bytes, ...]:
