@@ -241,18 +241,22 @@ _ONE_ROW = (
 )
 
 
-# The extended protocol's: a statement parsed, bound, described and run (pgbench -M
-# extended), and a prepared one bound and run (-M prepared), with their answers.
-_EXTENDED = (
-    "c",
-    playbook.wire(
+def _extended(described: str = "") -> tuple[str, bytes]:
+    """The unnamed statement parsed, bound, a portal described (the one run, by default)
+    and run: pgbench -M extended."""
+    batch = (
         m.Parse("", "SELECT 1", ()),
         m.Bind("", "", (), (), ()),
-        m.Describe(b"P", ""),
+        m.Describe(b"P", described),
         m.Execute("", 0),
         m.Sync(),
-    ),
-)
+    )
+    return ("c", playbook.wire(*batch))
+
+
+# The extended protocol's steady states: a statement parsed, bound, described and run,
+# and a prepared one bound and run (-M prepared), with their answers.
+_EXTENDED = _extended()
 _PREPARE = ("c", playbook.wire(m.Parse("s1", "SELECT 1", ()), m.Sync()))
 _PREPARED = ("c", playbook.wire(m.Bind("", "s1", (), (), ()), m.Execute("", 0), m.Sync()))
 _ROW = playbook.wire(m.DataRow((b"1",)), m.CommandComplete("SELECT 1"), m.ReadyForQuery(b"I"))
@@ -391,16 +395,7 @@ def _said_with_view_columns(build: type) -> tuple[list[tuple[Any, ...]], list[di
         # The extended protocol: the described portal's view columns, three times.
         *[_EXTENDED, ("s", bound + _answer(viewed, plain, rows=_VIEW_ROWS))] * 3,
         # Another portal described than the one run: the run counts its own (none).
-        (
-            "c",
-            playbook.wire(
-                m.Parse("", "SELECT 1", ()),
-                m.Bind("", "", (), (), ()),
-                m.Describe(b"P", "p9"),
-                m.Execute("", 0),
-                m.Sync(),
-            ),
-        ),
+        _extended(described="p9"),
         ("s", bound + _answer(viewed, rows=_VIEW_ROWS)),
         # A statement with a masked column, prepared (the gateway describes it itself),
         # then run twice without a Describe: its rows are masked by the statement's plan.

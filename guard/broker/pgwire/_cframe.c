@@ -60,6 +60,8 @@ PyDoc_STRVAR(scan_doc,
 "returned `pos` it takes (5 for the header, else 1 + its length); or at a malformed header\n"
 "(a tag not in `valid`, a length under 4 or over `limit`): `need` is 0.");
 
+static PyObject *steal_pair(PyObject *first, PyObject *second);
+
 static PyObject *
 scan(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
@@ -149,17 +151,13 @@ scan(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     PyBuffer_Release(&buffer);
     /* (Py_BuildValue parses its format string at every call: ~450 instructions, twice per
      * transaction.) */
-    PyObject *result = PyTuple_New(2);
-    PyObject *pos_obj = result == NULL ? NULL : PyLong_FromSsize_t(pos);
+    PyObject *pos_obj = PyLong_FromSsize_t(pos);
     PyObject *need_obj = pos_obj == NULL ? NULL : PyLong_FromSsize_t(need);
     if (need_obj == NULL) {
         Py_XDECREF(pos_obj);
-        Py_XDECREF(result);
         return NULL;
     }
-    PyTuple_SET_ITEM(result, 0, pos_obj);
-    PyTuple_SET_ITEM(result, 1, need_obj);
-    return result;
+    return steal_pair(pos_obj, need_obj);
 }
 
 /* ------------------------------------------------------------------ accessors */
