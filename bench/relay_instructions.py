@@ -21,6 +21,13 @@ the shell's (`--sink none`: answered with sequence numbers, nothing written).
 (`proxy.pump.Pump` on uvloop, the sink in the broker's `health.WatchedAuditSink`), with
 transports that take the bytes and send nothing: the path of a real connection but for
 TLS and the sockets.
+
+`--wall` times that path instead of counting it (no valgrind: the CPU's own SHA-256
+instructions and caches): the least time per transaction over 5 rounds of 4000, in each of
+3 processes. The real path runs the same code between the kernel's and OpenSSL's work,
+with colder caches: 2-3x this on this VM.
+
+    .venv/bin/python bench/relay_instructions.py --wall --compiled
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -101,23 +109,44 @@ class _Null(asyncio.Transport):
         self.reading = True
 
 
-def _through_pump(proxy: Any, audit: Any, requests: list[bytes], answer: bytes) -> None:
-    """The traffic through `proxy.pump.Pump`, as the gateway's transports would hand it."""
+def _through_pump(
+    proxy: Any, audit: Any, requests: list[bytes], answer: bytes, rounds: int = 1
+) -> list[float]:
+    """The traffic through `proxy.pump.Pump`, as the gateway's transports would hand it,
+    in `rounds` equal parts: the wall time of each, per transaction."""
     import uvloop
 
     from guard.broker.health import WatchedAuditSink
     from guard.broker.proxy.core import Pump
 
+    times: list[float] = []
+
     async def run() -> None:
         pump = Pump(proxy, _Null(tls=True), _Null(tls=False), audit=WatchedAuditSink(audit))
         pump.start(b"", b"")
         client, upstream = pump._client_side, pump._upstream_side
-        for request in requests:
-            client.data_received(request)
-            upstream.data_received(answer)
+        size = len(requests) // rounds
+        for start in range(0, size * rounds, size):
+            began = time.perf_counter()
+            for request in requests[start : start + size]:
+                client.data_received(request)
+                upstream.data_received(answer)
+            times.append((time.perf_counter() - began) / size)
         assert not proxy.closed and not pump.done.done()
 
     uvloop.run(run())
+    return times
+
+
+WALL_ROUNDS, WALL_SIZE, WALL_PROCESSES = 5, 4000, 3
+
+
+def wall(mode: str, sink: str) -> float:
+    """The least wall time per transaction (µs) through the pump, over WALL_ROUNDS rounds
+    of WALL_SIZE transactions after a warm-up round."""
+    proxy, shell, audit = _connection(sink, masked=mode == "masked")
+    requests, answer = _traffic(mode, (WALL_ROUNDS + 1) * WALL_SIZE, proxy, shell)
+    return min(_through_pump(proxy, audit, requests, answer, WALL_ROUNDS + 1)[1:]) * 1e6
 
 
 def _connection(sink: str, masked: bool) -> tuple[Any, Callable[[list[Any]], None], Any]:
@@ -252,11 +281,35 @@ def main() -> None:
     parser.add_argument(
         "--shell", choices=("core", "pump"), default="core", help="pump: through proxy.pump"
     )
+    parser.add_argument("--wall", action="store_true", help="time it through the pump")
     args, rest = parser.parse_known_args()
     if rest[:1] == ["drive"]:
         drive(rest[1], int(rest[2]), args.sink, args.shell)
         return
+    if rest[:1] == ["wall"]:
+        print(f"{wall(rest[1], args.sink):.3f}")
+        return
     variants = [True] if args.pure else [False] if args.compiled else [True, False]
+    if args.wall:
+        for mode in args.mode or MODES:
+            for pure in variants:
+                env = {**os.environ, "GUARD_PURE_PYTHON": "1" if pure else "0"}
+                least = min(
+                    float(
+                        subprocess.run(
+                            [sys.executable, __file__, "wall", mode, "--sink", args.sink],
+                            env=env,
+                            cwd=ROOT,
+                            capture_output=True,
+                            text=True,
+                            check=True,
+                        ).stdout
+                    )
+                    for _ in range(WALL_PROCESSES)
+                )
+                label = "pure" if pure else "default"
+                print(f"{mode:9} {label:8} sink={args.sink:5} shell=pump {least:10.2f} µs/tx")
+        return
     jobs = [(mode, n, pure) for mode in args.mode or MODES for pure in variants for n in COUNTS]
     with ThreadPoolExecutor(max_workers=2) as pool:
         found = pool.map(lambda j: count(j[0], j[1], args.sink, j[2], args.shell), jobs)
