@@ -628,17 +628,21 @@ class GatewayConnection:
         done = self._express_done(data, pos)
         if done is None:
             return False
-        # Now what the general path does for these messages, in its order.
-        for _ in range(first):
-            pending.popleft()  # ParseComplete, BindComplete: the names stand; Describe
+        # Now what the general path does for these messages, in its order. Its entries
+        # leave the queue together (nothing reads the queue in between): ParseComplete,
+        # BindComplete (the names stand), the Describe, the Execute and the Sync, which
+        # the ReadyForQuery answers.
         if description is not None:
             portal.description = description
         self._plan = None  # CommandComplete
         self._result(seqs.pop(0), "ok", done[0], done[1], None, _view_masked_of(portal))
-        pending.popleft()  # the Execute
         self._masked_cells = 0
         self._view_masked = 0
-        pending.popleft()  # ReadyForQuery: the Sync
+        if first + 2 == count:
+            pending.clear()  # (one call instead of one per entry: the common case)
+        else:
+            for _ in range(first + 2):
+                pending.popleft()
         self._to_client.append(data)
         return True
 

@@ -16,7 +16,7 @@ cdef class Prepared:
     cdef public object description
 
 cdef class Portal:
-    cdef public object prepared
+    cdef public Prepared prepared
     cdef public object formats
     cdef public object description
 
