@@ -54,8 +54,7 @@ cdef class GatewayConnection:
     cdef public object state
     cdef public object _frontend
     cdef public object _backend
-    cdef public Py_ssize_t _front_limit
-    cdef public Py_ssize_t _back_limit
+    cdef public Py_ssize_t _limit
     cdef public bytes _express_t
     cdef public object _express_t_description
     cdef public bytes _declined_t
@@ -87,7 +86,6 @@ cdef class GatewayConnection:
     cdef public list _logs
     cdef public object _close
 
-    @cython.locals(size=Py_ssize_t, length=Py_ssize_t)
     cdef _express_query(self, bytes data)
     cdef bint _express_answer(self, bytes data) except -1
     @cython.locals(pos=Py_ssize_t)
@@ -102,7 +100,7 @@ cdef class GatewayConnection:
     cdef Py_ssize_t _express_rows(self, bytes data, Py_ssize_t pos) except -2
     @cython.locals(end=Py_ssize_t)
     cdef _express_done(self, bytes data, Py_ssize_t pos)
-    @cython.locals(tag=int)
+    @cython.locals(tag=int, fresh=bint)
     cpdef from_server(self, data)
     cdef _flush(self)
     cdef _record(self, records, then, a, b)

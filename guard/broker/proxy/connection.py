@@ -288,8 +288,8 @@ class GatewayConnection:
         self.state = State.RELAYING
         kwargs = {"max_message_size": max_message_size} if max_message_size else {}
         self._frontend = FrontendParser(expect_startup=False, scan=scan, **kwargs)
-        # The parsers' size limit, for the express lanes (`_express_query`, `_express_answer`).
-        self._front_limit = self._back_limit = max_message_size or MAX_MESSAGE_SIZE
+        # Both parsers' size limit, which the express lanes check too (`_express_end`).
+        self._limit = max_message_size or MAX_MESSAGE_SIZE
         self._express_t = b""  # see _express_description
         self._express_t_description: Description | None = None
         self._declined_t = b""
@@ -380,12 +380,13 @@ class GatewayConnection:
             return []
         try:
             # RELAYING: nothing is queued behind a pause (_queued handled it all).
-            if self._front_empty and data.__class__ is bytes:
+            fresh = self._front_empty and data.__class__ is bytes  # a read framed on its own
+            if fresh:
                 said = self._express_query(data)
                 if said is not None:
                     return said
             tables = self._front_tables
-            if self._front_empty and tables is not None and data.__class__ is bytes:
+            if fresh and tables is not None:
                 frame, valid, runs, limit = tables
                 backlog: list[Raw] = []
                 pos, need = frame(data, 0, valid, runs, limit, backlog)
@@ -416,13 +417,9 @@ class GatewayConnection:
         `_flush` give for it, without framing a copy, the steps' calls, or the decision's
         other attributes (the read itself goes upstream). None, having changed nothing:
         anything else, for the general path (a malformed message included: it says why)."""
-        size = len(data)
-        if size < 6 or data[0] != TAG_QUERY:
-            return None
-        length = data[1] << 24 | data[2] << 16 | data[3] << 8 | data[4]
         if (
-            length != size - 1
-            or length > self._front_limit
+            self._express_end(data, 0, 5) != len(data)  # one whole message (a NUL at least)
+            or data[0] != TAG_QUERY
             or self.codec != "utf-8"
             or self._to_server
             or self._to_client
@@ -454,10 +451,11 @@ class GatewayConnection:
         if self.state >= _CLOSED:
             return []
         try:
-            if self._back_empty and data.__class__ is bytes and self._express_answer(data):
+            fresh = self._back_empty and data.__class__ is bytes  # a read framed on its own
+            if fresh and self._express_answer(data):
                 return self._flush()
             tables = self._back_tables
-            if self._back_empty and tables is not None and data.__class__ is bytes:
+            if fresh and tables is not None:
                 frame, valid, runs, limit = tables
                 messages: list[Raw] = []
                 pos, need = frame(data, 0, valid, runs, limit, messages)
@@ -558,10 +556,9 @@ class GatewayConnection:
         if done is None:
             return False
         # Now what the general path does for these messages, in its order.
-        if description is not None:  # RowDescription
+        if description is not None:  # RowDescription (its plan: none)
             self._view_masked = description.view_masked
-            self._plan = None
-        self._plan = None  # CommandComplete (for the rows: no plan)
+        self._plan = None  # CommandComplete
         self._result(seqs.pop(0), "ok", done[0], done[1], None, self._view_masked)
         self._masked_cells = 0
         self._view_masked = 0
@@ -654,7 +651,7 @@ class GatewayConnection:
             return -1
         length = data[pos + 1] << 24 | data[pos + 2] << 16 | data[pos + 3] << 8 | data[pos + 4]
         end = pos + 1 + length
-        if length < least or length > self._back_limit or end > size:
+        if length < least or length > self._limit or end > size:
             return -1
         return end
 
