@@ -225,6 +225,65 @@ def test_accessors_take_any_buffer_and_refuse_other_arguments():
     assert _outcome(lambda: _cframe.execute_portal()) == _outcome(lambda: parser.execute_portal())
 
 
+# ------------------------------------------------------------------------- whole requests
+_NAMES = st.sampled_from([b"", b"p", b"s1", b"\xc3\xa9", b"\xff"])
+# The five messages of a request, each well-formed (names from _NAMES, which can still be
+# bad UTF-8) or a body of the accessors' noise.
+_PART = {
+    b"P": st.one_of(st.builds(lambda n: n + b"\x00SELECT 1\x00\x00\x00", _NAMES), BODIES),
+    b"B": st.one_of(
+        st.builds(lambda p, s: p + b"\x00" + s + b"\x00\x00\x00\x00\x00\x00\x00", _NAMES, _NAMES),
+        BODIES,
+    ),
+    b"D": st.one_of(
+        st.builds(lambda k, n: k + n + b"\x00", st.sampled_from([b"P", b"S"]), _NAMES), BODIES
+    ),
+    b"E": st.one_of(st.builds(lambda n: n + b"\x00\x00\x00\x00\x00", _NAMES), BODIES),
+    b"S": st.one_of(st.just(b""), BODIES),
+}
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> bytes:
+    """Mostly the request's shapes, now and then another order, a message more or less, a
+    length off, or a read cut short."""
+    shape = draw(
+        st.one_of(
+            st.sampled_from([b"PBDES", b"PBES", b"BDES", b"BES"]),
+            st.lists(st.sampled_from(list(_PART)), max_size=6).map(b"".join),
+        )
+    )
+    parts = []
+    for tag in shape:
+        body = draw(_PART[bytes([tag])])
+        off = draw(st.one_of(st.none(), st.none(), st.integers(-6, 6)))
+        parts.append(_message(bytes([tag]), body, None if off is None else len(body) + 4 + off))
+    data = b"".join(parts)
+    return data[: draw(st.integers(0, len(data)))] if draw(st.booleans()) else data
+
+
+@given(requests(), st.sampled_from([parser.MAX_MESSAGE_SIZE, 12]))
+@example(b"P\x00\x00\x00\x0c\x00SELECT 1\x00\x00\x00", parser.MAX_MESSAGE_SIZE)  # alone
+def test_extended_request(data, limit):
+    assert _outcome(lambda: _cframe.extended_request(data, limit)) == _outcome(
+        lambda: parser.extended_request(data, limit)
+    )
+
+
+def test_extended_request_reads_the_common_request():
+    bind = _message(b"B", b"p\x00s1\x00\x00\x00\x00\x00\x00\x00")
+    run = _message(b"E", b"p\x00\x00\x00\x00\x00") + _message(b"S", b"")
+    parse = _message(b"P", b"s1\x00SELECT 1\x00\x00\x00")
+    described = _message(b"D", b"Pp\x00")
+    for f in (_cframe.extended_request, parser.extended_request):
+        assert f(parse + bind + described + run, 100) == ("s1", "SELECT 1", "p", "s1", b"P", "p")
+        assert f(bind + run, 100) == ("", None, "p", "s1", None, None)
+        other = _message(b"E", b"q\x00\x00\x00\x00\x00") + _message(b"S", b"")
+        assert f(bind + other, 100) is None  # another portal runs
+        assert f(bind + run + run[-5:], 100) is None  # a message more
+        assert f(parse + bind + run, 12) is None  # a message over the limit
+
+
 # ------------------------------------------------------------------------- result rows
 VALUES = st.lists(st.one_of(st.none(), st.binary(max_size=6)), max_size=5)
 

@@ -219,7 +219,7 @@ def test_statements_recorded_at_once_relay_what_paused_ones_relay(steps, split, 
 class _General(reference.GatewayConnection):
     """The reference without its express lane: every read takes the general path."""
 
-    def _express_query(self, data: bytes) -> None:
+    def _express_request(self, data: bytes) -> None:
         return None
 
     def _express_answer(self, data: bytes) -> bool:
@@ -273,6 +273,63 @@ _STRAY_MASKED_T = (
 )
 _UNSYNCED = ("c", _EXTENDED[1][: -len(encode(m.Sync()))] + encode(m.Flush()))
 _PREPARE_DONE = ("s", playbook.wire(m.ParseComplete(), m.ReadyForQuery(b"I")))
+# The client lane's other cases: a prepared statement described; one bound while another
+# is parsed; a statement nobody prepared; another portal run than the one bound; rows to
+# mask; a statement held for approval; another portal described.
+_BOUND = (m.Bind("", "s1", (), (), ()),)
+_RUN = (m.Execute("", 0), m.Sync())
+_PARSED_AND_BOUND = (
+    "c",
+    playbook.wire(m.Parse("s2", "SELECT name FROM products", ()), *_BOUND, *_RUN),
+)
+# Statements prepared under a name, then bound and run: one held for approval, and one
+# with a column to mask, its result asked for in binary (the Bind's formats matter).
+_PREPARE_HELD = ("c", playbook.wire(m.Parse("h1", "SELECT * FROM transactions", ()), m.Sync()))
+_RUN_HELD = ("c", playbook.wire(m.Bind("", "h1", (), (), ()), *_RUN))
+_PREPARE_MASKED = ("c", playbook.wire(m.Parse("m1", "SELECT ssn FROM customers", ()), m.Sync()))
+_SSN = playbook.field("ssn", playbook.CUSTOMERS_OID, playbook.SSN_ATTNUM, type_oid=20)  # int8
+_MASKED_DESCRIBED = (
+    "s",
+    playbook.wire(
+        m.ParseComplete(),
+        m.ParameterDescription(()),
+        m.RowDescription((_SSN,)),
+        m.ReadyForQuery(b"I"),
+    ),
+)
+_RUN_MASKED = ("c", playbook.wire(m.Bind("", "m1", (), (), (1,)), *_RUN))
+_MASKED_ROW = (
+    "s",
+    playbook.wire(
+        m.BindComplete(),
+        m.DataRow(((123456789).to_bytes(8, "big"),)),
+        m.CommandComplete("SELECT 1"),
+        m.ReadyForQuery(b"I"),
+    ),
+)
+_extended_cases = st.sampled_from(
+    [
+        ("c", playbook.wire(*_BOUND, m.Describe(b"S", "s1"), *_RUN)),
+        _PARSED_AND_BOUND,
+        ("c", playbook.wire(m.Bind("", "nope", (), (), ()), *_RUN)),
+        ("c", playbook.wire(m.Bind("p1", "s1", (), (), ()), m.Execute("p2", 0), m.Sync())),
+        (
+            "c",
+            playbook.wire(
+                m.Parse("", "SELECT ssn FROM customers", ()),
+                m.Bind("", "", (), (), ()),
+                m.Describe(b"P", ""),
+                *_RUN,
+            ),
+        ),
+        ("c", playbook.wire(m.Parse("", "SELECT * FROM transactions", ()), *_BOUND, *_RUN)),
+        _extended(described="p9"),
+        _PREPARE_HELD,
+        _RUN_HELD,
+        _PREPARE_MASKED,
+        _RUN_MASKED,
+    ]
+)
 
 # Runs of the steady states (a plain Query, its answer; the extended protocol's), between
 # anything else.
@@ -282,6 +339,14 @@ _steady = st.lists(
         st.lists(st.sampled_from([_EXTENDED, _EXTENDED_ROW]), min_size=2, max_size=6),
         st.lists(
             st.sampled_from([_PREPARE, _PREPARE_DONE, _PREPARED, _PREPARED_ROW]),
+            min_size=2,
+            max_size=8,
+        ),
+        st.lists(
+            st.one_of(
+                st.sampled_from([_PREPARE, _PREPARE_DONE, _PREPARED_ROW, _EXTENDED_ROW]),
+                _extended_cases,
+            ),
             min_size=2,
             max_size=8,
         ),
@@ -313,9 +378,14 @@ _steady = st.lists(
     True,
 )
 @example([_SELECT_1, _ONE_ROW, _SELECT_1, ("audit", b"fail"), _SELECT_1], 64, False, False, True)
+@example([_PREPARE_HELD, _PREPARE_DONE, _RUN_HELD, _PREPARED_ROW], 128, True, False, True)
+@example(
+    [_PREPARE, _PREPARE_DONE, *[_PARSED_AND_BOUND, _EXTENDED_ROW] * 2], 128, False, False, True
+)
+@example([_PREPARE_MASKED, _MASKED_DESCRIBED, _RUN_MASKED, _MASKED_ROW], 128, False, False, True)
 @example([_SELECT_1, _SELECT_1, _ONE_ROW, _ONE_ROW, _HELD, _SELECT_1], 64, True, True, False)
 def test_the_express_lane_says_what_the_general_path_says(steps, split, holds, eager, inline):
-    # The steady state's short cuts (`_express_query`) give the commands and records the
+    # The steady state's short cuts (`_express_request`) give the commands and records the
     # general path gives, whatever came before (pauses, refusals, failing audit, garbage).
     assert _run(reference.GatewayConnection, steps, split, holds, eager, inline) == _run(
         _General, steps, split, holds, eager, inline
@@ -344,6 +414,39 @@ def test_the_express_lanes_relay_a_plain_query_and_its_answer_as_they_were_read(
         assert type(cmd) is SendToClient and cmd.data == answer
         assert (cmd.data is answer) == (run > 0)  # the first one filled the caches
         assert [r["kind"] for r in audit.records] == ["statement", "result"] * (run + 1)
+    assert conn.idle
+
+
+@pytest.mark.parametrize("build", [reference.GatewayConnection, _cconnection.GatewayConnection])
+def test_the_express_lanes_relay_an_extended_request_as_it_was_read(build):
+    # pgbench -M extended's request, and -M prepared's after its Parse (which made the
+    # decision's records): the read itself goes upstream, the Execute recorded first, and
+    # the answer comes back as read once its caches hold its messages; the name tables
+    # hold what the general path leaves in them.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(playbook, "GatewayConnection", build)
+        conn = playbook.connection()
+    audit = MemoryAuditSink()
+    conn.recorder = audit.append_statements
+    conn.result_recorder = lambda results: audit.append_results(results) or True
+    (cmd,) = conn.from_client(_PREPARE[1])
+    conn.from_server(_PREPARE_DONE[1])
+    for run in range(3):
+        for request, answer in ((_EXTENDED[1], _EXTENDED_ROW[1]), (_PREPARED[1], _PREPARED_ROW[1])):
+            read = bytes(bytearray(request))
+            (cmd,) = conn.from_client(read)
+            assert type(cmd) is SendToServer and cmd.data == request
+            assert cmd.data is read
+            assert (
+                conn.names.portals[""].prepared
+                is conn.names.statements["" if request is _EXTENDED[1] else "s1"]
+            )
+            read = bytes(bytearray(answer))
+            (cmd,) = conn.from_server(read)
+            assert type(cmd) is SendToClient and cmd.data == answer
+            assert (cmd.data is read) == (run > 0 or request is _PREPARED[1])
+    kinds = [r["kind"] for r in audit.records]
+    assert kinds == ["statement", "result"] * 6
     assert conn.idle
 
 
@@ -387,6 +490,7 @@ def _said_with_view_columns(build: type) -> tuple[list[tuple[Any, ...]], list[di
     first_row = 1 + int.from_bytes(answer[1:5], "big")  # after the RowDescription
     split = first_row + 1 + int.from_bytes(answer[first_row + 1 : first_row + 5], "big")
     bound = playbook.wire(m.ParseComplete(), m.BindComplete())
+    first_view_row = 1 + int.from_bytes(_answer(viewed, plain)[1:5], "big")
     steps = [
         *[("c", encode(m.Query("SELECT 1"))), ("s", _answer(viewed, plain, rows=_VIEW_ROWS))] * 3,
         ("c", encode(m.Query("SELECT 1"))),
@@ -414,6 +518,30 @@ def _said_with_view_columns(build: type) -> tuple[list[tuple[Any, ...]], list[di
             ("s", playbook.wire(m.BindComplete()) + answer[first_row:]),
         ]
         * 2,
+        # A statement described by name, then run without a Describe: the run counts the
+        # view columns the statement's description holds.
+        ("c", playbook.wire(m.Parse("v1", "SELECT 1", ()), m.Sync())),
+        ("s", playbook.wire(m.ParseComplete(), m.ReadyForQuery(b"I"))),
+        *[
+            (
+                "c",
+                playbook.wire(
+                    m.Bind("", "v1", (), (), ()), m.Describe(b"S", "v1"), m.Execute("", 0), m.Sync()
+                ),
+            ),
+            (
+                "s",
+                playbook.wire(m.BindComplete(), m.ParameterDescription(()))
+                + _answer(viewed, plain, rows=_VIEW_ROWS),
+            ),
+            ("c", playbook.wire(m.Bind("", "v1", (), (), ()), m.Execute("", 0), m.Sync())),
+            (
+                "s",
+                playbook.wire(m.BindComplete())
+                + _answer(viewed, plain, rows=_VIEW_ROWS)[first_view_row:],
+            ),
+        ]
+        * 2,
         ("c", encode(m.Query("SELECT 1"))),
         ("s", _answer(plain, rows=2, width=600)),
     ]
@@ -434,6 +562,7 @@ def test_the_express_lanes_count_and_mask_as_the_general_path():
     assert results[3]["masked_cells"] == _VIEW_ROWS
     assert [r["view_masked_cells"] for r in results[4:8]] == [_VIEW_ROWS] * 3 + [0]
     assert [r["masked_cells"] for r in results[8:10]] == [_VIEW_ROWS] * 2
+    assert [r["view_masked_cells"] for r in results[10:14]] == [_VIEW_ROWS] * 4
     assert said[-1] == ("state", int(State.CLOSED))  # the row over the limit
 
 

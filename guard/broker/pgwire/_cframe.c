@@ -367,6 +367,125 @@ describe_target(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t n
     return accessor("describe_target", describe_target_fast, 2, args, nargs);
 }
 
+PyDoc_STRVAR(extended_request_doc,
+"extended_request(data, limit) -> (parse name, query, portal, statement, describe kind,\n"
+"describe name) or None: the names of a read that is exactly one `[Parse] Bind [Describe]\n"
+"Execute Sync` request, each message whole and well-formed, the Execute running the Bind's\n"
+"portal (parser.extended_request). Without a Parse its two are \"\" and None, without a\n"
+"Describe None and None.");
+
+/* The message p[0:n]'s value by an accessor's fast path, or NULL; `*failed` set when that
+ * is an error (out of memory) rather than input the fast path does not take. */
+static PyObject *
+extended_part(fast_path fast, const unsigned char *p, Py_ssize_t n, int *failed)
+{
+    PyObject *value = fast(p, n);
+    if (value == NULL && PyErr_Occurred())
+        *failed = 1;
+    return value;
+}
+
+static PyObject *
+extended_request(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyBytes_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "extended_request() takes bytes and a limit");
+        return NULL;
+    }
+    long long limit = PyLong_AsLongLong(args[1]);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    const unsigned char *buf = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    Py_ssize_t size = PyBytes_GET_SIZE(args[0]);
+    /* Where each of the (at most five) messages starts and ends, and its tag. */
+    Py_ssize_t start[6], end[6];
+    char tags[6];
+    int count = 0;
+    Py_ssize_t pos = 0;
+    while (pos < size) {
+        if (count == 5 || size - pos < 5)
+            Py_RETURN_NONE;
+        long long length = read_int32(buf + pos + 1);
+        if (length < 4 || length > limit || (long long)(size - pos - 1) < length)
+            Py_RETURN_NONE;
+        tags[count] = (char)buf[pos];
+        start[count] = pos;
+        pos += 1 + (Py_ssize_t)length;
+        end[count++] = pos;
+    }
+    int parse = -1, bind, describe = -1, execute, sync;
+    if (count == 5 && memcmp(tags, "PBDES", 5) == 0) {
+        parse = 0, bind = 1, describe = 2, execute = 3, sync = 4;
+    } else if (count == 4 && memcmp(tags, "PBES", 4) == 0) {
+        parse = 0, bind = 1, execute = 2, sync = 3;
+    } else if (count == 4 && memcmp(tags, "BDES", 4) == 0) {
+        bind = 0, describe = 1, execute = 2, sync = 3;
+    } else if (count == 3 && memcmp(tags, "BES", 3) == 0) {
+        bind = 0, execute = 1, sync = 2;
+    } else {
+        Py_RETURN_NONE;
+    }
+    if (end[sync] - start[sync] != 5)
+        Py_RETURN_NONE;
+    /* The Execute runs the Bind's portal: its name's bytes are the Bind's first string. */
+    const unsigned char *e = buf + start[execute];
+    Py_ssize_t en = end[execute] - start[execute];
+    const unsigned char *b = buf + start[bind];
+    Py_ssize_t bn = end[bind] - start[bind];
+    if (en < 10 || bn < 5 + (en - 10) + 1 || memcmp(e + 5, b + 5, (size_t)(en - 10)) != 0 ||
+        b[5 + en - 10] != 0)
+        Py_RETURN_NONE;
+    PyObject *check = execute_portal_fast(e, en);
+    if (check == NULL)
+        return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+    Py_DECREF(check);
+
+    int failed = 0;
+    PyObject *result = PyTuple_New(6), *pair = NULL;
+    if (result == NULL)
+        return NULL;
+    if (parse >= 0) {
+        pair = extended_part(parse_statement_fast, buf + start[parse], end[parse] - start[parse],
+                             &failed);
+        if (pair == NULL)
+            goto none;
+        PyTuple_SET_ITEM(result, 0, Py_NewRef(PyTuple_GET_ITEM(pair, 0)));
+        PyTuple_SET_ITEM(result, 1, Py_NewRef(PyTuple_GET_ITEM(pair, 1)));
+        Py_CLEAR(pair);
+    } else {
+        PyObject *empty = PyUnicode_FromStringAndSize("", 0);
+        if (empty == NULL) {
+            Py_DECREF(result);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(result, 0, empty);
+        PyTuple_SET_ITEM(result, 1, Py_NewRef(Py_None));
+    }
+    pair = extended_part(bind_names_fast, b, bn, &failed);
+    if (pair == NULL)
+        goto none;
+    PyTuple_SET_ITEM(result, 2, Py_NewRef(PyTuple_GET_ITEM(pair, 0)));
+    PyTuple_SET_ITEM(result, 3, Py_NewRef(PyTuple_GET_ITEM(pair, 1)));
+    Py_CLEAR(pair);
+    if (describe >= 0) {
+        pair = extended_part(describe_target_fast, buf + start[describe],
+                             end[describe] - start[describe], &failed);
+        if (pair == NULL)
+            goto none;
+        PyTuple_SET_ITEM(result, 4, Py_NewRef(PyTuple_GET_ITEM(pair, 0)));
+        PyTuple_SET_ITEM(result, 5, Py_NewRef(PyTuple_GET_ITEM(pair, 1)));
+        Py_CLEAR(pair);
+    } else {
+        PyTuple_SET_ITEM(result, 4, Py_NewRef(Py_None));
+        PyTuple_SET_ITEM(result, 5, Py_NewRef(Py_None));
+    }
+    return result;
+none:
+    /* Slots not yet set are NULL, which tuple deallocation skips. */
+    Py_DECREF(result);
+    return failed ? NULL : Py_NewRef(Py_None);
+}
+
 /* ------------------------------------------------------------------ result rows */
 
 /* The function `name` of the pure-Python module `module`, called with these arguments. */
@@ -597,6 +716,8 @@ static PyMethodDef methods[] = {
     {"bind_names", (PyCFunction)(void (*)(void))bind_names, METH_FASTCALL, bind_names_doc},
     {"describe_target", (PyCFunction)(void (*)(void))describe_target, METH_FASTCALL,
      describe_target_doc},
+    {"extended_request", (PyCFunction)(void (*)(void))extended_request, METH_FASTCALL,
+     extended_request_doc},
     {"data_rows", (PyCFunction)(void (*)(void))data_rows, METH_FASTCALL, data_rows_doc},
     {"data_row", (PyCFunction)(void (*)(void))data_row, METH_FASTCALL, data_row_doc},
     {"join_small", (PyCFunction)(void (*)(void))join_small, METH_FASTCALL, join_small_doc},

@@ -622,6 +622,48 @@ def bind_names(raw: Raw) -> tuple[str, str]:
         raise ClientProtocolError("malformed Bind: names are not UTF-8") from exc
 
 
+# What `extended_request` reads of a request: the Parse's (name, text), or ("", None)
+# without one; the Bind's (portal, statement); the Describe's (kind, name) or (None, None).
+ExtendedRequest: TypeAlias = tuple[str, str | None, str, str, bytes | None, str | None]
+
+
+def extended_request(data: bytes, limit: int) -> ExtendedRequest | None:
+    """The names of a read that is exactly one extended-protocol request of its common
+    shape, `[Parse] Bind [Describe] Execute Sync` (libpq's PQexecParams and
+    PQexecPrepared, pgjdbc's and asyncpg's steady state): each message whole, of a length
+    from 4 to `limit`, well-formed by the fast accessors above (a Sync empty), and the
+    Execute running the portal the Bind binds. None for anything else, which the caller
+    frames and reads message by message (the errors are said there)."""
+    size = len(data)
+    found: list[tuple[int, bytes]] = []  # (tag, message)
+    pos = 0
+    while pos < size:
+        if pos + 5 > size:
+            return None
+        (length,) = _UNPACK_I(data, pos + 1)
+        end = pos + 1 + length
+        if length < 4 or length > limit or end > size:
+            return None
+        found.append((data[pos], data[pos:end]))
+        pos = end
+    tags = bytes(tag for tag, _ in found)
+    if tags not in (b"PBDES", b"PBES", b"BDES", b"BES") or len(found[-1][1]) != 5:
+        return None
+    messages = dict(found)
+    try:
+        name, query, kind, described = "", None, None, None
+        if m.TAG_PARSE in messages:
+            name, query = parse_statement(messages[m.TAG_PARSE])
+        portal, statement = bind_names(messages[m.TAG_BIND])
+        if m.TAG_DESCRIBE in messages:
+            kind, described = describe_target(messages[m.TAG_DESCRIBE], "Describe")
+        if execute_portal(messages[m.TAG_EXECUTE]) != portal:
+            return None
+    except ProtocolError:
+        return None
+    return name, query, portal, statement, kind, described
+
+
 def data_rows(run: Raw) -> tuple[list[tuple[bytes | None, ...]], Raw | None]:
     """The values of each DataRow of a run (as drain() joins them), in order, up to the
     first row that is malformed, which comes back as it is (`fault`): decode_backend of

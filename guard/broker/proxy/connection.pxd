@@ -86,7 +86,10 @@ cdef class GatewayConnection:
     cdef public list _logs
     cdef public object _close
 
+    cdef _express_request(self, bytes data)
     cdef _express_query(self, bytes data)
+    @cython.locals(names=NameTables, parsed=Prepared, prepared=Prepared, portal=Portal)
+    cdef _express_extended(self, bytes data)
     cdef bint _express_answer(self, bytes data) except -1
     @cython.locals(pos=Py_ssize_t)
     cdef bint _express_query_answer(self, bytes data) except -1

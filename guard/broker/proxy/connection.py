@@ -111,6 +111,7 @@ from guard.broker.proxy.speedups import (  # compiled, or pgwire.parser's (the r
     data_rows,
     describe_target,
     execute_portal,
+    extended_request,
     join_small,
     literal_shape,
     parse_statement,
@@ -382,7 +383,7 @@ class GatewayConnection:
             # RELAYING: nothing is queued behind a pause (_queued handled it all).
             fresh = self._front_empty and data.__class__ is bytes  # a read framed on its own
             if fresh:
-                said = self._express_query(data)
+                said = self._express_request(data)
                 if said is not None:
                     return said
             tables = self._front_tables
@@ -410,16 +411,16 @@ class GatewayConnection:
             return [blocking]  # a statement paused for its record (the common pause)
         return self._flush()
 
-    def _express_query(self, data: bytes) -> list[Command] | None:
-        """The steady state of the simple protocol: a read that is one whole Query, of a
-        text whose decision forwards it as the client sent it, with nothing else pending in
-        this call. What `_relay_client`, `_on_query`, `_record`, `_after_query_record` and
-        `_flush` give for it, without framing a copy, the steps' calls, or the decision's
+    def _express_request(self, data: bytes) -> list[Command] | None:
+        """The steady state of a client: a read that is one whole request, a Query or an
+        extended-protocol `[Parse] Bind [Describe] Execute Sync`, of a statement whose
+        decision forwards it as the client sent it, with nothing else pending in this call.
+        What `_relay_client`, the `_on_*` steps, `_record`, the `_after_*` steps and
+        `_flush` give for it, without framing copies, the steps' calls, or the decision's
         other attributes (the read itself goes upstream). None, having changed nothing:
         anything else, for the general path (a malformed message included: it says why)."""
         if (
-            self._express_end(data, 0, 5) != len(data)  # one whole message (a NUL at least)
-            or data[0] != TAG_QUERY
+            len(data) < 6  # (a Query of one NUL, the least of them)
             or self.codec != "utf-8"
             or self._to_server
             or self._to_client
@@ -428,6 +429,15 @@ class GatewayConnection:
             or self._blocking is not None
             or self._close is not None
         ):
+            return None
+        if data[0] == TAG_QUERY:
+            return self._express_query(data)
+        if data[0] == TAG_PARSE or data[0] == TAG_BIND:
+            return self._express_extended(data)
+        return None
+
+    def _express_query(self, data: bytes) -> list[Command] | None:
+        if self._express_end(data, 0, 5) != len(data):  # one whole message (a NUL at least)
             return None
         try:
             sql = cstring_body(data, "Query")
@@ -443,6 +453,54 @@ class GatewayConnection:
             self.state = _PAUSED
             return [WriteAudit(records)]
         self._pending.append([_QUERY, seqs, None, None, None, None, False, None, False, None])
+        return [_send_to_server(data)]
+
+    def _express_extended(self, data: bytes) -> list[Command] | None:  # noqa: C901 - checks, then effects
+        request = extended_request(data, self._limit)
+        if request is None:
+            return None
+        parse_name, query, portal_name, statement, kind, described = request
+        names = self.names
+        parsed = None  # the Parse's statement
+        if query is not None:
+            decision = _decision(self.gate, self._decisions, self._shared, query)
+            fixed = decision.extended_records
+            if fixed is None:
+                return None  # refused, held, redirected, masked: _on_parse's other cases
+            parsed = Prepared(decision, fixed)
+        if parsed is not None and statement == parse_name:
+            prepared: Prepared | None = parsed
+        else:
+            prepared = names.statements.get(statement)
+        if prepared is None:
+            return None  # the Execute is refused: the general path says so
+        decision = prepared.decision
+        if decision.hold is not None or (self.protected and decision.masked_columns):
+            return None  # held, or the Bind's result formats are needed for masking
+        if not prepared.records:
+            return None
+        if kind is not None and described != (portal_name if kind == b"P" else statement):
+            return None  # something else described: the general path looks it up
+        # What the general path does, in its order but for the record, which is written
+        # first here so that nothing has changed when the recorder declines (the name
+        # tables, which it sets first, are the core's own; nothing sees them in between).
+        recorder = self.recorder
+        seqs = recorder(prepared.records) if recorder is not None else None
+        if seqs is None:
+            return None  # the general path pauses for its record
+        pending = self._pending
+        if parsed is not None:
+            undo = names.parse(parse_name, parsed)
+            pending.append([_PARSE, None, None, undo, parsed, None, False, None, False, None])
+        portal = Portal(prepared, ())
+        undo = names.bind(portal_name, portal)
+        pending.append([_BIND, None, None, undo, None, None, False, None, False, None])
+        if kind == b"P":
+            pending.append([_DESCRIBE, None, portal, None, None, None, False, None, False, None])
+        elif kind is not None:
+            pending.append([_DESCRIBE, None, None, None, prepared, None, False, None, False, None])
+        pending.append([_EXECUTE, seqs, portal, None, None, None, False, None, False, None])
+        pending.append([_SYNC, None, None, None, None, None, False, None, False, None])
         return [_send_to_server(data)]
 
     def from_server(self, data: bytes) -> list[Command]:  # noqa: C901 - the dispatch on the message type, inline: it runs per message

@@ -5,7 +5,8 @@ that normalizes plain statements with inlined values without a parse, held equal
 tests/sql/test_sql_shape.py; without it libpg_query normalizes every such statement.)
 
 `guard.broker.pgwire._cframe` (C, built by setup.py when a compiler is there) frames server
-and client messages, reads the names of Query, Parse, Bind, Describe/Close and Execute, and
+and client messages, reads the names of Query, Parse, Bind, Describe/Close and Execute
+(one message's, or a whole `[Parse] Bind [Describe] Execute Sync` request's at once), and
 splits and builds the DataRows the gateway masks; `guard.broker.pgwire.parser` (and
 `encoder.data_row`) do the same in pure Python and are the reference
 (tests/pgwire/test_speedups.py holds the two equal, errors included). The compiled one is
@@ -50,6 +51,7 @@ execute_portal = _c.execute_portal if _c is not None else parser.execute_portal
 parse_statement = _c.parse_statement if _c is not None else parser.parse_statement
 bind_names = _c.bind_names if _c is not None else parser.bind_names
 describe_target = _c.describe_target if _c is not None else parser.describe_target
+extended_request = _c.extended_request if _c is not None else parser.extended_request
 data_rows = _c.data_rows if _c is not None else parser.data_rows
 data_row = _c.data_row if _c is not None else encoder.data_row
 join_small = _c.join_small if _c is not None else encoder.join_small
