@@ -43,6 +43,21 @@ if _cshape is not None:
         ("select a from t where a = 5 - 3", "select a from t where a = $1 - $2"),
         ("select a from t where a*5 != 3\n", "select a from t where a*$1 != $2\n"),
         ("select a, b from t", "select a, b from t"),  # nothing to replace: the text itself
+        # TPC-B's insert: the items of a VALUES list's rows, signs folded in
+        (
+            "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) "
+            "VALUES (7, 1, 48213, -1234, CURRENT_TIMESTAMP);",
+            "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) "
+            "VALUES ($1, $2, $3, $4, CURRENT_TIMESTAMP);",
+        ),
+        (
+            "insert into t values (1, - 2), (3 + 4, 5)",
+            "insert into t values ($1, $2), ($3 + $4, $5)",
+        ),
+        (
+            "select a from t where a in (values (1), (2)) and b = 3",
+            "select a from t where a in (values ($1), ($2)) and b = $3",
+        ),
     ],
 )
 def test_plain_statements_get_libpg_querys_normalization(shape, text, expected):
@@ -59,7 +74,15 @@ def test_plain_statements_get_libpg_querys_normalization(shape, text, expected):
         "select a from t group by 1",
         "select a from t limit 5",
         "select a from t where a in (1, 2)",
-        "insert into t values (1)",
+        "insert into t values (f(1))",  # deeper than a row's own items
+        "insert into t values (1), 2",  # not a row's
+        "insert into t values (1) returning a, 5",  # after the list
+        "insert into t default values returning (5)",
+        "select a from t where a in (values (1)) and b in (2)",
+        # after a list, "(" opens no row: a sort expression or type modifier libpg_query keeps
+        "select a from t where a in (values (1) order by (2))",
+        "select a from t where a in (values (1)) and cast(b as varchar(10)) = c",
+        "select a from t where a in (values (1)) order by ((2))",
         "select a::varchar(10) from t",
         "select a from t where a = 'x'",  # quotes, comments, casts, dollar signs
         "select a from t where a = 5 -- note",
@@ -111,8 +134,32 @@ def _statements(draw: st.DrawFn) -> str:
     return "".join(token + separator for token, separator in tokens)
 
 
+# INSERTs with a VALUES list, their rows made of the tokens above and mostly of those
+# that matter there (numbers, signs, parentheses, commas, words).
+_ROW_TOKENS = st.one_of(
+    _TOKENS, st.sampled_from(["(", ")", ",", "5", "-", "- 5", "values", "default", "f"])
+)
+
+
+_ITEMS = st.sampled_from(
+    ["5", "-5", "- 5", "5.5", "+5", "5 + -5", "5 - 5", "a", "default", "f(5)", "(5)", "'x'"]
+)
+
+
+@st.composite
+def _inserts(draw: st.DrawFn) -> str:
+    """Well-formed rows (which libpg_query normalizes) or a row's start and tokens."""
+    if draw(st.booleans()):
+        rows = draw(st.lists(st.lists(_ITEMS, min_size=1, max_size=4), min_size=1, max_size=3))
+        tail = draw(st.sampled_from(["", ";", " returning a", " on conflict (a) do nothing"]))
+        listed = ", ".join("(" + ", ".join(row) + ")" for row in rows)
+        return f"insert into t values {listed}{tail}"
+    tokens = draw(st.lists(st.tuples(_ROW_TOKENS, _SEPARATORS), min_size=1, max_size=14))
+    return "insert into t values (" + "".join(t + s for t, s in tokens)
+
+
 @settings(max_examples=3000, deadline=None)
-@given(_statements())
+@given(st.one_of(_statements(), _inserts()))
 @example("update t set a = a + - 5 where b = 6")
 @example("select a from t where a = 5 .b")
 def test_wherever_it_answers_it_is_libpg_querys_answer(text):
@@ -130,6 +177,6 @@ def test_wherever_it_answers_it_is_libpg_querys_answer(text):
 
 @pytest.mark.skipif(_cshape is None, reason="sql._cshape is not built (no compiler)")
 @settings(max_examples=3000, deadline=None)
-@given(st.one_of(_statements(), st.text(max_size=40)))
+@given(st.one_of(_statements(), _inserts(), st.text(max_size=40)))
 def test_the_compiled_shape_is_the_reference(text):
     assert _cshape.literal_shape(text) == literal_shape(text)

@@ -19,6 +19,7 @@
 #define MAX_PARAMS 64
 
 enum { START, WORD, NUMBER, OPERATOR, OPEN };
+enum { NO_VALUES, VALUES_WORD, IN_VALUES }; /* see shape.py */
 
 /* Character classes (ASCII only: non-ASCII text is refused before these are read). */
 #define C_SPACE 1
@@ -111,6 +112,8 @@ literal_shape(PyObject *self, PyObject *arg)
     /* The replaced spans, in order. */
     Py_ssize_t span_start[MAX_PARAMS], span_end[MAX_PARAMS];
     int params = 0, previous = START, ended = 0, last_minus = 0;
+    int values = NO_VALUES;
+    Py_ssize_t depth = 0; /* in a VALUES list: 1 inside a row */
     Py_ssize_t i = 0;
 
     while (i < n) {
@@ -132,6 +135,10 @@ literal_shape(PyObject *self, PyObject *arg)
             if (word_is(s + i, j - i, "true") || word_is(s + i, j - i, "false") ||
                 word_is(s + i, j - i, "null"))
                 Py_RETURN_NONE;
+            if (word_is(s + i, j - i, "values"))
+                values = VALUES_WORD;
+            else if (values == VALUES_WORD || depth == 0)
+                values = NO_VALUES;
             previous = WORD;
             i = j;
             continue;
@@ -158,7 +165,8 @@ literal_shape(PyObject *self, PyObject *arg)
                 while (k < n && IS(s[k], C_SPACE))
                     k++;
                 if (k < n && IS(s[k], C_DIGIT)) {
-                    if (previous == OPERATOR && !last_minus)
+                    if ((previous == OPERATOR && !last_minus) ||
+                        (previous == OPEN && values == IN_VALUES && depth == 1))
                         number = k; /* a sign: the constant starts at it */
                     else if (previous != NUMBER)
                         Py_RETURN_NONE;
@@ -172,7 +180,7 @@ literal_shape(PyObject *self, PyObject *arg)
             }
         }
         else if (IS(c, C_DIGIT)) {
-            if (previous != OPERATOR)
+            if (previous != OPERATOR && !(previous == OPEN && values == IN_VALUES && depth == 1))
                 Py_RETURN_NONE;
             number = i;
         }
@@ -181,6 +189,18 @@ literal_shape(PyObject *self, PyObject *arg)
                 Py_RETURN_NONE;
             if (c == ';')
                 ended = 1;
+            else if (c == '(') {
+                if (values == VALUES_WORD)
+                    values = IN_VALUES;
+                if (values == IN_VALUES)
+                    depth++;
+            }
+            else if (c == ')' && values == IN_VALUES) {
+                if (depth == 0)
+                    values = NO_VALUES;
+                else
+                    depth--;
+            }
             previous = (c == '(' || c == ',') ? OPEN : WORD;
             i++;
             continue;

@@ -17,10 +17,13 @@ every token is of a kind whose normalization is plain, and says None at the firs
 - No TRUE, FALSE or NULL (libpg_query replaces those words too).
 - Every number follows an operator (so it is an operand of an expression, a constant
   libpg_query replaces: never an ORDER BY or GROUP BY position, a LIMIT, a type modifier
-  or an IN list, which it would not replace or this code would have to understand).
-- A minus that follows an operator and precedes a number is the constant's sign
-  (PostgreSQL folds it in: `= -5` is `= $1`); a minus between a word and a number may be
-  either (`b -5` subtracts, `AND -5` is a sign), so that text is None.
+  or an IN list, which it would not replace or this code would have to understand), or
+  opens an item of a VALUES list's row (`VALUES (1, -2), (3, 4)`: the number right after
+  a row's "(" or ",", at the row's own depth, is an expression of its own, a constant;
+  TPC-B's INSERT, whose text was decided and cached anew each time without this).
+- A minus that follows an operator (or opens a VALUES item) and precedes a number is the
+  constant's sign (PostgreSQL folds it in: `= -5` is `= $1`); a minus between a word and
+  a number may be either (`b -5` subtracts, `AND -5` is a sign), so that text is None.
 A text that is not valid SQL may still get an answer; its normalized text then does not
 parse either, so the decision on it is a refusal and the gate decides the exact text, as
 it does when libpg_query fails. `tests/sql/test_shape.py` holds this to libpg_query with
@@ -43,6 +46,8 @@ _WORD = _WORD_START | _DIGITS
 
 # Token kinds, for what the previous token was.
 _START, _WORD_TOKEN, _NUMBER, _OPERATOR, _OPEN = range(5)
+# Where a VALUES list stands: not in one, its word just read (a "(" must follow), or in it.
+_NO_VALUES, _VALUES_WORD, _IN_VALUES = range(3)
 
 
 def literal_shape(text: str) -> str | None:  # noqa: C901 - one lexer, read top to bottom
@@ -56,6 +61,8 @@ def literal_shape(text: str) -> str | None:  # noqa: C901 - one lexer, read top 
     previous = _START
     ended = False  # a ';' was seen: only space may follow
     last_operator = ""
+    values = _NO_VALUES
+    depth = 0  # in a VALUES list: 1 inside a row, more in its items' parentheses
     i = 0
     while i < n:
         c = text[i]
@@ -73,6 +80,10 @@ def literal_shape(text: str) -> str | None:  # noqa: C901 - one lexer, read top 
                 return None
             if word in _CONSTANT_WORDS:
                 return None
+            if word == "values":
+                values = _VALUES_WORD
+            elif values is _VALUES_WORD or depth == 0:
+                values = _NO_VALUES  # a word between or after the rows ends the list
             previous, i = _WORD_TOKEN, j
             continue
         if previous is _START:
@@ -97,7 +108,9 @@ def literal_shape(text: str) -> str | None:  # noqa: C901 - one lexer, read top 
                 while k < n and text[k] in _SPACE:
                     k += 1
                 if k < n and text[k] in _DIGITS:
-                    if previous is _OPERATOR and last_operator != "-":
+                    if (previous is _OPERATOR and last_operator != "-") or (
+                        previous is _OPEN and values is _IN_VALUES and depth == 1
+                    ):
                         number = k  # a sign: the constant starts at it ("= - 5" is "= $1")
                     elif previous is not _NUMBER:
                         # "b -5" subtracts, "AND -5" and "(-5" are signs, and libpg_query
@@ -108,7 +121,9 @@ def literal_shape(text: str) -> str | None:  # noqa: C901 - one lexer, read top 
                 previous, i = _OPERATOR, j
                 continue
         elif c in _DIGITS:
-            if previous is not _OPERATOR:
+            if previous is not _OPERATOR and not (
+                previous is _OPEN and values is _IN_VALUES and depth == 1
+            ):
                 return None
             number = i
         elif c in _PUNCTUATION:
@@ -118,6 +133,16 @@ def literal_shape(text: str) -> str | None:  # noqa: C901 - one lexer, read top 
                 return None
             if c == ";":
                 ended = True
+            elif c == "(":
+                if values is _VALUES_WORD:
+                    values = _IN_VALUES  # its first row
+                if values is _IN_VALUES:
+                    depth += 1
+            elif c == ")" and values is _IN_VALUES:
+                if depth == 0:
+                    values = _NO_VALUES  # the parenthesis around the whole list closes
+                else:
+                    depth -= 1
             previous = _OPEN if c in "(," else _WORD_TOKEN if c in ").;" else previous
             i += 1
             continue
