@@ -1,4 +1,4 @@
-"""Instructions per pgbench -S transaction through the sans-IO relay, counted by callgrind.
+"""Instructions per pgbench transaction through the sans-IO relay, counted by callgrind.
 
     .venv/bin/python bench/relay_instructions.py            # every mode, both implementations
     .venv/bin/python bench/relay_instructions.py --mode simple --pure
@@ -13,9 +13,11 @@ pure-Python hot path); without it the compiled one is used when it is built.
 
 The transactions are bench/micro_session.py's: the bytes of one pgbench -S transaction
 (simple with a distinct literal each time, extended, prepared; masked: simple, with the
-result's column a protected base column, so the gateway masks its row) and PostgreSQL's
-answer, through GatewayConnection with the bench policy; the audit commands go to a JSONL sink as
-the shell's (`--sink none`: answered with sequence numbers, nothing written).
+result's column a protected base column, so the gateway masks its row), or of TPC-B's seven
+statements (tpcb: pgbench's default script, -M simple, fresh literals each time), and
+PostgreSQL's answers, through GatewayConnection with the bench policy; the audit commands
+go to a JSONL sink as the shell's (`--sink none`: answered with sequence numbers, nothing
+written).
 
 `--shell pump` runs the same traffic through the gateway's own asyncio shell instead
 (`proxy.pump.Pump` on uvloop, the sink in the broker's `health.WatchedAuditSink`), with
@@ -51,7 +53,7 @@ _SCRATCH = tempfile.TemporaryDirectory(prefix="guard-bench-audit-")
 ROOT = Path(__file__).resolve().parent.parent
 SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = {};"
 TEXT = "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
-MODES = ("simple", "extended", "prepared", "masked")
+MODES = ("simple", "extended", "prepared", "masked", "tpcb")
 ACCOUNTS_OID, ABALANCE_ATTNUM = 16500, 3
 OTHER_OID, OTHER_ATTNUM = 16400, 4  # a protected column elsewhere (the demo's customers.ssn)
 WARM_UP = 50
@@ -63,14 +65,14 @@ def drive(mode: str, n: int, sink: str, through: str = "core") -> None:
     proxy, shell, audit = _connection(sink, masked=mode == "masked")
     # As many requests built for every count (made in Python, they are not the relay's
     # work): building them cancels out of the difference of two counts.
-    requests, answer = _traffic(mode, WARM_UP + max(n, *COUNTS), proxy, shell)
-    requests = requests[: WARM_UP + n]
+    traffic = _traffic(mode, WARM_UP + max(n, *COUNTS), proxy, shell)[: WARM_UP + n]
     if through == "pump":
-        _through_pump(proxy, audit, requests, answer)
+        _through_pump(proxy, audit, traffic)
         return
-    for request in requests:
-        shell(proxy.from_client(request))
-        shell(proxy.from_server(answer))
+    for transaction in traffic:
+        for request, answer in transaction:
+            shell(proxy.from_client(request))
+            shell(proxy.from_server(answer))
     assert not proxy.closed
 
 
@@ -109,8 +111,12 @@ class _Null(asyncio.Transport):
         self.reading = True
 
 
+# A transaction: its requests, each with the server's answer.
+Transaction = tuple[tuple[bytes, bytes], ...]
+
+
 def _through_pump(
-    proxy: Any, audit: Any, requests: list[bytes], answer: bytes, rounds: int = 1
+    proxy: Any, audit: Any, traffic: list[Transaction], rounds: int = 1
 ) -> list[float]:
     """The traffic through `proxy.pump.Pump`, as the gateway's transports would hand it,
     in `rounds` equal parts: the wall time of each, per transaction."""
@@ -125,12 +131,13 @@ def _through_pump(
         pump = Pump(proxy, _Null(tls=True), _Null(tls=False), audit=WatchedAuditSink(audit))
         pump.start(b"", b"")
         client, upstream = pump._client_side, pump._upstream_side
-        size = len(requests) // rounds
+        size = len(traffic) // rounds
         for start in range(0, size * rounds, size):
             began = time.perf_counter()
-            for request in requests[start : start + size]:
-                client.data_received(request)
-                upstream.data_received(answer)
+            for transaction in traffic[start : start + size]:
+                for request, answer in transaction:
+                    client.data_received(request)
+                    upstream.data_received(answer)
             times.append((time.perf_counter() - began) / size)
         assert not proxy.closed and not pump.done.done()
 
@@ -145,8 +152,8 @@ def wall(mode: str, sink: str) -> float:
     """The least wall time per transaction (µs) through the pump, over WALL_ROUNDS rounds
     of WALL_SIZE transactions after a warm-up round."""
     proxy, shell, audit = _connection(sink, masked=mode == "masked")
-    requests, answer = _traffic(mode, (WALL_ROUNDS + 1) * WALL_SIZE, proxy, shell)
-    return min(_through_pump(proxy, audit, requests, answer, WALL_ROUNDS + 1)[1:]) * 1e6
+    traffic = _traffic(mode, (WALL_ROUNDS + 1) * WALL_SIZE, proxy, shell)
+    return min(_through_pump(proxy, audit, traffic, WALL_ROUNDS + 1)[1:]) * 1e6
 
 
 def _connection(sink: str, masked: bool) -> tuple[Any, Callable[[list[Any]], None], Any]:
@@ -209,8 +216,8 @@ def _connection(sink: str, masked: bool) -> tuple[Any, Callable[[list[Any]], Non
 
 def _traffic(
     mode: str, total: int, proxy: Any, shell: Callable[[list[Any]], None]
-) -> tuple[list[bytes], bytes]:
-    """`total` requests of one pgbench -S mode, and the server's answer to each."""
+) -> list[Transaction]:
+    """`total` transactions of one pgbench mode, each request with the server's answer."""
     from guard.broker.pgwire import messages as m
     from guard.broker.pgwire.encoder import encode
 
@@ -221,7 +228,9 @@ def _traffic(
     tail = (m.DataRow((b"0",)), m.CommandComplete("SELECT 1"), m.ReadyForQuery(b"I"))
     if mode in ("simple", "masked"):  # a distinct literal each time, like pgbench -M simple
         answer = wire(m.RowDescription((field,)), *tail)
-        return [wire(m.Query(SQL.format(i))) for i in range(total)], answer
+        return [((wire(m.Query(SQL.format(i))), answer),) for i in range(total)]
+    if mode == "tpcb":
+        return [_tpcb(i, wire, field) for i in range(total)]
     if mode == "extended":
         ext = wire(
             m.Parse("", TEXT, ()),
@@ -231,11 +240,48 @@ def _traffic(
             m.Sync(),
         )
         answer = wire(m.ParseComplete(), m.BindComplete(), m.RowDescription((field,)), *tail)
-        return [ext] * total, answer
+        return [((ext, answer),)] * total
     shell(proxy.from_client(wire(m.Parse("P0_1", TEXT, ()), m.Sync())))
     shell(proxy.from_server(wire(m.ParseComplete(), m.ReadyForQuery(b"I"))))
     prepared = wire(m.Bind("", "P0_1", (), (b"1",), ()), m.Execute("", 0), m.Sync())
-    return [prepared] * total, wire(m.BindComplete(), *tail)
+    return [((prepared, wire(m.BindComplete(), *tail)),)] * total
+
+
+def _tpcb(i: int, wire: Callable[..., bytes], field: Any) -> Transaction:
+    """pgbench's TPC-B transaction number `i` (-M simple: its values inlined), answered."""
+    from guard.broker.pgwire import messages as m
+
+    aid, tid, bid, delta = 1 + i * 7919 % 1000000, 1 + i % 100, 1 + i % 10, i % 10001 - 5000
+    done = m.ReadyForQuery(b"T")
+    statements = (
+        ("BEGIN;", (m.CommandComplete("BEGIN"),)),
+        (
+            f"UPDATE pgbench_accounts SET abalance = abalance + {delta} WHERE aid = {aid};",
+            (m.CommandComplete("UPDATE 1"),),
+        ),
+        (
+            f"SELECT abalance FROM pgbench_accounts WHERE aid = {aid};",
+            (m.RowDescription((field,)), m.DataRow((b"0",)), m.CommandComplete("SELECT 1")),
+        ),
+        (
+            f"UPDATE pgbench_tellers SET tbalance = tbalance + {delta} WHERE tid = {tid};",
+            (m.CommandComplete("UPDATE 1"),),
+        ),
+        (
+            f"UPDATE pgbench_branches SET bbalance = bbalance + {delta} WHERE bid = {bid};",
+            (m.CommandComplete("UPDATE 1"),),
+        ),
+        (
+            "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) "
+            f"VALUES ({tid}, {bid}, {aid}, {delta}, CURRENT_TIMESTAMP);",
+            (m.CommandComplete("INSERT 0 1"),),
+        ),
+        ("END;", (m.CommandComplete("COMMIT"),)),
+    )
+    return tuple(
+        (wire(m.Query(sql)), wire(*answer, m.ReadyForQuery(b"I") if sql == "END;" else done))
+        for sql, answer in statements
+    )
 
 
 def count(mode: str, n: int, sink: str, pure: bool, shell: str) -> int:
