@@ -431,9 +431,14 @@ def test_the_express_lanes_relay_an_extended_request_as_it_was_read(build):
     conn.result_recorder = lambda results: audit.append_results(results) or True
     (cmd,) = conn.from_client(_PREPARE[1])
     conn.from_server(_PREPARE_DONE[1])
-    for run in range(3):
+    for run in range(4):
         for request, answer in ((_EXTENDED[1], _EXTENDED_ROW[1]), (_PREPARED[1], _PREPARED_ROW[1])):
             read = bytes(bytearray(request))
+            if run == 3:  # the shell's call: the read itself, for it to write
+                assert conn.relay_from_client(read) is read
+                read = bytes(bytearray(answer))
+                assert conn.relay_from_server(read) is read
+                continue
             (cmd,) = conn.from_client(read)
             assert type(cmd) is SendToServer and cmd.data == request
             assert cmd.data is read
@@ -446,7 +451,7 @@ def test_the_express_lanes_relay_an_extended_request_as_it_was_read(build):
             assert type(cmd) is SendToClient and cmd.data == answer
             assert (cmd.data is read) == (run > 0 or request is _PREPARED[1])
     kinds = [r["kind"] for r in audit.records]
-    assert kinds == ["statement", "result"] * 6
+    assert kinds == ["statement", "result"] * 8
     assert conn.idle
 
 

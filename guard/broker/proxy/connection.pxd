@@ -86,6 +86,7 @@ cdef class GatewayConnection:
     cdef public list _logs
     cdef public object _close
 
+    cpdef relay_from_client(self, data)
     cdef _express_request(self, bytes data)
     cdef _express_query(self, bytes data)
     @cython.locals(names=NameTables, parsed=Prepared, prepared=Prepared, portal=Portal)
@@ -104,7 +105,8 @@ cdef class GatewayConnection:
     @cython.locals(end=Py_ssize_t)
     cdef _express_done(self, bytes data, Py_ssize_t pos)
     @cython.locals(tag=int, fresh=bint)
-    cpdef from_server(self, data)
+    cpdef relay_from_server(self, data)
+    cdef _express_output(self, bytes data)
     cdef _flush(self)
     cdef _record(self, records, then, a, b)
     @cython.locals(tag=int, pos=Py_ssize_t, count=Py_ssize_t)

@@ -371,6 +371,15 @@ class GatewayConnection:
         While PAUSED the bytes only queue (the result is empty); after the connection
         ended they are dropped. Never raises.
         """
+        said = self.relay_from_client(data)
+        return said if isinstance(said, list) else [_send_to_server(data)]
+
+    def relay_from_client(self, data: bytes) -> list[Command] | bytes:
+        """`from_client` for a shell that writes what it is given: `data` itself (the
+        same object) when the call's whole output is that read forwarded upstream as it
+        came (an express lane's), which the shell sends as it would `[SendToServer(data)]`;
+        otherwise from_client's commands. The steady state without a command, its list and
+        the shell's dispatch of it."""
         state = self.state
         if state is not _RELAYING:
             if state is _PAUSED:
@@ -385,7 +394,7 @@ class GatewayConnection:
             if fresh:
                 said = self._express_request(data)
                 if said is not None:
-                    return said
+                    return said  # (the read itself, or the pause for its record)
             tables = self._front_tables
             if fresh and tables is not None:
                 frame, valid, runs, limit = tables
@@ -411,14 +420,15 @@ class GatewayConnection:
             return [blocking]  # a statement paused for its record (the common pause)
         return self._flush()
 
-    def _express_request(self, data: bytes) -> list[Command] | None:
+    def _express_request(self, data: bytes) -> list[Command] | bytes | None:
         """The steady state of a client: a read that is one whole request, a Query or an
         extended-protocol `[Parse] Bind [Describe] Execute Sync`, of a statement whose
         decision forwards it as the client sent it, with nothing else pending in this call.
         What `_relay_client`, the `_on_*` steps, `_record`, the `_after_*` steps and
         `_flush` give for it, without framing copies, the steps' calls, or the decision's
-        other attributes (the read itself goes upstream). None, having changed nothing:
-        anything else, for the general path (a malformed message included: it says why)."""
+        other attributes: `data`, to go upstream as it is (or a Query's pause for its
+        record). None, having changed nothing: anything else, for the general path (a
+        malformed message included: it says why)."""
         if (
             len(data) < 6  # (a Query of one NUL, the least of them)
             or self.codec != "utf-8"
@@ -436,7 +446,7 @@ class GatewayConnection:
             return self._express_extended(data)
         return None
 
-    def _express_query(self, data: bytes) -> list[Command] | None:
+    def _express_query(self, data: bytes) -> list[Command] | bytes | None:
         if self._express_end(data, 0, 5) != len(data):  # one whole message (a NUL at least)
             return None
         try:
@@ -453,9 +463,9 @@ class GatewayConnection:
             self.state = _PAUSED
             return [WriteAudit(records)]
         self._pending.append([_QUERY, seqs, None, None, None, None, False, None, False, None])
-        return [_send_to_server(data)]
+        return data
 
-    def _express_extended(self, data: bytes) -> list[Command] | None:  # noqa: C901 - checks, then effects
+    def _express_extended(self, data: bytes) -> bytes | None:  # noqa: C901 - checks, then effects
         request = extended_request(data, self._limit)
         if request is None:
             return None
@@ -501,17 +511,24 @@ class GatewayConnection:
             pending.append([_DESCRIBE, None, None, None, prepared, None, False, None, False, None])
         pending.append([_EXECUTE, seqs, portal, None, None, None, False, None, False, None])
         pending.append([_SYNC, None, None, None, None, None, False, None, False, None])
-        return [_send_to_server(data)]
+        return data
 
-    def from_server(self, data: bytes) -> list[Command]:  # noqa: C901 - the dispatch on the message type, inline: it runs per message
+    def from_server(self, data: bytes) -> list[Command]:
         """Bytes PostgreSQL sent, in order: the commands that relay them (masked). Never
         raises."""
+        said = self.relay_from_server(data)
+        return said if isinstance(said, list) else [_send_to_client(data)]
+
+    def relay_from_server(self, data: bytes) -> list[Command] | bytes:  # noqa: C901 - the dispatch on the message type, inline: it runs per message
+        """`from_server` for a shell that writes what it is given: `data` itself when the
+        call's whole output is that read relayed to the client as it came, as
+        `relay_from_client`."""
         if self.state >= _CLOSED:
             return []
         try:
             fresh = self._back_empty and data.__class__ is bytes  # a read framed on its own
             if fresh and self._express_answer(data):
-                return self._flush()
+                return self._express_output(data)
             tables = self._back_tables
             if fresh and tables is not None:
                 frame, valid, runs, limit = tables
@@ -573,6 +590,27 @@ class GatewayConnection:
         except Exception as exc:  # noqa: BLE001 - see _failed: nothing escapes the core
             self._failed(exc)
         return self._flush()
+
+    def _express_output(self, data: bytes) -> list[Command] | bytes:
+        """What `_flush` gives after an express answer, `data` itself when that is all of
+        it: the read relayed, its result record queued by the result recorder."""
+        if (
+            len(self._to_client) != 1
+            or self._to_server
+            or self._logs
+            or self._blocking is not None
+            or self._close is not None
+        ):
+            return self._flush()
+        results = self._results
+        if results:
+            self._results = []
+            recorder = self.result_recorder
+            if recorder is None or not recorder(results):
+                self._to_client = []
+                return [_send_to_client(data), RecordResults(results)]  # as `_flush` orders them
+        self._to_client = []
+        return data
 
     def _express_answer(self, data: bytes) -> bool:
         """The steady state of the answers: a read that is one whole answer, to the

@@ -14,6 +14,7 @@
 cdef class _Side:
     cdef public Pump pump
     cdef public object feed
+    cdef public object forward
     cdef public object eof
     cdef public object name
     cdef public object other

@@ -106,12 +106,14 @@ class _Side:
     def __init__(
         self,
         pump: Pump,
-        feed: Callable[[bytes], list[Command]],
+        feed: Callable[[bytes], list[Command] | bytes],
         eof: Callable[[], list[Command]],
         name: str,
     ) -> None:
         self.pump = pump
+        # The core's `relay_from_*`: its commands, or the read itself to write on (`forward`).
         self.feed = feed
+        self.forward: Callable[[bytes], object] | None = None
         self.eof = eof
         self.name = name
         self.other: asyncio.Transport | None = None
@@ -121,7 +123,13 @@ class _Side:
         pump = self.pump
         pump.last_activity = pump.loop.time()
         try:
-            pump.run(self.feed(data))
+            said = self.feed(data)
+            if isinstance(said, bytes):  # the read as it came: as SendToServer/Client of it
+                self.forward(said)  # type: ignore[misc]
+                if pump._queue_full:
+                    pump.run([])
+            else:
+                pump.run(said)
             if self.other is pump.upstream_transport:  # the client side
                 pump.client_read()
         except Exception:  # noqa: BLE001 - a shell bug ends this connection, not the gateway
@@ -193,15 +201,21 @@ class Pump:
         self.end_reason = ""
         self.done: asyncio.Future[None] = self.loop.create_future()
         self._watchdog: asyncio.TimerHandle | None = None
-        self._client_side = _Side(self, connection.from_client, connection.client_eof, "client")
+        # A core that relays a steady-state read as it came answers that bytes object
+        # (`relay_from_*`), which its side writes on itself; any other answers commands.
+        relay_client = getattr(connection, "relay_from_client", connection.from_client)
+        relay_server = getattr(connection, "relay_from_server", connection.from_server)
+        self._client_side = _Side(self, relay_client, connection.client_eof, "client")
         self._client_side.keep_open_on_eof = client_transport.get_extra_info("sslcontext") is None
         self._upstream_side = _Side(
             self,
-            connection.from_server if tls is None else self._from_tls,
+            relay_server if tls is None else self._from_tls,
             connection.server_eof,
             "upstream",
         )
         self._to_server = upstream_transport.write if tls is None else self._to_tls
+        self._client_side.forward = self._to_server
+        self._upstream_side.forward = client_transport.write
         self._client_side.other = upstream_transport  # client can't keep up → stop upstream
         self._upstream_side.other = client_transport
 
