@@ -392,18 +392,25 @@ def test_the_express_lane_says_what_the_general_path_says(steps, split, holds, e
     )
 
 
-@pytest.mark.parametrize("build", [reference.GatewayConnection, _cconnection.GatewayConnection])
-def test_the_express_lanes_relay_a_plain_query_and_its_answer_as_they_were_read(build):
-    # What makes the steady state cheap, and the test above not vacuous: each read itself
-    # goes on (no framed copies), the Query recorded first, once the decision's records
-    # exist, and the answer's result recorded, once its caches hold its messages.
+def _recording(build: type) -> tuple[Any, MemoryAuditSink]:
+    """A connection of `build` whose records go to a memory sink as the pump's hot path
+    takes them (at once, without a WriteAudit or a RecordResults)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(playbook, "GatewayConnection", build)
         conn = playbook.connection()
     audit = MemoryAuditSink()
     conn.recorder = audit.append_statements
-    query = encode(m.Query("SELECT 1"))
     conn.result_recorder = lambda results: audit.append_results(results) or True
+    return conn, audit
+
+
+@pytest.mark.parametrize("build", [reference.GatewayConnection, _cconnection.GatewayConnection])
+def test_the_express_lanes_relay_a_plain_query_and_its_answer_as_they_were_read(build):
+    # What makes the steady state cheap, and the test above not vacuous: each read itself
+    # goes on (no framed copies), the Query recorded first, once the decision's records
+    # exist, and the answer's result recorded, once its caches hold its messages.
+    conn, audit = _recording(build)
+    query = encode(m.Query("SELECT 1"))
     for run in range(3):
         read = bytes(bytearray(query))  # a fresh object each time, as a socket gives
         (cmd,) = conn.from_client(read)
@@ -423,12 +430,7 @@ def test_the_express_lanes_relay_an_extended_request_as_it_was_read(build):
     # decision's records): the read itself goes upstream, the Execute recorded first, and
     # the answer comes back as read once its caches hold its messages; the name tables
     # hold what the general path leaves in them.
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(playbook, "GatewayConnection", build)
-        conn = playbook.connection()
-    audit = MemoryAuditSink()
-    conn.recorder = audit.append_statements
-    conn.result_recorder = lambda results: audit.append_results(results) or True
+    conn, audit = _recording(build)
     (cmd,) = conn.from_client(_PREPARE[1])
     conn.from_server(_PREPARE_DONE[1])
     for run in range(4):

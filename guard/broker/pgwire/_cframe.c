@@ -374,15 +374,22 @@ PyDoc_STRVAR(extended_request_doc,
 "portal (parser.extended_request). Without a Parse its two are \"\" and None, without a\n"
 "Describe None and None.");
 
-/* The message p[0:n]'s value by an accessor's fast path, or NULL; `*failed` set when that
- * is an error (out of memory) rather than input the fast path does not take. */
-static PyObject *
-extended_part(fast_path fast, const unsigned char *p, Py_ssize_t n, int *failed)
+/* result[at] and result[at + 1]: the two values an accessor's fast path reads of the message
+ * p[0:n]. 0 when it does not take the message; `*failed` set when that is an error (out of
+ * memory) rather than input the fast path leaves to the reference. */
+static int
+put_part(PyObject *result, Py_ssize_t at, fast_path fast, const unsigned char *p, Py_ssize_t n,
+         int *failed)
 {
-    PyObject *value = fast(p, n);
-    if (value == NULL && PyErr_Occurred())
-        *failed = 1;
-    return value;
+    PyObject *pair = fast(p, n);
+    if (pair == NULL) {
+        *failed = PyErr_Occurred() != NULL;
+        return 0;
+    }
+    PyTuple_SET_ITEM(result, at, Py_NewRef(PyTuple_GET_ITEM(pair, 0)));
+    PyTuple_SET_ITEM(result, at + 1, Py_NewRef(PyTuple_GET_ITEM(pair, 1)));
+    Py_DECREF(pair);
+    return 1;
 }
 
 static PyObject *
@@ -441,17 +448,13 @@ extended_request(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t 
     Py_DECREF(check);
 
     int failed = 0;
-    PyObject *result = PyTuple_New(6), *pair = NULL;
+    PyObject *result = PyTuple_New(6);
     if (result == NULL)
         return NULL;
     if (parse >= 0) {
-        pair = extended_part(parse_statement_fast, buf + start[parse], end[parse] - start[parse],
-                             &failed);
-        if (pair == NULL)
+        if (!put_part(result, 0, parse_statement_fast, buf + start[parse],
+                      end[parse] - start[parse], &failed))
             goto none;
-        PyTuple_SET_ITEM(result, 0, Py_NewRef(PyTuple_GET_ITEM(pair, 0)));
-        PyTuple_SET_ITEM(result, 1, Py_NewRef(PyTuple_GET_ITEM(pair, 1)));
-        Py_CLEAR(pair);
     } else {
         PyObject *empty = PyUnicode_FromStringAndSize("", 0);
         if (empty == NULL) {
@@ -461,20 +464,12 @@ extended_request(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t 
         PyTuple_SET_ITEM(result, 0, empty);
         PyTuple_SET_ITEM(result, 1, Py_NewRef(Py_None));
     }
-    pair = extended_part(bind_names_fast, b, bn, &failed);
-    if (pair == NULL)
+    if (!put_part(result, 2, bind_names_fast, b, bn, &failed))
         goto none;
-    PyTuple_SET_ITEM(result, 2, Py_NewRef(PyTuple_GET_ITEM(pair, 0)));
-    PyTuple_SET_ITEM(result, 3, Py_NewRef(PyTuple_GET_ITEM(pair, 1)));
-    Py_CLEAR(pair);
     if (describe >= 0) {
-        pair = extended_part(describe_target_fast, buf + start[describe],
-                             end[describe] - start[describe], &failed);
-        if (pair == NULL)
+        if (!put_part(result, 4, describe_target_fast, buf + start[describe],
+                      end[describe] - start[describe], &failed))
             goto none;
-        PyTuple_SET_ITEM(result, 4, Py_NewRef(PyTuple_GET_ITEM(pair, 0)));
-        PyTuple_SET_ITEM(result, 5, Py_NewRef(PyTuple_GET_ITEM(pair, 1)));
-        Py_CLEAR(pair);
     } else {
         PyTuple_SET_ITEM(result, 4, Py_NewRef(Py_None));
         PyTuple_SET_ITEM(result, 5, Py_NewRef(Py_None));
