@@ -1206,25 +1206,20 @@ class GatewayConnection:
             # Only name and text matter to the gate; PostgreSQL validates the rest.
             name, query = self._decode(decode_parse, raw, "Parse")
         decision = _decision(self.gate, self._decisions, self._shared, query)
+        # The steady state (a text forwarded as sent, no column to mask) has its records
+        # at hand; anything else is refused, rewritten, or has them looked up.
         fixed = decision.extended_records
-        if fixed is not None:  # the steady state: what the rest below does for it
-            prepared = Prepared(decision, fixed)
-            undo = self.names.parse(name, prepared)
-            self._to_server.append(raw)
-            self._pending.append(
-                [_PARSE, None, None, undo, prepared, None, False, None, False, None]
-            )
-            return
-        if decision.refusal is not None and (decision.hold is None or not self.holds):
-            records = self.gate.statement_records(decision, "extended")
-            self._record(records, self._after_parse_refusal_record, name, decision.refusal)
-            return
-        # Allowed: nothing runs at Parse; the audit record is written at each Execute.
-        if decision.forward_sql is not None:
-            raw = self._rewritten_parse(raw, decision.forward_sql)
-        fixed = decision.records.get("extended")  # made once per decision (a frame less)
         if fixed is None:
-            fixed = self.gate.statement_records(decision, "extended")
+            if decision.refusal is not None and (decision.hold is None or not self.holds):
+                records = self.gate.statement_records(decision, "extended")
+                self._record(records, self._after_parse_refusal_record, name, decision.refusal)
+                return
+            # Allowed: nothing runs at Parse; the audit record is written at each Execute.
+            if decision.forward_sql is not None:
+                raw = self._rewritten_parse(raw, decision.forward_sql)
+            fixed = decision.records.get("extended")  # made once per decision (a frame less)
+            if fixed is None:
+                fixed = self.gate.statement_records(decision, "extended")
         prepared = Prepared(decision, fixed)
         undo = self.names.parse(name, prepared)
         self._to_server.append(raw)
