@@ -434,18 +434,16 @@ extended_request(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t 
     }
     if (end[sync] - start[sync] != 5)
         Py_RETURN_NONE;
-    /* The Execute runs the Bind's portal: its name's bytes are the Bind's first string. */
+    /* The Execute runs the Bind's portal: its name, NUL-terminated with none inside (as
+     * execute_portal_fast checks), is the Bind's first string with its NUL, whose UTF-8
+     * bind_names_fast checks below: the name is not decoded twice. */
     const unsigned char *e = buf + start[execute];
     Py_ssize_t en = end[execute] - start[execute];
     const unsigned char *b = buf + start[bind];
     Py_ssize_t bn = end[bind] - start[bind];
-    if (en < 10 || bn < 5 + (en - 10) + 1 || memcmp(e + 5, b + 5, (size_t)(en - 10)) != 0 ||
-        b[5 + en - 10] != 0)
+    if (en < 10 || e[en - 5] != 0 || memchr(e + 5, 0, (size_t)(en - 10)) != NULL ||
+        bn < en - 4 || memcmp(e + 5, b + 5, (size_t)(en - 9)) != 0)
         Py_RETURN_NONE;
-    PyObject *check = execute_portal_fast(e, en);
-    if (check == NULL)
-        return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
-    Py_DECREF(check);
 
     int failed = 0;
     PyObject *result = PyTuple_New(6);
