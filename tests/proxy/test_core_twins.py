@@ -271,6 +271,10 @@ _STRAY_MASKED_T = (
     "s",
     encode(m.RowDescription((playbook.field("ssn", playbook.CUSTOMERS_OID, playbook.SSN_ATTNUM),))),
 )
+_ERROR_READY = (
+    "s",
+    playbook.wire(m.ErrorResponse.build("42P01", "no such table"), m.ReadyForQuery(b"I")),
+)
 _UNSYNCED = ("c", _EXTENDED[1][: -len(encode(m.Sync()))] + encode(m.Flush()))
 _PREPARE_DONE = ("s", playbook.wire(m.ParseComplete(), m.ReadyForQuery(b"I")))
 # The client lane's other cases: a prepared statement described; one bound while another
@@ -384,6 +388,24 @@ _steady = st.lists(
 )
 @example([_PREPARE_MASKED, _MASKED_DESCRIBED, _RUN_MASKED, _MASKED_ROW], 128, False, False, True)
 @example([_SELECT_1, _SELECT_1, _ONE_ROW, _ONE_ROW, _HELD, _SELECT_1], 64, True, True, False)
+# The extended transaction kept in `_tx` while its answer is out: a watchdog's idle check, a
+# request pipelined behind it, an error for an answer, the client's EOF.
+@example([_EXTENDED, _EXTENDED_ROW, _EXTENDED, ("idle", b"3600")], 128, False, False, True)
+@example(
+    [_PREPARE, _PREPARE_DONE, _PREPARED, _PREPARED, _PREPARED_ROW, _PREPARED_ROW, _SELECT_1],
+    128,
+    False,
+    False,
+    True,
+)
+@example([_EXTENDED, _EXTENDED_ROW, _EXTENDED, _ERROR_READY, _EXTENDED], 128, False, False, True)
+@example(
+    [_EXTENDED, _EXTENDED_ROW, _EXTENDED, ("client eof", b""), _EXTENDED_ROW],
+    128,
+    False,
+    False,
+    True,
+)
 def test_the_express_lane_says_what_the_general_path_says(steps, split, holds, eager, inline):
     # The steady state's short cuts (`_express_request`) give the commands and records the
     # general path gives, whatever came before (pauses, refusals, failing audit, garbage).

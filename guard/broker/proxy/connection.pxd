@@ -65,6 +65,7 @@ cdef class GatewayConnection:
     cdef public dict _decisions
     cdef public dict _shared
     cdef public object _pending
+    cdef public tuple _tx
     cdef public NameTables names
     cdef public list _backlog
     cdef public object _backlog_pos
@@ -87,16 +88,18 @@ cdef class GatewayConnection:
     cdef public object _close
 
     cpdef relay_from_client(self, data)
+    cdef _feed_paused(self, data)
     cdef _express_request(self, bytes data)
     cdef _express_query(self, bytes data)
     @cython.locals(names=NameTables, parsed=Prepared, prepared=Prepared, portal=Portal)
     cdef _express_extended(self, bytes data)
-    cdef bint _express_answer(self, bytes data) except -1
+    cdef _queue(self, tuple tx)
+    cdef _expand(self)
     @cython.locals(pos=Py_ssize_t)
-    cdef bint _express_query_answer(self, bytes data) except -1
-    @cython.locals(count=Py_ssize_t, size=Py_ssize_t, pos=Py_ssize_t, first=Py_ssize_t,
-                   start=Py_ssize_t, rows=Py_ssize_t, tag=int)
-    cdef bint _express_extended_answer(self, bytes data) except -1
+    cdef bint _express_answer(self, bytes data) except -1
+    @cython.locals(size=Py_ssize_t, pos=Py_ssize_t, start=Py_ssize_t, rows=Py_ssize_t,
+                   portal=Portal)
+    cdef bint _express_tx_answer(self, bytes data, tuple tx) except -1
     @cython.locals(size=Py_ssize_t, length=Py_ssize_t, end=Py_ssize_t)
     cdef Py_ssize_t _express_end(self, bytes data, Py_ssize_t pos, Py_ssize_t least) except -2
     cdef _express_description(self, bytes data, Py_ssize_t start, Py_ssize_t end)
@@ -129,8 +132,8 @@ cdef class GatewayConnection:
     cdef _on_row_description(self, raw, head)
     cdef _on_error(self, raw, head)
     cdef _skip_to_sync(self, failed)
-    @cython.locals(portal=Portal)
     cdef _execute_plan(self, head)
+    cdef _portal_plan(self, Portal portal)
     cdef _describe(self, raw)
     cdef _plan_of(self, description, formats)
     cdef _mask_rows(self, run, plan)

@@ -31,7 +31,9 @@ as it would have for a real error, and the connection swaps that one ErrorRespon
 refusal. The poison text is chosen by the gateway, never by the client.
 
 Responses are matched to requests with a FIFO of `Pending` entries (PostgreSQL answers in
-order), which is also how result row counts reach the audit record of their statement.
+order), which is also how result row counts reach the audit record of their statement. The
+extended protocol's steady state keeps its one transaction in `_tx` instead (`Transaction`),
+while nothing else is pending: its answer then needs no entries built and taken apart.
 
 Two builds: this module is the reference, and Cython compiles it as it is into
 `proxy._cconnection` (declarations in `connection.pxd`); `proxy.core` picks the one that
@@ -175,6 +177,18 @@ _PLANNED = 8  # bool
 _APPROVAL = 9  # an approved held statement: its request id (str | None)
 
 
+# The steady state's extended transaction, `[Parse] Bind [Describe] Execute Sync` taken by
+# the express lane while nothing else was pending (`_express_extended`): what its entries
+# would hold, in one tuple, kept in `_tx` until its answer comes. The parsed statement and
+# its name-table change (None, None without a Parse), the bound portal and its change, the
+# Describe's kind (b"P", b"S" or None) and the bound statement, and the Execute's seqs.
+# `_expand` makes it the entries the general path reads, and anything but its express
+# answer does so first. An extended transaction is 4 or 5 entries, each a list to build,
+# queue, take apart and free: without them, -11 % instructions per -S extended transaction
+# through the pump, -9 % prepared (bench/relay_instructions.py).
+Transaction = tuple[Prepared | None, Any, Portal, Any, bytes | None, Prepared, list[int]]
+
+
 def _entry(
     kind: PendingKind,
     seqs: list[int] | None = None,
@@ -306,6 +320,7 @@ class GatewayConnection:
         self._decisions = gate.decisions  # exact texts' decisions: a hit needs no decide call
         self._shared = gate.shared  # shapes' decisions their other literals share
         self._pending: deque[Pending] = deque()
+        self._tx: Transaction | None = None  # only while _pending is empty (see Transaction)
         self.names = NameTables()
         # Client messages framed but not yet handled (the connection paused before them).
         self._backlog: list[Raw] = []
@@ -362,7 +377,7 @@ class GatewayConnection:
     @property
     def idle(self) -> bool:
         """No request outstanding and nothing paused: the client is thinking, not waiting."""
-        return self.state is _RELAYING and not self._pending
+        return self.state is _RELAYING and not self._pending and self._tx is None
 
     # ============================================================== events from the shell
     def from_client(self, data: bytes) -> list[Command]:
@@ -380,16 +395,13 @@ class GatewayConnection:
         came (an express lane's), which the shell sends as it would `[SendToServer(data)]`;
         otherwise from_client's commands. The steady state without a command, its list and
         the shell's dispatch of it."""
-        state = self.state
-        if state is not _RELAYING:
-            if state is _PAUSED:
-                self._frontend.feed(data)
-                self._fed_while_paused = True
-                if data:
-                    self._front_empty = False
+        if self.state is not _RELAYING:
+            self._feed_paused(data)
             return []
         try:
             # RELAYING: nothing is queued behind a pause (_queued handled it all).
+            if self._tx is not None:  # a request before the last one's answer: in order
+                self._expand()
             fresh = self._front_empty and data.__class__ is bytes  # a read framed on its own
             if fresh:
                 said = self._express_request(data)
@@ -419,6 +431,14 @@ class GatewayConnection:
             self._blocking = None
             return [blocking]  # a statement paused for its record (the common pause)
         return self._flush()
+
+    def _feed_paused(self, data: bytes) -> None:
+        """While PAUSED, the client's bytes queue in its parser; after the end, nothing."""
+        if self.state is _PAUSED:
+            self._frontend.feed(data)
+            self._fed_while_paused = True
+            if data:
+                self._front_empty = False
 
     def _express_request(self, data: bytes) -> list[Command] | bytes | None:
         """The steady state of a client: a read that is one whole request, a Query or an
@@ -498,20 +518,37 @@ class GatewayConnection:
         seqs = recorder(prepared.records) if recorder is not None else None
         if seqs is None:
             return None  # the general path pauses for its record
+        parse_undo = names.parse(parse_name, parsed) if parsed is not None else None
+        portal = Portal(prepared, ())
+        tx = (parsed, parse_undo, portal, names.bind(portal_name, portal), kind, prepared, seqs)
+        if self._pending:
+            self._queue(tx)  # behind what else is pending (a pipeline)
+        else:
+            self._tx = tx
+        return data
+
+    def _queue(self, tx: Transaction) -> None:
+        """Queue the Pending entries of an express transaction, as the general path's
+        `_on_parse`, `_on_bind`, `_on_describe`, `_on_execute` and Sync would."""
+        parsed, parse_undo, portal, bind_undo, kind, prepared, seqs = tx
         pending = self._pending
         if parsed is not None:
-            undo = names.parse(parse_name, parsed)
-            pending.append([_PARSE, None, None, undo, parsed, None, False, None, False, None])
-        portal = Portal(prepared, ())
-        undo = names.bind(portal_name, portal)
-        pending.append([_BIND, None, None, undo, None, None, False, None, False, None])
+            pending.append([_PARSE, None, None, parse_undo, parsed, None, False, None, False, None])
+        pending.append([_BIND, None, None, bind_undo, None, None, False, None, False, None])
         if kind == b"P":
             pending.append([_DESCRIBE, None, portal, None, None, None, False, None, False, None])
         elif kind is not None:
             pending.append([_DESCRIBE, None, None, None, prepared, None, False, None, False, None])
         pending.append([_EXECUTE, seqs, portal, None, None, None, False, None, False, None])
         pending.append([_SYNC, None, None, None, None, None, False, None, False, None])
-        return data
+
+    def _expand(self) -> None:
+        """`_tx` as the Pending entries it stands for: before anything but its express
+        answer reads or adds to the queue."""
+        tx = self._tx
+        assert tx is not None
+        self._tx = None
+        self._queue(tx)
 
     def from_server(self, data: bytes) -> list[Command]:
         """Bytes PostgreSQL sent, in order: the commands that relay them (masked). Never
@@ -527,7 +564,12 @@ class GatewayConnection:
             return []
         try:
             fresh = self._back_empty and data.__class__ is bytes  # a read framed on its own
-            if fresh and self._express_answer(data):
+            tx = self._tx
+            if tx is not None:
+                if fresh and self._express_tx_answer(data, tx):
+                    return self._express_output(data)
+                self._expand()
+            elif fresh and self._express_answer(data):
                 return self._express_output(data)
             tables = self._back_tables
             if fresh and tables is not None:
@@ -613,27 +655,19 @@ class GatewayConnection:
         return data
 
     def _express_answer(self, data: bytes) -> bool:
-        """The steady state of the answers: a read that is one whole answer, to the
-        recorded Query at the head of the queue (`[RowDescription] DataRow* CommandComplete
-        ReadyForQuery`) or to the extended protocol's `[Parse] [Bind] [Describe portal]
-        Execute Sync` (`[ParseComplete] [BindComplete] [RowDescription] DataRow*
-        CommandComplete ReadyForQuery`), whose rows need no masking and whose RowDescription
-        and CommandComplete were seen before (their caches hold them). Does what the
-        general path does for those messages and relays the read as it is (not framed into
-        copies and joined again): True. False, having changed nothing the general path
-        would not: anything else."""
+        """The steady state of the answers: a read that is one whole answer to the recorded
+        Query at the head of the queue, `[RowDescription] DataRow* CommandComplete
+        ReadyForQuery`, whose rows need no masking and whose RowDescription and
+        CommandComplete were seen before (their caches hold them). Does what the general
+        path does for those messages and relays the read as it is (not framed into copies
+        and joined again): True. False, having changed nothing the general path would not:
+        anything else. (`_express_tx_answer` is the extended protocol's.)"""
         pending = self._pending
         if not pending or len(data) < 6:
             return False
-        if pending[0][_KIND] is _QUERY:
-            return self._express_query_answer(data)
-        return self._express_extended_answer(data)
-
-    def _express_query_answer(self, data: bytes) -> bool:
-        pending = self._pending
         head = pending[0]
         seqs = head[_SEQS]
-        if not seqs or head[_APPROVAL] is not None:
+        if head[_KIND] is not _QUERY or not seqs or head[_APPROVAL] is not None:
             return False
         pos = 0
         description = None
@@ -662,28 +696,32 @@ class GatewayConnection:
         self._to_client.append(data)
         return True
 
-    def _express_extended_answer(self, data: bytes) -> bool:  # noqa: C901 - checks, then effects
-        pending = self._pending
-        count = len(pending)
+    def _express_tx_answer(self, data: bytes, tx: Transaction) -> bool:  # noqa: C901 - checks, then effects
+        """`_express_answer` for the extended transaction in `_tx`: a read that is its
+        whole answer, `[ParseComplete] BindComplete [RowDescription] DataRow*
+        CommandComplete ReadyForQuery` (a RowDescription answering the Describe of the
+        portal run; a statement's Describe is the general path's), on the same terms.
+        True having done what the general path does with its entries, which it empties
+        `_tx` of; False having changed nothing."""
         size = len(data)
-        if self._plan is not None:
+        if self._plan is not None or size < 6:
             return False
+        parsed, _, portal, _, kind, _, seqs = tx
         pos = 0
-        first = 0  # the entries answered before the Execute's
-        for tag, kind in ((TAG_PARSE_COMPLETE, _PARSE), (TAG_BIND_COMPLETE, _BIND)):
-            if pos < size and data[pos] == tag:
-                entry = pending[first] if first < count else None
-                if entry is None or entry[_KIND] is not kind:
-                    return False
-                pos = self._express_end(data, pos, 4)
-                if pos < 0:
-                    return False
-                first += 1
-        described = None  # the Describe of the executed portal a RowDescription answers
+        if parsed is not None:
+            if data[0] != TAG_PARSE_COMPLETE:
+                return False
+            pos = self._express_end(data, 0, 4)
+            if pos < 0:
+                return False
+        if pos >= size or data[pos] != TAG_BIND_COMPLETE:
+            return False
+        pos = self._express_end(data, pos, 4)
+        if pos < 0:
+            return False
         description = None
-        if pos < size and data[pos] == TAG_ROW_DESCRIPTION:
-            described = pending[first] if first < count else None
-            if described is None or described[_KIND] is not _DESCRIBE or described[_SWALLOW]:
+        if kind is not None:
+            if kind != b"P" or pos >= size or data[pos] != TAG_ROW_DESCRIPTION:
                 return False
             start = pos
             pos = self._express_end(data, pos, 6)
@@ -693,49 +731,28 @@ class GatewayConnection:
                 description = self._express_description(data, start, pos)
                 if description is None:
                     return False
-            first += 1
-        if first + 2 > count:
-            return False
-        execute, sync = pending[first], pending[first + 1]
-        seqs = execute[_SEQS]
-        portal = execute[_PORTAL]
-        if (
-            execute[_KIND] is not _EXECUTE
-            or not seqs
-            or execute[_APPROVAL] is not None
-            or sync[_KIND] is not _SYNC
-            or sync[_APPROVAL] is not None
-            or portal is None
-            or (described is not None and described[_PORTAL] is not portal)
-        ):
-            return False
         rows = pos
         pos = self._express_rows(data, pos)
         if pos < 0:
             return False
-        if pos > rows and self.protected and described is None:
+        if pos > rows and self.protected and kind is None:
             # The rows' plan, as the general path works it out at the first row (from
             # the portal's or its statement's description, described before).
-            if self._execute_plan(execute) is not None:
+            if self._portal_plan(portal) is not None:
                 return False
         done = self._express_done(data, pos)
         if done is None:
             return False
-        # Now what the general path does for these messages, in its order. Its entries
-        # leave the queue together (nothing reads the queue in between): ParseComplete,
-        # BindComplete (the names stand), the Describe, the Execute and the Sync, which
-        # the ReadyForQuery answers.
+        # Now what the general path does for these messages, in its order: ParseComplete,
+        # BindComplete (the names stand), the Describe, the Execute's CommandComplete, and
+        # the ReadyForQuery that answers the Sync.
         if description is not None:
             portal.description = description
         self._plan = None  # CommandComplete
-        self._result(seqs.pop(0), "ok", done[0], done[1], None, _view_masked_of(portal))
+        self._result(seqs[0], "ok", done[0], done[1], None, _view_masked_of(portal))
         self._masked_cells = 0
         self._view_masked = 0
-        if first + 2 == count:
-            pending.clear()  # (one call instead of one per entry: the common case)
-        else:
-            for _ in range(first + 2):
-                pending.popleft()
+        self._tx = None
         self._to_client.append(data)
         return True
 
@@ -1541,15 +1558,18 @@ class GatewayConnection:
             return None
         if not head[_PLANNED]:
             head[_PLANNED] = True
-            portal = head[_PORTAL]
-            assert portal is not None
-            if portal.description is not None:
-                # A portal's RowDescription carries the real result formats.
-                head[_PLAN] = self._plan_of(portal.description, None)
-            elif portal.prepared is not None and portal.prepared.description is not None:
-                head[_PLAN] = self._plan_of(portal.prepared.description, portal.formats)
+            head[_PLAN] = self._portal_plan(head[_PORTAL])
         plan: MaskPlan | None = head[_PLAN]
         return plan
+
+    def _portal_plan(self, portal: Portal) -> MaskPlan | None:
+        """The mask plan of the rows an Execute of `portal` returns."""
+        if portal.description is not None:
+            # A portal's RowDescription carries the real result formats.
+            return self._plan_of(portal.description, None)
+        if portal.prepared is not None and portal.prepared.description is not None:
+            return self._plan_of(portal.prepared.description, portal.formats)
+        return None
 
     def _describe(self, raw: Raw) -> Description:
         # (Framed RowDescriptions are bytes already; the compiled core calls bytes() as a
