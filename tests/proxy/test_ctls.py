@@ -181,6 +181,45 @@ def test_records_both_ways_through_streams(contexts, kind):
     run(kind, main)
 
 
+def _ssl_mode(ssl_object: ssl.SSLObject) -> int:
+    """SSL_get_mode of the OpenSSL object under `ssl_object`, read as `_ctls` finds it
+    (CPython's `_ssl._SSLSocket` layout, checked against the SSL's app data)."""
+    import _ssl
+    import ctypes
+
+    lib = ctypes.CDLL(_ssl.__file__)
+    lib.SSL_ctrl.restype = ctypes.c_long
+    lib.SSL_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    lib.SSL_get_ex_data.restype = ctypes.c_void_p
+    lib.SSL_get_ex_data.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    sslobj = ssl_object._sslobj  # type: ignore[attr-defined]
+    pointer = ctypes.c_void_p.from_address(id(sslobj) + object.__basicsize__ + 8).value
+    assert lib.SSL_get_ex_data(pointer, 0) == id(sslobj)
+    return int(lib.SSL_ctrl(pointer, 33, 0, None))  # SSL_CTRL_MODE
+
+
+RELEASE_BUFFERS = 0x10  # SSL_MODE_RELEASE_BUFFERS
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_the_records_keep_their_buffers(contexts, kind):
+    """CPython's contexts release OpenSSL's record buffers whenever they are empty (a malloc
+    and free of ~17 KB per record each way); a connection whose records C moves keeps
+    them, as pgbouncer's do."""
+
+    async def main() -> None:
+        _, client = contexts
+        assert _ssl_mode(client.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO())) & RELEASE_BUFFERS
+        reader, writer, peer = await gateway_side(contexts)
+        assert adopted_by_c(writer)
+        assert not _ssl_mode(writer.get_extra_info("ssl_object")) & RELEASE_BUFFERS
+        await peer.send(b"Q\x00\x00\x00\x0dSELECT 1\x00")
+        assert await reader.readexactly(14) == b"Q\x00\x00\x00\x0dSELECT 1\x00"
+        writer.close()
+
+    run(kind, main)
+
+
 @pytest.mark.parametrize("kind", LOOPS)
 def test_records_sent_with_the_handshakes_last_flight_are_delivered(contexts, kind):
     """A client's first message can share a segment with its Finished: those records are
