@@ -81,6 +81,10 @@ cdef class GatewayConnection:
     cdef public object _masked_cells
     cdef public object _drift_logged
     cdef public dict _tags
+    cdef public bytes _done_t
+    cdef public object _done_t_tag
+    cdef public object _session_id
+    cdef public object _connection_id
     cdef public list _to_server
     cdef public list _to_client
     cdef public list _results
@@ -105,7 +109,7 @@ cdef class GatewayConnection:
     cdef _express_description(self, bytes data, Py_ssize_t start, Py_ssize_t end)
     @cython.locals(size=Py_ssize_t)
     cdef Py_ssize_t _express_rows(self, bytes data, Py_ssize_t pos) except -2
-    @cython.locals(end=Py_ssize_t)
+    @cython.locals(end=Py_ssize_t, known=bytes)
     cdef _express_done(self, bytes data, Py_ssize_t pos)
     @cython.locals(tag=int, fresh=bint)
     cpdef relay_from_server(self, data)

@@ -340,6 +340,11 @@ class GatewayConnection:
         self._masked_cells = 0
         self._drift_logged = False  # the drift warning was given on this connection
         self._tags: dict[bytes, tuple[str, int | None]] = {}  # CommandComplete → (tag, rows)
+        self._done_t = b""  # see _express_done
+        self._done_t_tag: tuple[str, int | None] | None = None
+        # A result record's first two fields (`_result`), read once.
+        self._session_id = gate.session_id
+        self._connection_id = gate.connection_id
         # What one call produces, joined into few writes.
         self._to_server: list[bytes | memoryview] = []
         self._to_client: list[bytes | memoryview] = []
@@ -816,7 +821,14 @@ class GatewayConnection:
             or data[end + 4] != 5
         ):
             return None
-        return self._tags.get(data[pos:end])  # None: the general path reads it, once
+        known = self._done_t  # the last one taken, compared without a copy (as RowDescriptions)
+        if known and data.startswith(known, pos):  # (its length is in the bytes compared)
+            return self._done_t_tag
+        key = data[pos:end]
+        done = self._tags.get(key)  # None: the general path reads it, once
+        if done is not None:
+            self._done_t, self._done_t_tag = key, done
+        return done
 
     def audit_written(self, seqs: list[int] | None) -> list[Command]:
         """The records of the last `WriteAudit` are in the log, with these sequence numbers:
@@ -1436,13 +1448,12 @@ class GatewayConnection:
         view_masked: int = 0,
     ) -> None:
         """Queue a result record (values in `audit.record.RESULT_FIELDS` order)."""
-        gate = self.gate
         cells = rows * view_masked if rows and view_masked else 0
         unmasked = self._unmasked
         self._results.append(
             (
-                gate.session_id,
-                gate.connection_id,
+                self._session_id,
+                self._connection_id,
                 seq,
                 outcome,
                 command_tag,
