@@ -128,6 +128,10 @@ class _Side:
                 self.forward(said)  # type: ignore[misc]
                 if pump._queue_full:
                     pump.run([])
+                if pump._message_timer is None:
+                    # A read forwarded whole leaves no message incomplete and nothing
+                    # paused: `client_read` has nothing to do (the steady state's reads).
+                    return
             else:
                 pump.run(said)
             if self.other is pump.upstream_transport:  # the client side
