@@ -44,9 +44,9 @@ def test_the_compiled_seal_writes_the_references_bytes(prev, fixed, seq, ns):
 
 def test_kept_hash_states_give_the_references_bytes_at_every_execution():
     # A cached statement's record is one `fixed` object sealed again and again (the C
-    # writer keeps SHA-256's state after it, per object): 200 of them share 64 slots, so
-    # slots are taken over, and a state must never be another object's. Over the size the
-    # writer keeps states for, too.
+    # writer keeps SHA-256's state after it, per object): 200 of them share 64 sets of two
+    # slots, so slots are taken over and ways swapped, and a state must never be another
+    # object's. Over the size the writer keeps states for, too.
     fixed = [b'{"kind":"statement","n":%d' % i + b"x" * (i % 7) for i in range(200)]
     fixed.append(b'{"kind":"results","results":[' + b"r" * 5000)
     prev = GENESIS.encode()
