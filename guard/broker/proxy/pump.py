@@ -205,15 +205,15 @@ class Pump:
         self.end_reason = ""
         self.done: asyncio.Future[None] = self.loop.create_future()
         self._watchdog: asyncio.TimerHandle | None = None
-        # A core that relays a steady-state read as it came answers that bytes object
-        # (`relay_from_*`), which its side writes on itself; any other answers commands.
-        relay_client = getattr(connection, "relay_from_client", connection.from_client)
-        relay_server = getattr(connection, "relay_from_server", connection.from_server)
-        self._client_side = _Side(self, relay_client, connection.client_eof, "client")
+        # The core answers a steady-state read relayed as it came with that bytes object
+        # (`relay_from_*`), which its side writes on itself; anything else with commands.
+        self._client_side = _Side(
+            self, connection.relay_from_client, connection.client_eof, "client"
+        )
         self._client_side.keep_open_on_eof = client_transport.get_extra_info("sslcontext") is None
         self._upstream_side = _Side(
             self,
-            relay_server if tls is None else self._from_tls,
+            connection.relay_from_server if tls is None else self._from_tls,
             connection.server_eof,
             "upstream",
         )
