@@ -5,11 +5,12 @@ below it is the reference, and runs whenever the hot path answers None (False fo
 results). What is checked: the same operations on a sink with the hot path and on one
 without give the same seqs, the same records (all but their times and hashes), the same
 ring and queue state, and logs that verify; the hot path takes the common case itself
-(so these tests test it) and leaves every unusual one to the Python path: a checkpoint
-or the file check due, no journal, fsync on, a remembered failure (the sink's or the
-health watcher's), a line too long for the ring or a ring half full of unwritten lines,
-a full result queue, and the sink's lock held by another thread. Records appended from
-another thread meanwhile never fork the chain.
+(so these tests test it), the file check that passes included, and leaves every unusual
+one to the Python path: a checkpoint due, a file check that does not pass, no journal,
+fsync on, a remembered failure (the sink's or the health watcher's), a line too long for
+the ring or a ring half full of unwritten lines, a full result queue, and the sink's lock
+held by another thread. Records appended from another thread meanwhile never fork the
+chain.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -164,9 +166,33 @@ def test_every_unusual_case_is_left_to_the_python_path(tmp_path):
     assert json.loads(sink._pending[-1].splitlines()[-1])["body"]["kind"] == "checkpoint"
     assert _one(sink) is not None  # and the common case is back
 
-    sink._next_check = 0  # the file check is due
-    assert _one(sink) is None
+    # The file check due: the hot path takes its common case (the path still the log),
+    # scheduling the next one as `_check` does, and leaves every other case to Python.
+    sink._next_check = 0
+    seq = sink._seq
+    assert _one(sink) == [seq + 1]
+    assert sink._checked_seq == seq and sink._next_check > time.monotonic_ns() + 3500 * 10**9
+    sink._next_check, sink._cp_time = 0, time.monotonic_ns() - 3601 * 10**9
+    assert _one(sink) is None  # a checkpoint due by time: Python's to write
     sink.append_statements([fixed_fields(stmt(2))])  # Python checks, and schedules the next
+    assert [json.loads(line)["body"]["kind"] for line in sink._pending[-2:]] == [
+        "checkpoint",
+        "statement",
+    ]
+    assert _one(sink) is not None
+    sink._next_check, sink._gone = 0, "was deleted or renamed"
+    assert _one(sink) is None  # gone: Python's (it says when the log is back)
+    sink._gone = None
+    log = sink.path
+    for change in ("renamed", "replaced"):
+        log.rename(log.with_name("aside.jsonl"))
+        if change == "replaced":
+            log.write_bytes(b"")
+        sink._next_check, seq = 0, sink._seq
+        assert _one(sink) is None and sink._seq == seq and sink._next_check == 0
+        if change == "replaced":
+            log.unlink()
+        log.with_name("aside.jsonl").rename(log)
     assert _one(sink) is not None
 
     for name, value in (("_broken", "fsync failed"), ("_pending_error", "disk full")):

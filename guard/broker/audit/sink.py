@@ -71,7 +71,9 @@ nobody can see. Before a write, at most every `check_interval` seconds (10 ms; a
 with its descriptor's; when they differ it logs one error naming the path and raises
 `AuditUnavailable` on every append (statements are refused, 58030) until the file is back
 or the broker restarts: it never recreates the file. Records written within the interval
-before the change went to the old file (the log line says how many).
+before the change went to the old file (the log line says how many). The C hot path does
+this check's common case itself (the file still the log, no checkpoint due by time); the
+rest is `_check`'s.
 """
 
 from __future__ import annotations
@@ -344,6 +346,10 @@ class JsonlAuditSink:
         "_lock",
         "_deferred",
         "_deferred_count",
+        "_gone",
+        "_checked_seq",
+        "_cp_seq",
+        "_cp_time",
         "__dict__",
         "__weakref__",
     )
