@@ -370,13 +370,22 @@ put_json_value(Buffer *b, PyObject *v)
     return -1;
 }
 
-/* The keys before each of the ten values, then the two the writer adds (record.result_body). */
-static const char *const RESULT_KEYS[] = {
-    "{\"session_id\":",   ",\"connection_id\":", ",\"statement_seq\":",
-    ",\"outcome\":",      ",\"command_tag\":",   ",\"rows\":",
-    ",\"masked_cells\":", ",\"sqlstate\":",      ",\"view_masked_cells\":",
-    ",\"unmasked_cells\":",
+/* The keys before each of the ten values, then the two the writer adds (record.result_body),
+ * with their lengths. */
+#define KEY(text) {text, sizeof text - 1}
+static const struct {
+    const char *text;
+    Py_ssize_t len;
+} RESULT_KEYS[] = {
+    KEY("{\"session_id\":"),   KEY(",\"connection_id\":"), KEY(",\"statement_seq\":"),
+    KEY(",\"outcome\":"),      KEY(",\"command_tag\":"),   KEY(",\"rows\":"),
+    KEY(",\"masked_cells\":"), KEY(",\"sqlstate\":"),      KEY(",\"view_masked_cells\":"),
+    KEY(",\"unmasked_cells\":"),
 };
+#undef KEY
+/* Room for one result's JSON to begin with (a -S result's is about 330 bytes): the buffer
+ * grows by copies only past it. */
+#define RESULT_ROOM 384
 static const char RESULT_TAIL[] = ",\"kind\":\"result\",\"time\":\"";
 
 static PyObject *
@@ -388,6 +397,15 @@ result_entries(PyObject *self, PyObject *queued)
     }
     Buffer b = {NULL, 0, 0};
     int first = 1;
+    Py_ssize_t count = 0;
+    for (Py_ssize_t q = 0; q < PyList_GET_SIZE(queued); q++) {
+        PyObject *entry = PyList_GET_ITEM(queued, q);
+        if (PyTuple_Check(entry) && PyTuple_GET_SIZE(entry) == 2
+            && PyList_Check(PyTuple_GET_ITEM(entry, 0)))
+            count += PyList_GET_SIZE(PyTuple_GET_ITEM(entry, 0));
+    }
+    if (reserve(&b, count * RESULT_ROOM) < 0)
+        return NULL;
     for (Py_ssize_t q = 0; q < PyList_GET_SIZE(queued); q++) {
         PyObject *entry = PyList_GET_ITEM(queued, q);
         if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 2
@@ -415,7 +433,7 @@ result_entries(PyObject *self, PyObject *queued)
                 goto fail;
             first = 0;
             for (int k = 0; k < 10; k++) {
-                if (put(&b, RESULT_KEYS[k], (Py_ssize_t)strlen(RESULT_KEYS[k])) < 0
+                if (put(&b, RESULT_KEYS[k].text, RESULT_KEYS[k].len) < 0
                     || put_json_value(&b, PyTuple_GET_ITEM(values, k)) < 0)
                     goto fail;
             }
