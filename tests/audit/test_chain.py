@@ -256,18 +256,43 @@ def test_result_fields_are_the_result_records_own():
 def test_batch_writer_builds_the_same_bodies_as_result_body():
     import json
 
-    from guard.broker.audit.record import iso_from_ns, result_body
+    from guard.broker.audit.record import expand, iso_from_ns, result_body
     from guard.broker.audit.serialize import result_entries_py
 
     values = ("s1", "c1", 7, "ok", "UPDATE", 3, 1, None, 6, 0)
-    other = ("s1", "c1", 8, "error", None, None, 0, "57014", 0, 0)
+    other = ("s1", "c2", 8, "error", None, None, 0, "57014", 0, 0)
     ns = 1_764_000_000_123_456_789
-    entries = result_entries_py([([values, other], ns), ([values], ns + 10**9)])
-    assert json.loads(b"[%b]" % entries) == [
+    ids: dict[tuple[str, str], int] = {}
+    entries = result_entries_py([([values, other], ns), ([values], ns + 10**9)], ids)
+    # Each result an array: its (session, connection) pair an index into the batch's ids,
+    # added in the order first seen; no keys, no ids repeated.
+    assert ids == {("s1", "c1"): 0, ("s1", "c2"): 1}
+    assert json.loads(b"[%b]" % entries)[1] == [
+        1,
+        8,
+        "error",
+        None,
+        None,
+        0,
+        "57014",
+        0,
+        0,
+        iso_from_ns(ns),
+    ]
+    whole = ResultRecord("s9", "c9", 9, "ok", "SELECT 1").to_body()  # given whole (deferred)
+    batch = json.loads(
+        b'{"kind":"results","ids":%b,"results":[%b,%b],"seq":5,"time":"t"}'
+        % (json.dumps(list(ids)).encode(), entries, json.dumps(whole).encode())
+    )
+    assert expand(batch) == [
         result_body(values, iso_from_ns(ns)),
         result_body(other, iso_from_ns(ns)),
         result_body(values, iso_from_ns(ns + 10**9)),
+        whole,
     ]
+    # A batch written before the compact entries: its results are the bodies themselves.
+    old = {"kind": "results", "results": [result_body(values, "t0")], "seq": 3, "time": "t"}
+    assert expand(old) == [result_body(values, "t0")]
 
 
 def test_a_short_write_leaves_no_torn_line(tmp_path, monkeypatch):

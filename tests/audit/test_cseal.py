@@ -95,26 +95,35 @@ def test_the_sink_uses_the_compiled_writer_unless_pure_python_is_asked():
     assert sink.result_entries is (serialize.result_entries_py if pure else result_entries)
 
 
-# What a result record holds (record.RESULT_FIELDS): ids, counts, a server-sent tag.
+# What a result record holds (record.RESULT_FIELDS): ids (str, a few of them, so that
+# results share them), counts, a server-sent tag.
 VALUE = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-(2**63), max_value=2**63 - 1), st.text()
 )
-RESULTS = st.lists(st.tuples(*[VALUE] * 10), max_size=4)
+ID = st.sampled_from(["s1", "c1", "", '\u00e9"\\\n']) | st.text(max_size=3)
+RESULTS = st.lists(st.tuples(ID, ID, *[VALUE] * 8), max_size=4)
 QUEUED = st.lists(st.tuples(RESULTS, NS), max_size=5)
 
 
-@given(queued=QUEUED)
-def test_compiled_result_entries_are_the_references_bytes(queued):
-    assert result_entries(queued) == serialize.result_entries_py(queued)
+@given(queued=QUEUED, known=st.lists(st.tuples(ID, ID), max_size=3, unique=True))
+def test_compiled_result_entries_are_the_references_bytes(queued, known):
+    # ...with the same pairs added to the batch's ids, in the same order, after those a
+    # batch's earlier runs added.
+    ids = {pair: i for i, pair in enumerate(known)}
+    reference = dict(ids)
+    assert result_entries(queued, ids) == serialize.result_entries_py(queued, reference)
+    assert list(ids.items()) == list(reference.items())
 
 
 @pytest.mark.parametrize(
     "queued, error",
     [
         ([([(1,) * 9], 0)], ValueError),  # nine values, not ten
-        ([([(1.5,) * 10], 0)], TypeError),  # not a result value
-        ([([(2**64,) * 10], 0)], TypeError),  # beyond JSON's 64 bits, as orjson says
-        ([([("\ud800",) * 10], 0)], UnicodeEncodeError),  # a lone surrogate
+        ([([("s", "c", *(1.5,) * 8)], 0)], TypeError),  # not a result value
+        ([([("s", "c", *(2**64,) * 8)], 0)], TypeError),  # beyond JSON's 64 bits, as orjson says
+        ([([("s", "c", *("\ud800",) * 8)], 0)], UnicodeEncodeError),  # a lone surrogate
+        ([([("\ud800", "c", *(1,) * 8)], 0)], UnicodeEncodeError),  # ...in an id
+        ([([(1, "c", *(1,) * 8)], 0)], TypeError),  # an id that is not str
         ([((), 0)], TypeError),  # not a list of results
         ([([], -(2**64))], OverflowError),
         ([([], -5)], ValueError),  # before 1970: never a record's time
@@ -122,7 +131,9 @@ def test_compiled_result_entries_are_the_references_bytes(queued):
 )
 def test_result_values_json_cannot_hold_are_refused(queued, error):
     with pytest.raises(error):
-        result_entries(queued)
+        result_entries(queued, {})
+    with pytest.raises(TypeError):
+        result_entries(queued)  # the batch's ids are needed
 
 
 def test_the_sinks_lock_behaves_as_threading_lock():

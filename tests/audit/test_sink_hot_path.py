@@ -27,6 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from guard.broker.audit.record import expand
 from guard.broker.audit.serialize import fixed_fields
 from guard.broker.audit.sink import JsonlAuditSink
 from guard.broker.health import WatchedAuditSink
@@ -78,7 +79,12 @@ def _without_times(value: Any) -> Any:
 
 
 def records(path: Path) -> list[Any]:
-    return [_without_times(json.loads(line)["body"]) for line in path.read_bytes().splitlines()]
+    """The log's records (a batch's results each their own, `expand`), without times."""
+    return [
+        _without_times(record)
+        for line in path.read_bytes().splitlines()
+        for record in expand(json.loads(line)["body"])
+    ]
 
 
 OPERATION = st.one_of(

@@ -370,31 +370,50 @@ put_json_value(Buffer *b, PyObject *v)
     return -1;
 }
 
-/* The keys before each of the ten values, then the two the writer adds (record.result_body),
- * with their lengths. */
-#define KEY(text) {text, sizeof text - 1}
-static const struct {
-    const char *text;
-    Py_ssize_t len;
-} RESULT_KEYS[] = {
-    KEY("{\"session_id\":"),   KEY(",\"connection_id\":"), KEY(",\"statement_seq\":"),
-    KEY(",\"outcome\":"),      KEY(",\"command_tag\":"),   KEY(",\"rows\":"),
-    KEY(",\"masked_cells\":"), KEY(",\"sqlstate\":"),      KEY(",\"view_masked_cells\":"),
-    KEY(",\"unmasked_cells\":"),
-};
-#undef KEY
-/* Room for one result's JSON to begin with (a -S result's is about 330 bytes): the buffer
- * grows by copies only past it. */
-#define RESULT_ROOM 384
-static const char RESULT_TAIL[] = ",\"kind\":\"result\",\"time\":\"";
+/* Room for one result's JSON to begin with (a -S result's array is about 70 bytes): the
+ * buffer grows by copies only past it. */
+#define RESULT_ROOM 96
 
-static PyObject *
-result_entries(PyObject *self, PyObject *queued)
+/* The index of the pair (session, connection) in `ids` (a dict of (str, str) -> int), added
+ * when new; -1 with an exception. The ids must be str that UTF-8 can hold (JSON strings),
+ * as in the reference. */
+static Py_ssize_t
+id_index(PyObject *ids, PyObject *session, PyObject *connection)
 {
-    if (!PyList_Check(queued)) {
-        PyErr_SetString(PyExc_TypeError, "result_entries: queued must be a list");
+    if (!PyUnicode_CheckExact(session) || !PyUnicode_CheckExact(connection)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "result_entries: session_id and connection_id must be str");
+        return -1;
+    }
+    PyObject *key = PyTuple_Pack(2, session, connection);
+    if (key == NULL)
+        return -1;
+    PyObject *found = PyDict_GetItemWithError(ids, key);
+    Py_ssize_t index = -1;
+    if (found != NULL) {
+        index = PyLong_AsSsize_t(found);
+    } else if (!PyErr_Occurred() && PyUnicode_AsUTF8(session) != NULL
+               && PyUnicode_AsUTF8(connection) != NULL) {
+        index = PyDict_GET_SIZE(ids);
+        PyObject *value = PyLong_FromSsize_t(index);
+        if (value == NULL || PyDict_SetItem(ids, key, value) < 0)
+            index = -1;
+        Py_XDECREF(value);
+    }
+    Py_DECREF(key);
+    return index;
+}
+
+/* result_entries(queued, ids): `serialize.result_entries_py`'s bytes (see it). */
+static PyObject *
+result_entries(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyList_Check(args[0]) || !PyDict_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "result_entries(queued, ids): a list and a dict");
         return NULL;
     }
+    PyObject *queued = args[0], *ids = args[1];
     Buffer b = {NULL, 0, 0};
     int first = 1;
     Py_ssize_t count = 0;
@@ -406,6 +425,9 @@ result_entries(PyObject *self, PyObject *queued)
     }
     if (reserve(&b, count * RESULT_ROOM) < 0)
         return NULL;
+    /* The last pair looked up: a connection's results share their id objects. */
+    PyObject *last_session = NULL, *last_connection = NULL;
+    Py_ssize_t last_index = -1;
     for (Py_ssize_t q = 0; q < PyList_GET_SIZE(queued); q++) {
         PyObject *entry = PyList_GET_ITEM(queued, q);
         if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 2
@@ -429,16 +451,25 @@ result_entries(PyObject *self, PyObject *queued)
                                 "result_entries: a result must be a tuple of 10 values");
                 goto fail;
             }
-            if (!first && put(&b, ",", 1) < 0)
+            PyObject *session = PyTuple_GET_ITEM(values, 0);
+            PyObject *connection = PyTuple_GET_ITEM(values, 1);
+            if (session != last_session || connection != last_connection) {
+                last_index = id_index(ids, session, connection);
+                if (last_index < 0)
+                    goto fail;
+                last_session = session; /* (borrowed: `queued` holds them meanwhile) */
+                last_connection = connection;
+            }
+            char text[24];
+            if (put(&b, first ? "[" : ",[", first ? 1 : 2) < 0
+                || put(&b, text, (Py_ssize_t)(put_decimal(text, last_index) - text)) < 0)
                 goto fail;
             first = 0;
-            for (int k = 0; k < 10; k++) {
-                if (put(&b, RESULT_KEYS[k].text, RESULT_KEYS[k].len) < 0
-                    || put_json_value(&b, PyTuple_GET_ITEM(values, k)) < 0)
+            for (int k = 2; k < 10; k++) {
+                if (put(&b, ",", 1) < 0 || put_json_value(&b, PyTuple_GET_ITEM(values, k)) < 0)
                     goto fail;
             }
-            if (put(&b, RESULT_TAIL, (Py_ssize_t)(sizeof RESULT_TAIL - 1)) < 0
-                || put(&b, when, when_len) < 0 || put(&b, "\"}", 2) < 0)
+            if (put(&b, ",\"", 2) < 0 || put(&b, when, when_len) < 0 || put(&b, "\"]", 2) < 0)
                 goto fail;
         }
     }
@@ -1076,8 +1107,9 @@ static PyTypeObject HotPathType = {
 static PyMethodDef methods[] = {
     {"seal", (PyCFunction)(void (*)(void))seal, METH_FASTCALL,
      "seal(prev, fixed, seq, ns) -> (line, digest): a statement record completed and chained"},
-    {"result_entries", result_entries, METH_O,
-     "result_entries(queued) -> bytes: the JSON of queued result records, comma-separated"},
+    {"result_entries", (PyCFunction)(void (*)(void))result_entries, METH_FASTCALL,
+     "result_entries(queued, ids) -> bytes: the JSON of queued result records, "
+     "comma-separated, their ids indexes into `ids`"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -41,9 +41,9 @@ def utc_now_iso() -> str:
 
 
 # A ResultRecord's own fields, in order: the hot path queues just these values (a tuple)
-# and the sink builds the record body when it writes the batch (`result_body`, as
-# `serialize.result_entries_py` and its compiled twin do; a test holds both to the
-# ResultRecord dataclass).
+# and the sink writes them in a batch (`serialize.result_entries_py` and its compiled
+# twin), which `expand` turns back into the record's body (`result_body`; a test holds
+# both to the ResultRecord dataclass).
 RESULT_FIELDS = (
     "session_id",
     "connection_id",
@@ -81,11 +81,22 @@ def expand(body: dict[str, Any]) -> list[dict[str, Any]]:
     """The records one stored body stands for.
 
     Result records are stored in batches (`kind: results`, see audit.sink), one entry per
-    statement result; readers see them as the individual `result` records they are.
+    statement result; readers see them as the individual `result` records they are. An
+    entry is the record's body itself (after-the-fact records the sink was given whole,
+    and every result of a log written before issue 13's compact batches), or an array:
+    the index of its (session_id, connection_id) pair in the batch's `ids`, then the
+    other `RESULT_FIELDS` values and the time (`serialize.result_entries_py`). The
+    array holds what the body would, without its eleven keys and the two ids that every
+    result of a connection repeats: a third of the bytes the chain hashes and the log
+    stores for each result.
     """
-    if body.get("kind") == "results":
-        return list(body.get("results", ()))
-    return [body]
+    if body.get("kind") != "results":
+        return [body]
+    ids = body.get("ids", ())
+    return [
+        entry if isinstance(entry, dict) else result_body((*ids[entry[0]], *entry[1:-1]), entry[-1])
+        for entry in body.get("results", ())
+    ]
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ import json
 from typing import Any, Protocol
 
 from guard.broker.audit.chain import canonical, seal_line
-from guard.broker.audit.record import iso_from_ns, result_body
+from guard.broker.audit.record import RESULT_FIELDS, iso_from_ns
 
 try:  # ~20x faster than json.dumps; the chain hashes the stored bytes, so either is valid
     import orjson
@@ -64,11 +64,27 @@ def seal_record_py(prev: bytes, fixed: bytes, seq: int, ns: int) -> tuple[bytes,
     return seal_line(prev, complete(fixed, seq, ns))
 
 
-def result_entries_py(queued: list[tuple[list[tuple[Any, ...]], int]]) -> bytes:
+def result_entries_py(
+    queued: list[tuple[list[tuple[Any, ...]], int]], ids: dict[tuple[str, str], int]
+) -> bytes:
     """The JSON of queued result records, comma-separated, as a `results` batch record
-    holds them: each (results, ns) is the `record.RESULT_FIELDS` values of the results one
-    call queued, at time `ns`. The reference of its compiled twin (`audit/_cseal.c`'s
-    `result_entries`), which the sink uses when built (`audit.sink.result_entries`)."""
-    return b",".join(
-        dumps(result_body(values, iso_from_ns(ns))) for results, ns in queued for values in results
-    )
+    holds them (`record.expand` reads them back): each (results, ns) is the
+    `record.RESULT_FIELDS` values of the results one call queued, at time `ns`; each result
+    becomes the array `[i, statement_seq, outcome, command_tag, rows, masked_cells,
+    sqlstate, view_masked_cells, unmasked_cells, time]`, where `i` indexes the batch's
+    `ids`: its (session_id, connection_id) pairs in the order first seen, which this adds
+    to. The reference of its compiled twin (`audit/_cseal.c`'s `result_entries`), which
+    the sink uses when built (`audit.sink.result_entries`)."""
+    parts = []
+    for results, ns in queued:
+        when = iso_from_ns(ns)
+        for values in results:
+            if len(values) != len(RESULT_FIELDS):
+                raise ValueError("result_entries: a result must be a tuple of 10 values")
+            session, connection = values[0], values[1]
+            if type(session) is not str or type(connection) is not str:
+                raise TypeError("result_entries: session_id and connection_id must be str")
+            session.encode(), connection.encode()  # (JSON cannot hold a lone surrogate)
+            i = ids.setdefault((session, connection), len(ids))
+            parts.append(dumps([i, *values[2:], when]))
+    return b",".join(parts)

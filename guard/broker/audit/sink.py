@@ -47,8 +47,10 @@ could be trusted to be on disk.
 batch record, at the next `flush` (the broker flushes every 200 ms, and at 256 queued). One
 hash and one write per batch instead of per statement keeps them off the hot path, and so
 does making their JSON only then, in C when built (`serialize.result_entries_py` is the
-reference: tests/audit/test_cseal.py);
-`record.expand` turns a batch back into its `result` records for readers. A crash loses at
+reference: tests/audit/test_cseal.py). A result is stored as the array of its values, its
+session and connection ids an index into the batch's `ids` (a third of the bytes of its
+record's body, to hash and to write: issue 13); `record.expand` turns a batch back into its
+`result` records for readers. A crash loses at
 most the queued results, never a statement record: those are written before their
 statement is forwarded.
 
@@ -151,7 +153,9 @@ seal_record: Callable[[bytes, bytes, int, int], tuple[bytes, bytes]] = (
     _cseal.seal if _cseal is not None else seal_record_py
 )
 # The queued result records of a `results` batch, as JSON.
-result_entries: Callable[[list[tuple[list[tuple[Any, ...]], int]]], bytes] = (
+result_entries: Callable[
+    [list[tuple[list[tuple[Any, ...]], int]], dict[tuple[str, str], int]], bytes
+] = (
     _cseal.result_entries if _cseal is not None else result_entries_py
 )
 # The sink's lock: a threading.Lock that the C hot path takes without a method call.
@@ -744,21 +748,23 @@ class JsonlAuditSink:
                 return
             batch, self._deferred = self._deferred, []
             count, self._deferred_count = self._deferred_count, 0
-        # The body `dumps({"kind": "results", "results": [...]})` without its closing brace,
-        # each run of queued results made JSON at once (`result_entries`).
+        # The body `dumps({"kind": "results", "ids": [...], "results": [...]})` without its
+        # closing brace, each run of queued results made JSON at once (`result_entries`,
+        # which adds their (session, connection) pairs to `ids`; `record.expand`).
         parts: list[bytes] = []
         run: list[tuple[list[tuple[Any, ...]], int]] = []
+        ids: dict[tuple[str, str], int] = {}
         for entry in batch:
             if entry.__class__ is tuple:
                 run.append(entry)
                 continue
             if run:
-                parts.append(result_entries(run))
+                parts.append(result_entries(run, ids))
                 run = []
             parts.append(dumps(entry))
         if run:
-            parts.append(result_entries(run))
-        body = b'{"kind":"results","results":[%b]' % b",".join(parts)
+            parts.append(result_entries(run, ids))
+        body = b'{"kind":"results","ids":%b,"results":[%b]' % (dumps(list(ids)), b",".join(parts))
         try:
             with self._lock:
                 self._seal_write((body,))
