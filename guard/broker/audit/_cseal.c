@@ -159,6 +159,21 @@ hash_fixed(PyObject *fixed)
     return EVP_MD_CTX_copy_ex(hasher, set[0].ctx) ? 0 : -1;
 }
 
+/* PyLong_AsLongLong without its slow path: CPython 3.11 converts an int of more than one
+ * 30-bit digit (a time in ns, a monotonic clock) through _PyLong_AsByteArray, about 300
+ * instructions; this reads the digits. OverflowError as PyLong_AsLongLong raises it. */
+static long long
+as_long_long(PyObject *v)
+{
+    int overflow;
+    long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (overflow) {
+        PyErr_SetString(PyExc_OverflowError, "Python int too large to convert to C long long");
+        return -1;
+    }
+    return x;
+}
+
 /* The stored line of a record (a new reference), its hash in *digest_out (a new
  * reference); NULL with an exception. prev and fixed are bytes, seq >= 0. */
 static PyObject *
@@ -242,10 +257,10 @@ seal(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "seal: prev and fixed must be bytes");
         return NULL;
     }
-    long long seq = PyLong_AsLongLong(args[2]);
+    long long seq = as_long_long(args[2]);
     if (seq == -1 && PyErr_Occurred())
         return NULL;
-    long long ns = PyLong_AsLongLong(args[3]);
+    long long ns = as_long_long(args[3]);
     if (ns == -1 && PyErr_Occurred())
         return NULL;
     if (seq < 0) { /* (a negative ns is format_time's to refuse) */
@@ -268,6 +283,7 @@ seal(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 }
 
 /* ------------------------------------------------------------------ result entries */
+
 
 typedef struct {
     char *data;
@@ -357,8 +373,9 @@ put_json_value(Buffer *b, PyObject *v)
     if (PyUnicode_Check(v))
         return put_json_str(b, v);
     if (PyLong_Check(v)) {
-        long long x = PyLong_AsLongLong(v);
-        if (x == -1 && PyErr_Occurred()) {
+        int overflow;
+        long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+        if (overflow || (x == -1 && PyErr_Occurred())) {
             PyErr_Clear();
             PyErr_SetString(PyExc_TypeError, "Integer exceeds 64-bit range");
             return -1;
@@ -437,7 +454,7 @@ result_entries(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             goto fail;
         }
         PyObject *results = PyTuple_GET_ITEM(entry, 0);
-        long long ns = PyLong_AsLongLong(PyTuple_GET_ITEM(entry, 1));
+        long long ns = as_long_long(PyTuple_GET_ITEM(entry, 1));
         if (ns == -1 && PyErr_Occurred())
             goto fail;
         char when[40];
@@ -752,8 +769,9 @@ get_int(PyObject *obj, Py_ssize_t offset, int *ok)
         *ok = 0;
         return 0;
     }
-    long long x = PyLong_AsLongLong(v);
-    if (x == -1 && PyErr_Occurred()) {
+    int overflow;
+    long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (overflow || (x == -1 && PyErr_Occurred())) {
         PyErr_Clear(); /* out of range: the Python path */
         *ok = 0;
     }
