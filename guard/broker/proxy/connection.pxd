@@ -81,8 +81,7 @@ cdef class GatewayConnection:
     cdef public object _masked_cells
     cdef public object _drift_logged
     cdef public dict _tags
-    cdef public bytes _done_t
-    cdef public object _done_t_tag
+    cdef public list _done_recent
     cdef public object _session_id
     cdef public object _connection_id
     cdef public list _to_server

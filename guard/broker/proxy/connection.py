@@ -155,6 +155,9 @@ class PendingKind(IntEnum):
 _QUERY, _PARSE, _BIND, _DESCRIBE, _EXECUTE, _CLOSE, _SYNC = PendingKind
 _NAME_CHANGES = frozenset((_PARSE, _BIND, _CLOSE))  # requests answered by 1, 2 or 3
 _TAG_CACHE_SIZE = 64
+# CommandCompletes the express answers compare before the tag cache: a few, each compared
+# in turn (a slice and a dict lookup cost as much as about four compares).
+_DONE_RECENT = 6
 # The dispatch loops test a tag against a few others with `in (...)` of the names
 # themselves, not a set: the compiled twin makes that C comparisons of C integers
 # (connection.pxd), where a set is a Python membership test per message.
@@ -340,8 +343,7 @@ class GatewayConnection:
         self._masked_cells = 0
         self._drift_logged = False  # the drift warning was given on this connection
         self._tags: dict[bytes, tuple[str, int | None]] = {}  # CommandComplete → (tag, rows)
-        self._done_t = b""  # see _express_done
-        self._done_t_tag: tuple[str, int | None] | None = None
+        self._done_recent: list[tuple[bytes, tuple[str, int | None]]] = []  # _express_done
         # A result record's first two fields (`_result`), read once.
         self._session_id = gate.session_id
         self._connection_id = gate.connection_id
@@ -821,13 +823,19 @@ class GatewayConnection:
             or data[end + 4] != 5
         ):
             return None
-        known = self._done_t  # the last one taken, compared without a copy (as RowDescriptions)
-        if known and data.startswith(known, pos):  # (its length is in the bytes compared)
-            return self._done_t_tag
+        # The last ones taken, compared without a copy (as RowDescriptions; their length is
+        # in the bytes compared): a connection's statements end with a few tags in turn
+        # (TPC-B's five: BEGIN, UPDATE 1, SELECT 1, INSERT 0 1, COMMIT).
+        recent = self._done_recent
+        for known, done in recent:
+            if data.startswith(known, pos):
+                return done
         key = data[pos:end]
         done = self._tags.get(key)  # None: the general path reads it, once
         if done is not None:
-            self._done_t, self._done_t_tag = key, done
+            if len(recent) >= _DONE_RECENT:
+                del recent[0]
+            recent.append((key, done))
         return done
 
     def audit_written(self, seqs: list[int] | None) -> list[Command]:
