@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from guard.broker.audit.record import expand
 from guard.broker.audit.serialize import fixed_fields
-from guard.broker.audit.sink import JsonlAuditSink
+from guard.broker.audit.sink import AuditUnavailable, JsonlAuditSink
 from guard.broker.health import WatchedAuditSink
 from tests.audit.audit_logs import stmt, verify
 
@@ -312,3 +312,36 @@ def test_records_from_another_thread_never_fork_the_chain(tmp_path):
     report = verify(sink.path)
     assert report.ok, report
     assert seqs == sorted(set(seqs)) and len(seqs) == 3000
+
+
+def test_results_queued_by_the_hot_path_are_kept_when_the_flush_fails(tmp_path):
+    # The batch goes back to the queue, in order, and is written whole next time.
+    sink = open_sink(tmp_path / "audit.jsonl", first=True)
+    other = ("s2", "c2", 9, "error", None, None, 0, "57014", 0, 0)
+    assert sink._hot.results([result(1), other]) is True
+    sink.append_results([result(2)] + [other])  # (the Python path's, as a tuple)
+    assert sink._hot.results([result(3)]) is True
+    fd = sink._fd
+    sink._fd = os.open(os.devnull, os.O_RDONLY)  # writes now fail
+    sink._journal_wanted, journal, sink._journal = False, sink._journal, None
+    with pytest.raises(AuditUnavailable):
+        sink.flush()
+    os.close(sink._fd)
+    sink._fd, sink._journal = fd, journal
+    assert sink._deferred_count == 5
+    sink.close()
+    assert verify(sink.path).ok
+    (batch,) = [
+        b
+        for b in map(json.loads, sink.path.read_bytes().splitlines())
+        if b["body"]["kind"] == "results"
+    ]
+    results = expand(batch["body"])
+    assert [(r["session_id"], r["statement_seq"]) for r in results] == [
+        ("s1", 1),
+        ("s2", 9),
+        ("s1", 2),
+        ("s2", 9),
+        ("s1", 3),
+    ]
+    assert results[1]["sqlstate"] == "57014" and results[1]["kind"] == "result"
