@@ -203,6 +203,32 @@ def test_the_idle_watchdog_ends_an_idle_connection_only():
     assert pump.end_reason.startswith("idle for")
 
 
+def test_the_idle_watchdog_counts_quiet_from_the_last_read(monkeypatch):
+    # A read marks the connection active; the watchdog, looking every IDLE_STEP, takes the
+    # mark as activity at that look. So a connection that keeps talking is never ended,
+    # and an idle one ends no sooner than idle_timeout after its last read (and within a
+    # step of it: the bound here is generous, for a loaded machine).
+    monkeypatch.setattr(sys.modules[Pump.__module__], "IDLE_STEP", 0.05)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        pump, client, upstream, audit, events = pump_for(idle_timeout=0.3)
+        for _ in range(8):  # 0.8 s of statements, each answered: well past idle_timeout
+            client.protocol.data_received(wire(m.Query("SELECT 1")))
+            upstream.protocol.data_received(
+                wire(m.CommandComplete("SELECT 1"), m.ReadyForQuery(b"I"))
+            )
+            last_read = loop.time()
+            await asyncio.sleep(0.1)
+            assert not pump.done.done()
+        await asyncio.wait_for(pump.done, 5)
+        return loop.time() - last_read, pump
+
+    quiet, pump = asyncio.run(main())
+    assert 0.3 <= quiet < 1.5
+    assert pump.end_reason.startswith("idle for")
+
+
 class FakeDesk:
     """An approval desk that records what the pump asks of it and answers when told."""
 

@@ -36,6 +36,7 @@ cdef class Pump:
     cdef public object idle_timeout
     cdef public object loop
     cdef public object last_activity
+    cdef public bint active
     cdef public object end_reason
     cdef public object done
     cdef public object _watchdog
