@@ -284,7 +284,6 @@ seal(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 
 /* ------------------------------------------------------------------ result entries */
 
-
 typedef struct {
     char *data;
     Py_ssize_t len, cap;
