@@ -155,9 +155,7 @@ seal_record: Callable[[bytes, bytes, int, int], tuple[bytes, bytes]] = (
 # The queued result records of a `results` batch, as JSON.
 result_entries: Callable[
     [list[tuple[list[tuple[Any, ...]], int]], dict[tuple[str, str], int]], bytes
-] = (
-    _cseal.result_entries if _cseal is not None else result_entries_py
-)
+] = _cseal.result_entries if _cseal is not None else result_entries_py
 # The sink's lock: a threading.Lock that the C hot path takes without a method call.
 _new_lock: Callable[[], Any] = _cseal.Lock if _cseal is not None else threading.Lock
 

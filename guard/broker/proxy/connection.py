@@ -828,9 +828,9 @@ class GatewayConnection:
         # in the bytes compared): a connection's statements end with a few tags in turn
         # (TPC-B's five: BEGIN, UPDATE 1, SELECT 1, INSERT 0 1, COMMIT).
         recent = self._done_recent
-        for known, done in recent:
+        for known, known_done in recent:
             if data.startswith(known, pos):
-                return done
+                return known_done
         key = data[pos:end]
         done = self._tags.get(key)  # None: the general path reads it, once
         if done is not None:
