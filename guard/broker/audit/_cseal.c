@@ -372,9 +372,8 @@ put_json_value(Buffer *b, PyObject *v)
     if (PyUnicode_Check(v))
         return put_json_str(b, v);
     if (PyLong_Check(v)) {
-        int overflow;
-        long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
-        if (overflow || (x == -1 && PyErr_Occurred())) {
+        long long x = as_long_long(v);
+        if (x == -1 && PyErr_Occurred()) {
             PyErr_Clear();
             PyErr_SetString(PyExc_TypeError, "Integer exceeds 64-bit range");
             return -1;
@@ -768,9 +767,8 @@ get_int(PyObject *obj, Py_ssize_t offset, int *ok)
         *ok = 0;
         return 0;
     }
-    int overflow;
-    long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
-    if (overflow || (x == -1 && PyErr_Occurred())) {
+    long long x = as_long_long(v);
+    if (x == -1 && PyErr_Occurred()) {
         PyErr_Clear(); /* out of range: the Python path */
         *ok = 0;
     }
