@@ -423,3 +423,37 @@ def test_a_parser_given_a_scan_drains_with_it():
     p.feed(_message(b"Z", b"I"))
     assert [bytes(f) for f in p.drain()[0]] == [_message(b"Z", b"I")]
     assert calls == [0]
+
+
+def test_a_row_split_across_reads_is_completed_and_the_rest_framed_where_it_is():
+    """feed_drain of the read after a split row: the row, joined from its two parts, then
+    the rest of the read as views into it (not copied into a buffer first), and the next
+    split row kept; a read that does not complete the row, or a malformed header, goes
+    through feed() and drain() as before."""
+    row = _message(b"D", struct.pack("!hi", 1, 100) + b"r" * 100)
+    stream = row * 30
+    p = BackendParser(scan=_cframe.scan)
+    first, second = stream[:250], stream[250:2000]
+    frames, error = p.feed_drain(first)
+    assert error is None and b"".join(frames) == row * 2
+    frames, error = p.feed_drain(second)
+    assert error is None
+    whole = (2000 - 3 * len(row)) // len(row)  # the rows after the one completed
+    assert [bytes(f) for f in frames] == [row, row * whole]
+    assert isinstance(frames[1], memoryview) and frames[1].obj is second
+    assert p.unconsumed() == stream[(3 + whole) * len(row) : 2000]
+    # A read too short to complete the row: buffered, framed once the row is whole.
+    assert p.feed_drain(stream[2000:2010]) == ([], None)
+    frames, error = p.feed_drain(stream[2010:])
+    assert error is None and b"".join(frames) == stream[(3 + whole) * len(row) :]
+    assert p.buffered == 0
+    # The header split, then a bad length in it: the fault the pure drain reports.
+    for cut in (1, 3):
+        bad = b"D" + struct.pack("!i", 2) + b"xx"
+        pure, fast = BackendParser(), BackendParser(scan=_cframe.scan)
+        for parser_ in (pure, fast):
+            parser_.feed_drain(row + bad[:cut])
+        expected = pure.feed_drain(bad[cut:])
+        got = fast.feed_drain(bad[cut:])
+        assert got[0] == expected[0] == []
+        assert (type(got[1]), str(got[1])) == (type(expected[1]), str(expected[1]))

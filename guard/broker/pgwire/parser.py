@@ -252,22 +252,48 @@ class _Framer:
         """feed(data), then drain(), in one call (the relay's, once per read).
 
         With the compiled scan and nothing buffered, `data` is framed where it is: unless
-        a message is left incomplete (or malformed) it never becomes the buffer.
+        a message is left incomplete (or malformed) it never becomes the buffer. With a
+        message's start buffered (a bulk result's row split across reads), the head of
+        `data` completes it and the rest is framed where it is (`_complete`).
         """
         scan = self._scan
-        if (
-            scan is None
-            or data.__class__ is not bytes
-            or self._chunks
-            or self._pos != len(self._buf)
-        ):
+        if scan is None or data.__class__ is not bytes or self._chunks:
             self.feed(data)
             return self.drain()
         out: list[Raw] = []
-        pos, need = scan(data, 0, self._valid, self._runs, self._max, out)
+        start = 0
+        if self._pos != len(self._buf):
+            start = self._complete(scan, data, out)
+            if not start:  # `data` does not complete it, or its header is malformed
+                self.feed(data)
+                return self.drain()
+        pos, need = scan(data, start, self._valid, self._runs, self._max, out)
         if pos == len(data):
             return out, None  # all framed: the buffer stays empty
         return out, self.keep(data, pos, need)
+
+    def _complete(self, scan: Scan, data: bytes, out: list[Raw]) -> int:
+        """The message whose start is buffered, completed with the head of `data` and framed
+        into `out`: how many bytes of `data` that took. 0 (and nothing framed or consumed)
+        when `data` does not complete it or its header is malformed: feed() and drain()
+        then buffer it or report the fault. A bulk result's rows straddle nearly every
+        read; this copies the one split row and frames the rest of the read where it is,
+        as `_join` would, in a call instead of a loop's dozen."""
+        view, pos = self._view, self._pos
+        tail = len(view) - pos
+        head = bytes(view[pos : pos + 5]) if tail >= 5 else b"".join((view[pos:], data[: 5 - tail]))
+        if len(head) < 5:
+            return 0
+        kind: int
+        length: int
+        kind, length = _UNPACK_BI(head, 0)
+        missing = 1 + length - tail
+        if not self._valid[kind] or not 4 <= length <= self._max or not 0 < missing <= len(data):
+            return 0
+        whole = b"".join((view[pos:], data[:missing]))
+        scan(whole, 0, self._valid, self._runs, self._max, out)
+        self._pos = len(view)
+        return missing
 
     def scan_tables(self) -> tuple[Scan, bytes, bytes, int] | None:
         """The compiled scan and what it takes besides the bytes (valid tags, run tags, the
