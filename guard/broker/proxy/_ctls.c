@@ -52,11 +52,13 @@ typedef struct { PyObject_HEAD PyObject *Socket; SSL *ssl; } SSLSocketHead;
 #define OUT_KEEP (256 * 1024)  /* the largest send buffer kept once empty */
 #define OUT_CHUNK (1 << 30)
 #define OUT_FIRST (16 * 1024)  /* a connection's first send buffer: a few records' worth */
+#define MAX_PLAIN (16 * 1024)  /* a TLS record's largest plaintext (RFC 8446 5.1) */
 
 static int (*SSL_read_ex_)(SSL *, void *, size_t, size_t *);
 static int (*SSL_write_ex_)(SSL *, const void *, size_t, size_t *);
 static int (*SSL_get_error_)(const SSL *, int);
 static int (*SSL_pending_)(const SSL *);
+static int (*SSL_has_pending_)(const SSL *);
 static BIO *(*SSL_get_rbio_)(const SSL *);
 static BIO *(*SSL_get_wbio_)(const SSL *);
 static void *(*SSL_get_ex_data_)(const SSL *, int);
@@ -263,6 +265,10 @@ static PyObject *deliver(Transport *t) {
        except when a record begun in an earlier read completes: then more is pending
        once this is full, and the buffer grows (a stall otherwise: nothing more may come). */
     size_t cap = BIO_ctrl_pending_(t->rbio) + (size_t)SSL_pending_(t->ssl);
+    /* A record begun in an earlier read is held by TLS and counted in neither: room for
+       its plaintext too, or the buffer grows, copying, on nearly every read of a bulk
+       result (its records straddle the reads). */
+    if (cap && SSL_has_pending_(t->ssl)) cap += MAX_PLAIN;
     int peer_closed = 0;
     PyObject *plain = NULL;
     size_t used = 0;
@@ -531,7 +537,7 @@ PyMODINIT_FUNC PyInit__ctls(void) {
     Py_DECREF(f);
     if (!h) { PyErr_SetString(PyExc_ImportError, "_ssl's library not found"); return NULL; }
 #define R(x) x##_ = dlsym(h, #x); if (!x##_) { PyErr_SetString(PyExc_ImportError, #x); return NULL; }
-    R(SSL_read_ex) R(SSL_write_ex) R(SSL_get_error) R(SSL_pending) R(SSL_get_rbio) R(SSL_get_wbio)
+    R(SSL_read_ex) R(SSL_write_ex) R(SSL_get_error) R(SSL_pending) R(SSL_has_pending) R(SSL_get_rbio) R(SSL_get_wbio)
     R(SSL_get_ex_data) R(SSL_shutdown) R(SSL_ctrl) R(BIO_write) R(BIO_read) R(BIO_ctrl_pending) R(BIO_method_type)
     R(ERR_get_error) R(ERR_clear_error) R(ERR_peek_error) R(ERR_error_string_n)
     PyObject *ssl = PyImport_ImportModule("ssl");
