@@ -262,12 +262,12 @@ static PyObject *peer_ended(Transport *t) {
 /* Decrypt what the read BIO holds and hand it to the protocol. */
 static PyObject *deliver(Transport *t) {
     /* The plaintext is at most the ciphertext waiting plus what TLS already decrypted,
-       except when a record begun in an earlier read completes: then more is pending
-       once this is full, and the buffer grows (a stall otherwise: nothing more may come). */
+       plus, when a record begun in an earlier read completes, that record's: TLS holds
+       its start and counts it in neither, so room for a record's plaintext is added (or
+       the buffer would grow, copying, on nearly every read of a bulk result, whose
+       records straddle the reads). Should more be pending once this is full, the buffer
+       grows: nothing more may come to deliver it (a stall). */
     size_t cap = BIO_ctrl_pending_(t->rbio) + (size_t)SSL_pending_(t->ssl);
-    /* A record begun in an earlier read is held by TLS and counted in neither: room for
-       its plaintext too, or the buffer grows, copying, on nearly every read of a bulk
-       result (its records straddle the reads). */
     if (cap && SSL_has_pending_(t->ssl)) cap += MAX_PLAIN;
     int peer_closed = 0;
     PyObject *plain = NULL;
