@@ -28,28 +28,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from audit_commit import record  # noqa: E402 - the same real statement record
 
 from guard.broker.audit import sink as sink_module  # noqa: E402
-from guard.broker.audit.record import StatementRecord  # noqa: E402
-from guard.broker.audit.serialize import fixed_fields  # noqa: E402
 
-RECORD = fixed_fields(
-    StatementRecord(
-        session_id="5f3a9c2e71b04d2f",
-        connection_id="c-17",
-        principal="alice",
-        issuer="https://idp.example.com",
-        groups=("engineers", "oncall"),
-        target="demo",
-        protocol="extended",
-        fingerprint="0123456789abcdef",
-        statement="SELECT abalance FROM pgbench_accounts WHERE aid = $1",
-        operations=("read",),
-        tables=("public.pgbench_accounts",),
-        verdict="allow",
-        rule="engineers-read",
-    )
-)
+RECORD = record(0)
 FLUSH_EVERY = 4000
 
 
