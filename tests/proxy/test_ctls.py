@@ -122,11 +122,13 @@ async def gateway_side(contexts) -> tuple[asyncio.StreamReader, asyncio.StreamWr
 async def accepted(sock: socket.socket) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Server-side streams over `sock`, as asyncio.start_server (the listener) makes them."""
     loop = asyncio.get_running_loop()
-    made: asyncio.Future[asyncio.StreamWriter] = loop.create_future()
+    made: list[asyncio.StreamWriter] = []
     reader = asyncio.StreamReader()
-    protocol = asyncio.StreamReaderProtocol(reader, lambda _r, w: made.set_result(w))
-    await loop.connect_accepted_socket(lambda: protocol, sock)
-    return reader, await made
+    protocol = asyncio.StreamReaderProtocol(reader, lambda _r, w: made.append(w))
+    await loop.connect_accepted_socket(lambda: protocol, sock)  # after connection_made
+    # Taken out: the protocol's callback holds `made`, which holding the writer would make
+    # a cycle the listener's streams do not have (test_an_ended_connection_is_freed...).
+    return reader, made.pop()
 
 
 class Recorder(asyncio.Protocol):
@@ -465,3 +467,67 @@ def test_without_the_build_the_streams_own_start_tls_runs(contexts, monkeypatch)
         await asyncio.sleep(0.05)
 
     run("uvloop", main)
+
+
+# What a connection through the gateway is made of, by type name: none of them may outlive
+# it but through the cycle collector.
+_CONNECTION_PARTS = (
+    "Pump",
+    "_Side",
+    "GatewayConnection",
+    "TLSTransport",
+    "StreamReaderProtocol",
+    "StreamWriter",
+    "SSLObject",
+)
+
+
+def _parts_alive() -> dict[str, int]:
+    import gc
+
+    alive = dict.fromkeys(_CONNECTION_PARTS, 0)
+    for obj in gc.get_objects():  # unreachable ones too, until a collection
+        name = type(obj).__name__
+        if name in alive:
+            alive[name] += 1
+    return alive
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_an_ended_connection_is_freed_by_its_reference_counts(contexts, kind):
+    """A client leg whose records C moves (begun as the login's streams) and a plain upstream
+    leg, pumped by the real core until the client goes: once it has ended, nothing of it is
+    left for the cycle collector, whose full pass walks the whole gateway and until then
+    keeps every ended connection's TLS buffers (stop 35)."""
+    import gc
+
+    from guard.broker.audit.sink import MemoryAuditSink
+    from guard.broker.pgwire import messages as m
+    from guard.broker.pgwire.encoder import encode
+    from guard.broker.proxy.core import Pump
+    from tests.playbook import connection
+
+    async def main() -> None:
+        reader, writer, peer = await gateway_side(contexts)
+        assert adopted_by_c(writer)
+        ours, theirs = tcp_pair()
+        loop = asyncio.get_running_loop()
+        up, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
+        pump = Pump(connection(), writer.transport, up, audit=MemoryAuditSink())
+        pump.start(b"", b"")
+        await peer.send(encode(m.Query("SELECT 1")))
+        assert await loop.sock_recv(theirs, 100) == encode(m.Query("SELECT 1"))
+        peer.sock.close()  # the client goes
+        await asyncio.wait_for(pump.done, 5)
+        for _ in range(5):  # connection_lost, called soon
+            await asyncio.sleep(0)
+
+    gc.collect()
+    before = _parts_alive()
+    gc.disable()
+    try:
+        run(kind, main)
+        after = _parts_alive()
+    finally:
+        gc.enable()
+    assert after == before, (before, after)

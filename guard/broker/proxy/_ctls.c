@@ -98,6 +98,7 @@ static Py_ssize_t buffered(Transport *t) { return t->out_end - t->out_start; }
 /* The loop watches the socket for reading (`reading`) or writing (`writer_on`), or stops:
    add_reader/remove_reader or add_writer/remove_writer, and the flag follows. */
 static int watch(Transport *t, int for_reading, int on) {
+    if (on && t->closed) return 0;  /* finished: its callbacks are gone (finish) */
     PyObject *fd = PyLong_FromLong(t->fd), *r;
     if (!fd) return -1;
     if (on)
@@ -130,6 +131,13 @@ static void finish(Transport *t, PyObject *exc) {
             Py_DECREF(cb); if (!r) PyErr_Clear(); Py_XDECREF(r);
         } else PyErr_Clear();
     }
+    /* Nothing calls the protocol or the loop's callbacks again (asyncio's transports drop
+       the protocol too): without these references a closed connection is freed by its
+       reference counts, not left to the cycle collector (the bound methods hold this
+       transport; the protocol holds it back). */
+    Py_SETREF(t->protocol, Py_NewRef(Py_None));
+    Py_CLEAR(t->read_ready);
+    Py_CLEAR(t->write_ready);
 }
 
 /* The protocol raised, or the connection broke: report and end it (asyncio's

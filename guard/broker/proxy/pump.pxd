@@ -19,6 +19,7 @@ cdef class _Side:
     cdef public object name
     cdef public object other
     cdef public bint keep_open_on_eof
+    cdef public object previous
 
 cdef class Pump:
     cdef public object connection
