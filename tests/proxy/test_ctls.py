@@ -3,7 +3,8 @@
 TCP socket: records intact both ways (split across reads, sent with the handshake's last
 flight, megabytes), flow control, pause and resume, the peer's close_notify and FIN, a
 tampered record, close and abort, a protocol that raises, and the fallbacks (an SSL
-object it was not built for; no build). On uvloop, the gateway's loop, and asyncio's."""
+object it was not built for; no build); and an ended connection pumped through it freed by
+its reference counts. On uvloop, the gateway's loop, and asyncio's."""
 
 from __future__ import annotations
 
@@ -469,8 +470,8 @@ def test_without_the_build_the_streams_own_start_tls_runs(contexts, monkeypatch)
     run("uvloop", main)
 
 
-# What a connection through the gateway is made of, by type name: none of them may outlive
-# it but through the cycle collector.
+# What a connection through the gateway is made of, by type name: none of them may be left,
+# once it has ended, for the cycle collector to free.
 _CONNECTION_PARTS = (
     "Pump",
     "_Side",
