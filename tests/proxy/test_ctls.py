@@ -9,6 +9,7 @@ its reference counts. On uvloop, the gateway's loop, and asyncio's."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import socket
 import ssl
@@ -18,9 +19,14 @@ from typing import Any
 import pytest
 import uvloop
 
+from guard.broker.audit.sink import MemoryAuditSink
+from guard.broker.pgwire import messages as m
+from guard.broker.pgwire.encoder import encode
 from guard.broker.proxy import tlstransport, upstream
+from guard.broker.proxy.core import Pump
 from guard.broker.proxy.tlslayer import TLSClient, TLSClosed
 from guard.devstack.tls import make_dev_ca
+from tests.playbook import connection
 
 if not tlstransport.usable():
     if os.environ.get("CI", "").lower() == "true" and not os.environ.get("GUARD_PURE_PYTHON"):
@@ -484,8 +490,6 @@ _CONNECTION_PARTS = (
 
 
 def _parts_alive() -> dict[str, int]:
-    import gc
-
     alive = dict.fromkeys(_CONNECTION_PARTS, 0)
     for obj in gc.get_objects():  # unreachable ones too, until a collection
         name = type(obj).__name__
@@ -500,13 +504,6 @@ def test_an_ended_connection_is_freed_by_its_reference_counts(contexts, kind):
     leg, pumped by the real core until the client goes: once it has ended, nothing of it is
     left for the cycle collector, whose full pass walks the whole gateway and until then
     keeps every ended connection's TLS buffers (stop 35)."""
-    import gc
-
-    from guard.broker.audit.sink import MemoryAuditSink
-    from guard.broker.pgwire import messages as m
-    from guard.broker.pgwire.encoder import encode
-    from guard.broker.proxy.core import Pump
-    from tests.playbook import connection
 
     async def main() -> None:
         reader, writer, peer = await gateway_side(contexts)
