@@ -337,6 +337,69 @@ def test_flow_control_pauses_and_resumes_the_protocol(contexts, kind):
     run(kind, main)
 
 
+def seqpacket_side(contexts) -> tuple[Any, socket.socket, TLSClient]:
+    """A TLSTransport over one end of an AF_UNIX SOCK_SEQPACKET pair, handshaken by hand:
+    each send() it makes arrives at the far end as one message, so the far end counts
+    them. (Streams refuse such a socket, so `tlstransport.adopt` cannot be the way in.)"""
+    server, client = contexts
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    _PEERS.extend((ours, theirs))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    gateway = server.wrap_bio(incoming, outgoing, server_side=True)
+    peer = TLSClient(client, "localhost")
+    flight = peer.handshake()
+    while not peer.handshake_done:
+        incoming.write(flight)
+        with pytest.raises(ssl.SSLWantReadError):
+            gateway.do_handshake()
+        flight = peer.handshake(outgoing.read())
+    incoming.write(flight)
+    gateway.do_handshake()
+    assert peer.decrypt(outgoing.read()) == b""  # the session tickets, before any record
+    transport = tlstransport._c.TLSTransport(
+        gateway._sslobj, os.dup(ours.fileno()), asyncio.get_running_loop(), {}
+    )
+    theirs.setblocking(False)
+    return transport, theirs, peer
+
+
+def messages(sock: socket.socket) -> list[bytes]:
+    """The messages waiting at a SOCK_SEQPACKET end: one per send() of the other end."""
+    got = []
+    while True:
+        try:
+            got.append(sock.recv(1 << 20))
+        except BlockingIOError:
+            return got
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_writelines_sends_its_pieces_together_in_order(contexts, kind):
+    # One read's output in pieces (a split row, then the run after it): a send per piece
+    # wakes the client twice per read, once for a record of one row.
+    async def main() -> None:
+        transport, theirs, peer = seqpacket_side(contexts)
+        transport.set_protocol(Recorder())
+        row, run_after = b"D" + os.urandom(120), os.urandom(60_000)
+        transport.writelines([row, memoryview(run_after), b"", bytearray(b"Z")])
+        sent = messages(theirs)
+        assert len(sent) == 1
+        assert peer.decrypt(sent[0]) == row + run_after + b"Z"
+        transport.write(row)  # as the pump wrote them before: a send each
+        transport.write(run_after)
+        sent = messages(theirs)
+        assert len(sent) == 2
+        assert peer.decrypt(b"".join(sent)) == row + run_after
+        with pytest.raises(TypeError):
+            transport.writelines([row, 42])
+        transport.close()
+        transport.writelines([row])  # after close: dropped, as write's
+        with pytest.raises(TLSClosed):  # close_notify, and no row before it
+            peer.decrypt(b"".join(messages(theirs)))
+
+    run(kind, main)
+
+
 @pytest.mark.parametrize("kind", LOOPS)
 def test_pause_reading_holds_records_until_resumed(contexts, kind):
     async def main() -> None:

@@ -23,7 +23,7 @@ from guard.broker.pgwire.encoder import encode
 from guard.broker.pgwire.parser import BackendParser, FrontendParser
 from guard.broker.proxy.commands import SendToServer
 from guard.broker.proxy.core import Pump  # the build that runs: the compiled twin when built
-from tests.playbook import connection, wire
+from tests.playbook import connection, field, wire
 
 # The twin's module has its own exception classes: the one the running build raises.
 UnknownCommand = sys.modules[Pump.__module__].UnknownCommand
@@ -39,9 +39,15 @@ class FakeTransport(asyncio.Transport):
         self.closed = self.eof_written = False
         self.reading = True
         self.protocol: asyncio.Protocol | None = None
+        self.calls: list[int] = []  # per write or writelines call: how many pieces
 
     def write(self, data) -> None:
         self.events.append((self.name, bytes(data)))
+        self.calls.append(1)
+
+    def writelines(self, pieces) -> None:
+        self.events.append((self.name, b"".join(bytes(piece) for piece in pieces)))
+        self.calls.append(len(pieces))
 
     def write_eof(self) -> None:
         self.eof_written = True
@@ -109,6 +115,33 @@ def test_records_are_written_before_their_statement_goes_upstream():
     sent = messages(events, "upstream", FrontendParser(expect_startup=False))
     assert sent == [m.Query("SELECT 1"), m.Query("SELECT 2")]
     assert [r["verdict"] for r in audit.records] == ["allow", "allow"]
+
+
+def test_a_reads_pieces_go_to_the_client_in_one_writelines():
+    # A bulk result's row split across reads: the next read's output is that row, then the
+    # run after it (not copied into one buffer). A write each would be a send each on a TLS
+    # client leg: the client woken for one row's record, then again for the rest.
+    async def main():
+        pump, client, upstream, audit, events = pump_for()
+        client.protocol.data_received(wire(m.Query("SELECT 1")))
+        rows = [m.DataRow((b"%06d" % i + b"x" * 200,)) for i in range(700)]
+        answer = wire(
+            m.RowDescription((field("n"),)),
+            *rows,
+            m.CommandComplete("SELECT 700"),
+            m.ReadyForQuery(b"I"),
+        )
+        split = len(answer) // 2 + 50  # inside a row
+        upstream.protocol.data_received(answer[:split])
+        before = len(client.calls)
+        upstream.protocol.data_received(answer[split:])
+        return client.calls[before:], events
+
+    calls, events = asyncio.run(main())
+    assert len(calls) == 1 and calls[0] > 1  # one writelines of the pieces
+    got = messages(events, "client", BackendParser())
+    assert got[1:-2] == [m.DataRow((b"%06d" % i + b"x" * 200,)) for i in range(700)]
+    assert got[-1] == m.ReadyForQuery(b"I")
 
 
 def test_an_unwritable_audit_log_refuses_the_statement():

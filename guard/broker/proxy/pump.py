@@ -286,7 +286,17 @@ class Pump:
             if kind is SendToServer:
                 self._to_server(cmd.data)  # type: ignore[union-attr]
             elif kind is SendToClient:
-                self.client_transport.write(cmd.data)  # type: ignore[union-attr]
+                if i < n and commands[i].__class__ is SendToClient:
+                    # One read's output in pieces (a row split across reads, then the run
+                    # after it): one writelines, so a TLS transport sends them with one
+                    # syscall and the client wakes once, not once for a 100-byte record.
+                    pieces = [cmd.data]  # type: ignore[union-attr]
+                    while i < n and commands[i].__class__ is SendToClient:
+                        pieces.append(commands[i].data)  # type: ignore[union-attr]
+                        i += 1
+                    self.client_transport.writelines(pieces)
+                else:
+                    self.client_transport.write(cmd.data)  # type: ignore[union-attr]
             elif kind is WriteAudit:
                 if i != n:
                     raise UnknownCommand("WriteAudit must be the last command of its list")
