@@ -337,7 +337,7 @@ def test_flow_control_pauses_and_resumes_the_protocol(contexts, kind):
     run(kind, main)
 
 
-def seqpacket_side(contexts) -> tuple[Any, socket.socket, TLSClient]:
+def seqpacket_side(contexts) -> tuple[Any, socket.socket, TLSClient, ssl.SSLObject]:
     """A TLSTransport over one end of an AF_UNIX SOCK_SEQPACKET pair, handshaken by hand:
     each send() it makes arrives at the far end as one message, so the far end counts
     them. (Streams refuse such a socket, so `tlstransport.adopt` cannot be the way in.)"""
@@ -360,7 +360,7 @@ def seqpacket_side(contexts) -> tuple[Any, socket.socket, TLSClient]:
         gateway._sslobj, os.dup(ours.fileno()), asyncio.get_running_loop(), {}
     )
     theirs.setblocking(False)
-    return transport, theirs, peer
+    return transport, theirs, peer, gateway
 
 
 def messages(sock: socket.socket) -> list[bytes]:
@@ -378,7 +378,7 @@ def test_writelines_sends_its_pieces_together_in_order(contexts, kind):
     # One read's output in pieces (a split row, then the run after it): a send per piece
     # wakes the client twice per read, once for a record of one row.
     async def main() -> None:
-        transport, theirs, peer = seqpacket_side(contexts)
+        transport, theirs, peer, _ssl_object = seqpacket_side(contexts)
         transport.set_protocol(Recorder())
         row, run_after = b"D" + os.urandom(120), os.urandom(60_000)
         transport.writelines([row, memoryview(run_after), b"", bytearray(b"Z")])
@@ -396,6 +396,32 @@ def test_writelines_sends_its_pieces_together_in_order(contexts, kind):
         transport.writelines([row])  # after close: dropped, as write's
         with pytest.raises(TLSClosed):  # close_notify, and no row before it
             peer.decrypt(b"".join(messages(theirs)))
+
+    run(kind, main)
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_an_ssl_object_that_outlives_its_transport_fails_cleanly(contexts, kind):
+    # The SSL object's records go through the transport's own BIO, which points at the
+    # transport: I/O through an SSL object kept after the transport is freed must fail,
+    # not reach freed memory (ssl runs it with the GIL released, too).
+    def transports() -> int:
+        gc.collect()  # the earlier tests' garbage first
+        return sum(type(o).__name__ == "TLSTransport" for o in gc.get_objects())
+
+    async def main() -> None:
+        before = transports()
+        transport, theirs, peer, ssl_object = seqpacket_side(contexts)
+        transport.set_protocol(Recorder())
+        transport.write(b"before")
+        assert peer.decrypt(b"".join(messages(theirs))) == b"before"
+        transport.abort()
+        del transport
+        assert transports() == before  # freed: only the SSL object remains
+        with pytest.raises(ssl.SSLError):
+            ssl_object.write(b"after")
+        with pytest.raises(ssl.SSLError):
+            ssl_object.read(10)
 
     run(kind, main)
 
