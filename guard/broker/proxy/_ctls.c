@@ -21,13 +21,15 @@
  * The object's layout is CPython's (`Modules/_ssl.c`: the SSL pointer follows the socket
  * weakref) and is checked before use: the SSL's app data must be the object itself (CPython
  * sets it so) and both its BIOs memory BIOs; anything else is a TypeError, and the caller
- * keeps its Python transport (`proxy.tlstransport`).
+ * keeps its Python transport (`proxy.tlstransport`). The memory BIOs are then replaced by
+ * the transport's own (see "The BIO").
  *
  * What it must not do: relay a record that does not decrypt (the connection ends with an
  * ssl.SSLError, as a tampered record would), write after close, or lose ciphertext the
- * handshake's reader had already received (it stays in the read BIO and is delivered when
- * reading starts). It reads one recv's worth per readiness event (the loop is level-
- * triggered: no extra recv to see EAGAIN) and sends at once while the socket takes it.
+ * handshake's reader had already received (taken from the read BIO when adopted, and
+ * delivered first when reading starts). It reads one recv's worth per readiness event (the
+ * loop is level-triggered: no extra recv to see EAGAIN) and sends at once while the socket
+ * takes it; writelines sends its pieces together.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
