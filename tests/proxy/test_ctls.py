@@ -407,7 +407,7 @@ def test_an_ssl_object_that_outlives_its_transport_fails_cleanly(contexts, kind)
     # not reach freed memory (ssl runs it with the GIL released, too).
     def transports() -> int:
         gc.collect()  # the earlier tests' garbage first
-        return sum(type(o).__name__ == "TLSTransport" for o in gc.get_objects())
+        return _parts_alive()["TLSTransport"]
 
     async def main() -> None:
         before = transports()
