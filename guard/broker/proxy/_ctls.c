@@ -292,22 +292,15 @@ static int bio_read(BIO *b, char *buf, int len) {
     Transport *t = BIO_get_data_(b);
     BIO_clear_flags_(b, BIO_FLAGS_RWS | BIO_FLAGS_SHOULD_RETRY);
     if (!t || len < 0) return -1;
-    const char *from;
-    size_t left;
-    if (t->carry_start < t->carry_end) {
-        from = t->carry + t->carry_start;
-        left = t->carry_end - t->carry_start;
-    } else {
-        from = t->in;
-        left = t->in_left;
-    }
+    int carried = t->carry_start < t->carry_end;  /* the handshake's leftovers come first */
+    size_t left = carried ? t->carry_end - t->carry_start : t->in_left;
     if (!left) {
         BIO_set_flags_(b, BIO_FLAGS_READ | BIO_FLAGS_SHOULD_RETRY);
         return -1;
     }
     size_t n = left < (size_t)len ? left : (size_t)len;
-    memcpy(buf, from, n);
-    if (t->carry_start < t->carry_end) t->carry_start += n;
+    memcpy(buf, carried ? t->carry + t->carry_start : t->in, n);
+    if (carried) t->carry_start += n;
     else { t->in += n; t->in_left -= n; }
     return (int)n;
 }
