@@ -44,7 +44,7 @@ from guard.broker.errors import (
     NotFound,
 )
 from guard.broker.identity.principal import Principal
-from guard.broker.pgwire.scram import ScramVerifier, make_verifier
+from guard.broker.pgwire.scram import ScramKeys, ScramVerifier, make_verifier
 from guard.broker.policy.engine import CompiledPolicy
 from guard.broker.policy.model import ApprovalRequirement, Effect, Verdict
 from guard.broker.revocation import RevocationQueue
@@ -92,6 +92,9 @@ class Session:
     expires_at: datetime
     reason: str
     credential_hash: bytes = field(default=b"", repr=False)
+    # The upstream SCRAM keys of `credentials`' password, derived at its first login and
+    # reused by the next (PBKDF2 once per session, not once per connection); gone with it.
+    upstream_scram: ScramKeys = field(default_factory=ScramKeys, repr=False)
     # None: no heartbeat expected (yet); else ended when the clock passes it.
     heartbeat_deadline: datetime | None = None
     connections: set[ConnectionHandle] = field(default_factory=set)

@@ -18,6 +18,7 @@ import psycopg
 import pytest
 
 from guard.broker.pgwire import messages as m
+from guard.broker.pgwire import scram
 from guard.broker.pgwire.encoder import encode
 from guard.broker.proxy import tlstransport, upstream
 from guard.devstack.postgres import PostgresCluster, find_pg_bindir
@@ -58,7 +59,9 @@ def _context(ca: Path) -> ssl.SSLContext:
     return context
 
 
-def _logged_in(pg: PostgresCluster, user: str, work, *, tls=None, host=None, password=PASSWORD):
+def _logged_in(
+    pg: PostgresCluster, user: str, work, *, tls=None, host=None, password=PASSWORD, keys=None
+):
     """(the upstream connection, what `work(connection)` returned), the connection closed."""
 
     async def run():
@@ -70,6 +73,7 @@ def _logged_in(pg: PostgresCluster, user: str, work, *, tls=None, host=None, pas
             database="postgres",
             params={"application_name": "upstream-test"},
             tls=tls,
+            scram_keys=keys,
         )
         try:
             return conn, await work(conn)
@@ -104,6 +108,28 @@ def test_every_method_over_verified_tls(tls_cluster, user, monkeypatch):
         assert len(bindings) == 1 and bindings[0][0] == "tls-server-end-point"
     else:
         assert bindings == []
+
+
+@pytest.mark.parametrize("tls", [True, False])
+def test_a_sessions_logins_derive_the_scram_keys_once(tls_cluster, tls, monkeypatch):
+    # A client that connects per statement makes the gateway log in per statement; the
+    # session's ScramKeys spare every login after the first its PBKDF2 (~1 ms of CPU).
+    pg, ca = tls_cluster
+    runs = []
+    real = scram._salted_password
+    monkeypatch.setattr(scram, "_salted_password", lambda *a: runs.append(a[1:]) or real(*a))
+    keys = scram.ScramKeys()
+    context = _context(ca) if tls else None
+    # The plain login is the u_scram hostnossl rule; over TLS the same role binds (-PLUS).
+    for _ in range(3):
+        _, rows = _login(pg, "u_scram", tls=context, keys=keys)
+        assert rows == [(b"u_scram", b"t" if tls else b"f")]
+    assert len(runs) == 1 and runs[0][1] == 4096  # the server's salt and count, once
+    # The server's verifier is the judge: a wrong password is still refused with keys kept.
+    with pytest.raises(upstream.UpstreamError) as err:
+        _login(pg, "u_scram", tls=context, keys=keys, password="not-it")
+    assert err.value.error is not None and err.value.error.sqlstate == "28P01"
+    _login(pg, "u_scram", tls=context, keys=keys)
 
 
 @pytest.mark.parametrize("tls", [True, False])

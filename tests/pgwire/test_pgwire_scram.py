@@ -7,9 +7,11 @@ import hashlib
 
 import pytest
 
+from guard.broker.pgwire import scram
 from guard.broker.pgwire.scram import (
     AuthenticationFailed,
     ScramClient,
+    ScramKeys,
     ScramServer,
     make_verifier,
     md5_password,
@@ -311,3 +313,65 @@ def test_the_mechanism_and_the_binding_flag_must_agree() -> None:
     server_first = server.handle_client_first(client.client_first(), "SCRAM-SHA-256-PLUS")
     client.verify_server_final(server.handle_client_final(client.handle_server_first(server_first)))
     assert client.done
+
+
+@pytest.fixture
+def pbkdf2_runs(monkeypatch) -> list[tuple[bytes, int]]:
+    """(salt, iterations) of every PBKDF2 the module runs from here on."""
+    runs: list[tuple[bytes, int]] = []
+    real = scram._salted_password
+
+    def counted(password: str, salt: bytes, iterations: int) -> bytes:
+        runs.append((salt, iterations))
+        return real(password, salt, iterations)
+
+    monkeypatch.setattr(scram, "_salted_password", counted)
+    return runs
+
+
+def test_kept_keys_log_in_again_without_another_pbkdf2(pbkdf2_runs) -> None:
+    keys = ScramKeys()
+    for binding in (None, ("tls-server-end-point", b"cert hash"), None):
+        server = ScramServer(VERIFIER, channel_binding=binding)
+        client = ScramClient("s3cret", channel_binding=binding, keys=keys)
+        _login(client, server)
+        assert client.done
+    # Three logins, fresh nonces each (so fresh proofs), one derivation.
+    assert pbkdf2_runs == [(VERIFIER.salt, VERIFIER.iterations)]
+
+
+PENCIL_OTHER_SALT = make_verifier("pencil", iterations=4096)  # the vector's password, new salt
+
+
+def test_kept_keys_are_the_passwords_keys_for_each_salt(pbkdf2_runs) -> None:
+    keys = ScramKeys()
+    # The RFC 7677 vector through kept keys, after another salt was derived: the proof
+    # is the vector's, so the keys are right for the salt asked, not the last one.
+    _login(ScramClient("s3cret", keys=keys), ScramServer(VERIFIER))
+    client = ScramClient("pencil", username="user", nonce=RFC_CLIENT_NONCE, keys=keys)
+    client.client_first()
+    assert client.handle_server_first(RFC_SERVER_FIRST) == RFC_CLIENT_FINAL
+    client.verify_server_final(RFC_SERVER_FINAL)
+    other = PENCIL_OTHER_SALT
+    _login(ScramClient("pencil", keys=keys), ScramServer(other))
+    _login(ScramClient("pencil", keys=keys), ScramServer(other))
+    assert pbkdf2_runs[1:] == [(RFC_SALT, 4096), (other.salt, 4096)]
+
+
+def test_another_password_is_never_answered_from_kept_keys(pbkdf2_runs) -> None:
+    keys = ScramKeys()
+    _login(ScramClient("s3cret", keys=keys), ScramServer(VERIFIER))
+    # Credentials replaced: the old password's keys must not log the new one in (nor
+    # the new one's fail against a server that has the old verifier).
+    client = ScramClient("not-s3cret", keys=keys)
+    with pytest.raises(AuthenticationFailed):
+        _login(client, ScramServer(VERIFIER))
+    _login(ScramClient("s3cret", keys=keys), ScramServer(VERIFIER))
+    assert len(pbkdf2_runs) == 3
+
+
+def test_kept_keys_are_bounded() -> None:
+    keys = ScramKeys()
+    for i in range(10):
+        keys.derive("s3cret", bytes([i]) * 16, 1)
+    assert len(keys._derived) <= ScramKeys._LIMIT

@@ -325,3 +325,70 @@ def test_a_worker_tells_its_broker_when_its_audit_log_fails_and_when_it_recovers
 
     asyncio.run(main())
     assert heard == ["disk full", None]
+
+
+def test_a_worker_keeps_a_sessions_scram_keys_across_its_logins_and_no_longer():
+    """Each `find` brings a fresh snapshot over the channel; the worker's directory keeps
+    one ScramKeys per session for its logins (PBKDF2 once per session, not per
+    connection), gets none of the broker's key material, and lets them go when the
+    broker ends one of the session's connections there or the session expires."""
+    from datetime import timedelta
+
+    from guard.broker.proxy.worker import RemoteDirectory
+
+    live, soon = _session("s1"), _session("s2")
+    live.expires_at = datetime.now(UTC) + timedelta(hours=1)
+    soon.expires_at = datetime.now(UTC) + timedelta(seconds=0.2)
+    live.upstream_scram.derive("pw", b"salt" * 4, 1)  # the broker's own logins' keys
+    by_user = {s.user: s for s in (live, soon)}
+
+    class Sessions:
+        def by_user(self, user):
+            return by_user.get(user)
+
+    workers = GatewayWorkers(
+        count=1,
+        settings=None,  # type: ignore[arg-type]  # not started: only the call handlers run
+        policy=POLICY,
+        policy_text="",
+        sessions=Sessions(),  # type: ignore[arg-type]
+        approvals=None,  # type: ignore[arg-type]
+        audit=MemoryAuditSink(),
+    )
+    (worker,) = workers._workers
+
+    async def main():
+        broker, channel, tasks = await _pair()
+        broker.calls = workers._calls(worker)
+        broker.calls["admit"] = lambda session_id, key: _none()
+        directory = RemoteDirectory(channel)
+        first, again = await directory.find("guard_s1"), await directory.find("guard_s1")
+        assert first is not again and first is not live  # snapshots, as the channel makes
+        assert first.upstream_scram is again.upstream_scram
+        assert first.upstream_scram._derived == {}  # no key material crossed the channel
+        other = await directory.find("guard_s2")
+        assert other.upstream_scram is not first.upstream_scram
+
+        # The broker ends s1 through one of its connections here: its keys go with it.
+        class Handle:
+            def close(self, reason):
+                self.reason = reason
+
+        handle = Handle()
+        await directory.admit(first, handle)  # type: ignore[arg-type]
+        directory.close(1, "session ended")
+        assert handle.reason == "session ended"
+        assert (await directory.find("guard_s1")).upstream_scram is not first.upstream_scram
+        # s2 expires: the next find, for anyone, forgets its keys.
+        kept = other.upstream_scram
+        await asyncio.sleep(0.3)
+        await directory.find("guard_s1")
+        assert "s2" not in directory._scram and "s1" in directory._scram
+        assert (await directory.find("guard_s2")).upstream_scram is not kept
+        for task in tasks:
+            task.cancel()
+
+    async def _none():
+        return None
+
+    asyncio.run(main())

@@ -191,12 +191,47 @@ class ScramServer:
 
 
 # =========================================================================== client
+class ScramKeys:
+    """The client keys one password gives for each salt and iteration count a server has
+    sent, kept for the next login with that password.
+
+    Deriving them is PBKDF2 (PostgreSQL's default 4096 iterations: ~1 ms of CPU), and a
+    server sends the same salt to every login of a role, so a client that opens a
+    connection per statement (pgbench -C, a job without a pool) pays it once instead of
+    on every connection. The keys log in as the password does: keep this exactly as long
+    as the password it came from (the broker: the session's life).
+    """
+
+    __slots__ = ("_password", "_derived")
+
+    # A database sends one salt per role; another one means its verifier was reset.
+    _LIMIT = 4
+
+    def __init__(self) -> None:
+        self._password: str | None = None
+        self._derived: dict[tuple[bytes, int], tuple[bytes, bytes, bytes]] = {}
+
+    def derive(self, password: str, salt: bytes, iterations: int) -> tuple[bytes, bytes, bytes]:
+        """ClientKey, StoredKey and ServerKey of `password` for this salt and count."""
+        if password != self._password:  # new credentials: the old keys go
+            self._derived.clear()
+            self._password = password
+        keys = self._derived.get((salt, iterations))
+        if keys is None:
+            keys = _keys(_salted_password(password, salt, iterations))
+            if len(self._derived) >= self._LIMIT:
+                self._derived.clear()
+            self._derived[(salt, iterations)] = keys
+        return keys
+
+
 class ScramClient:
     """One client-side SCRAM-SHA-256 exchange.
 
     `channel_binding=(type, data)` selects SCRAM-SHA-256-PLUS ("p=type"); without it the
     client sends "n,,". `username` defaults to "" because PostgreSQL takes the user from
-    the startup packet; `nonce` exists for test vectors.
+    the startup packet; `nonce` exists for test vectors. `keys`, when given, derives the
+    password's keys (and keeps them for the next exchange with the same salt).
     """
 
     def __init__(
@@ -206,8 +241,10 @@ class ScramClient:
         channel_binding: tuple[str, bytes] | None = None,
         username: str = "",
         nonce: bytes | None = None,
+        keys: ScramKeys | None = None,
     ) -> None:
         self._password = password
+        self._keys = keys
         self._channel_binding = channel_binding
         nonce_text = _nonce_arg(nonce)
         self._client_nonce = nonce_text
@@ -254,9 +291,12 @@ class ScramClient:
         iterations = int(iterations_text)
         if iterations < 1 or not salt:
             raise AuthenticationFailed("invalid salt or iteration count")
-        client_key, stored_key, server_key = _keys(
-            _salted_password(self._password, salt, iterations)
-        )
+        if self._keys is not None:
+            client_key, stored_key, server_key = self._keys.derive(self._password, salt, iterations)
+        else:
+            client_key, stored_key, server_key = _keys(
+                _salted_password(self._password, salt, iterations)
+            )
         cbind = self._gs2_header.encode("ascii")
         if self._channel_binding is not None:
             cbind += self._channel_binding[1]

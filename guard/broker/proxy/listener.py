@@ -339,6 +339,7 @@ class Gateway:
                 tls=self._upstream_tls(session),
                 # An unmasked session's unqualified names reach the raw views.
                 search_path=session_search_path(unmasked=True) if unmasked else None,
+                scram_keys=session.upstream_scram,
             )
         except upstream.UpstreamError as exc:
             log.warning("upstream login for session %s failed: %s", session.id, exc)

@@ -40,6 +40,7 @@ from guard.broker.approvals.service import ApprovalService, HeldStatement, Reque
 from guard.broker.audit.record import AuditEvent
 from guard.broker.audit.sink import AuditSink, AuditUnavailable, default_key_file
 from guard.broker.errors import NotFound
+from guard.broker.pgwire.scram import ScramKeys
 from guard.broker.policy.engine import CompiledPolicy
 from guard.broker.proxy.control import Channel, frame
 from guard.broker.proxy.directory import ENDED, admit_connection, release_connection
@@ -333,8 +334,11 @@ class GatewayWorkers:
         session = self.sessions.by_user(user)
         if session is None:
             return None
-        # A snapshot: what the worker needs to log the client in and relay for it.
-        return dataclasses.replace(session, connections=set(), credential_hash=b"")
+        # A snapshot: what the worker needs to log the client in and relay for it. The
+        # worker keeps its own SCRAM keys per session (`worker.RemoteDirectory`).
+        return dataclasses.replace(
+            session, connections=set(), credential_hash=b"", upstream_scram=ScramKeys()
+        )
 
     async def _admit(self, worker: _Worker, session_id: str, key: int) -> str | None:
         try:

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes
 from guard.broker.pgwire import messages as m
 from guard.broker.pgwire.encoder import encode
 from guard.broker.pgwire.parser import NEED_DATA, BackendParser
-from guard.broker.pgwire.scram import ScramClient, md5_password
+from guard.broker.pgwire.scram import ScramClient, ScramKeys, md5_password
 from guard.broker.proxy import tlstransport
 from guard.broker.proxy.tlslayer import TLSClient, TLSClosed
 
@@ -168,9 +168,11 @@ async def login(
     params: dict[str, str],
     tls: ssl.SSLContext | None = None,
     search_path: str | None = None,
+    scram_keys: ScramKeys | None = None,
 ) -> UpstreamConnection:
     """Log in as the session's role. `search_path`, when given, is set by the startup
-    packet (never from the client's parameters, which cannot carry it)."""
+    packet (never from the client's parameters, which cannot carry it); `scram_keys`
+    keeps the password's SCRAM keys between logins (the session's)."""
     try:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(host, port), timeout=CONNECT_TIMEOUT
@@ -189,6 +191,7 @@ async def login(
                 database=database,
                 params=params,
                 search_path=search_path,
+                scram_keys=scram_keys,
             ),
             timeout=CONNECT_TIMEOUT,
         )
@@ -245,6 +248,7 @@ async def _handshake(  # noqa: C901 - one branch per message of the login exchan
     database: str,
     params: dict[str, str],
     search_path: str | None = None,
+    scram_keys: ScramKeys | None = None,
 ) -> UpstreamConnection:
     startup = {k: v for k, v in params.items() if k in PASSTHROUGH_PARAMS}
     startup.update({"user": user, "database": database})
@@ -265,9 +269,11 @@ async def _handshake(  # noqa: C901 - one branch per message of the login exchan
         if isinstance(msg, m.AuthenticationSASL):
             binding = tls_server_end_point(wire)
             if binding is not None and "SCRAM-SHA-256-PLUS" in msg.mechanisms:
-                scram = ScramClient(password, channel_binding=("tls-server-end-point", binding))
+                scram = ScramClient(
+                    password, channel_binding=("tls-server-end-point", binding), keys=scram_keys
+                )
             elif "SCRAM-SHA-256" in msg.mechanisms:
-                scram = ScramClient(password)
+                scram = ScramClient(password, keys=scram_keys)
             else:
                 raise UpstreamError(f"unsupported SASL mechanisms {msg.mechanisms}")
             wire.write(encode(m.SASLInitialResponse(scram.mechanism, scram.client_first())))

@@ -32,6 +32,7 @@ from typing import Any
 from guard.broker.approvals.service import HeldStatement, Requester
 from guard.broker.audit.sink import AuditUnavailable, JsonlAuditSink
 from guard.broker.health import WatchedAuditSink, flush_audit_forever
+from guard.broker.pgwire.scram import ScramKeys
 from guard.broker.policy.compile import load_policy
 from guard.broker.proxy.control import Channel, ControlClosed, read_frame
 from guard.broker.proxy.directory import ENDED
@@ -52,12 +53,25 @@ class RemoteDirectory:
         self._keys = itertools.count(1)
         self._handles: dict[int, ConnectionHandle] = {}
         self._key_of: dict[ConnectionHandle, int] = {}
+        # Each session's upstream SCRAM keys with its expiry, kept here across its
+        # connections' logins, since every `find` answers with a fresh snapshot: PBKDF2
+        # once per session in this worker. Dropped when the broker ends one of the
+        # session's connections here, or once the session has expired.
+        self._scram: dict[str, tuple[ScramKeys, datetime]] = {}
+        self._session_of: dict[int, str] = {}
 
     async def find(self, user: str) -> Session | None:
         try:
             session: Session | None = await self.channel.call("find", user)
         except ControlClosed:
             return None  # no broker, no session: the login fails as for a stranger
+        now = datetime.now(UTC)
+        for sid in [sid for sid, (_, until) in self._scram.items() if until <= now]:
+            del self._scram[sid]
+        if session is not None:
+            keys = self._scram.get(session.id, (session.upstream_scram, now))[0]
+            self._scram[session.id] = (keys, session.expires_at)
+            session.upstream_scram = keys
         return session
 
     def is_live(self, session: Session) -> bool:
@@ -68,22 +82,26 @@ class RemoteDirectory:
         key = next(self._keys)
         # Known before the broker answers, so a `close` right behind the answer finds it.
         self._handles[key], self._key_of[handle] = handle, key
+        self._session_of[key] = session.id
         try:
             refused: str | None = await self.channel.call("admit", session.id, key)
         except ControlClosed:
             refused = ENDED
         if refused is not None:
-            del self._handles[key], self._key_of[handle]
+            del self._handles[key], self._key_of[handle], self._session_of[key]
         return refused
 
     def release(self, session: Session, handle: ConnectionHandle) -> None:
         key = self._key_of.pop(handle, None)
         if key is not None:
-            del self._handles[key]
+            del self._handles[key], self._session_of[key]
             self.channel.notify("release", key)
 
     def close(self, key: int, reason: str) -> None:
         """The broker ended the connection's session."""
+        sid = self._session_of.get(key)
+        if sid is not None:
+            self._scram.pop(sid, None)
         handle = self._handles.get(key)
         if handle is not None:
             handle.close(reason)
