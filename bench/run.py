@@ -5,10 +5,11 @@
 Starts the real demo stack (`guard dev up` in a throwaway GUARD_HOME, with analysis, policy
 and audit on), loads pgbench tables into the demo database, starts pgbouncer (Debian
 package; installed with apt-get when missing and running as root; run as `postgres`), then
-runs pgbench -S (simple, extended, prepared) and TPC-B-like with N clients against each
-path (every hop is verified TLS: every path reaches PostgreSQL over it, as guard does, and
-clients reach pgbouncer and guard over it too — the gateway refuses plaintext logins, so
-pgbouncer serves client TLS with the dev stack's gateway certificate to stay comparable),
+runs pgbench -S (simple, extended, prepared, and simple with a new connection per
+transaction) and TPC-B-like with N clients against each path (every hop is verified TLS:
+every path reaches PostgreSQL over it, as guard does, and clients reach pgbouncer and guard
+over it too — the gateway refuses plaintext logins, so pgbouncer serves client TLS with the
+dev stack's gateway certificate to stay comparable),
 plus a 1M-row COPY TO STDOUT, SELECT * and SELECT * through a server-side cursor of
 pgbench_accounts (each path --bulk-runs times, interleaved; the median is kept). Each
 workload also runs on the path users take, `guard exec --db demo -- pgbench …` (alice logged
@@ -47,7 +48,9 @@ from guard.devstack.postgres import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 GUARD = [sys.executable, "-m", "guard.cli.main"]
-TPS = re.compile(r"tps = ([0-9.]+) \(without initial connection time\)")
+TPS = re.compile(
+    r"tps = ([0-9.]+) \((?:without initial connection time|including reconnection times)\)"
+)
 TXNS = re.compile(r"number of transactions actually processed: (\d+)")
 
 
@@ -400,6 +403,10 @@ def _compare(args: argparse.Namespace, env: dict[str, str], status: dict) -> int
             ("-S extended", ["-S", "-M", "extended"]),
             ("-S prepared", ["-S", "-M", "prepared"]),
             ("TPC-B simple", ["-M", "simple"]),
+            # A new connection per transaction (-C), as a job without a pool makes them:
+            # TLS, SCRAM and, through guard, the gateway's own upstream login each time;
+            # pgbouncer keeps its server connections.
+            ("-S new conn", ["-S", "-M", "simple", "-C"]),
         ]
         sh([*GUARD, "dev", "login", "alice"], env=env)  # for the guard exec path
         print(
