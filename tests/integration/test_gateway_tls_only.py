@@ -14,6 +14,8 @@ PQcancel sends it so), and an SSLRequest is still answered 'S'.
 
 from __future__ import annotations
 
+import ssl
+
 import psycopg
 import pytest
 
@@ -86,3 +88,20 @@ def test_ssl_request_is_still_answered_s(session):
     with gateway(session, tls=False) as wire:
         wire.send(encode(m.SSLRequest()))
         assert wire.byte() == b"S"
+
+
+@pytest.mark.parametrize("version", ["TLSv1_3", "TLSv1_2"])
+def test_the_gateway_offers_no_session_resumption(session, version):
+    """As PostgreSQL: no TLS session tickets (a libpq client never resumes, so making them
+    cost every login; a resumed session would skip the fresh key exchange)."""
+    with gateway(session, tls=False) as wire:
+        wire.send(encode(m.SSLRequest()))
+        assert wire.byte() == b"S"
+        context = ssl.create_default_context(cafile=session["gateway_ca"])
+        context.minimum_version = context.maximum_version = getattr(ssl.TLSVersion, version)
+        wire.sock = context.wrap_socket(wire.sock, server_hostname=wire.host)
+        wire.login(session)
+        # TLS 1.3 tickets arrive after the handshake, with the first records read: the
+        # login's answers have been read by now.
+        assert scalar(wire.query("SELECT 1")) == b"1"
+        assert wire.sock.session is not None and not wire.sock.session.has_ticket
