@@ -710,6 +710,8 @@ class SessionManager:
         if session is None or session.ended:
             return
         session.ended = True
+        # The upstream SCRAM keys log in as the password does: not kept past the session.
+        session.upstream_scram = ScramKeys()
         self._ended[session_id] = (reason, session.credential_hash)
         while len(self._ended) > ENDED_REMEMBERED:
             self._ended.popitem(last=False)

@@ -72,8 +72,10 @@ def test_open_and_end_revokes_lease_and_closes_connections(tmp_path):
         assert (session.expires_at - session.credentials.expires_at).total_seconds() <= 0
         conn = _Conn()
         session.connections.add(conn)
+        session.upstream_scram.derive(session.credentials.password, b"salt" * 4, 1)
         await mgr.end(session.id, "ended by client")
         assert conn.closed == "ended by client"
+        assert session.upstream_scram._derived == {}  # its upstream keys went with it
         assert issuer.revoked == [session.credentials.lease_id]
         assert mgr.by_user(session.user) is None
 
