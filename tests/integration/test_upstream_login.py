@@ -110,6 +110,28 @@ def test_every_method_over_verified_tls(tls_cluster, user, monkeypatch):
         assert bindings == []
 
 
+def test_the_tls_handshake_with_postgresql_takes_no_retry(tls_cluster, monkeypatch):
+    # PostgreSQL (ssl_ecdh_curve prime256v1 by default) answered OpenSSL's X25519 key
+    # share with a HelloRetryRequest on every upstream login: a round trip and a second
+    # ClientHello. The gateway offers P-256 first: its client speaks twice, not three times.
+    pg, ca = tls_cluster
+    steps = []
+
+    class Counted(upstream.TLSClient):
+        def handshake(self, data=b""):
+            steps.append(len(data))
+            return super().handshake(data)
+
+    monkeypatch.setattr(upstream, "TLSClient", Counted)
+    _login(pg, "u_scram", tls=_context(ca))
+    # Python's ssl cannot order groups: without the build (GUARD_PURE_PYTHON) it retries.
+    assert len(steps) == (2 if tlstransport.usable() else 3), steps
+    monkeypatch.setattr(tlstransport, "prefer_groups", lambda *a: False)
+    steps.clear()
+    _login(pg, "u_scram", tls=_context(ca))
+    assert len(steps) == 3, steps  # the retry the test would miss if the server changed
+
+
 @pytest.mark.parametrize("tls", [True, False])
 def test_a_sessions_logins_derive_the_scram_keys_once(tls_cluster, tls, monkeypatch):
     # A client that connects per statement makes the gateway log in per statement; the

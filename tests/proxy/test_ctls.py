@@ -9,6 +9,7 @@ its reference counts. On uvloop, the gateway's loop, and asyncio's."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import socket
@@ -618,3 +619,59 @@ def test_an_ended_connection_is_freed_by_its_reference_counts(contexts, kind):
     finally:
         gc.enable()
     assert after == before, (before, after)
+
+
+def _client_flights(server: ssl.SSLContext, client: ssl.SSLContext, groups: bytes | None) -> int:
+    """How many flights the client sends to complete a TLS 1.3 handshake with `server`,
+    after `prefer_groups(groups)` (None: not called); -1 when that refused the list."""
+    s_in, s_out, c_in, c_out = (ssl.MemoryBIO() for _ in range(4))
+    srv = server.wrap_bio(s_in, s_out, server_side=True)
+    cli = client.wrap_bio(c_in, c_out, server_hostname="localhost")
+    refused = groups is not None and not tlstransport.prefer_groups(cli, groups)
+    flights, done = 0, False
+    while not done:
+        try:
+            cli.do_handshake()
+            done = True
+        except ssl.SSLWantReadError:
+            pass
+        if c_out.pending:
+            flights += 1
+            s_in.write(c_out.read())
+        with contextlib.suppress(ssl.SSLWantReadError):
+            srv.do_handshake()
+        c_in.write(s_out.read())
+    return -flights if refused else flights
+
+
+@pytest.fixture(scope="module")
+def server_of_curve(tmp_path_factory):
+    ca, cert, key = make_dev_ca(tmp_path_factory.mktemp("curves"))
+
+    def make(curve: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+        server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server.load_cert_chain(cert, key)
+        server.set_ecdh_curve(curve)  # as PostgreSQL's ssl_ecdh_curve does
+        return server, ssl.create_default_context(cafile=str(ca))
+
+    return make
+
+
+def test_upstream_logins_offer_postgresqls_default_group_first(server_of_curve):
+    # PostgreSQL accepts only its ssl_ecdh_curve, prime256v1 unless set. OpenSSL's client
+    # leads with an X25519 key share, which made every upstream login take a
+    # HelloRetryRequest round trip: a second ClientHello before the Finished.
+    server, client = server_of_curve("prime256v1")
+    assert _client_flights(server, client, None) == 3
+    assert _client_flights(server, client, tlstransport.UPSTREAM_GROUPS) == 2
+    # A server set to X25519 still gets it, after the retry.
+    server, client = server_of_curve("X25519")
+    assert _client_flights(server, client, None) == 2
+    assert _client_flights(server, client, tlstransport.UPSTREAM_GROUPS) == 3
+
+
+def test_a_group_list_openssl_refuses_changes_nothing(server_of_curve):
+    server, client = server_of_curve("prime256v1")
+    # Refused (-), and the handshake is the context's own: the retry is still there.
+    assert _client_flights(server, client, b"P-256:no-such-group") == -3
+    assert not tlstransport.prefer_groups(object(), b"P-256")  # type: ignore[arg-type]

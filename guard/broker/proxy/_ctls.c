@@ -49,6 +49,7 @@ typedef struct { PyObject_HEAD PyObject *Socket; SSL *ssl; } SSLSocketHead;
 
 #define WANT_READ 2
 #define CTRL_CLEAR_MODE 78          /* SSL_clear_mode is this SSL_ctrl (a macro in ssl.h) */
+#define CTRL_SET_GROUPS_LIST 92     /* SSL_set1_groups_list, likewise */
 #define MODE_RELEASE_BUFFERS 0x10L  /* SSL_MODE_RELEASE_BUFFERS */
 #define ZERO_RETURN 6
 #define BIO_TYPE_MEM (1 | 0x0400)
@@ -546,19 +547,27 @@ static PyObject *T_get_extra_info(Transport *t, PyObject *args) {
     return v;
 }
 
-static int T_init(Transport *t, PyObject *args, PyObject *kw) {
-    PyObject *sslobj, *loop, *extra;
-    int fd;
-    if (!PyArg_ParseTuple(args, "OiOO!", &sslobj, &fd, &loop, &PyDict_Type, &extra)) return -1;
+/* The SSL an `_ssl._SSLSocket` holds, its layout checked (see the top); NULL and a
+   TypeError when it is not one or not laid out as this code was built for. */
+static SSL *ssl_of(PyObject *sslobj) {
     if (strcmp(Py_TYPE(sslobj)->tp_name, "_ssl._SSLSocket") != 0) {
         PyErr_SetString(PyExc_TypeError, "not an _ssl._SSLSocket");
-        return -1;
+        return NULL;
     }
     SSL *ssl = ((SSLSocketHead *)sslobj)->ssl;
     if (!ssl || SSL_get_ex_data_(ssl, 0) != (void *)sslobj) {
         PyErr_SetString(PyExc_TypeError, "_ssl._SSLSocket's layout is not the expected one");
-        return -1;
+        return NULL;
     }
+    return ssl;
+}
+
+static int T_init(Transport *t, PyObject *args, PyObject *kw) {
+    PyObject *sslobj, *loop, *extra;
+    int fd;
+    if (!PyArg_ParseTuple(args, "OiOO!", &sslobj, &fd, &loop, &PyDict_Type, &extra)) return -1;
+    SSL *ssl = ssl_of(sslobj);
+    if (!ssl) return -1;
     BIO *rbio = SSL_get_rbio_(ssl), *wbio = SSL_get_wbio_(ssl);
     if (!rbio || !wbio || BIO_method_type_(rbio) != BIO_TYPE_MEM || BIO_method_type_(wbio) != BIO_TYPE_MEM) {
         PyErr_SetString(PyExc_TypeError, "the SSL object does not run over memory BIOs");
@@ -677,8 +686,28 @@ static PyTypeObject TransportType = {
     .tp_methods = T_methods,
 };
 
+/* prefer_groups(sslobj, groups): the key exchange groups an SSL object not yet handshaken
+   offers, in this order (SSL_set1_groups_list, e.g. b"P-256:X25519"): a TLS 1.3 client
+   sends a key share for the first. False, and nothing changed, when OpenSSL refuses the
+   list (a group this build lacks). */
+static PyObject *prefer_groups(PyObject *self, PyObject *args) {
+    PyObject *sslobj;
+    const char *groups;
+    if (!PyArg_ParseTuple(args, "Oy", &sslobj, &groups)) return NULL;
+    SSL *ssl = ssl_of(sslobj);
+    if (!ssl) return NULL;
+    long ok = SSL_ctrl_(ssl, CTRL_SET_GROUPS_LIST, 0, (void *)groups);
+    if (ok != 1) ERR_clear_error_();  /* not left for the next SSL call to report */
+    return PyBool_FromLong(ok == 1);
+}
+
+static PyMethodDef module_methods[] = {
+    {"prefer_groups", prefer_groups, METH_VARARGS, "The groups an SSL object offers, in order."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef mod = {PyModuleDef_HEAD_INIT, "guard.broker.proxy._ctls",
-    "A TLS stream transport whose records C moves.", -1};
+    "A TLS stream transport whose records C moves.", -1, module_methods};
 
 PyMODINIT_FUNC PyInit__ctls(void) {
     PyObject *m = PyImport_ImportModule("_ssl");

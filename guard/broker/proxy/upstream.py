@@ -209,6 +209,7 @@ async def _start_tls(wire: Wire, context: ssl.SSLContext, host: str) -> None:
     if answer != b"S":
         raise UpstreamError("the database refused TLS, which this target requires")
     tls = TLSClient(context, host)
+    tlstransport.prefer_groups(tls.ssl_object, tlstransport.UPSTREAM_GROUPS)
     try:
         wire.writer.write(await tlstransport.handshake(tls, wire.reader, wire.writer))
     except EOFError:
