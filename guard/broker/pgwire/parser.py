@@ -15,7 +15,8 @@ passed in as `scan`, the relay's fast accessors and `data_rows`), which guard.br
 picks when it is built and GUARD_PURE_PYTHON is not set; tests/pgwire/test_speedups.py
 holds the two equal.
 
-Stdlib only (struct, enum, dataclasses); never import guard or third-party packages here.
+Stdlib only (struct, enum, dataclasses, functools); never import guard or third-party
+packages here.
 """
 
 from __future__ import annotations
