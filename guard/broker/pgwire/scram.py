@@ -230,8 +230,8 @@ class ScramClient:
 
     `channel_binding=(type, data)` selects SCRAM-SHA-256-PLUS ("p=type"); without it the
     client sends "n,,". `username` defaults to "" because PostgreSQL takes the user from
-    the startup packet; `nonce` exists for test vectors. `keys`, when given, derives the
-    password's keys (and keeps them for the next exchange with the same salt).
+    the startup packet; `nonce` exists for test vectors. `keys`, when given, keeps the
+    password's keys for the next exchange with the same salt.
     """
 
     def __init__(
@@ -244,7 +244,7 @@ class ScramClient:
         keys: ScramKeys | None = None,
     ) -> None:
         self._password = password
-        self._keys = keys
+        self._keys = keys if keys is not None else ScramKeys()  # kept for this exchange only
         self._channel_binding = channel_binding
         nonce_text = _nonce_arg(nonce)
         self._client_nonce = nonce_text
@@ -291,12 +291,7 @@ class ScramClient:
         iterations = int(iterations_text)
         if iterations < 1 or not salt:
             raise AuthenticationFailed("invalid salt or iteration count")
-        if self._keys is not None:
-            client_key, stored_key, server_key = self._keys.derive(self._password, salt, iterations)
-        else:
-            client_key, stored_key, server_key = _keys(
-                _salted_password(self._password, salt, iterations)
-            )
+        client_key, stored_key, server_key = self._keys.derive(self._password, salt, iterations)
         cbind = self._gs2_header.encode("ascii")
         if self._channel_binding is not None:
             cbind += self._channel_binding[1]

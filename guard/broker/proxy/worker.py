@@ -69,9 +69,10 @@ class RemoteDirectory:
         for sid in [sid for sid, (_, until) in self._scram.items() if until <= now]:
             del self._scram[sid]
         if session is not None:
-            keys = self._scram.get(session.id, (session.upstream_scram, now))[0]
-            self._scram[session.id] = (keys, session.expires_at)
-            session.upstream_scram = keys
+            kept = self._scram.get(session.id)
+            if kept is not None:
+                session.upstream_scram = kept[0]
+            self._scram[session.id] = (session.upstream_scram, session.expires_at)
         return session
 
     def is_live(self, session: Session) -> bool:
