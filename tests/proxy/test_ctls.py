@@ -622,25 +622,19 @@ def test_an_ended_connection_is_freed_by_its_reference_counts(contexts, kind):
 
 
 def _client_flights(server: ssl.SSLContext, client: ssl.SSLContext, groups: bytes | None) -> int:
-    """How many flights the client sends to complete a TLS 1.3 handshake with `server`,
-    after `prefer_groups(groups)` (None: not called); -1 when that refused the list."""
-    s_in, s_out, c_in, c_out = (ssl.MemoryBIO() for _ in range(4))
-    srv = server.wrap_bio(s_in, s_out, server_side=True)
-    cli = client.wrap_bio(c_in, c_out, server_hostname="localhost")
-    refused = groups is not None and not tlstransport.prefer_groups(cli, groups)
-    flights, done = 0, False
-    while not done:
-        try:
-            cli.do_handshake()
-            done = True
-        except ssl.SSLWantReadError:
-            pass
-        if c_out.pending:
-            flights += 1
-            s_in.write(c_out.read())
+    """How many flights the upstream login's client (`TLSClient`) sends to complete a TLS
+    1.3 handshake with `server`, after `prefer_groups(groups)` (None: not called); negative
+    when that refused the list."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    srv = server.wrap_bio(incoming, outgoing, server_side=True)
+    peer = TLSClient(client, "localhost")
+    refused = groups is not None and not tlstransport.prefer_groups(peer.ssl_object, groups)
+    flight, flights = peer.handshake(), 1
+    while not peer.handshake_done:
+        incoming.write(flight)
         with contextlib.suppress(ssl.SSLWantReadError):
             srv.do_handshake()
-        c_in.write(s_out.read())
+        flight, flights = peer.handshake(outgoing.read()), flights + 1
     return -flights if refused else flights
 
 
