@@ -132,6 +132,18 @@ def test_the_tls_handshake_with_postgresql_takes_no_retry(tls_cluster, monkeypat
     assert len(steps) == 3, steps  # the retry the test would miss if the server changed
 
 
+def test_the_upstream_login_offers_no_group_its_context_does_not(tls_cluster):
+    # The login reorders the groups its context offers and adds none: a context narrowed
+    # to P-384 (as a host's crypto policy may narrow every context) is not given P-256
+    # back, so PostgreSQL, which takes only prime256v1 here, finds no group to share.
+    pg, ca = tls_cluster
+    narrowed = _context(ca)
+    narrowed.set_ecdh_curve("secp384r1")
+    with pytest.raises(upstream.UpstreamError, match="TLS to the database failed"):
+        _login(pg, "u_scram", tls=narrowed)
+    _login(pg, "u_scram", tls=_context(ca))  # the same login with the context's defaults
+
+
 @pytest.mark.parametrize("tls", [True, False])
 def test_a_sessions_logins_derive_the_scram_keys_once(tls_cluster, tls, monkeypatch):
     # A client that connects per statement makes the gateway log in per statement; the

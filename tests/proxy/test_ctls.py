@@ -14,6 +14,8 @@ import gc
 import os
 import socket
 import ssl
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -656,12 +658,98 @@ def test_upstream_logins_offer_postgresqls_default_group_first(server_of_curve):
     # leads with an X25519 key share, which made every upstream login take a
     # HelloRetryRequest round trip: a second ClientHello before the Finished.
     server, client = server_of_curve("prime256v1")
+    groups = tlstransport.upstream_groups(client)
+    assert groups is not None and groups.startswith(b"P-256:")
     assert _client_flights(server, client, None) == 3
-    assert _client_flights(server, client, tlstransport.UPSTREAM_GROUPS) == 2
+    assert _client_flights(server, client, groups) == 2
     # A server set to X25519 still gets it, after the retry.
     server, client = server_of_curve("X25519")
     assert _client_flights(server, client, None) == 2
-    assert _client_flights(server, client, tlstransport.UPSTREAM_GROUPS) == 3
+    assert _client_flights(server, client, groups) == 3
+
+
+def _client_hello(context: ssl.SSLContext, groups: bytes | None = None) -> bytes:
+    """The ClientHello `context` makes, after `prefer_groups(groups)` when given."""
+    outgoing = ssl.MemoryBIO()
+    probe = context.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname="localhost")
+    if groups is not None:
+        assert tlstransport.prefer_groups(probe, groups)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        probe.do_handshake()
+    return outgoing.read()
+
+
+def test_the_upstream_login_offers_the_contexts_groups_reordered_never_others(
+    server_of_curve,
+):
+    _, client = server_of_curve("prime256v1")
+    default = tlstransport.offered_groups(_client_hello(client))
+    assert default is not None and 23 in default and default[0] != 23
+    # The same groups, P-256 (23) first, the others in the context's order.
+    groups = tlstransport.upstream_groups(client)
+    assert groups is not None
+    moved = [23, *(g for g in default if g != 23)]
+    assert tlstransport.offered_groups(_client_hello(client, groups)) == moved
+    # A context narrowed to groups without P-256 (as a host's crypto policy may do) keeps
+    # them: nothing is added back, nothing reordered.
+    narrowed = ssl.create_default_context()
+    narrowed.set_ecdh_curve("secp384r1")
+    assert tlstransport.upstream_groups(narrowed) is None
+    assert tlstransport.offered_groups(_client_hello(narrowed)) == [24]
+
+
+def test_offered_groups_reads_the_groups_openssl_sends():
+    context = ssl.create_default_context()
+    for names, points in (
+        (b"P-384:X25519", [24, 29]),
+        (b"P-256", [23]),
+        (b"ffdhe2048:P-521:X448", [256, 25, 30]),
+    ):
+        assert tlstransport.offered_groups(_client_hello(context, names)) == points
+
+
+def test_offered_groups_refuses_anything_but_one_whole_client_hello():
+    hello = _client_hello(ssl.create_default_context())
+    assert tlstransport.offered_groups(hello)
+    for cut in range(len(hello)):  # every truncation
+        assert tlstransport.offered_groups(hello[:cut]) is None
+    assert tlstransport.offered_groups(hello + b"\x16") is None  # a record's start after it
+    assert tlstransport.offered_groups(b"\x17" + hello[1:]) is None  # not a handshake record
+    assert tlstransport.offered_groups(hello[:5] + b"\x02" + hello[6:]) is None  # ServerHello
+
+
+def test_p256_first_moves_p256_and_only_names_what_it_knows():
+    assert tlstransport.p256_first([29, 23, 30, 256]) == b"P-256:X25519:X448:ffdhe2048"
+    assert tlstransport.p256_first([0x11EC, 29, 23]) == b"P-256:X25519MLKEM768:X25519"
+    assert tlstransport.p256_first([23, 29]) is None  # leads already
+    assert tlstransport.p256_first([29, 24]) is None  # not offered: not added
+    assert tlstransport.p256_first([29, 0x9999, 23]) is None  # a group it cannot name back
+
+
+def test_upstream_groups_keep_the_hosts_openssl_policy(tmp_path):
+    # A host's OpenSSL configuration (a system crypto policy) narrows the groups every
+    # context offers; the upstream login reorders that list and adds nothing to it.
+    conf = tmp_path / "openssl.cnf"
+    probe = (
+        "import ssl\n"
+        "from guard.broker.proxy import tlstransport as t\n"
+        "c = ssl.create_default_context()\n"
+        "print(t.upstream_groups(c))\n"
+    )
+    for policy, expected in (
+        ("X448:P-384:P-256", "b'P-256:X448:P-384'"),
+        ("X25519:P-384", "None"),
+    ):
+        conf.write_text(
+            "openssl_conf = openssl_init\n[openssl_init]\nssl_conf = ssl_sect\n"
+            "[ssl_sect]\nsystem_default = system_default_sect\n"
+            f"[system_default_sect]\nGroups = {policy}\n"
+        )
+        env = {**os.environ, "OPENSSL_CONF": str(conf)}
+        out = subprocess.run(
+            [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+        )
+        assert out.stdout.strip() == expected, out.stderr
 
 
 def test_a_group_list_openssl_refuses_changes_nothing(server_of_curve):

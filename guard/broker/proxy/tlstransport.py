@@ -27,6 +27,7 @@ import logging
 import os
 import socket
 import ssl
+import weakref
 from typing import Any, cast
 
 from guard.broker.proxy.speedups import compiled_module
@@ -63,9 +64,120 @@ def usable() -> bool:
 # unless set, and OpenSSL's client sends its key share for X25519 first: every upstream
 # login took a HelloRetryRequest round trip (a second ClientHello; against the dev stack's
 # PostgreSQL, 2.27-2.89 ms to handshake against 2.06-2.67 with P-256 first, and ~100 us
-# of the gateway's CPU). The same groups as OpenSSL's default, P-256 moved first: a
-# server that wants X25519 still gets it, after the retry.
-UPSTREAM_GROUPS = b"P-256:X25519:X448:P-521:P-384:ffdhe2048:ffdhe3072:ffdhe4096:ffdhe6144:ffdhe8192"
+# of the gateway's CPU). So the upstream login offers the groups its context offers, P-256
+# moved first (`upstream_groups`): never a group more or less. A fixed list would undo what
+# the host decided: a system crypto policy that dropped a group (FIPS, RHEL's FUTURE)
+# would get it back, and OpenSSL 3.5's post-quantum X25519MLKEM768 would be dropped
+# toward a PostgreSQL configured for it. A server that wants another group still gets it,
+# after the retry.
+
+# IANA's supported_groups code points and OpenSSL's names for them (SSL_set1_groups_list):
+# what OpenSSL 3.0-3.5 offers by default or a system policy may name. A group not here
+# leaves the context's order as it is: only what can be named back is reordered.
+_GROUP_NAMES = {
+    23: "P-256",
+    24: "P-384",
+    25: "P-521",
+    29: "X25519",
+    30: "X448",
+    31: "brainpoolP256r1tls13",
+    32: "brainpoolP384r1tls13",
+    33: "brainpoolP512r1tls13",
+    256: "ffdhe2048",
+    257: "ffdhe3072",
+    258: "ffdhe4096",
+    259: "ffdhe6144",
+    260: "ffdhe8192",
+    0x0200: "MLKEM512",
+    0x0201: "MLKEM768",
+    0x0202: "MLKEM1024",
+    0x11EB: "SecP256r1MLKEM768",
+    0x11EC: "X25519MLKEM768",
+    0x11ED: "SecP384r1MLKEM1024",
+}
+_P256 = 23
+_SUPPORTED_GROUPS = 10  # the extension's type (RFC 8446 4.2.7)
+
+
+def offered_groups(client_hello: bytes) -> list[int] | None:
+    """The groups a ClientHello offers (supported_groups), in its order: `client_hello` is
+    what a client first sends, the handshake's TLS records. None when that is not one whole
+    ClientHello, or it offers no groups."""
+    body = bytearray()
+    pos = 0
+    while pos < len(client_hello):
+        if client_hello[pos] != 22 or pos + 5 > len(client_hello):  # handshake records only
+            return None
+        size = int.from_bytes(client_hello[pos + 3 : pos + 5], "big")
+        body += client_hello[pos + 5 : pos + 5 + size]
+        pos += 5 + size
+    if len(body) < 4 or body[0] != 1:  # ClientHello
+        return None
+    end = 4 + int.from_bytes(body[1:4], "big")
+    if end != len(body):
+        return None
+    try:
+        at = 4 + 2 + 32  # legacy_version, random
+        at += 1 + body[at]  # legacy_session_id
+        at += 2 + int.from_bytes(body[at : at + 2], "big")  # cipher_suites
+        at += 1 + body[at]  # legacy_compression_methods
+        stop = at + 2 + int.from_bytes(body[at : at + 2], "big")
+    except IndexError:
+        return None
+    at += 2
+    if stop != end:
+        return None
+    while at + 4 <= stop:
+        kind = int.from_bytes(body[at : at + 2], "big")
+        size = int.from_bytes(body[at + 2 : at + 4], "big")
+        data = body[at + 4 : at + 4 + size]
+        at += 4 + size
+        if kind == _SUPPORTED_GROUPS:
+            count = int.from_bytes(data[:2], "big")
+            if size != 2 + count or count % 2 or not count or at > stop:
+                return None
+            return [int.from_bytes(data[i : i + 2], "big") for i in range(2, size, 2)]
+    return None
+
+
+def p256_first(groups: list[int]) -> bytes | None:
+    """`groups` for SSL_set1_groups_list with P-256 first and the others in their order;
+    None when there is nothing to move (P-256 leads, or is not offered) or a group has no
+    name here."""
+    if _P256 not in groups or groups[0] == _P256:
+        return None
+    names = [_GROUP_NAMES.get(g) for g in (_P256, *(g for g in groups if g != _P256))]
+    if None in names:
+        return None
+    return ":".join(cast(list[str], names)).encode()
+
+
+_upstream_groups: weakref.WeakKeyDictionary[ssl.SSLContext, bytes | None] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def upstream_groups(context: ssl.SSLContext) -> bytes | None:
+    """The groups the upstream login offers with `context`, for `prefer_groups`: the ones
+    the context's ClientHello offers (OpenSSL's defaults, or what the host's OpenSSL
+    configuration or the context narrowed them to), P-256 moved first. None: leave the
+    context's own order (see `p256_first`; also without the build, which alone can set
+    them). Read once per context, from a ClientHello made and never sent."""
+    if not usable():
+        return None
+    try:
+        return _upstream_groups[context]
+    except KeyError:
+        pass
+    outgoing = ssl.MemoryBIO()
+    probe = context.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname="groups.invalid")
+    try:
+        probe.do_handshake()
+    except ssl.SSLWantReadError:
+        pass  # the ClientHello is out; nothing will answer it
+    groups = offered_groups(outgoing.read())
+    _upstream_groups[context] = found = p256_first(groups) if groups else None
+    return found
 
 
 def prefer_groups(ssl_object: ssl.SSLObject, groups: bytes) -> bool:

@@ -209,7 +209,9 @@ async def _start_tls(wire: Wire, context: ssl.SSLContext, host: str) -> None:
     if answer != b"S":
         raise UpstreamError("the database refused TLS, which this target requires")
     tls = TLSClient(context, host)
-    tlstransport.prefer_groups(tls.ssl_object, tlstransport.UPSTREAM_GROUPS)
+    groups = tlstransport.upstream_groups(context)
+    if groups is not None:
+        tlstransport.prefer_groups(tls.ssl_object, groups)
     try:
         wire.writer.write(await tlstransport.handshake(tls, wire.reader, wire.writer))
     except EOFError:
