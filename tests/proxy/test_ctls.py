@@ -696,6 +696,14 @@ def test_the_upstream_login_offers_the_contexts_groups_reordered_never_others(
     narrowed.set_ecdh_curve("secp384r1")
     assert tlstransport.upstream_groups(narrowed) is None
     assert tlstransport.offered_groups(_client_hello(narrowed)) == [24]
+    # A context that cannot make a ClientHello at all: no groups to give, nothing raised
+    # (the login's own handshake reports what is wrong with it).
+    broken = ssl.create_default_context()
+    broken.minimum_version = ssl.TLSVersion.TLSv1_3
+    broken.maximum_version = ssl.TLSVersion.TLSv1_2
+    with pytest.raises(ssl.SSLError):
+        _client_hello(broken)
+    assert tlstransport.upstream_groups(broken) is None
 
 
 def test_offered_groups_reads_the_groups_openssl_sends():

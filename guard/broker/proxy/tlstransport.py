@@ -175,6 +175,8 @@ def upstream_groups(context: ssl.SSLContext) -> bytes | None:
         probe.do_handshake()
     except ssl.SSLWantReadError:
         pass  # the ClientHello is out; nothing will answer it
+    except ssl.SSLError:
+        return None  # a context that cannot say hello: the login's handshake reports it
     groups = offered_groups(outgoing.read())
     _upstream_groups[context] = found = p256_first(groups) if groups else None
     return found
