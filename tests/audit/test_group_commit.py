@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import os
 import threading
 
@@ -291,6 +292,41 @@ def test_a_failed_native_fsync_refuses_what_waits_for_it_and_everything_after(ca
     os.close(write_end)
     assert all(isinstance(a, AuditUnavailable) for a in answers + again)
     assert failures and failures[0].errno == errno.EINVAL
+
+
+def test_the_native_syncer_closes_once_and_a_never_started_one_closes_no_fd():
+    Syncer = _native_syncer()
+    read_end, write_end = os.pipe()
+    syncer = Syncer(write_end, threads=2)
+    syncer.request(1)
+    syncer.close()
+    syncer.close()  # a second close (another thread's, at shutdown) does nothing
+    synced, error = syncer.state()  # read after close, as the group commit does
+    assert synced == 1 and error == errno.EINVAL  # fdatasync of a pipe fails
+    with pytest.raises(ValueError, match="closed"):
+        syncer.request(2)
+    with pytest.raises(RuntimeError, match="already started"):
+        syncer.__init__(write_end)  # its mutex is never initialized twice
+    assert syncer.eventfd == -1
+    os.close(read_end)
+    os.close(write_end)
+    # One made but never started: nothing to read, and closing or dropping it closes no
+    # descriptor (its fields start at -1, not 0: fd 0 is someone's).
+    stdin_r, stdin_w = os.pipe()
+    saved = os.dup(0)
+    os.dup2(stdin_r, 0)
+    try:
+        idle = Syncer.__new__(Syncer)
+        with pytest.raises(ValueError, match="not started"):
+            idle.state()
+        idle.close()
+        del idle
+        gc.collect()
+        assert os.fstat(0).st_ino == os.fstat(stdin_r).st_ino  # fd 0 still open, the same
+    finally:
+        os.dup2(saved, 0)
+        for fd in (saved, stdin_r, stdin_w):
+            os.close(fd)
 
 
 def test_fsync_is_on_by_default_in_the_broker_settings(tmp_path):

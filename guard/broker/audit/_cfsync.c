@@ -44,6 +44,9 @@ typedef struct {
     int err;                      /* errno of the first failed fsync, else 0 */
     int closing;
     int running;                  /* the thread was started and not joined */
+    int stopping;                 /* close() began (set with the GIL held: one closer) */
+    int ready;                    /* mu and cv initialized: destroyed by dealloc alone, so
+                                     state() and request() after close() use live ones */
 } Syncer;
 
 static void *
@@ -78,12 +81,21 @@ syncer_main(void *arg)
     return NULL;
 }
 
+static PyObject *
+Syncer_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    Syncer *self = (Syncer *)PyType_GenericNew(type, args, kwds);
+    if (self)
+        self->fd = self->efd = -1; /* not 0: a Syncer never started must not close stdin */
+    return (PyObject *)self;
+}
+
 static int
 Syncer_init(Syncer *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"fd", "threads", NULL};
     int fd, threads = 4;
-    if (self->running) {
+    if (self->ready) {  /* its mutex would be initialized twice */
         PyErr_SetString(PyExc_RuntimeError, "Syncer already started");
         return -1;
     }
@@ -104,6 +116,7 @@ Syncer_init(Syncer *self, PyObject *args, PyObject *kwds)
     }
     pthread_mutex_init(&self->mu, NULL);
     pthread_cond_init(&self->cv, NULL);
+    self->ready = 1;
     self->nthreads = 0;
     self->running = 1;
     for (int i = 0; i < threads; i++) {
@@ -129,7 +142,7 @@ Syncer_request(Syncer *self, PyObject *arg)
     unsigned long long n = PyLong_AsUnsignedLongLong(arg);
     if (n == (unsigned long long)-1 && PyErr_Occurred())
         return NULL;
-    if (!self->running) {
+    if (!self->running || self->stopping) {
         PyErr_SetString(PyExc_ValueError, "Syncer is closed");
         return NULL;
     }
@@ -145,6 +158,10 @@ Syncer_request(Syncer *self, PyObject *arg)
 static PyObject *
 Syncer_state(Syncer *self, PyObject *Py_UNUSED(ignored))
 {
+    if (!self->ready) {
+        PyErr_SetString(PyExc_ValueError, "Syncer not started");
+        return NULL;
+    }
     pthread_mutex_lock(&self->mu);
     unsigned long long synced = self->synced;
     int err = self->err;
@@ -165,16 +182,19 @@ syncer_stop(Syncer *self)
         pthread_join(self->threads[i], NULL); /* their last fsyncs: no GIL needed */
     self->nthreads = 0;
     self->running = 0;
-    pthread_mutex_destroy(&self->mu);
-    pthread_cond_destroy(&self->cv);
 }
 
 static PyObject *
 Syncer_close(Syncer *self, PyObject *Py_UNUSED(ignored))
 {
-    Py_BEGIN_ALLOW_THREADS
-    syncer_stop(self);
-    Py_END_ALLOW_THREADS
+    /* Another thread may call close() while this one waits for the joins without the
+       GIL: only the first stops the threads (a second join of one thread is undefined). */
+    if (self->running && !self->stopping) {
+        self->stopping = 1;
+        Py_BEGIN_ALLOW_THREADS
+        syncer_stop(self);
+        Py_END_ALLOW_THREADS
+    }
     if (self->efd >= 0) {
         close(self->efd);
         self->efd = -1;
@@ -192,6 +212,10 @@ static void
 Syncer_dealloc(Syncer *self)
 {
     syncer_stop(self); /* a Syncer dropped without close(): do not leave its thread */
+    if (self->ready) {
+        pthread_mutex_destroy(&self->mu);
+        pthread_cond_destroy(&self->cv);
+    }
     if (self->efd >= 0)
         close(self->efd);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -215,7 +239,7 @@ static PyTypeObject SyncerType = {
     .tp_basicsize = sizeof(Syncer),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "The group commit's fsync thread, which never takes the GIL.",
-    .tp_new = PyType_GenericNew,
+    .tp_new = Syncer_new,
     .tp_init = (initproc)Syncer_init,
     .tp_dealloc = (destructor)Syncer_dealloc,
     .tp_methods = Syncer_methods,
