@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -134,6 +136,30 @@ def test_result_values_json_cannot_hold_are_refused(queued, error):
         result_entries(queued, {})
     with pytest.raises(TypeError):
         result_entries(queued)  # the batch's ids are needed
+
+
+def test_result_entries_survive_a_time_whose_conversion_empties_the_queue():
+    # A time that is not an int runs its __index__, which may empty the queue and free
+    # the entry being read. With the debug allocator freed memory is overwritten, so
+    # reading the freed results would crash the process; the entry is held instead.
+    program = (
+        "from guard.broker.audit._cseal import result_entries\n"
+        "q = []\n"
+        "class NS:\n"
+        "    def __index__(self):\n"
+        "        q.clear()\n"
+        "        return 10**18\n"
+        "q.append(([('s', 'c', 1, 2, 3, 4, 5, 6, 7, 8)], NS()))\n"
+        "q.append(([('s', 'c', 9, 2, 3, 4, 5, 6, 7, 8)], 10**18))\n"
+        "print(result_entries(q, {}).decode())\n"
+    )
+    env = {**os.environ, "PYTHONMALLOC": "debug"}
+    out = subprocess.run(
+        [sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    # The held entry's one result; the queue emptied under the loop ends it.
+    assert out.stdout.strip() == '[0,1,2,3,4,5,6,7,8,"2001-09-09T01:46:40.000000Z"]'
 
 
 def test_the_sinks_lock_behaves_as_threading_lock():

@@ -213,6 +213,10 @@ def test_every_unusual_case_is_left_to_the_python_path(tmp_path):
     sink._pending_bytes = sink._journal.size // 2 - 10
     assert _one(sink) is None
     sink._pending_bytes = sum(map(len, sink._pending))
+    # A ring position no Journal makes (negative): the copy would land before the map.
+    sink._journal._pos, pos = -(1 << 40), sink._journal._pos
+    assert _one(sink) is None
+    sink._journal._pos = pos
 
     # The result queue one short of full: the Python path queues and flushes.
     sink._deferred_count = sink.MAX_DEFERRED - 1

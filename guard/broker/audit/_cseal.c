@@ -440,11 +440,16 @@ result_entries(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     if (reserve(&b, count * RESULT_ROOM) < 0)
         return NULL;
-    /* The last pair looked up: a connection's results share their id objects. */
-    PyObject *last_session = NULL, *last_connection = NULL;
+    /* The last pair looked up: a connection's results share their id objects. Held, as
+       is the entry being read: an `ns` that is not an int runs its __index__, which may
+       empty `queued` (then the entry and its results would be freed under this loop, and
+       another object could take the last pair's address). */
+    PyObject *last_session = NULL, *last_connection = NULL, *entry = NULL;
     Py_ssize_t last_index = -1;
     for (Py_ssize_t q = 0; q < PyList_GET_SIZE(queued); q++) {
-        PyObject *entry = PyList_GET_ITEM(queued, q);
+        Py_XDECREF(entry);
+        entry = PyList_GET_ITEM(queued, q);
+        Py_INCREF(entry);
         if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 2
             || !PyList_Check(PyTuple_GET_ITEM(entry, 0))) {
             PyErr_SetString(PyExc_TypeError,
@@ -472,8 +477,10 @@ result_entries(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                 last_index = id_index(ids, session, connection);
                 if (last_index < 0)
                     goto fail;
-                last_session = session; /* (borrowed: `queued` holds them meanwhile) */
-                last_connection = connection;
+                Py_INCREF(session);
+                Py_INCREF(connection);
+                Py_XSETREF(last_session, session);
+                Py_XSETREF(last_connection, connection);
             }
             char text[24];
             if (put(&b, first ? "[" : ",[", first ? 1 : 2) < 0
@@ -488,10 +495,16 @@ result_entries(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                 goto fail;
         }
     }
+    Py_XDECREF(entry);
+    Py_XDECREF(last_session);
+    Py_XDECREF(last_connection);
     PyObject *out = PyBytes_FromStringAndSize(b.data ? b.data : "", b.len);
     PyMem_Free(b.data);
     return out;
 fail:
+    Py_XDECREF(entry);
+    Py_XDECREF(last_session);
+    Py_XDECREF(last_connection);
     PyMem_Free(b.data);
     return NULL;
 }
@@ -988,7 +1001,7 @@ statement_locked(HotPath *self, PyObject *fixed)
     }
     if (pos + n > size) /* `Journal.put`: the next line at the start */
         pos = 0;
-    if (size > ring.len) {
+    if (size > ring.len || pos < 0) { /* (never from `Journal`: a write outside the map) */
         PyBuffer_Release(&ring);
         goto python_path;
     }
