@@ -623,6 +623,26 @@ def test_an_ended_connection_is_freed_by_its_reference_counts(contexts, kind):
     assert after == before, (before, after)
 
 
+def test_a_tls_transport_exists_only_adopting_an_ssl_object():
+    # Made by __new__ alone (no SSL object yet), its write, close and get_extra_info
+    # reached a NULL SSL or dict: a crash of the gateway, not an exception.
+    transport_type = tlstransport._c.TLSTransport  # type: ignore[union-attr]
+    with pytest.raises(TypeError):
+        transport_type.__new__(transport_type)
+    with pytest.raises(TypeError):
+        transport_type()
+    a, b = socket.socketpair()
+    fd = os.dup(a.fileno())
+    try:
+        with pytest.raises(TypeError, match="_SSLSocket"):
+            transport_type(object(), fd, None, {})
+        os.fstat(fd)  # refused before it took the descriptor: still the caller's
+    finally:
+        os.close(fd)
+        a.close()
+        b.close()
+
+
 def _client_flights(server: ssl.SSLContext, client: ssl.SSLContext, groups: bytes | None) -> int:
     """How many flights the upstream login's client (`TLSClient`) sends to complete a TLS
     1.3 handshake with `server`, after `prefer_groups(groups)` (None: not called); negative

@@ -562,7 +562,9 @@ static SSL *ssl_of(PyObject *sslobj) {
     return ssl;
 }
 
-static int T_init(Transport *t, PyObject *args, PyObject *kw) {
+/* The construction (from T_new: no TLSTransport exists uninitialized, whose methods would
+   reach a NULL SSL). -1 with an exception; the fd is the transport's only once set. */
+static int T_adopt(Transport *t, PyObject *args) {
     PyObject *sslobj, *loop, *extra;
     int fd;
     if (!PyArg_ParseTuple(args, "OiOO!", &sslobj, &fd, &loop, &PyDict_Type, &extra)) return -1;
@@ -571,10 +573,6 @@ static int T_init(Transport *t, PyObject *args, PyObject *kw) {
     BIO *rbio = SSL_get_rbio_(ssl), *wbio = SSL_get_wbio_(ssl);
     if (!rbio || !wbio || BIO_method_type_(rbio) != BIO_TYPE_MEM || BIO_method_type_(wbio) != BIO_TYPE_MEM) {
         PyErr_SetString(PyExc_TypeError, "the SSL object does not run over memory BIOs");
-        return -1;
-    }
-    if (t->ssl) {
-        PyErr_SetString(PyExc_TypeError, "TLSTransport is initialized once");
         return -1;
     }
     /* CPython sets SSL_MODE_RELEASE_BUFFERS on every context: OpenSSL then frees its record
@@ -597,11 +595,15 @@ static int T_init(Transport *t, PyObject *args, PyObject *kw) {
     if (held) {
         t->carry = malloc(held);
         if (!t->carry) { BIO_free_(bio); PyErr_NoMemory(); return -1; }
-        t->carry_end = (size_t)BIO_read_(rbio, t->carry, (int)held);
+        int n = BIO_read_(rbio, t->carry, (int)held);
+        if (n <= 0) { BIO_free_(bio); PyErr_SetString(PyExc_TypeError, "the read BIO gave nothing"); return -1; }
+        t->carry_end = (size_t)n;
     }
     if (unsent) {
         if (reserve(t, unsent) < 0) { BIO_free_(bio); PyErr_NoMemory(); return -1; }
-        t->out_end = BIO_read_(wbio, t->out, (int)unsent);
+        int n = BIO_read_(wbio, t->out, (int)unsent);
+        if (n <= 0) { BIO_free_(bio); PyErr_SetString(PyExc_TypeError, "the write BIO gave nothing"); return -1; }
+        t->out_end = n;
     }
     BIO_set_data_(bio, t);
     BIO_up_ref_(bio);  /* one reference each for the SSL's read and write side, one ours */
@@ -648,9 +650,18 @@ static void T_dealloc(Transport *t) {
     Py_TYPE(t)->tp_free((PyObject *)t);
 }
 
-static PyObject *T_new(PyTypeObject *type, PyObject *a, PyObject *k) {
+static PyObject *T_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    if (kw && PyDict_GET_SIZE(kw)) {
+        PyErr_SetString(PyExc_TypeError, "TLSTransport takes no keyword arguments");
+        return NULL;
+    }
     Transport *t = (Transport *)type->tp_alloc(type, 0);
-    if (t) t->fd = -1;
+    if (!t) return NULL;
+    t->fd = -1;
+    if (T_adopt(t, args) < 0) {
+        Py_DECREF(t);
+        return NULL;
+    }
     return (PyObject *)t;
 }
 
@@ -679,7 +690,6 @@ static PyTypeObject TransportType = {
     .tp_basicsize = sizeof(Transport),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_new = T_new,
-    .tp_init = (initproc)T_init,
     .tp_dealloc = (destructor)T_dealloc,
     .tp_traverse = (traverseproc)T_traverse,
     .tp_clear = (inquiry)T_clear,
