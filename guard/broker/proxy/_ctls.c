@@ -563,7 +563,9 @@ static SSL *ssl_of(PyObject *sslobj) {
 }
 
 /* The construction (from T_new: no TLSTransport exists uninitialized, whose methods would
-   reach a NULL SSL). -1 with an exception; the fd is the transport's only once set. */
+   reach a NULL SSL). -1 with an exception, and then the fd is still the caller's: a
+   TypeError before anything of the SSL object changed (the caller keeps its own path),
+   anything else after (the connection cannot go on). */
 static int T_adopt(Transport *t, PyObject *args) {
     PyObject *sslobj, *loop, *extra;
     int fd;
@@ -596,13 +598,13 @@ static int T_adopt(Transport *t, PyObject *args) {
         t->carry = malloc(held);
         if (!t->carry) { BIO_free_(bio); PyErr_NoMemory(); return -1; }
         int n = BIO_read_(rbio, t->carry, (int)held);
-        if (n <= 0) { BIO_free_(bio); PyErr_SetString(PyExc_TypeError, "the read BIO gave nothing"); return -1; }
+        if (n <= 0) { BIO_free_(bio); PyErr_SetString(PyExc_RuntimeError, "the read BIO gave nothing"); return -1; }
         t->carry_end = (size_t)n;
     }
     if (unsent) {
         if (reserve(t, unsent) < 0) { BIO_free_(bio); PyErr_NoMemory(); return -1; }
         int n = BIO_read_(wbio, t->out, (int)unsent);
-        if (n <= 0) { BIO_free_(bio); PyErr_SetString(PyExc_TypeError, "the write BIO gave nothing"); return -1; }
+        if (n <= 0) { BIO_free_(bio); PyErr_SetString(PyExc_RuntimeError, "the write BIO gave nothing"); return -1; }
         t->out_end = n;
     }
     BIO_set_data_(bio, t);
@@ -612,7 +614,6 @@ static int T_adopt(Transport *t, PyObject *args) {
     SSL_set0_wbio_(ssl, bio);  /* hold their own references */
     t->bio = bio;
     t->ssl = ssl;
-    t->fd = fd;
     Py_INCREF(sslobj); t->sslobj = sslobj;
     Py_INCREF(loop); t->loop = loop;
     Py_INCREF(extra); t->extra = extra;
@@ -621,6 +622,7 @@ static int T_adopt(Transport *t, PyObject *args) {
     t->write_ready = PyObject_GetAttrString((PyObject *)t, "_write_ready");
     if (!t->read_ready || !t->write_ready) return -1;
     t->high = 64 * 1024; t->low = 16 * 1024;
+    t->fd = fd;  /* the transport's now: closed by it */
     return 0;
 }
 

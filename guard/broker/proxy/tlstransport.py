@@ -46,13 +46,15 @@ def usable() -> bool:
     if _c is None:
         return False
     a, b = socket.socketpair()
+    fd = os.dup(a.fileno())
     try:
         probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         bios = ssl.MemoryBIO(), ssl.MemoryBIO()
         ssl_object = probe.wrap_bio(*bios, server_hostname="probe")
-        _c.TLSTransport(ssl_object._sslobj, os.dup(a.fileno()), None, {}).abort()
+        _c.TLSTransport(ssl_object._sslobj, fd, None, {}).abort()  # closes fd
     except TypeError as exc:  # another CPython's `_ssl` layout: checked, never guessed
         log.warning("TLS records stay with Python's transports: %s", exc)
+        os.close(fd)  # refused: still ours
         return False
     finally:
         a.close()
@@ -223,6 +225,9 @@ def adopt(transport: asyncio.BaseTransport, ssl_object: ssl.SSLObject) -> asynci
     except TypeError:  # not an SSL object over memory BIOs: the caller's own path
         os.close(fd)
         return None
+    except BaseException:  # a refused construction leaves the descriptor to us
+        os.close(fd)
+        raise
     extra.update(
         peername=plain.get_extra_info("peername"),
         sockname=plain.get_extra_info("sockname"),
