@@ -83,6 +83,11 @@ def to_client(cmds: Iterable[Command]) -> list:
     return list(p.messages())
 
 
+def alice_gate() -> Gate:
+    """The gate of alice's session s1 (connection c1) on the demo target."""
+    return Gate(policy=POLICY, target="demo", principal=ALICE, session_id="s1", connection_id="c1")
+
+
 def connection(
     *,
     protected: bool = True,
@@ -92,9 +97,7 @@ def connection(
 ) -> GatewayConnection:
     """A connection of alice's session s1 (connection c1) on the demo target; `holds`:
     statements that need approval are held for a decision, not refused."""
-    gate = gate or Gate(
-        policy=POLICY, target="demo", principal=ALICE, session_id="s1", connection_id="c1"
-    )
+    gate = gate or alice_gate()
     pmap = (
         {
             (CUSTOMERS_OID, SSN_ATTNUM): get_strategy("ssn_last4"),

@@ -34,7 +34,6 @@ from guard.broker.proxy.commands import (
     SendToServer,
 )
 from guard.broker.proxy.events import ApprovalDecided
-from guard.broker.proxy.gate import Gate
 from guard.broker.proxy.protected import ProtectedColumnMap
 from guard.broker.proxy.state import State
 from tests import playbook
@@ -500,13 +499,7 @@ def _said_with_view_columns(build: type) -> tuple[list[tuple[Any, ...]], list[di
         {(playbook.CUSTOMERS_OID, playbook.SSN_ATTNUM): get_strategy("ssn_last4")}
     )
     protected.view_columns = frozenset({(_VIEW_OID, 2)})
-    gate = Gate(
-        policy=playbook.POLICY,
-        target="demo",
-        principal=playbook.ALICE,
-        session_id="s1",
-        connection_id="c1",
-    )
+    gate = playbook.alice_gate()
     conn = build(gate, protected=protected, client_user="guard_s1", max_message_size=512)
     audit = MemoryAuditSink()
     driver = playbook.Driver(conn, audit)

@@ -30,7 +30,6 @@ from guard.broker.pgwire import parser as parser_module
 from guard.broker.pgwire.encoder import encode
 from guard.broker.proxy import connection as reference
 from guard.broker.proxy import gate as gate_module
-from guard.broker.proxy.gate import Gate
 from guard.broker.proxy.protected import ProtectedColumnMap
 from guard.broker.sql import shape as shape_module
 from tests import playbook
@@ -218,13 +217,7 @@ def _connection(build: type, limit: int | None, holds: bool, eager: bool):
         {(C, SSN): get_strategy("ssn_last4"), (C, DOB): get_strategy("year_only")}
     )
     protected.view_columns = frozenset({(VIEW_OID, 2)})
-    gate = Gate(
-        policy=playbook.POLICY,
-        target="demo",
-        principal=playbook.ALICE,
-        session_id="s1",
-        connection_id="c1",
-    )
+    gate = playbook.alice_gate()
     return build(
         gate,
         protected=protected,
