@@ -101,6 +101,45 @@ def _event(driver: playbook.Driver, side: str, data: bytes) -> list[Command]:
     return driver._shell(conn.client_eof() if side == "client eof" else conn.server_eof())
 
 
+def _drive(conn: Any, steps: list[tuple[str, list[bytes]]], inline: bool) -> tuple:
+    """Feed `steps` to `conn` (each side's bytes as the reads they come in; an event's
+    argument alone), with the shell's audit duties done at once (failing while a step says
+    so); everything it said, and the audit records. `inline`: statement records go through
+    the core's `recorder` (None while the sink fails, so the core pauses for a WriteAudit
+    then, which fails), as the pump's sink hot path does, and result records through its
+    `result_recorder`, which declines every other call (those come as RecordResults, as
+    without it)."""
+    audit = MemoryAuditSink()
+    if inline:
+        conn.recorder = lambda records: None if audit.fail else audit.append_statements(records)
+        calls = itertools.count()
+
+        def result_recorder(results: list[tuple[Any, ...]]) -> bool:
+            if next(calls) % 2 or audit.fail:  # a failing sink's hot path declines
+                return False
+            audit.append_results(results)
+            return True
+
+        conn.result_recorder = result_recorder
+    driver = playbook.Driver(conn, audit)
+    said: list[tuple[Any, ...]] = []
+    for side, pieces in steps:
+        if side == "audit":
+            audit.fail = pieces[0] == b"fail"
+            continue
+        if side in ("c", "s"):
+            feed = driver.from_client if side == "c" else driver.from_server
+            for piece in pieces:
+                said += [_seen(c) for c in feed(piece)]
+                _holds_nothing_as_its_parsers_say(conn)
+        else:
+            said += [_seen(c) for c in _event(driver, side, pieces[0])]
+            _holds_nothing_as_its_parsers_say(conn)
+        said.append(("state", int(conn.state), driver.closed))
+    records = [{k: v for k, v in r.items() if k != "time"} for r in audit.records]
+    return said, records
+
+
 def _run(
     build: type,
     steps: list[tuple[str, bytes]],
@@ -109,44 +148,18 @@ def _run(
     eager: bool,
     inline: bool = False,
 ) -> tuple:
-    """Feed `steps` to a connection of `build`, with the shell's audit duties done at once
-    (failing while a step says so); everything it said, and the audit records. `inline`:
-    statement records go through the core's `recorder` (None while the sink fails, so the
-    core pauses for a WriteAudit then, which fails), as the pump's sink hot path does, and
-    result records through its `result_recorder`, which declines every other call (those
-    come as RecordResults, as without it)."""
+    """`_drive` a connection of `build` (the playbook's), each side's bytes read `split`
+    at a time."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(playbook, "GatewayConnection", build)
-        audit = MemoryAuditSink()
         conn = playbook.connection(holds=holds, audit_answers_later=eager)
-        if inline:
-            conn.recorder = lambda records: None if audit.fail else audit.append_statements(records)
-            calls = itertools.count()
-
-            def result_recorder(results: list[tuple[Any, ...]]) -> bool:
-                if next(calls) % 2 or audit.fail:  # a failing sink's hot path declines
-                    return False
-                audit.append_results(results)
-                return True
-
-            conn.result_recorder = result_recorder
-        driver = playbook.Driver(conn, audit)
-    said: list[tuple[Any, ...]] = []
-    for side, data in steps:
-        if side == "audit":
-            audit.fail = data == b"fail"
-            continue
-        if side in ("c", "s"):
-            feed = driver.from_client if side == "c" else driver.from_server
-            for i in range(0, len(data), split):
-                said += [_seen(c) for c in feed(data[i : i + split])]
-                _holds_nothing_as_its_parsers_say(driver.connection)
-        else:
-            said += [_seen(c) for c in _event(driver, side, data)]
-            _holds_nothing_as_its_parsers_say(driver.connection)
-        said.append(("state", int(driver.connection.state), driver.closed))
-    records = [{k: v for k, v in r.items() if k != "time"} for r in audit.records]
-    return said, records
+    reads = [
+        (side, [data[i : i + split] for i in range(0, len(data), split)])
+        if side in ("c", "s")
+        else (side, [data])
+        for side, data in steps
+    ]
+    return _drive(conn, reads, inline)
 
 
 # A statement the policy holds for approval (with holds on), so approvals get decided.

@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import itertools
 import struct
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guard.broker.audit.sink import MemoryAuditSink
 from guard.broker.masking.strategies import get_strategy
 from guard.broker.pgwire import encoder as encoder_module
 from guard.broker.pgwire import messages as m
@@ -33,7 +31,7 @@ from guard.broker.proxy import gate as gate_module
 from guard.broker.proxy.protected import ProtectedColumnMap
 from guard.broker.sql import shape as shape_module
 from tests import playbook
-from tests.proxy.test_core_twins import _event, _holds_nothing_as_its_parsers_say, _seen
+from tests.proxy.test_core_twins import _drive
 from tests.proxy.test_session_fuzz import chunk
 
 _cconnection = pytest.importorskip("guard.broker.proxy._cconnection")
@@ -229,35 +227,7 @@ def _connection(build: type, limit: int | None, holds: bool, eager: bool):
 
 
 def _run(build, steps, limit, holds, eager, inline) -> tuple:
-    audit = MemoryAuditSink()
-    conn = _connection(build, limit, holds, eager)
-    if inline:
-        conn.recorder = lambda records: None if audit.fail else audit.append_statements(records)
-        calls = itertools.count()
-
-        def result_recorder(results):
-            if next(calls) % 2 or audit.fail:
-                return False
-            audit.append_results(results)
-            return True
-
-        conn.result_recorder = result_recorder
-    driver = playbook.Driver(conn, audit)
-    said: list[Any] = []
-    for side, pieces in steps:
-        if side == "audit":
-            audit.fail = pieces[0] == b"fail"
-            continue
-        if side in ("c", "s"):
-            feed = driver.from_client if side == "c" else driver.from_server
-            for piece in pieces:
-                said += [_seen(c) for c in feed(piece)]
-                _holds_nothing_as_its_parsers_say(conn)
-        else:
-            said += [_seen(c) for c in _event(driver, side, pieces[0])]
-        said.append(("state", int(conn.state), driver.closed))
-    records = [{k: v for k, v in r.items() if k != "time"} for r in audit.records]
-    return said, records
+    return _drive(_connection(build, limit, holds, eager), steps, inline)
 
 
 def _pure_run(*args) -> tuple:
